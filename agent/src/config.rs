@@ -1,0 +1,348 @@
+//! The agent's TOML config (`agent.toml`) and its validation.
+//!
+//! Shape (every key documented in README.md, unknown keys refused):
+//!
+//! ```toml
+//! id = "pg-prod"
+//! role = "production"            # or "staging"
+//! environment = "production"
+//! listen = "127.0.0.1:7443"
+//! [tls]                          # own certificate and key, fleet CA (PEM)
+//! cert = "..."; key = "..."; ca = "..."
+//! [backup_server]
+//! host = "backup.example"; port = 22; user = "ferry"
+//! private_key_file = "..."; host_key = "ssh-ed25519 AAAA..."; root = "/srv/ferry"
+//! [encryption]
+//! recipients = ["age1..."]       # production only
+//! identity_file = "..."          # staging only
+//! [restore]                      # staging only
+//! source_environment = "production"
+//! [[datastores]]
+//! name = "postgres"; kind = "postgres"; ...
+//! ```
+//!
+//! [`AgentConfig::load`] reads and parses; [`AgentConfig::build`] checks everything that
+//! can be checked without the network and returns the runtime [`Settings`].
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ferry_proto::Role;
+use ferry_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::datastore::{self, Datastore, DatastoreConfig};
+use crate::layout::{self, NameError};
+use crate::pipeline::encrypt::{Decryption, Encryption};
+use crate::transport::sftp::SftpConfig;
+
+/// The agent's role as written in config.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleConfig {
+    /// Backup only.
+    Production,
+    /// Restore only.
+    Staging,
+}
+
+impl From<RoleConfig> for Role {
+    fn from(r: RoleConfig) -> Self {
+        match r {
+            RoleConfig::Production => Role::Production,
+            RoleConfig::Staging => Role::Staging,
+        }
+    }
+}
+
+/// `[tls]`: this agent's certificate and key, and the fleet CA, PEM files.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate, PEM.
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+    /// Fleet CA certificate, PEM.
+    pub ca: PathBuf,
+}
+
+/// `[encryption]`: recipients on production, the identity on staging.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// age X25519 recipients (`age1...`); production only.
+    #[serde(default)]
+    pub recipients: Vec<String>,
+    /// An age identity file (`AGE-SECRET-KEY-1...`, as written by `ferry-agent keygen` or
+    /// `age-keygen`); staging only.
+    pub identity_file: Option<PathBuf>,
+}
+
+/// `[restore]`: where a staging agent restores from.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// The environment whose backups are restored, e.g. `production`.
+    pub source_environment: String,
+}
+
+/// The whole `agent.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's id; must match the name in its certificate and the coordinator's inventory.
+    pub id: String,
+    /// `production` or `staging`.
+    pub role: RoleConfig,
+    /// The environment this host belongs to; backups go under `<root>/<environment>/`.
+    pub environment: String,
+    /// gRPC listen address, e.g. `0.0.0.0:7443`.
+    pub listen: SocketAddr,
+    /// mTLS files.
+    pub tls: TlsConfig,
+    /// The backup server reached over SSH.
+    pub backup_server: SftpConfig,
+    /// Recipients or identity.
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+    /// Staging only.
+    pub restore: Option<RestoreConfig>,
+    /// The datastores on this host.
+    #[serde(default)]
+    pub datastores: Vec<DatastoreConfig>,
+}
+
+/// A config that cannot be used. Each variant names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The config file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax, an unknown key, a missing field or a wrong type.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The config file.
+        path: PathBuf,
+        /// toml's message names the key and line.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A field's value is not acceptable.
+    #[error("config {path}: field `{field}`: {message}")]
+    Invalid {
+        /// The config file.
+        path: PathBuf,
+        /// Dotted field path, e.g. `datastores[0].name`.
+        field: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+/// Which key material this agent holds: recipients to encrypt (production) or the
+/// identity to decrypt (staging). Never both.
+pub enum Keys {
+    /// Production: public keys only.
+    Encrypt(Encryption),
+    /// Staging: the identity.
+    Decrypt(Decryption),
+}
+
+/// The validated runtime settings built from [`AgentConfig`].
+pub struct Settings {
+    /// Agent id.
+    pub id: String,
+    /// Role.
+    pub role: Role,
+    /// Environment.
+    pub environment: String,
+    /// This host's name, for manifests.
+    pub hostname: String,
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// mTLS files.
+    pub tls: TlsFiles,
+    /// Backup server connection.
+    pub backup_server: SftpConfig,
+    /// Key material for this role.
+    pub keys: Keys,
+    /// Staging: the environment restored from.
+    pub source_environment: Option<String>,
+    /// Datastores by name, in config order.
+    pub datastores: BTreeMap<String, Arc<Datastore>>,
+}
+
+impl AgentConfig {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`] (unknown keys, missing fields).
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses TOML text read from `path` (used in messages).
+    ///
+    /// # Errors
+    /// [`ConfigError::Parse`].
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Validates every field that can be checked locally (names, role rules, key files
+    /// and their modes, datastore settings) and builds the runtime [`Settings`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the field.
+    pub fn build(self, path: &Path) -> Result<Settings, ConfigError> {
+        let invalid = |field: &str, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            message,
+        };
+        let name_err = |field: &str, e: NameError| invalid(field, e.to_string());
+        layout::validate_name("agent id", &self.id).map_err(|e| name_err("id", e))?;
+        layout::validate_name("environment", &self.environment)
+            .map_err(|e| name_err("environment", e))?;
+        let role = Role::from(self.role);
+
+        let keys = match role {
+            Role::Production => {
+                if self.encryption.identity_file.is_some() {
+                    return Err(invalid(
+                        "encryption.identity_file",
+                        "a production agent must not hold the identity (the private key); \
+                         give it only `recipients`"
+                            .into(),
+                    ));
+                }
+                if self.restore.is_some() {
+                    return Err(invalid(
+                        "restore",
+                        "a production agent may not restore; remove the [restore] table".into(),
+                    ));
+                }
+                Keys::Encrypt(
+                    Encryption::from_recipients(&self.encryption.recipients)
+                        .map_err(|e| invalid("encryption.recipients", e.to_string()))?,
+                )
+            }
+            Role::Staging => {
+                if !self.encryption.recipients.is_empty() {
+                    return Err(invalid(
+                        "encryption.recipients",
+                        "a staging agent may not back up; remove `recipients` and set `identity_file`"
+                            .into(),
+                    ));
+                }
+                let file = self.encryption.identity_file.as_ref().ok_or_else(|| {
+                    invalid(
+                        "encryption.identity_file",
+                        "a staging agent needs the age identity file to decrypt backups".into(),
+                    )
+                })?;
+                Keys::Decrypt(
+                    Decryption::from_identity_file(file)
+                        .map_err(|e| invalid("encryption.identity_file", e.to_string()))?,
+                )
+            }
+        };
+        let source_environment = match (role, &self.restore) {
+            (Role::Staging, Some(r)) => {
+                layout::validate_name("environment", &r.source_environment)
+                    .map_err(|e| name_err("restore.source_environment", e))?;
+                Some(r.source_environment.clone())
+            }
+            (Role::Staging, None) => {
+                return Err(invalid(
+                    "restore",
+                    "a staging agent needs [restore] source_environment = \"...\"".into(),
+                ));
+            }
+            _ => None,
+        };
+        self.backup_server
+            .validate()
+            .map_err(|(field, msg)| invalid(&format!("backup_server.{field}"), msg))?;
+
+        let mut datastores = BTreeMap::new();
+        for (i, ds) in self.datastores.into_iter().enumerate() {
+            let field = format!("datastores[{i}]");
+            let name = ds.name().to_owned();
+            layout::validate_name("datastore", &name)
+                .map_err(|e| name_err(&format!("{field}.name"), e))?;
+            let built = datastore::build(ds, role)
+                .map_err(|(f, msg)| invalid(&format!("{field}.{f}"), msg))?;
+            if datastores.insert(name.clone(), Arc::new(built)).is_some() {
+                return Err(invalid(
+                    &format!("{field}.name"),
+                    format!("datastore {name:?} is configured twice"),
+                ));
+            }
+        }
+
+        Ok(Settings {
+            id: self.id,
+            role,
+            environment: self.environment,
+            hostname: hostname(),
+            listen: self.listen,
+            tls: TlsFiles {
+                cert: self.tls.cert,
+                key: self.tls.key,
+                ca: self.tls.ca,
+            },
+            backup_server: self.backup_server,
+            keys,
+            source_environment,
+            datastores,
+        })
+    }
+}
+
+/// This host's name from `/proc/sys/kernel/hostname` or `$HOSTNAME`, else `unknown`.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Reads a secret file (a password, an age identity), refusing one that group or others
+/// may read: only modes 0600 and 0400 (and stricter) are accepted.
+///
+/// # Errors
+/// A message naming the file and its mode, or the I/O error.
+pub fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta =
+        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(format!(
+            "{} has mode {mode:04o}; a secret file must not be readable by group or others \
+             (chmod 600 {})",
+            path.display(),
+            path.display()
+        ));
+    }
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}

@@ -1,0 +1,244 @@
+//! Datastores are plug-ins: one module per kind implements [`Dumper`] (backup side) and
+//! [`Restorer`] (restore side), and the pipeline sees only byte streams. Adding a kind
+//! touches its module, [`DatastoreConfig`], and the match arms in this file.
+//!
+//! - [`postgres`]: `pg_dump --format=custom` plus the cluster's roles (`pg_dumpall
+//!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
+
+use std::io::{Read, Write};
+use std::process::ExitStatus;
+
+use ferry_proto::Role;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+
+use crate::manifest::{Manifest, Source};
+
+pub mod postgres;
+mod tool;
+
+pub use tool::{StderrTail, ToolPaths};
+
+/// One stored file of a backup. A backup has one main part (name `""`) and may have
+/// companions, stored and restored before it (PostgreSQL's `globals`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Part {
+    /// `""` for the main part, e.g. `globals` for a companion.
+    pub name: &'static str,
+    /// The `<format>` of the file name: `pgdump`, `sql`, `archive`, `tar`, `db`.
+    pub format: &'static str,
+}
+
+/// The dump of one part: its bytes, and a future that resolves once the tool has exited.
+pub struct DumpStream {
+    /// The dump's bytes (a child's stdout, a driver cursor...). EOF at the end of the dump.
+    pub reader: Box<dyn Read + Send>,
+    /// Waits for the dump to end and reports whether it was complete. Await it after
+    /// `reader` reached EOF (or was dropped).
+    pub finish: BoxFuture<'static, Result<DumpOutcome, DumpError>>,
+}
+
+/// What a finished dump reports, for the manifest.
+#[derive(Clone, Debug, Default)]
+pub struct DumpOutcome {
+    /// Tool and server versions.
+    pub source: Source,
+    /// The source's own counts (shape chosen by the kind).
+    pub counts: serde_json::Value,
+    /// A human line, e.g. `12 tables, 100000 rows`.
+    pub summary: String,
+}
+
+/// A dump that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DumpError {
+    /// The dump tool could not be started.
+    #[error("cannot start {tool}: {source} (is it installed? set bin_dir in the datastore config)")]
+    Spawn {
+        /// Tool name.
+        tool: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The dump tool failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Tool {
+        /// Tool name.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// The source database refused or failed a query.
+    #[error("{0}")]
+    Source(String),
+}
+
+/// Where restored bytes of one part go: a writer, and a future that resolves once the
+/// restore tool has consumed them.
+pub struct PartSink {
+    /// The part's uncompressed bytes go here. Drop it (close) at the end of the stream.
+    pub writer: Box<dyn Write + Send>,
+    /// Waits for the restore tool to finish with this part.
+    pub finish: BoxFuture<'static, Result<(), RestoreError>>,
+}
+
+/// A restore that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// A restore tool could not be started.
+    #[error("cannot start {tool}: {source} (is it installed? set bin_dir in the datastore config)")]
+    Spawn {
+        /// Tool name.
+        tool: String,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A restore tool failed.
+    #[error("{tool} failed ({status}): {stderr}")]
+    Tool {
+        /// Tool name.
+        tool: String,
+        /// Its exit status.
+        status: String,
+        /// The last lines of its stderr.
+        stderr: String,
+    },
+    /// The restored data differs from the manifest.
+    #[error("restored data differs from the manifest: {0}")]
+    Mismatch(String),
+    /// The target refused or failed a query.
+    #[error("{0}")]
+    Target(String),
+    /// The manifest does not describe what this restorer expects.
+    #[error("{0}")]
+    Manifest(String),
+}
+
+/// The backup side of a datastore kind.
+pub trait Dumper: Send + Sync {
+    /// The parts of a backup, in restore order (companions first, main part last).
+    fn parts(&self) -> &'static [Part];
+    /// Starts dumping `part`.
+    fn dump<'a>(&'a self, part: &'a Part) -> BoxFuture<'a, Result<DumpStream, DumpError>>;
+}
+
+/// The restore side of a datastore kind.
+pub trait Restorer: Send + Sync {
+    /// Prepares a restore of the backup that `main` describes (for instance a scratch
+    /// database beside the target). Nothing live is touched until
+    /// [`RestoreSession::commit`].
+    fn begin<'a>(
+        &'a self,
+        main: &'a Manifest,
+        job_id: &'a str,
+    ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>>;
+}
+
+/// One restore in progress.
+pub trait RestoreSession: Send {
+    /// A sink for the part that `manifest` describes; parts come in restore order.
+    fn part<'a>(
+        &'a mut self,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<PartSink, RestoreError>>;
+    /// Checks the restored data against `main` and puts it in place of the live target.
+    /// Returns a human summary.
+    fn commit<'a>(&'a mut self, main: &'a Manifest) -> BoxFuture<'a, Result<String, RestoreError>>;
+    /// Removes whatever was restored beside the target; the target stays as it was.
+    fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()>;
+}
+
+/// One `[[datastores]]` entry; `kind` picks the module.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum DatastoreConfig {
+    /// `kind = "postgres"`.
+    Postgres(postgres::PostgresConfig),
+}
+
+impl DatastoreConfig {
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        match self {
+            DatastoreConfig::Postgres(c) => &c.name,
+        }
+    }
+}
+
+/// A built datastore.
+pub enum Datastore {
+    /// PostgreSQL.
+    Postgres(postgres::Postgres),
+}
+
+/// Builds a datastore for an agent of `role`.
+///
+/// # Errors
+/// `(field, message)` for a field that is missing or wrong for the role.
+pub fn build(config: DatastoreConfig, role: Role) -> Result<Datastore, (String, String)> {
+    match config {
+        DatastoreConfig::Postgres(c) => postgres::Postgres::build(c, role).map(Datastore::Postgres),
+    }
+}
+
+impl Datastore {
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        match self {
+            Datastore::Postgres(p) => p.name(),
+        }
+    }
+
+    /// The kind, e.g. `postgres`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Datastore::Postgres(_) => "postgres",
+        }
+    }
+
+    /// The backup side.
+    pub fn dumper(&self) -> &dyn Dumper {
+        match self {
+            Datastore::Postgres(p) => p,
+        }
+    }
+
+    /// The restore side.
+    pub fn restorer(&self) -> &dyn Restorer {
+        match self {
+            Datastore::Postgres(p) => p,
+        }
+    }
+
+    /// Versions of the tools this kind runs, `(tool, version line)`; a missing tool reports
+    /// its error as the version.
+    pub fn tool_versions(&self) -> Vec<(String, String)> {
+        match self {
+            Datastore::Postgres(p) => p.tool_versions(),
+        }
+    }
+
+    /// Connects to the datastore and says what it found (server version, size).
+    ///
+    /// # Errors
+    /// What failed, for `ferry-agent check`.
+    pub async fn check(&self) -> Result<String, String> {
+        match self {
+            Datastore::Postgres(p) => p.check().await,
+        }
+    }
+}
+
+/// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.
+pub fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
+}

@@ -1,0 +1,298 @@
+//! Orders and the jobs they start: validation of an order against the agent's role and
+//! config, one running job per datastore at a time, progress ticks, cancellation.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Settings;
+use crate::datastore::Datastore;
+use crate::layout;
+use crate::pipeline::{self, JobError, JobReport, Progress};
+
+/// How often a running job reports progress (also the liveness signal), seconds.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What an order asks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum OrderKind {
+    /// Back up the datastore.
+    Backup,
+    /// Restore the newest backup, or the given `YYYY-MM-DD`'s.
+    Restore {
+        /// The date, if one was asked for.
+        date: Option<String>,
+    },
+}
+
+/// A validated order.
+pub struct Order {
+    /// The coordinator's job id (a ULID).
+    pub job_id: String,
+    /// The datastore.
+    pub datastore: Arc<Datastore>,
+    /// Backup or restore.
+    pub kind: OrderKind,
+}
+
+/// An order refused before anything ran.
+#[derive(Debug, thiserror::Error)]
+pub enum OrderError {
+    /// Outside this agent's role.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Malformed or naming something unknown.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The datastore already has a running job.
+    #[error("{0}")]
+    Busy(String),
+}
+
+impl From<OrderError> for tonic::Status {
+    fn from(e: OrderError) -> Self {
+        match e {
+            OrderError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            OrderError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            OrderError::Busy(m) => tonic::Status::failed_precondition(m),
+        }
+    }
+}
+
+/// Checks an order: the role first (so a refusal never depends on what else is wrong),
+/// then the job id, the datastore and the date.
+///
+/// # Errors
+/// [`OrderError`] with a message naming the agent, its role and the datastore.
+pub fn validate(
+    settings: &Settings,
+    job_id: &str,
+    datastore: &str,
+    kind: OrderKind,
+) -> Result<Order, OrderError> {
+    let (allowed, what) = match &kind {
+        OrderKind::Backup => (settings.role.may_backup(), "back up"),
+        OrderKind::Restore { .. } => (settings.role.may_restore(), "restore"),
+    };
+    if !allowed {
+        return Err(OrderError::PermissionDenied(format!(
+            "agent {} has role {}: it may only {}; refusing to {what} datastore {:?}",
+            settings.id,
+            settings.role,
+            if settings.role.may_backup() {
+                "back up"
+            } else {
+                "restore"
+            },
+            datastore
+                .chars()
+                .take(layout::MAX_NAME_LEN)
+                .collect::<String>()
+        )));
+    }
+    ulid::Ulid::from_string(job_id)
+        .map_err(|_| OrderError::InvalidArgument(format!("job id {job_id:?} is not a ULID")))?;
+    layout::validate_name("datastore", datastore)
+        .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
+    let ds = settings.datastores.get(datastore).cloned().ok_or_else(|| {
+        OrderError::InvalidArgument(format!(
+            "agent {} has no datastore {datastore:?}; it has: {}",
+            settings.id,
+            settings
+                .datastores
+                .keys()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    if let OrderKind::Restore { date: Some(d) } = &kind {
+        layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
+    }
+    Ok(Order {
+        job_id: job_id.to_owned(),
+        datastore: ds,
+        kind,
+    })
+}
+
+/// What a job reports as it runs.
+#[derive(Debug)]
+pub enum JobUpdate {
+    /// The job started.
+    Accepted {
+        /// Datastore kind.
+        kind: &'static str,
+    },
+    /// Periodic progress.
+    Progress {
+        /// Stage name.
+        stage: &'static str,
+        /// Bytes read from the source so far.
+        bytes_read: u64,
+        /// Bytes written to the sink so far.
+        bytes_written: u64,
+        /// Rate of `bytes_read` over the last interval, bytes per second.
+        rate: f64,
+    },
+    /// Succeeded.
+    Finished {
+        /// What was stored or restored.
+        report: JobReport,
+        /// Wall time.
+        duration: Duration,
+    },
+    /// Failed.
+    Failed(JobError),
+}
+
+/// Runs jobs, at most one per datastore.
+pub struct JobRunner {
+    settings: Arc<Settings>,
+    running: Mutex<HashMap<String, (String, CancellationToken)>>,
+    shutdown: CancellationToken,
+}
+
+impl JobRunner {
+    /// A runner whose jobs are cancelled when `shutdown` is.
+    pub fn new(settings: Arc<Settings>, shutdown: CancellationToken) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            running: Mutex::new(HashMap::new()),
+            shutdown,
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Arc<Settings> {
+        &self.settings
+    }
+
+    /// Starts `order` and returns its updates; the job keeps running if the receiver is
+    /// dropped (a coordinator restart does not kill a backup).
+    ///
+    /// # Errors
+    /// [`OrderError::Busy`] if the datastore has a running job.
+    pub fn start(self: &Arc<Self>, order: Order) -> Result<mpsc::Receiver<JobUpdate>, OrderError> {
+        let name = order.datastore.name().to_owned();
+        let cancel = self.shutdown.child_token();
+        {
+            let mut running = self.running.lock().expect("jobs lock");
+            if let Some((other, _)) = running.get(&name) {
+                return Err(OrderError::Busy(format!(
+                    "datastore {name:?} on agent {} is busy with job {other}; one job per datastore at a time",
+                    self.settings.id
+                )));
+            }
+            running.insert(name.clone(), (order.job_id.clone(), cancel.clone()));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let runner = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let progress = Progress::new(cancel.clone());
+            let kind = order.datastore.kind();
+            let span = tracing::info_span!("job", job_id = %order.job_id, datastore = %name);
+            let _ = tx.send(JobUpdate::Accepted { kind }).await;
+            tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
+            let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
+            let result = match order.kind {
+                OrderKind::Backup => {
+                    pipeline::backup(
+                        runner.settings.clone(),
+                        order.datastore.clone(),
+                        order.job_id.clone(),
+                        progress.clone(),
+                    )
+                    .await
+                }
+                OrderKind::Restore { date } => {
+                    pipeline::restore(
+                        runner.settings.clone(),
+                        order.datastore.clone(),
+                        order.job_id.clone(),
+                        date,
+                        progress.clone(),
+                    )
+                    .await
+                }
+            };
+            ticker.abort();
+            let result = match result {
+                Err(_) if cancel.is_cancelled() => Err(JobError::Cancelled),
+                other => other,
+            };
+            runner.running.lock().expect("jobs lock").remove(&name);
+            let update = match result {
+                Ok(report) => {
+                    tracing::info!(parent: &span, path = %report.stored_path, bytes = report.size_bytes,
+                        seconds = started.elapsed().as_secs_f64(), "Job succeeded.");
+                    JobUpdate::Finished {
+                        report,
+                        duration: started.elapsed(),
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(parent: &span, stage = progress.stage(), error_type = error_type(&e),
+                        error = %e, "Job failed.");
+                    JobUpdate::Failed(e)
+                }
+            };
+            let _ = tx.send(update).await;
+        });
+        Ok(rx)
+    }
+
+    /// Cancels job `job_id` if it is running here; returns whether it was.
+    pub fn cancel(&self, job_id: &str) -> bool {
+        let running = self.running.lock().expect("jobs lock");
+        match running.values().find(|(id, _)| id == job_id) {
+            Some((_, token)) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A bounded name for the kind of a job error, for logs and metrics.
+pub fn error_type(e: &JobError) -> &'static str {
+    match e {
+        JobError::PermissionDenied(_) => "permission_denied",
+        JobError::InvalidArgument(_) => "invalid_argument",
+        JobError::NotFound(_) => "not_found",
+        JobError::Dump { .. } | JobError::EmptyDump(_) => "dump_failed",
+        JobError::Transport(_) => "transport_failed",
+        JobError::Integrity(_) | JobError::Manifest(_) => "integrity",
+        JobError::Restore { .. } => "restore_failed",
+        JobError::Stage { .. } => "stage_failed",
+        JobError::Cancelled => "cancelled",
+        JobError::Internal(_) => "internal",
+    }
+}
+
+async fn tick(progress: Progress, tx: mpsc::Sender<JobUpdate>) {
+    let mut last = (Instant::now(), 0u64);
+    let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        let (read, written) = progress.bytes();
+        let now = Instant::now();
+        let secs = now.duration_since(last.0).as_secs_f64().max(1e-3);
+        let rate = read.saturating_sub(last.1) as f64 / secs;
+        last = (now, read);
+        let update = JobUpdate::Progress {
+            stage: progress.stage(),
+            bytes_read: read,
+            bytes_written: written,
+            rate,
+        };
+        // A full channel (slow or gone reader) skips a tick; the job never waits on it.
+        let _ = tx.try_send(update);
+    }
+}

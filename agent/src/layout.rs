@@ -1,0 +1,242 @@
+//! The backup server layout of DESIGN.md, and the validation that keeps names inside it:
+//!
+//! ```text
+//! <root>/<environment>/<YYYY-MM-DD>/<datastore>_backup_<stamp>.<format>.<compression>.age
+//! <root>/<environment>/<YYYY-MM-DD>/<datastore>_backup_<stamp>.<format>.<compression>.age.json
+//! ```
+//!
+//! `<stamp>` is the date, or `<date>T<HHMM>Z` (then `<date>T<HHMMSS>Z`) when a backup of
+//! the same datastore already exists under that name: a second backup never overwrites.
+
+use chrono::{DateTime, NaiveDate, Utc};
+
+/// Longest environment, datastore or agent name accepted, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A name (environment, datastore, part) that would escape or confuse the layout.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum NameError {
+    /// Empty, too long, or with a character outside `[A-Za-z0-9-]` (`_` is the layout's
+    /// separator, `.`/`/`/NUL could escape it).
+    #[error(
+        "{what} {name:?} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
+    )]
+    Invalid {
+        /// Which kind of name, e.g. `datastore`.
+        what: &'static str,
+        /// The offending value (escaped when printed).
+        name: String,
+    },
+    /// Not a `YYYY-MM-DD` calendar date.
+    #[error("date {0:?} is not a calendar date of the form YYYY-MM-DD")]
+    Date(String),
+}
+
+/// Checks a name used as a path component: 1 to 64 of `[A-Za-z0-9-]`, not starting with `-`.
+///
+/// # Errors
+/// [`NameError::Invalid`] naming `what` and the value.
+pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(NameError::Invalid {
+            what,
+            name: name.chars().take(MAX_NAME_LEN + 8).collect(),
+        })
+    }
+}
+
+/// Parses a `YYYY-MM-DD` date.
+///
+/// # Errors
+/// [`NameError::Date`] if it is not exactly that form or not a real date.
+pub fn parse_date(date: &str) -> Result<NaiveDate, NameError> {
+    if date.len() != 10 {
+        return Err(NameError::Date(date.chars().take(32).collect()));
+    }
+    NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| NameError::Date(date.to_owned()))
+}
+
+/// Where one stored file lives: `<root>/<environment>/<date>/<file>`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFile {
+    /// `<root>/<environment>/<date>`, no trailing slash.
+    pub dir: String,
+    /// The file name, e.g. `postgres_backup_2026-11-25.pgdump.zst.age`.
+    pub name: String,
+}
+
+impl StoredFile {
+    /// The full path of the archive.
+    pub fn path(&self) -> String {
+        format!("{}/{}", self.dir, self.name)
+    }
+
+    /// The full path of its `.json` manifest sidecar.
+    pub fn manifest_path(&self) -> String {
+        format!("{}/{}.json", self.dir, self.name)
+    }
+
+    /// The hidden name it is written under until complete and verified,
+    /// `.<name>.<job>.partial`; unique per job, so two writers never share one.
+    pub fn partial_name(&self, job_id: &str) -> String {
+        format!(".{}.{job_id}.partial", self.name)
+    }
+}
+
+/// `<root>/<environment>/<date>`.
+pub fn dated_dir(root: &str, environment: &str, date: NaiveDate) -> String {
+    format!(
+        "{}/{}/{}",
+        root.trim_end_matches('/'),
+        environment,
+        date.format("%Y-%m-%d")
+    )
+}
+
+/// `<root>/<environment>`.
+pub fn environment_dir(root: &str, environment: &str) -> String {
+    format!("{}/{}", root.trim_end_matches('/'), environment)
+}
+
+/// The stem of a part's file name: `<datastore>` for the main part, `<datastore>-<part>`
+/// for a companion such as PostgreSQL's `globals`.
+pub fn part_stem(datastore: &str, part: &str) -> String {
+    if part.is_empty() {
+        datastore.to_owned()
+    } else {
+        format!("{datastore}-{part}")
+    }
+}
+
+/// `<stem>_backup_<stamp>.<format>.<compression>.age`.
+pub fn file_name(stem: &str, stamp: &str, format: &str, compression: &str) -> String {
+    format!("{stem}_backup_{stamp}.{format}.{compression}.age")
+}
+
+/// The stamps to try for a backup started at `at`, in order: the date, then with the
+/// minute, then with the second.
+pub fn candidate_stamps(at: DateTime<Utc>) -> [String; 3] {
+    [
+        at.format("%Y-%m-%d").to_string(),
+        at.format("%Y-%m-%dT%H%MZ").to_string(),
+        at.format("%Y-%m-%dT%H%M%SZ").to_string(),
+    ]
+}
+
+/// Extracts the stamp from a main-part archive name of `datastore`, e.g.
+/// `postgres_backup_2026-02-05T1315Z.pgdump.zst.age` → `2026-02-05T1315Z`. `None` for
+/// other files (companions, manifests, partials, other datastores).
+pub fn stamp_of<'a>(datastore: &str, file: &'a str) -> Option<&'a str> {
+    let rest = file.strip_prefix(datastore)?.strip_prefix("_backup_")?;
+    let stamp = rest.split('.').next()?;
+    let date_ok = stamp.len() >= 10 && parse_date(&stamp[..10]).is_ok();
+    let tail_ok = stamp.len() == 10 || stamp[10..].starts_with('T') && stamp.ends_with('Z');
+    (date_ok && tail_ok && rest.ends_with(".age")).then_some(stamp)
+}
+
+/// Checks a companion file name read from a manifest: a plain file name in the same
+/// folder (no `/`, not hidden, an `.age` archive), so a crafted manifest cannot point a
+/// restore elsewhere.
+///
+/// # Errors
+/// A message naming the value.
+pub fn validate_companion(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 255
+        && !name.starts_with('.')
+        && name.ends_with(".age")
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "manifest names companion {name:?}, which is not a file name of the layout"
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_that_escape_the_layout_are_refused() {
+        for bad in [
+            "",
+            "../x",
+            "a/b",
+            "a\0b",
+            "-x",
+            ".hidden",
+            "a_b",
+            "a.b",
+            &"x".repeat(65),
+        ] {
+            assert!(validate_name("datastore", bad).is_err(), "{bad:?} accepted");
+        }
+        for good in ["postgres", "pg-main-2", "A1"] {
+            validate_name("datastore", good).unwrap();
+        }
+    }
+
+    #[test]
+    fn dates_must_be_calendar_dates() {
+        assert!(parse_date("2026-02-30").is_err());
+        assert!(parse_date("2026-2-3").is_err());
+        assert!(parse_date("../../etc").is_err());
+        assert_eq!(parse_date("2026-02-05").unwrap().to_string(), "2026-02-05");
+    }
+
+    #[test]
+    fn second_backup_of_a_day_gets_a_time_suffix() {
+        let at = DateTime::parse_from_rfc3339("2026-02-05T13:15:42Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let [a, b, c] = candidate_stamps(at);
+        assert_eq!(a, "2026-02-05");
+        assert_eq!(b, "2026-02-05T1315Z");
+        assert_eq!(c, "2026-02-05T131542Z");
+        assert_eq!(
+            file_name(&part_stem("postgres", ""), &b, "pgdump", "zst"),
+            "postgres_backup_2026-02-05T1315Z.pgdump.zst.age"
+        );
+    }
+
+    #[test]
+    fn stamp_is_read_back_only_from_main_archives() {
+        assert_eq!(
+            stamp_of("postgres", "postgres_backup_2026-02-05.pgdump.zst.age"),
+            Some("2026-02-05")
+        );
+        assert_eq!(
+            stamp_of(
+                "postgres",
+                "postgres_backup_2026-02-05T1315Z.pgdump.zst.age"
+            ),
+            Some("2026-02-05T1315Z")
+        );
+        assert_eq!(
+            stamp_of("postgres", "postgres-globals_backup_2026-02-05.sql.zst.age"),
+            None
+        );
+        assert_eq!(
+            stamp_of("postgres", "postgres_backup_2026-02-05.pgdump.zst.age.json"),
+            None
+        );
+        assert_eq!(
+            stamp_of(
+                "postgres",
+                ".postgres_backup_2026-02-05.pgdump.zst.age.x.partial"
+            ),
+            None
+        );
+    }
+}

@@ -1,0 +1,50 @@
+//! `ferry-agent`: the daemon on each database host. It serves the `ferry.v1.Agent` gRPC
+//! service over mTLS, and runs backups (production) or restores (staging), one job per
+//! datastore at a time.
+//!
+//! Modules:
+//! - [`config`]: `agent.toml`, validated into runtime [`config::Settings`].
+//! - [`service`] and [`jobs`]: the gRPC handlers, order validation, the job runner.
+//! - [`pipeline`]: the streaming stages (compress, encrypt, hash, chunks) and the backup
+//!   and restore orchestration.
+//! - [`datastore`]: one module per datastore kind (`postgres`).
+//! - [`transport`]: the backup server over SFTP.
+//! - [`layout`] and [`manifest`]: where files go and the `.json` sidecar.
+
+use std::sync::Arc;
+
+use ferry_proto::v1::agent_server::AgentServer;
+use tokio_util::sync::CancellationToken;
+
+pub mod config;
+pub mod datastore;
+pub mod jobs;
+pub mod layout;
+pub mod manifest;
+pub mod pipeline;
+pub mod service;
+pub mod transport;
+
+/// Serves the agent until `shutdown` is cancelled; running jobs are cancelled then.
+///
+/// # Errors
+/// TLS files unreadable or malformed, or the listen address unavailable.
+pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let tls = settings.tls.server_config()?;
+    let listen = settings.listen;
+    let settings = Arc::new(settings);
+    let runner = jobs::JobRunner::new(settings.clone(), shutdown.clone());
+    let service = AgentServer::new(service::AgentService::new(runner))
+        .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
+    tracing::info!(agent = %settings.id, role = %settings.role, environment = %settings.environment,
+        %listen, datastores = settings.datastores.len(), "Agent serving.");
+    tonic::transport::Server::builder()
+        .tls_config(tls)
+        .context("TLS configuration (check [tls] cert, key and ca)")?
+        .add_service(service)
+        .serve_with_shutdown(listen, shutdown.cancelled_owned())
+        .await
+        .with_context(|| format!("serving gRPC on {listen}"))?;
+    Ok(())
+}

@@ -1,0 +1,169 @@
+//! `ferry-agent`: parse flags, set up logging, load config, run.
+
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_agent::config::{AgentConfig, Keys};
+use ferry_agent::pipeline::encrypt;
+use tokio_util::sync::CancellationToken;
+
+/// Ferry's agent: backs up (production) or restores (staging) this host's datastores on
+/// orders from the coordinator.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve orders from the coordinator.
+    Run {
+        /// The agent's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Create an age X25519 identity (for staging) and print its recipient (for production).
+    Keygen {
+        /// Where to write the identity; mode 0600, never overwritten.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Validate the config, reach each datastore and the backup server, say what was found.
+    Check {
+        /// The agent's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    ferry_proto::tls::install_crypto_provider();
+    let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
+    match runtime.block_on(run(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-agent: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run { config } => {
+            let settings = AgentConfig::load(&config)?.build(&config)?;
+            let shutdown = CancellationToken::new();
+            tokio::spawn(signal_shutdown(shutdown.clone()));
+            ferry_agent::run(settings, shutdown).await
+        }
+        Command::Keygen { out } => {
+            let (identity, recipient) = encrypt::generate_identity();
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| {
+                    format!("cannot create {} (it must not exist yet)", out.display())
+                })?;
+            writeln!(
+                f,
+                "# created: {}\n# public key: {recipient}\n{identity}",
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            )?;
+            println!("{recipient}");
+            Ok(())
+        }
+        Command::Check { config } => check(&config).await,
+    }
+}
+
+async fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let settings = AgentConfig::load(path)?.build(path)?;
+    println!("config {}: valid", path.display());
+    println!(
+        "agent {} role {} environment {}",
+        settings.id, settings.role, settings.environment
+    );
+    match &settings.keys {
+        Keys::Encrypt(e) => {
+            for r in e.describe() {
+                println!("recipient {} ({})", r.recipient, r.fingerprint);
+            }
+        }
+        Keys::Decrypt(_) => println!("identity: loaded"),
+    }
+    let mut failed = false;
+    for ds in settings.datastores.values() {
+        match ds.check().await {
+            Ok(found) => println!("datastore {} ({}): {found}", ds.name(), ds.kind()),
+            Err(e) => {
+                failed = true;
+                println!("datastore {} ({}): FAILED: {e}", ds.name(), ds.kind());
+            }
+        }
+        for (tool, version) in ds.tool_versions() {
+            println!("  {tool}: {version}");
+        }
+    }
+    let server = settings.backup_server.clone();
+    let env = settings.environment.clone();
+    let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
+        use ferry_agent::transport::Downloader;
+        let mut s = server.connect().map_err(|e| e.to_string())?;
+        let dir = ferry_agent::layout::environment_dir(s.root(), &env);
+        let n = s.list(&dir).map_err(|e| e.to_string())?.len();
+        Ok(format!(
+            "reached {}@{}:{}, {dir} holds {n} entries",
+            server.user, server.host, server.port
+        ))
+    })
+    .await?;
+    match reached {
+        Ok(m) => println!("backup server: {m}"),
+        Err(e) => {
+            failed = true;
+            println!("backup server: FAILED: {e}");
+        }
+    }
+    if failed {
+        anyhow::bail!("some checks failed");
+    }
+    Ok(())
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("Shutting down.");
+    token.cancel();
+}

@@ -1,0 +1,134 @@
+//! The `.json` manifest sidecar written beside every stored archive (DESIGN.md, "Backup
+//! server layout"). It is what restore and verify compare with: the stored file's size
+//! and SHA-256, and the source's own counts.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Version of the manifest format written by this build.
+pub const MANIFEST_VERSION: u32 = 1;
+
+/// Largest manifest accepted when reading one back, bytes.
+pub const MAX_MANIFEST_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The tool and server a dump came from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Source {
+    /// The dump tool, e.g. `pg_dump`.
+    pub tool: String,
+    /// Its version line, e.g. `pg_dump (PostgreSQL) 15.14`.
+    pub tool_version: String,
+    /// The server's version, e.g. `15.14`.
+    pub server_version: String,
+}
+
+/// An age recipient the archive was encrypted to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RecipientInfo {
+    /// The recipient (a public key, `age1...`).
+    pub recipient: String,
+    /// `sha256:` + the first 16 hex digits of SHA-256 of the recipient string.
+    pub fingerprint: String,
+}
+
+/// One archive's manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`MANIFEST_VERSION`] of the writer.
+    pub manifest_version: u32,
+    /// The archive's file name (no directory).
+    pub file: String,
+    /// Datastore name from the agent's config.
+    pub datastore: String,
+    /// Datastore kind, e.g. `postgres`.
+    pub kind: String,
+    /// Empty for the main archive; a companion's part name, e.g. `globals`.
+    pub part: String,
+    /// What the dump is: `pgdump` (pg_dump custom format), `sql`, ...
+    pub format: String,
+    /// `zst` or `gz`.
+    pub compression: String,
+    /// Always `age` (age v1, X25519 recipients, <https://age-encryption.org/v1>).
+    pub encryption: String,
+    /// Agent id that made the backup.
+    pub agent: String,
+    /// Hostname of that agent.
+    pub hostname: String,
+    /// Environment, e.g. `production`.
+    pub environment: String,
+    /// `YYYY-MM-DD` of the dated folder (UTC).
+    pub date: String,
+    /// When the dump started (RFC 3339, UTC).
+    pub started: DateTime<Utc>,
+    /// When the upload finished (RFC 3339, UTC).
+    pub finished: DateTime<Utc>,
+    /// Dump tool and server versions.
+    pub source: Source,
+    /// Size of the dump before compression, bytes.
+    pub bytes_uncompressed: u64,
+    /// Size of the stored archive, bytes.
+    pub bytes_stored: u64,
+    /// Lower-case hex SHA-256 of the stored archive.
+    pub sha256: String,
+    /// Who can decrypt it.
+    pub recipients: Vec<RecipientInfo>,
+    /// File names of the companion archives of the same backup (main archive only), in
+    /// restore order, e.g. PostgreSQL's roles (`globals`).
+    pub companions: Vec<String>,
+    /// The source's own counts, shaped by the datastore kind, e.g. for PostgreSQL
+    /// `{"tables": 3, "rows": {"public.t": 10}}`.
+    pub counts: serde_json::Value,
+}
+
+/// A manifest that cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    /// Not JSON of the expected shape.
+    #[error("manifest {path} is malformed: {source}")]
+    Malformed {
+        /// Where it was read from.
+        path: String,
+        /// The decode error, with line and column.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Written by a newer Ferry.
+    #[error("manifest {path} has version {found}; this agent reads version {MANIFEST_VERSION}")]
+    Version {
+        /// Where it was read from.
+        path: String,
+        /// The version found.
+        found: u32,
+    },
+}
+
+impl Manifest {
+    /// Parses a manifest read from `path`.
+    ///
+    /// # Errors
+    /// [`ManifestError`] naming the path.
+    pub fn from_slice(path: &str, bytes: &[u8]) -> Result<Self, ManifestError> {
+        let manifest: Manifest =
+            serde_json::from_slice(bytes).map_err(|source| ManifestError::Malformed {
+                path: path.to_owned(),
+                source,
+            })?;
+        if manifest.manifest_version != MANIFEST_VERSION {
+            return Err(ManifestError::Version {
+                path: path.to_owned(),
+                found: manifest.manifest_version,
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Pretty JSON with a trailing newline.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out = serde_json::to_vec_pretty(self).expect("a manifest always serializes");
+        out.push(b'\n');
+        out
+    }
+}

@@ -1,0 +1,128 @@
+//! The hand-off between the pipeline thread and the transport thread: a bounded channel
+//! of byte chunks of [`CHUNK_BYTES`]. Its bound is what gives back-pressure and keeps
+//! memory constant: at most `CHANNEL_CHUNKS + 2` chunks exist at once.
+
+use std::io::{self, Read, Write};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+
+use super::progress::Progress;
+
+/// Size of one chunk, bytes (1 MiB: small SFTP writes are slow, ssh2-rs#206).
+pub const CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Chunks in flight between the two threads.
+pub const CHANNEL_CHUNKS: usize = 4;
+
+/// A bounded chunk channel.
+pub fn channel() -> (SyncSender<Vec<u8>>, Receiver<Vec<u8>>) {
+    sync_channel(CHANNEL_CHUNKS)
+}
+
+/// Collects writes into [`CHUNK_BYTES`] chunks and sends them; blocks while the channel
+/// is full. Fails with `BrokenPipe` once the receiver is gone (the transport failed), and
+/// with `Other("job cancelled")` once the job is cancelled.
+pub struct ChunkWriter {
+    buf: Vec<u8>,
+    tx: Option<SyncSender<Vec<u8>>>,
+    progress: Progress,
+}
+
+impl ChunkWriter {
+    /// Writes into `tx`, counting written bytes in `progress`.
+    pub fn new(tx: SyncSender<Vec<u8>>, progress: Progress) -> Self {
+        Self {
+            buf: Vec::with_capacity(CHUNK_BYTES),
+            tx: Some(tx),
+            progress,
+        }
+    }
+
+    fn send(&mut self) -> io::Result<()> {
+        self.progress.check_cancelled()?;
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+        let n = chunk.len() as u64;
+        self.tx
+            .as_ref()
+            .ok_or_else(|| io::Error::other("chunk writer already finished"))?
+            .send(chunk)
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+        self.progress.inner.written.fetch_add(n, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Sends the last partial chunk and closes the channel, which tells the transport
+    /// that the stream is complete.
+    ///
+    /// # Errors
+    /// As for `write`.
+    pub fn finish(mut self) -> io::Result<()> {
+        self.send()?;
+        self.tx = None;
+        Ok(())
+    }
+}
+
+impl Write for ChunkWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let room = CHUNK_BYTES - self.buf.len();
+        let n = room.min(data.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK_BYTES {
+            self.send()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Reads the chunks a transport thread downloads; EOF when the sender closes after the
+/// last chunk. A transport failure drops the sender early: the reader then sees EOF
+/// too soon, and the caller must check the transport's result (the hash check also
+/// catches it).
+pub struct ChunkReader {
+    rx: Receiver<Vec<u8>>,
+    current: Vec<u8>,
+    pos: usize,
+    progress: Progress,
+}
+
+impl ChunkReader {
+    /// Reads from `rx`, counting read bytes in `progress`.
+    pub fn new(rx: Receiver<Vec<u8>>, progress: Progress) -> Self {
+        Self {
+            rx,
+            current: Vec::new(),
+            pos: 0,
+            progress,
+        }
+    }
+}
+
+impl Read for ChunkReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        self.progress.check_cancelled()?;
+        while self.pos == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.progress
+                        .inner
+                        .read
+                        .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    self.current = chunk;
+                    self.pos = 0;
+                }
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.pos);
+        out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}

@@ -1,0 +1,716 @@
+//! The streaming pipeline of DESIGN.md, for any datastore:
+//!
+//! - backup: `dump → count → compress (zstd) → encrypt (age) → hash (SHA-256) → upload`,
+//!   one blocking thread for the stages and one for the SSH transport, joined by a
+//!   bounded channel of 1 MiB chunks: memory is constant and back-pressure reaches the
+//!   dump tool. Every part is written as a hidden partial; all are renamed into place
+//!   only after every part dumped and uploaded completely, then the manifests are
+//!   written, the main part's last (it marks the backup complete).
+//! - restore: find the newest complete backup (or a date's), check every file's size and
+//!   SHA-256 against its manifest (a first pass that reads and hashes only), then stream
+//!   `download → hash → decrypt → decompress → restore tool`, hash checked again at the
+//!   end, and only then let the datastore commit (swap into place).
+//!
+//! The pipeline never names a datastore: it sees [`Dumper`], [`Restorer`] and bytes.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Keys, Settings};
+use crate::datastore::{Datastore, DumpError, Dumper, Part, RestoreError};
+use crate::layout::{self, StoredFile};
+use crate::manifest::{MANIFEST_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
+use crate::transport::{Downloader, TransportError, Uploader};
+
+pub mod chunks;
+pub mod compress;
+pub mod encrypt;
+pub mod hash;
+pub mod progress;
+
+pub use progress::Progress;
+
+/// Why a job failed, with enough to tell the operator what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// The order is outside this agent's role.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// The order names something that does not exist or is malformed.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// No backup to restore.
+    #[error("{0}")]
+    NotFound(String),
+    /// The dump failed.
+    #[error("dump of datastore {datastore:?} failed: {source}")]
+    Dump {
+        /// Datastore name.
+        datastore: String,
+        /// What failed.
+        #[source]
+        source: DumpError,
+    },
+    /// The dump ended without producing anything.
+    #[error("dump of datastore {0:?} produced no data; nothing was stored")]
+    EmptyDump(String),
+    /// The backup server could not be used.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// A stored file does not match its manifest, or does not decrypt.
+    #[error("{0}")]
+    Integrity(String),
+    /// A manifest is unreadable.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The restore failed.
+    #[error("restore of datastore {datastore:?} failed: {source}; {target_state}")]
+    Restore {
+        /// Datastore name.
+        datastore: String,
+        /// What failed.
+        #[source]
+        source: RestoreError,
+        /// Whether the target was left as it was.
+        target_state: &'static str,
+    },
+    /// The stages failed (compression, encryption, local I/O).
+    #[error("{stage} failed: {source}")]
+    Stage {
+        /// Stage name.
+        stage: &'static str,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Cancelled by an operator or by shutdown.
+    #[error("job cancelled")]
+    Cancelled,
+    /// A bug or a panicked thread.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl JobError {
+    /// Whether trying the same order again may succeed.
+    pub fn retryable(&self) -> bool {
+        matches!(
+            self,
+            JobError::Transport(TransportError::Connect { .. } | TransportError::Sftp { .. })
+                | JobError::Dump { .. }
+                | JobError::Stage { .. }
+                | JobError::Internal(_)
+        )
+    }
+}
+
+/// What a finished job reports.
+#[derive(Clone, Debug)]
+pub struct JobReport {
+    /// Path of the main archive on the backup server.
+    pub stored_path: String,
+    /// Its size, bytes.
+    pub size_bytes: u64,
+    /// Its SHA-256, lower-case hex.
+    pub sha256: String,
+    /// Size before compression, bytes.
+    pub bytes_uncompressed: u64,
+    /// Environment of the backup.
+    pub environment: String,
+    /// `YYYY-MM-DD` of its folder.
+    pub date: String,
+    /// Datastore kind.
+    pub kind: String,
+    /// A human summary.
+    pub summary: String,
+}
+
+fn join_error(e: tokio::task::JoinError) -> JobError {
+    JobError::Internal(format!("a pipeline thread failed: {e}"))
+}
+
+/// One part streamed to a partial file, waiting for the signal to rename it.
+struct PendingPart {
+    part: Part,
+    file: StoredFile,
+    commit: std::sync::mpsc::Sender<bool>,
+    upload: tokio::task::JoinHandle<Result<u64, TransportError>>,
+    sha256: String,
+    stored: u64,
+    uncompressed: u64,
+    outcome: crate::datastore::DumpOutcome,
+    started: DateTime<Utc>,
+}
+
+/// Runs a backup of `datastore`: every part dumped, compressed, encrypted, hashed and
+/// uploaded, then renamed into place and described by its manifest.
+///
+/// # Errors
+/// [`JobError`]; on error no file is left under a final name.
+pub async fn backup(
+    settings: Arc<Settings>,
+    datastore: Arc<Datastore>,
+    job_id: String,
+    progress: Progress,
+) -> Result<JobReport, JobError> {
+    let Keys::Encrypt(_) = &settings.keys else {
+        return Err(JobError::PermissionDenied(format!(
+            "agent {} has role {}: it holds no recipients and may not back up",
+            settings.id, settings.role
+        )));
+    };
+    let started = Utc::now();
+    let dumper = datastore.dumper();
+    let parts = dumper.parts();
+    let names = choose_names(&settings, datastore.name(), parts, started).await?;
+
+    let mut pending: Vec<PendingPart> = Vec::new();
+    for (part, file) in parts.iter().zip(names) {
+        match backup_part(
+            &settings,
+            dumper,
+            datastore.name(),
+            part,
+            file,
+            &job_id,
+            &progress,
+        )
+        .await
+        {
+            Ok(p) => pending.push(p),
+            Err(e) => {
+                abandon(pending).await;
+                return Err(e);
+            }
+        }
+    }
+
+    // Every part is complete: rename them all into place, then write the manifests.
+    progress.set_stage("commit");
+    let mut stored = Vec::new();
+    for mut p in pending {
+        let _ = p.commit.send(true);
+        let size = (&mut p.upload).await.map_err(join_error)??;
+        if size != p.stored {
+            return Err(JobError::Integrity(format!(
+                "{} was stored with {size} bytes, {} were produced",
+                p.file.path(),
+                p.stored
+            )));
+        }
+        stored.push(p);
+    }
+    let finished = Utc::now();
+    let recipients = match &settings.keys {
+        Keys::Encrypt(enc) => enc.describe(),
+        Keys::Decrypt(_) => Vec::new(),
+    };
+    let mut companions = Vec::new();
+    let mut report = None;
+    for p in &stored {
+        let is_main = p.part.name.is_empty();
+        let manifest = Manifest {
+            manifest_version: MANIFEST_VERSION,
+            file: p.file.name.clone(),
+            datastore: datastore.name().to_owned(),
+            kind: datastore.kind().to_owned(),
+            part: p.part.name.to_owned(),
+            format: p.part.format.to_owned(),
+            compression: compress::EXTENSION.to_owned(),
+            encryption: "age".to_owned(),
+            agent: settings.id.clone(),
+            hostname: settings.hostname.clone(),
+            environment: settings.environment.clone(),
+            date: started.format("%Y-%m-%d").to_string(),
+            started: p.started,
+            finished,
+            source: p.outcome.source.clone(),
+            bytes_uncompressed: p.uncompressed,
+            bytes_stored: p.stored,
+            sha256: p.sha256.clone(),
+            recipients: recipients.clone(),
+            companions: if is_main {
+                companions.clone()
+            } else {
+                Vec::new()
+            },
+            counts: p.outcome.counts.clone(),
+        };
+        put_small(&settings, &p.file, &job_id, manifest.to_json()).await?;
+        if is_main {
+            report = Some(JobReport {
+                stored_path: p.file.path(),
+                size_bytes: p.stored,
+                sha256: p.sha256.clone(),
+                bytes_uncompressed: p.uncompressed,
+                environment: settings.environment.clone(),
+                date: manifest.date.clone(),
+                kind: manifest.kind.clone(),
+                summary: p.outcome.summary.clone(),
+            });
+        } else {
+            companions.push(p.file.name.clone());
+        }
+    }
+    report.ok_or_else(|| JobError::Internal("the datastore has no main part".into()))
+}
+
+/// Tells every waiting upload to give up (its partial is removed where the server allows).
+async fn abandon(pending: Vec<PendingPart>) {
+    for p in pending {
+        drop(p.commit);
+        let _ = p.upload.await;
+    }
+}
+
+/// Picks the first stamp under which no part's file exists yet.
+async fn choose_names(
+    settings: &Arc<Settings>,
+    datastore: &str,
+    parts: &'static [Part],
+    at: DateTime<Utc>,
+) -> Result<Vec<StoredFile>, JobError> {
+    let settings = settings.clone();
+    let datastore = datastore.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut session = settings.backup_server.connect()?;
+        let dir = layout::dated_dir(session.root(), &settings.environment, at.date_naive());
+        for stamp in layout::candidate_stamps(at) {
+            let files: Vec<StoredFile> = parts
+                .iter()
+                .map(|p| StoredFile {
+                    dir: dir.clone(),
+                    name: layout::file_name(
+                        &layout::part_stem(&datastore, p.name),
+                        &stamp,
+                        p.format,
+                        compress::EXTENSION,
+                    ),
+                })
+                .collect();
+            let mut free = true;
+            for f in &files {
+                if session.exists(&f.path())? || session.exists(&f.manifest_path())? {
+                    free = false;
+                    break;
+                }
+            }
+            if free {
+                return Ok(files);
+            }
+        }
+        Err(JobError::Internal(format!(
+            "every name for a backup of {datastore} at {at} is taken in {dir}"
+        )))
+    })
+    .await
+    .map_err(join_error)?
+}
+
+/// Streams one part to a hidden partial file; the upload thread then waits for the
+/// commit signal.
+async fn backup_part(
+    settings: &Arc<Settings>,
+    dumper: &dyn Dumper,
+    datastore: &str,
+    part: &Part,
+    file: StoredFile,
+    job_id: &str,
+    progress: &Progress,
+) -> Result<PendingPart, JobError> {
+    let started = Utc::now();
+    progress.set_stage("dump");
+    progress.reset();
+    let stream = dumper.dump(part).await.map_err(|source| JobError::Dump {
+        datastore: datastore.to_owned(),
+        source,
+    })?;
+
+    let (tx, rx) = chunks::channel();
+    let (commit_tx, commit_rx) = std::sync::mpsc::channel::<bool>();
+    let upload = {
+        let settings = settings.clone();
+        let file = file.clone();
+        let job_id = job_id.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut session = match settings.backup_server.connect() {
+                Ok(s) => s,
+                Err(e) => {
+                    drop(rx);
+                    return Err(e);
+                }
+            };
+            let result = session.upload(&file, &job_id, rx, &|| commit_rx.recv().unwrap_or(false));
+            if result.is_err() {
+                session.remove_partial(&file, &job_id);
+            }
+            result
+        })
+    };
+
+    let stages = {
+        let settings = settings.clone();
+        let progress = progress.clone();
+        let reader = stream.reader;
+        tokio::task::spawn_blocking(move || -> io::Result<(String, u64, u64)> {
+            let Keys::Encrypt(enc) = &settings.keys else {
+                return Err(io::Error::other("no recipients"));
+            };
+            let mut source = progress::CountingReader::new(reader, progress.clone());
+            let sink = chunks::ChunkWriter::new(tx, progress.clone());
+            let hashed = hash::HashingWriter::new(sink);
+            let encrypted = enc.wrap(hashed)?;
+            let mut compressed = compress::Compressor::new(encrypted)?;
+            io::copy(&mut source, &mut compressed)?;
+            let encrypted = compressed.finish()?;
+            let hashed = encrypted.finish()?;
+            let (sink, sha256, stored) = hashed.finish();
+            sink.finish()?;
+            Ok((sha256, stored, progress.bytes().0))
+        })
+    };
+    let staged = stages.await.map_err(join_error)?;
+    let outcome = stream.finish.await;
+
+    let checked = match (outcome, staged) {
+        (Err(source), _) => Err(JobError::Dump {
+            datastore: datastore.to_owned(),
+            source,
+        }),
+        (_, Err(_)) if progress.cancel.is_cancelled() => Err(JobError::Cancelled),
+        (_, Err(source)) => Err(JobError::Stage {
+            stage: "compress/encrypt/upload",
+            source,
+        }),
+        (Ok(_), Ok((_, _, 0))) => Err(JobError::EmptyDump(datastore.to_owned())),
+        (Ok(outcome), Ok(staged)) => Ok((outcome, staged)),
+    };
+    let (outcome, (sha256, stored, uncompressed)) = match checked {
+        Ok(v) => v,
+        Err(e) => return fail_part(commit_tx, upload, e).await,
+    };
+    Ok(PendingPart {
+        part: *part,
+        file,
+        commit: commit_tx,
+        upload,
+        sha256,
+        stored,
+        uncompressed,
+        outcome,
+        started,
+    })
+}
+
+/// Abandons a part's upload after `error`; reports the transport's own error instead
+/// when the upload failed first (it explains a broken pipe better than the pipe does).
+async fn fail_part(
+    commit: std::sync::mpsc::Sender<bool>,
+    upload: tokio::task::JoinHandle<Result<u64, TransportError>>,
+    error: JobError,
+) -> Result<PendingPart, JobError> {
+    drop(commit);
+    match upload.await {
+        Ok(Err(t)) if !matches!(t, TransportError::Abandoned { .. }) => Err(JobError::Transport(t)),
+        _ => Err(error),
+    }
+}
+
+/// Uploads a small file (a manifest) as `<file>.json` through the same partial-then-rename
+/// path as archives.
+async fn put_small(
+    settings: &Arc<Settings>,
+    archive: &StoredFile,
+    job_id: &str,
+    bytes: Vec<u8>,
+) -> Result<(), JobError> {
+    let settings = settings.clone();
+    let file = StoredFile {
+        dir: archive.dir.clone(),
+        name: format!("{}.json", archive.name),
+    };
+    let job_id = job_id.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut session = settings.backup_server.connect()?;
+        let (tx, rx) = chunks::channel();
+        tx.send(bytes).expect("channel has room");
+        drop(tx);
+        session.upload(&file, &job_id, rx, &|| true)?;
+        Ok(())
+    })
+    .await
+    .map_err(join_error)?
+}
+
+/// A backup found on the server: every file in restore order, with its manifest.
+struct FoundBackup {
+    files: Vec<(String, Manifest)>,
+}
+
+/// Finds the newest complete backup of `datastore` in `environment` (on `date` if given).
+fn find_backup(
+    settings: &Settings,
+    environment: &str,
+    datastore: &Datastore,
+    date: Option<&str>,
+) -> Result<FoundBackup, JobError> {
+    let mut session = settings.backup_server.connect()?;
+    let env_dir = layout::environment_dir(session.root(), environment);
+    let mut dates: Vec<String> = session
+        .list(&env_dir)?
+        .into_iter()
+        .filter(|d| layout::parse_date(d).is_ok())
+        .filter(|d| date.is_none_or(|want| want == d))
+        .collect();
+    dates.sort();
+    let name = datastore.name();
+    for day in dates.iter().rev() {
+        let dir = format!("{env_dir}/{day}");
+        let entries = session.list(&dir)?;
+        let mut best: Option<(String, Manifest)> = None;
+        for f in &entries {
+            if layout::stamp_of(name, f).is_none() || !entries.contains(&format!("{f}.json")) {
+                continue;
+            }
+            let path = format!("{dir}/{f}");
+            let manifest_path = format!("{path}.json");
+            let bytes = session.read_small(&manifest_path, MAX_MANIFEST_BYTES)?;
+            let m = Manifest::from_slice(&manifest_path, &bytes)?;
+            if m.file != *f || m.datastore != name || !m.part.is_empty() {
+                return Err(JobError::Integrity(format!(
+                    "manifest {manifest_path} describes {:?} of datastore {:?}, not {f}",
+                    m.file, m.datastore
+                )));
+            }
+            if best.as_ref().is_none_or(|(_, b)| m.finished > b.finished) {
+                best = Some((path, m));
+            }
+        }
+        let Some((path, main)) = best else { continue };
+        if main.kind != datastore.kind() {
+            return Err(JobError::InvalidArgument(format!(
+                "{path} is a {} backup; datastore {name:?} here is {}",
+                main.kind,
+                datastore.kind()
+            )));
+        }
+        let mut files = Vec::new();
+        for c in &main.companions {
+            layout::validate_companion(c).map_err(JobError::Integrity)?;
+            let cpath = format!("{dir}/{c}");
+            let mpath = format!("{cpath}.json");
+            let bytes = session
+                .read_small(&mpath, MAX_MANIFEST_BYTES)
+                .map_err(|e| {
+                    JobError::Integrity(format!(
+                        "companion {c} of {path} is missing or unreadable: {e}"
+                    ))
+                })?;
+            files.push((cpath, Manifest::from_slice(&mpath, &bytes)?));
+        }
+        files.push((path, main));
+        return Ok(FoundBackup { files });
+    }
+    Err(JobError::NotFound(match date {
+        Some(d) => format!("no complete backup of datastore {name:?} in {env_dir}/{d}"),
+        None => format!("no complete backup of datastore {name:?} under {env_dir}"),
+    }))
+}
+
+/// Streams `path` from the server through `consume` on a pipeline thread, with the
+/// download on a transport thread. `consume` gets a reader of the stored bytes.
+async fn with_download<T: Send + 'static>(
+    settings: &Arc<Settings>,
+    path: &str,
+    progress: &Progress,
+    consume: impl FnOnce(chunks::ChunkReader) -> T + Send + 'static,
+) -> Result<T, JobError> {
+    let (tx, rx) = chunks::channel();
+    let download = {
+        let settings = settings.clone();
+        let path = path.to_owned();
+        tokio::task::spawn_blocking(move || settings.backup_server.connect()?.download(&path, tx))
+    };
+    let reader = chunks::ChunkReader::new(rx, progress.clone());
+    let out = tokio::task::spawn_blocking(move || consume(reader))
+        .await
+        .map_err(join_error)?;
+    download.await.map_err(join_error)??;
+    Ok(out)
+}
+
+/// Compares a stored file's hash and size with its manifest.
+fn check_digest(path: &str, manifest: &Manifest, sha256: &str, size: u64) -> Result<(), JobError> {
+    if size != manifest.bytes_stored || sha256 != manifest.sha256 {
+        return Err(JobError::Integrity(format!(
+            "{path} does not match its manifest: {size} bytes with SHA-256 {sha256}, the manifest says \
+             {} bytes with SHA-256 {}; the file was altered or damaged",
+            manifest.bytes_stored, manifest.sha256
+        )));
+    }
+    Ok(())
+}
+
+/// Restores the newest complete backup (or `date`'s) of `datastore` from the source
+/// environment: verify every file, then stream each into the datastore's restore
+/// session, then commit.
+///
+/// # Errors
+/// [`JobError`]; [`JobError::Restore`] says whether the target was left as it was.
+pub async fn restore(
+    settings: Arc<Settings>,
+    datastore: Arc<Datastore>,
+    job_id: String,
+    date: Option<String>,
+    progress: Progress,
+) -> Result<JobReport, JobError> {
+    let Keys::Decrypt(_) = &settings.keys else {
+        return Err(JobError::PermissionDenied(format!(
+            "agent {} has role {}: it holds no identity and may not restore",
+            settings.id, settings.role
+        )));
+    };
+    if let Some(d) = &date {
+        layout::parse_date(d).map_err(|e| JobError::InvalidArgument(e.to_string()))?;
+    }
+    let environment = settings
+        .source_environment
+        .clone()
+        .ok_or_else(|| JobError::InvalidArgument("no [restore] source_environment".into()))?;
+    progress.set_stage("locate");
+    let found = {
+        let settings = settings.clone();
+        let datastore = datastore.clone();
+        let environment = environment.clone();
+        tokio::task::spawn_blocking(move || {
+            find_backup(&settings, &environment, &datastore, date.as_deref())
+        })
+        .await
+        .map_err(join_error)??
+    };
+
+    // First pass: every file is whole and is the one its manifest describes, before
+    // anything is touched.
+    progress.set_stage("verify");
+    for (path, manifest) in &found.files {
+        progress.reset();
+        let (sha256, size) = with_download(&settings, path, &progress, |r| {
+            hash::HashingReader::new(r).finish()
+        })
+        .await?
+        .map_err(|source| JobError::Stage {
+            stage: "verify",
+            source,
+        })?;
+        check_digest(path, manifest, &sha256, size)?;
+    }
+
+    let (main_path, main) = found
+        .files
+        .last()
+        .expect("a backup has a main part")
+        .clone();
+    let restore_err = |source: RestoreError, target_state: &'static str| JobError::Restore {
+        datastore: datastore.name().to_owned(),
+        source,
+        target_state,
+    };
+    const UNTOUCHED: &str = "the target was left as it was";
+    let mut session = datastore
+        .restorer()
+        .begin(&main, &job_id)
+        .await
+        .map_err(|e| restore_err(e, UNTOUCHED))?;
+    let started = Instant::now();
+    let result = restore_files(&settings, &found, &mut *session, &progress).await;
+    let result = match result {
+        Ok(()) => {
+            progress.set_stage("commit");
+            session
+                .commit(&main)
+                .await
+                .map_err(|e| restore_err(e, UNTOUCHED))
+        }
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(summary) => Ok(JobReport {
+            stored_path: main_path,
+            size_bytes: main.bytes_stored,
+            sha256: main.sha256.clone(),
+            bytes_uncompressed: main.bytes_uncompressed,
+            environment,
+            date: main.date.clone(),
+            kind: main.kind.clone(),
+            summary: format!("{summary} in {:.1} s", started.elapsed().as_secs_f64()),
+        }),
+        Err(e) => {
+            session.abort().await;
+            Err(e)
+        }
+    }
+}
+
+async fn restore_files(
+    settings: &Arc<Settings>,
+    found: &FoundBackup,
+    session: &mut dyn crate::datastore::RestoreSession,
+    progress: &Progress,
+) -> Result<(), JobError> {
+    for (path, manifest) in &found.files {
+        progress.set_stage("restore");
+        progress.reset();
+        let sink = session
+            .part(manifest)
+            .await
+            .map_err(|source| JobError::Restore {
+                datastore: manifest.datastore.clone(),
+                source,
+                target_state: "the target was left as it was",
+            })?;
+        let settings2 = settings.clone();
+        let mut writer = sink.writer;
+        let streamed = with_download(
+            settings,
+            path,
+            progress,
+            move |reader| -> io::Result<(String, u64)> {
+                let Keys::Decrypt(dec) = &settings2.keys else {
+                    return Err(io::Error::other("no identity"));
+                };
+                let (hashed, digest) = hash::HashingReader::shared(reader);
+                let decrypted = dec.wrap(hashed)?;
+                let mut plain = compress::decompressor(decrypted)?;
+                let copied = io::copy(&mut plain, &mut writer);
+                drop(writer);
+                copied?;
+                // Read to the very end: age authenticates the last chunk there.
+                io::copy(&mut plain, &mut io::sink())?;
+                drop(plain);
+                Ok(digest.finish())
+            },
+        )
+        .await?;
+        let tool = sink.finish.await;
+        let (sha256, size) = match (streamed, tool) {
+            (_, Err(source)) => {
+                return Err(JobError::Restore {
+                    datastore: manifest.datastore.clone(),
+                    source,
+                    target_state: "the target was left as it was",
+                });
+            }
+            (Err(e), Ok(())) => {
+                return Err(JobError::Integrity(format!(
+                    "{path} could not be decrypted and decompressed to its end: {e}; nothing was put in place"
+                )));
+            }
+            (Ok(v), Ok(())) => v,
+        };
+        check_digest(path, manifest, &sha256, size)?;
+    }
+    Ok(())
+}

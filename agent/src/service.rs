@@ -1,0 +1,159 @@
+//! The `ferry.v1.Agent` gRPC service: thin handlers that validate, convert and hand the
+//! order to the [`JobRunner`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use ferry_proto::v1;
+use ferry_proto::v1::agent_server::Agent;
+use futures::Stream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use crate::jobs::{self, JobRunner, JobUpdate, OrderKind};
+use crate::pipeline::JobError;
+
+/// The gRPC service.
+pub struct AgentService {
+    runner: Arc<JobRunner>,
+}
+
+impl AgentService {
+    /// Serves orders through `runner`.
+    pub fn new(runner: Arc<JobRunner>) -> Self {
+        Self { runner }
+    }
+
+    fn start(&self, job_id: &str, datastore: &str, kind: OrderKind) -> Result<EventStream, Status> {
+        let order =
+            jobs::validate(self.runner.settings(), job_id, datastore, kind).inspect_err(|e| {
+                tracing::warn!(job_id, datastore, error = %e, "Order refused.");
+            })?;
+        let job_id = order.job_id.clone();
+        let rx = self.runner.start(order)?;
+        Ok(Box::pin(
+            ReceiverStream::new(rx).map(move |u| Ok(to_event(&job_id, u))),
+        ))
+    }
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
+
+fn to_event(job_id: &str, update: JobUpdate) -> v1::JobEvent {
+    use v1::job_event::Event;
+    let event = match update {
+        JobUpdate::Accepted { kind } => Event::Accepted(v1::Accepted { kind: kind.into() }),
+        JobUpdate::Progress {
+            stage,
+            bytes_read,
+            bytes_written,
+            rate,
+        } => Event::Progress(v1::Progress {
+            stage: stage.into(),
+            bytes_read,
+            bytes_written,
+            rate_bytes_per_second: rate,
+        }),
+        JobUpdate::Finished { report, duration } => Event::Finished(v1::Finished {
+            stored_path: report.stored_path,
+            size_bytes: report.size_bytes,
+            sha256: report.sha256,
+            duration_ms: duration.as_millis() as u64,
+            bytes_uncompressed: report.bytes_uncompressed,
+            environment: report.environment,
+            date: report.date,
+            kind: report.kind,
+            summary: report.summary,
+        }),
+        JobUpdate::Failed(e) => Event::Failed(v1::Failed {
+            code: failure_code(&e) as i32,
+            retryable: e.retryable(),
+            message: e.to_string(),
+        }),
+    };
+    v1::JobEvent {
+        job_id: job_id.to_owned(),
+        at_unix_ms: ferry_proto::now_unix_ms(),
+        event: Some(event),
+    }
+}
+
+fn failure_code(e: &JobError) -> v1::FailureCode {
+    use v1::FailureCode as C;
+    match e {
+        JobError::PermissionDenied(_) => C::PermissionDenied,
+        JobError::InvalidArgument(_) => C::InvalidArgument,
+        JobError::NotFound(_) => C::NotFound,
+        JobError::Dump { .. } | JobError::EmptyDump(_) => C::DumpFailed,
+        JobError::Transport(_) => C::TransportFailed,
+        JobError::Integrity(_) | JobError::Manifest(_) => C::Integrity,
+        JobError::Restore { .. } => C::RestoreFailed,
+        JobError::Cancelled => C::Cancelled,
+        JobError::Stage { .. } | JobError::Internal(_) => C::Internal,
+    }
+}
+
+#[tonic::async_trait]
+impl Agent for AgentService {
+    type RunBackupStream = EventStream;
+    type RunRestoreStream = EventStream;
+
+    async fn describe(
+        &self,
+        _: Request<v1::DescribeRequest>,
+    ) -> Result<Response<v1::DescribeResponse>, Status> {
+        let s = self.runner.settings();
+        let mut tools = Vec::new();
+        for ds in s.datastores.values() {
+            for (name, version) in ds.tool_versions() {
+                if !tools.iter().any(|t: &v1::ToolVersion| t.name == name) {
+                    tools.push(v1::ToolVersion { name, version });
+                }
+            }
+        }
+        Ok(Response::new(v1::DescribeResponse {
+            agent_id: s.id.clone(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            role: s.role.into(),
+            environment: s.environment.clone(),
+            hostname: s.hostname.clone(),
+            datastores: s
+                .datastores
+                .values()
+                .map(|d| v1::DatastoreInfo {
+                    name: d.name().into(),
+                    kind: d.kind().into(),
+                })
+                .collect(),
+            tools,
+        }))
+    }
+
+    async fn run_backup(
+        &self,
+        request: Request<v1::RunBackupRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        self.start(&r.job_id, &r.datastore, OrderKind::Backup)
+            .map(Response::new)
+    }
+
+    async fn run_restore(
+        &self,
+        request: Request<v1::RunRestoreRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let r = request.into_inner();
+        let date = (!r.date.is_empty()).then_some(r.date);
+        self.start(&r.job_id, &r.datastore, OrderKind::Restore { date })
+            .map(Response::new)
+    }
+
+    async fn cancel_job(
+        &self,
+        request: Request<v1::CancelJobRequest>,
+    ) -> Result<Response<v1::CancelJobResponse>, Status> {
+        let cancelled = self.runner.cancel(&request.into_inner().job_id);
+        Ok(Response::new(v1::CancelJobResponse { cancelled }))
+    }
+}

@@ -1,0 +1,385 @@
+//! SFTP transport over SSH with `ssh2` (libssh2 1.11): public-key authentication, a
+//! pinned server host key (an unknown key is refused), AES-GCM preferred (AES-NI), and
+//! 1 MiB writes. All calls block: run them on a dedicated thread.
+
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::time::Duration;
+
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Session, Sftp};
+
+use super::{Downloader, TransportError, Uploader};
+use crate::layout::StoredFile;
+use crate::pipeline::chunks::CHUNK_BYTES;
+
+/// `[backup_server]` in the agent config.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftpConfig {
+    /// Host name or address.
+    pub host: String,
+    /// SSH port.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// SSH user (a dedicated one; not Debian's `backup`).
+    pub user: String,
+    /// This agent's SSH private key (OpenSSH format, no passphrase), mode 0600 or 0400.
+    pub private_key_file: PathBuf,
+    /// The server's public host key as in its `.pub` file or `known_hosts`:
+    /// `ssh-ed25519 AAAA...` (a trailing comment is ignored).
+    pub host_key: String,
+    /// Absolute root of the layout on the server, e.g. `/srv/ferry`.
+    pub root: String,
+    /// TCP connect timeout, seconds.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_seconds: u64,
+    /// A read or write that makes no progress for this long fails the job, seconds.
+    #[serde(default = "default_io_timeout")]
+    pub io_timeout_seconds: u64,
+}
+
+fn default_port() -> u16 {
+    22
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_io_timeout() -> u64 {
+    120
+}
+
+/// OpenSSH-style fingerprint of a host key blob: `SHA256:` + unpadded base64.
+pub fn fingerprint(blob: &[u8]) -> String {
+    format!("SHA256:{}", STANDARD_NO_PAD.encode(Sha256::digest(blob)))
+}
+
+impl SftpConfig {
+    fn addr(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+
+    /// The pinned key: (type, blob).
+    fn pinned(&self) -> Result<(String, Vec<u8>), String> {
+        let mut fields = self.host_key.split_whitespace();
+        let (Some(kind), Some(b64)) = (fields.next(), fields.next()) else {
+            return Err(
+                "expected `<type> <base64>`, e.g. the server's ssh_host_ed25519_key.pub line"
+                    .into(),
+            );
+        };
+        let blob = STANDARD
+            .decode(b64)
+            .map_err(|e| format!("the key is not valid base64: {e}"))?;
+        Ok((kind.to_owned(), blob))
+    }
+
+    /// Checks the fields that can be checked locally: `(field, message)` on failure.
+    ///
+    /// # Errors
+    /// The field name and what is wrong with it.
+    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+        if self.host.is_empty() {
+            return Err(("host", "must not be empty".into()));
+        }
+        if !self.root.starts_with('/') || self.root.split('/').any(|c| c == ".." || c == ".") {
+            return Err((
+                "root",
+                format!(
+                    "{:?} must be an absolute path without . or .. components",
+                    self.root
+                ),
+            ));
+        }
+        self.pinned().map_err(|m| ("host_key", m))?;
+        crate::config::read_secret_file(&self.private_key_file)
+            .map_err(|m| ("private_key_file", m))?;
+        Ok(())
+    }
+
+    /// Connects, checks the host key against the pinned one, authenticates with the
+    /// private key and opens SFTP.
+    ///
+    /// # Errors
+    /// [`TransportError::Connect`], [`TransportError::HostKey`], [`TransportError::Auth`].
+    pub fn connect(&self) -> Result<SftpSession, TransportError> {
+        let addr = self.addr();
+        let connect_err = |message: String| TransportError::Connect {
+            addr: addr.clone(),
+            message,
+        };
+        let sock = addr
+            .to_socket_addrs()
+            .map_err(|e| connect_err(format!("cannot resolve: {e}")))?
+            .next()
+            .ok_or_else(|| connect_err("name resolves to no address".into()))?;
+        let tcp =
+            TcpStream::connect_timeout(&sock, Duration::from_secs(self.connect_timeout_seconds))
+                .map_err(|e| connect_err(e.to_string()))?;
+        let io_timeout = Duration::from_secs(self.io_timeout_seconds);
+        tcp.set_read_timeout(Some(io_timeout)).ok();
+        tcp.set_write_timeout(Some(io_timeout)).ok();
+        tcp.set_nodelay(true).ok();
+
+        let mut session = Session::new().map_err(|e| connect_err(e.to_string()))?;
+        session.set_tcp_stream(tcp);
+        session.set_timeout(u32::try_from(io_timeout.as_millis()).unwrap_or(u32::MAX));
+        // AES-GCM first: with AES-NI it is about twice chacha20-poly1305 here.
+        let ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr,chacha20-poly1305@openssh.com";
+        let _ = session.method_pref(ssh2::MethodType::CryptCs, ciphers);
+        let _ = session.method_pref(ssh2::MethodType::CryptSc, ciphers);
+        let (kind, pinned) = self.pinned().map_err(connect_err)?;
+        let _ = session.method_pref(ssh2::MethodType::HostKey, &kind);
+        session
+            .handshake()
+            .map_err(|e| connect_err(format!("SSH handshake failed: {e}")))?;
+
+        let (blob, _) = session
+            .host_key()
+            .ok_or_else(|| connect_err("the server presented no host key".into()))?;
+        if blob != pinned.as_slice() {
+            return Err(TransportError::HostKey {
+                addr,
+                expected: fingerprint(&pinned),
+                found: fingerprint(blob),
+            });
+        }
+
+        session
+            .userauth_pubkey_file(&self.user, None, &self.private_key_file, None)
+            .map_err(|e| TransportError::Auth {
+                addr: addr.clone(),
+                user: self.user.clone(),
+                key: self.private_key_file.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let sftp = session
+            .sftp()
+            .map_err(|e| connect_err(format!("cannot start SFTP: {e}")))?;
+        Ok(SftpSession {
+            addr,
+            root: self.root.trim_end_matches('/').to_owned(),
+            sftp,
+            _session: session,
+        })
+    }
+}
+
+/// An authenticated SFTP session on the backup server.
+pub struct SftpSession {
+    addr: String,
+    root: String,
+    sftp: Sftp,
+    _session: Session,
+}
+
+/// SFTP status `SSH_FX_NO_SUCH_FILE`.
+const FX_NO_SUCH_FILE: i32 = 2;
+
+fn is_not_found(e: &ssh2::Error) -> bool {
+    matches!(e.code(), ErrorCode::SFTP(FX_NO_SUCH_FILE))
+}
+
+impl SftpSession {
+    fn err(&self, op: &'static str, path: &str, e: impl std::fmt::Display) -> TransportError {
+        TransportError::Sftp {
+            addr: self.addr.clone(),
+            op,
+            path: path.to_owned(),
+            message: e.to_string(),
+        }
+    }
+
+    /// Creates `dir` and its missing parents below the root (the root must exist).
+    ///
+    /// # Errors
+    /// [`TransportError::Sftp`] if a component cannot be created and is not a directory.
+    pub fn mkdir_p(&mut self, dir: &str) -> Result<(), TransportError> {
+        let rel = dir
+            .strip_prefix(&self.root)
+            .ok_or_else(|| self.err("mkdir", dir, "is outside the configured root"))?;
+        let mut path = self.root.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path.push('/');
+            path.push_str(part);
+            if let Err(e) = self.sftp.mkdir(Path::new(&path), 0o750) {
+                match self.sftp.stat(Path::new(&path)) {
+                    Ok(st) if st.is_dir() => {}
+                    _ => return Err(self.err("mkdir", &path, e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the hidden partial of an upload that did not complete. Best effort: a
+    /// server that denies removal to this key keeps it (the file is hidden and never read).
+    pub fn remove_partial(&mut self, file: &StoredFile, job_id: &str) {
+        let partial = format!("{}/{}", file.dir, file.partial_name(job_id));
+        if let Err(e) = self.sftp.unlink(Path::new(&partial)) {
+            if !is_not_found(&e) {
+                tracing::warn!(path = %partial, error = %e, "Could not remove an abandoned partial upload.");
+            }
+        }
+    }
+
+    /// The root of the layout on the server.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+}
+
+impl Uploader for SftpSession {
+    fn upload(
+        &mut self,
+        file: &StoredFile,
+        job_id: &str,
+        chunks: Receiver<Vec<u8>>,
+        complete: &dyn Fn() -> bool,
+    ) -> Result<u64, TransportError> {
+        self.mkdir_p(&file.dir)?;
+        let final_path = file.path();
+        if self.exists(&final_path)? {
+            return Err(TransportError::Exists {
+                addr: self.addr.clone(),
+                path: final_path,
+            });
+        }
+        let partial = format!("{}/{}", file.dir, file.partial_name(job_id));
+        // Read-only from the start: the handle stays writable, the file never is.
+        let mut remote = self
+            .sftp
+            .open_mode(
+                Path::new(&partial),
+                OpenFlags::WRITE | OpenFlags::CREATE | OpenFlags::EXCLUSIVE,
+                0o440,
+                OpenType::File,
+            )
+            .map_err(|e| self.err("create", &partial, e))?;
+        let mut sent = 0u64;
+        for chunk in chunks.iter() {
+            remote
+                .write_all(&chunk)
+                .map_err(|e| self.err("write", &partial, e))?;
+            sent += chunk.len() as u64;
+        }
+        if !complete() {
+            return Err(TransportError::Abandoned { path: partial });
+        }
+        // fsync@openssh.com where the server has it; a server without it still renames.
+        let _ = remote.fsync();
+        let found = remote
+            .stat()
+            .map_err(|e| self.err("stat", &partial, e))?
+            .size
+            .unwrap_or(0);
+        drop(remote);
+        if found != sent {
+            return Err(TransportError::SizeMismatch {
+                addr: self.addr.clone(),
+                path: partial,
+                sent,
+                found,
+            });
+        }
+        // SSH_FXP_RENAME without OVERWRITE: OpenSSH refuses if the target exists.
+        self.sftp
+            .rename(
+                Path::new(&partial),
+                Path::new(&final_path),
+                Some(RenameFlags::ATOMIC | RenameFlags::NATIVE),
+            )
+            .map_err(|e| self.err("rename", &partial, e))?;
+        Ok(sent)
+    }
+
+    fn exists(&mut self, path: &str) -> Result<bool, TransportError> {
+        match self.sftp.lstat(Path::new(path)) {
+            Ok(_) => Ok(true),
+            Err(e) if is_not_found(&e) => Ok(false),
+            Err(e) => Err(self.err("stat", path, e)),
+        }
+    }
+}
+
+impl Downloader for SftpSession {
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, TransportError> {
+        match self.sftp.readdir(Path::new(dir)) {
+            Ok(entries) => Ok(entries
+                .into_iter()
+                .filter_map(|(p, _)| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .filter(|n| n != "." && n != "..")
+                .collect()),
+            Err(e) if is_not_found(&e) => Ok(Vec::new()),
+            Err(e) => Err(self.err("list", dir, e)),
+        }
+    }
+
+    fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TransportError> {
+        let mut f = self
+            .sftp
+            .open(Path::new(path))
+            .map_err(|e| self.err("open", path, e))?;
+        let size = f
+            .stat()
+            .map_err(|e| self.err("stat", path, e))?
+            .size
+            .unwrap_or(0);
+        if size > max {
+            return Err(TransportError::TooLarge {
+                addr: self.addr.clone(),
+                path: path.to_owned(),
+                size,
+                max,
+            });
+        }
+        let mut out = Vec::with_capacity(size as usize);
+        Read::by_ref(&mut f)
+            .take(max + 1)
+            .read_to_end(&mut out)
+            .map_err(|e| self.err("read", path, e))?;
+        if out.len() as u64 > max {
+            return Err(TransportError::TooLarge {
+                addr: self.addr.clone(),
+                path: path.to_owned(),
+                size: out.len() as u64,
+                max,
+            });
+        }
+        Ok(out)
+    }
+
+    fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TransportError> {
+        let mut f = self
+            .sftp
+            .open(Path::new(path))
+            .map_err(|e| self.err("open", path, e))?;
+        let mut total = 0u64;
+        loop {
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut filled = 0;
+            while filled < CHUNK_BYTES {
+                let n = f
+                    .read(&mut buf[filled..])
+                    .map_err(|e| self.err("read", path, e))?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                return Ok(total);
+            }
+            buf.truncate(filled);
+            total += filled as u64;
+            if chunks.send(buf).is_err() {
+                return Ok(total);
+            }
+        }
+    }
+}
