@@ -1,0 +1,203 @@
+//! The inventory's agents: mTLS channels to them, and what each last said of itself in
+//! `Describe`, checked against the inventory (id, role, environment). An agent that
+//! does not match is reported and never sent an order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ferry_proto::Role;
+use ferry_proto::tls::TlsFiles;
+use ferry_proto::v1;
+use ferry_proto::v1::agent_client::AgentClient;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::Agent;
+
+/// What the coordinator knows of one agent.
+#[derive(Clone, Debug, Default)]
+pub struct AgentState {
+    /// The last `Describe` answer, if any.
+    pub described: Option<v1::DescribeResponse>,
+    /// Why the agent is unusable (unreachable, or not what the inventory says); `None`
+    /// when the last `Describe` answered and matched.
+    pub problem: Option<String>,
+}
+
+/// Channels to the inventory's agents and their last known state.
+pub struct AgentPool {
+    agents: std::collections::BTreeMap<String, Agent>,
+    tls: TlsFiles,
+    channels: Mutex<HashMap<String, Channel>>,
+    states: Mutex<HashMap<String, AgentState>>,
+    timeout: Duration,
+}
+
+/// Checks a `Describe` answer against the inventory entry.
+///
+/// # Errors
+/// What differs, in words an operator can act on.
+pub fn check_description(agent: &Agent, d: &v1::DescribeResponse) -> Result<(), String> {
+    if d.agent_id != agent.id {
+        return Err(format!(
+            "the agent at {} says it is {:?}, the inventory expects {:?}",
+            agent.address, d.agent_id, agent.id
+        ));
+    }
+    match Role::try_from(d.role) {
+        Ok(role) if role == agent.role => {}
+        Ok(role) => {
+            return Err(format!(
+                "agent {} says its role is {role}, the inventory says {}; no order is sent to it until they agree",
+                agent.id, agent.role
+            ));
+        }
+        Err(e) => return Err(format!("agent {}: {e}", agent.id)),
+    }
+    if d.environment != agent.environment {
+        return Err(format!(
+            "agent {} says its environment is {:?}, the inventory says {:?}",
+            agent.id, d.environment, agent.environment
+        ));
+    }
+    Ok(())
+}
+
+impl AgentPool {
+    /// A pool for `agents`, connecting with `tls`; calls that wait on an agent time out
+    /// after `timeout`.
+    pub fn new(
+        agents: std::collections::BTreeMap<String, Agent>,
+        tls: TlsFiles,
+        timeout: Duration,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            agents,
+            tls,
+            channels: Mutex::new(HashMap::new()),
+            states: Mutex::new(HashMap::new()),
+            timeout,
+        })
+    }
+
+    /// The inventory entry of `id`.
+    pub fn get(&self, id: &str) -> Option<&Agent> {
+        self.agents.get(id)
+    }
+
+    /// Every inventory entry, by id.
+    pub fn all(&self) -> impl Iterator<Item = &Agent> {
+        self.agents.values()
+    }
+
+    /// A client for agent `id` (the channel connects lazily and is reused).
+    ///
+    /// # Errors
+    /// Unknown agent, unreadable TLS files, or a malformed address.
+    pub fn client(&self, id: &str) -> Result<AgentClient<Channel>, String> {
+        let agent = self
+            .agents
+            .get(id)
+            .ok_or_else(|| format!("agent {id:?} is not in the inventory"))?;
+        let mut channels = self.channels.lock().expect("channels lock");
+        let channel = match channels.get(id) {
+            Some(c) => c.clone(),
+            None => {
+                let tls = self
+                    .tls
+                    .client_config(&agent.id)
+                    .map_err(|e| e.to_string())?;
+                let c = Endpoint::from_shared(agent.address.clone())
+                    .map_err(|e| format!("agent {id}: address {:?}: {e}", agent.address))?
+                    .tls_config(tls)
+                    .map_err(|e| format!("agent {id}: TLS: {e}"))?
+                    .connect_timeout(Duration::from_secs(10))
+                    .tcp_keepalive(Some(Duration::from_secs(30)))
+                    .http2_keep_alive_interval(Duration::from_secs(15))
+                    .keep_alive_timeout(self.timeout)
+                    .connect_lazy();
+                channels.insert(id.to_owned(), c.clone());
+                c
+            }
+        };
+        Ok(AgentClient::new(channel).max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
+    }
+
+    /// Asks agent `id` to describe itself, checks the answer against the inventory and
+    /// records the result.
+    ///
+    /// # Errors
+    /// The problem: unreachable, or not matching the inventory.
+    pub async fn describe(&self, id: &str) -> Result<v1::DescribeResponse, String> {
+        let result = async {
+            let agent = self
+                .agents
+                .get(id)
+                .ok_or_else(|| format!("agent {id:?} is not in the inventory"))?;
+            let mut client = self.client(id)?;
+            let d = tokio::time::timeout(self.timeout, client.describe(v1::DescribeRequest {}))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "agent {id} at {} did not answer within {:?}",
+                        agent.address, self.timeout
+                    )
+                })?
+                .map_err(|s| format!("agent {id} at {}: {}", agent.address, describe_status(&s)))?
+                .into_inner();
+            check_description(agent, &d).map(|()| d)
+        }
+        .await;
+        let mut states = self.states.lock().expect("states lock");
+        let state = states.entry(id.to_owned()).or_default();
+        match &result {
+            Ok(d) => {
+                state.described = Some(d.clone());
+                state.problem = None;
+            }
+            Err(p) => {
+                tracing::warn!(agent = id, problem = %p, "Agent unusable.");
+                state.problem = Some(p.clone());
+            }
+        }
+        result
+    }
+
+    /// The last known state of `id`.
+    pub fn state(&self, id: &str) -> AgentState {
+        self.states
+            .lock()
+            .expect("states lock")
+            .get(id)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Describes every agent now and then every `every`, until `shutdown`.
+    pub async fn refresh_loop(
+        self: Arc<Self>,
+        every: Duration,
+        shutdown: tokio_util::sync::CancellationToken,
+    ) {
+        loop {
+            let ids: Vec<String> = self.agents.keys().cloned().collect();
+            futures::future::join_all(ids.iter().map(|id| self.describe(id))).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(every) => {}
+            }
+        }
+    }
+}
+
+/// A gRPC status in words: `PermissionDenied: message`, with transport causes spelled out.
+pub fn describe_status(s: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut text = format!("{:?}: {}", s.code(), s.message());
+    let mut source = s.source();
+    while let Some(e) = source {
+        text.push_str(&format!(": {e}"));
+        source = e.source();
+    }
+    text
+}

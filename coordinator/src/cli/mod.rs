@@ -1,0 +1,181 @@
+//! The `ferry` operator CLI: a thin gRPC client of the coordinator over mTLS. One
+//! [`Command`] enum whose doc comments are the help, one file per subcommand; human
+//! tables by default, `--output json` for scripts.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::{Channel, Endpoint};
+
+mod agents;
+mod backup;
+mod backups;
+mod format;
+mod job;
+mod jobs;
+mod restore;
+mod status;
+mod watch;
+
+/// Ferry's operator CLI: ask the coordinator about backups, jobs and agents, and order
+/// backups and restores.
+#[derive(Parser)]
+#[command(name = "ferry", version)]
+pub struct Cli {
+    /// The coordinator's gRPC URL.
+    #[arg(
+        long,
+        env = "FERRY_COORDINATOR",
+        default_value = "https://127.0.0.1:7400",
+        global = true
+    )]
+    pub coordinator: String,
+    /// The fleet CA certificate (PEM).
+    #[arg(long, env = "FERRY_CA", global = true)]
+    pub ca: Option<PathBuf>,
+    /// Your operator certificate (PEM), issued by `ferry-coordinator pki issue`.
+    #[arg(long, env = "FERRY_CERT", global = true)]
+    pub cert: Option<PathBuf>,
+    /// Your operator private key (PEM).
+    #[arg(long, env = "FERRY_KEY", global = true)]
+    pub key: Option<PathBuf>,
+    /// The name in the coordinator's certificate.
+    #[arg(
+        long,
+        env = "FERRY_SERVER_NAME",
+        default_value = "coordinator",
+        global = true
+    )]
+    pub server_name: String,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Human, global = true)]
+    pub output: Output,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    /// Tables for people.
+    Human,
+    /// JSON for scripts.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Subcommand)]
+pub enum Command {
+    /// Per environment and datastore: the last successful backup or restore, its age and
+    /// size, the last job, and the next scheduled run.
+    Status,
+    /// The inventory's agents: reachable or not, and what they reported.
+    Agents,
+    /// Recent jobs, newest first.
+    Jobs {
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// One job in full.
+    Job {
+        /// The job id.
+        id: String,
+    },
+    /// Stored backups, newest first.
+    Backups {
+        /// Only this environment.
+        #[arg(long = "env")]
+        environment: Option<String>,
+    },
+    /// Back up a production agent's datastore (all of them if none is named).
+    Backup {
+        /// Agent id.
+        agent: String,
+        /// Datastore name.
+        datastore: Option<String>,
+        /// Wait for the end, with progress; exit non-zero if a job fails.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Restore the newest backup (or a date's) into a staging agent's datastores.
+    Restore {
+        /// Agent id.
+        agent: String,
+        /// Only this datastore.
+        #[arg(long)]
+        datastore: Option<String>,
+        /// The backup date, YYYY-MM-DD; the newest if absent.
+        #[arg(long)]
+        date: Option<String>,
+        /// Wait for the end, with progress; exit non-zero if a job fails.
+        #[arg(long)]
+        wait: bool,
+    },
+}
+
+impl Cli {
+    async fn client(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
+        let missing = |what: &str, flag: &str, env: &str| {
+            anyhow::anyhow!("no {what}: pass {flag} or set {env} (see `ferry --help`)")
+        };
+        let tls = ferry_proto::tls::TlsFiles {
+            ca: self
+                .ca
+                .clone()
+                .ok_or_else(|| missing("fleet CA", "--ca", "FERRY_CA"))?,
+            cert: self
+                .cert
+                .clone()
+                .ok_or_else(|| missing("operator certificate", "--cert", "FERRY_CERT"))?,
+            key: self
+                .key
+                .clone()
+                .ok_or_else(|| missing("operator key", "--key", "FERRY_KEY"))?,
+        };
+        let channel = Endpoint::from_shared(self.coordinator.clone())
+            .with_context(|| format!("coordinator URL {:?}", self.coordinator))?
+            .tls_config(tls.client_config(&self.server_name)?)?
+            .connect_timeout(std::time::Duration::from_secs(10))
+            .connect()
+            .await
+            .with_context(|| format!("cannot reach the coordinator at {}", self.coordinator))?;
+        Ok(CoordinatorClient::new(channel))
+    }
+}
+
+/// Runs the CLI; the returned code is the process's exit code (1 when a waited-for job
+/// failed).
+///
+/// # Errors
+/// Connection and request errors, with the coordinator's message.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let mut client = cli.client().await?;
+    let out = cli.output;
+    match cli.command {
+        Command::Status => status::run(&mut client, out).await,
+        Command::Agents => agents::run(&mut client, out).await,
+        Command::Jobs { limit } => jobs::run(&mut client, out, limit).await,
+        Command::Job { id } => job::run(&mut client, out, &id).await,
+        Command::Backups { environment } => backups::run(&mut client, out, environment).await,
+        Command::Backup {
+            agent,
+            datastore,
+            wait,
+        } => backup::run(&mut client, out, agent, datastore, wait).await,
+        Command::Restore {
+            agent,
+            datastore,
+            date,
+            wait,
+        } => restore::run(&mut client, out, agent, datastore, date, wait).await,
+    }
+}
+
+/// Turns a gRPC error into an error whose message is the coordinator's.
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{}", crate::agents::describe_status(&s))
+}

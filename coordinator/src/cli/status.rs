@@ -1,0 +1,85 @@
+//! `ferry status`.
+
+use ferry_proto::v1;
+use ferry_proto::v1::coordinator_client::CoordinatorClient;
+use tonic::transport::Channel;
+
+use super::format::{self, bytes, duration_ms, time};
+use super::{Output, status_error};
+
+pub(super) async fn run(
+    client: &mut CoordinatorClient<Channel>,
+    out: Output,
+) -> anyhow::Result<i32> {
+    let s = client
+        .status(v1::StatusRequest {})
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    if out == Output::Json {
+        let rows: Vec<_> = s
+            .datastores
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "environment": d.environment, "agent": d.agent, "datastore": d.datastore,
+                    "role": format::role(d.role),
+                    "last_success": d.last_success.as_ref().map(format::job_json),
+                    "last_success_age_seconds": d.last_success.as_ref().map(|j| (s.now_unix_ms - j.finished_unix_ms) / 1000),
+                    "last_job": d.last_job.as_ref().map(format::job_json),
+                    "next_run": (d.next_run_unix_ms != 0).then(|| time(d.next_run_unix_ms)),
+                })
+            })
+            .collect();
+        format::print_json(&serde_json::json!({ "now": time(s.now_unix_ms), "datastores": rows }));
+        return Ok(0);
+    }
+    let rows = s
+        .datastores
+        .iter()
+        .map(|d| {
+            let (when, age, size) = match &d.last_success {
+                Some(j) => (
+                    time(j.finished_unix_ms),
+                    duration_ms(s.now_unix_ms - j.finished_unix_ms),
+                    j.result
+                        .as_ref()
+                        .map(|r| bytes(r.size_bytes))
+                        .unwrap_or_default(),
+                ),
+                None => ("never".into(), "-".into(), "-".into()),
+            };
+            let last = d
+                .last_job
+                .as_ref()
+                .map(|j| format!("{} {}", format::kind(j.kind), format::state(j.state)))
+                .unwrap_or_else(|| "-".into());
+            vec![
+                d.environment.clone(),
+                d.agent.clone(),
+                d.datastore.clone(),
+                format::role(d.role).into(),
+                when,
+                age,
+                size,
+                last,
+                time(d.next_run_unix_ms),
+            ]
+        })
+        .collect();
+    format::table(
+        &[
+            "ENVIRONMENT",
+            "AGENT",
+            "DATASTORE",
+            "ROLE",
+            "LAST SUCCESS",
+            "AGE",
+            "SIZE",
+            "LAST JOB",
+            "NEXT RUN",
+        ],
+        rows,
+    );
+    Ok(0)
+}

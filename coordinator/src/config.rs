@@ -1,0 +1,484 @@
+//! The coordinator's TOML config (`coordinator.toml`) and its validation.
+//!
+//! ```toml
+//! listen = "0.0.0.0:7400"
+//! store = "/var/lib/ferry/coordinator.redb"
+//! agent_timeout_seconds = 60
+//! [tls]    cert = "..."  key = "..."  ca = "..."
+//! [retry]  max_attempts = 3  initial_backoff_seconds = 30  max_backoff_seconds = 600
+//! [[agents]]     id = "pg-prod"  address = "https://10.0.0.5:7443"  role = "production"  environment = "production"
+//! [[schedules]]  agent = "pg-prod"  datastore = "postgres"  kind = "backup"  cron = "0 2 * * *"
+//! ```
+//!
+//! Rejected at start, naming the entry: an unknown key, a schedule for an unknown agent,
+//! a schedule contrary to its agent's role, and one agent with both backup and restore
+//! schedules.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ferry_proto::Role;
+use ferry_proto::tls::TlsFiles;
+use serde::Deserialize;
+
+use crate::model::JobKind;
+
+/// `[tls]`: the coordinator's certificate and key, and the fleet CA (PEM).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Certificate, PEM (issued for the name `coordinator`).
+    pub cert: PathBuf,
+    /// Private key, PEM.
+    pub key: PathBuf,
+    /// Fleet CA certificate, PEM.
+    pub ca: PathBuf,
+}
+
+/// `[retry]`: how failed jobs are retried.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Tries in all, including the first (1 = never retry).
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Wait before the first retry, seconds; doubled each time.
+    #[serde(default = "default_initial_backoff")]
+    pub initial_backoff_seconds: u64,
+    /// Longest wait between tries, seconds.
+    #[serde(default = "default_max_backoff")]
+    pub max_backoff_seconds: u64,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_initial_backoff() -> u64 {
+    30
+}
+fn default_max_backoff() -> u64 {
+    600
+}
+fn default_agent_timeout() -> u64 {
+    60
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_attempts: default_attempts(),
+            initial_backoff_seconds: default_initial_backoff(),
+            max_backoff_seconds: default_max_backoff(),
+        }
+    }
+}
+
+impl RetryConfig {
+    /// The wait before try `attempt + 1`, after try `attempt` (from 1) failed.
+    pub fn backoff(&self, attempt: u32) -> std::time::Duration {
+        let factor = 1u64 << attempt.saturating_sub(1).min(20);
+        std::time::Duration::from_secs(
+            self.initial_backoff_seconds
+                .saturating_mul(factor)
+                .min(self.max_backoff_seconds),
+        )
+    }
+}
+
+/// The expected role as written in config.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RoleConfig {
+    /// Backup only.
+    Production,
+    /// Restore only.
+    Staging,
+}
+
+/// One `[[agents]]` entry: the inventory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    /// Agent id; also the name in its certificate, which the coordinator checks.
+    pub id: String,
+    /// `https://host:port` of its gRPC service.
+    pub address: String,
+    /// The role it must have.
+    pub role: RoleConfig,
+    /// The environment it must be in.
+    pub environment: String,
+}
+
+/// One `[[schedules]]` entry.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleEntry {
+    /// Agent id.
+    pub agent: String,
+    /// Datastore name; all of the agent's when absent.
+    pub datastore: Option<String>,
+    /// `backup` (production agents) or `restore` (staging agents).
+    pub kind: JobKind,
+    /// Cron expression, 5 or 6 fields, evaluated in UTC, e.g. `0 2 * * *`.
+    pub cron: String,
+}
+
+/// The whole `coordinator.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    /// gRPC listen address for the CLI.
+    pub listen: SocketAddr,
+    /// The redb file holding jobs and the catalog.
+    pub store: PathBuf,
+    /// A running job whose agent sends nothing for this long is failed, seconds.
+    #[serde(default = "default_agent_timeout")]
+    pub agent_timeout_seconds: u64,
+    /// mTLS files.
+    pub tls: TlsConfig,
+    /// Retries.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// The inventory.
+    #[serde(default)]
+    pub agents: Vec<AgentEntry>,
+    /// Cron schedules.
+    #[serde(default)]
+    pub schedules: Vec<ScheduleEntry>,
+}
+
+/// A config that cannot be used. Names the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Unreadable.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Syntax, unknown key, missing field, wrong type.
+    #[error("config {path}: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, with the key and line.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value that is not acceptable.
+    #[error("config {path}: field `{field}`: {message}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// Dotted path, e.g. `schedules[1].kind`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A validated inventory agent.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    /// Id.
+    pub id: String,
+    /// gRPC endpoint.
+    pub address: String,
+    /// Expected role.
+    pub role: Role,
+    /// Expected environment.
+    pub environment: String,
+}
+
+/// A validated schedule.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    /// Agent id.
+    pub agent: String,
+    /// Datastore, or all.
+    pub datastore: Option<String>,
+    /// Backup or restore.
+    pub kind: JobKind,
+    /// The cron text.
+    pub cron_text: String,
+    /// Parsed cron.
+    pub cron: croner::Cron,
+}
+
+/// Runtime settings built from [`CoordinatorConfig`].
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Store file.
+    pub store: PathBuf,
+    /// Silence after which a running job is failed.
+    pub agent_timeout: std::time::Duration,
+    /// mTLS files.
+    pub tls: TlsFiles,
+    /// Retries.
+    pub retry: RetryConfig,
+    /// Agents by id.
+    pub agents: BTreeMap<String, Agent>,
+    /// Schedules.
+    pub schedules: Vec<Schedule>,
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('-')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+}
+
+impl CoordinatorConfig {
+    /// Reads and parses `path`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] or [`ConfigError::Parse`].
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
+    }
+
+    /// Validates and builds the runtime [`Settings`].
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the entry.
+    pub fn build(self, path: &Path) -> Result<Settings, ConfigError> {
+        let invalid = |field: String, message: String| ConfigError::Invalid {
+            path: path.to_owned(),
+            field,
+            message,
+        };
+        if self.agent_timeout_seconds == 0 {
+            return Err(invalid(
+                "agent_timeout_seconds".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        if self.retry.max_attempts == 0 {
+            return Err(invalid(
+                "retry.max_attempts".into(),
+                "must be at least 1".into(),
+            ));
+        }
+        let mut agents = BTreeMap::new();
+        for (i, a) in self.agents.into_iter().enumerate() {
+            if !valid_name(&a.id) {
+                return Err(invalid(
+                    format!("agents[{i}].id"),
+                    format!(
+                        "{:?} must be 1 to 64 characters of a-z, A-Z, 0-9 and '-'",
+                        a.id
+                    ),
+                ));
+            }
+            if !valid_name(&a.environment) {
+                return Err(invalid(
+                    format!("agents[{i}].environment"),
+                    format!(
+                        "{:?} must be 1 to 64 characters of a-z, A-Z, 0-9 and '-'",
+                        a.environment
+                    ),
+                ));
+            }
+            if !a.address.starts_with("https://")
+                || a.address.parse::<tonic::transport::Uri>().is_err()
+            {
+                return Err(invalid(
+                    format!("agents[{i}].address"),
+                    format!(
+                        "{:?} must be an https:// URL (agents serve mTLS only)",
+                        a.address
+                    ),
+                ));
+            }
+            let agent = Agent {
+                role: match a.role {
+                    RoleConfig::Production => Role::Production,
+                    RoleConfig::Staging => Role::Staging,
+                },
+                id: a.id.clone(),
+                address: a.address,
+                environment: a.environment,
+            };
+            if agents.insert(a.id.clone(), agent).is_some() {
+                return Err(invalid(
+                    format!("agents[{i}].id"),
+                    format!("agent {:?} is listed twice", a.id),
+                ));
+            }
+        }
+        let mut kinds: HashMap<String, (JobKind, usize)> = HashMap::new();
+        let mut schedules = Vec::new();
+        for (i, s) in self.schedules.into_iter().enumerate() {
+            let agent = agents.get(&s.agent).ok_or_else(|| {
+                invalid(
+                    format!("schedules[{i}].agent"),
+                    format!("agent {:?} is not in [[agents]]", s.agent),
+                )
+            })?;
+            if let Some((other, j)) = kinds.get(&s.agent)
+                && *other != s.kind
+            {
+                return Err(invalid(
+                    format!("schedules[{i}].kind"),
+                    format!(
+                        "agent {:?} has a {} schedule here and a {other} schedule in schedules[{j}]; \
+                         one agent never both backs up and restores",
+                        s.agent, s.kind
+                    ),
+                ));
+            }
+            let allowed = match s.kind {
+                JobKind::Backup => agent.role.may_backup(),
+                JobKind::Restore => agent.role.may_restore(),
+            };
+            if !allowed {
+                return Err(invalid(
+                    format!("schedules[{i}].kind"),
+                    format!(
+                        "a {} schedule for agent {:?}, whose role is {}: production agents only back up, \
+                         staging agents only restore",
+                        s.kind, s.agent, agent.role
+                    ),
+                ));
+            }
+            if let Some(ds) = &s.datastore
+                && !valid_name(ds)
+            {
+                return Err(invalid(
+                    format!("schedules[{i}].datastore"),
+                    format!("{ds:?} is not a datastore name"),
+                ));
+            }
+            let cron = croner::Cron::from_str(&s.cron).map_err(|e| {
+                invalid(format!("schedules[{i}].cron"), format!("{:?}: {e}", s.cron))
+            })?;
+            kinds.insert(s.agent.clone(), (s.kind, i));
+            schedules.push(Schedule {
+                agent: s.agent,
+                datastore: s.datastore,
+                kind: s.kind,
+                cron_text: s.cron,
+                cron,
+            });
+        }
+        Ok(Settings {
+            listen: self.listen,
+            store: self.store,
+            agent_timeout: std::time::Duration::from_secs(self.agent_timeout_seconds),
+            tls: TlsFiles {
+                cert: self.tls.cert,
+                key: self.tls.key,
+                ca: self.tls.ca,
+            },
+            retry: self.retry,
+            agents,
+            schedules,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:7400"
+store = "/tmp/x.redb"
+[tls]
+cert = "c"
+key = "k"
+ca = "a"
+[[agents]]
+id = "pg-prod"
+address = "https://127.0.0.1:7443"
+role = "production"
+environment = "production"
+[[agents]]
+id = "pg-stage"
+address = "https://127.0.0.1:7444"
+role = "staging"
+environment = "staging"
+"#;
+
+    fn build(extra: &str) -> Result<Settings, String> {
+        let text = format!("{BASE}{extra}");
+        let cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.build(Path::new("coordinator.toml"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn valid_schedules_build() {
+        let s = build(
+            "[[schedules]]\nagent = \"pg-prod\"\nkind = \"backup\"\ncron = \"0 2 * * *\"\n\
+             [[schedules]]\nagent = \"pg-stage\"\nkind = \"restore\"\ncron = \"0 5 * * *\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.schedules.len(), 2);
+    }
+
+    #[test]
+    fn backup_schedule_on_staging_agent_is_rejected_naming_the_entry() {
+        let e =
+            build("[[schedules]]\nagent = \"pg-stage\"\nkind = \"backup\"\ncron = \"0 2 * * *\"\n")
+                .unwrap_err();
+        assert!(
+            e.contains("schedules[0].kind") && e.contains("staging"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn both_backup_and_restore_for_one_agent_is_rejected() {
+        let e = build(
+            "[[schedules]]\nagent = \"pg-prod\"\nkind = \"backup\"\ncron = \"0 2 * * *\"\n\
+             [[schedules]]\nagent = \"pg-prod\"\nkind = \"restore\"\ncron = \"0 3 * * *\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("schedules[1].kind") && e.contains("never both"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn unknown_key_and_bad_cron_are_named() {
+        let e = build("colour = \"blue\"\n").unwrap_err();
+        assert!(e.contains("colour"), "{e}");
+        let e =
+            build("[[schedules]]\nagent = \"pg-prod\"\nkind = \"backup\"\ncron = \"99 * * * *\"\n")
+                .unwrap_err();
+        assert!(e.contains("schedules[0].cron"), "{e}");
+        let e =
+            build("[[schedules]]\nagent = \"nobody\"\nkind = \"backup\"\ncron = \"0 2 * * *\"\n")
+                .unwrap_err();
+        assert!(e.contains("schedules[0].agent"), "{e}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_limit() {
+        let r = RetryConfig {
+            max_attempts: 5,
+            initial_backoff_seconds: 30,
+            max_backoff_seconds: 100,
+        };
+        assert_eq!(r.backoff(1).as_secs(), 30);
+        assert_eq!(r.backoff(2).as_secs(), 60);
+        assert_eq!(r.backoff(3).as_secs(), 100);
+    }
+}

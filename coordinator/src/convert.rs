@@ -1,0 +1,92 @@
+//! Conversions between the coordinator's domain types and `ferry.v1` messages.
+
+use ferry_proto::v1;
+
+use crate::model::{BackupRecord, Job, JobKind, JobResult, JobState, Progress};
+
+impl From<JobKind> for v1::JobKind {
+    fn from(k: JobKind) -> Self {
+        match k {
+            JobKind::Backup => v1::JobKind::Backup,
+            JobKind::Restore => v1::JobKind::Restore,
+        }
+    }
+}
+
+impl From<JobState> for v1::JobState {
+    fn from(s: JobState) -> Self {
+        match s {
+            JobState::Queued => v1::JobState::Queued,
+            JobState::Running => v1::JobState::Running,
+            JobState::Succeeded => v1::JobState::Succeeded,
+            JobState::Failed => v1::JobState::Failed,
+            JobState::Cancelled => v1::JobState::Cancelled,
+        }
+    }
+}
+
+impl From<&Progress> for v1::Progress {
+    fn from(p: &Progress) -> Self {
+        v1::Progress {
+            stage: p.stage.clone(),
+            bytes_read: p.bytes_read,
+            bytes_written: p.bytes_written,
+            rate_bytes_per_second: p.rate_bytes_per_second,
+        }
+    }
+}
+
+impl From<&JobResult> for v1::Finished {
+    fn from(r: &JobResult) -> Self {
+        v1::Finished {
+            stored_path: r.stored_path.clone(),
+            size_bytes: r.size_bytes,
+            sha256: r.sha256.clone(),
+            duration_ms: r.duration_ms,
+            bytes_uncompressed: r.bytes_uncompressed,
+            environment: r.environment.clone(),
+            date: r.date.clone(),
+            kind: r.kind.clone(),
+            summary: r.summary.clone(),
+        }
+    }
+}
+
+impl From<&Job> for v1::Job {
+    fn from(j: &Job) -> Self {
+        v1::Job {
+            id: j.id.clone(),
+            kind: v1::JobKind::from(j.kind) as i32,
+            agent: j.agent.clone(),
+            datastore: j.datastore.clone(),
+            state: v1::JobState::from(j.state) as i32,
+            attempt: j.attempt,
+            created_unix_ms: j.created_ms,
+            started_unix_ms: j.started_ms.unwrap_or_default(),
+            finished_unix_ms: j.finished_ms.unwrap_or_default(),
+            progress: j.progress.as_ref().map(Into::into),
+            result: j.result.as_ref().map(Into::into),
+            error: j.error.clone().unwrap_or_default(),
+            trigger: j.trigger.clone(),
+            date: j.date.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl From<&BackupRecord> for v1::BackupRecord {
+    fn from(b: &BackupRecord) -> Self {
+        v1::BackupRecord {
+            environment: b.environment.clone(),
+            date: b.date.clone(),
+            datastore: b.datastore.clone(),
+            kind: b.kind.clone(),
+            agent: b.agent.clone(),
+            stored_path: b.stored_path.clone(),
+            size_bytes: b.size_bytes,
+            sha256: b.sha256.clone(),
+            finished_unix_ms: b.finished_ms,
+            job_id: b.job_id.clone(),
+            bytes_uncompressed: b.bytes_uncompressed,
+        }
+    }
+}

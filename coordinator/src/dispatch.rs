@@ -1,0 +1,487 @@
+//! The coordinator's domain service: turning triggers into jobs, sending orders to
+//! agents, following their event streams, persisting every transition, retrying with
+//! back-off, and failing jobs whose agent goes silent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::v1;
+use ferry_proto::v1::job_event::Event;
+use tokio_util::sync::CancellationToken;
+
+use crate::agents::{AgentPool, describe_status};
+use crate::config::Settings;
+use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, Progress};
+use crate::store::Store;
+
+/// A trigger refused by the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum DispatchError {
+    /// Contrary to the role split.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Unknown agent or datastore, malformed date.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The agent cannot be used now.
+    #[error("{0}")]
+    Unavailable(String),
+    /// The store failed.
+    #[error("job store: {0}")]
+    Store(String),
+}
+
+impl From<DispatchError> for tonic::Status {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::PermissionDenied(m) => tonic::Status::permission_denied(m),
+            DispatchError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
+            DispatchError::Unavailable(m) => tonic::Status::unavailable(m),
+            DispatchError::Store(m) => tonic::Status::internal(format!("job store: {m}")),
+        }
+    }
+}
+
+/// The coordinator's state shared by handlers, the scheduler and job tasks.
+pub struct Coordinator {
+    /// Validated settings.
+    pub settings: Settings,
+    /// The store.
+    pub store: Arc<dyn Store>,
+    /// The agents.
+    pub agents: Arc<AgentPool>,
+    /// Cancelled at shutdown.
+    pub shutdown: CancellationToken,
+}
+
+/// Where one attempt ended.
+enum Attempt {
+    Succeeded(JobResult),
+    Failed { message: String, retryable: bool },
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, DispatchError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| DispatchError::Store(e.to_string()))?
+        .map_err(|e| DispatchError::Store(e.to_string()))
+}
+
+impl Coordinator {
+    async fn put(&self, job: &Job) {
+        let store = self.store.clone();
+        let job = job.clone();
+        if let Err(e) = blocking(move || store.put_job(&job)).await {
+            tracing::error!(error = %e, error_type = "store", "Could not persist a job.");
+        }
+    }
+
+    async fn event(&self, job: &Job, message: String) {
+        tracing::info!(job_id = %job.id, agent = %job.agent, datastore = %job.datastore, "{message}");
+        let store = self.store.clone();
+        let record = JobEventRecord {
+            job_id: job.id.clone(),
+            at_ms: ferry_proto::now_unix_ms(),
+            message,
+        };
+        if let Err(e) = blocking(move || store.append_event(&record)).await {
+            tracing::error!(error = %e, error_type = "store", "Could not persist a job event.");
+        }
+    }
+
+    /// Creates jobs for a backup or restore of `datastore` (all of the agent's when
+    /// `None`) on `agent` and starts them. Refuses what the role split forbids.
+    ///
+    /// # Errors
+    /// [`DispatchError`].
+    pub async fn trigger(
+        self: &Arc<Self>,
+        kind: JobKind,
+        agent: &str,
+        datastore: Option<&str>,
+        date: Option<&str>,
+        trigger: &str,
+    ) -> Result<Vec<String>, DispatchError> {
+        let entry = self.agents.get(agent).ok_or_else(|| {
+            DispatchError::InvalidArgument(format!("agent {agent:?} is not in the inventory"))
+        })?;
+        let allowed = match kind {
+            JobKind::Backup => entry.role.may_backup(),
+            JobKind::Restore => entry.role.may_restore(),
+        };
+        if !allowed {
+            return Err(DispatchError::PermissionDenied(format!(
+                "refusing to {kind} on agent {agent}: its role is {}; {}",
+                entry.role,
+                if entry.role.may_backup() {
+                    "production agents only back up"
+                } else {
+                    "staging agents only restore"
+                }
+            )));
+        }
+        if let Some(d) = date {
+            chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
+                .ok()
+                .filter(|_| d.len() == 10)
+                .ok_or_else(|| {
+                    DispatchError::InvalidArgument(format!("date {d:?} is not YYYY-MM-DD"))
+                })?;
+        }
+        let datastores = match datastore {
+            Some(d) => vec![d.to_owned()],
+            None => {
+                let described = match self.agents.state(agent).described {
+                    Some(d) => d,
+                    None => self
+                        .agents
+                        .describe(agent)
+                        .await
+                        .map_err(DispatchError::Unavailable)?,
+                };
+                described.datastores.into_iter().map(|d| d.name).collect()
+            }
+        };
+        if datastores.is_empty() {
+            return Err(DispatchError::InvalidArgument(format!(
+                "agent {agent} has no datastores"
+            )));
+        }
+        let mut ids = Vec::new();
+        for ds in datastores {
+            let job = Job {
+                id: ulid::Ulid::new().to_string(),
+                kind,
+                agent: agent.to_owned(),
+                datastore: ds,
+                state: JobState::Queued,
+                attempt: 1,
+                trigger: trigger.to_owned(),
+                date: date.map(str::to_owned),
+                created_ms: ferry_proto::now_unix_ms(),
+                started_ms: None,
+                finished_ms: None,
+                progress: None,
+                result: None,
+                error: None,
+            };
+            let store = self.store.clone();
+            let stored = job.clone();
+            blocking(move || store.put_job(&stored)).await?;
+            self.event(
+                &job,
+                format!(
+                    "Queued {} of {} on {} ({trigger}).",
+                    job.kind, job.datastore, job.agent
+                ),
+            )
+            .await;
+            ids.push(job.id.clone());
+            let this = self.clone();
+            tokio::spawn(async move { this.run(job).await });
+        }
+        Ok(ids)
+    }
+
+    /// Runs `job` to a final state, retrying as configured.
+    async fn run(self: Arc<Self>, mut job: Job) {
+        loop {
+            let outcome = tokio::select! {
+                o = self.attempt(&mut job) => o,
+                _ = self.shutdown.cancelled() => Attempt::Failed {
+                    message: "the coordinator shut down while the job ran".into(),
+                    retryable: false,
+                },
+            };
+            match outcome {
+                Attempt::Succeeded(result) => {
+                    job.state = JobState::Succeeded;
+                    job.finished_ms = Some(ferry_proto::now_unix_ms());
+                    job.error = None;
+                    if job.kind == JobKind::Backup {
+                        let record = BackupRecord {
+                            environment: result.environment.clone(),
+                            date: result.date.clone(),
+                            datastore: job.datastore.clone(),
+                            kind: result.kind.clone(),
+                            agent: job.agent.clone(),
+                            stored_path: result.stored_path.clone(),
+                            size_bytes: result.size_bytes,
+                            bytes_uncompressed: result.bytes_uncompressed,
+                            sha256: result.sha256.clone(),
+                            finished_ms: job.finished_ms.unwrap_or_default(),
+                            job_id: job.id.clone(),
+                        };
+                        let store = self.store.clone();
+                        if let Err(e) = blocking(move || store.put_backup(&record)).await {
+                            tracing::error!(error = %e, "Could not record the backup in the catalog.");
+                        }
+                    }
+                    let summary = format!(
+                        "Succeeded: {} ({} bytes).",
+                        result.summary, result.size_bytes
+                    );
+                    job.result = Some(result);
+                    self.put(&job).await;
+                    self.event(&job, summary).await;
+                    return;
+                }
+                Attempt::Failed { message, retryable } => {
+                    job.error = Some(message.clone());
+                    if retryable
+                        && job.attempt < self.settings.retry.max_attempts
+                        && !self.shutdown.is_cancelled()
+                    {
+                        let wait = self.settings.retry.backoff(job.attempt);
+                        job.state = JobState::Queued;
+                        self.put(&job).await;
+                        self.event(
+                            &job,
+                            format!(
+                                "Attempt {} failed: {message}; retrying in {} s.",
+                                job.attempt,
+                                wait.as_secs()
+                            ),
+                        )
+                        .await;
+                        tokio::select! {
+                            _ = tokio::time::sleep(wait) => {}
+                            _ = self.shutdown.cancelled() => {}
+                        }
+                        job.attempt += 1;
+                        continue;
+                    }
+                    job.state = JobState::Failed;
+                    job.finished_ms = Some(ferry_proto::now_unix_ms());
+                    self.put(&job).await;
+                    self.event(&job, format!("Failed (attempt {}): {message}", job.attempt))
+                        .await;
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One try: check the agent, send the order, follow its events.
+    async fn attempt(&self, job: &mut Job) -> Attempt {
+        // Never order an agent that is not what the inventory says.
+        if let Err(problem) = self.agents.describe(&job.agent).await {
+            let retryable = !problem.contains("the inventory");
+            return Attempt::Failed {
+                message: problem,
+                retryable,
+            };
+        }
+        let mut client = match self.agents.client(&job.agent) {
+            Ok(c) => c,
+            Err(e) => {
+                return Attempt::Failed {
+                    message: e,
+                    retryable: false,
+                };
+            }
+        };
+        let timeout = self.settings.agent_timeout;
+        let call = async {
+            match job.kind {
+                JobKind::Backup => {
+                    client
+                        .run_backup(v1::RunBackupRequest {
+                            job_id: job.id.clone(),
+                            datastore: job.datastore.clone(),
+                        })
+                        .await
+                }
+                JobKind::Restore => {
+                    client
+                        .run_restore(v1::RunRestoreRequest {
+                            job_id: job.id.clone(),
+                            datastore: job.datastore.clone(),
+                            date: job.date.clone().unwrap_or_default(),
+                        })
+                        .await
+                }
+            }
+        };
+        let mut stream = match tokio::time::timeout(timeout, call).await {
+            Err(_) => {
+                return Attempt::Failed {
+                    message: format!(
+                        "agent {} did not answer the order within {} s",
+                        job.agent,
+                        timeout.as_secs()
+                    ),
+                    retryable: true,
+                };
+            }
+            Ok(Err(status)) => {
+                use tonic::Code;
+                let retryable = !matches!(
+                    status.code(),
+                    Code::PermissionDenied
+                        | Code::InvalidArgument
+                        | Code::Unauthenticated
+                        | Code::NotFound
+                );
+                return Attempt::Failed {
+                    message: format!(
+                        "agent {} refused the order: {}",
+                        job.agent,
+                        describe_status(&status)
+                    ),
+                    retryable,
+                };
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        let mut last_persist = std::time::Instant::now() - Duration::from_secs(10);
+        loop {
+            let next = match tokio::time::timeout(timeout, stream.message()).await {
+                Err(_) => {
+                    let mut client = client.clone();
+                    let id = job.id.clone();
+                    tokio::spawn(async move {
+                        client.cancel_job(v1::CancelJobRequest { job_id: id }).await
+                    });
+                    return Attempt::Failed {
+                        message: format!(
+                            "agent {} stopped answering: no event for {} s (agent_timeout_seconds)",
+                            job.agent,
+                            timeout.as_secs()
+                        ),
+                        retryable: true,
+                    };
+                }
+                Ok(Err(status)) => {
+                    return Attempt::Failed {
+                        message: format!("lost agent {}: {}", job.agent, describe_status(&status)),
+                        retryable: true,
+                    };
+                }
+                Ok(Ok(None)) => {
+                    return Attempt::Failed {
+                        message: format!(
+                            "agent {} ended the job's stream without a result",
+                            job.agent
+                        ),
+                        retryable: true,
+                    };
+                }
+                Ok(Ok(Some(e))) => e,
+            };
+            match next.event {
+                Some(Event::Accepted(_)) => {
+                    job.state = JobState::Running;
+                    job.started_ms = Some(next.at_unix_ms);
+                    self.put(job).await;
+                    self.event(
+                        job,
+                        format!("Accepted by agent {} (attempt {}).", job.agent, job.attempt),
+                    )
+                    .await;
+                }
+                Some(Event::Progress(p)) => {
+                    job.progress = Some(Progress {
+                        stage: p.stage,
+                        bytes_read: p.bytes_read,
+                        bytes_written: p.bytes_written,
+                        rate_bytes_per_second: p.rate_bytes_per_second,
+                    });
+                    if last_persist.elapsed() >= Duration::from_secs(1) {
+                        last_persist = std::time::Instant::now();
+                        self.put(job).await;
+                    }
+                }
+                Some(Event::Finished(f)) => {
+                    return Attempt::Succeeded(JobResult {
+                        stored_path: f.stored_path,
+                        size_bytes: f.size_bytes,
+                        sha256: f.sha256,
+                        duration_ms: f.duration_ms,
+                        bytes_uncompressed: f.bytes_uncompressed,
+                        environment: f.environment,
+                        date: f.date,
+                        kind: f.kind,
+                        summary: f.summary,
+                    });
+                }
+                Some(Event::Failed(f)) => {
+                    return Attempt::Failed {
+                        message: f.message,
+                        retryable: f.retryable,
+                    };
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Marks jobs left queued or running by a previous coordinator process as failed:
+    /// their agents' results are unknown to this one.
+    pub async fn fail_orphans(&self) {
+        let store = self.store.clone();
+        let orphans = match blocking(move || store.unfinished_jobs()).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not list unfinished jobs.");
+                return;
+            }
+        };
+        for mut job in orphans {
+            job.state = JobState::Failed;
+            job.finished_ms = Some(ferry_proto::now_unix_ms());
+            job.error =
+                Some("the coordinator restarted while this job was queued or running".into());
+            self.put(&job).await;
+            self.event(
+                &job,
+                "Failed: the coordinator restarted during the job.".into(),
+            )
+            .await;
+        }
+    }
+
+    /// Runs the cron schedules until shutdown.
+    pub async fn run_schedules(self: Arc<Self>) {
+        let mut tasks = Vec::new();
+        for schedule in self.settings.schedules.clone() {
+            let this = self.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let now = chrono::Utc::now();
+                    let Ok(next) = schedule.cron.find_next_occurrence(&now, false) else {
+                        tracing::warn!(cron = %schedule.cron_text, "Schedule has no next occurrence.");
+                        return;
+                    };
+                    let wait = (next - now).to_std().unwrap_or_default();
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = this.shutdown.cancelled() => return,
+                    }
+                    if let Err(e) = this
+                        .trigger(schedule.kind, &schedule.agent, schedule.datastore.as_deref(), None, "schedule")
+                        .await
+                    {
+                        tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,
+                            error_type = "schedule", "Scheduled run could not start.");
+                    }
+                }
+            }));
+        }
+        futures::future::join_all(tasks).await;
+    }
+
+    /// The next scheduled run for `agent`'s `datastore`, UTC ms, if any.
+    pub fn next_run(&self, agent: &str, datastore: &str) -> Option<i64> {
+        let now = chrono::Utc::now();
+        self.settings
+            .schedules
+            .iter()
+            .filter(|s| s.agent == agent && s.datastore.as_deref().is_none_or(|d| d == datastore))
+            .filter_map(|s| s.cron.find_next_occurrence(&now, false).ok())
+            .map(|t| t.timestamp_millis())
+            .min()
+    }
+}

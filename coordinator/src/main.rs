@@ -1,0 +1,145 @@
+//! `ferry-coordinator`: parse flags, set up logging, load config, run; and the fleet PKI.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use ferry_coordinator::config::CoordinatorConfig;
+use tokio_util::sync::CancellationToken;
+
+/// Ferry's coordinator: inventory, schedules, dispatch, job history and catalog.
+#[derive(Parser)]
+#[command(version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve the CLI, run schedules and dispatch jobs.
+    Serve {
+        /// The coordinator's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit.
+    Check {
+        /// The coordinator's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// The fleet's certificate authority and certificates.
+    Pki {
+        #[command(subcommand)]
+        command: PkiCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCommand {
+    /// Create the fleet CA (DIR/ca.pem, DIR/ca.key); never overwrites one.
+    Init {
+        /// Directory for the CA files (created 0700).
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate (DIR/NAME.pem, DIR/NAME.key) signed by the fleet CA.
+    Issue {
+        /// Directory holding the CA.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The name: an agent id, `coordinator`, or an operator's name.
+        #[arg(long)]
+        name: String,
+        /// Extra subject alternative names (host names or IP addresses).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Validity, days.
+        #[arg(long, default_value_t = 825)]
+        days: u32,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    ferry_proto::tls::install_crypto_provider();
+    let result = match cli.command {
+        Command::Serve { config } => tokio::runtime::Runtime::new()
+            .expect("tokio runtime")
+            .block_on(async move {
+                let settings = CoordinatorConfig::load(&config)?.build(&config)?;
+                let shutdown = CancellationToken::new();
+                tokio::spawn(signal_shutdown(shutdown.clone()));
+                ferry_coordinator::run(settings, shutdown).await
+            }),
+        Command::Check { config } => CoordinatorConfig::load(&config)
+            .and_then(|c| c.build(&config))
+            .map(|s| {
+                println!(
+                    "config {}: valid ({} agents, {} schedules)",
+                    config.display(),
+                    s.agents.len(),
+                    s.schedules.len()
+                )
+            })
+            .map_err(Into::into),
+        Command::Pki { command } => pki(command),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ferry-coordinator: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn pki(command: PkiCommand) -> anyhow::Result<()> {
+    use ferry_coordinator::pki;
+    match command {
+        PkiCommand::Init { dir } => {
+            let files = pki::init_ca(&dir)?;
+            println!("{}\n{}", files.cert.display(), files.key.display());
+        }
+        PkiCommand::Issue {
+            dir,
+            name,
+            sans,
+            days,
+        } => {
+            let files = pki::issue(&dir, &name, &sans, days)?;
+            println!("{}\n{}", files.cert.display(), files.key.display());
+        }
+    }
+    Ok(())
+}
+
+async fn signal_shutdown(token: CancellationToken) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("Shutting down.");
+    token.cancel();
+}

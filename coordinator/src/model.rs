@@ -1,0 +1,184 @@
+//! Domain types of the coordinator: jobs, their progress and results, and the catalog of
+//! stored backups. These are what the [`crate::store::Store`] persists (as JSON values in
+//! redb tables) and what the gRPC handlers convert to and from `ferry.v1` messages.
+//! Times are UTC milliseconds since the Unix epoch; sizes are bytes.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobKind {
+    /// Dump a datastore on a production agent and upload it.
+    Backup,
+    /// Download a backup on a staging agent and restore it.
+    Restore,
+}
+
+impl JobKind {
+    /// `backup` or `restore`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobKind::Backup => "backup",
+            JobKind::Restore => "restore",
+        }
+    }
+}
+
+impl fmt::Display for JobKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a job is in its life: `queued → running → succeeded | failed | cancelled`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JobState {
+    /// Created, not yet accepted by its agent (or waiting for a retry).
+    Queued,
+    /// Accepted by its agent, running.
+    Running,
+    /// Finished; its result is set.
+    Succeeded,
+    /// Gave up; its error is set.
+    Failed,
+    /// Cancelled by an operator.
+    Cancelled,
+}
+
+impl JobState {
+    /// `queued`, `running`, `succeeded`, `failed` or `cancelled`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Whether the job can no longer change.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The last progress an agent reported for a job.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// Pipeline stage, e.g. `dump`, `upload`, `verify`, `restore`.
+    pub stage: String,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Bytes written to the sink.
+    pub bytes_written: u64,
+    /// Recent rate of `bytes_read`, bytes per second.
+    pub rate_bytes_per_second: f64,
+}
+
+/// What a succeeded job produced or restored.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// Path of the archive on the backup server.
+    pub stored_path: String,
+    /// Size of the stored archive, bytes.
+    pub size_bytes: u64,
+    /// Lower-case hex SHA-256 of the stored archive.
+    pub sha256: String,
+    /// Duration on the agent, milliseconds.
+    pub duration_ms: u64,
+    /// Size of the dump before compression, bytes.
+    pub bytes_uncompressed: u64,
+    /// Environment of the backup (the source environment, for a restore).
+    pub environment: String,
+    /// `YYYY-MM-DD` of the backup's dated folder.
+    pub date: String,
+    /// Datastore kind, e.g. `postgres`.
+    pub kind: String,
+    /// Human summary from the agent.
+    pub summary: String,
+}
+
+/// One job, as persisted after every transition.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Job {
+    /// ULID, sortable by creation time.
+    pub id: String,
+    /// Backup or restore.
+    pub kind: JobKind,
+    /// Agent id from the inventory.
+    pub agent: String,
+    /// Datastore name on that agent.
+    pub datastore: String,
+    /// Current state.
+    pub state: JobState,
+    /// 1 for the first try, incremented on each retry.
+    pub attempt: u32,
+    /// `schedule` or `operator`.
+    pub trigger: String,
+    /// For restores, the requested `YYYY-MM-DD`; `None` for the newest.
+    pub date: Option<String>,
+    /// When the job was created, UTC ms.
+    pub created_ms: i64,
+    /// When its agent accepted it (the latest attempt), UTC ms.
+    pub started_ms: Option<i64>,
+    /// When it reached a final state, UTC ms.
+    pub finished_ms: Option<i64>,
+    /// Last progress reported.
+    pub progress: Option<Progress>,
+    /// Set when succeeded.
+    pub result: Option<JobResult>,
+    /// Set when failed or cancelled: what went wrong, for an operator.
+    pub error: Option<String>,
+}
+
+/// One event in a job's history, appended as it happens.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobEventRecord {
+    /// The job.
+    pub job_id: String,
+    /// When, UTC ms.
+    pub at_ms: i64,
+    /// A short description: `queued`, `accepted by agent`, `failed: ...`, `retry 2 in 30 s`.
+    pub message: String,
+}
+
+/// One stored backup in the catalog, recorded when a backup job succeeds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    /// Environment the backup belongs to.
+    pub environment: String,
+    /// `YYYY-MM-DD` of its dated folder.
+    pub date: String,
+    /// Datastore name.
+    pub datastore: String,
+    /// Datastore kind.
+    pub kind: String,
+    /// Agent that made it.
+    pub agent: String,
+    /// Path on the backup server.
+    pub stored_path: String,
+    /// Stored size, bytes.
+    pub size_bytes: u64,
+    /// Size before compression, bytes.
+    pub bytes_uncompressed: u64,
+    /// Lower-case hex SHA-256 of the stored file.
+    pub sha256: String,
+    /// When the backup finished, UTC ms.
+    pub finished_ms: i64,
+    /// The job that made it.
+    pub job_id: String,
+}

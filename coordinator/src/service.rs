@@ -1,0 +1,276 @@
+//! The `ferry.v1.Coordinator` gRPC service used by the `ferry` CLI: thin handlers that
+//! validate, convert and delegate to [`Coordinator`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::v1;
+use ferry_proto::v1::coordinator_server;
+use futures::Stream;
+use tonic::{Request, Response, Status};
+
+use crate::dispatch::Coordinator;
+use crate::model::{Job, JobKind};
+use crate::store::StoreError;
+
+/// The gRPC service.
+pub struct CoordinatorService {
+    coordinator: Arc<Coordinator>,
+}
+
+impl CoordinatorService {
+    /// Serves `coordinator`.
+    pub fn new(coordinator: Arc<Coordinator>) -> Self {
+        Self { coordinator }
+    }
+
+    async fn store<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, Status> {
+        let store = self.coordinator.store.clone();
+        tokio::task::spawn_blocking(move || f(&*store))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| Status::internal(format!("job store: {e}")))
+    }
+
+    async fn job(&self, id: &str) -> Result<Job, Status> {
+        ulid::Ulid::from_string(id)
+            .map_err(|_| Status::invalid_argument(format!("job id {id:?} is not a ULID")))?;
+        let key = id.to_owned();
+        self.store(move |s| s.get_job(&key))
+            .await?
+            .ok_or_else(|| Status::not_found(format!("no job {id}")))
+    }
+}
+
+fn peer_name<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+type JobStream = Pin<Box<dyn Stream<Item = Result<v1::Job, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl coordinator_server::Coordinator for CoordinatorService {
+    type WatchJobStream = JobStream;
+
+    async fn list_agents(
+        &self,
+        _: Request<v1::ListAgentsRequest>,
+    ) -> Result<Response<v1::ListAgentsResponse>, Status> {
+        let pool = &self.coordinator.agents;
+        let agents = pool
+            .all()
+            .map(|a| {
+                let state = pool.state(&a.id);
+                let d = state.described.unwrap_or_default();
+                let problem = match (&state.problem, d.agent_id.is_empty()) {
+                    (Some(p), _) => p.clone(),
+                    (None, true) => "not described yet".into(),
+                    (None, false) => String::new(),
+                };
+                v1::AgentInfo {
+                    id: a.id.clone(),
+                    address: a.address.clone(),
+                    role: a.role.into(),
+                    environment: a.environment.clone(),
+                    reachable: problem.is_empty(),
+                    problem,
+                    version: d.version,
+                    hostname: d.hostname,
+                    datastores: d.datastores,
+                    tools: d.tools,
+                }
+            })
+            .collect();
+        Ok(Response::new(v1::ListAgentsResponse { agents }))
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<v1::ListJobsRequest>,
+    ) -> Result<Response<v1::ListJobsResponse>, Status> {
+        let limit = match request.into_inner().limit {
+            0 => 50,
+            n => n.min(10_000) as usize,
+        };
+        let jobs = self.store(move |s| s.list_jobs(limit)).await?;
+        Ok(Response::new(v1::ListJobsResponse {
+            jobs: jobs.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn get_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<v1::Job>, Status> {
+        let job = self.job(&request.into_inner().id).await?;
+        Ok(Response::new((&job).into()))
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<v1::GetJobRequest>,
+    ) -> Result<Response<JobStream>, Status> {
+        let id = request.into_inner().id;
+        let first = self.job(&id).await?;
+        let store = self.coordinator.store.clone();
+        let stream = async_stream(first, move |id: String| {
+            let store = store.clone();
+            async move {
+                tokio::task::spawn_blocking(move || store.get_job(&id))
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten()
+            }
+        });
+        Ok(Response::new(stream))
+    }
+
+    async fn trigger_backup(
+        &self,
+        request: Request<v1::TriggerBackupRequest>,
+    ) -> Result<Response<v1::TriggerResponse>, Status> {
+        let who = peer_name(&request);
+        let r = request.into_inner();
+        tracing::info!(who, agent = %r.agent, datastore = %r.datastore, "Backup requested.");
+        let job_ids = self
+            .coordinator
+            .trigger(
+                JobKind::Backup,
+                &r.agent,
+                opt(&r.datastore),
+                None,
+                "operator",
+            )
+            .await?;
+        Ok(Response::new(v1::TriggerResponse { job_ids }))
+    }
+
+    async fn trigger_restore(
+        &self,
+        request: Request<v1::TriggerRestoreRequest>,
+    ) -> Result<Response<v1::TriggerResponse>, Status> {
+        let who = peer_name(&request);
+        let r = request.into_inner();
+        tracing::info!(who, agent = %r.agent, datastore = %r.datastore, date = %r.date, "Restore requested.");
+        let job_ids = self
+            .coordinator
+            .trigger(
+                JobKind::Restore,
+                &r.agent,
+                opt(&r.datastore),
+                opt(&r.date),
+                "operator",
+            )
+            .await?;
+        Ok(Response::new(v1::TriggerResponse { job_ids }))
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<v1::ListBackupsRequest>,
+    ) -> Result<Response<v1::ListBackupsResponse>, Status> {
+        let env = request.into_inner().environment;
+        let backups = self.store(move |s| s.list_backups(opt(&env))).await?;
+        Ok(Response::new(v1::ListBackupsResponse {
+            backups: backups.iter().map(Into::into).collect(),
+        }))
+    }
+
+    async fn status(
+        &self,
+        _: Request<v1::StatusRequest>,
+    ) -> Result<Response<v1::StatusResponse>, Status> {
+        let c = &self.coordinator;
+        let mut pairs = Vec::new();
+        for a in c.agents.all() {
+            let mut names: Vec<String> = c
+                .agents
+                .state(&a.id)
+                .described
+                .map(|d| d.datastores.into_iter().map(|d| d.name).collect())
+                .unwrap_or_default();
+            for s in c.settings.schedules.iter().filter(|s| s.agent == a.id) {
+                if let Some(d) = &s.datastore
+                    && !names.contains(d)
+                {
+                    names.push(d.clone());
+                }
+            }
+            for n in names {
+                pairs.push((a.clone(), n));
+            }
+        }
+        let keys: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, n)| (a.id.clone(), n.clone()))
+            .collect();
+        let latest = self
+            .store(move |s| {
+                keys.iter()
+                    .map(|(a, n)| s.latest_jobs(a, n))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .await?;
+        let datastores = pairs
+            .into_iter()
+            .zip(latest)
+            .map(|((a, n), l)| v1::DatastoreStatus {
+                environment: a.environment.clone(),
+                agent: a.id.clone(),
+                next_run_unix_ms: c.next_run(&a.id, &n).unwrap_or_default(),
+                datastore: n,
+                role: a.role.into(),
+                last_success: l.last_success.as_ref().map(Into::into),
+                last_job: l.last.as_ref().map(Into::into),
+            })
+            .collect();
+        Ok(Response::new(v1::StatusResponse {
+            datastores,
+            now_unix_ms: ferry_proto::now_unix_ms(),
+        }))
+    }
+}
+
+/// A stream of a job's snapshots: the first, then each change (polled from the store),
+/// ending after a final state.
+fn async_stream<F, Fut>(first: Job, fetch: F) -> JobStream
+where
+    F: Fn(String) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Option<Job>> + Send,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut last = first;
+        if tx.send(Ok((&last).into())).await.is_err() || last.state.is_final() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let Some(job) = fetch(last.id.clone()).await else {
+                return;
+            };
+            if job != last {
+                if tx.send(Ok((&job).into())).await.is_err() {
+                    return;
+                }
+                last = job;
+            }
+            if last.state.is_final() {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}

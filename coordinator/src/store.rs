@@ -1,0 +1,483 @@
+//! The coordinator's persistent store, on redb (ACID, stable file format; synchronous, so
+//! async callers go through `spawn_blocking`). Values are JSON of the [`crate::model`]
+//! types, so a field added later reads back from older files with serde defaults.
+//!
+//! Tables:
+//! - `jobs`: job id (ULID, so key order is creation order) → [`Job`].
+//! - `unfinished`: ids of queued or running jobs (reconciled at start).
+//! - `latest`: `agent\0datastore` → ids of the newest job and the newest succeeded one,
+//!   so `ferry status` is two point lookups per datastore whatever the history size.
+//! - `events`: (job id, sequence) → [`JobEventRecord`].
+//! - `backups`: `<finished ms, 20 digits>\0<job id>` → [`BackupRecord`].
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BackupRecord, Job, JobEventRecord, JobState};
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("unfinished");
+const LATEST: TableDefinition<&str, &[u8]> = TableDefinition::new("latest");
+const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
+const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+
+/// A store operation that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, corruption, a transaction).
+    #[error("store {path}: {op}: {source}")]
+    Redb {
+        /// The store file.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// redb's error.
+        #[source]
+        source: redb::Error,
+    },
+    /// A stored value does not decode.
+    #[error("store {path}: value of {key:?} does not decode: {source}")]
+    Decode {
+        /// The store file.
+        path: PathBuf,
+        /// The key.
+        key: String,
+        /// serde's error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// The newest job and the newest succeeded job of one agent's datastore.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LatestJobs {
+    /// The newest job, any state.
+    pub last: Option<Job>,
+    /// The newest succeeded job.
+    pub last_success: Option<Job>,
+}
+
+/// What the coordinator persists. Implementations are synchronous.
+pub trait Store: Send + Sync + 'static {
+    /// Inserts or replaces a job by id, keeping the indexes in the same transaction.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn put_job(&self, job: &Job) -> Result<(), StoreError>;
+    /// One job.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError>;
+    /// At most `limit` jobs, newest first.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn list_jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
+    /// Jobs queued or running.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError>;
+    /// Appends an event to a job's history.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn append_event(&self, event: &JobEventRecord) -> Result<(), StoreError>;
+    /// A job's events in the order they were appended.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn job_events(&self, job_id: &str) -> Result<Vec<JobEventRecord>, StoreError>;
+    /// Records a stored backup in the catalog.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn put_backup(&self, record: &BackupRecord) -> Result<(), StoreError>;
+    /// The catalog, newest first, optionally of one environment.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn list_backups(&self, environment: Option<&str>) -> Result<Vec<BackupRecord>, StoreError>;
+    /// The newest and newest succeeded jobs of `agent`'s `datastore`.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn latest_jobs(&self, agent: &str, datastore: &str) -> Result<LatestJobs, StoreError>;
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct LatestIds {
+    last: Option<String>,
+    last_success: Option<String>,
+}
+
+/// The redb implementation of [`Store`].
+pub struct RedbStore {
+    db: Database,
+    path: PathBuf,
+}
+
+fn latest_key(agent: &str, datastore: &str) -> String {
+    format!("{agent}\0{datastore}")
+}
+
+impl RedbStore {
+    /// Opens (or creates) the store at `path`, with every table.
+    ///
+    /// # Errors
+    /// [`StoreError::Redb`] naming the file.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Redb {
+                path: path.to_owned(),
+                op: "create directory",
+                source: redb::Error::Io(e),
+            })?;
+        }
+        let store = Self {
+            db: Database::create(path).map_err(|e| StoreError::Redb {
+                path: path.to_owned(),
+                op: "open",
+                source: e.into(),
+            })?,
+            path: path.to_owned(),
+        };
+        store.write("create tables", |tx| {
+            tx.open_table(JOBS)?;
+            tx.open_table(UNFINISHED)?;
+            tx.open_table(LATEST)?;
+            tx.open_table(EVENTS)?;
+            tx.open_table(BACKUPS)?;
+            Ok(())
+        })?;
+        Ok(store)
+    }
+
+    fn err(&self, op: &'static str) -> impl FnOnce(redb::Error) -> StoreError + '_ {
+        move |source| StoreError::Redb {
+            path: self.path.clone(),
+            op,
+            source,
+        }
+    }
+
+    fn write<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let run = || -> Result<T, redb::Error> {
+            let tx = self.db.begin_write()?;
+            let out = f(&tx)?;
+            tx.commit()?;
+            Ok(out)
+        };
+        run().map_err(self.err(op))
+    }
+
+    fn read<T>(
+        &self,
+        op: &'static str,
+        f: impl FnOnce(&redb::ReadTransaction) -> Result<T, redb::Error>,
+    ) -> Result<T, StoreError> {
+        let run = || -> Result<T, redb::Error> {
+            let tx = self.db.begin_read()?;
+            f(&tx)
+        };
+        run().map_err(self.err(op))
+    }
+
+    fn decode<T: for<'de> Deserialize<'de>>(
+        &self,
+        key: &str,
+        bytes: &[u8],
+    ) -> Result<T, StoreError> {
+        serde_json::from_slice(bytes).map_err(|source| StoreError::Decode {
+            path: self.path.clone(),
+            key: key.to_owned(),
+            source,
+        })
+    }
+
+    fn get_jobs(&self, ids: &[Option<String>]) -> Result<Vec<Option<Job>>, StoreError> {
+        let raw: Vec<Option<(String, Vec<u8>)>> = self.read("read jobs", |tx| {
+            let jobs = tx.open_table(JOBS)?;
+            let mut out = Vec::new();
+            for id in ids {
+                out.push(match id {
+                    Some(id) => jobs
+                        .get(id.as_str())?
+                        .map(|v| (id.clone(), v.value().to_vec())),
+                    None => None,
+                });
+            }
+            Ok(out)
+        })?;
+        raw.into_iter()
+            .map(|r| r.map(|(k, v)| self.decode(&k, &v)).transpose())
+            .collect()
+    }
+
+    /// Inserts many jobs in one transaction (imports, tests with large histories).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_jobs(&self, jobs: &[Job]) -> Result<(), StoreError> {
+        self.write("put jobs", |tx| {
+            for job in jobs {
+                put_job_in(tx, job)?;
+            }
+            Ok(())
+        })
+    }
+}
+
+fn put_job_in(tx: &redb::WriteTransaction, job: &Job) -> Result<(), redb::Error> {
+    let value = serde_json::to_vec(job).expect("a job always serializes");
+    tx.open_table(JOBS)?
+        .insert(job.id.as_str(), value.as_slice())?;
+    let mut unfinished = tx.open_table(UNFINISHED)?;
+    if job.state.is_final() {
+        unfinished.remove(job.id.as_str())?;
+    } else {
+        unfinished.insert(job.id.as_str(), ())?;
+    }
+    let mut latest = tx.open_table(LATEST)?;
+    let key = latest_key(&job.agent, &job.datastore);
+    let mut ids: LatestIds = match latest.get(key.as_str())? {
+        Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
+        None => LatestIds::default(),
+    };
+    if ids.last.as_deref().is_none_or(|l| l <= job.id.as_str()) {
+        ids.last = Some(job.id.clone());
+    }
+    if job.state == JobState::Succeeded
+        && ids
+            .last_success
+            .as_deref()
+            .is_none_or(|l| l <= job.id.as_str())
+    {
+        ids.last_success = Some(job.id.clone());
+    }
+    let value = serde_json::to_vec(&ids).expect("ids serialize");
+    latest.insert(key.as_str(), value.as_slice())?;
+    Ok(())
+}
+
+impl Store for RedbStore {
+    fn put_job(&self, job: &Job) -> Result<(), StoreError> {
+        self.write("put job", |tx| put_job_in(tx, job))
+    }
+
+    fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError> {
+        Ok(self.get_jobs(&[Some(id.to_owned())])?.pop().flatten())
+    }
+
+    fn list_jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let raw: Vec<(String, Vec<u8>)> = self.read("list jobs", |tx| {
+            let jobs = tx.open_table(JOBS)?;
+            let mut out = Vec::new();
+            for entry in jobs.iter()?.rev().take(limit) {
+                let (k, v) = entry?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })?;
+        raw.iter().map(|(k, v)| self.decode(k, v)).collect()
+    }
+
+    fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        let ids: Vec<Option<String>> = self.read("list unfinished jobs", |tx| {
+            let t = tx.open_table(UNFINISHED)?;
+            let mut out = Vec::new();
+            for entry in t.iter()? {
+                out.push(Some(entry?.0.value().to_owned()));
+            }
+            Ok(out)
+        })?;
+        Ok(self.get_jobs(&ids)?.into_iter().flatten().collect())
+    }
+
+    fn append_event(&self, event: &JobEventRecord) -> Result<(), StoreError> {
+        let value = serde_json::to_vec(event).expect("an event always serializes");
+        self.write("append event", |tx| {
+            let mut t = tx.open_table(EVENTS)?;
+            let next = match t
+                .range((event.job_id.as_str(), 0)..=(event.job_id.as_str(), u64::MAX))?
+                .next_back()
+            {
+                Some(last) => last?.0.value().1 + 1,
+                None => 0,
+            };
+            t.insert((event.job_id.as_str(), next), value.as_slice())?;
+            Ok(())
+        })
+    }
+
+    fn job_events(&self, job_id: &str) -> Result<Vec<JobEventRecord>, StoreError> {
+        let raw: Vec<Vec<u8>> = self.read("read events", |tx| {
+            let t = tx.open_table(EVENTS)?;
+            let mut out = Vec::new();
+            for entry in t.range((job_id, 0)..=(job_id, u64::MAX))? {
+                out.push(entry?.1.value().to_vec());
+            }
+            Ok(out)
+        })?;
+        raw.iter().map(|v| self.decode(job_id, v)).collect()
+    }
+
+    fn put_backup(&self, record: &BackupRecord) -> Result<(), StoreError> {
+        let key = format!("{:020}\0{}", record.finished_ms.max(0), record.job_id);
+        let value = serde_json::to_vec(record).expect("a record always serializes");
+        self.write("put backup", |tx| {
+            tx.open_table(BACKUPS)?
+                .insert(key.as_str(), value.as_slice())?;
+            Ok(())
+        })
+    }
+
+    fn list_backups(&self, environment: Option<&str>) -> Result<Vec<BackupRecord>, StoreError> {
+        let raw: Vec<(String, Vec<u8>)> = self.read("list backups", |tx| {
+            let t = tx.open_table(BACKUPS)?;
+            let mut out = Vec::new();
+            for entry in t.iter()?.rev() {
+                let (k, v) = entry?;
+                out.push((k.value().to_owned(), v.value().to_vec()));
+            }
+            Ok(out)
+        })?;
+        let mut out = Vec::new();
+        for (k, v) in raw {
+            let record: BackupRecord = self.decode(&k, &v)?;
+            if environment.is_none_or(|e| e == record.environment) {
+                out.push(record);
+            }
+        }
+        Ok(out)
+    }
+
+    fn latest_jobs(&self, agent: &str, datastore: &str) -> Result<LatestJobs, StoreError> {
+        let key = latest_key(agent, datastore);
+        let raw: Option<Vec<u8>> = self.read("read latest", |tx| {
+            Ok(tx
+                .open_table(LATEST)?
+                .get(key.as_str())?
+                .map(|v| v.value().to_vec()))
+        })?;
+        let Some(raw) = raw else {
+            return Ok(LatestJobs::default());
+        };
+        let ids: LatestIds = self.decode(&key, &raw)?;
+        let mut jobs = self.get_jobs(&[ids.last, ids.last_success])?;
+        let last_success = jobs.pop().flatten();
+        let last = jobs.pop().flatten();
+        Ok(LatestJobs { last, last_success })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::JobKind;
+
+    fn job(n: u64, agent: &str, state: JobState) -> Job {
+        Job {
+            id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
+            kind: JobKind::Backup,
+            agent: agent.into(),
+            datastore: "postgres".into(),
+            state,
+            attempt: 1,
+            trigger: "operator".into(),
+            date: None,
+            created_ms: n as i64,
+            started_ms: None,
+            finished_ms: None,
+            progress: None,
+            result: None,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn jobs_events_and_backups_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.redb");
+        {
+            let s = RedbStore::open(&path).unwrap();
+            s.put_job(&job(1, "a", JobState::Running)).unwrap();
+            for m in ["queued", "accepted"] {
+                s.append_event(&JobEventRecord {
+                    job_id: job(1, "a", JobState::Running).id,
+                    at_ms: 1,
+                    message: m.into(),
+                })
+                .unwrap();
+            }
+            s.put_backup(&BackupRecord {
+                environment: "production".into(),
+                date: "2026-11-25".into(),
+                datastore: "postgres".into(),
+                kind: "postgres".into(),
+                agent: "a".into(),
+                stored_path: "/x".into(),
+                size_bytes: 1,
+                bytes_uncompressed: 2,
+                sha256: "00".into(),
+                finished_ms: 5,
+                job_id: "j".into(),
+            })
+            .unwrap();
+        }
+        let s = RedbStore::open(&path).unwrap();
+        let j = job(1, "a", JobState::Running);
+        assert_eq!(s.get_job(&j.id).unwrap(), Some(j.clone()));
+        let events: Vec<_> = s
+            .job_events(&j.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(events, ["queued", "accepted"]);
+        assert_eq!(s.unfinished_jobs().unwrap(), vec![j.clone()]);
+        s.put_job(&job(1, "a", JobState::Failed)).unwrap();
+        assert!(s.unfinished_jobs().unwrap().is_empty());
+        assert_eq!(s.list_backups(Some("production")).unwrap().len(), 1);
+        assert!(s.list_backups(Some("staging")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn latest_jobs_with_a_hundred_thousand_jobs_in_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("c.redb")).unwrap();
+        let jobs: Vec<Job> = (0..100_000)
+            .map(|n| {
+                let state = if n % 3 == 0 {
+                    JobState::Succeeded
+                } else {
+                    JobState::Failed
+                };
+                job(n, if n % 2 == 0 { "a" } else { "b" }, state)
+            })
+            .collect();
+        for chunk in jobs.chunks(20_000) {
+            s.put_jobs(chunk).unwrap();
+        }
+        let l = s.latest_jobs("a", "postgres").unwrap();
+        assert_eq!(l.last.unwrap().id, jobs[99_998].id);
+        // Newest even n that is a multiple of 3: 99_996.
+        assert_eq!(l.last_success.unwrap().id, jobs[99_996].id);
+        let newest = s.list_jobs(50).unwrap();
+        assert_eq!(newest.len(), 50);
+        assert_eq!(newest[0].id, jobs[99_999].id);
+        assert_eq!(
+            s.latest_jobs("nobody", "postgres").unwrap(),
+            LatestJobs::default()
+        );
+    }
+}
