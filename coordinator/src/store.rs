@@ -33,9 +33,9 @@ pub enum StoreError {
         path: PathBuf,
         /// What was being done.
         op: &'static str,
-        /// redb's error.
+        /// redb's error (boxed: it is large).
         #[source]
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     /// A stored value does not decode.
     #[error("store {path}: value of {key:?} does not decode: {source}")]
@@ -136,14 +136,14 @@ impl RedbStore {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Redb {
                 path: path.to_owned(),
                 op: "create directory",
-                source: redb::Error::Io(e),
+                source: Box::new(redb::Error::Io(e)),
             })?;
         }
         let store = Self {
             db: Database::create(path).map_err(|e| StoreError::Redb {
                 path: path.to_owned(),
                 op: "open",
-                source: e.into(),
+                source: Box::new(e.into()),
             })?,
             path: path.to_owned(),
         };
@@ -162,7 +162,7 @@ impl RedbStore {
         move |source| StoreError::Redb {
             path: self.path.clone(),
             op,
-            source,
+            source: Box::new(source),
         }
     }
 

@@ -221,10 +221,10 @@ impl SftpSession {
     /// server that denies removal to this key keeps it (the file is hidden and never read).
     pub fn remove_partial(&mut self, file: &StoredFile, job_id: &str) {
         let partial = format!("{}/{}", file.dir, file.partial_name(job_id));
-        if let Err(e) = self.sftp.unlink(Path::new(&partial)) {
-            if !is_not_found(&e) {
-                tracing::warn!(path = %partial, error = %e, "Could not remove an abandoned partial upload.");
-            }
+        if let Err(e) = self.sftp.unlink(Path::new(&partial))
+            && !is_not_found(&e)
+        {
+            tracing::warn!(path = %partial, error = %e, "Could not remove an abandoned partial upload.");
         }
     }
 
