@@ -4,6 +4,7 @@
 //!
 //! - [`postgres`]: `pg_dump --format=custom` plus the cluster's roles (`pg_dumpall
 //!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
+//! - [`mongodb`]: the mongodump archive format written from the driver's raw documents.
 
 use std::io::{Read, Write};
 use std::process::ExitStatus;
@@ -14,6 +15,7 @@ use serde::Deserialize;
 
 use crate::manifest::{Manifest, Source};
 
+pub mod mongodb;
 pub mod postgres;
 mod tool;
 
@@ -158,6 +160,8 @@ pub trait RestoreSession: Send {
 pub enum DatastoreConfig {
     /// `kind = "postgres"`.
     Postgres(postgres::PostgresConfig),
+    /// `kind = "mongodb"`.
+    Mongodb(mongodb::MongoConfig),
 }
 
 impl DatastoreConfig {
@@ -165,6 +169,7 @@ impl DatastoreConfig {
     pub fn name(&self) -> &str {
         match self {
             DatastoreConfig::Postgres(c) => &c.name,
+            DatastoreConfig::Mongodb(c) => &c.name,
         }
     }
 }
@@ -173,6 +178,8 @@ impl DatastoreConfig {
 pub enum Datastore {
     /// PostgreSQL.
     Postgres(postgres::Postgres),
+    /// MongoDB.
+    Mongodb(mongodb::Mongo),
 }
 
 /// Builds a datastore for an agent of `role`.
@@ -182,6 +189,7 @@ pub enum Datastore {
 pub fn build(config: DatastoreConfig, role: Role) -> Result<Datastore, (String, String)> {
     match config {
         DatastoreConfig::Postgres(c) => postgres::Postgres::build(c, role).map(Datastore::Postgres),
+        DatastoreConfig::Mongodb(c) => mongodb::Mongo::build(c, role).map(Datastore::Mongodb),
     }
 }
 
@@ -190,6 +198,7 @@ impl Datastore {
     pub fn name(&self) -> &str {
         match self {
             Datastore::Postgres(p) => p.name(),
+            Datastore::Mongodb(m) => m.name(),
         }
     }
 
@@ -197,6 +206,7 @@ impl Datastore {
     pub fn kind(&self) -> &'static str {
         match self {
             Datastore::Postgres(_) => "postgres",
+            Datastore::Mongodb(_) => "mongodb",
         }
     }
 
@@ -204,6 +214,7 @@ impl Datastore {
     pub fn dumper(&self) -> &dyn Dumper {
         match self {
             Datastore::Postgres(p) => p,
+            Datastore::Mongodb(m) => m,
         }
     }
 
@@ -211,6 +222,7 @@ impl Datastore {
     pub fn restorer(&self) -> &dyn Restorer {
         match self {
             Datastore::Postgres(p) => p,
+            Datastore::Mongodb(m) => m,
         }
     }
 
@@ -219,6 +231,7 @@ impl Datastore {
     pub fn tool_versions(&self) -> Vec<(String, String)> {
         match self {
             Datastore::Postgres(p) => p.tool_versions(),
+            Datastore::Mongodb(m) => m.tool_versions(),
         }
     }
 
@@ -229,6 +242,7 @@ impl Datastore {
     pub async fn check(&self) -> Result<String, String> {
         match self {
             Datastore::Postgres(p) => p.check().await,
+            Datastore::Mongodb(m) => m.check().await,
         }
     }
 }
