@@ -759,3 +759,55 @@ impl Deployment {
         self.sshd.root().join(f)
     }
 }
+
+/// A SecantusDB server (MongoDB wire protocol, a one-node replica set `secantus`) on a
+/// free loopback port, from the venv that `scripts/install-deps` makes.
+pub struct MongoServer {
+    port: u16,
+    proc: Proc,
+}
+
+impl MongoServer {
+    /// Starts a server storing its data in `dir`.
+    pub fn start(dir: &Path) -> MongoServer {
+        let venv = std::env::var("FERRY_VENV").unwrap_or_else(|_| "/opt/ferry-test/venv".into());
+        let server = PathBuf::from(&venv).join("bin/secantusd-py");
+        assert!(
+            server.exists(),
+            "{} is missing: run scripts/install-deps (it installs SecantusDB from PyPI into {venv})",
+            server.display()
+        );
+        fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let mut cmd = Command::new(server);
+        cmd.args([
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--storage-path",
+        ])
+        .arg(dir.join("data"));
+        let proc = Proc::spawn(cmd, &dir.join("server.log"));
+        wait_port(port, "SecantusDB", &proc.log);
+        MongoServer { port, proc }
+    }
+
+    /// The connection string.
+    pub fn uri(&self) -> String {
+        format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
+    }
+
+    /// Its log.
+    pub fn log(&self) -> String {
+        tail(&self.proc.log, 30)
+    }
+}
+
+/// Appends text to a file (a `[[datastores]]` entry to an agent config).
+pub fn append(path: &Path, text: &str) {
+    let mut s = fs::read_to_string(path).unwrap();
+    s.push('\n');
+    s.push_str(text);
+    fs::write(path, s).unwrap();
+}
