@@ -271,7 +271,7 @@ fn mongodb_backup_then_restore_is_byte_identical_with_indexes_and_options() {
     let mut documents = 0;
     while let Some(item) = reader.next_item().unwrap() {
         if let ferry_agent::datastore::mongodb::archive::Item::Document { ns, .. } = item
-            && ns.0 != ""
+            && !ns.0.is_empty()
         {
             documents += 1;
         }
