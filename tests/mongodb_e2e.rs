@@ -333,3 +333,76 @@ fn altered_mongodb_archive_is_refused_before_any_collection_is_dropped() {
         );
     });
 }
+
+#[test]
+fn selective_restore_touches_only_the_named_namespace() {
+    let f = deploy();
+    let rt = runtime();
+    rt.block_on(async {
+        let c = client(&f.prod.uri()).await;
+        for coll in ["wanted", "other"] {
+            let docs: Vec<Document> = (0..500i32).map(|i| doc! {"_id": i, "from": coll}).collect();
+            c.database("app")
+                .collection::<Document>(coll)
+                .insert_many(docs)
+                .await
+                .unwrap();
+        }
+        let s = client(&f.stage.uri()).await;
+        s.database("app")
+            .collection::<Document>("other")
+            .insert_one(doc! {"_id": "keep"})
+            .await
+            .unwrap();
+    });
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+
+    let out =
+        f.d.ferry(&["restore", "pg-stage", "--ns", "app.wanted", "--wait"]);
+    assert!(
+        !out.status.success(),
+        "--ns without --datastore was accepted"
+    );
+    let out = f.d.ferry(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "mongo",
+        "--ns",
+        "nodot",
+        "--wait",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("database.collection"));
+
+    let out = f.d.ferry_ok(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "mongo",
+        "--ns",
+        "app.wanted",
+        "--wait",
+    ]);
+    assert!(out.contains("1 namespaces"), "{out}");
+    rt.block_on(async {
+        assert_eq!(
+            raw_documents(&f.stage.uri(), "app", "wanted").await,
+            raw_documents(&f.prod.uri(), "app", "wanted").await
+        );
+        let other: Vec<Document> = client(&f.stage.uri())
+            .await
+            .database("app")
+            .collection::<Document>("other")
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(
+            other,
+            vec![doc! {"_id": "keep"}],
+            "a namespace not asked for was restored"
+        );
+    });
+}

@@ -236,6 +236,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
                 job_id: "01KAAAAAAAAAAAAAAAAAAAAAAA".into(),
                 datastore: "postgres".into(),
                 date: String::new(),
+                namespaces: Vec::new(),
             })
             .await
             .expect_err("production agent accepted a restore order");

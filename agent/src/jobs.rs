@@ -25,6 +25,8 @@ pub enum OrderKind {
     Restore {
         /// The date, if one was asked for.
         date: Option<String>,
+        /// Only these namespaces (`db.collection`); all when empty.
+        namespaces: Vec<String>,
     },
 }
 
@@ -109,8 +111,16 @@ pub fn validate(
                 .join(", ")
         ))
     })?;
-    if let OrderKind::Restore { date: Some(d) } = &kind {
-        layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
+    if let OrderKind::Restore { date, namespaces } = &kind {
+        if let Some(d) = date {
+            layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
+        }
+        if let Some(bad) = namespaces.iter().find(|n| !valid_namespace(n)) {
+            return Err(OrderError::InvalidArgument(format!(
+                "namespace {:?} is not of the form database.collection",
+                bad.chars().take(300).collect::<String>()
+            )));
+        }
     }
     Ok(Order {
         job_id: job_id.to_owned(),
@@ -209,12 +219,13 @@ impl JobRunner {
                     )
                     .await
                 }
-                OrderKind::Restore { date } => {
+                OrderKind::Restore { date, namespaces } => {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),
                         order.job_id.clone(),
                         date,
+                        namespaces,
                         progress.clone(),
                     )
                     .await
@@ -256,6 +267,21 @@ impl JobRunner {
             }
             None => false,
         }
+    }
+}
+
+/// Whether `ns` is `database.collection`: both parts non-empty, no NUL, `$`, `/` or space
+/// in the database, at most 255 bytes.
+pub fn valid_namespace(ns: &str) -> bool {
+    match ns.split_once('.') {
+        Some((db, coll)) => {
+            !db.is_empty()
+                && !coll.is_empty()
+                && ns.len() <= 255
+                && !ns.contains('\0')
+                && !db.contains(['$', '/', ' '])
+        }
+        None => false,
     }
 }
 

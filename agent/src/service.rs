@@ -145,8 +145,15 @@ impl Agent for AgentService {
     ) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
-        self.start(&r.job_id, &r.datastore, OrderKind::Restore { date })
-            .map(Response::new)
+        self.start(
+            &r.job_id,
+            &r.datastore,
+            OrderKind::Restore {
+                date,
+                namespaces: r.namespaces,
+            },
+        )
+        .map(Response::new)
     }
 
     async fn cancel_job(

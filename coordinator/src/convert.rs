@@ -69,6 +69,7 @@ impl From<&Job> for v1::Job {
             error: j.error.clone().unwrap_or_default(),
             trigger: j.trigger.clone(),
             date: j.date.clone().unwrap_or_default(),
+            namespaces: j.namespaces.clone(),
         }
     }
 }

@@ -14,6 +14,21 @@ use crate::config::Settings;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, Progress};
 use crate::store::Store;
 
+/// Whether `ns` is `database.collection`: both parts non-empty, no NUL or `$` in the
+/// database, at most 255 bytes.
+pub fn valid_namespace(ns: &str) -> bool {
+    match ns.split_once('.') {
+        Some((db, coll)) => {
+            !db.is_empty()
+                && !coll.is_empty()
+                && ns.len() <= 255
+                && !ns.contains('\0')
+                && !db.contains(['$', '/', ' '])
+        }
+        None => false,
+    }
+}
+
 /// A trigger refused by the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -102,6 +117,7 @@ impl Coordinator {
         agent: &str,
         datastore: Option<&str>,
         date: Option<&str>,
+        namespaces: &[String],
         trigger: &str,
     ) -> Result<Vec<String>, DispatchError> {
         let entry = self.agents.get(agent).ok_or_else(|| {
@@ -129,6 +145,19 @@ impl Coordinator {
                 .ok_or_else(|| {
                     DispatchError::InvalidArgument(format!("date {d:?} is not YYYY-MM-DD"))
                 })?;
+        }
+        if !namespaces.is_empty() {
+            if kind != JobKind::Restore || datastore.is_none() {
+                return Err(DispatchError::InvalidArgument(
+                    "namespaces select what to restore of one datastore: give --datastore too"
+                        .into(),
+                ));
+            }
+            if let Some(bad) = namespaces.iter().find(|n| !valid_namespace(n)) {
+                return Err(DispatchError::InvalidArgument(format!(
+                    "namespace {bad:?} is not of the form database.collection"
+                )));
+            }
         }
         let datastores = match datastore {
             Some(d) => vec![d.to_owned()],
@@ -160,6 +189,7 @@ impl Coordinator {
                 attempt: 1,
                 trigger: trigger.to_owned(),
                 date: date.map(str::to_owned),
+                namespaces: namespaces.to_vec(),
                 created_ms: ferry_proto::now_unix_ms(),
                 started_ms: None,
                 finished_ms: None,
@@ -300,6 +330,7 @@ impl Coordinator {
                             job_id: job.id.clone(),
                             datastore: job.datastore.clone(),
                             date: job.date.clone().unwrap_or_default(),
+                            namespaces: job.namespaces.clone(),
                         })
                         .await
                 }
@@ -461,7 +492,7 @@ impl Coordinator {
                         _ = this.shutdown.cancelled() => return,
                     }
                     if let Err(e) = this
-                        .trigger(schedule.kind, &schedule.agent, schedule.datastore.as_deref(), None, "schedule")
+                        .trigger(schedule.kind, &schedule.agent, schedule.datastore.as_deref(), None, &[], "schedule")
                         .await
                     {
                         tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,

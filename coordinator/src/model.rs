@@ -131,6 +131,9 @@ pub struct Job {
     pub trigger: String,
     /// For restores, the requested `YYYY-MM-DD`; `None` for the newest.
     pub date: Option<String>,
+    /// For restores, only these namespaces (`db.collection`); empty for all.
+    #[serde(default)]
+    pub namespaces: Vec<String>,
     /// When the job was created, UTC ms.
     pub created_ms: i64,
     /// When its agent accepted it (the latest attempt), UTC ms.

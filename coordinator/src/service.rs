@@ -151,6 +151,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 &r.agent,
                 opt(&r.datastore),
                 None,
+                &[],
                 "operator",
             )
             .await?;
@@ -171,6 +172,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 &r.agent,
                 opt(&r.datastore),
                 opt(&r.date),
+                &r.namespaces,
                 "operator",
             )
             .await?;

@@ -395,6 +395,7 @@ mod tests {
             attempt: 1,
             trigger: "operator".into(),
             date: None,
+            namespaces: Vec::new(),
             created_ms: n as i64,
             started_ms: None,
             finished_ms: None,

@@ -78,7 +78,8 @@ pub fn require(path: &str, package: &str) -> PathBuf {
     p
 }
 
-/// A workspace binary (`ferry-agent`, `ferry-coordinator`, `ferry`), built if missing.
+/// A workspace binary (`ferry-agent`, `ferry-coordinator`, `ferry`), built (once per test
+/// process, with `cargo build --workspace --bins`) so it is never stale.
 pub fn bin(name: &str) -> PathBuf {
     static BUILD: Once = Once::new();
     let exe = std::env::current_exe().expect("current exe");
@@ -91,7 +92,26 @@ pub fn bin(name: &str) -> PathBuf {
     BUILD.call_once(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let out = Command::new(cargo)
+        let mut cmd = Command::new(cargo);
+        // Drop the per-crate variables cargo sets for this test process: build scripts
+        // that track them (ring tracks CARGO_MANIFEST_DIR) would otherwise rebuild.
+        for (key, _) in std::env::vars_os() {
+            let key = key.to_string_lossy().into_owned();
+            let keep = ["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&key.as_str())
+                || [
+                    "CARGO_BUILD_",
+                    "CARGO_NET_",
+                    "CARGO_REGISTRIES_",
+                    "CARGO_REGISTRY_",
+                    "CARGO_PROFILE_",
+                ]
+                .iter()
+                .any(|p| key.starts_with(p));
+            if (key.starts_with("CARGO_") && !keep) || key == "OUT_DIR" {
+                cmd.env_remove(&key);
+            }
+        }
+        let out = cmd
             .current_dir(root)
             .args([
                 "build",
@@ -225,7 +245,6 @@ impl Postgres {
                 "-A",
                 "-t",
                 "-q",
-                "-v",
                 "ON_ERROR_STOP=1",
                 "-h",
                 "127.0.0.1",

@@ -132,11 +132,14 @@ pub trait Dumper: Send + Sync {
 pub trait Restorer: Send + Sync {
     /// Prepares a restore of the backup that `main` describes (for instance a scratch
     /// database beside the target). Nothing live is touched until
-    /// [`RestoreSession::commit`].
+    /// [`RestoreSession::commit`]. `namespaces` (`db.collection`) restricts a restore to
+    /// those namespaces where the kind has them; a kind without namespaces refuses a
+    /// non-empty list.
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
         job_id: &'a str,
+        namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>>;
 }
 

@@ -577,8 +577,14 @@ impl Restorer for Postgres {
         &'a self,
         main: &'a Manifest,
         job_id: &'a str,
+        namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
+            if !namespaces.is_empty() {
+                return Err(RestoreError::Manifest(
+                    "a PostgreSQL backup is restored whole; --ns selects MongoDB namespaces".into(),
+                ));
+            }
             if main.kind != "postgres" || main.part != MAIN.name || main.format != MAIN.format {
                 return Err(RestoreError::Manifest(format!(
                     "{} is a {} {} archive, not a PostgreSQL pg_dump archive",

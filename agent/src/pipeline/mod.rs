@@ -565,6 +565,7 @@ pub async fn restore(
     datastore: Arc<Datastore>,
     job_id: String,
     date: Option<String>,
+    namespaces: Vec<String>,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
     let Keys::Decrypt(_) = &settings.keys else {
@@ -621,7 +622,7 @@ pub async fn restore(
     const UNTOUCHED: &str = "the target was left as it was";
     let mut session = datastore
         .restorer()
-        .begin(&main, &job_id)
+        .begin(&main, &job_id, &namespaces)
         .await
         .map_err(|e| restore_err(e, UNTOUCHED))?;
     let started = Instant::now();

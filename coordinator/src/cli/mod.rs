@@ -111,6 +111,9 @@ pub enum Command {
         /// The backup date, YYYY-MM-DD; the newest if absent.
         #[arg(long)]
         date: Option<String>,
+        /// Only this namespace, `database.collection` (MongoDB; repeatable; needs --datastore).
+        #[arg(long = "ns")]
+        namespaces: Vec<String>,
         /// Wait for the end, with progress; exit non-zero if a job fails.
         #[arg(long)]
         wait: bool,
@@ -170,8 +173,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             agent,
             datastore,
             date,
+            namespaces,
             wait,
-        } => restore::run(&mut client, out, agent, datastore, date, wait).await,
+        } => restore::run(&mut client, out, agent, datastore, date, namespaces, wait).await,
     }
 }
 

@@ -1,4 +1,4 @@
-//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--wait]`.
+//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]... [--wait]`.
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -12,6 +12,7 @@ pub(super) async fn run(
     agent: String,
     datastore: Option<String>,
     date: Option<String>,
+    namespaces: Vec<String>,
     wait: bool,
 ) -> anyhow::Result<i32> {
     let ids = client
@@ -19,6 +20,7 @@ pub(super) async fn run(
             agent,
             datastore: datastore.unwrap_or_default(),
             date: date.unwrap_or_default(),
+            namespaces,
         })
         .await
         .map_err(status_error)?

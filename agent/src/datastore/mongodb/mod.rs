@@ -547,6 +547,7 @@ impl Restorer for Mongo {
         &'a self,
         main: &'a Manifest,
         _job_id: &'a str,
+        namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
             if main.kind != "mongodb" || main.format != MAIN.format {
@@ -556,9 +557,19 @@ impl Restorer for Mongo {
                 )));
             }
             let client = self.client().await.map_err(RestoreError::Target)?;
+            if let Some(counts) = main.counts.get("namespaces").and_then(|n| n.as_object())
+                && let Some(missing) = namespaces.iter().find(|n| !counts.contains_key(*n))
+            {
+                return Err(RestoreError::Manifest(format!(
+                    "namespace {missing} is not in {}; it holds {}",
+                    main.file,
+                    counts.keys().cloned().collect::<Vec<_>>().join(", ")
+                )));
+            }
             Ok(Box::new(MongoRestore {
                 mongo: self.clone(),
                 client,
+                only: namespaces.to_vec(),
             }) as Box<dyn RestoreSession>)
         }
         .boxed()
@@ -569,6 +580,8 @@ impl Restorer for Mongo {
 struct MongoRestore {
     mongo: Mongo,
     client: Client,
+    /// Only these `db.collection` namespaces; all when empty.
+    only: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -745,6 +758,7 @@ async fn apply_items(
     client: Client,
     prelude: Vec<CollectionMetadata>,
     mut items: mpsc::Receiver<Vec<Item>>,
+    only: Vec<String>,
 ) -> Result<RestoreStats, RestoreError> {
     let meta: HashMap<Namespace, CollectionMetadata> = prelude
         .iter()
@@ -754,11 +768,16 @@ async fn apply_items(
     let mut pending: HashMap<Namespace, (Vec<RawDocumentBuf>, usize)> = HashMap::new();
     let mut stats = RestoreStats::default();
     let is_oplog = |ns: &Namespace| ns.0.is_empty() && ns.1 == "oplog";
+    let wanted =
+        |db: &str, coll: &str| only.is_empty() || only.iter().any(|n| *n == format!("{db}.{coll}"));
     while let Some(batch) = items.recv().await {
         for item in batch {
             let ns = match &item {
                 Item::Document { ns, .. } | Item::End(ns) => ns.clone(),
             };
+            if !is_oplog(&ns) && !wanted(&ns.0, &ns.1) {
+                continue;
+            }
             if !is_oplog(&ns) && !prepared.contains(&ns) {
                 let m = meta.get(&ns).ok_or_else(|| {
                     RestoreError::Manifest(format!(
@@ -773,7 +792,9 @@ async fn apply_items(
                 Item::Document { bytes, .. } if is_oplog(&ns) => {
                     let entry = Document::from_reader(bytes.as_slice())
                         .map_err(|e| RestoreError::Manifest(e.to_string()))?;
-                    if apply_oplog(&mongo, &client, &entry).await? {
+                    let entry_ns = entry.get_str("ns").unwrap_or("");
+                    let selected = entry_ns.split_once('.').is_some_and(|(d, c)| wanted(d, c));
+                    if selected && apply_oplog(&mongo, &client, &entry).await? {
                         stats.oplog_applied += 1;
                     }
                 }
@@ -800,7 +821,10 @@ async fn apply_items(
         }
     }
     // Views last, once the collections they read from exist.
-    for m in prelude.iter().filter(|m| m.kind == "view") {
+    for m in prelude
+        .iter()
+        .filter(|m| m.kind == "view" && wanted(&m.db, &m.collection))
+    {
         prepare_namespace(&client, &mongo.target_db(&m.db), m).await?;
     }
     Ok(stats)
@@ -851,11 +875,12 @@ impl RestoreSession for MongoRestore {
             });
             let mongo = self.mongo.clone();
             let client = self.client.clone();
+            let only = self.only.clone();
             let applier = tokio::spawn(async move {
                 let prelude = prelude_rx.await.map_err(|_| {
                     RestoreError::Manifest("the archive has no readable prelude".into())
                 })?;
-                apply_items(mongo, client, prelude, item_rx).await
+                apply_items(mongo, client, prelude, item_rx, only).await
             });
             let finish = async move {
                 let parsed = parser.await.map_err(tgt)?;
@@ -890,7 +915,7 @@ impl RestoreSession for MongoRestore {
                 .ok_or_else(|| RestoreError::Manifest(format!("manifest of {} has no namespace counts", main.file)))?;
             let mut diffs = Vec::new();
             let mut total = 0i64;
-            for (ns, c) in namespaces {
+            for (ns, c) in namespaces.iter().filter(|(ns, _)| self.only.is_empty() || self.only.contains(ns)) {
                 if c["type"] == "view" {
                     continue;
                 }
@@ -919,9 +944,9 @@ impl RestoreSession for MongoRestore {
             if !diffs.is_empty() {
                 return Err(RestoreError::Mismatch(diffs.join("; ")));
             }
+            let restored = if self.only.is_empty() { namespaces.len() } else { self.only.len() };
             Ok(format!(
-                "{} namespaces, {total} documents restored, counts and indexes equal to the manifest",
-                namespaces.len()
+                "{restored} namespaces, {total} documents restored, counts and indexes equal to the manifest"
             ))
         }
         .boxed()
