@@ -115,7 +115,7 @@ pub fn validate(
         if let Some(d) = date {
             layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
-        if let Some(bad) = namespaces.iter().find(|n| !valid_namespace(n)) {
+        if let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n)) {
             return Err(OrderError::InvalidArgument(format!(
                 "namespace {:?} is not of the form database.collection",
                 bad.chars().take(300).collect::<String>()
@@ -267,21 +267,6 @@ impl JobRunner {
             }
             None => false,
         }
-    }
-}
-
-/// Whether `ns` is `database.collection`: both parts non-empty, no NUL, `$`, `/` or space
-/// in the database, at most 255 bytes.
-pub fn valid_namespace(ns: &str) -> bool {
-    match ns.split_once('.') {
-        Some((db, coll)) => {
-            !db.is_empty()
-                && !coll.is_empty()
-                && ns.len() <= 255
-                && !ns.contains('\0')
-                && !db.contains(['$', '/', ' '])
-        }
-        None => false,
     }
 }
 

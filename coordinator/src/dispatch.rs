@@ -14,21 +14,6 @@ use crate::config::Settings;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, Progress};
 use crate::store::Store;
 
-/// Whether `ns` is `database.collection`: both parts non-empty, no NUL or `$` in the
-/// database, at most 255 bytes.
-pub fn valid_namespace(ns: &str) -> bool {
-    match ns.split_once('.') {
-        Some((db, coll)) => {
-            !db.is_empty()
-                && !coll.is_empty()
-                && ns.len() <= 255
-                && !ns.contains('\0')
-                && !db.contains(['$', '/', ' '])
-        }
-        None => false,
-    }
-}
-
 /// A trigger refused by the coordinator.
 #[derive(Debug, thiserror::Error)]
 pub enum DispatchError {
@@ -153,7 +138,7 @@ impl Coordinator {
                         .into(),
                 ));
             }
-            if let Some(bad) = namespaces.iter().find(|n| !valid_namespace(n)) {
+            if let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n)) {
                 return Err(DispatchError::InvalidArgument(format!(
                     "namespace {bad:?} is not of the form database.collection"
                 )));

@@ -31,3 +31,19 @@ pub fn now_unix_ms() -> i64 {
         .map(|d| d.as_millis() as i64)
         .unwrap_or(0)
 }
+
+/// Whether `ns` is a MongoDB namespace `database.collection` as orders carry it: both parts
+/// non-empty, no NUL anywhere, no `$`, `/` or space in the database, at most 255 bytes.
+/// Agent and coordinator both check it, so a bad name is refused wherever it enters.
+pub fn valid_namespace(ns: &str) -> bool {
+    match ns.split_once('.') {
+        Some((db, coll)) => {
+            !db.is_empty()
+                && !coll.is_empty()
+                && ns.len() <= 255
+                && !ns.contains('\0')
+                && !db.contains(['$', '/', ' '])
+        }
+        None => false,
+    }
+}
