@@ -346,3 +346,34 @@ pub fn read_secret_file(path: &Path) -> Result<String, String> {
     }
     std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
+
+/// A datastore password from `password_file` (mode 0600/0400, trailing newline dropped)
+/// or from the environment variable `password_env`; `None` if neither is set.
+///
+/// # Errors
+/// `(field, message)` when both are given, the file is unreadable or too open, or the
+/// variable is unset.
+pub fn read_password(
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> Result<Option<String>, (String, String)> {
+    match (file, env) {
+        (Some(_), Some(_)) => Err((
+            "password_file".into(),
+            "give password_file or password_env, not both".into(),
+        )),
+        (Some(path), None) => Ok(Some(
+            read_secret_file(path)
+                .map_err(|m| ("password_file".to_owned(), m))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+        )),
+        (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
+            (
+                "password_env".to_owned(),
+                format!("environment variable {var} is not set"),
+            )
+        }),
+        (None, None) => Ok(None),
+    }
+}

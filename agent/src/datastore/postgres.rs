@@ -170,27 +170,11 @@ impl Postgres {
                 return err(field, "must be 1 to 63 bytes, without NUL");
             }
         }
-        let password = match (&cfg.password_file, &cfg.password_env) {
-            (Some(_), Some(_)) => {
-                return err(
-                    "password_file",
-                    "give password_file or password_env, not both",
-                );
-            }
-            (Some(path), None) => Some(Password(
-                crate::config::read_secret_file(path)
-                    .map_err(|m| ("password_file".to_owned(), m))?
-                    .trim_end_matches(['\n', '\r'])
-                    .to_owned(),
-            )),
-            (None, Some(var)) => Some(Password(std::env::var(var).map_err(|_| {
-                (
-                    "password_env".to_owned(),
-                    format!("environment variable {var} is not set"),
-                )
-            })?)),
-            (None, None) => None,
-        };
+        let password = crate::config::read_password(
+            cfg.password_file.as_deref(),
+            cfg.password_env.as_deref(),
+        )?
+        .map(Password);
         let tools = ToolPaths::new(cfg.bin_dir.clone());
         Ok(Self {
             cfg,
