@@ -377,3 +377,13 @@ pub fn read_password(
         (None, None) => Ok(None),
     }
 }
+
+/// A password that never prints (`Debug` shows `Password(***)`).
+#[derive(Clone)]
+pub struct Password(pub String);
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(***)")
+    }
+}

@@ -94,21 +94,11 @@ fn default_maintenance() -> String {
     "postgres".into()
 }
 
-/// A password that never prints.
-#[derive(Clone)]
-struct Password(String);
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Password(***)")
-    }
-}
-
 /// A built PostgreSQL datastore.
 #[derive(Clone, Debug)]
 pub struct Postgres {
     cfg: PostgresConfig,
-    password: Option<Password>,
+    password: Option<crate::config::Password>,
     tools: ToolPaths,
 }
 
@@ -174,7 +164,7 @@ impl Postgres {
             cfg.password_file.as_deref(),
             cfg.password_env.as_deref(),
         )?
-        .map(Password);
+        .map(crate::config::Password);
         let tools = ToolPaths::new(cfg.bin_dir.clone());
         Ok(Self {
             cfg,

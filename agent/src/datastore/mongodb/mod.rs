@@ -76,21 +76,11 @@ pub struct MongoConfig {
     pub rename: BTreeMap<String, String>,
 }
 
-/// A password that never prints.
-#[derive(Clone)]
-struct Password(String);
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Password(***)")
-    }
-}
-
 /// A built MongoDB datastore.
 #[derive(Clone, Debug)]
 pub struct Mongo {
     cfg: MongoConfig,
-    password: Option<Password>,
+    password: Option<crate::config::Password>,
 }
 
 fn src(e: impl std::fmt::Display) -> DumpError {
@@ -138,7 +128,7 @@ impl Mongo {
             cfg.password_file.as_deref(),
             cfg.password_env.as_deref(),
         )?
-        .map(Password);
+        .map(crate::config::Password);
         if password.is_some() && cfg.user.is_none() {
             return err("user", "a password is configured but no user".into());
         }
