@@ -11,6 +11,13 @@ use ferry_agent::config::{AgentConfig, Keys};
 use ferry_agent::pipeline::encrypt;
 use tokio_util::sync::CancellationToken;
 
+/// jemalloc with one arena and no decay (configured in `.cargo/config.toml`) instead of
+/// glibc's malloc, whose per-thread arenas (zstd workers, tokio's workers and blocking
+/// threads, the SFTP thread) keep freed memory that the other threads cannot reuse.
+/// Measured with `bench/` `mongo-dump` (1 GiB): see `bench/README.md`.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Ferry's agent: backs up (production) or restores (staging) this host's datastores on
 /// orders from the coordinator.
 #[derive(Parser)]

@@ -466,8 +466,21 @@ impl Drop for Deployment {
 
 /// Spawns `ferry-agent run --config CONFIG` with its output to `log` (not waiting; see
 /// [`Proc::wait_port`]). `FERRY_LOG=info,ferry_agent=debug`.
+///
+/// `FERRY_AGENT_WRAPPER`, when set, is a command (split at spaces) run with the agent's
+/// command line as its arguments, e.g. `heaptrack` or `valgrind --tool=massif` to profile
+/// the agent in a test or benchmark.
 pub fn spawn_agent(config: &Path, log: &Path) -> Proc {
-    let mut cmd = Command::new(bin("ferry-agent"));
+    let wrapper = std::env::var("FERRY_AGENT_WRAPPER").unwrap_or_default();
+    let mut words = wrapper.split_whitespace();
+    let mut cmd = match words.next() {
+        Some(program) => {
+            let mut cmd = Command::new(program);
+            cmd.args(words).arg(bin("ferry-agent"));
+            cmd
+        }
+        None => Command::new(bin("ferry-agent")),
+    };
     hermetic(&mut cmd)
         .arg("run")
         .arg("--config")

@@ -10,6 +10,12 @@ pub const EXTENSION: &str = "zst";
 /// here (~290 MiB/s with 2 workers).
 pub const LEVEL: i32 = 3;
 
+/// Bytes of input per job of the multithreaded encoder: 1 MiB instead of zstd's default
+/// (4 × the 2 MiB window at level 3, 8 MiB), because every worker holds its job's input
+/// and output. Measured with `bench/` (`mongo-dump`): the agent's peak RSS drops from
+/// 105 to 57 MiB, the stored size grows by under 1 %.
+const JOB_BYTES: u32 = 1024 * 1024;
+
 /// Worker threads for the zstd encoder: the machine's cores, capped at 4.
 fn workers() -> u32 {
     std::thread::available_parallelism()
@@ -21,8 +27,8 @@ fn workers() -> u32 {
 pub struct Compressor<W: Write>(zstd::stream::write::Encoder<'static, W>);
 
 impl<W: Write> Compressor<W> {
-    /// Wraps `inner` with a level-[`LEVEL`] multithreaded encoder that writes a content
-    /// checksum, so `zstd -d` detects corruption on its own.
+    /// Wraps `inner` with a level-[`LEVEL`] multithreaded encoder ([`JOB_BYTES`] jobs) that
+    /// writes a content checksum, so `zstd -d` detects corruption on its own.
     ///
     /// # Errors
     /// The encoder cannot be set up (out of memory).
@@ -32,6 +38,7 @@ impl<W: Write> Compressor<W> {
         let n = workers();
         if n > 1 {
             enc.multithread(n)?;
+            enc.set_parameter(zstd::stream::raw::CParameter::JobSize(JOB_BYTES))?;
         }
         Ok(Self(enc))
     }

@@ -267,6 +267,7 @@ impl Uploader for SftpSession {
                 .write_all(&chunk)
                 .map_err(|e| self.err("write", &partial, e))?;
             sent += chunk.len() as u64;
+            crate::pipeline::chunks::recycle(chunk);
         }
         if !complete() {
             return Err(TransportError::Abandoned { path: partial });
@@ -361,7 +362,8 @@ impl Downloader for SftpSession {
             .map_err(|e| self.err("open", path, e))?;
         let mut total = 0u64;
         loop {
-            let mut buf = vec![0u8; CHUNK_BYTES];
+            let mut buf = crate::pipeline::chunks::buffer();
+            buf.resize(CHUNK_BYTES, 0);
             let mut filled = 0;
             while filled < CHUNK_BYTES {
                 let n = f

@@ -32,6 +32,7 @@ use super::{
     Restorer,
 };
 use crate::manifest::{Manifest, Source};
+use crate::pipeline::chunks;
 
 pub mod archive;
 
@@ -45,6 +46,11 @@ pub const MAIN: Part = Part {
 
 /// Bytes of documents per archive segment, and per message between dump task and pipeline.
 const SEGMENT_BYTES: usize = 1024 * 1024;
+/// Bytes of documents the dump asks for per cursor batch (the server's own cap is 16 MiB;
+/// the driver holds a batch twice while it splits it into documents, so the smaller bound
+/// keeps the agent's memory low). Turned into a document count with `collStats`'
+/// `avgObjSize`.
+const BATCH_BYTES: f64 = 4.0 * 1024.0 * 1024.0;
 /// Bytes of raw documents per `insert_many` on restore.
 const INSERT_BYTES: usize = 8 * 1024 * 1024;
 /// Databases never dumped.
@@ -312,9 +318,7 @@ impl Mongo {
             server_version: version.clone(),
             tool_version: format!("ferry-agent {}", env!("CARGO_PKG_VERSION")),
         };
-        let mut writer =
-            ArchiveWriter::new(Vec::with_capacity(SEGMENT_BYTES * 2), &header, &prelude)
-                .map_err(src)?;
+        let mut writer = ArchiveWriter::new(chunks::buffer(), &header, &prelude).map_err(src)?;
         let send = |buf: Vec<u8>| {
             let tx = tx.clone();
             async move {
@@ -324,6 +328,7 @@ impl Mongo {
             }
         };
         let mut counts = BTreeMap::new();
+        let mut docs = Vec::with_capacity(SEGMENT_BYTES * 2);
         for meta in prelude
             .iter()
             .filter(|m| m.kind == "collection" || m.kind == "timeseries")
@@ -331,31 +336,35 @@ impl Mongo {
             let coll = client
                 .database(&meta.db)
                 .collection::<RawDocumentBuf>(&meta.collection);
-            let mut cursor = coll.find(doc! {}).await.map_err(src)?;
-            let mut batch: Vec<Vec<u8>> = Vec::new();
-            let mut batch_bytes = 0;
+            let mut find = coll.find(doc! {});
+            if let Some(n) = batch_size(&client, &meta.db, &meta.collection).await {
+                find = find.batch_size(n);
+            }
+            let mut cursor = find.await.map_err(src)?;
+            // The documents of the segment being filled, back to back: one buffer reused
+            // for every segment, instead of a copy of each document.
             let mut n = 0i64;
             while cursor.advance().await.map_err(src)? {
-                let raw = cursor.current().as_bytes();
-                batch_bytes += raw.len();
-                batch.push(raw.to_vec());
+                docs.extend_from_slice(cursor.current().as_bytes());
                 n += 1;
-                if batch_bytes >= SEGMENT_BYTES {
+                if docs.len() >= SEGMENT_BYTES {
                     writer
-                        .write_segment(&meta.db, &meta.collection, batch.iter().map(Vec::as_slice))
+                        .write_segment(&meta.db, &meta.collection, [&docs[..]])
                         .map_err(src)?;
-                    batch.clear();
-                    batch_bytes = 0;
-                    send(std::mem::take(writer.get_mut())).await?;
+                    docs.clear();
+                    send(std::mem::replace(writer.get_mut(), chunks::buffer())).await?;
                 }
             }
-            writer
-                .write_segment(&meta.db, &meta.collection, batch.iter().map(Vec::as_slice))
-                .map_err(src)?;
+            if !docs.is_empty() {
+                writer
+                    .write_segment(&meta.db, &meta.collection, [&docs[..]])
+                    .map_err(src)?;
+                docs.clear();
+            }
             writer
                 .end_namespace(&meta.db, &meta.collection)
                 .map_err(src)?;
-            send(std::mem::take(writer.get_mut())).await?;
+            send(std::mem::replace(writer.get_mut(), chunks::buffer())).await?;
             counts.insert(
                 format!("{}.{}", meta.db, meta.collection),
                 serde_json::json!({
@@ -387,14 +396,22 @@ impl Mongo {
                     .database("local")
                     .collection::<RawDocumentBuf>("oplog.rs");
                 let mut cursor = raw_oplog.find(filter).await.map_err(src)?;
-                let mut batch = Vec::new();
                 while cursor.advance().await.map_err(src)? {
-                    batch.push(cursor.current().as_bytes().to_vec());
+                    docs.extend_from_slice(cursor.current().as_bytes());
                     entries += 1;
+                    if docs.len() >= SEGMENT_BYTES {
+                        writer
+                            .write_segment("", "oplog", [&docs[..]])
+                            .map_err(src)?;
+                        docs.clear();
+                        send(std::mem::replace(writer.get_mut(), chunks::buffer())).await?;
+                    }
                 }
-                writer
-                    .write_segment("", "oplog", batch.iter().map(Vec::as_slice))
-                    .map_err(src)?;
+                if !docs.is_empty() {
+                    writer
+                        .write_segment("", "oplog", [&docs[..]])
+                        .map_err(src)?;
+                }
             }
             writer.end_namespace("", "oplog").map_err(src)?;
             let ts = |t: Option<bson::Timestamp>| {
@@ -434,6 +451,24 @@ impl Mongo {
     }
 }
 
+/// The cursor batch size, in documents, that keeps a batch near [`BATCH_BYTES`]: from the
+/// collection's average document size (`collStats.avgObjSize`, bytes). `None` (the server's
+/// default batches) when the server does not say, e.g. for an empty collection.
+async fn batch_size(client: &Client, db: &str, collection: &str) -> Option<u32> {
+    let stats = client
+        .database(db)
+        .run_command(doc! {"collStats": collection})
+        .await
+        .ok()?;
+    let avg = match stats.get("avgObjSize")? {
+        Bson::Int32(n) => f64::from(*n),
+        Bson::Int64(n) => *n as f64,
+        Bson::Double(n) => *n,
+        _ => return None,
+    };
+    (avg >= 1.0).then(|| (BATCH_BYTES / avg).clamp(1.0, 100_000.0) as u32)
+}
+
 /// Reads the byte chunks the dump task sends.
 struct ChannelReader {
     rx: mpsc::Receiver<Vec<u8>>,
@@ -446,7 +481,7 @@ impl Read for ChannelReader {
         while self.pos == self.current.len() {
             match self.rx.blocking_recv() {
                 Some(chunk) => {
-                    self.current = chunk;
+                    chunks::recycle(std::mem::replace(&mut self.current, chunk));
                     self.pos = 0;
                 }
                 None => return Ok(0),
@@ -475,7 +510,7 @@ impl Write for ChannelWriter {
     }
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let chunk = std::mem::take(&mut self.buf);
+            let chunk = std::mem::replace(&mut self.buf, chunks::buffer());
             self.tx.blocking_send(chunk).map_err(|_| {
                 io::Error::new(io::ErrorKind::BrokenPipe, "the MongoDB restore stopped")
             })?;
