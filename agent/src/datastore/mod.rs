@@ -5,6 +5,7 @@
 //! - [`postgres`]: `pg_dump --format=custom` plus the cluster's roles (`pg_dumpall
 //!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
 //! - [`mongodb`]: the mongodump archive format written from the driver's raw documents.
+//! - [`files`]: a directory tree as a tar stream, restored beside the target and swapped in.
 
 use std::io::{Read, Write};
 use std::process::ExitStatus;
@@ -15,9 +16,11 @@ use serde::Deserialize;
 
 use crate::manifest::{Manifest, Source};
 
+pub mod files;
 pub mod mongodb;
 pub mod postgres;
 mod tool;
+pub mod tree;
 
 pub use tool::{StderrTail, ToolPaths};
 
@@ -165,6 +168,8 @@ pub enum DatastoreConfig {
     Postgres(postgres::PostgresConfig),
     /// `kind = "mongodb"`.
     Mongodb(mongodb::MongoConfig),
+    /// `kind = "files"`.
+    Files(files::FilesConfig),
 }
 
 impl DatastoreConfig {
@@ -173,6 +178,7 @@ impl DatastoreConfig {
         match self {
             DatastoreConfig::Postgres(c) => &c.name,
             DatastoreConfig::Mongodb(c) => &c.name,
+            DatastoreConfig::Files(c) => &c.name,
         }
     }
 }
@@ -183,6 +189,8 @@ pub enum Datastore {
     Postgres(postgres::Postgres),
     /// MongoDB.
     Mongodb(mongodb::Mongo),
+    /// A directory tree.
+    Files(files::Files),
 }
 
 /// Builds a datastore for an agent of `role`.
@@ -193,6 +201,7 @@ pub fn build(config: DatastoreConfig, role: Role) -> Result<Datastore, (String, 
     match config {
         DatastoreConfig::Postgres(c) => postgres::Postgres::build(c, role).map(Datastore::Postgres),
         DatastoreConfig::Mongodb(c) => mongodb::Mongo::build(c, role).map(Datastore::Mongodb),
+        DatastoreConfig::Files(c) => files::Files::build(c, role).map(Datastore::Files),
     }
 }
 
@@ -202,6 +211,7 @@ impl Datastore {
         match self {
             Datastore::Postgres(p) => p.name(),
             Datastore::Mongodb(m) => m.name(),
+            Datastore::Files(f) => f.name(),
         }
     }
 
@@ -210,6 +220,7 @@ impl Datastore {
         match self {
             Datastore::Postgres(_) => "postgres",
             Datastore::Mongodb(_) => "mongodb",
+            Datastore::Files(_) => "files",
         }
     }
 
@@ -218,6 +229,7 @@ impl Datastore {
         match self {
             Datastore::Postgres(p) => p,
             Datastore::Mongodb(m) => m,
+            Datastore::Files(f) => f,
         }
     }
 
@@ -226,6 +238,7 @@ impl Datastore {
         match self {
             Datastore::Postgres(p) => p,
             Datastore::Mongodb(m) => m,
+            Datastore::Files(f) => f,
         }
     }
 
@@ -235,6 +248,7 @@ impl Datastore {
         match self {
             Datastore::Postgres(p) => p.tool_versions(),
             Datastore::Mongodb(m) => m.tool_versions(),
+            Datastore::Files(f) => f.tool_versions(),
         }
     }
 
@@ -246,8 +260,30 @@ impl Datastore {
         match self {
             Datastore::Postgres(p) => p.check().await,
             Datastore::Mongodb(m) => m.check().await,
+            Datastore::Files(f) => f.check().await,
         }
     }
+}
+
+/// Checks that `main` is the main part of a `kind` backup in `part.format`, as a restorer
+/// of `kind` expects.
+///
+/// # Errors
+/// [`RestoreError::Manifest`] naming the file, what it is, and `what` was expected
+/// (e.g. `a MongoDB archive`).
+pub fn expect_main(
+    main: &Manifest,
+    kind: &str,
+    part: &Part,
+    what: &str,
+) -> Result<(), RestoreError> {
+    if main.kind != kind || main.part != part.name || main.format != part.format {
+        return Err(RestoreError::Manifest(format!(
+            "{} is a {} {} backup, not {what}",
+            main.file, main.kind, main.format
+        )));
+    }
+    Ok(())
 }
 
 /// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.

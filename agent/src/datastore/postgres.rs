@@ -559,12 +559,7 @@ impl Restorer for Postgres {
                     "a PostgreSQL backup is restored whole; --ns selects MongoDB namespaces".into(),
                 ));
             }
-            if main.kind != "postgres" || main.part != MAIN.name || main.format != MAIN.format {
-                return Err(RestoreError::Manifest(format!(
-                    "{} is a {} {} archive, not a PostgreSQL pg_dump archive",
-                    main.file, main.kind, main.format
-                )));
-            }
+            super::expect_main(main, "postgres", &MAIN, "a PostgreSQL pg_dump archive")?;
             let expected = DatabaseCounts::from_json(&main.counts).ok_or_else(|| {
                 RestoreError::Manifest(format!(
                     "manifest of {} has no PostgreSQL row counts",

@@ -559,12 +559,7 @@ impl Restorer for Mongo {
         namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
-            if main.kind != "mongodb" || main.format != MAIN.format {
-                return Err(RestoreError::Manifest(format!(
-                    "{} is a {} {} archive, not a MongoDB archive",
-                    main.file, main.kind, main.format
-                )));
-            }
+            super::expect_main(main, "mongodb", &MAIN, "a MongoDB archive")?;
             let client = self.client().await.map_err(RestoreError::Target)?;
             if let Some(counts) = main.counts.get("namespaces").and_then(|n| n.as_object())
                 && let Some(missing) = namespaces.iter().find(|n| !counts.contains_key(*n))

@@ -1,0 +1,332 @@
+//! Directories (`kind = "files"`): a MinIO data directory, or any tree (the data
+//! containers of older deployments). The dump is a tar stream of the tree ([`super::tree`]),
+//! stored as `<name>_backup_<date>.tar.zst.age`; the manifest counts files, directories,
+//! links and bytes.
+//!
+//! Restore (staging): the archive is unpacked into a new hidden sibling of the target
+//! (`<parent>/.<name>.ferry-new-<job>`, same file system), its counts compared with the
+//! manifest, and only then swapped in: the old tree is renamed aside, the new one renamed
+//! to the target, the old one removed. A failure before the swap removes the new tree and
+//! leaves the target as it was. A service reading the directory (MinIO) should be stopped
+//! around the restore or pointed at the new tree; the swap itself is two renames.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use ferry_proto::Role;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Deserialize;
+
+use super::tree::{self, TreeCounts};
+use super::{
+    DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
+    Restorer,
+};
+use crate::manifest::{Manifest, Source};
+
+/// The only part: a tar archive.
+pub const MAIN: Part = Part {
+    name: "",
+    format: "tar",
+};
+
+/// `[[datastores]]` with `kind = "files"`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilesConfig {
+    /// Datastore name, used in stored file names.
+    pub name: String,
+    /// An absolute path. Production: the directory to back up. Staging: the directory
+    /// to restore into (created, or replaced at the end of a restore).
+    pub path: PathBuf,
+    /// Production only: glob patterns (globset syntax) of paths relative to `path` to
+    /// leave out, e.g. `.minio.sys/tmp` or `**/*.part`; a matched directory is left out
+    /// with everything in it.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// A built `files` datastore.
+#[derive(Clone, Debug)]
+pub struct Files {
+    cfg: FilesConfig,
+    exclude: globset::GlobSet,
+}
+
+impl Files {
+    /// Validates `cfg` for `role`.
+    ///
+    /// # Errors
+    /// `(field, message)`.
+    pub fn build(cfg: FilesConfig, role: Role) -> Result<Self, (String, String)> {
+        let err = |f: &str, m: String| Err((f.to_owned(), m));
+        if !cfg.path.is_absolute() {
+            return err(
+                "path",
+                format!("{} is not an absolute path", cfg.path.display()),
+            );
+        }
+        if cfg.path.parent().is_none() || cfg.path.file_name().is_none() {
+            return err("path", "the root directory cannot be a target".into());
+        }
+        if role == Role::Staging && !cfg.exclude.is_empty() {
+            return err(
+                "exclude",
+                "only a production agent backs up; remove it".into(),
+            );
+        }
+        let exclude = match tree::excludes(&cfg.exclude) {
+            Ok(e) => e,
+            Err(e) => return err("exclude", e),
+        };
+        Ok(Self { cfg, exclude })
+    }
+
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    /// No external tools: the tar writer is built in.
+    pub fn tool_versions(&self) -> Vec<(String, String)> {
+        vec![("tar".into(), "built in (tar crate)".into())]
+    }
+
+    /// Says whether `path` is there (production) or where its parent is (staging).
+    ///
+    /// # Errors
+    /// The directory (production) or its parent (staging) is missing.
+    pub async fn check(&self) -> Result<String, String> {
+        let p = &self.cfg.path;
+        if p.is_dir() {
+            let counts = tokio::task::spawn_blocking({
+                let p = p.clone();
+                move || tree::count_tree(&p)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{}: {e}", p.display()))?;
+            Ok(format!("{}: {}", p.display(), counts.summary()))
+        } else if p.exists() {
+            Err(format!("{} is not a directory", p.display()))
+        } else if p.parent().is_some_and(Path::is_dir) {
+            Ok(format!(
+                "{} does not exist yet (a restore creates it)",
+                p.display()
+            ))
+        } else {
+            Err(format!(
+                "{} does not exist, nor does its parent",
+                p.display()
+            ))
+        }
+    }
+
+    /// `<parent>/.<name>.ferry-<what>-<job>`: a sibling of the target.
+    fn sibling(&self, what: &str, job_id: &str) -> PathBuf {
+        let base = self
+            .cfg
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        self.cfg
+            .path
+            .with_file_name(format!(".{base}.ferry-{what}-{job_id}"))
+    }
+}
+
+impl Dumper for Files {
+    fn parts(&self) -> &'static [Part] {
+        &[MAIN]
+    }
+
+    fn dump<'a>(&'a self, _part: &'a Part) -> BoxFuture<'a, Result<DumpStream, DumpError>> {
+        async move {
+            let root = self.cfg.path.clone();
+            if !root.is_dir() {
+                return Err(DumpError::Source(format!(
+                    "{} is not a directory",
+                    root.display()
+                )));
+            }
+            let (reader, writer) = std::io::pipe().map_err(|e| DumpError::Spawn {
+                tool: "tar writer".into(),
+                source: e,
+            })?;
+            let exclude = self.exclude.clone();
+            let task =
+                tokio::task::spawn_blocking(move || tree::write_tar(&root, &exclude, writer));
+            let path = self.cfg.path.clone();
+            let finish = async move {
+                let counts = task
+                    .await
+                    .map_err(|e| DumpError::Source(format!("tar writer: {e}")))?
+                    .map_err(|e| DumpError::Source(format!("tar of {}: {e}", path.display())))?;
+                Ok(DumpOutcome {
+                    source: Source {
+                        tool: "ferry-agent (tar)".into(),
+                        tool_version: env!("CARGO_PKG_VERSION").into(),
+                        server_version: String::new(),
+                    },
+                    counts: serde_json::to_value(counts).unwrap_or_default(),
+                    summary: counts.summary(),
+                })
+            }
+            .boxed();
+            Ok(DumpStream {
+                reader: Box::new(reader),
+                finish,
+            })
+        }
+        .boxed()
+    }
+}
+
+impl Restorer for Files {
+    fn begin<'a>(
+        &'a self,
+        main: &'a Manifest,
+        job_id: &'a str,
+        namespaces: &'a [String],
+    ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
+        async move {
+            super::expect_main(main, "files", &MAIN, "a files tar archive")?;
+            if !namespaces.is_empty() {
+                return Err(RestoreError::Manifest(
+                    "a files datastore has no namespaces; restore it whole".into(),
+                ));
+            }
+            let expected: TreeCounts = serde_json::from_value(main.counts.clone())
+                .map_err(|e| RestoreError::Manifest(format!("{}: counts: {e}", main.file)))?;
+            let new = self.sibling("new", job_id);
+            fs::create_dir(&new).map_err(|e| {
+                RestoreError::Target(format!("cannot create {}: {e}", new.display()))
+            })?;
+            Ok(Box::new(FilesRestore {
+                target: self.cfg.path.clone(),
+                old: self.sibling("old", job_id),
+                new,
+                expected,
+            }) as Box<dyn RestoreSession>)
+        }
+        .boxed()
+    }
+}
+
+/// A `files` restore in progress: the archive goes into `new`.
+struct FilesRestore {
+    target: PathBuf,
+    new: PathBuf,
+    old: PathBuf,
+    expected: TreeCounts,
+}
+
+impl RestoreSession for FilesRestore {
+    fn part<'a>(
+        &'a mut self,
+        _manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<PartSink, RestoreError>> {
+        async move {
+            let (reader, writer) = std::io::pipe()
+                .map_err(|e| RestoreError::Target(format!("cannot make a pipe: {e}")))?;
+            let dir = self.new.clone();
+            let task = tokio::task::spawn_blocking(move || tree::unpack(reader, &dir));
+            let new = self.new.clone();
+            let finish = async move {
+                task.await
+                    .map_err(|e| RestoreError::Target(format!("tar reader: {e}")))?
+                    .map_err(|e| {
+                        RestoreError::Target(format!("unpacking into {}: {e}", new.display()))
+                    })
+            }
+            .boxed();
+            Ok(PartSink {
+                writer: Box::new(writer),
+                finish,
+            })
+        }
+        .boxed()
+    }
+
+    fn commit<'a>(
+        &'a mut self,
+        _main: &'a Manifest,
+    ) -> BoxFuture<'a, Result<String, RestoreError>> {
+        async move {
+            let (new, old, target, expected) = (
+                self.new.clone(),
+                self.old.clone(),
+                self.target.clone(),
+                self.expected,
+            );
+            tokio::task::spawn_blocking(move || swap_in(&new, &old, &target, &expected))
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?
+        }
+        .boxed()
+    }
+
+    fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {
+        async move {
+            let new = self.new.clone();
+            let _ = tokio::task::spawn_blocking(move || fs::remove_dir_all(new)).await;
+        }
+        .boxed()
+    }
+}
+
+/// Checks the tree in `new` against `expected`, then renames `target` to `old`, `new` to
+/// `target`, and removes `old`. If the second rename fails, `old` is renamed back.
+fn swap_in(
+    new: &Path,
+    old: &Path,
+    target: &Path,
+    expected: &TreeCounts,
+) -> Result<String, RestoreError> {
+    let got = tree::count_tree(new)
+        .map_err(|e| RestoreError::Target(format!("counting {}: {e}", new.display())))?;
+    if !got.same_content(expected) {
+        return Err(RestoreError::Mismatch(format!(
+            "the manifest says {}, the restored tree holds {}",
+            expected.summary(),
+            got.summary()
+        )));
+    }
+    let had_target = target.exists();
+    if had_target {
+        fs::rename(target, old).map_err(|e| {
+            RestoreError::Target(format!(
+                "cannot move {} aside: {e}; it is unchanged",
+                target.display()
+            ))
+        })?;
+    }
+    if let Err(e) = fs::rename(new, target) {
+        let back = if had_target {
+            fs::rename(old, target)
+        } else {
+            Ok(())
+        };
+        return Err(RestoreError::Target(match back {
+            Ok(()) => format!(
+                "cannot move the restored tree to {}: {e}; the target is unchanged",
+                target.display()
+            ),
+            Err(e2) => format!(
+                "cannot move the restored tree to {}: {e}, nor the old tree back: {e2}; the old tree is at {}",
+                target.display(),
+                old.display()
+            ),
+        }));
+    }
+    if had_target && let Err(e) = fs::remove_dir_all(old) {
+        tracing::warn!(path = %old.display(), error = %e, "cannot remove the replaced tree");
+    }
+    Ok(format!(
+        "{}: {}, equal to the manifest",
+        target.display(),
+        got.summary()
+    ))
+}

@@ -1,0 +1,246 @@
+//! The `files` kind end to end (a MinIO data directory): backup through the coordinator as
+//! a tar stream, restore into staging replacing an older tree; every file byte-identical
+//! with its mode, mtime and owner, links kept as links, excludes left out; stock
+//! `age -d | zstd -d | tar -t` reads the stored file; a restore that fails after unpacking
+//! leaves the target as it was and nothing beside it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::{MetadataExt, PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_tests::*;
+
+/// One entry of a tree as a user would compare it.
+#[derive(Debug, PartialEq, Eq)]
+enum Entry {
+    Dir {
+        mode: u32,
+        uid: u32,
+    },
+    File {
+        mode: u32,
+        uid: u32,
+        mtime: i64,
+        content: Vec<u8>,
+    },
+    Link(PathBuf),
+}
+
+/// Every entry under `root` by relative path.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
+        for e in fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            let rel = p.strip_prefix(root).unwrap().to_owned();
+            let m = fs::symlink_metadata(&p).unwrap();
+            if m.file_type().is_symlink() {
+                out.insert(rel, Entry::Link(fs::read_link(&p).unwrap()));
+            } else if m.is_dir() {
+                out.insert(
+                    rel,
+                    Entry::Dir {
+                        mode: m.mode() & 0o7777,
+                        uid: m.uid(),
+                    },
+                );
+                walk(root, &p, out);
+            } else {
+                out.insert(
+                    rel,
+                    Entry::File {
+                        mode: m.mode() & 0o7777,
+                        uid: m.uid(),
+                        mtime: m.mtime(),
+                        content: fs::read(&p).unwrap(),
+                    },
+                );
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+/// A MinIO-like data directory: buckets with objects and `xl.meta` files, a 5 MiB object
+/// of varied bytes, an empty file, odd modes and owners, a link, a long name, and a
+/// `.minio.sys/tmp` directory that the config excludes.
+fn seed(root: &Path) {
+    let obj = root.join("photos/2026/cat.jpg");
+    fs::create_dir_all(&obj).unwrap();
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    let big: Vec<u8> = (0..5 * 1024 * 1024 / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    fs::write(obj.join("part.1"), &big).unwrap();
+    fs::write(obj.join("xl.meta"), b"XL2 1 meta").unwrap();
+    fs::create_dir_all(root.join("docs")).unwrap();
+    fs::write(root.join("docs/empty"), b"").unwrap();
+    fs::write(root.join("docs/secret.txt"), b"only the owner").unwrap();
+    fs::set_permissions(
+        root.join("docs/secret.txt"),
+        fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::os::unix::fs::chown(root.join("docs/secret.txt"), Some(65534), Some(65534)).unwrap();
+    fs::set_permissions(root.join("docs"), fs::Permissions::from_mode(0o750)).unwrap();
+    symlink("../photos/2026/cat.jpg/xl.meta", root.join("docs/latest")).unwrap();
+    let long = "n".repeat(150);
+    fs::write(root.join("docs").join(&long), b"a long name").unwrap();
+    fs::create_dir_all(root.join(".minio.sys/tmp/upload")).unwrap();
+    fs::write(root.join(".minio.sys/tmp/upload/chunk"), b"half an upload").unwrap();
+    fs::write(root.join(".minio.sys/format.json"), b"{\"version\":\"1\"}").unwrap();
+    // A fixed mtime, so that the comparison also checks mtimes survive.
+    let status = Command::new("touch")
+        .args(["-h", "-d", "2024-02-29 12:34:56"])
+        .arg(obj.join("part.1"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn deploy() -> (Deployment, PathBuf, PathBuf) {
+    let mut paths = None;
+    let d = Deployment::start_with("SELECT 1", |d| {
+        let source = d.dir.path().join("minio-prod/data");
+        let target = d.dir.path().join("minio-stage/data");
+        fs::create_dir_all(&source).unwrap();
+        fs::create_dir_all(&target).unwrap();
+        append(
+            &d.prod_config,
+            &format!(
+                "[[datastores]]\nname = \"minio\"\nkind = \"files\"\npath = \"{}\"\nexclude = [\".minio.sys/tmp\"]\n",
+                source.display()
+            ),
+        );
+        append(
+            &d.stage_config,
+            &format!(
+                "[[datastores]]\nname = \"minio\"\nkind = \"files\"\npath = \"{}\"\n",
+                target.display()
+            ),
+        );
+        paths = Some((source, target));
+    });
+    let (source, target) = paths.unwrap();
+    (d, source, target)
+}
+
+fn today() -> String {
+    let out = Command::new("date")
+        .args(["-u", "+%Y-%m-%d"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+fn siblings(target: &Path) -> Vec<String> {
+    fs::read_dir(target.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("ferry"))
+        .collect()
+}
+
+#[test]
+fn files_backup_then_restore_is_identical_with_modes_owners_links_and_excludes() {
+    let (d, source, target) = deploy();
+    seed(&source);
+    fs::write(target.join("stale-object"), b"from an older restore").unwrap();
+
+    let out = d.ferry_ok(&["backup", "pg-prod", "minio", "--wait"]);
+    assert!(out.contains("6 files"), "{out}");
+    let day = today();
+    let name = format!("production/{day}/minio_backup_{day}.tar.zst.age");
+    assert!(
+        d.sshd.final_files().contains(&name),
+        "{:?}",
+        d.sshd.final_files()
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(d.sshd.root().join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    assert_eq!(manifest["counts"]["files"], 6, "{manifest}");
+    assert_eq!(manifest["counts"]["symlinks"], 1, "{manifest}");
+
+    // Stock tools read the stored file: age, zstd, tar.
+    let listing = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; age -d -i {} {} | zstd -d | tar -tv",
+            d.identity.display(),
+            d.sshd.root().join(&name).display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        listing.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listing.stderr)
+    );
+    let listing = String::from_utf8(listing.stdout).unwrap();
+    assert!(listing.contains("photos/2026/cat.jpg/part.1"), "{listing}");
+    assert!(!listing.contains(".minio.sys/tmp"), "{listing}");
+
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "minio", "--wait"]);
+    assert!(out.contains("equal to the manifest"), "{out}");
+    let mut expected = snapshot(&source);
+    expected.retain(|p, _| !p.starts_with(".minio.sys/tmp"));
+    let got = snapshot(&target);
+    assert_eq!(
+        expected.keys().collect::<Vec<_>>(),
+        got.keys().collect::<Vec<_>>()
+    );
+    for (path, entry) in &expected {
+        assert_eq!(Some(entry), got.get(path), "{}", path.display());
+    }
+    assert!(!target.join("stale-object").exists());
+    assert_eq!(
+        fs::metadata(&target).unwrap().mode() & 0o7777,
+        fs::metadata(&source).unwrap().mode() & 0o7777
+    );
+    assert!(siblings(&target).is_empty(), "{:?}", siblings(&target));
+}
+
+#[test]
+fn files_restore_that_fails_after_unpacking_leaves_the_target_as_it_was() {
+    let (d, source, target) = deploy();
+    seed(&source);
+    fs::write(target.join("live-object"), b"staging's current data").unwrap();
+    let before = snapshot(&target);
+    d.ferry_ok(&["backup", "pg-prod", "minio", "--wait"]);
+
+    // The manifest now promises one file more than the archive holds: the restore unpacks
+    // everything, counts, and must refuse to swap.
+    let day = today();
+    let manifest_path = d.sshd.root().join(format!(
+        "production/{day}/minio_backup_{day}.tar.zst.age.json"
+    ));
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
+    manifest["counts"]["files"] = serde_json::json!(7);
+    chmod(&manifest_path, 0o640);
+    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+
+    let out = d.ferry(&["restore", "pg-stage", "--datastore", "minio", "--wait"]);
+    assert!(!out.status.success());
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("differs from the manifest"), "{text}");
+    assert_eq!(before, snapshot(&target), "the target changed");
+    assert!(
+        siblings(&target).is_empty(),
+        "left beside the target: {:?}",
+        siblings(&target)
+    );
+}
