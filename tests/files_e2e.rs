@@ -133,14 +133,6 @@ fn deploy() -> (Deployment, PathBuf, PathBuf) {
     (d, source, target)
 }
 
-fn today() -> String {
-    let out = Command::new("date")
-        .args(["-u", "+%Y-%m-%d"])
-        .output()
-        .unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 fn siblings(target: &Path) -> Vec<String> {
     fs::read_dir(target.parent().unwrap())
         .unwrap()
@@ -157,16 +149,7 @@ fn files_backup_then_restore_is_identical_with_modes_owners_links_and_excludes()
 
     let out = d.ferry_ok(&["backup", "pg-prod", "minio", "--wait"]);
     assert!(out.contains("6 files"), "{out}");
-    let day = today();
-    let name = format!("production/{day}/minio_backup_{day}.tar.zst.age");
-    assert!(
-        d.sshd.final_files().contains(&name),
-        "{:?}",
-        d.sshd.final_files()
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(d.sshd.root().join(format!("{name}.json"))).unwrap())
-            .unwrap();
+    let (name, manifest) = d.todays_backup("minio", "tar.zst.age");
     assert_eq!(manifest["counts"]["files"], 6, "{manifest}");
     assert_eq!(manifest["counts"]["symlinks"], 1, "{manifest}");
 
@@ -219,7 +202,7 @@ fn files_restore_that_fails_after_unpacking_leaves_the_target_as_it_was() {
 
     // The manifest now promises one file more than the archive holds: the restore unpacks
     // everything, counts, and must refuse to swap.
-    let day = today();
+    let day = today_utc();
     let manifest_path = d.sshd.root().join(format!(
         "production/{day}/minio_backup_{day}.tar.zst.age.json"
     ));

@@ -183,27 +183,7 @@ fn mongodb_backup_then_restore_is_byte_identical_with_indexes_and_options() {
 
     let out = f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
     assert!(out.contains("100000 documents"), "{out}");
-    let day = String::from_utf8(
-        Command::new("date")
-            .args(["-u", "+%Y-%m-%d"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let name = format!(
-        "production/{}/mongo_backup_{}.archive.zst.age",
-        day.trim(),
-        day.trim()
-    );
-    assert!(
-        f.d.sshd.final_files().contains(&name),
-        "{:?}",
-        f.d.sshd.final_files()
-    );
-    let manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(f.d.sshd.root().join(format!("{name}.json"))).unwrap())
-            .unwrap();
+    let (name, manifest) = f.d.todays_backup("mongo", "archive.zst.age");
     assert_eq!(
         manifest["counts"]["namespaces"]["app.users"]["documents"],
         60_000

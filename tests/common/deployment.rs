@@ -3,6 +3,7 @@
 //! the coordinator, in one temporary directory, all stopped on drop.
 
 use std::collections::BTreeMap;
+use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -389,6 +390,22 @@ impl Deployment {
                 self.logs()
             )
         })
+    }
+
+    /// Today's backup of `datastore` in production, `<datastore>_backup_<today>.<suffix>`
+    /// (e.g. suffix `db.zst.age`): asserts the file is on the backup server under its
+    /// final name, and returns its path relative to the root and its manifest.
+    pub fn todays_backup(&self, datastore: &str, suffix: &str) -> (String, serde_json::Value) {
+        let day = crate::today_utc();
+        let name = format!("production/{day}/{datastore}_backup_{day}.{suffix}");
+        let files = self.sshd.final_files();
+        assert!(files.contains(&name), "{name} is not among {files:?}");
+        let manifest = self.sshd.root().join(format!("{name}.json"));
+        let manifest = serde_json::from_slice(
+            &fs::read(&manifest).unwrap_or_else(|e| panic!("{}: {e}", manifest.display())),
+        )
+        .unwrap_or_else(|e| panic!("{name}.json: {e}"));
+        (name, manifest)
     }
 
     /// The last 40 lines of a log: `agent-prod`, `agent-stage`, `coordinator`, `sshd`,

@@ -16,6 +16,7 @@
 //!   ([`CoordinatorConfig`]).
 //! - [`deployment`]: [`Deployment`], all of the above for one test.
 //! - [`mongo`]: [`MongoServer`] (SecantusDB).
+//! - [`etcd`]: [`EtcdServer`] (Debian's etcd-server) and `etcdctl`.
 //!
 //! Environment: `FERRY_KEEP_TEST_DIRS=1` keeps a deployment's directory;
 //! `FERRY_TEST_NO_BUILD=1` uses the built binaries without running `cargo build` first;
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod deployment;
+pub mod etcd;
 pub mod fleet;
 pub mod mongo;
 pub mod postgres;
@@ -31,6 +33,7 @@ pub mod sshd;
 
 pub use config::*;
 pub use deployment::*;
+pub use etcd::*;
 pub use fleet::*;
 pub use mongo::*;
 pub use postgres::*;

@@ -317,6 +317,13 @@ pub fn output_within(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Outp
     }
 }
 
+/// Today's date in UTC, `YYYY-MM-DD`: the dated directory a backup made now goes to.
+pub fn today_utc() -> String {
+    run_ok(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+        .trim()
+        .to_owned()
+}
+
 /// Appends `text` on a new line to a file, e.g. a `[[datastores]]` entry to an agent config.
 pub fn append(path: &Path, text: &str) {
     let mut s =

@@ -122,19 +122,6 @@ impl Files {
             ))
         }
     }
-
-    /// `<parent>/.<name>.ferry-<what>-<job>`: a sibling of the target.
-    fn sibling(&self, what: &str, job_id: &str) -> PathBuf {
-        let base = self
-            .cfg
-            .path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        self.cfg
-            .path
-            .with_file_name(format!(".{base}.ferry-{what}-{job_id}"))
-    }
 }
 
 impl Dumper for Files {
@@ -192,21 +179,15 @@ impl Restorer for Files {
         namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
-            super::expect_main(main, "files", &MAIN, "a files tar archive")?;
-            if !namespaces.is_empty() {
-                return Err(RestoreError::Manifest(
-                    "a files datastore has no namespaces; restore it whole".into(),
-                ));
-            }
-            let expected: TreeCounts = serde_json::from_value(main.counts.clone())
-                .map_err(|e| RestoreError::Manifest(format!("{}: counts: {e}", main.file)))?;
-            let new = self.sibling("new", job_id);
+            let expected: TreeCounts =
+                super::expect_whole(main, "files", &MAIN, "a files tar archive", namespaces)?;
+            let new = tree::sibling(&self.cfg.path, "new", job_id);
             fs::create_dir(&new).map_err(|e| {
                 RestoreError::Target(format!("cannot create {}: {e}", new.display()))
             })?;
             Ok(Box::new(FilesRestore {
                 target: self.cfg.path.clone(),
-                old: self.sibling("old", job_id),
+                old: tree::sibling(&self.cfg.path, "old", job_id),
                 new,
                 expected,
             }) as Box<dyn RestoreSession>)
@@ -277,8 +258,8 @@ impl RestoreSession for FilesRestore {
     }
 }
 
-/// Checks the tree in `new` against `expected`, then renames `target` to `old`, `new` to
-/// `target`, and removes `old`. If the second rename fails, `old` is renamed back.
+/// Checks the tree in `new` against `expected`, then puts it in place of `target`
+/// ([`tree::replace_dir`]).
 fn swap_in(
     new: &Path,
     old: &Path,
@@ -294,36 +275,7 @@ fn swap_in(
             got.summary()
         )));
     }
-    let had_target = target.exists();
-    if had_target {
-        fs::rename(target, old).map_err(|e| {
-            RestoreError::Target(format!(
-                "cannot move {} aside: {e}; it is unchanged",
-                target.display()
-            ))
-        })?;
-    }
-    if let Err(e) = fs::rename(new, target) {
-        let back = if had_target {
-            fs::rename(old, target)
-        } else {
-            Ok(())
-        };
-        return Err(RestoreError::Target(match back {
-            Ok(()) => format!(
-                "cannot move the restored tree to {}: {e}; the target is unchanged",
-                target.display()
-            ),
-            Err(e2) => format!(
-                "cannot move the restored tree to {}: {e}, nor the old tree back: {e2}; the old tree is at {}",
-                target.display(),
-                old.display()
-            ),
-        }));
-    }
-    if had_target && let Err(e) = fs::remove_dir_all(old) {
-        tracing::warn!(path = %old.display(), error = %e, "cannot remove the replaced tree");
-    }
+    tree::replace_dir(new, old, target).map_err(RestoreError::Target)?;
     Ok(format!(
         "{}: {}, equal to the manifest",
         target.display(),

@@ -6,6 +6,8 @@
 //!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
 //! - [`mongodb`]: the mongodump archive format written from the driver's raw documents.
 //! - [`files`]: a directory tree as a tar stream, restored beside the target and swapped in.
+//! - [`etcd`]: `etcdctl snapshot save`, restored with `etcdctl snapshot restore` into a new
+//!   data directory swapped in while etcd is stopped.
 
 use std::io::{Read, Write};
 use std::process::ExitStatus;
@@ -16,6 +18,7 @@ use serde::Deserialize;
 
 use crate::manifest::{Manifest, Source};
 
+pub mod etcd;
 pub mod files;
 pub mod mongodb;
 pub mod postgres;
@@ -170,6 +173,8 @@ pub enum DatastoreConfig {
     Mongodb(mongodb::MongoConfig),
     /// `kind = "files"`.
     Files(files::FilesConfig),
+    /// `kind = "etcd"`.
+    Etcd(etcd::EtcdConfig),
 }
 
 impl DatastoreConfig {
@@ -179,6 +184,7 @@ impl DatastoreConfig {
             DatastoreConfig::Postgres(c) => &c.name,
             DatastoreConfig::Mongodb(c) => &c.name,
             DatastoreConfig::Files(c) => &c.name,
+            DatastoreConfig::Etcd(c) => &c.name,
         }
     }
 }
@@ -191,6 +197,8 @@ pub enum Datastore {
     Mongodb(mongodb::Mongo),
     /// A directory tree.
     Files(files::Files),
+    /// etcd.
+    Etcd(etcd::Etcd),
 }
 
 /// Builds a datastore for an agent of `role`.
@@ -202,6 +210,7 @@ pub fn build(config: DatastoreConfig, role: Role) -> Result<Datastore, (String, 
         DatastoreConfig::Postgres(c) => postgres::Postgres::build(c, role).map(Datastore::Postgres),
         DatastoreConfig::Mongodb(c) => mongodb::Mongo::build(c, role).map(Datastore::Mongodb),
         DatastoreConfig::Files(c) => files::Files::build(c, role).map(Datastore::Files),
+        DatastoreConfig::Etcd(c) => etcd::Etcd::build(c, role).map(Datastore::Etcd),
     }
 }
 
@@ -212,6 +221,7 @@ impl Datastore {
             Datastore::Postgres(p) => p.name(),
             Datastore::Mongodb(m) => m.name(),
             Datastore::Files(f) => f.name(),
+            Datastore::Etcd(e) => e.name(),
         }
     }
 
@@ -221,6 +231,7 @@ impl Datastore {
             Datastore::Postgres(_) => "postgres",
             Datastore::Mongodb(_) => "mongodb",
             Datastore::Files(_) => "files",
+            Datastore::Etcd(_) => "etcd",
         }
     }
 
@@ -230,6 +241,7 @@ impl Datastore {
             Datastore::Postgres(p) => p,
             Datastore::Mongodb(m) => m,
             Datastore::Files(f) => f,
+            Datastore::Etcd(e) => e,
         }
     }
 
@@ -239,6 +251,7 @@ impl Datastore {
             Datastore::Postgres(p) => p,
             Datastore::Mongodb(m) => m,
             Datastore::Files(f) => f,
+            Datastore::Etcd(e) => e,
         }
     }
 
@@ -249,6 +262,7 @@ impl Datastore {
             Datastore::Postgres(p) => p.tool_versions(),
             Datastore::Mongodb(m) => m.tool_versions(),
             Datastore::Files(f) => f.tool_versions(),
+            Datastore::Etcd(e) => e.tool_versions(),
         }
     }
 
@@ -261,6 +275,7 @@ impl Datastore {
             Datastore::Postgres(p) => p.check().await,
             Datastore::Mongodb(m) => m.check().await,
             Datastore::Files(f) => f.check().await,
+            Datastore::Etcd(e) => e.check().await,
         }
     }
 }
@@ -284,6 +299,29 @@ pub fn expect_main(
         )));
     }
     Ok(())
+}
+
+/// For kinds restored whole: checks `main` as [`expect_main`] does, refuses a selection of
+/// `namespaces`, and parses the manifest's counts as `T`.
+///
+/// # Errors
+/// [`RestoreError::Manifest`]: another kind or format, namespaces given, or counts that
+/// are not a `T`.
+pub fn expect_whole<T: serde::de::DeserializeOwned>(
+    main: &Manifest,
+    kind: &str,
+    part: &Part,
+    what: &str,
+    namespaces: &[String],
+) -> Result<T, RestoreError> {
+    expect_main(main, kind, part, what)?;
+    if !namespaces.is_empty() {
+        return Err(RestoreError::Manifest(format!(
+            "a {kind} datastore has no namespaces; restore it whole"
+        )));
+    }
+    serde_json::from_value(main.counts.clone())
+        .map_err(|e| RestoreError::Manifest(format!("{}: counts: {e}", main.file)))
 }
 
 /// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.

@@ -27,8 +27,13 @@ impl ToolPaths {
 
     /// `tool --version`'s first line, or the error.
     pub fn version(&self, tool: &str) -> String {
+        self.version_with(tool, &["--version"])
+    }
+
+    /// The first line `tool ARGS` prints (e.g. `etcdctl version`), or the error.
+    pub fn version_with(&self, tool: &str, args: &[&str]) -> String {
         match std::process::Command::new(self.path(tool))
-            .arg("--version")
+            .args(args)
             .output()
         {
             Ok(out) => String::from_utf8_lossy(&out.stdout)

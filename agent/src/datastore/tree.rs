@@ -234,6 +234,56 @@ pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// `<parent>/.<name>.ferry-<what>-<job>`: a hidden sibling of `path`, on the same file
+/// system, for a restore to build in before it swaps.
+pub fn sibling(path: &Path, what: &str, job_id: &str) -> PathBuf {
+    let base = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{base}.ferry-{what}-{job_id}"))
+}
+
+/// Puts the directory `new` in place of `target`: renames `target` (if it exists) to
+/// `old`, `new` to `target`, then removes `old`. If the second rename fails, `old` is
+/// renamed back. A failure to remove `old` is logged, not returned: the swap happened.
+///
+/// # Errors
+/// What failed, and the state the target is left in.
+pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> {
+    let had_target = target.exists();
+    if had_target {
+        fs::rename(target, old).map_err(|e| {
+            format!(
+                "cannot move {} aside: {e}; it is unchanged",
+                target.display()
+            )
+        })?;
+    }
+    if let Err(e) = fs::rename(new, target) {
+        let back = if had_target {
+            fs::rename(old, target)
+        } else {
+            Ok(())
+        };
+        return Err(match back {
+            Ok(()) => format!(
+                "cannot move the restored tree to {}: {e}; the target is unchanged",
+                target.display()
+            ),
+            Err(e2) => format!(
+                "cannot move the restored tree to {}: {e}, nor the old tree back: {e2}; the old tree is at {}",
+                target.display(),
+                old.display()
+            ),
+        });
+    }
+    if had_target && let Err(e) = fs::remove_dir_all(old) {
+        tracing::warn!(path = %old.display(), error = %e, "cannot remove the replaced tree");
+    }
+    Ok(())
+}
+
 /// Whether this process runs as root (then owners are restored).
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
