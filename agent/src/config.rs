@@ -382,6 +382,22 @@ pub fn read_password(
 #[derive(Clone)]
 pub struct Password(pub String);
 
+/// The password of a datastore's `user`, from `password_file` or `password_env` (see
+/// [`read_password`]); a password without a user is refused.
+///
+/// # Errors
+/// `(field, message)`: `user` missing, or as [`read_password`].
+pub fn user_password(
+    user: Option<&str>,
+    file: Option<&Path>,
+    env: Option<&str>,
+) -> Result<Option<Password>, (String, String)> {
+    if (file.is_some() || env.is_some()) && user.is_none() {
+        return Err(("user".into(), "missing: a password needs a user".into()));
+    }
+    Ok(read_password(file, env)?.map(Password))
+}
+
 impl std::fmt::Debug for Password {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Password(***)")

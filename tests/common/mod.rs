@@ -17,6 +17,7 @@
 //! - [`deployment`]: [`Deployment`], all of the above for one test.
 //! - [`mongo`]: [`MongoServer`] (SecantusDB).
 //! - [`etcd`]: [`EtcdServer`] (Debian's etcd-server) and `etcdctl`.
+//! - [`influx`]: [`InfluxServer`] (Debian's influxdb) and the `influx` shell.
 //!
 //! Environment: `FERRY_KEEP_TEST_DIRS=1` keeps a deployment's directory;
 //! `FERRY_TEST_NO_BUILD=1` uses the built binaries without running `cargo build` first;
@@ -26,6 +27,7 @@ pub mod config;
 pub mod deployment;
 pub mod etcd;
 pub mod fleet;
+pub mod influx;
 pub mod mongo;
 pub mod postgres;
 pub mod process;
@@ -35,6 +37,7 @@ pub use config::*;
 pub use deployment::*;
 pub use etcd::*;
 pub use fleet::*;
+pub use influx::*;
 pub use mongo::*;
 pub use postgres::*;
 pub use process::*;

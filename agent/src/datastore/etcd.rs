@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
-    Restorer, ToolPaths, describe_status,
+    Restorer, ToolPaths,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -100,15 +100,6 @@ pub struct Etcd {
     tools: ToolPaths,
 }
 
-fn tool_error(status: std::process::ExitStatus, stderr: &[u8]) -> (String, String) {
-    let text = String::from_utf8_lossy(stderr);
-    let tail: Vec<&str> = text.lines().rev().take(5).collect();
-    (
-        describe_status(status),
-        tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-    )
-}
-
 impl Etcd {
     /// Validates `cfg` for `role`.
     ///
@@ -149,19 +140,14 @@ impl Etcd {
                 }
             },
         }
-        if (cfg.password_file.is_some() || cfg.password_env.is_some()) && cfg.user.is_none() {
-            return err("user", "missing: a password needs a user");
-        }
-        let password = crate::config::read_password(
-            cfg.password_file.as_deref(),
-            cfg.password_env.as_deref(),
-        )?
-        .map(crate::config::Password);
-        let tools = ToolPaths::new(cfg.bin_dir.clone());
         Ok(Self {
+            password: crate::config::user_password(
+                cfg.user.as_deref(),
+                cfg.password_file.as_deref(),
+                cfg.password_env.as_deref(),
+            )?,
+            tools: ToolPaths::new(cfg.bin_dir.clone()),
             cfg,
-            password,
-            tools,
         })
     }
 
@@ -209,17 +195,9 @@ impl Etcd {
 
     /// Runs etcdctl with `args`; its stdout.
     async fn run(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, (String, String)> {
-        let out = self
-            .etcdctl()
-            .args(args)
-            .output()
-            .await
-            .map_err(|e| ("not started".to_owned(), e.to_string()))?;
-        if out.status.success() {
-            Ok(out.stdout)
-        } else {
-            Err(tool_error(out.status, &out.stderr))
-        }
+        let mut cmd = self.etcdctl();
+        cmd.args(args);
+        super::tool::output(cmd).await
     }
 
     /// `etcdctl snapshot status FILE -w json`.

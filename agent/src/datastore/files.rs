@@ -209,26 +209,7 @@ impl RestoreSession for FilesRestore {
         &'a mut self,
         _manifest: &'a Manifest,
     ) -> BoxFuture<'a, Result<PartSink, RestoreError>> {
-        async move {
-            let (reader, writer) = std::io::pipe()
-                .map_err(|e| RestoreError::Target(format!("cannot make a pipe: {e}")))?;
-            let dir = self.new.clone();
-            let task = tokio::task::spawn_blocking(move || tree::unpack(reader, &dir));
-            let new = self.new.clone();
-            let finish = async move {
-                task.await
-                    .map_err(|e| RestoreError::Target(format!("tar reader: {e}")))?
-                    .map_err(|e| {
-                        RestoreError::Target(format!("unpacking into {}: {e}", new.display()))
-                    })
-            }
-            .boxed();
-            Ok(PartSink {
-                writer: Box::new(writer),
-                finish,
-            })
-        }
-        .boxed()
+        async move { tree::unpack_sink(self.new.clone()) }.boxed()
     }
 
     fn commit<'a>(

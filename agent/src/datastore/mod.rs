@@ -6,6 +6,8 @@
 //!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
 //! - [`mongodb`]: the mongodump archive format written from the driver's raw documents.
 //! - [`files`]: a directory tree as a tar stream, restored beside the target and swapped in.
+//! - [`influxdb`]: `influxd backup -portable` as a tar stream, restored into scratch
+//!   databases, checked, then under the target names.
 //! - [`etcd`]: `etcdctl snapshot save`, restored with `etcdctl snapshot restore` into a new
 //!   data directory swapped in while etcd is stopped.
 
@@ -20,6 +22,7 @@ use crate::manifest::{Manifest, Source};
 
 pub mod etcd;
 pub mod files;
+pub mod influxdb;
 pub mod mongodb;
 pub mod postgres;
 mod tool;
@@ -175,6 +178,8 @@ pub enum DatastoreConfig {
     Files(files::FilesConfig),
     /// `kind = "etcd"`.
     Etcd(etcd::EtcdConfig),
+    /// `kind = "influxdb"`.
+    Influxdb(influxdb::InfluxConfig),
 }
 
 impl DatastoreConfig {
@@ -185,6 +190,7 @@ impl DatastoreConfig {
             DatastoreConfig::Mongodb(c) => &c.name,
             DatastoreConfig::Files(c) => &c.name,
             DatastoreConfig::Etcd(c) => &c.name,
+            DatastoreConfig::Influxdb(c) => &c.name,
         }
     }
 }
@@ -199,6 +205,8 @@ pub enum Datastore {
     Files(files::Files),
     /// etcd.
     Etcd(etcd::Etcd),
+    /// InfluxDB 1.x.
+    Influxdb(influxdb::Influx),
 }
 
 /// Builds a datastore for an agent of `role`.
@@ -211,6 +219,7 @@ pub fn build(config: DatastoreConfig, role: Role) -> Result<Datastore, (String, 
         DatastoreConfig::Mongodb(c) => mongodb::Mongo::build(c, role).map(Datastore::Mongodb),
         DatastoreConfig::Files(c) => files::Files::build(c, role).map(Datastore::Files),
         DatastoreConfig::Etcd(c) => etcd::Etcd::build(c, role).map(Datastore::Etcd),
+        DatastoreConfig::Influxdb(c) => influxdb::Influx::build(c, role).map(Datastore::Influxdb),
     }
 }
 
@@ -222,6 +231,7 @@ impl Datastore {
             Datastore::Mongodb(m) => m.name(),
             Datastore::Files(f) => f.name(),
             Datastore::Etcd(e) => e.name(),
+            Datastore::Influxdb(i) => i.name(),
         }
     }
 
@@ -232,6 +242,7 @@ impl Datastore {
             Datastore::Mongodb(_) => "mongodb",
             Datastore::Files(_) => "files",
             Datastore::Etcd(_) => "etcd",
+            Datastore::Influxdb(_) => "influxdb",
         }
     }
 
@@ -242,6 +253,7 @@ impl Datastore {
             Datastore::Mongodb(m) => m,
             Datastore::Files(f) => f,
             Datastore::Etcd(e) => e,
+            Datastore::Influxdb(i) => i,
         }
     }
 
@@ -252,6 +264,7 @@ impl Datastore {
             Datastore::Mongodb(m) => m,
             Datastore::Files(f) => f,
             Datastore::Etcd(e) => e,
+            Datastore::Influxdb(i) => i,
         }
     }
 
@@ -263,6 +276,7 @@ impl Datastore {
             Datastore::Mongodb(m) => m.tool_versions(),
             Datastore::Files(f) => f.tool_versions(),
             Datastore::Etcd(e) => e.tool_versions(),
+            Datastore::Influxdb(i) => i.tool_versions(),
         }
     }
 
@@ -276,6 +290,7 @@ impl Datastore {
             Datastore::Mongodb(m) => m.check().await,
             Datastore::Files(f) => f.check().await,
             Datastore::Etcd(e) => e.check().await,
+            Datastore::Influxdb(i) => i.check().await,
         }
     }
 }

@@ -100,3 +100,27 @@ impl StderrTail {
         self.lines.lock().expect("stderr lock").clone()
     }
 }
+
+/// Runs `cmd` to its end and returns its stdout; on failure `(status, stderr tail)`: the
+/// exit status as [`super::describe_status`] words it (or `not started`), and the last 5
+/// lines of its stderr joined by ` | `.
+///
+/// # Errors
+/// The command could not start or exited non-zero.
+pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, (String, String)> {
+    let out = cmd
+        .kill_on_drop(true)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .map_err(|e| ("not started".to_owned(), e.to_string()))?;
+    if out.status.success() {
+        return Ok(out.stdout);
+    }
+    let text = String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    Err((
+        super::describe_status(out.status),
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+    ))
+}

@@ -284,6 +284,30 @@ pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> 
     Ok(())
 }
 
+/// A restore sink that unpacks the tar stream written to it into `dir` ([`unpack`], on a
+/// blocking thread); its `finish` reports an unpacking error naming `dir`.
+///
+/// # Errors
+/// No pipe could be made.
+pub fn unpack_sink(dir: PathBuf) -> Result<super::PartSink, super::RestoreError> {
+    use super::RestoreError;
+    use futures::FutureExt;
+    let (reader, writer) =
+        io::pipe().map_err(|e| RestoreError::Target(format!("cannot make a pipe: {e}")))?;
+    let into = dir.clone();
+    let task = tokio::task::spawn_blocking(move || unpack(reader, &into));
+    let finish = async move {
+        task.await
+            .map_err(|e| RestoreError::Target(format!("tar reader: {e}")))?
+            .map_err(|e| RestoreError::Target(format!("unpacking into {}: {e}", dir.display())))
+    }
+    .boxed();
+    Ok(super::PartSink {
+        writer: Box::new(writer),
+        finish,
+    })
+}
+
 /// Whether this process runs as root (then owners are restored).
 fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
