@@ -227,3 +227,117 @@ fn files_restore_that_fails_after_unpacking_leaves_the_target_as_it_was() {
         siblings(&target)
     );
 }
+
+/// Every file and link under `root` (directories left out) with mode, mtime and content,
+/// owners left out: an rsync mirror is written by the backup server's unprivileged user.
+fn content(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    snapshot(root)
+        .into_iter()
+        .filter_map(|(p, e)| match e {
+            Entry::Dir { .. } => None,
+            Entry::File {
+                mode,
+                mtime,
+                content,
+                ..
+            } => Some((
+                p,
+                Entry::File {
+                    mode,
+                    uid: 0,
+                    mtime,
+                    content,
+                },
+            )),
+            link => Some((p, link)),
+        })
+        .collect()
+}
+
+#[test]
+fn rsync_mirror_sends_only_changes_and_restores_the_latest_state() {
+    let mut paths = None;
+    let d = Deployment::start_with("SELECT 1", |d| {
+        let source = d.dir.path().join("share-prod/data");
+        let target = d.dir.path().join("share-stage/data");
+        fs::create_dir_all(&source).unwrap();
+        fs::create_dir_all(&target).unwrap();
+        append(
+            &d.prod_config,
+            &format!(
+                "[[datastores]]\nname = \"share\"\nkind = \"files\"\nmethod = \"rsync\"\npath = \"{}\"\nexclude = [\"/.minio.sys/tmp\"]\n",
+                source.display()
+            ),
+        );
+        append(
+            &d.stage_config,
+            &format!(
+                "[[datastores]]\nname = \"share\"\nkind = \"files\"\nmethod = \"rsync\"\npath = \"{}\"\n",
+                target.display()
+            ),
+        );
+        paths = Some((source, target));
+    });
+    let (source, target) = paths.unwrap();
+    seed(&source);
+    fs::write(target.join("stale"), b"older staging data").unwrap();
+
+    let out = d.ferry_ok(&["backup", "pg-prod", "share", "--wait"]);
+    assert!(out.contains("rsync mirror: 6 files"), "{out}");
+    let mirror = d.sshd.root().join("production/share");
+    let mut expected = content(&source);
+    expected.retain(|p, _| !p.starts_with(".minio.sys/tmp"));
+    let mut mirrored = content(&mirror);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(mirror.join(".ferry-manifest.json")).unwrap()).unwrap();
+    mirrored.remove(Path::new(".ferry-manifest.json"));
+    assert_eq!(expected, mirrored, "the mirror differs from the source");
+    assert!(
+        manifest["bytes_sent"].as_u64().unwrap() >= 5 * 1024 * 1024,
+        "{manifest}"
+    );
+
+    // A change, a new file and a deletion: the second sync sends only what changed.
+    fs::write(source.join("docs/new.txt"), b"added later").unwrap();
+    fs::write(source.join("photos/2026/cat.jpg/xl.meta"), b"XL2 2 meta").unwrap();
+    fs::remove_file(source.join("docs/empty")).unwrap();
+    d.ferry_ok(&["backup", "pg-prod", "share", "--wait"]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&fs::read(mirror.join(".ferry-manifest.json")).unwrap()).unwrap();
+    assert!(
+        manifest["bytes_sent"].as_u64().unwrap() < 64 * 1024,
+        "{manifest}"
+    );
+    assert!(
+        !mirror.join("docs/empty").exists(),
+        "--delete did not delete"
+    );
+
+    let listed = d.ferry_ok(&["backups"]);
+    assert!(listed.contains("production/share"), "{listed}");
+
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "share", "--wait"]);
+    assert!(out.contains("equal to the mirror's manifest"), "{out}");
+    let mut expected = content(&source);
+    expected.retain(|p, _| !p.starts_with(".minio.sys/tmp"));
+    assert_eq!(expected, content(&target));
+    assert!(!target.join("stale").exists());
+    assert!(siblings(&target).is_empty(), "{:?}", siblings(&target));
+
+    // A mirror has no dates.
+    let out = d.ferry(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "share",
+        "--date",
+        "2026-01-01",
+        "--wait",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("no dates")
+            || String::from_utf8_lossy(&out.stderr).contains("no dates"),
+        "{out:?}"
+    );
+}

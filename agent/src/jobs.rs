@@ -209,8 +209,25 @@ impl JobRunner {
             let _ = tx.send(JobUpdate::Accepted { kind }).await;
             tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
             let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
-            let result = match order.kind {
-                OrderKind::Backup => {
+            let mirror = match &*order.datastore {
+                crate::datastore::Datastore::Files(f) if f.is_mirror() => Some(f),
+                _ => None,
+            };
+            let result = match (order.kind, mirror) {
+                (OrderKind::Backup, Some(files)) => {
+                    pipeline::mirror::backup(runner.settings.clone(), files, progress.clone()).await
+                }
+                (OrderKind::Restore { date, namespaces }, Some(files)) => {
+                    pipeline::mirror::restore(
+                        runner.settings.clone(),
+                        files,
+                        &order.job_id,
+                        (date, namespaces),
+                        progress.clone(),
+                    )
+                    .await
+                }
+                (OrderKind::Backup, None) => {
                     pipeline::backup(
                         runner.settings.clone(),
                         order.datastore.clone(),
@@ -219,7 +236,7 @@ impl JobRunner {
                     )
                     .await
                 }
-                OrderKind::Restore { date, namespaces } => {
+                (OrderKind::Restore { date, namespaces }, None) => {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),

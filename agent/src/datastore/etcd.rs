@@ -399,19 +399,11 @@ impl RestoreSession for EtcdRestore {
         _main: &'a Manifest,
     ) -> BoxFuture<'a, Result<String, RestoreError>> {
         async move {
-            let tool = |what: &str| {
-                let what = what.to_owned();
-                move |(status, stderr): (String, String)| RestoreError::Tool {
-                    tool: what,
-                    status,
-                    stderr,
-                }
-            };
             let got = self
                 .etcd
                 .status(&self.snapshot)
                 .await
-                .map_err(tool("etcdctl snapshot status"))?;
+                .map_err(RestoreError::tool("etcdctl snapshot status"))?;
             if got != self.expected {
                 return Err(RestoreError::Mismatch(format!(
                     "the manifest says revision {} with {} database keys (hash {:#010x}), the snapshot has revision {} with {} database keys (hash {:#010x})",
@@ -443,7 +435,7 @@ impl RestoreSession for EtcdRestore {
             self.etcd
                 .run(&refs)
                 .await
-                .map_err(tool("etcdctl snapshot restore"))?;
+                .map_err(RestoreError::tool("etcdctl snapshot restore"))?;
             let _ = fs::remove_file(&self.snapshot);
             let target = cfg.data_dir.clone().unwrap_or_default();
             let (new, old) = (self.new.clone(), self.old.clone());

@@ -45,6 +45,23 @@ pub struct FilesConfig {
     /// with everything in it.
     #[serde(default)]
     pub exclude: Vec<String>,
+    /// `tar` (default): a dated, encrypted tar archive a backup. `rsync`: a differential
+    /// mirror, `<root>/<environment>/<name>/`, kept in sync with `rsync --delete
+    /// --checksum` over SSH (see [`crate::pipeline::mirror`]); it is NOT encrypted on the
+    /// backup server, and the production key must be allowed to change it.
+    #[serde(default)]
+    pub method: Method,
+}
+
+/// How a `files` datastore is backed up.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// A tar archive a backup, through the pipeline (compressed, encrypted).
+    #[default]
+    Tar,
+    /// An rsync mirror on the backup server.
+    Rsync,
 }
 
 /// A built `files` datastore.
@@ -86,6 +103,16 @@ impl Files {
     /// The configured name.
     pub fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FilesConfig {
+        &self.cfg
+    }
+
+    /// Whether this datastore is an rsync mirror rather than tar archives.
+    pub fn is_mirror(&self) -> bool {
+        self.cfg.method == Method::Rsync
     }
 
     /// No external tools: the tar writer is built in.

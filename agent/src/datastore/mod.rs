@@ -28,7 +28,7 @@ pub mod postgres;
 mod tool;
 pub mod tree;
 
-pub use tool::{StderrTail, ToolPaths};
+pub use tool::{StderrTail, ToolPaths, output as run_tool};
 
 /// One stored file of a backup. A backup has one main part (name `""`) and may have
 /// companions, stored and restored before it (PostgreSQL's `globals`).
@@ -127,6 +127,32 @@ pub enum RestoreError {
     /// The manifest does not describe what this restorer expects.
     #[error("{0}")]
     Manifest(String),
+}
+
+impl DumpError {
+    /// Maps a failed tool run, `(status, stderr)` as [`run_tool`] returns it, to
+    /// [`DumpError::Tool`] naming `tool`.
+    pub fn tool(tool: &str) -> impl FnOnce((String, String)) -> DumpError + use<> {
+        let tool = tool.to_owned();
+        move |(status, stderr)| DumpError::Tool {
+            tool,
+            status,
+            stderr,
+        }
+    }
+}
+
+impl RestoreError {
+    /// Maps a failed tool run, `(status, stderr)` as [`run_tool`] returns it, to
+    /// [`RestoreError::Tool`] naming `tool`.
+    pub fn tool(tool: &str) -> impl FnOnce((String, String)) -> RestoreError + use<> {
+        let tool = tool.to_owned();
+        move |(status, stderr)| RestoreError::Tool {
+            tool,
+            status,
+            stderr,
+        }
+    }
 }
 
 /// The backup side of a datastore kind.

@@ -29,6 +29,7 @@ pub mod chunks;
 pub mod compress;
 pub mod encrypt;
 pub mod hash;
+pub mod mirror;
 pub mod progress;
 
 pub use progress::Progress;
