@@ -222,6 +222,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
             .run_backup(v1::RunBackupRequest {
                 job_id: "01KAAAAAAAAAAAAAAAAAAAAAAA".into(),
                 datastore: "postgres".into(),
+                backup_type: String::new(),
             })
             .await
             .expect_err("staging agent accepted a backup order");

@@ -20,7 +20,10 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum OrderKind {
     /// Back up the datastore.
-    Backup,
+    Backup {
+        /// `full` or `diff` (pgBackRest datastores only); the datastore's default if `None`.
+        backup_type: Option<String>,
+    },
     /// Restore the newest backup, or the given `YYYY-MM-DD`'s.
     Restore {
         /// The date, if one was asked for.
@@ -76,7 +79,7 @@ pub fn validate(
     kind: OrderKind,
 ) -> Result<Order, OrderError> {
     let (allowed, what) = match &kind {
-        OrderKind::Backup => (settings.role.may_backup(), "back up"),
+        OrderKind::Backup { .. } => (settings.role.may_backup(), "back up"),
         OrderKind::Restore { .. } => (settings.role.may_restore(), "restore"),
     };
     if !allowed {
@@ -111,6 +114,23 @@ pub fn validate(
                 .join(", ")
         ))
     })?;
+    if let OrderKind::Backup {
+        backup_type: Some(t),
+    } = &kind
+    {
+        if !matches!(*ds, crate::datastore::Datastore::PgBackRest(_)) {
+            return Err(OrderError::InvalidArgument(format!(
+                "datastore {datastore:?} is a {} datastore: only pgBackRest datastores take a backup type",
+                ds.kind()
+            )));
+        }
+        if !["full", "diff"].contains(&t.as_str()) {
+            return Err(OrderError::InvalidArgument(format!(
+                "backup type {:?} is not full or diff",
+                t.chars().take(20).collect::<String>()
+            )));
+        }
+    }
     if let OrderKind::Restore { date, namespaces } = &kind {
         if let Some(d) = date {
             layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
@@ -213,11 +233,24 @@ impl JobRunner {
                 crate::datastore::Datastore::Files(f) if f.is_mirror() => Some(f),
                 _ => None,
             };
-            let result = match (order.kind, mirror) {
-                (OrderKind::Backup, Some(files)) => {
+            let result = match (order.kind, mirror, &*order.datastore) {
+                (
+                    OrderKind::Backup { backup_type },
+                    _,
+                    crate::datastore::Datastore::PgBackRest(p),
+                ) => p.backup(&runner.settings, backup_type, &progress).await,
+                (
+                    OrderKind::Restore { date, namespaces },
+                    _,
+                    crate::datastore::Datastore::PgBackRest(p),
+                ) => {
+                    p.restore(&runner.settings, (date, namespaces), &progress)
+                        .await
+                }
+                (OrderKind::Backup { .. }, Some(files), _) => {
                     pipeline::mirror::backup(runner.settings.clone(), files, progress.clone()).await
                 }
-                (OrderKind::Restore { date, namespaces }, Some(files)) => {
+                (OrderKind::Restore { date, namespaces }, Some(files), _) => {
                     pipeline::mirror::restore(
                         runner.settings.clone(),
                         files,
@@ -227,7 +260,7 @@ impl JobRunner {
                     )
                     .await
                 }
-                (OrderKind::Backup, None) => {
+                (OrderKind::Backup { .. }, None, _) => {
                     pipeline::backup(
                         runner.settings.clone(),
                         order.datastore.clone(),
@@ -236,7 +269,7 @@ impl JobRunner {
                     )
                     .await
                 }
-                (OrderKind::Restore { date, namespaces }, None) => {
+                (OrderKind::Restore { date, namespaces }, None, _) => {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),

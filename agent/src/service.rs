@@ -135,7 +135,8 @@ impl Agent for AgentService {
         request: Request<v1::RunBackupRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
-        self.start(&r.job_id, &r.datastore, OrderKind::Backup)
+        let backup_type = (!r.backup_type.is_empty()).then_some(r.backup_type);
+        self.start(&r.job_id, &r.datastore, OrderKind::Backup { backup_type })
             .map(Response::new)
     }
 

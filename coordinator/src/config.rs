@@ -123,6 +123,10 @@ pub struct ScheduleEntry {
     pub kind: JobKind,
     /// Cron expression, 5 or 6 fields, evaluated in UTC, e.g. `0 2 * * *`.
     pub cron: String,
+    /// Backups of a pgBackRest datastore: `full` or `diff` (e.g. a weekly full and a
+    /// daily diff as two schedules). Needs `datastore`.
+    #[serde(rename = "type")]
+    pub backup_type: Option<String>,
 }
 
 /// The whole `coordinator.toml`.
@@ -204,6 +208,8 @@ pub struct Schedule {
     pub datastore: Option<String>,
     /// Backup or restore.
     pub kind: JobKind,
+    /// Backups: `full` or `diff` (pgBackRest), or the datastore's default.
+    pub backup_type: Option<String>,
     /// The cron text.
     pub cron_text: String,
     /// Parsed cron.
@@ -364,6 +370,20 @@ impl CoordinatorConfig {
                     format!("{ds:?} is not a datastore name"),
                 ));
             }
+            if let Some(t) = &s.backup_type {
+                if !["full", "diff"].contains(&t.as_str()) {
+                    return Err(invalid(
+                        format!("schedules[{i}].type"),
+                        format!("{t:?}: full or diff"),
+                    ));
+                }
+                if s.kind != JobKind::Backup || s.datastore.is_none() {
+                    return Err(invalid(
+                        format!("schedules[{i}].type"),
+                        "a backup type needs kind = \"backup\" and a datastore".into(),
+                    ));
+                }
+            }
             let cron = croner::Cron::from_str(&s.cron).map_err(|e| {
                 invalid(format!("schedules[{i}].cron"), format!("{:?}: {e}", s.cron))
             })?;
@@ -372,6 +392,7 @@ impl CoordinatorConfig {
                 agent: s.agent,
                 datastore: s.datastore,
                 kind: s.kind,
+                backup_type: s.backup_type,
                 cron_text: s.cron,
                 cron,
             });
@@ -468,6 +489,28 @@ environment = "staging"
             build("[[schedules]]\nagent = \"nobody\"\nkind = \"backup\"\ncron = \"0 2 * * *\"\n")
                 .unwrap_err();
         assert!(e.contains("schedules[0].agent"), "{e}");
+    }
+
+    #[test]
+    fn weekly_full_and_daily_diff_schedules_are_accepted_and_a_bad_type_is_named() {
+        build(
+            "[[schedules]]\nagent = \"pg-prod\"\ndatastore = \"pgbr\"\nkind = \"backup\"\ntype = \"full\"\ncron = \"0 1 * * 0\"\n\
+             [[schedules]]\nagent = \"pg-prod\"\ndatastore = \"pgbr\"\nkind = \"backup\"\ntype = \"diff\"\ncron = \"0 1 * * 1-6\"\n",
+        )
+        .unwrap();
+        let e = build(
+            "[[schedules]]\nagent = \"pg-prod\"\ndatastore = \"pgbr\"\nkind = \"backup\"\ntype = \"incr\"\ncron = \"0 1 * * *\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("schedules[0].type") && e.contains("incr"), "{e}");
+        let e = build(
+            "[[schedules]]\nagent = \"pg-prod\"\nkind = \"backup\"\ntype = \"full\"\ncron = \"0 1 * * *\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("schedules[0].type") && e.contains("datastore"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -42,6 +42,18 @@ impl From<DispatchError> for tonic::Status {
     }
 }
 
+/// What of a datastore a job selects: for restores a date and namespaces, for backups a
+/// backup type (`full` or `diff`, pgBackRest). All empty by default.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Selection<'a> {
+    /// Restore: `YYYY-MM-DD`, or the newest.
+    pub date: Option<&'a str>,
+    /// Restore: only these `db.collection` namespaces; empty for all.
+    pub namespaces: &'a [String],
+    /// Backup: `full` or `diff`; the datastore's default when `None`.
+    pub backup_type: Option<&'a str>,
+}
+
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
 pub struct Coordinator {
     /// Validated settings.
@@ -101,10 +113,27 @@ impl Coordinator {
         kind: JobKind,
         agent: &str,
         datastore: Option<&str>,
-        date: Option<&str>,
-        namespaces: &[String],
+        selection: &Selection<'_>,
         trigger: &str,
     ) -> Result<Vec<String>, DispatchError> {
+        let Selection {
+            date,
+            namespaces,
+            backup_type,
+        } = *selection;
+        if let Some(t) = backup_type {
+            if kind != JobKind::Backup || datastore.is_none() {
+                return Err(DispatchError::InvalidArgument(
+                    "a backup type selects how one datastore is backed up: give the datastore too"
+                        .into(),
+                ));
+            }
+            if !["full", "diff"].contains(&t) {
+                return Err(DispatchError::InvalidArgument(format!(
+                    "backup type {t:?} is not full or diff"
+                )));
+            }
+        }
         let entry = self.agents.get(agent).ok_or_else(|| {
             DispatchError::InvalidArgument(format!("agent {agent:?} is not in the inventory"))
         })?;
@@ -175,6 +204,7 @@ impl Coordinator {
                 trigger: trigger.to_owned(),
                 date: date.map(str::to_owned),
                 namespaces: namespaces.to_vec(),
+                backup_type: backup_type.map(str::to_owned),
                 created_ms: ferry_proto::now_unix_ms(),
                 started_ms: None,
                 finished_ms: None,
@@ -306,6 +336,7 @@ impl Coordinator {
                         .run_backup(v1::RunBackupRequest {
                             job_id: job.id.clone(),
                             datastore: job.datastore.clone(),
+                            backup_type: job.backup_type.clone().unwrap_or_default(),
                         })
                         .await
                 }
@@ -477,7 +508,16 @@ impl Coordinator {
                         _ = this.shutdown.cancelled() => return,
                     }
                     if let Err(e) = this
-                        .trigger(schedule.kind, &schedule.agent, schedule.datastore.as_deref(), None, &[], "schedule")
+                        .trigger(
+                            schedule.kind,
+                            &schedule.agent,
+                            schedule.datastore.as_deref(),
+                            &Selection {
+                                backup_type: schedule.backup_type.as_deref(),
+                                ..Selection::default()
+                            },
+                            "schedule",
+                        )
                         .await
                     {
                         tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,

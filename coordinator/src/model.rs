@@ -134,6 +134,9 @@ pub struct Job {
     /// For restores, only these namespaces (`db.collection`); empty for all.
     #[serde(default)]
     pub namespaces: Vec<String>,
+    /// For backups, `full` or `diff` (pgBackRest); `None` for the datastore's default.
+    #[serde(default)]
+    pub backup_type: Option<String>,
     /// When the job was created, UTC ms.
     pub created_ms: i64,
     /// When its agent accepted it (the latest attempt), UTC ms.

@@ -10,7 +10,7 @@ use ferry_proto::v1::coordinator_server;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::Coordinator;
+use crate::dispatch::{Coordinator, Selection};
 use crate::model::{Job, JobKind};
 use crate::store::StoreError;
 
@@ -150,8 +150,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 JobKind::Backup,
                 &r.agent,
                 opt(&r.datastore),
-                None,
-                &[],
+                &Selection {
+                    backup_type: opt(&r.backup_type),
+                    ..Selection::default()
+                },
                 "operator",
             )
             .await?;
@@ -171,8 +173,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 JobKind::Restore,
                 &r.agent,
                 opt(&r.datastore),
-                opt(&r.date),
-                &r.namespaces,
+                &Selection {
+                    date: opt(&r.date),
+                    namespaces: &r.namespaces,
+                    backup_type: None,
+                },
                 "operator",
             )
             .await?;

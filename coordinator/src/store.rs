@@ -396,6 +396,7 @@ mod tests {
             trigger: "operator".into(),
             date: None,
             namespaces: Vec::new(),
+            backup_type: None,
             created_ms: n as i64,
             started_ms: None,
             finished_ms: None,

@@ -8,6 +8,8 @@
 //! - [`files`]: a directory tree as a tar stream, restored beside the target and swapped in.
 //! - [`influxdb`]: `influxd backup -portable` as a tar stream, restored into scratch
 //!   databases, checked, then under the target names.
+//! - [`pgbackrest`]: PostgreSQL full and differential backups with pgBackRest, its
+//!   repository pushed to the backup server with rsync; restored with `restore --delta`.
 //! - [`etcd`]: `etcdctl snapshot save`, restored with `etcdctl snapshot restore` into a new
 //!   data directory swapped in while etcd is stopped.
 
@@ -24,6 +26,7 @@ pub mod etcd;
 pub mod files;
 pub mod influxdb;
 pub mod mongodb;
+pub mod pgbackrest;
 pub mod postgres;
 mod tool;
 pub mod tree;
@@ -206,6 +209,8 @@ pub enum DatastoreConfig {
     Etcd(etcd::EtcdConfig),
     /// `kind = "influxdb"`.
     Influxdb(influxdb::InfluxConfig),
+    /// `kind = "pgbackrest"`.
+    Pgbackrest(pgbackrest::PgBackRestConfig),
 }
 
 impl DatastoreConfig {
@@ -217,6 +222,7 @@ impl DatastoreConfig {
             DatastoreConfig::Files(c) => &c.name,
             DatastoreConfig::Etcd(c) => &c.name,
             DatastoreConfig::Influxdb(c) => &c.name,
+            DatastoreConfig::Pgbackrest(c) => &c.name,
         }
     }
 }
@@ -233,6 +239,9 @@ pub enum Datastore {
     Etcd(etcd::Etcd),
     /// InfluxDB 1.x.
     Influxdb(influxdb::Influx),
+    /// PostgreSQL with pgBackRest (differential). It runs its own job path (no
+    /// [`Dumper`] or [`Restorer`]): see [`pgbackrest::PgBackRest::backup`].
+    PgBackRest(pgbackrest::PgBackRest),
 }
 
 /// Builds a datastore for an agent of `role`.
@@ -246,6 +255,9 @@ pub fn build(config: DatastoreConfig, role: Role) -> Result<Datastore, (String, 
         DatastoreConfig::Files(c) => files::Files::build(c, role).map(Datastore::Files),
         DatastoreConfig::Etcd(c) => etcd::Etcd::build(c, role).map(Datastore::Etcd),
         DatastoreConfig::Influxdb(c) => influxdb::Influx::build(c, role).map(Datastore::Influxdb),
+        DatastoreConfig::Pgbackrest(c) => {
+            pgbackrest::PgBackRest::build(c, role).map(Datastore::PgBackRest)
+        }
     }
 }
 
@@ -258,6 +270,7 @@ impl Datastore {
             Datastore::Files(f) => f.name(),
             Datastore::Etcd(e) => e.name(),
             Datastore::Influxdb(i) => i.name(),
+            Datastore::PgBackRest(p) => p.name(),
         }
     }
 
@@ -269,6 +282,7 @@ impl Datastore {
             Datastore::Files(_) => "files",
             Datastore::Etcd(_) => "etcd",
             Datastore::Influxdb(_) => "influxdb",
+            Datastore::PgBackRest(_) => "pgbackrest",
         }
     }
 
@@ -280,6 +294,7 @@ impl Datastore {
             Datastore::Files(f) => f,
             Datastore::Etcd(e) => e,
             Datastore::Influxdb(i) => i,
+            Datastore::PgBackRest(p) => p,
         }
     }
 
@@ -291,6 +306,7 @@ impl Datastore {
             Datastore::Files(f) => f,
             Datastore::Etcd(e) => e,
             Datastore::Influxdb(i) => i,
+            Datastore::PgBackRest(p) => p,
         }
     }
 
@@ -303,6 +319,7 @@ impl Datastore {
             Datastore::Files(f) => f.tool_versions(),
             Datastore::Etcd(e) => e.tool_versions(),
             Datastore::Influxdb(i) => i.tool_versions(),
+            Datastore::PgBackRest(p) => p.tool_versions(),
         }
     }
 
@@ -317,6 +334,7 @@ impl Datastore {
             Datastore::Files(f) => f.check().await,
             Datastore::Etcd(e) => e.check().await,
             Datastore::Influxdb(i) => i.check().await,
+            Datastore::PgBackRest(p) => p.check().await,
         }
     }
 }

@@ -60,9 +60,10 @@ pub struct MirrorManifest {
 
 /// rsync's command line pieces for the backup server: the `-e` SSH command (with the pinned
 /// host key in a temporary known_hosts file, removed on drop) and `user@host:`.
-struct Remote {
+pub(crate) struct Remote {
     ssh: String,
-    prefix: String,
+    /// `user@host:`, to put before a path on the server.
+    pub(crate) prefix: String,
     _known_hosts: tempfile::TempDir,
 }
 
@@ -71,7 +72,8 @@ fn quote(s: &str) -> String {
 }
 
 impl Remote {
-    fn new(server: &SftpConfig) -> std::io::Result<Remote> {
+    /// The SSH command for `server`, its host key written to a temporary known_hosts.
+    pub(crate) fn new(server: &SftpConfig) -> std::io::Result<Remote> {
         let dir = tempfile::Builder::new().prefix("ferry-rsync-").tempdir()?;
         let kh = dir.path().join("known_hosts");
         let key: Vec<&str> = server.host_key.split_whitespace().take(2).collect();
@@ -105,7 +107,7 @@ impl Remote {
     }
 
     /// rsync with the SSH command and the options both directions use.
-    fn rsync(&self) -> tokio::process::Command {
+    pub(crate) fn rsync(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("rsync");
         cmd.args(["-a", "--checksum", "--numeric-ids", "--protect-args"])
             .arg("-e")
@@ -115,7 +117,7 @@ impl Remote {
 }
 
 /// The mirror directory of `name` in `environment`, with a trailing `/`.
-fn mirror_dir(server: &SftpConfig, environment: &str, name: &str) -> String {
+pub(crate) fn mirror_dir(server: &SftpConfig, environment: &str, name: &str) -> String {
     format!(
         "{}/{name}/",
         layout::environment_dir(&server.root, environment)
@@ -174,7 +176,8 @@ fn setup(e: std::io::Error) -> JobError {
     }
 }
 
-async fn run(
+/// Runs `cmd` (killed if the job is cancelled); its stdout.
+pub(crate) async fn run(
     mut cmd: tokio::process::Command,
     progress: &Progress,
 ) -> Result<Vec<u8>, (String, String)> {

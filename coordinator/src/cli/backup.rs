@@ -1,4 +1,4 @@
-//! `ferry backup AGENT [DATASTORE] [--wait]`.
+//! `ferry backup AGENT [DATASTORE] [--type full|diff] [--wait]`.
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -10,13 +10,14 @@ pub(super) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     agent: String,
-    datastore: Option<String>,
+    (datastore, backup_type): (Option<String>, Option<String>),
     wait: bool,
 ) -> anyhow::Result<i32> {
     let ids = client
         .trigger_backup(v1::TriggerBackupRequest {
             agent,
             datastore: datastore.unwrap_or_default(),
+            backup_type: backup_type.unwrap_or_default(),
         })
         .await
         .map_err(status_error)?

@@ -97,6 +97,9 @@ pub enum Command {
         agent: String,
         /// Datastore name.
         datastore: Option<String>,
+        /// `full` or `diff`, for a pgBackRest datastore (needs DATASTORE).
+        #[arg(long = "type", value_parser = ["full", "diff"])]
+        backup_type: Option<String>,
         /// Wait for the end, with progress; exit non-zero if a job fails.
         #[arg(long)]
         wait: bool,
@@ -167,8 +170,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Backup {
             agent,
             datastore,
+            backup_type,
             wait,
-        } => backup::run(&mut client, out, agent, datastore, wait).await,
+        } => backup::run(&mut client, out, agent, (datastore, backup_type), wait).await,
         Command::Restore {
             agent,
             datastore,
