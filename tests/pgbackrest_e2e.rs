@@ -126,8 +126,29 @@ fn pgbackrest_full_then_diff_restores_every_row_into_staging() {
     assert!(starts_encrypted(&repo.join("backup/main/backup.info")));
     assert!(starts_encrypted(&repo.join("archive/main/archive.info")));
 
-    let listed = f.d.ferry_ok(&["backups"]);
-    assert!(listed.contains("pgbackrest"), "{listed}");
+    // `ferry backups` lists the repository's full and diff backups, with sizes and times.
+    let listed = f.d.ferry_json(&["backups"]);
+    let kinds: Vec<&str> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["datastore"] == "pgbr")
+        .map(|b| b["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["pgbackrest diff", "pgbackrest full"], "{listed}");
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["datastore"] == "pgbr")
+            .all(|b| b["size_bytes"].as_u64() > Some(0)
+                && b["stored_path"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("production/pgbr")),
+        "{listed}"
+    );
 
     let out =
         f.d.ferry_ok(&["restore", "pg-stage", "--datastore", "pgbr", "--wait"]);

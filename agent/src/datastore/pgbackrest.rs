@@ -396,7 +396,8 @@ impl PgBackRest {
             bytes_uncompressed: latest.info.size,
             environment: settings.environment.clone(),
             date: finished.format("%Y-%m-%d").to_string(),
-            kind: "pgbackrest".into(),
+            // Shown by `ferry backups`: which backups of the repository are full or diff.
+            kind: format!("pgbackrest {}", latest.kind),
             summary: format!(
                 "pgBackRest {} backup {}{}: {} bytes of database, {} bytes added to the repository",
                 latest.kind,

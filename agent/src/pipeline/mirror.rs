@@ -261,7 +261,7 @@ pub async fn backup(
         bytes_uncompressed: counts.bytes,
         environment: settings.environment.clone(),
         date: manifest.finished.format("%Y-%m-%d").to_string(),
-        kind: "files".into(),
+        kind: "files rsync".into(),
         summary: format!(
             "rsync mirror: {}, {bytes_sent} bytes sent",
             counts.summary()
