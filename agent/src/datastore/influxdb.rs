@@ -423,6 +423,7 @@ impl Restorer for Influx {
                 job_id: job_id.to_owned(),
                 expected,
                 scratch_dbs: Vec::new(),
+                dropped: Vec::new(),
             }) as Box<dyn RestoreSession>)
         }
         .boxed()
@@ -436,6 +437,8 @@ struct InfluxRestore {
     job_id: String,
     expected: InfluxCounts,
     scratch_dbs: Vec<String>,
+    /// Target databases dropped so far.
+    dropped: Vec<String>,
 }
 
 impl InfluxRestore {
@@ -477,13 +480,13 @@ impl InfluxRestore {
     async fn verify(&self, db: &str, name: &str) -> Result<u64, RestoreError> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(SETTLE_SECONDS);
         loop {
-            let got = self
-                .influx
-                .points(name)
-                .await
-                .map_err(RestoreError::Target)?;
-            match self.compare(db, name, &got) {
-                Ok(()) => return Ok(got.values().sum()),
+            // A query may also fail for a moment ("engine is closed") while the shard opens.
+            let checked = match self.influx.points(name).await {
+                Ok(got) => self.compare(db, name, &got).map(|()| got.values().sum()),
+                Err(e) => Err(RestoreError::Target(e)),
+            };
+            match checked {
+                Ok(points) => return Ok(points),
                 Err(e) if std::time::Instant::now() >= deadline => return Err(e),
                 Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
             }
@@ -562,6 +565,7 @@ impl RestoreSession for InfluxRestore {
                     .query(None, &format!("DROP DATABASE \"{target}\""))
                     .await
                     .map_err(RestoreError::Target)?;
+                self.dropped.push(target.clone());
                 let kept = |e: RestoreError| {
                     RestoreError::Target(format!(
                         "{target} was dropped and its restore failed: {e}; the verified data is in the database {scratch}, kept"
@@ -574,6 +578,7 @@ impl RestoreSession for InfluxRestore {
                     .await
                     .map_err(RestoreError::Target)?;
                 summary.push(format!("{target} ({points} points)"));
+                self.dropped.retain(|d| d != &target);
             }
             self.scratch_dbs.clear();
             Ok(format!(
@@ -582,6 +587,15 @@ impl RestoreSession for InfluxRestore {
             ))
         }
         .boxed()
+    }
+
+    fn target_state(&self) -> Option<String> {
+        (!self.dropped.is_empty()).then(|| {
+            format!(
+                "the database(s) {} were dropped and not fully restored; their verified copies are kept as scratch databases",
+                self.dropped.join(", ")
+            )
+        })
     }
 
     fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {

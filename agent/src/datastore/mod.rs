@@ -193,6 +193,11 @@ pub trait RestoreSession: Send {
     fn commit<'a>(&'a mut self, main: &'a Manifest) -> BoxFuture<'a, Result<String, RestoreError>>;
     /// Removes whatever was restored beside the target; the target stays as it was.
     fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()>;
+    /// How the target is if the restore stops now: `None` while it is untouched (the
+    /// default), else a sentence for the operator, e.g. which collections were replaced.
+    fn target_state(&self) -> Option<String> {
+        None
+    }
 }
 
 /// One `[[datastores]]` entry; `kind` picks the module.

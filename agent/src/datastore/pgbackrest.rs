@@ -431,10 +431,10 @@ impl PgBackRest {
                 self.cfg.name
             )));
         }
-        let failed = |source: RestoreError, target_state: &'static str| JobError::Restore {
+        let failed = |source: RestoreError, target_state: &str| JobError::Restore {
             datastore: self.cfg.name.clone(),
             source,
-            target_state,
+            target_state: target_state.to_owned(),
         };
         let untouched = "the target was left as it was";
         let env = settings

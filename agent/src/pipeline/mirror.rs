@@ -303,7 +303,7 @@ pub async fn restore(
     let failed = |source: RestoreError| JobError::Restore {
         datastore: cfg.name.clone(),
         source,
-        target_state: "the target was left as it was",
+        target_state: "the target was left as it was".into(),
     };
     let tool = RestoreError::tool;
     let remote = Remote::new(server).map_err(setup)?;

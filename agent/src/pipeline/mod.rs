@@ -75,8 +75,8 @@ pub enum JobError {
         /// What failed.
         #[source]
         source: RestoreError,
-        /// Whether the target was left as it was.
-        target_state: &'static str,
+        /// Whether the target was left as it was, or how it was changed.
+        target_state: String,
     },
     /// The stages failed (compression, encryption, local I/O).
     #[error("{stage} failed: {source}")]
@@ -615,10 +615,10 @@ pub async fn restore(
         .last()
         .expect("a backup has a main part")
         .clone();
-    let restore_err = |source: RestoreError, target_state: &'static str| JobError::Restore {
+    let restore_err = |source: RestoreError, target_state: &str| JobError::Restore {
         datastore: datastore.name().to_owned(),
         source,
-        target_state,
+        target_state: target_state.to_owned(),
     };
     const UNTOUCHED: &str = "the target was left as it was";
     let mut session = datastore
@@ -631,11 +631,23 @@ pub async fn restore(
     let result = match result {
         Ok(()) => {
             progress.set_stage("commit");
-            session
-                .commit(&main)
-                .await
-                .map_err(|e| restore_err(e, UNTOUCHED))
+            let committed = session.commit(&main).await;
+            committed.map_err(|e| {
+                let state = session.target_state();
+                restore_err(e, state.as_deref().unwrap_or(UNTOUCHED))
+            })
         }
+        // A failure while the parts streamed: the session says whether it had begun to
+        // change the target.
+        Err(JobError::Restore {
+            datastore,
+            source,
+            target_state,
+        }) => Err(JobError::Restore {
+            datastore,
+            source,
+            target_state: session.target_state().unwrap_or(target_state),
+        }),
         Err(e) => Err(e),
     };
     match result {
@@ -671,7 +683,7 @@ async fn restore_files(
             .map_err(|source| JobError::Restore {
                 datastore: manifest.datastore.clone(),
                 source,
-                target_state: "the target was left as it was",
+                target_state: "the target was left as it was".into(),
             })?;
         let settings2 = settings.clone();
         let mut writer = sink.writer;
@@ -702,7 +714,7 @@ async fn restore_files(
                 return Err(JobError::Restore {
                     datastore: manifest.datastore.clone(),
                     source,
-                    target_state: "the target was left as it was",
+                    target_state: "the target was left as it was".into(),
                 });
             }
             (Err(e), Ok(())) => {

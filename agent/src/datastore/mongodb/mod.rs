@@ -574,6 +574,7 @@ impl Restorer for Mongo {
                 mongo: self.clone(),
                 client,
                 only: namespaces.to_vec(),
+                replaced: Replaced::default(),
             }) as Box<dyn RestoreSession>)
         }
         .boxed()
@@ -586,7 +587,12 @@ struct MongoRestore {
     client: Client,
     /// Only these `db.collection` namespaces; all when empty.
     only: Vec<String>,
+    /// Target namespaces dropped and recreated so far (the restore is in place).
+    replaced: Replaced,
 }
+
+/// The target namespaces a restore has dropped so far, shared with its applier task.
+type Replaced = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 
 #[derive(Debug, Default)]
 struct RestoreStats {
@@ -625,9 +631,14 @@ async fn prepare_namespace(
     client: &Client,
     target_db: &str,
     m: &CollectionMetadata,
+    replaced: &Replaced,
 ) -> Result<(), RestoreError> {
     let meta = parse_metadata(m)?;
     let db = client.database(target_db);
+    replaced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(format!("{target_db}.{}", m.collection));
     db.collection::<Document>(&m.collection)
         .drop()
         .await
@@ -763,6 +774,7 @@ async fn apply_items(
     prelude: Vec<CollectionMetadata>,
     mut items: mpsc::Receiver<Vec<Item>>,
     only: Vec<String>,
+    replaced: Replaced,
 ) -> Result<RestoreStats, RestoreError> {
     let meta: HashMap<Namespace, CollectionMetadata> = prelude
         .iter()
@@ -789,7 +801,7 @@ async fn apply_items(
                         ns.0, ns.1
                     ))
                 })?;
-                prepare_namespace(&client, &mongo.target_db(&ns.0), m).await?;
+                prepare_namespace(&client, &mongo.target_db(&ns.0), m, &replaced).await?;
                 prepared.insert(ns.clone());
             }
             match item {
@@ -829,7 +841,7 @@ async fn apply_items(
         .iter()
         .filter(|m| m.kind == "view" && wanted(&m.db, &m.collection))
     {
-        prepare_namespace(&client, &mongo.target_db(&m.db), m).await?;
+        prepare_namespace(&client, &mongo.target_db(&m.db), m, &replaced).await?;
     }
     Ok(stats)
 }
@@ -880,11 +892,12 @@ impl RestoreSession for MongoRestore {
             let mongo = self.mongo.clone();
             let client = self.client.clone();
             let only = self.only.clone();
+            let replaced = self.replaced.clone();
             let applier = tokio::spawn(async move {
                 let prelude = prelude_rx.await.map_err(|_| {
                     RestoreError::Manifest("the archive has no readable prelude".into())
                 })?;
-                apply_items(mongo, client, prelude, item_rx, only).await
+                apply_items(mongo, client, prelude, item_rx, only, replaced).await
             });
             let finish = async move {
                 let parsed = parser.await.map_err(tgt)?;
@@ -954,6 +967,16 @@ impl RestoreSession for MongoRestore {
             ))
         }
         .boxed()
+    }
+
+    fn target_state(&self) -> Option<String> {
+        let replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
+        (!replaced.is_empty()).then(|| {
+            format!(
+                "the restore is in place: these namespaces were dropped and are partly restored: {}; the others are as they were",
+                replaced.join(", ")
+            )
+        })
     }
 
     fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {
