@@ -341,3 +341,48 @@ fn rsync_mirror_sends_only_changes_and_restores_the_latest_state() {
         "{out:?}"
     );
 }
+
+#[test]
+fn upload_rate_is_held_to_max_upload_bytes_per_second() {
+    let mut source = None;
+    let d = Deployment::start_with("SELECT 1", |d| {
+        let dir = d.dir.path().join("blobs");
+        fs::create_dir_all(&dir).unwrap();
+        let config = fs::read_to_string(&d.prod_config).unwrap().replace(
+            "[backup_server]\n",
+            "[backup_server]\nmax_upload_bytes_per_second = 1048576\n",
+        );
+        fs::write(&d.prod_config, config).unwrap();
+        append(
+            &d.prod_config,
+            &format!(
+                "[[datastores]]\nname = \"blobs\"\nkind = \"files\"\npath = \"{}\"\n",
+                dir.display()
+            ),
+        );
+        source = Some(dir);
+    });
+    // 3 MiB that zstd cannot shrink.
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let data: Vec<u8> = (0..3 * 1024 * 1024 / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    fs::write(source.unwrap().join("random.bin"), &data).unwrap();
+    let started = std::time::Instant::now();
+    d.ferry_ok(&["backup", "pg-prod", "blobs", "--wait"]);
+    let elapsed = started.elapsed();
+    let (name, _) = d.todays_backup("blobs", "tar.zst.age");
+    let stored = fs::metadata(d.sshd.root().join(name)).unwrap().len();
+    assert!(stored > 3 * 1024 * 1024, "{stored}");
+    // A lower bound only: a loaded machine makes it slower, never faster.
+    let floor = std::time::Duration::from_secs_f64(stored as f64 / 1_048_576.0 * 0.9);
+    assert!(
+        elapsed >= floor,
+        "{stored} bytes uploaded in {elapsed:?} despite a limit of 1 MiB/s"
+    );
+}

@@ -380,7 +380,7 @@ impl PgBackRest {
             source: e,
         })?;
         let dest = self.remote_dir(settings, &settings.environment);
-        let mut cmd = remote.rsync();
+        let mut cmd = remote.rsync_up();
         cmd.args(["--delete", "--mkpath"])
             .arg(format!("{}/", self.cfg.repo_dir.display()))
             .arg(format!("{}{dest}", remote.prefix));

@@ -64,6 +64,8 @@ pub(crate) struct Remote {
     ssh: String,
     /// `user@host:`, to put before a path on the server.
     pub(crate) prefix: String,
+    /// `max_upload_bytes_per_second`, for `--bwlimit` on uploads.
+    bwlimit: Option<u64>,
     _known_hosts: tempfile::TempDir,
 }
 
@@ -102,8 +104,19 @@ impl Remote {
         Ok(Remote {
             ssh,
             prefix: format!("{}@{}:", server.user, server.host),
+            bwlimit: server.max_upload_bytes_per_second,
             _known_hosts: dir,
         })
+    }
+
+    /// rsync for an upload: [`Remote::rsync`] with `--bwlimit` if the agent has a limit.
+    pub(crate) fn rsync_up(&self) -> tokio::process::Command {
+        let mut cmd = self.rsync();
+        if let Some(rate) = self.bwlimit {
+            // rsync's unit is KiB/s; at least 1.
+            cmd.arg(format!("--bwlimit={}", (rate / 1024).max(1)));
+        }
+        cmd
     }
 
     /// rsync with the SSH command and the options both directions use.
@@ -206,7 +219,7 @@ pub async fn backup(
     let remote = Remote::new(server).map_err(setup)?;
     let dest = mirror_dir(server, &settings.environment, &cfg.name);
     progress.set_stage("rsync");
-    let mut cmd = remote.rsync();
+    let mut cmd = remote.rsync_up();
     cmd.args(["--delete", "--stats", "--mkpath"])
         .arg(format!("--filter=P /{MANIFEST}"))
         .arg(format!("--filter=- /{MANIFEST}"));

@@ -42,6 +42,10 @@ pub struct SftpConfig {
     /// A read or write that makes no progress for this long fails the job, seconds.
     #[serde(default = "default_io_timeout")]
     pub io_timeout_seconds: u64,
+    /// Upper bound on this agent's upload rate to the backup server, bytes per second
+    /// (SFTP uploads, and rsync's `--bwlimit` for mirrors and pgBackRest repositories), so
+    /// a backup does not saturate a production host's uplink. Unlimited if absent.
+    pub max_upload_bytes_per_second: Option<u64>,
 }
 
 fn default_port() -> u16 {
@@ -165,6 +169,7 @@ impl SftpConfig {
             addr,
             root: self.root.trim_end_matches('/').to_owned(),
             sftp,
+            limit: self.max_upload_bytes_per_second,
             _session: session,
         })
     }
@@ -175,7 +180,15 @@ pub struct SftpSession {
     addr: String,
     root: String,
     sftp: Sftp,
+    limit: Option<u64>,
     _session: Session,
+}
+
+/// Paces writes to at most `rate` bytes per second on average since `start`: returns how
+/// long to wait after `sent` bytes.
+fn pace(rate: u64, sent: u64, elapsed: Duration) -> Duration {
+    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+    due.saturating_sub(elapsed)
 }
 
 /// SFTP status `SSH_FX_NO_SUCH_FILE`.
@@ -262,10 +275,24 @@ impl Uploader for SftpSession {
             )
             .map_err(|e| self.err("create", &partial, e))?;
         let mut sent = 0u64;
+        let started = std::time::Instant::now();
         for chunk in chunks.iter() {
-            remote
-                .write_all(&chunk)
-                .map_err(|e| self.err("write", &partial, e))?;
+            match self.limit {
+                None => remote
+                    .write_all(&chunk)
+                    .map_err(|e| self.err("write", &partial, e))?,
+                Some(rate) => {
+                    // Pieces of a tenth of a second's worth, each written when it is due.
+                    let piece = usize::try_from(rate / 10).unwrap_or(usize::MAX).max(4096);
+                    for (i, part) in chunk.chunks(piece).enumerate() {
+                        let before = sent + (i * piece) as u64;
+                        std::thread::sleep(pace(rate, before, started.elapsed()));
+                        remote
+                            .write_all(part)
+                            .map_err(|e| self.err("write", &partial, e))?;
+                    }
+                }
+            }
             sent += chunk.len() as u64;
             crate::pipeline::chunks::recycle(chunk);
         }
@@ -383,5 +410,17 @@ impl Downloader for SftpSession {
                 return Ok(total);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pace_waits_until_the_bytes_are_due() {
+        assert_eq!(pace(1000, 500, Duration::ZERO), Duration::from_millis(500));
+        assert_eq!(pace(1000, 500, Duration::from_secs(1)), Duration::ZERO);
+        assert_eq!(pace(0, 0, Duration::ZERO), Duration::ZERO);
     }
 }
