@@ -70,15 +70,7 @@ fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
 fn seed(root: &Path) {
     let obj = root.join("photos/2026/cat.jpg");
     fs::create_dir_all(&obj).unwrap();
-    let mut x = 0x2545_F491_4F6C_DD1Du64;
-    let big: Vec<u8> = (0..5 * 1024 * 1024 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let big = incompressible(5 * 1024 * 1024, 0x2545_F491_4F6C_DD1D);
     fs::write(obj.join("part.1"), &big).unwrap();
     fs::write(obj.join("xl.meta"), b"XL2 1 meta").unwrap();
     fs::create_dir_all(root.join("docs")).unwrap();
@@ -363,15 +355,7 @@ fn upload_rate_is_held_to_max_upload_bytes_per_second() {
         source = Some(dir);
     });
     // 3 MiB that zstd cannot shrink.
-    let mut x = 0x9E37_79B9_7F4A_7C15u64;
-    let data: Vec<u8> = (0..3 * 1024 * 1024 / 8)
-        .flat_map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x.to_le_bytes()
-        })
-        .collect();
+    let data = incompressible(3 * 1024 * 1024, 0x9E37_79B9_7F4A_7C15);
     fs::write(source.unwrap().join("random.bin"), &data).unwrap();
     let started = std::time::Instant::now();
     d.ferry_ok(&["backup", "pg-prod", "blobs", "--wait"]);

@@ -317,6 +317,20 @@ pub fn output_within(cmd: &mut Command, stdin: &[u8], timeout: Duration) -> Outp
     }
 }
 
+/// `len` bytes (rounded down to 8) that compressors cannot shrink, the same for the same
+/// `seed` (xorshift64).
+pub fn incompressible(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect()
+}
+
 /// Today's date in UTC, `YYYY-MM-DD`: the dated directory a backup made now goes to.
 pub fn today_utc() -> String {
     run_ok(Command::new("date").args(["-u", "+%Y-%m-%d"]))
