@@ -54,6 +54,14 @@ pub struct Selection<'a> {
     pub backup_type: Option<&'a str>,
 }
 
+/// An audit outcome for a trigger: `ok: jobs A, B` or `refused: why`.
+pub fn trigger_outcome(r: &Result<Vec<String>, DispatchError>) -> String {
+    match r {
+        Ok(ids) => format!("ok: jobs {}", ids.join(", ")),
+        Err(e) => format!("refused: {e}"),
+    }
+}
+
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
 pub struct Coordinator {
     /// Validated settings.
@@ -82,6 +90,22 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Coordinator {
+    /// Appends to the audit log ([`crate::audit`]); a store failure is logged as an error
+    /// (the command itself already happened).
+    pub async fn audit(&self, who: &str, action: &str, target: &str, outcome: &str) {
+        let store = self.store.clone();
+        let (who, action, target, outcome) = (
+            who.to_owned(),
+            action.to_owned(),
+            target.to_owned(),
+            outcome.to_owned(),
+        );
+        if let Err(e) = blocking(move || store.append_audit(&who, &action, &target, &outcome)).await
+        {
+            tracing::error!(error = %e, "Could not append to the audit log.");
+        }
+    }
+
     async fn put(&self, job: &Job) {
         let store = self.store.clone();
         let job = job.clone();
@@ -270,6 +294,13 @@ impl Coordinator {
                     );
                     job.result = Some(result);
                     self.put(&job).await;
+                    self.audit(
+                        "coordinator",
+                        &format!("{} finished", job.kind),
+                        &format!("{} {}/{}", job.id, job.agent, job.datastore),
+                        "succeeded",
+                    )
+                    .await;
                     self.event(&job, summary).await;
                     return;
                 }
@@ -301,6 +332,13 @@ impl Coordinator {
                     job.state = JobState::Failed;
                     job.finished_ms = Some(ferry_proto::now_unix_ms());
                     self.put(&job).await;
+                    self.audit(
+                        "coordinator",
+                        &format!("{} finished", job.kind),
+                        &format!("{} {}/{}", job.id, job.agent, job.datastore),
+                        &format!("failed: {message}"),
+                    )
+                    .await;
                     self.event(&job, format!("Failed (attempt {}): {message}", job.attempt))
                         .await;
                     return;
@@ -328,6 +366,13 @@ impl Coordinator {
                 };
             }
         };
+        self.audit(
+            "coordinator",
+            &format!("order {}", job.kind),
+            &format!("{} {}/{}", job.id, job.agent, job.datastore),
+            &format!("sent (attempt {})", job.attempt),
+        )
+        .await;
         let timeout = self.settings.agent_timeout;
         let call = async {
             match job.kind {
@@ -507,7 +552,7 @@ impl Coordinator {
                         _ = tokio::time::sleep(wait) => {}
                         _ = this.shutdown.cancelled() => return,
                     }
-                    if let Err(e) = this
+                    let triggered = this
                         .trigger(
                             schedule.kind,
                             &schedule.agent,
@@ -518,8 +563,20 @@ impl Coordinator {
                             },
                             "schedule",
                         )
-                        .await
-                    {
+                        .await;
+                    let target = format!(
+                        "{}/{}",
+                        schedule.agent,
+                        schedule.datastore.as_deref().unwrap_or("*")
+                    );
+                    this.audit(
+                        "schedule",
+                        &format!("trigger {}", schedule.kind),
+                        &target,
+                        &trigger_outcome(&triggered),
+                    )
+                    .await;
+                    if let Err(e) = triggered {
                         tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,
                             error_type = "schedule", "Scheduled run could not start.");
                     }

@@ -19,6 +19,7 @@ use ferry_proto::v1::coordinator_server::CoordinatorServer;
 use tokio_util::sync::CancellationToken;
 
 pub mod agents;
+pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod convert;

@@ -10,7 +10,7 @@ use ferry_proto::v1::coordinator_server;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{Coordinator, Selection};
+use crate::dispatch::{Coordinator, Selection, trigger_outcome};
 use crate::model::{Job, JobKind};
 use crate::store::StoreError;
 
@@ -46,11 +46,21 @@ impl CoordinatorService {
     }
 }
 
+/// Who sent `request`: the common name of its client certificate (mTLS is mandatory, so
+/// there is one), else its address.
 fn peer_name<T>(request: &Request<T>) -> String {
-    request
-        .remote_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_else(|| "unknown".into())
+    let cn = request.peer_certs().and_then(|certs| {
+        let der = certs.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+        let cn = cert.subject().iter_common_name().next()?;
+        cn.as_str().ok().map(str::to_owned)
+    });
+    cn.unwrap_or_else(|| {
+        request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|| "unknown".into())
+    })
 }
 
 fn opt(s: &str) -> Option<&str> {
@@ -144,7 +154,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let who = peer_name(&request);
         let r = request.into_inner();
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, "Backup requested.");
-        let job_ids = self
+        let triggered = self
             .coordinator
             .trigger(
                 JobKind::Backup,
@@ -156,8 +166,26 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 },
                 "operator",
             )
-            .await?;
-        Ok(Response::new(v1::TriggerResponse { job_ids }))
+            .await;
+        let target = format!(
+            "{}/{}{}",
+            r.agent,
+            opt(&r.datastore).unwrap_or("*"),
+            opt(&r.backup_type)
+                .map(|t| format!(" type {t}"))
+                .unwrap_or_default()
+        );
+        self.coordinator
+            .audit(
+                &who,
+                "trigger backup",
+                &target,
+                &trigger_outcome(&triggered),
+            )
+            .await;
+        Ok(Response::new(v1::TriggerResponse {
+            job_ids: triggered?,
+        }))
     }
 
     async fn trigger_restore(
@@ -167,7 +195,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let who = peer_name(&request);
         let r = request.into_inner();
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, date = %r.date, "Restore requested.");
-        let job_ids = self
+        let triggered = self
             .coordinator
             .trigger(
                 JobKind::Restore,
@@ -180,8 +208,37 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 },
                 "operator",
             )
-            .await?;
-        Ok(Response::new(v1::TriggerResponse { job_ids }))
+            .await;
+        let mut target = format!("{}/{}", r.agent, opt(&r.datastore).unwrap_or("*"));
+        if let Some(d) = opt(&r.date) {
+            target.push_str(&format!(" date {d}"));
+        }
+        if !r.namespaces.is_empty() {
+            target.push_str(&format!(" ns {}", r.namespaces.join(",")));
+        }
+        self.coordinator
+            .audit(
+                &who,
+                "trigger restore",
+                &target,
+                &trigger_outcome(&triggered),
+            )
+            .await;
+        Ok(Response::new(v1::TriggerResponse {
+            job_ids: triggered?,
+        }))
+    }
+
+    async fn list_audit(
+        &self,
+        request: Request<v1::ListAuditRequest>,
+    ) -> Result<Response<v1::ListAuditResponse>, Status> {
+        let limit = request.into_inner().limit;
+        let limit = (limit > 0).then_some(limit as usize);
+        let entries = self.store(move |s| s.list_audit(limit)).await?;
+        Ok(Response::new(v1::ListAuditResponse {
+            entries: entries.into_iter().map(Into::into).collect(),
+        }))
     }
 
     async fn list_backups(

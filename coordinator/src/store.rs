@@ -9,12 +9,14 @@
 //!   so `ferry status` is two point lookups per datastore whatever the history size.
 //! - `events`: (job id, sequence) → [`JobEventRecord`].
 //! - `backups`: `<finished ms, 20 digits>\0<job id>` → [`BackupRecord`].
+//! - `audit`: sequence number → [`AuditEntry`], hash-chained ([`crate::audit`]).
 
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use crate::audit::AuditEntry;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobState};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -22,6 +24,8 @@ const UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("unfinished")
 const LATEST: TableDefinition<&str, &[u8]> = TableDefinition::new("latest");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+/// The audit log's table: its name and types are part of the file format.
+pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
 /// A store operation that failed.
 #[derive(Debug, thiserror::Error)]
@@ -106,6 +110,23 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`].
     fn latest_jobs(&self, agent: &str, datastore: &str) -> Result<LatestJobs, StoreError>;
+    /// Appends an audit entry after the newest one, in one transaction (so two appends
+    /// never chain to the same predecessor); returns it.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn append_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+    ) -> Result<AuditEntry, StoreError>;
+    /// The audit log, oldest first; the newest `limit` entries if given.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn list_audit(&self, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError>;
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -153,6 +174,7 @@ impl RedbStore {
             tx.open_table(LATEST)?;
             tx.open_table(EVENTS)?;
             tx.open_table(BACKUPS)?;
+            tx.open_table(AUDIT)?;
             Ok(())
         })?;
         Ok(store)
@@ -377,6 +399,47 @@ impl Store for RedbStore {
         let last_success = jobs.pop().flatten();
         let last = jobs.pop().flatten();
         Ok(LatestJobs { last, last_success })
+    }
+
+    fn append_audit(
+        &self,
+        who: &str,
+        action: &str,
+        target: &str,
+        outcome: &str,
+    ) -> Result<AuditEntry, StoreError> {
+        let at = ferry_proto::now_unix_ms();
+        self.write("append audit", |tx| {
+            let mut t = tx.open_table(AUDIT)?;
+            let prev: Option<AuditEntry> = match t.last()? {
+                Some((_, v)) => Some(serde_json::from_slice(v.value()).map_err(|e| {
+                    redb::Error::from(redb::StorageError::Corrupted(format!(
+                        "the newest audit entry is unreadable: {e}"
+                    )))
+                })?),
+                None => None,
+            };
+            let entry = AuditEntry::next(prev.as_ref(), at, who, action, target, outcome);
+            let value = serde_json::to_vec(&entry).expect("an entry always serializes");
+            t.insert(entry.seq, value.as_slice())?;
+            Ok(entry)
+        })
+    }
+
+    fn list_audit(&self, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError> {
+        let raw: Vec<(u64, Vec<u8>)> = self.read("list audit", |tx| {
+            let t = tx.open_table(AUDIT)?;
+            let mut out = Vec::new();
+            for entry in t.iter()?.rev().take(limit.unwrap_or(usize::MAX)) {
+                let (k, v) = entry?;
+                out.push((k.value(), v.value().to_vec()));
+            }
+            out.reverse();
+            Ok(out)
+        })?;
+        raw.into_iter()
+            .map(|(k, v)| self.decode(&k.to_string(), &v))
+            .collect()
     }
 }
 

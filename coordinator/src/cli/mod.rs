@@ -10,6 +10,7 @@ use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint};
 
 mod agents;
+mod audit;
 mod backup;
 mod backups;
 mod format;
@@ -84,6 +85,16 @@ pub enum Command {
     Job {
         /// The job id.
         id: String,
+    },
+    /// The audit log: every operator command and every order, who, what, when, outcome.
+    Audit {
+        /// The newest this many entries (0 for all).
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Check the whole hash chain instead; exit 1 if an entry was edited, removed or
+        /// reordered.
+        #[arg(long)]
+        verify: bool,
     },
     /// Stored backups, newest first.
     Backups {
@@ -167,6 +178,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Jobs { limit } => jobs::run(&mut client, out, limit).await,
         Command::Job { id } => job::run(&mut client, out, &id).await,
         Command::Backups { environment } => backups::run(&mut client, out, environment).await,
+        Command::Audit { limit, verify } => audit::run(&mut client, out, limit, verify).await,
         Command::Backup {
             agent,
             datastore,
