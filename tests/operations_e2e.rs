@@ -74,3 +74,76 @@ fn audit_log_records_commands_and_orders_and_detects_an_edited_entry() {
         "{text}"
     );
 }
+
+/// `GET /metrics` on 127.0.0.1:`port`: (status line, body).
+fn scrape(port: u16) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_owned(), body.to_owned())
+}
+
+#[test]
+fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
+    let port = free_port();
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        std::fs::write(
+            &d.coordinator_config,
+            format!("metrics_listen = \"127.0.0.1:{port}\"\n{text}"),
+        )
+        .unwrap();
+    });
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    let refused = d.ferry(&["restore", "pg-stage", "--date", "2001-01-01", "--wait"]);
+    assert!(!refused.status.success());
+
+    let (status, body) = scrape(port);
+    assert!(status.contains("200"), "{status}");
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let value = |metric: &str, agent: &str, kind: &str| {
+        scrape
+            .samples
+            .iter()
+            .find(|s| {
+                s.metric == metric
+                    && s.labels.get("agent") == Some(agent)
+                    && s.labels.get("kind") == Some(kind)
+                    && s.labels.get("datastore") == Some("postgres")
+            })
+            .map(|s| match s.value {
+                prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => f64::NAN,
+            })
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let backed_up = value("ferry_last_success_timestamp_seconds", "pg-prod", "backup")
+        .unwrap_or_else(|| panic!("no last success series:\n{body}"));
+    assert!((now - backed_up).abs() < 300.0, "{backed_up} vs {now}");
+    assert!(value("ferry_last_success_stored_bytes", "pg-prod", "backup").unwrap() > 1000.0);
+    assert!(value("ferry_last_success_duration_seconds", "pg-stage", "restore").unwrap() > 0.0);
+    // The newest staging job is the refused date: it failed.
+    assert_eq!(
+        value("ferry_last_job_succeeded", "pg-stage", "restore"),
+        Some(0.0)
+    );
+    let jobs = |kind: &str, outcome: &str| {
+        scrape.samples.iter().find(|s| {
+            s.metric == "ferry_jobs_total"
+                && s.labels.get("kind") == Some(kind)
+                && s.labels.get("outcome") == Some(outcome)
+        })
+    };
+    assert!(jobs("backup", "succeeded").is_some(), "{body}");
+    assert!(jobs("restore", "failed").is_some(), "{body}");
+}

@@ -135,6 +135,8 @@ pub struct ScheduleEntry {
 pub struct CoordinatorConfig {
     /// gRPC listen address for the CLI.
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `GET /metrics` (plain HTTP); not served if absent.
+    pub metrics_listen: Option<SocketAddr>,
     /// The redb file holding jobs and the catalog.
     pub store: PathBuf,
     /// A running job whose agent sends nothing for this long is failed, seconds.
@@ -221,6 +223,8 @@ pub struct Schedule {
 pub struct Settings {
     /// gRPC listen address.
     pub listen: SocketAddr,
+    /// `GET /metrics` address, if served.
+    pub metrics_listen: Option<SocketAddr>,
     /// Store file.
     pub store: PathBuf,
     /// Silence after which a running job is failed.
@@ -399,6 +403,7 @@ impl CoordinatorConfig {
         }
         Ok(Settings {
             listen: self.listen,
+            metrics_listen: self.metrics_listen,
             store: self.store,
             agent_timeout: std::time::Duration::from_secs(self.agent_timeout_seconds),
             tls: TlsFiles {

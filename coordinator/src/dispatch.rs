@@ -72,6 +72,8 @@ pub struct Coordinator {
     pub agents: Arc<AgentPool>,
     /// Cancelled at shutdown.
     pub shutdown: CancellationToken,
+    /// Counters for `/metrics`.
+    pub counters: crate::metrics::Counters,
 }
 
 /// Where one attempt ended.
@@ -104,6 +106,51 @@ impl Coordinator {
         {
             tracing::error!(error = %e, "Could not append to the audit log.");
         }
+    }
+
+    /// Every (agent, datastore) the coordinator knows of (described by the agent or named
+    /// by a schedule) with its newest jobs, in inventory order.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn datastore_states(
+        &self,
+    ) -> Result<Vec<(crate::config::Agent, String, crate::store::LatestJobs)>, DispatchError> {
+        let mut pairs = Vec::new();
+        for a in self.agents.all() {
+            let mut names: Vec<String> = self
+                .agents
+                .state(&a.id)
+                .described
+                .map(|d| d.datastores.into_iter().map(|d| d.name).collect())
+                .unwrap_or_default();
+            for s in self.settings.schedules.iter().filter(|s| s.agent == a.id) {
+                if let Some(d) = &s.datastore
+                    && !names.contains(d)
+                {
+                    names.push(d.clone());
+                }
+            }
+            for n in names {
+                pairs.push((a.clone(), n));
+            }
+        }
+        let keys: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(a, n)| (a.id.clone(), n.clone()))
+            .collect();
+        let store = self.store.clone();
+        let latest = blocking(move || {
+            keys.iter()
+                .map(|(a, n)| store.latest_jobs(a, n))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await?;
+        Ok(pairs
+            .into_iter()
+            .zip(latest)
+            .map(|((a, n), l)| (a, n, l))
+            .collect())
     }
 
     async fn put(&self, job: &Job) {
@@ -294,6 +341,7 @@ impl Coordinator {
                     );
                     job.result = Some(result);
                     self.put(&job).await;
+                    self.counters.job_finished(&job);
                     self.audit(
                         "coordinator",
                         &format!("{} finished", job.kind),
@@ -332,6 +380,7 @@ impl Coordinator {
                     job.state = JobState::Failed;
                     job.finished_ms = Some(ferry_proto::now_unix_ms());
                     self.put(&job).await;
+                    self.counters.job_finished(&job);
                     self.audit(
                         "coordinator",
                         &format!("{} finished", job.kind),

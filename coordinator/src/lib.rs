@@ -24,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod dispatch;
+pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod service;
@@ -53,8 +54,19 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         store,
         agents: agents.clone(),
         shutdown: shutdown.clone(),
+        counters: metrics::Counters::default(),
     });
     coordinator.fail_orphans().await;
+    if let Some(addr) = coordinator.settings.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("metrics_listen {addr}"))?;
+        tokio::spawn(metrics::serve(
+            coordinator.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+    }
     let refresh = tokio::spawn(agents.refresh_loop(DESCRIBE_INTERVAL, shutdown.clone()));
     let schedules = tokio::spawn(coordinator.clone().run_schedules());
     tracing::info!(%listen, agents = coordinator.settings.agents.len(),

@@ -257,40 +257,13 @@ impl coordinator_server::Coordinator for CoordinatorService {
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let c = &self.coordinator;
-        let mut pairs = Vec::new();
-        for a in c.agents.all() {
-            let mut names: Vec<String> = c
-                .agents
-                .state(&a.id)
-                .described
-                .map(|d| d.datastores.into_iter().map(|d| d.name).collect())
-                .unwrap_or_default();
-            for s in c.settings.schedules.iter().filter(|s| s.agent == a.id) {
-                if let Some(d) = &s.datastore
-                    && !names.contains(d)
-                {
-                    names.push(d.clone());
-                }
-            }
-            for n in names {
-                pairs.push((a.clone(), n));
-            }
-        }
-        let keys: Vec<(String, String)> = pairs
-            .iter()
-            .map(|(a, n)| (a.id.clone(), n.clone()))
-            .collect();
-        let latest = self
-            .store(move |s| {
-                keys.iter()
-                    .map(|(a, n)| s.latest_jobs(a, n))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .await?;
-        let datastores = pairs
+        let states = c
+            .datastore_states()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        let datastores = states
             .into_iter()
-            .zip(latest)
-            .map(|((a, n), l)| v1::DatastoreStatus {
+            .map(|(a, n, l)| v1::DatastoreStatus {
                 environment: a.environment.clone(),
                 agent: a.id.clone(),
                 next_run_unix_ms: c.next_run(&a.id, &n).unwrap_or_default(),

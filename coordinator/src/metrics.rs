@@ -1,0 +1,181 @@
+//! Prometheus metrics on `GET /metrics` (text exposition format 0.0.4, written by
+//! `prometheus-client`; <https://prometheus.io/docs/instrumenting/exposition_formats/>),
+//! served over plain HTTP on `metrics_listen` when it is configured. Bind it to an address
+//! only the Prometheus server reaches: it names hosts, datastores and sizes.
+//!
+//! Series (labels `environment`, `agent`, `datastore`; `kind` is `backup` or `restore`):
+//! - `ferry_last_success_timestamp_seconds`: when the newest succeeded job finished (UTC).
+//! - `ferry_last_success_duration_seconds`: how long it ran on the agent (for a staging
+//!   restore, the restore time objective measured).
+//! - `ferry_last_success_stored_bytes`: its stored size.
+//! - `ferry_last_job_succeeded`: 1 if the newest job succeeded, 0 if it failed (absent
+//!   while one runs or before the first).
+//! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started.
+//!
+//! The per-datastore series are read from the store at each scrape (two point lookups per
+//! datastore), so they survive a restart; the counter counts from the start.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+use crate::dispatch::Coordinator;
+use crate::model::{Job, JobState};
+
+/// Labels of the per-datastore series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DatastoreLabels {
+    environment: String,
+    agent: String,
+    datastore: String,
+    kind: String,
+}
+
+/// Labels of `ferry_jobs_total`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct JobLabels {
+    /// `backup` or `restore`.
+    pub kind: String,
+    /// `succeeded` or `failed`.
+    pub outcome: String,
+}
+
+/// The coordinator's counters (kept for the process's life).
+#[derive(Clone, Debug, Default)]
+pub struct Counters {
+    /// Jobs finished, by kind and outcome.
+    pub jobs: Family<JobLabels, Counter>,
+}
+
+impl Counters {
+    /// Counts a job that reached a final state.
+    pub fn job_finished(&self, job: &Job) {
+        let outcome = match job.state {
+            JobState::Succeeded => "succeeded",
+            _ => "failed",
+        };
+        self.jobs
+            .get_or_create(&JobLabels {
+                kind: job.kind.to_string(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+}
+
+/// Renders the metrics text for one scrape.
+///
+/// # Errors
+/// The store cannot be read.
+pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
+    let states = c.datastore_states().await.map_err(|e| e.to_string())?;
+    let last_success =
+        Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let duration = Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let stored = Family::<DatastoreLabels, Gauge>::default();
+    let succeeded = Family::<DatastoreLabels, Gauge>::default();
+    for (agent, datastore, latest) in &states {
+        let labels = |job: &Job| DatastoreLabels {
+            environment: agent.environment.clone(),
+            agent: agent.id.clone(),
+            datastore: datastore.clone(),
+            kind: job.kind.to_string(),
+        };
+        if let Some(job) = &latest.last_success {
+            let l = labels(job);
+            last_success
+                .get_or_create(&l)
+                .set(job.finished_ms.unwrap_or_default() as f64 / 1000.0);
+            if let Some(r) = &job.result {
+                duration
+                    .get_or_create(&l)
+                    .set(r.duration_ms as f64 / 1000.0);
+                stored
+                    .get_or_create(&l)
+                    .set(i64::try_from(r.size_bytes).unwrap_or(i64::MAX));
+            }
+        }
+        if let Some(job) = &latest.last {
+            let v = match job.state {
+                JobState::Succeeded => Some(1),
+                JobState::Failed => Some(0),
+                _ => None,
+            };
+            if let Some(v) = v {
+                succeeded.get_or_create(&labels(job)).set(v);
+            }
+        }
+    }
+    let mut registry = Registry::with_prefix("ferry");
+    registry.register(
+        "last_success_timestamp_seconds",
+        "When the newest succeeded job of a datastore finished, seconds since the epoch (UTC)",
+        last_success,
+    );
+    registry.register(
+        "last_success_duration_seconds",
+        "How long the newest succeeded job ran on its agent, seconds",
+        duration,
+    );
+    registry.register(
+        "last_success_stored_bytes",
+        "Stored size of the newest succeeded job's backup, bytes",
+        stored,
+    );
+    registry.register(
+        "last_job_succeeded",
+        "1 if the newest finished job of a datastore succeeded, 0 if it failed",
+        succeeded,
+    );
+    registry.register(
+        "jobs",
+        "Jobs finished since the coordinator started, by kind and outcome",
+        c.counters.jobs.clone(),
+    );
+    let mut out = String::new();
+    prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// Serves `GET /metrics` on `listener` until `shutdown`.
+///
+/// # Errors
+/// Accepting connections failed.
+pub async fn serve(
+    c: Arc<Coordinator>,
+    listener: tokio::net::TcpListener,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
+    use axum::response::IntoResponse;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let c = c.clone();
+            async move {
+                match render(&c).await {
+                    Ok(text) => (
+                        StatusCode::OK,
+                        [(
+                            header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+                }
+            }
+        }),
+    );
+    if let Ok(listen) = listener.local_addr() {
+        tracing::info!(%listen, "Metrics serving on /metrics.");
+    }
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
