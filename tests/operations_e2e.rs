@@ -147,3 +147,56 @@ fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
     assert!(jobs("backup", "succeeded").is_some(), "{body}");
     assert!(jobs("restore", "failed").is_some(), "{body}");
 }
+
+#[test]
+fn verify_checks_without_restoring_and_catches_a_one_byte_change() {
+    let d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let before = d.stage_pg.databases();
+
+    let out = d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+    assert!(
+        out.contains("decrypted and decompressed to the end"),
+        "{out}"
+    );
+    assert_eq!(before, d.stage_pg.databases(), "verify restored something");
+    let jobs = d.ferry_json(&["jobs"]);
+    assert!(
+        jobs.as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["kind"] == "verify" && j["state"] == "succeeded"),
+        "{jobs}"
+    );
+
+    // One byte changed: age's authentication (or, past the last chunk read, the SHA-256)
+    // refuses it.
+    let (name, mut manifest) = d.todays_backup("postgres", "pgdump.zst.age");
+    let path = d.sshd.root().join(&name);
+    chmod(&path, 0o640);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let out = d.ferry(&["verify", "pg-stage", "--datastore", "postgres", "--wait"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("does not match its manifest") || text.contains("does not decrypt"),
+        "{text}"
+    );
+
+    // The manifest rewritten to match the changed file: age's authentication still fails.
+    let sum = run_ok(std::process::Command::new("sha256sum").arg(&path));
+    manifest["sha256"] = serde_json::json!(sum.split_whitespace().next().unwrap());
+    let manifest_path = d.sshd.root().join(format!("{name}.json"));
+    chmod(&manifest_path, 0o640);
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let out = d.ferry(&["verify", "pg-stage", "--datastore", "postgres", "--wait"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("does not decrypt and decompress to its end"),
+        "{text}"
+    );
+}

@@ -238,6 +238,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
                 datastore: "postgres".into(),
                 date: String::new(),
                 namespaces: Vec::new(),
+                verify_only: false,
             })
             .await
             .expect_err("production agent accepted a restore order");

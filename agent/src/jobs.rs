@@ -24,6 +24,11 @@ pub enum OrderKind {
         /// `full` or `diff` (pgBackRest datastores only); the datastore's default if `None`.
         backup_type: Option<String>,
     },
+    /// Check the newest backup (or the given `YYYY-MM-DD`'s) without restoring it.
+    Verify {
+        /// The date, if one was asked for.
+        date: Option<String>,
+    },
     /// Restore the newest backup, or the given `YYYY-MM-DD`'s.
     Restore {
         /// The date, if one was asked for.
@@ -81,6 +86,7 @@ pub fn validate(
     let (allowed, what) = match &kind {
         OrderKind::Backup { .. } => (settings.role.may_backup(), "back up"),
         OrderKind::Restore { .. } => (settings.role.may_restore(), "restore"),
+        OrderKind::Verify { .. } => (settings.role.may_restore(), "verify"),
     };
     if !allowed {
         return Err(OrderError::PermissionDenied(format!(
@@ -130,6 +136,9 @@ pub fn validate(
                 t.chars().take(20).collect::<String>()
             )));
         }
+    }
+    if let OrderKind::Verify { date: Some(d) } = &kind {
+        layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
     }
     if let OrderKind::Restore { date, namespaces } = &kind {
         if let Some(d) = date {
@@ -234,6 +243,22 @@ impl JobRunner {
                 _ => None,
             };
             let result = match (order.kind, mirror, &*order.datastore) {
+                (OrderKind::Verify { .. }, Some(_), _)
+                | (OrderKind::Verify { .. }, _, crate::datastore::Datastore::PgBackRest(_)) => {
+                    Err(JobError::InvalidArgument(format!(
+                        "datastore {name:?} is a differential repository, not dated archives: \
+                         its restore checks it (rsync checksums, pgBackRest's own checksums)"
+                    )))
+                }
+                (OrderKind::Verify { date }, None, _) => {
+                    pipeline::verify(
+                        runner.settings.clone(),
+                        order.datastore.clone(),
+                        date,
+                        progress.clone(),
+                    )
+                    .await
+                }
                 (
                     OrderKind::Backup { backup_type },
                     _,

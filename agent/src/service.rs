@@ -146,15 +146,15 @@ impl Agent for AgentService {
     ) -> Result<Response<EventStream>, Status> {
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
-        self.start(
-            &r.job_id,
-            &r.datastore,
+        let kind = if r.verify_only {
+            OrderKind::Verify { date }
+        } else {
             OrderKind::Restore {
                 date,
                 namespaces: r.namespaces,
-            },
-        )
-        .map(Response::new)
+            }
+        };
+        self.start(&r.job_id, &r.datastore, kind).map(Response::new)
     }
 
     async fn cancel_job(

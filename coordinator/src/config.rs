@@ -354,7 +354,7 @@ impl CoordinatorConfig {
             }
             let allowed = match s.kind {
                 JobKind::Backup => agent.role.may_backup(),
-                JobKind::Restore => agent.role.may_restore(),
+                JobKind::Restore | JobKind::Verify => agent.role.may_restore(),
             };
             if !allowed {
                 return Err(invalid(

@@ -9,6 +9,7 @@ impl From<JobKind> for v1::JobKind {
         match k {
             JobKind::Backup => v1::JobKind::Backup,
             JobKind::Restore => v1::JobKind::Restore,
+            JobKind::Verify => v1::JobKind::Verify,
         }
     }
 }

@@ -210,7 +210,7 @@ impl Coordinator {
         })?;
         let allowed = match kind {
             JobKind::Backup => entry.role.may_backup(),
-            JobKind::Restore => entry.role.may_restore(),
+            JobKind::Restore | JobKind::Verify => entry.role.may_restore(),
         };
         if !allowed {
             return Err(DispatchError::PermissionDenied(format!(
@@ -232,7 +232,7 @@ impl Coordinator {
                 })?;
         }
         if !namespaces.is_empty() {
-            if kind != JobKind::Restore || datastore.is_none() {
+            if kind == JobKind::Backup || datastore.is_none() {
                 return Err(DispatchError::InvalidArgument(
                     "namespaces select what to restore of one datastore: give --datastore too"
                         .into(),
@@ -434,13 +434,14 @@ impl Coordinator {
                         })
                         .await
                 }
-                JobKind::Restore => {
+                JobKind::Restore | JobKind::Verify => {
                     client
                         .run_restore(v1::RunRestoreRequest {
                             job_id: job.id.clone(),
                             datastore: job.datastore.clone(),
                             date: job.date.clone().unwrap_or_default(),
                             namespaces: job.namespaces.clone(),
+                            verify_only: job.kind == JobKind::Verify,
                         })
                         .await
                 }

@@ -15,6 +15,8 @@ pub enum JobKind {
     Backup,
     /// Download a backup on a staging agent and restore it.
     Restore,
+    /// Download a backup on a staging agent and check it without restoring.
+    Verify,
 }
 
 impl JobKind {
@@ -23,6 +25,7 @@ impl JobKind {
         match self {
             JobKind::Backup => "backup",
             JobKind::Restore => "restore",
+            JobKind::Verify => "verify",
         }
     }
 }

@@ -195,10 +195,15 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let who = peer_name(&request);
         let r = request.into_inner();
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, date = %r.date, "Restore requested.");
+        let kind = if r.verify_only {
+            JobKind::Verify
+        } else {
+            JobKind::Restore
+        };
         let triggered = self
             .coordinator
             .trigger(
-                JobKind::Restore,
+                kind,
                 &r.agent,
                 opt(&r.datastore),
                 &Selection {

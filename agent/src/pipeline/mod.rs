@@ -555,6 +555,121 @@ fn check_digest(path: &str, manifest: &Manifest, sha256: &str, size: u64) -> Res
     Ok(())
 }
 
+/// For a staging agent that will `what` (restore, verify): the source environment and the
+/// newest complete backup of `datastore` there (or `date`'s).
+///
+/// # Errors
+/// [`JobError::PermissionDenied`] without an identity, [`JobError::InvalidArgument`],
+/// [`JobError::NotFound`].
+async fn locate(
+    settings: &Arc<Settings>,
+    datastore: &Arc<Datastore>,
+    date: Option<String>,
+    progress: &Progress,
+    what: &str,
+) -> Result<(String, FoundBackup), JobError> {
+    let Keys::Decrypt(_) = &settings.keys else {
+        return Err(JobError::PermissionDenied(format!(
+            "agent {} has role {}: it holds no identity and may not {what}",
+            settings.id, settings.role
+        )));
+    };
+    if let Some(d) = &date {
+        layout::parse_date(d).map_err(|e| JobError::InvalidArgument(e.to_string()))?;
+    }
+    let environment = settings
+        .source_environment
+        .clone()
+        .ok_or_else(|| JobError::InvalidArgument("no [restore] source_environment".into()))?;
+    progress.set_stage("locate");
+    let found = {
+        let (settings, datastore, environment) =
+            (settings.clone(), datastore.clone(), environment.clone());
+        tokio::task::spawn_blocking(move || {
+            find_backup(&settings, &environment, &datastore, date.as_deref())
+        })
+        .await
+        .map_err(join_error)??
+    };
+    Ok((environment, found))
+}
+
+/// Checks the newest complete backup (or `date`'s) of `datastore` in the source
+/// environment without restoring it: every file is downloaded once, its SHA-256 and size
+/// compared with its manifest, and it is decrypted and decompressed to its very end (age
+/// authenticates every chunk, so tampering fails here even with a matching manifest).
+///
+/// # Errors
+/// [`JobError::Integrity`] naming the file and what failed; [`JobError::NotFound`].
+pub async fn verify(
+    settings: Arc<Settings>,
+    datastore: Arc<Datastore>,
+    date: Option<String>,
+    progress: Progress,
+) -> Result<JobReport, JobError> {
+    let (environment, found) = locate(&settings, &datastore, date, &progress, "verify").await?;
+    progress.set_stage("verify");
+    let mut plain_bytes = 0u64;
+    for (path, manifest) in &found.files {
+        progress.reset();
+        let settings2 = settings.clone();
+        let checked = with_download(
+            &settings,
+            path,
+            &progress,
+            move |reader| -> io::Result<(String, u64, u64)> {
+                let Keys::Decrypt(dec) = &settings2.keys else {
+                    return Err(io::Error::other("no identity"));
+                };
+                let (hashed, digest) = hash::HashingReader::shared(reader);
+                let decrypted = dec.wrap(hashed)?;
+                let mut plain = compress::decompressor(decrypted)?;
+                let n = io::copy(&mut plain, &mut io::sink())?;
+                drop(plain);
+                let (sha, size) = digest.finish();
+                Ok((sha, size, n))
+            },
+        )
+        .await?;
+        match checked {
+            Ok((sha256, size, n)) => {
+                check_digest(path, manifest, &sha256, size)?;
+                if n != manifest.bytes_uncompressed {
+                    return Err(JobError::Integrity(format!(
+                        "{path} decompresses to {n} bytes, its manifest says {}",
+                        manifest.bytes_uncompressed
+                    )));
+                }
+                plain_bytes += n;
+            }
+            Err(e) => {
+                return Err(JobError::Integrity(format!(
+                    "{path} does not decrypt and decompress to its end: {e}"
+                )));
+            }
+        }
+    }
+    let (main_path, main) = found
+        .files
+        .last()
+        .expect("a backup has a main part")
+        .clone();
+    Ok(JobReport {
+        stored_path: main_path,
+        size_bytes: found.files.iter().map(|(_, m)| m.bytes_stored).sum(),
+        sha256: main.sha256.clone(),
+        bytes_uncompressed: plain_bytes,
+        environment,
+        date: main.date.clone(),
+        kind: main.kind.clone(),
+        summary: format!(
+            "verified {} file(s) of {}: SHA-256 equal to the manifests, decrypted and decompressed to the end ({plain_bytes} bytes)",
+            found.files.len(),
+            main.date
+        ),
+    })
+}
+
 /// Restores the newest complete backup (or `date`'s) of `datastore` from the source
 /// environment: verify every file, then stream each into the datastore's restore
 /// session, then commit.
@@ -569,30 +684,7 @@ pub async fn restore(
     namespaces: Vec<String>,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
-    let Keys::Decrypt(_) = &settings.keys else {
-        return Err(JobError::PermissionDenied(format!(
-            "agent {} has role {}: it holds no identity and may not restore",
-            settings.id, settings.role
-        )));
-    };
-    if let Some(d) = &date {
-        layout::parse_date(d).map_err(|e| JobError::InvalidArgument(e.to_string()))?;
-    }
-    let environment = settings
-        .source_environment
-        .clone()
-        .ok_or_else(|| JobError::InvalidArgument("no [restore] source_environment".into()))?;
-    progress.set_stage("locate");
-    let found = {
-        let settings = settings.clone();
-        let datastore = datastore.clone();
-        let environment = environment.clone();
-        tokio::task::spawn_blocking(move || {
-            find_backup(&settings, &environment, &datastore, date.as_deref())
-        })
-        .await
-        .map_err(join_error)??
-    };
+    let (environment, found) = locate(&settings, &datastore, date, &progress, "restore").await?;
 
     // First pass: every file is whole and is the one its manifest describes, before
     // anything is touched.

@@ -60,6 +60,7 @@ pub fn kind(k: i32) -> &'static str {
     match v1::JobKind::try_from(k) {
         Ok(v1::JobKind::Backup) => "backup",
         Ok(v1::JobKind::Restore) => "restore",
+        Ok(v1::JobKind::Verify) => "verify",
         _ => "unknown",
     }
 }

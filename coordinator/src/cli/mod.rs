@@ -132,6 +132,22 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+    /// On a staging agent, download the newest backup (or a date's) of its datastores and
+    /// check each file's SHA-256 and that it decrypts and decompresses to its end, without
+    /// restoring anything.
+    Verify {
+        /// Agent id (a staging agent: it holds the identity).
+        agent: String,
+        /// Only this datastore.
+        #[arg(long)]
+        datastore: Option<String>,
+        /// The backup date, YYYY-MM-DD; the newest if absent.
+        #[arg(long)]
+        date: Option<String>,
+        /// Wait for the end; exit non-zero if a check fails.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 impl Cli {
@@ -191,7 +207,33 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             date,
             namespaces,
             wait,
-        } => restore::run(&mut client, out, agent, datastore, date, namespaces, wait).await,
+        } => {
+            restore::run(
+                &mut client,
+                out,
+                agent,
+                (datastore, date, namespaces),
+                false,
+                wait,
+            )
+            .await
+        }
+        Command::Verify {
+            agent,
+            datastore,
+            date,
+            wait,
+        } => {
+            restore::run(
+                &mut client,
+                out,
+                agent,
+                (datastore, date, Vec::new()),
+                true,
+                wait,
+            )
+            .await
+        }
     }
 }
 

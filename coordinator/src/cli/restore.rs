@@ -1,4 +1,6 @@
-//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]... [--wait]`.
+//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]... [--wait]`, and
+//! `ferry verify AGENT [--datastore D] [--date YYYY-MM-DD] [--wait]` (the same order,
+//! checking instead of restoring).
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -10,9 +12,8 @@ pub(super) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     agent: String,
-    datastore: Option<String>,
-    date: Option<String>,
-    namespaces: Vec<String>,
+    (datastore, date, namespaces): (Option<String>, Option<String>, Vec<String>),
+    verify_only: bool,
     wait: bool,
 ) -> anyhow::Result<i32> {
     let ids = client
@@ -21,6 +22,7 @@ pub(super) async fn run(
             datastore: datastore.unwrap_or_default(),
             date: date.unwrap_or_default(),
             namespaces,
+            verify_only,
         })
         .await
         .map_err(status_error)?
