@@ -200,3 +200,95 @@ fn verify_checks_without_restoring_and_catches_a_one_byte_change() {
         "{text}"
     );
 }
+
+/// The catalog's table as the coordinator's store defines it.
+const BACKUPS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("backups");
+
+#[test]
+fn prune_dry_run_applies_gfs_to_a_hundred_days_of_backups_and_never_drops_the_newest() {
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        append(
+            &d.coordinator_config,
+            "[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 3\n",
+        );
+    });
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    // A hundred nights of history, 2026-01-01 to 2026-04-10, written into the catalog
+    // the way the coordinator writes it (a simulated clock).
+    d.kill("coordinator");
+    {
+        let db = redb::Database::open(d.dir.path().join("coordinator.redb")).unwrap();
+        let tx = db.begin_write().unwrap();
+        {
+            let mut t = tx.open_table(BACKUPS).unwrap();
+            let (key, real): (String, serde_json::Value) = {
+                let (k, v) = t.iter().unwrap().next().unwrap().unwrap();
+                (
+                    k.value().to_owned(),
+                    serde_json::from_slice(v.value()).unwrap(),
+                )
+            };
+            t.remove(key.as_str()).unwrap();
+            let start = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+            for i in 0..100u64 {
+                let date = start + chrono::Days::new(i);
+                let ms = date
+                    .and_hms_opt(2, 0, 0)
+                    .unwrap()
+                    .and_utc()
+                    .timestamp_millis();
+                let mut r = real.clone();
+                r["date"] = serde_json::json!(date.format("%Y-%m-%d").to_string());
+                r["finished_ms"] = serde_json::json!(ms);
+                r["job_id"] = serde_json::json!(format!("sim{i:03}"));
+                let key = format!("{ms:020}\0sim{i:03}");
+                t.insert(key.as_str(), serde_json::to_vec(&r).unwrap().as_slice())
+                    .unwrap();
+            }
+        }
+        tx.commit().unwrap();
+    }
+    d.start_coordinator();
+
+    let plan = d.ferry_json(&["prune", "--env", "production", "--dry-run"]);
+    let kept: Vec<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["remove"] == false)
+        .map(|p| p["date"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kept,
+        [
+            "2026-04-10",
+            "2026-04-09",
+            "2026-04-08",
+            "2026-04-07",
+            "2026-04-06",
+            "2026-04-05",
+            "2026-04-04",
+            "2026-03-31",
+            "2026-03-29",
+            "2026-03-22",
+            "2026-02-28"
+        ],
+        "{plan}"
+    );
+    assert_eq!(plan[0]["keep"][0], "newest");
+    assert_eq!(plan.as_array().unwrap().len(), 100);
+
+    // Without --dry-run nothing is deleted: the coordinator has no deletion key yet.
+    let out = d.ferry(&["prune", "--env", "production"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nothing was removed"),
+        "{out:?}"
+    );
+    assert!(
+        d.sshd
+            .final_files()
+            .iter()
+            .any(|f| f.ends_with(".pgdump.zst.age"))
+    );
+}

@@ -129,6 +129,23 @@ pub struct ScheduleEntry {
     pub backup_type: Option<String>,
 }
 
+/// `[[retention]]`: the GFS policy of one environment's dated folders.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetentionEntry {
+    /// The environment, e.g. `production`.
+    pub environment: String,
+    /// See [`crate::retention::Policy::keep_daily`].
+    #[serde(default)]
+    pub keep_daily: u32,
+    /// See [`crate::retention::Policy::keep_weekly`].
+    #[serde(default)]
+    pub keep_weekly: u32,
+    /// See [`crate::retention::Policy::keep_monthly`].
+    #[serde(default)]
+    pub keep_monthly: u32,
+}
+
 /// The whole `coordinator.toml`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +167,9 @@ pub struct CoordinatorConfig {
     /// The inventory.
     #[serde(default)]
     pub agents: Vec<AgentEntry>,
+    /// Retention policies of dated folders, one per environment.
+    #[serde(default)]
+    pub retention: Vec<RetentionEntry>,
     /// Cron schedules.
     #[serde(default)]
     pub schedules: Vec<ScheduleEntry>,
@@ -237,6 +257,8 @@ pub struct Settings {
     pub agents: BTreeMap<String, Agent>,
     /// Schedules.
     pub schedules: Vec<Schedule>,
+    /// Retention policy by environment.
+    pub retention: BTreeMap<String, crate::retention::Policy>,
 }
 
 fn valid_name(s: &str) -> bool {
@@ -414,6 +436,18 @@ impl CoordinatorConfig {
             retry: self.retry,
             agents,
             schedules,
+            retention: self
+                .retention
+                .into_iter()
+                .map(|r| {
+                    let policy = crate::retention::Policy {
+                        keep_daily: r.keep_daily,
+                        keep_weekly: r.keep_weekly,
+                        keep_monthly: r.keep_monthly,
+                    };
+                    (r.environment, policy)
+                })
+                .collect(),
         })
     }
 }

@@ -246,6 +246,71 @@ impl coordinator_server::Coordinator for CoordinatorService {
         }))
     }
 
+    async fn prune(
+        &self,
+        request: Request<v1::PruneRequest>,
+    ) -> Result<Response<v1::PruneResponse>, Status> {
+        let who = peer_name(&request);
+        let r = request.into_inner();
+        let policies: Vec<(String, crate::retention::Policy)> = self
+            .coordinator
+            .settings
+            .retention
+            .iter()
+            .filter(|(env, _)| r.environment.is_empty() || **env == r.environment)
+            .map(|(e, p)| (e.clone(), *p))
+            .collect();
+        if policies.is_empty() {
+            return Err(Status::failed_precondition(format!(
+                "no [[retention]] policy{} in coordinator.toml",
+                opt(&r.environment)
+                    .map(|e| format!(" for environment {e:?}"))
+                    .unwrap_or_default()
+            )));
+        }
+        let backups = self.store(|s| s.list_backups(None)).await?;
+        let mut decisions = Vec::new();
+        for (env, policy) in &policies {
+            let of_env: Vec<_> = backups.iter().filter(|b| &b.environment == env).collect();
+            let dates: Vec<chrono::NaiveDate> = of_env
+                .iter()
+                .filter_map(|b| chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok())
+                .collect();
+            for d in crate::retention::plan(&dates, policy) {
+                let date = d.date.format("%Y-%m-%d").to_string();
+                let in_folder: Vec<_> = of_env.iter().filter(|b| b.date == date).collect();
+                decisions.push(v1::PruneDecision {
+                    environment: env.clone(),
+                    backups: in_folder.len() as u32,
+                    size_bytes: in_folder.iter().map(|b| b.size_bytes).sum(),
+                    date,
+                    keep: d.keep.iter().map(|k| (*k).to_owned()).collect(),
+                });
+            }
+        }
+        let going = decisions.iter().filter(|d| d.keep.is_empty()).count();
+        let target = opt(&r.environment).unwrap_or("*").to_owned();
+        if !r.dry_run {
+            let message = format!(
+                "{going} dated folder(s) would go, but deleting needs the maintenance key, which \
+                 this coordinator does not have yet: nothing was removed (use --dry-run to list them)"
+            );
+            self.coordinator
+                .audit(&who, "prune", &target, &format!("refused: {message}"))
+                .await;
+            return Err(Status::failed_precondition(message));
+        }
+        self.coordinator
+            .audit(
+                &who,
+                "prune --dry-run",
+                &target,
+                &format!("ok: {going} folder(s) would go"),
+            )
+            .await;
+        Ok(Response::new(v1::PruneResponse { decisions }))
+    }
+
     async fn list_backups(
         &self,
         request: Request<v1::ListBackupsRequest>,

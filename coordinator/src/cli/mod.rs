@@ -16,6 +16,7 @@ mod backups;
 mod format;
 mod job;
 mod jobs;
+mod prune;
 mod restore;
 mod status;
 mod watch;
@@ -95,6 +96,16 @@ pub enum Command {
         /// reordered.
         #[arg(long)]
         verify: bool,
+    },
+    /// Apply the `[[retention]]` policies (GFS: keep_daily, keep_weekly, keep_monthly) to
+    /// the dated folders: with --dry-run, list every date and why it is kept or goes.
+    Prune {
+        /// Only this environment.
+        #[arg(long = "env")]
+        environment: Option<String>,
+        /// List only; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Stored backups, newest first.
     Backups {
@@ -195,6 +206,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Job { id } => job::run(&mut client, out, &id).await,
         Command::Backups { environment } => backups::run(&mut client, out, environment).await,
         Command::Audit { limit, verify } => audit::run(&mut client, out, limit, verify).await,
+        Command::Prune {
+            environment,
+            dry_run,
+        } => prune::run(&mut client, out, environment, dry_run).await,
         Command::Backup {
             agent,
             datastore,
