@@ -316,7 +316,7 @@ fn rsync_mirror_sends_only_changes_and_restores_the_latest_state() {
     assert!(!target.join("stale").exists());
     assert!(siblings(&target).is_empty(), "{:?}", siblings(&target));
 
-    // A mirror has no dates.
+    // A mirror holds only its last sync: another date is refused.
     let out = d.ferry(&[
         "restore",
         "pg-stage",
@@ -328,8 +328,8 @@ fn rsync_mirror_sends_only_changes_and_restores_the_latest_state() {
     ]);
     assert!(!out.status.success());
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("no dates")
-            || String::from_utf8_lossy(&out.stderr).contains("no dates"),
+        String::from_utf8_lossy(&out.stdout).contains("holding only its last sync")
+            || String::from_utf8_lossy(&out.stderr).contains("holding only its last sync"),
         "{out:?}"
     );
 }

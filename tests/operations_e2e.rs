@@ -292,3 +292,78 @@ fn prune_dry_run_applies_gfs_to_a_hundred_days_of_backups_and_never_drops_the_ne
             .any(|f| f.ends_with(".pgdump.zst.age"))
     );
 }
+
+#[test]
+fn a_set_with_a_failed_member_is_not_restored_and_a_complete_set_restores_as_one() {
+    let mut dirs = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        // Production's files datastore points at a directory that does not exist yet:
+        // its backup fails, and the night's set is incomplete.
+        let source = d.dir.path().join("minio-prod");
+        let target = d.dir.path().join("minio-stage");
+        append(
+            &d.prod_config,
+            &format!(
+                "[[datastores]]\nname = \"minio\"\nkind = \"files\"\npath = \"{}\"\n",
+                source.display()
+            ),
+        );
+        append(
+            &d.stage_config,
+            &format!(
+                "[[datastores]]\nname = \"minio\"\nkind = \"files\"\npath = \"{}\"\n",
+                target.display()
+            ),
+        );
+        dirs = Some((source, target));
+    });
+    let (source, target) = dirs.unwrap();
+    let out = d.ferry(&["backup", "pg-prod", "--wait"]);
+    assert!(!out.status.success(), "the files backup should have failed");
+
+    let sets = d.ferry_json(&["backups", "--sets"]);
+    assert_eq!(sets[0]["complete"], false, "{sets}");
+    let before = d.stage_pg.databases();
+    let out = d.ferry(&["restore", "pg-stage", "--wait"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        text.contains("no complete backup set of production") && text.contains("pg-prod/minio"),
+        "{text}"
+    );
+    assert_eq!(
+        before,
+        d.stage_pg.databases(),
+        "an incomplete set was restored"
+    );
+    assert!(!target.exists());
+
+    // The missing member backed up: the set is complete and restores as one.
+    std::fs::create_dir_all(&source).unwrap();
+    std::fs::write(source.join("object"), b"from the same night").unwrap();
+    d.ferry_ok(&["backup", "pg-prod", "minio", "--wait"]);
+    let sets = d.ferry_json(&["backups", "--sets"]);
+    assert_eq!(sets[0]["complete"], true, "{sets}");
+    assert_eq!(sets[0]["members"].as_array().unwrap().len(), 2, "{sets}");
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert_eq!(
+        d.prod_pg.table_fingerprints("app"),
+        d.stage_pg.table_fingerprints("app")
+    );
+    assert_eq!(
+        std::fs::read(target.join("object")).unwrap(),
+        b"from the same night"
+    );
+    let jobs = d.ferry_json(&["jobs"]);
+    let restores: Vec<&serde_json::Value> = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["kind"] == "restore" && j["state"] == "succeeded")
+        .collect();
+    assert_eq!(restores.len(), 2, "{jobs}");
+    assert!(
+        restores.iter().all(|j| j["date"] == sets[0]["date"]),
+        "both restores come from the set's date: {jobs}"
+    );
+}

@@ -117,6 +117,7 @@ impl Agent for AgentService {
             version: env!("CARGO_PKG_VERSION").into(),
             role: s.role.into(),
             environment: s.environment.clone(),
+            source_environment: s.source_environment.clone().unwrap_or_default(),
             hostname: s.hostname.clone(),
             datastores: s
                 .datastores

@@ -26,6 +26,9 @@ pub enum DispatchError {
     /// The agent cannot be used now.
     #[error("{0}")]
     Unavailable(String),
+    /// Nothing to restore: no backup set, or not a complete one.
+    #[error("{0}")]
+    NotFound(String),
     /// The store failed.
     #[error("job store: {0}")]
     Store(String),
@@ -37,6 +40,7 @@ impl From<DispatchError> for tonic::Status {
             DispatchError::PermissionDenied(m) => tonic::Status::permission_denied(m),
             DispatchError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             DispatchError::Unavailable(m) => tonic::Status::unavailable(m),
+            DispatchError::NotFound(m) => tonic::Status::not_found(m),
             DispatchError::Store(m) => tonic::Status::internal(format!("job store: {m}")),
         }
     }
@@ -108,6 +112,105 @@ impl Coordinator {
         }
     }
 
+    /// The datastores of `agent`: those it described, then those its schedules name.
+    fn datastores_of(&self, agent: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .agents
+            .state(agent)
+            .described
+            .map(|d| d.datastores.into_iter().map(|d| d.name).collect())
+            .unwrap_or_default();
+        for s in self.settings.schedules.iter().filter(|s| s.agent == agent) {
+            if let Some(d) = &s.datastore
+                && !names.contains(d)
+            {
+                names.push(d.clone());
+            }
+        }
+        names
+    }
+
+    /// The production datastores of `environment`: `(agent, datastore)` for every
+    /// production agent there, its described datastores and those its schedules name.
+    pub fn expected_members(&self, environment: &str) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        for a in self
+            .agents
+            .all()
+            .filter(|a| a.environment == environment && a.role.may_backup())
+        {
+            out.extend(
+                self.datastores_of(&a.id)
+                    .into_iter()
+                    .map(|n| (a.id.clone(), n)),
+            );
+        }
+        out
+    }
+
+    /// The backup sets of `environment`, newest first ([`crate::sets`]).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn sets(
+        &self,
+        environment: &str,
+    ) -> Result<Vec<crate::sets::BackupSet>, DispatchError> {
+        let store = self.store.clone();
+        let backups = blocking(move || store.list_backups(None)).await?;
+        Ok(crate::sets::build(
+            environment,
+            &self.expected_members(environment),
+            &backups,
+        ))
+    }
+
+    /// The date a staging agent restores all its datastores from: `date`'s set if given,
+    /// else the newest complete set of its source environment. Refuses an incomplete set.
+    async fn set_date(
+        &self,
+        agent: &str,
+        source_environment: &str,
+        date: Option<&str>,
+    ) -> Result<String, DispatchError> {
+        if source_environment.is_empty() {
+            return Err(DispatchError::InvalidArgument(format!(
+                "agent {agent} does not say which environment it restores from; give --datastore, or upgrade it"
+            )));
+        }
+        let sets = self.sets(source_environment).await?;
+        let describe = |s: &crate::sets::BackupSet| {
+            format!(
+                "the set of {} {} is incomplete (missing {})",
+                s.environment,
+                s.date,
+                s.missing().join(", ")
+            )
+        };
+        match date {
+            Some(d) => match sets.iter().find(|s| s.date == d) {
+                Some(s) if s.complete() => Ok(d.to_owned()),
+                Some(s) => Err(DispatchError::NotFound(format!(
+                    "{}: restore datastores one by one with --datastore, or choose another date",
+                    describe(s)
+                ))),
+                None => Err(DispatchError::NotFound(format!(
+                    "no backups of {source_environment} dated {d}"
+                ))),
+            },
+            None => match sets.iter().find(|s| s.complete()) {
+                Some(s) => Ok(s.date.clone()),
+                None => Err(DispatchError::NotFound(match sets.first() {
+                    Some(newest) => format!(
+                        "no complete backup set of {source_environment}: {}",
+                        describe(newest)
+                    ),
+                    None => format!("no backups of {source_environment} yet"),
+                })),
+            },
+        }
+    }
+
     /// Every (agent, datastore) the coordinator knows of (described by the agent or named
     /// by a schedule) with its newest jobs, in inventory order.
     ///
@@ -118,20 +221,7 @@ impl Coordinator {
     ) -> Result<Vec<(crate::config::Agent, String, crate::store::LatestJobs)>, DispatchError> {
         let mut pairs = Vec::new();
         for a in self.agents.all() {
-            let mut names: Vec<String> = self
-                .agents
-                .state(&a.id)
-                .described
-                .map(|d| d.datastores.into_iter().map(|d| d.name).collect())
-                .unwrap_or_default();
-            for s in self.settings.schedules.iter().filter(|s| s.agent == a.id) {
-                if let Some(d) = &s.datastore
-                    && !names.contains(d)
-                {
-                    names.push(d.clone());
-                }
-            }
-            for n in names {
+            for n in self.datastores_of(&a.id) {
                 pairs.push((a.clone(), n));
             }
         }
@@ -244,6 +334,7 @@ impl Coordinator {
                 )));
             }
         }
+        let mut date = date.map(str::to_owned);
         let datastores = match datastore {
             Some(d) => vec![d.to_owned()],
             None => {
@@ -255,6 +346,13 @@ impl Coordinator {
                         .await
                         .map_err(DispatchError::Unavailable)?,
                 };
+                if kind != JobKind::Backup {
+                    // All datastores at once: from one complete set.
+                    date = Some(
+                        self.set_date(agent, &described.source_environment, date.as_deref())
+                            .await?,
+                    );
+                }
                 described.datastores.into_iter().map(|d| d.name).collect()
             }
         };
@@ -273,7 +371,7 @@ impl Coordinator {
                 state: JobState::Queued,
                 attempt: 1,
                 trigger: trigger.to_owned(),
-                date: date.map(str::to_owned),
+                date: date.clone(),
                 namespaces: namespaces.to_vec(),
                 backup_type: backup_type.map(str::to_owned),
                 created_ms: ferry_proto::now_unix_ms(),

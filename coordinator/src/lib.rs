@@ -29,6 +29,7 @@ pub mod model;
 pub mod pki;
 pub mod retention;
 pub mod service;
+pub mod sets;
 pub mod store;
 
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.

@@ -302,12 +302,6 @@ pub async fn restore(
             cfg.name
         )));
     }
-    if date.is_some() {
-        return Err(JobError::InvalidArgument(format!(
-            "datastore {:?} is an rsync mirror: it has only its latest state, no dates",
-            cfg.name
-        )));
-    }
     let server = &settings.backup_server;
     let env = settings
         .source_environment
@@ -340,6 +334,17 @@ pub async fn restore(
     let manifest: MirrorManifest =
         serde_json::from_slice(&std::fs::read(local.path().join(MANIFEST)).unwrap_or_default())
             .map_err(|e| failed(RestoreError::Manifest(format!("{src}{MANIFEST}: {e}"))))?;
+    // A mirror holds only the state of its last sync: a date (a backup set's) must be
+    // that sync's date.
+    let synced = manifest.finished.format("%Y-%m-%d").to_string();
+    if let Some(d) = date.as_deref()
+        && d != synced
+    {
+        return Err(JobError::NotFound(format!(
+            "datastore {:?} is an rsync mirror holding only its last sync, of {synced}, not {d}",
+            cfg.name
+        )));
+    }
     let mut cmd = remote.rsync();
     cmd.arg(format!("--exclude=/{MANIFEST}"))
         .arg(&src)

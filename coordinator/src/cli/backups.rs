@@ -1,4 +1,4 @@
-//! `ferry backups`.
+//! `ferry backups [--env E] [--sets]`.
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -59,6 +59,66 @@ pub(super) async fn run(
             "FINISHED",
             "PATH",
         ],
+        rows,
+    );
+    Ok(0)
+}
+
+/// `ferry backups --sets`: one row per set (environment, date), its completeness, members
+/// present out of expected, size, and the missing members.
+pub(super) async fn sets(
+    client: &mut CoordinatorClient<Channel>,
+    out: Output,
+    environment: Option<String>,
+) -> anyhow::Result<i32> {
+    let sets = client
+        .list_sets(v1::ListSetsRequest {
+            environment: environment.unwrap_or_default(),
+        })
+        .await
+        .map_err(status_error)?
+        .into_inner()
+        .sets;
+    if out == Output::Json {
+        let v: Vec<_> = sets
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "environment": s.environment, "date": s.date, "complete": s.complete,
+                    "size_bytes": s.size_bytes,
+                    "members": s.members.iter().map(|m| serde_json::json!({
+                        "agent": m.agent, "datastore": m.datastore, "present": m.present,
+                        "size_bytes": m.size_bytes, "stored_path": m.stored_path,
+                        "finished": time(m.finished_unix_ms),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        format::print_json(&serde_json::json!(v));
+        return Ok(0);
+    }
+    let rows = sets
+        .iter()
+        .map(|s| {
+            let present = s.members.iter().filter(|m| m.present).count();
+            let missing: Vec<String> = s
+                .members
+                .iter()
+                .filter(|m| !m.present)
+                .map(|m| format!("{}/{}", m.agent, m.datastore))
+                .collect();
+            vec![
+                s.environment.clone(),
+                s.date.clone(),
+                if s.complete { "complete" } else { "INCOMPLETE" }.to_owned(),
+                format!("{present}/{}", s.members.len()),
+                bytes(s.size_bytes),
+                missing.join(", "),
+            ]
+        })
+        .collect();
+    format::table(
+        &["ENVIRONMENT", "DATE", "SET", "MEMBERS", "SIZE", "MISSING"],
         rows,
     );
     Ok(0)

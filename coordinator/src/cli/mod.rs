@@ -107,11 +107,15 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Stored backups, newest first.
+    /// Stored backups, newest first; with --sets, per environment and date the backup
+    /// set: every production datastore's backup, and whether the set is complete.
     Backups {
         /// Only this environment.
         #[arg(long = "env")]
         environment: Option<String>,
+        /// Show backup sets instead of single backups.
+        #[arg(long)]
+        sets: bool,
     },
     /// Back up a production agent's datastore (all of them if none is named).
     Backup {
@@ -204,7 +208,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Agents => agents::run(&mut client, out).await,
         Command::Jobs { limit } => jobs::run(&mut client, out, limit).await,
         Command::Job { id } => job::run(&mut client, out, &id).await,
-        Command::Backups { environment } => backups::run(&mut client, out, environment).await,
+        Command::Backups {
+            environment,
+            sets: false,
+        } => backups::run(&mut client, out, environment).await,
+        Command::Backups {
+            environment,
+            sets: true,
+        } => backups::sets(&mut client, out, environment).await,
         Command::Audit { limit, verify } => audit::run(&mut client, out, limit, verify).await,
         Command::Prune {
             environment,
