@@ -100,7 +100,17 @@ fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
     });
     d.ferry_ok(&["backup", "pg-prod", "--wait"]);
     d.ferry_ok(&["restore", "pg-stage", "--wait"]);
-    let refused = d.ferry(&["restore", "pg-stage", "--date", "2001-01-01", "--wait"]);
+    // One datastore on its own skips the set check: the agent finds no such date and the
+    // job fails.
+    let refused = d.ferry(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "postgres",
+        "--date",
+        "2001-01-01",
+        "--wait",
+    ]);
     assert!(!refused.status.success());
 
     let (status, body) = scrape(port);
