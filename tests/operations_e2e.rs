@@ -377,3 +377,60 @@ fn a_set_with_a_failed_member_is_not_restored_and_a_complete_set_restores_as_one
         "both restores come from the set's date: {jobs}"
     );
 }
+
+/// `ferry status --output json`'s row for the staging agent.
+fn staging_status(status: &serde_json::Value) -> &serde_json::Value {
+    status["datastores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["agent"] == "pg-stage")
+        .unwrap()
+}
+
+/// A deployment whose staging PostgreSQL datastore has `smoke` as its smoke checks.
+fn with_smoke(smoke: &str) -> Deployment {
+    let smoke = smoke.to_owned();
+    Deployment::start_with(DEFAULT_DATA, move |d| {
+        // The staging config's last table is its postgres datastore.
+        append(&d.stage_config, &format!("smoke = {smoke}\n"));
+    })
+}
+
+#[test]
+fn a_restore_drill_runs_its_smoke_checks_and_status_shows_rto_and_rpo() {
+    let d = with_smoke(r#"[{ sql = "SELECT count(*) FROM notes", min = 1 }]"#);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(
+        out.contains("smoke checks passed: SELECT count(*) FROM notes ="),
+        "{out}"
+    );
+    let status = d.ferry_json(&["status"]);
+    let stage = staging_status(&status);
+    let drill = &stage["last_drill"];
+    assert_eq!(drill["passed"], true, "{status}");
+    let rto = drill["rto_seconds"].as_f64().unwrap();
+    let rpo = drill["rpo_seconds"].as_f64().unwrap();
+    assert!(rto > 0.0 && rto < 600.0, "{drill}");
+    // The backup was taken moments before: the restored data is seconds old.
+    assert!((0.0..600.0).contains(&rpo), "{drill}");
+    assert!(d.ferry_ok(&["status"]).contains("pass RTO"));
+}
+
+#[test]
+fn a_restore_drill_below_its_smoke_minimum_fails_and_says_the_data_is_in_place() {
+    let d = with_smoke(r#"[{ sql = "SELECT count(*) FROM notes", min = 1000000000 }]"#);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let out = d.ferry(&["restore", "pg-stage", "--wait"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("smoke check") && text.contains("at least 1000000000"),
+        "{text}"
+    );
+    assert!(text.contains("the restored data is in place"), "{text}");
+    let status = d.ferry_json(&["status"]);
+    let stage = staging_status(&status);
+    assert_eq!(stage["last_drill"]["passed"], false, "{status}");
+}

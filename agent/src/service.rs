@@ -65,6 +65,7 @@ fn to_event(job_id: &str, update: JobUpdate) -> v1::JobEvent {
             date: report.date,
             kind: report.kind,
             summary: report.summary,
+            data_finished_unix_ms: report.data_finished_ms.unwrap_or(0),
         }),
         JobUpdate::Failed(e) => Event::Failed(v1::Failed {
             code: failure_code(&e) as i32,

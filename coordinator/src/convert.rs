@@ -49,6 +49,7 @@ impl From<&JobResult> for v1::Finished {
             date: r.date.clone(),
             kind: r.kind.clone(),
             summary: r.summary.clone(),
+            data_finished_unix_ms: r.data_finished_ms.unwrap_or(0),
         }
     }
 }

@@ -645,6 +645,8 @@ impl Coordinator {
                         date: f.date,
                         kind: f.kind,
                         summary: f.summary,
+                        data_finished_ms: (f.data_finished_unix_ms != 0)
+                            .then_some(f.data_finished_unix_ms),
                     });
                 }
                 Some(Event::Failed(f)) => {

@@ -10,6 +10,8 @@
 //! - `ferry_last_success_stored_bytes`: its stored size.
 //! - `ferry_last_job_succeeded`: 1 if the newest job succeeded, 0 if it failed (absent
 //!   while one runs or before the first).
+//! - `ferry_last_restore_rpo_seconds`: the recovery point of the newest succeeded restore:
+//!   how old the restored data was when the restore finished.
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started.
 //!
 //! The per-datastore series are read from the store at each scrape (two point lookups per
@@ -78,6 +80,7 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
     let duration = Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     let stored = Family::<DatastoreLabels, Gauge>::default();
     let succeeded = Family::<DatastoreLabels, Gauge>::default();
+    let rpo = Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for (agent, datastore, latest) in &states {
         let labels = |job: &Job| DatastoreLabels {
             environment: agent.environment.clone(),
@@ -130,6 +133,11 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
         "last_job_succeeded",
         "1 if the newest finished job of a datastore succeeded, 0 if it failed",
         succeeded,
+    );
+    registry.register(
+        "last_restore_rpo_seconds",
+        "Age of the data restored by the newest succeeded restore when it finished, seconds",
+        rpo,
     );
     registry.register(
         "jobs",

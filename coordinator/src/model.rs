@@ -113,6 +113,18 @@ pub struct JobResult {
     pub kind: String,
     /// Human summary from the agent.
     pub summary: String,
+    /// Restores and verifies: when the backup they read finished, UTC ms.
+    #[serde(default)]
+    pub data_finished_ms: Option<i64>,
+}
+
+impl JobResult {
+    /// For a restore: the recovery time (how long the restore ran) and the recovery point
+    /// (how old the restored data was when the restore finished), milliseconds.
+    pub fn rto_rpo_ms(&self, finished_ms: i64) -> Option<(u64, i64)> {
+        self.data_finished_ms
+            .map(|d| (self.duration_ms, (finished_ms - d).max(0)))
+    }
 }
 
 /// One job, as persisted after every transition.

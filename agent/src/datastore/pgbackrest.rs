@@ -390,6 +390,7 @@ impl PgBackRest {
         let finished = chrono::DateTime::from_timestamp(latest.timestamp.stop, 0)
             .unwrap_or_else(chrono::Utc::now);
         Ok(JobReport {
+            data_finished_ms: None,
             stored_path: dest.trim_end_matches('/').to_owned(),
             size_bytes: latest.info.repository.delta,
             sha256: String::new(),
@@ -517,6 +518,7 @@ impl PgBackRest {
         let finished = chrono::DateTime::from_timestamp(chosen.timestamp.stop, 0)
             .unwrap_or_else(chrono::Utc::now);
         Ok(JobReport {
+            data_finished_ms: Some(chosen.timestamp.stop * 1000),
             stored_path: src,
             size_bytes: chosen.info.repository.delta,
             sha256: String::new(),

@@ -79,6 +79,10 @@ pub struct PostgresConfig {
     /// then has the roles, owners and grants, but not production's passwords.
     #[serde(default)]
     pub role_passwords: bool,
+    /// Staging: smoke checks run after every restore, e.g.
+    /// `[{ sql = "SELECT count(*) FROM orders", min = 1000 }]`.
+    #[serde(default)]
+    pub smoke: Vec<super::SmokeCheck>,
 }
 
 fn default_host() -> String {
@@ -146,6 +150,7 @@ impl Postgres {
                 }
             }
         }
+        super::SmokeCheck::validate(&cfg.smoke, role, "sql")?;
         for (field, db) in [
             ("database", cfg.database.as_deref()),
             ("target_database", cfg.target_database.as_deref()),
@@ -547,6 +552,32 @@ impl Dumper for Postgres {
 }
 
 impl Restorer for Postgres {
+    fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
+        async move {
+            let db = self.cfg.target_database.clone().unwrap_or_default();
+            let client = self.connect(&db).await.map_err(RestoreError::Target)?;
+            super::run_smoke(&self.cfg.smoke, |c| {
+                let client = &client;
+                async move {
+                    let sql = c
+                        .sql
+                        .as_deref()
+                        .ok_or("a PostgreSQL smoke check needs sql")?;
+                    let row = client
+                        .query_one(sql, &[])
+                        .await
+                        .map_err(|e| format!("{sql}: {e}"))?;
+                    let n: i64 = row
+                        .try_get(0)
+                        .map_err(|e| format!("{sql}: not one integer: {e}"))?;
+                    Ok((sql.to_owned(), n))
+                }
+            })
+            .await
+        }
+        .boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,

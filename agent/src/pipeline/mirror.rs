@@ -268,6 +268,7 @@ pub async fn backup(
         .await
         .map_err(|e| fail("rsync (the mirror's manifest)", e))?;
     Ok(JobReport {
+        data_finished_ms: None,
         stored_path: dest.trim_end_matches('/').to_owned(),
         size_bytes: counts.bytes,
         sha256: String::new(),
@@ -381,6 +382,7 @@ pub async fn restore(
         }
     };
     Ok(JobReport {
+        data_finished_ms: Some(manifest.finished.timestamp_millis()),
         stored_path: src,
         size_bytes: got.bytes,
         sha256: String::new(),

@@ -127,6 +127,9 @@ pub struct JobReport {
     pub kind: String,
     /// A human summary.
     pub summary: String,
+    /// Restores and verifies: when the backup they read finished (UTC ms), so the
+    /// coordinator can tell the age of the restored data (the recovery point).
+    pub data_finished_ms: Option<i64>,
 }
 
 fn join_error(e: tokio::task::JoinError) -> JobError {
@@ -243,6 +246,7 @@ pub async fn backup(
         put_small(&settings, &p.file, &job_id, manifest.to_json()).await?;
         if is_main {
             report = Some(JobReport {
+                data_finished_ms: None,
                 stored_path: p.file.path(),
                 size_bytes: p.stored,
                 sha256: p.sha256.clone(),
@@ -655,6 +659,7 @@ pub async fn verify(
         .expect("a backup has a main part")
         .clone();
     Ok(JobReport {
+        data_finished_ms: Some(main.finished.timestamp_millis()),
         stored_path: main_path,
         size_bytes: found.files.iter().map(|(_, m)| m.bytes_stored).sum(),
         sha256: main.sha256.clone(),
@@ -742,8 +747,29 @@ pub async fn restore(
         }),
         Err(e) => Err(e),
     };
+    // The drill's own checks, once the restored data is in place.
+    let result = match result {
+        Ok(summary) => match datastore.restorer().smoke().await {
+            Ok(lines) if lines.is_empty() => Ok(summary),
+            Ok(lines) => Ok(format!(
+                "{summary}; smoke checks passed: {}",
+                lines.join("; ")
+            )),
+            Err(e) => {
+                return Err(JobError::Restore {
+                    datastore: datastore.name().to_owned(),
+                    source: e,
+                    target_state: format!(
+                        "the restored data is in place ({summary}) but failed the smoke check"
+                    ),
+                });
+            }
+        },
+        Err(e) => Err(e),
+    };
     match result {
         Ok(summary) => Ok(JobReport {
+            data_finished_ms: Some(main.finished.timestamp_millis()),
             stored_path: main_path,
             size_bytes: main.bytes_stored,
             sha256: main.sha256.clone(),

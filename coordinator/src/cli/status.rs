@@ -7,6 +7,43 @@ use tonic::transport::Channel;
 use super::format::{self, bytes, duration_ms, time};
 use super::{Output, status_error};
 
+/// The last restore drill of a staging datastore: `pass RTO 2.1 s RPO 6h 2m`, or
+/// `FAIL: ...`; `-` for production rows or before the first restore.
+fn drill(d: &v1::DatastoreStatus) -> (String, serde_json::Value) {
+    let Some(j) = d.last_job.as_ref().filter(|j| {
+        matches!(v1::JobKind::try_from(j.kind), Ok(v1::JobKind::Restore))
+            && matches!(
+                v1::JobState::try_from(j.state),
+                Ok(v1::JobState::Succeeded | v1::JobState::Failed)
+            )
+    }) else {
+        return ("-".into(), serde_json::Value::Null);
+    };
+    if matches!(v1::JobState::try_from(j.state), Ok(v1::JobState::Failed)) {
+        return (
+            "FAIL".into(),
+            serde_json::json!({"passed": false, "error": j.error}),
+        );
+    }
+    let Some(r) = &j.result else {
+        return ("pass".into(), serde_json::json!({"passed": true}));
+    };
+    let rpo_ms =
+        (r.data_finished_unix_ms != 0).then(|| j.finished_unix_ms - r.data_finished_unix_ms);
+    (
+        format!(
+            "pass RTO {} RPO {}",
+            duration_ms(r.duration_ms as i64),
+            rpo_ms.map_or_else(|| "?".into(), duration_ms)
+        ),
+        serde_json::json!({
+            "passed": true,
+            "rto_seconds": r.duration_ms as f64 / 1000.0,
+            "rpo_seconds": rpo_ms.map(|ms| ms as f64 / 1000.0),
+        }),
+    )
+}
+
 pub(super) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
@@ -28,6 +65,7 @@ pub(super) async fn run(
                     "last_success_age_seconds": d.last_success.as_ref().map(|j| (s.now_unix_ms - j.finished_unix_ms) / 1000),
                     "last_job": d.last_job.as_ref().map(format::job_json),
                     "next_run": (d.next_run_unix_ms != 0).then(|| time(d.next_run_unix_ms)),
+                    "last_drill": drill(d).1,
                 })
             })
             .collect();
@@ -63,6 +101,7 @@ pub(super) async fn run(
                 age,
                 size,
                 last,
+                drill(d).0,
                 time(d.next_run_unix_ms),
             ]
         })
@@ -77,6 +116,7 @@ pub(super) async fn run(
             "AGE",
             "SIZE",
             "LAST JOB",
+            "LAST DRILL",
             "NEXT RUN",
         ],
         rows,

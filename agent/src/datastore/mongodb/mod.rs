@@ -80,6 +80,11 @@ pub struct MongoConfig {
     /// Staging: source database → target database.
     #[serde(default)]
     pub rename: BTreeMap<String, String>,
+    /// Staging: smoke checks run after every restore, e.g.
+    /// `[{ ns = "app.users", filter = '{"active": true}', min = 100 }]` (the source
+    /// namespace; `rename` applies).
+    #[serde(default)]
+    pub smoke: Vec<super::SmokeCheck>,
 }
 
 /// A built MongoDB datastore.
@@ -104,6 +109,7 @@ impl Mongo {
     /// `(field, message)`.
     pub fn build(cfg: MongoConfig, role: Role) -> Result<Self, (String, String)> {
         let err = |f: &str, m: String| Err((f.to_owned(), m));
+        super::SmokeCheck::validate(&cfg.smoke, role, "ns")?;
         if !cfg.uri.starts_with("mongodb://") && !cfg.uri.starts_with("mongodb+srv://") {
             return err(
                 "uri",
@@ -552,6 +558,45 @@ impl Dumper for Mongo {
 }
 
 impl Restorer for Mongo {
+    fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
+        async move {
+            let client = self.client().await.map_err(RestoreError::Target)?;
+            super::run_smoke(&self.cfg.smoke, |c| {
+                let client = client.clone();
+                async move {
+                    let ns = c.ns.as_deref().unwrap_or_default();
+                    let (db, coll) = ns
+                        .split_once('.')
+                        .ok_or_else(|| format!("{ns:?} is not database.collection"))?;
+                    let filter: Document = match c.filter.as_deref() {
+                        None => doc! {},
+                        Some(f) => {
+                            let v: serde_json::Value =
+                                serde_json::from_str(f).map_err(|e| format!("filter {f}: {e}"))?;
+                            match Bson::try_from(v).map_err(|e| format!("filter {f}: {e}"))? {
+                                Bson::Document(d) => d,
+                                _ => return Err(format!("filter {f} is not a document")),
+                            }
+                        }
+                    };
+                    let target = format!("{}.{coll}", self.target_db(db));
+                    let n = client
+                        .database(&self.target_db(db))
+                        .collection::<Document>(coll)
+                        .count_documents(filter.clone())
+                        .await
+                        .map_err(|e| format!("{target}: {e}"))?;
+                    Ok((
+                        format!("{target} count {filter}"),
+                        i64::try_from(n).unwrap_or(i64::MAX),
+                    ))
+                }
+            })
+            .await
+        }
+        .boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
