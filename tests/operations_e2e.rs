@@ -155,6 +155,18 @@ fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
         })
     };
     assert!(jobs("backup", "succeeded").is_some(), "{body}");
+    let set = scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == "ferry_backup_set_complete"
+                && s.labels.get("environment") == Some("production")
+        })
+        .unwrap_or_else(|| panic!("no set series:\n{body}"));
+    assert!(
+        matches!(set.value, prometheus_parse::Value::Gauge(v) if v == 1.0),
+        "{body}"
+    );
     assert!(jobs("restore", "failed").is_some(), "{body}");
 }
 

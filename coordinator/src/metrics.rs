@@ -12,6 +12,10 @@
 //!   while one runs or before the first).
 //! - `ferry_last_restore_rpo_seconds`: the recovery point of the newest succeeded restore:
 //!   how old the restored data was when the restore finished.
+//! - `ferry_backup_set_complete{environment}`: 1 if the newest backup set of a production
+//!   environment is complete, 0 if a member is missing.
+//! - `ferry_last_complete_set_timestamp_seconds{environment}`: the end of the newest
+//!   complete set's last member backup (what a restore drill would take).
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started.
 //!
 //! The per-datastore series are read from the store at each scrape (two point lookups per
@@ -35,6 +39,12 @@ struct DatastoreLabels {
     agent: String,
     datastore: String,
     kind: String,
+}
+
+/// Labels of the per-environment set series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct EnvironmentLabels {
+    environment: String,
 }
 
 /// Labels of `ferry_jobs_total`.
@@ -113,7 +123,46 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
             }
         }
     }
+    let set_complete = Family::<EnvironmentLabels, Gauge>::default();
+    let complete_at =
+        Family::<EnvironmentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+    let mut envs: Vec<String> = c
+        .agents
+        .all()
+        .filter(|a| a.role.may_backup())
+        .map(|a| a.environment.clone())
+        .collect();
+    envs.sort();
+    envs.dedup();
+    for env in envs {
+        let sets = c.sets(&env).await.map_err(|e| e.to_string())?;
+        let l = EnvironmentLabels { environment: env };
+        if let Some(newest) = sets.first() {
+            set_complete
+                .get_or_create(&l)
+                .set(i64::from(newest.complete()));
+        }
+        if let Some(done) = sets.iter().find(|s| s.complete()) {
+            let end = done
+                .members
+                .iter()
+                .filter_map(|m| m.backup.as_ref().map(|b| b.finished_ms))
+                .max()
+                .unwrap_or_default();
+            complete_at.get_or_create(&l).set(end as f64 / 1000.0);
+        }
+    }
     let mut registry = Registry::with_prefix("ferry");
+    registry.register(
+        "backup_set_complete",
+        "1 if the newest backup set of an environment is complete, 0 if a member is missing",
+        set_complete,
+    );
+    registry.register(
+        "last_complete_set_timestamp_seconds",
+        "When the newest complete backup set's last member finished, seconds since the epoch",
+        complete_at,
+    );
     registry.register(
         "last_success_timestamp_seconds",
         "When the newest succeeded job of a datastore finished, seconds since the epoch (UTC)",
