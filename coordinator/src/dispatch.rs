@@ -148,6 +148,19 @@ impl Coordinator {
         out
     }
 
+    /// The environments that have production agents, sorted.
+    pub fn production_environments(&self) -> Vec<String> {
+        let mut envs: Vec<String> = self
+            .agents
+            .all()
+            .filter(|a| a.role.may_backup())
+            .map(|a| a.environment.clone())
+            .collect();
+        envs.sort();
+        envs.dedup();
+        envs
+    }
+
     /// The backup sets of `environment`, newest first ([`crate::sets`]).
     ///
     /// # Errors

@@ -126,14 +126,7 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
     let set_complete = Family::<EnvironmentLabels, Gauge>::default();
     let complete_at =
         Family::<EnvironmentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    let mut envs: Vec<String> = c
-        .agents
-        .all()
-        .filter(|a| a.role.may_backup())
-        .map(|a| a.environment.clone())
-        .collect();
-    envs.sort();
-    envs.dedup();
+    let envs = c.production_environments();
     for env in envs {
         let sets = c.sets(&env).await.map_err(|e| e.to_string())?;
         let l = EnvironmentLabels { environment: env };

@@ -317,14 +317,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::ListSetsResponse>, Status> {
         let env = request.into_inner().environment;
         let c = &self.coordinator;
-        let mut envs: Vec<String> = c
-            .agents
-            .all()
-            .filter(|a| a.role.may_backup())
-            .map(|a| a.environment.clone())
-            .collect();
-        envs.sort();
-        envs.dedup();
+        let mut envs = c.production_environments();
         envs.retain(|e| env.is_empty() || *e == env);
         let mut sets = Vec::new();
         for e in envs {
