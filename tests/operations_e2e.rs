@@ -226,17 +226,13 @@ fn verify_checks_without_restoring_and_catches_a_one_byte_change() {
 /// The catalog's table as the coordinator's store defines it.
 const BACKUPS: redb::TableDefinition<&str, &[u8]> = redb::TableDefinition::new("backups");
 
-#[test]
-fn prune_dry_run_applies_gfs_to_a_hundred_days_of_backups_and_never_drops_the_newest() {
-    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
-        append(
-            &d.coordinator_config,
-            "[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 3\n",
-        );
-    });
-    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
-    // A hundred nights of history, 2026-01-01 to 2026-04-10, written into the catalog
-    // the way the coordinator writes it (a simulated clock).
+/// Writes catalog records dated `dates` (copies of the real one, which is kept only if
+/// `keep_real`) with the coordinator stopped, then starts it again.
+fn write_history(
+    d: &mut Deployment,
+    dates: impl Iterator<Item = chrono::NaiveDate>,
+    keep_real: bool,
+) {
     d.kill("coordinator");
     {
         let db = redb::Database::open(d.dir.path().join("coordinator.redb")).unwrap();
@@ -250,10 +246,10 @@ fn prune_dry_run_applies_gfs_to_a_hundred_days_of_backups_and_never_drops_the_ne
                     serde_json::from_slice(v.value()).unwrap(),
                 )
             };
-            t.remove(key.as_str()).unwrap();
-            let start = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
-            for i in 0..100u64 {
-                let date = start + chrono::Days::new(i);
+            if !keep_real {
+                t.remove(key.as_str()).unwrap();
+            }
+            for (i, date) in dates.enumerate() {
                 let ms = date
                     .and_hms_opt(2, 0, 0)
                     .unwrap()
@@ -270,6 +266,26 @@ fn prune_dry_run_applies_gfs_to_a_hundred_days_of_backups_and_never_drops_the_ne
         }
         tx.commit().unwrap();
     }
+    d.start_coordinator();
+}
+
+#[test]
+fn prune_dry_run_applies_gfs_to_a_hundred_days_of_backups_and_never_drops_the_newest() {
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        append(
+            &d.coordinator_config,
+            "[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\nkeep_weekly = 4\nkeep_monthly = 3\n",
+        );
+    });
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    // A hundred nights of history, 2026-01-01 to 2026-04-10, written into the catalog
+    // the way the coordinator writes it (a simulated clock).
+    let start = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+    write_history(
+        &mut d,
+        (0..100).map(|i| start + chrono::Days::new(i)),
+        false,
+    );
     d.start_coordinator();
 
     let plan = d.ferry_json(&["prune", "--env", "production", "--dry-run"]);
@@ -445,4 +461,88 @@ fn a_restore_drill_below_its_smoke_minimum_fails_and_says_the_data_is_in_place()
     let status = d.ferry_json(&["status"]);
     let stage = staging_status(&status);
     assert_eq!(stage["last_drill"]["passed"], false, "{status}");
+}
+
+#[test]
+fn prune_with_the_maintenance_key_removes_what_the_policy_drops_and_keeps_the_newest() {
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let key = d.sshd.add_client_key_named("id_maintenance", "");
+        append(
+            &d.coordinator_config,
+            &format!(
+                "[[retention]]\nenvironment = \"production\"\nkeep_daily = 1\n\n\
+                 [maintenance]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
+                 host_key = \"{}\"\nroot = \"{}\"\n",
+                d.sshd.host(),
+                d.sshd.port(),
+                BACKUP_USER,
+                key.display(),
+                d.sshd.host_key(),
+                d.sshd.root().display()
+            ),
+        );
+    });
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    // Three older nights: folders on the server and records in the catalog.
+    let old: Vec<chrono::NaiveDate> = (1..=3)
+        .map(|day| chrono::NaiveDate::from_ymd_opt(2026, 1, day).unwrap())
+        .collect();
+    for date in &old {
+        let dir = d.sshd.root().join(format!("production/{date}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join(format!("postgres_backup_{date}.pgdump.zst.age")),
+            b"old",
+        )
+        .unwrap();
+        run_ok(
+            std::process::Command::new("chown")
+                .args(["-R", BACKUP_USER])
+                .arg(&dir),
+        );
+    }
+    write_history(&mut d, old.iter().copied(), true);
+
+    let plan = d.ferry_json(&["prune", "--env", "production"]);
+    let removed: Vec<&str> = plan
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["removed"] == true)
+        .map(|p| p["date"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        removed,
+        ["2026-01-03", "2026-01-02", "2026-01-01"],
+        "{plan}"
+    );
+    for date in &old {
+        assert!(!d.sshd.root().join(format!("production/{date}")).exists());
+    }
+    let today = today_utc();
+    assert!(
+        d.sshd
+            .final_files()
+            .iter()
+            .any(|f| f.starts_with(&format!("production/{today}/"))),
+        "the newest set was removed"
+    );
+    let listed = d.ferry_json(&["backups"]);
+    assert!(
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["date"] == today.as_str()),
+        "{listed}"
+    );
+    let audit = d.ferry_json(&["audit"]);
+    assert!(
+        audit
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "prune" && e["target"] == "production/2026-01-01"),
+        "{audit}"
+    );
 }

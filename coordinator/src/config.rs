@@ -170,6 +170,9 @@ pub struct CoordinatorConfig {
     /// Retention policies of dated folders, one per environment.
     #[serde(default)]
     pub retention: Vec<RetentionEntry>,
+    /// The backup server as the coordinator's maintenance job reaches it, with a key of
+    /// its own that may delete (the agents' keys cannot): what `ferry prune` uses.
+    pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
     /// Cron schedules.
     #[serde(default)]
     pub schedules: Vec<ScheduleEntry>,
@@ -257,6 +260,8 @@ pub struct Settings {
     pub agents: BTreeMap<String, Agent>,
     /// Schedules.
     pub schedules: Vec<Schedule>,
+    /// The maintenance connection to the backup server, if configured.
+    pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
     /// Retention policy by environment.
     pub retention: BTreeMap<String, crate::retention::Policy>,
 }
@@ -436,6 +441,7 @@ impl CoordinatorConfig {
             retry: self.retry,
             agents,
             schedules,
+            maintenance: self.maintenance,
             retention: self
                 .retention
                 .into_iter()

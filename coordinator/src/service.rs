@@ -276,38 +276,86 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 .iter()
                 .filter_map(|b| chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok())
                 .collect();
+            // Never the newest complete set, whatever the policy says.
+            let newest_complete = self
+                .coordinator
+                .sets(env)
+                .await?
+                .into_iter()
+                .find(|s| s.complete())
+                .map(|s| s.date);
             for d in crate::retention::plan(&dates, policy) {
                 let date = d.date.format("%Y-%m-%d").to_string();
+                let mut keep: Vec<String> = d.keep.iter().map(|k| (*k).to_owned()).collect();
+                if newest_complete.as_deref() == Some(date.as_str()) {
+                    keep.push("newest complete set".into());
+                }
                 let in_folder: Vec<_> = of_env.iter().filter(|b| b.date == date).collect();
                 decisions.push(v1::PruneDecision {
                     environment: env.clone(),
                     backups: in_folder.len() as u32,
                     size_bytes: in_folder.iter().map(|b| b.size_bytes).sum(),
                     date,
-                    keep: d.keep.iter().map(|k| (*k).to_owned()).collect(),
+                    keep,
+                    removed: false,
                 });
             }
         }
         let going = decisions.iter().filter(|d| d.keep.is_empty()).count();
         let target = opt(&r.environment).unwrap_or("*").to_owned();
-        if !r.dry_run {
+        if r.dry_run {
+            self.coordinator
+                .audit(
+                    &who,
+                    "prune --dry-run",
+                    &target,
+                    &format!("ok: {going} folder(s) would go"),
+                )
+                .await;
+            return Ok(Response::new(v1::PruneResponse { decisions }));
+        }
+        let Some(server) = self.coordinator.settings.maintenance.clone() else {
             let message = format!(
-                "{going} dated folder(s) would go, but deleting needs the maintenance key, which \
-                 this coordinator does not have yet: nothing was removed (use --dry-run to list them)"
+                "{going} dated folder(s) would go, but deleting needs the maintenance key \
+                 ([maintenance] in coordinator.toml): nothing was removed (use --dry-run to list them)"
             );
             self.coordinator
                 .audit(&who, "prune", &target, &format!("refused: {message}"))
                 .await;
             return Err(Status::failed_precondition(message));
+        };
+        for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
+            let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
+            let removed = tokio::task::spawn_blocking(move || {
+                server.connect()?.remove_dated_folder(&env, &date)
+            })
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+            let folder = format!("{}/{}", d.environment, d.date);
+            match removed {
+                Ok((files, bytes)) => {
+                    let (env, date) = (d.environment.clone(), d.date.clone());
+                    self.store(move |s| s.delete_backups(&env, &date)).await?;
+                    d.removed = true;
+                    self.coordinator
+                        .audit(
+                            &who,
+                            "prune",
+                            &folder,
+                            &format!("removed {files} files, {bytes} bytes"),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    self.coordinator
+                        .audit(&who, "prune", &folder, &format!("failed: {e}"))
+                        .await;
+                    return Err(Status::unavailable(format!(
+                        "removing {folder}: {e}; folders listed before it were removed"
+                    )));
+                }
+            }
         }
-        self.coordinator
-            .audit(
-                &who,
-                "prune --dry-run",
-                &target,
-                &format!("ok: {going} folder(s) would go"),
-            )
-            .await;
         Ok(Response::new(v1::PruneResponse { decisions }))
     }
 

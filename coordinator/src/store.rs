@@ -110,6 +110,12 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`].
     fn latest_jobs(&self, agent: &str, datastore: &str) -> Result<LatestJobs, StoreError>;
+    /// Removes every catalog record of `environment` dated `date` (its folder was
+    /// pruned); returns how many.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn delete_backups(&self, environment: &str, date: &str) -> Result<usize, StoreError>;
     /// Appends an audit entry after the newest one, in one transaction (so two appends
     /// never chain to the same predecessor); returns it.
     ///
@@ -399,6 +405,26 @@ impl Store for RedbStore {
         let last_success = jobs.pop().flatten();
         let last = jobs.pop().flatten();
         Ok(LatestJobs { last, last_success })
+    }
+
+    fn delete_backups(&self, environment: &str, date: &str) -> Result<usize, StoreError> {
+        let (environment, date) = (environment.to_owned(), date.to_owned());
+        self.write("delete backups", move |tx| {
+            let mut t = tx.open_table(BACKUPS)?;
+            let mut doomed = Vec::new();
+            for entry in t.iter()? {
+                let (k, v) = entry?;
+                let hit = serde_json::from_slice::<BackupRecord>(v.value())
+                    .is_ok_and(|r| r.environment == environment && r.date == date);
+                if hit {
+                    doomed.push(k.value().to_owned());
+                }
+            }
+            for k in &doomed {
+                t.remove(k.as_str())?;
+            }
+            Ok(doomed.len())
+        })
     }
 
     fn append_audit(

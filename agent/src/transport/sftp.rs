@@ -230,6 +230,51 @@ impl SftpSession {
         Ok(())
     }
 
+    /// Removes a dated folder `<root>/<environment>/<YYYY-MM-DD>` and the files in it (for
+    /// retention, with a key allowed to delete). Anything else is refused: a path outside
+    /// the root, a last component that is not a date, a subdirectory inside.
+    ///
+    /// # Errors
+    /// [`TransportError::Sftp`] naming the path.
+    pub fn remove_dated_folder(
+        &mut self,
+        environment: &str,
+        date: &str,
+    ) -> Result<(u64, u64), TransportError> {
+        let dir = format!("{}/{environment}/{date}", self.root);
+        if crate::layout::validate_name("environment", environment).is_err()
+            || crate::layout::parse_date(date).is_err()
+        {
+            return Err(self.err("remove", &dir, "not a dated folder of the layout"));
+        }
+        let entries = self
+            .sftp
+            .readdir(Path::new(&dir))
+            .map_err(|e| self.err("readdir", &dir, e))?;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for (path, stat) in &entries {
+            if !stat.is_file() {
+                return Err(self.err(
+                    "remove",
+                    &path.display().to_string(),
+                    "a dated folder holds files only; this is not one; nothing more removed",
+                ));
+            }
+        }
+        for (path, stat) in entries {
+            let p = path.display().to_string();
+            self.sftp
+                .unlink(&path)
+                .map_err(|e| self.err("unlink", &p, e))?;
+            files += 1;
+            bytes += stat.size.unwrap_or(0);
+        }
+        self.sftp
+            .rmdir(Path::new(&dir))
+            .map_err(|e| self.err("rmdir", &dir, e))?;
+        Ok((files, bytes))
+    }
+
     /// Removes the hidden partial of an upload that did not complete. Best effort: a
     /// server that denies removal to this key keeps it (the file is hidden and never read).
     pub fn remove_partial(&mut self, file: &StoredFile, job_id: &str) {

@@ -98,7 +98,9 @@ pub enum Command {
         verify: bool,
     },
     /// Apply the `[[retention]]` policies (GFS: keep_daily, keep_weekly, keep_monthly) to
-    /// the dated folders: with --dry-run, list every date and why it is kept or goes.
+    /// the dated folders: list every date and why it is kept, and remove those that go
+    /// (with the coordinator's `[maintenance]` key; never the newest date or the newest
+    /// complete set). --dry-run only lists.
     Prune {
         /// Only this environment.
         #[arg(long = "env")]

@@ -1,4 +1,4 @@
-//! `ferry prune [--env E] --dry-run`.
+//! `ferry prune [--env E] [--dry-run]`.
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -28,7 +28,8 @@ pub(super) async fn run(
             .map(|d| {
                 serde_json::json!({
                     "environment": d.environment, "date": d.date, "keep": d.keep,
-                    "remove": d.keep.is_empty(), "backups": d.backups, "size_bytes": d.size_bytes,
+                    "remove": d.keep.is_empty(), "removed": d.removed, "backups": d.backups,
+                    "size_bytes": d.size_bytes,
                 })
             })
             .collect();
@@ -41,7 +42,9 @@ pub(super) async fn run(
             vec![
                 d.environment.clone(),
                 d.date.clone(),
-                if d.keep.is_empty() {
+                if d.removed {
+                    "removed".into()
+                } else if d.keep.is_empty() {
                     "remove".into()
                 } else {
                     format!("keep ({})", d.keep.join(", "))
