@@ -155,13 +155,7 @@ fn deploy() -> MongoFleet {
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
         let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
-        append(
-            &d.prod_config,
-            &format!(
-                "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{}\"\n",
-                prod.uri()
-            ),
-        );
+        append(&d.prod_config, &prod.datastore_toml());
         append(
             &d.stage_config,
             &format!(

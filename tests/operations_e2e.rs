@@ -346,13 +346,7 @@ fn a_set_with_a_failed_member_is_not_restored_and_a_complete_set_restores_as_one
         let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
         let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
         for (config, server) in [(&d.prod_config, &prod), (&d.stage_config, &stage)] {
-            append(
-                config,
-                &format!(
-                    "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{}\"\n",
-                    server.uri()
-                ),
-            );
+            append(config, &server.datastore_toml());
         }
         mongos = Some((prod, stage));
         // Production's files datastore points at a directory that does not exist yet:

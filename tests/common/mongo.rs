@@ -51,6 +51,15 @@ impl MongoServer {
         format!("mongodb://127.0.0.1:{}/?directConnection=true", self.port)
     }
 
+    /// A `[[datastores]]` entry named `mongo` for this server, to append to an agent's
+    /// config.
+    pub fn datastore_toml(&self) -> String {
+        format!(
+            "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{}\"\n",
+            self.uri()
+        )
+    }
+
     /// The last 30 lines of its log.
     pub fn log(&self) -> String {
         tail(&self.proc.log, 30)

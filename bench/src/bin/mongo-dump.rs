@@ -106,13 +106,7 @@ fn main() -> anyhow::Result<()> {
         let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
         let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
         for (config, server) in [(&d.prod_config, &prod), (&d.stage_config, &stage)] {
-            append(
-                config,
-                &format!(
-                    "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{}\"\n",
-                    server.uri()
-                ),
-            );
+            append(config, &server.datastore_toml());
         }
         servers = Some((prod, stage));
     });
