@@ -352,6 +352,8 @@ impl Restorer for Etcd {
             if in_use(&data_dir) {
                 return Err(in_use_error(&data_dir));
             }
+            // The snapshot file, then the data directory made from it.
+            super::tree::ensure_room(&data_dir, main.bytes_uncompressed.saturating_mul(2))?;
             Ok(Box::new(EtcdRestore {
                 etcd: self.clone(),
                 snapshot: super::tree::sibling(&data_dir, "snapshot", job_id),

@@ -209,6 +209,7 @@ impl Restorer for Files {
             let expected: TreeCounts =
                 super::expect_whole(main, "files", &MAIN, "a files tar archive", namespaces)?;
             let new = tree::sibling(&self.cfg.path, "new", job_id);
+            tree::ensure_room(&new, main.bytes_uncompressed)?;
             fs::create_dir(&new).map_err(|e| {
                 RestoreError::Target(format!("cannot create {}: {e}", new.display()))
             })?;

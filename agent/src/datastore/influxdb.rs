@@ -408,6 +408,8 @@ impl Restorer for Influx {
                 namespaces,
             )?;
             let scratch = self.scratch();
+            // The unpacked backup (the server's own disk is not visible from here).
+            tree::ensure_room(&scratch, main.bytes_uncompressed)?;
             let dir = tempfile::Builder::new()
                 .prefix("ferry-influxdb-")
                 .tempdir_in(&scratch)

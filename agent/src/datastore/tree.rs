@@ -234,6 +234,37 @@ pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Checks before a restore that the file system holding `dir` (or its nearest existing
+/// ancestor) has `need` bytes free for an unprivileged user, plus 5 %.
+///
+/// # Errors
+/// [`super::RestoreError::Target`] naming the file system's free and needed bytes; the
+/// caller has touched nothing yet.
+pub fn ensure_room(dir: &Path, need: u64) -> Result<(), super::RestoreError> {
+    let mut probe = dir;
+    while !probe.exists() {
+        match probe.parent() {
+            Some(p) => probe = p,
+            None => break,
+        }
+    }
+    let st = rustix::fs::statvfs(probe).map_err(|e| {
+        super::RestoreError::Target(format!(
+            "cannot read free space of {}: {e}",
+            probe.display()
+        ))
+    })?;
+    let free = st.f_bavail.saturating_mul(st.f_frsize);
+    let wanted = need.saturating_add(need / 20);
+    if free < wanted {
+        return Err(super::RestoreError::Target(format!(
+            "not enough room to restore into {}: {free} bytes free, the backup needs about {wanted}; nothing was touched",
+            dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// `<parent>/.<name>.ferry-<what>-<job>`: a hidden sibling of `path`, on the same file
 /// system, for a restore to build in before it swaps.
 pub fn sibling(path: &Path, what: &str, job_id: &str) -> PathBuf {
@@ -429,6 +460,16 @@ mod tests {
         let err = unpack(&tar[..], &dst.path().join("inner")).unwrap_err();
         assert!(err.to_string().contains("outside"), "{err}");
         assert!(!dst.path().join("escape").exists());
+    }
+
+    #[test]
+    fn room_is_checked_on_the_nearest_existing_ancestor() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("not/yet/there");
+        ensure_room(&target, 1024).unwrap();
+        let err = ensure_room(&target, u64::MAX / 4).unwrap_err();
+        assert!(err.to_string().contains("not enough room"), "{err}");
+        assert!(!target.exists());
     }
 
     #[test]

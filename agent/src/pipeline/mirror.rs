@@ -346,6 +346,7 @@ pub async fn restore(
             cfg.name
         )));
     }
+    tree::ensure_room(&new, manifest.counts.bytes).map_err(failed)?;
     let mut cmd = remote.rsync();
     cmd.arg(format!("--exclude=/{MANIFEST}"))
         .arg(&src)
