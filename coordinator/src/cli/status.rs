@@ -33,7 +33,11 @@ fn drill(d: &v1::DatastoreStatus) -> (String, serde_json::Value) {
     (
         format!(
             "pass RTO {} RPO {}",
-            duration_ms(r.duration_ms as i64),
+            if r.duration_ms < 60_000 {
+                format!("{:.1}s", r.duration_ms as f64 / 1000.0)
+            } else {
+                duration_ms(r.duration_ms as i64)
+            },
             rpo_ms.map_or_else(|| "?".into(), duration_ms)
         ),
         serde_json::json!({
