@@ -86,7 +86,7 @@ enum Attempt {
     Failed { message: String, retryable: bool },
 }
 
-async fn blocking<T: Send + 'static>(
+pub(crate) async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
 ) -> Result<T, DispatchError> {
     tokio::task::spawn_blocking(f)

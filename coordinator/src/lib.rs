@@ -27,6 +27,7 @@ pub mod dispatch;
 pub mod metrics;
 pub mod model;
 pub mod pki;
+pub mod prune;
 pub mod retention;
 pub mod service;
 pub mod sets;

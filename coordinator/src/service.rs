@@ -252,111 +252,26 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::PruneResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        let policies: Vec<(String, crate::retention::Policy)> = self
-            .coordinator
-            .settings
-            .retention
-            .iter()
-            .filter(|(env, _)| r.environment.is_empty() || **env == r.environment)
-            .map(|(e, p)| (e.clone(), *p))
-            .collect();
-        if policies.is_empty() {
-            return Err(Status::failed_precondition(format!(
-                "no [[retention]] policy{} in coordinator.toml",
-                opt(&r.environment)
-                    .map(|e| format!(" for environment {e:?}"))
-                    .unwrap_or_default()
-            )));
-        }
-        let backups = self.store(|s| s.list_backups(None)).await?;
-        let mut decisions = Vec::new();
-        for (env, policy) in &policies {
-            let of_env: Vec<_> = backups.iter().filter(|b| &b.environment == env).collect();
-            let dates: Vec<chrono::NaiveDate> = of_env
-                .iter()
-                .filter_map(|b| chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok())
-                .collect();
-            // Never the newest complete set, whatever the policy says.
-            let newest_complete = self
-                .coordinator
-                .sets(env)
-                .await?
-                .into_iter()
-                .find(|s| s.complete())
-                .map(|s| s.date);
-            for d in crate::retention::plan(&dates, policy) {
-                let date = d.date.format("%Y-%m-%d").to_string();
-                let mut keep: Vec<String> = d.keep.iter().map(|k| (*k).to_owned()).collect();
-                if newest_complete.as_deref() == Some(date.as_str()) {
-                    keep.push("newest complete set".into());
-                }
-                let in_folder: Vec<_> = of_env.iter().filter(|b| b.date == date).collect();
-                decisions.push(v1::PruneDecision {
-                    environment: env.clone(),
-                    backups: in_folder.len() as u32,
-                    size_bytes: in_folder.iter().map(|b| b.size_bytes).sum(),
-                    date,
-                    keep,
-                    removed: false,
-                });
-            }
-        }
-        let going = decisions.iter().filter(|d| d.keep.is_empty()).count();
-        let target = opt(&r.environment).unwrap_or("*").to_owned();
-        if r.dry_run {
-            self.coordinator
-                .audit(
-                    &who,
-                    "prune --dry-run",
-                    &target,
-                    &format!("ok: {going} folder(s) would go"),
-                )
-                .await;
-            return Ok(Response::new(v1::PruneResponse { decisions }));
-        }
-        let Some(server) = self.coordinator.settings.maintenance.clone() else {
-            let message = format!(
-                "{going} dated folder(s) would go, but deleting needs the maintenance key \
-                 ([maintenance] in coordinator.toml): nothing was removed (use --dry-run to list them)"
-            );
-            self.coordinator
-                .audit(&who, "prune", &target, &format!("refused: {message}"))
-                .await;
-            return Err(Status::failed_precondition(message));
-        };
-        for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
-            let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
-            let removed = tokio::task::spawn_blocking(move || {
-                server.connect()?.remove_dated_folder(&env, &date)
-            })
+        let decisions = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
             .await
-            .map_err(|e| Status::internal(e.to_string()))?;
-            let folder = format!("{}/{}", d.environment, d.date);
-            match removed {
-                Ok((files, bytes)) => {
-                    let (env, date) = (d.environment.clone(), d.date.clone());
-                    self.store(move |s| s.delete_backups(&env, &date)).await?;
-                    d.removed = true;
-                    self.coordinator
-                        .audit(
-                            &who,
-                            "prune",
-                            &folder,
-                            &format!("removed {files} files, {bytes} bytes"),
-                        )
-                        .await;
-                }
-                Err(e) => {
-                    self.coordinator
-                        .audit(&who, "prune", &folder, &format!("failed: {e}"))
-                        .await;
-                    return Err(Status::unavailable(format!(
-                        "removing {folder}: {e}; folders listed before it were removed"
-                    )));
-                }
-            }
-        }
-        Ok(Response::new(v1::PruneResponse { decisions }))
+            .map_err(|e| match e {
+                crate::prune::PruneError::Refused(m) => Status::failed_precondition(m),
+                crate::prune::PruneError::Server(m) => Status::unavailable(m),
+                crate::prune::PruneError::Dispatch(d) => d.into(),
+            })?;
+        Ok(Response::new(v1::PruneResponse {
+            decisions: decisions
+                .into_iter()
+                .map(|d| v1::PruneDecision {
+                    environment: d.environment,
+                    date: d.date,
+                    keep: d.keep,
+                    backups: d.backups,
+                    size_bytes: d.size_bytes,
+                    removed: d.removed,
+                })
+                .collect(),
+        }))
     }
 
     async fn list_sets(
