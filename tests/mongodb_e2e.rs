@@ -380,3 +380,49 @@ fn selective_restore_touches_only_the_named_namespace() {
         );
     });
 }
+
+#[test]
+fn mongodb_restore_is_verified_beside_the_target_and_leaves_it_as_it_was_on_a_mismatch() {
+    let f = deploy();
+    let rt = runtime();
+    rt.block_on(async {
+        let prod = client(&f.prod.uri()).await;
+        let docs: Vec<Document> = (0..500i32).map(|i| doc! {"_id": i, "v": "new"}).collect();
+        prod.database("app")
+            .collection::<Document>("items")
+            .insert_many(docs)
+            .await
+            .unwrap();
+        let stage = client(&f.stage.uri()).await;
+        stage
+            .database("app")
+            .collection::<Document>("items")
+            .insert_one(doc! {"_id": "staging's own", "v": "old"})
+            .await
+            .unwrap();
+    });
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    // The manifest promises one document more than the archive holds.
+    let (name, mut manifest) = f.d.todays_backup("mongo", "archive.zst.age");
+    manifest["counts"]["namespaces"]["app.items"]["documents"] = serde_json::json!(501);
+    let path = f.d.sshd.root().join(format!("{name}.json"));
+    chmod(&path, 0o640);
+    fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+
+    let out =
+        f.d.ferry(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(text.contains("differs from the manifest"), "{text}");
+    assert!(text.contains("the target was left as it was"), "{text}");
+    rt.block_on(async {
+        let stage = client(&f.stage.uri()).await;
+        let left = raw_documents(&f.stage.uri(), "app", "items").await;
+        assert_eq!(left.len(), 1, "staging's collection was replaced");
+        let dbs = stage.list_database_names().await.unwrap();
+        assert!(
+            !dbs.iter().any(|d| d.contains("__ferry_")),
+            "scratch databases left: {dbs:?}"
+        );
+    });
+}

@@ -8,11 +8,16 @@
 //! namespace (what `mongodump --oplog` does) and its start and end timestamps go in the
 //! manifest; on a standalone server the manifest says the dump is not point-in-time.
 //!
-//! Restore (staging): per namespace, `--drop` semantics: the target collection is
-//! dropped, created with its options, filled with batched raw inserts, then given its
-//! indexes; views are created last; the captured oplog is replayed; document counts and
-//! index names are compared with the manifest. Databases may be renamed
-//! (`rename = { app = "app_staging" }`, like mongorestore's `--nsFrom/--nsTo`).
+//! Restore (staging), beside the live data: every database of the archive goes into a
+//! scratch database `<target>__ferry_<job suffix>`: each collection created with its
+//! options, filled with batched raw inserts, then given its indexes; views last; the
+//! captured oplog replayed. Document counts and index names are compared with the
+//! manifest there. Only then is each namespace moved into place with `--drop` semantics
+//! (`renameCollection` with `dropTarget`; where the server loses collection options on a
+//! rename, which a probe finds out, the collection is recreated with them and copied),
+//! views recreated, and the scratch databases dropped. A failure before the move leaves
+//! the target as it was. Databases may be renamed (`rename = { app = "app_staging" }`,
+//! like mongorestore's `--nsFrom/--nsTo`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
@@ -600,7 +605,7 @@ impl Restorer for Mongo {
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
-        _job_id: &'a str,
+        job_id: &'a str,
         namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
@@ -615,8 +620,39 @@ impl Restorer for Mongo {
                     counts.keys().cloned().collect::<Vec<_>>().join(", ")
                 )));
             }
+            // Every database of the archive is restored into a scratch database beside
+            // its target, checked, and only then moved into place.
+            let suffix: String = job_id
+                .chars()
+                .rev()
+                .take(8)
+                .collect::<String>()
+                .to_lowercase();
+            let mut scratch = self.clone();
+            let sources: std::collections::BTreeSet<&str> = main
+                .counts
+                .get("namespaces")
+                .and_then(|n| n.as_object())
+                .map(|n| {
+                    n.keys()
+                        .filter_map(|k| k.split_once('.').map(|(d, _)| d))
+                        .collect()
+                })
+                .unwrap_or_default();
+            for db in sources {
+                let name = format!("{}__ferry_{suffix}", self.target_db(db));
+                if name.len() > 63 {
+                    return Err(RestoreError::Target(format!(
+                        "the scratch database for {} would be {name:?}, longer than MongoDB allows",
+                        self.target_db(db)
+                    )));
+                }
+                client.database(&name).drop().await.map_err(tgt)?;
+                scratch.cfg.rename.insert(db.to_owned(), name);
+            }
             Ok(Box::new(MongoRestore {
                 mongo: self.clone(),
+                scratch,
                 client,
                 only: namespaces.to_vec(),
                 replaced: Replaced::default(),
@@ -629,10 +665,12 @@ impl Restorer for Mongo {
 /// A MongoDB restore in progress.
 struct MongoRestore {
     mongo: Mongo,
+    /// `mongo` with every archive database mapped to its scratch database.
+    scratch: Mongo,
     client: Client,
     /// Only these `db.collection` namespaces; all when empty.
     only: Vec<String>,
-    /// Target namespaces dropped and recreated so far (the restore is in place).
+    /// Target namespaces replaced so far by the final moves.
     replaced: Replaced,
 }
 
@@ -891,6 +929,141 @@ async fn apply_items(
     Ok(stats)
 }
 
+impl MongoRestore {
+    /// Drops every scratch database of this restore (best effort: a leftover is logged).
+    async fn drop_scratch(&self) {
+        for name in self.scratch.cfg.rename.values() {
+            if self.mongo.cfg.rename.values().any(|t| t == name) {
+                continue;
+            }
+            if let Err(e) = self.client.database(name).drop().await {
+                tracing::warn!(database = %name, error = %e, "Could not drop a scratch database.");
+            }
+        }
+    }
+}
+
+/// Whether the server keeps a collection's options across `renameCollection` (MongoDB
+/// does; some wire-compatible servers do not): renames a small capped probe collection
+/// within `db` and looks. The probe is dropped.
+async fn rename_keeps_options(client: &Client, db: &str) -> bool {
+    let probe = "ferry_rename_probe";
+    let d = client.database(db);
+    let created = d
+        .run_command(doc! {"create": probe, "capped": true, "size": 4096i64})
+        .await;
+    let renamed = created.is_ok()
+        && client
+            .database("admin")
+            .run_command(doc! {
+                "renameCollection": format!("{db}.{probe}"),
+                "to": format!("{db}.{probe}_2"),
+                "dropTarget": true,
+            })
+            .await
+            .is_ok();
+    let keeps = renamed
+        && collection_options(client, db, &format!("{probe}_2"))
+            .await
+            .is_ok_and(|o| o.get_bool("capped").unwrap_or(false));
+    for name in [probe.to_owned(), format!("{probe}_2")] {
+        let _ = d.collection::<Document>(&name).drop().await;
+    }
+    keeps
+}
+
+/// The `options` of collection or view `db.coll` as `listCollections` reports them.
+async fn collection_options(
+    client: &Client,
+    db: &str,
+    coll: &str,
+) -> Result<Document, RestoreError> {
+    let spec = client
+        .database(db)
+        .run_command(doc! {"listCollections": 1, "filter": {"name": coll}})
+        .await
+        .map_err(tgt)?;
+    Ok(spec
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| c.get_array("firstBatch").ok())
+        .and_then(|b| b.first())
+        .and_then(|v| v.as_document())
+        .and_then(|d| d.get_document("options").ok())
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// Replaces `to.coll` with a copy of `from.coll`: created with `options`, documents copied
+/// as raw BSON in [`INSERT_BYTES`] batches, the indexes rebuilt, the source dropped.
+async fn copy_collection(
+    client: &Client,
+    from: &str,
+    to: &str,
+    coll: &str,
+    options: Document,
+) -> Result<(), RestoreError> {
+    let target = client.database(to);
+    target
+        .collection::<Document>(coll)
+        .drop()
+        .await
+        .map_err(tgt)?;
+    let mut create = doc! {"create": coll};
+    for (k, v) in options {
+        create.insert(k, v);
+    }
+    target
+        .run_command(create)
+        .await
+        .map_err(|e| RestoreError::Target(format!("creating {to}.{coll}: {e}")))?;
+    let source = client.database(from).collection::<RawDocumentBuf>(coll);
+    let mut cursor = source.find(doc! {}).await.map_err(tgt)?;
+    let (mut batch, mut bytes) = (Vec::new(), 0usize);
+    while cursor.advance().await.map_err(tgt)? {
+        let d = cursor.current();
+        bytes += d.as_bytes().len();
+        batch.push(d.to_raw_document_buf());
+        if bytes >= INSERT_BYTES {
+            flush_inserts(client, to, coll, &mut batch).await?;
+            bytes = 0;
+        }
+    }
+    flush_inserts(client, to, coll, &mut batch).await?;
+    let listed = client
+        .database(from)
+        .run_command(doc! {"listIndexes": coll})
+        .await
+        .map_err(tgt)?;
+    let indexes: Vec<Document> = listed
+        .get_document("cursor")
+        .ok()
+        .and_then(|c| c.get_array("firstBatch").ok())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i.as_document().cloned())
+        .filter(|i| i.get_str("name").ok() != Some("_id_"))
+        .map(|mut i| {
+            i.remove("ns");
+            i.remove("v");
+            i
+        })
+        .collect();
+    if !indexes.is_empty() {
+        target
+            .run_command(doc! {"createIndexes": coll, "indexes": indexes})
+            .await
+            .map_err(|e| RestoreError::Target(format!("indexes of {to}.{coll}: {e}")))?;
+    }
+    client
+        .database(from)
+        .collection::<Document>(coll)
+        .drop()
+        .await
+        .map_err(tgt)?;
+    Ok(())
+}
+
 impl RestoreSession for MongoRestore {
     fn part<'a>(
         &'a mut self,
@@ -934,10 +1107,11 @@ impl RestoreSession for MongoRestore {
                 }
                 Ok(())
             });
-            let mongo = self.mongo.clone();
+            let mongo = self.scratch.clone();
             let client = self.client.clone();
             let only = self.only.clone();
-            let replaced = self.replaced.clone();
+            // Scratch namespaces: nothing live is replaced while the archive streams.
+            let replaced = Replaced::default();
             let applier = tokio::spawn(async move {
                 let prelude = prelude_rx.await.map_err(|_| {
                     RestoreError::Manifest("the archive has no readable prelude".into())
@@ -982,7 +1156,7 @@ impl RestoreSession for MongoRestore {
                     continue;
                 }
                 let Some((db, coll)) = ns.split_once('.') else { continue };
-                let target = self.mongo.target_db(db);
+                let target = self.scratch.target_db(db);
                 let collection = self.client.database(&target).collection::<Document>(coll);
                 let expected = c["documents"].as_i64().unwrap_or(-1);
                 let found = collection.count_documents(doc! {}).await.map_err(tgt)? as i64;
@@ -1006,6 +1180,48 @@ impl RestoreSession for MongoRestore {
             if !diffs.is_empty() {
                 return Err(RestoreError::Mismatch(diffs.join("; ")));
             }
+            // Verified beside the live data: move each collection into place, then
+            // recreate the views (a view cannot be renamed), then drop the scratch databases.
+            let chosen: Vec<(&String, &serde_json::Value)> = namespaces
+                .iter()
+                .filter(|(ns, _)| self.only.is_empty() || self.only.contains(ns))
+                .collect();
+            let mut rename_keeps: Option<bool> = None;
+            for (ns, c) in &chosen {
+                let Some((db, coll)) = ns.split_once('.') else { continue };
+                let (from, to) = (self.scratch.target_db(db), self.mongo.target_db(db));
+                if rename_keeps.is_none() {
+                    rename_keeps = Some(rename_keeps_options(&self.client, &from).await);
+                }
+                let options = collection_options(&self.client, &from, coll).await?;
+                if c["type"] == "view" {
+                    let target = self.client.database(&to);
+                    target.collection::<Document>(coll).drop().await.map_err(tgt)?;
+                    let mut create = doc! {"create": coll};
+                    for (k, v) in options {
+                        create.insert(k, v);
+                    }
+                    target.run_command(create).await.map_err(|e| {
+                        RestoreError::Target(format!("creating view {to}.{coll}: {e}"))
+                    })?;
+                } else if options.is_empty() || rename_keeps == Some(true) {
+                    self.client
+                        .database("admin")
+                        .run_command(doc! {
+                            "renameCollection": format!("{from}.{coll}"),
+                            "to": format!("{to}.{coll}"),
+                            "dropTarget": true,
+                        })
+                        .await
+                        .map_err(|e| RestoreError::Target(format!("renaming {from}.{coll} to {to}.{coll}: {e}")))?;
+                } else {
+                    // This server loses options (capped, validator, collation...) on a
+                    // rename: recreate the collection with them and copy.
+                    copy_collection(&self.client, &from, &to, coll, options).await?;
+                }
+                self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{to}.{coll}"));
+            }
+            self.drop_scratch().await;
             let restored = if self.only.is_empty() { namespaces.len() } else { self.only.len() };
             Ok(format!(
                 "{restored} namespaces, {total} documents restored, counts and indexes equal to the manifest"
@@ -1018,7 +1234,7 @@ impl RestoreSession for MongoRestore {
         let replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
         (!replaced.is_empty()).then(|| {
             format!(
-                "the restore is in place: these namespaces were dropped and are partly restored: {}; the others are as they were",
+                "these namespaces were already replaced by their restored, verified copies: {}; the others are as they were",
                 replaced.join(", ")
             )
         })
@@ -1026,8 +1242,7 @@ impl RestoreSession for MongoRestore {
 
     fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {
         async move {
-            tracing::warn!(datastore = %self.mongo.cfg.name,
-                "MongoDB restore failed part-way: the namespaces restored so far were replaced (drop semantics).");
+            self.drop_scratch().await;
         }
         .boxed()
     }
