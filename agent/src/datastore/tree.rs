@@ -339,12 +339,11 @@ pub fn unpack_sink(dir: PathBuf) -> Result<super::PartSink, super::RestoreError>
     })
 }
 
-/// Whether this process runs as root (then owners are restored).
-fn is_root() -> bool {
+/// Whether this process runs as root (then owners are restored, and tools that must run
+/// as another OS user are started through `runuser`).
+pub fn is_root() -> bool {
     use std::os::unix::fs::MetadataExt;
-    fs::metadata("/proc/self")
-        .map(|m| m.uid() == 0)
-        .unwrap_or(false)
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
 }
 
 /// Counts what the tree under `root` holds (the root counts as a directory), without
