@@ -58,13 +58,26 @@ pub struct Selection<'a> {
     pub backup_type: Option<&'a str>,
 }
 
-/// An audit outcome for a trigger: `ok: jobs A, B` or `refused: why`.
-pub fn trigger_outcome(r: &Result<Vec<String>, DispatchError>) -> String {
-    match r {
-        Ok(ids) => format!("ok: jobs {}", ids.join(", ")),
-        Err(e) => format!("refused: {e}"),
+impl Selection<'_> {
+    /// `agent/datastore` (`*` for all) with the date, namespaces and backup type, for
+    /// the audit log.
+    pub fn describe(&self, agent: &str, datastore: Option<&str>) -> String {
+        let mut s = format!("{agent}/{}", datastore.unwrap_or("*"));
+        if let Some(d) = self.date {
+            s.push_str(&format!(" date {d}"));
+        }
+        if !self.namespaces.is_empty() {
+            s.push_str(&format!(" ns {}", self.namespaces.join(",")));
+        }
+        if let Some(t) = self.backup_type {
+            s.push_str(&format!(" type {t}"));
+        }
+        s
     }
 }
+
+/// Who triggers scheduled runs, in jobs and in the audit log.
+pub const SCHEDULE: &str = "schedule";
 
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
 pub struct Coordinator {
@@ -277,12 +290,46 @@ impl Coordinator {
         }
     }
 
-    /// Creates jobs for a backup or restore of `datastore` (all of the agent's when
-    /// `None`) on `agent` and starts them. Refuses what the role split forbids.
+    /// Creates jobs for a backup, restore or verify of `datastore` (all of the agent's
+    /// when `None`) on `agent` and starts them, on behalf of `who` (an operator's
+    /// certificate name, or [`SCHEDULE`]). Refuses what the role split forbids. Either
+    /// way the request and its outcome go in the audit log.
     ///
     /// # Errors
     /// [`DispatchError`].
     pub async fn trigger(
+        self: &Arc<Self>,
+        kind: JobKind,
+        agent: &str,
+        datastore: Option<&str>,
+        selection: &Selection<'_>,
+        who: &str,
+    ) -> Result<Vec<String>, DispatchError> {
+        let trigger = if who == SCHEDULE {
+            SCHEDULE
+        } else {
+            "operator"
+        };
+        let result = self
+            .start_jobs(kind, agent, datastore, selection, trigger)
+            .await;
+        let outcome = match &result {
+            Ok(ids) => format!("ok: jobs {}", ids.join(", ")),
+            Err(e) => format!("refused: {e}"),
+        };
+        self.audit(
+            who,
+            &format!("trigger {kind}"),
+            &selection.describe(agent, datastore),
+            &outcome,
+        )
+        .await;
+        result
+    }
+
+    /// [`Coordinator::trigger`] without the audit entry; `trigger` is the jobs' `trigger`
+    /// field (`operator` or `schedule`).
+    async fn start_jobs(
         self: &Arc<Self>,
         kind: JobKind,
         agent: &str,
@@ -724,21 +771,9 @@ impl Coordinator {
                                 backup_type: schedule.backup_type.as_deref(),
                                 ..Selection::default()
                             },
-                            "schedule",
+                            SCHEDULE,
                         )
                         .await;
-                    let target = format!(
-                        "{}/{}",
-                        schedule.agent,
-                        schedule.datastore.as_deref().unwrap_or("*")
-                    );
-                    this.audit(
-                        "schedule",
-                        &format!("trigger {}", schedule.kind),
-                        &target,
-                        &trigger_outcome(&triggered),
-                    )
-                    .await;
                     if let Err(e) = triggered {
                         tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,
                             error_type = "schedule", "Scheduled run could not start.");

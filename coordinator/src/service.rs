@@ -10,7 +10,7 @@ use ferry_proto::v1::coordinator_server;
 use futures::Stream;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{Coordinator, Selection, trigger_outcome};
+use crate::dispatch::{Coordinator, Selection};
 use crate::model::{Job, JobKind};
 use crate::store::StoreError;
 
@@ -154,7 +154,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let who = peer_name(&request);
         let r = request.into_inner();
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, "Backup requested.");
-        let triggered = self
+        let job_ids = self
             .coordinator
             .trigger(
                 JobKind::Backup,
@@ -164,28 +164,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     backup_type: opt(&r.backup_type),
                     ..Selection::default()
                 },
-                "operator",
-            )
-            .await;
-        let target = format!(
-            "{}/{}{}",
-            r.agent,
-            opt(&r.datastore).unwrap_or("*"),
-            opt(&r.backup_type)
-                .map(|t| format!(" type {t}"))
-                .unwrap_or_default()
-        );
-        self.coordinator
-            .audit(
                 &who,
-                "trigger backup",
-                &target,
-                &trigger_outcome(&triggered),
             )
-            .await;
-        Ok(Response::new(v1::TriggerResponse {
-            job_ids: triggered?,
-        }))
+            .await?;
+        Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
     async fn trigger_restore(
@@ -200,7 +182,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         } else {
             JobKind::Restore
         };
-        let triggered = self
+        let job_ids = self
             .coordinator
             .trigger(
                 kind,
@@ -211,27 +193,10 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     namespaces: &r.namespaces,
                     backup_type: None,
                 },
-                "operator",
-            )
-            .await;
-        let mut target = format!("{}/{}", r.agent, opt(&r.datastore).unwrap_or("*"));
-        if let Some(d) = opt(&r.date) {
-            target.push_str(&format!(" date {d}"));
-        }
-        if !r.namespaces.is_empty() {
-            target.push_str(&format!(" ns {}", r.namespaces.join(",")));
-        }
-        self.coordinator
-            .audit(
                 &who,
-                "trigger restore",
-                &target,
-                &trigger_outcome(&triggered),
             )
-            .await;
-        Ok(Response::new(v1::TriggerResponse {
-            job_ids: triggered?,
-        }))
+            .await?;
+        Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
     async fn list_audit(
