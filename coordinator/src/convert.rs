@@ -123,3 +123,30 @@ impl From<v1::AuditEntry> for crate::audit::AuditEntry {
         }
     }
 }
+
+impl From<&crate::sets::BackupSet> for v1::BackupSet {
+    fn from(s: &crate::sets::BackupSet) -> Self {
+        v1::BackupSet {
+            environment: s.environment.clone(),
+            date: s.date.clone(),
+            complete: s.complete(),
+            size_bytes: s.size_bytes(),
+            members: s
+                .members
+                .iter()
+                .map(|m| v1::SetMember {
+                    agent: m.agent.clone(),
+                    datastore: m.datastore.clone(),
+                    present: m.backup.is_some(),
+                    size_bytes: m.backup.as_ref().map_or(0, |b| b.size_bytes),
+                    stored_path: m
+                        .backup
+                        .as_ref()
+                        .map(|b| b.stored_path.clone())
+                        .unwrap_or_default(),
+                    finished_unix_ms: m.backup.as_ref().map_or(0, |b| b.finished_ms),
+                })
+                .collect(),
+        }
+    }
+}

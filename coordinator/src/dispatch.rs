@@ -174,21 +174,26 @@ impl Coordinator {
         envs
     }
 
-    /// The backup sets of `environment`, newest first ([`crate::sets`]).
+    /// The backup sets of `environment` (every environment with production agents when
+    /// `None`), newest date first ([`crate::sets`]); the catalog is read once.
     ///
     /// # Errors
     /// The store cannot be read.
     pub async fn sets(
         &self,
-        environment: &str,
+        environment: Option<&str>,
     ) -> Result<Vec<crate::sets::BackupSet>, DispatchError> {
         let store = self.store.clone();
         let backups = blocking(move || store.list_backups(None)).await?;
-        Ok(crate::sets::build(
-            environment,
-            &self.expected_members(environment),
-            &backups,
-        ))
+        let mut sets: Vec<crate::sets::BackupSet> = match environment {
+            Some(e) => vec![e.to_owned()],
+            None => self.production_environments(),
+        }
+        .iter()
+        .flat_map(|e| crate::sets::build(e, &self.expected_members(e), &backups))
+        .collect();
+        sets.sort_by(|a, b| b.date.cmp(&a.date).then(a.environment.cmp(&b.environment)));
+        Ok(sets)
     }
 
     /// The date a staging agent restores all its datastores from: `date`'s set if given,
@@ -204,7 +209,7 @@ impl Coordinator {
                 "agent {agent} does not say which environment it restores from; give --datastore, or upgrade it"
             )));
         }
-        let sets = self.sets(source_environment).await?;
+        let sets = self.sets(Some(source_environment)).await?;
         let describe = |s: &crate::sets::BackupSet| {
             format!(
                 "the set of {} {} is incomplete (missing {})",

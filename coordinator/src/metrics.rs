@@ -126,9 +126,9 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
     let set_complete = Family::<EnvironmentLabels, Gauge>::default();
     let complete_at =
         Family::<EnvironmentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    let envs = c.production_environments();
-    for env in envs {
-        let sets = c.sets(&env).await.map_err(|e| e.to_string())?;
+    let all_sets = c.sets(None).await.map_err(|e| e.to_string())?;
+    for env in c.production_environments() {
+        let sets: Vec<_> = all_sets.iter().filter(|s| s.environment == env).collect();
         let l = EnvironmentLabels { environment: env };
         if let Some(newest) = sets.first() {
             set_complete

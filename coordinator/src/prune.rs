@@ -75,9 +75,7 @@ pub async fn run(
             .filter_map(|b| chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok())
             .collect();
         // Never the newest complete set, whatever the policy says.
-        let newest_complete = c
-            .sets(env)
-            .await?
+        let newest_complete = crate::sets::build(env, &c.expected_members(env), &backups)
             .into_iter()
             .find(|s| s.complete())
             .map(|s| s.date);

@@ -244,40 +244,9 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::ListSetsRequest>,
     ) -> Result<Response<v1::ListSetsResponse>, Status> {
         let env = request.into_inner().environment;
-        let c = &self.coordinator;
-        let mut envs = c.production_environments();
-        envs.retain(|e| env.is_empty() || *e == env);
-        let mut sets = Vec::new();
-        for e in envs {
-            sets.extend(c.sets(&e).await?);
-        }
-        sets.sort_by(|a, b| b.date.cmp(&a.date).then(a.environment.cmp(&b.environment)));
+        let sets = self.coordinator.sets(opt(&env)).await?;
         Ok(Response::new(v1::ListSetsResponse {
-            sets: sets
-                .iter()
-                .map(|s| v1::BackupSet {
-                    environment: s.environment.clone(),
-                    date: s.date.clone(),
-                    complete: s.complete(),
-                    size_bytes: s.size_bytes(),
-                    members: s
-                        .members
-                        .iter()
-                        .map(|m| v1::SetMember {
-                            agent: m.agent.clone(),
-                            datastore: m.datastore.clone(),
-                            present: m.backup.is_some(),
-                            size_bytes: m.backup.as_ref().map_or(0, |b| b.size_bytes),
-                            stored_path: m
-                                .backup
-                                .as_ref()
-                                .map(|b| b.stored_path.clone())
-                                .unwrap_or_default(),
-                            finished_unix_ms: m.backup.as_ref().map_or(0, |b| b.finished_ms),
-                        })
-                        .collect(),
-                })
-                .collect(),
+            sets: sets.iter().map(Into::into).collect(),
         }))
     }
 
