@@ -124,16 +124,17 @@ pub fn validate(
         backup_type: Some(t),
     } = &kind
     {
-        if !matches!(*ds, crate::datastore::Datastore::PgBackRest(_)) {
+        let types = ds.repository().map(|r| r.backup_types()).unwrap_or(&[]);
+        if !types.contains(&t.as_str()) {
             return Err(OrderError::InvalidArgument(format!(
-                "datastore {datastore:?} is a {} datastore: only pgBackRest datastores take a backup type",
-                ds.kind()
-            )));
-        }
-        if !["full", "diff"].contains(&t.as_str()) {
-            return Err(OrderError::InvalidArgument(format!(
-                "backup type {:?} is not full or diff",
-                t.chars().take(20).collect::<String>()
+                "datastore {datastore:?} ({}) takes no backup type {:?}{}",
+                ds.kind(),
+                t.chars().take(20).collect::<String>(),
+                if types.is_empty() {
+                    String::new()
+                } else {
+                    format!("; it takes {}", types.join(" or "))
+                }
             )));
         }
     }
@@ -238,19 +239,24 @@ impl JobRunner {
             let _ = tx.send(JobUpdate::Accepted { kind }).await;
             tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
             let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
-            let mirror = match &*order.datastore {
-                crate::datastore::Datastore::Files(f) if f.is_mirror() => Some(f),
-                _ => None,
-            };
-            let result = match (order.kind, mirror, &*order.datastore) {
-                (OrderKind::Verify { .. }, Some(_), _)
-                | (OrderKind::Verify { .. }, _, crate::datastore::Datastore::PgBackRest(_)) => {
-                    Err(JobError::InvalidArgument(format!(
-                        "datastore {name:?} is a differential repository, not dated archives: \
-                         its restore checks it (rsync checksums, pgBackRest's own checksums)"
-                    )))
+            let result = match (order.kind, order.datastore.repository()) {
+                (OrderKind::Verify { .. }, Some(_)) => Err(JobError::InvalidArgument(format!(
+                    "datastore {name:?} is a differential repository, not dated archives: \
+                     its restore checks it (rsync checksums, pgBackRest's own checksums)"
+                ))),
+                (OrderKind::Backup { backup_type }, Some(r)) => {
+                    r.backup(&runner.settings, backup_type, &progress).await
                 }
-                (OrderKind::Verify { date }, None, _) => {
+                (OrderKind::Restore { date, namespaces }, Some(r)) => {
+                    r.restore(
+                        &runner.settings,
+                        &order.job_id,
+                        (date, namespaces),
+                        &progress,
+                    )
+                    .await
+                }
+                (OrderKind::Verify { date }, None) => {
                     pipeline::verify(
                         runner.settings.clone(),
                         order.datastore.clone(),
@@ -259,33 +265,7 @@ impl JobRunner {
                     )
                     .await
                 }
-                (
-                    OrderKind::Backup { backup_type },
-                    _,
-                    crate::datastore::Datastore::PgBackRest(p),
-                ) => p.backup(&runner.settings, backup_type, &progress).await,
-                (
-                    OrderKind::Restore { date, namespaces },
-                    _,
-                    crate::datastore::Datastore::PgBackRest(p),
-                ) => {
-                    p.restore(&runner.settings, (date, namespaces), &progress)
-                        .await
-                }
-                (OrderKind::Backup { .. }, Some(files), _) => {
-                    pipeline::mirror::backup(runner.settings.clone(), files, progress.clone()).await
-                }
-                (OrderKind::Restore { date, namespaces }, Some(files), _) => {
-                    pipeline::mirror::restore(
-                        runner.settings.clone(),
-                        files,
-                        &order.job_id,
-                        (date, namespaces),
-                        progress.clone(),
-                    )
-                    .await
-                }
-                (OrderKind::Backup { .. }, None, _) => {
+                (OrderKind::Backup { .. }, None) => {
                     pipeline::backup(
                         runner.settings.clone(),
                         order.datastore.clone(),
@@ -294,7 +274,7 @@ impl JobRunner {
                     )
                     .await
                 }
-                (OrderKind::Restore { date, namespaces }, None, _) => {
+                (OrderKind::Restore { date, namespaces }, None) => {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),

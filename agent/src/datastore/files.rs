@@ -151,6 +151,34 @@ impl Files {
     }
 }
 
+/// `method = "rsync"`: the mirror ([`crate::pipeline::mirror`]).
+impl super::Repository for Files {
+    fn backup<'a>(
+        &'a self,
+        settings: &'a std::sync::Arc<crate::config::Settings>,
+        _backup_type: Option<String>,
+        progress: &'a crate::pipeline::Progress,
+    ) -> BoxFuture<'a, Result<crate::pipeline::JobReport, crate::pipeline::JobError>> {
+        crate::pipeline::mirror::backup(settings.clone(), self, progress.clone()).boxed()
+    }
+    fn restore<'a>(
+        &'a self,
+        settings: &'a std::sync::Arc<crate::config::Settings>,
+        job_id: &'a str,
+        selection: (Option<String>, Vec<String>),
+        progress: &'a crate::pipeline::Progress,
+    ) -> BoxFuture<'a, Result<crate::pipeline::JobReport, crate::pipeline::JobError>> {
+        crate::pipeline::mirror::restore(
+            settings.clone(),
+            self,
+            job_id,
+            selection,
+            progress.clone(),
+        )
+        .boxed()
+    }
+}
+
 impl Dumper for Files {
     fn parts(&self) -> &'static [Part] {
         &[MAIN]

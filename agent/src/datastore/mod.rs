@@ -1,5 +1,7 @@
 //! Datastores are plug-ins: one module per kind implements [`Dumper`] (backup side) and
-//! [`Restorer`] (restore side), and the pipeline sees only byte streams. Adding a kind
+//! [`Restorer`] (restore side), and the pipeline sees only byte streams. A kind that
+//! writes its own repository on the backup server (pgBackRest, the rsync mirror)
+//! implements [`Repository`] instead, and the job runner hands it the whole job. Adding a kind
 //! touches its module, [`DatastoreConfig`], and the match arms in this file.
 //!
 //! - [`postgres`]: `pg_dump --format=custom` plus the cluster's roles (`pg_dumpall
@@ -20,7 +22,11 @@ use ferry_proto::Role;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use std::sync::Arc;
+
+use crate::config::Settings;
 use crate::manifest::{Manifest, Source};
+use crate::pipeline::{JobError, JobReport, Progress};
 
 pub mod etcd;
 pub mod files;
@@ -296,6 +302,37 @@ pub trait RestoreSession: Send {
     }
 }
 
+/// A datastore that writes its own repository on the backup server instead of dated
+/// archives streamed through the pipeline (pgBackRest, the rsync mirror of `files`): the
+/// job runner hands it the whole job.
+pub trait Repository: Send + Sync {
+    /// The backup types an order may name (`ferry backup --type`); none by default.
+    fn backup_types(&self) -> &'static [&'static str] {
+        &[]
+    }
+    /// Backs up into the repository (`backup_type` is one of [`Repository::backup_types`]).
+    fn backup<'a>(
+        &'a self,
+        settings: &'a Arc<Settings>,
+        backup_type: Option<String>,
+        progress: &'a Progress,
+    ) -> BoxFuture<'a, Result<JobReport, JobError>>;
+    /// Restores from the source environment's repository; `selection` is the order's
+    /// `(date, namespaces)`.
+    fn restore<'a>(
+        &'a self,
+        settings: &'a Arc<Settings>,
+        job_id: &'a str,
+        selection: (Option<String>, Vec<String>),
+        progress: &'a Progress,
+    ) -> BoxFuture<'a, Result<JobReport, JobError>>;
+}
+
+/// A datastore streamed through the pipeline: both sides.
+trait Streamed: Dumper + Restorer {}
+
+impl<T: Dumper + Restorer> Streamed for T {}
+
 /// One `[[datastores]]` entry; `kind` picks the module.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -387,28 +424,46 @@ impl Datastore {
         }
     }
 
-    /// The backup side.
-    pub fn dumper(&self) -> &dyn Dumper {
+    /// The repository, for a datastore that writes its own ([`Repository`]); `None` for
+    /// the datastores whose dated archives stream through the pipeline.
+    pub fn repository(&self) -> Option<&dyn Repository> {
         match self {
-            Datastore::Postgres(p) => p,
-            Datastore::Mongodb(m) => m,
-            Datastore::Files(f) => f,
-            Datastore::Etcd(e) => e,
-            Datastore::Influxdb(i) => i,
-            Datastore::PgBackRest(p) => p,
+            Datastore::PgBackRest(p) => Some(p),
+            Datastore::Files(f) if f.is_mirror() => Some(f),
+            _ => None,
         }
     }
 
-    /// The restore side.
-    pub fn restorer(&self) -> &dyn Restorer {
+    /// Both sides of a datastore whose dated archives stream through the pipeline.
+    fn streamed(&self) -> Result<&dyn Streamed, JobError> {
         match self {
-            Datastore::Postgres(p) => p,
-            Datastore::Mongodb(m) => m,
-            Datastore::Files(f) => f,
-            Datastore::Etcd(e) => e,
-            Datastore::Influxdb(i) => i,
-            Datastore::PgBackRest(p) => p,
+            Datastore::Postgres(p) => Ok(p),
+            Datastore::Mongodb(m) => Ok(m),
+            Datastore::Files(f) if !f.is_mirror() => Ok(f),
+            Datastore::Etcd(e) => Ok(e),
+            Datastore::Influxdb(i) => Ok(i),
+            _ => Err(JobError::Internal(format!(
+                "datastore {:?} writes its own repository; it is not streamed",
+                self.name()
+            ))),
         }
+    }
+
+    /// The backup side of a streamed datastore.
+    ///
+    /// # Errors
+    /// [`JobError::Internal`] for a [`Repository`] datastore (the job runner never
+    /// streams those).
+    pub fn dumper(&self) -> Result<&dyn Dumper, JobError> {
+        Ok(self.streamed()?)
+    }
+
+    /// The restore side of a streamed datastore.
+    ///
+    /// # Errors
+    /// As [`Datastore::dumper`].
+    pub fn restorer(&self) -> Result<&dyn Restorer, JobError> {
+        Ok(self.streamed()?)
     }
 
     /// Versions of the tools this kind runs, `(tool, version line)`; a missing tool reports

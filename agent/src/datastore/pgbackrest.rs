@@ -536,37 +536,26 @@ impl PgBackRest {
     }
 }
 
-/// pgBackRest writes its own repository: the streaming pipeline never runs it (the job
-/// runner calls [`PgBackRest::backup`] and [`PgBackRest::restore`]); these say so if it
-/// ever did.
-impl super::Dumper for PgBackRest {
-    fn parts(&self) -> &'static [super::Part] {
-        &[]
+impl super::Repository for PgBackRest {
+    fn backup_types(&self) -> &'static [&'static str] {
+        &["full", "diff"]
     }
-    fn dump<'a>(
+    fn backup<'a>(
         &'a self,
-        _part: &'a super::Part,
-    ) -> futures::future::BoxFuture<'a, Result<super::DumpStream, DumpError>> {
-        Box::pin(async {
-            Err(DumpError::Source(
-                "a pgBackRest datastore is not streamed".into(),
-            ))
-        })
+        settings: &'a Arc<Settings>,
+        backup_type: Option<String>,
+        progress: &'a Progress,
+    ) -> futures::future::BoxFuture<'a, Result<JobReport, JobError>> {
+        Box::pin(PgBackRest::backup(self, settings, backup_type, progress))
     }
-}
-
-impl super::Restorer for PgBackRest {
-    fn begin<'a>(
+    fn restore<'a>(
         &'a self,
-        _main: &'a crate::manifest::Manifest,
+        settings: &'a Arc<Settings>,
         _job_id: &'a str,
-        _namespaces: &'a [String],
-    ) -> futures::future::BoxFuture<'a, Result<Box<dyn super::RestoreSession>, RestoreError>> {
-        Box::pin(async {
-            Err(RestoreError::Manifest(
-                "a pgBackRest datastore is not restored from a stream".into(),
-            ))
-        })
+        selection: (Option<String>, Vec<String>),
+        progress: &'a Progress,
+    ) -> futures::future::BoxFuture<'a, Result<JobReport, JobError>> {
+        Box::pin(PgBackRest::restore(self, settings, selection, progress))
     }
 }
 

@@ -167,7 +167,7 @@ pub async fn backup(
         )));
     };
     let started = Utc::now();
-    let dumper = datastore.dumper();
+    let dumper = datastore.dumper()?;
     let parts = dumper.parts();
     let names = choose_names(&settings, datastore.name(), parts, started).await?;
 
@@ -719,7 +719,7 @@ pub async fn restore(
     };
     const UNTOUCHED: &str = "the target was left as it was";
     let mut session = datastore
-        .restorer()
+        .restorer()?
         .begin(&main, &job_id, &namespaces)
         .await
         .map_err(|e| restore_err(e, UNTOUCHED))?;
@@ -749,7 +749,7 @@ pub async fn restore(
     };
     // The drill's own checks, once the restored data is in place.
     let result = match result {
-        Ok(summary) => match datastore.restorer().smoke().await {
+        Ok(summary) => match datastore.restorer()?.smoke().await {
             Ok(lines) if lines.is_empty() => Ok(summary),
             Ok(lines) => Ok(format!(
                 "{summary}; smoke checks passed: {}",
