@@ -194,15 +194,9 @@ fn files_restore_that_fails_after_unpacking_leaves_the_target_as_it_was() {
 
     // The manifest now promises one file more than the archive holds: the restore unpacks
     // everything, counts, and must refuse to swap.
-    let day = today_utc();
-    let manifest_path = d.sshd.root().join(format!(
-        "production/{day}/minio_backup_{day}.tar.zst.age.json"
-    ));
-    let mut manifest: serde_json::Value =
-        serde_json::from_slice(&fs::read(&manifest_path).unwrap()).unwrap();
-    manifest["counts"]["files"] = serde_json::json!(7);
-    chmod(&manifest_path, 0o640);
-    fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    d.edit_todays_manifest("minio", "tar.zst.age", |m| {
+        m["counts"]["files"] = serde_json::json!(7);
+    });
 
     let out = d.ferry(&["restore", "pg-stage", "--datastore", "minio", "--wait"]);
     assert!(!out.status.success());

@@ -4,8 +4,6 @@
 //! equals the source and which replaces staging's older data; and a restore whose counts
 //! do not match that leaves staging's database as it was and no scratch database.
 
-use std::fs;
-
 use ferry_tests::*;
 
 /// `metrics`: cpu (3 hosts × 1,000 points, two fields), mem (1,000 points, integer
@@ -125,13 +123,11 @@ fn influxdb_backup_then_restore_has_every_point_under_the_renamed_database() {
 fn influxdb_restore_with_wrong_counts_leaves_staging_as_it_was() {
     let f = deploy();
     f.d.ferry_ok(&["backup", "pg-prod", "influx", "--wait"]);
-    let (name, mut manifest) = f.d.todays_backup("influx", "tar.zst.age");
-    for bound in ["points_min", "points_max"] {
-        manifest["counts"][bound]["metrics"]["cpu"] = serde_json::json!(2999);
-    }
-    let path = f.d.sshd.root().join(format!("{name}.json"));
-    chmod(&path, 0o640);
-    fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    f.d.edit_todays_manifest("influx", "tar.zst.age", |m| {
+        for bound in ["points_min", "points_max"] {
+            m["counts"][bound]["metrics"]["cpu"] = serde_json::json!(2999);
+        }
+    });
 
     let before = f.stage.dump("metrics_staging");
     let out =

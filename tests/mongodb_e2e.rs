@@ -403,11 +403,9 @@ fn mongodb_restore_is_verified_beside_the_target_and_leaves_it_as_it_was_on_a_mi
     });
     f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
     // The manifest promises one document more than the archive holds.
-    let (name, mut manifest) = f.d.todays_backup("mongo", "archive.zst.age");
-    manifest["counts"]["namespaces"]["app.items"]["documents"] = serde_json::json!(501);
-    let path = f.d.sshd.root().join(format!("{name}.json"));
-    chmod(&path, 0o640);
-    fs::write(&path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    f.d.edit_todays_manifest("mongo", "archive.zst.age", |m| {
+        m["counts"]["namespaces"]["app.items"]["documents"] = serde_json::json!(501);
+    });
 
     let out =
         f.d.ferry(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);

@@ -200,7 +200,7 @@ fn verify_checks_without_restoring_and_catches_a_one_byte_change() {
 
     // One byte changed: age's authentication (or, past the last chunk read, the SHA-256)
     // refuses it.
-    let (name, mut manifest) = d.todays_backup("postgres", "pgdump.zst.age");
+    let (name, _) = d.todays_backup("postgres", "pgdump.zst.age");
     let path = d.sshd.root().join(&name);
     chmod(&path, 0o640);
     let mut bytes = std::fs::read(&path).unwrap();
@@ -217,10 +217,9 @@ fn verify_checks_without_restoring_and_catches_a_one_byte_change() {
 
     // The manifest rewritten to match the changed file: age's authentication still fails.
     let sum = run_ok(std::process::Command::new("sha256sum").arg(&path));
-    manifest["sha256"] = serde_json::json!(sum.split_whitespace().next().unwrap());
-    let manifest_path = d.sshd.root().join(format!("{name}.json"));
-    chmod(&manifest_path, 0o640);
-    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    d.edit_todays_manifest("postgres", "pgdump.zst.age", |m| {
+        m["sha256"] = serde_json::json!(sum.split_whitespace().next().unwrap());
+    });
     let out = d.ferry(&["verify", "pg-stage", "--datastore", "postgres", "--wait"]);
     assert!(!out.status.success());
     let text = String::from_utf8_lossy(&out.stdout).into_owned();

@@ -408,6 +408,23 @@ impl Deployment {
         (name, manifest)
     }
 
+    /// Rewrites the manifest of today's backup of `datastore` (`suffix` as for
+    /// [`Deployment::todays_backup`]) with `edit`, as someone with write access to the
+    /// backup server could: the restore or verify that follows must catch it.
+    pub fn edit_todays_manifest(
+        &self,
+        datastore: &str,
+        suffix: &str,
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) {
+        let (name, mut manifest) = self.todays_backup(datastore, suffix);
+        edit(&mut manifest);
+        let path = self.sshd.root().join(format!("{name}.json"));
+        crate::chmod(&path, 0o640);
+        fs::write(&path, serde_json::to_vec(&manifest).expect("JSON"))
+            .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    }
+
     /// The last 40 lines of a log: `agent-prod`, `agent-stage`, `coordinator`, `sshd`,
     /// `pg-prod` or `pg-stage`.
     pub fn log_tail(&self, which: &str) -> String {
