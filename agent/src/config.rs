@@ -280,6 +280,8 @@ impl AgentConfig {
         self.backup_server
             .validate()
             .map_err(|(field, msg)| invalid(&format!("backup_server.{field}"), msg))?;
+        ferry_proto::tls::read_private_key(&self.tls.key)
+            .map_err(|e| invalid("tls.key", e.to_string()))?;
 
         let mut datastores = BTreeMap::new();
         for (i, ds) in self.datastores.into_iter().enumerate() {

@@ -35,8 +35,11 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
     let listen = settings.listen;
     let settings = Arc::new(settings);
     let runner = jobs::JobRunner::new(settings.clone(), shutdown.clone());
+    // Orders are a few hundred bytes and answers small: a larger message either way is
+    // refused (`OutOfRange`) before a handler runs or anything is sent.
     let service = AgentServer::new(service::AgentService::new(runner))
-        .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
+        .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
     tracing::info!(agent = %settings.id, role = %settings.role, environment = %settings.environment,
         %listen, datastores = settings.datastores.len(), "Agent serving.");
     tonic::transport::Server::builder()

@@ -120,7 +120,9 @@ impl AgentPool {
                 c
             }
         };
-        Ok(AgentClient::new(channel).max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
+        Ok(AgentClient::new(channel)
+            .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES))
     }
 
     /// Asks agent `id` to describe itself, checks the answer against the inventory and

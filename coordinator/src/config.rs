@@ -311,6 +311,12 @@ impl CoordinatorConfig {
                 "must be at least 1".into(),
             ));
         }
+        ferry_proto::tls::read_private_key(&self.tls.key)
+            .map_err(|e| invalid("tls.key".into(), e.to_string()))?;
+        if let Some(m) = &self.maintenance {
+            m.validate()
+                .map_err(|(field, msg)| invalid(format!("maintenance.{field}"), msg))?;
+        }
         let mut agents = BTreeMap::new();
         for (i, a) in self.agents.into_iter().enumerate() {
             if !valid_name(&a.id) {
@@ -481,11 +487,51 @@ role = "staging"
 environment = "staging"
 "#;
 
-    fn build(extra: &str) -> Result<Settings, String> {
-        let text = format!("{BASE}{extra}");
+    /// `BASE` + `extra`, with `tls.key` a real file of `mode`, built.
+    fn build_with_key_mode(extra: &str, mode: u32) -> Result<Settings, String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("coordinator.key");
+        std::fs::write(&key, "key").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+        let text = format!("{BASE}{extra}").replace(
+            "key = \"k\"",
+            &format!("key = {:?}", key.display().to_string()),
+        );
         let cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         cfg.build(Path::new("coordinator.toml"))
             .map_err(|e| e.to_string())
+    }
+
+    fn build(extra: &str) -> Result<Settings, String> {
+        build_with_key_mode(extra, 0o600)
+    }
+
+    #[test]
+    fn secret_files_readable_by_others_are_refused_naming_the_field_and_file() {
+        let e = build_with_key_mode("", 0o644).unwrap_err();
+        assert!(
+            e.contains("tls.key") && e.contains("coordinator.key") && e.contains("0644"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let ssh_key = dir.path().join("maintenance_ed25519");
+        std::fs::write(&ssh_key, "key").unwrap();
+        let maintenance = format!(
+            "[maintenance]\nhost = \"127.0.0.1\"\nuser = \"ferrybk\"\nprivate_key_file = {:?}\n\
+             host_key = \"ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl\"\n\
+             root = \"/srv/ferry\"\n",
+            ssh_key.display().to_string()
+        );
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&ssh_key, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let e = build(&maintenance).unwrap_err();
+        assert!(
+            e.contains("maintenance.private_key_file") && e.contains("maintenance_ed25519"),
+            "{e}"
+        );
+        std::fs::set_permissions(&ssh_key, std::fs::Permissions::from_mode(0o400)).unwrap();
+        build(&maintenance).unwrap();
     }
 
     #[test]

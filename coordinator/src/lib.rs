@@ -33,6 +33,11 @@ pub mod service;
 pub mod sets;
 pub mod store;
 
+/// Largest answer of the coordinator to the CLI, bytes (64 MiB): a long catalog or audit
+/// log is bigger than a request may be ([`ferry_proto::MAX_MESSAGE_BYTES`], 4 MiB), but
+/// still bounded on both ends.
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
+
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
 pub const DESCRIBE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -59,7 +64,13 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         shutdown: shutdown.clone(),
         counters: metrics::Counters::default(),
     });
-    coordinator.fail_orphans().await;
+    let reconciled = coordinator.reconcile().await;
+    if reconciled > 0 {
+        tracing::info!(
+            jobs = reconciled,
+            "Taking up the jobs a previous coordinator left unfinished."
+        );
+    }
     if let Some(addr) = coordinator.settings.metrics_listen {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -79,7 +90,8 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         .context("TLS configuration (check [tls] cert, key and ca)")?
         .add_service(
             CoordinatorServer::new(service::CoordinatorService::new(coordinator))
-                .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES),
+                .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
         )
         .serve_with_shutdown(listen, shutdown.clone().cancelled_owned())
         .await

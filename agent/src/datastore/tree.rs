@@ -195,17 +195,91 @@ pub fn write_tar(root: &Path, exclude: &GlobSet, out: impl Write) -> io::Result<
     Ok(counts)
 }
 
+/// An error and its sources, `: `-separated (the `tar` crate hides the cause in `source`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    text
+}
+
 fn with_path(e: io::Error, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{}: {e}", path.display()))
 }
 
+/// Refuses an entry that would write outside `dir` or through a link: an absolute name,
+/// a `..` component, a name whose parent inside `dir` is a symbolic link (made by an
+/// earlier entry: [`write_tar`] never stores a name below a link), and a hard link whose
+/// target is absolute, has `..`, or lies below a symbolic link. Symbolic links themselves
+/// are kept whatever they point to: they are stored, never followed.
+fn check_entry<R: Read>(entry: &tar::Entry<'_, R>, name: &Path, dir: &Path) -> io::Result<()> {
+    let refuse = |why: String| {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "{}: refused, {why}; a Ferry archive never holds such an entry, and nothing \
+                 is written outside the target",
+                name.display()
+            ),
+        ))
+    };
+    let outside = |p: &Path| -> Option<&'static str> {
+        p.components().find_map(|c| match c {
+            std::path::Component::RootDir | std::path::Component::Prefix(_) => Some("is absolute"),
+            std::path::Component::ParentDir => Some("has a `..` component"),
+            _ => None,
+        })
+    };
+    let through_link = |p: &Path| -> Option<PathBuf> {
+        let mut at = dir.to_owned();
+        let parts: Vec<_> = p.components().collect();
+        for c in parts.iter().take(parts.len().saturating_sub(1)) {
+            at.push(c);
+            if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+                return at.strip_prefix(dir).ok().map(Path::to_owned);
+            }
+        }
+        None
+    };
+    if let Some(why) = outside(name) {
+        return refuse(format!("the name {why}"));
+    }
+    if let Some(link) = through_link(name) {
+        return refuse(format!(
+            "it goes through {}, a symbolic link an earlier entry made",
+            link.display()
+        ));
+    }
+    if entry.header().entry_type().is_hard_link() {
+        let target = entry.link_name()?.unwrap_or_default().into_owned();
+        if let Some(why) = outside(&target) {
+            return refuse(format!(
+                "it is a hard link to {}, which {why}",
+                target.display()
+            ));
+        }
+        if let Some(link) = through_link(&target.join("x")) {
+            return refuse(format!(
+                "it is a hard link to {}, which goes through the symbolic link {}",
+                target.display(),
+                link.display()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Unpacks the tar archive read from `input` into `dir` (which must exist and be empty),
 /// keeping modes and mtimes, and owners when running as root; then reads `input` to its
-/// end, so the writer never sees a closed pipe. Entries that would land outside `dir`
-/// (absolute names, `..`) are refused by the `tar` crate.
+/// end, so the writer never sees a closed pipe. An entry that would land outside `dir`
+/// (an absolute name, `..`, a name below a symbolic link, a hard link to outside) is
+/// refused before anything of it is written.
 ///
 /// # Errors
-/// A malformed archive, or a file system error, naming the entry.
+/// A malformed archive, a refused entry, or a file system error, naming the entry.
 pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
     let mut archive = tar::Archive::new(input);
     archive.set_preserve_permissions(true);
@@ -216,9 +290,10 @@ pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
+        check_entry(&entry, &path, dir)?;
         let ok = entry
             .unpack_in(dir)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {}", path.display(), chain(&e))))?;
         if !ok {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -459,6 +534,124 @@ mod tests {
         let err = unpack(&tar[..], &dst.path().join("inner")).unwrap_err();
         assert!(err.to_string().contains("outside"), "{err}");
         assert!(!dst.path().join("escape").exists());
+    }
+
+    /// One raw tar entry: type, name, link target, data.
+    type Raw<'a> = (tar::EntryType, &'a str, &'a str, &'a [u8]);
+
+    /// A tar archive of raw entries, names written into the header directly (the `tar`
+    /// builder would refuse the hostile ones).
+    fn crafted(entries: &[Raw<'_>]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (kind, name, link, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(if kind.is_dir() { 0o755 } else { 0o644 });
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_mtime(1_700_000_000);
+            h.set_entry_type(*kind);
+            h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+            h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn crafted_entries_that_would_write_outside_are_refused_and_write_nothing_there() {
+        use tar::EntryType::{Directory, Link, Regular, Symlink};
+        let tmp = tempfile::tempdir().unwrap();
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        fs::write(outside.join("secret"), "do not touch").unwrap();
+        let out = outside.display().to_string();
+        let abs_file = format!("{out}/abs");
+        let secret = format!("{out}/secret");
+        let cases: Vec<(&str, Vec<Raw<'_>>, &str)> = vec![
+            (
+                "dot-dot name",
+                vec![(Regular, "../outside/evil", "", b"bad")],
+                "`..`",
+            ),
+            (
+                "absolute name",
+                vec![(Regular, &abs_file, "", b"bad")],
+                "absolute",
+            ),
+            (
+                "file below a symlink to an absolute directory",
+                vec![(Symlink, "x", &out, b""), (Regular, "x/evil", "", b"bad")],
+                "symbolic link",
+            ),
+            (
+                "file below a symlink to ..",
+                vec![
+                    (Symlink, "x", "..", b""),
+                    (Regular, "x/outside/evil", "", b"bad"),
+                ],
+                "symbolic link",
+            ),
+            (
+                "directory below a symlink",
+                vec![(Symlink, "x", &out, b""), (Directory, "x/evil/", "", b"")],
+                "symbolic link",
+            ),
+            (
+                "hard link to an absolute path",
+                vec![(Link, "evil", &secret, b"")],
+                "hard link",
+            ),
+            (
+                "hard link with ..",
+                vec![(Link, "evil", "../outside/secret", b"")],
+                "hard link",
+            ),
+            (
+                "hard link through a symlink",
+                vec![(Symlink, "x", &out, b""), (Link, "evil", "x/secret", b"")],
+                "hard link",
+            ),
+        ];
+        for (what, entries, why) in cases {
+            let dst = tmp.path().join("inner");
+            fs::create_dir(&dst).unwrap();
+            let err = unpack(&crafted(&entries)[..], &dst)
+                .expect_err(what)
+                .to_string();
+            assert!(
+                err.contains("refused") && err.contains(why),
+                "{what}: {err}"
+            );
+            let mut left: Vec<_> = fs::read_dir(&outside)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            left.sort();
+            assert_eq!(left, ["secret"], "{what}: something was written outside");
+            assert_eq!(fs::read(outside.join("secret")).unwrap(), b"do not touch");
+            assert!(!tmp.path().join("evil").exists(), "{what}");
+            assert!(!dst.join("evil").exists(), "{what}");
+            fs::remove_dir_all(&dst).unwrap();
+        }
+    }
+
+    #[test]
+    fn a_symlink_to_anywhere_is_kept_as_a_link_and_never_followed() {
+        use tar::EntryType::{Regular, Symlink};
+        let tmp = tempfile::tempdir().unwrap();
+        let dst = tmp.path().join("inner");
+        fs::create_dir(&dst).unwrap();
+        let tar = crafted(&[
+            (Symlink, "etc", "/etc", b""),
+            (Symlink, "up", "..", b""),
+            (Regular, "file", "", b"ok"),
+        ]);
+        unpack(&tar[..], &dst).unwrap();
+        assert_eq!(fs::read_link(dst.join("etc")).unwrap(), Path::new("/etc"));
+        assert_eq!(fs::read_link(dst.join("up")).unwrap(), Path::new(".."));
+        assert_eq!(fs::read(dst.join("file")).unwrap(), b"ok");
     }
 
     #[test]

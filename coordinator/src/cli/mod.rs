@@ -193,7 +193,9 @@ impl Cli {
             .connect()
             .await
             .with_context(|| format!("cannot reach the coordinator at {}", self.coordinator))?;
-        Ok(CoordinatorClient::new(channel))
+        Ok(CoordinatorClient::new(channel)
+            .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
+            .max_decoding_message_size(crate::MAX_RESPONSE_BYTES))
     }
 }
 
