@@ -266,11 +266,53 @@ pub struct Settings {
     pub retention: BTreeMap<String, crate::retention::Policy>,
 }
 
-fn valid_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 64
-        && !s.starts_with('-')
-        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+/// Longest agent, environment or datastore name accepted, bytes (as the agent's layout).
+pub const MAX_NAME_LEN: usize = 64;
+
+/// Checks an agent id, environment or datastore name: 1 to [`MAX_NAME_LEN`] of
+/// `[A-Za-z0-9-]`, not starting with `-`, so that it can never leave the backup server's
+/// layout (no `/`, `.`, NUL) nor confuse it (`_` is the layout's separator).
+///
+/// # Errors
+/// A message naming `what` and the value (cut to 72 characters).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && !name.starts_with('-')
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        return Ok(());
+    }
+    let shown: String = name.chars().take(MAX_NAME_LEN + 8).collect();
+    let cut = if shown.len() < name.len() {
+        format!(" (cut; {} bytes in all)", name.len())
+    } else {
+        String::new()
+    };
+    Err(format!(
+        "{what} {shown:?}{cut} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
+    ))
+}
+
+/// Checks a backup date: exactly `YYYY-MM-DD`, a real calendar day.
+///
+/// # Errors
+/// A message with the value (cut to 32 characters).
+pub fn check_date(date: &str) -> Result<(), String> {
+    let ok = date.len() == 10 && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok();
+    if ok {
+        Ok(())
+    } else {
+        let shown: String = date.chars().take(32).collect();
+        Err(format!(
+            "date {shown:?}{} is not a calendar date of the form YYYY-MM-DD",
+            if shown.len() < date.len() {
+                " (cut)"
+            } else {
+                ""
+            }
+        ))
+    }
 }
 
 impl CoordinatorConfig {
@@ -319,24 +361,9 @@ impl CoordinatorConfig {
         }
         let mut agents = BTreeMap::new();
         for (i, a) in self.agents.into_iter().enumerate() {
-            if !valid_name(&a.id) {
-                return Err(invalid(
-                    format!("agents[{i}].id"),
-                    format!(
-                        "{:?} must be 1 to 64 characters of a-z, A-Z, 0-9 and '-'",
-                        a.id
-                    ),
-                ));
-            }
-            if !valid_name(&a.environment) {
-                return Err(invalid(
-                    format!("agents[{i}].environment"),
-                    format!(
-                        "{:?} must be 1 to 64 characters of a-z, A-Z, 0-9 and '-'",
-                        a.environment
-                    ),
-                ));
-            }
+            check_name("agent id", &a.id).map_err(|m| invalid(format!("agents[{i}].id"), m))?;
+            check_name("environment", &a.environment)
+                .map_err(|m| invalid(format!("agents[{i}].environment"), m))?;
             if !a.address.starts_with("https://")
                 || a.address.parse::<tonic::transport::Uri>().is_err()
             {
@@ -399,13 +426,9 @@ impl CoordinatorConfig {
                     ),
                 ));
             }
-            if let Some(ds) = &s.datastore
-                && !valid_name(ds)
-            {
-                return Err(invalid(
-                    format!("schedules[{i}].datastore"),
-                    format!("{ds:?} is not a datastore name"),
-                ));
+            if let Some(ds) = &s.datastore {
+                check_name("datastore", ds)
+                    .map_err(|m| invalid(format!("schedules[{i}].datastore"), m))?;
             }
             if let Some(t) = &s.backup_type {
                 if !["full", "diff"].contains(&t.as_str()) {
@@ -433,6 +456,10 @@ impl CoordinatorConfig {
                 cron_text: s.cron,
                 cron,
             });
+        }
+        for (i, r) in self.retention.iter().enumerate() {
+            check_name("environment", &r.environment)
+                .map_err(|m| invalid(format!("retention[{i}].environment"), m))?;
         }
         Ok(Settings {
             listen: self.listen,

@@ -63,6 +63,20 @@ fn peer_name<T>(request: &Request<T>) -> String {
     })
 }
 
+/// Refuses a trigger whose names or date could leave the backup server's layout (`/`,
+/// `..`, NUL, overlong), before any job is made or any agent is asked.
+fn check_trigger(agent: &str, datastore: &str, date: &str) -> Result<(), Status> {
+    use crate::config::{check_date, check_name};
+    check_name("agent", agent).map_err(Status::invalid_argument)?;
+    if !datastore.is_empty() {
+        check_name("datastore", datastore).map_err(Status::invalid_argument)?;
+    }
+    if !date.is_empty() {
+        check_date(date).map_err(Status::invalid_argument)?;
+    }
+    Ok(())
+}
+
 fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
@@ -153,6 +167,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::TriggerResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
+        check_trigger(&r.agent, &r.datastore, "")?;
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, "Backup requested.");
         let job_ids = self
             .coordinator
@@ -176,6 +191,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::TriggerResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
+        check_trigger(&r.agent, &r.datastore, &r.date)?;
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, date = %r.date, "Restore requested.");
         let kind = if r.verify_only {
             JobKind::Verify
@@ -192,6 +208,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     date: opt(&r.date),
                     namespaces: &r.namespaces,
                     backup_type: None,
+                    occurrence: None,
                 },
                 &who,
             )

@@ -18,6 +18,8 @@
 //! - [`mongo`]: [`MongoServer`] (SecantusDB).
 //! - [`etcd`]: [`EtcdServer`] (Debian's etcd-server) and `etcdctl`.
 //! - [`influx`]: [`InfluxServer`] (Debian's influxdb) and the `influx` shell.
+//! - [`hostile`]: what an attacker would do: certificates with a chosen validity,
+//!   raw gRPC clients, a backup server whose host key changed, crafted tar archives.
 //!
 //! Environment: `FERRY_KEEP_TEST_DIRS=1` keeps a deployment's directory;
 //! `FERRY_TEST_NO_BUILD=1` uses the built binaries without running `cargo build` first;
@@ -27,6 +29,7 @@ pub mod config;
 pub mod deployment;
 pub mod etcd;
 pub mod fleet;
+pub mod hostile;
 pub mod influx;
 pub mod mongo;
 pub mod postgres;
@@ -37,6 +40,7 @@ pub use config::*;
 pub use deployment::*;
 pub use etcd::*;
 pub use fleet::*;
+pub use hostile::*;
 pub use influx::*;
 pub use mongo::*;
 pub use postgres::*;
