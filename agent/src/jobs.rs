@@ -1,11 +1,11 @@
 //! Orders and the jobs they start: validation of an order against the agent's role and
 //! config, one running job per datastore at a time, progress ticks, cancellation.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::mpsc;
+use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
@@ -15,6 +15,10 @@ use crate::pipeline::{self, JobError, JobReport, Progress};
 
 /// How often a running job reports progress (also the liveness signal), seconds.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How many finished jobs the agent remembers for [`JobRunner::watch`] (a restarted
+/// coordinator asks for the outcome of the jobs it lost track of).
+pub const REMEMBERED_JOBS: usize = 1000;
 
 /// What an order asks for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -159,8 +163,8 @@ pub fn validate(
     })
 }
 
-/// What a job reports as it runs.
-#[derive(Debug)]
+/// What a job reports as it runs. Cloned to every watcher of the job.
+#[derive(Clone, Debug)]
 pub enum JobUpdate {
     /// The job started.
     Accepted {
@@ -186,13 +190,44 @@ pub enum JobUpdate {
         duration: Duration,
     },
     /// Failed.
-    Failed(JobError),
+    Failed(Arc<JobError>),
+}
+
+impl JobUpdate {
+    /// Whether this is the job's last update (finished or failed).
+    pub fn is_final(&self) -> bool {
+        matches!(self, JobUpdate::Finished { .. } | JobUpdate::Failed(_))
+    }
+}
+
+/// A job's updates as they come, ending with its final one.
+pub struct Updates {
+    /// Updates already known (the outcome of a finished job, or `Accepted` for a watcher
+    /// joining a running one), sent before `live`.
+    pub first: Vec<JobUpdate>,
+    /// Updates from now on; the stream ends at the first final update.
+    pub live: broadcast::Receiver<JobUpdate>,
+}
+
+/// A job this agent ran or runs.
+struct Tracked {
+    kind: &'static str,
+    updates: broadcast::Sender<JobUpdate>,
+    outcome: Option<JobUpdate>,
+}
+
+/// The jobs this agent knows: the running ones and the last [`REMEMBERED_JOBS`] finished.
+#[derive(Default)]
+struct Book {
+    jobs: HashMap<String, Tracked>,
+    finished: VecDeque<String>,
 }
 
 /// Runs jobs, at most one per datastore.
 pub struct JobRunner {
     settings: Arc<Settings>,
     running: Mutex<HashMap<String, (String, CancellationToken)>>,
+    book: Mutex<Book>,
     shutdown: CancellationToken,
 }
 
@@ -202,6 +237,7 @@ impl JobRunner {
         Arc::new(Self {
             settings,
             running: Mutex::new(HashMap::new()),
+            book: Mutex::new(Book::default()),
             shutdown,
         })
     }
@@ -212,16 +248,23 @@ impl JobRunner {
     }
 
     /// Starts `order` and returns its updates; the job keeps running if the receiver is
-    /// dropped (a coordinator restart does not kill a backup).
+    /// dropped (a coordinator restart does not kill a backup). An order for the job that
+    /// is already running (the same job id, sent again by a coordinator that lost the
+    /// answer) follows that job instead of starting another.
     ///
     /// # Errors
-    /// [`OrderError::Busy`] if the datastore has a running job.
-    pub fn start(self: &Arc<Self>, order: Order) -> Result<mpsc::Receiver<JobUpdate>, OrderError> {
+    /// [`OrderError::Busy`] if the datastore has another running job.
+    pub fn start(self: &Arc<Self>, order: Order) -> Result<Updates, OrderError> {
         let name = order.datastore.name().to_owned();
         let cancel = self.shutdown.child_token();
         {
             let mut running = self.running.lock().expect("jobs lock");
             if let Some((other, _)) = running.get(&name) {
+                if *other == order.job_id
+                    && let Some(updates) = self.watch(other)
+                {
+                    return Ok(updates);
+                }
                 return Err(OrderError::Busy(format!(
                     "datastore {name:?} on agent {} is busy with job {other}; one job per datastore at a time",
                     self.settings.id
@@ -229,14 +272,22 @@ impl JobRunner {
             }
             running.insert(name.clone(), (order.job_id.clone(), cancel.clone()));
         }
-        let (tx, rx) = mpsc::channel(64);
+        let kind = order.datastore.kind();
+        let (tx, rx) = broadcast::channel(64);
+        self.book.lock().expect("book lock").jobs.insert(
+            order.job_id.clone(),
+            Tracked {
+                kind,
+                updates: tx.clone(),
+                outcome: None,
+            },
+        );
         let runner = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let progress = Progress::new(cancel.clone());
-            let kind = order.datastore.kind();
             let span = tracing::info_span!("job", job_id = %order.job_id, datastore = %name);
-            let _ = tx.send(JobUpdate::Accepted { kind }).await;
+            let _ = tx.send(JobUpdate::Accepted { kind });
             tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
             let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
             let result = match (order.kind, order.datastore.repository()) {
@@ -291,7 +342,6 @@ impl JobRunner {
                 Err(_) if cancel.is_cancelled() => Err(JobError::Cancelled),
                 other => other,
             };
-            runner.running.lock().expect("jobs lock").remove(&name);
             let update = match result {
                 Ok(report) => {
                     tracing::info!(parent: &span, path = %report.stored_path, bytes = report.size_bytes,
@@ -304,12 +354,53 @@ impl JobRunner {
                 Err(e) => {
                     tracing::error!(parent: &span, stage = progress.stage(), error_type = error_type(&e),
                         error = %e, "Job failed.");
-                    JobUpdate::Failed(e)
+                    JobUpdate::Failed(Arc::new(e))
                 }
             };
-            let _ = tx.send(update).await;
+            runner.finish(&order.job_id, update.clone());
+            runner.running.lock().expect("jobs lock").remove(&name);
+            let _ = tx.send(update);
         });
-        Ok(rx)
+        Ok(Updates {
+            first: Vec::new(),
+            live: rx,
+        })
+    }
+
+    /// Records `job_id`'s outcome (before it is broadcast, so that a watcher either
+    /// finds it here or receives it) and forgets the oldest finished jobs.
+    fn finish(&self, job_id: &str, outcome: JobUpdate) {
+        let mut book = self.book.lock().expect("book lock");
+        if let Some(t) = book.jobs.get_mut(job_id) {
+            t.outcome = Some(outcome);
+        }
+        book.finished.push_back(job_id.to_owned());
+        while book.finished.len() > REMEMBERED_JOBS {
+            let Some(old) = book.finished.pop_front() else {
+                break;
+            };
+            // A retried job id may be running again: keep it.
+            if book.jobs.get(&old).is_some_and(|t| t.outcome.is_some())
+                && !book.finished.contains(&old)
+            {
+                book.jobs.remove(&old);
+            }
+        }
+    }
+
+    /// Follows job `job_id`: a running job's updates from now on (after an `Accepted`),
+    /// or a finished job's outcome alone; `None` if this agent does not know the job
+    /// (it never ran here, the agent restarted, or it is older than the last
+    /// [`REMEMBERED_JOBS`]).
+    pub fn watch(&self, job_id: &str) -> Option<Updates> {
+        let book = self.book.lock().expect("book lock");
+        let t = book.jobs.get(job_id)?;
+        let live = t.updates.subscribe();
+        let first = match &t.outcome {
+            Some(outcome) => vec![outcome.clone()],
+            None => vec![JobUpdate::Accepted { kind: t.kind }],
+        };
+        Some(Updates { first, live })
     }
 
     /// Cancels job `job_id` if it is running here; returns whether it was.
@@ -341,7 +432,7 @@ pub fn error_type(e: &JobError) -> &'static str {
     }
 }
 
-async fn tick(progress: Progress, tx: mpsc::Sender<JobUpdate>) {
+async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) {
     let mut last = (Instant::now(), 0u64);
     let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
     interval.tick().await;
@@ -358,7 +449,7 @@ async fn tick(progress: Progress, tx: mpsc::Sender<JobUpdate>) {
             bytes_written: written,
             rate,
         };
-        // A full channel (slow or gone reader) skips a tick; the job never waits on it.
-        let _ = tx.try_send(update);
+        // Never waits: a slow watcher misses ticks, one that is gone is no error.
+        let _ = tx.send(update);
     }
 }

@@ -8,10 +8,10 @@ use ferry_proto::v1;
 use ferry_proto::v1::agent_server::Agent;
 use futures::Stream;
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
-use crate::jobs::{self, JobRunner, JobUpdate, OrderKind};
+use crate::jobs::{self, JobRunner, JobUpdate, OrderKind, Updates};
 use crate::pipeline::JobError;
 
 /// The gRPC service.
@@ -31,11 +31,27 @@ impl AgentService {
                 tracing::warn!(job_id, datastore, error = %e, "Order refused.");
             })?;
         let job_id = order.job_id.clone();
-        let rx = self.runner.start(order)?;
-        Ok(Box::pin(
-            ReceiverStream::new(rx).map(move |u| Ok(to_event(&job_id, u))),
-        ))
+        let updates = self.runner.start(order)?;
+        Ok(events(job_id, updates))
     }
+}
+
+/// The gRPC stream of `updates`, ending after the final one. A watcher too slow for
+/// the progress ticks misses some; the final update is never missed (see
+/// [`JobRunner::watch`]).
+fn events(job_id: String, updates: Updates) -> EventStream {
+    let live = BroadcastStream::new(updates.live).filter_map(Result::ok);
+    let mut ended = false;
+    Box::pin(
+        tokio_stream::iter(updates.first)
+            .chain(live)
+            .take_while(move |u| {
+                let more = !ended;
+                ended |= u.is_final();
+                more
+            })
+            .map(move |u| Ok(to_event(&job_id, u))),
+    )
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
@@ -99,6 +115,7 @@ fn failure_code(e: &JobError) -> v1::FailureCode {
 impl Agent for AgentService {
     type RunBackupStream = EventStream;
     type RunRestoreStream = EventStream;
+    type WatchJobStream = EventStream;
 
     async fn describe(
         &self,
@@ -165,5 +182,22 @@ impl Agent for AgentService {
     ) -> Result<Response<v1::CancelJobResponse>, Status> {
         let cancelled = self.runner.cancel(&request.into_inner().job_id);
         Ok(Response::new(v1::CancelJobResponse { cancelled }))
+    }
+
+    async fn watch_job(
+        &self,
+        request: Request<v1::WatchJobRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let job_id = request.into_inner().job_id;
+        match self.runner.watch(&job_id) {
+            Some(updates) => Ok(Response::new(events(job_id, updates))),
+            None => Err(Status::not_found(format!(
+                "agent {} does not know job {:?}: it never ran here, the agent restarted since, \
+                 or it is older than the last {} jobs",
+                self.runner.settings().id,
+                job_id.chars().take(40).collect::<String>(),
+                jobs::REMEMBERED_JOBS
+            ))),
+        }
     }
 }

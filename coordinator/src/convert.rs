@@ -72,6 +72,7 @@ impl From<&Job> for v1::Job {
             trigger: j.trigger.clone(),
             date: j.date.clone().unwrap_or_default(),
             namespaces: j.namespaces.clone(),
+            scheduled_unix_ms: j.scheduled_ms.unwrap_or_default(),
         }
     }
 }

@@ -56,6 +56,10 @@ pub struct Selection<'a> {
     pub namespaces: &'a [String],
     /// Backup: `full` or `diff`; the datastore's default when `None`.
     pub backup_type: Option<&'a str>,
+    /// Scheduled runs: the schedule's key ([`schedule_key`]) and the occurrence (UTC
+    /// ms) the jobs run for; the jobs are stored only if the schedule has not run for
+    /// it yet ([`Store::claim_schedule_run`]).
+    pub occurrence: Option<(&'a str, i64)>,
 }
 
 impl Selection<'_> {
@@ -78,6 +82,19 @@ impl Selection<'_> {
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
 pub const SCHEDULE: &str = "schedule";
+
+/// A schedule's identity in the store: what it runs and when (agent, datastore or `*`,
+/// kind, backup type, cron text), so an edited schedule starts afresh.
+pub fn schedule_key(s: &crate::config::Schedule) -> String {
+    format!(
+        "{}/{} {} {} {}",
+        s.agent,
+        s.datastore.as_deref().unwrap_or("*"),
+        s.kind,
+        s.backup_type.as_deref().unwrap_or("-"),
+        s.cron_text
+    )
+}
 
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
 pub struct Coordinator {
@@ -346,6 +363,7 @@ impl Coordinator {
             date,
             namespaces,
             backup_type,
+            occurrence: _,
         } = *selection;
         if let Some(t) = backup_type {
             if kind != JobKind::Backup || datastore.is_none() {
@@ -426,9 +444,10 @@ impl Coordinator {
                 "agent {agent} has no datastores"
             )));
         }
-        let mut ids = Vec::new();
-        for ds in datastores {
-            let job = Job {
+        let created_ms = ferry_proto::now_unix_ms();
+        let jobs: Vec<Job> = datastores
+            .into_iter()
+            .map(|ds| Job {
                 id: ulid::Ulid::new().to_string(),
                 kind,
                 agent: agent.to_owned(),
@@ -439,16 +458,33 @@ impl Coordinator {
                 date: date.clone(),
                 namespaces: namespaces.to_vec(),
                 backup_type: backup_type.map(str::to_owned),
-                created_ms: ferry_proto::now_unix_ms(),
+                scheduled_ms: selection.occurrence.map(|(_, at)| at),
+                created_ms,
                 started_ms: None,
                 finished_ms: None,
                 progress: None,
                 result: None,
                 error: None,
-            };
-            let store = self.store.clone();
-            let stored = job.clone();
-            blocking(move || store.put_job(&stored)).await?;
+            })
+            .collect();
+        let store = self.store.clone();
+        let stored = jobs.clone();
+        let occurrence = selection.occurrence.map(|(key, at)| (key.to_owned(), at));
+        let claimed = blocking(move || match occurrence {
+            Some((key, at)) => store.claim_schedule_run(&key, at, &stored),
+            None => stored
+                .iter()
+                .try_for_each(|j| store.put_job(j))
+                .map(|()| true),
+        })
+        .await?;
+        if !claimed {
+            tracing::info!(agent, schedule = ?selection.occurrence,
+                "Schedule already ran for this occurrence; not running it twice.");
+            return Ok(Vec::new());
+        }
+        let mut ids = Vec::new();
+        for job in jobs {
             self.event(
                 &job,
                 format!(
@@ -459,19 +495,21 @@ impl Coordinator {
             .await;
             ids.push(job.id.clone());
             let this = self.clone();
-            tokio::spawn(async move { this.run(job).await });
+            tokio::spawn(async move { this.run(job, None).await });
         }
         Ok(ids)
     }
 
-    /// Runs `job` to a final state, retrying as configured.
-    async fn run(self: Arc<Self>, mut job: Job) {
+    /// Runs `job` to a final state, retrying as configured; `first` is the outcome of an
+    /// attempt already made (one a restarted coordinator reconciled). At shutdown the job
+    /// is left as stored (queued or running) for the next start to reconcile.
+    async fn run(self: Arc<Self>, mut job: Job, mut first: Option<Attempt>) {
         loop {
-            let outcome = tokio::select! {
-                o = self.attempt(&mut job) => o,
-                _ = self.shutdown.cancelled() => Attempt::Failed {
-                    message: "the coordinator shut down while the job ran".into(),
-                    retryable: false,
+            let outcome = match first.take() {
+                Some(o) => o,
+                None => tokio::select! {
+                    o = self.attempt(&mut job) => o,
+                    _ = self.shutdown.cancelled() => return,
                 },
             };
             match outcome {
@@ -535,7 +573,7 @@ impl Coordinator {
                         .await;
                         tokio::select! {
                             _ = tokio::time::sleep(wait) => {}
-                            _ = self.shutdown.cancelled() => {}
+                            _ = self.shutdown.cancelled() => return,
                         }
                         job.attempt += 1;
                         continue;
@@ -610,7 +648,7 @@ impl Coordinator {
                 }
             }
         };
-        let mut stream = match tokio::time::timeout(timeout, call).await {
+        let stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
                 return Attempt::Failed {
                     message: format!(
@@ -641,6 +679,19 @@ impl Coordinator {
             }
             Ok(Ok(r)) => r.into_inner(),
         };
+        self.follow(job, &client, stream).await
+    }
+
+    /// Follows a job's event stream from its agent to the attempt's end, persisting state
+    /// and progress (at most once a second). An agent silent for `agent_timeout` is told
+    /// to cancel and the attempt fails (retryable).
+    async fn follow(
+        &self,
+        job: &mut Job,
+        client: &v1::agent_client::AgentClient<tonic::transport::Channel>,
+        mut stream: tonic::Streaming<v1::JobEvent>,
+    ) -> Attempt {
+        let timeout = self.settings.agent_timeout;
         let mut last_persist = std::time::Instant::now() - Duration::from_secs(10);
         loop {
             let next = match tokio::time::timeout(timeout, stream.message()).await {
@@ -725,68 +776,178 @@ impl Coordinator {
         }
     }
 
-    /// Marks jobs left queued or running by a previous coordinator process as failed:
-    /// their agents' results are unknown to this one.
-    pub async fn fail_orphans(&self) {
+    /// Takes up the jobs a previous coordinator process left queued or running: each
+    /// agent is asked what became of its job ([`v1::agent_client::AgentClient::watch_job`]).
+    /// A job still running is followed again, a finished one is recorded as it ended
+    /// (succeeded, or failed and retried as configured), and one the agent does not know
+    /// is run again if it was only queued, or counted as a failed attempt (the agent
+    /// restarted) if it was running. Returns the number of jobs taken up.
+    pub async fn reconcile(self: &Arc<Self>) -> usize {
         let store = self.store.clone();
         let orphans = match blocking(move || store.unfinished_jobs()).await {
             Ok(j) => j,
             Err(e) => {
                 tracing::error!(error = %e, "Could not list unfinished jobs.");
-                return;
+                return 0;
             }
         };
+        let n = orphans.len();
         for mut job in orphans {
-            job.state = JobState::Failed;
-            job.finished_ms = Some(ferry_proto::now_unix_ms());
-            job.error =
-                Some("the coordinator restarted while this job was queued or running".into());
-            self.put(&job).await;
-            self.event(
-                &job,
-                "Failed: the coordinator restarted during the job.".into(),
-            )
-            .await;
+            let this = self.clone();
+            tokio::spawn(async move {
+                let first = this.recover(&mut job).await;
+                this.run(job, first).await;
+            });
         }
+        n
     }
 
-    /// Runs the cron schedules until shutdown.
+    /// What became of `job`, a job of a previous coordinator process: the outcome of the
+    /// attempt its agent still runs or ran, or `None` to make a new attempt.
+    async fn recover(&self, job: &mut Job) -> Option<Attempt> {
+        self.event(
+            job,
+            format!(
+                "The coordinator restarted; asking agent {} about the job.",
+                job.agent
+            ),
+        )
+        .await;
+        let mut client = match self.agents.client(&job.agent) {
+            Ok(c) => c,
+            Err(e) => {
+                return Some(Attempt::Failed {
+                    message: e,
+                    retryable: false,
+                });
+            }
+        };
+        let asked = tokio::time::timeout(
+            self.settings.agent_timeout,
+            client.watch_job(v1::WatchJobRequest {
+                job_id: job.id.clone(),
+            }),
+        )
+        .await;
+        let stream = match asked {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+                if job.state == JobState::Queued {
+                    // Never accepted (or waiting for a retry): just go on.
+                    return None;
+                }
+                return Some(Attempt::Failed {
+                    message: format!(
+                        "agent {} no longer knows the job (it restarted while the coordinator \
+                         was down); the attempt's outcome is lost",
+                        job.agent
+                    ),
+                    retryable: true,
+                });
+            }
+            Ok(Err(status)) => {
+                return Some(Attempt::Failed {
+                    message: format!(
+                        "could not ask agent {} about the job after a coordinator restart: {}",
+                        job.agent,
+                        describe_status(&status)
+                    ),
+                    retryable: true,
+                });
+            }
+            Err(_) => {
+                return Some(Attempt::Failed {
+                    message: format!(
+                        "agent {} did not answer within {} s after a coordinator restart",
+                        job.agent,
+                        self.settings.agent_timeout.as_secs()
+                    ),
+                    retryable: true,
+                });
+            }
+        };
+        Some(self.follow(job, &client, stream).await)
+    }
+
+    /// Runs the cron schedules until shutdown. Each run is claimed in the store with its
+    /// jobs ([`Store::claim_schedule_run`]), so a restart never doubles one; occurrences
+    /// missed while the coordinator was down are caught up by one run at start (the
+    /// newest missed occurrence), as anacron does. A schedule that never ran starts from
+    /// now.
     pub async fn run_schedules(self: Arc<Self>) {
         let mut tasks = Vec::new();
         for schedule in self.settings.schedules.clone() {
-            let this = self.clone();
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let now = chrono::Utc::now();
-                    let Ok(next) = schedule.cron.find_next_occurrence(&now, false) else {
-                        tracing::warn!(cron = %schedule.cron_text, "Schedule has no next occurrence.");
-                        return;
-                    };
-                    let wait = (next - now).to_std().unwrap_or_default();
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = this.shutdown.cancelled() => return,
-                    }
-                    let triggered = this
-                        .trigger(
-                            schedule.kind,
-                            &schedule.agent,
-                            schedule.datastore.as_deref(),
-                            &Selection {
-                                backup_type: schedule.backup_type.as_deref(),
-                                ..Selection::default()
-                            },
-                            SCHEDULE,
-                        )
-                        .await;
-                    if let Err(e) = triggered {
-                        tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,
-                            error_type = "schedule", "Scheduled run could not start.");
-                    }
-                }
-            }));
+            tasks.push(tokio::spawn(self.clone().run_schedule(schedule)));
         }
         futures::future::join_all(tasks).await;
+    }
+
+    async fn run_schedule(self: Arc<Self>, schedule: crate::config::Schedule) {
+        let key = schedule_key(&schedule);
+        let store = self.store.clone();
+        let k = key.clone();
+        let now = chrono::Utc::now();
+        match blocking(move || store.schedule_mark(&k)).await {
+            Ok(Some(last)) => {
+                let mut missed = (0u32, None);
+                let mut t = chrono::DateTime::from_timestamp_millis(last).unwrap_or(now);
+                while let Ok(next) = schedule.cron.find_next_occurrence(&t, false) {
+                    if next > now || missed.0 >= 100_000 {
+                        break;
+                    }
+                    missed = (missed.0 + 1, Some(next));
+                    t = next;
+                }
+                if let (n, Some(occurrence)) = missed {
+                    tracing::warn!(agent = %schedule.agent, cron = %schedule.cron_text, missed = n,
+                        %occurrence, "Schedule missed runs while the coordinator was down; running once now.");
+                    self.fire(&schedule, &key, occurrence).await;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read the schedule's last run; starting from now.");
+            }
+        }
+        loop {
+            let now = chrono::Utc::now();
+            let Ok(next) = schedule.cron.find_next_occurrence(&now, false) else {
+                tracing::warn!(cron = %schedule.cron_text, "Schedule has no next occurrence.");
+                return;
+            };
+            let wait = (next - now).to_std().unwrap_or_default();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            self.fire(&schedule, &key, next).await;
+        }
+    }
+
+    /// Triggers `schedule`'s run for `occurrence`.
+    async fn fire(
+        self: &Arc<Self>,
+        schedule: &crate::config::Schedule,
+        key: &str,
+        occurrence: chrono::DateTime<chrono::Utc>,
+    ) {
+        let triggered = self
+            .trigger(
+                schedule.kind,
+                &schedule.agent,
+                schedule.datastore.as_deref(),
+                &Selection {
+                    backup_type: schedule.backup_type.as_deref(),
+                    occurrence: Some((key, occurrence.timestamp_millis())),
+                    ..Selection::default()
+                },
+                SCHEDULE,
+            )
+            .await;
+        if let Err(e) = triggered {
+            tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,
+                error_type = "schedule", "Scheduled run could not start.");
+        }
     }
 
     /// The next scheduled run for `agent`'s `datastore`, UTC ms, if any.

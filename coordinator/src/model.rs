@@ -152,6 +152,10 @@ pub struct Job {
     /// For backups, `full` or `diff` (pgBackRest); `None` for the datastore's default.
     #[serde(default)]
     pub backup_type: Option<String>,
+    /// For scheduled jobs, the schedule occurrence it runs for, UTC ms (a restarted
+    /// coordinator catching up a missed run gives the missed occurrence).
+    #[serde(default)]
+    pub scheduled_ms: Option<i64>,
     /// When the job was created, UTC ms.
     pub created_ms: i64,
     /// When its agent accepted it (the latest attempt), UTC ms.

@@ -24,6 +24,9 @@ const UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("unfinished")
 const LATEST: TableDefinition<&str, &[u8]> = TableDefinition::new("latest");
 const EVENTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("events");
 const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
+/// Schedule key (see [`crate::dispatch::schedule_key`]) → the last occurrence it ran
+/// for, UTC ms.
+const SCHEDULE_RUNS: TableDefinition<&str, i64> = TableDefinition::new("schedule_runs");
 /// The audit log's table: its name and types are part of the file format.
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
 
@@ -133,6 +136,24 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`].
     fn list_audit(&self, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError>;
+    /// The last occurrence (UTC ms) schedule `key` ran for, if it ever ran.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn schedule_mark(&self, key: &str) -> Result<Option<i64>, StoreError>;
+    /// Records that schedule `key` ran for `occurrence_ms` and stores `jobs`, in one
+    /// transaction: returns `false` and stores nothing if it already ran for this
+    /// occurrence or a later one. So a run is never doubled, and never marked done
+    /// without its jobs (a crash in between loses neither).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    fn claim_schedule_run(
+        &self,
+        key: &str,
+        occurrence_ms: i64,
+        jobs: &[Job],
+    ) -> Result<bool, StoreError>;
 }
 
 #[derive(Default, Serialize, Deserialize)]
@@ -181,6 +202,7 @@ impl RedbStore {
             tx.open_table(EVENTS)?;
             tx.open_table(BACKUPS)?;
             tx.open_table(AUDIT)?;
+            tx.open_table(SCHEDULE_RUNS)?;
             Ok(())
         })?;
         Ok(store)
@@ -298,6 +320,35 @@ fn put_job_in(tx: &redb::WriteTransaction, job: &Job) -> Result<(), redb::Error>
 }
 
 impl Store for RedbStore {
+    fn schedule_mark(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        self.read("read schedule runs", |tx| {
+            Ok(tx.open_table(SCHEDULE_RUNS)?.get(key)?.map(|v| v.value()))
+        })
+    }
+
+    fn claim_schedule_run(
+        &self,
+        key: &str,
+        occurrence_ms: i64,
+        jobs: &[Job],
+    ) -> Result<bool, StoreError> {
+        self.write("claim a schedule run", |tx| {
+            let mut runs = tx.open_table(SCHEDULE_RUNS)?;
+            if runs
+                .get(key)?
+                .is_some_and(|last| last.value() >= occurrence_ms)
+            {
+                return Ok(false);
+            }
+            runs.insert(key, occurrence_ms)?;
+            drop(runs);
+            for job in jobs {
+                put_job_in(tx, job)?;
+            }
+            Ok(true)
+        })
+    }
+
     fn put_job(&self, job: &Job) -> Result<(), StoreError> {
         self.write("put job", |tx| put_job_in(tx, job))
     }
@@ -486,6 +537,7 @@ mod tests {
             date: None,
             namespaces: Vec::new(),
             backup_type: None,
+            scheduled_ms: None,
             created_ms: n as i64,
             started_ms: None,
             finished_ms: None,

@@ -16,6 +16,7 @@ use crate::config::{
     PostgresDatastore, Retry, Schedule,
 };
 use crate::fleet::{Fleet, age_keygen};
+use crate::netns::Netns;
 use crate::postgres::Postgres;
 use crate::process::{Proc, bin, free_port, hermetic, make_reachable, output_within, tail};
 use crate::sshd::Sshd;
@@ -71,6 +72,9 @@ pub struct DeploymentOptions<'a> {
     pub retry: Retry,
     /// The agents' `backup_server.io_timeout_seconds`. Default: 20.
     pub io_timeout_seconds: Option<u64>,
+    /// Runs the backup server in a network namespace of its own ([`Netns`]), so the test
+    /// can cut its link. Default: false (on 127.0.0.1).
+    pub backup_server_netns: bool,
     /// Runs after every config file is written and before any process starts, e.g. to
     /// edit a config or start another service in the deployment's directory.
     pub tweak: Option<Tweak<'a>>,
@@ -90,6 +94,7 @@ impl Default for DeploymentOptions<'_> {
                 max_backoff_seconds: 2,
             },
             io_timeout_seconds: Some(20),
+            backup_server_netns: false,
             tweak: None,
         }
     }
@@ -112,6 +117,8 @@ pub struct Deployment {
     pub stage_pg: Postgres,
     /// The backup server.
     pub sshd: Sshd,
+    /// The backup server's network namespace, if it has one (removed after sshd stops).
+    pub netns: Option<Netns>,
     /// Certificates: `coordinator`, `pg-prod`, `pg-stage`, `operator`.
     pub fleet: Fleet,
     /// The staging age identity file.
@@ -185,7 +192,14 @@ impl Deployment {
                 pg
             });
             let stage = s.spawn(|| Postgres::start_in(&d.join("pg-stage")));
-            let sshd = s.spawn(|| Sshd::start_in(&d.join("sshd")));
+            let sshd = s.spawn(|| {
+                if opts.backup_server_netns {
+                    let netns = Netns::create();
+                    (Sshd::start_in_netns(&d.join("sshd"), &netns), Some(netns))
+                } else {
+                    (Sshd::start_in(&d.join("sshd")), None)
+                }
+            });
             let fleet = s.spawn(|| {
                 let fleet = Fleet::new(&d);
                 for n in ["coordinator", "pg-prod", "pg-stage", "operator"] {
@@ -197,6 +211,7 @@ impl Deployment {
             });
             (join(prod), join(stage), join(sshd), join(fleet))
         });
+        let (sshd, netns) = sshd;
         let prod_key = sshd.add_client_key_named("id_prod", "");
         let stage_key = sshd.add_client_key_named("id_stage", "");
         let (prod_port, stage_port, coordinator_port) = (free_port(), free_port(), free_port());
@@ -250,6 +265,7 @@ impl Deployment {
             prod_pg,
             stage_pg,
             sshd,
+            netns,
             fleet,
             identity,
             recipient,

@@ -32,6 +32,7 @@ pub mod fleet;
 pub mod hostile;
 pub mod influx;
 pub mod mongo;
+pub mod netns;
 pub mod postgres;
 pub mod process;
 pub mod sshd;

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use crate::netns::Netns;
 use crate::process::{
     Proc, chmod, free_port, make_reachable, output_within, require, require_root, run_ok, tail,
 };
@@ -90,6 +91,7 @@ pub fn ensure_backup_user() {
 pub struct Sshd {
     proc: Proc,
     dir: PathBuf,
+    host: String,
     port: u16,
     root: PathBuf,
     keys: AtomicUsize,
@@ -119,6 +121,17 @@ impl Sshd {
     /// Starts an sshd in `dir` with `extra` appended to its `sshd_config` (e.g. `Match`
     /// blocks).
     pub fn start_in_with_config(dir: &Path, extra: &str) -> Sshd {
+        Self::start_inner(dir, extra, None)
+    }
+
+    /// Starts an sshd in `dir` inside network namespace `netns`, listening on its address
+    /// ([`Netns::ip`]): a backup server on a host of its own, whose link a test can cut.
+    pub fn start_in_netns(dir: &Path, netns: &Netns) -> Sshd {
+        Self::start_inner(dir, "", Some(netns))
+    }
+
+    fn start_inner(dir: &Path, extra: &str, netns: Option<&Netns>) -> Sshd {
+        let host = netns.map_or("127.0.0.1", Netns::ip).to_owned();
         let sshd = require("sshd", "openssh-server");
         let keygen = require("ssh-keygen", "openssh-client");
         ensure_backup_user();
@@ -149,7 +162,7 @@ impl Sshd {
             fs::write(
                 &conf,
                 format!(
-                    "Port {port}\nListenAddress 127.0.0.1\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
+                    "Port {port}\nListenAddress {host}\nHostKey {hk}\nPidFile {d}/sshd.pid\n\
                      AuthorizedKeysFile {ak}\nStrictModes no\nPasswordAuthentication no\n\
                      KbdInteractiveAuthentication no\nUsePAM no\nPermitRootLogin no\n\
                      AllowUsers {BACKUP_USER}\nMaxStartups 100\nMaxSessions 100\n\
@@ -160,7 +173,11 @@ impl Sshd {
                 ),
             )
             .unwrap();
-            let check = Command::new(&sshd)
+            let mut check = match netns {
+                Some(n) => n.command(&sshd.to_string_lossy()),
+                None => Command::new(&sshd),
+            };
+            let check = check
                 .arg("-t")
                 .arg("-f")
                 .arg(&conf)
@@ -178,16 +195,25 @@ impl Sshd {
                 );
             }
             let _ = fs::remove_file(&log);
-            let mut cmd = Command::new(&sshd);
+            let mut cmd = match netns {
+                Some(n) => n.command(&sshd.to_string_lossy()),
+                None => Command::new(&sshd),
+            };
             cmd.arg("-D").arg("-f").arg(&conf).arg("-E").arg(&log);
             let mut proc = Proc::spawn(cmd, &dir.join("sshd.out"));
             // sshd exits at once if the port was taken meanwhile: then try another.
             let deadline = std::time::Instant::now() + crate::process::START_TIMEOUT;
             loop {
-                if crate::process::port_open(port) {
+                let open = std::net::TcpStream::connect_timeout(
+                    &std::net::SocketAddr::new(host.parse().expect("an IP address"), port),
+                    Duration::from_millis(200),
+                )
+                .is_ok();
+                if open {
                     let s = Sshd {
                         proc,
                         dir: dir.to_owned(),
+                        host: host.clone(),
                         port,
                         root,
                         keys: AtomicUsize::new(0),
@@ -196,7 +222,7 @@ impl Sshd {
                     };
                     fs::write(
                         s.known_hosts(),
-                        format!("[127.0.0.1]:{port} {}\n", s.host_key()),
+                        format!("[{host}]:{port} {}\n", s.host_key()),
                     )
                     .unwrap();
                     return s;
@@ -210,7 +236,7 @@ impl Sshd {
             if !taken || attempt == 5 {
                 proc.kill();
                 panic!(
-                    "sshd did not accept connections on 127.0.0.1:{port}; {}:\n{}\n{}",
+                    "sshd did not accept connections on {host}:{port}; {}:\n{}\n{}",
                     log.display(),
                     tail(&log, 40),
                     proc.log_tail(20)
@@ -220,14 +246,14 @@ impl Sshd {
         unreachable!()
     }
 
-    /// Its port on 127.0.0.1.
+    /// Its port on [`Sshd::host`].
     pub fn port(&self) -> u16 {
         self.port
     }
 
-    /// The address it listens on: `127.0.0.1`.
-    pub fn host(&self) -> &'static str {
-        "127.0.0.1"
+    /// The address it listens on: `127.0.0.1`, or its network namespace's address.
+    pub fn host(&self) -> &str {
+        &self.host
     }
 
     /// The user to log in as: [`BACKUP_USER`].

@@ -350,7 +350,7 @@ async fn backup_part(
             };
             let result = session.upload(&file, &job_id, rx, &|| commit_rx.recv().unwrap_or(false));
             if result.is_err() {
-                session.remove_partial(&file, &job_id);
+                session.remove_partial();
             }
             result
         })
@@ -443,7 +443,11 @@ async fn put_small(
         let (tx, rx) = chunks::channel();
         tx.send(bytes).expect("channel has room");
         drop(tx);
-        session.upload(&file, &job_id, rx, &|| true)?;
+        let uploaded = session.upload(&file, &job_id, rx, &|| true);
+        if uploaded.is_err() {
+            session.remove_partial();
+        }
+        uploaded?;
         Ok(())
     })
     .await

@@ -88,6 +88,21 @@ pub enum TransportError {
         /// The limit.
         max: u64,
     },
+    /// The backup server's file system is full: the write failed and the server's
+    /// `statvfs@openssh.com` shows (almost) no room left.
+    #[error(
+        "no space left on the backup server {addr}: writing {path} failed with {free_bytes} bytes \
+         free there; the partial file was removed and earlier backups are untouched \
+         (free space on the server, e.g. `ferry prune`, then back up again)"
+    )]
+    NoSpace {
+        /// `host:port`.
+        addr: String,
+        /// Remote path.
+        path: String,
+        /// Bytes available to the SSH user on that file system.
+        free_bytes: u64,
+    },
     /// The stream was abandoned by the pipeline (it failed or was cancelled).
     #[error("upload of {path} abandoned: the pipeline stopped before the end of the stream")]
     Abandoned {

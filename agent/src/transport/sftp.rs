@@ -170,6 +170,9 @@ impl SftpConfig {
             root: self.root.trim_end_matches('/').to_owned(),
             sftp,
             limit: self.max_upload_bytes_per_second,
+            io_timeout,
+            partial: None,
+            broken: false,
             _session: session,
         })
     }
@@ -181,7 +184,22 @@ pub struct SftpSession {
     root: String,
     sftp: Sftp,
     limit: Option<u64>,
+    io_timeout: Duration,
+    /// The partial file of the last upload, until it is renamed.
+    partial: Option<String>,
+    /// Set when the connection itself failed (a timeout, a reset): cleanup is skipped.
+    broken: bool,
     _session: Session,
+}
+
+impl Drop for SftpSession {
+    fn drop(&mut self) {
+        // Closing the SFTP channel waits for the server's answer: on a dead link, only
+        // briefly.
+        let short = self.io_timeout.min(CLEANUP_TIMEOUT);
+        self._session
+            .set_timeout(u32::try_from(short.as_millis()).unwrap_or(u32::MAX));
+    }
 }
 
 /// Paces writes to at most `rate` bytes per second on average since `start`: returns how
@@ -193,6 +211,17 @@ fn pace(rate: u64, sent: u64, elapsed: Duration) -> Duration {
 
 /// SFTP status `SSH_FX_NO_SUCH_FILE`.
 const FX_NO_SUCH_FILE: i32 = 2;
+
+/// Free space under which a failed write is reported as a full disk, bytes.
+const FULL_BELOW_BYTES: u64 = 4 * CHUNK_BYTES as u64;
+
+/// How long removing a failed upload's partial file may take (on a link that just
+/// failed, it cannot; the next upload sweeps it).
+const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A partial file untouched for this many I/O timeouts is abandoned (its writer would
+/// have failed by then) and may be removed by the next upload.
+const STALE_AFTER_TIMEOUTS: u32 = 2;
 
 fn is_not_found(e: &ssh2::Error) -> bool {
     matches!(e.code(), ErrorCode::SFTP(FX_NO_SUCH_FILE))
@@ -275,15 +304,102 @@ impl SftpSession {
         Ok((files, bytes))
     }
 
-    /// Removes the hidden partial of an upload that did not complete. Best effort: a
-    /// server that denies removal to this key keeps it (the file is hidden and never read).
-    pub fn remove_partial(&mut self, file: &StoredFile, job_id: &str) {
-        let partial = format!("{}/{}", file.dir, file.partial_name(job_id));
-        if let Err(e) = self.sftp.unlink(Path::new(&partial))
+    /// Removes the hidden partial of the last upload if it did not complete. Best effort:
+    /// a server that denies removal to this key keeps it (the file is hidden and never
+    /// read; the next upload of the datastore, or `ferry prune`, removes it).
+    pub fn remove_partial(&mut self) {
+        if let Some(partial) = self.partial.take()
+            && !self.broken
+        {
+            // A dead link must not hold the job's failure for another full I/O timeout:
+            // a live server unlinks in milliseconds.
+            let short = self.io_timeout.min(CLEANUP_TIMEOUT);
+            self._session
+                .set_timeout(u32::try_from(short.as_millis()).unwrap_or(u32::MAX));
+            self.unlink_quietly(&partial);
+        }
+    }
+
+    fn unlink_quietly(&mut self, path: &str) {
+        if let Err(e) = self.sftp.unlink(Path::new(path))
             && !is_not_found(&e)
         {
-            tracing::warn!(path = %partial, error = %e, "Could not remove an abandoned partial upload.");
+            tracing::warn!(path, error = %e, "Could not remove an abandoned partial upload.");
         }
+    }
+
+    /// Removes the partial files that earlier, failed uploads of `file`'s datastore
+    /// left in its directory (a host that died, a link that went down): those of the
+    /// same job (an earlier attempt), and any untouched for [`STALE_AFTER_TIMEOUTS`] I/O
+    /// timeouts. Returns how many were removed.
+    fn sweep_partials(&mut self, file: &StoredFile, job_id: &str) -> usize {
+        let prefix = format!(
+            ".{}",
+            file.name.split("_backup_").next().unwrap_or(&file.name)
+        );
+        let Ok(entries) = self.sftp.readdir(Path::new(&file.dir)) else {
+            return 0;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let stale = (self.io_timeout * STALE_AFTER_TIMEOUTS).as_secs();
+        let mut removed = 0;
+        for (path, stat) in entries {
+            let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+                continue;
+            };
+            if !(name.starts_with(&format!("{prefix}_backup_")) && name.ends_with(".partial")) {
+                continue;
+            }
+            let ours = name.contains(&format!(".{job_id}."));
+            let idle = now.saturating_sub(stat.mtime.unwrap_or(0));
+            if ours || idle >= stale {
+                let full = format!("{}/{name}", file.dir);
+                tracing::info!(path = %full, idle_seconds = idle, "Removing an abandoned partial upload.");
+                self.unlink_quietly(&full);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// The error for a failed write of `path`: [`TransportError::NoSpace`] if the server
+    /// answered and its file system is (nearly) full (OpenSSH's sftp-server reports
+    /// `ENOSPC` as a bare `SSH_FX_FAILURE`, so the agent asks `statvfs@openssh.com`),
+    /// else [`TransportError::Sftp`]. A timeout, or a server that no longer answers,
+    /// marks the session broken.
+    fn write_err(
+        &mut self,
+        remote: &mut ssh2::File,
+        path: &str,
+        e: std::io::Error,
+    ) -> TransportError {
+        // ssh2 turns its errors into io::Error by message: the SFTP status is lost.
+        if e.kind() == std::io::ErrorKind::TimedOut {
+            self.broken = true;
+            return self.err("write", path, e);
+        }
+        match remote.statvfs() {
+            Ok(vfs) => {
+                let free_bytes = vfs.f_bavail.saturating_mul(vfs.f_frsize);
+                tracing::debug!(
+                    path,
+                    free_bytes,
+                    "A write failed; the server has this much room."
+                );
+                if free_bytes < FULL_BELOW_BYTES {
+                    return TransportError::NoSpace {
+                        addr: self.addr.clone(),
+                        path: path.to_owned(),
+                        free_bytes,
+                    };
+                }
+            }
+            Err(_) => self.broken = true,
+        }
+        self.err("write", path, e)
     }
 
     /// The root of the layout on the server.
@@ -308,7 +424,17 @@ impl Uploader for SftpSession {
                 path: final_path,
             });
         }
-        let partial = format!("{}/{}", file.dir, file.partial_name(job_id));
+        self.sweep_partials(file, job_id);
+        // Unique per attempt: an earlier attempt's partial that could not be removed
+        // (add-only key) never blocks a retry.
+        let attempt = format!(
+            "{job_id}.{:x}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_micros()
+        );
+        let partial = format!("{}/{}", file.dir, file.partial_name(&attempt));
         // Read-only from the start: the handle stays writable, the file never is.
         let mut remote = self
             .sftp
@@ -319,13 +445,14 @@ impl Uploader for SftpSession {
                 OpenType::File,
             )
             .map_err(|e| self.err("create", &partial, e))?;
+        self.partial = Some(partial.clone());
         let mut sent = 0u64;
         let started = std::time::Instant::now();
         for chunk in chunks.iter() {
             match self.limit {
                 None => remote
                     .write_all(&chunk)
-                    .map_err(|e| self.err("write", &partial, e))?,
+                    .map_err(|e| self.write_err(&mut remote, &partial, e))?,
                 Some(rate) => {
                     // Pieces of a tenth of a second's worth, each written when it is due.
                     let piece = usize::try_from(rate / 10).unwrap_or(usize::MAX).max(4096);
@@ -334,7 +461,7 @@ impl Uploader for SftpSession {
                         std::thread::sleep(pace(rate, before, started.elapsed()));
                         remote
                             .write_all(part)
-                            .map_err(|e| self.err("write", &partial, e))?;
+                            .map_err(|e| self.write_err(&mut remote, &partial, e))?;
                     }
                 }
             }
@@ -368,6 +495,7 @@ impl Uploader for SftpSession {
                 Some(RenameFlags::ATOMIC | RenameFlags::NATIVE),
             )
             .map_err(|e| self.err("rename", &partial, e))?;
+        self.partial = None;
         Ok(sent)
     }
 

@@ -106,6 +106,8 @@ pub fn job_json(j: &v1::Job) -> serde_json::Value {
         "trigger": j.trigger,
         "date": (!j.date.is_empty()).then_some(&j.date),
         "created": time(j.created_unix_ms),
+        "scheduled": (j.scheduled_unix_ms != 0).then(|| time(j.scheduled_unix_ms)),
+        "scheduled_unix_ms": (j.scheduled_unix_ms != 0).then_some(j.scheduled_unix_ms),
         "started": (j.started_unix_ms != 0).then(|| time(j.started_unix_ms)),
         "finished": (j.finished_unix_ms != 0).then(|| time(j.finished_unix_ms)),
         "progress": j.progress.as_ref().map(|p| serde_json::json!({

@@ -1,0 +1,614 @@
+//! Faults (issue 6), provoked for real against the real binaries, PostgreSQL and sshd:
+//! - the backup server's link is cut mid-backup (the server in a network namespace of its
+//!   own): the attempt fails within the I/O timeout, nothing appears under a final name,
+//!   the retry succeeds once the link is back and removes the first attempt's partial;
+//! - the coordinator is killed mid-job and restarted: a job still running is followed
+//!   again, one that finished meanwhile is recorded, one its agent forgot is retried;
+//!   scheduled runs are neither lost nor doubled across the restart;
+//! - the backup server's disk fills (a small tmpfs): "no space left on the backup
+//!   server", nothing partial remains, earlier backups are untouched;
+//! - pg_dump is killed half-way, the database restarts under it, or pg_dump exits 0
+//!   having written nothing: the job fails naming the tool, nothing is stored.
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+
+/// About 40 MB of md5 text in 300,000 rows: about 20 MB stored, 10 s at 2 MiB/s.
+const BIG: &str = "CREATE TABLE big (id int PRIMARY KEY, body text);
+    INSERT INTO big SELECT g, md5(g::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
+    FROM generate_series(1, 300000) g;";
+
+/// Holds production's uploads to `rate` bytes per second, so a backup lasts long enough
+/// to break something in the middle of it.
+fn limit_upload(d: &Deployment, rate: u64) {
+    let config = fs::read_to_string(&d.prod_config).unwrap().replace(
+        "[backup_server]\n",
+        &format!("[backup_server]\nmax_upload_bytes_per_second = {rate}\n"),
+    );
+    fs::write(&d.prod_config, config).unwrap();
+}
+
+/// Polls `ferry job ID` until `done` holds for it; panics with the logs after `limit`.
+fn wait_job(
+    d: &Deployment,
+    id: &str,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + limit;
+    loop {
+        let out = d.ferry(&["job", id, "--output", "json"]);
+        if out.status.success() {
+            let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            if done(&j) {
+                return j;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "job {id} not {what} after {limit:?}: {j}\n{}",
+                d.logs()
+            );
+        } else {
+            assert!(
+                Instant::now() < deadline,
+                "ferry job {id} failed: {}\n{}",
+                String::from_utf8_lossy(&out.stderr),
+                d.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until an upload of production's PostgreSQL backup has more than `bytes` in its
+/// partial file on the backup server.
+fn wait_partial(d: &Deployment, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let growing = d.sshd.files().iter().any(|f| {
+            f.ends_with(".partial")
+                && f.contains("postgres_backup_")
+                && !f.contains("globals")
+                && fs::metadata(d.sshd.root().join(f)).is_ok_and(|m| m.len() > bytes)
+        });
+        if growing {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no partial upload over {bytes} bytes appeared: {:?}\n{}",
+            d.sshd.files(),
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until job `id` is succeeded or failed.
+fn wait_final(d: &Deployment, id: &str, limit: Duration) -> serde_json::Value {
+    wait_job(d, id, limit, "final", |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    })
+}
+
+/// Runs `ferry ARGS`, which must fail; returns what it printed (stdout and stderr).
+fn ferry_failing(d: &Deployment, args: &[&str]) -> String {
+    let out = d.ferry(args);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "ferry {args:?} succeeded: {text}");
+    text
+}
+
+/// Nothing on the backup server under a final name, and no partial file left.
+fn assert_nothing_stored(d: &Deployment) {
+    assert!(
+        d.sshd.final_files().is_empty(),
+        "{:?}",
+        d.sshd.final_files()
+    );
+    assert!(partials(d).is_empty(), "{:?}", d.sshd.files());
+}
+
+fn partials(d: &Deployment) -> Vec<String> {
+    d.sshd
+        .files()
+        .into_iter()
+        .filter(|f| f.ends_with(".partial"))
+        .collect()
+}
+
+/// The production PostgreSQL archives (not manifests) under a final name.
+fn archives(d: &Deployment) -> Vec<String> {
+    d.sshd
+        .final_files()
+        .into_iter()
+        .filter(|f| f.contains("postgres_backup_") && f.ends_with(".age"))
+        .collect()
+}
+
+#[test]
+fn cutting_the_backup_servers_link_mid_backup_fails_the_attempt_and_the_retry_succeeds() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        backup_server_netns: true,
+        io_timeout_seconds: Some(4),
+        agent_timeout_seconds: 15,
+        retry: Retry {
+            max_attempts: 4,
+            initial_backoff_seconds: 6,
+            max_backoff_seconds: 10,
+        },
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let netns = d
+        .netns
+        .as_ref()
+        .expect("the backup server has its own namespace");
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 3 << 20);
+
+    netns.cut();
+    let cut = Instant::now();
+    let failed = wait_job(&d, &job, Duration::from_secs(60), "failed once", |j| {
+        j["error"].is_string()
+    });
+    let detected = cut.elapsed();
+    assert_eq!(failed["attempt"], 1, "{failed}");
+    assert_ne!(failed["state"], "succeeded", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("backup server") || error.contains(netns.ip()),
+        "the error names the backup server: {error}"
+    );
+    assert!(
+        archives(&d).is_empty(),
+        "nothing under a final name while the link is down: {:?}",
+        d.sshd.final_files()
+    );
+    // The agent's I/O timeout (4 s) bounds how long a dead link goes unnoticed.
+    assert!(
+        detected < Duration::from_secs(40),
+        "took {detected:?} to notice"
+    );
+
+    netns.restore();
+    let done = wait_job(
+        &d,
+        &job,
+        Duration::from_secs(120),
+        "succeeded after the link came back",
+        |j| j["state"] == "succeeded" || j["state"] == "failed",
+    );
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", d.logs());
+    assert!(done["attempt"].as_u64().unwrap() >= 2, "{done}");
+    assert_eq!(
+        archives(&d).len(),
+        1,
+        "one archive: {:?}",
+        d.sshd.final_files()
+    );
+    assert!(
+        partials(&d).is_empty(),
+        "the first attempt's partial is removed by the retry: {:?}",
+        d.sshd.files()
+    );
+    // What the retry stored is whole: the staging agent verifies it end to end.
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+    println!(
+        "link cut noticed after {:.1} s; retried and succeeded on attempt {}",
+        detected.as_secs_f64(),
+        done["attempt"]
+    );
+}
+
+#[test]
+fn a_coordinator_killed_mid_job_takes_up_running_finished_and_forgotten_jobs_when_it_restarts() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        retry: Retry {
+            max_attempts: 3,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 2,
+        },
+        tweak: Some(Box::new(|d| limit_upload(d, 4 << 20))),
+        ..DeploymentOptions::default()
+    });
+
+    // 1. Still running when the coordinator comes back: followed to the end.
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 2 << 20);
+    d.kill("coordinator");
+    d.start_coordinator();
+    let j = wait_final(&d, &job, Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert_eq!(j["attempt"], 1, "followed, not run again: {j}");
+    assert_eq!(archives(&d).len(), 1, "{:?}", d.sshd.final_files());
+
+    // 2. Finished while the coordinator was down: recorded as it ended.
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 2 << 20);
+    d.kill("coordinator");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while archives(&d).len() < 2 {
+        assert!(Instant::now() < deadline, "{}", d.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    d.start_coordinator();
+    let j = wait_final(&d, &job, Duration::from_secs(30));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert_eq!(j["attempt"], 1, "{j}");
+    let stored = j["result"]["stored_path"].as_str().unwrap().to_owned();
+    let catalog = d.ferry_json(&["backups"]);
+    assert!(
+        catalog.to_string().contains(&stored),
+        "the catalog has the backup that finished while the coordinator was down: {catalog}"
+    );
+
+    // 3. The agent restarted too, and forgot the job: a failed attempt, retried.
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 2 << 20);
+    d.kill("coordinator");
+    d.start_agent("agent-prod");
+    d.start_coordinator();
+    let j = wait_final(&d, &job, Duration::from_secs(180));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert_eq!(j["attempt"], 2, "the lost attempt counts: {j}");
+    assert_eq!(archives(&d).len(), 3, "{:?}", d.sshd.final_files());
+    assert!(partials(&d).is_empty(), "{:?}", d.sshd.files());
+
+    // History survived every restart.
+    let jobs = d.ferry_json(&["jobs"]);
+    let n = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|j| j["state"] == "succeeded")
+        .count();
+    assert_eq!(n, 3, "{jobs}");
+}
+
+#[test]
+fn scheduled_runs_are_neither_lost_nor_doubled_across_a_coordinator_restart() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        schedules: vec![Schedule::backup("pg-prod", None, "*/5 * * * * *")],
+        ..DeploymentOptions::default()
+    });
+    let scheduled = |d: &Deployment| -> Vec<(i64, String)> {
+        let jobs = d.ferry_json(&["jobs", "--limit", "1000"]);
+        let mut v: Vec<(i64, String)> = jobs
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|j| j["trigger"] == "schedule")
+            .map(|j| {
+                (
+                    j["scheduled_unix_ms"]
+                        .as_i64()
+                        .expect("scheduled jobs say when for"),
+                    j["state"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scheduled(&d).len() < 2 {
+        assert!(Instant::now() < deadline, "{}", d.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let before = scheduled(&d);
+    d.kill("coordinator");
+    let killed_ms = now_ms();
+    // Down across at least two occurrences.
+    std::thread::sleep(Duration::from_secs(12));
+    let restarted_ms = now_ms();
+    d.start_coordinator();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let after = scheduled(&d);
+        if after.iter().filter(|(at, _)| *at > restarted_ms).count() >= 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{after:?}\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // Let the last jobs finish.
+    std::thread::sleep(Duration::from_secs(3));
+    let after = scheduled(&d);
+
+    // Not doubled: every occurrence ran at most once.
+    let mut occurrences: Vec<i64> = after.iter().map(|(at, _)| *at).collect();
+    occurrences.dedup();
+    assert_eq!(
+        occurrences.len(),
+        after.len(),
+        "an occurrence ran twice: {after:?}"
+    );
+    // History survived.
+    for (at, _) in &before {
+        assert!(
+            occurrences.contains(at),
+            "{at} lost from history: {after:?}"
+        );
+    }
+    // Not lost: the occurrences missed while down were caught up by exactly one run (for
+    // the newest of them), as anacron does.
+    let missed: Vec<i64> = occurrences
+        .iter()
+        .copied()
+        .filter(|at| *at > killed_ms && *at <= restarted_ms)
+        .collect();
+    assert_eq!(missed.len(), 1, "one catch-up run: {after:?}");
+    assert!(
+        missed[0] > restarted_ms - 5_000,
+        "the catch-up is for the newest missed occurrence: {missed:?} (restart {restarted_ms})"
+    );
+    // Every occurrence since the restart ran, 5 s apart.
+    let since: Vec<i64> = occurrences
+        .iter()
+        .copied()
+        .filter(|at| *at > restarted_ms)
+        .collect();
+    for w in since.windows(2) {
+        assert_eq!(w[1] - w[0], 5_000, "{since:?}");
+    }
+    assert!(
+        after
+            .iter()
+            .all(|(_, s)| s == "succeeded" || s == "running" || s == "queued"),
+        "{after:?}\n{}",
+        d.logs()
+    );
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A tmpfs of `bytes` mounted on `dir` (as root), unmounted on drop.
+struct Tmpfs(std::path::PathBuf);
+
+impl Tmpfs {
+    fn mount(dir: &Path, bytes: u64, owner: &str) -> Tmpfs {
+        require_root("mount a tmpfs");
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes},mode=0755"))
+                .arg("ferry-test-full")
+                .arg(dir),
+        );
+        let t = Tmpfs(dir.to_owned());
+        run_ok(Command::new("chown").arg(owner).arg(dir));
+        t
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}
+
+/// Every file under a final name on the backup server, with its bytes.
+fn stored(d: &Deployment) -> Vec<(String, Vec<u8>)> {
+    d.sshd
+        .final_files()
+        .into_iter()
+        .map(|f| {
+            let bytes = fs::read(d.sshd.root().join(&f)).unwrap();
+            (f, bytes)
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_backup_server_disk_fails_the_job_plainly_and_keeps_earlier_backups() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        retry: Retry {
+            max_attempts: 3,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 1,
+        },
+        ..DeploymentOptions::default()
+    });
+    // 8 MiB: the first, small backup fits, the big one does not.
+    let _full = Tmpfs::mount(d.sshd.root(), 8 << 20, BACKUP_USER);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let earlier = stored(&d);
+    assert!(!earlier.is_empty());
+
+    d.prod_pg.psql("app", BIG);
+    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    assert!(
+        text.contains("no space left on the backup server"),
+        "says plainly what is wrong: {text}\n{}",
+        d.logs()
+    );
+    let jobs = d.ferry_json(&["jobs"]);
+    let failed = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["state"] == "failed")
+        .expect("a failed job");
+    assert_eq!(
+        failed["attempt"], 1,
+        "a full disk is not retried blindly: {failed}"
+    );
+    assert!(partials(&d).is_empty(), "{:?}", d.sshd.files());
+    let now = stored(&d);
+    assert_eq!(now, earlier, "earlier backups untouched, nothing new");
+    // And the earlier backup still verifies.
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+}
+
+/// The PIDs of processes named `name` descending from `ancestor`.
+fn descendants_named(ancestor: u32, name: &str) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    let mut comm = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let ppid = stat[close + 2..]
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0);
+        parent.insert(pid, ppid);
+        comm.insert(pid, stat[open + 1..close].to_owned());
+    }
+    comm.iter()
+        .filter(|(_, c)| c.as_str() == name)
+        .map(|(p, _)| *p)
+        .filter(|p| {
+            let mut at = *p;
+            for _ in 0..64 {
+                match parent.get(&at) {
+                    Some(&pp) if pp == ancestor => return true,
+                    Some(&pp) if pp > 1 => at = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect()
+}
+
+fn one_attempt() -> Retry {
+    Retry {
+        max_attempts: 1,
+        initial_backoff_seconds: 1,
+        max_backoff_seconds: 1,
+    }
+}
+
+#[test]
+fn pg_dump_killed_or_its_database_restarted_half_way_fails_the_job_naming_it_and_stores_nothing() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let agent = d.procs["agent-prod"].pid();
+
+    // pg_dump killed.
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 1 << 20);
+    let pids = descendants_named(agent, "pg_dump");
+    assert!(!pids.is_empty(), "pg_dump runs under the agent");
+    for pid in pids {
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .arg(pid.to_string())
+            .status();
+    }
+    let j = wait_final(&d, &job, Duration::from_secs(60));
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap();
+    assert!(error.contains("pg_dump"), "names the tool: {error}");
+    assert!(
+        error.contains("signal") || error.contains("killed"),
+        "says how it ended: {error}"
+    );
+    assert_nothing_stored(&d);
+
+    // The database restarted under pg_dump.
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 1 << 20);
+    let restart = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(d.prod_pg.bin_dir().join("pg_ctl"))
+        .arg("-D")
+        .arg(d.prod_pg.data_dir())
+        .arg("-l")
+        .arg(d.prod_pg.dir().join("restart.log"))
+        .args(["-m", "fast", "-w", "-t", "60", "restart"])
+        .current_dir(d.prod_pg.dir())
+        .output()
+        .unwrap();
+    assert!(
+        restart.status.success(),
+        "pg_ctl restart: {}",
+        String::from_utf8_lossy(&restart.stderr)
+    );
+    let j = wait_final(&d, &job, Duration::from_secs(60));
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap();
+    assert!(error.contains("pg_dump"), "names the tool: {error}");
+    assert!(
+        error.contains("terminat") || error.contains("connection") || error.contains("server"),
+        "carries pg_dump's own words (stderr tail): {error}"
+    );
+    assert_nothing_stored(&d);
+
+    // Once the database is back, the next backup works.
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+}
+
+#[test]
+fn a_pg_dump_that_exits_0_having_written_nothing_fails_the_job_and_stores_nothing() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| {
+            // Production's PostgreSQL tools, but a pg_dump that says nothing and exits 0.
+            let fake = d.dir.path().join("fake-bin");
+            fs::create_dir_all(&fake).unwrap();
+            let real = d.prod_pg.bin_dir().to_owned();
+            for e in fs::read_dir(&real).unwrap().flatten() {
+                std::os::unix::fs::symlink(e.path(), fake.join(e.file_name())).unwrap();
+            }
+            fs::remove_file(fake.join("pg_dump")).unwrap();
+            let version = Command::new(real.join("pg_dump"))
+                .arg("--version")
+                .output()
+                .unwrap();
+            fs::write(
+                fake.join("pg_dump"),
+                format!(
+                    "#!/bin/sh\nif [ \"$1\" = --version ]; then echo '{}'; fi\nexit 0\n",
+                    String::from_utf8_lossy(&version.stdout).trim()
+                ),
+            )
+            .unwrap();
+            chmod(&fake.join("pg_dump"), 0o755);
+            make_reachable(&fake);
+            let config = fs::read_to_string(&d.prod_config)
+                .unwrap()
+                .replace(&real.display().to_string(), &fake.display().to_string());
+            assert!(config.contains("fake-bin"), "bin_dir replaced");
+            fs::write(&d.prod_config, config).unwrap();
+        })),
+        ..DeploymentOptions::default()
+    });
+    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    assert!(
+        text.contains("nothing") || text.contains("empty"),
+        "says the dump was empty: {text}"
+    );
+    assert_nothing_stored(&d);
+}
