@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use bson::{RawDocumentBuf, rawdoc, spec::BinarySubtype};
 use clap::Parser;
-use ferry_bench::{median, mib, peak_rss_bytes};
+use ferry_bench::{Xorshift, median, mib, peak_rss_bytes};
 use ferry_tests::*;
 
 /// Command-line arguments.
@@ -34,18 +34,6 @@ struct Args {
 
 /// Bytes of each document: 256 KiB, so that 1 GiB is 4,096 documents.
 const DOC_BYTES: usize = 256 * 1024;
-
-/// A deterministic pseudo-random generator (xorshift64*), so every run has the same data.
-struct Xorshift(u64);
-
-impl Xorshift {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-}
 
 /// Document `i`: half incompressible bytes, half hex text (compresses about 2:1), so the
 /// compressor does real work and the stored size is honest.
