@@ -636,6 +636,46 @@ fn agents_not_in_the_inventory_or_answering_under_another_name_get_no_order() {
 }
 
 #[test]
+fn fleet_certificates_other_than_the_coordinators_cannot_order_an_agent() {
+    // Signed by the fleet CA, but not the coordinator: an operator going around the
+    // coordinator (its checks, its audit log), or one agent ordering another.
+    let d = Deployment::start();
+    runtime().block_on(async {
+        for name in ["operator", "pg-stage"] {
+            let mut agent = AgentClient::new(
+                fleet_channel(&d.fleet, name, d.prod_port, "pg-prod")
+                    .await
+                    .unwrap(),
+            );
+            let e = agent
+                .run_backup(v1::RunBackupRequest {
+                    job_id: "01M890KGY9J1FTW174S1KTQ459".into(),
+                    datastore: "postgres".into(),
+                    backup_type: String::new(),
+                })
+                .await
+                .expect_err("refused");
+            assert_refused(name, &e, tonic::Code::PermissionDenied, "allowed_clients");
+            assert!(e.message().contains(name), "{}", e.message());
+            let e = agent
+                .describe(v1::DescribeRequest {})
+                .await
+                .expect_err("refused");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+        }
+        // The coordinator's certificate still orders it.
+        agent(&d, d.prod_port, "pg-prod")
+            .await
+            .describe(v1::DescribeRequest {})
+            .await
+            .unwrap();
+    });
+    let log = fs::read_to_string(d.dir.path().join("agent-prod.log")).unwrap();
+    assert!(!log.contains("Job accepted"), "{log}");
+    assert!(d.sshd.files().is_empty(), "{:?}", d.sshd.files());
+}
+
+#[test]
 fn backup_server_whose_host_key_changed_is_refused_and_nothing_is_written() {
     let mut d = Deployment::start();
     d.ferry_ok(&["backup", "pg-prod", "--wait"]);

@@ -67,6 +67,16 @@ pub struct TlsConfig {
     pub key: PathBuf,
     /// Fleet CA certificate, PEM.
     pub ca: PathBuf,
+    /// The certificate names (CN) whose orders this agent takes: the coordinator's. Any
+    /// other certificate of the fleet (an operator's, another agent's) is refused with
+    /// `PERMISSION_DENIED`, so every order goes through the coordinator, its checks and
+    /// its audit log. Default: `["coordinator"]`.
+    #[serde(default = "default_allowed_clients")]
+    pub allowed_clients: Vec<String>,
+}
+
+fn default_allowed_clients() -> Vec<String> {
+    vec!["coordinator".into()]
 }
 
 /// `[encryption]`: recipients on production, the identity on staging.
@@ -171,6 +181,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     /// mTLS files.
     pub tls: TlsFiles,
+    /// Certificate names whose orders are taken (`tls.allowed_clients`).
+    pub allowed_clients: Vec<String>,
     /// Backup server connection.
     pub backup_server: SftpConfig,
     /// Key material for this role.
@@ -282,6 +294,13 @@ impl AgentConfig {
             .map_err(|(field, msg)| invalid(&format!("backup_server.{field}"), msg))?;
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key", e.to_string()))?;
+        if self.tls.allowed_clients.is_empty() {
+            return Err(invalid(
+                "tls.allowed_clients",
+                "is empty: no certificate could order this agent (the default is [\"coordinator\"])"
+                    .into(),
+            ));
+        }
 
         let mut datastores = BTreeMap::new();
         for (i, ds) in self.datastores.into_iter().enumerate() {
@@ -310,6 +329,7 @@ impl AgentConfig {
                 key: self.tls.key,
                 ca: self.tls.ca,
             },
+            allowed_clients: self.tls.allowed_clients,
             backup_server: self.backup_server,
             keys,
             source_environment,

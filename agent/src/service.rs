@@ -25,9 +25,32 @@ impl AgentService {
         Self { runner }
     }
 
+    /// Takes requests only from the certificate names in `tls.allowed_clients` (the
+    /// coordinator): an operator's or another agent's certificate, though signed by the
+    /// fleet CA, is refused, so every order passes the coordinator's checks and audit log.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let allowed = &self.runner.settings().allowed_clients;
+        let peer = ferry_proto::tls::peer_name(request);
+        match &peer {
+            Some(name) if allowed.iter().any(|a| a == name) => Ok(()),
+            _ => {
+                let who = peer.as_deref().unwrap_or("(no name)");
+                let who: String = who.chars().take(72).collect();
+                tracing::warn!(client = %who, "Request refused: not an allowed client.");
+                Err(Status::permission_denied(format!(
+                    "agent {} takes orders only from {} (tls.allowed_clients); certificate {who:?} is not one",
+                    self.runner.settings().id,
+                    allowed.join(", ")
+                )))
+            }
+        }
+    }
+
     fn start(&self, job_id: &str, datastore: &str, kind: OrderKind) -> Result<EventStream, Status> {
         let order =
             jobs::validate(self.runner.settings(), job_id, datastore, kind).inspect_err(|e| {
+                let datastore: String = datastore.chars().take(72).collect();
+                let job_id: String = job_id.chars().take(40).collect();
                 tracing::warn!(job_id, datastore, error = %e, "Order refused.");
             })?;
         let job_id = order.job_id.clone();
@@ -119,8 +142,9 @@ impl Agent for AgentService {
 
     async fn describe(
         &self,
-        _: Request<v1::DescribeRequest>,
+        request: Request<v1::DescribeRequest>,
     ) -> Result<Response<v1::DescribeResponse>, Status> {
+        self.authorize(&request)?;
         let s = self.runner.settings();
         let mut tools = Vec::new();
         for ds in s.datastores.values() {
@@ -153,6 +177,7 @@ impl Agent for AgentService {
         &self,
         request: Request<v1::RunBackupRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.authorize(&request)?;
         let r = request.into_inner();
         let backup_type = (!r.backup_type.is_empty()).then_some(r.backup_type);
         self.start(&r.job_id, &r.datastore, OrderKind::Backup { backup_type })
@@ -163,6 +188,7 @@ impl Agent for AgentService {
         &self,
         request: Request<v1::RunRestoreRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.authorize(&request)?;
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
         let kind = if r.verify_only {
@@ -180,6 +206,7 @@ impl Agent for AgentService {
         &self,
         request: Request<v1::CancelJobRequest>,
     ) -> Result<Response<v1::CancelJobResponse>, Status> {
+        self.authorize(&request)?;
         let cancelled = self.runner.cancel(&request.into_inner().job_id);
         Ok(Response::new(v1::CancelJobResponse { cancelled }))
     }
@@ -188,6 +215,7 @@ impl Agent for AgentService {
         &self,
         request: Request<v1::WatchJobRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        self.authorize(&request)?;
         let job_id = request.into_inner().job_id;
         match self.runner.watch(&job_id) {
             Some(updates) => Ok(Response::new(events(job_id, updates))),

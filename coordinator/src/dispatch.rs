@@ -339,13 +339,15 @@ impl Coordinator {
             Ok(ids) => format!("ok: jobs {}", ids.join(", ")),
             Err(e) => format!("refused: {e}"),
         };
-        self.audit(
-            who,
-            &format!("trigger {kind}"),
-            &selection.describe(agent, datastore),
-            &outcome,
-        )
-        .await;
+        // Bounded: a refused trigger may carry a name of any length.
+        let target: String = selection
+            .describe(agent, datastore)
+            .chars()
+            .take(300)
+            .collect();
+        let outcome: String = outcome.chars().take(500).collect();
+        self.audit(who, &format!("trigger {kind}"), &target, &outcome)
+            .await;
         result
     }
 
@@ -365,6 +367,15 @@ impl Coordinator {
             backup_type,
             occurrence: _,
         } = *selection;
+        // Names and dates that could leave the backup server's layout (`/`, `..`, NUL,
+        // overlong) go no further.
+        crate::config::check_name("agent", agent).map_err(DispatchError::InvalidArgument)?;
+        if let Some(d) = datastore {
+            crate::config::check_name("datastore", d).map_err(DispatchError::InvalidArgument)?;
+        }
+        if let Some(d) = date {
+            crate::config::check_date(d).map_err(DispatchError::InvalidArgument)?;
+        }
         if let Some(t) = backup_type {
             if kind != JobKind::Backup || datastore.is_none() {
                 return Err(DispatchError::InvalidArgument(
@@ -395,14 +406,6 @@ impl Coordinator {
                     "staging agents only restore"
                 }
             )));
-        }
-        if let Some(d) = date {
-            chrono::NaiveDate::parse_from_str(d, "%Y-%m-%d")
-                .ok()
-                .filter(|_| d.len() == 10)
-                .ok_or_else(|| {
-                    DispatchError::InvalidArgument(format!("date {d:?} is not YYYY-MM-DD"))
-                })?;
         }
         if !namespaces.is_empty() {
             if kind == JobKind::Backup || datastore.is_none() {

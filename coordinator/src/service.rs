@@ -49,32 +49,12 @@ impl CoordinatorService {
 /// Who sent `request`: the common name of its client certificate (mTLS is mandatory, so
 /// there is one), else its address.
 fn peer_name<T>(request: &Request<T>) -> String {
-    let cn = request.peer_certs().and_then(|certs| {
-        let der = certs.first()?;
-        let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
-        let cn = cert.subject().iter_common_name().next()?;
-        cn.as_str().ok().map(str::to_owned)
-    });
-    cn.unwrap_or_else(|| {
+    ferry_proto::tls::peer_name(request).unwrap_or_else(|| {
         request
             .remote_addr()
             .map(|a| a.to_string())
             .unwrap_or_else(|| "unknown".into())
     })
-}
-
-/// Refuses a trigger whose names or date could leave the backup server's layout (`/`,
-/// `..`, NUL, overlong), before any job is made or any agent is asked.
-fn check_trigger(agent: &str, datastore: &str, date: &str) -> Result<(), Status> {
-    use crate::config::{check_date, check_name};
-    check_name("agent", agent).map_err(Status::invalid_argument)?;
-    if !datastore.is_empty() {
-        check_name("datastore", datastore).map_err(Status::invalid_argument)?;
-    }
-    if !date.is_empty() {
-        check_date(date).map_err(Status::invalid_argument)?;
-    }
-    Ok(())
 }
 
 fn opt(s: &str) -> Option<&str> {
@@ -167,7 +147,6 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::TriggerResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        check_trigger(&r.agent, &r.datastore, "")?;
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, "Backup requested.");
         let job_ids = self
             .coordinator
@@ -191,7 +170,6 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::TriggerResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        check_trigger(&r.agent, &r.datastore, &r.date)?;
         tracing::info!(who, agent = %r.agent, datastore = %r.datastore, date = %r.date, "Restore requested.");
         let kind = if r.verify_only {
             JobKind::Verify

@@ -110,6 +110,16 @@ impl TlsFiles {
     }
 }
 
+/// The common name (CN) of the certificate a gRPC peer presented (the fleet names:
+/// `coordinator`, agent ids, operators), or `None` without a parsable client certificate.
+pub fn peer_name<T>(request: &tonic::Request<T>) -> Option<String> {
+    let certs = request.peer_certs()?;
+    let der = certs.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;

@@ -140,6 +140,10 @@ impl Etcd {
                 }
             },
         }
+        if let Some(key) = &cfg.key {
+            // The client key is a secret like a password: owner-only, checked at start.
+            crate::config::read_secret_file(key).map_err(|m| ("key".to_owned(), m))?;
+        }
         Ok(Self {
             password: crate::config::user_password(
                 cfg.user.as_deref(),
