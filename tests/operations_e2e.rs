@@ -546,8 +546,27 @@ fn prune_with_the_maintenance_key_removes_what_the_policy_drops_and_keeps_the_ne
         );
     }
     write_history(&mut d, old.iter().copied(), true);
+    // Two partial uploads in today's folder: one abandoned two days ago (its agent's key
+    // could not delete it), one still being written.
+    let today_dir = d.sshd.root().join(format!("production/{}", today_utc()));
+    let abandoned = today_dir.join(".postgres_backup_x.pgdump.zst.age.01JOB.1.partial");
+    let live = today_dir.join(".postgres_backup_y.pgdump.zst.age.01JOB.2.partial");
+    for p in [&abandoned, &live] {
+        std::fs::write(p, b"partial").unwrap();
+        run_ok(std::process::Command::new("chown").arg(BACKUP_USER).arg(p));
+    }
+    run_ok(
+        std::process::Command::new("touch")
+            .args(["-m", "-d", "2 days ago"])
+            .arg(&abandoned),
+    );
 
     let plan = d.ferry_json(&["prune", "--env", "production"]);
+    assert!(
+        !abandoned.exists(),
+        "prune removes abandoned partial uploads"
+    );
+    assert!(live.exists(), "prune leaves an upload in progress alone");
     let removed: Vec<&str> = plan
         .as_array()
         .unwrap()

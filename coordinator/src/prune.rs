@@ -39,6 +39,10 @@ pub enum PruneError {
     Dispatch(#[from] DispatchError),
 }
 
+/// Partial uploads untouched this long are abandoned (their agent died, or its key may
+/// not delete them) and removed by prune: 24 hours, longer than any upload stalls.
+pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Plans (and unless `dry_run`, carries out) the retention of `environment`'s dated
 /// folders, or of every environment with a policy; decisions newest first per environment.
 ///
@@ -117,6 +121,29 @@ pub async fn run(
             .await;
         return Err(PruneError::Refused(message));
     };
+    for (env, _) in &policies {
+        let (server, env_name) = (server.clone(), env.clone());
+        let swept = tokio::task::spawn_blocking(move || {
+            server
+                .connect()?
+                .remove_abandoned_partials(&env_name, ABANDONED_AFTER)
+        })
+        .await
+        .map_err(|e| PruneError::Server(e.to_string()))?
+        .map_err(|e| PruneError::Server(format!("removing abandoned uploads: {e}")))?;
+        if swept.0 > 0 {
+            c.audit(
+                who,
+                "prune partials",
+                env,
+                &format!(
+                    "removed {} abandoned partial upload(s), {} bytes",
+                    swept.0, swept.1
+                ),
+            )
+            .await;
+        }
+    }
     for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
         let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
         let removed =

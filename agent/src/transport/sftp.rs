@@ -304,6 +304,64 @@ impl SftpSession {
         Ok((files, bytes))
     }
 
+    /// Removes the partial files abandoned in `environment`'s dated folders (uploads
+    /// that failed where the agent's key may not delete): hidden `*.partial` files not
+    /// modified for `older_than`. For `ferry prune` with the maintenance key. Returns the
+    /// files removed and their bytes.
+    ///
+    /// # Errors
+    /// [`TransportError::Sftp`] naming the path that could not be listed or removed.
+    pub fn remove_abandoned_partials(
+        &mut self,
+        environment: &str,
+        older_than: Duration,
+    ) -> Result<(u64, u64), TransportError> {
+        let env_dir = format!("{}/{environment}", self.root);
+        if crate::layout::validate_name("environment", environment).is_err() {
+            return Err(self.err("remove", &env_dir, "not an environment of the layout"));
+        }
+        let folders = match self.sftp.readdir(Path::new(&env_dir)) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => return Ok((0, 0)),
+            Err(e) => return Err(self.err("readdir", &env_dir, e)),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for (folder, stat) in folders {
+            let dated = folder
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| crate::layout::parse_date(n).is_ok());
+            if !stat.is_dir() || !dated {
+                continue;
+            }
+            let entries = self
+                .sftp
+                .readdir(&folder)
+                .map_err(|e| self.err("readdir", &folder.display().to_string(), e))?;
+            for (path, stat) in entries {
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                let idle = now.saturating_sub(stat.mtime.unwrap_or(now));
+                if stat.is_file()
+                    && name.starts_with('.')
+                    && name.ends_with(".partial")
+                    && idle >= older_than.as_secs()
+                {
+                    let p = path.display().to_string();
+                    self.sftp
+                        .unlink(&path)
+                        .map_err(|e| self.err("unlink", &p, e))?;
+                    files += 1;
+                    bytes += stat.size.unwrap_or(0);
+                }
+            }
+        }
+        Ok((files, bytes))
+    }
+
     /// Removes the hidden partial of the last upload if it did not complete. Best effort:
     /// a server that denies removal to this key keeps it (the file is hidden and never
     /// read; the next upload of the datastore, or `ferry prune`, removes it).
