@@ -291,17 +291,25 @@ impl SftpSession {
             }
         }
         for (path, stat) in entries {
-            let p = path.display().to_string();
-            self.sftp
-                .unlink(&path)
-                .map_err(|e| self.err("unlink", &p, e))?;
+            bytes += self.unlink_counted(&path, &stat)?;
             files += 1;
-            bytes += stat.size.unwrap_or(0);
         }
         self.sftp
             .rmdir(Path::new(&dir))
             .map_err(|e| self.err("rmdir", &dir, e))?;
         Ok((files, bytes))
+    }
+
+    /// Removes the file at `path`; returns its size from `stat`, bytes.
+    fn unlink_counted(
+        &mut self,
+        path: &Path,
+        stat: &ssh2::FileStat,
+    ) -> Result<u64, TransportError> {
+        self.sftp
+            .unlink(path)
+            .map_err(|e| self.err("unlink", &path.display().to_string(), e))?;
+        Ok(stat.size.unwrap_or(0))
     }
 
     /// Removes the partial files abandoned in `environment`'s dated folders (uploads
@@ -350,12 +358,8 @@ impl SftpSession {
                     && name.ends_with(".partial")
                     && idle >= older_than.as_secs()
                 {
-                    let p = path.display().to_string();
-                    self.sftp
-                        .unlink(&path)
-                        .map_err(|e| self.err("unlink", &p, e))?;
+                    bytes += self.unlink_counted(&path, &stat)?;
                     files += 1;
-                    bytes += stat.size.unwrap_or(0);
                 }
             }
         }
