@@ -285,6 +285,27 @@ impl RedbStore {
             Ok(())
         })
     }
+
+    /// Records many stored backups in the catalog in one transaction (imports, benchmarks
+    /// with a large catalog).
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn put_backups(&self, records: &[BackupRecord]) -> Result<(), StoreError> {
+        self.write("put backups", |tx| {
+            let mut t = tx.open_table(BACKUPS)?;
+            for record in records {
+                let value = serde_json::to_vec(record).expect("a record always serializes");
+                t.insert(backup_key(record).as_str(), value.as_slice())?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// A catalog record's key: `<finished ms, 20 digits>\0<job id>`, so key order is age.
+fn backup_key(record: &BackupRecord) -> String {
+    format!("{:020}\0{}", record.finished_ms.max(0), record.job_id)
 }
 
 fn put_job_in(tx: &redb::WriteTransaction, job: &Job) -> Result<(), redb::Error> {
@@ -411,7 +432,7 @@ impl Store for RedbStore {
     }
 
     fn put_backup(&self, record: &BackupRecord) -> Result<(), StoreError> {
-        let key = format!("{:020}\0{}", record.finished_ms.max(0), record.job_id);
+        let key = backup_key(record);
         let value = serde_json::to_vec(record).expect("a record always serializes");
         self.write("put backup", |tx| {
             tx.open_table(BACKUPS)?
@@ -592,6 +613,35 @@ mod tests {
         assert!(s.unfinished_jobs().unwrap().is_empty());
         assert_eq!(s.list_backups(Some("production")).unwrap().len(), 1);
         assert!(s.list_backups(Some("staging")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn backups_put_in_one_batch_list_newest_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("c.redb")).unwrap();
+        let records: Vec<BackupRecord> = (0..3)
+            .map(|n| BackupRecord {
+                environment: "production".into(),
+                date: "2026-11-25".into(),
+                datastore: format!("d{n}"),
+                kind: "files".into(),
+                agent: "a".into(),
+                stored_path: format!("/x/{n}"),
+                size_bytes: 1,
+                bytes_uncompressed: 2,
+                sha256: "00".into(),
+                finished_ms: n,
+                job_id: format!("j{n}"),
+            })
+            .collect();
+        s.put_backups(&records).unwrap();
+        let listed: Vec<_> = s
+            .list_backups(None)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.job_id)
+            .collect();
+        assert_eq!(listed, ["j2", "j1", "j0"]);
     }
 
     #[test]

@@ -1,11 +1,12 @@
 //! A fleet under load: one coordinator, `--agents` real production `ferry-agent` processes
 //! (default 200) on their own loopback ports, each backing up one tiny `files` datastore
 //! to one sshd on a staggered cron schedule, with `--jobs` historical jobs (default
-//! 100,000) seeded into the coordinator's store before it starts. Issue 6's bound:
+//! 100,000) and catalog records (default 20,000, about 100 days of 200 datastores) seeded
+//! into the coordinator's store before it starts. Issue 6's bound:
 //! `ferry status` under 200 ms with 100,000 jobs in the history.
 //!
 //! `cargo run --release -p ferry-bench --bin fleet-load -- [--agents 200] [--jobs 100000]
-//! [--minutes 3] [--runs 20]`
+//! [--backups 20000] [--minutes 3] [--runs 20]`
 //!
 //! Two phases, each with its own coordinator process on the same store:
 //! 1. idle: no schedules; `ferry status`, `ferry jobs` and `ferry backups` are each timed
@@ -29,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use ferry_bench::{Xorshift, median, mib, peak_rss_bytes, percentile, rss_bytes};
-use ferry_coordinator::model::{Job, JobKind, JobResult, JobState};
+use ferry_coordinator::model::{BackupRecord, Job, JobKind, JobResult, JobState};
 use ferry_coordinator::store::{RedbStore, Store};
 use ferry_tests::*;
 
@@ -42,6 +43,10 @@ struct Args {
     /// Historical jobs to seed into the store before the coordinator starts.
     #[arg(long, default_value_t = 100_000)]
     jobs: usize,
+    /// Catalog records to seed with the history: the newest this many of its succeeded
+    /// backups (their paths are under `/srv/ferry`, not on this run's backup server).
+    #[arg(long, default_value_t = 20_000)]
+    backups: usize,
     /// Minutes of scheduled backups (each agent backs up once a minute).
     #[arg(long, default_value_t = 3)]
     minutes: u32,
@@ -56,6 +61,9 @@ const COMMANDS: [(&str, &[&str]); 3] = [
     ("jobs", &["jobs"]),
     ("backups", &["backups"]),
 ];
+
+/// The backup server root of the seeded jobs and catalog records (not this run's server).
+const SEEDED_ROOT: &str = "/srv/ferry/";
 
 /// Issue 6's bound on `ferry status`, ms.
 const STATUS_BOUND_MS: f64 = 200.0;
@@ -83,6 +91,8 @@ fn day_of(ms: i64) -> String {
 struct Seeded {
     /// Jobs written.
     jobs: usize,
+    /// Catalog records written.
+    backups: usize,
     /// Ids of the jobs seeded as queued or running: a coordinator that crashed left them;
     /// the next one must take them up and bring them to a final state.
     orphans: Vec<String>,
@@ -96,8 +106,15 @@ struct Seeded {
 /// store API, created over the 100 days before `before_ms`: 85 % backups of the fleet's
 /// agents (succeeded 90 %, failed 8 %, cancelled 2 %, one to three attempts), 10 % restores
 /// and 5 % verifies by 20 staging agents no longer in the inventory, and in the last hour
-/// five jobs left queued or running by a coordinator that crashed.
-fn seed(path: &Path, agents: usize, count: usize, before_ms: i64) -> anyhow::Result<Seeded> {
+/// five jobs left queued or running by a coordinator that crashed. The catalog gets a record
+/// for each of the newest `backups` succeeded backups.
+fn seed(
+    path: &Path,
+    agents: usize,
+    count: usize,
+    backups: usize,
+    before_ms: i64,
+) -> anyhow::Result<Seeded> {
     let started = Instant::now();
     let store = RedbStore::open(path)?;
     let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
@@ -106,6 +123,7 @@ fn seed(path: &Path, agents: usize, count: usize, before_ms: i64) -> anyhow::Res
     let mut states = BTreeMap::new();
     let mut orphans = Vec::new();
     let mut batch = Vec::with_capacity(10_000);
+    let mut catalog = Vec::new();
     for n in 0..count {
         let created_ms = first_ms + (span_ms - 3_600_000) * n as i64 / count.max(1) as i64;
         let orphan = n + 5 >= count;
@@ -172,7 +190,7 @@ fn seed(path: &Path, agents: usize, count: usize, before_ms: i64) -> anyhow::Res
             progress: None,
             result: (state == JobState::Succeeded).then(|| JobResult {
                 stored_path: format!(
-                    "/srv/ferry/production/{date}/{datastore}_backup_{date}.tar.zst.age"
+                    "{SEEDED_ROOT}production/{date}/{datastore}_backup_{date}.tar.zst.age"
                 ),
                 size_bytes,
                 sha256: format!("{:016x}{:048x}", rng.next(), 0),
@@ -192,14 +210,35 @@ fn seed(path: &Path, agents: usize, count: usize, before_ms: i64) -> anyhow::Res
                 _ => None,
             },
         });
+        let job = batch.last().expect("just pushed");
+        if let (JobKind::Backup, Some(r)) = (job.kind, &job.result) {
+            catalog.push(BackupRecord {
+                environment: r.environment.clone(),
+                date: r.date.clone(),
+                datastore: job.datastore.clone(),
+                kind: r.kind.clone(),
+                agent: job.agent.clone(),
+                stored_path: r.stored_path.clone(),
+                size_bytes: r.size_bytes,
+                bytes_uncompressed: r.bytes_uncompressed,
+                sha256: r.sha256.clone(),
+                finished_ms: job.finished_ms.unwrap_or_default(),
+                job_id: job.id.clone(),
+            });
+        }
         if batch.len() == 10_000 {
             store.put_jobs(&batch)?;
             batch.clear();
         }
     }
     store.put_jobs(&batch)?;
+    let catalog = &catalog[catalog.len().saturating_sub(backups)..];
+    for chunk in catalog.chunks(10_000) {
+        store.put_backups(chunk)?;
+    }
     Ok(Seeded {
         jobs: count,
+        backups: catalog.len(),
         orphans,
         states,
         seconds: started.elapsed().as_secs_f64(),
@@ -400,8 +439,17 @@ fn main() -> anyhow::Result<()> {
 
     // The history, before any coordinator opens the store.
     let store_path = d.join("coordinator.redb");
-    eprintln!("seeding {} jobs ...", args.jobs);
-    let seeded = seed(&store_path, args.agents, args.jobs, now_ms() - 60_000)?;
+    eprintln!(
+        "seeding {} jobs and {} catalog records ...",
+        args.jobs, args.backups
+    );
+    let seeded = seed(
+        &store_path,
+        args.agents,
+        args.jobs,
+        args.backups,
+        now_ms() - 60_000,
+    )?;
     eprintln!(
         "  {:.1} s, {:.1} MiB store, states {:?}",
         seeded.seconds,
@@ -576,11 +624,16 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     let root = sshd.root().display().to_string();
-    let catalog: BTreeSet<String> = backups
+    let listed: Vec<&str> = backups
         .as_array()
         .context("backups JSON is an array")?
         .iter()
         .filter_map(|b| b["stored_path"].as_str())
+        .collect();
+    // This run's records, not the seeded ones.
+    let catalog: BTreeSet<String> = listed
+        .iter()
+        .filter(|p| !p.starts_with(SEEDED_ROOT))
         .map(|p| {
             p.strip_prefix(&root)
                 .unwrap_or(p)
@@ -588,6 +641,13 @@ fn main() -> anyhow::Result<()> {
                 .to_owned()
         })
         .collect();
+    if listed.len() - catalog.len() != seeded.backups {
+        problems.push(format!(
+            "{} seeded catalog records listed, {} seeded",
+            listed.len() - catalog.len(),
+            seeded.backups
+        ));
+    }
     let on_server: BTreeSet<String> = sshd
         .final_files()
         .into_iter()
@@ -645,8 +705,8 @@ fn main() -> anyhow::Result<()> {
 
     // The figures.
     println!(
-        "fleet-load: {} agents, {} seeded jobs, {} minutes of schedules, {} runs per command",
-        args.agents, args.jobs, args.minutes, args.runs
+        "fleet-load: {} agents, {} seeded jobs and {} catalog records, {} minutes of schedules, {} runs per command",
+        args.agents, seeded.jobs, seeded.backups, args.minutes, args.runs
     );
     println!(
         "  store: {:.1} MiB after the run; seeding took {:.1} s",
