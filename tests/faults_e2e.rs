@@ -612,3 +612,40 @@ fn a_pg_dump_that_exits_0_having_written_nothing_fails_the_job_and_stores_nothin
     );
     assert_nothing_stored(&d);
 }
+
+#[test]
+fn a_frozen_agent_is_failed_after_agent_timeout_and_its_upload_is_cancelled_when_it_wakes() {
+    // SIGSTOP: the host hangs (a frozen VM, a kernel stall) without closing a connection.
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        agent_timeout_seconds: 5,
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let agent = d.procs["agent-prod"].pid().to_string();
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 1 << 20);
+    run_ok(Command::new("kill").args(["-STOP", &agent]));
+    let frozen = Instant::now();
+    let j = wait_final(&d, &job, Duration::from_secs(60));
+    let noticed = frozen.elapsed();
+    run_ok(Command::new("kill").args(["-CONT", &agent]));
+    assert_eq!(j["state"], "failed", "{j}");
+    assert!(
+        j["error"]
+            .as_str()
+            .unwrap()
+            .contains("agent_timeout_seconds"),
+        "{j}"
+    );
+    assert!(
+        noticed < Duration::from_secs(20),
+        "agent_timeout is 5 s; took {noticed:?}"
+    );
+    // Woken, the agent gets the coordinator's cancel and stores nothing.
+    std::thread::sleep(Duration::from_secs(15));
+    assert_nothing_stored(&d);
+    let log = fs::read_to_string(d.dir.path().join("agent-prod.log")).unwrap();
+    assert!(!log.contains("Job succeeded"), "{log}");
+}
