@@ -262,6 +262,30 @@ fn rsync_mirror_sends_only_changes_and_restores_the_latest_state() {
                 target.display()
             ),
         );
+        // rsync logs in with keys of its own, confined by rrsync as the Ansible role does:
+        // production may only write into its environment, staging only read from it.
+        let env_dir = d.sshd.root().join("production");
+        fs::create_dir_all(&env_dir).unwrap();
+        run_ok(Command::new("chown").arg(BACKUP_USER).arg(&env_dir));
+        for (config, name, mode) in [
+            (&d.prod_config, "id_prod_rsync", "-wo"),
+            (&d.stage_config, "id_stage_rsync", "-ro"),
+        ] {
+            let key = d.sshd.add_client_key_named(
+                name,
+                &format!(
+                    "restrict,command=\"rrsync {mode} -absolute {}\"",
+                    env_dir.display()
+                ),
+            );
+            append(
+                config,
+                &format!(
+                    "[backup_server.rsync]\nuser = \"{BACKUP_USER}\"\nprivate_key_file = \"{}\"\n",
+                    key.display()
+                ),
+            );
+        }
         paths = Some((source, target));
     });
     let (source, target) = paths.unwrap();
@@ -301,6 +325,49 @@ fn rsync_mirror_sends_only_changes_and_restores_the_latest_state() {
 
     let listed = d.ferry_ok(&["backups"]);
     assert!(listed.contains("production/share"), "{listed}");
+
+    // The production rsync key can neither read the mirror nor write outside its
+    // environment; the staging one cannot write.
+    let rsync_as = |key: &str, args: &[String]| {
+        let ssh = format!(
+            "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes -o UserKnownHostsFile={} -p {} -i {}",
+            d.sshd.known_hosts().display(),
+            d.sshd.port(),
+            d.sshd.dir().join(key).display()
+        );
+        Command::new("rsync")
+            .args(["-a", "-e", &ssh])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let remote = |p: &Path| format!("{BACKUP_USER}@{}:{}", d.sshd.host(), p.display());
+    let scratch = d.dir.path().join("pulled");
+    let pull = rsync_as(
+        "id_prod_rsync",
+        &[remote(&mirror), scratch.display().to_string()],
+    );
+    assert!(!pull.status.success(), "production read the mirror");
+    assert!(!scratch.join("docs").exists());
+    let outside = d.sshd.root().join("staging");
+    let push = rsync_as(
+        "id_prod_rsync",
+        &[source.display().to_string(), remote(&outside)],
+    );
+    assert!(
+        !push.status.success(),
+        "production wrote outside its environment"
+    );
+    assert!(!outside.exists());
+    let push = rsync_as(
+        "id_stage_rsync",
+        &[
+            source.join("docs/new.txt").display().to_string(),
+            remote(&mirror.join("docs/evil.txt")),
+        ],
+    );
+    assert!(!push.status.success(), "staging wrote into the mirror");
+    assert!(!mirror.join("docs/evil.txt").exists());
 
     let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "share", "--wait"]);
     assert!(out.contains("equal to the mirror's manifest"), "{out}");

@@ -66,6 +66,9 @@ pub(crate) struct Remote {
     pub(crate) prefix: String,
     /// `max_upload_bytes_per_second`, for `--bwlimit` on uploads.
     bwlimit: Option<u64>,
+    /// `--protect-args`, unless the rsync login is confined by rrsync, which refuses it
+    /// (it checks the arguments itself; `rsync.root` is then checked for plain paths).
+    protect_args: bool,
     _known_hosts: tempfile::TempDir,
 }
 
@@ -76,6 +79,7 @@ fn quote(s: &str) -> String {
 impl Remote {
     /// The SSH command for `server`, its host key written to a temporary known_hosts.
     pub(crate) fn new(server: &SftpConfig) -> std::io::Result<Remote> {
+        let (user, identity, _) = server.rsync_login();
         let dir = tempfile::Builder::new().prefix("ferry-rsync-").tempdir()?;
         let kh = dir.path().join("known_hosts");
         let key: Vec<&str> = server.host_key.split_whitespace().take(2).collect();
@@ -95,16 +99,14 @@ impl Remote {
                 server.io_timeout_seconds.div_ceil(2).max(1)
             ),
             format!("-p {}", server.port),
-            format!(
-                "-i {}",
-                quote(&server.private_key_file.display().to_string())
-            ),
+            format!("-i {}", quote(&identity.display().to_string())),
         ]
         .join(" ");
         Ok(Remote {
             ssh,
-            prefix: format!("{}@{}:", server.user, server.host),
+            prefix: format!("{user}@{}:", server.host),
             bwlimit: server.max_upload_bytes_per_second,
+            protect_args: server.rsync.is_none(),
             _known_hosts: dir,
         })
     }
@@ -122,18 +124,21 @@ impl Remote {
     /// rsync with the SSH command and the options both directions use.
     pub(crate) fn rsync(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new("rsync");
-        cmd.args(["-a", "--checksum", "--numeric-ids", "--protect-args"])
-            .arg("-e")
-            .arg(&self.ssh);
+        cmd.args(["-a", "--checksum", "--numeric-ids"]);
+        if self.protect_args {
+            cmd.arg("--protect-args");
+        }
+        cmd.arg("-e").arg(&self.ssh);
         cmd
     }
 }
 
-/// The mirror directory of `name` in `environment`, with a trailing `/`.
+/// The mirror directory of `name` in `environment`, with a trailing `/`, as the rsync
+/// login sees it.
 pub(crate) fn mirror_dir(server: &SftpConfig, environment: &str, name: &str) -> String {
     format!(
         "{}/{name}/",
-        layout::environment_dir(&server.root, environment)
+        layout::environment_dir(server.rsync_login().2, environment)
     )
 }
 

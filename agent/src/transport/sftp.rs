@@ -46,6 +46,26 @@ pub struct SftpConfig {
     /// (SFTP uploads, and rsync's `--bwlimit` for mirrors and pgBackRest repositories), so
     /// a backup does not saturate a production host's uplink. Unlimited if absent.
     pub max_upload_bytes_per_second: Option<u64>,
+    /// `[backup_server.rsync]`: another login for the differential datastores (rsync
+    /// mirrors, pgBackRest repositories), which need `rsync --server` where the SFTP
+    /// login is confined to `internal-sftp`. On the server its key is typically forced to
+    /// `rrsync -wo -absolute <root>/<environment>` (production) or `rrsync -ro ...`
+    /// (staging). The SFTP login is used if absent.
+    #[serde(default)]
+    pub rsync: Option<RsyncLogin>,
+}
+
+/// `[backup_server.rsync]`: the SSH login rsync uses (same host, port and host key).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RsyncLogin {
+    /// SSH user.
+    pub user: String,
+    /// Its private key (OpenSSH format, no passphrase), mode 0600 or 0400.
+    pub private_key_file: PathBuf,
+    /// The layout's root as this login sees it (the SFTP login may be chrooted);
+    /// `backup_server.root` if absent.
+    pub root: Option<String>,
 }
 
 fn default_port() -> u16 {
@@ -103,7 +123,43 @@ impl SftpConfig {
         self.pinned().map_err(|m| ("host_key", m))?;
         crate::config::read_secret_file(&self.private_key_file)
             .map_err(|m| ("private_key_file", m))?;
+        if let Some(r) = &self.rsync {
+            if r.user.is_empty() {
+                return Err(("rsync.user", "must not be empty".into()));
+            }
+            // Without --protect-args (rrsync refuses it) the remote shell splits paths:
+            // plain characters only.
+            let root = r.root.as_deref().unwrap_or(&self.root);
+            let plain = |c: char| c.is_ascii_alphanumeric() || "/._-+@".contains(c);
+            if !root.starts_with('/')
+                || root.split('/').any(|c| c == ".." || c == ".")
+                || !root.chars().all(plain)
+            {
+                return Err((
+                    "rsync.root",
+                    format!(
+                        "{root:?} must be an absolute path without . or .. components, of \
+                         letters, digits and / . _ - + @ only"
+                    ),
+                ));
+            }
+            crate::config::read_secret_file(&r.private_key_file)
+                .map_err(|m| ("rsync.private_key_file", m))?;
+        }
         Ok(())
+    }
+
+    /// The login rsync uses: `(user, private key, root)`, from `[backup_server.rsync]`
+    /// or else the SFTP login's.
+    pub fn rsync_login(&self) -> (&str, &Path, &str) {
+        match &self.rsync {
+            Some(r) => (
+                &r.user,
+                &r.private_key_file,
+                r.root.as_deref().unwrap_or(&self.root),
+            ),
+            None => (&self.user, &self.private_key_file, &self.root),
+        }
     }
 
     /// Connects, checks the host key against the pinned one, authenticates with the
