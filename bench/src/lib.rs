@@ -93,6 +93,181 @@ pub fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// Bytes that process `pid` and its reaped children caused to be written to storage:
+/// `write_bytes` of `/proc/PID/io` (see proc(5)). Writes into a pipe or a socket are not
+/// counted; a file written and read back is.
+///
+/// # Errors
+/// The process is gone, or its io file has no `write_bytes` line.
+pub fn io_write_bytes(pid: u32) -> anyhow::Result<u64> {
+    let io = fs::read_to_string(format!("/proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/io has no write_bytes line"))
+}
+
+/// One timed run of a shell pipeline ([`run_pipeline`]).
+#[derive(Clone, Copy, Debug)]
+pub struct PipelineRun {
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Peak RSS of its largest process, bytes (`/usr/bin/time`'s `%M`).
+    pub peak_rss_bytes: u64,
+    /// Bytes its processes wrote to local storage (`%O`, 512-byte blocks).
+    pub disk_written_bytes: u64,
+}
+
+/// Runs `script` as `bash -o pipefail -c SCRIPT` under `/usr/bin/time` and returns its
+/// wall time, the peak RSS of its largest process and the bytes it wrote to local
+/// storage.
+///
+/// # Errors
+/// `/usr/bin/time` is missing (Debian package `time`), or the pipeline failed (its
+/// stderr is in the error).
+pub fn run_pipeline(script: &str) -> anyhow::Result<PipelineRun> {
+    let report = tempfile::NamedTempFile::new()?;
+    let started = std::time::Instant::now();
+    let out = std::process::Command::new("/usr/bin/time")
+        .arg("-o")
+        .arg(report.path())
+        .args(["-f", "%M %O", "bash", "-o", "pipefail", "-c", script])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| anyhow::anyhow!("cannot run /usr/bin/time (install `time`): {e}"))?;
+    let seconds = started.elapsed().as_secs_f64();
+    if !out.status.success() {
+        anyhow::bail!(
+            "pipeline failed ({}): {script}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = fs::read_to_string(report.path())?;
+    let mut fields = text
+        .lines()
+        .last()
+        .unwrap_or("")
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().unwrap_or(0));
+    Ok(PipelineRun {
+        seconds,
+        peak_rss_bytes: fields.next().unwrap_or(0) * 1024,
+        disk_written_bytes: fields.next().unwrap_or(0) * 512,
+    })
+}
+
+/// The OpenSSH client command line (for a shell script) that logs in to `sshd` as its
+/// backup user with `key` and the pinned host key, no user config, and runs `remote`
+/// there: `ssh -F /dev/null -i KEY ... ferrybk@HOST 'REMOTE'`. `remote` must not hold a
+/// single quote.
+pub fn ssh_command(sshd: &ferry_tests::Sshd, key: &std::path::Path, remote: &str) -> String {
+    assert!(!remote.contains('\''), "no single quotes in {remote:?}");
+    format!(
+        "ssh -F /dev/null -i {} -p {} -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null \
+         -o StrictHostKeyChecking=yes -o BatchMode=yes -o IdentitiesOnly=yes {}@{} '{remote}'",
+        key.display(),
+        sshd.port(),
+        sshd.known_hosts().display(),
+        sshd.user(),
+        sshd.host()
+    )
+}
+
+/// `a / b`, printed as a ratio with two decimals and a `×`.
+pub fn ratio(a: f64, b: f64) -> String {
+    format!("{:.2}×", a / b)
+}
+
+/// Bytes in MB (10^6 bytes), the unit of throughputs.
+pub fn mb(bytes: u64) -> f64 {
+    bytes as f64 / 1e6
+}
+
+/// One method's figures over the runs of a benchmark: wall seconds, peak RSS (MiB) and
+/// bytes written to local storage of each run, and the stored size of its last run.
+#[derive(Default)]
+pub struct Figures {
+    /// Wall time of each run, seconds.
+    pub seconds: Vec<f64>,
+    /// Peak RSS of each run, MiB.
+    pub rss_mib: Vec<f64>,
+    /// Bytes written to local storage in each run.
+    pub disk_bytes: Vec<f64>,
+    /// Bytes stored on the backup server by the last run (0: nothing stored).
+    pub stored: u64,
+}
+
+impl Figures {
+    /// Records one run.
+    pub fn add(&mut self, seconds: f64, rss_bytes: u64, disk_bytes: u64) {
+        self.seconds.push(seconds);
+        self.rss_mib.push(mib(rss_bytes));
+        self.disk_bytes.push(disk_bytes as f64);
+    }
+
+    /// The median wall time, seconds.
+    ///
+    /// # Panics
+    /// No run was recorded.
+    pub fn s(&self) -> f64 {
+        median(&self.seconds)
+    }
+
+    /// The median peak RSS, MiB.
+    ///
+    /// # Panics
+    /// No run was recorded.
+    pub fn rss(&self) -> f64 {
+        median(&self.rss_mib)
+    }
+
+    /// The median bytes written to local storage.
+    ///
+    /// # Panics
+    /// No run was recorded.
+    pub fn disk(&self) -> f64 {
+        median(&self.disk_bytes)
+    }
+}
+
+/// Runs the `ferry` CLI of deployment `d` with `args`.
+///
+/// # Errors
+/// It exits non-zero: its output and the tails of the deployment's logs are in the error.
+pub fn ferry_ok(d: &ferry_tests::Deployment, args: &[&str]) -> anyhow::Result<()> {
+    let out = d.ferry(args);
+    if !out.status.success() {
+        anyhow::bail!(
+            "ferry {args:?} failed:\n{}\n{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            d.logs()
+        );
+    }
+    Ok(())
+}
+
+/// The newest archive of `datastore` on deployment `d`'s backup server (its main part,
+/// `<datastore>_backup_...age`): its absolute path and its manifest.
+///
+/// # Errors
+/// There is none, or its manifest is unreadable.
+pub fn newest_archive(
+    d: &ferry_tests::Deployment,
+    datastore: &str,
+) -> anyhow::Result<(std::path::PathBuf, serde_json::Value)> {
+    let f = d
+        .sshd
+        .final_files()
+        .into_iter()
+        .rfind(|f| f.contains(&format!("/{datastore}_backup_")) && f.ends_with(".age"))
+        .ok_or_else(|| anyhow::anyhow!("no stored archive of {datastore}"))?;
+    let path = d.sshd.root().join(f);
+    let manifest = serde_json::from_slice(&fs::read(format!("{}.json", path.display()))?)?;
+    Ok((path, manifest))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
