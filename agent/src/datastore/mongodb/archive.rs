@@ -29,6 +29,9 @@ const TERMINATOR: [u8; 4] = [0xff; 4];
 /// for oplog entries, with margin. Anything larger is refused as malformed.
 pub const MAX_DOCUMENT_BYTES: usize = 48 * 1024 * 1024;
 
+/// Capacity reserved up front for one block, bytes; a larger block grows as it is read.
+const INITIAL_BLOCK_CAPACITY: usize = 64 * 1024;
+
 static CRC64: Crc<u64> = Crc::<u64>::new(&CRC_64_XZ);
 
 /// The archive header.
@@ -240,14 +243,17 @@ fn read_block(input: &mut impl Read, at_end_ok: bool) -> io::Result<Option<Optio
             "archive holds a BSON document of {size} bytes: malformed"
         )));
     }
-    let mut buf = vec![0u8; size];
-    buf[..4].copy_from_slice(&len);
-    input.read_exact(&mut buf[4..]).map_err(|_| {
-        io::Error::new(
+    // The length prefix is untrusted: memory grows with the bytes actually read, so a
+    // truncated or forged archive never makes the reader allocate what it claims.
+    let mut buf = Vec::with_capacity(size.min(INITIAL_BLOCK_CAPACITY));
+    buf.extend_from_slice(&len);
+    let body = (size - 4) as u64;
+    if input.by_ref().take(body).read_to_end(&mut buf)? as u64 != body {
+        return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "archive is truncated inside a document",
-        )
-    })?;
+        ));
+    }
     RawDocument::from_bytes(&buf)
         .map_err(|e| invalid(format!("malformed BSON document in archive: {e}")))?;
     Ok(Some(Some(buf)))
@@ -553,5 +559,39 @@ mod tests {
         let mut huge = bytes.clone();
         huge[4..8].copy_from_slice(&0x7fff_ffffu32.to_le_bytes());
         assert!(read_all(&huge).is_err());
+    }
+
+    /// A header claiming the largest accepted document (48 MiB) followed by a few bytes used
+    /// to make the reader allocate the 48 MiB before finding the archive truncated (the
+    /// fuzz target `mongo_archive` checks this for any input). Memory now grows with the
+    /// bytes actually read.
+    #[test]
+    fn a_forged_document_length_does_not_allocate_what_it_claims() {
+        struct Probe<'a> {
+            data: &'a [u8],
+            largest_read: usize,
+        }
+        impl Read for Probe<'_> {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                self.largest_read = self.largest_read.max(buf.len());
+                self.data.read(buf)
+            }
+        }
+        let mut forged = MAGIC.to_le_bytes().to_vec();
+        forged.extend_from_slice(&(MAX_DOCUMENT_BYTES as u32).to_le_bytes());
+        forged.extend_from_slice(b"\x02version\0");
+        let mut probe = Probe {
+            data: &forged,
+            largest_read: 0,
+        };
+        let e = ArchiveReader::new(&mut probe)
+            .err()
+            .expect("truncated archive");
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof, "{e}");
+        assert!(
+            probe.largest_read <= INITIAL_BLOCK_CAPACITY,
+            "read into a buffer of {} bytes",
+            probe.largest_read
+        );
     }
 }

@@ -693,8 +693,13 @@ impl Mongo {
     }
 }
 
-/// Parses a collection's metadata (canonical Extended JSON) into a document.
-fn parse_metadata(m: &CollectionMetadata) -> Result<Document, RestoreError> {
+/// Parses a collection's metadata from an archive's prelude (canonical Extended JSON, as
+/// mongodump writes to `<coll>.metadata.json`) into a document; empty metadata is an
+/// empty document. Public for the fuzz target `fuzz/fuzz_targets/mongo_archive.rs`.
+///
+/// # Errors
+/// [`RestoreError::Manifest`] naming the namespace: not JSON, or not a document.
+pub fn parse_metadata(m: &CollectionMetadata) -> Result<Document, RestoreError> {
     if m.metadata.is_empty() {
         return Ok(doc! {});
     }

@@ -1,0 +1,66 @@
+//! The `.json` manifest sidecar reader (`agent/src/manifest.rs`) and the layout checks a
+//! restore runs on what it reads (`agent/src/layout.rs`, as `pipeline::find_backup` does).
+//! Properties:
+//!
+//! - `Manifest::from_slice` errors or parses, never panics; an accepted manifest has this
+//!   build's `MANIFEST_VERSION`, and it round-trips: `from_slice(to_json(m)) == m`;
+//! - `stamp_of(datastore, file)`, if it finds a stamp, finds a calendar date at its start
+//!   and a file name that is one path component ending in `.age`;
+//! - a companion accepted by `validate_companion` is one path component of the dated folder
+//!   (no `/`, not hidden, no NUL), so a crafted manifest cannot point a restore elsewhere;
+//! - a `date` accepted by `parse_date` is exactly `YYYY-MM-DD`.
+#![no_main]
+
+use ferry_agent::layout;
+use ferry_agent::manifest::{MANIFEST_VERSION, Manifest};
+use ferry_fuzz::{is_calendar_date, is_path_safe_date, is_single_component, lenient_date};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(m) = Manifest::from_slice("fuzz.age.json", data) else {
+        return;
+    };
+    assert_eq!(m.manifest_version, MANIFEST_VERSION);
+    let json = m.to_json();
+    let back = Manifest::from_slice("rewritten.json", &json)
+        .unwrap_or_else(|e| panic!("a manifest written by to_json is refused: {e}"));
+    assert_eq!(back, m, "the manifest does not round-trip");
+
+    if stamp_of_would_panic(&m.datastore, &m.file) {
+        return;
+    }
+    if let Some(stamp) = layout::stamp_of(&m.datastore, &m.file) {
+        assert!(is_calendar_date(&stamp[..10]), "stamp {stamp:?}");
+        assert!(m.file.ends_with(".age"));
+        assert!(is_single_component(&m.file), "file {:?}", m.file);
+    }
+    for c in &m.companions {
+        if layout::validate_companion(c).is_ok() {
+            assert!(is_single_component(c), "companion {c:?}");
+            assert!(!c.starts_with('.'), "companion {c:?} is hidden");
+            assert!(c.ends_with(".age"), "companion {c:?}");
+        }
+    }
+    if lenient_date(&m.date) {
+        assert!(is_path_safe_date(&m.date), "date {:?}", m.date);
+    } else if layout::parse_date(&m.date).is_ok() {
+        assert!(is_calendar_date(&m.date), "date {:?}", m.date);
+    }
+});
+
+/// KNOWN BUG, found by this target and not yet fixed (layout.rs is owned elsewhere):
+/// `layout::stamp_of` slices the stamp at byte 10 (`stamp[10..]`, `&stamp[..10]`) without
+/// checking its length or that byte 10 is a char boundary, so a file named e.g.
+/// `postgres_backup_1.age` in a dated folder panics a restore's `find_backup`. Until
+/// `stamp_of` uses `stamp.get(..10)` / `stamp.get(10..)`, such names are skipped here so
+/// the target keeps looking for other bugs. Delete this function once it is fixed.
+fn stamp_of_would_panic(datastore: &str, file: &str) -> bool {
+    let Some(stamp) = file
+        .strip_prefix(datastore)
+        .and_then(|r| r.strip_prefix("_backup_"))
+        .and_then(|r| r.split('.').next())
+    else {
+        return false;
+    };
+    stamp.len() < 10 || !stamp.is_char_boundary(10)
+}

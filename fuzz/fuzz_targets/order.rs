@@ -1,0 +1,210 @@
+//! Order validation (`agent/src/jobs.rs`, `validate(settings, job_id, datastore, kind)`) with
+//! arbitrary strings, against a production and a staging agent built from `agent.toml` (see
+//! `ferry_fuzz::agents`), optionally with one more `files` datastore of an arbitrary name
+//! added to the config and built as the agent builds it. Properties:
+//!
+//! - the config build accepts the extra datastore exactly when its name is valid for the
+//!   layout and not taken;
+//! - the role decides first: an order outside the role is `PermissionDenied` whatever else
+//!   it holds, and one inside it never is;
+//! - an accepted order names a configured datastore whose name is 1 to 64 bytes, no `/`,
+//!   no NUL, no `..`, not hidden and one path component; a ULID job id; dates of exactly
+//!   `YYYY-MM-DD`; a backup type the datastore offers; namespaces `db.collection`.
+#![no_main]
+
+use arbitrary::Arbitrary;
+use ferry_agent::config::Settings;
+use ferry_agent::datastore::DatastoreConfig;
+use ferry_agent::datastore::files::{FilesConfig, Method};
+use ferry_agent::jobs::{OrderError, OrderKind, validate};
+use ferry_agent::layout::{self, MAX_NAME_LEN};
+use ferry_fuzz::{agents, is_calendar_date, is_path_safe_date, is_single_component, lenient_date};
+use libfuzzer_sys::fuzz_target;
+
+#[derive(Arbitrary, Debug)]
+enum JobId {
+    Ulid(u128),
+    Text(String),
+}
+
+#[derive(Arbitrary, Debug)]
+enum Name {
+    /// One of the agent's datastores, by index.
+    Configured(u8),
+    Text(String),
+}
+
+#[derive(Arbitrary, Debug)]
+enum Date {
+    /// Days from 0001-01-01.
+    Days(i32),
+    Text(String),
+}
+
+#[derive(Arbitrary, Debug)]
+enum Kind {
+    Backup {
+        backup_type: Option<String>,
+    },
+    Verify {
+        date: Option<Date>,
+    },
+    Restore {
+        date: Option<Date>,
+        namespaces: Vec<String>,
+    },
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    staging: bool,
+    /// A `files` datastore of this name added to the agent's config.
+    extra_datastore: Option<String>,
+    job_id: JobId,
+    datastore: Name,
+    kind: Kind,
+}
+
+fn date(d: Option<Date>) -> Option<String> {
+    d.map(|d| match d {
+        Date::Days(n) => chrono::NaiveDate::from_num_days_from_ce_opt(n)
+            .map(|d| d.format("%Y-%m-%d").to_string())
+            .unwrap_or_default(),
+        Date::Text(s) => s,
+    })
+}
+
+fn built_with(staging: bool, extra: &str) -> Option<Settings> {
+    let agents = agents();
+    let mut config = if staging {
+        agents.staging_config.clone()
+    } else {
+        agents.production_config.clone()
+    };
+    config.datastores.push(DatastoreConfig::Files(FilesConfig {
+        name: extra.to_owned(),
+        path: "/srv/extra".into(),
+        exclude: Vec::new(),
+        method: Method::Tar,
+    }));
+    let taken = config.datastores[..config.datastores.len() - 1]
+        .iter()
+        .any(|d| d.name() == extra);
+    let valid = layout::validate_name("datastore", extra).is_ok();
+    let built = config.build(&agents.config_path());
+    assert_eq!(
+        built.is_ok(),
+        valid && !taken,
+        "datastore name {extra:?}: build gave {:?}",
+        built.as_ref().err()
+    );
+    built.ok()
+}
+
+fuzz_target!(|input: Input| {
+    let agents = agents();
+    let extra = input
+        .extra_datastore
+        .as_deref()
+        .and_then(|name| built_with(input.staging, name));
+    let settings = match (&extra, input.staging) {
+        (Some(s), _) => s,
+        (None, true) => &agents.staging,
+        (None, false) => &agents.production,
+    };
+    let job_id = match input.job_id {
+        JobId::Ulid(n) => ulid::Ulid(n).to_string(),
+        JobId::Text(s) => s,
+    };
+    let datastore = match input.datastore {
+        Name::Configured(i) => {
+            let names: Vec<&String> = settings.datastores.keys().collect();
+            names[usize::from(i) % names.len()].clone()
+        }
+        Name::Text(s) => s,
+    };
+    let kind = match input.kind {
+        Kind::Backup { backup_type } => OrderKind::Backup { backup_type },
+        Kind::Verify { date: d } => OrderKind::Verify { date: date(d) },
+        Kind::Restore {
+            date: d,
+            namespaces,
+        } => OrderKind::Restore {
+            date: date(d),
+            namespaces,
+        },
+    };
+    let allowed = match kind {
+        OrderKind::Backup { .. } => settings.role.may_backup(),
+        OrderKind::Verify { .. } | OrderKind::Restore { .. } => settings.role.may_restore(),
+    };
+
+    let result = validate(settings, &job_id, &datastore, kind.clone());
+    let order = match result {
+        Err(OrderError::PermissionDenied(m)) => {
+            assert!(
+                !allowed,
+                "refused for its role though the role allows it: {m}"
+            );
+            return;
+        }
+        Err(e) => {
+            assert!(
+                allowed,
+                "an order outside the role was not PermissionDenied: {e}"
+            );
+            return;
+        }
+        Ok(order) => order,
+    };
+    assert!(allowed, "an order outside the role was accepted");
+    assert_eq!(order.kind, kind);
+    assert_eq!(order.job_id, job_id);
+    ulid::Ulid::from_string(&job_id).expect("accepted job id is a ULID");
+
+    let name = order.datastore.name();
+    assert_eq!(name, datastore);
+    assert!(settings.datastores.contains_key(name));
+    assert!(!name.is_empty() && name.len() <= MAX_NAME_LEN, "{name:?}");
+    assert!(!name.contains(['/', '\0']), "{name:?}");
+    assert!(
+        !name.contains("..") && !name.starts_with(['.', '-']),
+        "{name:?}"
+    );
+    assert!(is_single_component(name), "{name:?}");
+
+    match &order.kind {
+        OrderKind::Backup { backup_type } => {
+            if let Some(t) = backup_type {
+                let types = order
+                    .datastore
+                    .repository()
+                    .map(|r| r.backup_types())
+                    .unwrap_or(&[]);
+                assert!(types.contains(&t.as_str()), "backup type {t:?}");
+            }
+        }
+        OrderKind::Verify { date } => {
+            if let Some(d) = date {
+                assert!(
+                    is_calendar_date(d) || lenient_date(d) && is_path_safe_date(d),
+                    "accepted date {d:?}"
+                );
+            }
+        }
+        OrderKind::Restore { date, namespaces } => {
+            if let Some(d) = date {
+                assert!(
+                    is_calendar_date(d) || lenient_date(d) && is_path_safe_date(d),
+                    "accepted date {d:?}"
+                );
+            }
+            for ns in namespaces {
+                let (db, coll) = ns.split_once('.').expect("namespace has a dot");
+                assert!(!db.is_empty() && !coll.is_empty(), "{ns:?}");
+                assert!(ns.len() <= 255 && !ns.contains('\0'), "{ns:?}");
+                assert!(!db.contains(['/', '$', ' ']), "{ns:?}");
+            }
+        }
+    }
+});
