@@ -56,7 +56,14 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
 /// # Errors
 /// [`NameError::Date`] if it is not exactly that form or not a real date.
 pub fn parse_date(date: &str) -> Result<NaiveDate, NameError> {
-    if date.len() != 10 {
+    // Exactly `DDDD-DD-DD`: chrono alone also takes a space-padded `2026-02- 5` (found
+    // by the `manifest` fuzz target).
+    let shaped = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        });
+    if !shaped {
         return Err(NameError::Date(date.chars().take(32).collect()));
     }
     NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| NameError::Date(date.to_owned()))
@@ -135,9 +142,21 @@ pub fn candidate_stamps(at: DateTime<Utc>) -> [String; 3] {
 pub fn stamp_of<'a>(datastore: &str, file: &'a str) -> Option<&'a str> {
     let rest = file.strip_prefix(datastore)?.strip_prefix("_backup_")?;
     let stamp = rest.split('.').next()?;
-    let date_ok = stamp.len() >= 10 && parse_date(&stamp[..10]).is_ok();
-    let tail_ok = stamp.len() == 10 || stamp[10..].starts_with('T') && stamp.ends_with('Z');
-    (date_ok && tail_ok && rest.ends_with(".age")).then_some(stamp)
+    // `get`: byte 10 of a crafted name may fall inside a character (the `manifest` fuzz
+    // target found the panic of `stamp[..10]`).
+    let date_ok = stamp.get(..10).is_some_and(|d| parse_date(d).is_ok());
+    // `THHMMZ` or `THHMMSSZ` (see `stamps`), nothing else: the fuzzer found
+    // `2026-02-05T/315Z` accepted when any `T...Z` was.
+    let tail_ok = stamp.len() == 10
+        || stamp.get(10..).is_some_and(|t| {
+            let digits = t.len().saturating_sub(2);
+            t.starts_with('T')
+                && t.ends_with('Z')
+                && (digits == 4 || digits == 6)
+                && t[1..t.len() - 1].bytes().all(|b| b.is_ascii_digit())
+        });
+    let one_name = !file.contains(['/', '\\', '\0']);
+    (date_ok && tail_ok && one_name && rest.ends_with(".age")).then_some(stamp)
 }
 
 /// Checks a companion file name read from a manifest: a plain file name in the same
@@ -166,6 +185,39 @@ pub fn validate_companion(name: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_are_exactly_digits_and_dashes_and_stamps_never_panic() {
+        assert!(parse_date("2026-02-05").is_ok());
+        for bad in [
+            "2026-02- 5",
+            "2026-2-05 ",
+            "+026-02-05",
+            "2026-02-30",
+            "２０２６-02-05",
+        ] {
+            assert!(parse_date(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(stamp_of("pg", "pg_backup_2026-02-0é.pgdump.zst.age"), None);
+        assert_eq!(stamp_of("pg", "pg_backup_2026-02-05é.x.age"), None);
+        assert_eq!(
+            stamp_of("pg", "pg_backup_2026-02-05T/315Z.pgdump.zst.age"),
+            None
+        );
+        assert_eq!(
+            stamp_of("pg", "pg_backup_2026-02-05T13Z.pgdump.zst.age"),
+            None
+        );
+        assert_eq!(stamp_of("pg", "pg_backup_2026-02-05.pgdump/x.age"), None);
+        assert_eq!(
+            stamp_of("pg", "pg_backup_2026-02-05T131502Z.pgdump.zst.age"),
+            Some("2026-02-05T131502Z")
+        );
+        assert_eq!(
+            stamp_of("pg", "pg_backup_2026-02-05T1315Z.pgdump.zst.age"),
+            Some("2026-02-05T1315Z")
+        );
+    }
 
     #[test]
     fn names_that_escape_the_layout_are_refused() {

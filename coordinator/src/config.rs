@@ -299,7 +299,13 @@ pub fn check_name(what: &str, name: &str) -> Result<(), String> {
 /// # Errors
 /// A message with the value (cut to 32 characters).
 pub fn check_date(date: &str) -> Result<(), String> {
-    let ok = date.len() == 10 && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok();
+    // Digits and dashes only: chrono alone also takes a space-padded `2026-02- 5`.
+    let ok = date.len() == 10
+        && date.bytes().enumerate().all(|(i, b)| match i {
+            4 | 7 => b == b'-',
+            _ => b.is_ascii_digit(),
+        })
+        && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok();
     if ok {
         Ok(())
     } else {

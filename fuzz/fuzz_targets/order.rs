@@ -18,7 +18,7 @@ use ferry_agent::datastore::DatastoreConfig;
 use ferry_agent::datastore::files::{FilesConfig, Method};
 use ferry_agent::jobs::{OrderError, OrderKind, validate};
 use ferry_agent::layout::{self, MAX_NAME_LEN};
-use ferry_fuzz::{agents, is_calendar_date, is_path_safe_date, is_single_component, lenient_date};
+use ferry_fuzz::{agents, is_calendar_date, is_single_component};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -186,18 +186,12 @@ fuzz_target!(|input: Input| {
         }
         OrderKind::Verify { date } => {
             if let Some(d) = date {
-                assert!(
-                    is_calendar_date(d) || lenient_date(d) && is_path_safe_date(d),
-                    "accepted date {d:?}"
-                );
+                assert!(is_calendar_date(d), "accepted date {d:?}");
             }
         }
         OrderKind::Restore { date, namespaces } => {
             if let Some(d) = date {
-                assert!(
-                    is_calendar_date(d) || lenient_date(d) && is_path_safe_date(d),
-                    "accepted date {d:?}"
-                );
+                assert!(is_calendar_date(d), "accepted date {d:?}");
             }
             for ns in namespaces {
                 let (db, coll) = ns.split_once('.').expect("namespace has a dot");

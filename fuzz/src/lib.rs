@@ -4,8 +4,7 @@
 //!   target can assert that a reader never reserves what an untrusted length field claims.
 //! - [`agents`]: a production and a staging agent's runtime [`Settings`], built from a small
 //!   `agent.toml` the way `ferry-agent` builds them, with their key files in a temp dir.
-//! - [`is_calendar_date`] and [`is_single_component`]: the properties the layout promises;
-//!   [`lenient_date`]: a known bug of `layout::parse_date` the targets step around.
+//! - [`is_calendar_date`] and [`is_single_component`]: the properties the layout promises.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::{Component, Path, PathBuf};
@@ -199,20 +198,4 @@ pub fn is_single_component(name: &str) -> bool {
             Path::new(name).components().collect::<Vec<_>>().as_slice(),
             [Component::Normal(_)]
         )
-}
-
-/// KNOWN BUG, found by the `manifest` target and not yet fixed (layout.rs is owned
-/// elsewhere): `layout::parse_date` checks only the length and chrono's `%Y-%m-%d`, and
-/// chrono's numeric fields accept leading spaces (and `%Y` a sign), so `2026-02- 5` is
-/// accepted as a date. Whether `date` is such a date: 10 bytes that parse but are not
-/// exactly `YYYY-MM-DD`. For these the targets assert only that the text cannot name
-/// another path (no `/`, `\\`, `.` or NUL). Delete once `parse_date` also requires
-/// ASCII digits and dashes (or that the parsed date formats back to the same text).
-pub fn lenient_date(date: &str) -> bool {
-    ferry_agent::layout::parse_date(date).is_ok() && !is_calendar_date(date)
-}
-
-/// Whether `date`, whatever else it is, could not name another path.
-pub fn is_path_safe_date(date: &str) -> bool {
-    date.len() == 10 && !date.contains(['/', '\\', '.', '\0'])
 }
