@@ -123,6 +123,15 @@ pub struct AgentConfig {
     /// The datastores on this host.
     #[serde(default)]
     pub datastores: Vec<DatastoreConfig>,
+    /// At most this many jobs run at once (one per datastore in any case); orders beyond
+    /// it are accepted and wait their turn, reported at stage `waiting`. Bounds the SSH
+    /// sessions to the backup server and the load on this host. Default 4.
+    #[serde(default = "default_max_concurrent_jobs")]
+    pub max_concurrent_jobs: usize,
+}
+
+fn default_max_concurrent_jobs() -> usize {
+    4
 }
 
 /// A config that cannot be used. Each variant names the file and the field.
@@ -183,6 +192,8 @@ pub struct Settings {
     pub tls: TlsFiles,
     /// Certificate names whose orders are taken (`tls.allowed_clients`).
     pub allowed_clients: Vec<String>,
+    /// `max_concurrent_jobs`: jobs running at once.
+    pub max_concurrent_jobs: usize,
     /// Backup server connection.
     pub backup_server: SftpConfig,
     /// Key material for this role.
@@ -294,6 +305,12 @@ impl AgentConfig {
             .map_err(|(field, msg)| invalid(&format!("backup_server.{field}"), msg))?;
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key", e.to_string()))?;
+        if self.max_concurrent_jobs == 0 {
+            return Err(invalid(
+                "max_concurrent_jobs",
+                "must be at least 1 (the default is 4)".into(),
+            ));
+        }
         if self.tls.allowed_clients.is_empty() {
             return Err(invalid(
                 "tls.allowed_clients",
@@ -330,6 +347,7 @@ impl AgentConfig {
                 ca: self.tls.ca,
             },
             allowed_clients: self.tls.allowed_clients,
+            max_concurrent_jobs: self.max_concurrent_jobs,
             backup_server: self.backup_server,
             keys,
             source_environment,

@@ -228,16 +228,20 @@ pub struct JobRunner {
     settings: Arc<Settings>,
     running: Mutex<HashMap<String, (String, CancellationToken)>>,
     book: Mutex<Book>,
+    /// `max_concurrent_jobs` permits.
+    slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
 }
 
 impl JobRunner {
     /// A runner whose jobs are cancelled when `shutdown` is.
     pub fn new(settings: Arc<Settings>, shutdown: CancellationToken) -> Arc<Self> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_concurrent_jobs));
         Arc::new(Self {
             settings,
             running: Mutex::new(HashMap::new()),
             book: Mutex::new(Book::default()),
+            slots,
             shutdown,
         })
     }
@@ -290,6 +294,13 @@ impl JobRunner {
             let _ = tx.send(JobUpdate::Accepted { kind });
             tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
             let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
+            // Beyond max_concurrent_jobs, wait (progress says so, so the coordinator
+            // sees a live job); a cancel while waiting ends it.
+            progress.set_stage("waiting");
+            let _slot = tokio::select! {
+                permit = runner.slots.clone().acquire_owned() => permit.ok(),
+                _ = cancel.cancelled() => None,
+            };
             let result = match (order.kind, order.datastore.repository()) {
                 (OrderKind::Verify { .. }, Some(_)) => Err(JobError::InvalidArgument(format!(
                     "datastore {name:?} is a differential repository, not dated archives: \

@@ -58,7 +58,7 @@ pub struct Selection<'a> {
     pub backup_type: Option<&'a str>,
     /// Scheduled runs: the schedule's key ([`schedule_key`]) and the occurrence (UTC
     /// ms) the jobs run for; the jobs are stored only if the schedule has not run for
-    /// it yet ([`Store::claim_schedule_run`]).
+    /// it yet ([`Store::queue_jobs`]).
     pub occurrence: Option<(&'a str, i64)>,
 }
 
@@ -470,33 +470,36 @@ impl Coordinator {
                 error: None,
             })
             .collect();
+        let events: Vec<JobEventRecord> = jobs
+            .iter()
+            .map(|job| {
+                let message = format!(
+                    "Queued {} of {} on {} ({trigger}).",
+                    job.kind, job.datastore, job.agent
+                );
+                tracing::info!(job_id = %job.id, agent = %job.agent, datastore = %job.datastore, "{message}");
+                JobEventRecord {
+                    job_id: job.id.clone(),
+                    at_ms: created_ms,
+                    message,
+                }
+            })
+            .collect();
         let store = self.store.clone();
         let stored = jobs.clone();
         let occurrence = selection.occurrence.map(|(key, at)| (key.to_owned(), at));
-        let claimed = blocking(move || match occurrence {
-            Some((key, at)) => store.claim_schedule_run(&key, at, &stored),
-            None => stored
-                .iter()
-                .try_for_each(|j| store.put_job(j))
-                .map(|()| true),
+        let queued = blocking(move || {
+            let claim = occurrence.as_ref().map(|(k, at)| (k.as_str(), *at));
+            store.queue_jobs(&stored, &events, claim)
         })
         .await?;
-        if !claimed {
+        if !queued {
             tracing::info!(agent, schedule = ?selection.occurrence,
                 "Schedule already ran for this occurrence; not running it twice.");
             return Ok(Vec::new());
         }
-        let mut ids = Vec::new();
+        let ids = jobs.iter().map(|j| j.id.clone()).collect();
         for job in jobs {
-            self.event(
-                &job,
-                format!(
-                    "Queued {} of {} on {} ({trigger}).",
-                    job.kind, job.datastore, job.agent
-                ),
-            )
-            .await;
-            ids.push(job.id.clone());
             let this = self.clone();
             tokio::spawn(async move { this.run(job, None).await });
         }
@@ -873,7 +876,7 @@ impl Coordinator {
     }
 
     /// Runs the cron schedules until shutdown. Each run is claimed in the store with its
-    /// jobs ([`Store::claim_schedule_run`]), so a restart never doubles one; occurrences
+    /// jobs ([`Store::queue_jobs`]), so a restart never doubles one; occurrences
     /// missed while the coordinator was down are caught up by one run at start (the
     /// newest missed occurrence), as anacron does. A schedule that never ran starts from
     /// now.

@@ -141,18 +141,20 @@ pub trait Store: Send + Sync + 'static {
     /// # Errors
     /// [`StoreError`].
     fn schedule_mark(&self, key: &str) -> Result<Option<i64>, StoreError>;
-    /// Records that schedule `key` ran for `occurrence_ms` and stores `jobs`, in one
-    /// transaction: returns `false` and stores nothing if it already ran for this
-    /// occurrence or a later one. So a run is never doubled, and never marked done
-    /// without its jobs (a crash in between loses neither).
+    /// Stores new `jobs` with their first `events`, in one transaction (one commit for a
+    /// trigger of 1,000 datastores, not 2,000). With `claim = Some((key, occurrence_ms))`
+    /// it also records that schedule `key` ran for that occurrence, and returns `false`
+    /// storing nothing if it already ran for it or a later one: so a scheduled run is
+    /// never doubled, and never marked done without its jobs (a crash in between loses
+    /// neither).
     ///
     /// # Errors
     /// [`StoreError`].
-    fn claim_schedule_run(
+    fn queue_jobs(
         &self,
-        key: &str,
-        occurrence_ms: i64,
         jobs: &[Job],
+        events: &[JobEventRecord],
+        claim: Option<(&str, i64)>,
     ) -> Result<bool, StoreError>;
 }
 
@@ -308,6 +310,20 @@ fn backup_key(record: &BackupRecord) -> String {
     format!("{:020}\0{}", record.finished_ms.max(0), record.job_id)
 }
 
+fn append_event_in(tx: &redb::WriteTransaction, event: &JobEventRecord) -> Result<(), redb::Error> {
+    let value = serde_json::to_vec(event).expect("an event always serializes");
+    let mut t = tx.open_table(EVENTS)?;
+    let next = match t
+        .range((event.job_id.as_str(), 0)..=(event.job_id.as_str(), u64::MAX))?
+        .next_back()
+    {
+        Some(last) => last?.0.value().1 + 1,
+        None => 0,
+    };
+    t.insert((event.job_id.as_str(), next), value.as_slice())?;
+    Ok(())
+}
+
 fn put_job_in(tx: &redb::WriteTransaction, job: &Job) -> Result<(), redb::Error> {
     let value = serde_json::to_vec(job).expect("a job always serializes");
     tx.open_table(JOBS)?
@@ -347,24 +363,28 @@ impl Store for RedbStore {
         })
     }
 
-    fn claim_schedule_run(
+    fn queue_jobs(
         &self,
-        key: &str,
-        occurrence_ms: i64,
         jobs: &[Job],
+        events: &[JobEventRecord],
+        claim: Option<(&str, i64)>,
     ) -> Result<bool, StoreError> {
-        self.write("claim a schedule run", |tx| {
-            let mut runs = tx.open_table(SCHEDULE_RUNS)?;
-            if runs
-                .get(key)?
-                .is_some_and(|last| last.value() >= occurrence_ms)
-            {
-                return Ok(false);
+        self.write("queue jobs", |tx| {
+            if let Some((key, occurrence_ms)) = claim {
+                let mut runs = tx.open_table(SCHEDULE_RUNS)?;
+                if runs
+                    .get(key)?
+                    .is_some_and(|last| last.value() >= occurrence_ms)
+                {
+                    return Ok(false);
+                }
+                runs.insert(key, occurrence_ms)?;
             }
-            runs.insert(key, occurrence_ms)?;
-            drop(runs);
             for job in jobs {
                 put_job_in(tx, job)?;
+            }
+            for event in events {
+                append_event_in(tx, event)?;
             }
             Ok(true)
         })
@@ -404,19 +424,7 @@ impl Store for RedbStore {
     }
 
     fn append_event(&self, event: &JobEventRecord) -> Result<(), StoreError> {
-        let value = serde_json::to_vec(event).expect("an event always serializes");
-        self.write("append event", |tx| {
-            let mut t = tx.open_table(EVENTS)?;
-            let next = match t
-                .range((event.job_id.as_str(), 0)..=(event.job_id.as_str(), u64::MAX))?
-                .next_back()
-            {
-                Some(last) => last?.0.value().1 + 1,
-                None => 0,
-            };
-            t.insert((event.job_id.as_str(), next), value.as_slice())?;
-            Ok(())
-        })
+        self.write("append event", |tx| append_event_in(tx, event))
     }
 
     fn job_events(&self, job_id: &str) -> Result<Vec<JobEventRecord>, StoreError> {
