@@ -519,17 +519,21 @@ impl Drop for Deployment {
 ///
 /// `FERRY_AGENT_WRAPPER`, when set, is a command (split at spaces) run with the agent's
 /// command line as its arguments, e.g. `heaptrack` or `valgrind --tool=massif` to profile
-/// the agent in a test or benchmark.
+/// the agent in a test or benchmark. `FERRY_AGENT_BIN`, when set, is the agent binary to
+/// run instead of this workspace's (a benchmark's "before" build).
 pub fn spawn_agent(config: &Path, log: &Path) -> Proc {
     let wrapper = std::env::var("FERRY_AGENT_WRAPPER").unwrap_or_default();
+    let agent = std::env::var_os("FERRY_AGENT_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| bin("ferry-agent"));
     let mut words = wrapper.split_whitespace();
     let mut cmd = match words.next() {
         Some(program) => {
             let mut cmd = Command::new(program);
-            cmd.args(words).arg(bin("ferry-agent"));
+            cmd.args(words).arg(agent);
             cmd
         }
-        None => Command::new(bin("ferry-agent")),
+        None => Command::new(agent),
     };
     hermetic(&mut cmd)
         .arg("run")

@@ -343,6 +343,11 @@ impl Dumper for Etcd {
 }
 
 impl Restorer for Etcd {
+    /// The snapshot is written to a local file; `etcdctl snapshot restore` runs at commit.
+    fn stages_part(&self, _manifest: &Manifest) -> bool {
+        true
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,

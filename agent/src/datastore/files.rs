@@ -227,6 +227,11 @@ impl Dumper for Files {
 }
 
 impl Restorer for Files {
+    /// The tar stream is unpacked into a sibling of the target.
+    fn stages_part(&self, _manifest: &Manifest) -> bool {
+        true
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,

@@ -393,6 +393,12 @@ impl Dumper for Influx {
 }
 
 impl Restorer for Influx {
+    /// The portable backup is unpacked into a local directory; databases are restored
+    /// from it at commit.
+    fn stages_part(&self, _manifest: &Manifest) -> bool {
+        true
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,

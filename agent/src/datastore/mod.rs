@@ -186,6 +186,18 @@ pub trait Restorer: Send + Sync {
         namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>>;
 
+    /// Whether streaming the part that `manifest` describes leaves every live target as
+    /// it was until [`RestoreSession::commit`]: the part goes into a scratch database, a
+    /// sibling directory or a local file. Such a part is hashed while it streams and its
+    /// size and SHA-256 are checked against the manifest before commit, in one download;
+    /// any other part (SQL that a tool executes as it reads, for instance) is downloaded
+    /// and checked in a first pass before the restore begins. `false` by default, which
+    /// is always safe.
+    fn stages_part(&self, manifest: &Manifest) -> bool {
+        let _ = manifest;
+        false
+    }
+
     /// After a restore: the operator's smoke checks of the restored data (the `smoke`
     /// entries of the datastore's config), each a line like `SELECT count(*) FROM orders
     /// = 1000 (at least 1)`. None by default.

@@ -552,6 +552,12 @@ impl Dumper for Postgres {
 }
 
 impl Restorer for Postgres {
+    /// The pg_dump archive goes into a scratch database; the globals part is SQL that
+    /// psql executes against the live cluster as it reads, so it is checked first.
+    fn stages_part(&self, manifest: &Manifest) -> bool {
+        manifest.part == MAIN.name && manifest.format == MAIN.format
+    }
+
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let db = self.cfg.target_database.clone().unwrap_or_default();
@@ -614,6 +620,7 @@ impl Restorer for Postgres {
                 target,
                 expected,
                 created: false,
+                roles_applied: false,
             };
             let maint = session.maintenance().await?;
             maint
@@ -637,6 +644,9 @@ struct PgRestore {
     old: String,
     expected: DatabaseCounts,
     created: bool,
+    /// psql has been given the globals part: roles of the backup may now exist in the
+    /// live cluster, whatever becomes of the restore.
+    roles_applied: bool,
 }
 
 impl PgRestore {
@@ -829,13 +839,26 @@ impl PgRestore {
 }
 
 impl RestoreSession for PgRestore {
+    fn target_state(&self) -> Option<String> {
+        self.roles_applied.then(|| {
+            format!(
+                "database {:?} was left as it was, but the backup's roles (its globals part, \
+                 checked before it was applied) were created or altered in the cluster",
+                self.target
+            )
+        })
+    }
+
     fn part<'a>(
         &'a mut self,
         manifest: &'a Manifest,
     ) -> BoxFuture<'a, Result<PartSink, RestoreError>> {
         async move {
             match (manifest.part.as_str(), manifest.format.as_str()) {
-                ("globals", "sql") => self.restore_globals().await,
+                ("globals", "sql") => {
+                    self.roles_applied = true;
+                    self.restore_globals().await
+                }
                 ("", "pgdump") => self.restore_main().await,
                 (part, format) => Err(RestoreError::Manifest(format!(
                     "{}: unexpected part {part:?} of format {format:?} for PostgreSQL",

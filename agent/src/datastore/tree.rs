@@ -78,6 +78,9 @@ pub fn excludes(patterns: &[String]) -> Result<GlobSet, String> {
     b.build().map_err(|e| e.to_string())
 }
 
+/// The buffer between the tar crate and the pipe to or from the pipeline, bytes.
+const IO_BUFFER_BYTES: usize = 1 << 20;
+
 /// Reads exactly `remaining` bytes of a file that may change while it is read: stops at
 /// `remaining` if it grew, pads with zeros if it shrank, and says so in `changed`.
 struct Exactly {
@@ -114,7 +117,9 @@ impl Read for Exactly {
 /// fails (the reader went away).
 pub fn write_tar(root: &Path, exclude: &GlobSet, out: impl Write) -> io::Result<TreeCounts> {
     let mut counts = TreeCounts::default();
-    let mut builder = tar::Builder::new(out);
+    // The tar crate writes each header, file and padding with its own small write: one
+    // buffer in front of the pipe makes them a system call per MiB.
+    let mut builder = tar::Builder::new(io::BufWriter::with_capacity(IO_BUFFER_BYTES, out));
     builder.follow_symlinks(false);
     let walk = walkdir::WalkDir::new(root)
         .follow_links(false)
@@ -281,7 +286,8 @@ fn check_entry<R: Read>(entry: &tar::Entry<'_, R>, name: &Path, dir: &Path) -> i
 /// # Errors
 /// A malformed archive, a refused entry, or a file system error, naming the entry.
 pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
-    let mut archive = tar::Archive::new(input);
+    // Headers are read 512 bytes at a time: buffered, not a system call each.
+    let mut archive = tar::Archive::new(io::BufReader::with_capacity(IO_BUFFER_BYTES, input));
     archive.set_preserve_permissions(true);
     archive.set_preserve_mtime(true);
     archive.set_preserve_ownerships(is_root());

@@ -38,7 +38,7 @@ pub fn buffer() -> Vec<u8> {
 
 /// Gives back a buffer that is no longer needed, for [`buffer`] to hand out again. Kept
 /// only if its capacity is between 1 and 4 × [`CHUNK_BYTES`] and fewer than
-/// [`SPARE_BUFFERS`] are kept; otherwise freed.
+/// `SPARE_BUFFERS` are kept; otherwise freed.
 pub fn recycle(mut buf: Vec<u8>) {
     if !(CHUNK_BYTES..=4 * CHUNK_BYTES).contains(&buf.capacity()) {
         return;

@@ -27,7 +27,7 @@ fn workers() -> u32 {
 pub struct Compressor<W: Write>(zstd::stream::write::Encoder<'static, W>);
 
 impl<W: Write> Compressor<W> {
-    /// Wraps `inner` with a level-[`LEVEL`] multithreaded encoder ([`JOB_BYTES`] jobs) that
+    /// Wraps `inner` with a level-[`LEVEL`] multithreaded encoder (`JOB_BYTES` jobs, 1 MiB) that
     /// writes a content checksum, so `zstd -d` detects corruption on its own.
     ///
     /// # Errors

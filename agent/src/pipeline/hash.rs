@@ -41,20 +41,42 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// A reader that hashes and counts what is read from `inner`.
-pub struct HashingReader<R> {
+/// What a [`HashingReader`] and its [`DigestHandle`] share: the reader, the hash and the
+/// count of bytes read so far.
+struct Shared<R> {
     inner: R,
-    state: Arc<Mutex<(Sha256, u64)>>,
+    hasher: Sha256,
+    bytes: u64,
 }
 
-/// The digest of a [`HashingReader`] that was moved into a chain of readers.
-pub struct DigestHandle(Arc<Mutex<(Sha256, u64)>>);
+/// A reader that hashes and counts what is read from `inner`.
+pub struct HashingReader<R> {
+    state: Arc<Mutex<Shared<R>>>,
+}
 
-impl DigestHandle {
-    /// The lower-case hex SHA-256 and byte count of what was read so far.
+/// The digest of a [`HashingReader`] that was moved into another stage (a decryptor):
+/// its hash so far, or, after that stage failed half-way, the hash of the whole input
+/// ([`DigestHandle::drain`]).
+pub struct DigestHandle<R>(Arc<Mutex<Shared<R>>>);
+
+impl<R: Read> DigestHandle<R> {
+    /// The SHA-256 (lowercase hex) and byte count of what was read so far.
     pub fn finish(self) -> (String, u64) {
-        let state = self.0.lock().expect("digest lock");
-        (hex::encode(state.0.clone().finalize()), state.1)
+        let state = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        (hex::encode(state.hasher.clone().finalize()), state.bytes)
+    }
+
+    /// Reads the rest of the input, hashing it, then [`DigestHandle::finish`]: the
+    /// digest of the whole input even when the stage reading it stopped early.
+    ///
+    /// # Errors
+    /// Reading the rest of the input failed.
+    pub fn drain(self) -> io::Result<(String, u64)> {
+        let mut rest = HashingReader {
+            state: self.0.clone(),
+        };
+        io::copy(&mut rest, &mut io::sink())?;
+        Ok(self.finish())
     }
 }
 
@@ -62,36 +84,37 @@ impl<R: Read> HashingReader<R> {
     /// Wraps `inner`.
     pub fn new(inner: R) -> Self {
         Self {
-            inner,
-            state: Arc::new(Mutex::new((Sha256::new(), 0))),
+            state: Arc::new(Mutex::new(Shared {
+                inner,
+                hasher: Sha256::new(),
+                bytes: 0,
+            })),
         }
     }
 
-    /// Wraps `inner` and returns a handle that gives the digest after the reader has been
-    /// consumed by other stages (decryption, decompression).
-    pub fn shared(inner: R) -> (Self, DigestHandle) {
+    /// Wraps `inner`, with a handle that gives the digest once the reader has been
+    /// consumed by another stage.
+    pub fn shared(inner: R) -> (Self, DigestHandle<R>) {
         let r = Self::new(inner);
         let handle = DigestHandle(r.state.clone());
         (r, handle)
     }
 
-    /// Reads `inner` to its end, then returns the lower-case hex SHA-256 and byte count of
-    /// everything read through this reader.
+    /// Reads to the end and returns the SHA-256 (lowercase hex) and byte count.
     ///
     /// # Errors
-    /// From `inner`.
-    pub fn finish(mut self) -> io::Result<(String, u64)> {
-        io::copy(&mut self, &mut io::sink())?;
-        Ok(DigestHandle(self.state).finish())
+    /// Reading `inner` failed.
+    pub fn finish(self) -> io::Result<(String, u64)> {
+        DigestHandle(self.state).drain()
     }
 }
 
 impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        let mut state = self.state.lock().expect("digest lock");
-        state.0.update(&buf[..n]);
-        state.1 += n as u64;
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let n = state.inner.read(buf)?;
+        state.hasher.update(&buf[..n]);
+        state.bytes += n as u64;
         Ok(n)
     }
 }
@@ -112,5 +135,11 @@ mod tests {
         assert_eq!(n, 3);
         let r = HashingReader::new(&b"abc"[..]);
         assert_eq!(r.finish().unwrap().0, hex);
+        // A stage that stops after one byte: the handle still hashes the whole input.
+        let (mut r, digest) = HashingReader::shared(&b"abc"[..]);
+        let mut one = [0u8; 1];
+        r.read_exact(&mut one).unwrap();
+        drop(r);
+        assert_eq!(digest.drain().unwrap(), (hex, 3));
     }
 }

@@ -6,12 +6,14 @@
 //!   dump tool. Every part is written as a hidden partial; all are renamed into place
 //!   only after every part dumped and uploaded completely, then the manifests are
 //!   written, the main part's last (it marks the backup complete).
-//! - restore: find the newest complete backup (or a date's), check every file's size and
-//!   SHA-256 against its manifest (a first pass that reads and hashes only), then stream
-//!   `download → hash → decrypt → decompress → restore tool`, hash checked again at the
-//!   end, and only then let the datastore commit (swap into place).
+//! - restore: find the newest complete backup (or a date's); check the size and SHA-256
+//!   of each part that a tool applies to live data as it reads (PostgreSQL's roles) in a
+//!   first pass that reads and hashes only; then stream every part `download → hash →
+//!   decrypt → decompress → restore tool` into the datastore's session, which stages it
+//!   beside the target ([`crate::datastore::Restorer::stages_part`]); check each part's
+//!   hash at its end, and only then let the datastore commit (swap into place).
 //!
-//! The pipeline never names a datastore: it sees [`Dumper`], [`Restorer`] and bytes.
+//! The pipeline never names a datastore: it sees [`Dumper`], [`Restorer`](crate::datastore::Restorer) and bytes.
 
 use std::io;
 use std::sync::Arc;
@@ -130,6 +132,30 @@ pub struct JobReport {
     /// Restores and verifies: when the backup they read finished (UTC ms), so the
     /// coordinator can tell the age of the restored data (the recovery point).
     pub data_finished_ms: Option<i64>,
+}
+
+/// Bytes moved at a time between the stages of one thread: std's `io::copy` moves 8 KiB,
+/// a system call per 8 KiB from a dump tool's pipe or into a restore tool's.
+const COPY_BUFFER_BYTES: usize = 256 * 1024;
+
+/// Copies `reader` to `writer` to the end, [`COPY_BUFFER_BYTES`] at a time; the bytes
+/// copied.
+///
+/// # Errors
+/// Reading or writing failed (an interrupted call is retried).
+fn copy(reader: &mut impl io::Read, writer: &mut impl io::Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; COPY_BUFFER_BYTES];
+    let mut total = 0u64;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 fn join_error(e: tokio::task::JoinError) -> JobError {
@@ -369,7 +395,7 @@ async fn backup_part(
             let hashed = hash::HashingWriter::new(sink);
             let encrypted = enc.wrap(hashed)?;
             let mut compressed = compress::Compressor::new(encrypted)?;
-            io::copy(&mut source, &mut compressed)?;
+            copy(&mut source, &mut compressed)?;
             let encrypted = compressed.finish()?;
             let hashed = encrypted.finish()?;
             let (sink, sha256, stored) = hashed.finish();
@@ -695,10 +721,16 @@ pub async fn restore(
 ) -> Result<JobReport, JobError> {
     let (environment, found) = locate(&settings, &datastore, date, &progress, "restore").await?;
 
-    // First pass: every file is whole and is the one its manifest describes, before
-    // anything is touched.
+    // First pass, for the parts that a tool applies to live data as it reads them: each
+    // file is whole and is the one its manifest describes before anything is touched.
+    // Parts that the datastore stages beside the target are checked as they stream,
+    // before commit (one download instead of two).
     progress.set_stage("verify");
+    let restorer = datastore.restorer()?;
     for (path, manifest) in &found.files {
+        if restorer.stages_part(manifest) {
+            continue;
+        }
         progress.reset();
         let (sha256, size) = with_download(&settings, path, &progress, |r| {
             hash::HashingReader::new(r).finish()
@@ -749,6 +781,12 @@ pub async fn restore(
             source,
             target_state: session.target_state().unwrap_or(target_state),
         }),
+        // A part that did not match its manifest: nothing of it was put in place, but an
+        // earlier, checked part may have been (PostgreSQL's roles).
+        Err(JobError::Integrity(text)) => Err(JobError::Integrity(match session.target_state() {
+            Some(state) => format!("{text}; {state}"),
+            None => text,
+        })),
         Err(e) => Err(e),
     };
     // The drill's own checks, once the restored data is in place.
@@ -809,29 +847,38 @@ async fn restore_files(
             })?;
         let settings2 = settings.clone();
         let mut writer = sink.writer;
-        let streamed = with_download(
-            settings,
-            path,
-            progress,
-            move |reader| -> io::Result<(String, u64)> {
-                let Keys::Decrypt(dec) = &settings2.keys else {
-                    return Err(io::Error::other("no identity"));
-                };
-                let (hashed, digest) = hash::HashingReader::shared(reader);
+        let streamed = with_download(settings, path, progress, move |reader| {
+            let Keys::Decrypt(dec) = &settings2.keys else {
+                return (Err(io::Error::other("no identity")), None);
+            };
+            let (hashed, digest) = hash::HashingReader::shared(reader);
+            let result = (|| -> io::Result<()> {
                 let decrypted = dec.wrap(hashed)?;
                 let mut plain = compress::decompressor(decrypted)?;
-                let copied = io::copy(&mut plain, &mut writer);
+                let copied = copy(&mut plain, &mut writer);
                 drop(writer);
                 copied?;
                 // Read to the very end: age authenticates the last chunk there.
                 io::copy(&mut plain, &mut io::sink())?;
-                drop(plain);
-                Ok(digest.finish())
-            },
-        )
+                Ok(())
+            })();
+            // After a failure half-way (a chunk that does not authenticate, a tool that
+            // stopped reading), the rest is still hashed: the digest tells an altered file
+            // from a tool's error.
+            (result, digest.drain().ok())
+        })
         .await?;
         let tool = sink.finish.await;
-        let (sha256, size) = match (streamed, tool) {
+        let (streamed, digest) = streamed;
+        match digest {
+            Some((sha256, size)) => check_digest(path, manifest, &sha256, size)?,
+            None => {
+                return Err(JobError::Integrity(format!(
+                    "{path} could not be read to its end to check its SHA-256; nothing was put in place"
+                )));
+            }
+        }
+        match (streamed, tool) {
             (_, Err(source)) => {
                 return Err(JobError::Restore {
                     datastore: manifest.datastore.clone(),
@@ -844,9 +891,8 @@ async fn restore_files(
                     "{path} could not be decrypted and decompressed to its end: {e}; nothing was put in place"
                 )));
             }
-            (Ok(v), Ok(())) => v,
-        };
-        check_digest(path, manifest, &sha256, size)?;
+            (Ok(()), Ok(())) => {}
+        }
     }
     Ok(())
 }

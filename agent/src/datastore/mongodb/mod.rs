@@ -563,6 +563,11 @@ impl Dumper for Mongo {
 }
 
 impl Restorer for Mongo {
+    /// The archive goes into scratch databases beside the targets.
+    fn stages_part(&self, _manifest: &Manifest) -> bool {
+        true
+    }
+
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let client = self.client().await.map_err(RestoreError::Target)?;
