@@ -107,6 +107,17 @@ pub fn io_write_bytes(pid: u32) -> anyhow::Result<u64> {
         .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/io has no write_bytes line"))
 }
 
+/// Lets the machine settle before a timed step: `sync`, so that the writeback of what an
+/// earlier step wrote (a restored tree, a scratch database) is not charged to this one.
+///
+/// # Errors
+/// `sync` cannot be run.
+pub fn settle() -> anyhow::Result<()> {
+    let status = std::process::Command::new("sync").status()?;
+    anyhow::ensure!(status.success(), "sync failed: {status}");
+    Ok(())
+}
+
 /// One timed run of a shell pipeline ([`run_pipeline`]).
 #[derive(Clone, Copy, Debug)]
 pub struct PipelineRun {
@@ -199,6 +210,11 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// Records one timed Ferry job.
+    pub fn add_ferry(&mut self, run: FerryRun) {
+        self.add(run.seconds, run.peak_rss_bytes, run.disk_written_bytes);
+    }
+
     /// Records one run.
     pub fn add(&mut self, seconds: f64, rss_bytes: u64, disk_bytes: u64) {
         self.seconds.push(seconds);
@@ -229,6 +245,46 @@ impl Figures {
     pub fn disk(&self) -> f64 {
         median(&self.disk_bytes)
     }
+}
+
+/// One timed Ferry job ([`time_ferry`]): wall seconds of the CLI run, the agent's peak
+/// RSS and the bytes it (and its reaped children) wrote to local storage.
+#[derive(Clone, Copy, Debug)]
+pub struct FerryRun {
+    /// Wall time of `ferry ... --wait`, seconds.
+    pub seconds: f64,
+    /// The agent's peak RSS (`VmHWM`), bytes.
+    pub peak_rss_bytes: u64,
+    /// The agent's `write_bytes` over the run.
+    pub disk_written_bytes: u64,
+}
+
+/// Restarts `agent` (`agent-prod` or `agent-stage`) of `d` as `build` (`None`: this
+/// workspace's binary; else another build, e.g. the one before a change), lets the machine
+/// [`settle`], then times `ferry ARGS` (which should `--wait`).
+///
+/// # Errors
+/// The CLI failed, or the agent's `/proc` files cannot be read.
+pub fn time_ferry(
+    d: &mut ferry_tests::Deployment,
+    agent: &'static str,
+    build: Option<&std::path::Path>,
+    args: &[&str],
+) -> anyhow::Result<FerryRun> {
+    d.agent_bin = build.map(std::path::Path::to_owned);
+    d.start_agent(agent);
+    d.agent_bin = None;
+    let pid = d.procs[agent].pid();
+    let io0 = io_write_bytes(pid)?;
+    settle()?;
+    let started = std::time::Instant::now();
+    ferry_ok(d, args)?;
+    let seconds = started.elapsed().as_secs_f64();
+    Ok(FerryRun {
+        seconds,
+        peak_rss_bytes: peak_rss_bytes(pid)?,
+        disk_written_bytes: io_write_bytes(pid)? - io0,
+    })
 }
 
 /// Runs the `ferry` CLI of deployment `d` with `args`.

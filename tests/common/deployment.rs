@@ -147,6 +147,9 @@ pub struct Deployment {
     pub stage_port: u16,
     /// Coordinator's port.
     pub coordinator_port: u16,
+    /// The agent binary that [`Deployment::start_agent`] runs; `None`: this workspace's
+    /// `ferry-agent`. A benchmark sets it to measure another build in the same run.
+    pub agent_bin: Option<PathBuf>,
     /// The test's directory, removed on drop (last).
     pub dir: TempDir,
 }
@@ -280,6 +283,7 @@ impl Deployment {
             prod_port,
             stage_port,
             coordinator_port,
+            agent_bin: None,
             dir,
         };
         if let Some(tweak) = opts.tweak {
@@ -315,7 +319,11 @@ impl Deployment {
             "agent-stage" => &self.stage_config,
             other => panic!("no agent {other:?}: agent-prod or agent-stage"),
         };
-        spawn_agent(config, &self.dir.path().join(format!("{which}.log")))
+        spawn_agent_bin(
+            config,
+            &self.dir.path().join(format!("{which}.log")),
+            self.agent_bin.as_deref(),
+        )
     }
 
     fn wait_ready(&mut self, which: &'static str) {
@@ -519,13 +527,16 @@ impl Drop for Deployment {
 ///
 /// `FERRY_AGENT_WRAPPER`, when set, is a command (split at spaces) run with the agent's
 /// command line as its arguments, e.g. `heaptrack` or `valgrind --tool=massif` to profile
-/// the agent in a test or benchmark. `FERRY_AGENT_BIN`, when set, is the agent binary to
-/// run instead of this workspace's (a benchmark's "before" build).
+/// the agent in a test or benchmark.
 pub fn spawn_agent(config: &Path, log: &Path) -> Proc {
+    spawn_agent_bin(config, log, None)
+}
+
+/// [`spawn_agent`] with `agent` instead of this workspace's `ferry-agent` if given (a
+/// benchmark's other build).
+pub fn spawn_agent_bin(config: &Path, log: &Path, agent: Option<&Path>) -> Proc {
     let wrapper = std::env::var("FERRY_AGENT_WRAPPER").unwrap_or_default();
-    let agent = std::env::var_os("FERRY_AGENT_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| bin("ferry-agent"));
+    let agent = agent.map_or_else(|| bin("ferry-agent"), Path::to_owned);
     let mut words = wrapper.split_whitespace();
     let mut cmd = match words.next() {
         Some(program) => {

@@ -21,8 +21,8 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use ferry_bench::{
-    Figures, Xorshift, ferry_ok, io_write_bytes, mb, mib, newest_archive, peak_rss_bytes, ratio,
-    run_pipeline, ssh_command,
+    Figures, Xorshift, mb, mib, newest_archive, ratio, run_pipeline, settle, ssh_command,
+    time_ferry,
 };
 use ferry_tests::*;
 
@@ -41,6 +41,10 @@ struct Args {
     /// Runs of each method; the figures are medians over them.
     #[arg(long, default_value_t = 3)]
     runs: usize,
+    /// Another build of `ferry-agent` (for instance the one before a change), measured
+    /// beside this workspace's in the same run, as the rows "Ferry (before)".
+    #[arg(long)]
+    before_agent: Option<std::path::PathBuf>,
 }
 
 const WORDS: [&str; 16] = [
@@ -110,6 +114,11 @@ fn large_tree(root: &Path, n: u64, each_mib: u64) -> anyhow::Result<u64> {
     Ok((n * each_mib) << 20)
 }
 
+/// The label of Ferry's row `k`: 3 is the `--before-agent` build.
+fn before(k: usize) -> &'static str {
+    if k == 3 { " (before)" } else { "" }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut trees = None;
@@ -175,24 +184,32 @@ fn main() -> anyhow::Result<()> {
             "tar -C {} -cf - . | cat > /dev/null",
             src.display()
         ))?;
-        let mut backup: [Figures; 3] = Default::default();
-        let mut restore: [Figures; 3] = Default::default();
+        // [Ferry, pipeline, floor, Ferry before (if --before-agent)]
+        let mut backup: [Figures; 4] = Default::default();
+        let mut restore: [Figures; 4] = Default::default();
         let mut tar_bytes = 0;
         let remote = remote_dir.join(format!("{name}.tar.zst.age"));
+        let agents: Vec<(usize, Option<std::path::PathBuf>)> = std::iter::once((0, None))
+            .chain(args.before_agent.clone().map(|b| (3, Some(b))))
+            .collect();
         for run in 1..=args.runs {
-            d.start_agent("agent-prod");
-            let pid = d.procs["agent-prod"].pid();
-            let io0 = io_write_bytes(pid)?;
-            let t = Instant::now();
-            ferry_ok(&d, &["backup", "pg-prod", name, "--wait"])?;
-            let s = t.elapsed().as_secs_f64();
-            backup[0].add(s, peak_rss_bytes(pid)?, io_write_bytes(pid)? - io0);
-            let (path, manifest) = newest_archive(&d, name)?;
-            backup[0].stored = fs::metadata(&path)?.len();
-            tar_bytes = manifest["bytes_uncompressed"].as_u64().unwrap_or(0);
-            eprintln!("{name} run {run} ferry backup: {s:.1} s");
+            for (k, agent) in &agents {
+                let r = time_ferry(
+                    &mut d,
+                    "agent-prod",
+                    agent.as_deref(),
+                    &["backup", "pg-prod", name, "--wait"],
+                )?;
+                let s = r.seconds;
+                backup[*k].add_ferry(r);
+                let (path, manifest) = newest_archive(&d, name)?;
+                backup[*k].stored = fs::metadata(&path)?.len();
+                tar_bytes = manifest["bytes_uncompressed"].as_u64().unwrap_or(0);
+                eprintln!("{name} run {run} ferry backup{}: {s:.1} s", before(*k));
+            }
 
             let _ = fs::remove_file(&remote);
+            settle()?;
             let b = run_pipeline(&format!(
                 "tar -C {} -cf - . | zstd -q -T0 | age -r {recipient} | {}",
                 src.display(),
@@ -200,6 +217,7 @@ fn main() -> anyhow::Result<()> {
             ))?;
             backup[1].add(b.seconds, b.peak_rss_bytes, b.disk_written_bytes);
             backup[1].stored = fs::metadata(&remote)?.len();
+            settle()?;
             let c = run_pipeline(&format!(
                 "tar -C {} -cf - . | cat > /dev/null",
                 src.display()
@@ -210,17 +228,23 @@ fn main() -> anyhow::Result<()> {
                 b.seconds, c.seconds
             );
 
-            d.start_agent("agent-stage");
-            let pid = d.procs["agent-stage"].pid();
-            let io0 = io_write_bytes(pid)?;
-            let t = Instant::now();
-            ferry_ok(&d, &["restore", "pg-stage", "--datastore", name, "--wait"])?;
-            let s = t.elapsed().as_secs_f64();
-            // The restored tree is the agent's output: its writes are expected here.
-            restore[0].add(s, peak_rss_bytes(pid)?, io_write_bytes(pid)? - io0);
+            let mut ferry_restore = Vec::new();
+            for (k, agent) in &agents {
+                // The restored tree is the agent's output: its writes are expected here.
+                let r = time_ferry(
+                    &mut d,
+                    "agent-stage",
+                    agent.as_deref(),
+                    &["restore", "pg-stage", "--datastore", name, "--wait"],
+                )?;
+                let s = r.seconds;
+                restore[*k].add_ferry(r);
+                ferry_restore.push(format!("{s:.1} s{}", before(*k)));
+            }
 
             let out = stage.join(format!("{name}-pipeline"));
             fs::create_dir_all(&out)?;
+            settle()?;
             let r = run_pipeline(&format!(
                 "{} | age -d -i {} | zstd -q -d | tar -C {} -xf -",
                 ssh_stage.replace("REMOTE", &format!("cat {}", remote.display())),
@@ -236,13 +260,16 @@ fn main() -> anyhow::Result<()> {
                 local.display()
             ))?;
             fs::create_dir_all(&out)?;
+            settle()?;
             let f = run_pipeline(&format!("tar -C {} -xf {}", out.display(), local.display()))?;
             restore[2].add(f.seconds, f.peak_rss_bytes, f.disk_written_bytes);
             fs::remove_dir_all(&out)?;
             fs::remove_file(&local)?;
             eprintln!(
-                "{name} run {run} restore: ferry {s:.1} s, pipeline {:.1} s, floor {:.1} s",
-                r.seconds, f.seconds
+                "{name} run {run} restore: ferry {}, pipeline {:.1} s, floor {:.1} s",
+                ferry_restore.join(", "),
+                r.seconds,
+                f.seconds
             );
         }
         report.push((name, files, bytes, tar_bytes, backup, restore));
@@ -265,7 +292,7 @@ fn main() -> anyhow::Result<()> {
             "| {name} | wall s | MB/s | files/s | vs pipeline | vs floor | stored MiB | peak RSS MiB | local disk written |"
         );
         println!("|---|---|---|---|---|---|---|---|---|");
-        let rows: [(&str, &Figures, &Figures, &Figures); 6] = [
+        let mut rows: Vec<(&str, &Figures, &Figures, &Figures)> = vec![
             ("backup: Ferry", &backup[0], &backup[1], &backup[2]),
             (
                 "backup: tar \\| zstd -T0 \\| age \\| ssh",
@@ -293,6 +320,18 @@ fn main() -> anyhow::Result<()> {
                 &restore[2],
             ),
         ];
+        if args.before_agent.is_some() {
+            rows.insert(
+                3,
+                ("backup: Ferry (before)", &backup[3], &backup[1], &backup[2]),
+            );
+            rows.push((
+                "restore: Ferry (before)",
+                &restore[3],
+                &restore[1],
+                &restore[2],
+            ));
+        }
         for (label, f, base, floor) in rows.iter() {
             let s = f.s();
             println!(

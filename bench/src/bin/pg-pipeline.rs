@@ -27,8 +27,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Parser;
 use ferry_bench::{
-    Figures, ferry_ok, io_write_bytes, mb, mib, newest_archive, peak_rss_bytes, ratio,
-    run_pipeline, ssh_command,
+    Figures, mb, mib, newest_archive, ratio, run_pipeline, settle, ssh_command, time_ferry,
 };
 use ferry_tests::*;
 
@@ -44,6 +43,10 @@ struct Args {
     /// Skip the restores.
     #[arg(long)]
     no_restore: bool,
+    /// Another build of `ferry-agent` (for instance the one before a change), measured
+    /// beside this workspace's in the same run, as the row "Ferry (before)".
+    #[arg(long)]
+    before_agent: Option<std::path::PathBuf>,
 }
 
 /// Rows of `orders` per GiB of `pg_dump -Z0` output (measured: about 268 bytes a row).
@@ -158,24 +161,35 @@ fn main() -> anyhow::Result<()> {
     let mut backup: Vec<Figures> = methods.iter().map(|_| Figures::default()).collect();
     let a_file = |run: usize| remote_dir.join(format!("a{run}.pgdump.gz.enc"));
     let b_file = |run: usize| remote_dir.join(format!("b{run}.pgdump.zst.age"));
+    // Ferry's rows: this build, then the one of --before-agent if given.
+    let agents: Vec<Option<std::path::PathBuf>> = std::iter::once(None)
+        .chain(args.before_agent.clone().map(Some))
+        .collect();
+    let mut ferry_backup: Vec<Figures> = agents.iter().map(|_| Figures::default()).collect();
     for run in 1..=args.runs {
-        // Ferry, with a fresh agent.
-        d.start_agent("agent-prod");
-        let pid = d.procs["agent-prod"].pid();
-        let io0 = io_write_bytes(pid)?;
-        let started = Instant::now();
-        ferry_ok(&d, &["backup", "pg-prod", "--wait"])?;
-        let s = started.elapsed().as_secs_f64();
-        let (path, manifest) = newest_archive(&d, "postgres")?;
-        backup[0].add(s, peak_rss_bytes(pid)?, io_write_bytes(pid)? - io0);
-        backup[0].stored = size_of(&path)?;
-        let plain = manifest["bytes_uncompressed"].as_u64().unwrap_or(0);
-        eprintln!(
-            "run {run} ferry: {s:.1} s, {:.1} MiB stored of {:.1} MiB",
-            mib(backup[0].stored),
-            mib(plain)
-        );
+        for (k, agent) in agents.iter().enumerate() {
+            // Ferry, with a fresh agent.
+            let r = time_ferry(
+                &mut d,
+                "agent-prod",
+                agent.as_deref(),
+                &["backup", "pg-prod", "--wait"],
+            )?;
+            let s = r.seconds;
+            let (path, manifest) = newest_archive(&d, "postgres")?;
+            let f = &mut ferry_backup[k];
+            f.add_ferry(r);
+            f.stored = size_of(&path)?;
+            let plain = manifest["bytes_uncompressed"].as_u64().unwrap_or(0);
+            eprintln!(
+                "run {run} ferry{}: {s:.1} s, {:.1} MiB stored of {:.1} MiB",
+                if k == 0 { "" } else { " (before)" },
+                mib(f.stored),
+                mib(plain)
+            );
+        }
 
+        settle()?;
         let a = run_pipeline(&format!(
             "{} {conn} -Fc app | gzip | openssl enc -aes-256-cbc -pbkdf2 -pass file:{} | {}",
             pg("pg_dump"),
@@ -186,6 +200,7 @@ fn main() -> anyhow::Result<()> {
         backup[1].stored = size_of(&a_file(run))?;
         eprintln!("run {run} (a): {:.1} s", a.seconds);
 
+        settle()?;
         let b = run_pipeline(&format!(
             "{} {conn} -Fc -Z0 app | zstd -q -T0 | age -r {recipient} | {}",
             pg("pg_dump"),
@@ -195,6 +210,7 @@ fn main() -> anyhow::Result<()> {
         backup[2].stored = size_of(&b_file(run))?;
         eprintln!("run {run} (b): {:.1} s", b.seconds);
 
+        settle()?;
         let c = run_pipeline(&format!("{} {conn} -Fc -Z0 app > /dev/null", pg("pg_dump")))?;
         backup[3].add(c.seconds, c.peak_rss_bytes, c.disk_written_bytes);
         eprintln!("run {run} (c): {:.1} s", c.seconds);
@@ -205,19 +221,30 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // Rows: Ferry, (a), (b), (c), then Ferry (before) if measured.
+    let mut ferry_backup = ferry_backup.into_iter();
+    backup[0] = ferry_backup.next().expect("this build was measured");
+    backup.extend(ferry_backup);
+
     let mut restore: Vec<Figures> = methods.iter().map(|_| Figures::default()).collect();
+    let mut ferry_restore: Vec<Figures> = agents.iter().map(|_| Figures::default()).collect();
     if !args.no_restore {
         let identity = d.identity.clone();
         for run in 1..=args.runs {
-            d.start_agent("agent-stage");
-            let pid = d.procs["agent-stage"].pid();
-            let io0 = io_write_bytes(pid)?;
-            let started = Instant::now();
-            ferry_ok(&d, &["restore", "pg-stage", "--wait"])?;
-            let s = started.elapsed().as_secs_f64();
-            restore[0].add(s, peak_rss_bytes(pid)?, io_write_bytes(pid)? - io0);
-            eprintln!("run {run} ferry restore: {s:.1} s");
-
+            for (k, agent) in agents.iter().enumerate() {
+                let r = time_ferry(
+                    &mut d,
+                    "agent-stage",
+                    agent.as_deref(),
+                    &["restore", "pg-stage", "--wait"],
+                )?;
+                let s = r.seconds;
+                ferry_restore[k].add_ferry(r);
+                eprintln!(
+                    "run {run} ferry{} restore: {s:.1} s",
+                    if k == 0 { "" } else { " (before)" }
+                );
+            }
             let reverse = [
                 format!(
                     "{} | openssl enc -d -aes-256-cbc -pbkdf2 -pass file:{} | gunzip",
@@ -241,6 +268,7 @@ fn main() -> anyhow::Result<()> {
             ];
             for (i, script) in scripts.iter().enumerate() {
                 d.stage_pg.psql("postgres", "CREATE DATABASE bench_restore");
+                settle()?;
                 let r = run_pipeline(script)?;
                 d.stage_pg.psql("postgres", "DROP DATABASE bench_restore");
                 restore[i + 1].add(r.seconds, r.peak_rss_bytes, r.disk_written_bytes);
@@ -248,6 +276,10 @@ fn main() -> anyhow::Result<()> {
             }
         }
     }
+
+    let mut ferry_restore = ferry_restore.into_iter();
+    restore[0] = ferry_restore.next().expect("this build was measured");
+    restore.extend(ferry_restore);
 
     let runs = args.runs;
     println!();
@@ -263,6 +295,7 @@ fn main() -> anyhow::Result<()> {
             "(a) pg_dump -Fc \\| gzip \\| openssl enc \\| ssh",
             "(b) pg_dump -Z0 \\| zstd -T0 \\| age \\| ssh",
             "(c) floor: pg_dump -Z0 > /dev/null",
+            "Ferry (before: --before-agent)",
         ],
         &backup,
         dump_bytes,
@@ -271,10 +304,11 @@ fn main() -> anyhow::Result<()> {
         print_table(
             "| restore | wall s | MB/s of dump | vs reverse (a) | vs reverse (b) | vs floor | stored MiB | peak RSS MiB | local disk written |",
             &[
-                "Ferry (staging agent: verify pass, pg_restore into scratch db, swap)",
+                "Ferry (staging agent: roles checked, then pg_restore into a scratch db, hash, counts, swap)",
                 "reverse (a): ssh cat \\| openssl enc -d \\| gunzip \\| pg_restore",
                 "reverse (b): ssh cat \\| age -d \\| zstd -d \\| pg_restore",
                 "floor: pg_restore of a local -Z0 file",
+                "Ferry (before: --before-agent)",
             ],
             &restore,
             dump_bytes,
@@ -288,9 +322,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints one markdown table: a row per method (Ferry, (a), (b), the floor), each with its
-/// ratios to (a), (b) and the floor.
-fn print_table(header: &str, names: &[&str; 4], figures: &[Figures], dump_bytes: u64) {
+/// Prints one markdown table: a row per method (Ferry, (a), (b), the floor, and Ferry
+/// before if measured), each with its ratios to (a), (b) and the floor.
+fn print_table(header: &str, names: &[&str; 5], figures: &[Figures], dump_bytes: u64) {
     println!();
     println!("{header}");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -309,7 +343,7 @@ fn print_table(header: &str, names: &[&str; 4], figures: &[Figures], dump_bytes:
                 format!("{:.1}", mib(f.stored))
             },
             f.rss(),
-            if i == 0 {
+            if i == 0 || i == 4 {
                 " (agent)"
             } else {
                 " (largest process)"
