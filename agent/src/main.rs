@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 /// glibc's malloc, whose per-thread arenas (zstd workers, tokio's workers and blocking
 /// threads, the SFTP thread) keep freed memory that the other threads cannot reuse.
 /// Measured with `bench/` `mongo-dump` (1 GiB): see `bench/README.md`.
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
