@@ -7,7 +7,10 @@
 //! - [`role`]: the domain [`Role`] and its conversions from and to the wire enum.
 //! - [`tls`]: mutual-TLS setup shared by agent and coordinator (fleet CA, client
 //!   certificates required, the rustls crypto provider installed once).
+//! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
+//!   100 characters).
 
+pub mod bounded;
 pub mod role;
 pub mod tls;
 
@@ -17,6 +20,7 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 }
 
+pub use bounded::Bounded;
 pub use role::Role;
 
 /// Largest gRPC message either side decodes, bytes (4 MiB, tonic's default). Orders are a
