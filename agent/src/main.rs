@@ -52,10 +52,15 @@ enum Command {
         out: PathBuf,
     },
     /// Validate the config, reach each datastore and the backup server, say what was found.
+    /// A staging agent lists its source environment's folder (what its restores read).
     Check {
         /// The agent's config file.
         #[arg(long)]
         config: PathBuf,
+        /// Only validate the config and the local files it names (keys, certificates,
+        /// secret files and their modes); reach no datastore and no backup server.
+        #[arg(long)]
+        offline: bool,
     },
 }
 
@@ -107,11 +112,11 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{recipient}");
             Ok(())
         }
-        Command::Check { config } => check(&config).await,
+        Command::Check { config, offline } => check(&config, offline).await,
     }
 }
 
-async fn check(path: &std::path::Path) -> anyhow::Result<()> {
+async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
     let settings = AgentConfig::load(path)?.build(path)?;
     println!("config {}: valid", path.display());
     println!(
@@ -125,6 +130,17 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
             }
         }
         Keys::Decrypt(_) => println!("identity: loaded"),
+    }
+    if offline {
+        for ds in settings.datastores.values() {
+            println!(
+                "datastore {} ({}): not reached (--offline)",
+                ds.name(),
+                ds.kind()
+            );
+        }
+        println!("backup server: not reached (--offline)");
+        return Ok(());
     }
     let mut failed = false;
     for ds in settings.datastores.values() {
@@ -140,14 +156,22 @@ async fn check(path: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     let server = settings.backup_server.clone();
-    let env = settings.environment.clone();
+    // Production writes into its own environment's folder; staging reads the source
+    // environment's, which is what its restores need.
+    let (env, purpose) = match &settings.source_environment {
+        Some(source) => (source.clone(), "readable: restores read from it"),
+        None => (settings.environment.clone(), "backups are written here"),
+    };
     let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
         use ferry_agent::transport::Downloader;
         let mut s = server.connect().map_err(|e| e.to_string())?;
         let dir = ferry_agent::layout::environment_dir(s.root(), &env);
-        let n = s.list(&dir).map_err(|e| e.to_string())?.len();
+        let n = s
+            .list(&dir)
+            .map_err(|e| format!("cannot list {dir}: {e}"))?
+            .len();
         Ok(format!(
-            "reached {}@{}:{}, {dir} holds {n} entries",
+            "reached {}@{}:{}, {dir} holds {n} entries ({purpose})",
             server.user, server.host, server.port
         ))
     })
