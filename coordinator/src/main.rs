@@ -64,8 +64,13 @@ enum PkiCommand {
         /// Extra subject alternative names (host names or IP addresses).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Validity, days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity, days: 1 to 3650.
+        #[arg(
+            long,
+            default_value_t = 825,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(ferry_coordinator::pki::MAX_DAYS))
+        )]
         days: u32,
     },
 }
