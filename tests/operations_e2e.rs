@@ -7,7 +7,8 @@
 //! - GFS retention over 100 simulated days, `ferry prune` with the maintenance key;
 //! - a backup set across PostgreSQL, MongoDB and files is not restored while a member is
 //!   missing, and restores as one once complete;
-//! - restore drills run smoke checks and report RTO and RPO.
+//! - restore drills run smoke checks and report RTO and RPO; a verify after a drill hides
+//!   neither the drill in `ferry status` nor its series (and RPO) in `/metrics`.
 
 use ferry_tests::*;
 use redb::ReadableTable;
@@ -607,5 +608,79 @@ fn prune_with_the_maintenance_key_removes_what_the_policy_drops_and_keeps_the_ne
             .iter()
             .any(|e| e["action"] == "prune" && e["target"] == "production/2026-01-01"),
         "{audit}"
+    );
+}
+
+/// A deployment whose coordinator serves `/metrics` on 127.0.0.1:`port`.
+fn with_metrics(port: u16) -> Deployment {
+    Deployment::start_with(DEFAULT_DATA, move |d| {
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        std::fs::write(
+            &d.coordinator_config,
+            format!("metrics_listen = \"127.0.0.1:{port}\"\n{text}"),
+        )
+        .unwrap();
+    })
+}
+
+/// The value of `metric` for `agent`'s `postgres` datastore and `kind` in a scrape.
+fn sample(scrape: &prometheus_parse::Scrape, metric: &str, agent: &str, kind: &str) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == metric
+                && s.labels.get("agent") == Some(agent)
+                && s.labels.get("kind") == Some(kind)
+                && s.labels.get("datastore") == Some("postgres")
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[test]
+fn a_verify_after_a_restore_keeps_the_drill_with_its_rpo_in_status_and_metrics() {
+    let port = free_port();
+    let d = with_metrics(port);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+
+    let status = d.ferry_json(&["status"]);
+    let stage = staging_status(&status);
+    assert_eq!(stage["last_job"]["kind"], "verify", "{status}");
+    let drill = &stage["last_drill"];
+    assert_eq!(drill["passed"], true, "the verify hid the drill: {status}");
+    let rpo = drill["rpo_seconds"].as_f64().unwrap();
+    assert!(rpo > 0.0 && rpo < 600.0, "{drill}");
+    let human = d.ferry_ok(&["status"]);
+    assert!(human.contains("pass RTO"), "{human}");
+
+    let (_, body) = scrape(port);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let value = |metric: &str, kind: &str| sample(&scrape, metric, "pg-stage", kind);
+    for kind in ["restore", "verify"] {
+        assert!(
+            value("ferry_last_success_timestamp_seconds", kind).is_some(),
+            "no {kind} series:\n{body}"
+        );
+        assert_eq!(
+            value("ferry_last_job_succeeded", kind),
+            Some(1.0),
+            "{kind}:\n{body}"
+        );
+    }
+    // The restored backup's age when the restore finished: the backup was moments older.
+    let rpo = value("ferry_last_restore_rpo_seconds", "restore")
+        .unwrap_or_else(|| panic!("ferry_last_restore_rpo_seconds is not set:\n{body}"));
+    assert!(rpo > 0.0 && rpo < 600.0, "{rpo}\n{body}");
+    assert_eq!(
+        value("ferry_last_restore_rpo_seconds", "verify"),
+        None,
+        "{body}"
     );
 }

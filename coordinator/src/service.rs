@@ -275,6 +275,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 role: a.role.into(),
                 last_success: l.last_success.as_ref().map(Into::into),
                 last_job: l.last.as_ref().map(Into::into),
+                last_drill: l
+                    .by_kind
+                    .get(&JobKind::Restore)
+                    .and_then(|k| k.last_outcome.as_ref())
+                    .map(Into::into),
             })
             .collect();
         Ok(Response::new(v1::StatusResponse {
