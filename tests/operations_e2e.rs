@@ -8,7 +8,9 @@
 //! - a backup set across PostgreSQL, MongoDB and files is not restored while a member is
 //!   missing, and restores as one once complete;
 //! - restore drills run smoke checks and report RTO and RPO; a verify after a drill hides
-//!   neither the drill in `ferry status` nor its series (and RPO) in `/metrics`.
+//!   neither the drill in `ferry status` nor its series (and RPO) in `/metrics`;
+//! - triggers the agent would refuse (unknown datastore, `--type` or `--ns` where the
+//!   datastore takes none, an agent never described) are refused before any job exists.
 
 use ferry_tests::*;
 use redb::ReadableTable;
@@ -683,4 +685,82 @@ fn a_verify_after_a_restore_keeps_the_drill_with_its_rpo_in_status_and_metrics()
         None,
         "{body}"
     );
+}
+
+/// `ferry ARGS`, expected to be refused: its stderr, after checking it failed and said
+/// `code` and every one of `says`.
+fn refused(d: &Deployment, args: &[&str], code: &str, says: &[&str]) -> String {
+    let out = d.ferry(args);
+    let cut = |s: &str| s.chars().take(2_000).collect::<String>();
+    let (err, what) = (String::from_utf8_lossy(&out.stderr), cut(&args.join(" ")));
+    assert!(
+        !out.status.success(),
+        "ferry {what} was accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(code), "ferry {what}: {}", cut(&err));
+    for s in says {
+        assert!(err.contains(s), "ferry {what}: no {s:?} in {}", cut(&err));
+    }
+    err.into_owned()
+}
+
+#[test]
+fn triggers_the_agent_would_refuse_are_refused_before_any_job_exists() {
+    // pg-gone is in the inventory but has never answered.
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        d.coordinator.agents.push(AgentEntry {
+            id: "pg-gone".into(),
+            address: format!("https://127.0.0.1:{}", free_port()),
+            ..AgentEntry::of(&d.prod_agent)
+        });
+        d.coordinator.write(&d.coordinator_config);
+    });
+    refused(
+        &d,
+        &["backup", "pg-prod", "nope"],
+        "InvalidArgument",
+        &[
+            "agent pg-prod has no datastore \"nope\"",
+            "it has: postgres",
+        ],
+    );
+    refused(
+        &d,
+        &["restore", "pg-stage", "--datastore", "nope"],
+        "InvalidArgument",
+        &[
+            "agent pg-stage has no datastore \"nope\"",
+            "it has: postgres",
+        ],
+    );
+    refused(
+        &d,
+        &["backup", "pg-prod", "postgres", "--type", "full"],
+        "InvalidArgument",
+        &["datastore \"postgres\" on agent pg-prod (postgres) takes no backup type"],
+    );
+    refused(
+        &d,
+        &[
+            "restore",
+            "pg-stage",
+            "--datastore",
+            "postgres",
+            "--ns",
+            "app.notes",
+        ],
+        "InvalidArgument",
+        &["datastore \"postgres\" on agent pg-stage (postgres) is restored whole"],
+    );
+    refused(
+        &d,
+        &["backup", "pg-gone", "postgres"],
+        "Unavailable",
+        &["agent pg-gone has not described itself yet", "ferry agents"],
+    );
+    assert_eq!(d.ferry_json(&["jobs"]), serde_json::json!([]));
+    // What the agent takes still goes through.
+    let out = d.ferry_ok(&["backup", "pg-prod", "postgres", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
 }
