@@ -10,7 +10,8 @@
 //! - restore drills run smoke checks and report RTO and RPO; a verify after a drill hides
 //!   neither the drill in `ferry status` nor its series (and RPO) in `/metrics`;
 //! - triggers the agent would refuse (unknown datastore, `--type` or `--ns` where the
-//!   datastore takes none, an agent never described) are refused before any job exists.
+//!   datastore takes none, an agent never described) are refused before any job exists;
+//! - a 10 kB environment and a 1 MiB job id come back cut in short, readable errors.
 
 use ferry_tests::*;
 use redb::ReadableTable;
@@ -763,4 +764,51 @@ fn triggers_the_agent_would_refuse_are_refused_before_any_job_exists() {
     // What the agent takes still goes through.
     let out = d.ferry_ok(&["backup", "pg-prod", "postgres", "--wait"]);
     assert!(out.contains("succeeded"), "{out}");
+}
+
+#[test]
+fn a_prune_of_a_10_kb_environment_and_a_1_mib_job_id_get_short_readable_errors() {
+    let d = Deployment::start();
+    let env = "x".repeat(10_000);
+    let err = refused(
+        &d,
+        &["prune", "--env", &env],
+        "FailedPrecondition",
+        &["no [[retention]] policy", "(cut; 10000 bytes)"],
+    );
+    assert!(err.len() < 1_000, "{} bytes: {err}", err.len());
+
+    let id = "y".repeat(1 << 20);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = fleet_channel(&d.fleet, "operator", d.coordinator_port, "coordinator")
+            .await
+            .unwrap();
+        let mut c = ferry_proto::v1::coordinator_client::CoordinatorClient::new(channel);
+        let get = c
+            .get_job(ferry_proto::v1::GetJobRequest { id: id.clone() })
+            .await
+            .expect_err("a 1 MiB job id was found");
+        let watch = c
+            .watch_job(ferry_proto::v1::GetJobRequest { id: id.clone() })
+            .await
+            .expect_err("a 1 MiB job id was watched");
+        for e in [get, watch] {
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            let m = e.message();
+            assert!(
+                m.contains("is not a ULID") && m.contains("(cut; 1048576 bytes)"),
+                "{m}"
+            );
+            assert!(m.len() < 1_000, "{} bytes", m.len());
+        }
+    });
+    let audit = d.ferry_json(&["audit"]);
+    assert!(
+        !audit.to_string().contains(&env),
+        "the audit log holds the whole environment"
+    );
+    assert!(
+        !d.logs().contains(&"x".repeat(1_000)) && !d.logs().contains(&"y".repeat(1_000)),
+        "a log line holds the whole value"
+    );
 }
