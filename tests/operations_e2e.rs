@@ -11,7 +11,9 @@
 //!   neither the drill in `ferry status` nor its series (and RPO) in `/metrics`;
 //! - triggers the agent would refuse (unknown datastore, `--type` or `--ns` where the
 //!   datastore takes none, an agent never described) are refused before any job exists;
-//! - a 10 kB environment and a 1 MiB job id come back cut in short, readable errors.
+//! - a 10 kB environment and a 1 MiB job id come back cut in short, readable errors;
+//! - the CLI stops quietly when its reader goes (`| head -1`), escapes control characters
+//!   in tables, and its errors name the flag and file at fault, each cause once.
 
 use ferry_tests::*;
 use redb::ReadableTable;
@@ -811,4 +813,180 @@ fn a_prune_of_a_10_kb_environment_and_a_1_mib_job_id_get_short_readable_errors()
         !d.logs().contains(&"x".repeat(1_000)) && !d.logs().contains(&"y".repeat(1_000)),
         "a log line holds the whole value"
     );
+}
+
+/// `ferry` with the deployment's connection flags, each of `changed` (flag, value)
+/// replaced, and `args`.
+fn ferry_changed(d: &Deployment, changed: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut flags = d.ferry_flags();
+    for (flag, value) in changed {
+        let i = flags
+            .iter()
+            .position(|f| f == flag)
+            .expect("a connection flag");
+        flags[i + 1] = (*value).to_owned();
+    }
+    let mut cmd = std::process::Command::new(bin("ferry"));
+    hermetic(&mut cmd).args(flags).args(args);
+    output_within(&mut cmd, b"", std::time::Duration::from_secs(60))
+}
+
+/// Asserts that an error line names no cause twice: its `: `-separated parts are all
+/// different.
+fn assert_each_cause_once(err: &str) {
+    let parts: Vec<&str> = err.trim().split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "{p:?} twice in: {err}");
+    }
+}
+
+#[test]
+fn the_cli_exits_quietly_when_its_reader_goes_and_escapes_control_characters_in_tables() {
+    let d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    // A refused name holding a newline and a terminal escape goes in the audit log as typed.
+    let out = d.ferry(&["backup", "pg-prod", "post\ngres\u{1b}[2J"]);
+    assert!(!out.status.success());
+
+    let table = d.ferry_ok(&["audit"]);
+    let entries = d.ferry_json(&["audit"]).as_array().unwrap().len();
+    assert_eq!(
+        table.lines().count(),
+        entries + 1,
+        "a row was split:\n{table}"
+    );
+    for line in table.lines().skip(1) {
+        let seq = line.split_whitespace().next().unwrap();
+        assert!(seq.parse::<u64>().is_ok(), "a row was split: {line:?}");
+    }
+    assert!(table.contains("post\\ngres\\u{1b}[2J"), "{table}");
+    assert!(!table.contains('\u{1b}'), "{table}");
+
+    // The reader is gone before ferry writes anything: it stops without a word.
+    for args in [
+        &["jobs"][..],
+        &["status"],
+        &["audit"],
+        &["agents"],
+        &["backups", "--sets"],
+        &["--output", "json", "jobs"],
+    ] {
+        let mut cmd = std::process::Command::new(bin("ferry"));
+        hermetic(&mut cmd)
+            .args(d.ferry_flags())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.is_empty(), "ferry {args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "ferry {args:?}");
+    }
+    // As typed at a shell.
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg("\"$0\" \"$@\" audit | head -1; \"$0\" \"$@\" jobs | head -1")
+        .arg(bin("ferry"))
+        .args(d.ferry_flags());
+    let out = output_within(hermetic(&mut sh), b"", std::time::Duration::from_secs(60));
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+    assert_eq!(text.lines().collect::<Vec<_>>().len(), 2, "{text}");
+    assert!(text.starts_with("SEQ"), "{text}");
+}
+
+#[test]
+fn cli_errors_name_the_flag_and_file_at_fault_and_say_each_cause_once() {
+    let d = Deployment::start();
+    let port = d.coordinator_port;
+    let dir = d.dir.path();
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let http = format!("http://127.0.0.1:{port}");
+    let out = ferry_changed(&d, &[("--coordinator", &http)], &["jobs"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("use https://127.0.0.1:{port}")) && !err.contains("broken pipe"),
+        "{err}"
+    );
+
+    // A key of another certificate: both files named.
+    let (op_cert, prod_key) = (d.fleet.cert("operator"), d.fleet.key("pg-prod"));
+    let out = ferry_changed(&d, &[("--key", &prod_key.display().to_string())], &["jobs"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "--key {} does not match --cert {}",
+            prod_key.display(),
+            op_cert.display()
+        )),
+        "{err}"
+    );
+
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let open_key = dir.join("open.key");
+    std::fs::copy(d.fleet.key("operator"), &open_key).unwrap();
+    chmod(&open_key, 0o644);
+    let stopped = format!("https://127.0.0.1:{}", free_port());
+    let path = |p: &std::path::Path| p.display().to_string();
+    // One flag changed each time: (flag, value, what the error says).
+    let cases: Vec<(&str, String, Vec<String>)> = vec![
+        (
+            "--coordinator",
+            stopped.clone(),
+            vec![
+                format!("cannot reach the coordinator at {stopped}"),
+                "Connection refused".into(),
+            ],
+        ),
+        (
+            "--ca",
+            path(&missing),
+            vec![format!("--ca {}", path(&missing)), "No such file".into()],
+        ),
+        (
+            "--ca",
+            path(dir),
+            vec![format!("--ca {}", path(dir)), "Is a directory".into()],
+        ),
+        (
+            "--ca",
+            path(&junk),
+            vec![format!("--ca {} holds no certificate", path(&junk))],
+        ),
+        (
+            "--cert",
+            path(&junk),
+            vec![format!("--cert {} holds no certificate", path(&junk))],
+        ),
+        (
+            "--key",
+            path(&open_key),
+            vec![path(&open_key), "chmod 600".into()],
+        ),
+        (
+            "--ca",
+            path(&d.fleet.cert("pg-prod")),
+            vec!["invalid peer certificate".into()],
+        ),
+    ];
+    for (flag, value, says) in cases {
+        let out = ferry_changed(&d, &[(flag, &value)], &["jobs"]);
+        let err = stderr(&out);
+        let what = format!("{flag} {value}");
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        for s in &says {
+            assert!(err.contains(s.as_str()), "{what}: no {s:?} in {err}");
+        }
+        assert_each_cause_once(&err);
+    }
 }

@@ -112,7 +112,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-coordinator: error: {e:#}");
+            // The whole chain, each cause once (many errors show their source too).
+            let text = ferry_coordinator::cli::error_text(&e);
+            eprintln!("ferry-coordinator: error: {text}");
             ExitCode::FAILURE
         }
     }

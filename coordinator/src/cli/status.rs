@@ -68,7 +68,7 @@ pub(super) async fn run(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!({ "now": time(s.now_unix_ms), "datastores": rows }));
+        format::print_json(&serde_json::json!({ "now": time(s.now_unix_ms), "datastores": rows }))?;
         return Ok(0);
     }
     let rows = s
@@ -119,6 +119,6 @@ pub(super) async fn run(
             "NEXT RUN",
         ],
         rows,
-    );
+    )?;
     Ok(0)
 }
