@@ -1082,3 +1082,74 @@ impl Coordinator {
             .min()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, kind: &str, types: &[&str], namespaces: bool) -> v1::DatastoreInfo {
+        v1::DatastoreInfo {
+            name: name.into(),
+            kind: kind.into(),
+            backup_types: types.iter().map(|t| (*t).into()).collect(),
+            namespaces,
+        }
+    }
+
+    fn refusal(r: Result<(), DispatchError>) -> String {
+        match r {
+            Err(DispatchError::InvalidArgument(m)) => m,
+            other => panic!("not InvalidArgument: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn orders_are_checked_against_what_the_agent_described() {
+        let d = v1::DescribeResponse {
+            agent_id: "db1".into(),
+            datastores: vec![
+                info("pg", "postgres", &[], false),
+                info("pgbr", "pgbackrest", &["full", "diff"], false),
+                info("mongo", "mongodb", &[], true),
+            ],
+            ..Default::default()
+        };
+        let ns = ["app.users".to_owned()];
+        check_order(&d, "pg", None, &[]).unwrap();
+        check_order(&d, "pgbr", Some("diff"), &[]).unwrap();
+        check_order(&d, "mongo", None, &ns).unwrap();
+        let m = refusal(check_order(&d, "nope", None, &[]));
+        assert_eq!(
+            m,
+            "agent db1 has no datastore \"nope\"; it has: pg, pgbr, mongo (see `ferry agents`)"
+        );
+        let m = refusal(check_order(&d, "pg", Some("full"), &[]));
+        assert!(
+            m.contains("\"pg\" on agent db1 (postgres) takes no backup type"),
+            "{m}"
+        );
+        let m = refusal(check_order(&d, "pgbr", Some("incr"), &[]));
+        assert!(
+            m.contains("takes backup type full or diff, not \"incr\""),
+            "{m}"
+        );
+        let m = refusal(check_order(&d, "pgbr", None, &ns));
+        assert!(
+            m.contains("\"pgbr\" on agent db1 (pgbackrest) is restored whole"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_lists_at_most_twenty_datastores() {
+        let d = v1::DescribeResponse {
+            agent_id: "db1".into(),
+            datastores: (0..25)
+                .map(|i| info(&format!("d{i}"), "files", &[], false))
+                .collect(),
+            ..Default::default()
+        };
+        let m = refusal(check_order(&d, "nope", None, &[]));
+        assert!(m.contains("d19 and 5 more") && !m.contains("d20"), "{m}");
+    }
+}
