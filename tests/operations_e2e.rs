@@ -7,7 +7,13 @@
 //! - GFS retention over 100 simulated days, `ferry prune` with the maintenance key;
 //! - a backup set across PostgreSQL, MongoDB and files is not restored while a member is
 //!   missing, and restores as one once complete;
-//! - restore drills run smoke checks and report RTO and RPO.
+//! - restore drills run smoke checks and report RTO and RPO; a verify after a drill hides
+//!   neither the drill in `ferry status` nor its series (and RPO) in `/metrics`;
+//! - triggers the agent would refuse (unknown datastore, `--type` or `--ns` where the
+//!   datastore takes none, an agent never described) are refused before any job exists;
+//! - a 10 kB environment and a 1 MiB job id come back cut in short, readable errors;
+//! - the CLI stops quietly when its reader goes (`| head -1`), escapes control characters
+//!   in tables, and its errors name the flag and file at fault, each cause once.
 
 use ferry_tests::*;
 use redb::ReadableTable;
@@ -608,4 +614,379 @@ fn prune_with_the_maintenance_key_removes_what_the_policy_drops_and_keeps_the_ne
             .any(|e| e["action"] == "prune" && e["target"] == "production/2026-01-01"),
         "{audit}"
     );
+}
+
+/// A deployment whose coordinator serves `/metrics` on 127.0.0.1:`port`.
+fn with_metrics(port: u16) -> Deployment {
+    Deployment::start_with(DEFAULT_DATA, move |d| {
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        std::fs::write(
+            &d.coordinator_config,
+            format!("metrics_listen = \"127.0.0.1:{port}\"\n{text}"),
+        )
+        .unwrap();
+    })
+}
+
+/// The value of `metric` for `agent`'s `postgres` datastore and `kind` in a scrape.
+fn sample(scrape: &prometheus_parse::Scrape, metric: &str, agent: &str, kind: &str) -> Option<f64> {
+    scrape
+        .samples
+        .iter()
+        .find(|s| {
+            s.metric == metric
+                && s.labels.get("agent") == Some(agent)
+                && s.labels.get("kind") == Some(kind)
+                && s.labels.get("datastore") == Some("postgres")
+        })
+        .map(|s| match s.value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+}
+
+#[test]
+fn a_verify_after_a_restore_keeps_the_drill_with_its_rpo_in_status_and_metrics() {
+    let port = free_port();
+    let d = with_metrics(port);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+
+    let status = d.ferry_json(&["status"]);
+    let stage = staging_status(&status);
+    assert_eq!(stage["last_job"]["kind"], "verify", "{status}");
+    let drill = &stage["last_drill"];
+    assert_eq!(drill["passed"], true, "the verify hid the drill: {status}");
+    let rpo = drill["rpo_seconds"].as_f64().unwrap();
+    assert!(rpo > 0.0 && rpo < 600.0, "{drill}");
+    let human = d.ferry_ok(&["status"]);
+    assert!(human.contains("pass RTO"), "{human}");
+
+    let (_, body) = scrape(port);
+    let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
+    let value = |metric: &str, kind: &str| sample(&scrape, metric, "pg-stage", kind);
+    for kind in ["restore", "verify"] {
+        assert!(
+            value("ferry_last_success_timestamp_seconds", kind).is_some(),
+            "no {kind} series:\n{body}"
+        );
+        assert_eq!(
+            value("ferry_last_job_succeeded", kind),
+            Some(1.0),
+            "{kind}:\n{body}"
+        );
+    }
+    // The restored backup's age when the restore finished: the backup was moments older.
+    let rpo = value("ferry_last_restore_rpo_seconds", "restore")
+        .unwrap_or_else(|| panic!("ferry_last_restore_rpo_seconds is not set:\n{body}"));
+    assert!(rpo > 0.0 && rpo < 600.0, "{rpo}\n{body}");
+    assert_eq!(
+        value("ferry_last_restore_rpo_seconds", "verify"),
+        None,
+        "{body}"
+    );
+}
+
+/// `ferry ARGS`, expected to be refused: its stderr, after checking it failed and said
+/// `code` and every one of `says`.
+fn refused(d: &Deployment, args: &[&str], code: &str, says: &[&str]) -> String {
+    let out = d.ferry(args);
+    let cut = |s: &str| s.chars().take(2_000).collect::<String>();
+    let (err, what) = (String::from_utf8_lossy(&out.stderr), cut(&args.join(" ")));
+    assert!(
+        !out.status.success(),
+        "ferry {what} was accepted: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(err.contains(code), "ferry {what}: {}", cut(&err));
+    for s in says {
+        assert!(err.contains(s), "ferry {what}: no {s:?} in {}", cut(&err));
+    }
+    err.into_owned()
+}
+
+#[test]
+fn triggers_the_agent_would_refuse_are_refused_before_any_job_exists() {
+    // pg-gone is in the inventory but has never answered.
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        d.coordinator.agents.push(AgentEntry {
+            id: "pg-gone".into(),
+            address: format!("https://127.0.0.1:{}", free_port()),
+            ..AgentEntry::of(&d.prod_agent)
+        });
+        d.coordinator.write(&d.coordinator_config);
+    });
+    refused(
+        &d,
+        &["backup", "pg-prod", "nope"],
+        "InvalidArgument",
+        &[
+            "agent pg-prod has no datastore \"nope\"",
+            "it has: postgres",
+        ],
+    );
+    refused(
+        &d,
+        &["restore", "pg-stage", "--datastore", "nope"],
+        "InvalidArgument",
+        &[
+            "agent pg-stage has no datastore \"nope\"",
+            "it has: postgres",
+        ],
+    );
+    refused(
+        &d,
+        &["backup", "pg-prod", "postgres", "--type", "full"],
+        "InvalidArgument",
+        &["datastore \"postgres\" on agent pg-prod (postgres) takes no backup type"],
+    );
+    refused(
+        &d,
+        &[
+            "restore",
+            "pg-stage",
+            "--datastore",
+            "postgres",
+            "--ns",
+            "app.notes",
+        ],
+        "InvalidArgument",
+        &["datastore \"postgres\" on agent pg-stage (postgres) is restored whole"],
+    );
+    refused(
+        &d,
+        &["backup", "pg-gone", "postgres"],
+        "Unavailable",
+        &["agent pg-gone has not described itself yet", "ferry agents"],
+    );
+    assert_eq!(d.ferry_json(&["jobs"]), serde_json::json!([]));
+    // What the agent takes still goes through.
+    let out = d.ferry_ok(&["backup", "pg-prod", "postgres", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+}
+
+#[test]
+fn a_prune_of_a_10_kb_environment_and_a_1_mib_job_id_get_short_readable_errors() {
+    let d = Deployment::start();
+    let env = "x".repeat(10_000);
+    let err = refused(
+        &d,
+        &["prune", "--env", &env],
+        "FailedPrecondition",
+        &["no [[retention]] policy", "(cut; 10000 bytes)"],
+    );
+    assert!(err.len() < 1_000, "{} bytes: {err}", err.len());
+
+    let id = "y".repeat(1 << 20);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = fleet_channel(&d.fleet, "operator", d.coordinator_port, "coordinator")
+            .await
+            .unwrap();
+        let mut c = ferry_proto::v1::coordinator_client::CoordinatorClient::new(channel);
+        let get = c
+            .get_job(ferry_proto::v1::GetJobRequest { id: id.clone() })
+            .await
+            .expect_err("a 1 MiB job id was found");
+        let watch = c
+            .watch_job(ferry_proto::v1::GetJobRequest { id: id.clone() })
+            .await
+            .expect_err("a 1 MiB job id was watched");
+        for e in [get, watch] {
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+            let m = e.message();
+            assert!(
+                m.contains("is not a ULID") && m.contains("(cut; 1048576 bytes)"),
+                "{m}"
+            );
+            assert!(m.len() < 1_000, "{} bytes", m.len());
+        }
+    });
+    let audit = d.ferry_json(&["audit"]);
+    assert!(
+        !audit.to_string().contains(&env),
+        "the audit log holds the whole environment"
+    );
+    assert!(
+        !d.logs().contains(&"x".repeat(1_000)) && !d.logs().contains(&"y".repeat(1_000)),
+        "a log line holds the whole value"
+    );
+}
+
+/// `ferry` with the deployment's connection flags, each of `changed` (flag, value)
+/// replaced, and `args`.
+fn ferry_changed(d: &Deployment, changed: &[(&str, &str)], args: &[&str]) -> std::process::Output {
+    let mut flags = d.ferry_flags();
+    for (flag, value) in changed {
+        let i = flags
+            .iter()
+            .position(|f| f == flag)
+            .expect("a connection flag");
+        flags[i + 1] = (*value).to_owned();
+    }
+    let mut cmd = std::process::Command::new(bin("ferry"));
+    hermetic(&mut cmd).args(flags).args(args);
+    output_within(&mut cmd, b"", std::time::Duration::from_secs(60))
+}
+
+/// Asserts that an error line names no cause twice: its `: `-separated parts are all
+/// different.
+fn assert_each_cause_once(err: &str) {
+    let parts: Vec<&str> = err.trim().split(": ").collect();
+    for (i, p) in parts.iter().enumerate() {
+        assert!(!parts[i + 1..].contains(p), "{p:?} twice in: {err}");
+    }
+}
+
+#[test]
+fn the_cli_exits_quietly_when_its_reader_goes_and_escapes_control_characters_in_tables() {
+    let d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    // A refused name holding a newline and a terminal escape goes in the audit log as typed.
+    let out = d.ferry(&["backup", "pg-prod", "post\ngres\u{1b}[2J"]);
+    assert!(!out.status.success());
+
+    let table = d.ferry_ok(&["audit"]);
+    let entries = d.ferry_json(&["audit"]).as_array().unwrap().len();
+    assert_eq!(
+        table.lines().count(),
+        entries + 1,
+        "a row was split:\n{table}"
+    );
+    for line in table.lines().skip(1) {
+        let seq = line.split_whitespace().next().unwrap();
+        assert!(seq.parse::<u64>().is_ok(), "a row was split: {line:?}");
+    }
+    assert!(table.contains("post\\ngres\\u{1b}[2J"), "{table}");
+    assert!(!table.contains('\u{1b}'), "{table}");
+
+    // The reader is gone before ferry writes anything: it stops without a word.
+    for args in [
+        &["jobs"][..],
+        &["status"],
+        &["audit"],
+        &["agents"],
+        &["backups", "--sets"],
+        &["--output", "json", "jobs"],
+    ] {
+        let mut cmd = std::process::Command::new(bin("ferry"));
+        hermetic(&mut cmd)
+            .args(d.ferry_flags())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.is_empty(), "ferry {args:?}: {err}");
+        assert_eq!(out.status.code(), Some(141), "ferry {args:?}");
+    }
+    // As typed at a shell.
+    let mut sh = std::process::Command::new("sh");
+    sh.arg("-c")
+        .arg("\"$0\" \"$@\" audit | head -1; \"$0\" \"$@\" jobs | head -1")
+        .arg(bin("ferry"))
+        .args(d.ferry_flags());
+    let out = output_within(hermetic(&mut sh), b"", std::time::Duration::from_secs(60));
+    let (text, err) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!err.contains("panicked") && err.is_empty(), "{err}");
+    assert_eq!(text.lines().collect::<Vec<_>>().len(), 2, "{text}");
+    assert!(text.starts_with("SEQ"), "{text}");
+}
+
+#[test]
+fn cli_errors_name_the_flag_and_file_at_fault_and_say_each_cause_once() {
+    let d = Deployment::start();
+    let port = d.coordinator_port;
+    let dir = d.dir.path();
+    let stderr = |o: &std::process::Output| String::from_utf8_lossy(&o.stderr).into_owned();
+
+    let http = format!("http://127.0.0.1:{port}");
+    let out = ferry_changed(&d, &[("--coordinator", &http)], &["jobs"]);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("use https://127.0.0.1:{port}")) && !err.contains("broken pipe"),
+        "{err}"
+    );
+
+    // A key of another certificate: both files named.
+    let (op_cert, prod_key) = (d.fleet.cert("operator"), d.fleet.key("pg-prod"));
+    let out = ferry_changed(&d, &[("--key", &prod_key.display().to_string())], &["jobs"]);
+    let err = stderr(&out);
+    assert!(
+        err.contains(&format!(
+            "--key {} does not match --cert {}",
+            prod_key.display(),
+            op_cert.display()
+        )),
+        "{err}"
+    );
+
+    let junk = dir.join("junk.pem");
+    std::fs::write(&junk, "not a certificate\n").unwrap();
+    let missing = dir.join("missing.pem");
+    let open_key = dir.join("open.key");
+    std::fs::copy(d.fleet.key("operator"), &open_key).unwrap();
+    chmod(&open_key, 0o644);
+    let stopped = format!("https://127.0.0.1:{}", free_port());
+    let path = |p: &std::path::Path| p.display().to_string();
+    // One flag changed each time: (flag, value, what the error says).
+    let cases: Vec<(&str, String, Vec<String>)> = vec![
+        (
+            "--coordinator",
+            stopped.clone(),
+            vec![
+                format!("cannot reach the coordinator at {stopped}"),
+                "Connection refused".into(),
+            ],
+        ),
+        (
+            "--ca",
+            path(&missing),
+            vec![format!("--ca {}", path(&missing)), "No such file".into()],
+        ),
+        (
+            "--ca",
+            path(dir),
+            vec![format!("--ca {}", path(dir)), "Is a directory".into()],
+        ),
+        (
+            "--ca",
+            path(&junk),
+            vec![format!("--ca {} holds no certificate", path(&junk))],
+        ),
+        (
+            "--cert",
+            path(&junk),
+            vec![format!("--cert {} holds no certificate", path(&junk))],
+        ),
+        (
+            "--key",
+            path(&open_key),
+            vec![path(&open_key), "chmod 600".into()],
+        ),
+        (
+            "--ca",
+            path(&d.fleet.cert("pg-prod")),
+            vec!["invalid peer certificate".into()],
+        ),
+    ];
+    for (flag, value, says) in cases {
+        let out = ferry_changed(&d, &[(flag, &value)], &["jobs"]);
+        let err = stderr(&out);
+        let what = format!("{flag} {value}");
+        assert_eq!(out.status.code(), Some(2), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        for s in &says {
+            assert!(err.contains(s.as_str()), "{what}: no {s:?} in {err}");
+        }
+        assert_each_cause_once(&err);
+    }
 }

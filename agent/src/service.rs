@@ -167,6 +167,8 @@ impl Agent for AgentService {
                 .map(|d| v1::DatastoreInfo {
                     name: d.name().into(),
                     kind: d.kind().into(),
+                    backup_types: d.backup_types().iter().map(|t| (*t).into()).collect(),
+                    namespaces: d.takes_namespaces(),
                 })
                 .collect(),
             tools,

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::job_event::Event;
 use tokio_util::sync::CancellationToken;
@@ -94,6 +95,75 @@ pub fn schedule_key(s: &crate::config::Schedule) -> String {
         s.backup_type.as_deref().unwrap_or("-"),
         s.cron_text
     )
+}
+
+/// How many datastore names a refusal lists before `... and N more`.
+const LISTED_DATASTORES: usize = 20;
+
+/// Checks an order of `datastore` against what its agent described: the datastore exists,
+/// a backup type is one it takes, namespaces only where a restore can select them.
+///
+/// # Errors
+/// [`DispatchError::InvalidArgument`] naming the agent, the datastore and what it accepts.
+fn check_order(
+    described: &v1::DescribeResponse,
+    datastore: &str,
+    backup_type: Option<&str>,
+    namespaces: &[String],
+) -> Result<(), DispatchError> {
+    let agent = &described.agent_id;
+    let Some(info) = described.datastores.iter().find(|d| d.name == datastore) else {
+        let mut names: Vec<&str> = described
+            .datastores
+            .iter()
+            .take(LISTED_DATASTORES)
+            .map(|d| d.name.as_str())
+            .collect();
+        let more = described.datastores.len().saturating_sub(LISTED_DATASTORES);
+        let more = if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        };
+        if names.is_empty() {
+            names.push("none");
+        }
+        return Err(DispatchError::InvalidArgument(format!(
+            "agent {agent} has no datastore {}; it has: {}{more} (see `ferry agents`)",
+            Bounded(datastore),
+            names.join(", ")
+        )));
+    };
+    if let Some(t) = backup_type
+        && !info.backup_types.iter().any(|b| b == t)
+    {
+        return Err(DispatchError::InvalidArgument(
+            if info.backup_types.is_empty() {
+                format!(
+                    "datastore {} on agent {agent} ({}) takes no backup type: leave out --type",
+                    Bounded(datastore),
+                    info.kind
+                )
+            } else {
+                format!(
+                    "datastore {} on agent {agent} ({}) takes backup type {}, not {}",
+                    Bounded(datastore),
+                    info.kind,
+                    info.backup_types.join(" or "),
+                    Bounded(t)
+                )
+            },
+        ));
+    }
+    if !namespaces.is_empty() && !info.namespaces {
+        return Err(DispatchError::InvalidArgument(format!(
+            "datastore {} on agent {agent} ({}) is restored whole: it has no namespaces to \
+             select with --ns",
+            Bounded(datastore),
+            info.kind
+        )));
+    }
+    Ok(())
 }
 
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
@@ -291,6 +361,48 @@ impl Coordinator {
             .collect())
     }
 
+    /// What `agent` last said of itself in `Describe`, asking it now if it never answered.
+    ///
+    /// # Errors
+    /// [`DispatchError::Unavailable`]: it never answered, so what it has is unknown.
+    async fn description(&self, agent: &str) -> Result<v1::DescribeResponse, DispatchError> {
+        if let Some(d) = self.agents.state(agent).described {
+            return Ok(d);
+        }
+        self.agents.describe(agent).await.map_err(|problem| {
+            DispatchError::Unavailable(format!(
+                "agent {agent} has not described itself yet, so what it has is unknown: \
+                 {problem}; try again once `ferry agents` shows it reachable"
+            ))
+        })
+    }
+
+    /// [`Coordinator::description`] for an order of `datastore`: asks the agent again if
+    /// its last description lacks the datastore (it may have been added since). A
+    /// scheduled run on an agent that never answered gets `None` and queues its job
+    /// anyway: the job's attempts retry while the agent is away and fail visibly if it
+    /// stays away, where a refused trigger would leave only a log line.
+    ///
+    /// # Errors
+    /// As [`Coordinator::description`], for an operator's trigger.
+    async fn description_with(
+        &self,
+        agent: &str,
+        datastore: &str,
+        trigger: &str,
+    ) -> Result<Option<v1::DescribeResponse>, DispatchError> {
+        let has = |d: &v1::DescribeResponse| d.datastores.iter().any(|i| i.name == datastore);
+        match self.agents.state(agent).described {
+            Some(d) if has(&d) => Ok(Some(d)),
+            Some(d) => Ok(Some(self.agents.describe(agent).await.unwrap_or(d))),
+            None => match self.description(agent).await {
+                Ok(d) => Ok(Some(d)),
+                Err(_) if trigger == SCHEDULE => Ok(None),
+                Err(e) => Err(e),
+            },
+        }
+    }
+
     async fn put(&self, job: &Job) {
         let store = self.store.clone();
         let job = job.clone();
@@ -385,7 +497,8 @@ impl Coordinator {
             }
             if !["full", "diff"].contains(&t) {
                 return Err(DispatchError::InvalidArgument(format!(
-                    "backup type {t:?} is not full or diff"
+                    "backup type {} is not full or diff",
+                    Bounded(t)
                 )));
             }
         }
@@ -408,30 +521,31 @@ impl Coordinator {
             )));
         }
         if !namespaces.is_empty() {
-            if kind == JobKind::Backup || datastore.is_none() {
+            if kind != JobKind::Restore || datastore.is_none() {
                 return Err(DispatchError::InvalidArgument(
-                    "namespaces select what to restore of one datastore: give --datastore too"
+                    "namespaces select what to restore of one datastore: give --datastore too \
+                     (a backup or a verify takes none)"
                         .into(),
                 ));
             }
             if let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n)) {
                 return Err(DispatchError::InvalidArgument(format!(
-                    "namespace {bad:?} is not of the form database.collection"
+                    "namespace {} is not of the form database.collection",
+                    Bounded(bad)
                 )));
+            }
+        }
+        if let Some(name) = datastore {
+            // What the agent would refuse, refused before any job exists.
+            if let Some(described) = self.description_with(agent, name, trigger).await? {
+                check_order(&described, name, backup_type, namespaces)?;
             }
         }
         let mut date = date.map(str::to_owned);
         let datastores = match datastore {
             Some(d) => vec![d.to_owned()],
             None => {
-                let described = match self.agents.state(agent).described {
-                    Some(d) => d,
-                    None => self
-                        .agents
-                        .describe(agent)
-                        .await
-                        .map_err(DispatchError::Unavailable)?,
-                };
+                let described = self.description(agent).await?;
                 if kind != JobKind::Backup {
                     // All datastores at once: from one complete set.
                     date = Some(
@@ -966,5 +1080,76 @@ impl Coordinator {
             .filter_map(|s| s.cron.find_next_occurrence(&now, false).ok())
             .map(|t| t.timestamp_millis())
             .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, kind: &str, types: &[&str], namespaces: bool) -> v1::DatastoreInfo {
+        v1::DatastoreInfo {
+            name: name.into(),
+            kind: kind.into(),
+            backup_types: types.iter().map(|t| (*t).into()).collect(),
+            namespaces,
+        }
+    }
+
+    fn refusal(r: Result<(), DispatchError>) -> String {
+        match r {
+            Err(DispatchError::InvalidArgument(m)) => m,
+            other => panic!("not InvalidArgument: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn orders_are_checked_against_what_the_agent_described() {
+        let d = v1::DescribeResponse {
+            agent_id: "db1".into(),
+            datastores: vec![
+                info("pg", "postgres", &[], false),
+                info("pgbr", "pgbackrest", &["full", "diff"], false),
+                info("mongo", "mongodb", &[], true),
+            ],
+            ..Default::default()
+        };
+        let ns = ["app.users".to_owned()];
+        check_order(&d, "pg", None, &[]).unwrap();
+        check_order(&d, "pgbr", Some("diff"), &[]).unwrap();
+        check_order(&d, "mongo", None, &ns).unwrap();
+        let m = refusal(check_order(&d, "nope", None, &[]));
+        assert_eq!(
+            m,
+            "agent db1 has no datastore \"nope\"; it has: pg, pgbr, mongo (see `ferry agents`)"
+        );
+        let m = refusal(check_order(&d, "pg", Some("full"), &[]));
+        assert!(
+            m.contains("\"pg\" on agent db1 (postgres) takes no backup type"),
+            "{m}"
+        );
+        let m = refusal(check_order(&d, "pgbr", Some("incr"), &[]));
+        assert!(
+            m.contains("takes backup type full or diff, not \"incr\""),
+            "{m}"
+        );
+        let m = refusal(check_order(&d, "pgbr", None, &ns));
+        assert!(
+            m.contains("\"pgbr\" on agent db1 (pgbackrest) is restored whole"),
+            "{m}"
+        );
+    }
+
+    #[test]
+    fn a_refusal_lists_at_most_twenty_datastores() {
+        let d = v1::DescribeResponse {
+            agent_id: "db1".into(),
+            datastores: (0..25)
+                .map(|i| info(&format!("d{i}"), "files", &[], false))
+                .collect(),
+            ..Default::default()
+        };
+        let m = refusal(check_order(&d, "nope", None, &[]));
+        assert!(m.contains("d19 and 5 more") && !m.contains("d20"), "{m}");
     }
 }

@@ -64,8 +64,13 @@ enum PkiCommand {
         /// Extra subject alternative names (host names or IP addresses).
         #[arg(long = "san")]
         sans: Vec<String>,
-        /// Validity, days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity, days: 1 to 3650.
+        #[arg(
+            long,
+            default_value_t = 825,
+            allow_negative_numbers = true,
+            value_parser = clap::value_parser!(u32).range(1..=i64::from(ferry_coordinator::pki::MAX_DAYS))
+        )]
         days: u32,
     },
 }
@@ -107,7 +112,9 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("ferry-coordinator: error: {e:#}");
+            // The whole chain, each cause once (many errors show their source too).
+            let text = ferry_coordinator::cli::error_text(&e);
+            eprintln!("ferry-coordinator: error: {text}");
             ExitCode::FAILURE
         }
     }

@@ -3,15 +3,19 @@
 //! served over plain HTTP on `metrics_listen` when it is configured. Bind it to an address
 //! only the Prometheus server reaches: it names hosts, datastores and sizes.
 //!
-//! Series (labels `environment`, `agent`, `datastore`; `kind` is `backup` or `restore`):
-//! - `ferry_last_success_timestamp_seconds`: when the newest succeeded job finished (UTC).
+//! Series (labels `environment`, `agent`, `datastore`; `kind` is `backup`, `restore` or
+//! `verify`), one per kind that ever finished on the datastore, so a verify never hides
+//! the last restore drill:
+//! - `ferry_last_success_timestamp_seconds`: when the newest succeeded job of that kind
+//!   finished (UTC).
 //! - `ferry_last_success_duration_seconds`: how long it ran on the agent (for a staging
 //!   restore, the restore time objective measured).
 //! - `ferry_last_success_stored_bytes`: its stored size.
-//! - `ferry_last_job_succeeded`: 1 if the newest job succeeded, 0 if it failed (absent
-//!   while one runs or before the first).
-//! - `ferry_last_restore_rpo_seconds`: the recovery point of the newest succeeded restore:
-//!   how old the restored data was when the restore finished.
+//! - `ferry_last_job_succeeded`: 1 if the newest job of that kind that finished succeeded,
+//!   0 if it failed (absent before the first; a running or cancelled job changes nothing).
+//! - `ferry_last_restore_rpo_seconds` (`kind="restore"` only): the recovery point of the
+//!   newest succeeded restore: how old the restored backup was when the restore finished
+//!   (the restore's end minus the backup's end), seconds.
 //! - `ferry_backup_set_complete{environment}`: 1 if the newest backup set of a production
 //!   environment is complete, 0 if a member is missing.
 //! - `ferry_last_complete_set_timestamp_seconds{environment}`: the end of the newest
@@ -30,7 +34,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::dispatch::Coordinator;
-use crate::model::{Job, JobState};
+use crate::model::{Job, JobKind, JobState};
 
 /// Labels of the per-datastore series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -50,7 +54,7 @@ struct EnvironmentLabels {
 /// Labels of `ferry_jobs_total`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct JobLabels {
-    /// `backup` or `restore`.
+    /// `backup`, `restore` or `verify`.
     pub kind: String,
     /// `succeeded` or `failed`.
     pub outcome: String,
@@ -92,34 +96,36 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
     let succeeded = Family::<DatastoreLabels, Gauge>::default();
     let rpo = Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
     for (agent, datastore, latest) in &states {
-        let labels = |job: &Job| DatastoreLabels {
-            environment: agent.environment.clone(),
-            agent: agent.id.clone(),
-            datastore: datastore.clone(),
-            kind: job.kind.to_string(),
-        };
-        if let Some(job) = &latest.last_success {
-            let l = labels(job);
-            last_success
-                .get_or_create(&l)
-                .set(job.finished_ms.unwrap_or_default() as f64 / 1000.0);
-            if let Some(r) = &job.result {
-                duration
-                    .get_or_create(&l)
-                    .set(r.duration_ms as f64 / 1000.0);
-                stored
-                    .get_or_create(&l)
-                    .set(i64::try_from(r.size_bytes).unwrap_or(i64::MAX));
-            }
-        }
-        if let Some(job) = &latest.last {
-            let v = match job.state {
-                JobState::Succeeded => Some(1),
-                JobState::Failed => Some(0),
-                _ => None,
+        for (kind, jobs) in &latest.by_kind {
+            let l = DatastoreLabels {
+                environment: agent.environment.clone(),
+                agent: agent.id.clone(),
+                datastore: datastore.clone(),
+                kind: kind.to_string(),
             };
-            if let Some(v) = v {
-                succeeded.get_or_create(&labels(job)).set(v);
+            if let Some(job) = &jobs.last_success {
+                let finished_ms = job.finished_ms.unwrap_or_default();
+                last_success
+                    .get_or_create(&l)
+                    .set(finished_ms as f64 / 1000.0);
+                if let Some(r) = &job.result {
+                    duration
+                        .get_or_create(&l)
+                        .set(r.duration_ms as f64 / 1000.0);
+                    stored
+                        .get_or_create(&l)
+                        .set(i64::try_from(r.size_bytes).unwrap_or(i64::MAX));
+                    if *kind == JobKind::Restore
+                        && let Some((_, rpo_ms)) = r.rto_rpo_ms(finished_ms)
+                    {
+                        rpo.get_or_create(&l).set(rpo_ms as f64 / 1000.0);
+                    }
+                }
+            }
+            if let Some(job) = &jobs.last_outcome {
+                succeeded
+                    .get_or_create(&l)
+                    .set(i64::from(job.state == JobState::Succeeded));
             }
         }
     }
@@ -178,7 +184,7 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
     );
     registry.register(
         "last_restore_rpo_seconds",
-        "Age of the data restored by the newest succeeded restore when it finished, seconds",
+        "Age of the backup restored by the newest succeeded restore when it finished (restore end minus backup end), seconds",
         rpo,
     );
     registry.register(

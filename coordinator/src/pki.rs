@@ -20,6 +20,9 @@ use time::{Duration, OffsetDateTime};
 /// Validity of the CA, days (10 years).
 pub const CA_DAYS: i64 = 3650;
 
+/// The longest validity [`issue`] gives a certificate, days: the CA's own (10 years).
+pub const MAX_DAYS: u32 = 3650;
+
 /// Paths of a written certificate and its key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct IssuedFiles {
@@ -61,6 +64,12 @@ pub enum PkiError {
         /// What is wrong.
         message: String,
     },
+    /// A validity outside 1 to [`MAX_DAYS`] days: 0 would write a certificate already
+    /// expired, more would outlive the CA that signs it.
+    #[error(
+        "--days {0}: give 1 to {MAX_DAYS} days (0 writes a certificate already expired, more outlives the fleet CA); nothing was written"
+    )]
+    Days(u32),
     /// rcgen could not build or sign a certificate.
     #[error("cannot build the certificate for {name:?}: {source}")]
     Build {
@@ -159,8 +168,12 @@ pub fn init_ca(dir: &Path) -> Result<IssuedFiles, PkiError> {
 /// as both TLS server and client. Writes `dir/<name>.pem` and `dir/<name>.key`.
 ///
 /// # Errors
-/// [`PkiError::Name`], [`PkiError::Exists`], [`PkiError::Ca`], I/O and build errors.
+/// [`PkiError::Days`] for `days` outside 1 to [`MAX_DAYS`], [`PkiError::Name`],
+/// [`PkiError::Exists`], [`PkiError::Ca`], I/O and build errors. Nothing is written then.
 pub fn issue(dir: &Path, name: &str, sans: &[String], days: u32) -> Result<IssuedFiles, PkiError> {
+    if !(1..=MAX_DAYS).contains(&days) {
+        return Err(PkiError::Days(days));
+    }
     validate_name(name)?;
     if name == "ca" {
         return Err(PkiError::Name(name.to_owned()));
@@ -259,6 +272,29 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_validity_of_zero_days_or_beyond_the_cas_is_refused_naming_the_flag_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        init_ca(dir.path()).unwrap();
+        for days in [0, MAX_DAYS + 1, u32::MAX] {
+            let e = issue(dir.path(), "op", &[], days).unwrap_err();
+            assert!(matches!(e, PkiError::Days(d) if d == days), "{e}");
+            let text = e.to_string();
+            assert!(text.starts_with(&format!("--days {days}: ")), "{text}");
+            assert!(!dir.path().join("op.pem").exists() && !dir.path().join("op.key").exists());
+        }
+        let ok = issue(dir.path(), "op", &[], 1).unwrap();
+        let pem = std::fs::read_to_string(&ok.cert).unwrap();
+        let der = x509_parser::pem::parse_x509_pem(pem.as_bytes()).unwrap().1;
+        let cert = der.parse_x509().unwrap();
+        let left = cert
+            .validity()
+            .time_to_expiration()
+            .expect("not yet expired");
+        assert!(left > Duration::hours(23), "{left}");
+        issue(dir.path(), "longest", &[], MAX_DAYS).unwrap();
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_proto::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_server;
 use futures::Stream;
@@ -37,8 +38,9 @@ impl CoordinatorService {
     }
 
     async fn job(&self, id: &str) -> Result<Job, Status> {
-        ulid::Ulid::from_string(id)
-            .map_err(|_| Status::invalid_argument(format!("job id {id:?} is not a ULID")))?;
+        ulid::Ulid::from_string(id).map_err(|_| {
+            Status::invalid_argument(format!("job id {} is not a ULID", Bounded(id)))
+        })?;
         let key = id.to_owned();
         self.store(move |s| s.get_job(&key))
             .await?
@@ -147,7 +149,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::TriggerResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        tracing::info!(who, agent = %r.agent, datastore = %r.datastore, "Backup requested.");
+        tracing::info!(who, agent = %Bounded(&r.agent), datastore = %Bounded(&r.datastore),
+            "Backup requested.");
         let job_ids = self
             .coordinator
             .trigger(
@@ -170,7 +173,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::TriggerResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        tracing::info!(who, agent = %r.agent, datastore = %r.datastore, date = %r.date, "Restore requested.");
+        tracing::info!(who, agent = %Bounded(&r.agent), datastore = %Bounded(&r.datastore),
+            date = %Bounded(&r.date), "Restore requested.");
         let kind = if r.verify_only {
             JobKind::Verify
         } else {
@@ -275,6 +279,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 role: a.role.into(),
                 last_success: l.last_success.as_ref().map(Into::into),
                 last_job: l.last.as_ref().map(Into::into),
+                last_drill: l
+                    .by_kind
+                    .get(&JobKind::Restore)
+                    .and_then(|k| k.last_outcome.as_ref())
+                    .map(Into::into),
             })
             .collect();
         Ok(Response::new(v1::StatusResponse {

@@ -6,18 +6,21 @@
 //! - `jobs`: job id (ULID, so key order is creation order) → [`Job`].
 //! - `unfinished`: ids of queued or running jobs (reconciled at start).
 //! - `latest`: `agent\0datastore` → ids of the newest job and the newest succeeded one,
-//!   so `ferry status` is two point lookups per datastore whatever the history size.
+//!   and per job kind the newest that succeeded or failed and the newest that succeeded, so
+//!   `ferry status` and `/metrics` are a few point lookups per datastore whatever the
+//!   history size (and a verify never hides the last restore).
 //! - `events`: (job id, sequence) → [`JobEventRecord`].
 //! - `backups`: `<finished ms, 20 digits>\0<job id>` → [`BackupRecord`].
 //! - `audit`: sequence number → [`AuditEntry`], hash-chained ([`crate::audit`]).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use crate::audit::AuditEntry;
-use crate::model::{BackupRecord, Job, JobEventRecord, JobState};
+use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobState};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const UNFINISHED: TableDefinition<&str, ()> = TableDefinition::new("unfinished");
@@ -57,12 +60,26 @@ pub enum StoreError {
     },
 }
 
-/// The newest job and the newest succeeded job of one agent's datastore.
+/// The newest job and the newest succeeded job of one agent's datastore, overall and per
+/// kind.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct LatestJobs {
-    /// The newest job, any state.
+    /// The newest job, any state, any kind.
     pub last: Option<Job>,
-    /// The newest succeeded job.
+    /// The newest succeeded job, any kind.
+    pub last_success: Option<Job>,
+    /// Per kind that ever finished: its newest outcome and newest success. A verify
+    /// leaves the restore entry as it was: a drill's result stays until the next drill.
+    pub by_kind: BTreeMap<JobKind, KindJobs>,
+}
+
+/// The newest outcomes of one kind of job on one datastore.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KindJobs {
+    /// The newest job of this kind that succeeded or failed (a cancelled one is no
+    /// outcome; one queued or running has none yet).
+    pub last_outcome: Option<Job>,
+    /// The newest job of this kind that succeeded.
     pub last_success: Option<Job>,
 }
 
@@ -162,6 +179,23 @@ pub trait Store: Send + Sync + 'static {
 struct LatestIds {
     last: Option<String>,
     last_success: Option<String>,
+    /// Absent in stores written before it: [`RedbStore::latest_jobs`] then derives it from
+    /// `last` and `last_success`.
+    #[serde(default)]
+    kinds: BTreeMap<JobKind, KindIds>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct KindIds {
+    last_outcome: Option<String>,
+    last_success: Option<String>,
+}
+
+/// Sets `slot` to `id` unless it holds a newer id (ULIDs sort by creation).
+fn newest(slot: &mut Option<String>, id: &str) {
+    if slot.as_deref().is_none_or(|l| l <= id) {
+        *slot = Some(id.to_owned());
+    }
 }
 
 /// The redb implementation of [`Store`].
@@ -340,16 +374,14 @@ fn put_job_in(tx: &redb::WriteTransaction, job: &Job) -> Result<(), redb::Error>
         Some(v) => serde_json::from_slice(v.value()).unwrap_or_default(),
         None => LatestIds::default(),
     };
-    if ids.last.as_deref().is_none_or(|l| l <= job.id.as_str()) {
-        ids.last = Some(job.id.clone());
-    }
-    if job.state == JobState::Succeeded
-        && ids
-            .last_success
-            .as_deref()
-            .is_none_or(|l| l <= job.id.as_str())
-    {
-        ids.last_success = Some(job.id.clone());
+    newest(&mut ids.last, &job.id);
+    if matches!(job.state, JobState::Succeeded | JobState::Failed) {
+        let kind = ids.kinds.entry(job.kind).or_default();
+        newest(&mut kind.last_outcome, &job.id);
+        if job.state == JobState::Succeeded {
+            newest(&mut kind.last_success, &job.id);
+            newest(&mut ids.last_success, &job.id);
+        }
     }
     let value = serde_json::to_vec(&ids).expect("ids serialize");
     latest.insert(key.as_str(), value.as_slice())?;
@@ -481,10 +513,47 @@ impl Store for RedbStore {
             return Ok(LatestJobs::default());
         };
         let ids: LatestIds = self.decode(&key, &raw)?;
-        let mut jobs = self.get_jobs(&[ids.last, ids.last_success])?;
-        let last_success = jobs.pop().flatten();
-        let last = jobs.pop().flatten();
-        Ok(LatestJobs { last, last_success })
+        let kinds: Vec<JobKind> = ids.kinds.keys().copied().collect();
+        let mut wanted = vec![ids.last, ids.last_success];
+        for k in ids.kinds.into_values() {
+            wanted.extend([k.last_outcome, k.last_success]);
+        }
+        let mut jobs = self.get_jobs(&wanted)?.into_iter();
+        let last = jobs.next().flatten();
+        let last_success = jobs.next().flatten();
+        let mut by_kind = BTreeMap::new();
+        for kind in kinds {
+            let last_outcome = jobs.next().flatten();
+            let last_success = jobs.next().flatten();
+            by_kind.insert(
+                kind,
+                KindJobs {
+                    last_outcome,
+                    last_success,
+                },
+            );
+        }
+        if by_kind.is_empty() {
+            // Written before per-kind entries: what the overall ones say.
+            for job in [&last, &last_success].into_iter().flatten() {
+                if matches!(job.state, JobState::Succeeded | JobState::Failed) {
+                    let k: &mut KindJobs = by_kind.entry(job.kind).or_default();
+                    if k.last_outcome.as_ref().is_none_or(|o| o.id < job.id) {
+                        k.last_outcome = Some(job.clone());
+                    }
+                    if job.state == JobState::Succeeded
+                        && k.last_success.as_ref().is_none_or(|o| o.id < job.id)
+                    {
+                        k.last_success = Some(job.clone());
+                    }
+                }
+            }
+        }
+        Ok(LatestJobs {
+            last,
+            last_success,
+            by_kind,
+        })
     }
 
     fn delete_backups(&self, environment: &str, date: &str) -> Result<usize, StoreError> {
@@ -679,6 +748,68 @@ mod tests {
         assert_eq!(
             s.latest_jobs("nobody", "postgres").unwrap(),
             LatestJobs::default()
+        );
+    }
+
+    #[test]
+    fn a_verify_after_a_restore_leaves_the_restores_outcome_per_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("c.redb")).unwrap();
+        let of = |n, kind, state| Job {
+            kind,
+            ..job(n, "stage", state)
+        };
+        let failed_restore = of(1, JobKind::Restore, JobState::Failed);
+        let restore = of(2, JobKind::Restore, JobState::Succeeded);
+        let verify = of(3, JobKind::Verify, JobState::Succeeded);
+        let running = of(4, JobKind::Restore, JobState::Running);
+        for j in [&failed_restore, &restore, &verify, &running] {
+            s.put_job(j).unwrap();
+        }
+        let l = s.latest_jobs("stage", "postgres").unwrap();
+        assert_eq!(l.last.as_ref(), Some(&running));
+        assert_eq!(l.last_success.as_ref(), Some(&verify));
+        let r = &l.by_kind[&JobKind::Restore];
+        // The running restore has no outcome yet: the last drill is still the success.
+        assert_eq!(r.last_outcome.as_ref(), Some(&restore));
+        assert_eq!(r.last_success.as_ref(), Some(&restore));
+        assert_eq!(
+            l.by_kind[&JobKind::Verify].last_outcome.as_ref(),
+            Some(&verify)
+        );
+        assert!(!l.by_kind.contains_key(&JobKind::Backup));
+
+        // It fails: the drill's outcome is now the failure, its last success stays.
+        let failed = of(4, JobKind::Restore, JobState::Failed);
+        s.put_job(&failed).unwrap();
+        let l = s.latest_jobs("stage", "postgres").unwrap();
+        let r = &l.by_kind[&JobKind::Restore];
+        assert_eq!(r.last_outcome.as_ref(), Some(&failed));
+        assert_eq!(r.last_success.as_ref(), Some(&restore));
+    }
+
+    #[test]
+    fn latest_entries_written_before_per_kind_ones_are_read_per_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RedbStore::open(&dir.path().join("c.redb")).unwrap();
+        let restore = Job {
+            kind: JobKind::Restore,
+            ..job(1, "stage", JobState::Succeeded)
+        };
+        s.put_job(&restore).unwrap();
+        // As an older coordinator wrote it: no `kinds`.
+        s.write("old latest", |tx| {
+            let ids = serde_json::json!({"last": restore.id, "last_success": restore.id});
+            let value = serde_json::to_vec(&ids).unwrap();
+            tx.open_table(LATEST)?
+                .insert(latest_key("stage", "postgres").as_str(), value.as_slice())?;
+            Ok(())
+        })
+        .unwrap();
+        let l = s.latest_jobs("stage", "postgres").unwrap();
+        assert_eq!(
+            l.by_kind[&JobKind::Restore].last_outcome.as_ref(),
+            Some(&restore)
         );
     }
 }

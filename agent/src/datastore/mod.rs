@@ -436,6 +436,18 @@ impl Datastore {
         }
     }
 
+    /// The backup types an order may name (`full`, `diff`): its repository's
+    /// ([`Repository::backup_types`]); none for a streamed datastore.
+    pub fn backup_types(&self) -> &'static [&'static str] {
+        self.repository().map_or(&[], |r| r.backup_types())
+    }
+
+    /// Whether a restore may select namespaces (`db.collection`): MongoDB's dumps only;
+    /// every other kind is restored whole and refuses a selection.
+    pub fn takes_namespaces(&self) -> bool {
+        matches!(self, Datastore::Mongodb(_))
+    }
+
     /// The repository, for a datastore that writes its own ([`Repository`]); `None` for
     /// the datastores whose dated archives stream through the pipeline.
     pub fn repository(&self) -> Option<&dyn Repository> {

@@ -1,8 +1,13 @@
 //! `ferry`: the operator CLI (see `ferry_coordinator::cli`).
 
+use std::io::Write;
 use std::process::ExitCode;
 
 use clap::Parser;
+
+/// The exit code after a closed pipe (`ferry jobs | head -1`): what a shell reports for a
+/// process that SIGPIPE ended, 128 + 13, without the message.
+const CLOSED_PIPE: u8 = 141;
 
 fn main() -> ExitCode {
     let cli = ferry_coordinator::cli::Cli::parse();
@@ -10,8 +15,11 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(ferry_coordinator::cli::run(cli)) {
         Ok(code) => ExitCode::from(code as u8),
+        Err(e) if ferry_coordinator::cli::is_broken_pipe(&e) => ExitCode::from(CLOSED_PIPE),
         Err(e) => {
-            eprintln!("ferry: error: {e:#}");
+            let text = ferry_coordinator::cli::error_text(&e);
+            // Nowhere to say it if stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "ferry: error: {text}");
             ExitCode::from(2)
         }
     }

@@ -30,7 +30,7 @@ pub(super) async fn run(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!(v));
+        format::print_json(&serde_json::json!(v))?;
         return Ok(0);
     }
     let rows = agents
@@ -64,6 +64,6 @@ pub(super) async fn run(
             "DATASTORES",
         ],
         rows,
-    );
+    )?;
     Ok(0)
 }

@@ -4,7 +4,7 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use super::format::{self, time};
+use super::format::{self, outln, time};
 use super::{Output, status_error};
 use crate::audit::{self, AuditEntry};
 
@@ -32,17 +32,17 @@ pub(super) async fn run(
             format::print_json(&match &result {
                 Ok(n) => serde_json::json!({"ok": true, "entries": n, "newest_hash": newest}),
                 Err(e) => serde_json::json!({"ok": false, "error": e}),
-            });
+            })?;
         } else {
             match &result {
-                Ok(n) => println!("audit log intact: {n} entries, newest hash {newest}"),
-                Err(e) => println!("audit log BROKEN: {e}"),
+                Ok(n) => outln!("audit log intact: {n} entries, newest hash {newest}")?,
+                Err(e) => outln!("audit log BROKEN: {e}")?,
             }
         }
         return Ok(if result.is_ok() { 0 } else { 1 });
     }
     if out == Output::Json {
-        format::print_json(&serde_json::to_value(&entries)?);
+        format::print_json(&serde_json::to_value(&entries)?)?;
         return Ok(0);
     }
     let rows = entries
@@ -58,6 +58,6 @@ pub(super) async fn run(
             ]
         })
         .collect();
-    format::table(&["SEQ", "WHEN", "WHO", "ACTION", "TARGET", "OUTCOME"], rows);
+    format::table(&["SEQ", "WHEN", "WHO", "ACTION", "TARGET", "OUTCOME"], rows)?;
     Ok(0)
 }

@@ -32,7 +32,7 @@ pub(super) async fn run(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!(v));
+        format::print_json(&serde_json::json!(v))?;
         return Ok(0);
     }
     let rows = backups
@@ -60,7 +60,7 @@ pub(super) async fn run(
             "PATH",
         ],
         rows,
-    );
+    )?;
     Ok(0)
 }
 
@@ -94,7 +94,7 @@ pub(super) async fn sets(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!(v));
+        format::print_json(&serde_json::json!(v))?;
         return Ok(0);
     }
     let rows = sets
@@ -120,6 +120,6 @@ pub(super) async fn sets(
     format::table(
         &["ENVIRONMENT", "DATE", "SET", "MEMBERS", "SIZE", "MISSING"],
         rows,
-    );
+    )?;
     Ok(0)
 }

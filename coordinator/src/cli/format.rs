@@ -1,6 +1,42 @@
-//! Formatting for human output: sizes, durations, times, tables, and jobs as JSON.
+//! Formatting for human output: sizes, durations, times, tables, and jobs as JSON. Output
+//! goes through [`outln!`], [`table`] and [`print_json`], which return the write's error
+//! (a closed pipe, `ferry jobs | head -1`) instead of panicking as `println!` does.
+
+use std::io::Write;
 
 use ferry_proto::v1;
+
+/// `writeln!` to stdout, returning the [`std::io::Result`].
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)
+    }};
+}
+pub(crate) use outln;
+
+/// `text` with control characters (newline, tab, escape sequences...) and the invisible
+/// characters that reorder or hide text (bidirectional overrides, zero-width ones)
+/// written as escapes (`\n`, `\t`, `\u{1b}`), so that a value cannot split a table row
+/// or drive the terminal.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control()
+                || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+                    | '\u{2066}'..='\u{2069}' | '\u{feff}') =>
+            {
+                out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
 
 /// `1.5 GiB`, `312 KiB`, `17 B`.
 pub fn bytes(n: u64) -> String {
@@ -72,26 +108,36 @@ pub fn role(r: i32) -> &'static str {
         .unwrap_or("unknown")
 }
 
-/// Prints rows as a left-aligned table with a header.
-pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
+/// Prints rows as a left-aligned table with a header, each cell [`escape`]d: one row is
+/// one line whatever the values hold.
+///
+/// # Errors
+/// Writing to stdout failed (a closed pipe).
+pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = rows
+        .into_iter()
+        .map(|r| r.iter().map(|c| escape(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate() {
             widths[i] = widths[i].max(c.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
+    let mut out = std::io::stdout().lock();
+    let mut line = |cells: &[String]| {
         let s: Vec<String> = cells
             .iter()
             .enumerate()
             .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        writeln!(out, "{}", s.join("  ").trim_end())
     };
-    line(header.iter().map(|h| h.to_string()).collect());
-    for r in rows {
-        line(r);
+    line(&header.iter().map(|h| h.to_string()).collect::<Vec<_>>())?;
+    for r in &rows {
+        line(r)?;
     }
+    Ok(())
 }
 
 /// A job as JSON for `--output json`.
@@ -124,6 +170,22 @@ pub fn job_json(j: &v1::Job) -> serde_json::Value {
 }
 
 /// Prints JSON, pretty.
-pub fn print_json(v: &serde_json::Value) {
-    println!("{}", serde_json::to_string_pretty(v).expect("JSON"));
+///
+/// # Errors
+/// Writing to stdout failed (a closed pipe).
+pub fn print_json(v: &serde_json::Value) -> std::io::Result<()> {
+    outln!("{}", serde_json::to_string_pretty(v).expect("JSON"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_and_invisible_characters_are_escaped() {
+        assert_eq!(
+            escape("post\ngres\t\u{1b}[2J\u{202e}x é"),
+            "post\\ngres\\t\\u{1b}[2J\\u{202e}x é"
+        );
+    }
 }

@@ -21,7 +21,7 @@ pub(super) async fn run(
     if out == Output::Json {
         format::print_json(&serde_json::json!(
             jobs.iter().map(format::job_json).collect::<Vec<_>>()
-        ));
+        ))?;
         return Ok(0);
     }
     let rows = jobs
@@ -58,6 +58,6 @@ pub(super) async fn run(
             "DETAIL",
         ],
         rows,
-    );
+    )?;
     Ok(0)
 }

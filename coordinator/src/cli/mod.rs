@@ -4,15 +4,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_proto::v1::coordinator_client::CoordinatorClient;
-use tonic::transport::{Channel, Endpoint};
 
 mod agents;
 mod audit;
 mod backup;
 mod backups;
+mod connect;
 mod format;
 mod job;
 mod jobs;
@@ -167,45 +165,13 @@ pub enum Command {
     },
 }
 
-impl Cli {
-    async fn client(&self) -> anyhow::Result<CoordinatorClient<Channel>> {
-        let missing = |what: &str, flag: &str, env: &str| {
-            anyhow::anyhow!("no {what}: pass {flag} or set {env} (see `ferry --help`)")
-        };
-        let tls = ferry_proto::tls::TlsFiles {
-            ca: self
-                .ca
-                .clone()
-                .ok_or_else(|| missing("fleet CA", "--ca", "FERRY_CA"))?,
-            cert: self
-                .cert
-                .clone()
-                .ok_or_else(|| missing("operator certificate", "--cert", "FERRY_CERT"))?,
-            key: self
-                .key
-                .clone()
-                .ok_or_else(|| missing("operator key", "--key", "FERRY_KEY"))?,
-        };
-        let channel = Endpoint::from_shared(self.coordinator.clone())
-            .with_context(|| format!("coordinator URL {:?}", self.coordinator))?
-            .tls_config(tls.client_config(&self.server_name)?)?
-            .connect_timeout(std::time::Duration::from_secs(10))
-            .connect()
-            .await
-            .with_context(|| format!("cannot reach the coordinator at {}", self.coordinator))?;
-        Ok(CoordinatorClient::new(channel)
-            .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
-            .max_decoding_message_size(crate::MAX_RESPONSE_BYTES))
-    }
-}
-
 /// Runs the CLI; the returned code is the process's exit code (1 when a waited-for job
 /// failed).
 ///
 /// # Errors
 /// Connection and request errors, with the coordinator's message.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let mut client = cli.client().await?;
+    let mut client = connect::client(&cli).await?;
     let out = cli.output;
     match cli.command {
         Command::Status => status::run(&mut client, out).await,
@@ -270,4 +236,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 /// Turns a gRPC error into an error whose message is the coordinator's.
 pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}", crate::agents::describe_status(&s))
+}
+
+/// An error and its causes as one line, `: `-separated, each cause once: many errors
+/// (TLS files, transport errors) show their source in their own message too.
+pub fn error_text(e: &anyhow::Error) -> String {
+    crate::agents::join_causes(e.chain().map(ToString::to_string))
+}
+
+/// Whether `e` comes from writing to a closed pipe (`ferry jobs | head -1`): the reader
+/// has what it wanted, so the CLI exits without a message.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

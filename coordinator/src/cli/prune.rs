@@ -33,7 +33,7 @@ pub(super) async fn run(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!(v));
+        format::print_json(&serde_json::json!(v))?;
         return Ok(0);
     }
     let rows = decisions
@@ -57,6 +57,6 @@ pub(super) async fn run(
     format::table(
         &["ENVIRONMENT", "DATE", "DECISION", "BACKUPS", "SIZE"],
         rows,
-    );
+    )?;
     Ok(0)
 }

@@ -8,15 +8,10 @@ use super::format::{self, bytes, duration_ms, time};
 use super::{Output, status_error};
 
 /// The last restore drill of a staging datastore: `pass RTO 2.1 s RPO 6h 2m`, or
-/// `FAIL: ...`; `-` for production rows or before the first restore.
+/// `FAIL: ...`; `-` for production rows or before the first restore. A verify since does
+/// not hide it.
 fn drill(d: &v1::DatastoreStatus) -> (String, serde_json::Value) {
-    let Some(j) = d.last_job.as_ref().filter(|j| {
-        matches!(v1::JobKind::try_from(j.kind), Ok(v1::JobKind::Restore))
-            && matches!(
-                v1::JobState::try_from(j.state),
-                Ok(v1::JobState::Succeeded | v1::JobState::Failed)
-            )
-    }) else {
+    let Some(j) = d.last_drill.as_ref() else {
         return ("-".into(), serde_json::Value::Null);
     };
     if matches!(v1::JobState::try_from(j.state), Ok(v1::JobState::Failed)) {
@@ -73,7 +68,7 @@ pub(super) async fn run(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!({ "now": time(s.now_unix_ms), "datastores": rows }));
+        format::print_json(&serde_json::json!({ "now": time(s.now_unix_ms), "datastores": rows }))?;
         return Ok(0);
     }
     let rows = s
@@ -124,6 +119,6 @@ pub(super) async fn run(
             "NEXT RUN",
         ],
         rows,
-    );
+    )?;
     Ok(0)
 }

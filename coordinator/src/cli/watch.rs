@@ -8,7 +8,7 @@ use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use super::format::{self, bytes};
+use super::format::{self, bytes, outln};
 use super::{Output, status_error};
 
 /// Prints the job ids, or waits for every job and returns 1 if any did not succeed.
@@ -20,8 +20,12 @@ pub(super) async fn report(
 ) -> anyhow::Result<i32> {
     if !wait {
         match out {
-            Output::Json => format::print_json(&serde_json::json!({ "job_ids": ids })),
-            Output::Human => ids.iter().for_each(|id| println!("{id}")),
+            Output::Json => format::print_json(&serde_json::json!({ "job_ids": ids }))?,
+            Output::Human => {
+                for id in &ids {
+                    outln!("{id}")?;
+                }
+            }
         }
         return Ok(0);
     }
@@ -37,11 +41,11 @@ pub(super) async fn report(
     match out {
         Output::Json => format::print_json(&serde_json::json!(
             jobs.iter().map(format::job_json).collect::<Vec<_>>()
-        )),
+        ))?,
         Output::Human => {
             for j in &jobs {
-                match &j.result {
-                    Some(r) if j.state == v1::JobState::Succeeded as i32 => println!(
+                let written = match &j.result {
+                    Some(r) if j.state == v1::JobState::Succeeded as i32 => outln!(
                         "{} {} of {} on {} succeeded: {} ({}, sha256 {})\n  {}",
                         j.id,
                         format::kind(j.kind),
@@ -52,7 +56,7 @@ pub(super) async fn report(
                         &r.sha256[..r.sha256.len().min(16)],
                         r.summary
                     ),
-                    _ => println!(
+                    _ => outln!(
                         "{} {} of {} on {} {}: {}",
                         j.id,
                         format::kind(j.kind),
@@ -61,7 +65,8 @@ pub(super) async fn report(
                         format::state(j.state),
                         j.error
                     ),
-                }
+                };
+                written?;
             }
         }
     }
