@@ -245,6 +245,7 @@ fn config_writers_escape_and_omit_what_is_unset() {
         tls,
         retry: None,
         agents: vec![AgentEntry::of(&agent)],
+        operators: vec![Operator::admin("alice"), Operator::new("bob", "viewer")],
         schedules: vec![Schedule::restore("pg-stage", Some("postgres"), "0 5 * * *")],
     };
     let text = coordinator.to_toml();
@@ -254,4 +255,10 @@ fn config_writers_escape_and_omit_what_is_unset() {
     );
     assert!(text.contains("[[schedules]]\nagent = \"pg-stage\"\ndatastore = \"postgres\"\nkind = \"restore\"\ncron = \"0 5 * * *\"\n"), "{text}");
     assert!(!text.contains("[retry]"), "{text}");
+    assert!(
+        text.contains(
+            "[[operators]]\nname = \"alice\"\nrole = \"admin\"\n\n[[operators]]\nname = \"bob\"\nrole = \"viewer\"\n"
+        ),
+        "{text}"
+    );
 }

@@ -7,12 +7,14 @@
 //! [tls]    cert = "..."  key = "..."  ca = "..."
 //! [retry]  max_attempts = 3  initial_backoff_seconds = 30  max_backoff_seconds = 600
 //! [[agents]]     id = "pg-prod"  address = "https://10.0.0.5:7443"  role = "production"  environment = "production"
+//! [[operators]]  name = "alice"  role = "admin"
 //! [[schedules]]  agent = "pg-prod"  datastore = "postgres"  kind = "backup"  cron = "0 2 * * *"
 //! ```
 //!
 //! Rejected at start, naming the entry: an unknown key, a schedule for an unknown agent,
-//! a schedule contrary to its agent's role, and one agent with both backup and restore
-//! schedules.
+//! a schedule contrary to its agent's role, one agent with both backup and restore
+//! schedules, an unknown operator role, and an operator name that is also an agent's or the
+//! coordinator's own certificate name.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use ferry_proto::Role;
 use ferry_proto::tls::TlsFiles;
 use serde::Deserialize;
 
+use crate::access::OperatorRole;
 use crate::model::JobKind;
 
 /// `[tls]`: the coordinator's certificate and key, and the fleet CA (PEM).
@@ -111,6 +114,17 @@ pub struct AgentEntry {
     pub environment: String,
 }
 
+/// One `[[operators]]` entry: a certificate allowed to use the coordinator's gRPC
+/// service (the `ferry` CLI), and what it may do there (see [`crate::access`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorEntry {
+    /// The common name of the operator's certificate (`ferry-coordinator pki issue --name`).
+    pub name: String,
+    /// `viewer`, `operator` or `admin`.
+    pub role: String,
+}
+
 /// One `[[schedules]]` entry.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -167,6 +181,9 @@ pub struct CoordinatorConfig {
     /// The inventory.
     #[serde(default)]
     pub agents: Vec<AgentEntry>,
+    /// Who may use the gRPC service, and with which role; nobody else may.
+    #[serde(default)]
+    pub operators: Vec<OperatorEntry>,
     /// Retention policies of dated folders, one per environment.
     #[serde(default)]
     pub retention: Vec<RetentionEntry>,
@@ -258,6 +275,8 @@ pub struct Settings {
     pub retry: RetryConfig,
     /// Agents by id.
     pub agents: BTreeMap<String, Agent>,
+    /// Operators' roles by certificate name.
+    pub operators: BTreeMap<String, OperatorRole>,
     /// Schedules.
     pub schedules: Vec<Schedule>,
     /// The maintenance connection to the backup server, if configured.
@@ -321,6 +340,27 @@ pub fn check_date(date: &str) -> Result<(), String> {
     }
 }
 
+/// The common name of the certificate in the PEM file `path`, as
+/// [`ferry_proto::tls::peer_name`] reads a peer's.
+///
+/// # Errors
+/// A message naming the file when it cannot be read, holds no certificate, or the
+/// certificate has no common name.
+pub fn certificate_name(path: &Path) -> Result<String, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
+        .map_err(|e| format!("{} holds no PEM certificate: {e}", path.display()))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| format!("{} holds no X.509 certificate: {e}", path.display()))?;
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .map(str::to_owned)
+        .ok_or_else(|| format!("the certificate in {} has no common name", path.display()))
+}
+
 impl CoordinatorConfig {
     /// Reads and parses `path`.
     ///
@@ -361,10 +401,13 @@ impl CoordinatorConfig {
         }
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key".into(), e.to_string()))?;
+        let own_name =
+            certificate_name(&self.tls.cert).map_err(|m| invalid("tls.cert".into(), m))?;
         if let Some(m) = &self.maintenance {
             m.validate()
                 .map_err(|(field, msg)| invalid(format!("maintenance.{field}"), msg))?;
         }
+        let agent_ids: Vec<String> = self.agents.iter().map(|a| a.id.clone()).collect();
         let mut agents = BTreeMap::new();
         for (i, a) in self.agents.into_iter().enumerate() {
             check_name("agent id", &a.id).map_err(|m| invalid(format!("agents[{i}].id"), m))?;
@@ -394,6 +437,56 @@ impl CoordinatorConfig {
                 return Err(invalid(
                     format!("agents[{i}].id"),
                     format!("agent {:?} is listed twice", a.id),
+                ));
+            }
+        }
+        let mut operators = BTreeMap::new();
+        for (i, o) in self.operators.into_iter().enumerate() {
+            let field = format!("operators[{i}].name");
+            crate::pki::validate_name(&o.name).map_err(|_| {
+                invalid(
+                    field.clone(),
+                    format!(
+                        "{} is not a certificate name `ferry-coordinator pki issue` makes: 1 to 64 \
+                         characters of a-z, A-Z, 0-9, '.', '_' and '-', not starting with '.' or '-'",
+                        ferry_proto::Bounded(&o.name)
+                    ),
+                )
+            })?;
+            if let Some(j) = agent_ids.iter().position(|id| *id == o.name) {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{:?} is also an agent (agents[{j}].id): an agent's certificate is never an \
+                         operator's; issue the operator a certificate of their own",
+                        o.name
+                    ),
+                ));
+            }
+            if o.name == own_name {
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{:?} is the coordinator's own certificate name (tls.cert): it is never an \
+                         operator's; issue the operator a certificate of their own",
+                        o.name
+                    ),
+                ));
+            }
+            let role = OperatorRole::parse(&o.role).ok_or_else(|| {
+                invalid(
+                    format!("operators[{i}].role"),
+                    format!(
+                        "{} is not a role: viewer (read only), operator (also backups and \
+                         restores) or admin (also prune)",
+                        ferry_proto::Bounded(&o.role)
+                    ),
+                )
+            })?;
+            if operators.insert(o.name.clone(), role).is_some() {
+                return Err(invalid(
+                    field,
+                    format!("operator {:?} is listed twice", o.name),
                 ));
             }
         }
@@ -479,6 +572,7 @@ impl CoordinatorConfig {
             },
             retry: self.retry,
             agents,
+            operators,
             schedules,
             maintenance: self.maintenance,
             retention: self
@@ -527,10 +621,18 @@ environment = "staging"
         let key = dir.path().join("coordinator.key");
         std::fs::write(&key, "key").unwrap();
         std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
-        let text = format!("{BASE}{extra}").replace(
-            "key = \"k\"",
-            &format!("key = {:?}", key.display().to_string()),
-        );
+        let pki = dir.path().join("pki");
+        crate::pki::init_ca(&pki).unwrap();
+        let cert = crate::pki::issue(&pki, "coordinator", &[], 1).unwrap().cert;
+        let text = format!("{BASE}{extra}")
+            .replace(
+                "key = \"k\"",
+                &format!("key = {:?}", key.display().to_string()),
+            )
+            .replace(
+                "cert = \"c\"",
+                &format!("cert = {:?}", cert.display().to_string()),
+            );
         let cfg: CoordinatorConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         cfg.build(Path::new("coordinator.toml"))
             .map_err(|e| e.to_string())
@@ -635,6 +737,101 @@ environment = "staging"
             e.contains("schedules[0].type") && e.contains("datastore"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn operators_build_with_their_roles() {
+        let s = build(
+            "[[operators]]\nname = \"alice\"\nrole = \"admin\"\n\
+             [[operators]]\nname = \"bob.ops\"\nrole = \"operator\"\n\
+             [[operators]]\nname = \"carol\"\nrole = \"viewer\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            s.operators.into_iter().collect::<Vec<_>>(),
+            [
+                ("alice".to_owned(), OperatorRole::Admin),
+                ("bob.ops".to_owned(), OperatorRole::Operator),
+                ("carol".to_owned(), OperatorRole::Viewer),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_operator_named_as_an_agent_is_rejected_naming_the_field() {
+        let e = build(
+            "[[operators]]\nname = \"alice\"\nrole = \"admin\"\n\
+             [[operators]]\nname = \"pg-stage\"\nrole = \"viewer\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("operators[1].name") && e.contains("pg-stage") && e.contains("agents[1].id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_operator_named_as_the_coordinators_certificate_is_rejected_naming_the_field() {
+        let e = build("[[operators]]\nname = \"coordinator\"\nrole = \"admin\"\n").unwrap_err();
+        assert!(
+            e.contains("operators[0].name") && e.contains("coordinator's own certificate"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unknown_operator_role_or_key_or_a_bad_or_repeated_name_is_rejected_naming_the_field() {
+        let e = build("[[operators]]\nname = \"alice\"\nrole = \"root\"\n").unwrap_err();
+        assert!(
+            e.contains("operators[0].role") && e.contains("\"root\"") && e.contains("viewer"),
+            "{e}"
+        );
+        let e = build("[[operators]]\nname = \"alice\"\nrole = \"Admin\"\n").unwrap_err();
+        assert!(e.contains("operators[0].role"), "{e}");
+        let e = build("[[operators]]\nname = \"alice\"\nrole = \"admin\"\nrights = \"all\"\n")
+            .unwrap_err();
+        assert!(e.contains("rights"), "{e}");
+        let e = build("[[operators]]\nname = \"alice\"\n").unwrap_err();
+        assert!(e.contains("role"), "{e}");
+        let e = build("[[operators]]\nname = \"al ice\"\nrole = \"admin\"\n").unwrap_err();
+        assert!(e.contains("operators[0].name"), "{e}");
+        let long = "a".repeat(5000);
+        let e = build(&format!(
+            "[[operators]]\nname = \"{long}\"\nrole = \"admin\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("operators[0].name") && e.contains("(cut; 5000 bytes)") && e.len() < 1000,
+            "{e}"
+        );
+        let e = build(
+            "[[operators]]\nname = \"alice\"\nrole = \"admin\"\n\
+             [[operators]]\nname = \"alice\"\nrole = \"viewer\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("operators[1].name") && e.contains("twice"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_unreadable_coordinator_certificate_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("coordinator.key");
+        std::fs::write(&key, "key").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let text = BASE.replace(
+            "key = \"k\"",
+            &format!("key = {:?}", key.display().to_string()),
+        );
+        let cfg: CoordinatorConfig = toml::from_str(&text).unwrap();
+        let e = cfg
+            .build(Path::new("coordinator.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tls.cert") && e.contains("cannot read c"), "{e}");
     }
 
     #[test]

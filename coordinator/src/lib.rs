@@ -5,6 +5,7 @@
 //!   schedules).
 //! - [`model`]: jobs, progress, results and the backup catalog (domain types).
 //! - [`store`]: the persistent [`store::Store`] (redb): jobs, their events, the catalog.
+//! - [`access`]: `[[operators]]` and their roles: which certificate may call which method.
 //! - [`agents`]: mTLS channels to agents and their `Describe` checked against the inventory.
 //! - [`dispatch`]: triggers → jobs → orders, retries, timeouts, schedules.
 //! - [`service`] and [`convert`]: the `ferry.v1.Coordinator` gRPC handlers.
@@ -18,6 +19,7 @@ use anyhow::Context;
 use ferry_proto::v1::coordinator_server::CoordinatorServer;
 use tokio_util::sync::CancellationToken;
 
+pub mod access;
 pub mod agents;
 pub mod audit;
 pub mod cli;
@@ -41,8 +43,9 @@ pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
 pub const DESCRIBE_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Serves the coordinator until `shutdown` is cancelled: the gRPC service for the CLI,
-/// the schedules, and the periodic agent checks.
+/// Serves the coordinator until `shutdown` is cancelled: the gRPC service for the CLI (open
+/// only to the `[[operators]]`, each as its role allows: [`access`]), the schedules, and
+/// the periodic agent checks.
 ///
 /// # Errors
 /// The store cannot be opened, TLS files are unusable, or the address is taken.
@@ -57,6 +60,12 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         settings.agent_timeout,
     );
     let listen = settings.listen;
+    let access = Arc::new(access::Access::new(settings.operators.clone()));
+    if settings.operators.is_empty() {
+        tracing::warn!(
+            "No [[operators]] in the config: every call of the ferry CLI will be refused."
+        );
+    }
     let coordinator = Arc::new(dispatch::Coordinator {
         settings,
         store,
@@ -88,11 +97,12 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
     let served = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration (check [tls] cert, key and ca)")?
-        .add_service(
+        .add_service(access::Guarded::new(
             CoordinatorServer::new(service::CoordinatorService::new(coordinator))
                 .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
-        )
+            access,
+        ))
         .serve_with_shutdown(listen, shutdown.clone().cancelled_owned())
         .await
         .with_context(|| format!("serving gRPC on {listen}"));

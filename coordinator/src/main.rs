@@ -100,9 +100,10 @@ fn main() -> ExitCode {
             .and_then(|c| c.build(&config))
             .map(|s| {
                 println!(
-                    "config {}: valid ({} agents, {} schedules)",
+                    "config {}: valid ({} agents, {} operators, {} schedules)",
                     config.display(),
                     s.agents.len(),
+                    s.operators.len(),
                     s.schedules.len()
                 )
             })

@@ -326,6 +326,30 @@ impl AgentEntry {
     }
 }
 
+/// An `[[operators]]` entry of the coordinator: a certificate name and its role.
+#[derive(Clone, Debug)]
+pub struct Operator {
+    /// The certificate's common name.
+    pub name: String,
+    /// `viewer`, `operator` or `admin` (any text: tests write wrong ones on purpose).
+    pub role: String,
+}
+
+impl Operator {
+    /// `name` with role `role`.
+    pub fn new(name: &str, role: &str) -> Operator {
+        Operator {
+            name: name.into(),
+            role: role.into(),
+        }
+    }
+
+    /// `name` as an admin (every method), as the harness's CLI certificate `operator` is.
+    pub fn admin(name: &str) -> Operator {
+        Self::new(name, "admin")
+    }
+}
+
 /// A `[[schedules]]` entry of the coordinator.
 #[derive(Clone, Debug)]
 pub struct Schedule {
@@ -374,6 +398,8 @@ pub struct CoordinatorConfig {
     pub retry: Option<Retry>,
     /// Inventory.
     pub agents: Vec<AgentEntry>,
+    /// Who may use the CLI, and as what.
+    pub operators: Vec<Operator>,
     /// Schedules.
     pub schedules: Vec<Schedule>,
 }
@@ -408,6 +434,14 @@ impl CoordinatorConfig {
                 toml_str(&a.address),
                 toml_str(a.role.as_str()),
                 toml_str(&a.environment)
+            );
+        }
+        for o in &self.operators {
+            let _ = write!(
+                s,
+                "\n[[operators]]\nname = {}\nrole = {}\n",
+                toml_str(&o.name),
+                toml_str(&o.role)
             );
         }
         for sc in &self.schedules {

@@ -13,7 +13,7 @@ use tempfile::TempDir;
 
 use crate::config::{
     AgentConfig, AgentEntry, AgentRole, BackupServer, CoordinatorConfig, Datastore, Encryption,
-    PostgresDatastore, Retry, Schedule,
+    Operator, PostgresDatastore, Retry, Schedule,
 };
 use crate::fleet::{Fleet, age_keygen};
 use crate::netns::Netns;
@@ -119,7 +119,8 @@ pub struct Deployment {
     pub sshd: Sshd,
     /// The backup server's network namespace, if it has one (removed after sshd stops).
     pub netns: Option<Netns>,
-    /// Certificates: `coordinator`, `pg-prod`, `pg-stage`, `operator`.
+    /// Certificates: `coordinator`, `pg-prod`, `pg-stage`, `operator` (the CLI's, an admin
+    /// in `[[operators]]`).
     pub fleet: Fleet,
     /// The staging age identity file.
     pub identity: PathBuf,
@@ -257,6 +258,7 @@ impl Deployment {
             tls: fleet.tls("coordinator"),
             retry: Some(opts.retry),
             agents: vec![AgentEntry::of(&prod_agent), AgentEntry::of(&stage_agent)],
+            operators: vec![Operator::admin("operator")],
             schedules: opts.schedules,
         };
         let prod_config = prod_agent.write(&d.join("pg-prod.toml"));

@@ -66,20 +66,59 @@ pub async fn fleet_channel(
     port: u16,
     server: &str,
 ) -> Result<Channel, String> {
+    tls_channel(
+        Some((&fleet.cert(name), &fleet.key(name))),
+        &fleet.ca(),
+        port,
+        server,
+    )
+    .await
+}
+
+/// A TLS channel to `127.0.0.1:port` trusting `ca` for a server certificate for `server`,
+/// presenting `identity` (certificate, key: any, e.g. one from a foreign CA) or no client
+/// certificate at all; `Err` with the whole error chain if the handshake or connection
+/// fails. With TLS 1.3 a server that refuses the client's certificate may only say so at
+/// the first call: see [`tls_refused`].
+pub async fn tls_channel(
+    identity: Option<(&Path, &Path)>,
+    ca: &Path,
+    port: u16,
+    server: &str,
+) -> Result<Channel, String> {
     ferry_proto::tls::install_crypto_provider();
-    let tls = TlsFiles {
-        cert: fleet.cert(name),
-        key: fleet.key(name),
-        ca: fleet.ca(),
+    let config = match identity {
+        Some((cert, key)) => TlsFiles {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            ca: ca.to_owned(),
+        }
+        .client_config(server)
+        .map_err(|e| e.to_string())?,
+        None => tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                fs::read(ca).map_err(|e| format!("{}: {e}", ca.display()))?,
+            ))
+            .domain_name(server),
     };
     Endpoint::from_shared(format!("https://127.0.0.1:{port}"))
         .map_err(|e| e.to_string())?
-        .tls_config(tls.client_config(server).map_err(|e| e.to_string())?)
+        .tls_config(config)
         .map_err(|e| e.to_string())?
         .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
         .connect()
         .await
         .map_err(|e| error_chain(&e))
+}
+
+/// Whether `status` is a call that never reached the server's handlers because the TLS
+/// session failed (the server refused the client's certificate after the handshake, as TLS
+/// 1.3 allows, and closed the connection): an error of the client's transport (its
+/// `source` is a `tonic::transport::Error`), never an answer of the service itself such as
+/// `PermissionDenied`.
+pub fn tls_refused(status: &tonic::Status) -> bool {
+    std::error::Error::source(status).is_some_and(|s| s.is::<tonic::transport::Error>())
 }
 
 /// An error and all its sources, `: `-separated.

@@ -469,6 +469,7 @@ fn main() -> anyhow::Result<()> {
             max_backoff_seconds: 10,
         }),
         agents: configs.iter().map(AgentEntry::of).collect(),
+        operators: vec![Operator::admin("operator")],
         schedules: Vec::new(),
     };
     let coordinator_config = d.join("coordinator.toml");
