@@ -59,22 +59,24 @@ impl AgentService {
     }
 }
 
-/// The gRPC stream of `updates`, ending after the final one. A watcher too slow for
-/// the progress ticks misses some; the final update is never missed (see
-/// [`JobRunner::watch`]).
+/// The gRPC stream of `updates`, ending right after the final one (finished or failed).
+/// The job's broadcast sender outlives the job (later watchers subscribe to it), so the
+/// broadcast alone never ends: the stream stops itself, and a client reading to the end
+/// returns at once instead of at its deadline. A watcher too slow for the progress ticks
+/// misses some; the final update is never missed (see [`JobRunner::watch`]).
 fn events(job_id: String, updates: Updates) -> EventStream {
     let live = BroadcastStream::new(updates.live).filter_map(Result::ok);
-    let mut ended = false;
-    Box::pin(
-        tokio_stream::iter(updates.first)
-            .chain(live)
-            .take_while(move |u| {
-                let more = !ended;
-                ended |= u.is_final();
-                more
-            })
-            .map(move |u| Ok(to_event(&job_id, u))),
-    )
+    let all: Pin<Box<dyn Stream<Item = JobUpdate> + Send>> =
+        Box::pin(tokio_stream::iter(updates.first).chain(live));
+    let until_final = futures::stream::unfold((all, false), |(mut all, ended)| async move {
+        if ended {
+            return None;
+        }
+        let update = all.next().await?;
+        let ended = update.is_final();
+        Some((update, (all, ended)))
+    });
+    Box::pin(until_final.map(move |u| Ok(to_event(&job_id, u))))
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
