@@ -3,6 +3,9 @@
 //! coordinator's certificate where the test plays the coordinator:
 //! - an agent's job streams (`RunBackup`, `RunRestore`, `WatchJob`) end after their final
 //!   event;
+//! - orders with oversized fields (a 3 MiB job id, a 10 kB datastore name) are refused
+//!   with a short, readable error, malformed protobuf is `InvalidArgument`, and no agent log
+//!   line grows with what a client sent;
 //! - the daemons' log files hold no terminal colour codes.
 
 use std::fs;
@@ -180,4 +183,199 @@ fn daemon_log_files_hold_no_terminal_colour_codes() {
             );
         }
     }
+}
+
+/// An order as raw bytes on the wire: field 1 (the job id of every order) and 2 (the
+/// datastore) as bytes, so a test can send strings that are not UTF-8.
+#[derive(Clone, PartialEq, prost::Message)]
+struct RawOrder {
+    #[prost(bytes = "vec", tag = "1")]
+    job_id: Vec<u8>,
+    #[prost(bytes = "vec", tag = "2")]
+    datastore: Vec<u8>,
+}
+
+/// A refusal a client can read: `code`, a message under 1 KiB holding every one of `says`.
+fn assert_short_refusal(what: &str, e: &tonic::Status, code: tonic::Code, says: &[&str]) {
+    assert_eq!(e.code(), code, "{what}: {e:?}");
+    assert!(
+        e.message().len() < 1024,
+        "{what}: {} bytes of message",
+        e.message().len()
+    );
+    for s in says {
+        assert!(e.message().contains(s), "{what}: {}", e.message());
+    }
+}
+
+/// The longest line of the agents' logs, and its first 200 characters.
+fn longest_agent_log_line(d: &Deployment) -> (usize, String) {
+    let mut longest = (0, String::new());
+    for which in ["agent-prod", "agent-stage"] {
+        let log = fs::read(d.dir.path().join(format!("{which}.log"))).unwrap();
+        for line in String::from_utf8_lossy(&log).lines() {
+            if line.len() > longest.0 {
+                longest = (line.len(), line.chars().take(200).collect());
+            }
+        }
+    }
+    longest
+}
+
+#[test]
+fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() {
+    use tonic::Code;
+    let d = Deployment::start();
+    let huge = "x".repeat(3 << 20);
+    let cut = format!("(cut; {} bytes)", huge.len());
+    let long_name = "d".repeat(10_000);
+    runtime().block_on(async {
+        let mut prod = agent(&d, d.prod_port, "pg-prod").await;
+        let mut stage = agent(&d, d.stage_port, "pg-stage").await;
+
+        let e = prod
+            .run_backup(v1::RunBackupRequest {
+                job_id: huge.clone(),
+                datastore: "postgres".into(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a 3 MiB job id");
+        assert_short_refusal(
+            "backup job id",
+            &e,
+            Code::InvalidArgument,
+            &["job id", &cut],
+        );
+        let e = prod
+            .run_backup(v1::RunBackupRequest {
+                job_id: job_id(1),
+                datastore: long_name.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a 10 kB datastore name");
+        assert_short_refusal(
+            "backup datastore",
+            &e,
+            Code::InvalidArgument,
+            &["not a valid name", "(cut; 10000 bytes)"],
+        );
+        let e = prod
+            .run_backup(v1::RunBackupRequest {
+                job_id: job_id(1),
+                datastore: "postgres".into(),
+                backup_type: huge.clone(),
+            })
+            .await
+            .expect_err("a 3 MiB backup type");
+        assert_short_refusal("backup type", &e, Code::InvalidArgument, &[&cut]);
+        // Outside the role: refused for that first, still short.
+        let e = prod
+            .run_restore(v1::RunRestoreRequest {
+                job_id: huge.clone(),
+                datastore: long_name.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect_err("a restore on production");
+        assert_short_refusal(
+            "restore on production",
+            &e,
+            Code::PermissionDenied,
+            &["(cut; 10000 bytes)"],
+        );
+
+        for verify_only in [false, true] {
+            let what = if verify_only { "verify" } else { "restore" };
+            let e = stage
+                .run_restore(v1::RunRestoreRequest {
+                    job_id: huge.clone(),
+                    datastore: "postgres".into(),
+                    verify_only,
+                    ..Default::default()
+                })
+                .await
+                .expect_err(what);
+            assert_short_refusal(what, &e, Code::InvalidArgument, &["job id", &cut]);
+            let e = stage
+                .run_restore(v1::RunRestoreRequest {
+                    job_id: job_id(2),
+                    datastore: "postgres".into(),
+                    date: huge.clone(),
+                    verify_only,
+                    ..Default::default()
+                })
+                .await
+                .expect_err(what);
+            assert_short_refusal(what, &e, Code::InvalidArgument, &["YYYY-MM-DD", &cut]);
+        }
+        let e = stage
+            .run_restore(v1::RunRestoreRequest {
+                job_id: job_id(2),
+                datastore: "postgres".into(),
+                namespaces: vec![huge.clone()],
+                ..Default::default()
+            })
+            .await
+            .expect_err("a 3 MiB namespace");
+        assert_short_refusal("namespace", &e, Code::InvalidArgument, &[&cut]);
+        let e = stage
+            .watch_job(v1::WatchJobRequest {
+                job_id: huge.clone(),
+            })
+            .await
+            .expect_err("watching a 3 MiB job id");
+        assert_short_refusal("watch", &e, Code::NotFound, &[&cut]);
+        let cancelled = stage
+            .cancel_job(v1::CancelJobRequest {
+                job_id: huge.clone(),
+            })
+            .await
+            .unwrap();
+        assert!(!cancelled.into_inner().cancelled);
+
+        // 200,000 valid namespaces (2.5 MB) in an order the agent accepts: the job fails
+        // (there is no backup), its log lines stay short.
+        let namespaces: Vec<String> = (0..200_000).map(|i| format!("app.c{i:07}")).collect();
+        let stream = stage
+            .run_restore(v1::RunRestoreRequest {
+                job_id: job_id(3),
+                datastore: "postgres".into(),
+                namespaces,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let events = read_to_end("restore of 200,000 namespaces", stream).await;
+        assert!(
+            matches!(events.last().unwrap().event, Some(Event::Failed(_))),
+            "{events:?}"
+        );
+
+        // Malformed protobuf (a job id that is not UTF-8): the sender's fault.
+        let channel = fleet_channel(&d.fleet, "coordinator", d.prod_port, "pg-prod")
+            .await
+            .unwrap();
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let e = grpc
+            .server_streaming(
+                tonic::Request::new(RawOrder {
+                    job_id: vec![0xff, 0xfe, b'x'],
+                    datastore: b"postgres".to_vec(),
+                }),
+                tonic::codegen::http::uri::PathAndQuery::from_static("/ferry.v1.Agent/RunBackup"),
+                tonic_prost::ProstCodec::<RawOrder, v1::JobEvent>::default(),
+            )
+            .await
+            .expect_err("a job id that is not UTF-8");
+        assert_short_refusal("malformed order", &e, Code::InvalidArgument, &["UTF-8"]);
+        // The agent still serves.
+        prod.describe(v1::DescribeRequest {}).await.unwrap();
+    });
+    let (len, line) = longest_agent_log_line(&d);
+    assert!(len < 4096, "an agent log line of {len} bytes: {line}...");
+    assert!(d.sshd.files().is_empty(), "{:?}", d.sshd.files());
 }

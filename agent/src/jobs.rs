@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::Bounded;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -40,6 +41,42 @@ pub enum OrderKind {
         /// Only these namespaces (`db.collection`); all when empty.
         namespaces: Vec<String>,
     },
+}
+
+impl std::fmt::Display for OrderKind {
+    /// What the order asks for, for logs: `backup`, `backup type full`, `verify date
+    /// 2026-02-05`, `restore 3 namespace(s) "app.a,app.b,app.c"`. The values a client sent
+    /// are shown [`Bounded`], so a log line never grows with the order.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, date) = match self {
+            OrderKind::Backup { backup_type } => {
+                f.write_str("backup")?;
+                if let Some(t) = backup_type {
+                    write!(f, " type {}", Bounded(t))?;
+                }
+                return Ok(());
+            }
+            OrderKind::Verify { date } => ("verify", date),
+            OrderKind::Restore { date, .. } => ("restore", date),
+        };
+        f.write_str(what)?;
+        if let Some(d) = date {
+            write!(f, " date {}", Bounded(d))?;
+        }
+        if let OrderKind::Restore { namespaces, .. } = self
+            && !namespaces.is_empty()
+        {
+            // The first few are enough for the 100 characters shown.
+            let first: Vec<&str> = namespaces.iter().take(8).map(String::as_str).collect();
+            write!(
+                f,
+                " {} namespace(s) {}",
+                namespaces.len(),
+                Bounded(&first.join(","))
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// A validated order.
@@ -102,20 +139,19 @@ pub fn validate(
             } else {
                 "restore"
             },
-            datastore
-                .chars()
-                .take(layout::MAX_NAME_LEN)
-                .collect::<String>()
+            Bounded(datastore)
         )));
     }
-    ulid::Ulid::from_string(job_id)
-        .map_err(|_| OrderError::InvalidArgument(format!("job id {job_id:?} is not a ULID")))?;
+    ulid::Ulid::from_string(job_id).map_err(|_| {
+        OrderError::InvalidArgument(format!("job id {} is not a ULID", Bounded(job_id)))
+    })?;
     layout::validate_name("datastore", datastore)
         .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
     let ds = settings.datastores.get(datastore).cloned().ok_or_else(|| {
         OrderError::InvalidArgument(format!(
-            "agent {} has no datastore {datastore:?}; it has: {}",
+            "agent {} has no datastore {}; it has: {}",
             settings.id,
+            Bounded(datastore),
             settings
                 .datastores
                 .keys()
@@ -131,9 +167,10 @@ pub fn validate(
         let types = ds.repository().map(|r| r.backup_types()).unwrap_or(&[]);
         if !types.contains(&t.as_str()) {
             return Err(OrderError::InvalidArgument(format!(
-                "datastore {datastore:?} ({}) takes no backup type {:?}{}",
+                "datastore {} ({}) takes no backup type {}{}",
+                Bounded(datastore),
                 ds.kind(),
-                t.chars().take(20).collect::<String>(),
+                Bounded(t),
                 if types.is_empty() {
                     String::new()
                 } else {
@@ -151,8 +188,8 @@ pub fn validate(
         }
         if let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n)) {
             return Err(OrderError::InvalidArgument(format!(
-                "namespace {:?} is not of the form database.collection",
-                bad.chars().take(300).collect::<String>()
+                "namespace {} is not of the form database.collection",
+                Bounded(bad)
             )));
         }
     }
@@ -292,7 +329,7 @@ impl JobRunner {
             let progress = Progress::new(cancel.clone());
             let span = tracing::info_span!("job", job_id = %order.job_id, datastore = %name);
             let _ = tx.send(JobUpdate::Accepted { kind });
-            tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
+            tracing::info!(parent: &span, order = %order.kind, "Job accepted.");
             let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
             // Beyond max_concurrent_jobs, wait (progress says so, so the coordinator
             // sees a live job); a cancel while waiting ends it.

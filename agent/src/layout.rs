@@ -9,6 +9,7 @@
 //! the same datastore already exists under that name: a second backup never overwrites.
 
 use chrono::{DateTime, NaiveDate, Utc};
+use ferry_proto::Bounded;
 
 /// Longest environment, datastore or agent name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -19,17 +20,20 @@ pub enum NameError {
     /// Empty, too long, or with a character outside `[A-Za-z0-9-]` (`_` is the layout's
     /// separator, `.`/`/`/NUL could escape it).
     #[error(
-        "{what} {name:?} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
+        "{what} {name} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
     )]
     Invalid {
         /// Which kind of name, e.g. `datastore`.
         what: &'static str,
-        /// The offending value (escaped when printed).
+        /// The offending value, quoted, escaped and cut as [`Bounded`] shows it.
         name: String,
     },
     /// Not a `YYYY-MM-DD` calendar date.
-    #[error("date {0:?} is not a calendar date of the form YYYY-MM-DD")]
-    Date(String),
+    #[error("date {0} is not a calendar date of the form YYYY-MM-DD")]
+    Date(
+        /// The value, quoted, escaped and cut as [`Bounded`] shows it.
+        String,
+    ),
 }
 
 /// Checks a name used as a path component: 1 to 64 of `[A-Za-z0-9-]`, not starting with `-`.
@@ -46,7 +50,7 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
     } else {
         Err(NameError::Invalid {
             what,
-            name: name.chars().take(MAX_NAME_LEN + 8).collect(),
+            name: Bounded(name).to_string(),
         })
     }
 }
@@ -64,9 +68,10 @@ pub fn parse_date(date: &str) -> Result<NaiveDate, NameError> {
             _ => b.is_ascii_digit(),
         });
     if !shaped {
-        return Err(NameError::Date(date.chars().take(32).collect()));
+        return Err(NameError::Date(Bounded(date).to_string()));
     }
-    NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| NameError::Date(date.to_owned()))
+    NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .map_err(|_| NameError::Date(Bounded(date).to_string()))
 }
 
 /// Where one stored file lives: `<root>/<environment>/<date>/<file>`.

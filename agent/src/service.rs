@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ferry_proto::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::agent_server::Agent;
 use futures::Stream;
@@ -34,11 +35,10 @@ impl AgentService {
         match &peer {
             Some(name) if allowed.iter().any(|a| a == name) => Ok(()),
             _ => {
-                let who = peer.as_deref().unwrap_or("(no name)");
-                let who: String = who.chars().take(72).collect();
+                let who = Bounded(peer.as_deref().unwrap_or("(no name)"));
                 tracing::warn!(client = %who, "Request refused: not an allowed client.");
                 Err(Status::permission_denied(format!(
-                    "agent {} takes orders only from {} (tls.allowed_clients); certificate {who:?} is not one",
+                    "agent {} takes orders only from {} (tls.allowed_clients); certificate {who} is not one",
                     self.runner.settings().id,
                     allowed.join(", ")
                 )))
@@ -49,9 +49,8 @@ impl AgentService {
     fn start(&self, job_id: &str, datastore: &str, kind: OrderKind) -> Result<EventStream, Status> {
         let order =
             jobs::validate(self.runner.settings(), job_id, datastore, kind).inspect_err(|e| {
-                let datastore: String = datastore.chars().take(72).collect();
-                let job_id: String = job_id.chars().take(40).collect();
-                tracing::warn!(job_id, datastore, error = %e, "Order refused.");
+                tracing::warn!(job_id = %Bounded(job_id), datastore = %Bounded(datastore),
+                    error = %e, "Order refused.");
             })?;
         let job_id = order.job_id.clone();
         let updates = self.runner.start(order)?;
@@ -222,10 +221,10 @@ impl Agent for AgentService {
         match self.runner.watch(&job_id) {
             Some(updates) => Ok(Response::new(events(job_id, updates))),
             None => Err(Status::not_found(format!(
-                "agent {} does not know job {:?}: it never ran here, the agent restarted since, \
+                "agent {} does not know job {}: it never ran here, the agent restarted since, \
                  or it is older than the last {} jobs",
                 self.runner.settings().id,
-                job_id.chars().take(40).collect::<String>(),
+                Bounded(&job_id),
                 jobs::REMEMBERED_JOBS
             ))),
         }
