@@ -6,9 +6,13 @@
 //! - orders with oversized fields (a 3 MiB job id, a 10 kB datastore name) are refused
 //!   with a short, readable error, malformed protobuf is `InvalidArgument`, and no agent log
 //!   line grows with what a client sent;
+//! - an order reusing a job id the agent knows is refused (`AlreadyExists`), except the
+//!   same order for a job still running, and the coordinator's retries carry an id per
+//!   attempt;
 //! - the daemons' log files hold no terminal colour codes.
 
 use std::fs;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_proto::v1;
@@ -378,4 +382,209 @@ fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() 
     let (len, line) = longest_agent_log_line(&d);
     assert!(len < 4096, "an agent log line of {len} bytes: {line}...");
     assert!(d.sshd.files().is_empty(), "{:?}", d.sshd.files());
+}
+
+/// Sends SIGSTOP (`stop`) or SIGCONT to the backup server's sshd: while it is stopped, a
+/// new SSH connection hangs in its handshake (the kernel still accepts it), so a job that
+/// needs the backup server stays running until the agent's I/O timeout.
+fn freeze_backup_server(d: &mut Deployment, stop: bool) {
+    let pid = d.sshd.process().pid().to_string();
+    let signal = if stop { "-STOP" } else { "-CONT" };
+    run_ok(Command::new("kill").args([signal, &pid]));
+}
+
+/// The first event of `stream`, within 30 s.
+async fn first_event(what: &str, stream: &mut tonic::Streaming<v1::JobEvent>) -> v1::JobEvent {
+    tokio::time::timeout(Duration::from_secs(30), stream.message())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no event within 30 s"))
+        .unwrap_or_else(|e| panic!("{what}: {e:?}"))
+        .unwrap_or_else(|| panic!("{what}: the stream ended at once"))
+}
+
+#[test]
+fn an_order_reusing_a_known_job_id_is_refused_unless_it_is_the_same_running_order() {
+    use tonic::Code;
+    let mut d = Deployment::start();
+    let verify = v1::RunRestoreRequest {
+        job_id: job_id(1),
+        datastore: "postgres".into(),
+        verify_only: true,
+        ..Default::default()
+    };
+    // The verify stays running (in "locate") while the backup server is frozen.
+    freeze_backup_server(&mut d, true);
+    let rt = runtime();
+    let (first, again) = rt.block_on(async {
+        let mut stage = agent(&d, d.stage_port, "pg-stage").await;
+        let mut first = stage
+            .run_restore(verify.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let e = first_event("the verify", &mut first).await;
+        assert!(matches!(e.event, Some(Event::Accepted(_))), "{e:?}");
+
+        // The running verify's id on a restore, or on a verify of another date.
+        for (what, order) in [
+            (
+                "a restore",
+                v1::RunRestoreRequest {
+                    verify_only: false,
+                    ..verify.clone()
+                },
+            ),
+            (
+                "a verify of another date",
+                v1::RunRestoreRequest {
+                    date: "2026-01-01".into(),
+                    ..verify.clone()
+                },
+            ),
+        ] {
+            let e = stage
+                .run_restore(order)
+                .await
+                .expect_err(&format!("{what} under the running verify's id was taken"));
+            assert_short_refusal(
+                what,
+                &e,
+                Code::AlreadyExists,
+                &[
+                    &job_id(1),
+                    "already running",
+                    "verify of datastore \"postgres\"",
+                ],
+            );
+        }
+        // The very same order (a coordinator re-sending it) follows the running job.
+        let mut again = stage
+            .run_restore(verify.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        let e = first_event("the same verify again", &mut again).await;
+        assert!(matches!(e.event, Some(Event::Accepted(_))), "{e:?}");
+        (first, again)
+    });
+    freeze_backup_server(&mut d, false);
+    rt.block_on(async {
+        let mut stage = agent(&d, d.stage_port, "pg-stage").await;
+        let first = read_to_end("the verify", first).await;
+        let again = read_to_end("the verify followed again", again).await;
+        // Nothing was backed up: the verify finds nothing, once, seen by both.
+        let last = first.last().unwrap().event.clone();
+        assert!(matches!(last, Some(Event::Failed(_))), "{first:?}");
+        assert_eq!(again.last().unwrap().event, last);
+
+        // Finished: its id is refused whatever the order, the same one included.
+        let e = stage
+            .run_restore(verify.clone())
+            .await
+            .expect_err("a finished job's id was taken again");
+        assert_short_refusal(
+            "the finished verify again",
+            &e,
+            Code::AlreadyExists,
+            &[&job_id(1), "already ran", "failed"],
+        );
+
+        // The same on production: a finished backup's id does not start another backup.
+        let mut prod = agent(&d, d.prod_port, "pg-prod").await;
+        let backup = v1::RunBackupRequest {
+            job_id: job_id(2),
+            datastore: "postgres".into(),
+            ..Default::default()
+        };
+        let events = read_to_end(
+            "a backup",
+            prod.run_backup(backup.clone()).await.unwrap().into_inner(),
+        )
+        .await;
+        assert!(
+            matches!(events.last().unwrap().event, Some(Event::Finished(_))),
+            "{events:?}"
+        );
+        let e = prod
+            .run_backup(backup)
+            .await
+            .expect_err("a finished backup's id started another backup");
+        assert_short_refusal(
+            "the finished backup again",
+            &e,
+            Code::AlreadyExists,
+            &[&job_id(2), "already ran", "succeeded"],
+        );
+    });
+    let archives: Vec<String> = d
+        .sshd
+        .final_files()
+        .into_iter()
+        .filter(|f| f.contains("postgres_backup_") && f.ends_with(".age"))
+        .collect();
+    assert_eq!(archives.len(), 1, "{archives:?}");
+    let log = fs::read_to_string(d.dir.path().join("agent-stage.log")).unwrap();
+    assert_eq!(log.matches("Job accepted.").count(), 1, "{log}");
+}
+
+/// `ferry job ID --output json`, polled until `done` holds for it; panics with the logs
+/// after 120 s.
+fn wait_job(
+    d: &Deployment,
+    id: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = d.ferry_json(&["job", id]);
+        if done(&j) {
+            return j;
+        }
+        assert!(Instant::now() < deadline, "job {id}: {j}\n{}", d.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn the_coordinators_retry_is_ordered_under_an_attempt_id_of_its_own_and_succeeds() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        // The first attempt gives up on the frozen backup server after 3 s.
+        io_timeout_seconds: Some(3),
+        retry: Retry {
+            max_attempts: 3,
+            initial_backoff_seconds: 3,
+            max_backoff_seconds: 3,
+        },
+        ..DeploymentOptions::default()
+    });
+    freeze_backup_server(&mut d, true);
+    let job = d
+        .ferry_ok(&["backup", "pg-prod", "postgres"])
+        .trim()
+        .to_owned();
+    let failed = wait_job(&d, &job, |j| j["error"].is_string());
+    freeze_backup_server(&mut d, false);
+    assert_eq!(failed["attempt"], 1, "{failed}");
+    let done = wait_job(&d, &job, |j| {
+        j["state"] == "succeeded" || j["state"] == "failed"
+    });
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", d.logs());
+    assert_eq!(done["attempt"], 2, "{done}");
+
+    let log = fs::read_to_string(d.dir.path().join("agent-prod.log")).unwrap();
+    let retry = format!("{job}-a2");
+    for (id, outcome) in [(&job, "Job failed."), (&retry, "Job succeeded.")] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("job_id={id} ")) && l.contains(outcome)),
+            "no {outcome:?} for {id} in the agent's log:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("AlreadyExists") && !log.contains("already ran"),
+        "{log}"
+    );
+    // The catalog records the backup under the job, not the attempt.
+    let catalog = d.ferry_json(&["backups"]);
+    assert_eq!(catalog[0]["job_id"], job.as_str(), "{catalog}");
 }

@@ -81,12 +81,22 @@ impl std::fmt::Display for OrderKind {
 
 /// A validated order.
 pub struct Order {
-    /// The coordinator's job id (a ULID).
+    /// The id the order carries, which names the job on this agent (`WatchJob`,
+    /// `CancelJob`, events, logs): the coordinator's job id (a ULID) for a job's first
+    /// attempt, `<job>-a<N>` for its Nth ([`ferry_proto::attempt`]).
     pub job_id: String,
     /// The datastore.
     pub datastore: Arc<Datastore>,
     /// Backup or restore.
     pub kind: OrderKind,
+}
+
+impl Order {
+    /// The coordinator's job id without the attempt: what names the files and scratch
+    /// databases of the job, so a retry finds (and sweeps) what an earlier attempt left.
+    pub fn job(&self) -> &str {
+        ferry_proto::attempt::split_attempt_id(&self.job_id).map_or(&self.job_id, |(job, _)| job)
+    }
 }
 
 /// An order refused before anything ran.
@@ -101,6 +111,10 @@ pub enum OrderError {
     /// The datastore already has a running job.
     #[error("{0}")]
     Busy(String),
+    /// The job id is already known here: another order for a running job, or a job that
+    /// finished.
+    #[error("{0}")]
+    AlreadyExists(String),
 }
 
 impl From<OrderError> for tonic::Status {
@@ -109,6 +123,7 @@ impl From<OrderError> for tonic::Status {
             OrderError::PermissionDenied(m) => tonic::Status::permission_denied(m),
             OrderError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             OrderError::Busy(m) => tonic::Status::failed_precondition(m),
+            OrderError::AlreadyExists(m) => tonic::Status::already_exists(m),
         }
     }
 }
@@ -142,9 +157,13 @@ pub fn validate(
             Bounded(datastore)
         )));
     }
-    ulid::Ulid::from_string(job_id).map_err(|_| {
-        OrderError::InvalidArgument(format!("job id {} is not a ULID", Bounded(job_id)))
-    })?;
+    let is_ulid = |job: &str| ulid::Ulid::from_string(job).is_ok();
+    if !ferry_proto::attempt::split_attempt_id(job_id).is_some_and(|(job, _)| is_ulid(job)) {
+        return Err(OrderError::InvalidArgument(format!(
+            "job id {} is not a ULID, or a ULID and -a<attempt> (2 or more)",
+            Bounded(job_id)
+        )));
+    }
     layout::validate_name("datastore", datastore)
         .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
     let ds = settings.datastores.get(datastore).cloned().ok_or_else(|| {
@@ -248,9 +267,31 @@ pub struct Updates {
 
 /// A job this agent ran or runs.
 struct Tracked {
+    /// The datastore's kind.
     kind: &'static str,
+    /// The datastore's name.
+    datastore: String,
+    /// What the order asked for.
+    order: OrderKind,
     updates: broadcast::Sender<JobUpdate>,
     outcome: Option<JobUpdate>,
+}
+
+impl Tracked {
+    /// Follows the job: its updates from now on after an `Accepted`, or its outcome alone.
+    fn follow(&self) -> Updates {
+        let live = self.updates.subscribe();
+        let first = match &self.outcome {
+            Some(outcome) => vec![outcome.clone()],
+            None => vec![JobUpdate::Accepted { kind: self.kind }],
+        };
+        Updates { first, live }
+    }
+
+    /// `verify date 2026-02-05 of datastore "postgres"`, for refusals.
+    fn describe(&self) -> String {
+        format!("{} of datastore {}", self.order, Bounded(&self.datastore))
+    }
 }
 
 /// The jobs this agent knows: the running ones and the last [`REMEMBERED_JOBS`] finished.
@@ -289,40 +330,72 @@ impl JobRunner {
     }
 
     /// Starts `order` and returns its updates; the job keeps running if the receiver is
-    /// dropped (a coordinator restart does not kill a backup). An order for the job that
-    /// is already running (the same job id, sent again by a coordinator that lost the
-    /// answer) follows that job instead of starting another.
+    /// dropped (a coordinator restart does not kill a backup). The same order again for a
+    /// job still running (the same id, datastore and request, sent again by a coordinator
+    /// that lost the answer) follows that job instead of starting another.
     ///
     /// # Errors
-    /// [`OrderError::Busy`] if the datastore has another running job.
+    /// [`OrderError::AlreadyExists`] if the job id is known here otherwise: a running job
+    /// given another order (another kind, datastore, date...), or a finished job (of the
+    /// last [`REMEMBERED_JOBS`]) sent again; a retry needs an id of its own
+    /// ([`ferry_proto::attempt`]). [`OrderError::Busy`] if the datastore has another
+    /// running job.
     pub fn start(self: &Arc<Self>, order: Order) -> Result<Updates, OrderError> {
         let name = order.datastore.name().to_owned();
         let cancel = self.shutdown.child_token();
+        let kind = order.datastore.kind();
+        let (tx, rx) = broadcast::channel(64);
         {
+            // Lock order: `running`, then `book`.
             let mut running = self.running.lock().expect("jobs lock");
+            let mut book = self.book.lock().expect("book lock");
+            if let Some(known) = book.jobs.get(&order.job_id) {
+                let this = format!("{} of datastore {}", order.kind, Bounded(&name));
+                return match &known.outcome {
+                    None if known.datastore == name && known.order == order.kind => {
+                        Ok(known.follow())
+                    }
+                    None => Err(OrderError::AlreadyExists(format!(
+                        "job {} is already running on agent {} as a {}; refusing to take it \
+                         as a {this}: a new order needs a job id of its own",
+                        order.job_id,
+                        self.settings.id,
+                        known.describe()
+                    ))),
+                    Some(outcome) => Err(OrderError::AlreadyExists(format!(
+                        "job {} already ran on agent {} (a {}, {}); refusing to run it again \
+                         as a {this}: a new order or a retry needs a job id of its own \
+                         (the coordinator orders attempt N as <job>-a<N>)",
+                        order.job_id,
+                        self.settings.id,
+                        known.describe(),
+                        if matches!(outcome, JobUpdate::Finished { .. }) {
+                            "succeeded"
+                        } else {
+                            "failed"
+                        }
+                    ))),
+                };
+            }
             if let Some((other, _)) = running.get(&name) {
-                if *other == order.job_id
-                    && let Some(updates) = self.watch(other)
-                {
-                    return Ok(updates);
-                }
                 return Err(OrderError::Busy(format!(
                     "datastore {name:?} on agent {} is busy with job {other}; one job per datastore at a time",
                     self.settings.id
                 )));
             }
             running.insert(name.clone(), (order.job_id.clone(), cancel.clone()));
+            book.jobs.insert(
+                order.job_id.clone(),
+                Tracked {
+                    kind,
+                    datastore: name.clone(),
+                    order: order.kind.clone(),
+                    updates: tx.clone(),
+                    outcome: None,
+                },
+            );
         }
-        let kind = order.datastore.kind();
-        let (tx, rx) = broadcast::channel(64);
-        self.book.lock().expect("book lock").jobs.insert(
-            order.job_id.clone(),
-            Tracked {
-                kind,
-                updates: tx.clone(),
-                outcome: None,
-            },
-        );
+        let job = order.job().to_owned();
         let runner = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
@@ -347,13 +420,8 @@ impl JobRunner {
                     r.backup(&runner.settings, backup_type, &progress).await
                 }
                 (OrderKind::Restore { date, namespaces }, Some(r)) => {
-                    r.restore(
-                        &runner.settings,
-                        &order.job_id,
-                        (date, namespaces),
-                        &progress,
-                    )
-                    .await
+                    r.restore(&runner.settings, &job, (date, namespaces), &progress)
+                        .await
                 }
                 (OrderKind::Verify { date }, None) => {
                     pipeline::verify(
@@ -368,7 +436,7 @@ impl JobRunner {
                     pipeline::backup(
                         runner.settings.clone(),
                         order.datastore.clone(),
-                        order.job_id.clone(),
+                        job,
                         progress.clone(),
                     )
                     .await
@@ -377,7 +445,7 @@ impl JobRunner {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),
-                        order.job_id.clone(),
+                        job,
                         date,
                         namespaces,
                         progress.clone(),
@@ -427,12 +495,7 @@ impl JobRunner {
             let Some(old) = book.finished.pop_front() else {
                 break;
             };
-            // A retried job id may be running again: keep it.
-            if book.jobs.get(&old).is_some_and(|t| t.outcome.is_some())
-                && !book.finished.contains(&old)
-            {
-                book.jobs.remove(&old);
-            }
+            book.jobs.remove(&old);
         }
     }
 
@@ -442,13 +505,7 @@ impl JobRunner {
     /// [`REMEMBERED_JOBS`]).
     pub fn watch(&self, job_id: &str) -> Option<Updates> {
         let book = self.book.lock().expect("book lock");
-        let t = book.jobs.get(job_id)?;
-        let live = t.updates.subscribe();
-        let first = match &t.outcome {
-            Some(outcome) => vec![outcome.clone()],
-            None => vec![JobUpdate::Accepted { kind: t.kind }],
-        };
-        Some(Updates { first, live })
+        book.jobs.get(job_id).map(Tracked::follow)
     }
 
     /// Cancels job `job_id` if it is running here; returns whether it was.

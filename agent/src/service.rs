@@ -53,7 +53,9 @@ impl AgentService {
                     error = %e, "Order refused.");
             })?;
         let job_id = order.job_id.clone();
-        let updates = self.runner.start(order)?;
+        let updates = self.runner.start(order).inspect_err(|e| {
+            tracing::warn!(job_id, datastore, error = %e, "Order refused.");
+        })?;
         Ok(events(job_id, updates))
     }
 }

@@ -581,7 +581,10 @@ impl Coordinator {
                             _ = tokio::time::sleep(wait) => {}
                             _ = self.shutdown.cancelled() => return,
                         }
+                        // Stored before the order goes out: a restarted coordinator asks
+                        // the agent about this attempt's id, not the last one's.
                         job.attempt += 1;
+                        self.put(&job).await;
                         continue;
                     }
                     job.state = JobState::Failed;
@@ -622,11 +625,17 @@ impl Coordinator {
                 };
             }
         };
+        // Each attempt under an id of its own: the agent refuses an id it already knows.
+        let order_id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
         self.audit(
             "coordinator",
             &format!("order {}", job.kind),
             &format!("{} {}/{}", job.id, job.agent, job.datastore),
-            &format!("sent (attempt {})", job.attempt),
+            &if order_id == job.id {
+                format!("sent (attempt {})", job.attempt)
+            } else {
+                format!("sent (attempt {} as {order_id})", job.attempt)
+            },
         )
         .await;
         let timeout = self.settings.agent_timeout;
@@ -635,7 +644,7 @@ impl Coordinator {
                 JobKind::Backup => {
                     client
                         .run_backup(v1::RunBackupRequest {
-                            job_id: job.id.clone(),
+                            job_id: order_id.clone(),
                             datastore: job.datastore.clone(),
                             backup_type: job.backup_type.clone().unwrap_or_default(),
                         })
@@ -644,7 +653,7 @@ impl Coordinator {
                 JobKind::Restore | JobKind::Verify => {
                     client
                         .run_restore(v1::RunRestoreRequest {
-                            job_id: job.id.clone(),
+                            job_id: order_id.clone(),
                             datastore: job.datastore.clone(),
                             date: job.date.clone().unwrap_or_default(),
                             namespaces: job.namespaces.clone(),
@@ -703,7 +712,7 @@ impl Coordinator {
             let next = match tokio::time::timeout(timeout, stream.message()).await {
                 Err(_) => {
                     let mut client = client.clone();
-                    let id = job.id.clone();
+                    let id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
                     tokio::spawn(async move {
                         client.cancel_job(v1::CancelJobRequest { job_id: id }).await
                     });
@@ -809,7 +818,8 @@ impl Coordinator {
     }
 
     /// What became of `job`, a job of a previous coordinator process: the outcome of the
-    /// attempt its agent still runs or ran, or `None` to make a new attempt.
+    /// attempt its agent still runs or ran (asked under the stored attempt's id,
+    /// [`ferry_proto::attempt::attempt_id`]), or `None` to make a new attempt.
     async fn recover(&self, job: &mut Job) -> Option<Attempt> {
         self.event(
             job,
@@ -831,7 +841,7 @@ impl Coordinator {
         let asked = tokio::time::timeout(
             self.settings.agent_timeout,
             client.watch_job(v1::WatchJobRequest {
-                job_id: job.id.clone(),
+                job_id: ferry_proto::attempt::attempt_id(&job.id, job.attempt),
             }),
         )
         .await;

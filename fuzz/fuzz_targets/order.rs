@@ -8,7 +8,8 @@
 //! - the role decides first: an order outside the role is `PermissionDenied` whatever else
 //!   it holds, and one inside it never is;
 //! - an accepted order names a configured datastore whose name is 1 to 64 bytes, no `/`,
-//!   no NUL, no `..`, not hidden and one path component; a ULID job id; dates of exactly
+//!   no NUL, no `..`, not hidden and one path component; a ULID job id, or a ULID and
+//!   `-a<N>` (N >= 2, a retry's attempt id); dates of exactly
 //!   `YYYY-MM-DD`; a backup type the datastore offers; namespaces `db.collection`.
 #![no_main]
 
@@ -24,6 +25,8 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Arbitrary, Debug)]
 enum JobId {
     Ulid(u128),
+    /// A ULID followed by `-a` and this text (a retry's attempt id when it is a number).
+    Attempt(u128, String),
     Text(String),
 }
 
@@ -114,6 +117,7 @@ fuzz_target!(|input: Input| {
     };
     let job_id = match input.job_id {
         JobId::Ulid(n) => ulid::Ulid(n).to_string(),
+        JobId::Attempt(n, attempt) => format!("{}-a{attempt}", ulid::Ulid(n)),
         JobId::Text(s) => s,
     };
     let datastore = match input.datastore {
@@ -160,7 +164,14 @@ fuzz_target!(|input: Input| {
     assert!(allowed, "an order outside the role was accepted");
     assert_eq!(order.kind, kind);
     assert_eq!(order.job_id, job_id);
-    ulid::Ulid::from_string(&job_id).expect("accepted job id is a ULID");
+    let (job, attempt) = ferry_proto::attempt::split_attempt_id(&job_id)
+        .expect("accepted job id is a ULID or an attempt id");
+    ulid::Ulid::from_string(job).expect("accepted job id is a ULID, with its attempt");
+    assert!(attempt >= 1);
+    if attempt > 1 {
+        assert_eq!(job_id, format!("{job}-a{attempt}"));
+    }
+    assert_eq!(order.job(), job);
 
     let name = order.datastore.name();
     assert_eq!(name, datastore);
