@@ -9,6 +9,8 @@
 //! - an order reusing a job id the agent knows is refused (`AlreadyExists`), except the
 //!   same order for a job still running, and the coordinator's retries carry an id per
 //!   attempt;
+//! - a restore or verify reads the exact backup the coordinator chose from its catalog,
+//!   never a newer one the catalog did not record, and fails naming it if it is gone;
 //! - the daemons' log files hold no terminal colour codes.
 
 use std::fs;
@@ -587,4 +589,119 @@ fn the_coordinators_retry_is_ordered_under_an_attempt_id_of_its_own_and_succeeds
     // The catalog records the backup under the job, not the attempt.
     let catalog = d.ferry_json(&["backups"]);
     assert_eq!(catalog[0]["job_id"], job.as_str(), "{catalog}");
+}
+
+/// The newest succeeded job of `kind` (`ferry jobs`, newest first).
+fn newest_succeeded(d: &Deployment, kind: &str) -> serde_json::Value {
+    let jobs = d.ferry_json(&["jobs"]);
+    jobs.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == kind && j["state"] == "succeeded")
+        .unwrap_or_else(|| panic!("no succeeded {kind}: {jobs}"))
+        .clone()
+}
+
+#[test]
+fn a_restore_reads_the_backup_the_catalog_chose_not_a_newer_one_it_never_recorded() {
+    let d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let catalog = d.ferry_json(&["backups"]);
+    assert_eq!(catalog.as_array().unwrap().len(), 1, "{catalog}");
+    let recorded = catalog[0]["stored_path"].as_str().unwrap().to_owned();
+    let backed_up = d.prod_pg.table_fingerprints("app");
+
+    // A later backup of other data, made behind the coordinator's back: complete on the
+    // server (archive and manifest), never in the catalog.
+    d.prod_pg.psql(
+        "app",
+        "INSERT INTO empty_table SELECT generate_series(1, 10)",
+    );
+    let unrecorded = runtime().block_on(async {
+        let mut prod = agent(&d, d.prod_port, "pg-prod").await;
+        let stream = prod
+            .run_backup(v1::RunBackupRequest {
+                job_id: job_id(1),
+                datastore: "postgres".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        match read_to_end("the unrecorded backup", stream).await.pop() {
+            Some(v1::JobEvent {
+                event: Some(Event::Finished(f)),
+                ..
+            }) => f.stored_path,
+            other => panic!("{other:?}"),
+        }
+    });
+    assert_ne!(unrecorded, recorded);
+    assert!(
+        unrecorded > recorded,
+        "the unrecorded backup is the newer name: {unrecorded} {recorded}"
+    );
+    assert_eq!(d.ferry_json(&["backups"]).as_array().unwrap().len(), 1);
+
+    // Every datastore (the newest complete set), one datastore with --date, and a verify:
+    // each reads the recorded backup.
+    let today = today_utc();
+    for args in [
+        vec!["restore", "pg-stage", "--wait"],
+        vec![
+            "restore",
+            "pg-stage",
+            "--datastore",
+            "postgres",
+            "--date",
+            &today,
+            "--wait",
+        ],
+    ] {
+        d.ferry_ok(&args);
+        let job = newest_succeeded(&d, "restore");
+        assert_eq!(
+            job["result"]["stored_path"],
+            recorded.as_str(),
+            "{args:?}: {job}"
+        );
+        assert_eq!(
+            d.stage_pg.table_fingerprints("app"),
+            backed_up,
+            "{args:?} restored other data than the recorded backup's"
+        );
+    }
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+    let job = newest_succeeded(&d, "verify");
+    assert_eq!(job["result"]["stored_path"], recorded.as_str(), "{job}");
+    // The choice is in the job's history (the coordinator's log shows its events).
+    let log = fs::read_to_string(d.dir.path().join("coordinator.log")).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains(job["id"].as_str().unwrap())
+            && l.contains(&format!("Ordering the verify of {recorded}"))),
+        "{log}"
+    );
+
+    // The recorded backup's manifest gone from the server: the restore fails naming the
+    // backup, and does not fall back to the other one.
+    let manifest = d.sshd.root().join(format!(
+        "{}.json",
+        recorded
+            .strip_prefix(&format!("{}/", d.sshd.root().display()))
+            .unwrap()
+    ));
+    fs::rename(&manifest, manifest.with_extension("json.away")).unwrap();
+    let out = d.ferry(&["restore", "pg-stage", "--wait"]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    let file = recorded.rsplit('/').next().unwrap();
+    assert!(
+        text.contains(file) && text.contains("is not on the backup server"),
+        "{text}"
+    );
+    assert_eq!(d.stage_pg.table_fingerprints("app"), backed_up);
 }

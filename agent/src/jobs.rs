@@ -29,15 +29,22 @@ pub enum OrderKind {
         /// `full` or `diff` (pgBackRest datastores only); the datastore's default if `None`.
         backup_type: Option<String>,
     },
-    /// Check the newest backup (or the given `YYYY-MM-DD`'s) without restoring it.
+    /// Check a backup without restoring it: the one `file` names, else the newest (or the
+    /// given `YYYY-MM-DD`'s).
     Verify {
-        /// The date, if one was asked for.
+        /// The date, if one was asked for; the date of `file` if that is given.
         date: Option<String>,
+        /// The exact backup, as the coordinator's catalog chose it: the main archive's
+        /// file name in the source environment's `date` folder. Dated archives only.
+        file: Option<String>,
     },
-    /// Restore the newest backup, or the given `YYYY-MM-DD`'s.
+    /// Restore a backup: the one `file` names, else the newest (or the given
+    /// `YYYY-MM-DD`'s).
     Restore {
-        /// The date, if one was asked for.
+        /// The date, if one was asked for; the date of `file` if that is given.
         date: Option<String>,
+        /// The exact backup, as for [`OrderKind::Verify`].
+        file: Option<String>,
         /// Only these namespaces (`db.collection`); all when empty.
         namespaces: Vec<String>,
     },
@@ -45,10 +52,11 @@ pub enum OrderKind {
 
 impl std::fmt::Display for OrderKind {
     /// What the order asks for, for logs: `backup`, `backup type full`, `verify date
-    /// 2026-02-05`, `restore 3 namespace(s) "app.a,app.b,app.c"`. The values a client sent
+    /// 2026-02-05 file "pg_backup_2026-02-05.pgdump.zst.age"`, `restore 3 namespace(s)
+    /// "app.a,app.b,app.c"`. The values a client sent
     /// are shown [`Bounded`], so a log line never grows with the order.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (what, date) = match self {
+        let (what, (date, file)) = match self {
             OrderKind::Backup { backup_type } => {
                 f.write_str("backup")?;
                 if let Some(t) = backup_type {
@@ -56,12 +64,15 @@ impl std::fmt::Display for OrderKind {
                 }
                 return Ok(());
             }
-            OrderKind::Verify { date } => ("verify", date),
-            OrderKind::Restore { date, .. } => ("restore", date),
+            OrderKind::Verify { date, file } => ("verify", (date, file)),
+            OrderKind::Restore { date, file, .. } => ("restore", (date, file)),
         };
         f.write_str(what)?;
         if let Some(d) = date {
             write!(f, " date {}", Bounded(d))?;
+        }
+        if let Some(file) = file {
+            write!(f, " file {}", Bounded(file))?;
         }
         if let OrderKind::Restore { namespaces, .. } = self
             && !namespaces.is_empty()
@@ -198,19 +209,36 @@ pub fn validate(
             )));
         }
     }
-    if let OrderKind::Verify { date: Some(d) } = &kind {
-        layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
-    }
-    if let OrderKind::Restore { date, namespaces } = &kind {
+    if let OrderKind::Verify { date, file } | OrderKind::Restore { date, file, .. } = &kind {
         if let Some(d) = date {
             layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
-        if let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n)) {
-            return Err(OrderError::InvalidArgument(format!(
-                "namespace {} is not of the form database.collection",
-                Bounded(bad)
-            )));
+        if let Some(f) = file {
+            let Some(d) = date else {
+                return Err(OrderError::InvalidArgument(format!(
+                    "the order names backup file {} without its date",
+                    Bounded(f)
+                )));
+            };
+            if ds.repository().is_some() {
+                return Err(OrderError::InvalidArgument(format!(
+                    "datastore {} is a differential repository: it restores by date, not from \
+                     backup file {}",
+                    Bounded(datastore),
+                    Bounded(f)
+                )));
+            }
+            layout::validate_main_file(datastore, d, f)
+                .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
+    }
+    if let OrderKind::Restore { namespaces, .. } = &kind
+        && let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n))
+    {
+        return Err(OrderError::InvalidArgument(format!(
+            "namespace {} is not of the form database.collection",
+            Bounded(bad)
+        )));
     }
     Ok(Order {
         job_id: job_id.to_owned(),
@@ -419,15 +447,20 @@ impl JobRunner {
                 (OrderKind::Backup { backup_type }, Some(r)) => {
                     r.backup(&runner.settings, backup_type, &progress).await
                 }
-                (OrderKind::Restore { date, namespaces }, Some(r)) => {
+                (
+                    OrderKind::Restore {
+                        date, namespaces, ..
+                    },
+                    Some(r),
+                ) => {
                     r.restore(&runner.settings, &job, (date, namespaces), &progress)
                         .await
                 }
-                (OrderKind::Verify { date }, None) => {
+                (OrderKind::Verify { date, file }, None) => {
                     pipeline::verify(
                         runner.settings.clone(),
                         order.datastore.clone(),
-                        date,
+                        (date, file),
                         progress.clone(),
                     )
                     .await
@@ -441,12 +474,19 @@ impl JobRunner {
                     )
                     .await
                 }
-                (OrderKind::Restore { date, namespaces }, None) => {
+                (
+                    OrderKind::Restore {
+                        date,
+                        file,
+                        namespaces,
+                    },
+                    None,
+                ) => {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),
                         job,
-                        date,
+                        (date, file),
                         namespaces,
                         progress.clone(),
                     )

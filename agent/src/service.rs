@@ -194,11 +194,13 @@ impl Agent for AgentService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
+        let file = (!r.file.is_empty()).then_some(r.file);
         let kind = if r.verify_only {
-            OrderKind::Verify { date }
+            OrderKind::Verify { date, file }
         } else {
             OrderKind::Restore {
                 date,
+                file,
                 namespaces: r.namespaces,
             }
         };

@@ -609,13 +609,26 @@ impl Coordinator {
     /// One try: check the agent, send the order, follow its events.
     async fn attempt(&self, job: &mut Job) -> Attempt {
         // Never order an agent that is not what the inventory says.
-        if let Err(problem) = self.agents.describe(&job.agent).await {
-            let retryable = !problem.contains("the inventory");
-            return Attempt::Failed {
-                message: problem,
-                retryable,
-            };
-        }
+        let described = match self.agents.describe(&job.agent).await {
+            Ok(d) => d,
+            Err(problem) => {
+                let retryable = !problem.contains("the inventory");
+                return Attempt::Failed {
+                    message: problem,
+                    retryable,
+                };
+            }
+        };
+        // A restore or verify reads the backup the catalog chose, and no other.
+        let (date, file) = match job.kind {
+            JobKind::Backup => (String::new(), String::new()),
+            JobKind::Restore | JobKind::Verify => {
+                match self.chosen_backup(job, &described.source_environment).await {
+                    Ok(chosen) => chosen,
+                    Err(failed) => return failed,
+                }
+            }
+        };
         let mut client = match self.agents.client(&job.agent) {
             Ok(c) => c,
             Err(e) => {
@@ -655,9 +668,10 @@ impl Coordinator {
                         .run_restore(v1::RunRestoreRequest {
                             job_id: order_id.clone(),
                             datastore: job.datastore.clone(),
-                            date: job.date.clone().unwrap_or_default(),
+                            date,
                             namespaces: job.namespaces.clone(),
                             verify_only: job.kind == JobKind::Verify,
+                            file,
                         })
                         .await
                 }
@@ -695,6 +709,89 @@ impl Coordinator {
             Ok(Ok(r)) => r.into_inner(),
         };
         self.follow(job, &client, stream).await
+    }
+
+    /// The backup a restore or verify `job` reads, chosen from the catalog: the newest
+    /// record (by finish time) of the job's datastore in `source_environment`, of the job's
+    /// date if it has one. Returns the order's `(date, file)`: `file` is the main archive's
+    /// name, which the agent reads and nothing else; for a differential repository (its
+    /// catalog path is a folder, not an `.age` archive) `file` is empty and the date is the
+    /// job's, as the repository restores by date. The choice is recorded as a job event.
+    ///
+    /// # Errors
+    /// The attempt's failure: no such backup in the catalog or no source environment
+    /// (final), or the catalog unreadable (retryable).
+    async fn chosen_backup(
+        &self,
+        job: &Job,
+        source_environment: &str,
+    ) -> Result<(String, String), Attempt> {
+        if source_environment.is_empty() {
+            return Err(Attempt::Failed {
+                message: format!(
+                    "agent {} does not say which environment it restores from (its Describe has \
+                     no source_environment); upgrade it",
+                    job.agent
+                ),
+                retryable: false,
+            });
+        }
+        let store = self.store.clone();
+        let environment = source_environment.to_owned();
+        let records = blocking(move || store.list_backups(Some(&environment)))
+            .await
+            .map_err(|e| Attempt::Failed {
+                message: format!("could not read the catalog to choose the backup: {e}"),
+                retryable: true,
+            })?;
+        let chosen = records
+            .into_iter()
+            .filter(|r| {
+                r.environment == source_environment
+                    && r.datastore == job.datastore
+                    && job.date.as_ref().is_none_or(|d| *d == r.date)
+            })
+            .max_by_key(|r| r.finished_ms);
+        let Some(record) = chosen else {
+            return Err(Attempt::Failed {
+                message: format!(
+                    "the catalog has no backup of datastore {} in environment {source_environment}{}: \
+                     nothing to {}; `ferry backups` lists what the catalog holds",
+                    job.datastore,
+                    job.date
+                        .as_ref()
+                        .map(|d| format!(" dated {d}"))
+                        .unwrap_or_default(),
+                    job.kind
+                ),
+                retryable: false,
+            });
+        };
+        let archive = record
+            .stored_path
+            .rsplit('/')
+            .next()
+            .filter(|f| f.ends_with(".age"));
+        let order = match archive {
+            Some(file) => (record.date.clone(), file.to_owned()),
+            None => (job.date.clone().unwrap_or_default(), String::new()),
+        };
+        self.event(
+            job,
+            format!(
+                "Ordering the {} of {} (backed up {} by job {}), the newest backup{} in the catalog.",
+                job.kind,
+                record.stored_path,
+                record.date,
+                record.job_id,
+                job.date
+                    .as_ref()
+                    .map(|d| format!(" dated {d}"))
+                    .unwrap_or_default()
+            ),
+        )
+        .await;
+        Ok(order)
     }
 
     /// Follows a job's event stream from its agent to the attempt's end, persisting state

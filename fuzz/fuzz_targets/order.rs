@@ -10,7 +10,9 @@
 //! - an accepted order names a configured datastore whose name is 1 to 64 bytes, no `/`,
 //!   no NUL, no `..`, not hidden and one path component; a ULID job id, or a ULID and
 //!   `-a<N>` (N >= 2, a retry's attempt id); dates of exactly
-//!   `YYYY-MM-DD`; a backup type the datastore offers; namespaces `db.collection`.
+//!   `YYYY-MM-DD`; a backup type the datastore offers; namespaces `db.collection`; a
+//!   backup file only with its date, as one file name of that datastore's main archives
+//!   of that date.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -51,9 +53,11 @@ enum Kind {
     },
     Verify {
         date: Option<Date>,
+        file: Option<String>,
     },
     Restore {
         date: Option<Date>,
+        file: Option<String>,
         namespaces: Vec<String>,
     },
 }
@@ -104,6 +108,16 @@ fn built_with(staging: bool, extra: &str) -> Option<Settings> {
     built.ok()
 }
 
+/// An accepted backup file: with its date, one path component, a main archive of
+/// `datastore` whose stamp is of that date.
+fn check_file(datastore: &str, date: Option<&str>, file: Option<&str>) {
+    let Some(f) = file else { return };
+    let d = date.expect("an accepted file has its date");
+    assert!(is_single_component(f) && !f.starts_with('.'), "{f:?}");
+    let stamp = layout::stamp_of(datastore, f).expect("a main archive of the datastore");
+    assert!(stamp.starts_with(d), "{f:?} is not of {d}");
+}
+
 fuzz_target!(|input: Input| {
     let agents = agents();
     let extra = input
@@ -129,12 +143,17 @@ fuzz_target!(|input: Input| {
     };
     let kind = match input.kind {
         Kind::Backup { backup_type } => OrderKind::Backup { backup_type },
-        Kind::Verify { date: d } => OrderKind::Verify { date: date(d) },
+        Kind::Verify { date: d, file } => OrderKind::Verify {
+            date: date(d),
+            file,
+        },
         Kind::Restore {
             date: d,
+            file,
             namespaces,
         } => OrderKind::Restore {
             date: date(d),
+            file,
             namespaces,
         },
     };
@@ -195,15 +214,21 @@ fuzz_target!(|input: Input| {
                 assert!(types.contains(&t.as_str()), "backup type {t:?}");
             }
         }
-        OrderKind::Verify { date } => {
+        OrderKind::Verify { date, file } => {
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }
+            check_file(name, date.as_deref(), file.as_deref());
         }
-        OrderKind::Restore { date, namespaces } => {
+        OrderKind::Restore {
+            date,
+            file,
+            namespaces,
+        } => {
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }
+            check_file(name, date.as_deref(), file.as_deref());
             for ns in namespaces {
                 let (db, coll) = ns.split_once('.').expect("namespace has a dot");
                 assert!(!db.is_empty() && !coll.is_empty(), "{ns:?}");
