@@ -714,9 +714,10 @@ impl Coordinator {
     /// The backup a restore or verify `job` reads, chosen from the catalog: the newest
     /// record (by finish time) of the job's datastore in `source_environment`, of the job's
     /// date if it has one. Returns the order's `(date, file)`: `file` is the main archive's
-    /// name, which the agent reads and nothing else; for a differential repository (its
-    /// catalog path is a folder, not an `.age` archive) `file` is empty and the date is the
-    /// job's, as the repository restores by date. The choice is recorded as a job event.
+    /// name, which the agent reads and nothing else. For a differential repository (its
+    /// newest record is a folder, not an `.age` archive) `file` is empty and the date is
+    /// the job's: the repository restores by date and says itself what it lacks. The
+    /// choice is recorded as a job event.
     ///
     /// # Errors
     /// The attempt's failure: no such backup in the catalog or no source environment
@@ -744,13 +745,41 @@ impl Coordinator {
                 message: format!("could not read the catalog to choose the backup: {e}"),
                 retryable: true,
             })?;
-        let chosen = records
+        let of_datastore: Vec<BackupRecord> = records
             .into_iter()
-            .filter(|r| {
-                r.environment == source_environment
-                    && r.datastore == job.datastore
-                    && job.date.as_ref().is_none_or(|d| *d == r.date)
-            })
+            .filter(|r| r.environment == source_environment && r.datastore == job.datastore)
+            .collect();
+        let dated = |d: &Option<String>| {
+            d.as_ref()
+                .map(|d| format!(" dated {d}"))
+                .unwrap_or_default()
+        };
+        // A differential repository (pgBackRest, rsync mirror) is recorded as its folder:
+        // it holds its own history and restores by date (or its newest), as before.
+        let is_archive = |r: &BackupRecord| {
+            r.stored_path
+                .rsplit('/')
+                .next()
+                .is_some_and(|f| f.ends_with(".age"))
+        };
+        if let Some(newest) = of_datastore.iter().max_by_key(|r| r.finished_ms)
+            && !is_archive(newest)
+        {
+            self.event(
+                job,
+                format!(
+                    "Ordering the {} of repository {}{} (the repository holds its own backups).",
+                    job.kind,
+                    newest.stored_path,
+                    dated(&job.date)
+                ),
+            )
+            .await;
+            return Ok((job.date.clone().unwrap_or_default(), String::new()));
+        }
+        let chosen = of_datastore
+            .into_iter()
+            .filter(|r| is_archive(r) && job.date.as_ref().is_none_or(|d| *d == r.date))
             .max_by_key(|r| r.finished_ms);
         let Some(record) = chosen else {
             return Err(Attempt::Failed {
@@ -758,24 +787,13 @@ impl Coordinator {
                     "the catalog has no backup of datastore {} in environment {source_environment}{}: \
                      nothing to {}; `ferry backups` lists what the catalog holds",
                     job.datastore,
-                    job.date
-                        .as_ref()
-                        .map(|d| format!(" dated {d}"))
-                        .unwrap_or_default(),
+                    dated(&job.date),
                     job.kind
                 ),
                 retryable: false,
             });
         };
-        let archive = record
-            .stored_path
-            .rsplit('/')
-            .next()
-            .filter(|f| f.ends_with(".age"));
-        let order = match archive {
-            Some(file) => (record.date.clone(), file.to_owned()),
-            None => (job.date.clone().unwrap_or_default(), String::new()),
-        };
+        let file = record.stored_path.rsplit('/').next().unwrap_or_default();
         self.event(
             job,
             format!(
@@ -784,14 +802,11 @@ impl Coordinator {
                 record.stored_path,
                 record.date,
                 record.job_id,
-                job.date
-                    .as_ref()
-                    .map(|d| format!(" dated {d}"))
-                    .unwrap_or_default()
+                dated(&job.date)
             ),
         )
         .await;
-        Ok(order)
+        Ok((record.date.clone(), file.to_owned()))
     }
 
     /// Follows a job's event stream from its agent to the attempt's end, persisting state
