@@ -239,6 +239,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
                 date: String::new(),
                 namespaces: Vec::new(),
                 verify_only: false,
+                file: String::new(),
             })
             .await
             .expect_err("production agent accepted a restore order");

@@ -5,6 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ferry_proto::Bounded;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -28,28 +29,85 @@ pub enum OrderKind {
         /// `full` or `diff` (pgBackRest datastores only); the datastore's default if `None`.
         backup_type: Option<String>,
     },
-    /// Check the newest backup (or the given `YYYY-MM-DD`'s) without restoring it.
+    /// Check a backup without restoring it: the one `file` names, else the newest (or the
+    /// given `YYYY-MM-DD`'s).
     Verify {
-        /// The date, if one was asked for.
+        /// The date, if one was asked for; the date of `file` if that is given.
         date: Option<String>,
+        /// The exact backup, as the coordinator's catalog chose it: the main archive's
+        /// file name in the source environment's `date` folder. Dated archives only.
+        file: Option<String>,
     },
-    /// Restore the newest backup, or the given `YYYY-MM-DD`'s.
+    /// Restore a backup: the one `file` names, else the newest (or the given
+    /// `YYYY-MM-DD`'s).
     Restore {
-        /// The date, if one was asked for.
+        /// The date, if one was asked for; the date of `file` if that is given.
         date: Option<String>,
+        /// The exact backup, as for [`OrderKind::Verify`].
+        file: Option<String>,
         /// Only these namespaces (`db.collection`); all when empty.
         namespaces: Vec<String>,
     },
 }
 
+impl std::fmt::Display for OrderKind {
+    /// What the order asks for, for logs: `backup`, `backup type full`, `verify date
+    /// 2026-02-05 file "pg_backup_2026-02-05.pgdump.zst.age"`, `restore 3 namespace(s)
+    /// "app.a,app.b,app.c"`. The values a client sent
+    /// are shown [`Bounded`], so a log line never grows with the order.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (what, (date, file)) = match self {
+            OrderKind::Backup { backup_type } => {
+                f.write_str("backup")?;
+                if let Some(t) = backup_type {
+                    write!(f, " type {}", Bounded(t))?;
+                }
+                return Ok(());
+            }
+            OrderKind::Verify { date, file } => ("verify", (date, file)),
+            OrderKind::Restore { date, file, .. } => ("restore", (date, file)),
+        };
+        f.write_str(what)?;
+        if let Some(d) = date {
+            write!(f, " date {}", Bounded(d))?;
+        }
+        if let Some(file) = file {
+            write!(f, " file {}", Bounded(file))?;
+        }
+        if let OrderKind::Restore { namespaces, .. } = self
+            && !namespaces.is_empty()
+        {
+            // The first few are enough for the 100 characters shown.
+            let first: Vec<&str> = namespaces.iter().take(8).map(String::as_str).collect();
+            write!(
+                f,
+                " {} namespace(s) {}",
+                namespaces.len(),
+                Bounded(&first.join(","))
+            )?;
+        }
+        Ok(())
+    }
+}
+
 /// A validated order.
 pub struct Order {
-    /// The coordinator's job id (a ULID).
+    /// The id the order carries, which names the job on this agent (`WatchJob`,
+    /// `CancelJob`, events, logs): the coordinator's job id (a ULID) for a job's first
+    /// attempt, `<job>-a<N>` for its Nth ([`ferry_proto::attempt`]).
     pub job_id: String,
     /// The datastore.
     pub datastore: Arc<Datastore>,
     /// Backup or restore.
     pub kind: OrderKind,
+}
+
+impl Order {
+    /// The coordinator's job id without the attempt: what names the files and scratch
+    /// databases of the job, so a retry finds (and sweeps) what an earlier attempt left.
+    pub fn job(&self) -> &str {
+        ferry_proto::attempt::split_attempt_id(&self.job_id).map_or(&self.job_id, |(job, _)| job)
+    }
 }
 
 /// An order refused before anything ran.
@@ -64,6 +122,10 @@ pub enum OrderError {
     /// The datastore already has a running job.
     #[error("{0}")]
     Busy(String),
+    /// The job id is already known here: another order for a running job, or a job that
+    /// finished.
+    #[error("{0}")]
+    AlreadyExists(String),
 }
 
 impl From<OrderError> for tonic::Status {
@@ -72,6 +134,7 @@ impl From<OrderError> for tonic::Status {
             OrderError::PermissionDenied(m) => tonic::Status::permission_denied(m),
             OrderError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             OrderError::Busy(m) => tonic::Status::failed_precondition(m),
+            OrderError::AlreadyExists(m) => tonic::Status::already_exists(m),
         }
     }
 }
@@ -102,20 +165,23 @@ pub fn validate(
             } else {
                 "restore"
             },
-            datastore
-                .chars()
-                .take(layout::MAX_NAME_LEN)
-                .collect::<String>()
+            Bounded(datastore)
         )));
     }
-    ulid::Ulid::from_string(job_id)
-        .map_err(|_| OrderError::InvalidArgument(format!("job id {job_id:?} is not a ULID")))?;
+    let is_ulid = |job: &str| ulid::Ulid::from_string(job).is_ok();
+    if !ferry_proto::attempt::split_attempt_id(job_id).is_some_and(|(job, _)| is_ulid(job)) {
+        return Err(OrderError::InvalidArgument(format!(
+            "job id {} is not a ULID, or a ULID and -a<attempt> (2 or more)",
+            Bounded(job_id)
+        )));
+    }
     layout::validate_name("datastore", datastore)
         .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
     let ds = settings.datastores.get(datastore).cloned().ok_or_else(|| {
         OrderError::InvalidArgument(format!(
-            "agent {} has no datastore {datastore:?}; it has: {}",
+            "agent {} has no datastore {}; it has: {}",
             settings.id,
+            Bounded(datastore),
             settings
                 .datastores
                 .keys()
@@ -131,9 +197,10 @@ pub fn validate(
         let types = ds.repository().map(|r| r.backup_types()).unwrap_or(&[]);
         if !types.contains(&t.as_str()) {
             return Err(OrderError::InvalidArgument(format!(
-                "datastore {datastore:?} ({}) takes no backup type {:?}{}",
+                "datastore {} ({}) takes no backup type {}{}",
+                Bounded(datastore),
                 ds.kind(),
-                t.chars().take(20).collect::<String>(),
+                Bounded(t),
                 if types.is_empty() {
                     String::new()
                 } else {
@@ -142,19 +209,36 @@ pub fn validate(
             )));
         }
     }
-    if let OrderKind::Verify { date: Some(d) } = &kind {
-        layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
-    }
-    if let OrderKind::Restore { date, namespaces } = &kind {
+    if let OrderKind::Verify { date, file } | OrderKind::Restore { date, file, .. } = &kind {
         if let Some(d) = date {
             layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
-        if let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n)) {
-            return Err(OrderError::InvalidArgument(format!(
-                "namespace {:?} is not of the form database.collection",
-                bad.chars().take(300).collect::<String>()
-            )));
+        if let Some(f) = file {
+            let Some(d) = date else {
+                return Err(OrderError::InvalidArgument(format!(
+                    "the order names backup file {} without its date",
+                    Bounded(f)
+                )));
+            };
+            if ds.repository().is_some() {
+                return Err(OrderError::InvalidArgument(format!(
+                    "datastore {} is a differential repository: it restores by date, not from \
+                     backup file {}",
+                    Bounded(datastore),
+                    Bounded(f)
+                )));
+            }
+            layout::validate_main_file(datastore, d, f)
+                .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
+    }
+    if let OrderKind::Restore { namespaces, .. } = &kind
+        && let Some(bad) = namespaces.iter().find(|n| !ferry_proto::valid_namespace(n))
+    {
+        return Err(OrderError::InvalidArgument(format!(
+            "namespace {} is not of the form database.collection",
+            Bounded(bad)
+        )));
     }
     Ok(Order {
         job_id: job_id.to_owned(),
@@ -211,9 +295,31 @@ pub struct Updates {
 
 /// A job this agent ran or runs.
 struct Tracked {
+    /// The datastore's kind.
     kind: &'static str,
+    /// The datastore's name.
+    datastore: String,
+    /// What the order asked for.
+    order: OrderKind,
     updates: broadcast::Sender<JobUpdate>,
     outcome: Option<JobUpdate>,
+}
+
+impl Tracked {
+    /// Follows the job: its updates from now on after an `Accepted`, or its outcome alone.
+    fn follow(&self) -> Updates {
+        let live = self.updates.subscribe();
+        let first = match &self.outcome {
+            Some(outcome) => vec![outcome.clone()],
+            None => vec![JobUpdate::Accepted { kind: self.kind }],
+        };
+        Updates { first, live }
+    }
+
+    /// `verify date 2026-02-05 of datastore "postgres"`, for refusals.
+    fn describe(&self) -> String {
+        format!("{} of datastore {}", self.order, Bounded(&self.datastore))
+    }
 }
 
 /// The jobs this agent knows: the running ones and the last [`REMEMBERED_JOBS`] finished.
@@ -252,47 +358,79 @@ impl JobRunner {
     }
 
     /// Starts `order` and returns its updates; the job keeps running if the receiver is
-    /// dropped (a coordinator restart does not kill a backup). An order for the job that
-    /// is already running (the same job id, sent again by a coordinator that lost the
-    /// answer) follows that job instead of starting another.
+    /// dropped (a coordinator restart does not kill a backup). The same order again for a
+    /// job still running (the same id, datastore and request, sent again by a coordinator
+    /// that lost the answer) follows that job instead of starting another.
     ///
     /// # Errors
-    /// [`OrderError::Busy`] if the datastore has another running job.
+    /// [`OrderError::AlreadyExists`] if the job id is known here otherwise: a running job
+    /// given another order (another kind, datastore, date...), or a finished job (of the
+    /// last [`REMEMBERED_JOBS`]) sent again; a retry needs an id of its own
+    /// ([`ferry_proto::attempt`]). [`OrderError::Busy`] if the datastore has another
+    /// running job.
     pub fn start(self: &Arc<Self>, order: Order) -> Result<Updates, OrderError> {
         let name = order.datastore.name().to_owned();
         let cancel = self.shutdown.child_token();
+        let kind = order.datastore.kind();
+        let (tx, rx) = broadcast::channel(64);
         {
+            // Lock order: `running`, then `book`.
             let mut running = self.running.lock().expect("jobs lock");
+            let mut book = self.book.lock().expect("book lock");
+            if let Some(known) = book.jobs.get(&order.job_id) {
+                let this = format!("{} of datastore {}", order.kind, Bounded(&name));
+                return match &known.outcome {
+                    None if known.datastore == name && known.order == order.kind => {
+                        Ok(known.follow())
+                    }
+                    None => Err(OrderError::AlreadyExists(format!(
+                        "job {} is already running on agent {} as a {}; refusing to take it \
+                         as a {this}: a new order needs a job id of its own",
+                        order.job_id,
+                        self.settings.id,
+                        known.describe()
+                    ))),
+                    Some(outcome) => Err(OrderError::AlreadyExists(format!(
+                        "job {} already ran on agent {} (a {}, {}); refusing to run it again \
+                         as a {this}: a new order or a retry needs a job id of its own \
+                         (the coordinator orders attempt N as <job>-a<N>)",
+                        order.job_id,
+                        self.settings.id,
+                        known.describe(),
+                        if matches!(outcome, JobUpdate::Finished { .. }) {
+                            "succeeded"
+                        } else {
+                            "failed"
+                        }
+                    ))),
+                };
+            }
             if let Some((other, _)) = running.get(&name) {
-                if *other == order.job_id
-                    && let Some(updates) = self.watch(other)
-                {
-                    return Ok(updates);
-                }
                 return Err(OrderError::Busy(format!(
                     "datastore {name:?} on agent {} is busy with job {other}; one job per datastore at a time",
                     self.settings.id
                 )));
             }
             running.insert(name.clone(), (order.job_id.clone(), cancel.clone()));
+            book.jobs.insert(
+                order.job_id.clone(),
+                Tracked {
+                    kind,
+                    datastore: name.clone(),
+                    order: order.kind.clone(),
+                    updates: tx.clone(),
+                    outcome: None,
+                },
+            );
         }
-        let kind = order.datastore.kind();
-        let (tx, rx) = broadcast::channel(64);
-        self.book.lock().expect("book lock").jobs.insert(
-            order.job_id.clone(),
-            Tracked {
-                kind,
-                updates: tx.clone(),
-                outcome: None,
-            },
-        );
+        let job = order.job().to_owned();
         let runner = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
             let progress = Progress::new(cancel.clone());
             let span = tracing::info_span!("job", job_id = %order.job_id, datastore = %name);
             let _ = tx.send(JobUpdate::Accepted { kind });
-            tracing::info!(parent: &span, order = ?order.kind, "Job accepted.");
+            tracing::info!(parent: &span, order = %order.kind, "Job accepted.");
             let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
             // Beyond max_concurrent_jobs, wait (progress says so, so the coordinator
             // sees a live job); a cancel while waiting ends it.
@@ -309,20 +447,20 @@ impl JobRunner {
                 (OrderKind::Backup { backup_type }, Some(r)) => {
                     r.backup(&runner.settings, backup_type, &progress).await
                 }
-                (OrderKind::Restore { date, namespaces }, Some(r)) => {
-                    r.restore(
-                        &runner.settings,
-                        &order.job_id,
-                        (date, namespaces),
-                        &progress,
-                    )
-                    .await
+                (
+                    OrderKind::Restore {
+                        date, namespaces, ..
+                    },
+                    Some(r),
+                ) => {
+                    r.restore(&runner.settings, &job, (date, namespaces), &progress)
+                        .await
                 }
-                (OrderKind::Verify { date }, None) => {
+                (OrderKind::Verify { date, file }, None) => {
                     pipeline::verify(
                         runner.settings.clone(),
                         order.datastore.clone(),
-                        date,
+                        (date, file),
                         progress.clone(),
                     )
                     .await
@@ -331,17 +469,24 @@ impl JobRunner {
                     pipeline::backup(
                         runner.settings.clone(),
                         order.datastore.clone(),
-                        order.job_id.clone(),
+                        job,
                         progress.clone(),
                     )
                     .await
                 }
-                (OrderKind::Restore { date, namespaces }, None) => {
+                (
+                    OrderKind::Restore {
+                        date,
+                        file,
+                        namespaces,
+                    },
+                    None,
+                ) => {
                     pipeline::restore(
                         runner.settings.clone(),
                         order.datastore.clone(),
-                        order.job_id.clone(),
-                        date,
+                        job,
+                        (date, file),
                         namespaces,
                         progress.clone(),
                     )
@@ -390,12 +535,7 @@ impl JobRunner {
             let Some(old) = book.finished.pop_front() else {
                 break;
             };
-            // A retried job id may be running again: keep it.
-            if book.jobs.get(&old).is_some_and(|t| t.outcome.is_some())
-                && !book.finished.contains(&old)
-            {
-                book.jobs.remove(&old);
-            }
+            book.jobs.remove(&old);
         }
     }
 
@@ -405,13 +545,7 @@ impl JobRunner {
     /// [`REMEMBERED_JOBS`]).
     pub fn watch(&self, job_id: &str) -> Option<Updates> {
         let book = self.book.lock().expect("book lock");
-        let t = book.jobs.get(job_id)?;
-        let live = t.updates.subscribe();
-        let first = match &t.outcome {
-            Some(outcome) => vec![outcome.clone()],
-            None => vec![JobUpdate::Accepted { kind: t.kind }],
-        };
-        Some(Updates { first, live })
+        book.jobs.get(job_id).map(Tracked::follow)
     }
 
     /// Cancels job `job_id` if it is running here; returns whether it was.

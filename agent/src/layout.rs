@@ -9,6 +9,7 @@
 //! the same datastore already exists under that name: a second backup never overwrites.
 
 use chrono::{DateTime, NaiveDate, Utc};
+use ferry_proto::Bounded;
 
 /// Longest environment, datastore or agent name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -19,17 +20,33 @@ pub enum NameError {
     /// Empty, too long, or with a character outside `[A-Za-z0-9-]` (`_` is the layout's
     /// separator, `.`/`/`/NUL could escape it).
     #[error(
-        "{what} {name:?} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
+        "{what} {name} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
     )]
     Invalid {
         /// Which kind of name, e.g. `datastore`.
         what: &'static str,
-        /// The offending value (escaped when printed).
+        /// The offending value, quoted, escaped and cut as [`Bounded`] shows it.
         name: String,
     },
     /// Not a `YYYY-MM-DD` calendar date.
-    #[error("date {0:?} is not a calendar date of the form YYYY-MM-DD")]
-    Date(String),
+    #[error("date {0} is not a calendar date of the form YYYY-MM-DD")]
+    Date(
+        /// The value, quoted, escaped and cut as [`Bounded`] shows it.
+        String,
+    ),
+    /// Not the name of a main archive of the datastore in that date's folder.
+    #[error(
+        "backup file {file} is not a main archive of datastore {datastore:?} dated {date}: \
+         expected {datastore}_backup_{date}[THHMM[SS]Z].<format>.<compression>.age"
+    )]
+    BackupFile {
+        /// The datastore.
+        datastore: String,
+        /// The date's folder, `YYYY-MM-DD`.
+        date: String,
+        /// The value, quoted, escaped and cut as [`Bounded`] shows it.
+        file: String,
+    },
 }
 
 /// Checks a name used as a path component: 1 to 64 of `[A-Za-z0-9-]`, not starting with `-`.
@@ -46,7 +63,7 @@ pub fn validate_name(what: &'static str, name: &str) -> Result<(), NameError> {
     } else {
         Err(NameError::Invalid {
             what,
-            name: name.chars().take(MAX_NAME_LEN + 8).collect(),
+            name: Bounded(name).to_string(),
         })
     }
 }
@@ -64,9 +81,10 @@ pub fn parse_date(date: &str) -> Result<NaiveDate, NameError> {
             _ => b.is_ascii_digit(),
         });
     if !shaped {
-        return Err(NameError::Date(date.chars().take(32).collect()));
+        return Err(NameError::Date(Bounded(date).to_string()));
     }
-    NaiveDate::parse_from_str(date, "%Y-%m-%d").map_err(|_| NameError::Date(date.to_owned()))
+    NaiveDate::parse_from_str(date, "%Y-%m-%d")
+        .map_err(|_| NameError::Date(Bounded(date).to_string()))
 }
 
 /// Where one stored file lives: `<root>/<environment>/<date>/<file>`.
@@ -159,6 +177,29 @@ pub fn stamp_of<'a>(datastore: &str, file: &'a str) -> Option<&'a str> {
     (date_ok && tail_ok && one_name && rest.ends_with(".age")).then_some(stamp)
 }
 
+/// Checks the main archive's file name that an order names (the exact backup the
+/// coordinator chose from its catalog): a plain file name of the layout, at most 255 bytes
+/// of `[A-Za-z0-9._-]`, of `datastore`'s main part ([`stamp_of`]) with a stamp of `date`.
+///
+/// # Errors
+/// [`NameError::BackupFile`] naming the datastore, the date and the value (bounded).
+pub fn validate_main_file(datastore: &str, date: &str, file: &str) -> Result<(), NameError> {
+    let plain = file.len() <= 255
+        && !file.starts_with('.')
+        && file
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b));
+    if plain && stamp_of(datastore, file).is_some_and(|stamp| stamp.starts_with(date)) {
+        Ok(())
+    } else {
+        Err(NameError::BackupFile {
+            datastore: datastore.to_owned(),
+            date: date.to_owned(),
+            file: Bounded(file).to_string(),
+        })
+    }
+}
+
 /// Checks a companion file name read from a manifest: a plain file name in the same
 /// folder (no `/`, not hidden, an `.age` archive), so a crafted manifest cannot point a
 /// restore elsewhere.
@@ -217,6 +258,30 @@ mod tests {
             stamp_of("pg", "pg_backup_2026-02-05T1315Z.pgdump.zst.age"),
             Some("2026-02-05T1315Z")
         );
+    }
+
+    #[test]
+    fn an_ordered_backup_file_is_a_main_archive_of_its_datastore_and_date() {
+        for good in [
+            "pg_backup_2026-02-05.pgdump.zst.age",
+            "pg_backup_2026-02-05T1315Z.pgdump.zst.age",
+            "pg_backup_2026-02-05T131502Z.archive.gz.age",
+        ] {
+            validate_main_file("pg", "2026-02-05", good).unwrap();
+        }
+        for bad in [
+            "pg_backup_2026-02-06.pgdump.zst.age",
+            "pg-globals_backup_2026-02-05.sql.zst.age",
+            "other_backup_2026-02-05.pgdump.zst.age",
+            "pg_backup_2026-02-05.pgdump.zst.age.json",
+            "../pg_backup_2026-02-05.pgdump.zst.age",
+            ".pg_backup_2026-02-05.pgdump.zst.age",
+            "pg_backup_2026-02-05.pg dump.zst.age",
+            &format!("pg_backup_2026-02-05.{}.age", "x".repeat(300)),
+        ] {
+            let e = validate_main_file("pg", "2026-02-05", bad).unwrap_err();
+            assert!(e.to_string().len() < 400, "{e}");
+        }
     }
 
     #[test]

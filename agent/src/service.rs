@@ -4,6 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
+use ferry_proto::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::agent_server::Agent;
 use futures::Stream;
@@ -34,11 +35,10 @@ impl AgentService {
         match &peer {
             Some(name) if allowed.iter().any(|a| a == name) => Ok(()),
             _ => {
-                let who = peer.as_deref().unwrap_or("(no name)");
-                let who: String = who.chars().take(72).collect();
+                let who = Bounded(peer.as_deref().unwrap_or("(no name)"));
                 tracing::warn!(client = %who, "Request refused: not an allowed client.");
                 Err(Status::permission_denied(format!(
-                    "agent {} takes orders only from {} (tls.allowed_clients); certificate {who:?} is not one",
+                    "agent {} takes orders only from {} (tls.allowed_clients); certificate {who} is not one",
                     self.runner.settings().id,
                     allowed.join(", ")
                 )))
@@ -49,32 +49,35 @@ impl AgentService {
     fn start(&self, job_id: &str, datastore: &str, kind: OrderKind) -> Result<EventStream, Status> {
         let order =
             jobs::validate(self.runner.settings(), job_id, datastore, kind).inspect_err(|e| {
-                let datastore: String = datastore.chars().take(72).collect();
-                let job_id: String = job_id.chars().take(40).collect();
-                tracing::warn!(job_id, datastore, error = %e, "Order refused.");
+                tracing::warn!(job_id = %Bounded(job_id), datastore = %Bounded(datastore),
+                    error = %e, "Order refused.");
             })?;
         let job_id = order.job_id.clone();
-        let updates = self.runner.start(order)?;
+        let updates = self.runner.start(order).inspect_err(|e| {
+            tracing::warn!(job_id, datastore, error = %e, "Order refused.");
+        })?;
         Ok(events(job_id, updates))
     }
 }
 
-/// The gRPC stream of `updates`, ending after the final one. A watcher too slow for
-/// the progress ticks misses some; the final update is never missed (see
-/// [`JobRunner::watch`]).
+/// The gRPC stream of `updates`, ending right after the final one (finished or failed).
+/// The job's broadcast sender outlives the job (later watchers subscribe to it), so the
+/// broadcast alone never ends: the stream stops itself, and a client reading to the end
+/// returns at once instead of at its deadline. A watcher too slow for the progress ticks
+/// misses some; the final update is never missed (see [`JobRunner::watch`]).
 fn events(job_id: String, updates: Updates) -> EventStream {
     let live = BroadcastStream::new(updates.live).filter_map(Result::ok);
-    let mut ended = false;
-    Box::pin(
-        tokio_stream::iter(updates.first)
-            .chain(live)
-            .take_while(move |u| {
-                let more = !ended;
-                ended |= u.is_final();
-                more
-            })
-            .map(move |u| Ok(to_event(&job_id, u))),
-    )
+    let all: Pin<Box<dyn Stream<Item = JobUpdate> + Send>> =
+        Box::pin(tokio_stream::iter(updates.first).chain(live));
+    let until_final = futures::stream::unfold((all, false), |(mut all, ended)| async move {
+        if ended {
+            return None;
+        }
+        let update = all.next().await?;
+        let ended = update.is_final();
+        Some((update, (all, ended)))
+    });
+    Box::pin(until_final.map(move |u| Ok(to_event(&job_id, u))))
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<v1::JobEvent, Status>> + Send>>;
@@ -193,11 +196,13 @@ impl Agent for AgentService {
         self.authorize(&request)?;
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
+        let file = (!r.file.is_empty()).then_some(r.file);
         let kind = if r.verify_only {
-            OrderKind::Verify { date }
+            OrderKind::Verify { date, file }
         } else {
             OrderKind::Restore {
                 date,
+                file,
                 namespaces: r.namespaces,
             }
         };
@@ -222,10 +227,10 @@ impl Agent for AgentService {
         match self.runner.watch(&job_id) {
             Some(updates) => Ok(Response::new(events(job_id, updates))),
             None => Err(Status::not_found(format!(
-                "agent {} does not know job {:?}: it never ran here, the agent restarted since, \
+                "agent {} does not know job {}: it never ran here, the agent restarted since, \
                  or it is older than the last {} jobs",
                 self.runner.settings().id,
-                job_id.chars().take(40).collect::<String>(),
+                Bounded(&job_id),
                 jobs::REMEMBERED_JOBS
             ))),
         }

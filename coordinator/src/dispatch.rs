@@ -695,7 +695,10 @@ impl Coordinator {
                             _ = tokio::time::sleep(wait) => {}
                             _ = self.shutdown.cancelled() => return,
                         }
+                        // Stored before the order goes out: a restarted coordinator asks
+                        // the agent about this attempt's id, not the last one's.
                         job.attempt += 1;
+                        self.put(&job).await;
                         continue;
                     }
                     job.state = JobState::Failed;
@@ -720,13 +723,26 @@ impl Coordinator {
     /// One try: check the agent, send the order, follow its events.
     async fn attempt(&self, job: &mut Job) -> Attempt {
         // Never order an agent that is not what the inventory says.
-        if let Err(problem) = self.agents.describe(&job.agent).await {
-            let retryable = !problem.contains("the inventory");
-            return Attempt::Failed {
-                message: problem,
-                retryable,
-            };
-        }
+        let described = match self.agents.describe(&job.agent).await {
+            Ok(d) => d,
+            Err(problem) => {
+                let retryable = !problem.contains("the inventory");
+                return Attempt::Failed {
+                    message: problem,
+                    retryable,
+                };
+            }
+        };
+        // A restore or verify reads the backup the catalog chose, and no other.
+        let (date, file) = match job.kind {
+            JobKind::Backup => (String::new(), String::new()),
+            JobKind::Restore | JobKind::Verify => {
+                match self.chosen_backup(job, &described.source_environment).await {
+                    Ok(chosen) => chosen,
+                    Err(failed) => return failed,
+                }
+            }
+        };
         let mut client = match self.agents.client(&job.agent) {
             Ok(c) => c,
             Err(e) => {
@@ -736,11 +752,17 @@ impl Coordinator {
                 };
             }
         };
+        // Each attempt under an id of its own: the agent refuses an id it already knows.
+        let order_id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
         self.audit(
             "coordinator",
             &format!("order {}", job.kind),
             &format!("{} {}/{}", job.id, job.agent, job.datastore),
-            &format!("sent (attempt {})", job.attempt),
+            &if order_id == job.id {
+                format!("sent (attempt {})", job.attempt)
+            } else {
+                format!("sent (attempt {} as {order_id})", job.attempt)
+            },
         )
         .await;
         let timeout = self.settings.agent_timeout;
@@ -749,7 +771,7 @@ impl Coordinator {
                 JobKind::Backup => {
                     client
                         .run_backup(v1::RunBackupRequest {
-                            job_id: job.id.clone(),
+                            job_id: order_id.clone(),
                             datastore: job.datastore.clone(),
                             backup_type: job.backup_type.clone().unwrap_or_default(),
                         })
@@ -758,11 +780,12 @@ impl Coordinator {
                 JobKind::Restore | JobKind::Verify => {
                     client
                         .run_restore(v1::RunRestoreRequest {
-                            job_id: job.id.clone(),
+                            job_id: order_id.clone(),
                             datastore: job.datastore.clone(),
-                            date: job.date.clone().unwrap_or_default(),
+                            date,
                             namespaces: job.namespaces.clone(),
                             verify_only: job.kind == JobKind::Verify,
+                            file,
                         })
                         .await
                 }
@@ -802,6 +825,104 @@ impl Coordinator {
         self.follow(job, &client, stream).await
     }
 
+    /// The backup a restore or verify `job` reads, chosen from the catalog: the newest
+    /// record (by finish time) of the job's datastore in `source_environment`, of the job's
+    /// date if it has one. Returns the order's `(date, file)`: `file` is the main archive's
+    /// name, which the agent reads and nothing else. For a differential repository (its
+    /// newest record is a folder, not an `.age` archive) `file` is empty and the date is
+    /// the job's: the repository restores by date and says itself what it lacks. The
+    /// choice is recorded as a job event.
+    ///
+    /// # Errors
+    /// The attempt's failure: no such backup in the catalog or no source environment
+    /// (final), or the catalog unreadable (retryable).
+    async fn chosen_backup(
+        &self,
+        job: &Job,
+        source_environment: &str,
+    ) -> Result<(String, String), Attempt> {
+        if source_environment.is_empty() {
+            return Err(Attempt::Failed {
+                message: format!(
+                    "agent {} does not say which environment it restores from (its Describe has \
+                     no source_environment); upgrade it",
+                    job.agent
+                ),
+                retryable: false,
+            });
+        }
+        let store = self.store.clone();
+        let environment = source_environment.to_owned();
+        let records = blocking(move || store.list_backups(Some(&environment)))
+            .await
+            .map_err(|e| Attempt::Failed {
+                message: format!("could not read the catalog to choose the backup: {e}"),
+                retryable: true,
+            })?;
+        let of_datastore: Vec<BackupRecord> = records
+            .into_iter()
+            .filter(|r| r.environment == source_environment && r.datastore == job.datastore)
+            .collect();
+        let dated = |d: &Option<String>| {
+            d.as_ref()
+                .map(|d| format!(" dated {d}"))
+                .unwrap_or_default()
+        };
+        // A differential repository (pgBackRest, rsync mirror) is recorded as its folder:
+        // it holds its own history and restores by date (or its newest), as before.
+        let is_archive = |r: &BackupRecord| {
+            r.stored_path
+                .rsplit('/')
+                .next()
+                .is_some_and(|f| f.ends_with(".age"))
+        };
+        if let Some(newest) = of_datastore.iter().max_by_key(|r| r.finished_ms)
+            && !is_archive(newest)
+        {
+            self.event(
+                job,
+                format!(
+                    "Ordering the {} of repository {}{} (the repository holds its own backups).",
+                    job.kind,
+                    newest.stored_path,
+                    dated(&job.date)
+                ),
+            )
+            .await;
+            return Ok((job.date.clone().unwrap_or_default(), String::new()));
+        }
+        let chosen = of_datastore
+            .into_iter()
+            .filter(|r| is_archive(r) && job.date.as_ref().is_none_or(|d| *d == r.date))
+            .max_by_key(|r| r.finished_ms);
+        let Some(record) = chosen else {
+            return Err(Attempt::Failed {
+                message: format!(
+                    "the catalog has no backup of datastore {} in environment {source_environment}{}: \
+                     nothing to {}; `ferry backups` lists what the catalog holds",
+                    job.datastore,
+                    dated(&job.date),
+                    job.kind
+                ),
+                retryable: false,
+            });
+        };
+        let file = record.stored_path.rsplit('/').next().unwrap_or_default();
+        self.event(
+            job,
+            format!(
+                "Ordering the {} of {} (backed up {} by job {}), the newest backup{} in the catalog.",
+                job.kind,
+                record.stored_path,
+                record.date,
+                record.job_id,
+                dated(&job.date)
+            ),
+        )
+        .await;
+        Ok((record.date.clone(), file.to_owned()))
+    }
+
     /// Follows a job's event stream from its agent to the attempt's end, persisting state
     /// and progress (at most once a second). An agent silent for `agent_timeout` is told
     /// to cancel and the attempt fails (retryable).
@@ -817,7 +938,7 @@ impl Coordinator {
             let next = match tokio::time::timeout(timeout, stream.message()).await {
                 Err(_) => {
                     let mut client = client.clone();
-                    let id = job.id.clone();
+                    let id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
                     tokio::spawn(async move {
                         client.cancel_job(v1::CancelJobRequest { job_id: id }).await
                     });
@@ -923,7 +1044,8 @@ impl Coordinator {
     }
 
     /// What became of `job`, a job of a previous coordinator process: the outcome of the
-    /// attempt its agent still runs or ran, or `None` to make a new attempt.
+    /// attempt its agent still runs or ran (asked under the stored attempt's id,
+    /// [`ferry_proto::attempt::attempt_id`]), or `None` to make a new attempt.
     async fn recover(&self, job: &mut Job) -> Option<Attempt> {
         self.event(
             job,
@@ -945,7 +1067,7 @@ impl Coordinator {
         let asked = tokio::time::timeout(
             self.settings.agent_timeout,
             client.watch_job(v1::WatchJobRequest {
-                job_id: job.id.clone(),
+                job_id: ferry_proto::attempt::attempt_id(&job.id, job.attempt),
             }),
         )
         .await;

@@ -8,8 +8,11 @@
 //! - the role decides first: an order outside the role is `PermissionDenied` whatever else
 //!   it holds, and one inside it never is;
 //! - an accepted order names a configured datastore whose name is 1 to 64 bytes, no `/`,
-//!   no NUL, no `..`, not hidden and one path component; a ULID job id; dates of exactly
-//!   `YYYY-MM-DD`; a backup type the datastore offers; namespaces `db.collection`.
+//!   no NUL, no `..`, not hidden and one path component; a ULID job id, or a ULID and
+//!   `-a<N>` (N >= 2, a retry's attempt id); dates of exactly
+//!   `YYYY-MM-DD`; a backup type the datastore offers; namespaces `db.collection`; a
+//!   backup file only with its date, as one file name of that datastore's main archives
+//!   of that date.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -24,6 +27,8 @@ use libfuzzer_sys::fuzz_target;
 #[derive(Arbitrary, Debug)]
 enum JobId {
     Ulid(u128),
+    /// A ULID followed by `-a` and this text (a retry's attempt id when it is a number).
+    Attempt(u128, String),
     Text(String),
 }
 
@@ -48,9 +53,11 @@ enum Kind {
     },
     Verify {
         date: Option<Date>,
+        file: Option<String>,
     },
     Restore {
         date: Option<Date>,
+        file: Option<String>,
         namespaces: Vec<String>,
     },
 }
@@ -101,6 +108,16 @@ fn built_with(staging: bool, extra: &str) -> Option<Settings> {
     built.ok()
 }
 
+/// An accepted backup file: with its date, one path component, a main archive of
+/// `datastore` whose stamp is of that date.
+fn check_file(datastore: &str, date: Option<&str>, file: Option<&str>) {
+    let Some(f) = file else { return };
+    let d = date.expect("an accepted file has its date");
+    assert!(is_single_component(f) && !f.starts_with('.'), "{f:?}");
+    let stamp = layout::stamp_of(datastore, f).expect("a main archive of the datastore");
+    assert!(stamp.starts_with(d), "{f:?} is not of {d}");
+}
+
 fuzz_target!(|input: Input| {
     let agents = agents();
     let extra = input
@@ -114,6 +131,7 @@ fuzz_target!(|input: Input| {
     };
     let job_id = match input.job_id {
         JobId::Ulid(n) => ulid::Ulid(n).to_string(),
+        JobId::Attempt(n, attempt) => format!("{}-a{attempt}", ulid::Ulid(n)),
         JobId::Text(s) => s,
     };
     let datastore = match input.datastore {
@@ -125,12 +143,17 @@ fuzz_target!(|input: Input| {
     };
     let kind = match input.kind {
         Kind::Backup { backup_type } => OrderKind::Backup { backup_type },
-        Kind::Verify { date: d } => OrderKind::Verify { date: date(d) },
+        Kind::Verify { date: d, file } => OrderKind::Verify {
+            date: date(d),
+            file,
+        },
         Kind::Restore {
             date: d,
+            file,
             namespaces,
         } => OrderKind::Restore {
             date: date(d),
+            file,
             namespaces,
         },
     };
@@ -160,7 +183,14 @@ fuzz_target!(|input: Input| {
     assert!(allowed, "an order outside the role was accepted");
     assert_eq!(order.kind, kind);
     assert_eq!(order.job_id, job_id);
-    ulid::Ulid::from_string(&job_id).expect("accepted job id is a ULID");
+    let (job, attempt) = ferry_proto::attempt::split_attempt_id(&job_id)
+        .expect("accepted job id is a ULID or an attempt id");
+    ulid::Ulid::from_string(job).expect("accepted job id is a ULID, with its attempt");
+    assert!(attempt >= 1);
+    if attempt > 1 {
+        assert_eq!(job_id, format!("{job}-a{attempt}"));
+    }
+    assert_eq!(order.job(), job);
 
     let name = order.datastore.name();
     assert_eq!(name, datastore);
@@ -184,15 +214,21 @@ fuzz_target!(|input: Input| {
                 assert!(types.contains(&t.as_str()), "backup type {t:?}");
             }
         }
-        OrderKind::Verify { date } => {
+        OrderKind::Verify { date, file } => {
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }
+            check_file(name, date.as_deref(), file.as_deref());
         }
-        OrderKind::Restore { date, namespaces } => {
+        OrderKind::Restore {
+            date,
+            file,
+            namespaces,
+        } => {
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }
+            check_file(name, date.as_deref(), file.as_deref());
             for ns in namespaces {
                 let (db, coll) = ns.split_once('.').expect("namespace has a dot");
                 assert!(!db.is_empty() && !coll.is_empty(), "{ns:?}");

@@ -9,8 +9,12 @@
 //!   certificates required, the rustls crypto provider installed once).
 //! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
 //!   100 characters).
+//! - [`codec`]: the services' protobuf codec (a malformed message is `InvalidArgument`).
+//! - [`attempt`]: the id each attempt of a job is ordered under (`<job>-a<N>`).
 
+pub mod attempt;
 pub mod bounded;
+pub mod codec;
 pub mod role;
 pub mod tls;
 

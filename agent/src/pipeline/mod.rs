@@ -6,7 +6,8 @@
 //!   dump tool. Every part is written as a hidden partial; all are renamed into place
 //!   only after every part dumped and uploaded completely, then the manifests are
 //!   written, the main part's last (it marks the backup complete).
-//! - restore: find the newest complete backup (or a date's); check the size and SHA-256
+//! - restore: find the backup the order names (the coordinator's catalog choice), or the
+//!   newest complete backup (or a date's); check the size and SHA-256
 //!   of each part that a tool applies to live data as it reads (PostgreSQL's roles) in a
 //!   first pass that reads and hashes only; then stream every part `download → hash →
 //!   decrypt → decompress → restore tool` into the datastore's session, which stages it
@@ -26,6 +27,7 @@ use crate::datastore::{Datastore, DumpError, Dumper, Part, RestoreError};
 use crate::layout::{self, StoredFile};
 use crate::manifest::{MANIFEST_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 use crate::transport::{Downloader, TransportError, Uploader};
+use ferry_proto::Bounded;
 
 pub mod chunks;
 pub mod compress;
@@ -485,15 +487,47 @@ struct FoundBackup {
     files: Vec<(String, Manifest)>,
 }
 
-/// Finds the newest complete backup of `datastore` in `environment` (on `date` if given).
+/// Finds the backup of `datastore` in `environment` that a restore or verify reads:
+/// `file` in `date`'s folder if the order names it (the coordinator's catalog choice),
+/// else the newest complete one (on `date` if given). A backup is complete when its main
+/// archive and the archive's manifest are both under their final names.
+///
+/// # Errors
+/// [`JobError::NotFound`] (naming `file` when it was named: no other backup is taken in
+/// its place), [`JobError::Integrity`] for a manifest that describes another file,
+/// [`JobError::InvalidArgument`] for a backup of another kind, transport errors.
 fn find_backup(
     settings: &Settings,
     environment: &str,
     datastore: &Datastore,
     date: Option<&str>,
+    file: Option<&str>,
 ) -> Result<FoundBackup, JobError> {
     let mut session = settings.backup_server.connect()?;
     let env_dir = layout::environment_dir(session.root(), environment);
+    let name = datastore.name();
+    if let (Some(day), Some(f)) = (date, file) {
+        let dir = format!("{env_dir}/{day}");
+        let entries = session.list(&dir)?;
+        let missing = match (
+            entries.iter().any(|e| e == f),
+            entries.contains(&format!("{f}.json")),
+        ) {
+            (true, true) => None,
+            (true, false) => Some("its manifest is not there (an incomplete backup)"),
+            (false, _) => Some("it is not there"),
+        };
+        if let Some(why) = missing {
+            return Err(JobError::NotFound(format!(
+                "the backup ordered, {dir}/{}, is not on the backup server: {why}; no other \
+                 backup is read in its place (the coordinator's catalog and the server \
+                 differ: see `ferry backups`, and restore another date with --date)",
+                Bounded(f)
+            )));
+        }
+        let (path, main) = read_main(&mut session, &dir, f, name)?;
+        return with_companions(&mut session, datastore, &dir, path, main);
+    }
     let mut dates: Vec<String> = session
         .list(&env_dir)?
         .into_iter()
@@ -501,7 +535,6 @@ fn find_backup(
         .filter(|d| date.is_none_or(|want| want == d))
         .collect();
     dates.sort();
-    let name = datastore.name();
     for day in dates.iter().rev() {
         let dir = format!("{env_dir}/{day}");
         let entries = session.list(&dir)?;
@@ -510,49 +543,82 @@ fn find_backup(
             if layout::stamp_of(name, f).is_none() || !entries.contains(&format!("{f}.json")) {
                 continue;
             }
-            let path = format!("{dir}/{f}");
-            let manifest_path = format!("{path}.json");
-            let bytes = session.read_small(&manifest_path, MAX_MANIFEST_BYTES)?;
-            let m = Manifest::from_slice(&manifest_path, &bytes)?;
-            if m.file != *f || m.datastore != name || !m.part.is_empty() {
-                return Err(JobError::Integrity(format!(
-                    "manifest {manifest_path} describes {:?} of datastore {:?}, not {f}",
-                    m.file, m.datastore
-                )));
-            }
+            let (path, m) = read_main(&mut session, &dir, f, name)?;
             if best.as_ref().is_none_or(|(_, b)| m.finished > b.finished) {
                 best = Some((path, m));
             }
         }
         let Some((path, main)) = best else { continue };
-        if main.kind != datastore.kind() {
-            return Err(JobError::InvalidArgument(format!(
-                "{path} is a {} backup; datastore {name:?} here is {}",
-                main.kind,
-                datastore.kind()
-            )));
-        }
-        let mut files = Vec::new();
-        for c in &main.companions {
-            layout::validate_companion(c).map_err(JobError::Integrity)?;
-            let cpath = format!("{dir}/{c}");
-            let mpath = format!("{cpath}.json");
-            let bytes = session
-                .read_small(&mpath, MAX_MANIFEST_BYTES)
-                .map_err(|e| {
-                    JobError::Integrity(format!(
-                        "companion {c} of {path} is missing or unreadable: {e}"
-                    ))
-                })?;
-            files.push((cpath, Manifest::from_slice(&mpath, &bytes)?));
-        }
-        files.push((path, main));
-        return Ok(FoundBackup { files });
+        return with_companions(&mut session, datastore, &dir, path, main);
     }
     Err(JobError::NotFound(match date {
         Some(d) => format!("no complete backup of datastore {name:?} in {env_dir}/{d}"),
         None => format!("no complete backup of datastore {name:?} under {env_dir}"),
     }))
+}
+
+/// Reads the manifest of main archive `f` of datastore `name` in `dir`; its path and
+/// manifest.
+///
+/// # Errors
+/// [`JobError::Integrity`] if the manifest describes another file, part or datastore.
+fn read_main(
+    session: &mut dyn Downloader,
+    dir: &str,
+    f: &str,
+    name: &str,
+) -> Result<(String, Manifest), JobError> {
+    let path = format!("{dir}/{f}");
+    let manifest_path = format!("{path}.json");
+    let bytes = session.read_small(&manifest_path, MAX_MANIFEST_BYTES)?;
+    let m = Manifest::from_slice(&manifest_path, &bytes)?;
+    if m.file != *f || m.datastore != name || !m.part.is_empty() {
+        return Err(JobError::Integrity(format!(
+            "manifest {manifest_path} describes {} of datastore {}, not {f}",
+            Bounded(&m.file),
+            Bounded(&m.datastore)
+        )));
+    }
+    Ok((path, m))
+}
+
+/// The backup whose main archive is `path` (described by `main`), with the companions its
+/// manifest lists, in restore order (companions first).
+///
+/// # Errors
+/// [`JobError::InvalidArgument`] for a backup of another kind, [`JobError::Integrity`] for
+/// a companion that is not a file of the layout or has no readable manifest.
+fn with_companions(
+    session: &mut dyn Downloader,
+    datastore: &Datastore,
+    dir: &str,
+    path: String,
+    main: Manifest,
+) -> Result<FoundBackup, JobError> {
+    if main.kind != datastore.kind() {
+        return Err(JobError::InvalidArgument(format!(
+            "{path} is a {} backup; datastore {:?} here is {}",
+            Bounded(&main.kind),
+            datastore.name(),
+            datastore.kind()
+        )));
+    }
+    let mut files = Vec::new();
+    for c in &main.companions {
+        layout::validate_companion(c).map_err(JobError::Integrity)?;
+        let cpath = format!("{dir}/{c}");
+        let mpath = format!("{cpath}.json");
+        let bytes = session
+            .read_small(&mpath, MAX_MANIFEST_BYTES)
+            .map_err(|e| {
+                JobError::Integrity(format!(
+                    "companion {c} of {path} is missing or unreadable: {e}"
+                ))
+            })?;
+        files.push((cpath, Manifest::from_slice(&mpath, &bytes)?));
+    }
+    files.push((path, main));
+    Ok(FoundBackup { files })
 }
 
 /// Streams `path` from the server through `consume` on a pipeline thread, with the
@@ -590,7 +656,8 @@ fn check_digest(path: &str, manifest: &Manifest, sha256: &str, size: u64) -> Res
 }
 
 /// For a staging agent that will `what` (restore, verify): the source environment and the
-/// newest complete backup of `datastore` there (or `date`'s).
+/// backup of `datastore` there that `selection` names ([`find_backup`]: `(date, file)`,
+/// the exact file if given, else the newest complete backup, of the date if given).
 ///
 /// # Errors
 /// [`JobError::PermissionDenied`] without an identity, [`JobError::InvalidArgument`],
@@ -598,7 +665,7 @@ fn check_digest(path: &str, manifest: &Manifest, sha256: &str, size: u64) -> Res
 async fn locate(
     settings: &Arc<Settings>,
     datastore: &Arc<Datastore>,
-    date: Option<String>,
+    (date, file): (Option<String>, Option<String>),
     progress: &Progress,
     what: &str,
 ) -> Result<(String, FoundBackup), JobError> {
@@ -611,6 +678,13 @@ async fn locate(
     if let Some(d) = &date {
         layout::parse_date(d).map_err(|e| JobError::InvalidArgument(e.to_string()))?;
     }
+    if let Some(f) = &file {
+        let d = date.as_deref().ok_or_else(|| {
+            JobError::InvalidArgument(format!("backup file {} without its date", Bounded(f)))
+        })?;
+        layout::validate_main_file(datastore.name(), d, f)
+            .map_err(|e| JobError::InvalidArgument(e.to_string()))?;
+    }
     let environment = settings
         .source_environment
         .clone()
@@ -620,7 +694,13 @@ async fn locate(
         let (settings, datastore, environment) =
             (settings.clone(), datastore.clone(), environment.clone());
         tokio::task::spawn_blocking(move || {
-            find_backup(&settings, &environment, &datastore, date.as_deref())
+            find_backup(
+                &settings,
+                &environment,
+                &datastore,
+                date.as_deref(),
+                file.as_deref(),
+            )
         })
         .await
         .map_err(join_error)??
@@ -628,8 +708,8 @@ async fn locate(
     Ok((environment, found))
 }
 
-/// Checks the newest complete backup (or `date`'s) of `datastore` in the source
-/// environment without restoring it: every file is downloaded once, its SHA-256 and size
+/// Checks a backup of `datastore` in the source environment without restoring it: the one
+/// `selection` names (`(date, file)`, see [`find_backup`]): every file is downloaded once, its SHA-256 and size
 /// compared with its manifest, and it is decrypted and decompressed to its very end (age
 /// authenticates every chunk, so tampering fails here even with a matching manifest).
 ///
@@ -638,10 +718,11 @@ async fn locate(
 pub async fn verify(
     settings: Arc<Settings>,
     datastore: Arc<Datastore>,
-    date: Option<String>,
+    selection: (Option<String>, Option<String>),
     progress: Progress,
 ) -> Result<JobReport, JobError> {
-    let (environment, found) = locate(&settings, &datastore, date, &progress, "verify").await?;
+    let (environment, found) =
+        locate(&settings, &datastore, selection, &progress, "verify").await?;
     progress.set_stage("verify");
     let mut plain_bytes = 0u64;
     for (path, manifest) in &found.files {
@@ -705,9 +786,9 @@ pub async fn verify(
     })
 }
 
-/// Restores the newest complete backup (or `date`'s) of `datastore` from the source
-/// environment: verify every file, then stream each into the datastore's restore
-/// session, then commit.
+/// Restores a backup of `datastore` from the source environment, the one `selection`
+/// names (`(date, file)`, see [`find_backup`]): verify every file, then stream each into
+/// the datastore's restore session, then commit.
 ///
 /// # Errors
 /// [`JobError`]; [`JobError::Restore`] says whether the target was left as it was.
@@ -715,11 +796,12 @@ pub async fn restore(
     settings: Arc<Settings>,
     datastore: Arc<Datastore>,
     job_id: String,
-    date: Option<String>,
+    selection: (Option<String>, Option<String>),
     namespaces: Vec<String>,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
-    let (environment, found) = locate(&settings, &datastore, date, &progress, "restore").await?;
+    let (environment, found) =
+        locate(&settings, &datastore, selection, &progress, "restore").await?;
 
     // First pass, for the parts that a tool applies to live data as it reads them: each
     // file is whole and is the one its manifest describes before anything is touched.
