@@ -1,7 +1,9 @@
 //! MongoDB end to end against a real MongoDB-wire server (SecantusDB): backup through the
 //! coordinator, restore into staging with a database renamed, every document byte-identical
 //! and every index present; the stored file is a well-formed mongodump archive after stock
-//! `age -d | zstd -d`; an altered file is refused before any collection is dropped.
+//! `age -d | zstd -d`, also to a reader that is not Ferry's (`tools/check_mongo_archive.py`,
+//! from mongo-tools' `common/archive`); an altered file is refused before any collection is
+//! dropped.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -423,4 +425,70 @@ fn mongodb_restore_is_verified_beside_the_target_and_leaves_it_as_it_was_on_a_mi
             "scratch databases left: {dbs:?}"
         );
     });
+}
+
+/// The stored archive of a database with a view, a capped collection and an empty
+/// collection, dumped with no write in its oplog window, passes a reader that is not
+/// Ferry's (`tests/tools/check_mongo_archive.py`, written from mongo-tools'
+/// `common/archive`): every namespace of the prelude, the view included, is closed by an
+/// EOF whose CRC matches its documents; the oplog namespace holds the window's start entry;
+/// each collection's metadata keeps its UUID as mongodump writes it.
+#[test]
+fn stored_mongodb_archive_passes_an_independent_mongo_tools_reader() {
+    let f = deploy();
+    let rt = runtime();
+    rt.block_on(async {
+        let app = client(&f.prod.uri()).await.database("app");
+        app.run_command(doc! {"create": "events", "capped": true, "size": 65_536i64})
+            .await
+            .unwrap();
+        let events: Vec<Document> = (0..50i32).map(|i| doc! {"_id": i, "at": i}).collect();
+        app.collection::<Document>("events")
+            .insert_many(events)
+            .await
+            .unwrap();
+        app.run_command(doc! {"create": "empty"}).await.unwrap();
+        let users: Vec<Document> = (0..200i32)
+            .map(|i| doc! {"_id": i, "name": format!("user {i}"), "n": i})
+            .collect();
+        app.collection::<Document>("users")
+            .insert_many(users)
+            .await
+            .unwrap();
+        app.run_command(doc! {"create": "first_users", "viewOn": "users", "pipeline": [{"$match": {"n": {"$lt": 10}}}]})
+            .await
+            .unwrap();
+    });
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let (name, manifest) = f.d.todays_backup("mongo", "archive.zst.age");
+    let plain = age_zstd_decrypt(&f.d.sshd.root().join(&name), &f.d.identity);
+    let archive = f.d.dir.path().join("mongo.archive");
+    fs::write(&archive, plain).unwrap();
+
+    let summary = check_mongo_archive(&archive).unwrap_or_else(|e| panic!("{e}"));
+    let ns = &summary["namespaces"];
+    assert_eq!(ns["app.users"]["documents"], 200, "{summary}");
+    assert_eq!(ns["app.events"]["documents"], 50, "{summary}");
+    assert_eq!(ns["app.events"]["options"]["capped"], true, "{summary}");
+    assert_eq!(ns["app.empty"]["documents"], 0, "{summary}");
+    assert_eq!(ns["app.first_users"]["type"], "view", "{summary}");
+    assert_eq!(ns["app.first_users"]["documents"], 0, "{summary}");
+    for coll in ["app.users", "app.events", "app.empty"] {
+        let uuid = ns[coll]["uuid"].as_str().unwrap_or_default();
+        assert_eq!(uuid.len(), 32, "{coll} has no collection UUID: {summary}");
+    }
+    // Nothing was written during the dump: the oplog holds the window's start entry only.
+    let oplog = &summary["oplog"];
+    assert_eq!(oplog["entries"], 1, "{summary}");
+    assert_eq!(
+        manifest["counts"]["oplog"]["entries"], 1,
+        "{}",
+        manifest["counts"]
+    );
+    let start = &manifest["counts"]["oplog"]["start"];
+    assert_eq!(
+        (&oplog["first"][0], &oplog["first"][1]),
+        (&start["t"], &start["i"]),
+        "the window does not start at the entry at the dump's start: {summary}"
+    );
 }

@@ -295,11 +295,15 @@ impl Mongo {
                         .collect(),
                 );
                 meta.insert("indexes", index_specs);
-                if let Ok(uuid) = spec
+                // As mongodump does (mongo-tools `common/db/namespaces.go`, GetUUID): the
+                // hex of the UUID the server reports as binary subtype 4, where
+                // `mongorestore --preserveUUID` looks for it.
+                if let Ok(Bson::Binary(uuid)) = spec
                     .get_document("info")
-                    .and_then(|i| i.get_binary_generic("uuid"))
+                    .map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null))
+                    && uuid.subtype == bson::spec::BinarySubtype::Uuid
                 {
-                    meta.insert("uuid", hex::encode(uuid));
+                    meta.insert("uuid", hex::encode(&uuid.bytes));
                 }
                 meta.insert("collectionName", &name);
                 meta.insert("type", &kind);
@@ -388,6 +392,11 @@ impl Mongo {
             );
         }
         for meta in prelude.iter().filter(|m| m.kind == "view") {
+            // No documents, but a segment and an EOF marker all the same, as mongodump
+            // writes: stock mongorestore wants every namespace of the prelude closed.
+            writer
+                .end_namespace(&meta.db, &meta.collection)
+                .map_err(src)?;
             counts.insert(
                 format!("{}.{}", meta.db, meta.collection),
                 serde_json::json!({"documents": 0, "indexes": [], "type": "view"}),
@@ -396,9 +405,14 @@ impl Mongo {
         let mut oplog_info = serde_json::Value::Null;
         if replica_set.is_some() {
             let end_ts = last_ts().await?;
+            // As mongodump (`mongodump/oplog_dump.go`): the window starts at the entry at
+            // the dump's start, `ts >= start`, so the oplog namespace is never empty (stock
+            // `mongorestore --oplogReplay` fails on an empty one). The restore applies that
+            // entry again; its effect is already in the dumped documents, and replaying it
+            // changes nothing.
             let mut filter = doc! {};
             if let Some(s) = start_ts {
-                filter.insert("ts", doc! {"$gt": s});
+                filter.insert("ts", doc! {"$gte": s});
             }
             let mut entries = 0i64;
             if let Some(e) = end_ts {
@@ -409,7 +423,11 @@ impl Mongo {
                     .database("local")
                     .collection::<RawDocumentBuf>("oplog.rs");
                 let mut cursor = raw_oplog.find(filter).await.map_err(src)?;
+                let mut first = None;
                 while cursor.advance().await.map_err(src)? {
+                    if entries == 0 {
+                        first = cursor.current().get_timestamp("ts").ok();
+                    }
                     docs.extend_from_slice(cursor.current().as_bytes());
                     entries += 1;
                     if docs.len() >= SEGMENT_BYTES {
@@ -424,6 +442,18 @@ impl Mongo {
                     writer
                         .write_segment("", "oplog", [&docs[..]])
                         .map_err(src)?;
+                }
+                // The window's first entry is the one at the start, unless the oplog rolled
+                // over meanwhile (what mongodump checks too): entries are missing then.
+                if let Some(s) = start_ts
+                    && first != Some(s)
+                {
+                    return Err(DumpError::Source(format!(
+                        "the oplog no longer holds its entry at the dump's start, Timestamp({}, {}): \
+                         it rolled over during the dump, so writes made meanwhile are missing; \
+                         enlarge the oplog (replSetResizeOplog) or back up when there are fewer writes",
+                        s.time, s.increment
+                    )));
                 }
             }
             writer.end_namespace("", "oplog").map_err(src)?;
@@ -887,6 +917,10 @@ async fn apply_items(
                 Item::Document { ns, .. } | Item::End(ns) => ns.clone(),
             };
             if !is_oplog(&ns) && !wanted(&ns.0, &ns.1) {
+                continue;
+            }
+            // A view's (empty) segment and EOF marker: views are made from the prelude.
+            if meta.get(&ns).is_some_and(|m| m.kind == "view") {
                 continue;
             }
             if !is_oplog(&ns) && !prepared.contains(&ns) {
