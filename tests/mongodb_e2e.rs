@@ -514,9 +514,9 @@ fn deploy_with_cuttable_backup_server() -> MongoFleet {
     MongoFleet { d, prod, stage }
 }
 
-/// Documents of `app.zz_big`, the collection dumped last (names sort), each of 256 KiB
-/// that does not compress: 48 MiB, more than the pipeline and the sockets buffer, so a cut
-/// link stops the dump while its cursor is open.
+/// Documents of `app.zz_big`, dumped last but one (names sort), each of 256 KiB that does
+/// not compress: 48 MiB, more than the pipeline and the sockets buffer, so a cut link stops
+/// the dump while its cursor is open.
 const BIG_DOCS: i32 = 192;
 
 /// `n` bytes of a fixed pseudo-random sequence (xorshift) starting from `seed`.
@@ -533,9 +533,9 @@ fn noise(seed: u64, n: usize) -> Vec<u8> {
 }
 
 /// Production before the dump: `app.a_docs` (100 documents of nested documents and
-/// arrays), `app.a_dropped`, `app.a_renamed`, `app.a_indexed` (with an index `k_1`) and
-/// `app.zz_big`. Staging: its own `app.a_docs` and `app.a_dropped`, and `app.staging_only`,
-/// which the backup does not hold.
+/// arrays), `app.a_dropped`, `app.a_renamed`, `app.a_indexed` (with an index `k_1`),
+/// `app.zz_big` and `app.zzz_after` (dumped after it). Staging: its own `app.a_docs` and
+/// `app.a_dropped`, and `app.staging_only`, which the backup does not hold.
 async fn seed_for_replay(prod: &str, stage: &str) {
     let app = client(prod).await.database("app");
     let docs: Vec<Document> = (0..100i32)
@@ -556,7 +556,7 @@ async fn seed_for_replay(prod: &str, stage: &str) {
     )
     .await
     .unwrap();
-    for coll in ["a_dropped", "a_renamed", "a_indexed"] {
+    for coll in ["a_dropped", "a_renamed", "a_indexed", "zzz_after"] {
         let docs: Vec<Document> = (0..20i32).map(|i| doc! {"_id": i, "k": i}).collect();
         app.collection::<Document>(coll)
             .insert_many(docs)
@@ -731,6 +731,14 @@ async fn write_every_kind(uri: &str) {
             .unwrap();
     }
     big.delete_one(doc! {"_id": BIG_DOCS - 2}).await.unwrap();
+    // A collection not dumped yet: the dump reads it without this document, whose update
+    // the replay then finds nothing to apply to until the delete that follows.
+    let after = app.collection::<Document>("zzz_after");
+    after
+        .update_one(doc! {"_id": 3}, doc! {"$set": {"k": 30}})
+        .await
+        .unwrap();
+    after.delete_one(doc! {"_id": 3}).await.unwrap();
 }
 
 /// Whether the server has a cursor open on `ns` (`currentOp`'s idle cursors).
@@ -843,12 +851,23 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
         Some(expected),
         "the restore's count of applied oplog entries: {out}"
     );
+    assert!(
+        out.contains("1 of them updates of documents a later entry deletes"),
+        "{out}"
+    );
     rt.block_on(async {
         let (prod, stage) = (f.prod.uri(), f.stage.uri());
         let names = collection_names(&prod, "app", &[]).await;
         assert_eq!(
             names,
-            ["a_docs", "a_indexed", "a_renamed_to", "b_created", "zz_big"],
+            [
+                "a_docs",
+                "a_indexed",
+                "a_renamed_to",
+                "b_created",
+                "zz_big",
+                "zzz_after"
+            ],
             "production after the writes"
         );
         assert_eq!(

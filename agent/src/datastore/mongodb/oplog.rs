@@ -714,14 +714,22 @@ pub struct Replay {
     known: BTreeSet<String>,
     /// Whether a rename keeps a collection's options on this server (probed once).
     rename_keeps: Option<bool>,
-    /// Updates that found no document: (source namespace, `_id` as BSON) → the entry's
-    /// name, until a later entry deletes that document.
-    orphans: BTreeMap<(String, Vec<u8>), String>,
+    /// Updates that found no document, until a later entry deletes it.
+    orphans: Orphans,
     /// The `ts` of the window's first entry: the dump's start, whose entries are already
     /// in the dumped documents.
     start: Option<bson::Timestamp>,
     /// What was done so far.
     pub report: ReplayReport,
+}
+
+/// Updates that found no document to update. The dump read that document after its
+/// deletion, which a later entry of the window must then hold; at the window's end any
+/// left means the dump and its oplog disagree.
+#[derive(Debug, Default)]
+struct Orphans {
+    /// (source namespace, `_id` as BSON) → the update entry's name.
+    updates: BTreeMap<(String, Vec<u8>), String>,
 }
 
 fn id_key(id: &Bson) -> Vec<u8> {
@@ -730,6 +738,41 @@ fn id_key(id: &Bson) -> Vec<u8> {
         .to_writer(&mut out)
         .expect("BSON to memory");
     out
+}
+
+impl Orphans {
+    /// An update of document `id` of `ns` found nothing.
+    fn updated(&mut self, ns: &str, id: &Bson, entry: &str) {
+        self.updates
+            .entry((ns.to_owned(), id_key(id)))
+            .or_insert_with(|| entry.to_owned());
+    }
+
+    /// Document `id` of `ns` is deleted: its updates had nothing to do.
+    fn deleted(&mut self, ns: &str, id: &Bson) {
+        self.updates.remove(&(ns.to_owned(), id_key(id)));
+    }
+
+    /// `ns` is dropped (`to` is `None`) or renamed to `to`.
+    fn moved(&mut self, ns: &str, to: Option<&str>) {
+        let keys: Vec<(String, Vec<u8>)> = self
+            .updates
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .cloned()
+            .collect();
+        for key in keys {
+            let entry = self.updates.remove(&key).expect("listed");
+            if let Some(to) = to {
+                self.updates.insert((to.to_owned(), key.1), entry);
+            }
+        }
+    }
+
+    /// The first update left without a later delete, if any.
+    fn left(&self) -> Option<&String> {
+        self.updates.values().next()
+    }
 }
 
 /// The server's error code, for the answers the replay tolerates.
@@ -759,7 +802,7 @@ impl Replay {
             only,
             known,
             rename_keeps: None,
-            orphans: BTreeMap::new(),
+            orphans: Orphans::default(),
             start: None,
             report: ReplayReport::default(),
         }
@@ -799,7 +842,7 @@ impl Replay {
     /// # Errors
     /// [`ReplayError::Orphan`] naming the first such update.
     pub fn finish(&self) -> Result<(), ReplayError> {
-        match self.orphans.values().next() {
+        match self.orphans.left() {
             Some(entry) => Err(ReplayError::Orphan {
                 entry: entry.clone(),
             }),
@@ -887,7 +930,7 @@ impl Replay {
                     .get("_id")
                     .ok_or_else(|| unsupported("a delete without _id".into()))?;
                 collection.delete_one(o.clone()).await.map_err(refused)?;
-                self.orphans.remove(&(ns.to_owned(), id_key(id)));
+                self.orphans.deleted(ns, id);
             }
             _ => {
                 let selector = entry
@@ -937,8 +980,7 @@ impl Replay {
                 };
                 if !found {
                     let id = selector.get("_id").cloned().unwrap_or(Bson::Null);
-                    self.orphans
-                        .insert((ns.to_owned(), id_key(&id)), name.to_owned());
+                    self.orphans.updated(ns, &id, name);
                 }
             }
         }
@@ -948,22 +990,6 @@ impl Replay {
         }
         self.report.changed.insert(ns.to_owned());
         Ok(())
-    }
-
-    /// Forgets the orphan updates of `ns` (dropped, or renamed to `to`).
-    fn move_orphans(&mut self, ns: &str, to: Option<&str>) {
-        let keys: Vec<(String, Vec<u8>)> = self
-            .orphans
-            .keys()
-            .filter(|(n, _)| n == ns)
-            .cloned()
-            .collect();
-        for key in keys {
-            let entry = self.orphans.remove(&key).expect("listed");
-            if let Some(to) = to {
-                self.orphans.insert((to.to_owned(), key.1), entry);
-            }
-        }
     }
 
     /// Whether `db.coll` (a scratch namespace) exists.
@@ -1063,7 +1089,7 @@ impl Replay {
                             .await
                             .map_err(|e| refused(&at, e))?;
                         self.known.remove(&ns);
-                        self.move_orphans(&ns, None);
+                        self.orphans.moved(&ns, None);
                     }
                     "createIndexes" | "commitIndexBuild" => {
                         // SecantusDB and commitIndexBuild list the specs; mongod's
@@ -1137,7 +1163,7 @@ impl Replay {
                         .await
                         .map_err(|e| refused(&format!("{target}.{coll}"), e))?;
                     self.known.remove(&ns);
-                    self.move_orphans(&ns, None);
+                    self.orphans.moved(&ns, None);
                     self.report.changed.insert(ns.clone());
                     self.report.ddl.insert(ns);
                 }
@@ -1243,7 +1269,7 @@ impl Replay {
         }
         self.known.remove(from);
         self.known.insert(to.to_owned());
-        self.move_orphans(from, Some(to));
+        self.orphans.moved(from, Some(to));
         self.report.applied += 1;
         for ns in [from, to] {
             self.report.changed.insert(ns.to_owned());
@@ -1501,6 +1527,27 @@ mod tests {
                 "{d}"
             );
         }
+    }
+
+    /// An update that found no document is settled by a later delete of it, or a drop of
+    /// its collection, and follows a rename; otherwise it is left for the error.
+    #[test]
+    fn orphan_updates_need_a_later_delete_or_drop() {
+        let mut o = Orphans::default();
+        o.updated("app.a", &Bson::Int32(1), "first");
+        o.updated("app.a", &Bson::Int32(1), "second");
+        o.updated("app.a", &Bson::String("x".into()), "third");
+        o.updated("app.b", &Bson::Int32(1), "fourth");
+        assert_eq!(o.left().map(String::as_str), Some("first"));
+        o.deleted("app.a", &Bson::Int32(1));
+        assert_eq!(o.left().map(String::as_str), Some("third"));
+        o.moved("app.a", Some("app.c"));
+        o.deleted("app.a", &Bson::String("x".into()));
+        assert_eq!(o.left().map(String::as_str), Some("fourth"));
+        o.moved("app.b", None);
+        assert_eq!(o.left().map(String::as_str), Some("third"));
+        o.deleted("app.c", &Bson::String("x".into()));
+        assert_eq!(o.left(), None);
     }
 
     #[test]
