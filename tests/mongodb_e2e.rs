@@ -916,9 +916,9 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
 
 /// Rewrites today's stored MongoDB backup with `extra` appended to its oplog namespace,
 /// re-encrypted to the staging recipient, its manifest updated to match (as someone with
-/// write access to the backup server could, or a server writing an entry Ferry does not
-/// know).
-fn append_to_stored_oplog(d: &Deployment, extra: &Document) {
+/// write access to the backup server could, or as the backup of a server writing entries
+/// SecantusDB does not, such as mongod).
+fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
     use ferry_agent::datastore::mongodb::archive::{ArchiveReader, ArchiveWriter, Item};
     let (name, _) = d.todays_backup("mongo", "archive.zst.age");
     let stored = d.sshd.root().join(&name);
@@ -929,8 +929,14 @@ fn append_to_stored_oplog(d: &Deployment, extra: &Document) {
         items.push(item);
     }
     let mut writer = ArchiveWriter::new(Vec::new(), &reader.header, &reader.collections).unwrap();
-    let mut entry = Vec::new();
-    extra.to_writer(&mut entry).unwrap();
+    let entries: Vec<Vec<u8>> = extra
+        .iter()
+        .map(|e| {
+            let mut bytes = Vec::new();
+            e.to_writer(&mut bytes).unwrap();
+            bytes
+        })
+        .collect();
     for item in items {
         match item {
             Item::Document { ns, bytes } => writer
@@ -939,7 +945,7 @@ fn append_to_stored_oplog(d: &Deployment, extra: &Document) {
             Item::End(ns) => {
                 if ns.0.is_empty() && ns.1 == "oplog" {
                     writer
-                        .write_segment("", "oplog", [entry.as_slice()])
+                        .write_segment("", "oplog", entries.iter().map(Vec::as_slice))
                         .unwrap();
                 }
                 writer.end_namespace(&ns.0, &ns.1).unwrap();
@@ -961,7 +967,7 @@ fn append_to_stored_oplog(d: &Deployment, extra: &Document) {
         m["bytes_stored"] = serde_json::json!(crafted.len());
         m["bytes_uncompressed"] = serde_json::json!(plain.len());
         let entries = m["counts"]["oplog"]["entries"].as_i64().unwrap_or(0);
-        m["counts"]["oplog"]["entries"] = serde_json::json!(entries + 1);
+        m["counts"]["oplog"]["entries"] = serde_json::json!(entries + extra.len() as i64);
     });
 }
 
@@ -996,7 +1002,7 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
     // A command of MongoDB 4.x that changes data and that the replay does not know.
     append_to_stored_oplog(
         &f.d,
-        &doc! {"ts": ts, "t": 1i64, "op": "c", "ns": "app.$cmd", "o": {"emptycapped": "items"}},
+        &[doc! {"ts": ts, "t": 1i64, "op": "c", "ns": "app.$cmd", "o": {"emptycapped": "items"}}],
     );
 
     let out =
@@ -1029,6 +1035,121 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
         assert!(
             !dbs.iter().any(|d| d.contains("__ferry_")),
             "scratch databases left: {dbs:?}"
+        );
+    });
+}
+
+/// Entries as mongod writes them, which SecantusDB does not: `$v: 2` diffs in the
+/// `doc_diff` format with nested document and array sub-diffs, inside an `applyOps`; `$v: 1`
+/// modifiers; a `createIndexes` with its spec inline; a `dropDatabase`. Appended to a
+/// stored archive's oplog, they are applied to the scratch databases like any other: each
+/// document comes out as mongod would make it, byte for byte.
+#[test]
+fn mongod_oplog_forms_doc_diffs_apply_ops_and_drop_database_are_replayed() {
+    let f = deploy();
+    let rt = runtime();
+    rt.block_on(async {
+        let prod = client(&f.prod.uri()).await;
+        let docs: Vec<Document> = (0..10i32)
+            .map(|i| doc! {"_id": i, "a": {"b": 1, "c": [1, 2, 3], "e": [{"k": 1}]}, "x": 1})
+            .collect();
+        prod.database("app")
+            .collection::<Document>("items")
+            .insert_many(docs)
+            .await
+            .unwrap();
+        let gone: Vec<Document> = (0..3i32).map(|i| doc! {"_id": i}).collect();
+        prod.database("gone")
+            .collection::<Document>("g")
+            .insert_many(gone)
+            .await
+            .unwrap();
+        client(&f.stage.uri())
+            .await
+            .database("gone")
+            .collection::<Document>("g")
+            .insert_one(doc! {"_id": "staging's own"})
+            .await
+            .unwrap();
+    });
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let (_, manifest) = f.d.todays_backup("mongo", "archive.zst.age");
+    let end = &manifest["counts"]["oplog"]["end"];
+    let ts = |k: u32| bson::Timestamp {
+        time: end["t"].as_u64().unwrap() as u32 + 1,
+        increment: k,
+    };
+    append_to_stored_oplog(
+        &f.d,
+        &[
+            doc! {"ts": ts(1), "t": 1i64, "op": "c", "ns": "admin.$cmd", "o": {"applyOps": [
+                {"op": "u", "ns": "app.items", "o2": {"_id": 1}, "o": {"$v": 2, "diff": {
+                    "d": {"x": false},
+                    "u": {"y": "new"},
+                    "sa": {"i": {"d": 4}, "sc": {"a": true, "l": 2, "u1": 20}, "se": {"a": true, "s0": {"u": {"k": 2}}, "u2": "padded"}},
+                }}},
+                {"op": "i", "ns": "app.items", "o": {"_id": 100, "new": true}},
+            ]}},
+            doc! {"ts": ts(2), "t": 1i64, "op": "u", "ns": "app.items", "o2": {"_id": 2}, "o": {"$v": 1, "$set": {"x": 5}, "$unset": {"a": true}}},
+            doc! {"ts": ts(3), "t": 1i64, "op": "c", "ns": "app.$cmd", "o": {"createIndexes": "items", "v": 2, "key": {"x": 1}, "name": "x_1"}},
+            doc! {"ts": ts(4), "t": 1i64, "op": "c", "ns": "gone.$cmd", "o": {"dropDatabase": 1}},
+            doc! {"ts": ts(5), "t": 1i64, "op": "d", "ns": "app.items", "o": {"_id": 3}},
+        ],
+    );
+
+    let out =
+        f.d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    let applied = number_after(&out, "oplog: ").unwrap_or_else(|| panic!("{out}"));
+    // The window's own entries, and the six operations appended.
+    assert!(applied > 6, "{out}");
+    rt.block_on(async {
+        let stage = client(&f.stage.uri()).await;
+        let items = stage.database("app").collection::<RawDocumentBuf>("items");
+        let get = |id: i32| {
+            let items = items.clone();
+            async move {
+                items
+                    .find_one(doc! {"_id": id})
+                    .await
+                    .unwrap()
+                    .map(|d| d.into_bytes())
+            }
+        };
+        let bytes = |d: Document| {
+            let mut out = Vec::new();
+            d.to_writer(&mut out).unwrap();
+            Some(out)
+        };
+        assert_eq!(
+            get(1).await,
+            bytes(doc! {
+                "_id": 1,
+                "a": {"b": 1, "c": [1, 20], "e": [{"k": 2}, Bson::Null, "padded"], "d": 4},
+                "y": "new",
+            }),
+            "the doc_diff update"
+        );
+        assert_eq!(get(100).await, bytes(doc! {"_id": 100, "new": true}));
+        assert_eq!(
+            get(2).await,
+            bytes(doc! {"_id": 2, "x": 5}),
+            "the $v: 1 update"
+        );
+        assert_eq!(get(3).await, None, "the delete");
+        assert_eq!(
+            get(4).await,
+            bytes(doc! {"_id": 4, "a": {"b": 1, "c": [1, 2, 3], "e": [{"k": 1}]}, "x": 1})
+        );
+        assert!(
+            indexes(&f.stage.uri(), "app", "items")
+                .await
+                .contains_key("x_1"),
+            "the createIndexes"
+        );
+        let dbs = stage.list_database_names().await.unwrap();
+        assert!(
+            !dbs.iter().any(|d| d == "gone" || d.contains("__ferry_")),
+            "the dropped database's namespace, or a scratch database, is left: {dbs:?}"
         );
     });
 }
