@@ -495,6 +495,99 @@ fn stored_mongodb_archive_passes_an_independent_mongo_tools_reader() {
     );
 }
 
+/// The independent checker refuses what stock mongorestore refuses, on archives written
+/// here byte by byte with Ferry's writer: a view without its segment and EOF (what Ferry
+/// wrote before), an empty oplog namespace (likewise), a wrong CRC, a namespace reopened
+/// after its EOF, a truncated file; and accepts the same archive written whole.
+#[test]
+fn the_independent_archive_checker_refuses_what_mongorestore_refuses() {
+    use ferry_agent::datastore::mongodb::archive::{
+        ArchiveWriter, CollectionMetadata, FORMAT_VERSION, Header,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let header = Header {
+        concurrent_collections: 1,
+        version: FORMAT_VERSION.into(),
+        server_version: "8.0.4".into(),
+        tool_version: "test".into(),
+    };
+    let meta = |db: &str, coll: &str, kind: &str| CollectionMetadata {
+        db: db.into(),
+        collection: coll.into(),
+        metadata: format!(
+            r#"{{"indexes":[],"collectionName":"{coll}","type":"{kind}","options":{{}}}}"#
+        ),
+        size: 0,
+        kind: kind.into(),
+    };
+    let prelude = [
+        meta("app", "users", "collection"),
+        meta("app", "first_users", "view"),
+        meta("", "oplog", ""),
+    ];
+    let bson = |d: Document| {
+        let mut out = Vec::new();
+        d.to_writer(&mut out).unwrap();
+        out
+    };
+    let user = bson(doc! {"_id": 1, "name": "a"});
+    let entry =
+        bson(doc! {"ts": bson::Timestamp { time: 1, increment: 1 }, "op": "n", "ns": "", "o": {}});
+    // (view closed, oplog entries, extra bytes after the archive)
+    let write = |close_view: bool, oplog: &[&[u8]], tail: &[u8]| {
+        let mut w = ArchiveWriter::new(Vec::new(), &header, &prelude).unwrap();
+        w.write_segment("app", "users", [user.as_slice()]).unwrap();
+        w.end_namespace("app", "users").unwrap();
+        if close_view {
+            w.end_namespace("app", "first_users").unwrap();
+        }
+        w.write_segment("", "oplog", oplog.iter().copied()).unwrap();
+        w.end_namespace("", "oplog").unwrap();
+        let mut bytes = w.finish().unwrap();
+        bytes.extend_from_slice(tail);
+        bytes
+    };
+    let check = |name: &str, bytes: &[u8]| {
+        let path = dir.path().join(name);
+        fs::write(&path, bytes).unwrap();
+        check_mongo_archive(&path)
+    };
+    let good = write(true, &[&entry], &[]);
+    let summary = check("good", &good).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(summary["namespaces"]["app.users"]["documents"], 1);
+    assert_eq!(summary["oplog"]["entries"], 1);
+
+    let refused = |name: &str, bytes: &[u8], why: &str| {
+        let e = check(name, bytes).expect_err(name);
+        assert!(e.contains(why), "{name}: {e}");
+    };
+    refused(
+        "view not closed",
+        &write(false, &[&entry], &[]),
+        "archive finished before all collections were seen: ['app.first_users']",
+    );
+    refused(
+        "empty oplog",
+        &write(true, &[], &[]),
+        "the oplog namespace holds no entry",
+    );
+    let mut bad_crc = good.clone();
+    let at = bad_crc.windows(5).position(|w| w == b"name\0").unwrap();
+    bad_crc[at + 9] ^= 1;
+    refused("bad crc", &bad_crc, "CRC mismatch for app.users");
+    let mut reopened = good.clone();
+    reopened.extend_from_slice(&bson(
+        doc! {"db": "app", "collection": "users", "EOF": false, "CRC": 0i64},
+    ));
+    reopened.extend_from_slice(&[0xff; 4]);
+    refused(
+        "reopened",
+        &reopened,
+        "a header for app.users after its EOF",
+    );
+    refused("truncated", &good[..good.len() - 2], "truncated");
+}
+
 /// [`deploy`] with the backup server in a network namespace of its own, so a test can cut
 /// its link and hold a dump (and so its oplog window) open.
 fn deploy_with_cuttable_backup_server() -> MongoFleet {

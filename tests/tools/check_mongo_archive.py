@@ -150,7 +150,9 @@ def raw_fields(raw, at):
         elif type_byte == 0x05:
             pos += 5 + struct.unpack_from("<i", raw, pos)[0]
         else:
-            raise ArchiveError(f"byte {at}: namespace header field {name!r} has BSON type {type_byte:#x}")
+            raise ArchiveError(
+                f"byte {at}: namespace header field {name!r} has BSON type {type_byte:#x}"
+            )
         fields.append((name, type_byte))
     return fields
 
