@@ -793,6 +793,11 @@ async fn write_every_kind(uri: &str) {
     app.run_command(doc! {"createIndexes": "b_created", "indexes": [{"key": {"c": -1}, "name": "c_-1", "unique": true}]})
         .await
         .unwrap();
+    // Created by its first insert, with no create command.
+    app.collection::<Document>("b_implicit")
+        .insert_one(doc! {"_id": 1, "implicit": true})
+        .await
+        .unwrap();
     app.collection::<Document>("a_dropped")
         .drop()
         .await
@@ -958,6 +963,7 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
                 "a_indexed",
                 "a_renamed_to",
                 "b_created",
+                "b_implicit",
                 "zz_big",
                 "zzz_after"
             ],
@@ -966,8 +972,8 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
         assert_eq!(
             collection_names(&stage, "app", &["staging_only"]).await,
             names,
-            "staging's collections (a_dropped and a_renamed must be gone, b_created and \
-             a_renamed_to there)"
+            "staging's collections (a_dropped and a_renamed must be gone, b_created, \
+             b_implicit and a_renamed_to there)"
         );
         for coll in &names {
             let source = raw_documents(&prod, "app", coll).await;

@@ -9,7 +9,9 @@
 //! their state at the window's end.
 //!
 //! What is applied:
-//! - `i` (insert, as an upsert by `_id`), `d` (delete by `_id`), `n` (no-op: skipped);
+//! - `i` (insert, as an upsert by `_id`; into a collection the restore does not hold, it
+//!   creates it, as the server did: SecantusDB logs no `create` then), `d` (delete by
+//!   `_id`), `n` (no-op: skipped);
 //! - `u` in every form a MongoDB-wire server writes: a whole replacement document; `$v: 1`
 //!   modifiers (`$set`, `$unset`, sent to the server as they are); `$v: 2` diffs in mongod's
 //!   `doc_diff` format (mongodb/mongo `src/mongo/db/update/document_diff_serialization.h` and
@@ -699,7 +701,8 @@ pub struct ReplayReport {
     /// Source namespaces (`db.collection`) whose documents an applied entry changed (the
     /// entries at the window's start aside: their effect is in the dump).
     pub changed: BTreeSet<String>,
-    /// Source namespaces created, dropped, renamed, re-indexed or modified by a command.
+    /// Source namespaces created (by a command or a first insert), dropped, renamed,
+    /// re-indexed or modified by a command.
     pub ddl: BTreeSet<String>,
 }
 
@@ -924,6 +927,10 @@ impl Replay {
                     .upsert(true)
                     .await
                     .map_err(refused)?;
+                // An insert creates its collection; SecantusDB logs no create entry then.
+                if self.known.insert(ns.to_owned()) {
+                    self.report.ddl.insert(ns.to_owned());
+                }
             }
             "d" => {
                 let id = o
