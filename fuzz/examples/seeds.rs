@@ -68,6 +68,7 @@ fn archives(dir: &Path) {
     w.end_namespace("app", "users").unwrap();
     w.end_namespace("app", "empty").unwrap();
     w.end_namespace("logs", "events").unwrap();
+    w.end_namespace("app", "active").unwrap();
     w.write_segment("", "oplog", [oplog.as_slice()]).unwrap();
     w.end_namespace("", "oplog").unwrap();
     fs::write(dir.join("seed-interleaved"), w.finish().unwrap()).unwrap();

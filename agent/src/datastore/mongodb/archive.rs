@@ -13,6 +13,13 @@
 //! init and final XOR all ones: the `CRC_64_XZ` of the `crc` crate) over the raw bytes of
 //! every document of the namespace, stored as an int64. Segments of several namespaces
 //! may interleave. Documents pass through as raw bytes: never decoded and re-encoded.
+//!
+//! Like mongodump (mongo-tools `common/archive/multiplexer.go`: a namespace's buffered
+//! writer always flushes on close, so its header goes out even with no document), the
+//! writer gives every namespace it ends at least one segment, empty if it has no document:
+//! a view or an empty collection is `{db, collection, EOF: false, CRC: 0}`, terminator,
+//! then its EOF marker. Stock mongorestore wants a namespace of the prelude seen and closed,
+//! views included ("archive finished before all collections were seen" otherwise).
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -158,16 +165,20 @@ impl<W: Write> ArchiveWriter<W> {
         self.out.write_all(&TERMINATOR)
     }
 
-    /// Ends a namespace: its EOF marker with the CRC of all its documents.
+    /// Ends a namespace: an empty segment if it had none (a view, an empty collection), then
+    /// its EOF marker with the CRC of all its documents.
     ///
     /// # Errors
     /// From `out`.
     pub fn end_namespace(&mut self, db: &str, collection: &str) -> io::Result<()> {
-        let crc = self
-            .crcs
-            .remove(&(db.to_owned(), collection.to_owned()))
-            .map(|d| d.finalize())
-            .unwrap_or(0);
+        let crc = match self.crcs.remove(&(db.to_owned(), collection.to_owned())) {
+            Some(digest) => digest.finalize(),
+            None => {
+                self.namespace_header(db, collection, false, 0)?;
+                self.out.write_all(&TERMINATOR)?;
+                CRC64.digest().finalize()
+            }
+        };
         self.namespace_header(db, collection, true, crc as i64)?;
         self.out.write_all(&TERMINATOR)
     }
@@ -486,6 +497,28 @@ mod tests {
             d1,
             [0x0e, 0, 0, 0, 0x10, b'_', b'i', b'd', 0, 1, 0, 0, 0, 0]
         );
+    }
+
+    /// mongodump's shape for a namespace without documents (a view, an empty collection):
+    /// an empty segment, then the EOF marker with the CRC of nothing (0).
+    #[test]
+    fn a_namespace_without_documents_gets_an_empty_segment_then_its_eof() {
+        let mut view = meta("app", "v");
+        view.kind = "view".into();
+        let mut w = ArchiveWriter::new(Vec::new(), &header(), &[view]).unwrap();
+        let prelude_len = w.get_mut().len();
+        w.end_namespace("app", "v").unwrap();
+        let bytes = w.finish().unwrap();
+        let segment = bson_bytes(&doc! {"db": "app", "collection": "v", "EOF": false, "CRC": 0i64});
+        let eof = bson_bytes(&doc! {"db": "app", "collection": "v", "EOF": true, "CRC": 0i64});
+        let expected = [&segment[..], &TERMINATOR, &eof, &TERMINATOR].concat();
+        assert_eq!(&bytes[prelude_len..], &expected[..]);
+        let mut r = ArchiveReader::new(&bytes[..]).unwrap();
+        assert_eq!(
+            r.next_item().unwrap(),
+            Some(Item::End(("app".into(), "v".into())))
+        );
+        assert_eq!(r.next_item().unwrap(), None);
     }
 
     #[test]

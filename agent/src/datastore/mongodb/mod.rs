@@ -4,20 +4,23 @@
 //! collection and view with its options and indexes, documents as raw BSON straight from
 //! the driver's batches.
 //!
-//! On a replica set the oplog over the dump window is captured as the archive's `oplog`
-//! namespace (what `mongodump --oplog` does) and its start and end timestamps go in the
-//! manifest; on a standalone server the manifest says the dump is not point-in-time.
+//! On a replica set the oplog over the dump window (from the entry at its start,
+//! `ts >= start`, to the last at its end) is captured as the archive's `oplog` namespace
+//! (what `mongodump --oplog` does) and its start and end timestamps go in the manifest; on
+//! a standalone server the manifest says the dump is not point-in-time.
 //!
 //! Restore (staging), beside the live data: every database of the archive goes into a
 //! scratch database `<target>__ferry_<job suffix>`: each collection created with its
-//! options, filled with batched raw inserts, then given its indexes; views last; the
-//! captured oplog replayed. Document counts and index names are compared with the
-//! manifest there. Only then is each namespace moved into place with `--drop` semantics
-//! (`renameCollection` with `dropTarget`; where the server loses collection options on a
-//! rename, which a probe finds out, the collection is recreated with them and copied),
-//! views recreated, and the scratch databases dropped. A failure before the move leaves
-//! the target as it was. Databases may be renamed (`rename = { app = "app_staging" }`,
-//! like mongorestore's `--nsFrom/--nsTo`).
+//! options, filled with batched raw inserts, then given its indexes; then the views; then
+//! the captured oplog replayed ([`oplog`]: every update form, the commands that change
+//! data; an entry it cannot apply fails the restore, naming it). Document counts and index
+//! names are compared with the manifest there, where the oplog did not change them. Only
+//! then is each namespace moved into place with `--drop` semantics (`renameCollection`
+//! with `dropTarget`; where the server loses collection options on a rename, which a probe
+//! finds out, the collection is recreated with them and copied), views recreated, what the
+//! oplog created moved too and what it dropped dropped in the target, and the scratch
+//! databases dropped. A failure before the move leaves the target as it was. Databases may
+//! be renamed (`rename = { app = "app_staging" }`, like mongorestore's `--nsFrom/--nsTo`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
@@ -40,8 +43,10 @@ use crate::manifest::{Manifest, Source};
 use crate::pipeline::chunks;
 
 pub mod archive;
+pub mod oplog;
 
 use archive::{ArchiveReader, ArchiveWriter, CollectionMetadata, Header, Item, Namespace};
+use oplog::{Replay, ReplayReport};
 
 /// The only part: the archive.
 pub const MAIN: Part = Part {
@@ -295,11 +300,15 @@ impl Mongo {
                         .collect(),
                 );
                 meta.insert("indexes", index_specs);
-                if let Ok(uuid) = spec
+                // As mongodump does (mongo-tools `common/db/namespaces.go`, GetUUID): the
+                // hex of the UUID the server reports as binary subtype 4, where
+                // `mongorestore --preserveUUID` looks for it.
+                if let Ok(Bson::Binary(uuid)) = spec
                     .get_document("info")
-                    .and_then(|i| i.get_binary_generic("uuid"))
+                    .map(|i| i.get("uuid").cloned().unwrap_or(Bson::Null))
+                    && uuid.subtype == bson::spec::BinarySubtype::Uuid
                 {
-                    meta.insert("uuid", hex::encode(uuid));
+                    meta.insert("uuid", hex::encode(&uuid.bytes));
                 }
                 meta.insert("collectionName", &name);
                 meta.insert("type", &kind);
@@ -388,6 +397,11 @@ impl Mongo {
             );
         }
         for meta in prelude.iter().filter(|m| m.kind == "view") {
+            // No documents, but a segment and an EOF marker all the same, as mongodump
+            // writes: stock mongorestore wants every namespace of the prelude closed.
+            writer
+                .end_namespace(&meta.db, &meta.collection)
+                .map_err(src)?;
             counts.insert(
                 format!("{}.{}", meta.db, meta.collection),
                 serde_json::json!({"documents": 0, "indexes": [], "type": "view"}),
@@ -396,9 +410,14 @@ impl Mongo {
         let mut oplog_info = serde_json::Value::Null;
         if replica_set.is_some() {
             let end_ts = last_ts().await?;
+            // As mongodump (`mongodump/oplog_dump.go`): the window starts at the entry at
+            // the dump's start, `ts >= start`, so the oplog namespace is never empty (stock
+            // `mongorestore --oplogReplay` fails on an empty one). The restore applies that
+            // entry again; its effect is already in the dumped documents, and replaying it
+            // changes nothing.
             let mut filter = doc! {};
             if let Some(s) = start_ts {
-                filter.insert("ts", doc! {"$gt": s});
+                filter.insert("ts", doc! {"$gte": s});
             }
             let mut entries = 0i64;
             if let Some(e) = end_ts {
@@ -409,7 +428,11 @@ impl Mongo {
                     .database("local")
                     .collection::<RawDocumentBuf>("oplog.rs");
                 let mut cursor = raw_oplog.find(filter).await.map_err(src)?;
+                let mut first = None;
                 while cursor.advance().await.map_err(src)? {
+                    if entries == 0 {
+                        first = cursor.current().get_timestamp("ts").ok();
+                    }
                     docs.extend_from_slice(cursor.current().as_bytes());
                     entries += 1;
                     if docs.len() >= SEGMENT_BYTES {
@@ -424,6 +447,18 @@ impl Mongo {
                     writer
                         .write_segment("", "oplog", [&docs[..]])
                         .map_err(src)?;
+                }
+                // The window's first entry is the one at the start, unless the oplog rolled
+                // over meanwhile (what mongodump checks too): entries are missing then.
+                if let Some(s) = start_ts
+                    && first != Some(s)
+                {
+                    return Err(DumpError::Source(format!(
+                        "the oplog no longer holds its entry at the dump's start, Timestamp({}, {}): \
+                         it rolled over during the dump, so writes made meanwhile are missing; \
+                         enlarge the oplog (replSetResizeOplog) or back up when there are fewer writes",
+                        s.time, s.increment
+                    )));
                 }
             }
             writer.end_namespace("", "oplog").map_err(src)?;
@@ -636,6 +671,7 @@ impl Restorer for Mongo {
                 .collect::<String>()
                 .to_lowercase();
             let mut scratch = self.clone();
+            let mut scratch_dbs = BTreeMap::new();
             let sources: std::collections::BTreeSet<&str> = main
                 .counts
                 .get("namespaces")
@@ -655,14 +691,17 @@ impl Restorer for Mongo {
                     )));
                 }
                 client.database(&name).drop().await.map_err(tgt)?;
-                scratch.cfg.rename.insert(db.to_owned(), name);
+                scratch.cfg.rename.insert(db.to_owned(), name.clone());
+                scratch_dbs.insert(db.to_owned(), name);
             }
             Ok(Box::new(MongoRestore {
                 mongo: self.clone(),
                 scratch,
+                scratch_dbs,
                 client,
                 only: namespaces.to_vec(),
                 replaced: Replaced::default(),
+                replay: Default::default(),
             }) as Box<dyn RestoreSession>)
         }
         .boxed()
@@ -674,11 +713,15 @@ struct MongoRestore {
     mongo: Mongo,
     /// `mongo` with every archive database mapped to its scratch database.
     scratch: Mongo,
+    /// Every database of the archive → its scratch database.
+    scratch_dbs: BTreeMap<String, String>,
     client: Client,
     /// Only these `db.collection` namespaces; all when empty.
     only: Vec<String>,
     /// Target namespaces replaced so far by the final moves.
     replaced: Replaced,
+    /// What the oplog replay did, once the archive has been applied.
+    replay: std::sync::Arc<std::sync::Mutex<Option<ReplayReport>>>,
 }
 
 /// The target namespaces a restore has dropped so far, shared with its applier task.
@@ -687,7 +730,8 @@ type Replaced = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
 #[derive(Debug, Default)]
 struct RestoreStats {
     documents: i64,
-    oplog_applied: i64,
+    /// `None` when the archive holds no oplog.
+    oplog: Option<ReplayReport>,
 }
 
 impl Mongo {
@@ -800,71 +844,13 @@ async fn flush_inserts(
     Ok(())
 }
 
-/// Replays one oplog entry (insert, update, delete; no-ops skipped).
-async fn apply_oplog(
-    mongo: &Mongo,
-    client: &Client,
-    entry: &Document,
-) -> Result<bool, RestoreError> {
-    let op = entry.get_str("op").unwrap_or("n");
-    let ns = entry.get_str("ns").unwrap_or("");
-    let Some((db, coll)) = ns.split_once('.') else {
-        return Ok(false);
-    };
-    let coll = client
-        .database(&mongo.target_db(db))
-        .collection::<Document>(coll);
-    let o = entry
-        .get_document("o")
-        .map_err(|_| RestoreError::Manifest(format!("oplog entry without o: {entry}")))?;
-    match op {
-        "i" => {
-            let id = o.get("_id").cloned().unwrap_or(Bson::Null);
-            coll.replace_one(doc! {"_id": id}, o.clone())
-                .upsert(true)
-                .await
-                .map_err(tgt)?;
-        }
-        "d" => {
-            coll.delete_one(o.clone()).await.map_err(tgt)?;
-        }
-        "u" => {
-            let selector = entry.get_document("o2").cloned().unwrap_or_default();
-            if let Ok(diff) = o.get_document("diff") {
-                let mut update = doc! {};
-                if let Ok(set) = diff.get_document("u") {
-                    update.insert("$set", set.clone());
-                }
-                if let Ok(set) = diff.get_document("i") {
-                    let mut s = update.get_document("$set").cloned().unwrap_or_default();
-                    s.extend(set.clone());
-                    update.insert("$set", s);
-                }
-                if let Ok(unset) = diff.get_document("d") {
-                    update.insert("$unset", unset.clone());
-                }
-                if diff.keys().any(|k| k.starts_with('s')) {
-                    return Err(RestoreError::Target(format!(
-                        "oplog update on {ns} uses a nested diff this agent does not replay: {o}"
-                    )));
-                }
-                if !update.is_empty() {
-                    coll.update_one(selector, update).await.map_err(tgt)?;
-                }
-            } else if o.keys().any(|k| k.starts_with('$')) {
-                coll.update_one(selector, o.clone()).await.map_err(tgt)?;
-            } else {
-                coll.replace_one(selector, o.clone()).await.map_err(tgt)?;
-            }
-        }
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-/// The async side of a restore: applies parsed archive items.
+/// The async side of a restore: applies parsed archive items into the scratch databases
+/// (`mongo` maps each archive database to its scratch database, as `scratch_dbs` does):
+/// collections as they stream, views before the oplog replay (or at the end without one),
+/// then the oplog window replayed ([`oplog`]).
 async fn apply_items(
     mongo: Mongo,
+    scratch_dbs: BTreeMap<String, String>,
     client: Client,
     prelude: Vec<CollectionMetadata>,
     mut items: mpsc::Receiver<Vec<Item>>,
@@ -881,12 +867,42 @@ async fn apply_items(
     let is_oplog = |ns: &Namespace| ns.0.is_empty() && ns.1 == "oplog";
     let wanted =
         |db: &str, coll: &str| only.is_empty() || only.iter().any(|n| *n == format!("{db}.{coll}"));
+    let known: std::collections::BTreeSet<String> = prelude
+        .iter()
+        .filter(|m| !m.db.is_empty() && wanted(&m.db, &m.collection))
+        .map(|m| format!("{}.{}", m.db, m.collection))
+        .collect();
+    let mut replay: Option<Replay> = None;
+    let new_replay = || {
+        Replay::new(
+            client.clone(),
+            scratch_dbs.clone(),
+            only.clone(),
+            known.clone(),
+        )
+    };
+    let mut views_made = false;
+    // Views once the collections they read from exist, and before the oplog, which may
+    // drop or create some.
+    let make_views = async |client: &Client| -> Result<(), RestoreError> {
+        for m in prelude
+            .iter()
+            .filter(|m| m.kind == "view" && wanted(&m.db, &m.collection))
+        {
+            prepare_namespace(client, &mongo.target_db(&m.db), m, &replaced).await?;
+        }
+        Ok(())
+    };
     while let Some(batch) = items.recv().await {
         for item in batch {
             let ns = match &item {
                 Item::Document { ns, .. } | Item::End(ns) => ns.clone(),
             };
             if !is_oplog(&ns) && !wanted(&ns.0, &ns.1) {
+                continue;
+            }
+            // A view's (empty) segment and EOF marker: views are made from the prelude.
+            if meta.get(&ns).is_some_and(|m| m.kind == "view") {
                 continue;
             }
             if !is_oplog(&ns) && !prepared.contains(&ns) {
@@ -901,13 +917,14 @@ async fn apply_items(
             }
             match item {
                 Item::Document { bytes, .. } if is_oplog(&ns) => {
-                    let entry = Document::from_reader(bytes.as_slice())
-                        .map_err(|e| RestoreError::Manifest(e.to_string()))?;
-                    let entry_ns = entry.get_str("ns").unwrap_or("");
-                    let selected = entry_ns.split_once('.').is_some_and(|(d, c)| wanted(d, c));
-                    if selected && apply_oplog(&mongo, &client, &entry).await? {
-                        stats.oplog_applied += 1;
+                    let entry = Document::from_reader(bytes.as_slice()).map_err(|e| {
+                        RestoreError::Manifest(format!("an oplog entry of the archive: {e}"))
+                    })?;
+                    if !views_made {
+                        make_views(&client).await?;
+                        views_made = true;
                     }
+                    replay.get_or_insert_with(new_replay).apply(&entry).await?;
                 }
                 Item::Document { bytes, .. } => {
                     let raw = RawDocumentBuf::from_bytes(bytes)
@@ -931,12 +948,16 @@ async fn apply_items(
             }
         }
     }
-    // Views last, once the collections they read from exist.
-    for m in prelude
+    if !views_made {
+        make_views(&client).await?;
+    }
+    if prelude
         .iter()
-        .filter(|m| m.kind == "view" && wanted(&m.db, &m.collection))
+        .any(|m| is_oplog(&(m.db.clone(), m.collection.clone())))
     {
-        prepare_namespace(&client, &mongo.target_db(&m.db), m, &replaced).await?;
+        let replay = replay.unwrap_or_else(new_replay);
+        replay.finish()?;
+        stats.oplog = Some(replay.report);
     }
     Ok(stats)
 }
@@ -944,10 +965,7 @@ async fn apply_items(
 impl MongoRestore {
     /// Drops every scratch database of this restore (best effort: a leftover is logged).
     async fn drop_scratch(&self) {
-        for name in self.scratch.cfg.rename.values() {
-            if self.mongo.cfg.rename.values().any(|t| t == name) {
-                continue;
-            }
+        for name in self.scratch_dbs.values() {
             if let Err(e) = self.client.database(name).drop().await {
                 tracing::warn!(database = %name, error = %e, "Could not drop a scratch database.");
             }
@@ -984,35 +1002,46 @@ async fn rename_keeps_options(client: &Client, db: &str) -> bool {
     keeps
 }
 
-/// The `options` of collection or view `db.coll` as `listCollections` reports them.
-async fn collection_options(
+/// The `listCollections` entry of collection or view `db.coll` (`name`, `type`,
+/// `options`, `info`), `None` if there is none.
+async fn collection_spec(
     client: &Client,
     db: &str,
     coll: &str,
-) -> Result<Document, RestoreError> {
+) -> Result<Option<Document>, RestoreError> {
     let spec = client
         .database(db)
         .run_command(doc! {"listCollections": 1, "filter": {"name": coll}})
         .await
-        .map_err(tgt)?;
+        .map_err(|e| RestoreError::Target(format!("listing {db}.{coll}: {e}")))?;
     Ok(spec
         .get_document("cursor")
         .ok()
         .and_then(|c| c.get_array("firstBatch").ok())
         .and_then(|b| b.first())
         .and_then(|v| v.as_document())
-        .and_then(|d| d.get_document("options").ok())
-        .cloned()
+        .cloned())
+}
+
+/// The `options` of collection or view `db.coll` as `listCollections` reports them.
+async fn collection_options(
+    client: &Client,
+    db: &str,
+    coll: &str,
+) -> Result<Document, RestoreError> {
+    Ok(collection_spec(client, db, coll)
+        .await?
+        .and_then(|d| d.get_document("options").ok().cloned())
         .unwrap_or_default())
 }
 
-/// Replaces `to.coll` with a copy of `from.coll`: created with `options`, documents copied
-/// as raw BSON in [`INSERT_BYTES`] batches, the indexes rebuilt, the source dropped.
+/// Replaces collection `to` (database, collection) with a copy of `from`: created with
+/// `options`, documents copied as raw BSON in [`INSERT_BYTES`] batches, the indexes
+/// rebuilt, the source dropped.
 async fn copy_collection(
     client: &Client,
-    from: &str,
-    to: &str,
-    coll: &str,
+    (from, from_coll): (&str, &str),
+    (to, coll): (&str, &str),
     options: Document,
 ) -> Result<(), RestoreError> {
     let target = client.database(to);
@@ -1029,7 +1058,9 @@ async fn copy_collection(
         .run_command(create)
         .await
         .map_err(|e| RestoreError::Target(format!("creating {to}.{coll}: {e}")))?;
-    let source = client.database(from).collection::<RawDocumentBuf>(coll);
+    let source = client
+        .database(from)
+        .collection::<RawDocumentBuf>(from_coll);
     let mut cursor = source.find(doc! {}).await.map_err(tgt)?;
     let (mut batch, mut bytes) = (Vec::new(), 0usize);
     while cursor.advance().await.map_err(tgt)? {
@@ -1044,7 +1075,7 @@ async fn copy_collection(
     flush_inserts(client, to, coll, &mut batch).await?;
     let listed = client
         .database(from)
-        .run_command(doc! {"listIndexes": coll})
+        .run_command(doc! {"listIndexes": from_coll})
         .await
         .map_err(tgt)?;
     let indexes: Vec<Document> = listed
@@ -1069,7 +1100,7 @@ async fn copy_collection(
     }
     client
         .database(from)
-        .collection::<Document>(coll)
+        .collection::<Document>(from_coll)
         .drop()
         .await
         .map_err(tgt)?;
@@ -1120,6 +1151,8 @@ impl RestoreSession for MongoRestore {
                 Ok(())
             });
             let mongo = self.scratch.clone();
+            let scratch_dbs = self.scratch_dbs.clone();
+            let report = self.replay.clone();
             let client = self.client.clone();
             let only = self.only.clone();
             // Scratch namespaces: nothing live is replaced while the archive streams.
@@ -1128,7 +1161,7 @@ impl RestoreSession for MongoRestore {
                 let prelude = prelude_rx.await.map_err(|_| {
                     RestoreError::Manifest("the archive has no readable prelude".into())
                 })?;
-                apply_items(mongo, client, prelude, item_rx, only, replaced).await
+                apply_items(mongo, scratch_dbs, client, prelude, item_rx, only, replaced).await
             });
             let finish = async move {
                 let parsed = parser.await.map_err(tgt)?;
@@ -1136,11 +1169,18 @@ impl RestoreSession for MongoRestore {
                 // The parser's error (truncation, CRC) explains an applier that saw the end early.
                 parsed.map_err(|e| RestoreError::Manifest(format!("archive: {e}")))?;
                 let stats = applied?;
-                tracing::info!(
-                    documents = stats.documents,
-                    oplog = stats.oplog_applied,
-                    "MongoDB archive applied."
-                );
+                match &stats.oplog {
+                    Some(r) => tracing::info!(
+                        documents = stats.documents,
+                        oplog_applied = r.applied,
+                        oplog_superseded = r.superseded,
+                        oplog_noops = r.noops,
+                        oplog_outside = r.outside,
+                        "MongoDB archive applied and its oplog replayed."
+                    ),
+                    None => tracing::info!(documents = stats.documents, "MongoDB archive applied."),
+                }
+                *report.lock().unwrap_or_else(|e| e.into_inner()) = stats.oplog;
                 Ok(())
             };
             Ok(PartSink {
@@ -1161,23 +1201,29 @@ impl RestoreSession for MongoRestore {
                 .get("namespaces")
                 .and_then(|n| n.as_object())
                 .ok_or_else(|| RestoreError::Manifest(format!("manifest of {} has no namespace counts", main.file)))?;
+            let replay = self.replay.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            let (changed, ddl) = match &replay {
+                Some(r) => (r.changed.clone(), r.ddl.clone()),
+                None => Default::default(),
+            };
+            let selected = |ns: &String| self.only.is_empty() || self.only.contains(ns);
+            // Checked beside the live data. A namespace the oplog replay wrote to has the
+            // count of the window's end, not the dump's; one a command changed (dropped,
+            // renamed, re-indexed) has the indexes the oplog gave it.
             let mut diffs = Vec::new();
-            let mut total = 0i64;
-            for (ns, c) in namespaces.iter().filter(|(ns, _)| self.only.is_empty() || self.only.contains(ns)) {
-                if c["type"] == "view" {
+            for (ns, c) in namespaces.iter().filter(|(ns, _)| selected(ns)) {
+                if c["type"] == "view" || ddl.contains(ns) {
                     continue;
                 }
                 let Some((db, coll)) = ns.split_once('.') else { continue };
                 let target = self.scratch.target_db(db);
                 let collection = self.client.database(&target).collection::<Document>(coll);
                 let expected = c["documents"].as_i64().unwrap_or(-1);
-                let found = collection.count_documents(doc! {}).await.map_err(tgt)? as i64;
-                total += found;
-                // Replayed oplog entries change counts after the dump; then only the
-                // documents themselves (and the archive CRCs) vouch for the content.
-                let oplog_replayed = main.counts["oplog"]["entries"].as_i64().unwrap_or(0) > 0;
-                if found != expected && !oplog_replayed {
-                    diffs.push(format!("{target}.{coll}: {expected} documents in the manifest, {found} restored"));
+                if !changed.contains(ns) {
+                    let found = collection.count_documents(doc! {}).await.map_err(tgt)? as i64;
+                    if found != expected {
+                        diffs.push(format!("{target}.{coll}: {expected} documents in the manifest, {found} restored"));
+                    }
                 }
                 let names: Vec<String> = collection
                     .list_index_names()
@@ -1192,21 +1238,37 @@ impl RestoreSession for MongoRestore {
             if !diffs.is_empty() {
                 return Err(RestoreError::Mismatch(diffs.join("; ")));
             }
-            // Verified beside the live data: move each collection into place, then
-            // recreate the views (a view cannot be renamed), then drop the scratch databases.
-            let chosen: Vec<(&String, &serde_json::Value)> = namespaces
+            // Verified beside the live data: move each namespace into place (the archive's,
+            // and those the oplog created, dropped or renamed), recreating the views (a view
+            // cannot be renamed) and dropping in the target what the oplog dropped; then
+            // drop the scratch databases.
+            let chosen: BTreeMap<String, Option<&serde_json::Value>> = namespaces
                 .iter()
-                .filter(|(ns, _)| self.only.is_empty() || self.only.contains(ns))
-                .collect();
+                .filter(|(ns, _)| selected(ns))
+                .map(|(ns, c)| (ns.clone(), Some(c)))
+                .chain(ddl.iter().filter(|ns| selected(ns)).map(|ns| (ns.clone(), None)))
+                .fold(BTreeMap::new(), |mut all, (ns, c)| {
+                    let slot = all.entry(ns).or_insert(None);
+                    *slot = slot.or(c);
+                    all
+                });
             let mut rename_keeps: Option<bool> = None;
-            for (ns, c) in &chosen {
+            let (mut moved, mut dropped, mut total) = (0usize, 0usize, 0i64);
+            for ns in chosen.keys() {
                 let Some((db, coll)) = ns.split_once('.') else { continue };
                 let (from, to) = (self.scratch.target_db(db), self.mongo.target_db(db));
-                if rename_keeps.is_none() {
-                    rename_keeps = Some(rename_keeps_options(&self.client, &from).await);
-                }
-                let options = collection_options(&self.client, &from, coll).await?;
-                if c["type"] == "view" {
+                let Some(spec) = collection_spec(&self.client, &from, coll).await? else {
+                    // Dropped (or renamed away) by the oplog: so in the target too.
+                    let target = self.client.database(&to);
+                    target.collection::<Document>(coll).drop().await.map_err(|e| {
+                        RestoreError::Target(format!("dropping {to}.{coll}, which the oplog dropped: {e}"))
+                    })?;
+                    self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{to}.{coll}"));
+                    dropped += 1;
+                    continue;
+                };
+                let options = spec.get_document("options").cloned().unwrap_or_default();
+                if spec.get_str("type") == Ok("view") {
                     let target = self.client.database(&to);
                     target.collection::<Document>(coll).drop().await.map_err(tgt)?;
                     let mut create = doc! {"create": coll};
@@ -1216,28 +1278,66 @@ impl RestoreSession for MongoRestore {
                     target.run_command(create).await.map_err(|e| {
                         RestoreError::Target(format!("creating view {to}.{coll}: {e}"))
                     })?;
-                } else if options.is_empty() || rename_keeps == Some(true) {
-                    self.client
-                        .database("admin")
-                        .run_command(doc! {
-                            "renameCollection": format!("{from}.{coll}"),
-                            "to": format!("{to}.{coll}"),
-                            "dropTarget": true,
-                        })
-                        .await
-                        .map_err(|e| RestoreError::Target(format!("renaming {from}.{coll} to {to}.{coll}: {e}")))?;
                 } else {
-                    // This server loses options (capped, validator, collation...) on a
-                    // rename: recreate the collection with them and copy.
-                    copy_collection(&self.client, &from, &to, coll, options).await?;
+                    total += self
+                        .client
+                        .database(&from)
+                        .collection::<Document>(coll)
+                        .estimated_document_count()
+                        .await
+                        .map_err(tgt)? as i64;
+                    if rename_keeps.is_none() && !options.is_empty() {
+                        rename_keeps = Some(rename_keeps_options(&self.client, &from).await);
+                    }
+                    if options.is_empty() || rename_keeps == Some(true) {
+                        self.client
+                            .database("admin")
+                            .run_command(doc! {
+                                "renameCollection": format!("{from}.{coll}"),
+                                "to": format!("{to}.{coll}"),
+                                "dropTarget": true,
+                            })
+                            .await
+                            .map_err(|e| RestoreError::Target(format!("renaming {from}.{coll} to {to}.{coll}: {e}")))?;
+                    } else {
+                        // This server loses options (capped, validator, collation...) on a
+                        // rename: recreate the collection with them and copy.
+                        copy_collection(&self.client, (&from, coll), (&to, coll), options).await?;
+                    }
                 }
                 self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{to}.{coll}"));
+                moved += 1;
             }
             self.drop_scratch().await;
-            let restored = if self.only.is_empty() { namespaces.len() } else { self.only.len() };
-            Ok(format!(
-                "{restored} namespaces, {total} documents restored, counts and indexes equal to the manifest"
-            ))
+            let mut summary = format!(
+                "{moved} namespaces, {total} documents restored, counts and indexes equal to the manifest"
+            );
+            if let Some(r) = replay {
+                summary.push_str(&format!(
+                    " where the oplog did not change them; oplog: {} entries applied",
+                    r.applied
+                ));
+                let mut notes = Vec::new();
+                if r.superseded > 0 {
+                    notes.push(format!(
+                        "{} of them updates of documents a later entry deletes",
+                        r.superseded
+                    ));
+                }
+                if r.noops > 0 {
+                    notes.push(format!("{} no-ops", r.noops));
+                }
+                if r.outside > 0 {
+                    notes.push(format!("{} entries of other namespaces skipped", r.outside));
+                }
+                if dropped > 0 {
+                    notes.push(format!("{dropped} namespaces dropped as in the source"));
+                }
+                if !notes.is_empty() {
+                    summary.push_str(&format!(" ({})", notes.join("; ")));
+                }
+            }
+            Ok(summary)
         }
         .boxed()
     }
