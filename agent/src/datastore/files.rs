@@ -8,7 +8,9 @@
 //! manifest, and only then swapped in: the old tree is renamed aside, the new one renamed
 //! to the target, the old one removed. A failure before the swap removes the new tree and
 //! leaves the target as it was. A service reading the directory (MinIO) should be stopped
-//! around the restore or pointed at the new tree; the swap itself is two renames.
+//! around the restore or pointed at the new tree; the swap itself is two renames. A
+//! restore killed half-way leaves those siblings; the agent puts them right on start and
+//! before the next restore ([`super::leftovers`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -69,6 +71,7 @@ pub enum Method {
 pub struct Files {
     cfg: FilesConfig,
     exclude: globset::GlobSet,
+    role: Role,
 }
 
 impl Files {
@@ -97,7 +100,7 @@ impl Files {
             Ok(e) => e,
             Err(e) => return err("exclude", e),
         };
-        Ok(Self { cfg, exclude })
+        Ok(Self { cfg, exclude, role })
     }
 
     /// The configured name.
@@ -148,6 +151,33 @@ impl Files {
                 p.display()
             ))
         }
+    }
+}
+
+impl Files {
+    /// Staging: puts right the leftovers beside `path` of interrupted restores (either
+    /// method), skipping the jobs in `skip` ([`super::leftovers::recover_dir`]).
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`]: the parent of `path` cannot be listed.
+    pub async fn recover_leftovers(
+        &self,
+        skip: &[String],
+    ) -> Result<Vec<super::leftovers::Recovered>, RestoreError> {
+        if self.role != Role::Staging {
+            return Ok(Vec::new());
+        }
+        let (path, skip) = (self.cfg.path.clone(), skip.to_vec());
+        tokio::task::spawn_blocking(move || {
+            super::leftovers::recover_dir(&path, &[], &skip).map_err(|e| {
+                RestoreError::Target(format!(
+                    "cannot list {} for leftovers: {e}",
+                    path.parent().unwrap_or(&path).display()
+                ))
+            })
+        })
+        .await
+        .map_err(|e| RestoreError::Target(e.to_string()))?
     }
 }
 
@@ -232,6 +262,13 @@ impl Restorer for Files {
         true
     }
 
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+        self.recover_leftovers(skip).boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
@@ -244,7 +281,15 @@ impl Restorer for Files {
             let new = tree::sibling(&self.cfg.path, "new", job_id);
             tree::ensure_room(&new, main.bytes_uncompressed)?;
             fs::create_dir(&new).map_err(|e| {
-                RestoreError::Target(format!("cannot create {}: {e}", new.display()))
+                RestoreError::Target(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    format!(
+                        "cannot create {}: it exists, a leftover of this job's previous attempt that the agent kept \
+                         (its log says why); remove it or move it away, then restore again",
+                        new.display()
+                    )
+                } else {
+                    format!("cannot create {}: {e}", new.display())
+                })
             })?;
             Ok(Box::new(FilesRestore {
                 target: self.cfg.path.clone(),
