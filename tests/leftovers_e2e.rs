@@ -10,7 +10,9 @@
 //!   and named in its report, and names that are not exactly Ferry's are left alone;
 //! - an InfluxDB restore killed while it replaced its target (dropped, being restored
 //!   again) is finished by the agent's restart from the unpacked backup, checked against
-//!   the scratch copy, nothing of it is left, and the coordinator's retry reports it.
+//!   the scratch copy, nothing of it is left, and the coordinator's retry reports it;
+//! - a staging `files` path that is a mount point is refused by `ferry-agent check` and
+//!   before a restore downloads anything.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -338,6 +340,55 @@ fn leftovers_of_dead_jobs_beside_a_files_target_are_put_right_before_a_restore_a
     left.sort();
     assert_eq!(siblings(&target), left, "only the lookalikes are left");
     assert_eq!(tree_of(&target), tree_of(&source));
+}
+
+#[test]
+fn a_staging_files_path_that_is_a_mount_point_is_refused_by_check_and_before_the_download() {
+    let mount = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let held = mount.clone();
+    let (d, _source, target) = files_deployment(
+        Retry {
+            max_attempts: 1,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 1,
+        },
+        move |target| {
+            fs::remove_dir_all(target).unwrap();
+            fs::create_dir(target).unwrap();
+            *held.lock().unwrap() = Some(Tmpfs::mount(target, 64 << 20, "root"));
+            fs::write(target.join("live-object"), b"staging's current data").unwrap();
+        },
+    );
+    // Unmounted before the deployment's directory is removed.
+    let mount = mount;
+    assert!(mount.lock().unwrap().is_some());
+
+    let check = agent_check(&d.stage_config);
+    let text = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "{text}");
+    assert!(
+        text.contains(&format!("{} is a mount point", target.display())),
+        "{text}"
+    );
+
+    d.ferry_ok(&["backup", "pg-prod", "minio", "--wait"]);
+    let out = d.ferry(&["restore", "pg-stage", "--datastore", "minio", "--wait"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.contains("is a mount point") && text.contains("nothing was downloaded"),
+        "{text}"
+    );
+    assert!(siblings(&target).is_empty(), "{:?}", siblings(&target));
+    assert_eq!(
+        tree_of(&target),
+        [(
+            PathBuf::from("live-object"),
+            b"staging's current data".to_vec()
+        )]
+    );
 }
 
 #[test]

@@ -14,7 +14,8 @@
 //! every member from the same snapshot with its own `member_name` and the same
 //! `initial_cluster`. A restore killed half-way leaves `.<dir>.ferry-snapshot-<job>`,
 //! `-new-` and `-old-` siblings: the agent puts them right on start and before the next
-//! restore ([`super::leftovers`]).
+//! restore ([`super::leftovers`]). A `data_dir` that is a mount point cannot be swapped:
+//! it is refused before anything is downloaded.
 //!
 //! Credentials: the password comes from `password_file` (mode 0600/0400) or
 //! `password_env`, and reaches etcdctl as `ETCDCTL_USER` in its environment, never on its
@@ -231,6 +232,7 @@ impl Etcd {
     /// etcdctl's error, or a missing parent directory.
     pub async fn check(&self) -> Result<String, String> {
         if let Some(dir) = &self.cfg.data_dir {
+            super::tree::refuse_mount_point(dir, "data_dir").map_err(|e| e.to_string())?;
             return if dir.parent().is_some_and(Path::is_dir) {
                 Ok(format!("restores into {}", dir.display()))
             } else {
@@ -385,6 +387,7 @@ impl Restorer for Etcd {
             let expected: SnapshotStatus =
                 super::expect_whole(main, "etcd", &MAIN, "an etcd snapshot", namespaces)?;
             let data_dir = self.cfg.data_dir.clone().unwrap_or_default();
+            super::tree::refuse_mount_point(&data_dir, "data_dir")?;
             if in_use(&data_dir) {
                 return Err(in_use_error(&data_dir));
             }

@@ -10,7 +10,8 @@
 //! leaves the target as it was. A service reading the directory (MinIO) should be stopped
 //! around the restore or pointed at the new tree; the swap itself is two renames. A
 //! restore killed half-way leaves those siblings; the agent puts them right on start and
-//! before the next restore ([`super::leftovers`]).
+//! before the next restore ([`super::leftovers`]). A `path` that is a mount point cannot
+//! be renamed: it is refused before anything is downloaded.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -126,9 +127,13 @@ impl Files {
     /// Says whether `path` is there (production) or where its parent is (staging).
     ///
     /// # Errors
-    /// The directory (production) or its parent (staging) is missing.
+    /// The directory (production) or its parent (staging) is missing; staging: `path` is
+    /// a mount point ([`Files::refuse_mount_point`]).
     pub async fn check(&self) -> Result<String, String> {
         let p = &self.cfg.path;
+        if self.role == Role::Staging {
+            self.refuse_mount_point().map_err(|e| e.to_string())?;
+        }
         if p.is_dir() {
             let counts = tokio::task::spawn_blocking({
                 let p = p.clone();
@@ -155,6 +160,17 @@ impl Files {
 }
 
 impl Files {
+    /// Staging: refuses a `path` that is a mount point. A restore replaces the directory
+    /// by renaming it, and a mount point cannot be renamed (`EBUSY`), so such a restore
+    /// would fail only at its swap, after the whole download. Checked by `ferry-agent
+    /// check` and before a restore downloads anything.
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`] naming the path and what to configure instead.
+    pub fn refuse_mount_point(&self) -> Result<(), RestoreError> {
+        tree::refuse_mount_point(&self.cfg.path, "path")
+    }
+
     /// Staging: puts right the leftovers beside `path` of interrupted restores (either
     /// method), skipping the jobs in `skip` ([`super::leftovers::recover_dir`]).
     ///
@@ -278,6 +294,7 @@ impl Restorer for Files {
         async move {
             let expected: TreeCounts =
                 super::expect_whole(main, "files", &MAIN, "a files tar archive", namespaces)?;
+            self.refuse_mount_point()?;
             let new = tree::sibling(&self.cfg.path, "new", job_id);
             tree::ensure_room(&new, main.bytes_uncompressed)?;
             fs::create_dir(&new).map_err(|e| {
