@@ -47,6 +47,9 @@ pub const MAIN: Part = Part {
     format: "tar",
 };
 
+/// How long the search for leftovers waits for the server to list its databases, seconds.
+const RECOVER_TIMEOUT_SECONDS: u64 = 30;
+
 /// How long a restored database may take to show all its points, seconds.
 const SETTLE_SECONDS: u64 = 10;
 
@@ -388,10 +391,19 @@ impl Influx {
     ///
     /// The unpacked backup is removed once nothing of its job is kept.
     async fn recover_leftovers(&self, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
-        let names = self
-            .query(None, "SHOW DATABASES")
-            .await
-            .map_err(RestoreError::Target)?;
+        // A server that does not answer must not hold up the agent's start.
+        let listed = tokio::time::timeout(
+            std::time::Duration::from_secs(RECOVER_TIMEOUT_SECONDS),
+            self.query(None, "SHOW DATABASES"),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "InfluxDB at {}:{} did not answer SHOW DATABASES within {RECOVER_TIMEOUT_SECONDS} s",
+                self.cfg.http_host, self.cfg.http_port
+            ))
+        });
+        let names = listed.map_err(RestoreError::Target)?;
         let names: Vec<String> = rows(&names)
             .filter_map(|r| r.first().and_then(|n| n.as_str()).map(str::to_owned))
             .collect();
