@@ -439,6 +439,20 @@ impl JobRunner {
                 permit = runner.slots.clone().acquire_owned() => permit.ok(),
                 _ = cancel.cancelled() => None,
             };
+            // Before a restore, the leftovers of this datastore's interrupted restores
+            // (this job's own previous attempt among them) are put right, and reported.
+            let recovery = match &order.kind {
+                OrderKind::Restore { .. } if !cancel.is_cancelled() => {
+                    progress.set_stage("recover");
+                    Some(
+                        order
+                            .datastore
+                            .recover(&runner.running_except(&order.job_id))
+                            .await,
+                    )
+                }
+                _ => None,
+            };
             let result = match (order.kind, order.datastore.repository()) {
                 (OrderKind::Verify { .. }, Some(_)) => Err(JobError::InvalidArgument(format!(
                     "datastore {name:?} is a differential repository, not dated archives: \
@@ -494,6 +508,10 @@ impl JobRunner {
                 }
             };
             ticker.abort();
+            let result = match &recovery {
+                Some(r) => r.annotate(result),
+                None => result,
+            };
             let result = match result {
                 Err(_) if cancel.is_cancelled() => Err(JobError::Cancelled),
                 other => other,
@@ -546,6 +564,16 @@ impl JobRunner {
     pub fn watch(&self, job_id: &str) -> Option<Updates> {
         let book = self.book.lock().expect("book lock");
         book.jobs.get(job_id).map(Tracked::follow)
+    }
+
+    /// The jobs running (or waiting for a slot) in this agent, but `job_id`.
+    fn running_except(&self, job_id: &str) -> Vec<String> {
+        let running = self.running.lock().expect("jobs lock");
+        running
+            .values()
+            .map(|(id, _)| id.clone())
+            .filter(|id| id != job_id)
+            .collect()
     }
 
     /// Cancels job `job_id` if it is running here; returns whether it was.
