@@ -566,13 +566,19 @@ impl JobRunner {
         book.jobs.get(job_id).map(Tracked::follow)
     }
 
-    /// The jobs running (or waiting for a slot) in this agent, but `job_id`.
+    /// The coordinator job ids (attempts folded) of the jobs running or waiting for a slot
+    /// in this agent, but `job_id`'s.
     fn running_except(&self, job_id: &str) -> Vec<String> {
+        // Scratch names carry the coordinator's job id, not the attempt's (`<job>-a<N>`).
+        let job = |id: &str| {
+            ferry_proto::attempt::split_attempt_id(id).map_or(id.to_owned(), |(j, _)| j.to_owned())
+        };
+        let this = job(job_id);
         let running = self.running.lock().expect("jobs lock");
         running
             .values()
-            .map(|(id, _)| id.clone())
-            .filter(|id| id != job_id)
+            .map(|(id, _)| job(id))
+            .filter(|id| *id != this)
             .collect()
     }
 
