@@ -18,7 +18,11 @@
 //!   the next restore's report says so, and staging then equals production;
 //! - a MongoDB restore killed while it moves its collections into place (the targets partly
 //!   replaced) is finished by the agent's restart: staging equals production, nothing of
-//!   the killed restore is left, and the next restore's report says what was done.
+//!   the killed restore is left, and the next restore's report says what was done;
+//! - the scratch database of another dead MongoDB restore is dropped before a restore and
+//!   named in its report; databases whose name or marker is not exactly this datastore's
+//!   are left, and one of a datastore of the same name restoring into another target is
+//!   named as kept.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -746,4 +750,76 @@ fn a_mongodb_restore_killed_while_moving_into_place_is_finished_when_the_agent_r
         "{:?}",
         mongo_scratch(&stage)
     );
+}
+
+#[test]
+fn leftovers_of_dead_mongodb_restores_are_dropped_before_a_restore_and_lookalikes_are_left() {
+    use bson::doc;
+    let (d, prod, stage) = mongo_deployment();
+    prod.insert("app", "users", &[doc! {"_id": 1, "email": "a@example.com"}]);
+    prod.insert("shop", "orders", &[doc! {"_id": 1, "item": "tea"}]);
+    let marker = |job: &str, datastore: &str, (source, target): (&str, &str)| {
+        doc! {"_id": "restore", "datastore": datastore, "job": job, "source": source,
+        "target": target, "state": "filling"}
+    };
+    // A restore of this datastore that died while it filled its scratch database.
+    let dead = "01JAAAAAAAAAAAAAAAAAAAAAAA";
+    let ours = format!("shop_staging__ferry_new_{}", dead.to_lowercase());
+    stage.insert(
+        &ours,
+        "__ferry_restore",
+        &[marker(dead, "mongo", ("shop", "shop_staging"))],
+    );
+    stage.insert(&ours, "orders", &[doc! {"_id": 1, "item": "half"}]);
+    // Not exactly this datastore's: never dropped.
+    let other_target = "01JDDDDDDDDDDDDDDDDDDDDDDD";
+    let lookalikes = [
+        // Not a job id; no marker; another datastore's.
+        "app__ferry_new_backup".to_owned(),
+        "app__ferry_new_01jbbbbbbbbbbbbbbbbbbbbbbb".to_owned(),
+        "app__ferry_new_01jcccccccccccccccccccccccc".to_owned(),
+        // A datastore of the same name restoring `shop` into `shop` (this one restores it
+        // into `shop_staging`): kept, and named in the report.
+        format!("shop__ferry_new_{}", other_target.to_lowercase()),
+    ];
+    for name in &lookalikes {
+        stage.insert(name, "users", &[doc! {"_id": 1, "not": "ours"}]);
+    }
+    stage.insert(
+        &lookalikes[2],
+        "__ferry_restore",
+        &[marker(
+            "01JCCCCCCCCCCCCCCCCCCCCCCC",
+            "other",
+            ("app", "app"),
+        )],
+    );
+    stage.insert(
+        &lookalikes[3],
+        "__ferry_restore",
+        &[marker(other_target, "mongo", ("shop", "shop"))],
+    );
+
+    d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    assert!(
+        out.contains(&format!(
+            "before this restore, removed database {ours} (job {dead})"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "kept database {} (job {other_target}): a restore of database shop into shop",
+            lookalikes[3]
+        )),
+        "{out}"
+    );
+    let mut left = lookalikes.to_vec();
+    left.sort();
+    assert_eq!(mongo_scratch(&stage), left, "only the lookalikes are left");
+    for name in &lookalikes {
+        assert_eq!(stage.count(name, "users"), 1, "{name} untouched");
+    }
+    assert_eq!(staging_targets(&stage), production(&prod));
 }

@@ -443,6 +443,8 @@ pub async fn recover(mongo: &Mongo, skip: &[String]) -> Result<Vec<Recovered>, R
             out.extend(finish(&client, &job, scratch).await);
         }
     }
+    // In job order (a ULID sorts by time), each job's in the order done.
+    out.sort_by(|a, b| a.job_id.cmp(&b.job_id));
     Ok(out)
 }
 
