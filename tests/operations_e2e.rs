@@ -4,6 +4,8 @@
 //!   --verify` finds an entry edited in the coordinator's store;
 //! - `/metrics` answers the 0.0.4 text format (which `promtool check metrics` passes) unless
 //!   asked for OpenMetrics, carries the expected series, and every job counter from 0;
+//! - the alert rules pass `promtool check rules` and their unit tests (`promtool test
+//!   rules`): a verify neither fires nor resolves the restore alert, and has one of its own;
 //! - `ferry verify` checks without restoring and catches a one-byte change;
 //! - GFS retention over 100 simulated days, `ferry prune` with the maintenance key;
 //! - a backup set across PostgreSQL, MongoDB and files is not restored while a member is
@@ -263,6 +265,33 @@ fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
         matches!(verify_failed.value, prometheus_parse::Value::Counter(v) if v == 0.0),
         "{body}"
     );
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_follow_each_job_kind() {
+    // deploy/prometheus/ferry-alerts.test.yml: a failed drill keeps FerryRestoreFailed
+    // firing through a successful verify; a failed verify fires FerryVerifyFailed.
+    let promtool = require("promtool", "prometheus");
+    let dir = workspace_root().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "ferry-alerts.yml"],
+        ["test", "rules", "ferry-alerts.test.yml"],
+    ] {
+        let out = output_within(
+            std::process::Command::new(&promtool)
+                .args(args)
+                .current_dir(&dir),
+            b"",
+            std::time::Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]
