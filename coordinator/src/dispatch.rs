@@ -793,17 +793,32 @@ impl Coordinator {
         };
         let stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
+                let message = format!(
+                    "agent {} did not answer the order within {} s",
+                    job.agent,
+                    timeout.as_secs()
+                );
+                self.agents.unreachable(&job.agent, &message);
                 return Attempt::Failed {
-                    message: format!(
-                        "agent {} did not answer the order within {} s",
-                        job.agent,
-                        timeout.as_secs()
-                    ),
+                    message,
+                    retryable: true,
+                };
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                let message = format!(
+                    "agent {} could not be reached with the order: {}",
+                    job.agent,
+                    describe_status(&status)
+                );
+                self.agents.unreachable(&job.agent, &message);
+                return Attempt::Failed {
+                    message,
                     retryable: true,
                 };
             }
             Ok(Err(status)) => {
                 use tonic::Code;
+                self.agents.reached(&job.agent);
                 let retryable = !matches!(
                     status.code(),
                     Code::PermissionDenied
@@ -820,7 +835,10 @@ impl Coordinator {
                     retryable,
                 };
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                self.agents.reached(&job.agent);
+                r.into_inner()
+            }
         };
         self.follow(job, &client, stream).await
     }
@@ -942,18 +960,22 @@ impl Coordinator {
                     tokio::spawn(async move {
                         client.cancel_job(v1::CancelJobRequest { job_id: id }).await
                     });
+                    let message = format!(
+                        "agent {} stopped answering: no event for {} s (agent_timeout_seconds)",
+                        job.agent,
+                        timeout.as_secs()
+                    );
+                    self.agents.unreachable(&job.agent, &message);
                     return Attempt::Failed {
-                        message: format!(
-                            "agent {} stopped answering: no event for {} s (agent_timeout_seconds)",
-                            job.agent,
-                            timeout.as_secs()
-                        ),
+                        message,
                         retryable: true,
                     };
                 }
                 Ok(Err(status)) => {
+                    let message = format!("lost agent {}: {}", job.agent, describe_status(&status));
+                    self.agents.unreachable(&job.agent, &message);
                     return Attempt::Failed {
-                        message: format!("lost agent {}: {}", job.agent, describe_status(&status)),
+                        message,
                         retryable: true,
                     };
                 }
@@ -968,6 +990,7 @@ impl Coordinator {
                 }
                 Ok(Ok(Some(e))) => e,
             };
+            self.agents.reached(&job.agent);
             match next.event {
                 Some(Event::Accepted(_)) => {
                     job.state = JobState::Running;

@@ -63,6 +63,10 @@ fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
+/// `ferry agents` describes again every agent not called within this long, and waits at
+/// most this long for the answers.
+const AGENTS_FRESH: Duration = Duration::from_secs(2);
+
 type JobStream = Pin<Box<dyn Stream<Item = Result<v1::Job, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -74,6 +78,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         _: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         let pool = &self.coordinator.agents;
+        pool.refresh_stale(AGENTS_FRESH, AGENTS_FRESH).await;
         let agents = pool
             .all()
             .map(|a| {
@@ -95,10 +100,14 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     hostname: d.hostname,
                     datastores: d.datastores,
                     tools: d.tools,
+                    last_reached_unix_ms: state.last_reached_ms.unwrap_or_default(),
                 }
             })
             .collect();
-        Ok(Response::new(v1::ListAgentsResponse { agents }))
+        Ok(Response::new(v1::ListAgentsResponse {
+            agents,
+            now_unix_ms: ferry_proto::now_unix_ms(),
+        }))
     }
 
     async fn list_jobs(

@@ -72,7 +72,8 @@ pub enum Command {
     /// Per environment and datastore: the last successful backup or restore, its age and
     /// size, the last job, and the next scheduled run.
     Status,
-    /// The inventory's agents: reachable or not, and what they reported.
+    /// The inventory's agents: reachable or not (each is called again unless it was in the
+    /// last 2 s), when each was last reached, and what they reported.
     Agents,
     /// Recent jobs, newest first.
     Jobs {
