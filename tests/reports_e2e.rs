@@ -1,8 +1,11 @@
 //! What Ferry reports after faults (issue 15, "Losses that go unnoticed" and "Reports and
 //! metrics that say otherwise"), end to end on real PostgreSQL, sshd and the real binaries:
 //! - `ferry agents` shows an agent killed a moment ago as unreachable, and when each agent
-//!   was last reached.
+//!   was last reached;
+//! - `ferry backup --wait` survives a coordinator restart under it: it reconnects, says so
+//!   on stderr, and reports the job's end.
 
+use std::fs;
 use std::time::{Duration, Instant};
 
 use ferry_tests::*;
@@ -47,4 +50,74 @@ fn ferry_agents_shows_a_killed_agent_unreachable_at_once_and_when_it_was_last_re
     let age = stage["last_reached_age_seconds"].as_f64().unwrap();
     assert!(age >= 2.0, "{stage}");
     assert_eq!(agent_entry(&d, "pg-prod")["reachable"], true);
+}
+
+/// About 40 MB of md5 text in 300,000 rows: about 20 MB stored, 5 s at 4 MiB/s.
+const BIG: &str = "CREATE TABLE big (id int PRIMARY KEY, body text);
+    INSERT INTO big SELECT g, md5(g::text) || md5(random()::text) || md5(random()::text) || md5(random()::text)
+    FROM generate_series(1, 300000) g;";
+
+/// Holds production's uploads to `rate` bytes per second, so a backup lasts long enough
+/// to break something in the middle of it.
+fn limit_upload(d: &Deployment, rate: u64) {
+    let config = fs::read_to_string(&d.prod_config).unwrap().replace(
+        "[backup_server]\n",
+        &format!("[backup_server]\nmax_upload_bytes_per_second = {rate}\n"),
+    );
+    fs::write(&d.prod_config, config).unwrap();
+}
+
+/// Waits until production's PostgreSQL upload has more than `bytes` in its partial file.
+fn wait_partial(d: &Deployment, bytes: u64) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !d.sshd.files().iter().any(|f| {
+        f.ends_with(".partial")
+            && f.contains("postgres_backup_")
+            && fs::metadata(d.sshd.root().join(f)).is_ok_and(|m| m.len() > bytes)
+    }) {
+        assert!(
+            Instant::now() < deadline,
+            "no partial upload over {bytes} bytes: {:?}\n{}",
+            d.sshd.files(),
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn backup_wait_reconnects_when_the_coordinator_restarts_and_reports_the_jobs_end() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        tweak: Some(Box::new(|d| limit_upload(d, 4 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let mut cli = std::process::Command::new(bin("ferry"));
+    hermetic(&mut cli)
+        .args(d.ferry_flags())
+        .args(["backup", "pg-prod", "postgres", "--wait"]);
+    let waiting = std::thread::spawn(move || output_within(&mut cli, b"", CLI_TIMEOUT));
+    wait_partial(&d, 2 << 20);
+    d.kill("coordinator");
+    std::thread::sleep(Duration::from_secs(1));
+    d.start_coordinator();
+
+    let out = waiting.join().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success(),
+        "ferry backup --wait failed ({}):\nstdout: {stdout}\nstderr: {stderr}\n{}",
+        out.status,
+        d.logs()
+    );
+    assert!(stdout.contains("succeeded"), "{stdout}");
+    assert!(
+        stderr.contains("lost the coordinator while watching job")
+            && stderr.contains("reconnecting in 1 s")
+            && stderr.contains("reconnected to the coordinator"),
+        "{stderr}"
+    );
 }
