@@ -3,7 +3,10 @@
 //! - `ferry agents` shows an agent killed a moment ago as unreachable, and when each agent
 //!   was last reached;
 //! - `ferry backup --wait` survives a coordinator restart under it: it reconnects, says so
-//!   on stderr, and reports the job's end.
+//!   on stderr, and reports the job's end;
+//! - the newest backup's data file deleted on the server (its manifest kept): restore and
+//!   verify fail naming it, `ferry backups` marks it missing, and a verify of the date
+//!   checks every backup the catalog lists for it.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -120,4 +123,97 @@ fn backup_wait_reconnects_when_the_coordinator_restarts_and_reports_the_jobs_end
             && stderr.contains("reconnected to the coordinator"),
         "{stderr}"
     );
+}
+
+/// `ferry ARGS`: (success, stdout and stderr together).
+fn ferry_text(d: &Deployment, args: &[&str]) -> (bool, String) {
+    let out = d.ferry(args);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[test]
+fn a_backup_whose_file_is_gone_fails_restore_and_verify_naming_it_and_is_marked_missing() {
+    let d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    let restored = d.stage_pg.table_fingerprints("app");
+    d.prod_pg.psql(
+        "app",
+        "INSERT INTO empty_table SELECT generate_series(1, 10)",
+    );
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let catalog = d.ferry_json(&["backups"]);
+    assert_eq!(catalog.as_array().unwrap().len(), 2, "{catalog}");
+    let newest = catalog[0]["stored_path"].as_str().unwrap().to_owned();
+    let older = catalog[1]["stored_path"].as_str().unwrap().to_owned();
+    let newest_name = newest.rsplit('/').next().unwrap().to_owned();
+
+    // The newest data file goes; its manifest stays.
+    let on_disk = std::path::PathBuf::from(&newest);
+    assert!(on_disk.starts_with(d.sshd.root()), "{newest}");
+    let away = on_disk.with_file_name(".away");
+    fs::rename(&on_disk, &away).unwrap();
+    assert!(fs::metadata(format!("{newest}.json")).is_ok());
+
+    // Neither the restore nor the verify takes the older backup in its place.
+    for args in [
+        ["restore", "pg-stage", "--wait"],
+        ["verify", "pg-stage", "--wait"],
+    ] {
+        let (ok, text) = ferry_text(&d, &args);
+        assert!(!ok, "{args:?} succeeded:\n{text}");
+        assert!(
+            text.contains(&newest_name) && text.contains("is not on the backup server"),
+            "{args:?}:\n{text}"
+        );
+        assert!(!text.contains(" succeeded"), "{args:?}:\n{text}");
+    }
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        restored,
+        "staging changed"
+    );
+
+    // The catalog says so.
+    let catalog = d.ferry_json(&["backups"]);
+    let missing = &catalog[0]["missing"];
+    assert!(missing["job_id"].is_string(), "{catalog}");
+    assert!(
+        missing["error"].as_str().unwrap().contains(&newest_name),
+        "{catalog}"
+    );
+    assert!(catalog[1]["missing"].is_null(), "{catalog}");
+    let human = d.ferry_ok(&["backups"]);
+    let row = human.lines().find(|l| l.contains(&newest)).unwrap();
+    assert!(row.contains("MISSING (found by job"), "{human}");
+
+    // A verify of the date checks both backups the catalog lists for it: one job each.
+    let today = today_utc();
+    let out = d.ferry(&[
+        "--output", "json", "verify", "pg-stage", "--date", &today, "--wait",
+    ]);
+    assert!(!out.status.success());
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    let ok = jobs.iter().find(|j| j["state"] == "succeeded").unwrap();
+    assert_eq!(ok["result"]["stored_path"], older.as_str(), "{jobs:?}");
+    let failed = jobs.iter().find(|j| j["state"] == "failed").unwrap();
+    assert!(
+        failed["error"].as_str().unwrap().contains(&newest_name),
+        "{jobs:?}"
+    );
+
+    // The file back: the verify of the date passes and clears the mark.
+    fs::rename(&away, &on_disk).unwrap();
+    d.ferry_ok(&["verify", "pg-stage", "--date", &today, "--wait"]);
+    let catalog = d.ferry_json(&["backups"]);
+    assert!(catalog[0]["missing"].is_null(), "{catalog}");
 }

@@ -73,6 +73,7 @@ impl From<&Job> for v1::Job {
             date: j.date.clone().unwrap_or_default(),
             namespaces: j.namespaces.clone(),
             scheduled_unix_ms: j.scheduled_ms.unwrap_or_default(),
+            file: j.file.clone().unwrap_or_default(),
         }
     }
 }
@@ -91,6 +92,17 @@ impl From<&BackupRecord> for v1::BackupRecord {
             finished_unix_ms: b.finished_ms,
             job_id: b.job_id.clone(),
             bytes_uncompressed: b.bytes_uncompressed,
+            missing_found_unix_ms: b.missing.as_ref().map_or(0, |m| m.found_ms),
+            missing_job_id: b
+                .missing
+                .as_ref()
+                .map(|m| m.job_id.clone())
+                .unwrap_or_default(),
+            missing_error: b
+                .missing
+                .as_ref()
+                .map(|m| m.error.clone())
+                .unwrap_or_default(),
         }
     }
 }

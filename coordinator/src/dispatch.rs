@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentPool, describe_status};
 use crate::config::Settings;
-use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, Progress};
+use crate::model::{
+    BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, MissingNote, Progress,
+};
 use crate::store::Store;
 
 /// A trigger refused by the coordinator.
@@ -79,6 +81,16 @@ impl Selection<'_> {
         }
         s
     }
+}
+
+/// Whether a catalog record is a dated archive (`.age`, read by file name) rather than a
+/// differential repository (pgBackRest, rsync mirror: recorded as its folder, restored by
+/// date).
+fn is_archive(r: &BackupRecord) -> bool {
+    r.stored_path
+        .rsplit('/')
+        .next()
+        .is_some_and(|f| f.ends_with(".age"))
 }
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
@@ -183,7 +195,15 @@ pub struct Coordinator {
 /// Where one attempt ended.
 enum Attempt {
     Succeeded(JobResult),
-    Failed { message: String, retryable: bool },
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+    /// A restore or verify found the backup it was ordered to read gone from the backup
+    /// server (the agent's `NotFound`): a final failure, and the catalog record is marked.
+    Missing {
+        message: String,
+    },
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -561,10 +581,19 @@ impl Coordinator {
                 "agent {agent} has no datastores"
             )));
         }
+        // A verify of a given date checks every backup the catalog lists for it, one job
+        // each; otherwise one job per datastore.
+        let targets: Vec<(String, Option<String>)> = match (kind, selection.date) {
+            (JobKind::Verify, Some(day)) => {
+                let source = self.description(agent).await?.source_environment;
+                self.backups_of_date(&source, &datastores, day).await?
+            }
+            _ => datastores.into_iter().map(|d| (d, None)).collect(),
+        };
         let created_ms = ferry_proto::now_unix_ms();
-        let jobs: Vec<Job> = datastores
+        let jobs: Vec<Job> = targets
             .into_iter()
-            .map(|ds| Job {
+            .map(|(ds, file)| Job {
                 id: ulid::Ulid::new().to_string(),
                 kind,
                 agent: agent.to_owned(),
@@ -575,6 +604,7 @@ impl Coordinator {
                 date: date.clone(),
                 namespaces: namespaces.to_vec(),
                 backup_type: backup_type.map(str::to_owned),
+                file,
                 scheduled_ms: selection.occurrence.map(|(_, at)| at),
                 created_ms,
                 started_ms: None,
@@ -587,10 +617,16 @@ impl Coordinator {
         let events: Vec<JobEventRecord> = jobs
             .iter()
             .map(|job| {
-                let message = format!(
-                    "Queued {} of {} on {} ({trigger}).",
-                    job.kind, job.datastore, job.agent
-                );
+                let message = match &job.file {
+                    Some(f) => format!(
+                        "Queued {} of {} ({f}) on {} ({trigger}).",
+                        job.kind, job.datastore, job.agent
+                    ),
+                    None => format!(
+                        "Queued {} of {} on {} ({trigger}).",
+                        job.kind, job.datastore, job.agent
+                    ),
+                };
                 tracing::info!(job_id = %job.id, agent = %job.agent, datastore = %job.datastore, "{message}");
                 JobEventRecord {
                     job_id: job.id.clone(),
@@ -620,6 +656,42 @@ impl Coordinator {
         Ok(ids)
     }
 
+    /// For a verify of `date`: `(datastore, Some(stored_path))` for every dated archive the
+    /// catalog lists of each of `datastores` in `source_environment` on `date`, oldest
+    /// first; `(datastore, None)` for a datastore with none (its job then fails naming
+    /// what the catalog lacks) or kept in a differential repository (checked by date).
+    ///
+    /// # Errors
+    /// The catalog cannot be read.
+    async fn backups_of_date(
+        &self,
+        source_environment: &str,
+        datastores: &[String],
+        date: &str,
+    ) -> Result<Vec<(String, Option<String>)>, DispatchError> {
+        let store = self.store.clone();
+        let environment = source_environment.to_owned();
+        let mut records = blocking(move || store.list_backups(Some(&environment))).await?;
+        records.sort_by_key(|r| r.finished_ms);
+        let mut out = Vec::new();
+        for ds in datastores {
+            let of_day: Vec<&BackupRecord> = records
+                .iter()
+                .filter(|r| r.datastore == *ds && r.date == date)
+                .collect();
+            if of_day.is_empty() || !of_day.iter().all(|r| is_archive(r)) {
+                out.push((ds.clone(), None));
+            } else {
+                out.extend(
+                    of_day
+                        .into_iter()
+                        .map(|r| (ds.clone(), Some(r.stored_path.clone()))),
+                );
+            }
+        }
+        Ok(out)
+    }
+
     /// Runs `job` to a final state, retrying as configured; `first` is the outcome of an
     /// attempt already made (one a restarted coordinator reconciled). At shutdown the job
     /// is left as stored (queued or running) for the next start to reconcile.
@@ -632,7 +704,9 @@ impl Coordinator {
                     _ = self.shutdown.cancelled() => return,
                 },
             };
-            match outcome {
+            let (message, retryable) = match outcome {
+                Attempt::Failed { message, retryable } => (message, retryable),
+                Attempt::Missing { message } => (message, false),
                 Attempt::Succeeded(result) => {
                     job.state = JobState::Succeeded;
                     job.finished_ms = Some(ferry_proto::now_unix_ms());
@@ -650,6 +724,7 @@ impl Coordinator {
                             sha256: result.sha256.clone(),
                             finished_ms: job.finished_ms.unwrap_or_default(),
                             job_id: job.id.clone(),
+                            missing: None,
                         };
                         let store = self.store.clone();
                         if let Err(e) = blocking(move || store.put_backup(&record)).await {
@@ -673,50 +748,48 @@ impl Coordinator {
                     self.event(&job, summary).await;
                     return;
                 }
-                Attempt::Failed { message, retryable } => {
-                    job.error = Some(message.clone());
-                    if retryable
-                        && job.attempt < self.settings.retry.max_attempts
-                        && !self.shutdown.is_cancelled()
-                    {
-                        let wait = self.settings.retry.backoff(job.attempt);
-                        job.state = JobState::Queued;
-                        self.put(&job).await;
-                        self.event(
-                            &job,
-                            format!(
-                                "Attempt {} failed: {message}; retrying in {} s.",
-                                job.attempt,
-                                wait.as_secs()
-                            ),
-                        )
-                        .await;
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = self.shutdown.cancelled() => return,
-                        }
-                        // Stored before the order goes out: a restarted coordinator asks
-                        // the agent about this attempt's id, not the last one's.
-                        job.attempt += 1;
-                        self.put(&job).await;
-                        continue;
-                    }
-                    job.state = JobState::Failed;
-                    job.finished_ms = Some(ferry_proto::now_unix_ms());
-                    self.put(&job).await;
-                    self.counters.job_finished(&job);
-                    self.audit(
-                        "coordinator",
-                        &format!("{} finished", job.kind),
-                        &format!("{} {}/{}", job.id, job.agent, job.datastore),
-                        &format!("failed: {message}"),
-                    )
-                    .await;
-                    self.event(&job, format!("Failed (attempt {}): {message}", job.attempt))
-                        .await;
-                    return;
+            };
+            job.error = Some(message.clone());
+            if retryable
+                && job.attempt < self.settings.retry.max_attempts
+                && !self.shutdown.is_cancelled()
+            {
+                let wait = self.settings.retry.backoff(job.attempt);
+                job.state = JobState::Queued;
+                self.put(&job).await;
+                self.event(
+                    &job,
+                    format!(
+                        "Attempt {} failed: {message}; retrying in {} s.",
+                        job.attempt,
+                        wait.as_secs()
+                    ),
+                )
+                .await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shutdown.cancelled() => return,
                 }
+                // Stored before the order goes out: a restarted coordinator asks
+                // the agent about this attempt's id, not the last one's.
+                job.attempt += 1;
+                self.put(&job).await;
+                continue;
             }
+            job.state = JobState::Failed;
+            job.finished_ms = Some(ferry_proto::now_unix_ms());
+            self.put(&job).await;
+            self.counters.job_finished(&job);
+            self.audit(
+                "coordinator",
+                &format!("{} finished", job.kind),
+                &format!("{} {}/{}", job.id, job.agent, job.datastore),
+                &format!("failed: {message}"),
+            )
+            .await;
+            self.event(&job, format!("Failed (attempt {}): {message}", job.attempt))
+                .await;
+            return;
         }
     }
 
@@ -734,8 +807,8 @@ impl Coordinator {
             }
         };
         // A restore or verify reads the backup the catalog chose, and no other.
-        let (date, file) = match job.kind {
-            JobKind::Backup => (String::new(), String::new()),
+        let (date, file, chosen) = match job.kind {
+            JobKind::Backup => (String::new(), String::new(), None),
             JobKind::Restore | JobKind::Verify => {
                 match self.chosen_backup(job, &described.source_environment).await {
                     Ok(chosen) => chosen,
@@ -840,16 +913,56 @@ impl Coordinator {
                 r.into_inner()
             }
         };
-        self.follow(job, &client, stream).await
+        let outcome = self.follow(job, &client, stream).await;
+        if let Some(record) = chosen {
+            self.note_presence(job, record, &outcome).await;
+        }
+        outcome
     }
 
-    /// The backup a restore or verify `job` reads, chosen from the catalog: the newest
-    /// record (by finish time) of the job's datastore in `source_environment`, of the job's
-    /// date if it has one. Returns the order's `(date, file)`: `file` is the main archive's
-    /// name, which the agent reads and nothing else. For a differential repository (its
-    /// newest record is a folder, not an `.age` archive) `file` is empty and the date is
-    /// the job's: the repository restores by date and says itself what it lacks. The
-    /// choice is recorded as a job event.
+    /// Marks `record`, the backup `job` was ordered to read, as missing from the backup
+    /// server when the agent did not find it ([`Attempt::Missing`]), and clears the mark
+    /// when the agent read it; `ferry backups` shows the mark.
+    async fn note_presence(&self, job: &Job, mut record: BackupRecord, outcome: &Attempt) {
+        record.missing = match outcome {
+            Attempt::Missing { message } => Some(MissingNote {
+                found_ms: ferry_proto::now_unix_ms(),
+                job_id: job.id.clone(),
+                error: message.clone(),
+            }),
+            Attempt::Succeeded(_) if record.missing.is_some() => None,
+            _ => return,
+        };
+        let missing = record.missing.is_some();
+        let store = self.store.clone();
+        let path = record.stored_path.clone();
+        if let Err(e) = blocking(move || store.put_backup(&record)).await {
+            tracing::error!(error = %e, error_type = "store", "Could not mark a catalog record.");
+            return;
+        }
+        if missing {
+            tracing::warn!(job_id = %job.id, stored_path = %path,
+                "The backup the catalog lists is not on the backup server; marked missing in the catalog.");
+            self.event(
+                job,
+                format!("Marked {path} missing in the catalog: it is not on the backup server."),
+            )
+            .await;
+        } else {
+            self.event(job, format!("{path} is on the backup server again."))
+                .await;
+        }
+    }
+
+    /// The backup a restore or verify `job` reads, chosen from the catalog: the record the
+    /// job names (`file`, a verify of a date), else the newest record (by the coordinator's
+    /// finish time, never by folder name) of the job's datastore in `source_environment`,
+    /// of the job's date if it has one. Returns the order's `(date, file)` and the record:
+    /// `file` is the main archive's name, which the agent reads and nothing else. For a
+    /// differential repository (its newest record is a folder, not an `.age` archive)
+    /// `file` is empty, there is no record, and the date is the job's: the repository
+    /// restores by date and says itself what it lacks. The choice is recorded as a job
+    /// event.
     ///
     /// # Errors
     /// The attempt's failure: no such backup in the catalog or no source environment
@@ -858,7 +971,7 @@ impl Coordinator {
         &self,
         job: &Job,
         source_environment: &str,
-    ) -> Result<(String, String), Attempt> {
+    ) -> Result<(String, String, Option<BackupRecord>), Attempt> {
         if source_environment.is_empty() {
             return Err(Attempt::Failed {
                 message: format!(
@@ -886,14 +999,32 @@ impl Coordinator {
                 .map(|d| format!(" dated {d}"))
                 .unwrap_or_default()
         };
+        // A verify of one backup of a date checks that one, as long as the catalog has it.
+        if let Some(path) = &job.file {
+            let Some(record) = of_datastore.into_iter().find(|r| r.stored_path == *path) else {
+                return Err(Attempt::Failed {
+                    message: format!(
+                        "the catalog no longer has backup {path} (pruned since the job was \
+                         queued?): nothing to {}; `ferry backups` lists what it holds",
+                        job.kind
+                    ),
+                    retryable: false,
+                });
+            };
+            let file = record.stored_path.rsplit('/').next().unwrap_or_default();
+            self.event(
+                job,
+                format!(
+                    "Ordering the {} of {} (backed up {} by job {}), one of the backups of that \
+                     date in the catalog.",
+                    job.kind, record.stored_path, record.date, record.job_id
+                ),
+            )
+            .await;
+            return Ok((record.date.clone(), file.to_owned(), Some(record)));
+        }
         // A differential repository (pgBackRest, rsync mirror) is recorded as its folder:
         // it holds its own history and restores by date (or its newest), as before.
-        let is_archive = |r: &BackupRecord| {
-            r.stored_path
-                .rsplit('/')
-                .next()
-                .is_some_and(|f| f.ends_with(".age"))
-        };
         if let Some(newest) = of_datastore.iter().max_by_key(|r| r.finished_ms)
             && !is_archive(newest)
         {
@@ -907,7 +1038,7 @@ impl Coordinator {
                 ),
             )
             .await;
-            return Ok((job.date.clone().unwrap_or_default(), String::new()));
+            return Ok((job.date.clone().unwrap_or_default(), String::new(), None));
         }
         let chosen = of_datastore
             .into_iter()
@@ -938,7 +1069,7 @@ impl Coordinator {
             ),
         )
         .await;
-        Ok((record.date.clone(), file.to_owned()))
+        Ok((record.date.clone(), file.to_owned(), Some(record)))
     }
 
     /// Follows a job's event stream from its agent to the attempt's end, persisting state
@@ -1030,6 +1161,9 @@ impl Coordinator {
                     });
                 }
                 Some(Event::Failed(f)) => {
+                    if job.kind != JobKind::Backup && f.code == v1::FailureCode::NotFound as i32 {
+                        return Attempt::Missing { message: f.message };
+                    }
                     return Attempt::Failed {
                         message: f.message,
                         retryable: f.retryable,

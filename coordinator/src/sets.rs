@@ -132,6 +132,7 @@ mod tests {
             sha256: String::new(),
             finished_ms: ms,
             job_id: format!("{date}{datastore}{ms}"),
+            missing: None,
         }
     }
 

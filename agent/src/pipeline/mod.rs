@@ -526,7 +526,20 @@ fn find_backup(
             )));
         }
         let (path, main) = read_main(&mut session, &dir, f, name)?;
-        return with_companions(&mut session, datastore, &dir, path, main);
+        let found = with_companions(&mut session, datastore, &dir, path, main)?;
+        // A companion's data file gone (its manifest kept) is as missing as the main one.
+        for (path, _) in &found.files {
+            let part = path.rsplit('/').next().unwrap_or_default();
+            if !entries.iter().any(|e| e == part) {
+                return Err(JobError::NotFound(format!(
+                    "{path}, a part of the backup ordered ({dir}/{}), is not on the backup \
+                     server; no other backup is read in its place (see `ferry backups`, and \
+                     restore another date with --date)",
+                    Bounded(f)
+                )));
+            }
+        }
+        return Ok(found);
     }
     let mut dates: Vec<String> = session
         .list(&env_dir)?

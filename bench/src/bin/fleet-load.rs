@@ -183,6 +183,7 @@ fn seed(
             date: (kind != JobKind::Backup).then(|| date.clone()),
             namespaces: Vec::new(),
             backup_type: None,
+            file: None,
             scheduled_ms: None,
             created_ms,
             started_ms: (state != JobState::Queued).then_some(created_ms + 50),
@@ -224,6 +225,7 @@ fn seed(
                 sha256: r.sha256.clone(),
                 finished_ms: job.finished_ms.unwrap_or_default(),
                 job_id: job.id.clone(),
+                missing: None,
             });
         }
         if batch.len() == 10_000 {

@@ -108,8 +108,10 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Stored backups, newest first; with --sets, per environment and date the backup
-    /// set: every production datastore's backup, and whether the set is complete.
+    /// Stored backups, newest first, each `ok` or `MISSING` when a restore or verify of it
+    /// found its file gone from the backup server; with --sets, per environment and date
+    /// the backup set: every production datastore's backup, and whether the set is
+    /// complete.
     Backups {
         /// Only this environment.
         #[arg(long = "env")]
@@ -148,9 +150,10 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// On a staging agent, download the newest backup (or a date's) of its datastores and
-    /// check each file's SHA-256 and that it decrypts and decompresses to its end, without
-    /// restoring anything.
+    /// On a staging agent, download the newest backup of its datastores (or, with --date,
+    /// every backup the catalog lists for that date, one job each) and check each file's
+    /// SHA-256 and that it decrypts and decompresses to its end, without restoring
+    /// anything.
     Verify {
         /// Agent id (a staging agent: it holds the identity).
         agent: String,
