@@ -6,11 +6,16 @@
 //!   on stderr, and reports the job's end;
 //! - the newest backup's data file deleted on the server (its manifest kept): restore and
 //!   verify fail naming it, `ferry backups` marks it missing, and a verify of the date
-//!   checks every backup the catalog lists for it.
+//!   checks every backup the catalog lists for it;
+//! - a production clock a day ahead: its backup, dated tomorrow, is refused (the job fails
+//!   saying so, in status and metrics) and, once the clock is right, never shadows the
+//!   later backups, neither in the coordinator's choice nor in the staging agent's own.
 
 use std::fs;
 use std::time::{Duration, Instant};
 
+use ferry_proto::v1;
+use ferry_proto::v1::agent_client::AgentClient;
 use ferry_tests::*;
 
 /// `ferry agents --output json`'s entry for `id`.
@@ -216,4 +221,132 @@ fn a_backup_whose_file_is_gone_fails_restore_and_verify_naming_it_and_is_marked_
     d.ferry_ok(&["verify", "pg-stage", "--date", &today, "--wait"]);
     let catalog = d.ferry_json(&["backups"]);
     assert!(catalog[0]["missing"].is_null(), "{catalog}");
+}
+
+/// `GET /metrics` on 127.0.0.1:`port` (the 0.0.4 text format).
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").unwrap().1.to_owned()
+}
+
+/// A deployment whose coordinator serves `/metrics` on 127.0.0.1:`port`.
+fn with_metrics(port: u16) -> Deployment {
+    Deployment::start_with(DEFAULT_DATA, move |d| {
+        let text = fs::read_to_string(&d.coordinator_config).unwrap();
+        fs::write(
+            &d.coordinator_config,
+            format!("metrics_listen = \"127.0.0.1:{port}\"\n{text}"),
+        )
+        .unwrap();
+    })
+}
+
+#[test]
+fn a_backup_dated_tomorrow_by_a_clock_ahead_is_refused_and_never_shadows_later_backups() {
+    let port = free_port();
+    let mut d = with_metrics(port);
+    let faketime = require("faketime", "faketime");
+    let faketime = faketime.to_str().unwrap();
+    d.start_agent_wrapped("agent-prod", &[faketime, "-f", "+1d"]);
+    let today = today_utc();
+    let tomorrow = (chrono::Utc::now() + chrono::TimeDelta::days(1))
+        .format("%Y-%m-%d")
+        .to_string();
+
+    let (ok, text) = ferry_text(&d, &["backup", "pg-prod", "--wait"]);
+    assert!(!ok, "a backup dated tomorrow was accepted:\n{text}");
+    assert!(
+        text.contains(&format!("it is dated {tomorrow} by agent pg-prod's clock"))
+            && text.contains("not recorded in the catalog")
+            && text.contains(&format!("postgres_backup_{tomorrow}")),
+        "{text}"
+    );
+    // On the server under tomorrow's folder, but not in the catalog.
+    let files = d.sshd.final_files();
+    assert!(
+        files
+            .iter()
+            .any(|f| f.starts_with(&format!("production/{tomorrow}/")) && f.ends_with(".age")),
+        "{files:?}"
+    );
+    let catalog = d.ferry_json(&["backups"]);
+    assert!(catalog.as_array().unwrap().is_empty(), "{catalog}");
+    // Where it shows: the job's outcome in `ferry status` and /metrics.
+    let status = d.ferry_json(&["status"]);
+    let prod = status["datastores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["agent"] == "pg-prod")
+        .unwrap();
+    assert_eq!(prod["last_job"]["state"], "failed", "{status}");
+    assert!(
+        prod["last_job"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("clock"),
+        "{status}"
+    );
+    let metrics = scrape(port);
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("ferry_last_job_succeeded{")
+                && l.contains("agent=\"pg-prod\"")
+                && l.contains("kind=\"backup\"")
+                && l.ends_with(" 0")),
+        "{metrics}"
+    );
+
+    // The clock set right: the next backup is today's, and restores and verifies take it,
+    // not the folder named tomorrow.
+    d.start_agent("agent-prod");
+    d.prod_pg.psql(
+        "app",
+        "INSERT INTO empty_table SELECT generate_series(1, 10)",
+    );
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(out.contains(&format!("production/{today}/")), "{out}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
+    );
+    // The staging agent's own choice (an order that names no file, as an older
+    // coordinator sends) goes by the manifests' finish times too.
+    let stored = tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let channel = fleet_channel(&d.fleet, "coordinator", d.stage_port, "pg-stage")
+            .await
+            .unwrap();
+        let mut stage = AgentClient::new(channel);
+        let mut stream = stage
+            .run_restore(v1::RunRestoreRequest {
+                job_id: "01KAAAAAAAAAAAAAAAAAAAAA01".into(),
+                datastore: "postgres".into(),
+                verify_only: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        loop {
+            match stream.message().await.unwrap().map(|e| e.event) {
+                Some(Some(v1::job_event::Event::Finished(f))) => break f.stored_path,
+                Some(Some(v1::job_event::Event::Failed(f))) => panic!("{f:?}"),
+                Some(_) => {}
+                None => panic!("the stream ended without a result"),
+            }
+        }
+    });
+    assert!(stored.contains(&format!("production/{today}/")), "{stored}");
+    let log = fs::read_to_string(d.dir.path().join("agent-stage.log")).unwrap();
+    assert!(
+        log.contains("Passing over a backup that finished in the future"),
+        "{log}"
+    );
 }

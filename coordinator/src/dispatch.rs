@@ -93,6 +93,35 @@ fn is_archive(r: &BackupRecord) -> bool {
         .is_some_and(|f| f.ends_with(".age"))
 }
 
+/// How far ahead of the coordinator's clock an agent's may be before its backups count as
+/// dated in the future: clocks a few minutes apart are normal (a backup started at
+/// 23:58 on an agent 3 minutes ahead is dated tomorrow, and that is fine).
+pub const CLOCK_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// Why a backup `result` of `agent` must not enter the catalog: its date (the agent's
+/// clock, which names the dated folder) is after the coordinator's date at `now` plus
+/// [`CLOCK_TOLERANCE`]. `None` when the date is fine.
+pub fn future_dated(
+    agent: &str,
+    result: &JobResult,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    let date = chrono::NaiveDate::parse_from_str(&result.date, "%Y-%m-%d").ok()?;
+    let latest = (now + CLOCK_TOLERANCE).date_naive();
+    (date > latest).then(|| {
+        format!(
+            "refused backup {}: it is dated {} by agent {agent}'s clock, but by the \
+             coordinator's clock it is {} (UTC), so the agent's clock is ahead; it is not \
+             recorded in the catalog, and no restore or verify takes it (its file stays on \
+             the backup server, outside the catalog, until prune removes its folder). Set \
+             the clock of {agent}'s host right (NTP), then back up again",
+            result.stored_path,
+            result.date,
+            now.format("%Y-%m-%d %H:%M")
+        )
+    })
+}
+
 /// Who triggers scheduled runs, in jobs and in the audit log.
 pub const SCHEDULE: &str = "schedule";
 
@@ -282,7 +311,8 @@ impl Coordinator {
     }
 
     /// The backup sets of `environment` (every environment with production agents when
-    /// `None`), newest date first ([`crate::sets`]); the catalog is read once.
+    /// `None`), newest first by their members' finish times ([`crate::sets`]); the catalog
+    /// is read once.
     ///
     /// # Errors
     /// The store cannot be read.
@@ -299,7 +329,14 @@ impl Coordinator {
         .iter()
         .flat_map(|e| crate::sets::build(e, &self.expected_members(e), &backups))
         .collect();
-        sets.sort_by(|a, b| b.date.cmp(&a.date).then(a.environment.cmp(&b.environment)));
+        // Newest first by when their backups finished (the coordinator's clock), not by
+        // folder name: an agent's clock that ran ahead named later folders for older data.
+        sets.sort_by(|a, b| {
+            b.finished_ms()
+                .cmp(&a.finished_ms())
+                .then(b.date.cmp(&a.date))
+                .then(a.environment.cmp(&b.environment))
+        });
         Ok(sets)
     }
 
@@ -703,6 +740,20 @@ impl Coordinator {
                     o = self.attempt(&mut job) => o,
                     _ = self.shutdown.cancelled() => return,
                 },
+            };
+            // A backup dated in the future by this coordinator's clock never enters the
+            // catalog: it would shadow the backups made once the agent's clock is right.
+            let outcome = match outcome {
+                Attempt::Succeeded(r) if job.kind == JobKind::Backup => {
+                    match future_dated(&job.agent, &r, chrono::Utc::now()) {
+                        Some(message) => Attempt::Failed {
+                            message,
+                            retryable: false,
+                        },
+                        None => Attempt::Succeeded(r),
+                    }
+                }
+                other => other,
             };
             let (message, retryable) = match outcome {
                 Attempt::Failed { message, retryable } => (message, retryable),
@@ -1417,6 +1468,35 @@ mod tests {
             m.contains("\"pgbr\" on agent db1 (pgbackrest) is restored whole"),
             "{m}"
         );
+    }
+
+    #[test]
+    fn a_backup_dated_after_the_coordinators_date_is_refused_naming_it() {
+        let result = |date: &str| JobResult {
+            stored_path: format!("/b/production/{date}/postgres_backup_{date}.pgdump.zst.age"),
+            date: date.into(),
+            ..JobResult::default()
+        };
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        let now = at("2026-12-04T21:00:00Z");
+        assert_eq!(future_dated("db1", &result("2026-12-04"), now), None);
+        assert_eq!(future_dated("db1", &result("2026-12-03"), now), None);
+        let m = future_dated("db1", &result("2026-12-05"), now).unwrap();
+        assert!(
+            m.contains("postgres_backup_2026-12-05.pgdump.zst.age")
+                && m.contains("dated 2026-12-05 by agent db1's clock")
+                && m.contains("it is 2026-12-04 21:00 (UTC)")
+                && m.contains("NTP"),
+            "{m}"
+        );
+        // A few minutes before midnight, an agent slightly ahead dates tomorrow: fine.
+        let late = at("2026-12-04T23:57:00Z");
+        assert_eq!(future_dated("db1", &result("2026-12-05"), late), None);
+        assert!(future_dated("db1", &result("2026-12-06"), late).is_some());
     }
 
     #[test]

@@ -489,8 +489,10 @@ struct FoundBackup {
 
 /// Finds the backup of `datastore` in `environment` that a restore or verify reads:
 /// `file` in `date`'s folder if the order names it (the coordinator's catalog choice),
-/// else the newest complete one (on `date` if given). A backup is complete when its main
-/// archive and the archive's manifest are both under their final names.
+/// else the complete one whose manifest finished last (on `date` if given; whatever the
+/// folder names, and passing over any finished more than [`FUTURE_TOLERANCE`] in the
+/// future by this agent's clock). A backup is complete when its main archive and the
+/// archive's manifest are both under their final names.
 ///
 /// # Errors
 /// [`JobError::NotFound`] (naming `file` when it was named: no other backup is taken in
@@ -541,34 +543,61 @@ fn find_backup(
         }
         return Ok(found);
     }
-    let mut dates: Vec<String> = session
+    let dates: Vec<String> = session
         .list(&env_dir)?
         .into_iter()
         .filter(|d| layout::parse_date(d).is_ok())
         .filter(|d| date.is_none_or(|want| want == d))
         .collect();
-    dates.sort();
-    for day in dates.iter().rev() {
+    // The newest by the manifests' finish times, not by folder names: a production clock
+    // that ran ahead wrote later folders for older data. A backup finished in the future
+    // by this agent's clock is passed over (and said so): its clock was wrong.
+    let horizon = Utc::now() + FUTURE_TOLERANCE;
+    let mut best: Option<(String, String, Manifest)> = None;
+    let mut future: Vec<String> = Vec::new();
+    for day in &dates {
         let dir = format!("{env_dir}/{day}");
         let entries = session.list(&dir)?;
-        let mut best: Option<(String, Manifest)> = None;
         for f in &entries {
             if layout::stamp_of(name, f).is_none() || !entries.contains(&format!("{f}.json")) {
                 continue;
             }
             let (path, m) = read_main(&mut session, &dir, f, name)?;
-            if best.as_ref().is_none_or(|(_, b)| m.finished > b.finished) {
-                best = Some((path, m));
+            if m.finished > horizon {
+                tracing::warn!(path = %path, finished = %m.finished,
+                    "Passing over a backup that finished in the future by this agent's clock.");
+                future.push(format!("{path} (finished {})", m.finished.to_rfc3339()));
+            } else if best
+                .as_ref()
+                .is_none_or(|(_, _, b)| m.finished > b.finished)
+            {
+                best = Some((dir.clone(), path, m));
             }
         }
-        let Some((path, main)) = best else { continue };
+    }
+    if let Some((dir, path, main)) = best {
         return with_companions(&mut session, datastore, &dir, path, main);
     }
+    let passed_over = if future.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; passed over, as finished in the future by this agent's clock (a production \
+             clock ahead?): {}",
+            future.join(", ")
+        )
+    };
     Err(JobError::NotFound(match date {
-        Some(d) => format!("no complete backup of datastore {name:?} in {env_dir}/{d}"),
-        None => format!("no complete backup of datastore {name:?} under {env_dir}"),
+        Some(d) => {
+            format!("no complete backup of datastore {name:?} in {env_dir}/{d}{passed_over}")
+        }
+        None => format!("no complete backup of datastore {name:?} under {env_dir}{passed_over}"),
     }))
 }
+
+/// How far in the future (by this agent's clock) a backup's finish time may be before the
+/// newest-backup search passes it over: clocks a few minutes apart are normal.
+const FUTURE_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Reads the manifest of main archive `f` of datastore `name` in `dir`; its path and
 /// manifest.
