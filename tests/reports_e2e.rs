@@ -9,7 +9,11 @@
 //!   checks every backup the catalog lists for it;
 //! - a production clock a day ahead: its backup, dated tomorrow, is refused (the job fails
 //!   saying so, in status and metrics) and, once the clock is right, never shadows the
-//!   later backups, neither in the coordinator's choice nor in the staging agent's own.
+//!   later backups, neither in the coordinator's choice nor in the staging agent's own;
+//! - a set whose PostgreSQL manifest is malformed: `ferry restore` says the set was
+//!   restored partly (which datastores, which not and why), and `--all-or-nothing`
+//!   checks every member first and restores none (a malformed manifest, a file of another
+//!   size), then all once the set is whole.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -348,5 +352,155 @@ fn a_backup_dated_tomorrow_by_a_clock_ahead_is_refused_and_never_shadows_later_b
     assert!(
         log.contains("Passing over a backup that finished in the future"),
         "{log}"
+    );
+}
+
+/// Adds a `files` datastore named `minio` to both agents: production backs up `source`,
+/// staging restores into `target`.
+fn add_files_datastore(d: &Deployment, source: &std::path::Path, target: &std::path::Path) {
+    for (config, path) in [(&d.prod_config, source), (&d.stage_config, target)] {
+        append(
+            config,
+            &format!(
+                "[[datastores]]\nname = \"minio\"\nkind = \"files\"\npath = \"{}\"\n",
+                path.display()
+            ),
+        );
+    }
+}
+
+/// The audit log's newest entry with `action`.
+fn last_audit(d: &Deployment, action: &str) -> serde_json::Value {
+    let audit = d.ferry_json(&["audit"]);
+    audit
+        .as_array()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|e| e["action"] == action)
+        .unwrap_or_else(|| panic!("no {action:?} in the audit log: {audit}"))
+        .clone()
+}
+
+#[test]
+fn a_set_with_a_malformed_manifest_is_reported_restored_partly_and_all_or_nothing_restores_none() {
+    let mut dirs = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let source = d.dir.path().join("minio-prod");
+        let target = d.dir.path().join("minio-stage");
+        fs::create_dir_all(&source).unwrap();
+        fs::write(source.join("object"), b"from the same night").unwrap();
+        add_files_datastore(d, &source, &target);
+        dirs = Some((source, target));
+    });
+    let (_, target) = dirs.unwrap();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let today = today_utc();
+    let (pg_name, _) = d.todays_backup("postgres", "pgdump.zst.age");
+    let pg_manifest = d.sshd.root().join(format!("{pg_name}.json"));
+    let good_manifest = fs::read(&pg_manifest).unwrap();
+    chmod(&pg_manifest, 0o640);
+    fs::write(&pg_manifest, b"{\"manifest_version\": 1, \"datastore\": ").unwrap();
+    let before = d.stage_pg.databases();
+
+    // Without --all-or-nothing: files restored, postgres not, and the result says so.
+    let (ok, text) = ferry_text(&d, &["restore", "pg-stage", "--wait"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "set production {today} on pg-stage restored partly: restored: minio; not \
+             restored: postgres ("
+        )) && text.contains("is malformed"),
+        "{text}"
+    );
+    assert_eq!(
+        fs::read(target.join("object")).unwrap(),
+        b"from the same night"
+    );
+    assert_eq!(before, d.stage_pg.databases());
+    let entry = last_audit(&d, "restore set finished");
+    assert!(
+        entry["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("restored partly: restored: minio; not restored: postgres ("),
+        "{entry}"
+    );
+
+    // --all-or-nothing: the malformed manifest is found before any datastore is touched.
+    fs::remove_dir_all(&target).unwrap();
+    let out = d.ferry(&[
+        "--output",
+        "json",
+        "restore",
+        "pg-stage",
+        "--all-or-nothing",
+        "--wait",
+    ]);
+    assert!(!out.status.success());
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let jobs = jobs.as_array().unwrap();
+    assert_eq!(jobs.len(), 2, "{jobs:?}");
+    for j in jobs {
+        assert_eq!(j["state"], "failed", "{j}");
+        assert_eq!(j["all_or_nothing"], true, "{j}");
+        let error = j["error"].as_str().unwrap();
+        assert!(
+            error.starts_with("not restored (--all-or-nothing)")
+                && error.contains("postgres: ")
+                && error.contains("is malformed")
+                && error.contains("no datastore was touched"),
+            "{j}"
+        );
+    }
+    assert!(!target.exists(), "the files datastore was restored");
+    assert_eq!(before, d.stage_pg.databases());
+    let entry = last_audit(&d, "restore set finished");
+    assert!(
+        entry["outcome"]
+            .as_str()
+            .unwrap()
+            .starts_with("not restored: restored: none"),
+        "{entry}"
+    );
+
+    // The manifest whole again, but the files archive one byte longer than its manifest
+    // says: refused again, naming the file and both sizes.
+    fs::write(&pg_manifest, &good_manifest).unwrap();
+    let (files_name, files_manifest) = d.todays_backup("minio", "tar.zst.age");
+    let files_archive = d.sshd.root().join(&files_name);
+    chmod(&files_archive, 0o640);
+    let mut bytes = fs::read(&files_archive).unwrap();
+    bytes.push(0);
+    fs::write(&files_archive, &bytes).unwrap();
+    let (ok, text) = ferry_text(&d, &["restore", "pg-stage", "--all-or-nothing", "--wait"]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&format!(
+            "holds {} bytes, its manifest says {}",
+            bytes.len(),
+            files_manifest["bytes_stored"]
+        )) && text.contains(&format!("set production {today} on pg-stage not restored")),
+        "{text}"
+    );
+    assert!(!target.exists(), "the files datastore was restored");
+
+    // The set whole: restored whole.
+    bytes.pop();
+    fs::write(&files_archive, &bytes).unwrap();
+    let out = d.ferry_ok(&["restore", "pg-stage", "--all-or-nothing", "--wait"]);
+    assert!(
+        out.contains(&format!(
+            "set production {today} on pg-stage restored whole: restored: "
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        fs::read(target.join("object")).unwrap(),
+        b"from the same night"
+    );
+    assert_eq!(
+        d.prod_pg.table_fingerprints("app"),
+        d.stage_pg.table_fingerprints("app")
     );
 }

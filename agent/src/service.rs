@@ -197,7 +197,9 @@ impl Agent for AgentService {
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
         let file = (!r.file.is_empty()).then_some(r.file);
-        let kind = if r.verify_only {
+        let kind = if r.check_only {
+            OrderKind::Check { date, file }
+        } else if r.verify_only {
             OrderKind::Verify { date, file }
         } else {
             OrderKind::Restore {

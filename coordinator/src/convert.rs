@@ -74,6 +74,8 @@ impl From<&Job> for v1::Job {
             namespaces: j.namespaces.clone(),
             scheduled_unix_ms: j.scheduled_ms.unwrap_or_default(),
             file: j.file.clone().unwrap_or_default(),
+            set_environment: j.set_environment.clone().unwrap_or_default(),
+            all_or_nothing: j.all_or_nothing,
         }
     }
 }

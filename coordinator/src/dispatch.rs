@@ -63,6 +63,8 @@ pub struct Selection<'a> {
     /// ms) the jobs run for; the jobs are stored only if the schedule has not run for
     /// it yet ([`Store::queue_jobs`]).
     pub occurrence: Option<(&'a str, i64)>,
+    /// Restore: check every datastore's backup first and restore none unless all pass.
+    pub all_or_nothing: bool,
 }
 
 impl Selection<'_> {
@@ -78,6 +80,9 @@ impl Selection<'_> {
         }
         if let Some(t) = self.backup_type {
             s.push_str(&format!(" type {t}"));
+        }
+        if self.all_or_nothing {
+            s.push_str(" all-or-nothing");
         }
         s
     }
@@ -120,6 +125,63 @@ pub fn future_dated(
             now.format("%Y-%m-%d %H:%M")
         )
     })
+}
+
+/// What the restore of a set came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// Every datastore restored.
+    Whole,
+    /// Some restored, some not.
+    Partly,
+    /// None restored.
+    None,
+}
+
+impl SetOutcome {
+    /// `restored whole`, `restored partly` or `not restored`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetOutcome::Whole => "restored whole",
+            SetOutcome::Partly => "restored partly",
+            SetOutcome::None => "not restored",
+        }
+    }
+}
+
+/// What the restore of a set came to from its ended jobs, given as `(datastore, whether
+/// it succeeded, its error)`, and in words: `restored: mongo, files; not restored:
+/// postgres (why)` (each error cut to 300 characters).
+pub fn set_outcome<'a>(
+    jobs: impl IntoIterator<Item = (&'a str, bool, &'a str)>,
+) -> (SetOutcome, String) {
+    let mut restored: Vec<&str> = Vec::new();
+    let mut not: Vec<String> = Vec::new();
+    for (datastore, succeeded, error) in jobs {
+        if succeeded {
+            restored.push(datastore);
+        } else {
+            let why: String = error.chars().take(300).collect();
+            not.push(format!("{datastore} ({why})"));
+        }
+    }
+    let outcome = match (restored.is_empty(), not.is_empty()) {
+        (_, true) => SetOutcome::Whole,
+        (false, false) => SetOutcome::Partly,
+        (true, false) => SetOutcome::None,
+    };
+    let mut details = format!(
+        "restored: {}",
+        if restored.is_empty() {
+            "none".to_owned()
+        } else {
+            restored.join(", ")
+        }
+    );
+    if !not.is_empty() {
+        details.push_str(&format!("; not restored: {}", not.join("; ")));
+    }
+    (outcome, details)
 }
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
@@ -535,7 +597,13 @@ impl Coordinator {
             namespaces,
             backup_type,
             occurrence: _,
+            all_or_nothing,
         } = *selection;
+        if all_or_nothing && kind != JobKind::Restore {
+            return Err(DispatchError::InvalidArgument(
+                "--all-or-nothing is for restores: a verify checks each backup on its own".into(),
+            ));
+        }
         // Names and dates that could leave the backup server's layout (`/`, `..`, NUL,
         // overlong) go no further.
         crate::config::check_name("agent", agent).map_err(DispatchError::InvalidArgument)?;
@@ -599,6 +667,7 @@ impl Coordinator {
             }
         }
         let mut date = date.map(str::to_owned);
+        let mut set_environment = None;
         let datastores = match datastore {
             Some(d) => vec![d.to_owned()],
             None => {
@@ -609,6 +678,7 @@ impl Coordinator {
                         self.set_date(agent, &described.source_environment, date.as_deref())
                             .await?,
                     );
+                    set_environment = Some(described.source_environment.clone());
                 }
                 described.datastores.into_iter().map(|d| d.name).collect()
             }
@@ -642,6 +712,9 @@ impl Coordinator {
                 namespaces: namespaces.to_vec(),
                 backup_type: backup_type.map(str::to_owned),
                 file,
+                set_environment: set_environment.clone().filter(|_| kind == JobKind::Restore),
+                all_or_nothing,
+                checked_ms: None,
                 scheduled_ms: selection.occurrence.map(|(_, at)| at),
                 created_ms,
                 started_ms: None,
@@ -686,9 +759,16 @@ impl Coordinator {
             return Ok(Vec::new());
         }
         let ids = jobs.iter().map(|j| j.id.clone()).collect();
-        for job in jobs {
+        if kind == JobKind::Restore && (all_or_nothing || set_environment.is_some()) {
+            // A set (or an all-or-nothing restore): checked first if asked, and reported
+            // as one when every job has ended.
             let this = self.clone();
-            tokio::spawn(async move { this.run(job, None).await });
+            tokio::spawn(async move { this.run_together(jobs).await });
+        } else {
+            for job in jobs {
+                let this = self.clone();
+                tokio::spawn(async move { this.run(job, None).await });
+            }
         }
         Ok(ids)
     }
@@ -827,20 +907,244 @@ impl Coordinator {
                 self.put(&job).await;
                 continue;
             }
-            job.state = JobState::Failed;
-            job.finished_ms = Some(ferry_proto::now_unix_ms());
-            self.put(&job).await;
-            self.counters.job_finished(&job);
-            self.audit(
-                "coordinator",
-                &format!("{} finished", job.kind),
-                &format!("{} {}/{}", job.id, job.agent, job.datastore),
-                &format!("failed: {message}"),
+            self.fail(&mut job, message).await;
+            return;
+        }
+    }
+
+    /// Ends `job` as failed with `message`: stored, counted, audited, and its event.
+    async fn fail(&self, job: &mut Job, message: String) {
+        job.state = JobState::Failed;
+        job.finished_ms = Some(ferry_proto::now_unix_ms());
+        job.error = Some(message.clone());
+        self.put(job).await;
+        self.counters.job_finished(job);
+        self.audit(
+            "coordinator",
+            &format!("{} finished", job.kind),
+            &format!("{} {}/{}", job.id, job.agent, job.datastore),
+            &format!("failed: {message}"),
+        )
+        .await;
+        self.event(job, format!("Failed (attempt {}): {message}", job.attempt))
+            .await;
+    }
+
+    /// Runs the restore jobs of one trigger together: with `--all-or-nothing`, first
+    /// checks every member's backup ([`Coordinator::check_member`]) and fails every job,
+    /// restoring none, if one does not pass; then runs each job to its end and, for a
+    /// set, reports what the set's restore came to ([`Coordinator::report_set`]).
+    async fn run_together(self: Arc<Self>, mut jobs: Vec<Job>) {
+        if jobs.iter().any(|j| j.all_or_nothing) {
+            for job in &jobs {
+                self.event(
+                    job,
+                    format!(
+                        "Checking the backup of every one of the {} datastore(s) before restoring \
+                         any (--all-or-nothing).",
+                        jobs.len()
+                    ),
+                )
+                .await;
+            }
+            let checks = futures::future::join_all(jobs.iter().map(|j| self.check_member(j))).await;
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let failed: Vec<String> = jobs
+                .iter()
+                .zip(&checks)
+                .filter_map(|(j, c)| {
+                    c.as_ref()
+                        .err()
+                        .map(|why| format!("{}: {why}", j.datastore))
+                })
+                .collect();
+            if !failed.is_empty() {
+                let message = format!(
+                    "not restored (--all-or-nothing): checking every datastore's backup before \
+                     restoring any found {} of {} unusable: {}; no datastore was touched",
+                    failed.len(),
+                    jobs.len(),
+                    failed.join("; ")
+                );
+                for job in &mut jobs {
+                    self.fail(job, message.clone()).await;
+                }
+                self.report_set(&jobs).await;
+                return;
+            }
+            let now = ferry_proto::now_unix_ms();
+            for (job, check) in jobs.iter_mut().zip(checks) {
+                job.checked_ms = Some(now);
+                self.put(job).await;
+                self.event(
+                    job,
+                    format!(
+                        "Every datastore's backup checked; restoring. This one: {}",
+                        check.unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+        }
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let runs = jobs.into_iter().map(|job| {
+            let this = self.clone();
+            tokio::spawn(async move { this.run(job, None).await })
+        });
+        futures::future::join_all(runs).await;
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let store = self.store.clone();
+        match blocking(move || {
+            ids.iter()
+                .map(|id| store.get_job(id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        {
+            Ok(jobs) => {
+                let jobs: Vec<Job> = jobs.into_iter().flatten().collect();
+                if jobs.iter().all(|j| j.state.is_final()) {
+                    self.report_set(&jobs).await;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "Could not read a set's jobs to report it."),
+        }
+    }
+
+    /// Checks, for an `--all-or-nothing` restore, the backup `job` would read: the catalog's
+    /// choice, on the backup server with readable manifests and every file of its
+    /// manifest's size (a `check_only` order: nothing is downloaded). A differential
+    /// repository passes: its own restore checks it. Returns the agent's summary.
+    ///
+    /// # Errors
+    /// Why the member cannot be restored, in words for the job's error.
+    async fn check_member(&self, job: &Job) -> Result<String, String> {
+        let described = self.agents.describe(&job.agent).await?;
+        let (date, file, record) = self
+            .chosen_backup(job, &described.source_environment, "check")
+            .await
+            .map_err(|failed| match failed {
+                Attempt::Failed { message, .. } | Attempt::Missing { message } => message,
+                Attempt::Succeeded(_) => String::new(),
+            })?;
+        if file.is_empty() {
+            return Ok("a differential repository: its restore checks it".into());
+        }
+        let mut client = self.agents.client(&job.agent)?;
+        let order_id = ulid::Ulid::new().to_string();
+        self.audit(
+            "coordinator",
+            "order check",
+            &format!("{} {}/{}", job.id, job.agent, job.datastore),
+            &format!("sent as {order_id}"),
+        )
+        .await;
+        let timeout = self.settings.agent_timeout;
+        let call = client.run_restore(v1::RunRestoreRequest {
+            job_id: order_id,
+            datastore: job.datastore.clone(),
+            date,
+            namespaces: Vec::new(),
+            // An agent that predates check_only verifies the backup in full instead.
+            verify_only: true,
+            file,
+            check_only: true,
+        });
+        let mut stream = match tokio::time::timeout(timeout, call).await {
+            Err(_) => return Err(format!("agent {} did not answer the check", job.agent)),
+            Ok(Err(status)) => {
+                return Err(format!(
+                    "agent {} refused the check: {}",
+                    job.agent,
+                    describe_status(&status)
+                ));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        loop {
+            match tokio::time::timeout(timeout, stream.message()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "agent {} stopped answering during the check",
+                        job.agent
+                    ));
+                }
+                Ok(Err(status)) => {
+                    return Err(format!(
+                        "lost agent {} during the check: {}",
+                        job.agent,
+                        describe_status(&status)
+                    ));
+                }
+                Ok(Ok(None)) => {
+                    return Err(format!(
+                        "agent {} ended the check without a result",
+                        job.agent
+                    ));
+                }
+                Ok(Ok(Some(e))) => match e.event {
+                    Some(Event::Finished(f)) => return Ok(f.summary),
+                    Some(Event::Failed(f)) => {
+                        if f.code == v1::FailureCode::NotFound as i32
+                            && let Some(record) = record
+                        {
+                            let missing = Attempt::Missing {
+                                message: f.message.clone(),
+                            };
+                            self.note_presence(job, record, &missing).await;
+                        }
+                        return Err(f.message);
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    /// Says what the restore of a set came to once every one of its `jobs` has ended:
+    /// restored whole, partly (which datastores, which not and why) or not at all, in the
+    /// audit log (`restore set finished`), the coordinator's log and each job's events.
+    /// Jobs that are not a set's (one datastore restored on its own) are not reported.
+    async fn report_set(&self, jobs: &[Job]) {
+        let Some(first) = jobs.first() else { return };
+        let Some(environment) = &first.set_environment else {
+            return;
+        };
+        let date = first.date.clone().unwrap_or_default();
+        let (outcome, details) = set_outcome(jobs.iter().map(|j| {
+            (
+                j.datastore.as_str(),
+                j.state == JobState::Succeeded,
+                j.error.as_deref().unwrap_or(j.state.as_str()),
+            )
+        }));
+        let target = format!("{} {environment} {date}", first.agent);
+        if outcome == SetOutcome::Whole {
+            tracing::info!(agent = %first.agent, environment, date, "Set restored whole.");
+        } else {
+            tracing::warn!(agent = %first.agent, environment, date, details,
+                "Set {}.", outcome.as_str());
+        }
+        self.audit(
+            "coordinator",
+            "restore set finished",
+            &target,
+            &format!("{}: {details}", outcome.as_str()),
+        )
+        .await;
+        for job in jobs {
+            self.event(
+                job,
+                format!(
+                    "The set of {environment} {date} was {}: {details}",
+                    outcome.as_str()
+                ),
             )
             .await;
-            self.event(&job, format!("Failed (attempt {}): {message}", job.attempt))
-                .await;
-            return;
         }
     }
 
@@ -861,7 +1165,10 @@ impl Coordinator {
         let (date, file, chosen) = match job.kind {
             JobKind::Backup => (String::new(), String::new(), None),
             JobKind::Restore | JobKind::Verify => {
-                match self.chosen_backup(job, &described.source_environment).await {
+                match self
+                    .chosen_backup(job, &described.source_environment, job.kind.as_str())
+                    .await
+                {
                     Ok(chosen) => chosen,
                     Err(failed) => return failed,
                 }
@@ -910,6 +1217,7 @@ impl Coordinator {
                             namespaces: job.namespaces.clone(),
                             verify_only: job.kind == JobKind::Verify,
                             file,
+                            check_only: false,
                         })
                         .await
                 }
@@ -1022,6 +1330,7 @@ impl Coordinator {
         &self,
         job: &Job,
         source_environment: &str,
+        what: &str,
     ) -> Result<(String, String, Option<BackupRecord>), Attempt> {
         if source_environment.is_empty() {
             return Err(Attempt::Failed {
@@ -1057,7 +1366,7 @@ impl Coordinator {
                     message: format!(
                         "the catalog no longer has backup {path} (pruned since the job was \
                          queued?): nothing to {}; `ferry backups` lists what it holds",
-                        job.kind
+                        what
                     ),
                     retryable: false,
                 });
@@ -1068,7 +1377,7 @@ impl Coordinator {
                 format!(
                     "Ordering the {} of {} (backed up {} by job {}), one of the backups of that \
                      date in the catalog.",
-                    job.kind, record.stored_path, record.date, record.job_id
+                    what, record.stored_path, record.date, record.job_id
                 ),
             )
             .await;
@@ -1083,7 +1392,7 @@ impl Coordinator {
                 job,
                 format!(
                     "Ordering the {} of repository {}{} (the repository holds its own backups).",
-                    job.kind,
+                    what,
                     newest.stored_path,
                     dated(&job.date)
                 ),
@@ -1102,7 +1411,7 @@ impl Coordinator {
                      nothing to {}; `ferry backups` lists what the catalog holds",
                     job.datastore,
                     dated(&job.date),
-                    job.kind
+                    what
                 ),
                 retryable: false,
             });
@@ -1112,7 +1421,7 @@ impl Coordinator {
             job,
             format!(
                 "Ordering the {} of {} (backed up {} by job {}), the newest backup{} in the catalog.",
-                job.kind,
+                what,
                 record.stored_path,
                 record.date,
                 record.job_id,
@@ -1243,6 +1552,20 @@ impl Coordinator {
         let n = orphans.len();
         for mut job in orphans {
             let this = self.clone();
+            if job.all_or_nothing && job.checked_ms.is_none() {
+                // Its set was still being checked: no job of it may run unchecked.
+                tokio::spawn(async move {
+                    this.fail(
+                        &mut job,
+                        "not restored (--all-or-nothing): the coordinator restarted while the \
+                         set was being checked, so no datastore was touched; order the restore \
+                         again"
+                            .into(),
+                    )
+                    .await;
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 let first = this.recover(&mut job).await;
                 this.run(job, first).await;
@@ -1497,6 +1820,26 @@ mod tests {
         let late = at("2026-12-04T23:57:00Z");
         assert_eq!(future_dated("db1", &result("2026-12-05"), late), None);
         assert!(future_dated("db1", &result("2026-12-06"), late).is_some());
+    }
+
+    #[test]
+    fn a_set_restored_partly_names_what_was_restored_and_what_was_not_and_why() {
+        let (o, d) = set_outcome([
+            ("postgres", false, "manifest x.json does not parse"),
+            ("files", true, ""),
+            ("mongo", true, ""),
+        ]);
+        assert_eq!(o, SetOutcome::Partly);
+        assert_eq!(
+            d,
+            "restored: files, mongo; not restored: postgres (manifest x.json does not parse)"
+        );
+        assert_eq!(set_outcome([("a", true, "")]).0, SetOutcome::Whole);
+        let (o, d) = set_outcome([("a", false, "gone")]);
+        assert_eq!(
+            (o, d.as_str()),
+            (SetOutcome::None, "restored: none; not restored: a (gone)")
+        );
     }
 
     #[test]

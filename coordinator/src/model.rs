@@ -157,6 +157,18 @@ pub struct Job {
     /// newest backup (of the date, if given) when the job runs.
     #[serde(default)]
     pub file: Option<String>,
+    /// For the restores of a whole set (every datastore of a staging agent, from one
+    /// date, `date`): the set's environment. `None` otherwise.
+    #[serde(default)]
+    pub set_environment: Option<String>,
+    /// Restored `--all-or-nothing`: no job of the set runs before every member's backup
+    /// was checked, and none if one failed its check.
+    #[serde(default)]
+    pub all_or_nothing: bool,
+    /// For an `--all-or-nothing` restore: when every member passed its check, UTC ms. A
+    /// job without it never runs (a coordinator restarted mid-check fails it).
+    #[serde(default)]
+    pub checked_ms: Option<i64>,
     /// For scheduled jobs, the schedule occurrence it runs for, UTC ms (a restarted
     /// coordinator catching up a missed run gives the missed occurrence).
     #[serde(default)]

@@ -200,6 +200,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     namespaces: &r.namespaces,
                     backup_type: None,
                     occurrence: None,
+                    all_or_nothing: r.all_or_nothing,
                 },
                 &who,
             )

@@ -828,6 +828,71 @@ pub async fn verify(
     })
 }
 
+/// Checks that a backup of `datastore` in the source environment is there, downloading
+/// nothing: the one `selection` names (`(date, file)`, see [`find_backup`]); its manifests
+/// (the main archive's and each companion's) read and parsed, and every file present on
+/// the backup server with the size its manifest gives. What `ferry restore
+/// --all-or-nothing` asks of every member of a set before restoring any.
+///
+/// # Errors
+/// [`JobError::NotFound`] naming a missing file, [`JobError::Integrity`] naming a file of
+/// another size or a manifest that does not read, transport errors.
+pub async fn check(
+    settings: Arc<Settings>,
+    datastore: Arc<Datastore>,
+    selection: (Option<String>, Option<String>),
+    progress: Progress,
+) -> Result<JobReport, JobError> {
+    let (environment, found) = locate(&settings, &datastore, selection, &progress, "check").await?;
+    progress.set_stage("check");
+    let files = found.files.clone();
+    let server = settings.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+        let mut session = server.backup_server.connect()?;
+        for (path, manifest) in &files {
+            match session.size(path)? {
+                None => {
+                    return Err(JobError::NotFound(format!(
+                        "{path} is not on the backup server (its manifest is)"
+                    )));
+                }
+                Some(size) if size != manifest.bytes_stored => {
+                    return Err(JobError::Integrity(format!(
+                        "{path} holds {size} bytes, its manifest says {}; the file was \
+                         altered or cut",
+                        manifest.bytes_stored
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(join_error)??;
+    let (main_path, main) = found
+        .files
+        .last()
+        .expect("a backup has a main part")
+        .clone();
+    Ok(JobReport {
+        data_finished_ms: Some(main.finished.timestamp_millis()),
+        stored_path: main_path,
+        size_bytes: found.files.iter().map(|(_, m)| m.bytes_stored).sum(),
+        sha256: main.sha256.clone(),
+        bytes_uncompressed: found.files.iter().map(|(_, m)| m.bytes_uncompressed).sum(),
+        environment,
+        date: main.date.clone(),
+        kind: main.kind.clone(),
+        summary: format!(
+            "checked {} file(s) of {}: manifests readable, every file present with its \
+             manifest's size (nothing downloaded)",
+            found.files.len(),
+            main.date
+        ),
+    })
+}
+
 /// Restores a backup of `datastore` from the source environment, the one `selection`
 /// names (`(date, file)`, see [`find_backup`]): verify every file, then stream each into
 /// the datastore's restore session, then commit.

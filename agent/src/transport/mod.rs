@@ -146,6 +146,12 @@ pub trait Downloader {
     /// [`TransportError::Sftp`].
     fn list(&mut self, dir: &str) -> Result<Vec<String>, TransportError>;
 
+    /// The size of `path` in bytes; `None` if it does not exist.
+    ///
+    /// # Errors
+    /// [`TransportError::Sftp`] for failures other than "no such file".
+    fn size(&mut self, path: &str) -> Result<Option<u64>, TransportError>;
+
     /// The whole of a small file, at most `max` bytes.
     ///
     /// # Errors

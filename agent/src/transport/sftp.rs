@@ -639,6 +639,14 @@ impl Downloader for SftpSession {
         }
     }
 
+    fn size(&mut self, path: &str) -> Result<Option<u64>, TransportError> {
+        match self.sftp.stat(Path::new(path)) {
+            Ok(stat) => Ok(Some(stat.size.unwrap_or(0))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.err("stat", path, e)),
+        }
+    }
+
     fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TransportError> {
         let mut f = self
             .sftp

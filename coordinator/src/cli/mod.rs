@@ -146,6 +146,12 @@ pub enum Command {
         /// Only this namespace, `database.collection` (MongoDB; repeatable; needs --datastore).
         #[arg(long = "ns")]
         namespaces: Vec<String>,
+        /// Check every datastore's backup first (manifests readable, every file on the
+        /// backup server with its manifest's size) and restore none unless all pass.
+        /// Without it, a datastore whose backup fails is reported and the others are
+        /// restored (the set is then restored partly).
+        #[arg(long)]
+        all_or_nothing: bool,
         /// Wait for the end, with progress; exit non-zero if a job fails.
         #[arg(long)]
         wait: bool,
@@ -206,6 +212,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             datastore,
             date,
             namespaces,
+            all_or_nothing,
             wait,
         } => {
             restore::run(
@@ -213,7 +220,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 out,
                 agent,
                 (datastore, date, namespaces),
-                false,
+                (false, all_or_nothing),
                 wait,
             )
             .await
@@ -229,7 +236,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 out,
                 agent,
                 (datastore, date, Vec::new()),
-                true,
+                (true, false),
                 wait,
             )
             .await

@@ -68,9 +68,43 @@ pub(super) async fn report(
                 };
                 written?;
             }
+            if let Some(summary) = set_summary(&jobs) {
+                outln!("{summary}")?;
+            }
         }
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// For the restores of one set (jobs with a `set_environment`): `set production
+/// 2026-12-04 on pg-stage restored partly: restored: ...; not restored: postgres (why)`.
+fn set_summary(jobs: &[v1::Job]) -> Option<String> {
+    let first = jobs.first()?;
+    if first.set_environment.is_empty()
+        || jobs
+            .iter()
+            .any(|j| j.set_environment != first.set_environment || j.date != first.date)
+    {
+        return None;
+    }
+    let (outcome, details) = crate::dispatch::set_outcome(jobs.iter().map(|j| {
+        (
+            j.datastore.as_str(),
+            j.state == v1::JobState::Succeeded as i32,
+            if j.error.is_empty() {
+                format::state(j.state)
+            } else {
+                j.error.as_str()
+            },
+        )
+    }));
+    Some(format!(
+        "set {} {} on {} {}: {details}",
+        first.set_environment,
+        first.date,
+        first.agent,
+        outcome.as_str()
+    ))
 }
 
 /// How long `--wait` keeps trying to reach the coordinator again after losing it (a
