@@ -11,7 +11,8 @@
 //!   having written nothing: the job fails naming the tool, nothing is stored;
 //! - (issue 15) the backup server's session processes are stopped (SIGSTOP) mid-upload:
 //!   the attempt fails within `io_timeout_seconds` naming the stall, and the retry
-//!   succeeds;
+//!   succeeds; with a long I/O timeout, the coordinator fails the job after
+//!   `agent_timeout_seconds` of progress reports that move no bytes;
 //! - (issue 15) the server fails the rename of the backup's last manifest (`strace`
 //!   injects the error): nothing is taken for a backup, and the job says what is left.
 
@@ -732,6 +733,59 @@ fn a_stalled_backup_server_fails_the_attempt_within_io_timeout_and_the_retry_suc
         detected.as_secs_f64(),
         done["attempt"]
     );
+}
+
+#[test]
+fn progress_reports_that_move_no_bytes_do_not_keep_a_stalled_job_alive() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        // The agent would wait a minute: the coordinator must not.
+        io_timeout_seconds: Some(60),
+        agent_timeout_seconds: 5,
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 2 << 20);
+    let stopped = d.sshd.sessions();
+    assert!(!stopped.is_empty(), "sshd serves the upload");
+    signal(&stopped, "STOP");
+    let at = Instant::now();
+    let j = wait_final(&d, &job, Duration::from_secs(90));
+    let noticed = at.elapsed();
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap();
+    assert!(
+        error.contains("moved no bytes") && error.contains("agent_timeout_seconds"),
+        "says the job made no progress: {error}"
+    );
+    assert!(
+        noticed < Duration::from_secs(12),
+        "agent_timeout is 5 s; the coordinator noticed after {noticed:?}"
+    );
+    // Told to cancel, the agent drops the stalled connection and ends the job at once,
+    // the server still stopped (not an I/O timeout later).
+    let log = d.dir.path().join("agent-prod.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ended = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("Job failed") && l.contains(&job) && l.contains("\"cancelled\""));
+        if ended {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not end the cancelled job:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&stopped, "CONT");
+    // Nothing stored; its partial removed over a new connection.
+    assert_nothing_stored(&d);
 }
 
 /// The production key as the Ansible role makes it: forced `internal-sftp` that may add

@@ -460,6 +460,9 @@ async fn backup_part(
         })
     };
 
+    // From the dump's first byte to its end, the byte counters are what shows the job
+    // alive to the coordinator.
+    progress.set_streaming(true);
     let stages = {
         let settings = settings.clone();
         let progress = progress.clone();
@@ -482,6 +485,7 @@ async fn backup_part(
         })
     };
     let produced = stages.await;
+    progress.set_streaming(false);
     let outcome = stream.finish.await;
     let (session, uploaded) = match upload.await {
         Ok((s, r)) => (s, r),
