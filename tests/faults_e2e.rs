@@ -14,7 +14,9 @@
 //!   succeeds; with a long I/O timeout, the coordinator fails the job after
 //!   `agent_timeout_seconds` of progress reports that move no bytes;
 //! - (issue 15) the server fails the rename of the backup's last manifest (`strace`
-//!   injects the error): nothing is taken for a backup, and the job says what is left.
+//!   injects the error): nothing is taken for a backup, the job says what is left, and
+//!   `ferry prune` removes the orphans; a full disk behind an add-only key says the
+//!   partial could not be removed, and `ferry prune` removes it at once.
 
 use std::fs;
 use std::path::Path;
@@ -810,6 +812,52 @@ fn add_only_production_key(d: &mut Deployment) {
     d.prod_key = key;
 }
 
+/// A retention policy for production (a week) and the coordinator's `[maintenance]` key,
+/// restricted as the Ansible role does (it may remove, not overwrite).
+fn maintenance(d: &Deployment) {
+    let key = d.sshd.add_client_key_named(
+        "id_maintenance",
+        &format!(
+            "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
+             symlink,hardlink,copy-data -u 0027 -d {}\"",
+            d.sshd.root().display()
+        ),
+    );
+    append(
+        &d.coordinator_config,
+        &format!(
+            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n\
+             [maintenance]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
+             host_key = \"{}\"\nroot = \"{}\"\n",
+            d.sshd.host(),
+            d.sshd.port(),
+            BACKUP_USER,
+            key.display(),
+            d.sshd.host_key(),
+            d.sshd.root().display()
+        ),
+    );
+}
+
+/// `ferry prune ARGS --output json`'s leftovers, flattened: (path, kind, remove, removed,
+/// reason).
+fn leftovers(plan: &serde_json::Value) -> Vec<(String, String, bool, bool, String)> {
+    plan.as_array()
+        .unwrap_or_else(|| panic!("prune printed no list: {plan}"))
+        .iter()
+        .flat_map(|d| d["leftovers"].as_array().cloned().unwrap_or_default())
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap().to_owned(),
+                l["kind"].as_str().unwrap().to_owned(),
+                l["remove"].as_bool().unwrap(),
+                l["removed"].as_bool().unwrap(),
+                l["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
 /// Runs `strace` on the backup server's sshd (and every process it forks from now on) so
 /// that the `link(2)` the server makes to rename a file to `path` fails with `ENOSPC`, as
 /// a full disk would fail it; stopped on drop.
@@ -848,10 +896,13 @@ impl Drop for FailLinkTo {
 }
 
 #[test]
-fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_says_what_is_left() {
+fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_prune_removes_the_orphans() {
     let d = Deployment::start_with_options(DeploymentOptions {
         retry: one_attempt(),
-        tweak: Some(Box::new(add_only_production_key)),
+        tweak: Some(Box::new(|d| {
+            add_only_production_key(d);
+            maintenance(d);
+        })),
         ..DeploymentOptions::default()
     });
     let today = today_utc();
@@ -883,7 +934,7 @@ fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_says_what_is_left
     let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
     drop(tracer);
     assert!(
-        text.contains("not committed") && text.contains(&main),
+        text.contains("not committed") && text.contains(&main) && text.contains("ferry prune"),
         "says the backup was not committed and what is left: {text}"
     );
     println!("{text}");
@@ -916,4 +967,96 @@ fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_says_what_is_left
         .as_str()
         .unwrap_or_default();
     assert!(path.ends_with(&format!("/{good}")), "{verified}");
+
+    // prune names the orphans; young ones stay (a commit may be under way).
+    let orphan = |plan: &serde_json::Value, name: &str| {
+        leftovers(plan)
+            .into_iter()
+            .find(|l| l.0.ends_with(&format!("/{name}")) && l.1 == "orphan")
+            .unwrap_or_else(|| panic!("{name} is not named an orphan: {plan}"))
+    };
+    println!("{}", d.ferry_ok(&["prune", "--dry-run"]));
+    let plan = d.ferry_json(&["prune", "--dry-run"]);
+    let found = leftovers(&plan);
+    assert!(!orphan(&plan, &main).2, "kept while young: {plan}");
+    assert!(!orphan(&plan, &globals).2, "kept while young: {plan}");
+    assert!(
+        found.iter().all(|l| l.0.contains(&stamp)),
+        "only the failed backup's files: {plan}"
+    );
+    let partials_found: Vec<_> = found.iter().filter(|l| l.1 == "partial").collect();
+    assert!(
+        !partials_found.is_empty() && partials_found.iter().all(|l| l.2 && l.4.contains("failed")),
+        "the failed job's partial files go at once: {plan}"
+    );
+
+    // Minutes later (the files' times set back as if they had passed), prune removes
+    // every file the failed commit left, and nothing else.
+    for e in fs::read_dir(&folder).unwrap().flatten() {
+        if e.file_name().to_string_lossy().contains(&stamp) {
+            run_ok(
+                Command::new("touch")
+                    .args(["-m", "-d", "10 minutes ago"])
+                    .arg(e.path()),
+            );
+        }
+    }
+    let plan = d.ferry_json(&["prune"]);
+    let found = leftovers(&plan);
+    assert!(
+        orphan(&plan, &main).3 && orphan(&plan, &globals).3,
+        "{plan}"
+    );
+    assert!(found.iter().all(|l| l.3), "everything removed: {plan}");
+    assert_eq!(d.sshd.files(), before, "only the good backup is left");
+
+    // And the next backup succeeds.
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+}
+
+#[test]
+fn a_full_disk_behind_an_add_only_key_says_the_partial_stayed_and_prune_removes_it_at_once() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| {
+            add_only_production_key(d);
+            maintenance(d);
+        })),
+        ..DeploymentOptions::default()
+    });
+    let _full = Tmpfs::mount(d.sshd.root(), 8 << 20, BACKUP_USER);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+
+    d.prod_pg.psql("app", BIG);
+    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    assert!(
+        text.contains("no space left on the backup server")
+            && text.contains("could not be removed")
+            && text.contains("permission denied")
+            && !text.contains("was removed"),
+        "says what is true of the partial file: {text}\n{}",
+        d.logs()
+    );
+    println!("{text}");
+    // The main part's partial, and the companion's staged before it.
+    let left = partials(&d);
+    assert!(!left.is_empty(), "{:?}", d.sshd.files());
+
+    // The job has ended: prune removes its partials at once.
+    let plan = d.ferry_json(&["prune"]);
+    let found = leftovers(&plan);
+    for partial in &left {
+        assert!(
+            found
+                .iter()
+                .any(|l| l.0.ends_with(partial.as_str()) && l.3 && l.4.contains("failed")),
+            "{partial} removed: {plan}"
+        );
+    }
+    assert!(partials(&d).is_empty(), "{:?}", d.sshd.files());
+
+    // With the room back (and the table that never fit gone), the next backup succeeds.
+    d.prod_pg.psql("app", "DROP TABLE big");
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
 }

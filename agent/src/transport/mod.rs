@@ -146,7 +146,8 @@ fn describe_left(left: &[String], unsure: Option<&str>) -> String {
     } else {
         format!(
             "left under a final name without the manifest that completes the backup, which no \
-             restore or verify takes for one (remove them with a key that may delete): {}",
+             restore or verify takes for one (`ferry prune` with the maintenance key removes \
+             them): {}",
             left.join(", ")
         )
     };
@@ -188,13 +189,14 @@ impl std::fmt::Display for PartialFate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             PartialFate::Unknown => f.write_str(
-                "the partial file may remain (`ferry prune` with the maintenance key removes it)",
+                "the partial file may remain (`ferry prune` with the maintenance key removes it \
+                 once the job has ended)",
             ),
             PartialFate::Removed => f.write_str("the partial file was removed"),
             PartialFate::Kept(reason) => write!(
                 f,
-                "the partial file could not be removed ({reason}): it still takes room until \
-                 `ferry prune` with the maintenance key removes it"
+                "the partial file could not be removed ({reason}): it still takes room; \
+                 `ferry prune` with the maintenance key removes it now that the job has ended"
             ),
         }
     }
@@ -210,6 +212,42 @@ pub struct Staged {
     pub partial: String,
     /// Bytes stored, checked against the server's size of the file.
     pub bytes: u64,
+}
+
+/// A file that a failed or interrupted upload left in a dated folder
+/// ([`sftp::SftpSession::leftovers`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    /// Environment.
+    pub environment: String,
+    /// `YYYY-MM-DD` of its folder.
+    pub date: String,
+    /// Full path on the server.
+    pub path: String,
+    /// Size, bytes.
+    pub size: u64,
+    /// Seconds since it was last modified (the server's modification time against this
+    /// host's clock).
+    pub idle_seconds: u64,
+    /// What it is.
+    pub kind: LeftoverKind,
+    /// For an orphan companion part: its own manifest, removed with it.
+    pub manifest: Option<String>,
+}
+
+/// What kind of [`Leftover`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LeftoverKind {
+    /// A hidden `.<name>.<job>.<attempt>.partial` upload, with the job ids (ULIDs) in its
+    /// name (none in names of other writers).
+    Partial {
+        /// ULIDs found in the name.
+        job_ids: Vec<String>,
+    },
+    /// A data file under its final name that no committed backup includes: it has no
+    /// manifest, or it is a companion part whose main part was never committed. Readers
+    /// ignore it; only its bytes are lost.
+    Orphan,
 }
 
 /// Writes new files on the backup server; never overwrites a file, and deletes only its

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Session, Sftp};
 
 use super::watchdog::{Aborter, Watchdog};
-use super::{Downloader, PartialFate, Staged, TransportError, Uploader};
+use super::{Downloader, Leftover, LeftoverKind, PartialFate, Staged, TransportError, Uploader};
 use crate::layout::StoredFile;
 use crate::pipeline::chunks::CHUNK_BYTES;
 
@@ -479,57 +479,158 @@ impl SftpSession {
         Ok(stat.size.unwrap_or(0))
     }
 
-    /// Removes the partial files abandoned in `environment`'s dated folders (uploads
-    /// that failed where the agent's key may not delete): hidden `*.partial` files not
-    /// modified for `older_than`. For `ferry prune` with the maintenance key. Returns the
-    /// files removed and their bytes.
+    /// What failed or interrupted uploads left in `environment`'s dated folders: hidden
+    /// partial files (`.<name>.<job>.<attempt>.partial`), and data files under a final
+    /// name that no committed backup includes (no manifest beside them, or a companion
+    /// part whose main part's manifest was never written). For `ferry prune` with the
+    /// maintenance key, which decides what goes. Manifests that do not parse are left out
+    /// of the decision: a folder holding one reports no orphan companions.
     ///
     /// # Errors
-    /// [`TransportError::Sftp`] naming the path that could not be listed or removed.
-    pub fn remove_abandoned_partials(
-        &mut self,
-        environment: &str,
-        older_than: Duration,
-    ) -> Result<(u64, u64), TransportError> {
+    /// [`TransportError::Sftp`] naming the folder that could not be listed.
+    pub fn leftovers(&mut self, environment: &str) -> Result<Vec<Leftover>, TransportError> {
         let _busy = self.watch.busy();
         let env_dir = format!("{}/{environment}", self.root);
         if crate::layout::validate_name("environment", environment).is_err() {
-            return Err(self.err("remove", &env_dir, "not an environment of the layout"));
+            return Err(self.err("list", &env_dir, "not an environment of the layout"));
         }
         let folders = match self.sftp.readdir(Path::new(&env_dir)) {
             Ok(f) => f,
-            Err(e) if is_not_found(&e) => return Ok((0, 0)),
+            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
             Err(e) => return Err(self.err("readdir", &env_dir, e)),
         };
         let now = now_seconds();
-        let (mut files, mut bytes) = (0u64, 0u64);
+        let mut out = Vec::new();
         for (folder, stat) in folders {
-            let dated = folder
+            let Some(date) = folder
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| crate::layout::parse_date(n).is_ok());
-            if !stat.is_dir() || !dated {
+                .filter(|n| crate::layout::parse_date(n).is_ok())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if !stat.is_dir() {
                 continue;
             }
+            let dir = folder.display().to_string();
             let entries = self
                 .sftp
                 .readdir(&folder)
-                .map_err(|e| self.err("readdir", &folder.display().to_string(), e))?;
+                .map_err(|e| self.err("readdir", &dir, e))?;
             self.watch.progress();
-            for (path, stat) in entries {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let idle = now.saturating_sub(stat.mtime.unwrap_or(now));
-                if stat.is_file()
-                    && name.starts_with('.')
-                    && name.ends_with(".partial")
-                    && idle >= older_than.as_secs()
-                {
-                    bytes += self.unlink_counted(&path, &stat)?;
-                    files += 1;
+            let files: Vec<(String, ssh2::FileStat)> = entries
+                .into_iter()
+                .filter(|(_, st)| st.is_file())
+                .filter_map(|(p, st)| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .map(|n| (n.to_owned(), st))
+                })
+                .collect();
+            let names: std::collections::HashSet<&str> =
+                files.iter().map(|(n, _)| n.as_str()).collect();
+            // What the committed main parts include, from their manifests.
+            let mut included = std::collections::HashSet::new();
+            let mut companions_with_manifest = std::collections::HashSet::new();
+            let mut unreadable = false;
+            for (name, _) in &files {
+                let Some(data) = name.strip_suffix(".json") else {
+                    continue;
+                };
+                if name.starts_with('.') || !data.ends_with(".age") {
+                    continue;
+                }
+                let path = format!("{dir}/{name}");
+                let parsed = self
+                    .read_small(&path, crate::manifest::MAX_MANIFEST_BYTES)
+                    .ok()
+                    .and_then(|b| crate::manifest::Manifest::from_slice(&path, &b).ok());
+                match parsed {
+                    Some(m) if m.file == data && m.part.is_empty() => {
+                        included.insert(data.to_owned());
+                        included.extend(m.companions);
+                    }
+                    Some(m) if m.file == data => {
+                        companions_with_manifest.insert(data.to_owned());
+                    }
+                    _ => unreadable = true,
+                }
+            }
+            for (name, st) in &files {
+                let size = st.size.unwrap_or(0);
+                let idle_seconds = now.saturating_sub(st.mtime.unwrap_or(now));
+                let path = format!("{dir}/{name}");
+                let leftover = |kind, manifest| Leftover {
+                    environment: environment.to_owned(),
+                    date: date.clone(),
+                    path: path.clone(),
+                    size,
+                    idle_seconds,
+                    kind,
+                    manifest,
+                };
+                if name.starts_with('.') {
+                    if let Some(stem) = name.strip_suffix(".partial") {
+                        out.push(leftover(
+                            LeftoverKind::Partial {
+                                job_ids: job_ids_in(stem),
+                            },
+                            None,
+                        ));
+                    }
+                    continue;
+                }
+                if !name.ends_with(".age") || included.contains(name.as_str()) {
+                    continue;
+                }
+                let manifest = format!("{name}.json");
+                if !names.contains(manifest.as_str()) {
+                    out.push(leftover(LeftoverKind::Orphan, None));
+                } else if companions_with_manifest.contains(name.as_str()) && !unreadable {
+                    out.push(leftover(
+                        LeftoverKind::Orphan,
+                        Some(format!("{dir}/{manifest}")),
+                    ));
                 }
             }
         }
-        Ok((files, bytes))
+        Ok(out)
+    }
+
+    /// Removes `leftover` (and the manifest of an orphan companion), as listed by
+    /// [`SftpSession::leftovers`]; returns the bytes removed. Refuses a path that is not
+    /// in a dated folder under the root.
+    ///
+    /// # Errors
+    /// [`TransportError::Sftp`] naming the file that could not be removed.
+    pub fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TransportError> {
+        let _busy = self.watch.busy();
+        let dir = format!("{}/{}/{}", self.root, leftover.environment, leftover.date);
+        let in_folder = |p: &str| {
+            p.strip_prefix(&dir)
+                .and_then(|r| r.strip_prefix('/'))
+                .is_some_and(|n| !n.is_empty() && !n.contains('/') && n != "." && n != "..")
+        };
+        let names_ok = crate::layout::validate_name("environment", &leftover.environment).is_ok()
+            && crate::layout::parse_date(&leftover.date).is_ok()
+            && in_folder(&leftover.path)
+            && leftover.manifest.as_deref().is_none_or(in_folder);
+        if !names_ok {
+            return Err(self.err(
+                "remove",
+                &leftover.path,
+                "not a file of a dated folder of the layout",
+            ));
+        }
+        for path in std::iter::once(&leftover.path).chain(&leftover.manifest) {
+            match self.sftp.unlink(Path::new(path)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(self.err("unlink", path, e)),
+            }
+        }
+        Ok(leftover.size)
     }
 
     /// Removes `path` if the link still works; what became of it. A file that is already
@@ -796,6 +897,20 @@ impl SftpSession {
     }
 }
 
+/// The job ids in a partial file's name without its `.partial` (its components that are
+/// ULIDs), e.g. `01JD...` in `.x.age.01JD....18f3a.partial`.
+fn job_ids_in(stem: &str) -> Vec<String> {
+    stem.split('.')
+        .filter(|c| {
+            c.len() == 26
+                && c.bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+                && c.as_bytes()[0] <= b'7'
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
 impl Uploader for SftpSession {
     fn stage(
         &mut self,
@@ -979,6 +1094,19 @@ mod tests {
         assert_eq!(pace(1000, 500, Duration::ZERO), Duration::from_millis(500));
         assert_eq!(pace(1000, 500, Duration::from_secs(1)), Duration::ZERO);
         assert_eq!(pace(0, 0, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn job_ids_are_the_ulids_in_a_partial_name() {
+        let job = "01KBX8Z3E5M1Q2W3E4R5T6Y7U8";
+        assert_eq!(
+            job_ids_in(&format!(
+                ".postgres_backup_2026-02-05.pgdump.zst.age.{job}.18f3a9c"
+            )),
+            [job]
+        );
+        assert_eq!(job_ids_in(&format!(".x.age.json.{job}.18f3a9c")), [job]);
+        assert!(job_ids_in(".postgres_backup_x.pgdump.zst.age.01JOB.1").is_empty());
     }
 
     #[test]
