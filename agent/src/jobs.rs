@@ -265,6 +265,8 @@ pub enum JobUpdate {
         bytes_written: u64,
         /// Rate of `bytes_read` over the last interval, bytes per second.
         rate: f64,
+        /// Whether the counters measure the stage ([`Progress::streaming`]).
+        streaming: bool,
     },
     /// Succeeded.
     Finished {
@@ -627,6 +629,7 @@ async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) {
             bytes_read: read,
             bytes_written: written,
             rate,
+            streaming: progress.streaming(),
         };
         // Never waits: a slow watcher misses ticks, one that is gone is no error.
         let _ = tx.send(update);
