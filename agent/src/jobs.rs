@@ -278,6 +278,8 @@ pub enum JobUpdate {
         bytes_written: u64,
         /// Rate of `bytes_read` over the last interval, bytes per second.
         rate: f64,
+        /// Whether the counters measure the stage ([`Progress::streaming`]).
+        streaming: bool,
     },
     /// Succeeded.
     Finished {
@@ -452,6 +454,20 @@ impl JobRunner {
                 permit = runner.slots.clone().acquire_owned() => permit.ok(),
                 _ = cancel.cancelled() => None,
             };
+            // Before a restore, the leftovers of this datastore's interrupted restores
+            // (this job's own previous attempt among them) are put right, and reported.
+            let recovery = match &order.kind {
+                OrderKind::Restore { .. } if !cancel.is_cancelled() => {
+                    progress.set_stage("recover");
+                    Some(
+                        order
+                            .datastore
+                            .recover(&runner.running_except(&order.job_id))
+                            .await,
+                    )
+                }
+                _ => None,
+            };
             let result = match (order.kind, order.datastore.repository()) {
                 (OrderKind::Verify { .. } | OrderKind::Check { .. }, Some(_)) => {
                     Err(JobError::InvalidArgument(format!(
@@ -518,6 +534,10 @@ impl JobRunner {
                 }
             };
             ticker.abort();
+            let result = match &recovery {
+                Some(r) => r.annotate(result),
+                None => result,
+            };
             let result = match result {
                 Err(_) if cancel.is_cancelled() => Err(JobError::Cancelled),
                 other => other,
@@ -572,6 +592,22 @@ impl JobRunner {
         book.jobs.get(job_id).map(Tracked::follow)
     }
 
+    /// The coordinator job ids (attempts folded) of the jobs running or waiting for a slot
+    /// in this agent, but `job_id`'s.
+    fn running_except(&self, job_id: &str) -> Vec<String> {
+        // Scratch names carry the coordinator's job id, not the attempt's (`<job>-a<N>`).
+        let job = |id: &str| {
+            ferry_proto::attempt::split_attempt_id(id).map_or(id.to_owned(), |(j, _)| j.to_owned())
+        };
+        let this = job(job_id);
+        let running = self.running.lock().expect("jobs lock");
+        running
+            .values()
+            .map(|(id, _)| job(id))
+            .filter(|id| *id != this)
+            .collect()
+    }
+
     /// Cancels job `job_id` if it is running here; returns whether it was.
     pub fn cancel(&self, job_id: &str) -> bool {
         let running = self.running.lock().expect("jobs lock");
@@ -617,6 +653,7 @@ async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) {
             bytes_read: read,
             bytes_written: written,
             rate,
+            streaming: progress.streaming(),
         };
         // Never waits: a slow watcher misses ticks, one that is gone is no error.
         let _ = tx.send(update);

@@ -25,7 +25,9 @@ pub mod pipeline;
 pub mod service;
 pub mod transport;
 
-/// Serves the agent until `shutdown` is cancelled; running jobs are cancelled then.
+/// Serves the agent until `shutdown` is cancelled; running jobs are cancelled then. A
+/// staging agent first puts right the leftovers of interrupted restores of its datastores
+/// ([`datastore::Datastore::recover_at_start`]).
 ///
 /// # Errors
 /// TLS files unreadable or malformed, or the listen address unavailable.
@@ -34,6 +36,13 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
     let tls = settings.tls.server_config()?;
     let listen = settings.listen;
     let settings = Arc::new(settings);
+    if settings.role == ferry_proto::Role::Staging {
+        // No job runs yet: every leftover of an interrupted restore is a dead job's. Each
+        // is logged, and told in the report of the datastore's next restore.
+        for ds in settings.datastores.values() {
+            ds.recover_at_start().await;
+        }
+    }
     let runner = jobs::JobRunner::new(settings.clone(), shutdown.clone());
     // Orders are a few hundred bytes and answers small: a larger message either way is
     // refused (`OutOfRange`) before a handler runs or anything is sent.

@@ -91,11 +91,13 @@ fn to_event(job_id: &str, update: JobUpdate) -> v1::JobEvent {
             bytes_read,
             bytes_written,
             rate,
+            streaming,
         } => Event::Progress(v1::Progress {
             stage: stage.into(),
             bytes_read,
             bytes_written,
             rate_bytes_per_second: rate,
+            streaming,
         }),
         JobUpdate::Finished { report, duration } => Event::Finished(v1::Finished {
             stored_path: report.stored_path,

@@ -33,6 +33,8 @@ impl From<&Progress> for v1::Progress {
             bytes_read: p.bytes_read,
             bytes_written: p.bytes_written,
             rate_bytes_per_second: p.rate_bytes_per_second,
+            // Only the agent's live reports say it (for the liveness rule).
+            streaming: false,
         }
     }
 }

@@ -1433,8 +1433,10 @@ impl Coordinator {
     }
 
     /// Follows a job's event stream from its agent to the attempt's end, persisting state
-    /// and progress (at most once a second). An agent silent for `agent_timeout` is told
-    /// to cancel and the attempt fails (retryable).
+    /// and progress (at most once a second). An agent that shows no sign of life for
+    /// `agent_timeout` is told to cancel and the attempt fails (retryable): no event at all,
+    /// or only progress reports of a streaming stage whose byte counters do not move
+    /// ([`shows_life`]).
     async fn follow(
         &self,
         job: &mut Job,
@@ -1443,19 +1445,35 @@ impl Coordinator {
     ) -> Attempt {
         let timeout = self.settings.agent_timeout;
         let mut last_persist = std::time::Instant::now() - Duration::from_secs(10);
+        let mut alive_at = tokio::time::Instant::now();
+        let mut event_at = alive_at;
+        let mut last_counts: Option<Counts> = None;
         loop {
-            let next = match tokio::time::timeout(timeout, stream.message()).await {
+            let left = timeout.saturating_sub(alive_at.elapsed());
+            let next = match tokio::time::timeout(left, stream.message()).await {
                 Err(_) => {
                     let mut client = client.clone();
                     let id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
                     tokio::spawn(async move {
                         client.cancel_job(v1::CancelJobRequest { job_id: id }).await
                     });
-                    let message = format!(
-                        "agent {} stopped answering: no event for {} s (agent_timeout_seconds)",
-                        job.agent,
-                        timeout.as_secs()
-                    );
+                    let message = match &last_counts {
+                        Some(c) if event_at.elapsed() < timeout => format!(
+                            "agent {} moved no bytes for {} s in stage {} (still {} bytes read, \
+                             {} written; agent_timeout_seconds): the job was told to cancel \
+                             (is the backup server stalled?)",
+                            job.agent,
+                            timeout.as_secs(),
+                            ferry_proto::Bounded(&c.stage),
+                            c.bytes_read,
+                            c.bytes_written
+                        ),
+                        _ => format!(
+                            "agent {} stopped answering: no event for {} s (agent_timeout_seconds)",
+                            job.agent,
+                            timeout.as_secs()
+                        ),
+                    };
                     self.agents.unreachable(&job.agent, &message);
                     return Attempt::Failed {
                         message,
@@ -1482,6 +1500,16 @@ impl Coordinator {
                 Ok(Ok(Some(e))) => e,
             };
             self.agents.reached(&job.agent);
+            event_at = tokio::time::Instant::now();
+            match &next.event {
+                Some(Event::Progress(p)) => {
+                    if shows_life(last_counts.as_ref(), p) {
+                        alive_at = event_at;
+                    }
+                    last_counts = Some(Counts::of(p));
+                }
+                _ => alive_at = event_at,
+            }
             match next.event {
                 Some(Event::Accepted(_)) => {
                     job.state = JobState::Running;
@@ -1736,6 +1764,33 @@ impl Coordinator {
     }
 }
 
+/// The stage and byte counters of a progress report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Counts {
+    stage: String,
+    bytes_read: u64,
+    bytes_written: u64,
+}
+
+impl Counts {
+    fn of(p: &v1::Progress) -> Counts {
+        Counts {
+            stage: p.stage.clone(),
+            bytes_read: p.bytes_read,
+            bytes_written: p.bytes_written,
+        }
+    }
+}
+
+/// Whether progress report `p` shows its job alive, given the counters of the report
+/// before it (`last`): a stage the agent does not measure in bytes (`streaming` false:
+/// waiting, a commit, pgBackRest...) always does; a streaming stage only when it changed
+/// or its counters moved. An agent whose upload is stuck on a stalled server keeps
+/// reporting the same counters: that is no sign of life.
+fn shows_life(last: Option<&Counts>, p: &v1::Progress) -> bool {
+    !p.streaming || last.is_none_or(|l| *l != Counts::of(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1853,5 +1908,42 @@ mod tests {
         };
         let m = refusal(check_order(&d, "nope", None, &[]));
         assert!(m.contains("d19 and 5 more") && !m.contains("d20"), "{m}");
+    }
+
+    fn progress(stage: &str, read: u64, written: u64, streaming: bool) -> v1::Progress {
+        v1::Progress {
+            stage: stage.into(),
+            bytes_read: read,
+            bytes_written: written,
+            rate_bytes_per_second: 0.0,
+            streaming,
+        }
+    }
+
+    #[test]
+    fn streaming_progress_whose_counters_do_not_move_is_no_sign_of_life() {
+        let upload = progress("dump", 5 << 20, 2 << 20, true);
+        let last = Counts::of(&upload);
+        // The same counters again: the upload is stuck.
+        assert!(!shows_life(Some(&last), &upload));
+        // Bytes moved, or a new stage: alive.
+        assert!(shows_life(
+            Some(&last),
+            &progress("dump", 6 << 20, 2 << 20, true)
+        ));
+        assert!(shows_life(
+            Some(&last),
+            &progress("dump", 5 << 20, 3 << 20, true)
+        ));
+        assert!(shows_life(
+            Some(&last),
+            &progress("commit", 5 << 20, 2 << 20, true)
+        ));
+        // The first report of a stream is alive.
+        assert!(shows_life(None, &upload));
+        // A stage the agent does not measure in bytes (pgBackRest, a commit, waiting)
+        // is alive whatever its counters say.
+        let tool = progress("pgbackrest", 0, 0, false);
+        assert!(shows_life(Some(&Counts::of(&tool)), &tool));
     }
 }

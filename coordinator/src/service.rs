@@ -226,7 +226,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::PruneResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        let decisions = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
+        let outcome = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
             .await
             .map_err(|e| match e {
                 crate::prune::PruneError::Refused(m) => Status::failed_precondition(m),
@@ -234,7 +234,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 crate::prune::PruneError::Dispatch(d) => d.into(),
             })?;
         Ok(Response::new(v1::PruneResponse {
-            decisions: decisions
+            decisions: outcome
+                .decisions
                 .into_iter()
                 .map(|d| v1::PruneDecision {
                     environment: d.environment,
@@ -243,8 +244,21 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     backups: d.backups,
                     size_bytes: d.size_bytes,
                     removed: d.removed,
+                    leftovers: d
+                        .leftovers
+                        .into_iter()
+                        .map(|l| v1::PruneLeftover {
+                            path: l.path,
+                            kind: l.kind.into(),
+                            size_bytes: l.size_bytes,
+                            remove: l.remove,
+                            reason: l.reason,
+                            removed: l.removed,
+                        })
+                        .collect(),
                 })
                 .collect(),
+            leftovers_checked: outcome.leftovers_checked,
         }))
     }
 

@@ -7,7 +7,7 @@
 //!
 //! Modules, all re-exported at the top:
 //! - [`process`]: [`free_port`], [`bin`], [`require`], [`Proc`] (a child killed on drop)
-//!   and small helpers ([`tail`], [`run_ok`], [`output_within`], [`append`]).
+//!   and small helpers ([`tail`], [`run_ok`], [`output_within`], [`append`], [`Tmpfs`]).
 //! - [`postgres`]: [`Postgres`], a throwaway cluster, with [`Postgres::table_fingerprints`]
 //!   to compare restored content with the source.
 //! - [`sshd`]: [`Sshd`], the backup server, and [`BACKUP_USER`].

@@ -541,3 +541,30 @@ impl Drop for Proc {
         self.kill();
     }
 }
+
+/// A tmpfs of `bytes` mounted on `dir` (as root) and owned by `owner`, lazily unmounted on
+/// drop: a small disk, or a directory that is a mount point of its own.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts it; panics (naming the command) if that fails.
+    pub fn mount(dir: &Path, bytes: u64, owner: &str) -> Tmpfs {
+        require_root("mount a tmpfs");
+        run_ok(
+            Command::new("mount")
+                .args(["-t", "tmpfs", "-o"])
+                .arg(format!("size={bytes},mode=0755"))
+                .arg("ferry-test-tmpfs")
+                .arg(dir),
+        );
+        let t = Tmpfs(dir.to_owned());
+        run_ok(Command::new("chown").arg(owner).arg(dir));
+        t
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
+    }
+}

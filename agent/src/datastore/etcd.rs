@@ -12,7 +12,10 @@
 //! exclusive `flock` on its WAL), and says so; stop the member, restore, start it. A
 //! restore replaces a member's data directory; for a cluster of several members, restore
 //! every member from the same snapshot with its own `member_name` and the same
-//! `initial_cluster`.
+//! `initial_cluster`. A restore killed half-way leaves `.<dir>.ferry-snapshot-<job>`,
+//! `-new-` and `-old-` siblings: the agent puts them right on start and before the next
+//! restore ([`super::leftovers`]). A `data_dir` that is a mount point cannot be swapped:
+//! it is refused before anything is downloaded.
 //!
 //! Credentials: the password comes from `password_file` (mode 0600/0400) or
 //! `password_env`, and reaches etcdctl as `ETCDCTL_USER` in its environment, never on its
@@ -229,6 +232,7 @@ impl Etcd {
     /// etcdctl's error, or a missing parent directory.
     pub async fn check(&self) -> Result<String, String> {
         if let Some(dir) = &self.cfg.data_dir {
+            super::tree::refuse_mount_point(dir, "data_dir").map_err(|e| e.to_string())?;
             return if dir.parent().is_some_and(Path::is_dir) {
                 Ok(format!("restores into {}", dir.display()))
             } else {
@@ -348,6 +352,31 @@ impl Restorer for Etcd {
         true
     }
 
+    /// The siblings of `data_dir` (see [`super::leftovers`]): the snapshot file is
+    /// removed, the new and old data directories put right by the swap's plan.
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+        async move {
+            let Some(dir) = self.cfg.data_dir.clone() else {
+                return Ok(Vec::new());
+            };
+            let skip = skip.to_vec();
+            tokio::task::spawn_blocking(move || {
+                super::leftovers::recover_dir(&dir, &["snapshot"], &skip).map_err(|e| {
+                    RestoreError::Target(format!(
+                        "cannot list the parent of {} for leftovers: {e}",
+                        dir.display()
+                    ))
+                })
+            })
+            .await
+            .map_err(|e| RestoreError::Target(e.to_string()))?
+        }
+        .boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
@@ -358,6 +387,7 @@ impl Restorer for Etcd {
             let expected: SnapshotStatus =
                 super::expect_whole(main, "etcd", &MAIN, "an etcd snapshot", namespaces)?;
             let data_dir = self.cfg.data_dir.clone().unwrap_or_default();
+            super::tree::refuse_mount_point(&data_dir, "data_dir")?;
             if in_use(&data_dir) {
                 return Err(in_use_error(&data_dir));
             }
@@ -537,6 +567,44 @@ fn swap_in(new: &Path, old: &Path, target: &Path) -> Result<(), RestoreError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn staging(data_dir: &Path) -> Etcd {
+        let cfg: EtcdConfig = toml::from_str(&format!(
+            "name = \"etcd\"\ndata_dir = {:?}\ninitial_cluster = \"default=http://127.0.0.1:2380\"\n\
+             initial_advertise_peer_urls = \"http://127.0.0.1:2380\"\n",
+            data_dir.display().to_string()
+        ))
+        .unwrap();
+        Etcd::build(cfg, Role::Staging).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restore_killed_in_its_swap_is_finished_and_its_snapshot_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("default");
+        let job = "01JAAAAAAAAAAAAAAAAAAAAAAA";
+        let sibling = |what| super::super::tree::sibling(&data, what, job);
+        // Killed between moving the member's data aside and moving the restored one in.
+        fs::create_dir_all(sibling("old").join("member/wal")).unwrap();
+        fs::write(sibling("old").join("member/wal/0.wal"), "previous").unwrap();
+        fs::create_dir_all(sibling("new").join("member/wal")).unwrap();
+        fs::write(sibling("new").join("member/wal/0.wal"), "restored").unwrap();
+        fs::write(sibling("snapshot"), "snapshot").unwrap();
+        let etcd = staging(&data);
+        let done = etcd.recover(&[]).await.unwrap();
+        let actions: Vec<&str> = done.iter().map(|r| r.action_name()).collect();
+        assert_eq!(actions, ["removed", "swapped_in", "removed"], "{done:?}");
+        assert_eq!(
+            fs::read_to_string(data.join("member/wal/0.wal")).unwrap(),
+            "restored"
+        );
+        let left: Vec<_> = fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "{left:?}");
+        // A job running in this agent is left alone.
+        fs::write(sibling("snapshot"), "in progress").unwrap();
+        assert!(etcd.recover(&[job.to_owned()]).await.unwrap().is_empty());
+        assert!(sibling("snapshot").exists());
+    }
 
     #[test]
     fn a_lock_on_the_wal_is_found_in_the_lock_table() {

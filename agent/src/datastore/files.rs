@@ -8,7 +8,10 @@
 //! manifest, and only then swapped in: the old tree is renamed aside, the new one renamed
 //! to the target, the old one removed. A failure before the swap removes the new tree and
 //! leaves the target as it was. A service reading the directory (MinIO) should be stopped
-//! around the restore or pointed at the new tree; the swap itself is two renames.
+//! around the restore or pointed at the new tree; the swap itself is two renames. A
+//! restore killed half-way leaves those siblings; the agent puts them right on start and
+//! before the next restore ([`super::leftovers`]). A `path` that is a mount point cannot
+//! be renamed: it is refused before anything is downloaded.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -69,6 +72,7 @@ pub enum Method {
 pub struct Files {
     cfg: FilesConfig,
     exclude: globset::GlobSet,
+    role: Role,
 }
 
 impl Files {
@@ -97,7 +101,7 @@ impl Files {
             Ok(e) => e,
             Err(e) => return err("exclude", e),
         };
-        Ok(Self { cfg, exclude })
+        Ok(Self { cfg, exclude, role })
     }
 
     /// The configured name.
@@ -123,9 +127,13 @@ impl Files {
     /// Says whether `path` is there (production) or where its parent is (staging).
     ///
     /// # Errors
-    /// The directory (production) or its parent (staging) is missing.
+    /// The directory (production) or its parent (staging) is missing; staging: `path` is
+    /// a mount point ([`Files::refuse_mount_point`]).
     pub async fn check(&self) -> Result<String, String> {
         let p = &self.cfg.path;
+        if self.role == Role::Staging {
+            self.refuse_mount_point().map_err(|e| e.to_string())?;
+        }
         if p.is_dir() {
             let counts = tokio::task::spawn_blocking({
                 let p = p.clone();
@@ -148,6 +156,44 @@ impl Files {
                 p.display()
             ))
         }
+    }
+}
+
+impl Files {
+    /// Staging: refuses a `path` that is a mount point. A restore replaces the directory
+    /// by renaming it, and a mount point cannot be renamed (`EBUSY`), so such a restore
+    /// would fail only at its swap, after the whole download. Checked by `ferry-agent
+    /// check` and before a restore downloads anything.
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`] naming the path and what to configure instead.
+    pub fn refuse_mount_point(&self) -> Result<(), RestoreError> {
+        tree::refuse_mount_point(&self.cfg.path, "path")
+    }
+
+    /// Staging: puts right the leftovers beside `path` of interrupted restores (either
+    /// method), skipping the jobs in `skip` ([`super::leftovers::recover_dir`]).
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`]: the parent of `path` cannot be listed.
+    pub async fn recover_leftovers(
+        &self,
+        skip: &[String],
+    ) -> Result<Vec<super::leftovers::Recovered>, RestoreError> {
+        if self.role != Role::Staging {
+            return Ok(Vec::new());
+        }
+        let (path, skip) = (self.cfg.path.clone(), skip.to_vec());
+        tokio::task::spawn_blocking(move || {
+            super::leftovers::recover_dir(&path, &[], &skip).map_err(|e| {
+                RestoreError::Target(format!(
+                    "cannot list {} for leftovers: {e}",
+                    path.parent().unwrap_or(&path).display()
+                ))
+            })
+        })
+        .await
+        .map_err(|e| RestoreError::Target(e.to_string()))?
     }
 }
 
@@ -232,6 +278,13 @@ impl Restorer for Files {
         true
     }
 
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+        self.recover_leftovers(skip).boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
@@ -241,10 +294,19 @@ impl Restorer for Files {
         async move {
             let expected: TreeCounts =
                 super::expect_whole(main, "files", &MAIN, "a files tar archive", namespaces)?;
+            self.refuse_mount_point()?;
             let new = tree::sibling(&self.cfg.path, "new", job_id);
             tree::ensure_room(&new, main.bytes_uncompressed)?;
             fs::create_dir(&new).map_err(|e| {
-                RestoreError::Target(format!("cannot create {}: {e}", new.display()))
+                RestoreError::Target(if e.kind() == std::io::ErrorKind::AlreadyExists {
+                    format!(
+                        "cannot create {}: it exists, a leftover of this job's previous attempt that the agent kept \
+                         (its log says why); remove it or move it away, then restore again",
+                        new.display()
+                    )
+                } else {
+                    format!("cannot create {}: {e}", new.display())
+                })
             })?;
             Ok(Box::new(FilesRestore {
                 target: self.cfg.path.clone(),

@@ -14,7 +14,11 @@
 //! rename a database, so the swap is: drop the target, restore the same verified files
 //! under the target's name, check the counts again, drop the scratch database. If that
 //! second restore fails, the target is gone and the error says so, and the scratch
-//! database, which holds the verified data, is kept.
+//! database, which holds the verified data, is kept. An empty marker database
+//! `<target>__ferry_swap_<job>` exists from just before the drop until the target was
+//! restored and checked, and the unpacked backup is in `<scratch_dir>/ferry-influxdb-
+//! <datastore>-<job>`: the agent finds an interrupted restore by these names on start and
+//! before the next restore, and finishes or undoes it ([`Influx::recover_leftovers`]).
 //!
 //! Credentials: `user` with `password_file` or `password_env`, passed to the `influx`
 //! shell as `INFLUX_USERNAME` and `INFLUX_PASSWORD` in its environment. `influxd backup`
@@ -22,13 +26,14 @@
 //! loopback on the database host.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use ferry_proto::Role;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use super::leftovers::{Action, Recovered, job_id, skipped};
 use super::tree;
 use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
@@ -42,11 +47,41 @@ pub const MAIN: Part = Part {
     format: "tar",
 };
 
+/// How long the search for leftovers waits for the server to list its databases, seconds.
+const RECOVER_TIMEOUT_SECONDS: u64 = 30;
+
 /// How long a restored database may take to show all its points, seconds.
 const SETTLE_SECONDS: u64 = 10;
 
 /// InfluxDB's own monitoring database, never backed up.
 const INTERNAL: &str = "_internal";
+
+/// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
+const NEW_TAG: &str = "__ferry_new_";
+
+/// The tag of a restore's marker database, made (empty) before the target is dropped and
+/// dropped after it was restored and checked: `<target>__ferry_swap_<job>`.
+const SWAP_TAG: &str = "__ferry_swap_";
+
+/// The start of the name of a restore's unpacked backup in `scratch_dir`:
+/// `ferry-influxdb-<datastore>-<job>`.
+const UNPACK_PREFIX: &str = "ferry-influxdb-";
+
+/// `(target, job, tag)` if `name` is a restore's scratch or marker database,
+/// `<target><tag><job>` with the job id as the agent writes it (upper case).
+fn scratch_parts(name: &str) -> Option<(String, String, &'static str)> {
+    let cut = name
+        .len()
+        .checked_sub(26)
+        .filter(|&c| name.is_char_boundary(c))?;
+    let (head, job) = name.split_at(cut);
+    let job = job_id(job).filter(|id| id == job)?;
+    [NEW_TAG, SWAP_TAG].into_iter().find_map(|tag| {
+        head.strip_suffix(tag)
+            .filter(|t| !t.is_empty())
+            .map(|t| (t.to_owned(), job.clone(), tag))
+    })
+}
 
 /// `[[datastores]]` with `kind = "influxdb"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -276,6 +311,258 @@ impl Influx {
             .unwrap_or_else(std::env::temp_dir)
     }
 
+    /// The name `db` of a backup is restored under: its `rename`, or itself.
+    fn target_of(&self, db: &str) -> String {
+        self.cfg
+            .rename
+            .get(db)
+            .cloned()
+            .unwrap_or_else(|| db.to_owned())
+    }
+
+    /// Where a restore of job `job_id` unpacks the backup: `<scratch_dir>/ferry-influxdb-
+    /// <datastore>-<job>`.
+    fn unpack_dir(&self, job_id: &str) -> PathBuf {
+        self.scratch()
+            .join(format!("{UNPACK_PREFIX}{}-{job_id}", self.cfg.name))
+    }
+
+    /// `influxd restore -portable -db DB -newdb NEW DIR/DB`.
+    async fn restore_from(&self, dir: &Path, db: &str, new: &str) -> Result<(), RestoreError> {
+        self.influxd(&[
+            "restore".as_ref(),
+            "-portable".as_ref(),
+            "-host".as_ref(),
+            self.cfg.rpc_address.as_ref(),
+            "-db".as_ref(),
+            db.as_ref(),
+            "-newdb".as_ref(),
+            new.as_ref(),
+            dir.join(db).as_os_str(),
+        ])
+        .await
+        .map(drop)
+        .map_err(|(status, stderr)| RestoreError::Tool {
+            tool: format!("influxd restore -db {db} -newdb {new}"),
+            status,
+            stderr,
+        })
+    }
+
+    /// Counts `name` with `check` until it passes or [`SETTLE_SECONDS`] have passed: a
+    /// shard restored live is queryable a moment after `influxd restore` returns (its
+    /// index is loaded in the background), and a query may fail for a moment ("engine is
+    /// closed") while it opens. The total points.
+    async fn settle(
+        &self,
+        name: &str,
+        check: impl Fn(&BTreeMap<String, u64>) -> Result<(), RestoreError>,
+    ) -> Result<u64, RestoreError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(SETTLE_SECONDS);
+        loop {
+            let checked = match self.points(name).await {
+                Ok(got) => check(&got).map(|()| got.values().sum()),
+                Err(e) => Err(RestoreError::Target(e)),
+            };
+            match checked {
+                Ok(points) => return Ok(points),
+                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
+            }
+        }
+    }
+
+    async fn drop_database(&self, db: &str) -> Result<(), String> {
+        self.query(None, &format!("DROP DATABASE \"{db}\""))
+            .await
+            .map(drop)
+    }
+
+    /// Staging: puts right the leftovers of interrupted restores (see
+    /// [`super::leftovers`]), job by job. For each target `X` of a job:
+    /// - its scratch database `X__ferry_new_<job>` without a marker: the swap had not
+    ///   reached `X`, which is as it was; the scratch database is dropped;
+    /// - the marker `X__ferry_swap_<job>` without the scratch database: `X` was restored
+    ///   and checked; the marker is dropped;
+    /// - both: `X` was dropped and may be missing or incomplete; it is restored again from
+    ///   the job's unpacked backup, checked against the scratch database (the checked
+    ///   copy), and only then are both dropped. Without the unpacked backup, or if that
+    ///   fails, both are kept and the report says what to do.
+    ///
+    /// The unpacked backup is removed once nothing of its job is kept.
+    async fn recover_leftovers(&self, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
+        // A server that does not answer must not hold up the agent's start.
+        let listed = tokio::time::timeout(
+            std::time::Duration::from_secs(RECOVER_TIMEOUT_SECONDS),
+            self.query(None, "SHOW DATABASES"),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "InfluxDB at {}:{} did not answer SHOW DATABASES within {RECOVER_TIMEOUT_SECONDS} s",
+                self.cfg.http_host, self.cfg.http_port
+            ))
+        });
+        let names = listed.map_err(RestoreError::Target)?;
+        let names: Vec<String> = rows(&names)
+            .filter_map(|r| r.first().and_then(|n| n.as_str()).map(str::to_owned))
+            .collect();
+        // job → target → (scratch, marker)
+        let mut jobs: BTreeMap<String, BTreeMap<String, (bool, bool)>> = BTreeMap::new();
+        for name in &names {
+            if let Some((target, job, tag)) = scratch_parts(name) {
+                let slot = jobs.entry(job).or_default().entry(target).or_default();
+                if tag == NEW_TAG {
+                    slot.0 = true;
+                } else {
+                    slot.1 = true;
+                }
+            }
+        }
+        let prefix = format!("{UNPACK_PREFIX}{}-", self.cfg.name);
+        if let Ok(entries) = std::fs::read_dir(self.scratch()) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if let Some(job) = name
+                    .strip_prefix(&prefix)
+                    .and_then(|j| job_id(j).filter(|id| id == j))
+                {
+                    jobs.entry(job).or_default();
+                }
+            }
+        }
+        let mut out = Vec::new();
+        for (job, targets) in jobs {
+            if skipped(&job, skip) {
+                continue;
+            }
+            let dir = self.unpack_dir(&job);
+            if locked(&dir) {
+                // Running in another agent that shares scratch_dir (or in this one).
+                continue;
+            }
+            let mut kept = false;
+            for (target, (scratch, marker)) in targets {
+                let s = format!("{target}{NEW_TAG}{job}");
+                let m = format!("{target}{SWAP_TAG}{job}");
+                let done = self
+                    .recover_target(&job, &dir, &target, (&s, scratch), (&m, marker))
+                    .await;
+                kept |= done.iter().any(|r| matches!(r.action, Action::Kept { .. }));
+                out.extend(done);
+            }
+            if !kept && std::fs::symlink_metadata(&dir).is_ok() {
+                let shown = dir.display().to_string();
+                out.push(match std::fs::remove_dir_all(&dir) {
+                    Ok(()) => Recovered::new(&job, shown, Action::Removed),
+                    Err(e) => Recovered::new(
+                        &job,
+                        shown,
+                        Action::Kept {
+                            why: format!("cannot remove it: {e}; remove it by hand"),
+                        },
+                    ),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// One target's leftovers of `job` (see [`Influx::recover_leftovers`]).
+    async fn recover_target(
+        &self,
+        job: &str,
+        dir: &Path,
+        target: &str,
+        (scratch, has_scratch): (&str, bool),
+        (marker, has_marker): (&str, bool),
+    ) -> Vec<Recovered> {
+        let db = |name: &str| format!("database {name}");
+        let drop_one = |name: String| async move {
+            match self.drop_database(&name).await {
+                Ok(()) => Recovered::new(job, db(&name), Action::Removed),
+                Err(e) => Recovered::new(
+                    job,
+                    db(&name),
+                    Action::Kept {
+                        why: format!("cannot drop it: {e}; drop it by hand"),
+                    },
+                ),
+            }
+        };
+        match (has_scratch, has_marker) {
+            (false, false) => Vec::new(),
+            (true, false) => vec![drop_one(scratch.to_owned()).await],
+            (false, true) => vec![drop_one(marker.to_owned()).await],
+            (true, true) => match self.rebuild(dir, target, scratch).await {
+                Ok(points) => vec![
+                    Recovered::new(
+                        job,
+                        db(scratch),
+                        Action::SwappedIn {
+                            target: format!("database {target} ({points} points)"),
+                        },
+                    ),
+                    drop_one(scratch.to_owned()).await,
+                    drop_one(marker.to_owned()).await,
+                ],
+                Err(e) => vec![
+                    Recovered::new(
+                        job,
+                        db(scratch),
+                        Action::Kept {
+                            why: format!(
+                                "job {job} was stopped while it replaced {target}, which may be missing or incomplete, \
+                                 and it cannot be restored again here ({e}); this is its checked copy: restore again, \
+                                 then drop {scratch} and {marker}"
+                            ),
+                        },
+                    ),
+                    Recovered::new(
+                        job,
+                        db(marker),
+                        Action::Kept {
+                            why: format!("the marker of that interrupted replacement of {target}"),
+                        },
+                    ),
+                ],
+            },
+        }
+    }
+
+    /// Restores `target` again from the unpacked backup in `dir` (the database of the
+    /// backup whose target it is), and checks it holds what `scratch` holds; its points.
+    async fn rebuild(&self, dir: &Path, target: &str, scratch: &str) -> Result<u64, RestoreError> {
+        let dbs: Vec<String> = std::fs::read_dir(dir)
+            .map_err(|e| {
+                RestoreError::Target(format!("no unpacked backup at {}: {e}", dir.display()))
+            })?
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        let db = dbs
+            .into_iter()
+            .find(|d| self.target_of(d) == target)
+            .ok_or_else(|| {
+                RestoreError::Target(format!("{} holds no backup of {target}", dir.display()))
+            })?;
+        let expected = self.points(scratch).await.map_err(RestoreError::Target)?;
+        self.drop_database(target)
+            .await
+            .map_err(RestoreError::Target)?;
+        self.restore_from(dir, &db, target).await?;
+        self.settle(target, |got| {
+            if *got == expected {
+                Ok(())
+            } else {
+                Err(RestoreError::Mismatch(format!(
+                    "{target} holds {got:?} points, its checked copy {scratch} {expected:?}"
+                )))
+            }
+        })
+        .await
+    }
+
     /// `influxd` with `args`, as a restore or backup tool.
     async fn influxd(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, (String, String)> {
         let mut cmd = tokio::process::Command::new(self.tools.path("influxd"));
@@ -399,6 +686,13 @@ impl Restorer for Influx {
         true
     }
 
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
+        self.recover_leftovers(skip).boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
@@ -416,15 +710,12 @@ impl Restorer for Influx {
             let scratch = self.scratch();
             // The unpacked backup (the server's own disk is not visible from here).
             tree::ensure_room(&scratch, main.bytes_uncompressed)?;
-            let dir = tempfile::Builder::new()
-                .prefix("ferry-influxdb-")
-                .tempdir_in(&scratch)
-                .map_err(|e| {
-                    RestoreError::Target(format!(
-                        "cannot create a directory in {}: {e}",
-                        scratch.display()
-                    ))
-                })?;
+            let dir = UnpackDir::create(&scratch, &self.unpack_dir(job_id)).map_err(|e| {
+                RestoreError::Target(format!(
+                    "cannot create {}: {e}",
+                    self.unpack_dir(job_id).display()
+                ))
+            })?;
             Ok(Box::new(InfluxRestore {
                 influx: self.clone(),
                 dir,
@@ -438,10 +729,62 @@ impl Restorer for Influx {
     }
 }
 
+/// Where a restore unpacks the backup, named after its job so that the agent finds it
+/// again if the restore is interrupted, and locked (`flock` on the directory) while the
+/// restore lives: a recovery, in this agent or another one sharing `scratch_dir`, leaves
+/// a locked directory alone. Removed on drop unless kept.
+struct UnpackDir {
+    path: PathBuf,
+    _lock: std::fs::File,
+    keep: bool,
+}
+
+impl UnpackDir {
+    /// Makes `path` (in `scratch`), already locked when it appears under that name: it is
+    /// made under a random name, locked, then renamed (never over an existing one).
+    fn create(scratch: &Path, path: &Path) -> std::io::Result<UnpackDir> {
+        use rustix::fs::{CWD, FlockOperation, RenameFlags, flock, renameat_with};
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".ferry-influxdb-")
+            .tempdir_in(scratch)?;
+        let lock = std::fs::File::open(tmp.path())?;
+        flock(&lock, FlockOperation::NonBlockingLockExclusive)?;
+        renameat_with(CWD, tmp.path(), CWD, path, RenameFlags::NOREPLACE)?;
+        tmp.disable_cleanup(true);
+        Ok(UnpackDir {
+            path: path.to_owned(),
+            _lock: lock,
+            keep: false,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for UnpackDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Whether a live process holds the lock of the unpacked backup `dir` ([`UnpackDir`]).
+fn locked(dir: &Path) -> bool {
+    use rustix::fs::{FlockOperation, flock};
+    let Ok(f) = std::fs::File::open(dir) else {
+        return false;
+    };
+    // Taken (and released when `f` closes) if nobody holds it.
+    matches!(flock(&f, FlockOperation::NonBlockingLockExclusive), Err(e) if e == rustix::io::Errno::WOULDBLOCK)
+}
+
 /// An InfluxDB restore in progress: the unpacked backup, and the scratch databases made.
 struct InfluxRestore {
     influx: Influx,
-    dir: tempfile::TempDir,
+    dir: UnpackDir,
     job_id: String,
     expected: InfluxCounts,
     scratch_dbs: Vec<String>,
@@ -450,55 +793,12 @@ struct InfluxRestore {
 }
 
 impl InfluxRestore {
-    fn target(&self, db: &str) -> String {
-        self.influx
-            .cfg
-            .rename
-            .get(db)
-            .cloned()
-            .unwrap_or_else(|| db.to_owned())
-    }
-
-    async fn restore_as(&self, db: &str, new: &str) -> Result<(), RestoreError> {
-        self.influx
-            .influxd(&[
-                "restore".as_ref(),
-                "-portable".as_ref(),
-                "-host".as_ref(),
-                self.influx.cfg.rpc_address.as_ref(),
-                "-db".as_ref(),
-                db.as_ref(),
-                "-newdb".as_ref(),
-                new.as_ref(),
-                self.dir.path().join(db).as_os_str(),
-            ])
-            .await
-            .map(drop)
-            .map_err(|(status, stderr)| RestoreError::Tool {
-                tool: format!("influxd restore -db {db} -newdb {new}"),
-                status,
-                stderr,
-            })
-    }
-
-    /// Counts `db` (restored as `name`) and compares with the manifest's bounds. A shard
-    /// restored live is queryable a moment after `influxd restore` returns (its index is
-    /// loaded in the background), so the count is retried for up to
-    /// [`SETTLE_SECONDS`] before a difference is reported.
+    /// Counts `db` (restored as `name`) and compares with the manifest's bounds
+    /// ([`Influx::settle`]).
     async fn verify(&self, db: &str, name: &str) -> Result<u64, RestoreError> {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(SETTLE_SECONDS);
-        loop {
-            // A query may also fail for a moment ("engine is closed") while the shard opens.
-            let checked = match self.influx.points(name).await {
-                Ok(got) => self.compare(db, name, &got).map(|()| got.values().sum()),
-                Err(e) => Err(RestoreError::Target(e)),
-            };
-            match checked {
-                Ok(points) => return Ok(points),
-                Err(e) if std::time::Instant::now() >= deadline => return Err(e),
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(250)).await,
-            }
-        }
+        self.influx
+            .settle(name, |got| self.compare(db, name, got))
+            .await
     }
 
     fn compare(
@@ -556,35 +856,47 @@ impl RestoreSession for InfluxRestore {
     ) -> BoxFuture<'a, Result<String, RestoreError>> {
         async move {
             let dbs: Vec<String> = self.expected.points_max.keys().cloned().collect();
+            let influx = self.influx.clone();
+            let dir = self.dir.path().to_owned();
             // 1. Every database into a scratch database, checked.
             for db in &dbs {
-                let scratch = format!("{}__ferry_new_{}", self.target(db), self.job_id);
+                let scratch = format!("{}{NEW_TAG}{}", influx.target_of(db), self.job_id);
                 self.scratch_dbs.push(scratch.clone());
-                self.restore_as(db, &scratch).await?;
+                influx.restore_from(&dir, db, &scratch).await?;
                 self.verify(db, &scratch).await?;
             }
-            // 2. Each target dropped and restored under its own name from the same files.
+            // 2. Each target dropped and restored under its own name from the same files,
+            // between a marker made before the drop and dropped last: an interrupted
+            // replacement is found again and finished ([`Influx::recover_leftovers`]).
             let mut summary = Vec::new();
             for (db, scratch) in dbs.iter().zip(self.scratch_dbs.clone()) {
-                let target = self.target(db);
-                // From here on the scratch database may be the only copy: abort keeps it.
+                let target = influx.target_of(db);
+                let marker = format!("{target}{SWAP_TAG}{}", self.job_id);
+                influx
+                    .query(None, &format!("CREATE DATABASE \"{marker}\""))
+                    .await
+                    .map_err(RestoreError::Target)?;
+                // From here on the scratch database may be the only copy: abort keeps it,
+                // and the unpacked backup, from which the agent can finish the replacement.
                 self.scratch_dbs.retain(|s| s != &scratch);
-                self.influx
-                    .query(None, &format!("DROP DATABASE \"{target}\""))
+                self.dir.keep = true;
+                influx
+                    .drop_database(&target)
                     .await
                     .map_err(RestoreError::Target)?;
                 self.dropped.push(target.clone());
                 let kept = |e: RestoreError| {
                     RestoreError::Target(format!(
-                        "{target} was dropped and its restore failed: {e}; the verified data is in the database {scratch}, kept"
+                        "{target} was dropped and its restore failed: {e}; the verified data is in the database {scratch}, kept \
+                         (the agent restores {target} from it again before its next restore)"
                     ))
                 };
-                self.restore_as(db, &target).await.map_err(kept)?;
+                influx.restore_from(&dir, db, &target).await.map_err(kept)?;
                 let points = self.verify(db, &target).await.map_err(kept)?;
-                self.influx
-                    .query(None, &format!("DROP DATABASE \"{scratch}\""))
-                    .await
-                    .map_err(RestoreError::Target)?;
+                for done in [&scratch, &marker] {
+                    influx.drop_database(done).await.map_err(RestoreError::Target)?;
+                }
+                self.dir.keep = false;
                 summary.push(format!("{target} ({points} points)"));
                 self.dropped.retain(|d| d != &target);
             }
@@ -609,12 +921,57 @@ impl RestoreSession for InfluxRestore {
     fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {
         async move {
             for db in std::mem::take(&mut self.scratch_dbs) {
-                let _ = self
-                    .influx
-                    .query(None, &format!("DROP DATABASE \"{db}\""))
-                    .await;
+                let _ = self.influx.drop_database(&db).await;
             }
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unpack_directory_is_locked_while_its_restore_lives() {
+        let scratch = tempfile::tempdir().unwrap();
+        let path = scratch
+            .path()
+            .join("ferry-influxdb-influx-01JAAAAAAAAAAAAAAAAAAAAAAA");
+        let dir = UnpackDir::create(scratch.path(), &path).unwrap();
+        assert!(locked(&path), "a live restore's directory is locked");
+        assert!(
+            UnpackDir::create(scratch.path(), &path).is_err(),
+            "never over another"
+        );
+        drop(dir);
+        assert!(!path.exists());
+        // A killed restore's directory (no process holds it) is not locked.
+        std::fs::create_dir(&path).unwrap();
+        assert!(!locked(&path));
+        let names: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary name left: {names:?}");
+    }
+
+    #[test]
+    fn scratch_and_marker_databases_are_told_by_their_exact_names() {
+        let job = "01JAAAAAAAAAAAAAAAAAAAAAAA";
+        assert_eq!(
+            scratch_parts(&format!("telegraf{NEW_TAG}{job}")),
+            Some(("telegraf".into(), job.into(), NEW_TAG))
+        );
+        assert_eq!(
+            scratch_parts(&format!("a_b{SWAP_TAG}{job}")),
+            Some(("a_b".into(), job.into(), SWAP_TAG))
+        );
+        for not_ours in [
+            "telegraf".to_owned(),
+            format!("{NEW_TAG}{job}"),
+            format!("telegraf{NEW_TAG}{}", job.to_lowercase()),
+            format!("telegraf__ferry_old_{job}"),
+            format!("telegraf{NEW_TAG}{}", &job[1..]),
+        ] {
+            assert_eq!(scratch_parts(&not_ours), None, "{not_ours}");
+        }
     }
 }

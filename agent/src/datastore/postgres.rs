@@ -7,7 +7,9 @@
 //! error), then `pg_restore --clean --if-exists --exit-on-error` into a scratch database
 //! beside the target, row counts compared with the manifest, and only then the scratch
 //! database renamed over the target. A failure before the swap drops the scratch
-//! database and leaves the target as it was.
+//! database and leaves the target as it was. A restore killed half-way leaves
+//! `<target>__ferry_new_<job>` (and, killed during the swap, `<target>__ferry_old_<job>`):
+//! the agent puts them right on start and before the next restore ([`super::leftovers`]).
 //!
 //! Credentials: the password comes from `password_file` (mode 0600/0400) or
 //! `password_env`, and reaches the tools as `PGPASSWORD` in their environment, never on
@@ -46,6 +48,120 @@ const PARTS: &[Part] = &[GLOBALS, MAIN];
 
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1), bytes.
 const MAX_IDENTIFIER: usize = 63;
+
+/// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
+const NEW_TAG: &str = "__ferry_new_";
+
+/// The tag of the target moved aside by a restore's swap: `<target>__ferry_old_<job>`.
+const OLD_TAG: &str = "__ferry_old_";
+
+/// How long the search for leftovers waits for the server to answer a connection, seconds.
+const RECOVER_CONNECT_SECONDS: u64 = 10;
+
+/// `<target><tag><job>`, the job id in lower case, the target's name cut so that the whole
+/// fits [`MAX_IDENTIFIER`] bytes: the name of a restore's scratch ([`NEW_TAG`]) or old
+/// ([`OLD_TAG`]) database.
+fn scratch_name(target: &str, tag: &str, job_id: &str) -> String {
+    let suffix = job_id.to_lowercase();
+    let keep = MAX_IDENTIFIER.saturating_sub(tag.len() + suffix.len());
+    format!("{}{tag}{suffix}", truncate(target, keep))
+}
+
+/// The jobs that left a scratch or old database of `target` among the database `names`:
+/// job id (upper case) → (scratch exists, old exists). Only the exact names
+/// [`scratch_name`] gives count.
+fn leftover_jobs(target: &str, names: &[String]) -> BTreeMap<String, (bool, bool)> {
+    let mut jobs: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    for name in names {
+        let Some(cut) = name
+            .len()
+            .checked_sub(26)
+            .filter(|&c| name.is_char_boundary(c))
+        else {
+            continue;
+        };
+        let Some(job) = super::leftovers::job_id(&name[cut..]) else {
+            continue;
+        };
+        if *name == scratch_name(target, NEW_TAG, &job) {
+            jobs.entry(job).or_default().0 = true;
+        } else if *name == scratch_name(target, OLD_TAG, &job) {
+            jobs.entry(job).or_default().1 = true;
+        }
+    }
+    jobs
+}
+
+/// A PostgreSQL cluster as a [`super::leftovers::Store`]: names are databases.
+struct Databases {
+    client: Client,
+}
+
+impl Databases {
+    /// Ends the sessions on `db`, so it can be renamed or dropped.
+    async fn terminate(&self, db: &str) {
+        let _ = self
+            .client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .await;
+    }
+
+    async fn exists(&self, db: &str) -> Result<bool, String> {
+        self.client
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
+                &[&db],
+            )
+            .await
+            .map(|r| r.is_some())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl super::leftovers::Store for Databases {
+    fn rename<'a>(&'a mut self, from: &'a str, to: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            let sql = format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                quote_ident(from),
+                quote_ident(to)
+            );
+            let mut last = String::new();
+            // A session may connect again between the termination and the rename.
+            for _ in 0..5 {
+                self.terminate(from).await;
+                match self.client.batch_execute(&sql).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(last)
+        }
+        .boxed()
+    }
+
+    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            self.client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(name)
+                ))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
+
+    fn show(&self, name: &str) -> String {
+        format!("database {name}")
+    }
+}
 
 /// `[[datastores]]` with `kind = "postgres"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -210,7 +326,15 @@ impl Postgres {
     }
 
     async fn connect(&self, db: &str) -> Result<Client, String> {
-        let (client, conn) = self.pg_config(db).connect(NoTls).await.map_err(|e| {
+        self.connect_with(self.pg_config(db), db).await
+    }
+
+    async fn connect_with(
+        &self,
+        config: tokio_postgres::Config,
+        db: &str,
+    ) -> Result<Client, String> {
+        let (client, conn) = config.connect(NoTls).await.map_err(|e| {
             format!(
                 "cannot connect to PostgreSQL {}:{} database {db:?} as {}: {e}",
                 self.cfg.host, self.cfg.port, self.cfg.user
@@ -558,6 +682,55 @@ impl Restorer for Postgres {
         manifest.part == MAIN.name && manifest.format == MAIN.format
     }
 
+    /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
+    /// databases of `target_database` (see [`super::leftovers`]), job by job.
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+        async move {
+            let Some(target) = self.cfg.target_database.clone() else {
+                return Ok(Vec::new());
+            };
+            let db = &self.cfg.maintenance_database;
+            let mut config = self.pg_config(db);
+            config.connect_timeout(std::time::Duration::from_secs(RECOVER_CONNECT_SECONDS));
+            let client = self
+                .connect_with(config, db)
+                .await
+                .map_err(RestoreError::Target)?;
+            let names: Vec<String> = client
+                .query("SELECT datname FROM pg_catalog.pg_database", &[])
+                .await
+                .map_err(|e| RestoreError::Target(format!("listing databases: {e}")))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut store = Databases { client };
+            let mut out = Vec::new();
+            for (job, (new, old)) in leftover_jobs(&target, &names) {
+                if super::leftovers::skipped(&job, skip) {
+                    continue;
+                }
+                let exists = store.exists(&target).await.map_err(RestoreError::Target)?;
+                let (new_name, old_name) = (
+                    scratch_name(&target, NEW_TAG, &job),
+                    scratch_name(&target, OLD_TAG, &job),
+                );
+                let swap = super::leftovers::Swap {
+                    job: &job,
+                    target: &target,
+                    old: &old_name,
+                    new: &new_name,
+                    exists: (exists, old, new),
+                };
+                out.extend(super::leftovers::recover_swap(&mut store, swap).await);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let db = self.cfg.target_database.clone().unwrap_or_default();
@@ -608,15 +781,10 @@ impl Restorer for Postgres {
                 .target_database
                 .clone()
                 .ok_or_else(|| RestoreError::Target("no target_database configured".into()))?;
-            let suffix = job_id.to_lowercase();
-            let name = |tag: &str| {
-                let keep = MAX_IDENTIFIER - tag.len() - suffix.len();
-                format!("{}{tag}{suffix}", truncate(&target, keep))
-            };
             let session = PgRestore {
                 pg: self.clone(),
-                scratch: name("__ferry_new_"),
-                old: name("__ferry_old_"),
+                scratch: scratch_name(&target, NEW_TAG, job_id),
+                old: scratch_name(&target, OLD_TAG, job_id),
                 target,
                 expected,
                 created: false,
@@ -954,6 +1122,36 @@ mod tests {
         let long = "x".repeat(63);
         assert_eq!(truncate(&long, 10).len(), 10);
         assert_eq!(truncate("ééé", 3), "é");
+    }
+
+    #[test]
+    fn leftovers_are_the_exact_scratch_names_of_the_target() {
+        let job = "01JAAAAAAAAAAAAAAAAAAAAAAA";
+        let other = "01JBBBBBBBBBBBBBBBBBBBBBBB";
+        let long = "t".repeat(60);
+        let names: Vec<String> = vec![
+            "app".into(),
+            scratch_name("app", NEW_TAG, job),
+            scratch_name("app", OLD_TAG, other),
+            // Another target's, a job id in the wrong case, not a ULID, a user's database.
+            scratch_name("app2", NEW_TAG, job),
+            format!("app{NEW_TAG}{job}"),
+            format!("app{NEW_TAG}01jaaaaaaaaaaaaaaaaaaaaaa"),
+            "app__ferry_new_backup".into(),
+            scratch_name(&long, NEW_TAG, job),
+        ];
+        assert_eq!(names[1], "app__ferry_new_01jaaaaaaaaaaaaaaaaaaaaaaa");
+        let found = leftover_jobs("app", &names);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            [
+                (job.to_owned(), (true, false)),
+                (other.to_owned(), (false, true))
+            ]
+        );
+        // A long target's names are cut as the restore cuts them.
+        assert_eq!(scratch_name(&long, NEW_TAG, job).len(), MAX_IDENTIFIER);
+        assert_eq!(leftover_jobs(&long, &names).len(), 1);
     }
 
     #[test]

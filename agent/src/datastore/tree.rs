@@ -346,6 +346,89 @@ pub fn ensure_room(dir: &Path, need: u64) -> Result<(), super::RestoreError> {
     Ok(())
 }
 
+/// Whether `path` is a mount point: its device differs from its parent's, or the
+/// kernel's mount table (`/proc/self/mountinfo`, proc(5): the fifth field, with `\NNN`
+/// octal escapes) lists it, as for a bind mount within one file system. A path that does
+/// not exist is not one.
+///
+/// # Errors
+/// `path` or its parent cannot be examined.
+pub fn is_mount_point(path: &Path) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    if meta.file_type().is_symlink() {
+        // Renaming a link renames the link, whatever it points to.
+        return Ok(false);
+    }
+    let real = fs::canonicalize(path)?;
+    let parent = real.parent().unwrap_or(Path::new("/"));
+    if real == parent || fs::metadata(parent)?.dev() != meta.dev() {
+        return Ok(true);
+    }
+    let table = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    Ok(mountinfo_lists(&table, &real))
+}
+
+/// Refuses a restore target `path` (the config's `field`) that is a mount point
+/// ([`is_mount_point`]): the swap renames the target, which a mount point refuses
+/// (`EBUSY`), so the restore would fail only at its end, after the whole download.
+///
+/// # Errors
+/// [`super::RestoreError::Target`] naming the path and what to configure instead.
+pub fn refuse_mount_point(path: &Path, field: &str) -> Result<(), super::RestoreError> {
+    match is_mount_point(path) {
+        Ok(false) => Ok(()),
+        Ok(true) => Err(super::RestoreError::Target(format!(
+            "{} is a mount point: a restore replaces the directory by renaming it, which a mount point refuses; \
+             set {field} to a directory inside the mount (e.g. {}) and move the data there; nothing was downloaded or changed",
+            path.display(),
+            path.join("data").display()
+        ))),
+        Err(e) => Err(super::RestoreError::Target(format!(
+            "cannot tell whether {} is a mount point: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// Whether the `/proc/self/mountinfo` text `table` has a mount on `path`.
+fn mountinfo_lists(table: &str, path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let want = path.as_os_str().as_bytes();
+    table.lines().any(|line| {
+        line.split(' ')
+            .nth(4)
+            .is_some_and(|field| unescape_octal(field) == want)
+    })
+}
+
+/// Undoes the kernel's `\NNN` octal escapes (space, tab, newline, backslash).
+fn unescape_octal(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b
+            .get(i + 1..i + 4)
+            .filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8) + (c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// `<parent>/.<name>.ferry-<what>-<job>`: a hidden sibling of `path`, on the same file
 /// system, for a restore to build in before it swaps.
 pub fn sibling(path: &Path, what: &str, job_id: &str) -> PathBuf {
@@ -668,6 +751,19 @@ mod tests {
         let err = ensure_room(&target, u64::MAX / 4).unwrap_err();
         assert!(err.to_string().contains("not enough room"), "{err}");
         assert!(!target.exists());
+    }
+
+    #[test]
+    fn mount_points_are_found_by_device_or_in_the_mount_table() {
+        assert!(is_mount_point(Path::new("/proc")).unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        assert!(!is_mount_point(dir.path()).unwrap());
+        assert!(!is_mount_point(&dir.path().join("missing")).unwrap());
+        let table = "36 35 98:0 /mnt1 /srv/minio\\040data rw,noatime master:1 - ext3 /dev/root rw\n\
+                     37 35 98:0 / /var/lib/etcd rw - ext4 /dev/sda1 rw\n";
+        assert!(mountinfo_lists(table, Path::new("/srv/minio data")));
+        assert!(mountinfo_lists(table, Path::new("/var/lib/etcd")));
+        assert!(!mountinfo_lists(table, Path::new("/var/lib")));
     }
 
     #[test]

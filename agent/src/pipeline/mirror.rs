@@ -319,6 +319,7 @@ pub async fn restore(
         target_state: "the target was left as it was".into(),
     };
     let tool = RestoreError::tool;
+    files.refuse_mount_point().map_err(failed)?;
     let remote = Remote::new(server).map_err(setup)?;
     let src = format!("{}{}", remote.prefix, mirror_dir(server, &env, &cfg.name));
     let new = tree::sibling(&cfg.path, "new", job_id);

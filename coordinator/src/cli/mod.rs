@@ -99,7 +99,9 @@ pub enum Command {
     /// Apply the `[[retention]]` policies (GFS: keep_daily, keep_weekly, keep_monthly) to
     /// the dated folders: list every date and why it is kept, and remove those that go
     /// (with the coordinator's `[maintenance]` key; never the newest date or the newest
-    /// complete set). --dry-run only lists.
+    /// complete set). With that key it also lists and removes what failed uploads left:
+    /// partial files of ended jobs, and orphan data files that no manifest completes.
+    /// --dry-run only lists.
     Prune {
         /// Only this environment.
         #[arg(long = "env")]
