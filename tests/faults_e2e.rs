@@ -8,7 +8,15 @@
 //! - the backup server's disk fills (a small tmpfs): "no space left on the backup
 //!   server", nothing partial remains, earlier backups are untouched;
 //! - pg_dump is killed half-way, the database restarts under it, or pg_dump exits 0
-//!   having written nothing: the job fails naming the tool, nothing is stored.
+//!   having written nothing: the job fails naming the tool, nothing is stored;
+//! - (issue 15) the backup server's session processes are stopped (SIGSTOP) mid-upload:
+//!   the attempt fails within `io_timeout_seconds` naming the stall, and the retry
+//!   succeeds; with a long I/O timeout, the coordinator fails the job after
+//!   `agent_timeout_seconds` of progress reports that move no bytes;
+//! - (issue 15) the server fails the rename of the backup's last manifest (`strace`
+//!   injects the error): nothing is taken for a backup, the job says what is left, and
+//!   `ferry prune` removes the orphans; a full disk behind an add-only key says the
+//!   partial could not be removed, and `ferry prune` removes it at once.
 
 use std::fs;
 use std::path::Path;
@@ -436,8 +444,9 @@ fn a_full_backup_server_disk_fails_the_job_plainly_and_keeps_earlier_backups() {
     d.prod_pg.psql("app", BIG);
     let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
     assert!(
-        text.contains("no space left on the backup server"),
-        "says plainly what is wrong: {text}\n{}",
+        text.contains("no space left on the backup server")
+            && text.contains("the partial file was removed"),
+        "says plainly what is wrong, and what became of the partial: {text}\n{}",
         d.logs()
     );
     let jobs = d.ferry_json(&["jobs"]);
@@ -648,4 +657,406 @@ fn a_frozen_agent_is_failed_after_agent_timeout_and_its_upload_is_cancelled_when
     assert_nothing_stored(&d);
     let log = fs::read_to_string(d.dir.path().join("agent-prod.log")).unwrap();
     assert!(!log.contains("Job succeeded"), "{log}");
+}
+
+/// Sends `signal` (e.g. `STOP`, `CONT`, `KILL`) to each of `pids` (one that is gone is no
+/// error).
+fn signal(pids: &[u32], signal: &str) {
+    for pid in pids {
+        let _ = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+#[test]
+fn a_stalled_backup_server_fails_the_attempt_within_io_timeout_and_the_retry_succeeds() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        io_timeout_seconds: Some(5),
+        // Far longer: what must notice the stall here is the agent's own I/O timeout.
+        agent_timeout_seconds: 60,
+        retry: Retry {
+            max_attempts: 3,
+            initial_backoff_seconds: 3,
+            max_backoff_seconds: 3,
+        },
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 3 << 20);
+
+    // The server hangs: its session processes stop, the TCP connection stays open.
+    let stopped = d.sshd.sessions();
+    assert!(!stopped.is_empty(), "sshd serves the upload");
+    signal(&stopped, "STOP");
+    let at = Instant::now();
+    let failed = wait_job(&d, &job, Duration::from_secs(90), "failed once", |j| {
+        j["error"].is_string()
+    });
+    let detected = at.elapsed();
+    signal(&stopped, "CONT");
+    assert_eq!(failed["attempt"], 1, "{failed}");
+    assert_ne!(failed["state"], "succeeded", "{failed}");
+    let error = failed["error"].as_str().unwrap();
+    let server = format!("127.0.0.1:{}", d.sshd.port());
+    assert!(
+        error.contains(&server)
+            && error.contains("stalled")
+            && error.contains("io_timeout_seconds"),
+        "names the backup server and the stall: {error}"
+    );
+    // 5 s of I/O timeout, then the failure travels to the coordinator (and the CLI polls).
+    assert!(
+        detected < Duration::from_secs(12),
+        "io_timeout is 5 s; the stall was noticed after {detected:?}\n{}",
+        d.logs()
+    );
+    assert!(
+        archives(&d).is_empty(),
+        "nothing under a final name: {:?}",
+        d.sshd.final_files()
+    );
+
+    let done = wait_final(&d, &job, Duration::from_secs(120));
+    assert_eq!(done["state"], "succeeded", "{done}\n{}", d.logs());
+    assert!(done["attempt"].as_u64().unwrap() >= 2, "{done}");
+    assert_eq!(archives(&d).len(), 1, "{:?}", d.sshd.final_files());
+    assert!(
+        partials(&d).is_empty(),
+        "the retry removes the first attempt's partial: {:?}",
+        d.sshd.files()
+    );
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+    println!(
+        "stall noticed after {:.1} s (io_timeout 5 s); succeeded on attempt {}",
+        detected.as_secs_f64(),
+        done["attempt"]
+    );
+}
+
+#[test]
+fn progress_reports_that_move_no_bytes_do_not_keep_a_stalled_job_alive() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        // The agent would wait a minute: the coordinator must not.
+        io_timeout_seconds: Some(60),
+        agent_timeout_seconds: 5,
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 2 << 20);
+    let stopped = d.sshd.sessions();
+    assert!(!stopped.is_empty(), "sshd serves the upload");
+    signal(&stopped, "STOP");
+    let at = Instant::now();
+    let j = wait_final(&d, &job, Duration::from_secs(90));
+    let noticed = at.elapsed();
+    assert_eq!(j["state"], "failed", "{j}");
+    let error = j["error"].as_str().unwrap();
+    assert!(
+        error.contains("moved no bytes") && error.contains("agent_timeout_seconds"),
+        "says the job made no progress: {error}"
+    );
+    assert!(
+        noticed < Duration::from_secs(12),
+        "agent_timeout is 5 s; the coordinator noticed after {noticed:?}"
+    );
+    // Told to cancel, the agent drops the stalled connection and ends the job at once,
+    // the server still stopped (not an I/O timeout later).
+    let log = d.dir.path().join("agent-prod.log");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ended = fs::read_to_string(&log)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.contains("Job failed") && l.contains(&job) && l.contains("\"cancelled\""));
+        if ended {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not end the cancelled job:\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    signal(&stopped, "CONT");
+    // Nothing stored; its partial removed over a new connection.
+    assert_nothing_stored(&d);
+}
+
+/// The production key as the Ansible role makes it: forced `internal-sftp` that may add
+/// files and nothing else (no remove, no overwriting rename, no setstat).
+fn add_only_production_key(d: &mut Deployment) {
+    let key = d.sshd.add_client_key_named(
+        "id_prod_add_only",
+        &format!(
+            "restrict,command=\"internal-sftp -P remove,rmdir,posix-rename,setstat,fsetstat,\
+             lsetstat,symlink,hardlink,copy-data -u 0027 -d {}\"",
+            d.sshd.root().display()
+        ),
+    );
+    let old = d.prod_key.display().to_string();
+    let config = fs::read_to_string(&d.prod_config).unwrap();
+    assert!(config.contains(&old), "the production key is in {config}");
+    fs::write(
+        &d.prod_config,
+        config.replace(&old, &key.display().to_string()),
+    )
+    .unwrap();
+    d.prod_key = key;
+}
+
+/// A retention policy for production (a week) and the coordinator's `[maintenance]` key,
+/// restricted as the Ansible role does (it may remove, not overwrite).
+fn maintenance(d: &Deployment) {
+    let key = d.sshd.add_client_key_named(
+        "id_maintenance",
+        &format!(
+            "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
+             symlink,hardlink,copy-data -u 0027 -d {}\"",
+            d.sshd.root().display()
+        ),
+    );
+    append(
+        &d.coordinator_config,
+        &format!(
+            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n\
+             [maintenance]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
+             host_key = \"{}\"\nroot = \"{}\"\n",
+            d.sshd.host(),
+            d.sshd.port(),
+            BACKUP_USER,
+            key.display(),
+            d.sshd.host_key(),
+            d.sshd.root().display()
+        ),
+    );
+}
+
+/// `ferry prune ARGS --output json`'s leftovers, flattened: (path, kind, remove, removed,
+/// reason).
+fn leftovers(plan: &serde_json::Value) -> Vec<(String, String, bool, bool, String)> {
+    plan.as_array()
+        .unwrap_or_else(|| panic!("prune printed no list: {plan}"))
+        .iter()
+        .flat_map(|d| d["leftovers"].as_array().cloned().unwrap_or_default())
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap().to_owned(),
+                l["kind"].as_str().unwrap().to_owned(),
+                l["remove"].as_bool().unwrap(),
+                l["removed"].as_bool().unwrap(),
+                l["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Runs `strace` on the backup server's sshd (and every process it forks from now on) so
+/// that the `link(2)` the server makes to rename a file to `path` fails with `ENOSPC`, as
+/// a full disk would fail it; stopped on drop.
+struct FailLinkTo(Proc);
+
+impl FailLinkTo {
+    fn start(d: &Deployment, path: &Path) -> FailLinkTo {
+        let strace = require("strace", "strace");
+        let mut cmd = Command::new(strace);
+        cmd.args(["-f", "-qq", "-o", "/dev/null", "-e", "trace=link,linkat"])
+            .args(["-e", "inject=link,linkat:error=ENOSPC", "-P"])
+            .arg(path)
+            .arg("-p")
+            .arg(d.sshd.pid().to_string());
+        let tracer = FailLinkTo(Proc::spawn(cmd, &d.dir.path().join("strace.out")));
+        let status = format!("/proc/{}/status", d.sshd.pid());
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let traced = fs::read_to_string(&status)
+                .unwrap_or_default()
+                .lines()
+                .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"));
+            if traced {
+                return tracer;
+            }
+            assert!(Instant::now() < deadline, "strace did not attach to sshd");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for FailLinkTo {
+    fn drop(&mut self) {
+        self.0.kill();
+    }
+}
+
+#[test]
+fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_prune_removes_the_orphans() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| {
+            add_only_production_key(d);
+            maintenance(d);
+        })),
+        ..DeploymentOptions::default()
+    });
+    let today = today_utc();
+    let folder = d.sshd.root().join(format!("production/{today}"));
+    // A good backup first: the one readers must keep taking.
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let good = format!("postgres_backup_{today}.pgdump.zst.age");
+    let before = d.sshd.final_files();
+    assert!(before.contains(&format!("production/{today}/{good}.json")));
+
+    // The next one is named with its minute: not in a minute's last seconds, so that the
+    // name is known before it starts.
+    while run_ok(Command::new("date").args(["-u", "+%S"]))
+        .trim()
+        .parse::<u32>()
+        .unwrap()
+        > 45
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let stamp = run_ok(Command::new("date").args(["-u", "+%Y-%m-%dT%H%MZ"]))
+        .trim()
+        .to_owned();
+    let main = format!("postgres_backup_{stamp}.pgdump.zst.age");
+    let globals = format!("postgres-globals_backup_{stamp}.sql.zst.age");
+
+    // The server fails the rename of the main part's manifest, the backup's last step.
+    let tracer = FailLinkTo::start(&d, &folder.join(format!("{main}.json")));
+    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    drop(tracer);
+    assert!(
+        text.contains("not committed") && text.contains(&main) && text.contains("ferry prune"),
+        "says the backup was not committed and what is left: {text}"
+    );
+    println!("{text}");
+    let finals = d.sshd.final_files();
+    let main_path = format!("production/{today}/{main}");
+    assert!(finals.contains(&main_path), "{finals:?}");
+    assert!(!finals.contains(&format!("{main_path}.json")), "{finals:?}");
+    // The add-only key could not undo the renames: the job's error lists what is left.
+    assert!(
+        finals.contains(&format!("production/{today}/{globals}")) && text.contains(&globals),
+        "{finals:?}\n{text}"
+    );
+
+    // Nothing of it is taken for a backup: not by the catalog, not by the staging agent,
+    // which verifies the good one.
+    let catalog = d.ferry_json(&["backups"]).to_string();
+    assert!(
+        catalog.contains(&good) && !catalog.contains(&stamp),
+        "{catalog}"
+    );
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+    let jobs = d.ferry_json(&["jobs"]);
+    let verified = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "verify")
+        .unwrap_or_else(|| panic!("no verify job: {jobs}"));
+    let path = verified["result"]["stored_path"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(path.ends_with(&format!("/{good}")), "{verified}");
+
+    // prune names the orphans; young ones stay (a commit may be under way).
+    let orphan = |plan: &serde_json::Value, name: &str| {
+        leftovers(plan)
+            .into_iter()
+            .find(|l| l.0.ends_with(&format!("/{name}")) && l.1 == "orphan")
+            .unwrap_or_else(|| panic!("{name} is not named an orphan: {plan}"))
+    };
+    println!("{}", d.ferry_ok(&["prune", "--dry-run"]));
+    let plan = d.ferry_json(&["prune", "--dry-run"]);
+    let found = leftovers(&plan);
+    assert!(!orphan(&plan, &main).2, "kept while young: {plan}");
+    assert!(!orphan(&plan, &globals).2, "kept while young: {plan}");
+    assert!(
+        found.iter().all(|l| l.0.contains(&stamp)),
+        "only the failed backup's files: {plan}"
+    );
+    let partials_found: Vec<_> = found.iter().filter(|l| l.1 == "partial").collect();
+    assert!(
+        !partials_found.is_empty() && partials_found.iter().all(|l| l.2 && l.4.contains("failed")),
+        "the failed job's partial files go at once: {plan}"
+    );
+
+    // Minutes later (the files' times set back as if they had passed), prune removes
+    // every file the failed commit left, and nothing else.
+    for e in fs::read_dir(&folder).unwrap().flatten() {
+        if e.file_name().to_string_lossy().contains(&stamp) {
+            run_ok(
+                Command::new("touch")
+                    .args(["-m", "-d", "10 minutes ago"])
+                    .arg(e.path()),
+            );
+        }
+    }
+    let plan = d.ferry_json(&["prune"]);
+    let found = leftovers(&plan);
+    assert!(
+        orphan(&plan, &main).3 && orphan(&plan, &globals).3,
+        "{plan}"
+    );
+    assert!(found.iter().all(|l| l.3), "everything removed: {plan}");
+    assert_eq!(d.sshd.files(), before, "only the good backup is left");
+
+    // And the next backup succeeds.
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["verify", "pg-stage", "--wait"]);
+}
+
+#[test]
+fn a_full_disk_behind_an_add_only_key_says_the_partial_stayed_and_prune_removes_it_at_once() {
+    let d = Deployment::start_with_options(DeploymentOptions {
+        retry: one_attempt(),
+        tweak: Some(Box::new(|d| {
+            add_only_production_key(d);
+            maintenance(d);
+        })),
+        ..DeploymentOptions::default()
+    });
+    let _full = Tmpfs::mount(d.sshd.root(), 8 << 20, BACKUP_USER);
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+
+    d.prod_pg.psql("app", BIG);
+    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    assert!(
+        text.contains("no space left on the backup server")
+            && text.contains("could not be removed")
+            && text.contains("permission denied")
+            && !text.contains("was removed"),
+        "says what is true of the partial file: {text}\n{}",
+        d.logs()
+    );
+    println!("{text}");
+    // The main part's partial, and the companion's staged before it.
+    let left = partials(&d);
+    assert!(!left.is_empty(), "{:?}", d.sshd.files());
+
+    // The job has ended: prune removes its partials at once.
+    let plan = d.ferry_json(&["prune"]);
+    let found = leftovers(&plan);
+    for partial in &left {
+        assert!(
+            found
+                .iter()
+                .any(|l| l.0.ends_with(partial.as_str()) && l.3 && l.4.contains("failed")),
+            "{partial} removed: {plan}"
+        );
+    }
+    assert!(partials(&d).is_empty(), "{:?}", d.sshd.files());
+
+    // With the room back (and the table that never fit gone), the next backup succeeds.
+    d.prod_pg.psql("app", "DROP TABLE big");
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
 }

@@ -2,7 +2,10 @@
 //! binaries:
 //! - the audit log records every command and order by certificate name, and `ferry audit
 //!   --verify` finds an entry edited in the coordinator's store;
-//! - `/metrics` parses as Prometheus text and carries the expected series;
+//! - `/metrics` answers the 0.0.4 text format (which `promtool check metrics` passes) unless
+//!   asked for OpenMetrics, carries the expected series, and every job counter from 0;
+//! - the alert rules pass `promtool check rules` and their unit tests (`promtool test
+//!   rules`): a verify neither fires nor resolves the restore alert, and has one of its own;
 //! - `ferry verify` checks without restoring and catches a one-byte change;
 //! - GFS retention over 100 simulated days, `ferry prune` with the maintenance key;
 //! - a backup set across PostgreSQL, MongoDB and files is not restored while a member is
@@ -88,16 +91,57 @@ fn audit_log_records_commands_and_orders_and_detects_an_edited_entry() {
     );
 }
 
-/// `GET /metrics` on 127.0.0.1:`port`: (status line, body).
+/// `GET /metrics` on 127.0.0.1:`port` with `Accept: text/plain;version=0.0.4`: (status
+/// line, body).
 fn scrape(port: u16) -> (String, String) {
+    let (status, _, body) = scrape_accepting(port, Some("text/plain;version=0.0.4"));
+    (status, body)
+}
+
+/// `GET /metrics` on 127.0.0.1:`port` with `accept` as its `Accept` header (none if
+/// `None`): (status line, Content-Type, body).
+fn scrape_accepting(port: u16, accept: Option<&str>) -> (String, String, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+    let accept = accept
+        .map(|a| format!("Accept: {a}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n{accept}\r\n").as_bytes())
         .unwrap();
     let mut text = String::new();
     s.read_to_string(&mut text).unwrap();
     let (head, body) = text.split_once("\r\n\r\n").unwrap();
-    (head.lines().next().unwrap().to_owned(), body.to_owned())
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.split_once(':')
+                .filter(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    (
+        head.lines().next().unwrap().to_owned(),
+        content_type,
+        body.to_owned(),
+    )
+}
+
+/// `promtool check metrics` on `body` (the Debian package `prometheus` has promtool):
+/// panics with promtool's complaints if it finds any.
+fn promtool_check_metrics(body: &str) {
+    let promtool = require("promtool", "prometheus");
+    let out = output_within(
+        std::process::Command::new(promtool).args(["check", "metrics"]),
+        body.as_bytes(),
+        std::time::Duration::from_secs(60),
+    );
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}\n--- body\n{body}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -126,8 +170,41 @@ fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
     ]);
     assert!(!refused.status.success());
 
-    let (status, body) = scrape(port);
+    // What promtool and older scrapers ask for: the 0.0.4 text format, HELP and TYPE for
+    // every family, and promtool finds nothing to complain of.
+    let (status, content_type, body) = scrape_accepting(port, Some("text/plain;version=0.0.4"));
     assert!(status.contains("200"), "{status}");
+    assert!(
+        content_type.starts_with("text/plain; version=0.0.4"),
+        "{content_type}"
+    );
+    assert!(!body.contains("# EOF"), "{body}");
+    assert!(
+        body.contains("# TYPE ferry_jobs_total counter\n")
+            && body.contains("# HELP ferry_jobs_total "),
+        "{body}"
+    );
+    promtool_check_metrics(&body);
+    // No Accept header at all: the same.
+    let (_, content_type, _) = scrape_accepting(port, None);
+    assert!(content_type.starts_with("text/plain"), "{content_type}");
+    // What Prometheus asks for: OpenMetrics.
+    let (_, content_type, om) = scrape_accepting(
+        port,
+        Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+             version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1",
+        ),
+    );
+    assert!(
+        content_type.starts_with("application/openmetrics-text; version=1.0.0"),
+        "{content_type}"
+    );
+    assert!(
+        om.ends_with("# EOF\n") && om.contains("# TYPE ferry_jobs counter\n"),
+        "{om}"
+    );
+
     let scrape = prometheus_parse::Scrape::parse(body.lines().map(|l| Ok(l.to_owned()))).unwrap();
     let value = |metric: &str, agent: &str, kind: &str| {
         scrape
@@ -181,6 +258,40 @@ fn metrics_parse_as_prometheus_text_and_carry_the_expected_series() {
         "{body}"
     );
     assert!(jobs("restore", "failed").is_some(), "{body}");
+    // Every kind and outcome exists from the start, at 0 until its first job, so that
+    // increase() sees the first one.
+    let verify_failed = jobs("verify", "failed").unwrap_or_else(|| panic!("{body}"));
+    assert!(
+        matches!(verify_failed.value, prometheus_parse::Value::Counter(v) if v == 0.0),
+        "{body}"
+    );
+}
+
+#[test]
+fn alert_rules_pass_promtool_and_follow_each_job_kind() {
+    // deploy/prometheus/ferry-alerts.test.yml: a failed drill keeps FerryRestoreFailed
+    // firing through a successful verify; a failed verify fires FerryVerifyFailed.
+    let promtool = require("promtool", "prometheus");
+    let dir = workspace_root().join("deploy/prometheus");
+    for args in [
+        ["check", "rules", "ferry-alerts.yml"],
+        ["test", "rules", "ferry-alerts.test.yml"],
+    ] {
+        let out = output_within(
+            std::process::Command::new(&promtool)
+                .args(args)
+                .current_dir(&dir),
+            b"",
+            std::time::Duration::from_secs(120),
+        );
+        assert!(
+            out.status.success(),
+            "promtool {args:?} failed ({}):\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }
 
 #[test]

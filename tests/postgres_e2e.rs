@@ -240,6 +240,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
                 namespaces: Vec::new(),
                 verify_only: false,
                 file: String::new(),
+                check_only: false,
             })
             .await
             .expect_err("production agent accepted a restore order");

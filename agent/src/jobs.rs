@@ -38,6 +38,14 @@ pub enum OrderKind {
         /// file name in the source environment's `date` folder. Dated archives only.
         file: Option<String>,
     },
+    /// Check that a backup is there without downloading it ([`pipeline::check`]): the one
+    /// `file` names, else the newest (or the given `YYYY-MM-DD`'s).
+    Check {
+        /// The date, if one was asked for; the date of `file` if that is given.
+        date: Option<String>,
+        /// The exact backup, as for [`OrderKind::Verify`].
+        file: Option<String>,
+    },
     /// Restore a backup: the one `file` names, else the newest (or the given
     /// `YYYY-MM-DD`'s).
     Restore {
@@ -65,6 +73,7 @@ impl std::fmt::Display for OrderKind {
                 return Ok(());
             }
             OrderKind::Verify { date, file } => ("verify", (date, file)),
+            OrderKind::Check { date, file } => ("check", (date, file)),
             OrderKind::Restore { date, file, .. } => ("restore", (date, file)),
         };
         f.write_str(what)?;
@@ -154,6 +163,7 @@ pub fn validate(
         OrderKind::Backup { .. } => (settings.role.may_backup(), "back up"),
         OrderKind::Restore { .. } => (settings.role.may_restore(), "restore"),
         OrderKind::Verify { .. } => (settings.role.may_restore(), "verify"),
+        OrderKind::Check { .. } => (settings.role.may_restore(), "check"),
     };
     if !allowed {
         return Err(OrderError::PermissionDenied(format!(
@@ -209,7 +219,10 @@ pub fn validate(
             )));
         }
     }
-    if let OrderKind::Verify { date, file } | OrderKind::Restore { date, file, .. } = &kind {
+    if let OrderKind::Verify { date, file }
+    | OrderKind::Check { date, file }
+    | OrderKind::Restore { date, file, .. } = &kind
+    {
         if let Some(d) = date {
             layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
@@ -265,6 +278,8 @@ pub enum JobUpdate {
         bytes_written: u64,
         /// Rate of `bytes_read` over the last interval, bytes per second.
         rate: f64,
+        /// Whether the counters measure the stage ([`Progress::streaming`]).
+        streaming: bool,
     },
     /// Succeeded.
     Finished {
@@ -454,10 +469,21 @@ impl JobRunner {
                 _ => None,
             };
             let result = match (order.kind, order.datastore.repository()) {
-                (OrderKind::Verify { .. }, Some(_)) => Err(JobError::InvalidArgument(format!(
-                    "datastore {name:?} is a differential repository, not dated archives: \
-                     its restore checks it (rsync checksums, pgBackRest's own checksums)"
-                ))),
+                (OrderKind::Verify { .. } | OrderKind::Check { .. }, Some(_)) => {
+                    Err(JobError::InvalidArgument(format!(
+                        "datastore {name:?} is a differential repository, not dated archives: \
+                         its restore checks it (rsync checksums, pgBackRest's own checksums)"
+                    )))
+                }
+                (OrderKind::Check { date, file }, None) => {
+                    pipeline::check(
+                        runner.settings.clone(),
+                        order.datastore.clone(),
+                        (date, file),
+                        progress.clone(),
+                    )
+                    .await
+                }
                 (OrderKind::Backup { backup_type }, Some(r)) => {
                     r.backup(&runner.settings, backup_type, &progress).await
                 }
@@ -627,6 +653,7 @@ async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) {
             bytes_read: read,
             bytes_written: written,
             rate,
+            streaming: progress.streaming(),
         };
         // Never waits: a slow watcher misses ticks, one that is gone is no error.
         let _ = tx.send(update);

@@ -91,11 +91,13 @@ fn to_event(job_id: &str, update: JobUpdate) -> v1::JobEvent {
             bytes_read,
             bytes_written,
             rate,
+            streaming,
         } => Event::Progress(v1::Progress {
             stage: stage.into(),
             bytes_read,
             bytes_written,
             rate_bytes_per_second: rate,
+            streaming,
         }),
         JobUpdate::Finished { report, duration } => Event::Finished(v1::Finished {
             stored_path: report.stored_path,
@@ -197,7 +199,9 @@ impl Agent for AgentService {
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
         let file = (!r.file.is_empty()).then_some(r.file);
-        let kind = if r.verify_only {
+        let kind = if r.check_only {
+            OrderKind::Check { date, file }
+        } else if r.verify_only {
             OrderKind::Verify { date, file }
         } else {
             OrderKind::Restore {

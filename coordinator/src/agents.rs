@@ -20,8 +20,17 @@ pub struct AgentState {
     /// The last `Describe` answer, if any.
     pub described: Option<v1::DescribeResponse>,
     /// Why the agent is unusable (unreachable, or not what the inventory says); `None`
-    /// when the last `Describe` answered and matched.
+    /// when the last call answered and its last `Describe` matched.
     pub problem: Option<String>,
+    /// When a call last reached the agent (a `Describe` answered, an order taken, a job
+    /// event received), UTC ms; `None` if never since the coordinator started.
+    pub last_reached_ms: Option<i64>,
+    /// When the coordinator last called the agent or heard from it (reached or not), UTC
+    /// ms.
+    pub last_checked_ms: Option<i64>,
+    /// The agent answered its last `Describe` but not as the inventory says: `problem`
+    /// says how, and only a matching `Describe` clears it.
+    pub mismatch: bool,
 }
 
 /// Channels to the inventory's agents and their last known state.
@@ -131,6 +140,7 @@ impl AgentPool {
     /// # Errors
     /// The problem: unreachable, or not matching the inventory.
     pub async fn describe(&self, id: &str) -> Result<v1::DescribeResponse, String> {
+        let mut answered = false;
         let result = async {
             let agent = self
                 .agents
@@ -147,11 +157,18 @@ impl AgentPool {
                 })?
                 .map_err(|s| format!("agent {id} at {}: {}", agent.address, describe_status(&s)))?
                 .into_inner();
+            answered = true;
             check_description(agent, &d).map(|()| d)
         }
         .await;
+        let now = ferry_proto::now_unix_ms();
         let mut states = self.states.lock().expect("states lock");
         let state = states.entry(id.to_owned()).or_default();
+        state.last_checked_ms = Some(now);
+        if answered {
+            state.last_reached_ms = Some(now);
+        }
+        state.mismatch = answered && result.is_err();
         match &result {
             Ok(d) => {
                 state.described = Some(d.clone());
@@ -163,6 +180,63 @@ impl AgentPool {
             }
         }
         result
+    }
+
+    /// Records that a call other than `Describe` reached agent `id` now (an order taken, a
+    /// job event received): it is reachable, unless its last `Describe` did not match the
+    /// inventory.
+    pub fn reached(&self, id: &str) {
+        let now = ferry_proto::now_unix_ms();
+        let mut states = self.states.lock().expect("states lock");
+        let state = states.entry(id.to_owned()).or_default();
+        state.last_reached_ms = Some(now);
+        state.last_checked_ms = Some(now);
+        if state.described.is_some() && !state.mismatch {
+            state.problem = None;
+        }
+    }
+
+    /// Records that a call to agent `id` failed now for want of the agent (a broken
+    /// stream, a refused connection, no answer in time): it shows unreachable with
+    /// `problem` until a call reaches it again.
+    pub fn unreachable(&self, id: &str, problem: &str) {
+        let now = ferry_proto::now_unix_ms();
+        let mut states = self.states.lock().expect("states lock");
+        let state = states.entry(id.to_owned()).or_default();
+        state.last_checked_ms = Some(now);
+        if !state.mismatch {
+            tracing::warn!(agent = id, problem, "Agent unreachable.");
+            state.problem = Some(problem.to_owned());
+        }
+    }
+
+    /// Describes, at once, every agent not checked within `fresh`, and waits at most
+    /// `budget` for the answers (those still pending finish in the background and are
+    /// recorded then): so `ferry agents` shows an agent killed a moment ago as
+    /// unreachable, and a slow agent never holds the listing for long.
+    pub async fn refresh_stale(self: &Arc<Self>, fresh: Duration, budget: Duration) {
+        let now = ferry_proto::now_unix_ms();
+        let fresh_ms = i64::try_from(fresh.as_millis()).unwrap_or(i64::MAX);
+        let stale: Vec<String> = self
+            .agents
+            .keys()
+            .filter(|id| {
+                self.state(id)
+                    .last_checked_ms
+                    .is_none_or(|t| now.saturating_sub(t) >= fresh_ms)
+            })
+            .cloned()
+            .collect();
+        let calls: Vec<_> = stale
+            .into_iter()
+            .map(|id| {
+                let pool = self.clone();
+                tokio::spawn(async move {
+                    let _ = pool.describe(&id).await;
+                })
+            })
+            .collect();
+        let _ = tokio::time::timeout(budget, futures::future::join_all(calls)).await;
     }
 
     /// The last known state of `id`.
@@ -226,6 +300,51 @@ pub fn join_causes(parts: impl IntoIterator<Item = String>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failed_call_marks_an_agent_unreachable_and_a_call_that_reaches_it_clears_that() {
+        let agent = Agent {
+            id: "db1".into(),
+            address: "https://127.0.0.1:1".into(),
+            role: Role::Production,
+            environment: "production".into(),
+        };
+        let pool = AgentPool::new(
+            [("db1".to_owned(), agent)].into(),
+            TlsFiles {
+                cert: "c".into(),
+                key: "k".into(),
+                ca: "ca".into(),
+            },
+            Duration::from_secs(1),
+        );
+        assert_eq!(pool.state("db1").last_reached_ms, None);
+        pool.states.lock().unwrap().insert(
+            "db1".into(),
+            AgentState {
+                described: Some(v1::DescribeResponse::default()),
+                ..AgentState::default()
+            },
+        );
+        pool.reached("db1");
+        let reached = pool.state("db1");
+        assert!(reached.problem.is_none() && reached.last_reached_ms.is_some());
+        pool.unreachable("db1", "lost agent db1: Unavailable");
+        let lost = pool.state("db1");
+        assert_eq!(lost.problem.as_deref(), Some("lost agent db1: Unavailable"));
+        // When it was last reached stays shown.
+        assert_eq!(lost.last_reached_ms, reached.last_reached_ms);
+        pool.reached("db1");
+        assert!(pool.state("db1").problem.is_none());
+
+        // A mismatch with the inventory is cleared only by a matching Describe.
+        pool.states.lock().unwrap().get_mut("db1").unwrap().mismatch = true;
+        pool.unreachable("db1", "the agent says it is db2");
+        pool.states.lock().unwrap().get_mut("db1").unwrap().problem = Some("mismatch".into());
+        pool.reached("db1");
+        pool.unreachable("db1", "lost");
+        assert_eq!(pool.state("db1").problem.as_deref(), Some("mismatch"));
+    }
 
     #[test]
     fn each_cause_is_joined_once() {

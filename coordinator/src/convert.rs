@@ -33,6 +33,8 @@ impl From<&Progress> for v1::Progress {
             bytes_read: p.bytes_read,
             bytes_written: p.bytes_written,
             rate_bytes_per_second: p.rate_bytes_per_second,
+            // Only the agent's live reports say it (for the liveness rule).
+            streaming: false,
         }
     }
 }
@@ -73,6 +75,9 @@ impl From<&Job> for v1::Job {
             date: j.date.clone().unwrap_or_default(),
             namespaces: j.namespaces.clone(),
             scheduled_unix_ms: j.scheduled_ms.unwrap_or_default(),
+            file: j.file.clone().unwrap_or_default(),
+            set_environment: j.set_environment.clone().unwrap_or_default(),
+            all_or_nothing: j.all_or_nothing,
         }
     }
 }
@@ -91,6 +96,17 @@ impl From<&BackupRecord> for v1::BackupRecord {
             finished_unix_ms: b.finished_ms,
             job_id: b.job_id.clone(),
             bytes_uncompressed: b.bytes_uncompressed,
+            missing_found_unix_ms: b.missing.as_ref().map_or(0, |m| m.found_ms),
+            missing_job_id: b
+                .missing
+                .as_ref()
+                .map(|m| m.job_id.clone())
+                .unwrap_or_default(),
+            missing_error: b
+                .missing
+                .as_ref()
+                .map(|m| m.error.clone())
+                .unwrap_or_default(),
         }
     }
 }

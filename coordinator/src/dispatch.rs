@@ -12,7 +12,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::{AgentPool, describe_status};
 use crate::config::Settings;
-use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, Progress};
+use crate::model::{
+    BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, MissingNote, Progress,
+};
 use crate::store::Store;
 
 /// A trigger refused by the coordinator.
@@ -61,6 +63,8 @@ pub struct Selection<'a> {
     /// ms) the jobs run for; the jobs are stored only if the schedule has not run for
     /// it yet ([`Store::queue_jobs`]).
     pub occurrence: Option<(&'a str, i64)>,
+    /// Restore: check every datastore's backup first and restore none unless all pass.
+    pub all_or_nothing: bool,
 }
 
 impl Selection<'_> {
@@ -77,8 +81,107 @@ impl Selection<'_> {
         if let Some(t) = self.backup_type {
             s.push_str(&format!(" type {t}"));
         }
+        if self.all_or_nothing {
+            s.push_str(" all-or-nothing");
+        }
         s
     }
+}
+
+/// Whether a catalog record is a dated archive (`.age`, read by file name) rather than a
+/// differential repository (pgBackRest, rsync mirror: recorded as its folder, restored by
+/// date).
+fn is_archive(r: &BackupRecord) -> bool {
+    r.stored_path
+        .rsplit('/')
+        .next()
+        .is_some_and(|f| f.ends_with(".age"))
+}
+
+/// How far ahead of the coordinator's clock an agent's may be before its backups count as
+/// dated in the future: clocks a few minutes apart are normal (a backup started at
+/// 23:58 on an agent 3 minutes ahead is dated tomorrow, and that is fine).
+pub const CLOCK_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// Why a backup `result` of `agent` must not enter the catalog: its date (the agent's
+/// clock, which names the dated folder) is after the coordinator's date at `now` plus
+/// [`CLOCK_TOLERANCE`]. `None` when the date is fine.
+pub fn future_dated(
+    agent: &str,
+    result: &JobResult,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<String> {
+    let date = chrono::NaiveDate::parse_from_str(&result.date, "%Y-%m-%d").ok()?;
+    let latest = (now + CLOCK_TOLERANCE).date_naive();
+    (date > latest).then(|| {
+        format!(
+            "refused backup {}: it is dated {} by agent {agent}'s clock, but by the \
+             coordinator's clock it is {} (UTC), so the agent's clock is ahead; it is not \
+             recorded in the catalog, and no restore or verify takes it (its file stays on \
+             the backup server, outside the catalog, until prune removes its folder). Set \
+             the clock of {agent}'s host right (NTP), then back up again",
+            result.stored_path,
+            result.date,
+            now.format("%Y-%m-%d %H:%M")
+        )
+    })
+}
+
+/// What the restore of a set came to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetOutcome {
+    /// Every datastore restored.
+    Whole,
+    /// Some restored, some not.
+    Partly,
+    /// None restored.
+    None,
+}
+
+impl SetOutcome {
+    /// `restored whole`, `restored partly` or `not restored`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SetOutcome::Whole => "restored whole",
+            SetOutcome::Partly => "restored partly",
+            SetOutcome::None => "not restored",
+        }
+    }
+}
+
+/// What the restore of a set came to from its ended jobs, given as `(datastore, whether
+/// it succeeded, its error)`, and in words: `restored: mongo, files; not restored:
+/// postgres (why)` (each error cut to 300 characters).
+pub fn set_outcome<'a>(
+    jobs: impl IntoIterator<Item = (&'a str, bool, &'a str)>,
+) -> (SetOutcome, String) {
+    let mut restored: Vec<&str> = Vec::new();
+    let mut not: Vec<String> = Vec::new();
+    for (datastore, succeeded, error) in jobs {
+        if succeeded {
+            restored.push(datastore);
+        } else {
+            let why: String = error.chars().take(300).collect();
+            not.push(format!("{datastore} ({why})"));
+        }
+    }
+    let outcome = match (restored.is_empty(), not.is_empty()) {
+        (_, true) => SetOutcome::Whole,
+        (false, false) => SetOutcome::Partly,
+        (true, false) => SetOutcome::None,
+    };
+    let mut details = format!(
+        "restored: {}",
+        if restored.is_empty() {
+            "none".to_owned()
+        } else {
+            restored.join(", ")
+        }
+    );
+    if !not.is_empty() {
+        details.push_str(&format!("; not restored: {}", not.join("; ")));
+    }
+    (outcome, details)
 }
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
@@ -183,7 +286,15 @@ pub struct Coordinator {
 /// Where one attempt ended.
 enum Attempt {
     Succeeded(JobResult),
-    Failed { message: String, retryable: bool },
+    Failed {
+        message: String,
+        retryable: bool,
+    },
+    /// A restore or verify found the backup it was ordered to read gone from the backup
+    /// server (the agent's `NotFound`): a final failure, and the catalog record is marked.
+    Missing {
+        message: String,
+    },
 }
 
 pub(crate) async fn blocking<T: Send + 'static>(
@@ -262,7 +373,8 @@ impl Coordinator {
     }
 
     /// The backup sets of `environment` (every environment with production agents when
-    /// `None`), newest date first ([`crate::sets`]); the catalog is read once.
+    /// `None`), newest first by their members' finish times ([`crate::sets`]); the catalog
+    /// is read once.
     ///
     /// # Errors
     /// The store cannot be read.
@@ -279,7 +391,14 @@ impl Coordinator {
         .iter()
         .flat_map(|e| crate::sets::build(e, &self.expected_members(e), &backups))
         .collect();
-        sets.sort_by(|a, b| b.date.cmp(&a.date).then(a.environment.cmp(&b.environment)));
+        // Newest first by when their backups finished (the coordinator's clock), not by
+        // folder name: an agent's clock that ran ahead named later folders for older data.
+        sets.sort_by(|a, b| {
+            b.finished_ms()
+                .cmp(&a.finished_ms())
+                .then(b.date.cmp(&a.date))
+                .then(a.environment.cmp(&b.environment))
+        });
         Ok(sets)
     }
 
@@ -478,7 +597,13 @@ impl Coordinator {
             namespaces,
             backup_type,
             occurrence: _,
+            all_or_nothing,
         } = *selection;
+        if all_or_nothing && kind != JobKind::Restore {
+            return Err(DispatchError::InvalidArgument(
+                "--all-or-nothing is for restores: a verify checks each backup on its own".into(),
+            ));
+        }
         // Names and dates that could leave the backup server's layout (`/`, `..`, NUL,
         // overlong) go no further.
         crate::config::check_name("agent", agent).map_err(DispatchError::InvalidArgument)?;
@@ -542,6 +667,7 @@ impl Coordinator {
             }
         }
         let mut date = date.map(str::to_owned);
+        let mut set_environment = None;
         let datastores = match datastore {
             Some(d) => vec![d.to_owned()],
             None => {
@@ -552,6 +678,7 @@ impl Coordinator {
                         self.set_date(agent, &described.source_environment, date.as_deref())
                             .await?,
                     );
+                    set_environment = Some(described.source_environment.clone());
                 }
                 described.datastores.into_iter().map(|d| d.name).collect()
             }
@@ -561,10 +688,19 @@ impl Coordinator {
                 "agent {agent} has no datastores"
             )));
         }
+        // A verify of a given date checks every backup the catalog lists for it, one job
+        // each; otherwise one job per datastore.
+        let targets: Vec<(String, Option<String>)> = match (kind, selection.date) {
+            (JobKind::Verify, Some(day)) => {
+                let source = self.description(agent).await?.source_environment;
+                self.backups_of_date(&source, &datastores, day).await?
+            }
+            _ => datastores.into_iter().map(|d| (d, None)).collect(),
+        };
         let created_ms = ferry_proto::now_unix_ms();
-        let jobs: Vec<Job> = datastores
+        let jobs: Vec<Job> = targets
             .into_iter()
-            .map(|ds| Job {
+            .map(|(ds, file)| Job {
                 id: ulid::Ulid::new().to_string(),
                 kind,
                 agent: agent.to_owned(),
@@ -575,6 +711,10 @@ impl Coordinator {
                 date: date.clone(),
                 namespaces: namespaces.to_vec(),
                 backup_type: backup_type.map(str::to_owned),
+                file,
+                set_environment: set_environment.clone().filter(|_| kind == JobKind::Restore),
+                all_or_nothing,
+                checked_ms: None,
                 scheduled_ms: selection.occurrence.map(|(_, at)| at),
                 created_ms,
                 started_ms: None,
@@ -587,10 +727,16 @@ impl Coordinator {
         let events: Vec<JobEventRecord> = jobs
             .iter()
             .map(|job| {
-                let message = format!(
-                    "Queued {} of {} on {} ({trigger}).",
-                    job.kind, job.datastore, job.agent
-                );
+                let message = match &job.file {
+                    Some(f) => format!(
+                        "Queued {} of {} ({f}) on {} ({trigger}).",
+                        job.kind, job.datastore, job.agent
+                    ),
+                    None => format!(
+                        "Queued {} of {} on {} ({trigger}).",
+                        job.kind, job.datastore, job.agent
+                    ),
+                };
                 tracing::info!(job_id = %job.id, agent = %job.agent, datastore = %job.datastore, "{message}");
                 JobEventRecord {
                     job_id: job.id.clone(),
@@ -613,11 +759,54 @@ impl Coordinator {
             return Ok(Vec::new());
         }
         let ids = jobs.iter().map(|j| j.id.clone()).collect();
-        for job in jobs {
+        if kind == JobKind::Restore && (all_or_nothing || set_environment.is_some()) {
+            // A set (or an all-or-nothing restore): checked first if asked, and reported
+            // as one when every job has ended.
             let this = self.clone();
-            tokio::spawn(async move { this.run(job, None).await });
+            tokio::spawn(async move { this.run_together(jobs).await });
+        } else {
+            for job in jobs {
+                let this = self.clone();
+                tokio::spawn(async move { this.run(job, None).await });
+            }
         }
         Ok(ids)
+    }
+
+    /// For a verify of `date`: `(datastore, Some(stored_path))` for every dated archive the
+    /// catalog lists of each of `datastores` in `source_environment` on `date`, oldest
+    /// first; `(datastore, None)` for a datastore with none (its job then fails naming
+    /// what the catalog lacks) or kept in a differential repository (checked by date).
+    ///
+    /// # Errors
+    /// The catalog cannot be read.
+    async fn backups_of_date(
+        &self,
+        source_environment: &str,
+        datastores: &[String],
+        date: &str,
+    ) -> Result<Vec<(String, Option<String>)>, DispatchError> {
+        let store = self.store.clone();
+        let environment = source_environment.to_owned();
+        let mut records = blocking(move || store.list_backups(Some(&environment))).await?;
+        records.sort_by_key(|r| r.finished_ms);
+        let mut out = Vec::new();
+        for ds in datastores {
+            let of_day: Vec<&BackupRecord> = records
+                .iter()
+                .filter(|r| r.datastore == *ds && r.date == date)
+                .collect();
+            if of_day.is_empty() || !of_day.iter().all(|r| is_archive(r)) {
+                out.push((ds.clone(), None));
+            } else {
+                out.extend(
+                    of_day
+                        .into_iter()
+                        .map(|r| (ds.clone(), Some(r.stored_path.clone()))),
+                );
+            }
+        }
+        Ok(out)
     }
 
     /// Runs `job` to a final state, retrying as configured; `first` is the outcome of an
@@ -632,7 +821,23 @@ impl Coordinator {
                     _ = self.shutdown.cancelled() => return,
                 },
             };
-            match outcome {
+            // A backup dated in the future by this coordinator's clock never enters the
+            // catalog: it would shadow the backups made once the agent's clock is right.
+            let outcome = match outcome {
+                Attempt::Succeeded(r) if job.kind == JobKind::Backup => {
+                    match future_dated(&job.agent, &r, chrono::Utc::now()) {
+                        Some(message) => Attempt::Failed {
+                            message,
+                            retryable: false,
+                        },
+                        None => Attempt::Succeeded(r),
+                    }
+                }
+                other => other,
+            };
+            let (message, retryable) = match outcome {
+                Attempt::Failed { message, retryable } => (message, retryable),
+                Attempt::Missing { message } => (message, false),
                 Attempt::Succeeded(result) => {
                     job.state = JobState::Succeeded;
                     job.finished_ms = Some(ferry_proto::now_unix_ms());
@@ -650,6 +855,7 @@ impl Coordinator {
                             sha256: result.sha256.clone(),
                             finished_ms: job.finished_ms.unwrap_or_default(),
                             job_id: job.id.clone(),
+                            missing: None,
                         };
                         let store = self.store.clone();
                         if let Err(e) = blocking(move || store.put_backup(&record)).await {
@@ -673,50 +879,272 @@ impl Coordinator {
                     self.event(&job, summary).await;
                     return;
                 }
-                Attempt::Failed { message, retryable } => {
-                    job.error = Some(message.clone());
-                    if retryable
-                        && job.attempt < self.settings.retry.max_attempts
-                        && !self.shutdown.is_cancelled()
-                    {
-                        let wait = self.settings.retry.backoff(job.attempt);
-                        job.state = JobState::Queued;
-                        self.put(&job).await;
-                        self.event(
-                            &job,
-                            format!(
-                                "Attempt {} failed: {message}; retrying in {} s.",
-                                job.attempt,
-                                wait.as_secs()
-                            ),
-                        )
-                        .await;
-                        tokio::select! {
-                            _ = tokio::time::sleep(wait) => {}
-                            _ = self.shutdown.cancelled() => return,
-                        }
-                        // Stored before the order goes out: a restarted coordinator asks
-                        // the agent about this attempt's id, not the last one's.
-                        job.attempt += 1;
-                        self.put(&job).await;
-                        continue;
-                    }
-                    job.state = JobState::Failed;
-                    job.finished_ms = Some(ferry_proto::now_unix_ms());
-                    self.put(&job).await;
-                    self.counters.job_finished(&job);
-                    self.audit(
-                        "coordinator",
-                        &format!("{} finished", job.kind),
-                        &format!("{} {}/{}", job.id, job.agent, job.datastore),
-                        &format!("failed: {message}"),
-                    )
-                    .await;
-                    self.event(&job, format!("Failed (attempt {}): {message}", job.attempt))
-                        .await;
-                    return;
+            };
+            job.error = Some(message.clone());
+            if retryable
+                && job.attempt < self.settings.retry.max_attempts
+                && !self.shutdown.is_cancelled()
+            {
+                let wait = self.settings.retry.backoff(job.attempt);
+                job.state = JobState::Queued;
+                self.put(&job).await;
+                self.event(
+                    &job,
+                    format!(
+                        "Attempt {} failed: {message}; retrying in {} s.",
+                        job.attempt,
+                        wait.as_secs()
+                    ),
+                )
+                .await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.shutdown.cancelled() => return,
+                }
+                // Stored before the order goes out: a restarted coordinator asks
+                // the agent about this attempt's id, not the last one's.
+                job.attempt += 1;
+                self.put(&job).await;
+                continue;
+            }
+            self.fail(&mut job, message).await;
+            return;
+        }
+    }
+
+    /// Ends `job` as failed with `message`: stored, counted, audited, and its event.
+    async fn fail(&self, job: &mut Job, message: String) {
+        job.state = JobState::Failed;
+        job.finished_ms = Some(ferry_proto::now_unix_ms());
+        job.error = Some(message.clone());
+        self.put(job).await;
+        self.counters.job_finished(job);
+        self.audit(
+            "coordinator",
+            &format!("{} finished", job.kind),
+            &format!("{} {}/{}", job.id, job.agent, job.datastore),
+            &format!("failed: {message}"),
+        )
+        .await;
+        self.event(job, format!("Failed (attempt {}): {message}", job.attempt))
+            .await;
+    }
+
+    /// Runs the restore jobs of one trigger together: with `--all-or-nothing`, first
+    /// checks every member's backup ([`Coordinator::check_member`]) and fails every job,
+    /// restoring none, if one does not pass; then runs each job to its end and, for a
+    /// set, reports what the set's restore came to ([`Coordinator::report_set`]).
+    async fn run_together(self: Arc<Self>, mut jobs: Vec<Job>) {
+        if jobs.iter().any(|j| j.all_or_nothing) {
+            for job in &jobs {
+                self.event(
+                    job,
+                    format!(
+                        "Checking the backup of every one of the {} datastore(s) before restoring \
+                         any (--all-or-nothing).",
+                        jobs.len()
+                    ),
+                )
+                .await;
+            }
+            let checks = futures::future::join_all(jobs.iter().map(|j| self.check_member(j))).await;
+            if self.shutdown.is_cancelled() {
+                return;
+            }
+            let failed: Vec<String> = jobs
+                .iter()
+                .zip(&checks)
+                .filter_map(|(j, c)| {
+                    c.as_ref()
+                        .err()
+                        .map(|why| format!("{}: {why}", j.datastore))
+                })
+                .collect();
+            if !failed.is_empty() {
+                let message = format!(
+                    "not restored (--all-or-nothing): checking every datastore's backup before \
+                     restoring any found {} of {} unusable: {}; no datastore was touched",
+                    failed.len(),
+                    jobs.len(),
+                    failed.join("; ")
+                );
+                for job in &mut jobs {
+                    self.fail(job, message.clone()).await;
+                }
+                self.report_set(&jobs).await;
+                return;
+            }
+            let now = ferry_proto::now_unix_ms();
+            for (job, check) in jobs.iter_mut().zip(checks) {
+                job.checked_ms = Some(now);
+                self.put(job).await;
+                self.event(
+                    job,
+                    format!(
+                        "Every datastore's backup checked; restoring. This one: {}",
+                        check.unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+        }
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
+        let runs = jobs.into_iter().map(|job| {
+            let this = self.clone();
+            tokio::spawn(async move { this.run(job, None).await })
+        });
+        futures::future::join_all(runs).await;
+        if self.shutdown.is_cancelled() {
+            return;
+        }
+        let store = self.store.clone();
+        match blocking(move || {
+            ids.iter()
+                .map(|id| store.get_job(id))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        {
+            Ok(jobs) => {
+                let jobs: Vec<Job> = jobs.into_iter().flatten().collect();
+                if jobs.iter().all(|j| j.state.is_final()) {
+                    self.report_set(&jobs).await;
                 }
             }
+            Err(e) => tracing::error!(error = %e, "Could not read a set's jobs to report it."),
+        }
+    }
+
+    /// Checks, for an `--all-or-nothing` restore, the backup `job` would read: the catalog's
+    /// choice, on the backup server with readable manifests and every file of its
+    /// manifest's size (a `check_only` order: nothing is downloaded). A differential
+    /// repository passes: its own restore checks it. Returns the agent's summary.
+    ///
+    /// # Errors
+    /// Why the member cannot be restored, in words for the job's error.
+    async fn check_member(&self, job: &Job) -> Result<String, String> {
+        let described = self.agents.describe(&job.agent).await?;
+        let (date, file, record) = self
+            .chosen_backup(job, &described.source_environment, "check")
+            .await
+            .map_err(|failed| match failed {
+                Attempt::Failed { message, .. } | Attempt::Missing { message } => message,
+                Attempt::Succeeded(_) => String::new(),
+            })?;
+        if file.is_empty() {
+            return Ok("a differential repository: its restore checks it".into());
+        }
+        let mut client = self.agents.client(&job.agent)?;
+        let order_id = ulid::Ulid::new().to_string();
+        self.audit(
+            "coordinator",
+            "order check",
+            &format!("{} {}/{}", job.id, job.agent, job.datastore),
+            &format!("sent as {order_id}"),
+        )
+        .await;
+        let timeout = self.settings.agent_timeout;
+        let call = client.run_restore(v1::RunRestoreRequest {
+            job_id: order_id,
+            datastore: job.datastore.clone(),
+            date,
+            namespaces: Vec::new(),
+            // An agent that predates check_only verifies the backup in full instead.
+            verify_only: true,
+            file,
+            check_only: true,
+        });
+        let mut stream = match tokio::time::timeout(timeout, call).await {
+            Err(_) => return Err(format!("agent {} did not answer the check", job.agent)),
+            Ok(Err(status)) => {
+                return Err(format!(
+                    "agent {} refused the check: {}",
+                    job.agent,
+                    describe_status(&status)
+                ));
+            }
+            Ok(Ok(r)) => r.into_inner(),
+        };
+        loop {
+            match tokio::time::timeout(timeout, stream.message()).await {
+                Err(_) => {
+                    return Err(format!(
+                        "agent {} stopped answering during the check",
+                        job.agent
+                    ));
+                }
+                Ok(Err(status)) => {
+                    return Err(format!(
+                        "lost agent {} during the check: {}",
+                        job.agent,
+                        describe_status(&status)
+                    ));
+                }
+                Ok(Ok(None)) => {
+                    return Err(format!(
+                        "agent {} ended the check without a result",
+                        job.agent
+                    ));
+                }
+                Ok(Ok(Some(e))) => match e.event {
+                    Some(Event::Finished(f)) => return Ok(f.summary),
+                    Some(Event::Failed(f)) => {
+                        if f.code == v1::FailureCode::NotFound as i32
+                            && let Some(record) = record
+                        {
+                            let missing = Attempt::Missing {
+                                message: f.message.clone(),
+                            };
+                            self.note_presence(job, record, &missing).await;
+                        }
+                        return Err(f.message);
+                    }
+                    _ => {}
+                },
+            }
+        }
+    }
+
+    /// Says what the restore of a set came to once every one of its `jobs` has ended:
+    /// restored whole, partly (which datastores, which not and why) or not at all, in the
+    /// audit log (`restore set finished`), the coordinator's log and each job's events.
+    /// Jobs that are not a set's (one datastore restored on its own) are not reported.
+    async fn report_set(&self, jobs: &[Job]) {
+        let Some(first) = jobs.first() else { return };
+        let Some(environment) = &first.set_environment else {
+            return;
+        };
+        let date = first.date.clone().unwrap_or_default();
+        let (outcome, details) = set_outcome(jobs.iter().map(|j| {
+            (
+                j.datastore.as_str(),
+                j.state == JobState::Succeeded,
+                j.error.as_deref().unwrap_or(j.state.as_str()),
+            )
+        }));
+        let target = format!("{} {environment} {date}", first.agent);
+        if outcome == SetOutcome::Whole {
+            tracing::info!(agent = %first.agent, environment, date, "Set restored whole.");
+        } else {
+            tracing::warn!(agent = %first.agent, environment, date, details,
+                "Set {}.", outcome.as_str());
+        }
+        self.audit(
+            "coordinator",
+            "restore set finished",
+            &target,
+            &format!("{}: {details}", outcome.as_str()),
+        )
+        .await;
+        for job in jobs {
+            self.event(
+                job,
+                format!(
+                    "The set of {environment} {date} was {}: {details}",
+                    outcome.as_str()
+                ),
+            )
+            .await;
         }
     }
 
@@ -734,10 +1162,13 @@ impl Coordinator {
             }
         };
         // A restore or verify reads the backup the catalog chose, and no other.
-        let (date, file) = match job.kind {
-            JobKind::Backup => (String::new(), String::new()),
+        let (date, file, chosen) = match job.kind {
+            JobKind::Backup => (String::new(), String::new(), None),
             JobKind::Restore | JobKind::Verify => {
-                match self.chosen_backup(job, &described.source_environment).await {
+                match self
+                    .chosen_backup(job, &described.source_environment, job.kind.as_str())
+                    .await
+                {
                     Ok(chosen) => chosen,
                     Err(failed) => return failed,
                 }
@@ -786,6 +1217,7 @@ impl Coordinator {
                             namespaces: job.namespaces.clone(),
                             verify_only: job.kind == JobKind::Verify,
                             file,
+                            check_only: false,
                         })
                         .await
                 }
@@ -793,17 +1225,32 @@ impl Coordinator {
         };
         let stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
+                let message = format!(
+                    "agent {} did not answer the order within {} s",
+                    job.agent,
+                    timeout.as_secs()
+                );
+                self.agents.unreachable(&job.agent, &message);
                 return Attempt::Failed {
-                    message: format!(
-                        "agent {} did not answer the order within {} s",
-                        job.agent,
-                        timeout.as_secs()
-                    ),
+                    message,
+                    retryable: true,
+                };
+            }
+            Ok(Err(status)) if status.code() == tonic::Code::Unavailable => {
+                let message = format!(
+                    "agent {} could not be reached with the order: {}",
+                    job.agent,
+                    describe_status(&status)
+                );
+                self.agents.unreachable(&job.agent, &message);
+                return Attempt::Failed {
+                    message,
                     retryable: true,
                 };
             }
             Ok(Err(status)) => {
                 use tonic::Code;
+                self.agents.reached(&job.agent);
                 let retryable = !matches!(
                     status.code(),
                     Code::PermissionDenied
@@ -820,18 +1267,61 @@ impl Coordinator {
                     retryable,
                 };
             }
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(r)) => {
+                self.agents.reached(&job.agent);
+                r.into_inner()
+            }
         };
-        self.follow(job, &client, stream).await
+        let outcome = self.follow(job, &client, stream).await;
+        if let Some(record) = chosen {
+            self.note_presence(job, record, &outcome).await;
+        }
+        outcome
     }
 
-    /// The backup a restore or verify `job` reads, chosen from the catalog: the newest
-    /// record (by finish time) of the job's datastore in `source_environment`, of the job's
-    /// date if it has one. Returns the order's `(date, file)`: `file` is the main archive's
-    /// name, which the agent reads and nothing else. For a differential repository (its
-    /// newest record is a folder, not an `.age` archive) `file` is empty and the date is
-    /// the job's: the repository restores by date and says itself what it lacks. The
-    /// choice is recorded as a job event.
+    /// Marks `record`, the backup `job` was ordered to read, as missing from the backup
+    /// server when the agent did not find it ([`Attempt::Missing`]), and clears the mark
+    /// when the agent read it; `ferry backups` shows the mark.
+    async fn note_presence(&self, job: &Job, mut record: BackupRecord, outcome: &Attempt) {
+        record.missing = match outcome {
+            Attempt::Missing { message } => Some(MissingNote {
+                found_ms: ferry_proto::now_unix_ms(),
+                job_id: job.id.clone(),
+                error: message.clone(),
+            }),
+            Attempt::Succeeded(_) if record.missing.is_some() => None,
+            _ => return,
+        };
+        let missing = record.missing.is_some();
+        let store = self.store.clone();
+        let path = record.stored_path.clone();
+        if let Err(e) = blocking(move || store.put_backup(&record)).await {
+            tracing::error!(error = %e, error_type = "store", "Could not mark a catalog record.");
+            return;
+        }
+        if missing {
+            tracing::warn!(job_id = %job.id, stored_path = %path,
+                "The backup the catalog lists is not on the backup server; marked missing in the catalog.");
+            self.event(
+                job,
+                format!("Marked {path} missing in the catalog: it is not on the backup server."),
+            )
+            .await;
+        } else {
+            self.event(job, format!("{path} is on the backup server again."))
+                .await;
+        }
+    }
+
+    /// The backup a restore or verify `job` reads, chosen from the catalog: the record the
+    /// job names (`file`, a verify of a date), else the newest record (by the coordinator's
+    /// finish time, never by folder name) of the job's datastore in `source_environment`,
+    /// of the job's date if it has one. Returns the order's `(date, file)` and the record:
+    /// `file` is the main archive's name, which the agent reads and nothing else. For a
+    /// differential repository (its newest record is a folder, not an `.age` archive)
+    /// `file` is empty, there is no record, and the date is the job's: the repository
+    /// restores by date and says itself what it lacks. The choice is recorded as a job
+    /// event.
     ///
     /// # Errors
     /// The attempt's failure: no such backup in the catalog or no source environment
@@ -840,7 +1330,8 @@ impl Coordinator {
         &self,
         job: &Job,
         source_environment: &str,
-    ) -> Result<(String, String), Attempt> {
+        what: &str,
+    ) -> Result<(String, String, Option<BackupRecord>), Attempt> {
         if source_environment.is_empty() {
             return Err(Attempt::Failed {
                 message: format!(
@@ -868,14 +1359,32 @@ impl Coordinator {
                 .map(|d| format!(" dated {d}"))
                 .unwrap_or_default()
         };
+        // A verify of one backup of a date checks that one, as long as the catalog has it.
+        if let Some(path) = &job.file {
+            let Some(record) = of_datastore.into_iter().find(|r| r.stored_path == *path) else {
+                return Err(Attempt::Failed {
+                    message: format!(
+                        "the catalog no longer has backup {path} (pruned since the job was \
+                         queued?): nothing to {}; `ferry backups` lists what it holds",
+                        what
+                    ),
+                    retryable: false,
+                });
+            };
+            let file = record.stored_path.rsplit('/').next().unwrap_or_default();
+            self.event(
+                job,
+                format!(
+                    "Ordering the {} of {} (backed up {} by job {}), one of the backups of that \
+                     date in the catalog.",
+                    what, record.stored_path, record.date, record.job_id
+                ),
+            )
+            .await;
+            return Ok((record.date.clone(), file.to_owned(), Some(record)));
+        }
         // A differential repository (pgBackRest, rsync mirror) is recorded as its folder:
         // it holds its own history and restores by date (or its newest), as before.
-        let is_archive = |r: &BackupRecord| {
-            r.stored_path
-                .rsplit('/')
-                .next()
-                .is_some_and(|f| f.ends_with(".age"))
-        };
         if let Some(newest) = of_datastore.iter().max_by_key(|r| r.finished_ms)
             && !is_archive(newest)
         {
@@ -883,13 +1392,13 @@ impl Coordinator {
                 job,
                 format!(
                     "Ordering the {} of repository {}{} (the repository holds its own backups).",
-                    job.kind,
+                    what,
                     newest.stored_path,
                     dated(&job.date)
                 ),
             )
             .await;
-            return Ok((job.date.clone().unwrap_or_default(), String::new()));
+            return Ok((job.date.clone().unwrap_or_default(), String::new(), None));
         }
         let chosen = of_datastore
             .into_iter()
@@ -902,7 +1411,7 @@ impl Coordinator {
                      nothing to {}; `ferry backups` lists what the catalog holds",
                     job.datastore,
                     dated(&job.date),
-                    job.kind
+                    what
                 ),
                 retryable: false,
             });
@@ -912,7 +1421,7 @@ impl Coordinator {
             job,
             format!(
                 "Ordering the {} of {} (backed up {} by job {}), the newest backup{} in the catalog.",
-                job.kind,
+                what,
                 record.stored_path,
                 record.date,
                 record.job_id,
@@ -920,12 +1429,14 @@ impl Coordinator {
             ),
         )
         .await;
-        Ok((record.date.clone(), file.to_owned()))
+        Ok((record.date.clone(), file.to_owned(), Some(record)))
     }
 
     /// Follows a job's event stream from its agent to the attempt's end, persisting state
-    /// and progress (at most once a second). An agent silent for `agent_timeout` is told
-    /// to cancel and the attempt fails (retryable).
+    /// and progress (at most once a second). An agent that shows no sign of life for
+    /// `agent_timeout` is told to cancel and the attempt fails (retryable): no event at all,
+    /// or only progress reports of a streaming stage whose byte counters do not move
+    /// ([`shows_life`]).
     async fn follow(
         &self,
         job: &mut Job,
@@ -934,26 +1445,46 @@ impl Coordinator {
     ) -> Attempt {
         let timeout = self.settings.agent_timeout;
         let mut last_persist = std::time::Instant::now() - Duration::from_secs(10);
+        let mut alive_at = tokio::time::Instant::now();
+        let mut event_at = alive_at;
+        let mut last_counts: Option<Counts> = None;
         loop {
-            let next = match tokio::time::timeout(timeout, stream.message()).await {
+            let left = timeout.saturating_sub(alive_at.elapsed());
+            let next = match tokio::time::timeout(left, stream.message()).await {
                 Err(_) => {
                     let mut client = client.clone();
                     let id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
                     tokio::spawn(async move {
                         client.cancel_job(v1::CancelJobRequest { job_id: id }).await
                     });
-                    return Attempt::Failed {
-                        message: format!(
+                    let message = match &last_counts {
+                        Some(c) if event_at.elapsed() < timeout => format!(
+                            "agent {} moved no bytes for {} s in stage {} (still {} bytes read, \
+                             {} written; agent_timeout_seconds): the job was told to cancel \
+                             (is the backup server stalled?)",
+                            job.agent,
+                            timeout.as_secs(),
+                            ferry_proto::Bounded(&c.stage),
+                            c.bytes_read,
+                            c.bytes_written
+                        ),
+                        _ => format!(
                             "agent {} stopped answering: no event for {} s (agent_timeout_seconds)",
                             job.agent,
                             timeout.as_secs()
                         ),
+                    };
+                    self.agents.unreachable(&job.agent, &message);
+                    return Attempt::Failed {
+                        message,
                         retryable: true,
                     };
                 }
                 Ok(Err(status)) => {
+                    let message = format!("lost agent {}: {}", job.agent, describe_status(&status));
+                    self.agents.unreachable(&job.agent, &message);
                     return Attempt::Failed {
-                        message: format!("lost agent {}: {}", job.agent, describe_status(&status)),
+                        message,
                         retryable: true,
                     };
                 }
@@ -968,6 +1499,17 @@ impl Coordinator {
                 }
                 Ok(Ok(Some(e))) => e,
             };
+            self.agents.reached(&job.agent);
+            event_at = tokio::time::Instant::now();
+            match &next.event {
+                Some(Event::Progress(p)) => {
+                    if shows_life(last_counts.as_ref(), p) {
+                        alive_at = event_at;
+                    }
+                    last_counts = Some(Counts::of(p));
+                }
+                _ => alive_at = event_at,
+            }
             match next.event {
                 Some(Event::Accepted(_)) => {
                     job.state = JobState::Running;
@@ -1007,6 +1549,9 @@ impl Coordinator {
                     });
                 }
                 Some(Event::Failed(f)) => {
+                    if job.kind != JobKind::Backup && f.code == v1::FailureCode::NotFound as i32 {
+                        return Attempt::Missing { message: f.message };
+                    }
                     return Attempt::Failed {
                         message: f.message,
                         retryable: f.retryable,
@@ -1035,6 +1580,20 @@ impl Coordinator {
         let n = orphans.len();
         for mut job in orphans {
             let this = self.clone();
+            if job.all_or_nothing && job.checked_ms.is_none() {
+                // Its set was still being checked: no job of it may run unchecked.
+                tokio::spawn(async move {
+                    this.fail(
+                        &mut job,
+                        "not restored (--all-or-nothing): the coordinator restarted while the \
+                         set was being checked, so no datastore was touched; order the restore \
+                         again"
+                            .into(),
+                    )
+                    .await;
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 let first = this.recover(&mut job).await;
                 this.run(job, first).await;
@@ -1205,6 +1764,33 @@ impl Coordinator {
     }
 }
 
+/// The stage and byte counters of a progress report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Counts {
+    stage: String,
+    bytes_read: u64,
+    bytes_written: u64,
+}
+
+impl Counts {
+    fn of(p: &v1::Progress) -> Counts {
+        Counts {
+            stage: p.stage.clone(),
+            bytes_read: p.bytes_read,
+            bytes_written: p.bytes_written,
+        }
+    }
+}
+
+/// Whether progress report `p` shows its job alive, given the counters of the report
+/// before it (`last`): a stage the agent does not measure in bytes (`streaming` false:
+/// waiting, a commit, pgBackRest...) always does; a streaming stage only when it changed
+/// or its counters moved. An agent whose upload is stuck on a stalled server keeps
+/// reporting the same counters: that is no sign of life.
+fn shows_life(last: Option<&Counts>, p: &v1::Progress) -> bool {
+    !p.streaming || last.is_none_or(|l| *l != Counts::of(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1263,6 +1849,55 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_dated_after_the_coordinators_date_is_refused_naming_it() {
+        let result = |date: &str| JobResult {
+            stored_path: format!("/b/production/{date}/postgres_backup_{date}.pgdump.zst.age"),
+            date: date.into(),
+            ..JobResult::default()
+        };
+        let at = |s: &str| {
+            chrono::DateTime::parse_from_rfc3339(s)
+                .unwrap()
+                .with_timezone(&chrono::Utc)
+        };
+        let now = at("2026-12-04T21:00:00Z");
+        assert_eq!(future_dated("db1", &result("2026-12-04"), now), None);
+        assert_eq!(future_dated("db1", &result("2026-12-03"), now), None);
+        let m = future_dated("db1", &result("2026-12-05"), now).unwrap();
+        assert!(
+            m.contains("postgres_backup_2026-12-05.pgdump.zst.age")
+                && m.contains("dated 2026-12-05 by agent db1's clock")
+                && m.contains("it is 2026-12-04 21:00 (UTC)")
+                && m.contains("NTP"),
+            "{m}"
+        );
+        // A few minutes before midnight, an agent slightly ahead dates tomorrow: fine.
+        let late = at("2026-12-04T23:57:00Z");
+        assert_eq!(future_dated("db1", &result("2026-12-05"), late), None);
+        assert!(future_dated("db1", &result("2026-12-06"), late).is_some());
+    }
+
+    #[test]
+    fn a_set_restored_partly_names_what_was_restored_and_what_was_not_and_why() {
+        let (o, d) = set_outcome([
+            ("postgres", false, "manifest x.json does not parse"),
+            ("files", true, ""),
+            ("mongo", true, ""),
+        ]);
+        assert_eq!(o, SetOutcome::Partly);
+        assert_eq!(
+            d,
+            "restored: files, mongo; not restored: postgres (manifest x.json does not parse)"
+        );
+        assert_eq!(set_outcome([("a", true, "")]).0, SetOutcome::Whole);
+        let (o, d) = set_outcome([("a", false, "gone")]);
+        assert_eq!(
+            (o, d.as_str()),
+            (SetOutcome::None, "restored: none; not restored: a (gone)")
+        );
+    }
+
+    #[test]
     fn a_refusal_lists_at_most_twenty_datastores() {
         let d = v1::DescribeResponse {
             agent_id: "db1".into(),
@@ -1273,5 +1908,42 @@ mod tests {
         };
         let m = refusal(check_order(&d, "nope", None, &[]));
         assert!(m.contains("d19 and 5 more") && !m.contains("d20"), "{m}");
+    }
+
+    fn progress(stage: &str, read: u64, written: u64, streaming: bool) -> v1::Progress {
+        v1::Progress {
+            stage: stage.into(),
+            bytes_read: read,
+            bytes_written: written,
+            rate_bytes_per_second: 0.0,
+            streaming,
+        }
+    }
+
+    #[test]
+    fn streaming_progress_whose_counters_do_not_move_is_no_sign_of_life() {
+        let upload = progress("dump", 5 << 20, 2 << 20, true);
+        let last = Counts::of(&upload);
+        // The same counters again: the upload is stuck.
+        assert!(!shows_life(Some(&last), &upload));
+        // Bytes moved, or a new stage: alive.
+        assert!(shows_life(
+            Some(&last),
+            &progress("dump", 6 << 20, 2 << 20, true)
+        ));
+        assert!(shows_life(
+            Some(&last),
+            &progress("dump", 5 << 20, 3 << 20, true)
+        ));
+        assert!(shows_life(
+            Some(&last),
+            &progress("commit", 5 << 20, 2 << 20, true)
+        ));
+        // The first report of a stream is alive.
+        assert!(shows_life(None, &upload));
+        // A stage the agent does not measure in bytes (pgBackRest, a commit, waiting)
+        // is alive whatever its counters say.
+        let tool = progress("pgbackrest", 0, 0, false);
+        assert!(shows_life(Some(&Counts::of(&tool)), &tool));
     }
 }

@@ -1,7 +1,13 @@
-//! Prometheus metrics on `GET /metrics` (text exposition format 0.0.4, written by
-//! `prometheus-client`; <https://prometheus.io/docs/instrumenting/exposition_formats/>),
-//! served over plain HTTP on `metrics_listen` when it is configured. Bind it to an address
-//! only the Prometheus server reaches: it names hosts, datastores and sizes.
+//! Prometheus metrics on `GET /metrics`, served over plain HTTP on `metrics_listen` when
+//! it is configured. Bind it to an address only the Prometheus server reaches: it names
+//! hosts, datastores and sizes.
+//!
+//! The format follows the request's `Accept` header ([`Format::negotiate`]): OpenMetrics
+//! 1.0.0 when it prefers `application/openmetrics-text` (as Prometheus itself asks),
+//! else the text exposition format 0.0.4 with `# HELP` and `# TYPE` for every family
+//! (what `promtool check metrics` and older scrapers read). Both are written here
+//! (<https://prometheus.io/docs/instrumenting/exposition_formats/>,
+//! <https://github.com/OpenObservability/OpenMetrics/blob/main/specification/OpenMetrics.md>).
 //!
 //! Series (labels `environment`, `agent`, `datastore`; `kind` is `backup`, `restore` or
 //! `verify`), one per kind that ever finished on the datastore, so a verify never hides
@@ -20,126 +26,250 @@
 //!   environment is complete, 0 if a member is missing.
 //! - `ferry_last_complete_set_timestamp_seconds{environment}`: the end of the newest
 //!   complete set's last member backup (what a restore drill would take).
-//! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started.
+//! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started, every
+//!   kind (`backup`, `restore`, `verify`) and outcome (`succeeded`, `failed`) from 0.
 //!
 //! The per-datastore series are read from the store at each scrape (two point lookups per
 //! datastore), so they survive a restart; the counter counts from the start.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::Registry;
-
-use crate::dispatch::Coordinator;
+use crate::dispatch::{Coordinator, DispatchError};
 use crate::model::{Job, JobKind, JobState};
 
-/// Labels of the per-datastore series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct DatastoreLabels {
-    environment: String,
-    agent: String,
-    datastore: String,
-    kind: String,
-}
+/// The job kinds counted by `ferry_jobs_total`, in label order.
+const KINDS: [JobKind; 3] = [JobKind::Backup, JobKind::Restore, JobKind::Verify];
+/// The outcomes counted by `ferry_jobs_total`.
+const OUTCOMES: [&str; 2] = ["succeeded", "failed"];
 
-/// Labels of the per-environment set series.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct EnvironmentLabels {
-    environment: String,
-}
-
-/// Labels of `ferry_jobs_total`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct JobLabels {
-    /// `backup`, `restore` or `verify`.
-    pub kind: String,
-    /// `succeeded` or `failed`.
-    pub outcome: String,
-}
-
-/// The coordinator's counters (kept for the process's life).
-#[derive(Clone, Debug, Default)]
+/// The coordinator's counters (kept for the process's life). Every kind and outcome of
+/// `ferry_jobs_total` exists from the start at 0, so `increase()` sees a series' first
+/// event (a series born at 1 has no increase).
+#[derive(Debug, Default)]
 pub struct Counters {
-    /// Jobs finished, by kind and outcome.
-    pub jobs: Family<JobLabels, Counter>,
+    /// Jobs finished, `[kind][outcome]` in [`KINDS`] and [`OUTCOMES`] order.
+    jobs: [[AtomicU64; 2]; 3],
 }
 
 impl Counters {
-    /// Counts a job that reached a final state.
+    /// Counts a job that reached a final state (`succeeded`, else `failed`).
     pub fn job_finished(&self, job: &Job) {
-        let outcome = match job.state {
-            JobState::Succeeded => "succeeded",
-            _ => "failed",
-        };
-        self.jobs
-            .get_or_create(&JobLabels {
-                kind: job.kind.to_string(),
-                outcome: outcome.into(),
-            })
-            .inc();
+        let kind = KINDS.iter().position(|k| *k == job.kind).unwrap_or(0);
+        let outcome = usize::from(job.state != JobState::Succeeded);
+        self.jobs[kind][outcome].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Jobs of `kind` counted with `outcome` (`succeeded` or `failed`) so far.
+    pub fn jobs(&self, kind: JobKind, outcome: &str) -> u64 {
+        let k = KINDS.iter().position(|k| *k == kind).unwrap_or(0);
+        OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |o| self.jobs[k][o].load(Ordering::Relaxed))
     }
 }
 
-/// Renders the metrics text for one scrape.
+/// Which text format a scrape gets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text exposition format 0.0.4 (`text/plain; version=0.0.4`): `# HELP` and
+    /// `# TYPE` for every family, counters named with their `_total` suffix.
+    Text,
+    /// OpenMetrics 1.0.0 (`application/openmetrics-text`): counter families named without
+    /// `_total`, their samples with it, and a final `# EOF`.
+    OpenMetrics,
+}
+
+impl Format {
+    /// The format for a request's `Accept` header: OpenMetrics when it prefers
+    /// `application/openmetrics-text` (by `q`, then order) to `text/plain` and `*/*`, else
+    /// the 0.0.4 text format (also without a header, or when it names neither).
+    pub fn negotiate(accept: Option<&str>) -> Format {
+        let mut best: Option<(f32, Format)> = None;
+        for range in accept.unwrap_or_default().split(',') {
+            let mut parts = range.split(';').map(str::trim);
+            let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.split_once('='))
+                .find(|(k, _)| k.trim().eq_ignore_ascii_case("q"))
+                .and_then(|(_, v)| v.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            let format = match media.as_str() {
+                "application/openmetrics-text" => Format::OpenMetrics,
+                "text/plain" | "text/*" | "*/*" => Format::Text,
+                _ => continue,
+            };
+            if q > 0.0 && best.is_none_or(|(b, _)| q > b) {
+                best = Some((q, format));
+            }
+        }
+        best.map_or(Format::Text, |(_, f)| f)
+    }
+
+    /// The `Content-Type` of a body in this format.
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Text => "text/plain; version=0.0.4; charset=utf-8",
+            Format::OpenMetrics => "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        }
+    }
+}
+
+/// A metric family's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Type {
+    Gauge,
+    Counter,
+}
+
+/// One metric family of one scrape: its name (a counter's without `_total`), help, type
+/// and samples (labels in order, value).
+struct Family {
+    name: &'static str,
+    help: &'static str,
+    kind: Type,
+    samples: Vec<(Vec<(&'static str, String)>, f64)>,
+}
+
+impl Family {
+    fn gauge(name: &'static str, help: &'static str) -> Self {
+        Self {
+            name,
+            help,
+            kind: Type::Gauge,
+            samples: Vec::new(),
+        }
+    }
+}
+
+/// A sample value as both formats write it (`NaN`, `+Inf`, `-Inf`, else a decimal).
+fn value(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".into()
+    } else if v.is_infinite() {
+        if v > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        v.to_string()
+    }
+}
+
+/// Escapes a label value: `\`, `"` and line feeds (both formats).
+fn escape_label(s: &str) -> String {
+    s.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
+}
+
+/// Writes `families` in `format`.
+fn encode(families: &[Family], format: Format) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for f in families {
+        let (family, sample, kind) = match (f.kind, format) {
+            (Type::Gauge, _) => (f.name.to_owned(), f.name.to_owned(), "gauge"),
+            (Type::Counter, Format::Text) => {
+                let total = format!("{}_total", f.name);
+                (total.clone(), total, "counter")
+            }
+            (Type::Counter, Format::OpenMetrics) => {
+                (f.name.to_owned(), format!("{}_total", f.name), "counter")
+            }
+        };
+        let help = f.help.replace('\\', r"\\").replace('\n', r"\n");
+        let _ = writeln!(out, "# HELP {family} {help}");
+        let _ = writeln!(out, "# TYPE {family} {kind}");
+        for (labels, v) in &f.samples {
+            out.push_str(&sample);
+            if !labels.is_empty() {
+                let inner: Vec<String> = labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}=\"{}\"", escape_label(v)))
+                    .collect();
+                let _ = write!(out, "{{{}}}", inner.join(","));
+            }
+            let _ = writeln!(out, " {}", value(*v));
+        }
+    }
+    if format == Format::OpenMetrics {
+        out.push_str("# EOF\n");
+    }
+    out
+}
+
+/// Renders the metrics for one scrape in `format`.
 ///
 /// # Errors
 /// The store cannot be read.
-pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
-    let states = c.datastore_states().await.map_err(|e| e.to_string())?;
-    let last_success =
-        Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    let duration = Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    let stored = Family::<DatastoreLabels, Gauge>::default();
-    let succeeded = Family::<DatastoreLabels, Gauge>::default();
-    let rpo = Family::<DatastoreLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, DispatchError> {
+    let states = c.datastore_states().await?;
+    let mut last_success = Family::gauge(
+        "ferry_last_success_timestamp_seconds",
+        "When the newest succeeded job of a datastore and kind finished, seconds since the epoch (UTC)",
+    );
+    let mut duration = Family::gauge(
+        "ferry_last_success_duration_seconds",
+        "How long the newest succeeded job of a datastore and kind ran on its agent, seconds",
+    );
+    let mut stored = Family::gauge(
+        "ferry_last_success_stored_bytes",
+        "Stored size of the backup of the newest succeeded job of a datastore and kind, bytes",
+    );
+    let mut succeeded = Family::gauge(
+        "ferry_last_job_succeeded",
+        "1 if the newest finished job of a datastore and kind succeeded, 0 if it failed",
+    );
+    let mut rpo = Family::gauge(
+        "ferry_last_restore_rpo_seconds",
+        "Age of the backup restored by the newest succeeded restore when it finished (restore end minus backup end), seconds",
+    );
     for (agent, datastore, latest) in &states {
         for (kind, jobs) in &latest.by_kind {
-            let l = DatastoreLabels {
-                environment: agent.environment.clone(),
-                agent: agent.id.clone(),
-                datastore: datastore.clone(),
-                kind: kind.to_string(),
-            };
+            let labels = vec![
+                ("environment", agent.environment.clone()),
+                ("agent", agent.id.clone()),
+                ("datastore", datastore.clone()),
+                ("kind", kind.to_string()),
+            ];
             if let Some(job) = &jobs.last_success {
                 let finished_ms = job.finished_ms.unwrap_or_default();
                 last_success
-                    .get_or_create(&l)
-                    .set(finished_ms as f64 / 1000.0);
+                    .samples
+                    .push((labels.clone(), finished_ms as f64 / 1000.0));
                 if let Some(r) = &job.result {
                     duration
-                        .get_or_create(&l)
-                        .set(r.duration_ms as f64 / 1000.0);
-                    stored
-                        .get_or_create(&l)
-                        .set(i64::try_from(r.size_bytes).unwrap_or(i64::MAX));
+                        .samples
+                        .push((labels.clone(), r.duration_ms as f64 / 1000.0));
+                    stored.samples.push((labels.clone(), r.size_bytes as f64));
                     if *kind == JobKind::Restore
                         && let Some((_, rpo_ms)) = r.rto_rpo_ms(finished_ms)
                     {
-                        rpo.get_or_create(&l).set(rpo_ms as f64 / 1000.0);
+                        rpo.samples.push((labels.clone(), rpo_ms as f64 / 1000.0));
                     }
                 }
             }
             if let Some(job) = &jobs.last_outcome {
-                succeeded
-                    .get_or_create(&l)
-                    .set(i64::from(job.state == JobState::Succeeded));
+                let ok = f64::from(u8::from(job.state == JobState::Succeeded));
+                succeeded.samples.push((labels, ok));
             }
         }
     }
-    let set_complete = Family::<EnvironmentLabels, Gauge>::default();
-    let complete_at =
-        Family::<EnvironmentLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
-    let all_sets = c.sets(None).await.map_err(|e| e.to_string())?;
+    let mut set_complete = Family::gauge(
+        "ferry_backup_set_complete",
+        "1 if the newest backup set of an environment is complete, 0 if a member is missing",
+    );
+    let mut complete_at = Family::gauge(
+        "ferry_last_complete_set_timestamp_seconds",
+        "When the newest complete backup set's last member finished, seconds since the epoch",
+    );
+    let all_sets = c.sets(None).await?;
     for env in c.production_environments() {
         let sets: Vec<_> = all_sets.iter().filter(|s| s.environment == env).collect();
-        let l = EnvironmentLabels { environment: env };
+        let labels = vec![("environment", env.clone())];
         if let Some(newest) = sets.first() {
             set_complete
-                .get_or_create(&l)
-                .set(i64::from(newest.complete()));
+                .samples
+                .push((labels.clone(), f64::from(u8::from(newest.complete()))));
         }
         if let Some(done) = sets.iter().find(|s| s.complete()) {
             let end = done
@@ -148,53 +278,34 @@ pub async fn render(c: &Arc<Coordinator>) -> Result<String, String> {
                 .filter_map(|m| m.backup.as_ref().map(|b| b.finished_ms))
                 .max()
                 .unwrap_or_default();
-            complete_at.get_or_create(&l).set(end as f64 / 1000.0);
+            complete_at.samples.push((labels, end as f64 / 1000.0));
         }
     }
-    let mut registry = Registry::with_prefix("ferry");
-    registry.register(
-        "backup_set_complete",
-        "1 if the newest backup set of an environment is complete, 0 if a member is missing",
+    let mut jobs = Family {
+        name: "ferry_jobs",
+        help: "Jobs finished since the coordinator started, by kind and outcome",
+        kind: Type::Counter,
+        samples: Vec::new(),
+    };
+    for kind in KINDS {
+        for outcome in OUTCOMES {
+            jobs.samples.push((
+                vec![("kind", kind.to_string()), ("outcome", outcome.to_owned())],
+                c.counters.jobs(kind, outcome) as f64,
+            ));
+        }
+    }
+    let families = [
         set_complete,
-    );
-    registry.register(
-        "last_complete_set_timestamp_seconds",
-        "When the newest complete backup set's last member finished, seconds since the epoch",
         complete_at,
-    );
-    registry.register(
-        "last_success_timestamp_seconds",
-        "When the newest succeeded job of a datastore finished, seconds since the epoch (UTC)",
         last_success,
-    );
-    registry.register(
-        "last_success_duration_seconds",
-        "How long the newest succeeded job ran on its agent, seconds",
         duration,
-    );
-    registry.register(
-        "last_success_stored_bytes",
-        "Stored size of the newest succeeded job's backup, bytes",
         stored,
-    );
-    registry.register(
-        "last_job_succeeded",
-        "1 if the newest finished job of a datastore succeeded, 0 if it failed",
         succeeded,
-    );
-    registry.register(
-        "last_restore_rpo_seconds",
-        "Age of the backup restored by the newest succeeded restore when it finished (restore end minus backup end), seconds",
         rpo,
-    );
-    registry.register(
-        "jobs",
-        "Jobs finished since the coordinator started, by kind and outcome",
-        c.counters.jobs.clone(),
-    );
-    let mut out = String::new();
-    prometheus_client::encoding::text::encode(&mut out, &registry).map_err(|e| e.to_string())?;
-    Ok(out)
+        jobs,
+    ];
+    Ok(encode(&families, format))
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
@@ -206,24 +317,23 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> std::io::Result<()> {
-    use axum::http::{StatusCode, header};
+    use axum::http::{HeaderMap, StatusCode, header};
     use axum::response::IntoResponse;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || {
+        axum::routing::get(move |headers: HeaderMap| {
             let c = c.clone();
             async move {
-                match render(&c).await {
+                let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                let format = Format::negotiate(accept);
+                match render(&c, format).await {
                     Ok(text) => (
                         StatusCode::OK,
-                        [(
-                            header::CONTENT_TYPE,
-                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        )],
+                        [(header::CONTENT_TYPE, format.content_type())],
                         text,
                     )
                         .into_response(),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e).into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
                 }
             }
         }),
@@ -234,4 +344,63 @@ pub async fn serve(
     axum::serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })
         .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_format_follows_accept_and_defaults_to_the_0_0_4_text() {
+        let prometheus = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;\
+                          version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+        assert_eq!(Format::negotiate(Some(prometheus)), Format::OpenMetrics);
+        for text in [
+            None,
+            Some(""),
+            Some("text/plain;version=0.0.4"),
+            Some("text/plain;version=0.0.4;q=0.9, application/openmetrics-text;q=0.5"),
+            Some("*/*"),
+            Some("application/json"),
+            Some("application/openmetrics-text;q=0, text/plain"),
+        ] {
+            assert_eq!(Format::negotiate(text), Format::Text, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn counters_are_total_in_0_0_4_and_a_family_of_their_own_in_openmetrics() {
+        let counters = Counters::default();
+        let families = [
+            Family {
+                name: "ferry_jobs",
+                help: "Jobs",
+                kind: Type::Counter,
+                samples: vec![(vec![("kind", "backup".into())], 0.0)],
+            },
+            Family {
+                samples: vec![(vec![("agent", "a\"b\\c\nd".into())], 1.5)],
+                ..Family::gauge("ferry_g", "A gauge")
+            },
+            Family::gauge("ferry_empty", "No samples yet"),
+        ];
+        assert_eq!(
+            encode(&families, Format::Text),
+            "# HELP ferry_jobs_total Jobs\n# TYPE ferry_jobs_total counter\n\
+             ferry_jobs_total{kind=\"backup\"} 0\n\
+             # HELP ferry_g A gauge\n# TYPE ferry_g gauge\nferry_g{agent=\"a\\\"b\\\\c\\nd\"} 1.5\n\
+             # HELP ferry_empty No samples yet\n# TYPE ferry_empty gauge\n"
+        );
+        let om = encode(&families, Format::OpenMetrics);
+        assert!(
+            om.starts_with(
+                "# HELP ferry_jobs Jobs\n# TYPE ferry_jobs counter\nferry_jobs_total{kind=\"backup\"} 0\n"
+            ),
+            "{om}"
+        );
+        assert!(om.ends_with("# EOF\n"), "{om}");
+        assert_eq!(counters.jobs(JobKind::Verify, "failed"), 0);
+        assert_eq!(value(f64::INFINITY), "+Inf");
+        assert_eq!(value(1e21), "1000000000000000000000");
+    }
 }

@@ -152,6 +152,23 @@ pub struct Job {
     /// For backups, `full` or `diff` (pgBackRest); `None` for the datastore's default.
     #[serde(default)]
     pub backup_type: Option<String>,
+    /// For a verify of a date, the exact backup it checks (its catalog `stored_path`): such
+    /// a verify makes one job per backup the catalog lists for the date. `None`: the
+    /// newest backup (of the date, if given) when the job runs.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// For the restores of a whole set (every datastore of a staging agent, from one
+    /// date, `date`): the set's environment. `None` otherwise.
+    #[serde(default)]
+    pub set_environment: Option<String>,
+    /// Restored `--all-or-nothing`: no job of the set runs before every member's backup
+    /// was checked, and none if one failed its check.
+    #[serde(default)]
+    pub all_or_nothing: bool,
+    /// For an `--all-or-nothing` restore: when every member passed its check, UTC ms. A
+    /// job without it never runs (a coordinator restarted mid-check fails it).
+    #[serde(default)]
+    pub checked_ms: Option<i64>,
     /// For scheduled jobs, the schedule occurrence it runs for, UTC ms (a restarted
     /// coordinator catching up a missed run gives the missed occurrence).
     #[serde(default)]
@@ -206,4 +223,20 @@ pub struct BackupRecord {
     pub finished_ms: i64,
     /// The job that made it.
     pub job_id: String,
+    /// Set when a restore or verify of this very backup found its file gone from the
+    /// backup server; cleared when one reads it again.
+    #[serde(default)]
+    pub missing: Option<MissingNote>,
+}
+
+/// What a restore or verify found of a catalog record whose file is not on the backup
+/// server.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MissingNote {
+    /// When it was found missing, UTC ms.
+    pub found_ms: i64,
+    /// The restore or verify job that found it.
+    pub job_id: String,
+    /// What the agent said.
+    pub error: String,
 }

@@ -2,10 +2,20 @@
 //! dated folders, and, unless it is a dry run, the folders that go removed from the
 //! backup server with the coordinator's `[maintenance]` key. The newest date and the
 //! newest complete backup set are always kept. Every run and every removal is audited.
+//!
+//! With the maintenance key, prune also lists what failed or interrupted uploads left in
+//! the dated folders ([`ferry_agent::transport::Leftover`]) and removes what is safe to
+//! remove ([`judge`]): hidden partial files of jobs that have ended (at once), of jobs the
+//! coordinator does not know (after [`ABANDONED_AFTER`]), never of a job still queued or
+//! running; and orphan data files, under a final name but part of no committed backup
+//! (after [`ORPHAN_AFTER`], and never while a backup of their environment runs).
 
 use std::sync::Arc;
 
+use ferry_agent::transport::{Leftover, LeftoverKind};
+
 use crate::dispatch::{Coordinator, DispatchError, blocking};
+use crate::model::JobState;
 
 /// What prune decided for one dated folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -14,8 +24,8 @@ pub struct Decision {
     pub environment: String,
     /// `YYYY-MM-DD`.
     pub date: String,
-    /// Why it is kept (`newest`, `daily`, `weekly`, `monthly`, `newest complete set`);
-    /// empty: it goes.
+    /// Why it is kept (`newest`, `daily`, `weekly`, `monthly`, `newest complete set`,
+    /// `not in the catalog` for a folder known only by its leftovers); empty: it goes.
     pub keep: Vec<String>,
     /// Catalog records in that folder.
     pub backups: u32,
@@ -23,6 +33,34 @@ pub struct Decision {
     pub size_bytes: u64,
     /// It was removed.
     pub removed: bool,
+    /// Files that failed or interrupted uploads left in it.
+    pub leftovers: Vec<LeftoverDecision>,
+}
+
+/// What prune decided for one file a failed or interrupted upload left.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftoverDecision {
+    /// Full path on the backup server.
+    pub path: String,
+    /// `partial` (a hidden upload) or `orphan` (a data file no committed backup includes).
+    pub kind: &'static str,
+    /// Its size, bytes.
+    pub size_bytes: u64,
+    /// It goes (or would, on a dry run).
+    pub remove: bool,
+    /// Why it goes or stays.
+    pub reason: String,
+    /// It was removed.
+    pub removed: bool,
+}
+
+/// What a prune run decided and did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Per dated folder, newest first per environment.
+    pub decisions: Vec<Decision>,
+    /// The backup server was searched for leftovers (only with the maintenance key).
+    pub leftovers_checked: bool,
 }
 
 /// Why prune did not finish.
@@ -31,7 +69,8 @@ pub enum PruneError {
     /// No policy, or no maintenance key for a real run; nothing was removed.
     #[error("{0}")]
     Refused(String),
-    /// The backup server failed a removal; folders listed before it were removed.
+    /// The backup server failed a listing or a removal; what is listed before it was
+    /// removed.
     #[error("{0}")]
     Server(String),
     /// The store or the sets could not be read.
@@ -39,12 +78,85 @@ pub enum PruneError {
     Dispatch(#[from] DispatchError),
 }
 
-/// Partial uploads untouched this long are abandoned (their agent died, or its key may
-/// not delete them) and removed by prune: 24 hours, longer than any upload stalls.
+/// Partial uploads of jobs this coordinator does not know, untouched this long, are
+/// abandoned (another coordinator's, or from before its store) and removed by prune: 24
+/// hours, longer than any upload stalls.
 pub const ABANDONED_AFTER: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
+/// Orphan data files untouched this long, while no backup of their environment is queued
+/// or running, are removed by prune: 5 minutes, far longer than the few round trips
+/// between a part's rename and its backup's last manifest.
+pub const ORPHAN_AFTER: std::time::Duration = std::time::Duration::from_secs(5 * 60);
+
+/// What the coordinator knows that decides a leftover's fate.
+pub struct Known<'a> {
+    /// The state of a job by id, if the store has it.
+    pub job: &'a dyn Fn(&str) -> Option<JobState>,
+    /// Whether a backup job of the leftover's environment is queued or running.
+    pub backup_running: bool,
+}
+
+/// Whether `leftover` goes, and why.
+pub fn judge(leftover: &Leftover, known: &Known<'_>) -> (bool, String) {
+    let idle = leftover.idle_seconds;
+    match &leftover.kind {
+        LeftoverKind::Partial { job_ids } => {
+            let job = job_ids
+                .iter()
+                .find_map(|id| (known.job)(id).map(|state| (id, state)));
+            match job {
+                Some((id, state)) if state.is_final() => {
+                    (true, format!("its job {id} has ended ({state})"))
+                }
+                Some((id, state)) => (
+                    false,
+                    format!("its job {id} is {state}: a live job's partial is never removed"),
+                ),
+                None if idle >= ABANDONED_AFTER.as_secs() => (
+                    true,
+                    format!(
+                        "untouched for {} h and its job is unknown here",
+                        idle / 3600
+                    ),
+                ),
+                None => (
+                    false,
+                    format!(
+                        "its job is unknown here: removed once untouched for {} h ({} min so far)",
+                        ABANDONED_AFTER.as_secs() / 3600,
+                        idle / 60
+                    ),
+                ),
+            }
+        }
+        LeftoverKind::Orphan if known.backup_running => (
+            false,
+            "a backup of this environment is queued or running and may be committing it".into(),
+        ),
+        LeftoverKind::Orphan if idle < ORPHAN_AFTER.as_secs() => (
+            false,
+            format!(
+                "written {idle} s ago: an orphan is removed once untouched for {} min",
+                ORPHAN_AFTER.as_secs() / 60
+            ),
+        ),
+        LeftoverKind::Orphan => (
+            true,
+            match &leftover.manifest {
+                None => "no manifest: an interrupted commit left it, and no restore or verify \
+                         takes it for a backup"
+                    .into(),
+                Some(_) => "a companion part whose main part was never committed: no restore \
+                            or verify takes it for a backup"
+                    .into(),
+            },
+        ),
+    }
+}
+
 /// Plans (and unless `dry_run`, carries out) the retention of `environment`'s dated
-/// folders, or of every environment with a policy; decisions newest first per environment.
+/// folders, or of every environment with a policy, and the removal of what failed
+/// uploads left there; decisions newest first per environment.
 ///
 /// # Errors
 /// [`PruneError`].
@@ -53,7 +165,7 @@ pub async fn run(
     who: &str,
     environment: Option<&str>,
     dry_run: bool,
-) -> Result<Vec<Decision>, PruneError> {
+) -> Result<Outcome, PruneError> {
     let policies: Vec<(String, crate::retention::Policy)> = c
         .settings
         .retention
@@ -97,22 +209,86 @@ pub async fn run(
                 date,
                 keep,
                 removed: false,
+                leftovers: Vec::new(),
             });
         }
     }
-    let going = decisions.iter().filter(|d| d.keep.is_empty()).count();
+
+    // What failed uploads left, judged with what the store knows of their jobs.
+    let server = c.settings.maintenance.clone();
+    let mut found: Vec<(Leftover, bool, String)> = Vec::new();
+    if let Some(server) = &server {
+        for (env, _) in &policies {
+            let (server, env_name) = (server.clone(), env.clone());
+            let listed =
+                tokio::task::spawn_blocking(move || server.connect()?.leftovers(&env_name))
+                    .await
+                    .map_err(|e| PruneError::Server(e.to_string()))?
+                    .map_err(|e| {
+                        PruneError::Server(format!(
+                            "listing what failed uploads left in {env}: {e}"
+                        ))
+                    })?;
+            let (store, env_name) = (c.store.clone(), env.clone());
+            let environments: std::collections::BTreeMap<String, String> = c
+                .settings
+                .agents
+                .iter()
+                .map(|(id, a)| (id.clone(), a.environment.clone()))
+                .collect();
+            let judged = blocking(move || {
+                let backup_running = store.unfinished_jobs()?.iter().any(|j| {
+                    j.kind == crate::model::JobKind::Backup
+                        && environments.get(&j.agent) == Some(&env_name)
+                });
+                let mut states = std::collections::HashMap::new();
+                for l in &listed {
+                    if let LeftoverKind::Partial { job_ids } = &l.kind {
+                        for id in job_ids {
+                            if let Some(job) = store.get_job(id)? {
+                                states.insert(id.clone(), job.state);
+                            }
+                        }
+                    }
+                }
+                let lookup = |id: &str| states.get(id).copied();
+                let known = Known {
+                    job: &lookup,
+                    backup_running,
+                };
+                Ok(listed
+                    .into_iter()
+                    .map(|l| {
+                        let (remove, reason) = judge(&l, &known);
+                        (l, remove, reason)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+            found.extend(judged);
+        }
+    }
+
     let target = environment.unwrap_or("*");
+    let going = decisions.iter().filter(|d| d.keep.is_empty()).count();
+    let leftovers_going = found.iter().filter(|(_, remove, _)| *remove).count();
     if dry_run {
+        attach(&mut decisions, found, &[]);
         c.audit(
             who,
             "prune --dry-run",
             target,
-            &format!("ok: {going} folder(s) would go"),
+            &format!(
+                "ok: {going} folder(s) and {leftovers_going} file(s) left by failed uploads would go"
+            ),
         )
         .await;
-        return Ok(decisions);
+        return Ok(Outcome {
+            decisions,
+            leftovers_checked: server.is_some(),
+        });
     }
-    let Some(server) = c.settings.maintenance.clone() else {
+    let Some(server) = server else {
         let message = format!(
             "{going} dated folder(s) would go, but deleting needs the maintenance key \
              ([maintenance] in coordinator.toml): nothing was removed (use --dry-run to list them)"
@@ -121,29 +297,63 @@ pub async fn run(
             .await;
         return Err(PruneError::Refused(message));
     };
-    for (env, _) in &policies {
-        let (server, env_name) = (server.clone(), env.clone());
-        let swept = tokio::task::spawn_blocking(move || {
-            server
-                .connect()?
-                .remove_abandoned_partials(&env_name, ABANDONED_AFTER)
+
+    // Leftovers first: the folders that go take theirs with them anyway.
+    let going_leftovers: Vec<Leftover> = found
+        .iter()
+        .filter(|(_, remove, _)| *remove)
+        .map(|(l, _, _)| l.clone())
+        .collect();
+    let mut removed_paths = Vec::new();
+    if !going_leftovers.is_empty() {
+        let server2 = server.clone();
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut session = server2.connect()?;
+            let mut done = Vec::new();
+            for l in &going_leftovers {
+                match session.remove_leftover(l) {
+                    Ok(bytes) => done.push((l.clone(), bytes)),
+                    Err(e) => return Ok((done, Some(e))),
+                }
+            }
+            Ok::<_, ferry_agent::transport::TransportError>((done, None))
         })
         .await
         .map_err(|e| PruneError::Server(e.to_string()))?
-        .map_err(|e| PruneError::Server(format!("removing abandoned uploads: {e}")))?;
-        if swept.0 > 0 {
-            c.audit(
-                who,
-                "prune partials",
-                env,
-                &format!(
-                    "removed {} abandoned partial upload(s), {} bytes",
-                    swept.0, swept.1
-                ),
-            )
-            .await;
+        .map_err(|e| PruneError::Server(format!("removing what failed uploads left: {e}")))?;
+        let (done, failed) = removed;
+        for (env, _) in &policies {
+            let of_env: Vec<_> = done.iter().filter(|(l, _)| &l.environment == env).collect();
+            if !of_env.is_empty() {
+                c.audit(
+                    who,
+                    "prune leftovers",
+                    env,
+                    &format!(
+                        "removed {} file(s) left by failed uploads, {} bytes: {}",
+                        of_env.len(),
+                        of_env.iter().map(|(_, b)| b).sum::<u64>(),
+                        of_env
+                            .iter()
+                            .map(|(l, _)| l.path.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+                .await;
+            }
+        }
+        removed_paths = done.into_iter().map(|(l, _)| l.path).collect();
+        if let Some(e) = failed {
+            c.audit(who, "prune leftovers", target, &format!("failed: {e}"))
+                .await;
+            return Err(PruneError::Server(format!(
+                "removing what failed uploads left: {e}; the files listed before it were removed"
+            )));
         }
     }
+    attach(&mut decisions, found, &removed_paths);
+
     for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
         let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
         let removed =
@@ -173,5 +383,146 @@ pub async fn run(
             }
         }
     }
-    Ok(decisions)
+    Ok(Outcome {
+        decisions,
+        leftovers_checked: true,
+    })
+}
+
+/// Attaches each judged leftover to its folder's decision (a folder the catalog does not
+/// know gets one that keeps it: `not in the catalog`), marking those in `removed`; keeps
+/// the decisions newest first per environment.
+fn attach(decisions: &mut Vec<Decision>, found: Vec<(Leftover, bool, String)>, removed: &[String]) {
+    for (l, remove, reason) in found {
+        let decision = LeftoverDecision {
+            removed: removed.contains(&l.path),
+            path: l.path,
+            kind: match l.kind {
+                LeftoverKind::Partial { .. } => "partial",
+                LeftoverKind::Orphan => "orphan",
+            },
+            size_bytes: l.size,
+            remove,
+            reason,
+        };
+        match decisions
+            .iter_mut()
+            .find(|d| d.environment == l.environment && d.date == l.date)
+        {
+            Some(d) => d.leftovers.push(decision),
+            None => decisions.push(Decision {
+                environment: l.environment,
+                date: l.date,
+                keep: vec!["not in the catalog".into()],
+                backups: 0,
+                size_bytes: 0,
+                removed: false,
+                leftovers: vec![decision],
+            }),
+        }
+    }
+    decisions.sort_by(|a, b| {
+        a.environment
+            .cmp(&b.environment)
+            .then_with(|| b.date.cmp(&a.date))
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn leftover(kind: LeftoverKind, idle_seconds: u64) -> Leftover {
+        Leftover {
+            environment: "production".into(),
+            date: "2026-02-05".into(),
+            path: "/srv/ferry/production/2026-02-05/x".into(),
+            size: 10,
+            idle_seconds,
+            kind,
+            manifest: None,
+        }
+    }
+
+    fn partial(job: &str) -> LeftoverKind {
+        LeftoverKind::Partial {
+            job_ids: vec![job.into()],
+        }
+    }
+
+    #[test]
+    fn a_partial_goes_at_once_when_its_job_ended_never_while_it_lives_and_after_a_day_if_unknown() {
+        let states = |id: &str| match id {
+            "FAILED" => Some(JobState::Failed),
+            "DONE" => Some(JobState::Succeeded),
+            "RUNNING" => Some(JobState::Running),
+            "RETRYING" => Some(JobState::Queued),
+            _ => None,
+        };
+        let known = Known {
+            job: &states,
+            backup_running: true,
+        };
+        let (go, why) = judge(&leftover(partial("FAILED"), 1), &known);
+        assert!(
+            go && why.contains("FAILED") && why.contains("failed"),
+            "{why}"
+        );
+        assert!(judge(&leftover(partial("DONE"), 1), &known).0);
+        for live in ["RUNNING", "RETRYING"] {
+            let (go, why) = judge(&leftover(partial(live), 30 * 86_400), &known);
+            assert!(!go && why.contains("never"), "{why}");
+        }
+        assert!(!judge(&leftover(partial("OTHER"), 23 * 3600), &known).0);
+        assert!(judge(&leftover(partial("OTHER"), 24 * 3600), &known).0);
+        let no_id = LeftoverKind::Partial { job_ids: vec![] };
+        assert!(judge(&leftover(no_id, 25 * 3600), &known).0);
+    }
+
+    #[test]
+    fn an_orphan_goes_once_old_enough_and_no_backup_of_its_environment_runs() {
+        let none = |_: &str| None;
+        let quiet = Known {
+            job: &none,
+            backup_running: false,
+        };
+        let busy = Known {
+            job: &none,
+            backup_running: true,
+        };
+        let old = leftover(LeftoverKind::Orphan, ORPHAN_AFTER.as_secs());
+        let (go, why) = judge(&old, &quiet);
+        assert!(go && why.contains("no manifest"), "{why}");
+        assert!(!judge(&old, &busy).0);
+        assert!(!judge(&leftover(LeftoverKind::Orphan, 10), &quiet).0);
+    }
+
+    #[test]
+    fn leftovers_join_their_folder_or_a_kept_one_of_their_own() {
+        let mut decisions = vec![Decision {
+            environment: "production".into(),
+            date: "2026-02-04".into(),
+            keep: vec!["newest".into()],
+            backups: 1,
+            size_bytes: 5,
+            removed: false,
+            leftovers: Vec::new(),
+        }];
+        let mut today = leftover(LeftoverKind::Orphan, 600);
+        today.date = "2026-02-05".into();
+        let mut older = leftover(partial("X"), 1);
+        older.date = "2026-02-04".into();
+        older.path = "/srv/ferry/production/2026-02-04/.p.partial".into();
+        attach(
+            &mut decisions,
+            vec![(today, true, "why".into()), (older, false, "why".into())],
+            &["/srv/ferry/production/2026-02-05/x".into()],
+        );
+        assert_eq!(decisions.len(), 2);
+        assert_eq!(decisions[0].date, "2026-02-05");
+        assert_eq!(decisions[0].keep, ["not in the catalog"]);
+        assert!(decisions[0].leftovers[0].removed);
+        assert_eq!(decisions[1].leftovers[0].kind, "partial");
+        assert!(!decisions[1].leftovers[0].removed);
+    }
 }

@@ -63,6 +63,10 @@ fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
+/// `ferry agents` describes again every agent not called within this long, and waits at
+/// most this long for the answers.
+const AGENTS_FRESH: Duration = Duration::from_secs(2);
+
 type JobStream = Pin<Box<dyn Stream<Item = Result<v1::Job, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -74,6 +78,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         _: Request<v1::ListAgentsRequest>,
     ) -> Result<Response<v1::ListAgentsResponse>, Status> {
         let pool = &self.coordinator.agents;
+        pool.refresh_stale(AGENTS_FRESH, AGENTS_FRESH).await;
         let agents = pool
             .all()
             .map(|a| {
@@ -95,10 +100,14 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     hostname: d.hostname,
                     datastores: d.datastores,
                     tools: d.tools,
+                    last_reached_unix_ms: state.last_reached_ms.unwrap_or_default(),
                 }
             })
             .collect();
-        Ok(Response::new(v1::ListAgentsResponse { agents }))
+        Ok(Response::new(v1::ListAgentsResponse {
+            agents,
+            now_unix_ms: ferry_proto::now_unix_ms(),
+        }))
     }
 
     async fn list_jobs(
@@ -191,6 +200,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     namespaces: &r.namespaces,
                     backup_type: None,
                     occurrence: None,
+                    all_or_nothing: r.all_or_nothing,
                 },
                 &who,
             )
@@ -216,7 +226,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::PruneResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        let decisions = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
+        let outcome = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
             .await
             .map_err(|e| match e {
                 crate::prune::PruneError::Refused(m) => Status::failed_precondition(m),
@@ -224,7 +234,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 crate::prune::PruneError::Dispatch(d) => d.into(),
             })?;
         Ok(Response::new(v1::PruneResponse {
-            decisions: decisions
+            decisions: outcome
+                .decisions
                 .into_iter()
                 .map(|d| v1::PruneDecision {
                     environment: d.environment,
@@ -233,8 +244,21 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     backups: d.backups,
                     size_bytes: d.size_bytes,
                     removed: d.removed,
+                    leftovers: d
+                        .leftovers
+                        .into_iter()
+                        .map(|l| v1::PruneLeftover {
+                            path: l.path,
+                            kind: l.kind.into(),
+                            size_bytes: l.size_bytes,
+                            remove: l.remove,
+                            reason: l.reason,
+                            removed: l.removed,
+                        })
+                        .collect(),
                 })
                 .collect(),
+            leftovers_checked: outcome.leftovers_checked,
         }))
     }
 

@@ -54,6 +54,16 @@ impl BackupSet {
             .sum()
     }
 
+    /// When the set's newest member backup finished (the coordinator's clock, UTC ms); 0
+    /// for a set without backups.
+    pub fn finished_ms(&self) -> i64 {
+        self.members
+            .iter()
+            .filter_map(|m| m.backup.as_ref().map(|b| b.finished_ms))
+            .max()
+            .unwrap_or_default()
+    }
+
     /// Whether `datastore` has a backup in this set (on any agent).
     pub fn has(&self, datastore: &str) -> bool {
         self.members
@@ -62,8 +72,10 @@ impl BackupSet {
     }
 }
 
-/// The sets of `environment`, newest date first: one for every date with at least one
-/// backup in `backups`, with `expected` (`(agent, datastore)`) as its members.
+/// The sets of `environment`, newest first: one for every date with at least one backup
+/// in `backups`, with `expected` (`(agent, datastore)`) as its members. Newest is by when
+/// the set's backups finished ([`BackupSet::finished_ms`], the coordinator's clock), then
+/// by date: not by the date alone, which an agent's clock that ran ahead got wrong.
 pub fn build(
     environment: &str,
     expected: &[(String, String)],
@@ -74,7 +86,7 @@ pub fn build(
         .filter(|b| b.environment == environment)
         .collect();
     let dates: BTreeSet<&str> = of_env.iter().map(|b| b.date.as_str()).collect();
-    dates
+    let mut sets: Vec<BackupSet> = dates
         .into_iter()
         .rev()
         .map(|date| {
@@ -112,7 +124,13 @@ pub fn build(
                 members,
             }
         })
-        .collect()
+        .collect();
+    sets.sort_by(|a, b| {
+        b.finished_ms()
+            .cmp(&a.finished_ms())
+            .then(b.date.cmp(&a.date))
+    });
+    sets
 }
 
 #[cfg(test)]
@@ -132,6 +150,7 @@ mod tests {
             sha256: String::new(),
             finished_ms: ms,
             job_id: format!("{date}{datastore}{ms}"),
+            missing: None,
         }
     }
 
@@ -168,5 +187,20 @@ mod tests {
             5
         );
         assert_eq!(newest_complete.size_bytes(), 20);
+    }
+
+    #[test]
+    fn the_newest_set_is_the_one_that_finished_last_not_the_latest_folder_name() {
+        let expected = vec![("db1".to_owned(), "postgres".to_owned())];
+        // A clock a day ahead named 2026-11-26 a backup that finished before the one of
+        // 2026-11-25, made once the clock was right.
+        let backups = vec![
+            rec("2026-11-26", "postgres", 10),
+            rec("2026-11-25", "postgres", 20),
+        ];
+        let sets = build("production", &expected, &backups);
+        assert_eq!(sets[0].date, "2026-11-25");
+        assert_eq!(sets[0].finished_ms(), 20);
+        assert_eq!(sets[1].date, "2026-11-26");
     }
 }

@@ -635,6 +635,10 @@ mod tests {
             date: None,
             namespaces: Vec::new(),
             backup_type: None,
+            file: None,
+            set_environment: None,
+            all_or_nothing: false,
+            checked_ms: None,
             scheduled_ms: None,
             created_ms: n as i64,
             started_ms: None,
@@ -672,6 +676,7 @@ mod tests {
                 sha256: "00".into(),
                 finished_ms: 5,
                 job_id: "j".into(),
+                missing: None,
             })
             .unwrap();
         }
@@ -709,6 +714,7 @@ mod tests {
                 sha256: "00".into(),
                 finished_ms: n,
                 job_id: format!("j{n}"),
+                missing: None,
             })
             .collect();
         s.put_backups(&records).unwrap();

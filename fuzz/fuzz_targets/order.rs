@@ -159,7 +159,9 @@ fuzz_target!(|input: Input| {
     };
     let allowed = match kind {
         OrderKind::Backup { .. } => settings.role.may_backup(),
-        OrderKind::Verify { .. } | OrderKind::Restore { .. } => settings.role.may_restore(),
+        OrderKind::Verify { .. } | OrderKind::Check { .. } | OrderKind::Restore { .. } => {
+            settings.role.may_restore()
+        }
     };
 
     let result = validate(settings, &job_id, &datastore, kind.clone());
@@ -214,7 +216,7 @@ fuzz_target!(|input: Input| {
                 assert!(types.contains(&t.as_str()), "backup type {t:?}");
             }
         }
-        OrderKind::Verify { date, file } => {
+        OrderKind::Verify { date, file } | OrderKind::Check { date, file } => {
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }

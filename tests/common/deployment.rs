@@ -347,6 +347,31 @@ impl Deployment {
         self.wait_ready(which);
     }
 
+    /// Restarts `agent-prod` or `agent-stage` under `wrapper` (a command and its
+    /// arguments, given the agent's command line after them, e.g. `["faketime", "-f",
+    /// "+1d"]` for a host whose clock is a day ahead) and waits until it listens.
+    pub fn start_agent_wrapped(&mut self, which: &'static str, wrapper: &[&str]) {
+        if let Some(mut old) = self.procs.remove(which) {
+            old.kill();
+        }
+        let config = match which {
+            "agent-prod" => &self.prod_config,
+            "agent-stage" => &self.stage_config,
+            other => panic!("no agent {other:?}: agent-prod or agent-stage"),
+        };
+        let (program, args) = wrapper.split_first().expect("a wrapper command");
+        let mut cmd = Command::new(program);
+        cmd.args(args).arg(bin("ferry-agent"));
+        hermetic(&mut cmd)
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .env("FERRY_LOG", "info,ferry_agent=debug");
+        let proc = Proc::spawn(cmd, &self.dir.path().join(format!("{which}.log")));
+        self.procs.insert(which, proc);
+        self.wait_ready(which);
+    }
+
     /// Starts (or restarts) the coordinator and waits until it listens.
     pub fn start_coordinator(&mut self) {
         if let Some(mut old) = self.procs.remove("coordinator") {

@@ -397,4 +397,58 @@ impl Sshd {
     pub fn process(&mut self) -> &mut Proc {
         &mut self.proc
     }
+
+    /// The listening sshd's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.pid()
+    }
+
+    /// The processes serving its connections now: every descendant of the listening
+    /// sshd (for each connection, the privileged monitor and the user's session that runs
+    /// internal-sftp), e.g. to stop them (SIGSTOP) as a server that hangs would. New
+    /// connections get new processes.
+    pub fn sessions(&self) -> Vec<u32> {
+        descendants(self.proc.pid())
+    }
+}
+
+/// The process ids of every descendant of `ancestor` (from `/proc`).
+fn descendants(ancestor: u32) -> Vec<u32> {
+    let mut parent = std::collections::HashMap::new();
+    for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        if let Some(ppid) = stat
+            .get(close + 2..)
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        {
+            parent.insert(pid, ppid);
+        }
+    }
+    let mut out: Vec<u32> = parent
+        .keys()
+        .copied()
+        .filter(|&p| {
+            let mut at = p;
+            for _ in 0..64 {
+                match parent.get(&at) {
+                    Some(&pp) if pp == ancestor => return true,
+                    Some(&pp) if pp > 1 => at = pp,
+                    _ => return false,
+                }
+            }
+            false
+        })
+        .collect();
+    out.sort_unstable();
+    out
 }

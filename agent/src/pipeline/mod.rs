@@ -3,9 +3,10 @@
 //! - backup: `dump → count → compress (zstd) → encrypt (age) → hash (SHA-256) → upload`,
 //!   one blocking thread for the stages and one for the SSH transport, joined by a
 //!   bounded channel of 1 MiB chunks: memory is constant and back-pressure reaches the
-//!   dump tool. Every part is written as a hidden partial; all are renamed into place
-//!   only after every part dumped and uploaded completely, then the manifests are
-//!   written, the main part's last (it marks the backup complete).
+//!   dump tool. Every part is written as a hidden partial; only after every part dumped
+//!   and uploaded completely does one connection (the last part's) write the manifests
+//!   (hidden too), then rename the parts into place, then the manifests, the main part's
+//!   last: it is what makes readers take it for a backup.
 //! - restore: find the backup the order names (the coordinator's catalog choice), or the
 //!   newest complete backup (or a date's); check the size and SHA-256
 //!   of each part that a tool applies to live data as it reads (PostgreSQL's roles) in a
@@ -26,7 +27,9 @@ use crate::config::{Keys, Settings};
 use crate::datastore::{Datastore, DumpError, Dumper, Part, RestoreError};
 use crate::layout::{self, StoredFile};
 use crate::manifest::{MANIFEST_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
-use crate::transport::{Downloader, TransportError, Uploader};
+use crate::transport::sftp::SftpSession;
+use crate::transport::watchdog::Aborter;
+use crate::transport::{Downloader, Staged, TransportError, Uploader};
 use ferry_proto::Bounded;
 
 pub mod chunks;
@@ -102,13 +105,11 @@ pub enum JobError {
 impl JobError {
     /// Whether trying the same order again may succeed.
     pub fn retryable(&self) -> bool {
-        matches!(
-            self,
-            JobError::Transport(TransportError::Connect { .. } | TransportError::Sftp { .. })
-                | JobError::Dump { .. }
-                | JobError::Stage { .. }
-                | JobError::Internal(_)
-        )
+        match self {
+            JobError::Transport(t) => t.retryable(),
+            JobError::Dump { .. } | JobError::Stage { .. } | JobError::Internal(_) => true,
+            _ => false,
+        }
     }
 }
 
@@ -164,24 +165,39 @@ fn join_error(e: tokio::task::JoinError) -> JobError {
     JobError::Internal(format!("a pipeline thread failed: {e}"))
 }
 
-/// One part streamed to a partial file, waiting for the signal to rename it.
-struct PendingPart {
+/// One part streamed whole to its hidden partial file, waiting for the commit.
+struct StagedPart {
     part: Part,
-    file: StoredFile,
-    commit: std::sync::mpsc::Sender<bool>,
-    upload: tokio::task::JoinHandle<Result<u64, TransportError>>,
+    staged: Staged,
     sha256: String,
-    stored: u64,
     uncompressed: u64,
     outcome: crate::datastore::DumpOutcome,
     started: DateTime<Utc>,
 }
 
+/// Runs `f` with the session on a blocking thread and gives the session back (lost only
+/// if `f` panicked).
+async fn on_session<T: Send + 'static>(
+    mut session: SftpSession,
+    f: impl FnOnce(&mut SftpSession) -> T + Send + 'static,
+) -> Result<(SftpSession, T), JobError> {
+    tokio::task::spawn_blocking(move || {
+        let out = f(&mut session);
+        (session, out)
+    })
+    .await
+    .map_err(join_error)
+}
+
 /// Runs a backup of `datastore`: every part dumped, compressed, encrypted, hashed and
-/// uploaded, then renamed into place and described by its manifest.
+/// streamed to a hidden partial file, then, once every part is whole, the manifests
+/// written and everything put in place on the last part's connection
+/// ([`Uploader::commit`]: the main part's manifest last, so that a reader never takes an
+/// interrupted commit for a backup).
 ///
 /// # Errors
-/// [`JobError`]; on error no file is left under a final name.
+/// [`JobError`]; on error nothing a reader takes for a backup is left, and the partial
+/// files are removed where the server allows it.
 pub async fn backup(
     settings: Arc<Settings>,
     datastore: Arc<Datastore>,
@@ -197,11 +213,25 @@ pub async fn backup(
     let started = Utc::now();
     let dumper = datastore.dumper()?;
     let parts = dumper.parts();
-    let names = choose_names(&settings, datastore.name(), parts, started).await?;
+    let names = {
+        let (settings, name) = (settings.clone(), datastore.name().to_owned());
+        tokio::task::spawn_blocking(move || {
+            let mut session = settings.backup_server.connect()?;
+            choose_names(&mut session, &settings, &name, parts, started)
+        })
+        .await
+        .map_err(join_error)??
+    };
 
-    let mut pending: Vec<PendingPart> = Vec::new();
+    // Each part streams on a connection of its own, opened once its dump has started (a
+    // dump tool may take long to produce its first byte, and an idle connection may be
+    // dropped on the way); the last one, fresh, commits them all.
+    let mut staged: Vec<StagedPart> = Vec::new();
+    let mut last: Option<SftpSession> = None;
     for (part, file) in parts.iter().zip(names) {
-        match backup_part(
+        // The previous part's connection is not needed any more.
+        drop(last.take());
+        let result = backup_part(
             &settings,
             dumper,
             datastore.name(),
@@ -210,31 +240,27 @@ pub async fn backup(
             &job_id,
             &progress,
         )
-        .await
-        {
-            Ok(p) => pending.push(p),
-            Err(e) => {
-                abandon(pending).await;
+        .await;
+        match result {
+            Ok((s, p)) => {
+                last = Some(s);
+                staged.push(p);
+            }
+            Err((back, this, e)) => {
+                let mut partials: Vec<Staged> = staged.into_iter().map(|p| p.staged).collect();
+                partials.extend(this);
+                abandon(&settings, back, partials).await;
                 return Err(e);
             }
         }
     }
+    let Some(session) = last else {
+        return Err(JobError::Internal("the datastore has no parts".into()));
+    };
 
-    // Every part is complete: rename them all into place, then write the manifests.
+    // Every part is whole: describe each, then commit them all on one session (never a
+    // new connection between the parts' renames and the manifests').
     progress.set_stage("commit");
-    let mut stored = Vec::new();
-    for mut p in pending {
-        let _ = p.commit.send(true);
-        let size = (&mut p.upload).await.map_err(join_error)??;
-        if size != p.stored {
-            return Err(JobError::Integrity(format!(
-                "{} was stored with {size} bytes, {} were produced",
-                p.file.path(),
-                p.stored
-            )));
-        }
-        stored.push(p);
-    }
     let finished = Utc::now();
     let recipients = match &settings.keys {
         Keys::Encrypt(enc) => enc.describe(),
@@ -242,11 +268,12 @@ pub async fn backup(
     };
     let mut companions = Vec::new();
     let mut report = None;
-    for p in &stored {
+    let mut commit = Vec::new();
+    for p in &staged {
         let is_main = p.part.name.is_empty();
         let manifest = Manifest {
             manifest_version: MANIFEST_VERSION,
-            file: p.file.name.clone(),
+            file: p.staged.file.name.clone(),
             datastore: datastore.name().to_owned(),
             kind: datastore.kind().to_owned(),
             part: p.part.name.to_owned(),
@@ -261,7 +288,7 @@ pub async fn backup(
             finished,
             source: p.outcome.source.clone(),
             bytes_uncompressed: p.uncompressed,
-            bytes_stored: p.stored,
+            bytes_stored: p.staged.bytes,
             sha256: p.sha256.clone(),
             recipients: recipients.clone(),
             companions: if is_main {
@@ -271,12 +298,12 @@ pub async fn backup(
             },
             counts: p.outcome.counts.clone(),
         };
-        put_small(&settings, &p.file, &job_id, manifest.to_json()).await?;
+        commit.push((p.staged.clone(), manifest.to_json()));
         if is_main {
             report = Some(JobReport {
                 data_finished_ms: None,
-                stored_path: p.file.path(),
-                size_bytes: p.stored,
+                stored_path: p.staged.file.path(),
+                size_bytes: p.staged.bytes,
                 sha256: p.sha256.clone(),
                 bytes_uncompressed: p.uncompressed,
                 environment: settings.environment.clone(),
@@ -285,66 +312,102 @@ pub async fn backup(
                 summary: p.outcome.summary.clone(),
             });
         } else {
-            companions.push(p.file.name.clone());
+            companions.push(p.staged.file.name.clone());
         }
     }
-    report.ok_or_else(|| JobError::Internal("the datastore has no main part".into()))
+    let partials = || staged.iter().map(|p| p.staged.clone()).collect();
+    let Some(report) = report else {
+        abandon(&settings, Some(session), partials()).await;
+        return Err(JobError::Internal("the datastore has no main part".into()));
+    };
+    if progress.cancel.is_cancelled() {
+        abandon(&settings, Some(session), partials()).await;
+        return Err(JobError::Cancelled);
+    }
+    let job = job_id.clone();
+    let (_session, committed) = on_session(session, move |s| s.commit(&job, &commit)).await?;
+    committed?;
+    Ok(report)
 }
 
-/// Tells every waiting upload to give up (its partial is removed where the server allows).
-async fn abandon(pending: Vec<PendingPart>) {
-    for p in pending {
-        drop(p.commit);
-        let _ = p.upload.await;
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
-/// Picks the first stamp under which no part's file exists yet.
-async fn choose_names(
-    settings: &Arc<Settings>,
+/// Removes staged partial files where the server allows it, on `session`, or on a new
+/// connection when a cancel closed that one (the server itself is likely fine). A session
+/// lost to a panic, or a connection that failed, leaves them hidden: the next upload of
+/// the datastore, or `ferry prune`, removes them.
+async fn abandon(settings: &Arc<Settings>, session: Option<SftpSession>, partials: Vec<Staged>) {
+    let mut paths: Vec<String> = partials.into_iter().map(|s| s.partial).collect();
+    let session = match session {
+        Some(mut aborted) if aborted.aborted() => {
+            paths.extend(aborted.take_unremoved());
+            drop(aborted);
+            if paths.is_empty() {
+                return;
+            }
+            let server = settings.backup_server.clone();
+            match tokio::task::spawn_blocking(move || server.connect()).await {
+                Ok(Ok(s)) => s,
+                _ => return,
+            }
+        }
+        Some(s) => s,
+        None => return,
+    };
+    if paths.is_empty() {
+        return;
+    }
+    let _ = on_session(session, move |s| s.abandon(&paths)).await;
+}
+
+/// Picks the first stamp under which no part's file (nor its manifest) exists yet.
+fn choose_names(
+    session: &mut SftpSession,
+    settings: &Settings,
     datastore: &str,
     parts: &'static [Part],
     at: DateTime<Utc>,
 ) -> Result<Vec<StoredFile>, JobError> {
-    let settings = settings.clone();
-    let datastore = datastore.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut session = settings.backup_server.connect()?;
-        let dir = layout::dated_dir(session.root(), &settings.environment, at.date_naive());
-        for stamp in layout::candidate_stamps(at) {
-            let files: Vec<StoredFile> = parts
-                .iter()
-                .map(|p| StoredFile {
-                    dir: dir.clone(),
-                    name: layout::file_name(
-                        &layout::part_stem(&datastore, p.name),
-                        &stamp,
-                        p.format,
-                        compress::EXTENSION,
-                    ),
-                })
-                .collect();
-            let mut free = true;
-            for f in &files {
-                if session.exists(&f.path())? || session.exists(&f.manifest_path())? {
-                    free = false;
-                    break;
-                }
-            }
-            if free {
-                return Ok(files);
+    let dir = layout::dated_dir(session.root(), &settings.environment, at.date_naive());
+    for stamp in layout::candidate_stamps(at) {
+        let files: Vec<StoredFile> = parts
+            .iter()
+            .map(|p| StoredFile {
+                dir: dir.clone(),
+                name: layout::file_name(
+                    &layout::part_stem(datastore, p.name),
+                    &stamp,
+                    p.format,
+                    compress::EXTENSION,
+                ),
+            })
+            .collect();
+        let mut free = true;
+        for f in &files {
+            if session.exists(&f.path())? || session.exists(&f.manifest_path())? {
+                free = false;
+                break;
             }
         }
-        Err(JobError::Internal(format!(
-            "every name for a backup of {datastore} at {at} is taken in {dir}"
-        )))
-    })
-    .await
-    .map_err(join_error)?
+        if free {
+            return Ok(files);
+        }
+    }
+    Err(JobError::Internal(format!(
+        "every name for a backup of {datastore} at {at} is taken in {dir}"
+    )))
 }
 
-/// Streams one part to a hidden partial file; the upload thread then waits for the
-/// commit signal.
+/// Streams one part to a hidden partial file on a new connection; gives the session back,
+/// and on error the session (unless the connection failed or its thread panicked) and the
+/// part's partial file if it was written whole.
 async fn backup_part(
     settings: &Arc<Settings>,
     dumper: &dyn Dumper,
@@ -353,37 +416,55 @@ async fn backup_part(
     file: StoredFile,
     job_id: &str,
     progress: &Progress,
-) -> Result<PendingPart, JobError> {
+) -> Result<(SftpSession, StagedPart), PartFailure> {
     let started = Utc::now();
     progress.set_stage("dump");
     progress.reset();
-    let stream = dumper.dump(part).await.map_err(|source| JobError::Dump {
-        datastore: datastore.to_owned(),
-        source,
-    })?;
+    let stream = match dumper.dump(part).await {
+        Ok(s) => s,
+        Err(source) => {
+            let e = JobError::Dump {
+                datastore: datastore.to_owned(),
+                source,
+            };
+            return Err((None, None, e));
+        }
+    };
 
     let (tx, rx) = chunks::channel();
-    let (commit_tx, commit_rx) = std::sync::mpsc::channel::<bool>();
+    // A cancel (an operator's, or the coordinator's after agent_timeout_seconds) closes the
+    // connection: a call waiting on a stalled server would otherwise hold the job until
+    // io_timeout_seconds.
+    let aborter: Arc<std::sync::Mutex<Option<Aborter>>> = Arc::default();
+    let _on_cancel = {
+        let (aborter, cancel) = (aborter.clone(), progress.cancel.clone());
+        AbortOnDrop(tokio::spawn(async move {
+            cancel.cancelled().await;
+            if let Some(a) = aborter.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                a.abort();
+            }
+        }))
+    };
+    // Started at once: it takes the chunks as the stages produce them.
     let upload = {
-        let settings = settings.clone();
-        let file = file.clone();
-        let job_id = job_id.to_owned();
+        let (settings, file, job_id) = (settings.clone(), file.clone(), job_id.to_owned());
         tokio::task::spawn_blocking(move || {
             let mut session = match settings.backup_server.connect() {
                 Ok(s) => s,
                 Err(e) => {
                     drop(rx);
-                    return Err(e);
+                    return (None, Err(e));
                 }
             };
-            let result = session.upload(&file, &job_id, rx, &|| commit_rx.recv().unwrap_or(false));
-            if result.is_err() {
-                session.remove_partial();
-            }
-            result
+            *aborter.lock().unwrap_or_else(|e| e.into_inner()) = Some(session.aborter());
+            let staged = session.stage(&file, &job_id, rx);
+            (Some(session), staged)
         })
     };
 
+    // From the dump's first byte to its end, the byte counters are what shows the job
+    // alive to the coordinator.
+    progress.set_streaming(true);
     let stages = {
         let settings = settings.clone();
         let progress = progress.clone();
@@ -405,82 +486,69 @@ async fn backup_part(
             Ok((sha256, stored, progress.bytes().0))
         })
     };
-    let staged = stages.await.map_err(join_error)?;
+    let produced = stages.await;
+    progress.set_streaming(false);
     let outcome = stream.finish.await;
-
-    let checked = match (outcome, staged) {
-        (Err(source), _) => Err(JobError::Dump {
-            datastore: datastore.to_owned(),
-            source,
-        }),
-        (_, Err(_)) if progress.cancel.is_cancelled() => Err(JobError::Cancelled),
-        (_, Err(source)) => Err(JobError::Stage {
-            stage: "compress/encrypt/upload",
-            source,
-        }),
-        (Ok(_), Ok((_, _, 0))) => Err(JobError::EmptyDump(datastore.to_owned())),
-        (Ok(outcome), Ok(staged)) => Ok((outcome, staged)),
+    let (session, uploaded) = match upload.await {
+        Ok((s, r)) => (s, r),
+        Err(e) => return Err((None, None, join_error(e))),
     };
-    let (outcome, (sha256, stored, uncompressed)) = match checked {
-        Ok(v) => v,
-        Err(e) => return fail_part(commit_tx, upload, e).await,
-    };
-    Ok(PendingPart {
-        part: *part,
-        file,
-        commit: commit_tx,
-        upload,
-        sha256,
-        stored,
-        uncompressed,
-        outcome,
-        started,
-    })
-}
 
-/// Abandons a part's upload after `error`; reports the transport's own error instead
-/// when the upload failed first (it explains a broken pipe better than the pipe does).
-async fn fail_part(
-    commit: std::sync::mpsc::Sender<bool>,
-    upload: tokio::task::JoinHandle<Result<u64, TransportError>>,
-    error: JobError,
-) -> Result<PendingPart, JobError> {
-    drop(commit);
-    match upload.await {
-        Ok(Err(t)) if !matches!(t, TransportError::Abandoned { .. }) => Err(JobError::Transport(t)),
-        _ => Err(error),
+    let checked: Result<StagedPart, (Option<Staged>, JobError)> =
+        match (uploaded, outcome, produced) {
+            (uploaded, _, _) if progress.cancel.is_cancelled() => {
+                Err((uploaded.ok(), JobError::Cancelled))
+            }
+            // The transport's own error explains a broken pipe better than the pipe does.
+            (Err(t), _, _) => Err((None, JobError::Transport(t))),
+            (Ok(s), _, Err(e)) => Err((Some(s), join_error(e))),
+            (Ok(s), Err(source), _) => Err((
+                Some(s),
+                JobError::Dump {
+                    datastore: datastore.to_owned(),
+                    source,
+                },
+            )),
+            (Ok(s), _, Ok(Err(source))) => Err((
+                Some(s),
+                JobError::Stage {
+                    stage: "compress/encrypt/upload",
+                    source,
+                },
+            )),
+            (Ok(s), Ok(_), Ok(Ok((_, _, 0)))) => {
+                Err((Some(s), JobError::EmptyDump(datastore.to_owned())))
+            }
+            (Ok(s), Ok(_), Ok(Ok((_, stored, _)))) if s.bytes != stored => {
+                let e = JobError::Integrity(format!(
+                    "{} holds {} bytes, {stored} were produced",
+                    s.partial, s.bytes
+                ));
+                Err((Some(s), e))
+            }
+            (Ok(s), Ok(outcome), Ok(Ok((sha256, _, uncompressed)))) => Ok(StagedPart {
+                part: *part,
+                staged: s,
+                sha256,
+                uncompressed,
+                outcome,
+                started,
+            }),
+        };
+    match (session, checked) {
+        (Some(session), Ok(p)) => Ok((session, p)),
+        (None, Ok(p)) => Err((
+            None,
+            Some(p.staged),
+            JobError::Internal("the upload's session was lost".into()),
+        )),
+        (session, Err((staged, e))) => Err((session, staged, e)),
     }
 }
 
-/// Uploads a small file (a manifest) as `<file>.json` through the same partial-then-rename
-/// path as archives.
-async fn put_small(
-    settings: &Arc<Settings>,
-    archive: &StoredFile,
-    job_id: &str,
-    bytes: Vec<u8>,
-) -> Result<(), JobError> {
-    let settings = settings.clone();
-    let file = StoredFile {
-        dir: archive.dir.clone(),
-        name: format!("{}.json", archive.name),
-    };
-    let job_id = job_id.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let mut session = settings.backup_server.connect()?;
-        let (tx, rx) = chunks::channel();
-        tx.send(bytes).expect("channel has room");
-        drop(tx);
-        let uploaded = session.upload(&file, &job_id, rx, &|| true);
-        if uploaded.is_err() {
-            session.remove_partial();
-        }
-        uploaded?;
-        Ok(())
-    })
-    .await
-    .map_err(join_error)?
-}
+/// A part that failed: the session (unless its thread panicked), the part's partial file
+/// if it was written whole, and the error.
+type PartFailure = (Option<SftpSession>, Option<Staged>, JobError);
 
 /// A backup found on the server: every file in restore order, with its manifest.
 struct FoundBackup {
@@ -489,8 +557,10 @@ struct FoundBackup {
 
 /// Finds the backup of `datastore` in `environment` that a restore or verify reads:
 /// `file` in `date`'s folder if the order names it (the coordinator's catalog choice),
-/// else the newest complete one (on `date` if given). A backup is complete when its main
-/// archive and the archive's manifest are both under their final names.
+/// else the complete one whose manifest finished last (on `date` if given; whatever the
+/// folder names, and passing over any finished more than [`FUTURE_TOLERANCE`] in the
+/// future by this agent's clock). A backup is complete when its main archive and the
+/// archive's manifest are both under their final names.
 ///
 /// # Errors
 /// [`JobError::NotFound`] (naming `file` when it was named: no other backup is taken in
@@ -526,36 +596,76 @@ fn find_backup(
             )));
         }
         let (path, main) = read_main(&mut session, &dir, f, name)?;
-        return with_companions(&mut session, datastore, &dir, path, main);
+        let found = with_companions(&mut session, datastore, &dir, path, main)?;
+        // A companion's data file gone (its manifest kept) is as missing as the main one.
+        for (path, _) in &found.files {
+            let part = path.rsplit('/').next().unwrap_or_default();
+            if !entries.iter().any(|e| e == part) {
+                return Err(JobError::NotFound(format!(
+                    "{path}, a part of the backup ordered ({dir}/{}), is not on the backup \
+                     server; no other backup is read in its place (see `ferry backups`, and \
+                     restore another date with --date)",
+                    Bounded(f)
+                )));
+            }
+        }
+        return Ok(found);
     }
-    let mut dates: Vec<String> = session
+    let dates: Vec<String> = session
         .list(&env_dir)?
         .into_iter()
         .filter(|d| layout::parse_date(d).is_ok())
         .filter(|d| date.is_none_or(|want| want == d))
         .collect();
-    dates.sort();
-    for day in dates.iter().rev() {
+    // The newest by the manifests' finish times, not by folder names: a production clock
+    // that ran ahead wrote later folders for older data. A backup finished in the future
+    // by this agent's clock is passed over (and said so): its clock was wrong.
+    let horizon = Utc::now() + FUTURE_TOLERANCE;
+    let mut best: Option<(String, String, Manifest)> = None;
+    let mut future: Vec<String> = Vec::new();
+    for day in &dates {
         let dir = format!("{env_dir}/{day}");
         let entries = session.list(&dir)?;
-        let mut best: Option<(String, Manifest)> = None;
         for f in &entries {
             if layout::stamp_of(name, f).is_none() || !entries.contains(&format!("{f}.json")) {
                 continue;
             }
             let (path, m) = read_main(&mut session, &dir, f, name)?;
-            if best.as_ref().is_none_or(|(_, b)| m.finished > b.finished) {
-                best = Some((path, m));
+            if m.finished > horizon {
+                tracing::warn!(path = %path, finished = %m.finished,
+                    "Passing over a backup that finished in the future by this agent's clock.");
+                future.push(format!("{path} (finished {})", m.finished.to_rfc3339()));
+            } else if best
+                .as_ref()
+                .is_none_or(|(_, _, b)| m.finished > b.finished)
+            {
+                best = Some((dir.clone(), path, m));
             }
         }
-        let Some((path, main)) = best else { continue };
+    }
+    if let Some((dir, path, main)) = best {
         return with_companions(&mut session, datastore, &dir, path, main);
     }
+    let passed_over = if future.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; passed over, as finished in the future by this agent's clock (a production \
+             clock ahead?): {}",
+            future.join(", ")
+        )
+    };
     Err(JobError::NotFound(match date {
-        Some(d) => format!("no complete backup of datastore {name:?} in {env_dir}/{d}"),
-        None => format!("no complete backup of datastore {name:?} under {env_dir}"),
+        Some(d) => {
+            format!("no complete backup of datastore {name:?} in {env_dir}/{d}{passed_over}")
+        }
+        None => format!("no complete backup of datastore {name:?} under {env_dir}{passed_over}"),
     }))
 }
+
+/// How far in the future (by this agent's clock) a backup's finish time may be before the
+/// newest-backup search passes it over: clocks a few minutes apart are normal.
+const FUTURE_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Reads the manifest of main archive `f` of datastore `name` in `dir`; its path and
 /// manifest.
@@ -780,6 +890,71 @@ pub async fn verify(
         kind: main.kind.clone(),
         summary: format!(
             "verified {} file(s) of {}: SHA-256 equal to the manifests, decrypted and decompressed to the end ({plain_bytes} bytes)",
+            found.files.len(),
+            main.date
+        ),
+    })
+}
+
+/// Checks that a backup of `datastore` in the source environment is there, downloading
+/// nothing: the one `selection` names (`(date, file)`, see [`find_backup`]); its manifests
+/// (the main archive's and each companion's) read and parsed, and every file present on
+/// the backup server with the size its manifest gives. What `ferry restore
+/// --all-or-nothing` asks of every member of a set before restoring any.
+///
+/// # Errors
+/// [`JobError::NotFound`] naming a missing file, [`JobError::Integrity`] naming a file of
+/// another size or a manifest that does not read, transport errors.
+pub async fn check(
+    settings: Arc<Settings>,
+    datastore: Arc<Datastore>,
+    selection: (Option<String>, Option<String>),
+    progress: Progress,
+) -> Result<JobReport, JobError> {
+    let (environment, found) = locate(&settings, &datastore, selection, &progress, "check").await?;
+    progress.set_stage("check");
+    let files = found.files.clone();
+    let server = settings.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), JobError> {
+        let mut session = server.backup_server.connect()?;
+        for (path, manifest) in &files {
+            match session.size(path)? {
+                None => {
+                    return Err(JobError::NotFound(format!(
+                        "{path} is not on the backup server (its manifest is)"
+                    )));
+                }
+                Some(size) if size != manifest.bytes_stored => {
+                    return Err(JobError::Integrity(format!(
+                        "{path} holds {size} bytes, its manifest says {}; the file was \
+                         altered or cut",
+                        manifest.bytes_stored
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(join_error)??;
+    let (main_path, main) = found
+        .files
+        .last()
+        .expect("a backup has a main part")
+        .clone();
+    Ok(JobReport {
+        data_finished_ms: Some(main.finished.timestamp_millis()),
+        stored_path: main_path,
+        size_bytes: found.files.iter().map(|(_, m)| m.bytes_stored).sum(),
+        sha256: main.sha256.clone(),
+        bytes_uncompressed: found.files.iter().map(|(_, m)| m.bytes_uncompressed).sum(),
+        environment,
+        date: main.date.clone(),
+        kind: main.kind.clone(),
+        summary: format!(
+            "checked {} file(s) of {}: manifests readable, every file present with its \
+             manifest's size (nothing downloaded)",
             found.files.len(),
             main.date
         ),

@@ -4,7 +4,7 @@
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +17,8 @@ pub struct Counters {
     pub written: AtomicU64,
     /// Current stage name.
     pub stage: Mutex<&'static str>,
+    /// Set while the stage streams data between a datastore and the backup server.
+    pub streaming: AtomicBool,
 }
 
 /// A cheap, cloneable handle on one job's counters and cancellation.
@@ -50,6 +52,22 @@ impl Progress {
     pub fn reset(&self) {
         self.inner.read.store(0, Ordering::Relaxed);
         self.inner.written.store(0, Ordering::Relaxed);
+    }
+
+    /// Marks the span in which the stage streams a dump to the backup server: once the
+    /// dump's first byte is read and until `false`, counters that do not move mean the job
+    /// is making no progress (see [`Progress::streaming`]).
+    pub fn set_streaming(&self, on: bool) {
+        self.inner.streaming.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the byte counters are the measure of this stage's progress: set with
+    /// [`Progress::set_streaming`] and some bytes read. The coordinator then takes progress
+    /// reports whose counters did not move for no sign of life (`agent_timeout_seconds`).
+    /// Stages measured otherwise (waiting, a dump tool before its first byte, the commit,
+    /// tools such as pgBackRest or rsync, a restore) report `false`.
+    pub fn streaming(&self) -> bool {
+        self.inner.streaming.load(Ordering::Relaxed) && self.inner.read.load(Ordering::Relaxed) > 0
     }
 
     /// (bytes read, bytes written).

@@ -1,12 +1,14 @@
 //! SFTP transport over SSH with `ssh2` (libssh2 1.11): public-key authentication, a
 //! pinned server host key (an unknown key is refused), AES-GCM preferred (AES-NI), and
-//! 1 MiB writes. All calls block: run them on a dedicated thread.
+//! 1 MiB writes. All calls block: run them on a dedicated thread. Every call that waits
+//! for the server is watched ([`super::watchdog`]): one that makes no progress for
+//! `io_timeout_seconds` fails with [`TransportError::Stalled`], whatever libssh2 does.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, SyncSender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
@@ -14,7 +16,8 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Session, Sftp};
 
-use super::{Downloader, TransportError, Uploader};
+use super::watchdog::{Aborter, Watchdog};
+use super::{Downloader, Leftover, LeftoverKind, PartialFate, Staged, TransportError, Uploader};
 use crate::layout::StoredFile;
 use crate::pipeline::chunks::CHUNK_BYTES;
 
@@ -39,7 +42,9 @@ pub struct SftpConfig {
     /// TCP connect timeout, seconds.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_seconds: u64,
-    /// A read or write that makes no progress for this long fails the job, seconds.
+    /// A call on the backup server (the handshake, a read, a write, a rename) that makes
+    /// no progress for this long fails the attempt: the agent shuts the connection down
+    /// (seconds; 0 counts as 1).
     #[serde(default = "default_io_timeout")]
     pub io_timeout_seconds: u64,
     /// Upper bound on this agent's upload rate to the backup server, bytes per second
@@ -163,10 +168,12 @@ impl SftpConfig {
     }
 
     /// Connects, checks the host key against the pinned one, authenticates with the
-    /// private key and opens SFTP.
+    /// private key and opens SFTP. From the TCP connection on, every call is watched: one
+    /// that makes no progress for `io_timeout_seconds` fails.
     ///
     /// # Errors
-    /// [`TransportError::Connect`], [`TransportError::HostKey`], [`TransportError::Auth`].
+    /// [`TransportError::Connect`], [`TransportError::HostKey`], [`TransportError::Auth`],
+    /// [`TransportError::Stalled`].
     pub fn connect(&self) -> Result<SftpSession, TransportError> {
         let addr = self.addr();
         let connect_err = |message: String| TransportError::Connect {
@@ -181,23 +188,39 @@ impl SftpConfig {
         let tcp =
             TcpStream::connect_timeout(&sock, Duration::from_secs(self.connect_timeout_seconds))
                 .map_err(|e| connect_err(e.to_string()))?;
-        let io_timeout = Duration::from_secs(self.io_timeout_seconds);
-        tcp.set_read_timeout(Some(io_timeout)).ok();
-        tcp.set_write_timeout(Some(io_timeout)).ok();
+        let io_timeout = Duration::from_secs(self.io_timeout_seconds.max(1));
         tcp.set_nodelay(true).ok();
+        let watch = tcp
+            .try_clone()
+            .and_then(|socket| Watchdog::start(socket, &addr, io_timeout))
+            .map_err(|e| connect_err(format!("cannot watch the connection: {e}")))?;
+        let busy = watch.busy();
+        // The watchdog fails a stalled call; libssh2's own timeout only backs it up.
+        let stalled = |op: &'static str, other: TransportError| match watch.fired() {
+            Some(limit) => TransportError::Stalled {
+                addr: addr.clone(),
+                op,
+                path: String::new(),
+                seconds: limit.as_secs(),
+            },
+            None => other,
+        };
 
         let mut session = Session::new().map_err(|e| connect_err(e.to_string()))?;
         session.set_tcp_stream(tcp);
-        session.set_timeout(u32::try_from(io_timeout.as_millis()).unwrap_or(u32::MAX));
+        session.set_timeout(millis(io_timeout * BACKSTOP_TIMEOUTS));
         // AES-GCM first: with AES-NI it is about twice chacha20-poly1305 here.
         let ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr,chacha20-poly1305@openssh.com";
         let _ = session.method_pref(ssh2::MethodType::CryptCs, ciphers);
         let _ = session.method_pref(ssh2::MethodType::CryptSc, ciphers);
         let (kind, pinned) = self.pinned().map_err(connect_err)?;
         let _ = session.method_pref(ssh2::MethodType::HostKey, &kind);
-        session
-            .handshake()
-            .map_err(|e| connect_err(format!("SSH handshake failed: {e}")))?;
+        session.handshake().map_err(|e| {
+            stalled(
+                "SSH handshake",
+                connect_err(format!("SSH handshake failed: {e}")),
+            )
+        })?;
 
         let (blob, _) = session
             .host_key()
@@ -212,24 +235,35 @@ impl SftpConfig {
 
         session
             .userauth_pubkey_file(&self.user, None, &self.private_key_file, None)
-            .map_err(|e| TransportError::Auth {
-                addr: addr.clone(),
-                user: self.user.clone(),
-                key: self.private_key_file.display().to_string(),
-                message: e.to_string(),
+            .map_err(|e| {
+                stalled(
+                    "SSH authentication",
+                    TransportError::Auth {
+                        addr: addr.clone(),
+                        user: self.user.clone(),
+                        key: self.private_key_file.display().to_string(),
+                        message: e.to_string(),
+                    },
+                )
             })?;
-        let sftp = session
-            .sftp()
-            .map_err(|e| connect_err(format!("cannot start SFTP: {e}")))?;
+        let sftp = session.sftp().map_err(|e| {
+            stalled(
+                "start of SFTP",
+                connect_err(format!("cannot start SFTP: {e}")),
+            )
+        })?;
+        drop(busy);
         Ok(SftpSession {
             addr,
             root: self.root.trim_end_matches('/').to_owned(),
             sftp,
             limit: self.max_upload_bytes_per_second,
             io_timeout,
-            partial: None,
+            held: Vec::new(),
+            unremoved: Vec::new(),
             broken: false,
-            _session: session,
+            session,
+            watch,
         })
     }
 }
@@ -241,21 +275,30 @@ pub struct SftpSession {
     sftp: Sftp,
     limit: Option<u64>,
     io_timeout: Duration,
-    /// The partial file of the last upload, until it is renamed.
-    partial: Option<String>,
-    /// Set when the connection itself failed (a timeout, a reset): cleanup is skipped.
+    /// Hidden partial files this session wrote and has neither committed nor abandoned
+    /// (never swept as abandoned).
+    held: Vec<String>,
+    /// Files it could not remove because its connection had failed or been aborted.
+    unremoved: Vec<String>,
+    /// Set when the connection itself failed (a timeout, a reset): clean-up is skipped.
     broken: bool,
-    _session: Session,
+    session: Session,
+    /// Last: it watches the channel and the session as they close.
+    watch: Watchdog,
 }
 
 impl Drop for SftpSession {
     fn drop(&mut self) {
         // Closing the SFTP channel waits for the server's answer: on a dead link, only
-        // briefly.
-        let short = self.io_timeout.min(CLEANUP_TIMEOUT);
-        self._session
-            .set_timeout(u32::try_from(short.as_millis()).unwrap_or(u32::MAX));
+        // briefly. Staged partials stay: the pipeline commits them on another session, or
+        // abandons them.
+        self.watch.closing(CLEANUP_TIMEOUT);
+        self.session.set_timeout(millis(CLEANUP_TIMEOUT));
     }
+}
+
+fn millis(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
 }
 
 /// Paces writes to at most `rate` bytes per second on average since `start`: returns how
@@ -268,23 +311,65 @@ fn pace(rate: u64, sent: u64, elapsed: Duration) -> Duration {
 /// SFTP status `SSH_FX_NO_SUCH_FILE`.
 const FX_NO_SUCH_FILE: i32 = 2;
 
+/// SFTP status `SSH_FX_PERMISSION_DENIED`.
+const FX_PERMISSION_DENIED: i32 = 3;
+
 /// Free space under which a failed write is reported as a full disk, bytes.
 const FULL_BELOW_BYTES: u64 = 4 * CHUNK_BYTES as u64;
 
-/// How long removing a failed upload's partial file may take (on a link that just
-/// failed, it cannot; the next upload sweeps it).
+/// How long removing a failed upload's partial file may take when the session closes (on
+/// a link that just failed, it cannot; the next upload sweeps it).
 const CLEANUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// A partial file untouched for this many I/O timeouts is abandoned (its writer would
 /// have failed by then) and may be removed by the next upload.
 const STALE_AFTER_TIMEOUTS: u32 = 2;
 
+/// libssh2's own session timeout, in I/O timeouts: only a backstop behind the watchdog.
+const BACKSTOP_TIMEOUTS: u32 = 2;
+
 fn is_not_found(e: &ssh2::Error) -> bool {
     matches!(e.code(), ErrorCode::SFTP(FX_NO_SUCH_FILE))
 }
 
+/// Why the server refused to remove a file, in words.
+fn refusal(e: &ssh2::Error) -> String {
+    match e.code() {
+        ErrorCode::SFTP(FX_PERMISSION_DENIED) => {
+            "the server answered permission denied: this key may not delete files".into()
+        }
+        _ => e.to_string(),
+    }
+}
+
+/// Seconds since the Unix epoch, now.
+fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 impl SftpSession {
+    /// The error for `op` on `path` that failed with `e`: [`TransportError::Stalled`] if
+    /// the watchdog closed the connection, else [`TransportError::Sftp`].
     fn err(&self, op: &'static str, path: &str, e: impl std::fmt::Display) -> TransportError {
+        if self.watch.aborted() {
+            return TransportError::Sftp {
+                addr: self.addr.clone(),
+                op,
+                path: path.to_owned(),
+                message: "the job was cancelled, so the agent closed the connection".into(),
+            };
+        }
+        if let Some(limit) = self.watch.fired() {
+            return TransportError::Stalled {
+                addr: self.addr.clone(),
+                op,
+                path: path.to_owned(),
+                seconds: limit.as_secs(),
+            };
+        }
         TransportError::Sftp {
             addr: self.addr.clone(),
             op,
@@ -293,11 +378,34 @@ impl SftpSession {
         }
     }
 
+    /// Whether the connection failed or was aborted (clean-up would only wait).
+    fn is_broken(&self) -> bool {
+        self.broken || self.watch.fired().is_some() || self.watch.aborted()
+    }
+
+    /// A handle that closes this session's connection from another thread (a cancelled
+    /// job): the call waiting on it fails at once.
+    pub fn aborter(&self) -> Aborter {
+        self.watch.aborter()
+    }
+
+    /// Whether an [`Aborter`] closed the connection.
+    pub fn aborted(&self) -> bool {
+        self.watch.aborted()
+    }
+
+    /// The files this session could not remove because its connection had failed or
+    /// been aborted (another connection may).
+    pub fn take_unremoved(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unremoved)
+    }
+
     /// Creates `dir` and its missing parents below the root (the root must exist).
     ///
     /// # Errors
     /// [`TransportError::Sftp`] if a component cannot be created and is not a directory.
     pub fn mkdir_p(&mut self, dir: &str) -> Result<(), TransportError> {
+        let _busy = self.watch.busy();
         let rel = dir
             .strip_prefix(&self.root)
             .ok_or_else(|| self.err("mkdir", dir, "is outside the configured root"))?;
@@ -311,6 +419,7 @@ impl SftpSession {
                     _ => return Err(self.err("mkdir", &path, e)),
                 }
             }
+            self.watch.progress();
         }
         Ok(())
     }
@@ -326,6 +435,7 @@ impl SftpSession {
         environment: &str,
         date: &str,
     ) -> Result<(u64, u64), TransportError> {
+        let _busy = self.watch.busy();
         let dir = format!("{}/{environment}/{date}", self.root);
         if crate::layout::validate_name("environment", environment).is_err()
             || crate::layout::parse_date(date).is_err()
@@ -365,92 +475,194 @@ impl SftpSession {
         self.sftp
             .unlink(path)
             .map_err(|e| self.err("unlink", &path.display().to_string(), e))?;
+        self.watch.progress();
         Ok(stat.size.unwrap_or(0))
     }
 
-    /// Removes the partial files abandoned in `environment`'s dated folders (uploads
-    /// that failed where the agent's key may not delete): hidden `*.partial` files not
-    /// modified for `older_than`. For `ferry prune` with the maintenance key. Returns the
-    /// files removed and their bytes.
+    /// What failed or interrupted uploads left in `environment`'s dated folders: hidden
+    /// partial files (`.<name>.<job>.<attempt>.partial`), and data files under a final
+    /// name that no committed backup includes (no manifest beside them, or a companion
+    /// part whose main part's manifest was never written). For `ferry prune` with the
+    /// maintenance key, which decides what goes. Manifests that do not parse are left out
+    /// of the decision: a folder holding one reports no orphan companions.
     ///
     /// # Errors
-    /// [`TransportError::Sftp`] naming the path that could not be listed or removed.
-    pub fn remove_abandoned_partials(
-        &mut self,
-        environment: &str,
-        older_than: Duration,
-    ) -> Result<(u64, u64), TransportError> {
+    /// [`TransportError::Sftp`] naming the folder that could not be listed.
+    pub fn leftovers(&mut self, environment: &str) -> Result<Vec<Leftover>, TransportError> {
+        let _busy = self.watch.busy();
         let env_dir = format!("{}/{environment}", self.root);
         if crate::layout::validate_name("environment", environment).is_err() {
-            return Err(self.err("remove", &env_dir, "not an environment of the layout"));
+            return Err(self.err("list", &env_dir, "not an environment of the layout"));
         }
         let folders = match self.sftp.readdir(Path::new(&env_dir)) {
             Ok(f) => f,
-            Err(e) if is_not_found(&e) => return Ok((0, 0)),
+            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
             Err(e) => return Err(self.err("readdir", &env_dir, e)),
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        let (mut files, mut bytes) = (0u64, 0u64);
+        let now = now_seconds();
+        let mut out = Vec::new();
         for (folder, stat) in folders {
-            let dated = folder
+            let Some(date) = folder
                 .file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| crate::layout::parse_date(n).is_ok());
-            if !stat.is_dir() || !dated {
+                .filter(|n| crate::layout::parse_date(n).is_ok())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if !stat.is_dir() {
                 continue;
             }
+            let dir = folder.display().to_string();
             let entries = self
                 .sftp
                 .readdir(&folder)
-                .map_err(|e| self.err("readdir", &folder.display().to_string(), e))?;
-            for (path, stat) in entries {
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                let idle = now.saturating_sub(stat.mtime.unwrap_or(now));
-                if stat.is_file()
-                    && name.starts_with('.')
-                    && name.ends_with(".partial")
-                    && idle >= older_than.as_secs()
-                {
-                    bytes += self.unlink_counted(&path, &stat)?;
-                    files += 1;
+                .map_err(|e| self.err("readdir", &dir, e))?;
+            self.watch.progress();
+            let files: Vec<(String, ssh2::FileStat)> = entries
+                .into_iter()
+                .filter(|(_, st)| st.is_file())
+                .filter_map(|(p, st)| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .map(|n| (n.to_owned(), st))
+                })
+                .collect();
+            let names: std::collections::HashSet<&str> =
+                files.iter().map(|(n, _)| n.as_str()).collect();
+            // What the committed main parts include, from their manifests.
+            let mut included = std::collections::HashSet::new();
+            let mut companions_with_manifest = std::collections::HashSet::new();
+            let mut unreadable = false;
+            for (name, _) in &files {
+                let Some(data) = name.strip_suffix(".json") else {
+                    continue;
+                };
+                if name.starts_with('.') || !data.ends_with(".age") {
+                    continue;
+                }
+                let path = format!("{dir}/{name}");
+                let parsed = self
+                    .read_small(&path, crate::manifest::MAX_MANIFEST_BYTES)
+                    .ok()
+                    .and_then(|b| crate::manifest::Manifest::from_slice(&path, &b).ok());
+                match parsed {
+                    Some(m) if m.file == data && m.part.is_empty() => {
+                        included.insert(data.to_owned());
+                        included.extend(m.companions);
+                    }
+                    Some(m) if m.file == data => {
+                        companions_with_manifest.insert(data.to_owned());
+                    }
+                    _ => unreadable = true,
+                }
+            }
+            for (name, st) in &files {
+                let size = st.size.unwrap_or(0);
+                let idle_seconds = now.saturating_sub(st.mtime.unwrap_or(now));
+                let path = format!("{dir}/{name}");
+                let leftover = |kind, manifest| Leftover {
+                    environment: environment.to_owned(),
+                    date: date.clone(),
+                    path: path.clone(),
+                    size,
+                    idle_seconds,
+                    kind,
+                    manifest,
+                };
+                if name.starts_with('.') {
+                    if let Some(stem) = name.strip_suffix(".partial") {
+                        out.push(leftover(
+                            LeftoverKind::Partial {
+                                job_ids: job_ids_in(stem),
+                            },
+                            None,
+                        ));
+                    }
+                    continue;
+                }
+                if !name.ends_with(".age") || included.contains(name.as_str()) {
+                    continue;
+                }
+                let manifest = format!("{name}.json");
+                if !names.contains(manifest.as_str()) {
+                    out.push(leftover(LeftoverKind::Orphan, None));
+                } else if companions_with_manifest.contains(name.as_str()) && !unreadable {
+                    out.push(leftover(
+                        LeftoverKind::Orphan,
+                        Some(format!("{dir}/{manifest}")),
+                    ));
                 }
             }
         }
-        Ok((files, bytes))
+        Ok(out)
     }
 
-    /// Removes the hidden partial of the last upload if it did not complete. Best effort:
-    /// a server that denies removal to this key keeps it (the file is hidden and never
-    /// read; the next upload of the datastore, or `ferry prune`, removes it).
-    pub fn remove_partial(&mut self) {
-        if let Some(partial) = self.partial.take()
-            && !self.broken
-        {
-            // A dead link must not hold the job's failure for another full I/O timeout:
-            // a live server unlinks in milliseconds.
-            let short = self.io_timeout.min(CLEANUP_TIMEOUT);
-            self._session
-                .set_timeout(u32::try_from(short.as_millis()).unwrap_or(u32::MAX));
-            self.unlink_quietly(&partial);
+    /// Removes `leftover` (and the manifest of an orphan companion), as listed by
+    /// [`SftpSession::leftovers`]; returns the bytes removed. Refuses a path that is not
+    /// in a dated folder under the root.
+    ///
+    /// # Errors
+    /// [`TransportError::Sftp`] naming the file that could not be removed.
+    pub fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TransportError> {
+        let _busy = self.watch.busy();
+        let dir = format!("{}/{}/{}", self.root, leftover.environment, leftover.date);
+        let in_folder = |p: &str| {
+            p.strip_prefix(&dir)
+                .and_then(|r| r.strip_prefix('/'))
+                .is_some_and(|n| !n.is_empty() && !n.contains('/') && n != "." && n != "..")
+        };
+        let names_ok = crate::layout::validate_name("environment", &leftover.environment).is_ok()
+            && crate::layout::parse_date(&leftover.date).is_ok()
+            && in_folder(&leftover.path)
+            && leftover.manifest.as_deref().is_none_or(in_folder);
+        if !names_ok {
+            return Err(self.err(
+                "remove",
+                &leftover.path,
+                "not a file of a dated folder of the layout",
+            ));
         }
+        for path in std::iter::once(&leftover.path).chain(&leftover.manifest) {
+            match self.sftp.unlink(Path::new(path)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(self.err("unlink", path, e)),
+            }
+        }
+        Ok(leftover.size)
     }
 
-    fn unlink_quietly(&mut self, path: &str) {
-        if let Err(e) = self.sftp.unlink(Path::new(path))
-            && !is_not_found(&e)
-        {
-            tracing::warn!(path, error = %e, "Could not remove an abandoned partial upload.");
+    /// Removes `path` if the link still works; what became of it. A file that is already
+    /// gone counts as removed.
+    fn discard(&mut self, path: &str) -> PartialFate {
+        self.held.retain(|h| h != path);
+        if self.is_broken() {
+            self.unremoved.push(path.to_owned());
+            return PartialFate::Kept("the connection to the backup server failed".into());
+        }
+        let _busy = self.watch.busy();
+        match self.sftp.unlink(Path::new(path)) {
+            Ok(()) => PartialFate::Removed,
+            Err(e) if is_not_found(&e) => PartialFate::Removed,
+            Err(e) if self.is_broken() => {
+                tracing::warn!(path, error = %e, "Could not remove a file of a failed upload.");
+                self.unremoved.push(path.to_owned());
+                PartialFate::Kept("the connection to the backup server failed".into())
+            }
+            Err(e) => {
+                tracing::warn!(path, error = %e, "Could not remove a file of a failed upload.");
+                PartialFate::Kept(refusal(&e))
+            }
         }
     }
 
     /// Removes the partial files that earlier, failed uploads of `file`'s datastore
     /// left in its directory (a host that died, a link that went down): those of the
     /// same job (an earlier attempt), and any untouched for [`STALE_AFTER_TIMEOUTS`] I/O
-    /// timeouts. Returns how many were removed.
+    /// timeouts; never one this session holds. Returns how many were removed.
     fn sweep_partials(&mut self, file: &StoredFile, job_id: &str) -> usize {
+        let _busy = self.watch.busy();
         let prefix = format!(
             ".{}",
             file.name.split("_backup_").next().unwrap_or(&file.name)
@@ -458,10 +670,7 @@ impl SftpSession {
         let Ok(entries) = self.sftp.readdir(Path::new(&file.dir)) else {
             return 0;
         };
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
+        let now = now_seconds();
         let stale = (self.io_timeout * STALE_AFTER_TIMEOUTS).as_secs();
         let mut removed = 0;
         for (path, stat) in entries {
@@ -471,13 +680,17 @@ impl SftpSession {
             if !(name.starts_with(&format!("{prefix}_backup_")) && name.ends_with(".partial")) {
                 continue;
             }
+            let full = format!("{}/{name}", file.dir);
+            if self.held.contains(&full) {
+                continue;
+            }
             let ours = name.contains(&format!(".{job_id}."));
             let idle = now.saturating_sub(stat.mtime.unwrap_or(0));
             if ours || idle >= stale {
-                let full = format!("{}/{name}", file.dir);
                 tracing::info!(path = %full, idle_seconds = idle, "Removing an abandoned partial upload.");
-                self.unlink_quietly(&full);
-                removed += 1;
+                if self.discard(&full) == PartialFate::Removed {
+                    removed += 1;
+                }
             }
         }
         removed
@@ -486,8 +699,8 @@ impl SftpSession {
     /// The error for a failed write of `path`: [`TransportError::NoSpace`] if the server
     /// answered and its file system is (nearly) full (OpenSSH's sftp-server reports
     /// `ENOSPC` as a bare `SSH_FX_FAILURE`, so the agent asks `statvfs@openssh.com`),
-    /// else [`TransportError::Sftp`]. A timeout, or a server that no longer answers,
-    /// marks the session broken.
+    /// else [`TransportError::Sftp`] or [`TransportError::Stalled`]. A timeout, or a
+    /// server that no longer answers, marks the session broken.
     fn write_err(
         &mut self,
         remote: &mut ssh2::File,
@@ -495,8 +708,9 @@ impl SftpSession {
         e: std::io::Error,
     ) -> TransportError {
         // ssh2 turns its errors into io::Error by message: the SFTP status is lost.
-        if e.kind() == std::io::ErrorKind::TimedOut {
+        if e.kind() == std::io::ErrorKind::TimedOut || self.watch.fired().is_some() {
             self.broken = true;
+            self.watch.shut_down();
             return self.err("write", path, e);
         }
         match remote.statvfs() {
@@ -512,6 +726,7 @@ impl SftpSession {
                         addr: self.addr.clone(),
                         path: path.to_owned(),
                         free_bytes,
+                        partial: PartialFate::Unknown,
                     };
                 }
             }
@@ -520,20 +735,96 @@ impl SftpSession {
         self.err("write", path, e)
     }
 
-    /// The root of the layout on the server.
-    pub fn root(&self) -> &str {
-        &self.root
+    /// Writes all of `buf` to `remote`, recording progress after each piece the server
+    /// took.
+    fn write_all(
+        &mut self,
+        remote: &mut ssh2::File,
+        path: &str,
+        buf: &[u8],
+    ) -> Result<(), TransportError> {
+        let mut at = 0;
+        while at < buf.len() {
+            match remote.write(&buf[at..]) {
+                Ok(0) => {
+                    let e = std::io::Error::new(std::io::ErrorKind::WriteZero, "wrote nothing");
+                    return Err(self.write_err(remote, path, e));
+                }
+                Ok(n) => {
+                    at += n;
+                    self.watch.progress();
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(self.write_err(remote, path, e)),
+            }
+        }
+        Ok(())
     }
-}
 
-impl Uploader for SftpSession {
-    fn upload(
+    /// Streams `chunks` into `remote` (the partial at `path`) until the sender hangs up,
+    /// paced to the configured rate; then asks the server to flush the file and checks
+    /// its size. Returns the bytes written.
+    fn write_partial(
+        &mut self,
+        remote: &mut ssh2::File,
+        path: &str,
+        chunks: &Receiver<Vec<u8>>,
+    ) -> Result<u64, TransportError> {
+        let mut sent = 0u64;
+        let started = Instant::now();
+        loop {
+            let next = {
+                // Waiting for the pipeline (a slow dump) is not a stalled server.
+                let _idle = self.watch.idle();
+                chunks.recv()
+            };
+            let Ok(chunk) = next else { break };
+            match self.limit {
+                None => self.write_all(remote, path, &chunk)?,
+                Some(rate) => {
+                    // Pieces of a tenth of a second's worth, each written when it is due.
+                    let piece = usize::try_from(rate / 10).unwrap_or(usize::MAX).max(4096);
+                    for (i, part) in chunk.chunks(piece).enumerate() {
+                        let before = sent + (i * piece) as u64;
+                        let wait = pace(rate, before, started.elapsed());
+                        if !wait.is_zero() {
+                            let _idle = self.watch.idle();
+                            std::thread::sleep(wait);
+                        }
+                        self.write_all(remote, path, part)?;
+                    }
+                }
+            }
+            sent += chunk.len() as u64;
+            crate::pipeline::chunks::recycle(chunk);
+        }
+        // fsync@openssh.com where the server has it; a server without it still commits.
+        let _ = remote.fsync();
+        let found = remote
+            .stat()
+            .map_err(|e| self.err("stat", path, e))?
+            .size
+            .unwrap_or(0);
+        if found != sent {
+            return Err(TransportError::SizeMismatch {
+                addr: self.addr.clone(),
+                path: path.to_owned(),
+                sent,
+                found,
+            });
+        }
+        Ok(sent)
+    }
+
+    /// [`Uploader::stage`], sweeping the datastore's abandoned partials first if `sweep`.
+    fn stage_file(
         &mut self,
         file: &StoredFile,
         job_id: &str,
         chunks: Receiver<Vec<u8>>,
-        complete: &dyn Fn() -> bool,
-    ) -> Result<u64, TransportError> {
+        sweep: bool,
+    ) -> Result<Staged, TransportError> {
+        let _busy = self.watch.busy();
         self.mkdir_p(&file.dir)?;
         let final_path = file.path();
         if self.exists(&final_path)? {
@@ -542,7 +833,9 @@ impl Uploader for SftpSession {
                 path: final_path,
             });
         }
-        self.sweep_partials(file, job_id);
+        if sweep {
+            self.sweep_partials(file, job_id);
+        }
         // Unique per attempt: an earlier attempt's partial that could not be removed
         // (add-only key) never blocks a retry.
         let attempt = format!(
@@ -563,61 +856,143 @@ impl Uploader for SftpSession {
                 OpenType::File,
             )
             .map_err(|e| self.err("create", &partial, e))?;
-        self.partial = Some(partial.clone());
-        let mut sent = 0u64;
-        let started = std::time::Instant::now();
-        for chunk in chunks.iter() {
-            match self.limit {
-                None => remote
-                    .write_all(&chunk)
-                    .map_err(|e| self.write_err(&mut remote, &partial, e))?,
-                Some(rate) => {
-                    // Pieces of a tenth of a second's worth, each written when it is due.
-                    let piece = usize::try_from(rate / 10).unwrap_or(usize::MAX).max(4096);
-                    for (i, part) in chunk.chunks(piece).enumerate() {
-                        let before = sent + (i * piece) as u64;
-                        std::thread::sleep(pace(rate, before, started.elapsed()));
-                        remote
-                            .write_all(part)
-                            .map_err(|e| self.write_err(&mut remote, &partial, e))?;
-                    }
-                }
-            }
-            sent += chunk.len() as u64;
-            crate::pipeline::chunks::recycle(chunk);
-        }
-        if !complete() {
-            return Err(TransportError::Abandoned { path: partial });
-        }
-        // fsync@openssh.com where the server has it; a server without it still renames.
-        let _ = remote.fsync();
-        let found = remote
-            .stat()
-            .map_err(|e| self.err("stat", &partial, e))?
-            .size
-            .unwrap_or(0);
+        self.held.push(partial.clone());
+        let written = self.write_partial(&mut remote, &partial, &chunks);
         drop(remote);
-        if found != sent {
-            return Err(TransportError::SizeMismatch {
-                addr: self.addr.clone(),
-                path: partial,
-                sent,
-                found,
-            });
+        drop(chunks);
+        match written {
+            Ok(bytes) => Ok(Staged {
+                file: file.clone(),
+                partial,
+                bytes,
+            }),
+            Err(mut e) => {
+                let fate = self.discard(&partial);
+                tracing::info!(path = %partial, fate = %fate, "A failed upload's partial file.");
+                if let TransportError::NoSpace { partial, .. } = &mut e {
+                    *partial = fate;
+                }
+                Err(e)
+            }
         }
+    }
+
+    /// Renames the new file `from` to `to`, which must not exist.
+    fn rename_new(&mut self, from: &str, to: &str) -> Result<(), TransportError> {
         // SSH_FXP_RENAME without OVERWRITE: OpenSSH refuses if the target exists.
         self.sftp
             .rename(
-                Path::new(&partial),
-                Path::new(&final_path),
+                Path::new(from),
+                Path::new(to),
                 Some(RenameFlags::ATOMIC | RenameFlags::NATIVE),
             )
-            .map_err(|e| self.err("rename", &partial, e))?;
-        self.partial = None;
-        Ok(sent)
+            .map_err(|e| self.err("rename", from, e))?;
+        self.watch.progress();
+        Ok(())
+    }
+
+    /// The root of the layout on the server.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+}
+
+/// The job ids in a partial file's name without its `.partial` (its components that are
+/// ULIDs), e.g. `01JD...` in `.x.age.01JD....18f3a.partial`.
+fn job_ids_in(stem: &str) -> Vec<String> {
+    stem.split('.')
+        .filter(|c| {
+            c.len() == 26
+                && c.bytes()
+                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
+                && c.as_bytes()[0] <= b'7'
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+impl Uploader for SftpSession {
+    fn stage(
+        &mut self,
+        file: &StoredFile,
+        job_id: &str,
+        chunks: Receiver<Vec<u8>>,
+    ) -> Result<Staged, TransportError> {
+        self.stage_file(file, job_id, chunks, true)
+    }
+
+    fn commit(&mut self, job_id: &str, parts: &[(Staged, Vec<u8>)]) -> Result<(), TransportError> {
+        let _busy = self.watch.busy();
+        let data: Vec<Staged> = parts.iter().map(|(s, _)| s.clone()).collect();
+        // 1. Every manifest as a hidden partial: still nothing under a final name.
+        let mut manifests = Vec::new();
+        for (part, json) in parts {
+            let file = StoredFile {
+                dir: part.file.dir.clone(),
+                name: format!("{}.json", part.file.name),
+            };
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let _ = tx.send(json.clone());
+            drop(tx);
+            match self.stage_file(&file, job_id, rx, false) {
+                Ok(s) => manifests.push(s),
+                Err(e) => {
+                    let staged: Vec<String> = data
+                        .iter()
+                        .chain(&manifests)
+                        .map(|s| s.partial.clone())
+                        .collect();
+                    self.abandon(&staged);
+                    return Err(TransportError::Commit {
+                        source: Box::new(e),
+                        left: Vec::new(),
+                        unsure: None,
+                    });
+                }
+            }
+        }
+        // 2. The data parts, then 3. their manifests, the main part's last: a reader takes
+        // a backup for one only from its main part's manifest, so an interruption at any
+        // step leaves nothing a reader takes for a backup.
+        let order: Vec<Staged> = data.into_iter().chain(manifests).collect();
+        let mut placed: Vec<String> = Vec::new();
+        for (i, s) in order.iter().enumerate() {
+            let to = s.file.path();
+            if let Err(e) = self.rename_new(&s.partial, &to) {
+                let unsure = self.is_broken().then(|| to.clone());
+                // Undo what was put in place, newest first, where this key may delete.
+                let mut left = Vec::new();
+                for path in placed.iter().rev() {
+                    if self.discard(path) != PartialFate::Removed {
+                        left.push(path.clone());
+                    }
+                }
+                left.reverse();
+                for rest in &order[i..] {
+                    let _ = self.discard(&rest.partial);
+                }
+                tracing::warn!(
+                    left = ?left,
+                    "The commit of a backup failed; what could not be undone is left without the manifest that completes it."
+                );
+                return Err(TransportError::Commit {
+                    source: Box::new(e),
+                    left,
+                    unsure,
+                });
+            }
+            self.held.retain(|h| h != &s.partial);
+            placed.push(to);
+        }
+        Ok(())
+    }
+
+    fn abandon(&mut self, partials: &[String]) -> Vec<PartialFate> {
+        partials.iter().map(|p| self.discard(p)).collect()
     }
 
     fn exists(&mut self, path: &str) -> Result<bool, TransportError> {
+        let _busy = self.watch.busy();
         match self.sftp.lstat(Path::new(path)) {
             Ok(_) => Ok(true),
             Err(e) if is_not_found(&e) => Ok(false),
@@ -628,6 +1003,7 @@ impl Uploader for SftpSession {
 
 impl Downloader for SftpSession {
     fn list(&mut self, dir: &str) -> Result<Vec<String>, TransportError> {
+        let _busy = self.watch.busy();
         match self.sftp.readdir(Path::new(dir)) {
             Ok(entries) => Ok(entries
                 .into_iter()
@@ -639,7 +1015,16 @@ impl Downloader for SftpSession {
         }
     }
 
+    fn size(&mut self, path: &str) -> Result<Option<u64>, TransportError> {
+        match self.sftp.stat(Path::new(path)) {
+            Ok(stat) => Ok(Some(stat.size.unwrap_or(0))),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.err("stat", path, e)),
+        }
+    }
+
     fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TransportError> {
+        let _busy = self.watch.busy();
         let mut f = self
             .sftp
             .open(Path::new(path))
@@ -674,6 +1059,7 @@ impl Downloader for SftpSession {
     }
 
     fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TransportError> {
+        let _busy = self.watch.busy();
         let mut f = self
             .sftp
             .open(Path::new(path))
@@ -691,12 +1077,15 @@ impl Downloader for SftpSession {
                     break;
                 }
                 filled += n;
+                self.watch.progress();
             }
             if filled == 0 {
                 return Ok(total);
             }
             buf.truncate(filled);
             total += filled as u64;
+            // Waiting for a slow reader (a restore tool) is not a stalled server.
+            let _idle = self.watch.idle();
             if chunks.send(buf).is_err() {
                 return Ok(total);
             }
@@ -713,5 +1102,51 @@ mod tests {
         assert_eq!(pace(1000, 500, Duration::ZERO), Duration::from_millis(500));
         assert_eq!(pace(1000, 500, Duration::from_secs(1)), Duration::ZERO);
         assert_eq!(pace(0, 0, Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn job_ids_are_the_ulids_in_a_partial_name() {
+        let job = "01KBX8Z3E5M1Q2W3E4R5T6Y7U8";
+        assert_eq!(
+            job_ids_in(&format!(
+                ".postgres_backup_2026-02-05.pgdump.zst.age.{job}.18f3a9c"
+            )),
+            [job]
+        );
+        assert_eq!(job_ids_in(&format!(".x.age.json.{job}.18f3a9c")), [job]);
+        assert!(job_ids_in(".postgres_backup_x.pgdump.zst.age.01JOB.1").is_empty());
+    }
+
+    #[test]
+    fn a_server_that_accepts_and_never_answers_fails_the_handshake_within_the_io_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // Accepts, then says nothing (a stopped sshd's child would do the same).
+        let server = std::thread::spawn(move || listener.accept().map(|(s, _)| s));
+        let config = SftpConfig {
+            host: "127.0.0.1".into(),
+            port,
+            user: "nobody".into(),
+            private_key_file: PathBuf::from("/nonexistent"),
+            host_key:
+                "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+                    .into(),
+            root: "/srv/ferry".into(),
+            connect_timeout_seconds: 5,
+            io_timeout_seconds: 1,
+            max_upload_bytes_per_second: None,
+            rsync: None,
+        };
+        let started = Instant::now();
+        let e = config
+            .connect()
+            .err()
+            .expect("the handshake cannot succeed");
+        let took = started.elapsed();
+        let _socket = server.join().unwrap();
+        assert!(matches!(e, TransportError::Stalled { .. }), "{e}");
+        let text = e.to_string();
+        assert!(text.contains("127.0.0.1") && text.contains("1 s"), "{text}");
+        assert!(took < Duration::from_secs(4), "took {took:?}");
     }
 }

@@ -183,6 +183,10 @@ fn seed(
             date: (kind != JobKind::Backup).then(|| date.clone()),
             namespaces: Vec::new(),
             backup_type: None,
+            file: None,
+            set_environment: None,
+            all_or_nothing: false,
+            checked_ms: None,
             scheduled_ms: None,
             created_ms,
             started_ms: (state != JobState::Queued).then_some(created_ms + 50),
@@ -224,6 +228,7 @@ fn seed(
                 sha256: r.sha256.clone(),
                 finished_ms: job.finished_ms.unwrap_or_default(),
                 job_id: job.id.clone(),
+                missing: None,
             });
         }
         if batch.len() == 10_000 {

@@ -29,6 +29,10 @@ pub(super) async fn run(
                     "agent": b.agent, "stored_path": b.stored_path, "size_bytes": b.size_bytes,
                     "bytes_uncompressed": b.bytes_uncompressed, "sha256": b.sha256,
                     "finished": time(b.finished_unix_ms), "job_id": b.job_id,
+                    "missing": (b.missing_found_unix_ms != 0).then(|| serde_json::json!({
+                        "found": time(b.missing_found_unix_ms), "job_id": b.missing_job_id,
+                        "error": b.missing_error,
+                    })),
                 })
             })
             .collect();
@@ -45,6 +49,15 @@ pub(super) async fn run(
                 b.kind.clone(),
                 bytes(b.size_bytes),
                 time(b.finished_unix_ms),
+                if b.missing_found_unix_ms == 0 {
+                    "ok".to_owned()
+                } else {
+                    format!(
+                        "MISSING (found by job {} at {})",
+                        b.missing_job_id,
+                        time(b.missing_found_unix_ms)
+                    )
+                },
                 b.stored_path.clone(),
             ]
         })
@@ -57,6 +70,7 @@ pub(super) async fn run(
             "KIND",
             "SIZE",
             "FINISHED",
+            "STATE",
             "PATH",
         ],
         rows,

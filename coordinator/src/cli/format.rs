@@ -151,6 +151,11 @@ pub fn job_json(j: &v1::Job) -> serde_json::Value {
         "attempt": j.attempt,
         "trigger": j.trigger,
         "date": (!j.date.is_empty()).then_some(&j.date),
+        "file": (!j.file.is_empty()).then_some(&j.file),
+        "set": (!j.set_environment.is_empty()).then(|| serde_json::json!({
+            "environment": j.set_environment, "date": j.date,
+        })),
+        "all_or_nothing": j.all_or_nothing,
         "created": time(j.created_unix_ms),
         "scheduled": (j.scheduled_unix_ms != 0).then(|| time(j.scheduled_unix_ms)),
         "scheduled_unix_ms": (j.scheduled_unix_ms != 0).then_some(j.scheduled_unix_ms),

@@ -72,7 +72,8 @@ pub enum Command {
     /// Per environment and datastore: the last successful backup or restore, its age and
     /// size, the last job, and the next scheduled run.
     Status,
-    /// The inventory's agents: reachable or not, and what they reported.
+    /// The inventory's agents: reachable or not (each is called again unless it was in the
+    /// last 2 s), when each was last reached, and what they reported.
     Agents,
     /// Recent jobs, newest first.
     Jobs {
@@ -98,7 +99,9 @@ pub enum Command {
     /// Apply the `[[retention]]` policies (GFS: keep_daily, keep_weekly, keep_monthly) to
     /// the dated folders: list every date and why it is kept, and remove those that go
     /// (with the coordinator's `[maintenance]` key; never the newest date or the newest
-    /// complete set). --dry-run only lists.
+    /// complete set). With that key it also lists and removes what failed uploads left:
+    /// partial files of ended jobs, and orphan data files that no manifest completes.
+    /// --dry-run only lists.
     Prune {
         /// Only this environment.
         #[arg(long = "env")]
@@ -107,8 +110,10 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Stored backups, newest first; with --sets, per environment and date the backup
-    /// set: every production datastore's backup, and whether the set is complete.
+    /// Stored backups, newest first, each `ok` or `MISSING` when a restore or verify of it
+    /// found its file gone from the backup server; with --sets, per environment and date
+    /// the backup set: every production datastore's backup, and whether the set is
+    /// complete.
     Backups {
         /// Only this environment.
         #[arg(long = "env")]
@@ -143,13 +148,20 @@ pub enum Command {
         /// Only this namespace, `database.collection` (MongoDB; repeatable; needs --datastore).
         #[arg(long = "ns")]
         namespaces: Vec<String>,
+        /// Check every datastore's backup first (manifests readable, every file on the
+        /// backup server with its manifest's size) and restore none unless all pass.
+        /// Without it, a datastore whose backup fails is reported and the others are
+        /// restored (the set is then restored partly).
+        #[arg(long)]
+        all_or_nothing: bool,
         /// Wait for the end, with progress; exit non-zero if a job fails.
         #[arg(long)]
         wait: bool,
     },
-    /// On a staging agent, download the newest backup (or a date's) of its datastores and
-    /// check each file's SHA-256 and that it decrypts and decompresses to its end, without
-    /// restoring anything.
+    /// On a staging agent, download the newest backup of its datastores (or, with --date,
+    /// every backup the catalog lists for that date, one job each) and check each file's
+    /// SHA-256 and that it decrypts and decompresses to its end, without restoring
+    /// anything.
     Verify {
         /// Agent id (a staging agent: it holds the identity).
         agent: String,
@@ -202,6 +214,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             datastore,
             date,
             namespaces,
+            all_or_nothing,
             wait,
         } => {
             restore::run(
@@ -209,7 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 out,
                 agent,
                 (datastore, date, namespaces),
-                false,
+                (false, all_or_nothing),
                 wait,
             )
             .await
@@ -225,7 +238,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 out,
                 agent,
                 (datastore, date, Vec::new()),
-                true,
+                (true, false),
                 wait,
             )
             .await

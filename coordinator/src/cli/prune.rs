@@ -4,7 +4,7 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use super::format::{self, bytes};
+use super::format::{self, bytes, outln};
 use super::{Output, status_error};
 
 pub(super) async fn run(
@@ -13,23 +13,33 @@ pub(super) async fn run(
     environment: Option<String>,
     dry_run: bool,
 ) -> anyhow::Result<i32> {
-    let decisions = client
+    let response = client
         .prune(v1::PruneRequest {
             environment: environment.unwrap_or_default(),
             dry_run,
         })
         .await
         .map_err(status_error)?
-        .into_inner()
-        .decisions;
+        .into_inner();
+    let decisions = response.decisions;
     if out == Output::Json {
         let v: Vec<_> = decisions
             .iter()
             .map(|d| {
+                let leftovers: Vec<_> = d
+                    .leftovers
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "path": l.path, "kind": l.kind, "size_bytes": l.size_bytes,
+                            "remove": l.remove, "removed": l.removed, "reason": l.reason,
+                        })
+                    })
+                    .collect();
                 serde_json::json!({
                     "environment": d.environment, "date": d.date, "keep": d.keep,
                     "remove": d.keep.is_empty(), "removed": d.removed, "backups": d.backups,
-                    "size_bytes": d.size_bytes,
+                    "size_bytes": d.size_bytes, "leftovers": leftovers,
                 })
             })
             .collect();
@@ -58,5 +68,35 @@ pub(super) async fn run(
         &["ENVIRONMENT", "DATE", "DECISION", "BACKUPS", "SIZE"],
         rows,
     )?;
+    let leftovers: Vec<Vec<String>> = decisions
+        .iter()
+        .flat_map(|d| d.leftovers.iter())
+        .map(|l| {
+            vec![
+                l.path.clone(),
+                l.kind.clone(),
+                bytes(l.size_bytes),
+                if l.removed {
+                    "removed".into()
+                } else if l.remove {
+                    "remove".into()
+                } else {
+                    "keep".into()
+                },
+                l.reason.clone(),
+            ]
+        })
+        .collect();
+    if !response.leftovers_checked {
+        outln!(
+            "\nFiles left by failed uploads were not looked for: that needs the maintenance key \
+             ([maintenance] in coordinator.toml)."
+        )?;
+    } else if leftovers.is_empty() {
+        outln!("\nNo files left by failed uploads.")?;
+    } else {
+        outln!("\nLeft by failed or interrupted uploads:")?;
+        format::table(&["FILE", "KIND", "SIZE", "DECISION", "WHY"], leftovers)?;
+    }
     Ok(0)
 }

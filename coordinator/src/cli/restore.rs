@@ -1,4 +1,5 @@
-//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]... [--wait]`, and
+//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]...
+//! [--all-or-nothing] [--wait]`, and
 //! `ferry verify AGENT [--datastore D] [--date YYYY-MM-DD] [--wait]` (the same order,
 //! checking instead of restoring).
 
@@ -13,7 +14,7 @@ pub(super) async fn run(
     out: Output,
     agent: String,
     (datastore, date, namespaces): (Option<String>, Option<String>, Vec<String>),
-    verify_only: bool,
+    (verify_only, all_or_nothing): (bool, bool),
     wait: bool,
 ) -> anyhow::Result<i32> {
     let ids = client
@@ -23,6 +24,7 @@ pub(super) async fn run(
             date: date.unwrap_or_default(),
             namespaces,
             verify_only,
+            all_or_nothing,
         })
         .await
         .map_err(status_error)?

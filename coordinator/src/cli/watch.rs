@@ -68,9 +68,60 @@ pub(super) async fn report(
                 };
                 written?;
             }
+            if let Some(summary) = set_summary(&jobs) {
+                outln!("{summary}")?;
+            }
         }
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// For the restores of one set (jobs with a `set_environment`): `set production
+/// 2026-12-04 on pg-stage restored partly: restored: ...; not restored: postgres (why)`.
+fn set_summary(jobs: &[v1::Job]) -> Option<String> {
+    let first = jobs.first()?;
+    if first.set_environment.is_empty()
+        || jobs
+            .iter()
+            .any(|j| j.set_environment != first.set_environment || j.date != first.date)
+    {
+        return None;
+    }
+    let (outcome, details) = crate::dispatch::set_outcome(jobs.iter().map(|j| {
+        (
+            j.datastore.as_str(),
+            j.state == v1::JobState::Succeeded as i32,
+            if j.error.is_empty() {
+                format::state(j.state)
+            } else {
+                j.error.as_str()
+            },
+        )
+    }));
+    Some(format!(
+        "set {} {} on {} {}: {details}",
+        first.set_environment,
+        first.date,
+        first.agent,
+        outcome.as_str()
+    ))
+}
+
+/// How long `--wait` keeps trying to reach the coordinator again after losing it (a
+/// restart, a network blip) before giving up on watching; the job itself goes on.
+const RECONNECT_FOR: Duration = Duration::from_secs(300);
+/// The longest pause between two reconnection tries (they start at 1 s and double).
+const RECONNECT_MAX_PAUSE: Duration = Duration::from_secs(10);
+
+/// Whether a failed watch is the connection lost (the coordinator restarted, the network
+/// failed: reconnect and keep watching) rather than the coordinator's answer (no such job,
+/// not allowed: give up).
+fn is_connection_lost(s: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Internal | Code::Cancelled | Code::Aborted
+    )
 }
 
 async fn watch_one(
@@ -81,32 +132,82 @@ async fn watch_one(
     let bar = bars.add(ProgressBar::new_spinner());
     bar.set_style(ProgressStyle::with_template("{spinner} {prefix} {wide_msg}").expect("template"));
     bar.enable_steady_tick(Duration::from_millis(200));
-    let mut stream = client
-        .watch_job(v1::GetJobRequest { id: id.clone() })
-        .await
-        .map_err(status_error)?
-        .into_inner();
-    let mut last = None;
-    while let Some(job) = stream.message().await.map_err(status_error)? {
-        bar.set_prefix(format!(
-            "{} {} {}",
-            format::kind(job.kind),
-            job.agent,
-            job.datastore
-        ));
-        let msg = match &job.progress {
-            Some(p) if job.state == v1::JobState::Running as i32 => format!(
-                "{}: {} read, {} written, {}/s",
-                p.stage,
-                bytes(p.bytes_read),
-                bytes(p.bytes_written),
-                bytes(p.rate_bytes_per_second as u64)
-            ),
-            _ => format::state(job.state).to_owned(),
+    let mut last: Option<v1::Job> = None;
+    // Since when the coordinator is lost, and the next pause, while reconnecting.
+    let mut lost: Option<(std::time::Instant, Duration)> = None;
+    loop {
+        let watched = async {
+            let mut stream = client
+                .watch_job(v1::GetJobRequest { id: id.clone() })
+                .await?
+                .into_inner();
+            if let Some((since, _)) = lost.take() {
+                bars.suspend(|| {
+                    eprintln!(
+                        "ferry: reconnected to the coordinator after {} s; watching job {id} again",
+                        since.elapsed().as_secs()
+                    );
+                });
+            }
+            while let Some(job) = stream.message().await? {
+                bar.set_prefix(format!(
+                    "{} {} {}",
+                    format::kind(job.kind),
+                    job.agent,
+                    job.datastore
+                ));
+                let msg = match &job.progress {
+                    Some(p) if job.state == v1::JobState::Running as i32 => format!(
+                        "{}: {} read, {} written, {}/s",
+                        p.stage,
+                        bytes(p.bytes_read),
+                        bytes(p.bytes_written),
+                        bytes(p.rate_bytes_per_second as u64)
+                    ),
+                    _ => format::state(job.state).to_owned(),
+                };
+                bar.set_message(msg);
+                last = Some(job);
+            }
+            Ok::<(), tonic::Status>(())
+        }
+        .await;
+        let status = match watched {
+            Ok(()) if last.as_ref().is_some_and(is_final) => break,
+            // The stream ended before the job did: the coordinator went away cleanly.
+            Ok(()) => tonic::Status::unavailable("the coordinator ended the watch early"),
+            Err(s) if is_connection_lost(&s) => s,
+            Err(s) => return Err(status_error(s)),
         };
-        bar.set_message(msg);
-        last = Some(job);
+        let (since, pause) = *lost.get_or_insert((std::time::Instant::now(), Duration::ZERO));
+        let pause = pause.max(Duration::from_secs(1));
+        if since.elapsed() + pause > RECONNECT_FOR {
+            bar.finish_and_clear();
+            anyhow::bail!(
+                "lost the coordinator while watching job {id} and could not reach it again for \
+                 {} s: {}; the job goes on without this watch (`ferry job {id}` shows it)",
+                RECONNECT_FOR.as_secs(),
+                crate::agents::describe_status(&status)
+            );
+        }
+        bars.suspend(|| {
+            eprintln!(
+                "ferry: lost the coordinator while watching job {id} ({}); reconnecting in {} s",
+                crate::agents::describe_status(&status),
+                pause.as_secs()
+            );
+        });
+        tokio::time::sleep(pause).await;
+        lost = Some((since, (pause * 2).min(RECONNECT_MAX_PAUSE)));
     }
     bar.finish_and_clear();
     last.ok_or_else(|| anyhow::anyhow!("the coordinator sent nothing about job {id}"))
+}
+
+/// Whether `job` can no longer change.
+fn is_final(job: &v1::Job) -> bool {
+    matches!(
+        v1::JobState::try_from(job.state),
+        Ok(v1::JobState::Succeeded | v1::JobState::Failed | v1::JobState::Cancelled)
+    )
 }
