@@ -11,7 +11,7 @@ use bson::doc;
 use ferry_agent::datastore::mongodb::archive::{
     ArchiveWriter, CollectionMetadata, FORMAT_VERSION, Header,
 };
-use ferry_agent::datastore::tree;
+use ferry_agent::datastore::common::tree;
 use ferry_agent::manifest::{MANIFEST_VERSION, Manifest, RecipientInfo, Source};
 
 fn bson(d: bson::Document) -> Vec<u8> {

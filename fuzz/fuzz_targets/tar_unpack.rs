@@ -15,7 +15,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::sync::OnceLock;
 
-use ferry_agent::datastore::tree;
+use ferry_agent::datastore::common::tree;
 use libfuzzer_sys::fuzz_target;
 
 const SENTINEL: &[u8] = b"outside the target: must never change\n";

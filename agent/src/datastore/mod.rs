@@ -14,12 +14,12 @@
 //!   repository pushed to the backup server with rsync; restored with `restore --delta`.
 //! - [`etcd`]: `etcdctl snapshot save`, restored with `etcdctl snapshot restore` into a new
 //!   data directory swapped in while etcd is stopped.
-//! - [`leftovers`]: what an interrupted restore leaves beside its target, and how the agent
-//!   puts it right on start and before each restore ([`Datastore::recover`]).
+//! - [`common`]: what the kinds share: their tools, directory trees, smoke checks, and the
+//!   leftovers of interrupted restores that the agent puts right on start and before each
+//!   restore ([`Datastore::recover`]).
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::process::ExitStatus;
 
 use ferry_proto::Role;
 use futures::future::BoxFuture;
@@ -31,17 +31,16 @@ use crate::config::Settings;
 use crate::manifest::{Manifest, Source};
 use crate::pipeline::{JobError, JobReport, Progress};
 
+pub mod common;
 pub mod etcd;
 pub mod files;
 pub mod influxdb;
-pub mod leftovers;
 pub mod mongodb;
 pub mod pgbackrest;
 pub mod postgres;
-mod tool;
-pub mod tree;
 
-pub use tool::{StderrTail, ToolPaths, output as run_tool};
+use common::leftovers;
+pub use common::tool::{StderrTail, ToolPaths, describe_status, output as run_tool};
 
 /// One stored file of a backup. A backup has one main part (name `""`) and may have
 /// companions, stored and restored before it (PostgreSQL's `globals`).
@@ -230,91 +229,6 @@ pub trait Restorer: Send + Sync {
         let _ = skip;
         Box::pin(async { Ok(Vec::new()) })
     }
-}
-
-/// One smoke check of a restored datastore (`smoke = [...]` in a staging datastore's
-/// config): PostgreSQL runs `sql` (one row, one integer column) in the target database;
-/// MongoDB counts the documents of `ns` (`db.collection`, before `rename`) matching
-/// `filter` (Extended JSON, default `{}`). The check passes when the number is at least
-/// `min`.
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SmokeCheck {
-    /// PostgreSQL: the query.
-    pub sql: Option<String>,
-    /// MongoDB: the namespace.
-    pub ns: Option<String>,
-    /// MongoDB: the filter, Extended JSON.
-    pub filter: Option<String>,
-    /// The least acceptable number.
-    pub min: i64,
-}
-
-impl SmokeCheck {
-    /// Checks a datastore's `smoke` list for `role`: staging only, and each entry with
-    /// the field its kind needs (`sql` for PostgreSQL, `ns` for MongoDB).
-    ///
-    /// # Errors
-    /// `(field, message)` naming `smoke[i]`.
-    pub fn validate(
-        checks: &[SmokeCheck],
-        role: Role,
-        needs: &str,
-    ) -> Result<(), (String, String)> {
-        if !checks.is_empty() && role == Role::Production {
-            return Err((
-                "smoke".into(),
-                "smoke checks run after restores: staging agents only".into(),
-            ));
-        }
-        for (i, c) in checks.iter().enumerate() {
-            let ok = match needs {
-                "sql" => c.sql.is_some() && c.ns.is_none() && c.filter.is_none(),
-                _ => c.ns.is_some() && c.sql.is_none(),
-            };
-            if !ok {
-                return Err((
-                    format!("smoke[{i}]"),
-                    format!("this datastore's smoke checks take {needs} (and min)"),
-                ));
-            }
-        }
-        Ok(())
-    }
-
-    /// The line for the report: `WHAT = N (at least MIN)`, and whether it passed.
-    pub fn judge(&self, what: &str, n: i64) -> (String, bool) {
-        (
-            format!("{what} = {n} (at least {})", self.min),
-            n >= self.min,
-        )
-    }
-}
-
-/// Runs `checks` one by one with `run` (which gives a label and the number).
-///
-/// # Errors
-/// The first failing or erroring check.
-pub async fn run_smoke<'a, F, Fut>(
-    checks: &'a [SmokeCheck],
-    mut run: F,
-) -> Result<Vec<String>, RestoreError>
-where
-    F: FnMut(&'a SmokeCheck) -> Fut,
-    Fut: std::future::Future<Output = Result<(String, i64), String>>,
-{
-    let mut out = Vec::new();
-    for c in checks {
-        let (what, n) = run(c)
-            .await
-            .map_err(|e| RestoreError::Target(format!("smoke check failed to run: {e}")))?;
-        let (line, ok) = c.judge(&what, n);
-        if !ok {
-            return Err(RestoreError::Mismatch(format!("smoke check: {line}")));
-        }
-        out.push(line);
-    }
-    Ok(out)
 }
 
 /// One restore in progress.
@@ -736,14 +650,4 @@ pub fn expect_whole<T: serde::de::DeserializeOwned>(
     }
     serde_json::from_value(main.counts.clone())
         .map_err(|e| RestoreError::Manifest(format!("{}: counts: {e}", main.file)))
-}
-
-/// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.
-pub fn describe_status(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit code {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        _ => status.to_string(),
-    }
 }

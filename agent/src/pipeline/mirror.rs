@@ -11,7 +11,7 @@
 //!
 //! Restore (staging): `rsync -a --checksum --numeric-ids` from the mirror of the source
 //! environment into a new sibling of the target, counts compared with the manifest, then
-//! swapped in ([`crate::datastore::tree::replace_dir`]). A mirror has only its latest
+//! swapped in ([`crate::datastore::common::tree::replace_dir`]). A mirror has only its latest
 //! state: `--date` is refused.
 //!
 //! Unlike the dated archives, the mirror is stored as plain files (not encrypted), and the
@@ -26,8 +26,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{JobError, JobReport, Progress};
 use crate::config::Settings;
+use crate::datastore::common::tree::{self, TreeCounts};
 use crate::datastore::files::Files;
-use crate::datastore::tree::{self, TreeCounts};
 use crate::datastore::{DumpError, RestoreError};
 use crate::layout;
 use crate::transport::sftp::SftpConfig;

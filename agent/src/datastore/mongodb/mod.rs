@@ -100,7 +100,7 @@ pub struct MongoConfig {
     /// `[{ ns = "app.users", filter = '{"active": true}', min = 100 }]` (the source
     /// namespace; `rename` applies).
     #[serde(default)]
-    pub smoke: Vec<super::SmokeCheck>,
+    pub smoke: Vec<super::common::smoke::SmokeCheck>,
 }
 
 /// A built MongoDB datastore.
@@ -125,7 +125,7 @@ impl Mongo {
     /// `(field, message)`.
     pub fn build(cfg: MongoConfig, role: Role) -> Result<Self, (String, String)> {
         let err = |f: &str, m: String| Err((f.to_owned(), m));
-        super::SmokeCheck::validate(&cfg.smoke, role, "ns")?;
+        super::common::smoke::SmokeCheck::validate(&cfg.smoke, role, "ns")?;
         if !cfg.uri.starts_with("mongodb://") && !cfg.uri.starts_with("mongodb+srv://") {
             return err(
                 "uri",
@@ -615,14 +615,14 @@ impl Restorer for Mongo {
     fn recover<'a>(
         &'a self,
         skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<super::common::leftovers::Recovered>, RestoreError>> {
         swap::recover(self, skip).boxed()
     }
 
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let client = self.client().await.map_err(RestoreError::Target)?;
-            super::run_smoke(&self.cfg.smoke, |c| {
+            super::common::smoke::run_smoke(&self.cfg.smoke, |c| {
                 let client = client.clone();
                 async move {
                     let ns = c.ns.as_deref().unwrap_or_default();

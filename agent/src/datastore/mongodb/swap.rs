@@ -1,6 +1,6 @@
 //! The scratch databases of a MongoDB restore, the move of their namespaces into place, and
 //! what the agent does with those of a restore that was stopped (see
-//! [`super::super::leftovers`]).
+//! [`crate::datastore::common::leftovers`]).
 //!
 //! A restore of job `J` fills, for each database of the archive, a scratch database beside
 //! its target `T` (`rename` applied): `<T>__ferry_new_<j>` ([`scratch_name`]; `j` is `J` in
@@ -37,10 +37,10 @@ use std::collections::BTreeMap;
 use bson::{Bson, Document, doc};
 use mongodb::Client;
 
-use super::super::leftovers::{Action, Recovered, job_id, skipped};
 use super::{
     Mongo, Replaced, RestoreError, collection_spec, copy_collection, rename_keeps_options,
 };
+use crate::datastore::common::leftovers::{Action, Recovered, job_id, skipped};
 
 /// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
 pub const NEW_TAG: &str = "__ferry_new_";

@@ -1,5 +1,5 @@
 //! Directories (`kind = "files"`): a MinIO data directory, or any tree (the data
-//! containers of older deployments). The dump is a tar stream of the tree ([`super::tree`]),
+//! containers of older deployments). The dump is a tar stream of the tree ([`super::common::tree`]),
 //! stored as `<name>_backup_<date>.tar.zst.age`; the manifest counts files, directories,
 //! links and bytes.
 //!
@@ -10,7 +10,7 @@
 //! leaves the target as it was. A service reading the directory (MinIO) should be stopped
 //! around the restore or pointed at the new tree; the swap itself is two renames. A
 //! restore killed half-way leaves those siblings; the agent puts them right on start and
-//! before the next restore ([`super::leftovers`]). A `path` that is a mount point cannot
+//! before the next restore ([`super::common::leftovers`]). A `path` that is a mount point cannot
 //! be renamed: it is refused before anything is downloaded.
 
 use std::fs;
@@ -21,7 +21,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use super::tree::{self, TreeCounts};
+use super::common::tree::{self, TreeCounts};
 use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer,
@@ -172,20 +172,20 @@ impl Files {
     }
 
     /// Staging: puts right the leftovers beside `path` of interrupted restores (either
-    /// method), skipping the jobs in `skip` ([`super::leftovers::recover_dir`]).
+    /// method), skipping the jobs in `skip` ([`super::common::leftovers::recover_dir`]).
     ///
     /// # Errors
     /// [`RestoreError::Target`]: the parent of `path` cannot be listed.
     pub async fn recover_leftovers(
         &self,
         skip: &[String],
-    ) -> Result<Vec<super::leftovers::Recovered>, RestoreError> {
+    ) -> Result<Vec<super::common::leftovers::Recovered>, RestoreError> {
         if self.role != Role::Staging {
             return Ok(Vec::new());
         }
         let (path, skip) = (self.cfg.path.clone(), skip.to_vec());
         tokio::task::spawn_blocking(move || {
-            super::leftovers::recover_dir(&path, &[], &skip).map_err(|e| {
+            super::common::leftovers::recover_dir(&path, &[], &skip).map_err(|e| {
                 RestoreError::Target(format!(
                     "cannot list {} for leftovers: {e}",
                     path.parent().unwrap_or(&path).display()
@@ -281,7 +281,7 @@ impl Restorer for Files {
     fn recover<'a>(
         &'a self,
         skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<super::common::leftovers::Recovered>, RestoreError>> {
         self.recover_leftovers(skip).boxed()
     }
 

@@ -272,13 +272,13 @@ impl PgBackRest {
         std::io::Write::write_all(&mut f, self.config_text().as_bytes())?;
         drop(f);
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
-        if super::tree::is_root() {
+        if super::common::tree::is_root() {
             std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))?;
         }
         std::fs::rename(&tmp, path)?;
         for dir in [self.cfg.repo_dir.clone(), self.lock_dir()] {
             std::fs::create_dir_all(&dir)?;
-            if super::tree::is_root() {
+            if super::common::tree::is_root() {
                 std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
             }
         }
@@ -287,7 +287,7 @@ impl PgBackRest {
 
     /// Runs `pgbackrest --config=... --stanza=... ARGS` as `os_user`; its stdout.
     async fn pgbackrest(&self, args: &[&str]) -> Result<Vec<u8>, (String, String)> {
-        let mut cmd = if super::tree::is_root() && self.cfg.os_user != "root" {
+        let mut cmd = if super::common::tree::is_root() && self.cfg.os_user != "root" {
             let mut c = tokio::process::Command::new("runuser");
             c.args(["-u", &self.cfg.os_user, "--"]).arg(self.bin());
             c
@@ -456,7 +456,7 @@ impl PgBackRest {
         cmd.arg("--delete")
             .arg(&src)
             .arg(format!("{}/", self.cfg.repo_dir.display()));
-        if super::tree::is_root() {
+        if super::common::tree::is_root() {
             let (uid, gid) = self.os_ids().map_err(|e| JobError::Stage {
                 stage: "pgbackrest config",
                 source: e,

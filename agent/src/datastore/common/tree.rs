@@ -319,9 +319,9 @@ pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
 /// ancestor) has `need` bytes free for an unprivileged user, plus 5 %.
 ///
 /// # Errors
-/// [`super::RestoreError::Target`] naming the file system's free and needed bytes; the
+/// [`crate::datastore::RestoreError::Target`] naming the file system's free and needed bytes; the
 /// caller has touched nothing yet.
-pub fn ensure_room(dir: &Path, need: u64) -> Result<(), super::RestoreError> {
+pub fn ensure_room(dir: &Path, need: u64) -> Result<(), crate::datastore::RestoreError> {
     let mut probe = dir;
     while !probe.exists() {
         match probe.parent() {
@@ -330,7 +330,7 @@ pub fn ensure_room(dir: &Path, need: u64) -> Result<(), super::RestoreError> {
         }
     }
     let st = rustix::fs::statvfs(probe).map_err(|e| {
-        super::RestoreError::Target(format!(
+        crate::datastore::RestoreError::Target(format!(
             "cannot read free space of {}: {e}",
             probe.display()
         ))
@@ -338,7 +338,7 @@ pub fn ensure_room(dir: &Path, need: u64) -> Result<(), super::RestoreError> {
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let wanted = need.saturating_add(need / 20);
     if free < wanted {
-        return Err(super::RestoreError::Target(format!(
+        return Err(crate::datastore::RestoreError::Target(format!(
             "not enough room to restore into {}: {free} bytes free, the backup needs about {wanted}; nothing was touched",
             dir.display()
         )));
@@ -378,17 +378,17 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
 /// (`EBUSY`), so the restore would fail only at its end, after the whole download.
 ///
 /// # Errors
-/// [`super::RestoreError::Target`] naming the path and what to configure instead.
-pub fn refuse_mount_point(path: &Path, field: &str) -> Result<(), super::RestoreError> {
+/// [`crate::datastore::RestoreError::Target`] naming the path and what to configure instead.
+pub fn refuse_mount_point(path: &Path, field: &str) -> Result<(), crate::datastore::RestoreError> {
     match is_mount_point(path) {
         Ok(false) => Ok(()),
-        Ok(true) => Err(super::RestoreError::Target(format!(
+        Ok(true) => Err(crate::datastore::RestoreError::Target(format!(
             "{} is a mount point: a restore replaces the directory by renaming it, which a mount point refuses; \
              set {field} to a directory inside the mount (e.g. {}) and move the data there; nothing was downloaded or changed",
             path.display(),
             path.join("data").display()
         ))),
-        Err(e) => Err(super::RestoreError::Target(format!(
+        Err(e) => Err(crate::datastore::RestoreError::Target(format!(
             "cannot tell whether {} is a mount point: {e}",
             path.display()
         ))),
@@ -484,8 +484,10 @@ pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> 
 ///
 /// # Errors
 /// No pipe could be made.
-pub fn unpack_sink(dir: PathBuf) -> Result<super::PartSink, super::RestoreError> {
-    use super::RestoreError;
+pub fn unpack_sink(
+    dir: PathBuf,
+) -> Result<crate::datastore::PartSink, crate::datastore::RestoreError> {
+    use crate::datastore::RestoreError;
     use futures::FutureExt;
     let (reader, writer) =
         io::pipe().map_err(|e| RestoreError::Target(format!("cannot make a pipe: {e}")))?;
@@ -497,7 +499,7 @@ pub fn unpack_sink(dir: PathBuf) -> Result<super::PartSink, super::RestoreError>
             .map_err(|e| RestoreError::Target(format!("unpacking into {}: {e}", dir.display())))
     }
     .boxed();
-    Ok(super::PartSink {
+    Ok(crate::datastore::PartSink {
         writer: Box::new(writer),
         finish,
     })

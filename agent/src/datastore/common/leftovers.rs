@@ -14,7 +14,7 @@
 //!   target's name cut to fit 63 bytes), each holding a marker that names its datastore,
 //!   target and state; MongoDB moves collection by collection into the live target and keeps
 //!   no old copy, so its commit point is a marker set to `swapping`, and a swap past it is
-//!   finished ([`super::mongodb::swap`]).
+//!   finished ([`crate::datastore::mongodb::swap`]).
 //!
 //! A restore killed (kill -9, a host that died) leaves them behind, and a retry of the same
 //! job meets its own names again. So on start, and before each restore, the agent looks for

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 
 /// Where a kind's tools live: `bin_dir/<tool>` if configured, else `<tool>` on `PATH`.
@@ -102,7 +103,7 @@ impl StderrTail {
 }
 
 /// Runs `cmd` to its end and returns its stdout; on failure `(status, stderr tail)`: the
-/// exit status as [`super::describe_status`] words it (or `not started`), and the last 5
+/// exit status as [`describe_status`] words it (or `not started`), and the last 5
 /// lines of its stderr joined by ` | `.
 ///
 /// # Errors
@@ -120,7 +121,17 @@ pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, (String
     let text = String::from_utf8_lossy(&out.stderr);
     let tail: Vec<&str> = text.lines().rev().take(5).collect();
     Err((
-        super::describe_status(out.status),
+        describe_status(out.status),
         tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
     ))
+}
+
+/// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.
+pub fn describe_status(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        _ => status.to_string(),
+    }
 }

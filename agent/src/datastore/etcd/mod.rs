@@ -14,7 +14,7 @@
 //! every member from the same snapshot with its own `member_name` and the same
 //! `initial_cluster`. A restore killed half-way leaves `.<dir>.ferry-snapshot-<job>`,
 //! `-new-` and `-old-` siblings: the agent puts them right on start and before the next
-//! restore ([`super::leftovers`]). A `data_dir` that is a mount point cannot be swapped:
+//! restore ([`super::common::leftovers`]). A `data_dir` that is a mount point cannot be swapped:
 //! it is refused before anything is downloaded.
 //!
 //! Credentials: the password comes from `password_file` (mode 0600/0400) or
@@ -204,7 +204,7 @@ impl Etcd {
     async fn run(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, (String, String)> {
         let mut cmd = self.etcdctl();
         cmd.args(args);
-        super::tool::output(cmd).await
+        super::common::tool::output(cmd).await
     }
 
     /// `etcdctl snapshot status FILE -w json`.
@@ -232,7 +232,7 @@ impl Etcd {
     /// etcdctl's error, or a missing parent directory.
     pub async fn check(&self) -> Result<String, String> {
         if let Some(dir) = &self.cfg.data_dir {
-            super::tree::refuse_mount_point(dir, "data_dir").map_err(|e| e.to_string())?;
+            super::common::tree::refuse_mount_point(dir, "data_dir").map_err(|e| e.to_string())?;
             return if dir.parent().is_some_and(Path::is_dir) {
                 Ok(format!("restores into {}", dir.display()))
             } else {
@@ -352,19 +352,19 @@ impl Restorer for Etcd {
         true
     }
 
-    /// The siblings of `data_dir` (see [`super::leftovers`]): the snapshot file is
+    /// The siblings of `data_dir` (see [`super::common::leftovers`]): the snapshot file is
     /// removed, the new and old data directories put right by the swap's plan.
     fn recover<'a>(
         &'a self,
         skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<super::common::leftovers::Recovered>, RestoreError>> {
         async move {
             let Some(dir) = self.cfg.data_dir.clone() else {
                 return Ok(Vec::new());
             };
             let skip = skip.to_vec();
             tokio::task::spawn_blocking(move || {
-                super::leftovers::recover_dir(&dir, &["snapshot"], &skip).map_err(|e| {
+                super::common::leftovers::recover_dir(&dir, &["snapshot"], &skip).map_err(|e| {
                     RestoreError::Target(format!(
                         "cannot list the parent of {} for leftovers: {e}",
                         dir.display()
@@ -387,17 +387,17 @@ impl Restorer for Etcd {
             let expected: SnapshotStatus =
                 super::expect_whole(main, "etcd", &MAIN, "an etcd snapshot", namespaces)?;
             let data_dir = self.cfg.data_dir.clone().unwrap_or_default();
-            super::tree::refuse_mount_point(&data_dir, "data_dir")?;
+            super::common::tree::refuse_mount_point(&data_dir, "data_dir")?;
             if in_use(&data_dir) {
                 return Err(in_use_error(&data_dir));
             }
             // The snapshot file, then the data directory made from it.
-            super::tree::ensure_room(&data_dir, main.bytes_uncompressed.saturating_mul(2))?;
+            super::common::tree::ensure_room(&data_dir, main.bytes_uncompressed.saturating_mul(2))?;
             Ok(Box::new(EtcdRestore {
                 etcd: self.clone(),
-                snapshot: super::tree::sibling(&data_dir, "snapshot", job_id),
-                new: super::tree::sibling(&data_dir, "new", job_id),
-                old: super::tree::sibling(&data_dir, "old", job_id),
+                snapshot: super::common::tree::sibling(&data_dir, "snapshot", job_id),
+                new: super::common::tree::sibling(&data_dir, "new", job_id),
+                old: super::common::tree::sibling(&data_dir, "old", job_id),
                 expected,
             }) as Box<dyn RestoreSession>)
         }
@@ -555,13 +555,13 @@ fn in_use_error(data_dir: &Path) -> RestoreError {
     ))
 }
 
-/// Puts `new` in place of `target` ([`super::tree::replace_dir`]), unless etcd is running
+/// Puts `new` in place of `target` ([`super::common::tree::replace_dir`]), unless etcd is running
 /// on `target`.
 fn swap_in(new: &Path, old: &Path, target: &Path) -> Result<(), RestoreError> {
     if in_use(target) {
         return Err(in_use_error(target));
     }
-    super::tree::replace_dir(new, old, target).map_err(RestoreError::Target)
+    super::common::tree::replace_dir(new, old, target).map_err(RestoreError::Target)
 }
 
 #[cfg(test)]
@@ -583,7 +583,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("default");
         let job = "01JAAAAAAAAAAAAAAAAAAAAAAA";
-        let sibling = |what| super::super::tree::sibling(&data, what, job);
+        let sibling = |what| crate::datastore::common::tree::sibling(&data, what, job);
         // Killed between moving the member's data aside and moving the restored one in.
         fs::create_dir_all(sibling("old").join("member/wal")).unwrap();
         fs::write(sibling("old").join("member/wal/0.wal"), "previous").unwrap();

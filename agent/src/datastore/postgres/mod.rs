@@ -9,7 +9,7 @@
 //! database renamed over the target. A failure before the swap drops the scratch
 //! database and leaves the target as it was. A restore killed half-way leaves
 //! `<target>__ferry_new_<job>` (and, killed during the swap, `<target>__ferry_old_<job>`):
-//! the agent puts them right on start and before the next restore ([`super::leftovers`]).
+//! the agent puts them right on start and before the next restore ([`super::common::leftovers`]).
 //!
 //! Credentials: the password comes from `password_file` (mode 0600/0400) or
 //! `password_env`, and reaches the tools as `PGPASSWORD` in their environment, never on
@@ -80,7 +80,7 @@ fn leftover_jobs(target: &str, names: &[String]) -> BTreeMap<String, (bool, bool
         else {
             continue;
         };
-        let Some(job) = super::leftovers::job_id(&name[cut..]) else {
+        let Some(job) = super::common::leftovers::job_id(&name[cut..]) else {
             continue;
         };
         if *name == scratch_name(target, NEW_TAG, &job) {
@@ -92,7 +92,7 @@ fn leftover_jobs(target: &str, names: &[String]) -> BTreeMap<String, (bool, bool
     jobs
 }
 
-/// A PostgreSQL cluster as a [`super::leftovers::Store`]: names are databases.
+/// A PostgreSQL cluster as a [`super::common::leftovers::Store`]: names are databases.
 struct Databases {
     client: Client,
 }
@@ -122,7 +122,7 @@ impl Databases {
     }
 }
 
-impl super::leftovers::Store for Databases {
+impl super::common::leftovers::Store for Databases {
     fn rename<'a>(&'a mut self, from: &'a str, to: &'a str) -> BoxFuture<'a, Result<(), String>> {
         async move {
             let sql = format!(
@@ -198,7 +198,7 @@ pub struct PostgresConfig {
     /// Staging: smoke checks run after every restore, e.g.
     /// `[{ sql = "SELECT count(*) FROM orders", min = 1000 }]`.
     #[serde(default)]
-    pub smoke: Vec<super::SmokeCheck>,
+    pub smoke: Vec<super::common::smoke::SmokeCheck>,
 }
 
 fn default_host() -> String {
@@ -266,7 +266,7 @@ impl Postgres {
                 }
             }
         }
-        super::SmokeCheck::validate(&cfg.smoke, role, "sql")?;
+        super::common::smoke::SmokeCheck::validate(&cfg.smoke, role, "sql")?;
         for (field, db) in [
             ("database", cfg.database.as_deref()),
             ("target_database", cfg.target_database.as_deref()),
@@ -683,11 +683,11 @@ impl Restorer for Postgres {
     }
 
     /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
-    /// databases of `target_database` (see [`super::leftovers`]), job by job.
+    /// databases of `target_database` (see [`super::common::leftovers`]), job by job.
     fn recover<'a>(
         &'a self,
         skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+    ) -> BoxFuture<'a, Result<Vec<super::common::leftovers::Recovered>, RestoreError>> {
         async move {
             let Some(target) = self.cfg.target_database.clone() else {
                 return Ok(Vec::new());
@@ -709,7 +709,7 @@ impl Restorer for Postgres {
             let mut store = Databases { client };
             let mut out = Vec::new();
             for (job, (new, old)) in leftover_jobs(&target, &names) {
-                if super::leftovers::skipped(&job, skip) {
+                if super::common::leftovers::skipped(&job, skip) {
                     continue;
                 }
                 let exists = store.exists(&target).await.map_err(RestoreError::Target)?;
@@ -717,14 +717,14 @@ impl Restorer for Postgres {
                     scratch_name(&target, NEW_TAG, &job),
                     scratch_name(&target, OLD_TAG, &job),
                 );
-                let swap = super::leftovers::Swap {
+                let swap = super::common::leftovers::Swap {
                     job: &job,
                     target: &target,
                     old: &old_name,
                     new: &new_name,
                     exists: (exists, old, new),
                 };
-                out.extend(super::leftovers::recover_swap(&mut store, swap).await);
+                out.extend(super::common::leftovers::recover_swap(&mut store, swap).await);
             }
             Ok(out)
         }
@@ -735,7 +735,7 @@ impl Restorer for Postgres {
         async move {
             let db = self.cfg.target_database.clone().unwrap_or_default();
             let client = self.connect(&db).await.map_err(RestoreError::Target)?;
-            super::run_smoke(&self.cfg.smoke, |c| {
+            super::common::smoke::run_smoke(&self.cfg.smoke, |c| {
                 let client = &client;
                 async move {
                     let sql = c

@@ -1,5 +1,5 @@
 //! InfluxDB 1.x (`kind = "influxdb"`): `influxd backup -portable` into a temporary
-//! directory (a subdirectory a database), streamed as a tar archive ([`super::tree`]) and
+//! directory (a subdirectory a database), streamed as a tar archive ([`super::common::tree`]) and
 //! removed, stored as
 //! `<name>_backup_<date>.tar.zst.age`. The manifest holds, per database and measurement,
 //! the point count taken just before and just after the backup (`points_min`,
@@ -33,8 +33,8 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use super::leftovers::{Action, Recovered, job_id, skipped};
-use super::tree;
+use super::common::leftovers::{Action, Recovered, job_id, skipped};
+use super::common::tree;
 use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer, ToolPaths,
@@ -228,7 +228,7 @@ impl Influx {
                 cmd.env("INFLUX_PASSWORD", &p.0);
             }
         }
-        let out = super::tool::output(cmd)
+        let out = super::common::tool::output(cmd)
             .await
             .map_err(|(s, e)| format!("influx -execute {q:?} failed ({s}): {e}"))?;
         let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
@@ -379,7 +379,7 @@ impl Influx {
     }
 
     /// Staging: puts right the leftovers of interrupted restores (see
-    /// [`super::leftovers`]), job by job. For each target `X` of a job:
+    /// [`super::common::leftovers`]), job by job. For each target `X` of a job:
     /// - its scratch database `X__ferry_new_<job>` without a marker: the swap had not
     ///   reached `X`, which is as it was; the scratch database is dropped;
     /// - the marker `X__ferry_swap_<job>` without the scratch database: `X` was restored
@@ -567,7 +567,7 @@ impl Influx {
     async fn influxd(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, (String, String)> {
         let mut cmd = tokio::process::Command::new(self.tools.path("influxd"));
         cmd.args(args);
-        super::tool::output(cmd).await
+        super::common::tool::output(cmd).await
     }
 }
 
