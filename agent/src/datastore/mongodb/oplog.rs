@@ -1239,12 +1239,12 @@ impl Replay {
         let keeps = match self.rename_keeps {
             Some(k) => k,
             None => {
-                let k = super::rename_keeps_options(&self.client, &source).await;
+                let k = super::restore::rename_keeps_options(&self.client, &source).await;
                 self.rename_keeps = Some(k);
                 k
             }
         };
-        let options = super::collection_options(&self.client, &source, from_coll)
+        let options = super::restore::collection_options(&self.client, &source, from_coll)
             .await
             .map_err(|e| ReplayError::Target {
                 entry: name.to_owned(),
@@ -1261,7 +1261,7 @@ impl Replay {
                 .await
                 .map_err(refused)?;
         } else {
-            super::copy_collection(
+            super::restore::copy_collection(
                 &self.client,
                 (&source, from_coll),
                 (&target, to_coll),

@@ -37,9 +37,9 @@ use std::collections::BTreeMap;
 use bson::{Bson, Document, doc};
 use mongodb::Client;
 
-use super::{
-    Mongo, Replaced, RestoreError, collection_spec, copy_collection, rename_keeps_options,
-};
+use super::Mongo;
+use super::restore::{Replaced, collection_spec, copy_collection, rename_keeps_options};
+use crate::datastore::RestoreError;
 use crate::datastore::common::leftovers::{Action, Recovered, job_id, skipped};
 
 /// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.

@@ -1,0 +1,645 @@
+//! The restore side: roles with `psql`, the pg_dump archive with `pg_restore` into a
+//! scratch database beside the target, rows counted and compared with the manifest, then
+//! the swap; the leftovers of interrupted restores; the operator's smoke checks.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio_postgres::Client;
+
+use super::{DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, quote_ident};
+use crate::datastore::common::leftovers;
+use crate::datastore::common::smoke::run_smoke;
+use crate::datastore::{
+    PartSink, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
+};
+use crate::manifest::Manifest;
+
+/// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
+const NEW_TAG: &str = "__ferry_new_";
+
+/// The tag of the target moved aside by a restore's swap: `<target>__ferry_old_<job>`.
+const OLD_TAG: &str = "__ferry_old_";
+
+/// How long the search for leftovers waits for the server to answer a connection, seconds.
+const RECOVER_CONNECT_SECONDS: u64 = 10;
+
+/// `<target><tag><job>`, the job id in lower case, the target's name cut so that the whole
+/// fits [`MAX_IDENTIFIER`] bytes: the name of a restore's scratch ([`NEW_TAG`]) or old
+/// ([`OLD_TAG`]) database.
+fn scratch_name(target: &str, tag: &str, job_id: &str) -> String {
+    let suffix = job_id.to_lowercase();
+    let keep = MAX_IDENTIFIER.saturating_sub(tag.len() + suffix.len());
+    format!("{}{tag}{suffix}", truncate(target, keep))
+}
+
+/// The jobs that left a scratch or old database of `target` among the database `names`:
+/// job id (upper case) → (scratch exists, old exists). Only the exact names
+/// [`scratch_name`] gives count.
+fn leftover_jobs(target: &str, names: &[String]) -> BTreeMap<String, (bool, bool)> {
+    let mut jobs: BTreeMap<String, (bool, bool)> = BTreeMap::new();
+    for name in names {
+        let Some(cut) = name
+            .len()
+            .checked_sub(26)
+            .filter(|&c| name.is_char_boundary(c))
+        else {
+            continue;
+        };
+        let Some(job) = leftovers::job_id(&name[cut..]) else {
+            continue;
+        };
+        if *name == scratch_name(target, NEW_TAG, &job) {
+            jobs.entry(job).or_default().0 = true;
+        } else if *name == scratch_name(target, OLD_TAG, &job) {
+            jobs.entry(job).or_default().1 = true;
+        }
+    }
+    jobs
+}
+
+/// A PostgreSQL cluster as a [`leftovers::Store`]: names are databases.
+struct Databases {
+    client: Client,
+}
+
+impl Databases {
+    /// Ends the sessions on `db`, so it can be renamed or dropped.
+    async fn terminate(&self, db: &str) {
+        let _ = self
+            .client
+            .execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+                &[&db],
+            )
+            .await;
+    }
+
+    async fn exists(&self, db: &str) -> Result<bool, String> {
+        self.client
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
+                &[&db],
+            )
+            .await
+            .map(|r| r.is_some())
+            .map_err(|e| e.to_string())
+    }
+}
+
+impl leftovers::Store for Databases {
+    fn rename<'a>(&'a mut self, from: &'a str, to: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            let sql = format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                quote_ident(from),
+                quote_ident(to)
+            );
+            let mut last = String::new();
+            // A session may connect again between the termination and the rename.
+            for _ in 0..5 {
+                self.terminate(from).await;
+                match self.client.batch_execute(&sql).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(last)
+        }
+        .boxed()
+    }
+
+    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
+        async move {
+            self.client
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(name)
+                ))
+                .await
+                .map_err(|e| e.to_string())
+        }
+        .boxed()
+    }
+
+    fn show(&self, name: &str) -> String {
+        format!("database {name}")
+    }
+}
+
+/// Cuts `s` to at most `max` bytes on a character boundary.
+fn truncate(s: &str, max: usize) -> &str {
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Differences between expected (manifest) and restored counts, one line each.
+fn count_differences(expected: &DatabaseCounts, found: &DatabaseCounts) -> Vec<String> {
+    let mut out = Vec::new();
+    for (table, n) in &expected.rows {
+        match found.rows.get(table) {
+            None => out.push(format!(
+                "table {table} is missing ({n} rows in the manifest)"
+            )),
+            Some(m) if m != n => out.push(format!(
+                "table {table}: {n} rows in the manifest, {m} restored"
+            )),
+            _ => {}
+        }
+    }
+    for table in found
+        .rows
+        .keys()
+        .filter(|t| !expected.rows.contains_key(*t))
+    {
+        out.push(format!("table {table} is not in the manifest"));
+    }
+    out
+}
+
+impl Restorer for Postgres {
+    /// The pg_dump archive goes into a scratch database; the globals part is SQL that
+    /// psql executes against the live cluster as it reads, so it is checked first.
+    fn stages_part(&self, manifest: &Manifest) -> bool {
+        manifest.part == MAIN.name && manifest.format == MAIN.format
+    }
+
+    /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
+    /// databases of `target_database` (see [`crate::datastore::common::leftovers`]), job by job.
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<leftovers::Recovered>, RestoreError>> {
+        async move {
+            let Some(target) = self.cfg.target_database.clone() else {
+                return Ok(Vec::new());
+            };
+            let db = &self.cfg.maintenance_database;
+            let mut config = self.pg_config(db);
+            config.connect_timeout(std::time::Duration::from_secs(RECOVER_CONNECT_SECONDS));
+            let client = self
+                .connect_with(config, db)
+                .await
+                .map_err(RestoreError::Target)?;
+            let names: Vec<String> = client
+                .query("SELECT datname FROM pg_catalog.pg_database", &[])
+                .await
+                .map_err(|e| RestoreError::Target(format!("listing databases: {e}")))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            let mut store = Databases { client };
+            let mut out = Vec::new();
+            for (job, (new, old)) in leftover_jobs(&target, &names) {
+                if leftovers::skipped(&job, skip) {
+                    continue;
+                }
+                let exists = store.exists(&target).await.map_err(RestoreError::Target)?;
+                let (new_name, old_name) = (
+                    scratch_name(&target, NEW_TAG, &job),
+                    scratch_name(&target, OLD_TAG, &job),
+                );
+                let swap = leftovers::Swap {
+                    job: &job,
+                    target: &target,
+                    old: &old_name,
+                    new: &new_name,
+                    exists: (exists, old, new),
+                };
+                out.extend(leftovers::recover_swap(&mut store, swap).await);
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
+    fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
+        async move {
+            let db = self.cfg.target_database.clone().unwrap_or_default();
+            let client = self.connect(&db).await.map_err(RestoreError::Target)?;
+            run_smoke(&self.cfg.smoke, |c| {
+                let client = &client;
+                async move {
+                    let sql = c
+                        .sql
+                        .as_deref()
+                        .ok_or("a PostgreSQL smoke check needs sql")?;
+                    let row = client
+                        .query_one(sql, &[])
+                        .await
+                        .map_err(|e| format!("{sql}: {e}"))?;
+                    let n: i64 = row
+                        .try_get(0)
+                        .map_err(|e| format!("{sql}: not one integer: {e}"))?;
+                    Ok((sql.to_owned(), n))
+                }
+            })
+            .await
+        }
+        .boxed()
+    }
+
+    fn begin<'a>(
+        &'a self,
+        main: &'a Manifest,
+        job_id: &'a str,
+        namespaces: &'a [String],
+    ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
+        async move {
+            if !namespaces.is_empty() {
+                return Err(RestoreError::Manifest(
+                    "a PostgreSQL backup is restored whole; --ns selects MongoDB namespaces".into(),
+                ));
+            }
+            crate::datastore::expect_main(main, "postgres", &MAIN, "a PostgreSQL pg_dump archive")?;
+            let expected = DatabaseCounts::from_json(&main.counts).ok_or_else(|| {
+                RestoreError::Manifest(format!(
+                    "manifest of {} has no PostgreSQL row counts",
+                    main.file
+                ))
+            })?;
+            let target = self
+                .cfg
+                .target_database
+                .clone()
+                .ok_or_else(|| RestoreError::Target("no target_database configured".into()))?;
+            let session = PgRestore {
+                pg: self.clone(),
+                scratch: scratch_name(&target, NEW_TAG, job_id),
+                old: scratch_name(&target, OLD_TAG, job_id),
+                target,
+                expected,
+                created: false,
+                roles_applied: false,
+            };
+            let maint = session.maintenance().await?;
+            maint
+                .batch_execute(&format!(
+                    "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                    quote_ident(&session.scratch)
+                ))
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?;
+            Ok(Box::new(session) as Box<dyn RestoreSession>)
+        }
+        .boxed()
+    }
+}
+
+/// A PostgreSQL restore in progress: the scratch database beside the target.
+struct PgRestore {
+    pg: Postgres,
+    target: String,
+    scratch: String,
+    old: String,
+    expected: DatabaseCounts,
+    created: bool,
+    /// psql has been given the globals part: roles of the backup may now exist in the
+    /// live cluster, whatever becomes of the restore.
+    roles_applied: bool,
+}
+
+impl PgRestore {
+    async fn maintenance(&self) -> Result<Client, RestoreError> {
+        self.pg
+            .connect(&self.pg.cfg.maintenance_database)
+            .await
+            .map_err(RestoreError::Target)
+    }
+
+    fn tool_sink(
+        &self,
+        tool: &'static str,
+        cmd: Command,
+        check: fn(&StderrTail) -> Result<(), String>,
+    ) -> Result<PartSink, RestoreError> {
+        let (mut child, tail) =
+            self.pg
+                .spawn(cmd, tool, true)
+                .map_err(|source| RestoreError::Spawn {
+                    tool: tool.into(),
+                    source,
+                })?;
+        let stdin = child.stdin.take().expect("stdin is piped");
+        let finish = async move {
+            let status = tokio::task::spawn_blocking(move || child.wait())
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?
+                .map_err(|e| RestoreError::Target(e.to_string()))?;
+            tail.wait();
+            if !status.success() {
+                return Err(RestoreError::Tool {
+                    tool: tool.into(),
+                    status: describe_status(status),
+                    stderr: tail.text(),
+                });
+            }
+            check(&tail).map_err(|stderr| RestoreError::Tool {
+                tool: tool.into(),
+                status: "errors reported".into(),
+                stderr,
+            })
+        };
+        Ok(PartSink {
+            writer: Box::new(stdin),
+            finish: finish.boxed(),
+        })
+    }
+
+    async fn restore_globals(&mut self) -> Result<PartSink, RestoreError> {
+        let mut cmd = self.pg.command("psql");
+        cmd.args([
+            "--no-psqlrc",
+            "--quiet",
+            "--set",
+            "ON_ERROR_STOP=0",
+            "--file",
+            "-",
+            "--dbname",
+        ])
+        .arg(&self.pg.cfg.maintenance_database);
+        // Roles that already exist (at least the connecting superuser) are expected.
+        fn check(tail: &StderrTail) -> Result<(), String> {
+            let errors: Vec<String> = tail
+                .lines()
+                .into_iter()
+                .filter(|l| l.contains("ERROR:") && !l.contains("already exists"))
+                .collect();
+            if errors.is_empty() {
+                Ok(())
+            } else {
+                Err(errors.join(" | "))
+            }
+        }
+        self.tool_sink("psql", cmd, check)
+    }
+
+    async fn restore_main(&mut self) -> Result<PartSink, RestoreError> {
+        let maint = self.maintenance().await?;
+        let owner_exists = maint
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = $1",
+                &[&self.expected.owner],
+            )
+            .await
+            .map_err(|e| RestoreError::Target(e.to_string()))?
+            .is_some();
+        let mut create = format!(
+            "CREATE DATABASE {} TEMPLATE template0 ENCODING '{}'",
+            quote_ident(&self.scratch),
+            self.expected.encoding.replace('\'', "")
+        );
+        if owner_exists {
+            create.push_str(&format!(" OWNER {}", quote_ident(&self.expected.owner)));
+        }
+        maint.batch_execute(&create).await.map_err(|e| {
+            RestoreError::Target(format!("creating scratch database {}: {e}", self.scratch))
+        })?;
+        self.created = true;
+        let mut cmd = self.pg.command("pg_restore");
+        cmd.args(["--clean", "--if-exists", "--exit-on-error", "--dbname"])
+            .arg(&self.scratch);
+        self.tool_sink("pg_restore", cmd, |_| Ok(()))
+    }
+
+    async fn swap(&mut self) -> Result<(), RestoreError> {
+        let maint = self.maintenance().await?;
+        let target_exists = maint
+            .query_opt(
+                "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
+                &[&self.target],
+            )
+            .await
+            .map_err(|e| RestoreError::Target(e.to_string()))?
+            .is_some();
+        let terminate = "SELECT pg_terminate_backend(pid) FROM pg_catalog.pg_stat_activity \
+                         WHERE datname = $1 AND pid <> pg_backend_pid()";
+        if target_exists {
+            let mut last = None;
+            for _ in 0..5 {
+                let _ = maint.execute(terminate, &[&self.target]).await;
+                match maint
+                    .batch_execute(&format!(
+                        "ALTER DATABASE {} RENAME TO {}",
+                        quote_ident(&self.target),
+                        quote_ident(&self.old)
+                    ))
+                    .await
+                {
+                    Ok(()) => {
+                        last = None;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            if let Some(e) = last {
+                return Err(RestoreError::Target(format!(
+                    "cannot move the live database {:?} aside (still in use?): {e}; it is unchanged",
+                    self.target
+                )));
+            }
+        }
+        let _ = maint.execute(terminate, &[&self.scratch]).await;
+        if let Err(e) = maint
+            .batch_execute(&format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                quote_ident(&self.scratch),
+                quote_ident(&self.target)
+            ))
+            .await
+        {
+            let back = if target_exists {
+                maint
+                    .batch_execute(&format!(
+                        "ALTER DATABASE {} RENAME TO {}",
+                        quote_ident(&self.old),
+                        quote_ident(&self.target)
+                    ))
+                    .await
+            } else {
+                Ok(())
+            };
+            return Err(RestoreError::Target(match back {
+                Ok(()) => format!(
+                    "cannot rename the restored database into place: {e}; {:?} is unchanged",
+                    self.target
+                ),
+                Err(e2) => format!(
+                    "cannot rename the restored database into place: {e}; and cannot put the old one back: {e2}. \
+                     THE TARGET IS NOT IN PLACE: the old data is in database {:?}, the restored data in {:?}",
+                    self.old, self.scratch
+                ),
+            }));
+        }
+        self.created = false;
+        if target_exists
+            && let Err(e) = maint
+                .batch_execute(&format!(
+                    "DROP DATABASE {} WITH (FORCE)",
+                    quote_ident(&self.old)
+                ))
+                .await
+        {
+            tracing::warn!(database = %self.old, error = %e, "Could not drop the replaced database; drop it by hand.");
+        }
+        Ok(())
+    }
+}
+
+impl RestoreSession for PgRestore {
+    fn target_state(&self) -> Option<String> {
+        self.roles_applied.then(|| {
+            format!(
+                "database {:?} was left as it was, but the backup's roles (its globals part, \
+                 checked before it was applied) were created or altered in the cluster",
+                self.target
+            )
+        })
+    }
+
+    fn part<'a>(
+        &'a mut self,
+        manifest: &'a Manifest,
+    ) -> BoxFuture<'a, Result<PartSink, RestoreError>> {
+        async move {
+            match (manifest.part.as_str(), manifest.format.as_str()) {
+                ("globals", "sql") => {
+                    self.roles_applied = true;
+                    self.restore_globals().await
+                }
+                ("", "pgdump") => self.restore_main().await,
+                (part, format) => Err(RestoreError::Manifest(format!(
+                    "{}: unexpected part {part:?} of format {format:?} for PostgreSQL",
+                    manifest.file
+                ))),
+            }
+        }
+        .boxed()
+    }
+
+    fn commit<'a>(
+        &'a mut self,
+        _main: &'a Manifest,
+    ) -> BoxFuture<'a, Result<String, RestoreError>> {
+        async move {
+            if !self.created {
+                return Err(RestoreError::Manifest(
+                    "the backup has no main pg_dump part".into(),
+                ));
+            }
+            let found = {
+                let client = self
+                    .pg
+                    .connect(&self.scratch)
+                    .await
+                    .map_err(RestoreError::Target)?;
+                database_counts(&client)
+                    .await
+                    .map_err(|e| RestoreError::Target(format!("counting restored rows: {e}")))?
+            };
+            let diff = count_differences(&self.expected, &found);
+            if !diff.is_empty() {
+                return Err(RestoreError::Mismatch(diff.join("; ")));
+            }
+            self.swap().await?;
+            Ok(format!(
+                "{} tables, {} rows restored into database {:?}, equal to the manifest",
+                found.rows.len(),
+                found.rows.values().sum::<i64>(),
+                self.target
+            ))
+        }
+        .boxed()
+    }
+
+    fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {
+        async move {
+            if !self.created {
+                return;
+            }
+            match self.maintenance().await {
+                Ok(maint) => {
+                    if let Err(e) = maint
+                        .batch_execute(&format!(
+                            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                            quote_ident(&self.scratch)
+                        ))
+                        .await
+                    {
+                        tracing::warn!(database = %self.scratch, error = %e, "Could not drop the scratch database.");
+                    }
+                }
+                Err(e) => tracing::warn!(database = %self.scratch, error = %e, "Could not drop the scratch database."),
+            }
+        }
+        .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn differences_name_the_table() {
+        let mut a = DatabaseCounts::default();
+        a.rows.insert("public.t".into(), 10);
+        a.rows.insert("public.u".into(), 1);
+        let mut b = a.clone();
+        b.rows.insert("public.t".into(), 9);
+        b.rows.remove("public.u");
+        let d = count_differences(&a, &b).join("; ");
+        assert!(
+            d.contains("public.t: 10 rows in the manifest, 9 restored"),
+            "{d}"
+        );
+        assert!(d.contains("public.u is missing"), "{d}");
+        assert_eq!(DatabaseCounts::from_json(&a.to_json()), Some(a));
+    }
+
+    #[test]
+    fn scratch_names_fit_postgres_identifiers() {
+        let long = "x".repeat(63);
+        assert_eq!(truncate(&long, 10).len(), 10);
+        assert_eq!(truncate("ééé", 3), "é");
+    }
+
+    #[test]
+    fn leftovers_are_the_exact_scratch_names_of_the_target() {
+        let job = "01JAAAAAAAAAAAAAAAAAAAAAAA";
+        let other = "01JBBBBBBBBBBBBBBBBBBBBBBB";
+        let long = "t".repeat(60);
+        let names: Vec<String> = vec![
+            "app".into(),
+            scratch_name("app", NEW_TAG, job),
+            scratch_name("app", OLD_TAG, other),
+            // Another target's, a job id in the wrong case, not a ULID, a user's database.
+            scratch_name("app2", NEW_TAG, job),
+            format!("app{NEW_TAG}{job}"),
+            format!("app{NEW_TAG}01jaaaaaaaaaaaaaaaaaaaaaa"),
+            "app__ferry_new_backup".into(),
+            scratch_name(&long, NEW_TAG, job),
+        ];
+        assert_eq!(names[1], "app__ferry_new_01jaaaaaaaaaaaaaaaaaaaaaaa");
+        let found = leftover_jobs("app", &names);
+        assert_eq!(
+            found.into_iter().collect::<Vec<_>>(),
+            [
+                (job.to_owned(), (true, false)),
+                (other.to_owned(), (false, true))
+            ]
+        );
+        // A long target's names are cut as the restore cuts them.
+        assert_eq!(scratch_name(&long, NEW_TAG, job).len(), MAX_IDENTIFIER);
+        assert_eq!(leftover_jobs(&long, &names).len(), 1);
+    }
+}
