@@ -201,7 +201,7 @@ pub struct Settings {
     /// Staging: the environment restored from.
     pub source_environment: Option<String>,
     /// Datastores by name, in config order.
-    pub datastores: BTreeMap<String, Arc<Datastore>>,
+    pub datastores: BTreeMap<String, Arc<dyn Datastore>>,
 }
 
 impl AgentConfig {
@@ -322,12 +322,10 @@ impl AgentConfig {
         let mut datastores = BTreeMap::new();
         for (i, ds) in self.datastores.into_iter().enumerate() {
             let field = format!("datastores[{i}]");
-            let name = ds.name().to_owned();
-            layout::validate_name("datastore", &name)
-                .map_err(|e| name_err(&format!("{field}.name"), e))?;
             let built = datastore::build(ds, role)
                 .map_err(|(f, msg)| invalid(&format!("{field}.{f}"), msg))?;
-            if datastores.insert(name.clone(), Arc::new(built)).is_some() {
+            let name = built.name().to_owned();
+            if datastores.insert(name.clone(), built).is_some() {
                 return Err(invalid(
                     &format!("{field}.name"),
                     format!("datastore {name:?} is configured twice"),

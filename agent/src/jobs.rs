@@ -106,7 +106,7 @@ pub struct Order {
     /// attempt, `<job>-a<N>` for its Nth ([`ferry_proto::attempt`]).
     pub job_id: String,
     /// The datastore.
-    pub datastore: Arc<Datastore>,
+    pub datastore: Arc<dyn Datastore>,
     /// Backup or restore.
     pub kind: OrderKind,
 }

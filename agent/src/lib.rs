@@ -27,7 +27,7 @@ pub mod transport;
 
 /// Serves the agent until `shutdown` is cancelled; running jobs are cancelled then. A
 /// staging agent first puts right the leftovers of interrupted restores of its datastores
-/// ([`datastore::Datastore::recover_at_start`]).
+/// ([`datastore::recovery`]).
 ///
 /// # Errors
 /// TLS files unreadable or malformed, or the listen address unavailable.

@@ -200,7 +200,7 @@ async fn on_session<T: Send + 'static>(
 /// files are removed where the server allows it.
 pub async fn backup(
     settings: Arc<Settings>,
-    datastore: Arc<Datastore>,
+    datastore: Arc<dyn Datastore>,
     job_id: String,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
@@ -569,7 +569,7 @@ struct FoundBackup {
 fn find_backup(
     settings: &Settings,
     environment: &str,
-    datastore: &Datastore,
+    datastore: &dyn Datastore,
     date: Option<&str>,
     file: Option<&str>,
 ) -> Result<FoundBackup, JobError> {
@@ -700,7 +700,7 @@ fn read_main(
 /// a companion that is not a file of the layout or has no readable manifest.
 fn with_companions(
     session: &mut dyn Downloader,
-    datastore: &Datastore,
+    datastore: &dyn Datastore,
     dir: &str,
     path: String,
     main: Manifest,
@@ -774,7 +774,7 @@ fn check_digest(path: &str, manifest: &Manifest, sha256: &str, size: u64) -> Res
 /// [`JobError::NotFound`].
 async fn locate(
     settings: &Arc<Settings>,
-    datastore: &Arc<Datastore>,
+    datastore: &Arc<dyn Datastore>,
     (date, file): (Option<String>, Option<String>),
     progress: &Progress,
     what: &str,
@@ -807,7 +807,7 @@ async fn locate(
             find_backup(
                 &settings,
                 &environment,
-                &datastore,
+                &*datastore,
                 date.as_deref(),
                 file.as_deref(),
             )
@@ -827,7 +827,7 @@ async fn locate(
 /// [`JobError::Integrity`] naming the file and what failed; [`JobError::NotFound`].
 pub async fn verify(
     settings: Arc<Settings>,
-    datastore: Arc<Datastore>,
+    datastore: Arc<dyn Datastore>,
     selection: (Option<String>, Option<String>),
     progress: Progress,
 ) -> Result<JobReport, JobError> {
@@ -907,7 +907,7 @@ pub async fn verify(
 /// another size or a manifest that does not read, transport errors.
 pub async fn check(
     settings: Arc<Settings>,
-    datastore: Arc<Datastore>,
+    datastore: Arc<dyn Datastore>,
     selection: (Option<String>, Option<String>),
     progress: Progress,
 ) -> Result<JobReport, JobError> {
@@ -969,7 +969,7 @@ pub async fn check(
 /// [`JobError`]; [`JobError::Restore`] says whether the target was left as it was.
 pub async fn restore(
     settings: Arc<Settings>,
-    datastore: Arc<Datastore>,
+    datastore: Arc<dyn Datastore>,
     job_id: String,
     selection: (Option<String>, Option<String>),
     namespaces: Vec<String>,

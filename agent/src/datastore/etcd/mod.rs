@@ -29,9 +29,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
+use super::common::leftovers::Recovered;
 use super::{
-    DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
-    Restorer, ToolPaths,
+    Datastore, DumpError, DumpOutcome, DumpStream, Dumper, Mode, Part, PartSink, RestoreError,
+    RestoreSession, Restorer, ToolPaths,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -77,6 +78,19 @@ pub struct EtcdConfig {
     pub initial_cluster: Option<String>,
     /// Staging: `etcd --initial-advertise-peer-urls` of this member.
     pub initial_advertise_peer_urls: Option<String>,
+}
+
+impl crate::datastore::KindConfig for EtcdConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn build(
+        self: Box<Self>,
+        role: Role,
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+        Ok(std::sync::Arc::new(Etcd::build(*self, role)?))
+    }
 }
 
 /// What `etcdctl snapshot status -w json` says of a snapshot file.
@@ -158,17 +172,6 @@ impl Etcd {
         })
     }
 
-    /// The configured name.
-    pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    /// `etcdctl version`'s first line.
-    pub fn tool_versions(&self) -> Vec<(String, String)> {
-        let v = self.tools.version_with("etcdctl", &["version"]);
-        vec![("etcdctl".into(), v)]
-    }
-
     /// etcdctl with the v3 API, the connection flags and the credentials (environment).
     fn etcdctl(&self) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(self.tools.path("etcdctl"));
@@ -225,30 +228,90 @@ impl Etcd {
             )
         })
     }
+}
+
+impl Etcd {
+    /// Staging: puts right the siblings of `data_dir` left by interrupted restores (see
+    /// [`super::common::leftovers`]), skipping the jobs in `skip`: the snapshot file is
+    /// removed, the new and old data directories put right by the swap's plan.
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`]: the parent of `data_dir` cannot be listed.
+    pub async fn recover(&self, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
+        let Some(dir) = self.cfg.data_dir.clone() else {
+            return Ok(Vec::new());
+        };
+        let skip = skip.to_vec();
+        tokio::task::spawn_blocking(move || {
+            super::common::leftovers::recover_dir(&dir, &["snapshot"], &skip).map_err(|e| {
+                RestoreError::Target(format!(
+                    "cannot list the parent of {} for leftovers: {e}",
+                    dir.display()
+                ))
+            })
+        })
+        .await
+        .map_err(|e| RestoreError::Target(e.to_string()))?
+    }
+}
+
+impl Datastore for Etcd {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    /// `etcdctl version`'s first line.
+    fn tool_versions(&self) -> Vec<(String, String)> {
+        let v = self.tools.version_with("etcdctl", &["version"]);
+        vec![("etcdctl".into(), v)]
+    }
 
     /// Production: the member's status; staging: where the data directory is.
     ///
     /// # Errors
     /// etcdctl's error, or a missing parent directory.
-    pub async fn check(&self) -> Result<String, String> {
-        if let Some(dir) = &self.cfg.data_dir {
-            super::common::tree::refuse_mount_point(dir, "data_dir").map_err(|e| e.to_string())?;
-            return if dir.parent().is_some_and(Path::is_dir) {
-                Ok(format!("restores into {}", dir.display()))
-            } else {
-                Err(format!("the parent of {} does not exist", dir.display()))
-            };
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        async move {
+            if let Some(dir) = &self.cfg.data_dir {
+                super::common::tree::refuse_mount_point(dir, "data_dir")
+                    .map_err(|e| e.to_string())?;
+                return if dir.parent().is_some_and(Path::is_dir) {
+                    Ok(format!("restores into {}", dir.display()))
+                } else {
+                    Err(format!("the parent of {} does not exist", dir.display()))
+                };
+            }
+            let out = self
+                .run(&[
+                    "endpoint".as_ref(),
+                    "status".as_ref(),
+                    "-w".as_ref(),
+                    "table".as_ref(),
+                ])
+                .await
+                .map_err(|(s, e)| format!("etcdctl endpoint status failed ({s}): {e}"))?;
+            Ok(String::from_utf8_lossy(&out).trim().to_owned())
         }
-        let out = self
-            .run(&[
-                "endpoint".as_ref(),
-                "status".as_ref(),
-                "-w".as_ref(),
-                "table".as_ref(),
-            ])
-            .await
-            .map_err(|(s, e)| format!("etcdctl endpoint status failed ({s}): {e}"))?;
-        Ok(String::from_utf8_lossy(&out).trim().to_owned())
+        .boxed()
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        Mode::Streamed {
+            dumper: self,
+            restorer: self,
+        }
+    }
+
+    /// See [`Etcd::recover`].
+    fn recover_leftovers<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
+        self.recover(skip).boxed()
     }
 }
 
@@ -350,31 +413,6 @@ impl Restorer for Etcd {
     /// The snapshot is written to a local file; `etcdctl snapshot restore` runs at commit.
     fn stages_part(&self, _manifest: &Manifest) -> bool {
         true
-    }
-
-    /// The siblings of `data_dir` (see [`super::common::leftovers`]): the snapshot file is
-    /// removed, the new and old data directories put right by the swap's plan.
-    fn recover<'a>(
-        &'a self,
-        skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<super::common::leftovers::Recovered>, RestoreError>> {
-        async move {
-            let Some(dir) = self.cfg.data_dir.clone() else {
-                return Ok(Vec::new());
-            };
-            let skip = skip.to_vec();
-            tokio::task::spawn_blocking(move || {
-                super::common::leftovers::recover_dir(&dir, &["snapshot"], &skip).map_err(|e| {
-                    RestoreError::Target(format!(
-                        "cannot list the parent of {} for leftovers: {e}",
-                        dir.display()
-                    ))
-                })
-            })
-            .await
-            .map_err(|e| RestoreError::Target(e.to_string()))?
-        }
-        .boxed()
     }
 
     fn begin<'a>(

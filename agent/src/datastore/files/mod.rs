@@ -21,10 +21,11 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use super::common::leftovers::Recovered;
 use super::common::tree::{self, TreeCounts};
 use super::{
-    DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
-    Restorer,
+    Datastore, DumpError, DumpOutcome, DumpStream, Dumper, Mode, Part, PartSink, RestoreError,
+    RestoreSession, Restorer,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -54,6 +55,19 @@ pub struct FilesConfig {
     /// backup server, and the production key must be allowed to change it.
     #[serde(default)]
     pub method: Method,
+}
+
+impl crate::datastore::KindConfig for FilesConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn build(
+        self: Box<Self>,
+        role: Role,
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+        Ok(std::sync::Arc::new(Files::build(*self, role)?))
+    }
 }
 
 /// How a `files` datastore is backed up.
@@ -104,11 +118,6 @@ impl Files {
         Ok(Self { cfg, exclude, role })
     }
 
-    /// The configured name.
-    pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
     /// The configuration.
     pub fn config(&self) -> &FilesConfig {
         &self.cfg
@@ -117,45 +126,6 @@ impl Files {
     /// Whether this datastore is an rsync mirror rather than tar archives.
     pub fn is_mirror(&self) -> bool {
         self.cfg.method == Method::Rsync
-    }
-
-    /// No external tools: the tar writer is built in.
-    pub fn tool_versions(&self) -> Vec<(String, String)> {
-        vec![("tar".into(), "built in (tar crate)".into())]
-    }
-
-    /// Says whether `path` is there (production) or where its parent is (staging).
-    ///
-    /// # Errors
-    /// The directory (production) or its parent (staging) is missing; staging: `path` is
-    /// a mount point ([`Files::refuse_mount_point`]).
-    pub async fn check(&self) -> Result<String, String> {
-        let p = &self.cfg.path;
-        if self.role == Role::Staging {
-            self.refuse_mount_point().map_err(|e| e.to_string())?;
-        }
-        if p.is_dir() {
-            let counts = tokio::task::spawn_blocking({
-                let p = p.clone();
-                move || tree::count_tree(&p)
-            })
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{}: {e}", p.display()))?;
-            Ok(format!("{}: {}", p.display(), counts.summary()))
-        } else if p.exists() {
-            Err(format!("{} is not a directory", p.display()))
-        } else if p.parent().is_some_and(Path::is_dir) {
-            Ok(format!(
-                "{} does not exist yet (a restore creates it)",
-                p.display()
-            ))
-        } else {
-            Err(format!(
-                "{} does not exist, nor does its parent",
-                p.display()
-            ))
-        }
     }
 }
 
@@ -176,10 +146,7 @@ impl Files {
     ///
     /// # Errors
     /// [`RestoreError::Target`]: the parent of `path` cannot be listed.
-    pub async fn recover_leftovers(
-        &self,
-        skip: &[String],
-    ) -> Result<Vec<super::common::leftovers::Recovered>, RestoreError> {
+    pub async fn recover(&self, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
         if self.role != Role::Staging {
             return Ok(Vec::new());
         }
@@ -222,6 +189,77 @@ impl super::Repository for Files {
             progress.clone(),
         )
         .boxed()
+    }
+}
+
+impl Datastore for Files {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "files"
+    }
+
+    /// No external tools: the tar writer is built in.
+    fn tool_versions(&self) -> Vec<(String, String)> {
+        vec![("tar".into(), "built in (tar crate)".into())]
+    }
+
+    /// Says whether `path` is there (production) or where its parent is (staging).
+    ///
+    /// # Errors
+    /// The directory (production) or its parent (staging) is missing; staging: `path` is
+    /// a mount point ([`Files::refuse_mount_point`]).
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        async move {
+            let p = &self.cfg.path;
+            if self.role == Role::Staging {
+                self.refuse_mount_point().map_err(|e| e.to_string())?;
+            }
+            if p.is_dir() {
+                let counts = tokio::task::spawn_blocking({
+                    let p = p.clone();
+                    move || tree::count_tree(&p)
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{}: {e}", p.display()))?;
+                Ok(format!("{}: {}", p.display(), counts.summary()))
+            } else if p.exists() {
+                Err(format!("{} is not a directory", p.display()))
+            } else if p.parent().is_some_and(Path::is_dir) {
+                Ok(format!(
+                    "{} does not exist yet (a restore creates it)",
+                    p.display()
+                ))
+            } else {
+                Err(format!(
+                    "{} does not exist, nor does its parent",
+                    p.display()
+                ))
+            }
+        }
+        .boxed()
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        if self.is_mirror() {
+            Mode::Repository(self)
+        } else {
+            Mode::Streamed {
+                dumper: self,
+                restorer: self,
+            }
+        }
+    }
+
+    /// Either method: see [`Files::recover`].
+    fn recover_leftovers<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
+        self.recover(skip).boxed()
     }
 }
 
@@ -276,13 +314,6 @@ impl Restorer for Files {
     /// The tar stream is unpacked into a sibling of the target.
     fn stages_part(&self, _manifest: &Manifest) -> bool {
         true
-    }
-
-    fn recover<'a>(
-        &'a self,
-        skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<super::common::leftovers::Recovered>, RestoreError>> {
-        self.recover_leftovers(skip).boxed()
     }
 
     fn begin<'a>(

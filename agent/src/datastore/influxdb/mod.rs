@@ -18,7 +18,7 @@
 //! `<target>__ferry_swap_<job>` exists from just before the drop until the target was
 //! restored and checked, and the unpacked backup is in `<scratch_dir>/ferry-influxdb-
 //! <datastore>-<job>`: the agent finds an interrupted restore by these names on start and
-//! before the next restore, and finishes or undoes it ([`Influx::recover_leftovers`]).
+//! before the next restore, and finishes or undoes it ([`Influx::recover`]).
 //!
 //! Credentials: `user` with `password_file` or `password_env`, passed to the `influx`
 //! shell as `INFLUX_USERNAME` and `INFLUX_PASSWORD` in its environment. `influxd backup`
@@ -36,8 +36,8 @@ use serde::Deserialize;
 use super::common::leftovers::{Action, Recovered, job_id, skipped};
 use super::common::tree;
 use super::{
-    DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
-    Restorer, ToolPaths,
+    Datastore, DumpError, DumpOutcome, DumpStream, Dumper, Mode, Part, PartSink, RestoreError,
+    RestoreSession, Restorer, ToolPaths,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -119,6 +119,19 @@ pub struct InfluxConfig {
     pub scratch_dir: Option<PathBuf>,
 }
 
+impl crate::datastore::KindConfig for InfluxConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn build(
+        self: Box<Self>,
+        role: Role,
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+        Ok(std::sync::Arc::new(Influx::build(*self, role)?))
+    }
+}
+
 fn default_rpc() -> String {
     "127.0.0.1:8088".into()
 }
@@ -190,25 +203,6 @@ impl Influx {
             tools: ToolPaths::new(cfg.bin_dir.clone()),
             cfg,
         })
-    }
-
-    /// The configured name.
-    pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
-    /// `influxd version` and `influx -version`.
-    pub fn tool_versions(&self) -> Vec<(String, String)> {
-        vec![
-            (
-                "influxd".into(),
-                self.tools.version_with("influxd", &["version"]),
-            ),
-            (
-                "influx".into(),
-                self.tools.version_with("influx", &["-version"]),
-            ),
-        ]
     }
 
     /// `influx -execute QUERY -format json [-database DB]`, parsed.
@@ -288,20 +282,6 @@ impl Influx {
             out.insert(db.clone(), self.points(db).await?);
         }
         Ok(out)
-    }
-
-    /// The server's version and databases.
-    ///
-    /// # Errors
-    /// The `influx` shell's error.
-    pub async fn check(&self) -> Result<String, String> {
-        let dbs = self.databases().await?;
-        Ok(format!(
-            "InfluxDB at {}:{}, databases: {}",
-            self.cfg.http_host,
-            self.cfg.http_port,
-            dbs.join(", ")
-        ))
     }
 
     fn scratch(&self) -> PathBuf {
@@ -390,7 +370,11 @@ impl Influx {
     ///   fails, both are kept and the report says what to do.
     ///
     /// The unpacked backup is removed once nothing of its job is kept.
-    async fn recover_leftovers(&self, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`]: the server does not list its databases; nothing was
+    /// touched then.
+    pub async fn recover(&self, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
         // A server that does not answer must not hold up the agent's start.
         let listed = tokio::time::timeout(
             std::time::Duration::from_secs(RECOVER_TIMEOUT_SECONDS),
@@ -468,7 +452,7 @@ impl Influx {
         Ok(out)
     }
 
-    /// One target's leftovers of `job` (see [`Influx::recover_leftovers`]).
+    /// One target's leftovers of `job` (see [`Influx::recover`]).
     async fn recover_target(
         &self,
         job: &str,
@@ -584,6 +568,62 @@ fn rows(v: &serde_json::Value) -> impl Iterator<Item = &Vec<serde_json::Value>> 
         .filter_map(|row| row.as_array())
 }
 
+impl Datastore for Influx {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "influxdb"
+    }
+
+    /// `influxd version` and `influx -version`.
+    fn tool_versions(&self) -> Vec<(String, String)> {
+        vec![
+            (
+                "influxd".into(),
+                self.tools.version_with("influxd", &["version"]),
+            ),
+            (
+                "influx".into(),
+                self.tools.version_with("influx", &["-version"]),
+            ),
+        ]
+    }
+
+    /// The server's version and databases.
+    ///
+    /// # Errors
+    /// The `influx` shell's error.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        async move {
+            let dbs = self.databases().await?;
+            Ok(format!(
+                "InfluxDB at {}:{}, databases: {}",
+                self.cfg.http_host,
+                self.cfg.http_port,
+                dbs.join(", ")
+            ))
+        }
+        .boxed()
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        Mode::Streamed {
+            dumper: self,
+            restorer: self,
+        }
+    }
+
+    /// See [`Influx::recover`].
+    fn recover_leftovers<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
+        self.recover(skip).boxed()
+    }
+}
+
 impl Dumper for Influx {
     fn parts(&self) -> &'static [Part] {
         &[MAIN]
@@ -684,13 +724,6 @@ impl Restorer for Influx {
     /// from it at commit.
     fn stages_part(&self, _manifest: &Manifest) -> bool {
         true
-    }
-
-    fn recover<'a>(
-        &'a self,
-        skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
-        self.recover_leftovers(skip).boxed()
     }
 
     fn begin<'a>(
@@ -867,7 +900,7 @@ impl RestoreSession for InfluxRestore {
             }
             // 2. Each target dropped and restored under its own name from the same files,
             // between a marker made before the drop and dropped last: an interrupted
-            // replacement is found again and finished ([`Influx::recover_leftovers`]).
+            // replacement is found again and finished ([`Influx::recover`]).
             let mut summary = Vec::new();
             for (db, scratch) in dbs.iter().zip(self.scratch_dbs.clone()) {
                 let target = influx.target_of(db);

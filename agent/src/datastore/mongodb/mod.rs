@@ -28,10 +28,13 @@
 use std::io::{self, Read, Write};
 
 use bson::doc;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use mongodb::Client;
 use tokio::sync::mpsc;
 
-use super::{DumpError, Part, RestoreError};
+use super::common::leftovers::Recovered;
+use super::{Datastore, DumpError, Mode, Part, RestoreError};
 use crate::pipeline::chunks;
 
 pub mod archive;
@@ -68,17 +71,70 @@ fn tgt(e: impl std::fmt::Display) -> RestoreError {
     RestoreError::Target(e.to_string())
 }
 
-impl Mongo {
-    /// The configured name.
-    pub fn name(&self) -> &str {
+impl Datastore for Mongo {
+    fn name(&self) -> &str {
         &self.cfg.name
     }
 
+    fn kind(&self) -> &'static str {
+        "mongodb"
+    }
+
     /// The driver's version; no external tool is used.
-    pub fn tool_versions(&self) -> Vec<(String, String)> {
+    fn tool_versions(&self) -> Vec<(String, String)> {
         vec![("mongodb driver".into(), "mongodb crate 3".into())]
     }
 
+    /// Connects and reports the server version and databases.
+    ///
+    /// # Errors
+    /// The connection or command error.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        async move {
+            let client = self.client().await?;
+            let info = client
+                .database("admin")
+                .run_command(doc! {"buildInfo": 1})
+                .await
+                .map_err(|e| format!("MongoDB {}: {e}", self.cfg.uri))?;
+            let dbs = client
+                .list_database_names()
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(format!(
+                "MongoDB {} at {}, databases: {}",
+                info.get_str("version").unwrap_or("?"),
+                self.cfg.uri,
+                dbs.join(", ")
+            ))
+        }
+        .boxed()
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        Mode::Streamed {
+            dumper: self,
+            restorer: self,
+        }
+    }
+
+    /// A restore may select `db.collection` namespaces.
+    fn takes_namespaces(&self) -> bool {
+        true
+    }
+
+    /// The scratch databases `<target>__ferry_new_<job>` whose marker names this datastore:
+    /// dropped, or moved into place if their restore had passed its commit point
+    /// ([`swap::recover`]).
+    fn recover_leftovers<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
+        swap::recover(self, skip).boxed()
+    }
+}
+
+impl Mongo {
     async fn client(&self) -> Result<Client, String> {
         let mut opts = mongodb::options::ClientOptions::parse(&self.cfg.uri)
             .await
@@ -106,29 +162,6 @@ impl Mongo {
             ));
         }
         Client::with_options(opts).map_err(|e| format!("MongoDB {}: {e}", self.cfg.uri))
-    }
-
-    /// Connects and reports the server version and databases.
-    ///
-    /// # Errors
-    /// The connection or command error.
-    pub async fn check(&self) -> Result<String, String> {
-        let client = self.client().await?;
-        let info = client
-            .database("admin")
-            .run_command(doc! {"buildInfo": 1})
-            .await
-            .map_err(|e| format!("MongoDB {}: {e}", self.cfg.uri))?;
-        let dbs = client
-            .list_database_names()
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(format!(
-            "MongoDB {} at {}, databases: {}",
-            info.get_str("version").unwrap_or("?"),
-            self.cfg.uri,
-            dbs.join(", ")
-        ))
     }
 
     fn target_db(&self, db: &str) -> String {

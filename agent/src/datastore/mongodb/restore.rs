@@ -29,17 +29,6 @@ impl Restorer for Mongo {
         true
     }
 
-    /// The scratch databases `<target>__ferry_new_<job>` whose marker names this datastore:
-    /// dropped, or moved into place if their restore had passed its commit point
-    /// ([`swap::recover`]).
-    fn recover<'a>(
-        &'a self,
-        skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<crate::datastore::common::leftovers::Recovered>, RestoreError>>
-    {
-        swap::recover(self, skip).boxed()
-    }
-
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let client = self.client().await.map_err(RestoreError::Target)?;
@@ -137,7 +126,7 @@ impl Restorer for Mongo {
                     }
                     None => {
                         client.database(&name).drop().await.map_err(tgt)?;
-                        swap::create(&client, &name, (self.name(), job_id), (db, &target)).await?;
+                        swap::create(&client, &name, (&self.cfg.name, job_id), (db, &target)).await?;
                         made.insert(name.clone(), target);
                     }
                 }

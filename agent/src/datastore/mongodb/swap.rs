@@ -401,7 +401,7 @@ pub async fn recover(mongo: &Mongo, skip: &[String]) -> Result<Vec<Recovered>, R
         let Some(marker) = read(&client, &name).await? else {
             continue;
         };
-        if marker.datastore != mongo.name()
+        if marker.datastore != mongo.cfg.name
             || !marker.job.eq_ignore_ascii_case(&job)
             || scratch_name(&marker.target, &job) != name
         {

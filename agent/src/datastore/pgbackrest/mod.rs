@@ -29,13 +29,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use ferry_proto::Role;
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use super::{Datastore, DumpError, Mode, RestoreError};
 use crate::config::Settings;
 use crate::pipeline::mirror::{self, Remote};
 use crate::pipeline::{JobError, JobReport, Progress};
-
-use super::{DumpError, RestoreError};
 
 /// `[[datastores]]` with `kind = "pgbackrest"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -75,6 +76,19 @@ pub struct PgBackRestConfig {
     /// Staging: the command that starts it again.
     #[serde(default)]
     pub start_command: Vec<String>,
+}
+
+impl crate::datastore::KindConfig for PgBackRestConfig {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn build(
+        self: Box<Self>,
+        role: Role,
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+        Ok(std::sync::Arc::new(PgBackRest::build(*self, role)?))
+    }
 }
 
 fn default_stanza() -> String {
@@ -183,33 +197,8 @@ impl PgBackRest {
         })
     }
 
-    /// The configured name.
-    pub fn name(&self) -> &str {
-        &self.cfg.name
-    }
-
     fn bin(&self) -> PathBuf {
         self.cfg.bin.clone().unwrap_or_else(|| "pgbackrest".into())
-    }
-
-    /// `pgbackrest version`.
-    pub fn tool_versions(&self) -> Vec<(String, String)> {
-        let v = super::ToolPaths::new(None)
-            .version_with(&self.bin().display().to_string(), &["version"]);
-        vec![("pgbackrest".into(), v)]
-    }
-
-    /// Says what `pgbackrest info` says of the stanza.
-    ///
-    /// # Errors
-    /// pgBackRest's error.
-    pub async fn check(&self) -> Result<String, String> {
-        self.write_config().map_err(|e| e.to_string())?;
-        let out = self
-            .pgbackrest(&["info"])
-            .await
-            .map_err(|(s, e)| format!("pgbackrest info failed ({s}): {e}"))?;
-        Ok(String::from_utf8_lossy(&out).trim().to_owned())
     }
 
     /// The configuration file's text.
@@ -533,6 +522,43 @@ impl PgBackRest {
                 self.cfg.data_dir.display()
             ),
         })
+    }
+}
+
+impl Datastore for PgBackRest {
+    fn name(&self) -> &str {
+        &self.cfg.name
+    }
+
+    fn kind(&self) -> &'static str {
+        "pgbackrest"
+    }
+
+    /// `pgbackrest version`.
+    fn tool_versions(&self) -> Vec<(String, String)> {
+        let v = super::ToolPaths::new(None)
+            .version_with(&self.bin().display().to_string(), &["version"]);
+        vec![("pgbackrest".into(), v)]
+    }
+
+    /// Says what `pgbackrest info` says of the stanza.
+    ///
+    /// # Errors
+    /// pgBackRest's error.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        async move {
+            self.write_config().map_err(|e| e.to_string())?;
+            let out = self
+                .pgbackrest(&["info"])
+                .await
+                .map_err(|(s, e)| format!("pgbackrest info failed ({s}): {e}"))?;
+            Ok(String::from_utf8_lossy(&out).trim().to_owned())
+        }
+        .boxed()
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        Mode::Repository(self)
     }
 }
 

@@ -19,9 +19,12 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use tokio_postgres::{Client, NoTls};
 
-use super::{Part, StderrTail, ToolPaths};
+use super::common::leftovers::Recovered;
+use super::{Datastore, Mode, Part, RestoreError, StderrTail, ToolPaths};
 
 mod config;
 mod dump;
@@ -58,14 +61,17 @@ fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
 
-impl Postgres {
-    /// The configured name.
-    pub fn name(&self) -> &str {
+impl Datastore for Postgres {
+    fn name(&self) -> &str {
         &self.cfg.name
     }
 
+    fn kind(&self) -> &'static str {
+        "postgres"
+    }
+
     /// `(tool, version)` for pg_dump, pg_dumpall, pg_restore and psql (looked up once).
-    pub fn tool_versions(&self) -> Vec<(String, String)> {
+    fn tool_versions(&self) -> Vec<(String, String)> {
         static CACHE: OnceLock<Vec<(String, String)>> = OnceLock::new();
         CACHE
             .get_or_init(|| {
@@ -77,6 +83,53 @@ impl Postgres {
             .clone()
     }
 
+    /// Connects and reports the server version and database size.
+    ///
+    /// # Errors
+    /// The connection or query error.
+    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+        async move {
+            let db = self
+                .cfg
+                .database
+                .as_deref()
+                .unwrap_or(&self.cfg.maintenance_database);
+            let client = self.connect(db).await?;
+            let row = client
+            .query_one(
+                "SELECT current_setting('server_version'), pg_database_size(current_database())",
+                &[],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            let version: String = row.get(0);
+            let size: i64 = row.get(1);
+            Ok(format!(
+                "PostgreSQL {version} at {}:{}, database {db:?} ({size} bytes)",
+                self.cfg.host, self.cfg.port
+            ))
+        }
+        .boxed()
+    }
+
+    fn mode(&self) -> Mode<'_> {
+        Mode::Streamed {
+            dumper: self,
+            restorer: self,
+        }
+    }
+
+    /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
+    /// databases of `target_database` (see [`crate::datastore::common::leftovers`]), job by job.
+    fn recover_leftovers<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
+        self.recover(skip).boxed()
+    }
+}
+
+impl Postgres {
     fn pg_config(&self, db: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.cfg.host)
@@ -129,32 +182,6 @@ impl Postgres {
             cmd.env("PGPASSWORD", &p.0);
         }
         cmd
-    }
-
-    /// Connects and reports the server version and database size.
-    ///
-    /// # Errors
-    /// The connection or query error.
-    pub async fn check(&self) -> Result<String, String> {
-        let db = self
-            .cfg
-            .database
-            .as_deref()
-            .unwrap_or(&self.cfg.maintenance_database);
-        let client = self.connect(db).await?;
-        let row = client
-            .query_one(
-                "SELECT current_setting('server_version'), pg_database_size(current_database())",
-                &[],
-            )
-            .await
-            .map_err(|e| e.to_string())?;
-        let version: String = row.get(0);
-        let size: i64 = row.get(1);
-        Ok(format!(
-            "PostgreSQL {version} at {}:{}, database {db:?} ({size} bytes)",
-            self.cfg.host, self.cfg.port
-        ))
     }
 
     fn spawn(

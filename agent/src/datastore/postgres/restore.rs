@@ -164,60 +164,59 @@ fn count_differences(expected: &DatabaseCounts, found: &DatabaseCounts) -> Vec<S
     out
 }
 
+impl Postgres {
+    /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
+    /// databases of `target_database` (see [`crate::datastore::common::leftovers`]), job by job.
+    pub(super) async fn recover(
+        &self,
+        skip: &[String],
+    ) -> Result<Vec<leftovers::Recovered>, RestoreError> {
+        let Some(target) = self.cfg.target_database.clone() else {
+            return Ok(Vec::new());
+        };
+        let db = &self.cfg.maintenance_database;
+        let mut config = self.pg_config(db);
+        config.connect_timeout(std::time::Duration::from_secs(RECOVER_CONNECT_SECONDS));
+        let client = self
+            .connect_with(config, db)
+            .await
+            .map_err(RestoreError::Target)?;
+        let names: Vec<String> = client
+            .query("SELECT datname FROM pg_catalog.pg_database", &[])
+            .await
+            .map_err(|e| RestoreError::Target(format!("listing databases: {e}")))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let mut store = Databases { client };
+        let mut out = Vec::new();
+        for (job, (new, old)) in leftover_jobs(&target, &names) {
+            if leftovers::skipped(&job, skip) {
+                continue;
+            }
+            let exists = store.exists(&target).await.map_err(RestoreError::Target)?;
+            let (new_name, old_name) = (
+                scratch_name(&target, NEW_TAG, &job),
+                scratch_name(&target, OLD_TAG, &job),
+            );
+            let swap = leftovers::Swap {
+                job: &job,
+                target: &target,
+                old: &old_name,
+                new: &new_name,
+                exists: (exists, old, new),
+            };
+            out.extend(leftovers::recover_swap(&mut store, swap).await);
+        }
+        Ok(out)
+    }
+}
+
 impl Restorer for Postgres {
     /// The pg_dump archive goes into a scratch database; the globals part is SQL that
     /// psql executes against the live cluster as it reads, so it is checked first.
     fn stages_part(&self, manifest: &Manifest) -> bool {
         manifest.part == MAIN.name && manifest.format == MAIN.format
-    }
-
-    /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
-    /// databases of `target_database` (see [`crate::datastore::common::leftovers`]), job by job.
-    fn recover<'a>(
-        &'a self,
-        skip: &'a [String],
-    ) -> BoxFuture<'a, Result<Vec<leftovers::Recovered>, RestoreError>> {
-        async move {
-            let Some(target) = self.cfg.target_database.clone() else {
-                return Ok(Vec::new());
-            };
-            let db = &self.cfg.maintenance_database;
-            let mut config = self.pg_config(db);
-            config.connect_timeout(std::time::Duration::from_secs(RECOVER_CONNECT_SECONDS));
-            let client = self
-                .connect_with(config, db)
-                .await
-                .map_err(RestoreError::Target)?;
-            let names: Vec<String> = client
-                .query("SELECT datname FROM pg_catalog.pg_database", &[])
-                .await
-                .map_err(|e| RestoreError::Target(format!("listing databases: {e}")))?
-                .iter()
-                .map(|r| r.get(0))
-                .collect();
-            let mut store = Databases { client };
-            let mut out = Vec::new();
-            for (job, (new, old)) in leftover_jobs(&target, &names) {
-                if leftovers::skipped(&job, skip) {
-                    continue;
-                }
-                let exists = store.exists(&target).await.map_err(RestoreError::Target)?;
-                let (new_name, old_name) = (
-                    scratch_name(&target, NEW_TAG, &job),
-                    scratch_name(&target, OLD_TAG, &job),
-                );
-                let swap = leftovers::Swap {
-                    job: &job,
-                    target: &target,
-                    old: &old_name,
-                    new: &new_name,
-                    exists: (exists, old, new),
-                };
-                out.extend(leftovers::recover_swap(&mut store, swap).await);
-            }
-            Ok(out)
-        }
-        .boxed()
     }
 
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
