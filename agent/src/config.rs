@@ -323,7 +323,7 @@ impl AgentConfig {
         for (i, ds) in self.datastores.into_iter().enumerate() {
             let field = format!("datastores[{i}]");
             let built = datastore::build(ds, role)
-                .map_err(|(f, msg)| invalid(&format!("{field}.{f}"), msg))?;
+                .map_err(|e| invalid(&format!("{field}.{}", e.field()), e.to_string()))?;
             let name = built.name().to_owned();
             if datastores.insert(name.clone(), built).is_some() {
                 return Err(invalid(

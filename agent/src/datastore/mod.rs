@@ -6,6 +6,11 @@
 //! `Arc<dyn Datastore>` with one match arm per [`DatastoreConfig`] variant; nothing else
 //! names a kind. README.md, "Adding a datastore", lists what a new kind takes.
 //!
+//! Errors: [`DatastoreConfigError`] for an entry that cannot be built (its field, which
+//! the agent's config error places as `datastores[<i>].<field>`), [`CheckError`] for
+//! `ferry-agent check`, [`DumpError`] and [`RestoreError`] for the two sides, and
+//! [`ToolError`] for a command-line tool that failed.
+//!
 //! - [`postgres`]: `pg_dump --format=custom` plus the cluster's roles (`pg_dumpall
 //!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
 //! - [`mongodb`]: the mongodump archive format written from the driver's raw documents.
@@ -39,7 +44,7 @@ pub mod postgres;
 pub mod recovery;
 mod stream;
 
-pub use common::tool::{StderrTail, ToolPaths, describe_status, output as run_tool};
+pub use common::tool::{StderrTail, ToolError, ToolPaths, describe_status, output as run_tool};
 pub use recovery::Recovery;
 pub use stream::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreError,
@@ -67,8 +72,8 @@ pub trait Datastore: Send + Sync {
     /// and says what it found, e.g. the server version and the database size.
     ///
     /// # Errors
-    /// What failed and where, for `ferry-agent check`.
-    fn check(&self) -> BoxFuture<'_, Result<String, String>>;
+    /// [`CheckError`]: what failed and where, for `ferry-agent check`.
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>>;
 
     /// How this datastore's backups are made and restored.
     fn mode(&self) -> Mode<'_>;
@@ -168,8 +173,9 @@ pub trait KindConfig {
     /// Checks every field for `role` and builds the datastore.
     ///
     /// # Errors
-    /// `(field, message)` for a field that is missing or wrong for the role.
-    fn build(self: Box<Self>, role: Role) -> Result<Arc<dyn Datastore>, (String, String)>;
+    /// [`DatastoreConfigError`] naming the field that is missing, wrong for the role, or
+    /// not acceptable.
+    fn build(self: Box<Self>, role: Role) -> Result<Arc<dyn Datastore>, DatastoreConfigError>;
 }
 
 /// One `[[datastores]]` entry; `kind` picks the variant, each variant a kind's config.
@@ -195,8 +201,12 @@ pub enum DatastoreConfig {
 /// fields ([`KindConfig::build`]).
 ///
 /// # Errors
-/// `(field, message)` for a field that is missing or wrong for the role.
-pub fn build(config: DatastoreConfig, role: Role) -> Result<Arc<dyn Datastore>, (String, String)> {
+/// [`DatastoreConfigError`] naming the field (`name`, or one of the kind's) that is missing,
+/// wrong for the role, or not acceptable.
+pub fn build(
+    config: DatastoreConfig,
+    role: Role,
+) -> Result<Arc<dyn Datastore>, DatastoreConfigError> {
     let config: Box<dyn KindConfig> = match config {
         DatastoreConfig::Postgres(c) => Box::new(c),
         DatastoreConfig::Mongodb(c) => Box::new(c),
@@ -205,7 +215,261 @@ pub fn build(config: DatastoreConfig, role: Role) -> Result<Arc<dyn Datastore>, 
         DatastoreConfig::Influxdb(c) => Box::new(c),
         DatastoreConfig::Pgbackrest(c) => Box::new(c),
     };
-    crate::layout::validate_name("datastore", config.name())
-        .map_err(|e| ("name".to_owned(), e.to_string()))?;
+    crate::layout::validate_name("datastore", config.name()).map_err(|e| {
+        DatastoreConfigError::Invalid {
+            field: "name".into(),
+            message: e.to_string(),
+        }
+    })?;
     config.build(role)
+}
+
+/// A `[[datastores]]` entry that cannot be used. [`DatastoreConfigError::field`] names the
+/// field within the entry (`target_database`, `smoke[0]`), which the agent's config error
+/// places as `datastores[<i>].<field>`; the message says what is wrong and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum DatastoreConfigError {
+    /// A field this role needs is not set.
+    #[error("missing: {what}")]
+    Missing {
+        /// The field.
+        field: &'static str,
+        /// What it holds, e.g. `the database to back up`.
+        what: &'static str,
+    },
+    /// A field that only an agent of the other role takes.
+    #[error("{why}")]
+    WrongRole {
+        /// The field.
+        field: &'static str,
+        /// Why this role does not take it, and what to do.
+        why: &'static str,
+    },
+    /// A value that is not acceptable.
+    #[error("{message}")]
+    Invalid {
+        /// The field, e.g. `uri` or `smoke[1]`.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A secret (a password file or variable, a key file) that cannot be read or that
+    /// others may read.
+    #[error("{message}")]
+    Secret {
+        /// The field, e.g. `password_file`.
+        field: String,
+        /// What is wrong, naming the file or variable.
+        message: String,
+    },
+}
+
+impl DatastoreConfigError {
+    /// The field within the `[[datastores]]` entry.
+    pub fn field(&self) -> &str {
+        match self {
+            DatastoreConfigError::Missing { field, .. }
+            | DatastoreConfigError::WrongRole { field, .. } => field,
+            DatastoreConfigError::Invalid { field, .. }
+            | DatastoreConfigError::Secret { field, .. } => field,
+        }
+    }
+
+    /// A value of `field` that is not acceptable, and why.
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        DatastoreConfigError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// A secret that [`crate::config::read_password`] or its kin refused, as `(field,
+    /// message)`.
+    pub fn secret((field, message): (String, String)) -> Self {
+        DatastoreConfigError::Secret { field, message }
+    }
+}
+
+/// Why `ferry-agent check` could not vouch for a datastore ([`Datastore::check`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// The server could not be reached, or refused or failed a query: what was asked
+    /// and what it said.
+    #[error("{0}")]
+    Server(String),
+    /// A tool failed.
+    #[error("{tool} failed ({}): {}", .failure.status(), .failure.detail())]
+    Tool {
+        /// The tool and its arguments, e.g. `etcdctl endpoint status`.
+        tool: String,
+        /// How it failed.
+        failure: ToolError,
+    },
+    /// The directory to back up or to restore into, or a file the kind writes, is not
+    /// usable: which and why.
+    #[error("{0}")]
+    Path(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn entry(text: &str) -> DatastoreConfig {
+        toml::from_str(text).unwrap_or_else(|e| panic!("{text}: {e}"))
+    }
+
+    #[test]
+    fn each_kind_builds_into_a_datastore_of_its_kind_and_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("cipher");
+        std::fs::write(&pass, "a passphrase of 24 chars").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let pgbackrest = format!(
+            "name = \"pgbr\"\nkind = \"pgbackrest\"\ndata_dir = \"/var/lib/pg\"\n\
+             repo_dir = \"/var/lib/repo\"\nconfig_file = \"/etc/pgbackrest.conf\"\n\
+             cipher_pass_file = {:?}",
+            pass.display().to_string()
+        );
+        // (entry, kind, repository, backup types, namespaces)
+        let cases: [(&str, &str, bool, &[&str], bool); 7] = [
+            (
+                "name = \"pg\"\nkind = \"postgres\"\ndatabase = \"app\"",
+                "postgres",
+                false,
+                &[],
+                false,
+            ),
+            (
+                "name = \"mongo\"\nkind = \"mongodb\"\nuri = \"mongodb://127.0.0.1:27017\"",
+                "mongodb",
+                false,
+                &[],
+                true,
+            ),
+            (
+                "name = \"data\"\nkind = \"files\"\npath = \"/srv/data\"",
+                "files",
+                false,
+                &[],
+                false,
+            ),
+            (
+                "name = \"data\"\nkind = \"files\"\npath = \"/srv/data\"\nmethod = \"rsync\"",
+                "files",
+                true,
+                &[],
+                false,
+            ),
+            (
+                "name = \"etcd\"\nkind = \"etcd\"\nendpoint = \"http://127.0.0.1:2379\"",
+                "etcd",
+                false,
+                &[],
+                false,
+            ),
+            (
+                "name = \"influx\"\nkind = \"influxdb\"",
+                "influxdb",
+                false,
+                &[],
+                false,
+            ),
+            (&pgbackrest, "pgbackrest", true, &["full", "diff"], false),
+        ];
+        for (text, kind, repository, types, namespaces) in cases {
+            let ds = build(entry(text), Role::Production).unwrap_or_else(|e| panic!("{text}: {e}"));
+            let name = text.lines().next().unwrap();
+            assert_eq!(format!("name = {:?}", ds.name()), name);
+            assert_eq!(ds.kind(), kind, "{text}");
+            assert_eq!(ds.repository().is_some(), repository, "{text}");
+            assert_eq!(ds.dumper().is_ok(), !repository, "{text}");
+            assert_eq!(ds.restorer().is_ok(), !repository, "{text}");
+            assert_eq!(ds.backup_types(), types, "{text}");
+            assert_eq!(ds.takes_namespaces(), namespaces, "{text}");
+            assert!(!ds.tool_versions().is_empty(), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_refused_entry_names_its_field_and_says_why() {
+        let dir = tempfile::tempdir().unwrap();
+        let open = dir.path().join("password");
+        std::fs::write(&open, "secret\n").unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let cases = [
+            (
+                "name = \"a/b\"\nkind = \"files\"\npath = \"/srv/data\"".to_owned(),
+                Role::Production,
+                "name",
+                "",
+            ),
+            (
+                "name = \"pg\"\nkind = \"postgres\"".to_owned(),
+                Role::Production,
+                "database",
+                "missing: the database to back up",
+            ),
+            (
+                "name = \"pg\"\nkind = \"postgres\"\ntarget_database = \"app\"\n\
+                 smoke = [{ ns = \"app.a\", min = 1 }]"
+                    .to_owned(),
+                Role::Staging,
+                "smoke[0]",
+                "this datastore's smoke checks take sql (and min)",
+            ),
+            (
+                "name = \"mongo\"\nkind = \"mongodb\"\nuri = \"mongodb://127.0.0.1\"\n\
+                 smoke = [{ ns = \"app.a\", min = 1 }]"
+                    .to_owned(),
+                Role::Production,
+                "smoke",
+                "smoke checks run after restores: staging agents only",
+            ),
+            (
+                format!(
+                    "name = \"pg\"\nkind = \"postgres\"\ndatabase = \"app\"\npassword_file = {:?}",
+                    open.display().to_string()
+                ),
+                Role::Production,
+                "password_file",
+                "chmod 600",
+            ),
+            (
+                "name = \"etcd\"\nkind = \"etcd\"\ndata_dir = \"/var/lib/etcd\"".to_owned(),
+                Role::Staging,
+                "initial_cluster",
+                "missing: e.g. default=http://127.0.0.1:2380",
+            ),
+            (
+                "name = \"data\"\nkind = \"files\"\npath = \"/srv/data\"\nexclude = [\"a[\"]"
+                    .to_owned(),
+                Role::Production,
+                "exclude",
+                "\"a[\"",
+            ),
+        ];
+        for (text, role, field, says) in cases {
+            let Err(e) = build(entry(&text), role) else {
+                panic!("{text} was accepted");
+            };
+            assert_eq!(e.field(), field, "{text}: {e}");
+            assert!(e.to_string().contains(says), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_smoke_check_on_production_is_refused_for_its_role() {
+        let text = "name = \"pg\"\nkind = \"postgres\"\ndatabase = \"app\"\n\
+                    smoke = [{ sql = \"SELECT 1\", min = 1 }]";
+        let Err(e) = build(entry(text), Role::Production) else {
+            panic!("accepted");
+        };
+        assert!(
+            matches!(e, DatastoreConfigError::WrongRole { field: "smoke", .. }),
+            "{e:?}"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use futures::future::BoxFuture;
 
+use super::common::tool::ToolError;
 use crate::config::Settings;
 use crate::manifest::{Manifest, Source};
 use crate::pipeline::{JobError, JobReport, Progress};
@@ -112,27 +113,27 @@ pub enum RestoreError {
 }
 
 impl DumpError {
-    /// Maps a failed tool run, `(status, stderr)` as [`run_tool`](super::run_tool) returns it, to
-    /// [`DumpError::Tool`] naming `tool`.
-    pub fn tool(tool: &str) -> impl FnOnce((String, String)) -> DumpError + use<> {
+    /// Maps a failed tool run ([`ToolError`], as [`run_tool`](super::run_tool) returns
+    /// it) to [`DumpError::Tool`] naming `tool`.
+    pub fn tool(tool: &str) -> impl FnOnce(ToolError) -> DumpError + use<> {
         let tool = tool.to_owned();
-        move |(status, stderr)| DumpError::Tool {
+        move |e| DumpError::Tool {
             tool,
-            status,
-            stderr,
+            status: e.status(),
+            stderr: e.detail(),
         }
     }
 }
 
 impl RestoreError {
-    /// Maps a failed tool run, `(status, stderr)` as [`run_tool`](super::run_tool) returns it, to
-    /// [`RestoreError::Tool`] naming `tool`.
-    pub fn tool(tool: &str) -> impl FnOnce((String, String)) -> RestoreError + use<> {
+    /// Maps a failed tool run ([`ToolError`], as [`run_tool`](super::run_tool) returns
+    /// it) to [`RestoreError::Tool`] naming `tool`.
+    pub fn tool(tool: &str) -> impl FnOnce(ToolError) -> RestoreError + use<> {
         let tool = tool.to_owned();
-        move |(status, stderr)| RestoreError::Tool {
+        move |e| RestoreError::Tool {
             tool,
-            status,
-            stderr,
+            status: e.status(),
+            stderr: e.detail(),
         }
     }
 }

@@ -28,7 +28,7 @@ use super::{JobError, JobReport, Progress};
 use crate::config::Settings;
 use crate::datastore::common::tree::{self, TreeCounts};
 use crate::datastore::files::Files;
-use crate::datastore::{DumpError, RestoreError};
+use crate::datastore::{DumpError, RestoreError, ToolError};
 use crate::layout;
 use crate::transport::sftp::SftpConfig;
 
@@ -198,11 +198,11 @@ fn setup(e: std::io::Error) -> JobError {
 pub(crate) async fn run(
     mut cmd: tokio::process::Command,
     progress: &Progress,
-) -> Result<Vec<u8>, (String, String)> {
+) -> Result<Vec<u8>, ToolError> {
     cmd.kill_on_drop(true);
     tokio::select! {
         r = crate::datastore::run_tool(cmd) => r,
-        () = progress.cancel.cancelled() => Err(("cancelled".into(), "job cancelled".into())),
+        () = progress.cancel.cancelled() => Err(ToolError::Cancelled),
     }
 }
 
@@ -217,7 +217,7 @@ pub async fn backup(
 ) -> Result<JobReport, JobError> {
     let cfg = files.config();
     let server = &settings.backup_server;
-    let fail = |what: &str, e: (String, String)| JobError::Dump {
+    let fail = |what: &str, e: ToolError| JobError::Dump {
         datastore: cfg.name.clone(),
         source: DumpError::tool(what)(e),
     };
@@ -240,7 +240,7 @@ pub async fn backup(
     let (counts, bytes_sent) = parse_stats(&text).ok_or_else(|| {
         fail(
             "rsync --stats",
-            ("exit code 0".into(), format!("unexpected output: {text}")),
+            ToolError::Output(format!("unexpected output: {text}")),
         )
     })?;
     let manifest = MirrorManifest {
@@ -376,7 +376,7 @@ pub async fn restore(
                 got.summary()
             )));
         }
-        tree::replace_dir(&n, &o, &t).map_err(RestoreError::Target)?;
+        tree::replace_dir(&n, &o, &t)?;
         Ok(got)
     })
     .await

@@ -174,10 +174,17 @@ fn remove(p: &Path) -> std::io::Result<()> {
 /// The operations a recovery needs on a target and its copies, named as the kind names
 /// them (paths, database names).
 pub trait Store: Send {
+    /// Why a rename or removal failed (the driver's or the OS error); shown in the
+    /// report of a leftover kept.
+    type Error: fmt::Display;
     /// Renames `from` to `to` (which does not exist).
-    fn rename<'a>(&'a mut self, from: &'a str, to: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    fn rename<'a>(
+        &'a mut self,
+        from: &'a str,
+        to: &'a str,
+    ) -> BoxFuture<'a, Result<(), Self::Error>>;
     /// Removes `name` and everything in it.
-    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), String>>;
+    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), Self::Error>>;
     /// How `name` is shown in a report, e.g. `database app__ferry_new_...`.
     fn show(&self, name: &str) -> String {
         name.to_owned()
@@ -201,7 +208,7 @@ pub struct Swap<'a> {
 
 /// Carries out the [`plan`] of one job's `swap` with `store`; what became of each
 /// leftover (none if nothing was left).
-pub async fn recover_swap(store: &mut dyn Store, swap: Swap<'_>) -> Vec<Recovered> {
+pub async fn recover_swap<S: Store>(store: &mut S, swap: Swap<'_>) -> Vec<Recovered> {
     let Swap {
         job,
         target,
@@ -210,9 +217,7 @@ pub async fn recover_swap(store: &mut dyn Store, swap: Swap<'_>) -> Vec<Recovere
         exists: (t, o, n),
     } = swap;
     let shown_target = store.show(target);
-    let at = |store: &dyn Store, name: &str, action: Action| {
-        Recovered::new(job, store.show(name), action)
-    };
+    let at = |store: &S, name: &str, action: Action| Recovered::new(job, store.show(name), action);
     match plan(t, o, n) {
         Plan::Nothing => Vec::new(),
         Plan::RemoveNew => vec![remove_one(store, job, new).await],
@@ -308,7 +313,7 @@ pub async fn recover_swap(store: &mut dyn Store, swap: Swap<'_>) -> Vec<Recovere
 }
 
 /// Removes `name` with `store`, and says what became of it.
-async fn remove_one(store: &mut dyn Store, job: &str, name: &str) -> Recovered {
+async fn remove_one<S: Store>(store: &mut S, job: &str, name: &str) -> Recovered {
     let shown = store.show(name);
     match store.remove(name).await {
         Ok(()) => Recovered::new(job, shown, Action::Removed),
@@ -326,11 +331,16 @@ async fn remove_one(store: &mut dyn Store, job: &str, name: &str) -> Recovered {
 struct Files;
 
 impl Store for Files {
-    fn rename<'a>(&'a mut self, from: &'a str, to: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { fs::rename(from, to).map_err(|e| e.to_string()) })
+    type Error = std::io::Error;
+    fn rename<'a>(
+        &'a mut self,
+        from: &'a str,
+        to: &'a str,
+    ) -> BoxFuture<'a, Result<(), std::io::Error>> {
+        Box::pin(async move { fs::rename(from, to) })
     }
-    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move { remove(Path::new(name)).map_err(|e| e.to_string()) })
+    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), std::io::Error>> {
+        Box::pin(async move { remove(Path::new(name)) })
     }
 }
 
@@ -383,8 +393,8 @@ pub fn recover_dir(
     recover_dir_with(&mut Files, target, scratch, skip)
 }
 
-fn recover_dir_with(
-    store: &mut dyn Store,
+fn recover_dir_with<S: Store>(
+    store: &mut S,
     target: &Path,
     scratch: &[&str],
     skip: &[String],
@@ -560,18 +570,20 @@ mod tests {
     struct Refusing(&'static str);
 
     impl Store for Refusing {
+        type Error = std::io::Error;
         fn rename<'a>(
             &'a mut self,
             from: &'a str,
             to: &'a str,
-        ) -> BoxFuture<'a, Result<(), String>> {
+        ) -> BoxFuture<'a, Result<(), std::io::Error>> {
             if from.contains(self.0) {
-                return Box::pin(async { Err("Device or resource busy".to_owned()) });
+                // EBUSY, as renaming a mount point fails.
+                return Box::pin(async { Err(std::io::Error::from_raw_os_error(16)) });
             }
-            Box::pin(async move { fs::rename(from, to).map_err(|e| e.to_string()) })
+            Box::pin(async move { fs::rename(from, to) })
         }
-        fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
-            Box::pin(async move { remove(Path::new(name)).map_err(|e| e.to_string()) })
+        fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), std::io::Error>> {
+            Box::pin(async move { remove(Path::new(name)) })
         }
     }
 

@@ -4,7 +4,7 @@
 use ferry_proto::Role;
 use serde::Deserialize;
 
-use crate::datastore::RestoreError;
+use crate::datastore::{DatastoreConfigError, RestoreError};
 
 /// One smoke check of a restored datastore (`smoke = [...]` in a staging datastore's
 /// config): PostgreSQL runs `sql` (one row, one integer column) in the target database;
@@ -25,35 +25,33 @@ pub struct SmokeCheck {
 }
 
 impl SmokeCheck {
-    /// Checks a datastore's `smoke` list for `role`: staging only, and each entry with
-    /// the field its kind needs (`sql` for PostgreSQL, `ns` for MongoDB).
+    /// Checks a datastore's `smoke` list for `role`: staging only, and each entry written
+    /// as its kind takes it (`fits`, e.g. PostgreSQL's `sql` without `ns` nor `filter`),
+    /// `needs` naming those fields for the message.
     ///
     /// # Errors
-    /// `(field, message)` naming `smoke[i]`.
+    /// [`DatastoreConfigError::WrongRole`] for checks on a production agent,
+    /// [`DatastoreConfigError::Invalid`] naming `smoke[i]`, the first entry that does not
+    /// fit.
     pub fn validate(
         checks: &[SmokeCheck],
         role: Role,
         needs: &str,
-    ) -> Result<(), (String, String)> {
+        fits: impl Fn(&SmokeCheck) -> bool,
+    ) -> Result<(), DatastoreConfigError> {
         if !checks.is_empty() && role == Role::Production {
-            return Err((
-                "smoke".into(),
-                "smoke checks run after restores: staging agents only".into(),
-            ));
+            return Err(DatastoreConfigError::WrongRole {
+                field: "smoke",
+                why: "smoke checks run after restores: staging agents only",
+            });
         }
-        for (i, c) in checks.iter().enumerate() {
-            let ok = match needs {
-                "sql" => c.sql.is_some() && c.ns.is_none() && c.filter.is_none(),
-                _ => c.ns.is_some() && c.sql.is_none(),
-            };
-            if !ok {
-                return Err((
-                    format!("smoke[{i}]"),
-                    format!("this datastore's smoke checks take {needs} (and min)"),
-                ));
-            }
+        match checks.iter().position(|c| !fits(c)) {
+            Some(i) => Err(DatastoreConfigError::invalid(
+                format!("smoke[{i}]"),
+                format!("this datastore's smoke checks take {needs} (and min)"),
+            )),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// The line for the report: `WHAT = N (at least MIN)`, and whether it passed.
@@ -63,6 +61,22 @@ impl SmokeCheck {
             n >= self.min,
         )
     }
+}
+
+/// A smoke check that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SmokeError {
+    /// The check cannot run as written, e.g. a filter that is not a document: why.
+    #[error("{0}")]
+    Check(String),
+    /// The query failed or did not give a number.
+    #[error("{query}: {reason}")]
+    Query {
+        /// The query or what was counted, e.g. `SELECT count(*) FROM orders`.
+        query: String,
+        /// The server's error, or what the answer was instead of a number.
+        reason: String,
+    },
 }
 
 /// Runs `checks` one by one with `run` (which gives a label and the number).
@@ -75,7 +89,7 @@ pub async fn run_smoke<'a, F, Fut>(
 ) -> Result<Vec<String>, RestoreError>
 where
     F: FnMut(&'a SmokeCheck) -> Fut,
-    Fut: std::future::Future<Output = Result<(String, i64), String>>,
+    Fut: std::future::Future<Output = Result<(String, i64), SmokeError>>,
 {
     let mut out = Vec::new();
     for c in checks {

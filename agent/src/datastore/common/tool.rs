@@ -102,28 +102,73 @@ impl StderrTail {
     }
 }
 
-/// Runs `cmd` to its end and returns its stdout; on failure `(status, stderr tail)`: the
-/// exit status as [`describe_status`] words it (or `not started`), and the last 5
-/// lines of its stderr joined by ` | `.
+/// A tool run that did not give what was asked of it.
+#[derive(Debug, thiserror::Error)]
+pub enum ToolError {
+    /// It could not be started (not installed, not executable, `bin_dir` wrong).
+    #[error("not started: {0}")]
+    NotStarted(std::io::Error),
+    /// It exited unsuccessfully.
+    #[error("{status}: {stderr}")]
+    Failed {
+        /// The exit status as [`describe_status`] words it, e.g. `exit code 1`.
+        status: String,
+        /// The last 5 lines of its stderr, joined by ` | `.
+        stderr: String,
+    },
+    /// It exited successfully but its output is not what was expected: what is wrong.
+    #[error("exit code 0: {0}")]
+    Output(String),
+    /// It was killed because its job was cancelled.
+    #[error("cancelled: job cancelled")]
+    Cancelled,
+}
+
+impl ToolError {
+    /// How the run ended, for messages: `not started`, `exit code 1`, `killed by signal
+    /// 9`, `exit code 0` (output not understood), `cancelled`.
+    pub fn status(&self) -> String {
+        match self {
+            ToolError::NotStarted(_) => "not started".into(),
+            ToolError::Failed { status, .. } => status.clone(),
+            ToolError::Output(_) => "exit code 0".into(),
+            ToolError::Cancelled => "cancelled".into(),
+        }
+    }
+
+    /// What went wrong: the OS error, the tail of the tool's stderr, what is wrong with
+    /// its output, or `job cancelled`.
+    pub fn detail(&self) -> String {
+        match self {
+            ToolError::NotStarted(e) => e.to_string(),
+            ToolError::Failed { stderr, .. } => stderr.clone(),
+            ToolError::Output(what) => what.clone(),
+            ToolError::Cancelled => "job cancelled".into(),
+        }
+    }
+}
+
+/// Runs `cmd` to its end (killed if the future is dropped) and returns its stdout.
 ///
 /// # Errors
-/// The command could not start or exited non-zero.
-pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, (String, String)> {
+/// [`ToolError::NotStarted`], or [`ToolError::Failed`] with the exit status as
+/// [`describe_status`] words it and the last 5 lines of its stderr joined by ` | `.
+pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, ToolError> {
     let out = cmd
         .kill_on_drop(true)
         .stdin(std::process::Stdio::null())
         .output()
         .await
-        .map_err(|e| ("not started".to_owned(), e.to_string()))?;
+        .map_err(ToolError::NotStarted)?;
     if out.status.success() {
         return Ok(out.stdout);
     }
     let text = String::from_utf8_lossy(&out.stderr);
     let tail: Vec<&str> = text.lines().rev().take(5).collect();
-    Err((
-        describe_status(out.status),
-        tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-    ))
+    Err(ToolError::Failed {
+        status: describe_status(out.status),
+        stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+    })
 }
 
 /// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.
@@ -133,5 +178,36 @@ pub fn describe_status(status: ExitStatus) -> String {
         (Some(c), _) => format!("exit code {c}"),
         (None, Some(s)) => format!("killed by signal {s}"),
         _ => status.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::DumpError;
+
+    #[tokio::test]
+    async fn a_tool_that_fails_or_cannot_start_says_how_and_names_itself_in_a_dump_error() {
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "echo first >&2; echo last >&2; exit 3"]);
+        let e = output(cmd).await.unwrap_err();
+        assert!(matches!(e, ToolError::Failed { .. }), "{e:?}");
+        assert_eq!(
+            (e.status(), e.detail()),
+            ("exit code 3".into(), "first | last".into())
+        );
+        assert_eq!(
+            DumpError::tool("sh -c")(e).to_string(),
+            "sh -c failed (exit code 3): first | last"
+        );
+
+        let missing = tokio::process::Command::new("/nonexistent/ferry-test-tool");
+        let e = output(missing).await.unwrap_err();
+        assert!(matches!(e, ToolError::NotStarted(_)), "{e:?}");
+        assert_eq!(e.status(), "not started");
+
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.args(["-c", "echo out"]);
+        assert_eq!(output(cmd).await.unwrap(), b"out\n");
     }
 }

@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use serde::{Deserialize, Serialize};
 
+use crate::datastore::RestoreError;
+
 /// What a tree holds, as counted by [`write_tar`] and [`count_tree`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TreeCounts {
@@ -69,13 +71,32 @@ impl TreeCounts {
 /// e.g. `.minio.sys/tmp` or `**/*.tmp`).
 ///
 /// # Errors
-/// The first pattern that is not a valid glob, with the reason.
-pub fn excludes(patterns: &[String]) -> Result<GlobSet, String> {
+/// [`ExcludeError::Pattern`] naming the first pattern that is not a valid glob.
+pub fn excludes(patterns: &[String]) -> Result<GlobSet, ExcludeError> {
     let mut b = GlobSetBuilder::new();
     for p in patterns {
-        b.add(Glob::new(p).map_err(|e| format!("{p:?}: {e}"))?);
+        b.add(Glob::new(p).map_err(|error| ExcludeError::Pattern {
+            pattern: p.clone(),
+            error,
+        })?);
     }
-    b.build().map_err(|e| e.to_string())
+    b.build().map_err(ExcludeError::Set)
+}
+
+/// Exclude patterns that do not compile ([`excludes`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ExcludeError {
+    /// A pattern that is not a valid glob.
+    #[error("{pattern:?}: {error}")]
+    Pattern {
+        /// The pattern as configured.
+        pattern: String,
+        /// Why it is not a glob.
+        error: globset::Error,
+    },
+    /// The patterns, each valid, could not be compiled together.
+    #[error("{0}")]
+    Set(globset::Error),
 }
 
 /// The buffer between the tar crate and the pipe to or from the pipeline, bytes.
@@ -319,9 +340,9 @@ pub fn unpack(input: impl Read, dir: &Path) -> io::Result<()> {
 /// ancestor) has `need` bytes free for an unprivileged user, plus 5 %.
 ///
 /// # Errors
-/// [`crate::datastore::RestoreError::Target`] naming the file system's free and needed bytes; the
+/// [`RestoreError::Target`] naming the file system's free and needed bytes; the
 /// caller has touched nothing yet.
-pub fn ensure_room(dir: &Path, need: u64) -> Result<(), crate::datastore::RestoreError> {
+pub fn ensure_room(dir: &Path, need: u64) -> Result<(), RestoreError> {
     let mut probe = dir;
     while !probe.exists() {
         match probe.parent() {
@@ -330,7 +351,7 @@ pub fn ensure_room(dir: &Path, need: u64) -> Result<(), crate::datastore::Restor
         }
     }
     let st = rustix::fs::statvfs(probe).map_err(|e| {
-        crate::datastore::RestoreError::Target(format!(
+        RestoreError::Target(format!(
             "cannot read free space of {}: {e}",
             probe.display()
         ))
@@ -338,7 +359,7 @@ pub fn ensure_room(dir: &Path, need: u64) -> Result<(), crate::datastore::Restor
     let free = st.f_bavail.saturating_mul(st.f_frsize);
     let wanted = need.saturating_add(need / 20);
     if free < wanted {
-        return Err(crate::datastore::RestoreError::Target(format!(
+        return Err(RestoreError::Target(format!(
             "not enough room to restore into {}: {free} bytes free, the backup needs about {wanted}; nothing was touched",
             dir.display()
         )));
@@ -378,17 +399,17 @@ pub fn is_mount_point(path: &Path) -> io::Result<bool> {
 /// (`EBUSY`), so the restore would fail only at its end, after the whole download.
 ///
 /// # Errors
-/// [`crate::datastore::RestoreError::Target`] naming the path and what to configure instead.
-pub fn refuse_mount_point(path: &Path, field: &str) -> Result<(), crate::datastore::RestoreError> {
+/// [`RestoreError::Target`] naming the path and what to configure instead.
+pub fn refuse_mount_point(path: &Path, field: &str) -> Result<(), RestoreError> {
     match is_mount_point(path) {
         Ok(false) => Ok(()),
-        Ok(true) => Err(crate::datastore::RestoreError::Target(format!(
+        Ok(true) => Err(RestoreError::Target(format!(
             "{} is a mount point: a restore replaces the directory by renaming it, which a mount point refuses; \
              set {field} to a directory inside the mount (e.g. {}) and move the data there; nothing was downloaded or changed",
             path.display(),
             path.join("data").display()
         ))),
-        Err(e) => Err(crate::datastore::RestoreError::Target(format!(
+        Err(e) => Err(RestoreError::Target(format!(
             "cannot tell whether {} is a mount point: {e}",
             path.display()
         ))),
@@ -444,15 +465,15 @@ pub fn sibling(path: &Path, what: &str, job_id: &str) -> PathBuf {
 /// renamed back. A failure to remove `old` is logged, not returned: the swap happened.
 ///
 /// # Errors
-/// What failed, and the state the target is left in.
-pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> {
+/// [`RestoreError::Target`]: what failed, and the state the target is left in.
+pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), RestoreError> {
     let had_target = target.exists();
     if had_target {
         fs::rename(target, old).map_err(|e| {
-            format!(
+            RestoreError::Target(format!(
                 "cannot move {} aside: {e}; it is unchanged",
                 target.display()
-            )
+            ))
         })?;
     }
     if let Err(e) = fs::rename(new, target) {
@@ -461,7 +482,7 @@ pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> 
         } else {
             Ok(())
         };
-        return Err(match back {
+        return Err(RestoreError::Target(match back {
             Ok(()) => format!(
                 "cannot move the restored tree to {}: {e}; the target is unchanged",
                 target.display()
@@ -471,7 +492,7 @@ pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> 
                 target.display(),
                 old.display()
             ),
-        });
+        }));
     }
     if had_target && let Err(e) = fs::remove_dir_all(old) {
         tracing::warn!(path = %old.display(), error = %e, "cannot remove the replaced tree");
@@ -484,10 +505,7 @@ pub fn replace_dir(new: &Path, old: &Path, target: &Path) -> Result<(), String> 
 ///
 /// # Errors
 /// No pipe could be made.
-pub fn unpack_sink(
-    dir: PathBuf,
-) -> Result<crate::datastore::PartSink, crate::datastore::RestoreError> {
-    use crate::datastore::RestoreError;
+pub fn unpack_sink(dir: PathBuf) -> Result<crate::datastore::PartSink, RestoreError> {
     use futures::FutureExt;
     let (reader, writer) =
         io::pipe().map_err(|e| RestoreError::Target(format!("cannot make a pipe: {e}")))?;
@@ -771,6 +789,7 @@ mod tests {
     #[test]
     fn bad_exclude_pattern_is_named() {
         let err = excludes(&["a[".into()]).unwrap_err();
-        assert!(err.contains("a["), "{err}");
+        assert!(err.to_string().contains("a["), "{err}");
+        assert!(matches!(err, ExcludeError::Pattern { .. }), "{err:?}");
     }
 }

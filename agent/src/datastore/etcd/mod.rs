@@ -31,8 +31,8 @@ use serde::{Deserialize, Serialize};
 
 use super::common::leftovers::Recovered;
 use super::{
-    Datastore, DumpError, DumpOutcome, DumpStream, Dumper, Mode, Part, PartSink, RestoreError,
-    RestoreSession, Restorer, ToolPaths,
+    CheckError, Datastore, DatastoreConfigError, DumpError, DumpOutcome, DumpStream, Dumper, Mode,
+    Part, PartSink, RestoreError, RestoreSession, Restorer, ToolError, ToolPaths,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -88,7 +88,7 @@ impl crate::datastore::KindConfig for EtcdConfig {
     fn build(
         self: Box<Self>,
         role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
         Ok(std::sync::Arc::new(Etcd::build(*self, role)?))
     }
 }
@@ -121,52 +121,69 @@ impl Etcd {
     /// Validates `cfg` for `role`.
     ///
     /// # Errors
-    /// `(field, message)`.
-    pub fn build(cfg: EtcdConfig, role: Role) -> Result<Self, (String, String)> {
-        let err = |f: &str, m: &str| Err((f.to_owned(), m.to_owned()));
+    /// [`DatastoreConfigError`] naming the field.
+    pub fn build(cfg: EtcdConfig, role: Role) -> Result<Self, DatastoreConfigError> {
+        use DatastoreConfigError::{Missing, WrongRole};
         match role {
             Role::Production => {
                 if cfg.endpoint.is_none() {
-                    return err(
-                        "endpoint",
-                        "missing: the client URL of the member to back up",
-                    );
+                    return Err(Missing {
+                        field: "endpoint",
+                        what: "the client URL of the member to back up",
+                    });
                 }
                 if cfg.data_dir.is_some() {
-                    return err("data_dir", "only a staging agent restores; remove it");
+                    return Err(WrongRole {
+                        field: "data_dir",
+                        why: "only a staging agent restores; remove it",
+                    });
                 }
             }
             Role::Staging => match &cfg.data_dir {
-                None => return err("data_dir", "missing: the data directory to restore into"),
+                None => {
+                    return Err(Missing {
+                        field: "data_dir",
+                        what: "the data directory to restore into",
+                    });
+                }
                 Some(d) if !d.is_absolute() || d.file_name().is_none() => {
-                    return err("data_dir", "must be an absolute path below /");
+                    return Err(DatastoreConfigError::invalid(
+                        "data_dir",
+                        "must be an absolute path below /",
+                    ));
                 }
                 Some(_) => {
                     if cfg.initial_cluster.is_none() {
-                        return err(
-                            "initial_cluster",
-                            "missing: e.g. default=http://127.0.0.1:2380",
-                        );
+                        return Err(Missing {
+                            field: "initial_cluster",
+                            what: "e.g. default=http://127.0.0.1:2380",
+                        });
                     }
                     if cfg.initial_advertise_peer_urls.is_none() {
-                        return err(
-                            "initial_advertise_peer_urls",
-                            "missing: e.g. http://127.0.0.1:2380",
-                        );
+                        return Err(Missing {
+                            field: "initial_advertise_peer_urls",
+                            what: "e.g. http://127.0.0.1:2380",
+                        });
                     }
                 }
             },
         }
         if let Some(key) = &cfg.key {
             // The client key is a secret like a password: owner-only, checked at start.
-            crate::config::read_secret_file(key).map_err(|m| ("key".to_owned(), m))?;
+            crate::config::read_secret_file(key).map_err(|message| {
+                DatastoreConfigError::Secret {
+                    field: "key".into(),
+                    message,
+                }
+            })?;
         }
         Ok(Self {
             password: crate::config::user_password(
                 cfg.user.as_deref(),
                 cfg.password_file.as_deref(),
                 cfg.password_env.as_deref(),
-            )?,
+            )
+            .map_err(DatastoreConfigError::secret)?,
             tools: ToolPaths::new(cfg.bin_dir.clone()),
             cfg,
         })
@@ -204,14 +221,14 @@ impl Etcd {
     }
 
     /// Runs etcdctl with `args`; its stdout.
-    async fn run(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, (String, String)> {
+    async fn run(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, ToolError> {
         let mut cmd = self.etcdctl();
         cmd.args(args);
         super::common::tool::output(cmd).await
     }
 
     /// `etcdctl snapshot status FILE -w json`.
-    async fn status(&self, file: &Path) -> Result<SnapshotStatus, (String, String)> {
+    async fn status(&self, file: &Path) -> Result<SnapshotStatus, ToolError> {
         let out = self
             .run(&[
                 "snapshot".as_ref(),
@@ -222,10 +239,10 @@ impl Etcd {
             ])
             .await?;
         serde_json::from_slice(&out).map_err(|e| {
-            (
-                "exit code 0".to_owned(),
-                format!("unexpected output {:?}: {e}", String::from_utf8_lossy(&out)),
-            )
+            ToolError::Output(format!(
+                "unexpected output {:?}: {e}",
+                String::from_utf8_lossy(&out)
+            ))
         })
     }
 }
@@ -274,15 +291,18 @@ impl Datastore for Etcd {
     ///
     /// # Errors
     /// etcdctl's error, or a missing parent directory.
-    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
             if let Some(dir) = &self.cfg.data_dir {
                 super::common::tree::refuse_mount_point(dir, "data_dir")
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| CheckError::Path(e.to_string()))?;
                 return if dir.parent().is_some_and(Path::is_dir) {
                     Ok(format!("restores into {}", dir.display()))
                 } else {
-                    Err(format!("the parent of {} does not exist", dir.display()))
+                    Err(CheckError::Path(format!(
+                        "the parent of {} does not exist",
+                        dir.display()
+                    )))
                 };
             }
             let out = self
@@ -293,7 +313,10 @@ impl Datastore for Etcd {
                     "table".as_ref(),
                 ])
                 .await
-                .map_err(|(s, e)| format!("etcdctl endpoint status failed ({s}): {e}"))?;
+                .map_err(|failure| CheckError::Tool {
+                    tool: "etcdctl endpoint status".into(),
+                    failure,
+                })?;
             Ok(String::from_utf8_lossy(&out).trim().to_owned())
         }
         .boxed()
@@ -339,19 +362,11 @@ impl Dumper for Etcd {
             let file = dir.path().join("snapshot.db");
             self.run(&["snapshot".as_ref(), "save".as_ref(), file.as_os_str()])
                 .await
-                .map_err(|(status, stderr)| DumpError::Tool {
-                    tool: "etcdctl snapshot save".into(),
-                    status,
-                    stderr,
-                })?;
+                .map_err(DumpError::tool("etcdctl snapshot save"))?;
             let status = self
                 .status(&file)
                 .await
-                .map_err(|(status, stderr)| DumpError::Tool {
-                    tool: "etcdctl snapshot status".into(),
-                    status,
-                    stderr,
-                })?;
+                .map_err(DumpError::tool("etcdctl snapshot status"))?;
             // User-visible keys at exactly the snapshot's revision (`totalKey` counts the
             // database's internal keys too). None if the revision was compacted since.
             let keys = self
@@ -599,7 +614,7 @@ fn swap_in(new: &Path, old: &Path, target: &Path) -> Result<(), RestoreError> {
     if in_use(target) {
         return Err(in_use_error(target));
     }
-    super::common::tree::replace_dir(new, old, target).map_err(RestoreError::Target)
+    super::common::tree::replace_dir(new, old, target)
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@ use serde::Deserialize;
 use super::common::leftovers::Recovered;
 use super::common::tree::{self, TreeCounts};
 use super::{
-    Datastore, DumpError, DumpOutcome, DumpStream, Dumper, Mode, Part, PartSink, RestoreError,
-    RestoreSession, Restorer,
+    CheckError, Datastore, DatastoreConfigError, DumpError, DumpOutcome, DumpStream, Dumper, Mode,
+    Part, PartSink, RestoreError, RestoreSession, Restorer,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -65,7 +65,7 @@ impl crate::datastore::KindConfig for FilesConfig {
     fn build(
         self: Box<Self>,
         role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
         Ok(std::sync::Arc::new(Files::build(*self, role)?))
     }
 }
@@ -93,28 +93,28 @@ impl Files {
     /// Validates `cfg` for `role`.
     ///
     /// # Errors
-    /// `(field, message)`.
-    pub fn build(cfg: FilesConfig, role: Role) -> Result<Self, (String, String)> {
-        let err = |f: &str, m: String| Err((f.to_owned(), m));
+    /// [`DatastoreConfigError`] naming the field.
+    pub fn build(cfg: FilesConfig, role: Role) -> Result<Self, DatastoreConfigError> {
         if !cfg.path.is_absolute() {
-            return err(
+            return Err(DatastoreConfigError::invalid(
                 "path",
                 format!("{} is not an absolute path", cfg.path.display()),
-            );
+            ));
         }
         if cfg.path.parent().is_none() || cfg.path.file_name().is_none() {
-            return err("path", "the root directory cannot be a target".into());
+            return Err(DatastoreConfigError::invalid(
+                "path",
+                "the root directory cannot be a target",
+            ));
         }
         if role == Role::Staging && !cfg.exclude.is_empty() {
-            return err(
-                "exclude",
-                "only a production agent backs up; remove it".into(),
-            );
+            return Err(DatastoreConfigError::WrongRole {
+                field: "exclude",
+                why: "only a production agent backs up; remove it",
+            });
         }
-        let exclude = match tree::excludes(&cfg.exclude) {
-            Ok(e) => e,
-            Err(e) => return err("exclude", e),
-        };
+        let exclude = tree::excludes(&cfg.exclude)
+            .map_err(|e| DatastoreConfigError::invalid("exclude", e.to_string()))?;
         Ok(Self { cfg, exclude, role })
     }
 
@@ -211,11 +211,12 @@ impl Datastore for Files {
     /// # Errors
     /// The directory (production) or its parent (staging) is missing; staging: `path` is
     /// a mount point ([`Files::refuse_mount_point`]).
-    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
             let p = &self.cfg.path;
             if self.role == Role::Staging {
-                self.refuse_mount_point().map_err(|e| e.to_string())?;
+                self.refuse_mount_point()
+                    .map_err(|e| CheckError::Path(e.to_string()))?;
             }
             if p.is_dir() {
                 let counts = tokio::task::spawn_blocking({
@@ -223,21 +224,24 @@ impl Datastore for Files {
                     move || tree::count_tree(&p)
                 })
                 .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{}: {e}", p.display()))?;
+                .map_err(|e| CheckError::Path(e.to_string()))?
+                .map_err(|e| CheckError::Path(format!("{}: {e}", p.display())))?;
                 Ok(format!("{}: {}", p.display(), counts.summary()))
             } else if p.exists() {
-                Err(format!("{} is not a directory", p.display()))
+                Err(CheckError::Path(format!(
+                    "{} is not a directory",
+                    p.display()
+                )))
             } else if p.parent().is_some_and(Path::is_dir) {
                 Ok(format!(
                     "{} does not exist yet (a restore creates it)",
                     p.display()
                 ))
             } else {
-                Err(format!(
+                Err(CheckError::Path(format!(
                     "{} does not exist, nor does its parent",
                     p.display()
-                ))
+                )))
             }
         }
         .boxed()
@@ -410,7 +414,7 @@ fn swap_in(
             got.summary()
         )));
     }
-    tree::replace_dir(new, old, target).map_err(RestoreError::Target)?;
+    tree::replace_dir(new, old, target)?;
     Ok(format!(
         "{}: {}, equal to the manifest",
         target.display(),

@@ -36,8 +36,8 @@ use serde::Deserialize;
 use super::common::leftovers::{Action, Recovered, job_id, skipped};
 use super::common::tree;
 use super::{
-    Datastore, DumpError, DumpOutcome, DumpStream, Dumper, Mode, Part, PartSink, RestoreError,
-    RestoreSession, Restorer, ToolPaths,
+    CheckError, Datastore, DatastoreConfigError, DumpError, DumpOutcome, DumpStream, Dumper, Mode,
+    Part, PartSink, RestoreError, RestoreSession, Restorer, ToolError, ToolPaths,
 };
 use crate::manifest::{Manifest, Source};
 
@@ -127,7 +127,7 @@ impl crate::datastore::KindConfig for InfluxConfig {
     fn build(
         self: Box<Self>,
         role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
         Ok(std::sync::Arc::new(Influx::build(*self, role)?))
     }
 }
@@ -154,6 +154,65 @@ pub struct InfluxCounts {
     pub points_max: Points,
 }
 
+/// A query through the `influx` shell that failed.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// The shell failed.
+    #[error("influx -execute {query:?} failed ({}): {}", .failure.status(), .failure.detail())]
+    Tool {
+        /// The query.
+        query: String,
+        /// How the shell failed.
+        failure: ToolError,
+    },
+    /// The shell's output is not the JSON asked for.
+    #[error("influx -execute {query:?}: unexpected output {output:?}: {error}")]
+    Output {
+        /// The query.
+        query: String,
+        /// What it printed.
+        output: String,
+        /// Why it does not parse.
+        error: serde_json::Error,
+    },
+    /// The server answered with an error.
+    #[error("influx -execute {query:?}: {message}")]
+    Server {
+        /// The query.
+        query: String,
+        /// The server's error.
+        message: String,
+    },
+    /// The server did not list its databases in time.
+    #[error("InfluxDB at {host}:{port} did not answer SHOW DATABASES within {seconds} s")]
+    Timeout {
+        /// `http_host` of the config.
+        host: String,
+        /// `http_port` of the config.
+        port: u16,
+        /// How long the agent waited, seconds.
+        seconds: u64,
+    },
+}
+
+impl From<QueryError> for DumpError {
+    fn from(e: QueryError) -> Self {
+        DumpError::Source(e.to_string())
+    }
+}
+
+impl From<QueryError> for RestoreError {
+    fn from(e: QueryError) -> Self {
+        RestoreError::Target(e.to_string())
+    }
+}
+
+impl From<QueryError> for CheckError {
+    fn from(e: QueryError) -> Self {
+        CheckError::Server(e.to_string())
+    }
+}
+
 /// A built InfluxDB datastore.
 #[derive(Clone, Debug)]
 pub struct Influx {
@@ -171,27 +230,29 @@ fn valid_db(name: &str) -> bool {
 }
 
 impl Influx {
-    /// Validates `cfg` for `role`.
+    /// Validates `cfg` for `role` and reads the password.
     ///
     /// # Errors
-    /// `(field, message)`.
-    pub fn build(cfg: InfluxConfig, role: Role) -> Result<Self, (String, String)> {
-        let err = |f: &str, m: String| Err((f.to_owned(), m));
+    /// [`DatastoreConfigError`] naming the field.
+    pub fn build(cfg: InfluxConfig, role: Role) -> Result<Self, DatastoreConfigError> {
         if role == Role::Staging && !cfg.databases.is_empty() {
-            return err(
-                "databases",
-                "only a production agent backs up; remove it".into(),
-            );
+            return Err(DatastoreConfigError::WrongRole {
+                field: "databases",
+                why: "only a production agent backs up; remove it",
+            });
         }
         if role == Role::Production && !cfg.rename.is_empty() {
-            return err("rename", "only a staging agent restores; remove it".into());
+            return Err(DatastoreConfigError::WrongRole {
+                field: "rename",
+                why: "only a staging agent restores; remove it",
+            });
         }
         for db in cfg.databases.iter().chain(cfg.rename.values()) {
             if !valid_db(db) {
-                return err(
+                return Err(DatastoreConfigError::invalid(
                     "databases",
                     format!("{db:?}: use letters, digits, _ - . (at most 255)"),
-                );
+                ));
             }
         }
         Ok(Self {
@@ -199,14 +260,15 @@ impl Influx {
                 cfg.user.as_deref(),
                 cfg.password_file.as_deref(),
                 cfg.password_env.as_deref(),
-            )?,
+            )
+            .map_err(DatastoreConfigError::secret)?,
             tools: ToolPaths::new(cfg.bin_dir.clone()),
             cfg,
         })
     }
 
     /// `influx -execute QUERY -format json [-database DB]`, parsed.
-    async fn query(&self, db: Option<&str>, q: &str) -> Result<serde_json::Value, String> {
+    async fn query(&self, db: Option<&str>, q: &str) -> Result<serde_json::Value, QueryError> {
         let mut cmd = tokio::process::Command::new(self.tools.path("influx"));
         cmd.args(["-host", &self.cfg.http_host])
             .args(["-port", &self.cfg.http_port.to_string()])
@@ -224,25 +286,31 @@ impl Influx {
         }
         let out = super::common::tool::output(cmd)
             .await
-            .map_err(|(s, e)| format!("influx -execute {q:?} failed ({s}): {e}"))?;
-        let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
-            format!(
-                "influx -execute {q:?}: unexpected output {:?}: {e}",
-                String::from_utf8_lossy(&out)
-            )
-        })?;
+            .map_err(|failure| QueryError::Tool {
+                query: q.to_owned(),
+                failure,
+            })?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out).map_err(|error| QueryError::Output {
+                query: q.to_owned(),
+                output: String::from_utf8_lossy(&out).into_owned(),
+                error,
+            })?;
         if let Some(err) = v["results"]
             .as_array()
             .and_then(|r| r.iter().find_map(|x| x["error"].as_str()))
             .or_else(|| v["error"].as_str())
         {
-            return Err(format!("influx -execute {q:?}: {err}"));
+            return Err(QueryError::Server {
+                query: q.to_owned(),
+                message: err.to_owned(),
+            });
         }
         Ok(v)
     }
 
     /// The databases on the server, `_internal` left out.
-    async fn databases(&self) -> Result<Vec<String>, String> {
+    async fn databases(&self) -> Result<Vec<String>, QueryError> {
         let v = self.query(None, "SHOW DATABASES").await?;
         Ok(rows(&v)
             .filter_map(|r| r.first().and_then(|n| n.as_str()).map(str::to_owned))
@@ -252,7 +320,7 @@ impl Influx {
 
     /// Points per measurement of `db`: the largest `count_<field>` of each measurement
     /// (a point has at least one field).
-    async fn points(&self, db: &str) -> Result<BTreeMap<String, u64>, String> {
+    async fn points(&self, db: &str) -> Result<BTreeMap<String, u64>, QueryError> {
         let v = self.query(Some(db), "SELECT count(*) FROM /.*/").await?;
         let mut out = BTreeMap::new();
         for series in v["results"]
@@ -276,7 +344,7 @@ impl Influx {
         Ok(out)
     }
 
-    async fn all_points(&self, dbs: &[String]) -> Result<Points, String> {
+    async fn all_points(&self, dbs: &[String]) -> Result<Points, QueryError> {
         let mut out = Points::new();
         for db in dbs {
             out.insert(db.clone(), self.points(db).await?);
@@ -322,11 +390,9 @@ impl Influx {
         ])
         .await
         .map(drop)
-        .map_err(|(status, stderr)| RestoreError::Tool {
-            tool: format!("influxd restore -db {db} -newdb {new}"),
-            status,
-            stderr,
-        })
+        .map_err(RestoreError::tool(&format!(
+            "influxd restore -db {db} -newdb {new}"
+        )))
     }
 
     /// Counts `name` with `check` until it passes or [`SETTLE_SECONDS`] have passed: a
@@ -342,7 +408,7 @@ impl Influx {
         loop {
             let checked = match self.points(name).await {
                 Ok(got) => check(&got).map(|()| got.values().sum()),
-                Err(e) => Err(RestoreError::Target(e)),
+                Err(e) => Err(e.into()),
             };
             match checked {
                 Ok(points) => return Ok(points),
@@ -352,7 +418,7 @@ impl Influx {
         }
     }
 
-    async fn drop_database(&self, db: &str) -> Result<(), String> {
+    async fn drop_database(&self, db: &str) -> Result<(), QueryError> {
         self.query(None, &format!("DROP DATABASE \"{db}\""))
             .await
             .map(drop)
@@ -382,12 +448,13 @@ impl Influx {
         )
         .await
         .unwrap_or_else(|_| {
-            Err(format!(
-                "InfluxDB at {}:{} did not answer SHOW DATABASES within {RECOVER_TIMEOUT_SECONDS} s",
-                self.cfg.http_host, self.cfg.http_port
-            ))
+            Err(QueryError::Timeout {
+                host: self.cfg.http_host.clone(),
+                port: self.cfg.http_port,
+                seconds: RECOVER_TIMEOUT_SECONDS,
+            })
         });
-        let names = listed.map_err(RestoreError::Target)?;
+        let names = listed.map_err(RestoreError::from)?;
         let names: Vec<String> = rows(&names)
             .filter_map(|r| r.first().and_then(|n| n.as_str()).map(str::to_owned))
             .collect();
@@ -530,10 +597,10 @@ impl Influx {
             .ok_or_else(|| {
                 RestoreError::Target(format!("{} holds no backup of {target}", dir.display()))
             })?;
-        let expected = self.points(scratch).await.map_err(RestoreError::Target)?;
+        let expected = self.points(scratch).await.map_err(RestoreError::from)?;
         self.drop_database(target)
             .await
-            .map_err(RestoreError::Target)?;
+            .map_err(RestoreError::from)?;
         self.restore_from(dir, &db, target).await?;
         self.settle(target, |got| {
             if *got == expected {
@@ -548,7 +615,7 @@ impl Influx {
     }
 
     /// `influxd` with `args`, as a restore or backup tool.
-    async fn influxd(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, (String, String)> {
+    async fn influxd(&self, args: &[&std::ffi::OsStr]) -> Result<Vec<u8>, ToolError> {
         let mut cmd = tokio::process::Command::new(self.tools.path("influxd"));
         cmd.args(args);
         super::common::tool::output(cmd).await
@@ -595,7 +662,7 @@ impl Datastore for Influx {
     ///
     /// # Errors
     /// The `influx` shell's error.
-    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
             let dbs = self.databases().await?;
             Ok(format!(
@@ -632,11 +699,11 @@ impl Dumper for Influx {
     fn dump<'a>(&'a self, _part: &'a Part) -> BoxFuture<'a, Result<DumpStream, DumpError>> {
         async move {
             let dbs = if self.cfg.databases.is_empty() {
-                self.databases().await.map_err(DumpError::Source)?
+                self.databases().await.map_err(DumpError::from)?
             } else {
                 self.cfg.databases.clone()
             };
-            let before = self.all_points(&dbs).await.map_err(DumpError::Source)?;
+            let before = self.all_points(&dbs).await.map_err(DumpError::from)?;
             let scratch = self.scratch();
             let dir = tempfile::Builder::new()
                 .prefix("ferry-influxdb-")
@@ -661,18 +728,14 @@ impl Dumper for Influx {
                     into.as_os_str(),
                 ])
                 .await
-                .map_err(|(status, stderr)| DumpError::Tool {
-                    tool: format!("influxd backup -database {db}"),
-                    status,
-                    stderr,
-                })?;
+                .map_err(DumpError::tool(&format!("influxd backup -database {db}")))?;
             }
-            let after = self.all_points(&dbs).await.map_err(DumpError::Source)?;
+            let after = self.all_points(&dbs).await.map_err(DumpError::from)?;
             let (reader, writer) = std::io::pipe().map_err(|e| DumpError::Spawn {
                 tool: "tar writer".into(),
                 source: e,
             })?;
-            let none = tree::excludes(&[]).map_err(DumpError::Source)?;
+            let none = tree::excludes(&[]).map_err(|e| DumpError::Source(e.to_string()))?;
             // The directory moves into the task and is removed when the tar is written.
             let task = tokio::task::spawn_blocking(move || {
                 let r = tree::write_tar(dir.path(), &none, writer);
@@ -908,7 +971,7 @@ impl RestoreSession for InfluxRestore {
                 influx
                     .query(None, &format!("CREATE DATABASE \"{marker}\""))
                     .await
-                    .map_err(RestoreError::Target)?;
+                    .map_err(RestoreError::from)?;
                 // From here on the scratch database may be the only copy: abort keeps it,
                 // and the unpacked backup, from which the agent can finish the replacement.
                 self.scratch_dbs.retain(|s| s != &scratch);
@@ -916,7 +979,7 @@ impl RestoreSession for InfluxRestore {
                 influx
                     .drop_database(&target)
                     .await
-                    .map_err(RestoreError::Target)?;
+                    .map_err(RestoreError::from)?;
                 self.dropped.push(target.clone());
                 let kept = |e: RestoreError| {
                     RestoreError::Target(format!(
@@ -927,7 +990,7 @@ impl RestoreSession for InfluxRestore {
                 influx.restore_from(&dir, db, &target).await.map_err(kept)?;
                 let points = self.verify(db, &target).await.map_err(kept)?;
                 for done in [&scratch, &marker] {
-                    influx.drop_database(done).await.map_err(RestoreError::Target)?;
+                    influx.drop_database(done).await.map_err(RestoreError::from)?;
                 }
                 self.dir.keep = false;
                 summary.push(format!("{target} ({points} points)"));

@@ -7,6 +7,7 @@ use ferry_proto::Role;
 use serde::Deserialize;
 
 use super::Mongo;
+use crate::datastore::DatastoreConfigError;
 use crate::datastore::common::smoke::SmokeCheck;
 
 /// `[[datastores]]` with `kind = "mongodb"`.
@@ -48,24 +49,25 @@ impl crate::datastore::KindConfig for MongoConfig {
     fn build(
         self: Box<Self>,
         role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
         Ok(std::sync::Arc::new(Mongo::build(*self, role)?))
     }
 }
 
 impl Mongo {
-    /// Validates `cfg` for `role`.
+    /// Validates `cfg` for `role` and reads the password.
     ///
     /// # Errors
-    /// `(field, message)`.
-    pub fn build(cfg: MongoConfig, role: Role) -> Result<Self, (String, String)> {
-        let err = |f: &str, m: String| Err((f.to_owned(), m));
-        SmokeCheck::validate(&cfg.smoke, role, "ns")?;
+    /// [`DatastoreConfigError`] naming the field.
+    pub fn build(cfg: MongoConfig, role: Role) -> Result<Self, DatastoreConfigError> {
+        SmokeCheck::validate(&cfg.smoke, role, "ns", |c| {
+            c.ns.is_some() && c.sql.is_none()
+        })?;
         if !cfg.uri.starts_with("mongodb://") && !cfg.uri.starts_with("mongodb+srv://") {
-            return err(
+            return Err(DatastoreConfigError::invalid(
                 "uri",
                 format!("{:?} is not a mongodb:// connection string", cfg.uri),
-            );
+            ));
         }
         if cfg
             .uri
@@ -73,27 +75,32 @@ impl Mongo {
             .nth(2)
             .is_some_and(|host| host.contains('@'))
         {
-            return err(
+            return Err(DatastoreConfigError::invalid(
                 "uri",
-                "holds credentials; put the user in `user` and the password in password_file or password_env".into(),
-            );
+                "holds credentials; put the user in `user` and the password in password_file or password_env",
+            ));
         }
         if role == Role::Staging && cfg.databases.is_some() {
-            return err(
-                "databases",
-                "a staging agent restores what the backup holds; remove it".into(),
-            );
+            return Err(DatastoreConfigError::WrongRole {
+                field: "databases",
+                why: "a staging agent restores what the backup holds; remove it",
+            });
         }
         if role == Role::Production && !cfg.rename.is_empty() {
-            return err("rename", "only a staging agent restores; remove it".into());
+            return Err(DatastoreConfigError::WrongRole {
+                field: "rename",
+                why: "only a staging agent restores; remove it",
+            });
         }
-        let password = crate::config::read_password(
-            cfg.password_file.as_deref(),
-            cfg.password_env.as_deref(),
-        )?
-        .map(crate::config::Password);
+        let password =
+            crate::config::read_password(cfg.password_file.as_deref(), cfg.password_env.as_deref())
+                .map_err(DatastoreConfigError::secret)?
+                .map(crate::config::Password);
         if password.is_some() && cfg.user.is_none() {
-            return err("user", "a password is configured but no user".into());
+            return Err(DatastoreConfigError::invalid(
+                "user",
+                "a password is configured but no user",
+            ));
         }
         Ok(Self { cfg, password })
     }

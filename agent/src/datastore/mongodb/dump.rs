@@ -27,7 +27,7 @@ const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
 
 impl Mongo {
     async fn dump_archive(self, tx: mpsc::Sender<Vec<u8>>) -> Result<DumpOutcome, DumpError> {
-        let client = self.client().await.map_err(DumpError::Source)?;
+        let client = self.client().await.map_err(DumpError::from)?;
         let admin = client.database("admin");
         let version = admin
             .run_command(doc! {"buildInfo": 1})

@@ -34,7 +34,7 @@ use mongodb::Client;
 use tokio::sync::mpsc;
 
 use super::common::leftovers::Recovered;
-use super::{Datastore, DumpError, Mode, Part, RestoreError};
+use super::{CheckError, Datastore, DumpError, Mode, Part, RestoreError};
 use crate::pipeline::chunks;
 
 pub mod archive;
@@ -63,6 +63,45 @@ pub struct Mongo {
     password: Option<crate::config::Password>,
 }
 
+/// A client that could not be made, or a server that refused or failed a command.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// `uri` does not parse, or its hosts do not resolve.
+    #[error("MongoDB connection string {uri:?}: {error}")]
+    ConnectionString {
+        /// The configured connection string.
+        uri: String,
+        /// The driver's error.
+        error: mongodb::error::Error,
+    },
+    /// The client could not be made, or the server failed a command.
+    #[error("MongoDB {uri}: {error}")]
+    Server {
+        /// The configured connection string.
+        uri: String,
+        /// The driver's error.
+        error: mongodb::error::Error,
+    },
+}
+
+impl From<ClientError> for DumpError {
+    fn from(e: ClientError) -> Self {
+        DumpError::Source(e.to_string())
+    }
+}
+
+impl From<ClientError> for RestoreError {
+    fn from(e: ClientError) -> Self {
+        RestoreError::Target(e.to_string())
+    }
+}
+
+impl From<ClientError> for CheckError {
+    fn from(e: ClientError) -> Self {
+        CheckError::Server(e.to_string())
+    }
+}
+
 fn src(e: impl std::fmt::Display) -> DumpError {
     DumpError::Source(e.to_string())
 }
@@ -89,18 +128,21 @@ impl Datastore for Mongo {
     ///
     /// # Errors
     /// The connection or command error.
-    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
             let client = self.client().await?;
             let info = client
                 .database("admin")
                 .run_command(doc! {"buildInfo": 1})
                 .await
-                .map_err(|e| format!("MongoDB {}: {e}", self.cfg.uri))?;
+                .map_err(|error| ClientError::Server {
+                    uri: self.cfg.uri.clone(),
+                    error,
+                })?;
             let dbs = client
                 .list_database_names()
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| CheckError::Server(e.to_string()))?;
             Ok(format!(
                 "MongoDB {} at {}, databases: {}",
                 info.get_str("version").unwrap_or("?"),
@@ -135,10 +177,13 @@ impl Datastore for Mongo {
 }
 
 impl Mongo {
-    async fn client(&self) -> Result<Client, String> {
+    async fn client(&self) -> Result<Client, ClientError> {
         let mut opts = mongodb::options::ClientOptions::parse(&self.cfg.uri)
             .await
-            .map_err(|e| format!("MongoDB connection string {:?}: {e}", self.cfg.uri))?;
+            .map_err(|error| ClientError::ConnectionString {
+                uri: self.cfg.uri.clone(),
+                error,
+            })?;
         opts.app_name = Some("ferry-agent".into());
         if let Some(user) = &self.cfg.user {
             opts.credential = Some(
@@ -161,7 +206,10 @@ impl Mongo {
                     .build(),
             ));
         }
-        Client::with_options(opts).map_err(|e| format!("MongoDB {}: {e}", self.cfg.uri))
+        Client::with_options(opts).map_err(|error| ClientError::Server {
+            uri: self.cfg.uri.clone(),
+            error,
+        })
     }
 
     fn target_db(&self, db: &str) -> String {

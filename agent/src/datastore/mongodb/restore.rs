@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::archive::{ArchiveReader, CollectionMetadata, Item, Namespace};
 use super::oplog::{Replay, ReplayReport};
 use super::{ChannelReader, ChannelWriter, MAIN, Mongo, SEGMENT_BYTES, swap, tgt};
-use crate::datastore::common::smoke::run_smoke;
+use crate::datastore::common::smoke::{SmokeError, run_smoke};
 use crate::datastore::{PartSink, RestoreError, RestoreSession, Restorer};
 use crate::manifest::Manifest;
 
@@ -31,22 +31,28 @@ impl Restorer for Mongo {
 
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
-            let client = self.client().await.map_err(RestoreError::Target)?;
+            let client = self.client().await.map_err(RestoreError::from)?;
             run_smoke(&self.cfg.smoke, |c| {
                 let client = client.clone();
                 async move {
                     let ns = c.ns.as_deref().unwrap_or_default();
-                    let (db, coll) = ns
-                        .split_once('.')
-                        .ok_or_else(|| format!("{ns:?} is not database.collection"))?;
+                    let (db, coll) = ns.split_once('.').ok_or_else(|| {
+                        SmokeError::Check(format!("{ns:?} is not database.collection"))
+                    })?;
                     let filter: Document = match c.filter.as_deref() {
                         None => doc! {},
                         Some(f) => {
-                            let v: serde_json::Value =
-                                serde_json::from_str(f).map_err(|e| format!("filter {f}: {e}"))?;
-                            match Bson::try_from(v).map_err(|e| format!("filter {f}: {e}"))? {
+                            let v: serde_json::Value = serde_json::from_str(f)
+                                .map_err(|e| SmokeError::Check(format!("filter {f}: {e}")))?;
+                            match Bson::try_from(v)
+                                .map_err(|e| SmokeError::Check(format!("filter {f}: {e}")))?
+                            {
                                 Bson::Document(d) => d,
-                                _ => return Err(format!("filter {f} is not a document")),
+                                _ => {
+                                    return Err(SmokeError::Check(format!(
+                                        "filter {f} is not a document"
+                                    )));
+                                }
                             }
                         }
                     };
@@ -56,7 +62,10 @@ impl Restorer for Mongo {
                         .collection::<Document>(coll)
                         .count_documents(filter.clone())
                         .await
-                        .map_err(|e| format!("{target}: {e}"))?;
+                        .map_err(|e| SmokeError::Query {
+                            query: target.clone(),
+                            reason: e.to_string(),
+                        })?;
                     Ok((
                         format!("{target} count {filter}"),
                         i64::try_from(n).unwrap_or(i64::MAX),
@@ -76,7 +85,7 @@ impl Restorer for Mongo {
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
             crate::datastore::expect_main(main, "mongodb", &MAIN, "a MongoDB archive")?;
-            let client = self.client().await.map_err(RestoreError::Target)?;
+            let client = self.client().await.map_err(RestoreError::from)?;
             if let Some(counts) = main.counts.get("namespaces").and_then(|n| n.as_object())
                 && let Some(missing) = namespaces.iter().find(|n| !counts.contains_key(*n))
             {

@@ -213,15 +213,20 @@ pub async fn create(
 }
 
 /// Sets `fields` in the marker of scratch database `name`.
-async fn update(client: &Client, name: &str, fields: Document) -> Result<(), String> {
+///
+/// # Errors
+/// [`RestoreError::Target`]: the marker cannot be written or is missing.
+async fn update(client: &Client, name: &str, fields: Document) -> Result<(), RestoreError> {
     let done = client
         .database(name)
         .collection::<Document>(MARKER)
         .update_one(doc! {"_id": MARKER_ID}, doc! {"$set": fields})
         .await
-        .map_err(|e| format!("updating the marker {name}.{MARKER}: {e}"))?;
+        .map_err(|e| RestoreError::Target(format!("updating the marker {name}.{MARKER}: {e}")))?;
     if done.matched_count == 0 {
-        return Err(format!("the marker {name}.{MARKER} is missing"));
+        return Err(RestoreError::Target(format!(
+            "the marker {name}.{MARKER} is missing"
+        )));
     }
     Ok(())
 }
@@ -231,9 +236,7 @@ async fn update(client: &Client, name: &str, fields: Document) -> Result<(), Str
 /// # Errors
 /// [`RestoreError::Target`]: the marker cannot be written or is missing.
 pub async fn set_plan(client: &Client, name: &str, plan: &Plan) -> Result<(), RestoreError> {
-    update(client, name, doc! {"plan": plan.to_document()})
-        .await
-        .map_err(RestoreError::Target)
+    update(client, name, doc! {"plan": plan.to_document()}).await
 }
 
 /// Sets the state in the marker of scratch database `name`.
@@ -241,9 +244,7 @@ pub async fn set_plan(client: &Client, name: &str, plan: &Plan) -> Result<(), Re
 /// # Errors
 /// [`RestoreError::Target`]: the marker cannot be written or is missing.
 pub async fn set_state(client: &Client, name: &str, state: State) -> Result<(), RestoreError> {
-    update(client, name, doc! {"state": state.as_str()})
-        .await
-        .map_err(RestoreError::Target)
+    update(client, name, doc! {"state": state.as_str()}).await
 }
 
 /// The marker of database `name`, `None` if it has none (or not one [`create`] writes).
@@ -378,7 +379,7 @@ fn shown(name: &str) -> String {
 /// [`RestoreError::Target`]: the databases or their markers cannot be read (the server
 /// does not answer within 30 s); nothing was touched then.
 pub async fn recover(mongo: &Mongo, skip: &[String]) -> Result<Vec<Recovered>, RestoreError> {
-    let client = mongo.client().await.map_err(RestoreError::Target)?;
+    let client = mongo.client().await.map_err(RestoreError::from)?;
     let names = tokio::time::timeout(
         std::time::Duration::from_secs(RECOVER_TIMEOUT_SECONDS),
         client.list_database_names(),

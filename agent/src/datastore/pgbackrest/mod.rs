@@ -33,7 +33,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use super::{Datastore, DumpError, Mode, RestoreError};
+use super::{
+    CheckError, Datastore, DatastoreConfigError, DumpError, Mode, RestoreError, ToolError,
+};
 use crate::config::Settings;
 use crate::pipeline::mirror::{self, Remote};
 use crate::pipeline::{JobError, JobReport, Progress};
@@ -86,7 +88,7 @@ impl crate::datastore::KindConfig for PgBackRestConfig {
     fn build(
         self: Box<Self>,
         role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, (String, String)> {
+    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
         Ok(std::sync::Arc::new(PgBackRest::build(*self, role)?))
     }
 }
@@ -149,14 +151,14 @@ impl PgBackRest {
     /// Validates `cfg` for `role` and reads the cipher passphrase.
     ///
     /// # Errors
-    /// `(field, message)`.
-    pub fn build(cfg: PgBackRestConfig, role: Role) -> Result<Self, (String, String)> {
-        let err = |f: &str, m: &str| Err((f.to_owned(), m.to_owned()));
+    /// [`DatastoreConfigError`] naming the field.
+    pub fn build(cfg: PgBackRestConfig, role: Role) -> Result<Self, DatastoreConfigError> {
+        let invalid = DatastoreConfigError::invalid;
         if !simple_word(&cfg.stanza) {
-            return err("stanza", "use letters, digits, _ - . (at most 64)");
+            return Err(invalid("stanza", "use letters, digits, _ - . (at most 64)"));
         }
         if !simple_word(&cfg.os_user) {
-            return err("os_user", "not a user name");
+            return Err(invalid("os_user", "not a user name"));
         }
         for (field, p) in [
             ("data_dir", &cfg.data_dir),
@@ -164,32 +166,35 @@ impl PgBackRest {
             ("config_file", &cfg.config_file),
         ] {
             if !p.is_absolute() {
-                return err(field, "must be an absolute path");
+                return Err(invalid(field, "must be an absolute path"));
             }
         }
         match role {
             Role::Production if !cfg.stop_command.is_empty() || !cfg.start_command.is_empty() => {
-                return err(
-                    "stop_command",
-                    "only a staging agent restores; remove stop_command and start_command",
-                );
+                return Err(DatastoreConfigError::WrongRole {
+                    field: "stop_command",
+                    why: "only a staging agent restores; remove stop_command and start_command",
+                });
             }
             Role::Staging if cfg.stop_command.is_empty() || cfg.start_command.is_empty() => {
-                return err(
-                    "stop_command",
-                    "missing: a restore stops the cluster and starts it again (stop_command and start_command)",
-                );
+                return Err(DatastoreConfigError::Missing {
+                    field: "stop_command",
+                    what: "a restore stops the cluster and starts it again (stop_command and start_command)",
+                });
             }
             _ => {}
         }
         let pass = crate::config::read_password(Some(&cfg.cipher_pass_file), None)
-            .map_err(|(_, m)| ("cipher_pass_file".to_owned(), m))?
-            .ok_or_else(|| ("cipher_pass_file".to_owned(), "empty".to_owned()))?;
+            .map_err(|(_, message)| DatastoreConfigError::Secret {
+                field: "cipher_pass_file".into(),
+                message,
+            })?
+            .ok_or_else(|| invalid("cipher_pass_file", "empty"))?;
         if pass.len() < 16 || pass.contains(['\n', '\r']) {
-            return err(
+            return Err(invalid(
                 "cipher_pass_file",
                 "the passphrase must be one line of at least 16 characters",
-            );
+            ));
         }
         Ok(Self {
             cfg,
@@ -275,7 +280,7 @@ impl PgBackRest {
     }
 
     /// Runs `pgbackrest --config=... --stanza=... ARGS` as `os_user`; its stdout.
-    async fn pgbackrest(&self, args: &[&str]) -> Result<Vec<u8>, (String, String)> {
+    async fn pgbackrest(&self, args: &[&str]) -> Result<Vec<u8>, ToolError> {
         let mut cmd = if super::common::tree::is_root() && self.cfg.os_user != "root" {
             let mut c = tokio::process::Command::new("runuser");
             c.args(["-u", &self.cfg.os_user, "--"]).arg(self.bin());
@@ -296,25 +301,17 @@ impl PgBackRest {
     }
 
     /// The stanza's backups, oldest first.
-    async fn backups(&self) -> Result<Vec<InfoBackup>, (String, String)> {
+    async fn backups(&self) -> Result<Vec<InfoBackup>, ToolError> {
         let out = self.pgbackrest(&["info", "--output=json"]).await?;
-        let v: serde_json::Value = serde_json::from_slice(&out).map_err(|e| {
-            (
-                "exit code 0".to_owned(),
-                format!("pgbackrest info: unexpected output: {e}"),
-            )
-        })?;
+        let v: serde_json::Value = serde_json::from_slice(&out)
+            .map_err(|e| ToolError::Output(format!("pgbackrest info: unexpected output: {e}")))?;
         let list = v
             .as_array()
             .and_then(|a| a.first())
             .map(|s| s["backup"].clone())
             .unwrap_or_default();
-        serde_json::from_value(list).map_err(|e| {
-            (
-                "exit code 0".to_owned(),
-                format!("pgbackrest info: unexpected backup list: {e}"),
-            )
-        })
+        serde_json::from_value(list)
+            .map_err(|e| ToolError::Output(format!("pgbackrest info: unexpected backup list: {e}")))
     }
 
     fn remote_dir(&self, settings: &Settings, environment: &str) -> String {
@@ -333,7 +330,7 @@ impl PgBackRest {
         backup_type: Option<String>,
         progress: &Progress,
     ) -> Result<JobReport, JobError> {
-        let fail = |what: &str, e: (String, String)| JobError::Dump {
+        let fail = |what: &str, e: ToolError| JobError::Dump {
             datastore: self.cfg.name.clone(),
             source: DumpError::tool(what)(e),
         };
@@ -357,10 +354,7 @@ impl PgBackRest {
             .ok_or_else(|| {
                 fail(
                     "pgbackrest info",
-                    (
-                        "exit code 0".into(),
-                        "no backup listed after the backup".into(),
-                    ),
+                    ToolError::Output("no backup listed after the backup".into()),
                 )
             })?;
         progress.set_stage("rsync");
@@ -545,13 +539,17 @@ impl Datastore for PgBackRest {
     ///
     /// # Errors
     /// pgBackRest's error.
-    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
-            self.write_config().map_err(|e| e.to_string())?;
+            self.write_config()
+                .map_err(|e| CheckError::Path(e.to_string()))?;
             let out = self
                 .pgbackrest(&["info"])
                 .await
-                .map_err(|(s, e)| format!("pgbackrest info failed ({s}): {e}"))?;
+                .map_err(|failure| CheckError::Tool {
+                    tool: "pgbackrest info".into(),
+                    failure,
+                })?;
             Ok(String::from_utf8_lossy(&out).trim().to_owned())
         }
         .boxed()

@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use super::{MAX_IDENTIFIER, Postgres};
 use crate::datastore::common::smoke::SmokeCheck;
-use crate::datastore::{Datastore, KindConfig, ToolPaths};
+use crate::datastore::{Datastore, DatastoreConfigError, KindConfig, ToolPaths};
 
 /// `[[datastores]]` with `kind = "postgres"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -62,37 +62,45 @@ fn default_maintenance() -> String {
 }
 
 impl Postgres {
-    /// Validates `cfg` for `role`.
+    /// Validates `cfg` for `role` and reads the password.
     ///
     /// # Errors
-    /// `(field, message)`.
-    pub fn build(cfg: PostgresConfig, role: Role) -> Result<Self, (String, String)> {
-        let err = |f: &str, m: &str| Err((f.to_owned(), m.to_owned()));
+    /// [`DatastoreConfigError`] naming the field.
+    pub fn build(cfg: PostgresConfig, role: Role) -> Result<Self, DatastoreConfigError> {
+        use DatastoreConfigError::{Missing, WrongRole};
         match role {
             Role::Production => {
                 if cfg.database.is_none() {
-                    return err("database", "missing: the database to back up");
+                    return Err(Missing {
+                        field: "database",
+                        what: "the database to back up",
+                    });
                 }
                 if cfg.target_database.is_some() {
-                    return err(
-                        "target_database",
-                        "only a staging agent restores; remove it",
-                    );
+                    return Err(WrongRole {
+                        field: "target_database",
+                        why: "only a staging agent restores; remove it",
+                    });
                 }
             }
             Role::Staging => {
                 if cfg.target_database.is_none() {
-                    return err("target_database", "missing: the database to restore into");
+                    return Err(Missing {
+                        field: "target_database",
+                        what: "the database to restore into",
+                    });
                 }
                 if cfg.database.is_some() {
-                    return err(
-                        "database",
-                        "a staging agent does not back up; use target_database for the restore target",
-                    );
+                    return Err(WrongRole {
+                        field: "database",
+                        why: "a staging agent does not back up; use target_database for the restore target",
+                    });
                 }
             }
         }
-        SmokeCheck::validate(&cfg.smoke, role, "sql")?;
+        SmokeCheck::validate(&cfg.smoke, role, "sql", |c| {
+            c.sql.is_some() && c.ns.is_none() && c.filter.is_none()
+        })?;
         for (field, db) in [
             ("database", cfg.database.as_deref()),
             ("target_database", cfg.target_database.as_deref()),
@@ -104,14 +112,16 @@ impl Postgres {
             if let Some(db) = db
                 && (db.is_empty() || db.len() > MAX_IDENTIFIER || db.contains('\0'))
             {
-                return err(field, "must be 1 to 63 bytes, without NUL");
+                return Err(DatastoreConfigError::invalid(
+                    field,
+                    "must be 1 to 63 bytes, without NUL",
+                ));
             }
         }
-        let password = crate::config::read_password(
-            cfg.password_file.as_deref(),
-            cfg.password_env.as_deref(),
-        )?
-        .map(crate::config::Password);
+        let password =
+            crate::config::read_password(cfg.password_file.as_deref(), cfg.password_env.as_deref())
+                .map_err(DatastoreConfigError::secret)?
+                .map(crate::config::Password);
         let tools = ToolPaths::new(cfg.bin_dir.clone());
         Ok(Self {
             cfg,
@@ -126,7 +136,7 @@ impl KindConfig for PostgresConfig {
         &self.name
     }
 
-    fn build(self: Box<Self>, role: Role) -> Result<Arc<dyn Datastore>, (String, String)> {
+    fn build(self: Box<Self>, role: Role) -> Result<Arc<dyn Datastore>, DatastoreConfigError> {
         Ok(Arc::new(Postgres::build(*self, role)?))
     }
 }
@@ -140,6 +150,6 @@ mod tests {
         let cfg: PostgresConfig = toml::from_str("name = \"pg\"\ndatabase = \"app\"").unwrap();
         assert!(Postgres::build(cfg.clone(), Role::Production).is_ok());
         let err = Postgres::build(cfg, Role::Staging).unwrap_err();
-        assert_eq!(err.0, "target_database");
+        assert_eq!(err.field(), "target_database");
     }
 }

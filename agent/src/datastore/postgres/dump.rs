@@ -15,7 +15,10 @@ impl Postgres {
             .database
             .clone()
             .ok_or_else(|| DumpError::Source("no database configured to back up".into()))?;
-        let client = self.connect(&db).await.map_err(DumpError::Source)?;
+        let client = self
+            .connect(&db)
+            .await
+            .map_err(|e| DumpError::Source(e.to_string()))?;
         let q = |e: tokio_postgres::Error| {
             DumpError::Source(format!("PostgreSQL database {db:?}: {e}"))
         };
@@ -97,7 +100,7 @@ impl Postgres {
         let client = self
             .connect(&self.cfg.maintenance_database)
             .await
-            .map_err(DumpError::Source)?;
+            .map_err(|e| DumpError::Source(e.to_string()))?;
         let row = client
             .query_one(
                 "SELECT current_setting('server_version'), \

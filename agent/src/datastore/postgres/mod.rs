@@ -24,7 +24,7 @@ use futures::future::BoxFuture;
 use tokio_postgres::{Client, NoTls};
 
 use super::common::leftovers::Recovered;
-use super::{Datastore, Mode, Part, RestoreError, StderrTail, ToolPaths};
+use super::{CheckError, Datastore, Mode, Part, RestoreError, StderrTail, ToolPaths};
 
 mod config;
 mod dump;
@@ -57,6 +57,22 @@ pub struct Postgres {
     tools: ToolPaths,
 }
 
+/// A connection to the server that could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to PostgreSQL {host}:{port} database {database:?} as {user}: {error}")]
+pub struct ConnectError {
+    /// `host` of the config (a name, an address or a socket directory).
+    pub host: String,
+    /// `port` of the config.
+    pub port: u16,
+    /// The database connected to.
+    pub database: String,
+    /// The role connected as.
+    pub user: String,
+    /// The driver's error.
+    pub error: tokio_postgres::Error,
+}
+
 fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
 }
@@ -87,21 +103,24 @@ impl Datastore for Postgres {
     ///
     /// # Errors
     /// The connection or query error.
-    fn check(&self) -> BoxFuture<'_, Result<String, String>> {
+    fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
             let db = self
                 .cfg
                 .database
                 .as_deref()
                 .unwrap_or(&self.cfg.maintenance_database);
-            let client = self.connect(db).await?;
+            let client = self
+                .connect(db)
+                .await
+                .map_err(|e| CheckError::Server(e.to_string()))?;
             let row = client
             .query_one(
                 "SELECT current_setting('server_version'), pg_database_size(current_database())",
                 &[],
             )
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| CheckError::Server(e.to_string()))?;
             let version: String = row.get(0);
             let size: i64 = row.get(1);
             Ok(format!(
@@ -143,7 +162,7 @@ impl Postgres {
         c
     }
 
-    async fn connect(&self, db: &str) -> Result<Client, String> {
+    async fn connect(&self, db: &str) -> Result<Client, ConnectError> {
         self.connect_with(self.pg_config(db), db).await
     }
 
@@ -151,12 +170,13 @@ impl Postgres {
         &self,
         config: tokio_postgres::Config,
         db: &str,
-    ) -> Result<Client, String> {
-        let (client, conn) = config.connect(NoTls).await.map_err(|e| {
-            format!(
-                "cannot connect to PostgreSQL {}:{} database {db:?} as {}: {e}",
-                self.cfg.host, self.cfg.port, self.cfg.user
-            )
+    ) -> Result<Client, ConnectError> {
+        let (client, conn) = config.connect(NoTls).await.map_err(|error| ConnectError {
+            host: self.cfg.host.clone(),
+            port: self.cfg.port,
+            database: db.to_owned(),
+            user: self.cfg.user.clone(),
+            error,
         })?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {

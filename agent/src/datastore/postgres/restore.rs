@@ -11,7 +11,7 @@ use tokio_postgres::Client;
 
 use super::{DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, quote_ident};
 use crate::datastore::common::leftovers;
-use crate::datastore::common::smoke::run_smoke;
+use crate::datastore::common::smoke::{SmokeError, run_smoke};
 use crate::datastore::{
     PartSink, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
 };
@@ -78,7 +78,7 @@ impl Databases {
             .await;
     }
 
-    async fn exists(&self, db: &str) -> Result<bool, String> {
+    async fn exists(&self, db: &str) -> Result<bool, tokio_postgres::Error> {
         self.client
             .query_opt(
                 "SELECT 1 FROM pg_catalog.pg_database WHERE datname = $1",
@@ -86,34 +86,39 @@ impl Databases {
             )
             .await
             .map(|r| r.is_some())
-            .map_err(|e| e.to_string())
     }
 }
 
 impl leftovers::Store for Databases {
-    fn rename<'a>(&'a mut self, from: &'a str, to: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    type Error = tokio_postgres::Error;
+
+    fn rename<'a>(
+        &'a mut self,
+        from: &'a str,
+        to: &'a str,
+    ) -> BoxFuture<'a, Result<(), tokio_postgres::Error>> {
         async move {
             let sql = format!(
                 "ALTER DATABASE {} RENAME TO {}",
                 quote_ident(from),
                 quote_ident(to)
             );
-            let mut last = String::new();
             // A session may connect again between the termination and the rename.
-            for _ in 0..5 {
+            let mut attempt = 1;
+            loop {
                 self.terminate(from).await;
                 match self.client.batch_execute(&sql).await {
                     Ok(()) => return Ok(()),
-                    Err(e) => last = e.to_string(),
+                    Err(e) if attempt == 5 => return Err(e),
+                    Err(_) => attempt += 1,
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
-            Err(last)
         }
         .boxed()
     }
 
-    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), String>> {
+    fn remove<'a>(&'a mut self, name: &'a str) -> BoxFuture<'a, Result<(), tokio_postgres::Error>> {
         async move {
             self.client
                 .batch_execute(&format!(
@@ -121,7 +126,6 @@ impl leftovers::Store for Databases {
                     quote_ident(name)
                 ))
                 .await
-                .map_err(|e| e.to_string())
         }
         .boxed()
     }
@@ -180,7 +184,7 @@ impl Postgres {
         let client = self
             .connect_with(config, db)
             .await
-            .map_err(RestoreError::Target)?;
+            .map_err(|e| RestoreError::Target(e.to_string()))?;
         let names: Vec<String> = client
             .query("SELECT datname FROM pg_catalog.pg_database", &[])
             .await
@@ -194,7 +198,10 @@ impl Postgres {
             if leftovers::skipped(&job, skip) {
                 continue;
             }
-            let exists = store.exists(&target).await.map_err(RestoreError::Target)?;
+            let exists = store
+                .exists(&target)
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?;
             let (new_name, old_name) = (
                 scratch_name(&target, NEW_TAG, &job),
                 scratch_name(&target, OLD_TAG, &job),
@@ -222,21 +229,27 @@ impl Restorer for Postgres {
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let db = self.cfg.target_database.clone().unwrap_or_default();
-            let client = self.connect(&db).await.map_err(RestoreError::Target)?;
+            let client = self
+                .connect(&db)
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?;
             run_smoke(&self.cfg.smoke, |c| {
                 let client = &client;
                 async move {
-                    let sql = c
-                        .sql
-                        .as_deref()
-                        .ok_or("a PostgreSQL smoke check needs sql")?;
+                    let sql = c.sql.as_deref().ok_or_else(|| {
+                        SmokeError::Check("a PostgreSQL smoke check needs sql".into())
+                    })?;
                     let row = client
                         .query_one(sql, &[])
                         .await
-                        .map_err(|e| format!("{sql}: {e}"))?;
-                    let n: i64 = row
-                        .try_get(0)
-                        .map_err(|e| format!("{sql}: not one integer: {e}"))?;
+                        .map_err(|e| SmokeError::Query {
+                            query: sql.to_owned(),
+                            reason: e.to_string(),
+                        })?;
+                    let n: i64 = row.try_get(0).map_err(|e| SmokeError::Query {
+                        query: sql.to_owned(),
+                        reason: format!("not one integer: {e}"),
+                    })?;
                     Ok((sql.to_owned(), n))
                 }
             })
@@ -310,14 +323,16 @@ impl PgRestore {
         self.pg
             .connect(&self.pg.cfg.maintenance_database)
             .await
-            .map_err(RestoreError::Target)
+            .map_err(|e| RestoreError::Target(e.to_string()))
     }
 
+    /// Starts `tool` reading a part on its stdin. It fails if it exits unsuccessfully, or
+    /// if `errors` finds errors in its stderr (psql goes on after an error and exits 0).
     fn tool_sink(
         &self,
         tool: &'static str,
         cmd: Command,
-        check: fn(&StderrTail) -> Result<(), String>,
+        errors: fn(&StderrTail) -> Option<String>,
     ) -> Result<PartSink, RestoreError> {
         let (mut child, tail) =
             self.pg
@@ -340,11 +355,14 @@ impl PgRestore {
                     stderr: tail.text(),
                 });
             }
-            check(&tail).map_err(|stderr| RestoreError::Tool {
-                tool: tool.into(),
-                status: "errors reported".into(),
-                stderr,
-            })
+            match errors(&tail) {
+                None => Ok(()),
+                Some(stderr) => Err(RestoreError::Tool {
+                    tool: tool.into(),
+                    status: "errors reported".into(),
+                    stderr,
+                }),
+            }
         };
         Ok(PartSink {
             writer: Box::new(stdin),
@@ -365,19 +383,15 @@ impl PgRestore {
         ])
         .arg(&self.pg.cfg.maintenance_database);
         // Roles that already exist (at least the connecting superuser) are expected.
-        fn check(tail: &StderrTail) -> Result<(), String> {
+        fn errors(tail: &StderrTail) -> Option<String> {
             let errors: Vec<String> = tail
                 .lines()
                 .into_iter()
                 .filter(|l| l.contains("ERROR:") && !l.contains("already exists"))
                 .collect();
-            if errors.is_empty() {
-                Ok(())
-            } else {
-                Err(errors.join(" | "))
-            }
+            (!errors.is_empty()).then(|| errors.join(" | "))
         }
-        self.tool_sink("psql", cmd, check)
+        self.tool_sink("psql", cmd, errors)
     }
 
     async fn restore_main(&mut self) -> Result<PartSink, RestoreError> {
@@ -405,7 +419,7 @@ impl PgRestore {
         let mut cmd = self.pg.command("pg_restore");
         cmd.args(["--clean", "--if-exists", "--exit-on-error", "--dbname"])
             .arg(&self.scratch);
-        self.tool_sink("pg_restore", cmd, |_| Ok(()))
+        self.tool_sink("pg_restore", cmd, |_| None)
     }
 
     async fn swap(&mut self) -> Result<(), RestoreError> {
@@ -540,7 +554,7 @@ impl RestoreSession for PgRestore {
                     .pg
                     .connect(&self.scratch)
                     .await
-                    .map_err(RestoreError::Target)?;
+                    .map_err(|e| RestoreError::Target(e.to_string()))?;
                 database_counts(&client)
                     .await
                     .map_err(|e| RestoreError::Target(format!("counting restored rows: {e}")))?
