@@ -3,8 +3,9 @@
 //! [`Restorer`] (dated archives streamed through the pipeline, which sees only byte
 //! streams) or [`Repository`] (a repository it writes on the backup server itself, the job
 //! runner handing it the whole job). [`build`] turns a `[[datastores]]` entry into an
-//! `Arc<dyn Datastore>` with one match arm per [`DatastoreConfig`] variant; nothing else
-//! names a kind. README.md, "Adding a datastore", lists what a new kind takes.
+//! `Arc<dyn Datastore>` with one match arm per [`DatastoreConfig`] variant, calling the
+//! kind's own `build(config, role)`; nothing else names a kind. README.md, "Adding a
+//! datastore", lists what a new kind takes.
 //!
 //! Errors: [`DatastoreConfigError`] for an entry that cannot be built (its field, which
 //! the agent's config error places as `datastores[<i>].<field>`), [`CheckError`] for
@@ -117,6 +118,16 @@ pub enum Mode<'a> {
     Repository(&'a dyn Repository),
 }
 
+impl<'a> Mode<'a> {
+    /// Both sides from one value that implements them, as most kinds do.
+    pub fn streamed<T: Dumper + Restorer>(both: &'a T) -> Self {
+        Mode::Streamed {
+            dumper: both,
+            restorer: both,
+        }
+    }
+}
+
 impl dyn Datastore + '_ {
     /// The backup types an order may name (`full`, `diff`): its repository's
     /// ([`Repository::backup_types`]); none for a streamed datastore.
@@ -164,20 +175,6 @@ impl dyn Datastore + '_ {
     }
 }
 
-/// A kind's `[[datastores]]` entry once parsed: its name, and how it becomes a
-/// [`Datastore`] for an agent's role. Each kind implements it on its config struct.
-pub trait KindConfig {
-    /// The configured name.
-    fn name(&self) -> &str;
-
-    /// Checks every field for `role` and builds the datastore.
-    ///
-    /// # Errors
-    /// [`DatastoreConfigError`] naming the field that is missing, wrong for the role, or
-    /// not acceptable.
-    fn build(self: Box<Self>, role: Role) -> Result<Arc<dyn Datastore>, DatastoreConfigError>;
-}
-
 /// One `[[datastores]]` entry; `kind` picks the variant, each variant a kind's config.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -198,7 +195,7 @@ pub enum DatastoreConfig {
 
 /// Builds the datastore of one `[[datastores]]` entry for an agent of `role`: its name
 /// checked as every stored name is ([`crate::layout::validate_name`]), then its kind's own
-/// fields ([`KindConfig::build`]).
+/// fields, by the kind's `build`. One arm per kind.
 ///
 /// # Errors
 /// [`DatastoreConfigError`] naming the field (`name`, or one of the kind's) that is missing,
@@ -207,21 +204,30 @@ pub fn build(
     config: DatastoreConfig,
     role: Role,
 ) -> Result<Arc<dyn Datastore>, DatastoreConfigError> {
-    let config: Box<dyn KindConfig> = match config {
-        DatastoreConfig::Postgres(c) => Box::new(c),
-        DatastoreConfig::Mongodb(c) => Box::new(c),
-        DatastoreConfig::Files(c) => Box::new(c),
-        DatastoreConfig::Etcd(c) => Box::new(c),
-        DatastoreConfig::Influxdb(c) => Box::new(c),
-        DatastoreConfig::Pgbackrest(c) => Box::new(c),
-    };
-    crate::layout::validate_name("datastore", config.name()).map_err(|e| {
-        DatastoreConfigError::Invalid {
-            field: "name".into(),
-            message: e.to_string(),
+    match config {
+        DatastoreConfig::Postgres(c) => {
+            named(&c.name.clone(), || postgres::Postgres::build(c, role))
         }
+        DatastoreConfig::Mongodb(c) => named(&c.name.clone(), || mongodb::Mongo::build(c, role)),
+        DatastoreConfig::Files(c) => named(&c.name.clone(), || files::Files::build(c, role)),
+        DatastoreConfig::Etcd(c) => named(&c.name.clone(), || etcd::Etcd::build(c, role)),
+        DatastoreConfig::Influxdb(c) => named(&c.name.clone(), || influxdb::Influx::build(c, role)),
+        DatastoreConfig::Pgbackrest(c) => {
+            named(&c.name.clone(), || pgbackrest::PgBackRest::build(c, role))
+        }
+    }
+}
+
+/// Checks the datastore `name`, then runs the kind's `build`.
+fn named<D: Datastore + 'static>(
+    name: &str,
+    build: impl FnOnce() -> Result<D, DatastoreConfigError>,
+) -> Result<Arc<dyn Datastore>, DatastoreConfigError> {
+    crate::layout::validate_name("datastore", name).map_err(|e| DatastoreConfigError::Invalid {
+        field: "name".into(),
+        message: e.to_string(),
     })?;
-    config.build(role)
+    Ok(Arc::new(build()?))
 }
 
 /// A `[[datastores]]` entry that cannot be used. [`DatastoreConfigError::field`] names the

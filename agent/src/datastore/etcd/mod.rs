@@ -80,19 +80,6 @@ pub struct EtcdConfig {
     pub initial_advertise_peer_urls: Option<String>,
 }
 
-impl crate::datastore::KindConfig for EtcdConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn build(
-        self: Box<Self>,
-        role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
-        Ok(std::sync::Arc::new(Etcd::build(*self, role)?))
-    }
-}
-
 /// What `etcdctl snapshot status -w json` says of a snapshot file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SnapshotStatus {
@@ -323,10 +310,7 @@ impl Datastore for Etcd {
     }
 
     fn mode(&self) -> Mode<'_> {
-        Mode::Streamed {
-            dumper: self,
-            restorer: self,
-        }
+        Mode::streamed(self)
     }
 
     /// See [`Etcd::recover`].

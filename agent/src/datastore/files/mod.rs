@@ -57,19 +57,6 @@ pub struct FilesConfig {
     pub method: Method,
 }
 
-impl crate::datastore::KindConfig for FilesConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn build(
-        self: Box<Self>,
-        role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
-        Ok(std::sync::Arc::new(Files::build(*self, role)?))
-    }
-}
-
 /// How a `files` datastore is backed up.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -251,10 +238,7 @@ impl Datastore for Files {
         if self.is_mirror() {
             Mode::Repository(self)
         } else {
-            Mode::Streamed {
-                dumper: self,
-                restorer: self,
-            }
+            Mode::streamed(self)
         }
     }
 

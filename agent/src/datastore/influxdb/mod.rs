@@ -119,19 +119,6 @@ pub struct InfluxConfig {
     pub scratch_dir: Option<PathBuf>,
 }
 
-impl crate::datastore::KindConfig for InfluxConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn build(
-        self: Box<Self>,
-        role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
-        Ok(std::sync::Arc::new(Influx::build(*self, role)?))
-    }
-}
-
 fn default_rpc() -> String {
     "127.0.0.1:8088".into()
 }
@@ -676,10 +663,7 @@ impl Datastore for Influx {
     }
 
     fn mode(&self) -> Mode<'_> {
-        Mode::Streamed {
-            dumper: self,
-            restorer: self,
-        }
+        Mode::streamed(self)
     }
 
     /// See [`Influx::recover`].

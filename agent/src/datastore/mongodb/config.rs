@@ -41,19 +41,6 @@ pub struct MongoConfig {
     pub smoke: Vec<SmokeCheck>,
 }
 
-impl crate::datastore::KindConfig for MongoConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn build(
-        self: Box<Self>,
-        role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
-        Ok(std::sync::Arc::new(Mongo::build(*self, role)?))
-    }
-}
-
 impl Mongo {
     /// Validates `cfg` for `role` and reads the password.
     ///

@@ -154,10 +154,7 @@ impl Datastore for Mongo {
     }
 
     fn mode(&self) -> Mode<'_> {
-        Mode::Streamed {
-            dumper: self,
-            restorer: self,
-        }
+        Mode::streamed(self)
     }
 
     /// A restore may select `db.collection` namespaces.

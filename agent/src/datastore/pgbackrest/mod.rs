@@ -80,19 +80,6 @@ pub struct PgBackRestConfig {
     pub start_command: Vec<String>,
 }
 
-impl crate::datastore::KindConfig for PgBackRestConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn build(
-        self: Box<Self>,
-        role: Role,
-    ) -> Result<std::sync::Arc<dyn crate::datastore::Datastore>, DatastoreConfigError> {
-        Ok(std::sync::Arc::new(PgBackRest::build(*self, role)?))
-    }
-}
-
 fn default_stanza() -> String {
     "main".into()
 }

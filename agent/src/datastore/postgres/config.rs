@@ -1,14 +1,13 @@
 //! `kind = "postgres"` in `[[datastores]]`: the fields, and their checks for a role.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
 use ferry_proto::Role;
 use serde::Deserialize;
 
 use super::{MAX_IDENTIFIER, Postgres};
 use crate::datastore::common::smoke::SmokeCheck;
-use crate::datastore::{Datastore, DatastoreConfigError, KindConfig, ToolPaths};
+use crate::datastore::{DatastoreConfigError, ToolPaths};
 
 /// `[[datastores]]` with `kind = "postgres"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -128,16 +127,6 @@ impl Postgres {
             password,
             tools,
         })
-    }
-}
-
-impl KindConfig for PostgresConfig {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn build(self: Box<Self>, role: Role) -> Result<Arc<dyn Datastore>, DatastoreConfigError> {
-        Ok(Arc::new(Postgres::build(*self, role)?))
     }
 }
 

@@ -132,10 +132,7 @@ impl Datastore for Postgres {
     }
 
     fn mode(&self) -> Mode<'_> {
-        Mode::Streamed {
-            dumper: self,
-            restorer: self,
-        }
+        Mode::streamed(self)
     }
 
     /// The scratch (`<target>__ferry_new_<job>`) and old (`<target>__ferry_old_<job>`)
