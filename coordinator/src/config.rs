@@ -149,13 +149,13 @@ pub struct ScheduleEntry {
 pub struct RetentionEntry {
     /// The environment, e.g. `production`.
     pub environment: String,
-    /// See [`crate::retention::Policy::keep_daily`].
+    /// See [`crate::catalog::retention::Policy::keep_daily`].
     #[serde(default)]
     pub keep_daily: u32,
-    /// See [`crate::retention::Policy::keep_weekly`].
+    /// See [`crate::catalog::retention::Policy::keep_weekly`].
     #[serde(default)]
     pub keep_weekly: u32,
-    /// See [`crate::retention::Policy::keep_monthly`].
+    /// See [`crate::catalog::retention::Policy::keep_monthly`].
     #[serde(default)]
     pub keep_monthly: u32,
 }
@@ -282,7 +282,7 @@ pub struct Settings {
     /// The maintenance connection to the backup server, if configured.
     pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
     /// Retention policy by environment.
-    pub retention: BTreeMap<String, crate::retention::Policy>,
+    pub retention: BTreeMap<String, crate::catalog::retention::Policy>,
 }
 
 /// Longest agent, environment or datastore name accepted, bytes (as the agent's layout).
@@ -579,7 +579,7 @@ impl CoordinatorConfig {
                 .retention
                 .into_iter()
                 .map(|r| {
-                    let policy = crate::retention::Policy {
+                    let policy = crate::catalog::retention::Policy {
                         keep_daily: r.keep_daily,
                         keep_weekly: r.keep_weekly,
                         keep_monthly: r.keep_monthly,

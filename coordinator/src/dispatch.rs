@@ -373,7 +373,7 @@ impl Coordinator {
     }
 
     /// The backup sets of `environment` (every environment with production agents when
-    /// `None`), newest first by their members' finish times ([`crate::sets`]); the catalog
+    /// `None`), newest first by their members' finish times ([`crate::catalog::sets`]); the catalog
     /// is read once.
     ///
     /// # Errors
@@ -381,15 +381,15 @@ impl Coordinator {
     pub async fn sets(
         &self,
         environment: Option<&str>,
-    ) -> Result<Vec<crate::sets::BackupSet>, DispatchError> {
+    ) -> Result<Vec<crate::catalog::sets::BackupSet>, DispatchError> {
         let store = self.store.clone();
         let backups = blocking(move || store.list_backups(None)).await?;
-        let mut sets: Vec<crate::sets::BackupSet> = match environment {
+        let mut sets: Vec<crate::catalog::sets::BackupSet> = match environment {
             Some(e) => vec![e.to_owned()],
             None => self.production_environments(),
         }
         .iter()
-        .flat_map(|e| crate::sets::build(e, &self.expected_members(e), &backups))
+        .flat_map(|e| crate::catalog::sets::build(e, &self.expected_members(e), &backups))
         .collect();
         // Newest first by when their backups finished (the coordinator's clock), not by
         // folder name: an agent's clock that ran ahead named later folders for older data.
@@ -416,7 +416,7 @@ impl Coordinator {
             )));
         }
         let sets = self.sets(Some(source_environment)).await?;
-        let describe = |s: &crate::sets::BackupSet| {
+        let describe = |s: &crate::catalog::sets::BackupSet| {
             format!(
                 "the set of {} {} is incomplete (missing {})",
                 s.environment,

@@ -5,10 +5,14 @@
 //!   schedules).
 //! - [`model`]: jobs, progress, results and the backup catalog (domain types).
 //! - [`store`]: the persistent [`store::Store`] (redb): jobs, their events, the catalog.
+//! - [`catalog`]: what the catalog decides: backup sets, retention, prune.
 //! - [`access`]: `[[operators]]` and their roles: which certificate may call which method.
 //! - [`agents`]: mTLS channels to agents and their `Describe` checked against the inventory.
 //! - [`dispatch`]: triggers → jobs → orders, retries, timeouts, schedules.
-//! - [`service`] and [`convert`]: the `ferry.v1.Coordinator` gRPC handlers.
+//! - [`service`]: the `ferry.v1.Coordinator` gRPC handlers, and the conversions between
+//!   domain and wire types ([`service::convert`]).
+//! - [`audit`]: the hash-chained audit log.
+//! - [`metrics`]: Prometheus metrics on `GET /metrics`.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
 //! - [`cli`]: the `ferry` operator CLI, one file per subcommand.
 
@@ -22,17 +26,14 @@ use tokio_util::sync::CancellationToken;
 pub mod access;
 pub mod agents;
 pub mod audit;
+pub mod catalog;
 pub mod cli;
 pub mod config;
-pub mod convert;
 pub mod dispatch;
 pub mod metrics;
 pub mod model;
 pub mod pki;
-pub mod prune;
-pub mod retention;
 pub mod service;
-pub mod sets;
 pub mod store;
 
 /// Largest answer of the coordinator to the CLI, bytes (64 MiB): a long catalog or audit

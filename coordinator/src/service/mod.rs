@@ -15,6 +15,8 @@ use crate::dispatch::{Coordinator, Selection};
 use crate::model::{Job, JobKind};
 use crate::store::StoreError;
 
+pub mod convert;
+
 /// The gRPC service.
 pub struct CoordinatorService {
     coordinator: Arc<Coordinator>,
@@ -226,13 +228,14 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::PruneResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        let outcome = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
-            .await
-            .map_err(|e| match e {
-                crate::prune::PruneError::Refused(m) => Status::failed_precondition(m),
-                crate::prune::PruneError::Server(m) => Status::unavailable(m),
-                crate::prune::PruneError::Dispatch(d) => d.into(),
-            })?;
+        let outcome =
+            crate::catalog::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
+                .await
+                .map_err(|e| match e {
+                    crate::catalog::prune::PruneError::Refused(m) => Status::failed_precondition(m),
+                    crate::catalog::prune::PruneError::Server(m) => Status::unavailable(m),
+                    crate::catalog::prune::PruneError::Dispatch(d) => d.into(),
+                })?;
         Ok(Response::new(v1::PruneResponse {
             decisions: outcome
                 .decisions

@@ -141,8 +141,8 @@ impl From<v1::AuditEntry> for crate::audit::AuditEntry {
     }
 }
 
-impl From<&crate::sets::BackupSet> for v1::BackupSet {
-    fn from(s: &crate::sets::BackupSet) -> Self {
+impl From<&crate::catalog::sets::BackupSet> for v1::BackupSet {
+    fn from(s: &crate::catalog::sets::BackupSet) -> Self {
         v1::BackupSet {
             environment: s.environment.clone(),
             date: s.date.clone(),

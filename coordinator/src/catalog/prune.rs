@@ -1,4 +1,4 @@
-//! `ferry prune`: the retention policies ([`crate::retention`]) applied to the catalog's
+//! `ferry prune`: the retention policies ([`crate::catalog::retention`]) applied to the catalog's
 //! dated folders, and, unless it is a dry run, the folders that go removed from the
 //! backup server with the coordinator's `[maintenance]` key. The newest date and the
 //! newest complete backup set are always kept. Every run and every removal is audited.
@@ -166,7 +166,7 @@ pub async fn run(
     environment: Option<&str>,
     dry_run: bool,
 ) -> Result<Outcome, PruneError> {
-    let policies: Vec<(String, crate::retention::Policy)> = c
+    let policies: Vec<(String, crate::catalog::retention::Policy)> = c
         .settings
         .retention
         .iter()
@@ -191,11 +191,11 @@ pub async fn run(
             .filter_map(|b| chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok())
             .collect();
         // Never the newest complete set, whatever the policy says.
-        let newest_complete = crate::sets::build(env, &c.expected_members(env), &backups)
+        let newest_complete = crate::catalog::sets::build(env, &c.expected_members(env), &backups)
             .into_iter()
             .find(|s| s.complete())
             .map(|s| s.date);
-        for d in crate::retention::plan(&dates, policy) {
+        for d in crate::catalog::retention::plan(&dates, policy) {
             let date = d.date.format("%Y-%m-%d").to_string();
             let mut keep: Vec<String> = d.keep.iter().map(|k| (*k).to_owned()).collect();
             if newest_complete.as_deref() == Some(date.as_str()) {
