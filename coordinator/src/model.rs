@@ -229,6 +229,18 @@ pub struct BackupRecord {
     pub missing: Option<MissingNote>,
 }
 
+impl BackupRecord {
+    /// Whether it is a dated archive (`.age`, read by file name) rather than a
+    /// differential repository (pgBackRest, rsync mirror: recorded as its folder, restored
+    /// by date).
+    pub fn is_archive(&self) -> bool {
+        self.stored_path
+            .rsplit('/')
+            .next()
+            .is_some_and(|f| f.ends_with(".age"))
+    }
+}
+
 /// What a restore or verify found of a catalog record whose file is not on the backup
 /// server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

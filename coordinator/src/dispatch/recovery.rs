@@ -1,0 +1,121 @@
+//! Recovery after a restart: the jobs a previous coordinator process left queued or
+//! running, each agent asked what became of its job, and taken up from there.
+
+use std::sync::Arc;
+
+use ferry_proto::v1;
+
+use super::runner::Attempt;
+use super::{Coordinator, blocking};
+use crate::agents::describe_status;
+use crate::model::{Job, JobState};
+
+impl Coordinator {
+    /// Takes up the jobs a previous coordinator process left queued or running: each
+    /// agent is asked what became of its job ([`v1::agent_client::AgentClient::watch_job`]).
+    /// A job still running is followed again, a finished one is recorded as it ended
+    /// (succeeded, or failed and retried as configured), and one the agent does not know
+    /// is run again if it was only queued, or counted as a failed attempt (the agent
+    /// restarted) if it was running. Returns the number of jobs taken up.
+    pub async fn reconcile(self: &Arc<Self>) -> usize {
+        let store = self.store.clone();
+        let orphans = match blocking(move || store.unfinished_jobs()).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not list unfinished jobs.");
+                return 0;
+            }
+        };
+        let n = orphans.len();
+        for mut job in orphans {
+            let this = self.clone();
+            if job.all_or_nothing && job.checked_ms.is_none() {
+                // Its set was still being checked: no job of it may run unchecked.
+                tokio::spawn(async move {
+                    this.fail(
+                        &mut job,
+                        "not restored (--all-or-nothing): the coordinator restarted while the \
+                         set was being checked, so no datastore was touched; order the restore \
+                         again"
+                            .into(),
+                    )
+                    .await;
+                });
+                continue;
+            }
+            tokio::spawn(async move {
+                let first = this.recover(&mut job).await;
+                this.run(job, first).await;
+            });
+        }
+        n
+    }
+
+    /// What became of `job`, a job of a previous coordinator process: the outcome of the
+    /// attempt its agent still runs or ran (asked under the stored attempt's id,
+    /// [`ferry_proto::attempt::attempt_id`]), or `None` to make a new attempt.
+    async fn recover(&self, job: &mut Job) -> Option<Attempt> {
+        self.event(
+            job,
+            format!(
+                "The coordinator restarted; asking agent {} about the job.",
+                job.agent
+            ),
+        )
+        .await;
+        let mut client = match self.agents.client(&job.agent) {
+            Ok(c) => c,
+            Err(e) => {
+                return Some(Attempt::Failed {
+                    message: e,
+                    retryable: false,
+                });
+            }
+        };
+        let asked = tokio::time::timeout(
+            self.settings.agent_timeout,
+            client.watch_job(v1::WatchJobRequest {
+                job_id: ferry_proto::attempt::attempt_id(&job.id, job.attempt),
+            }),
+        )
+        .await;
+        let stream = match asked {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+                if job.state == JobState::Queued {
+                    // Never accepted (or waiting for a retry): just go on.
+                    return None;
+                }
+                return Some(Attempt::Failed {
+                    message: format!(
+                        "agent {} no longer knows the job (it restarted while the coordinator \
+                         was down); the attempt's outcome is lost",
+                        job.agent
+                    ),
+                    retryable: true,
+                });
+            }
+            Ok(Err(status)) => {
+                return Some(Attempt::Failed {
+                    message: format!(
+                        "could not ask agent {} about the job after a coordinator restart: {}",
+                        job.agent,
+                        describe_status(&status)
+                    ),
+                    retryable: true,
+                });
+            }
+            Err(_) => {
+                return Some(Attempt::Failed {
+                    message: format!(
+                        "agent {} did not answer within {} s after a coordinator restart",
+                        job.agent,
+                        self.settings.agent_timeout.as_secs()
+                    ),
+                    retryable: true,
+                });
+            }
+        };
+        Some(self.follow(job, &client, stream).await)
+    }
+}
