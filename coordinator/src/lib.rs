@@ -11,6 +11,7 @@
 //! - [`dispatch`]: triggers → jobs → orders, retries, timeouts, schedules.
 //! - [`service`]: the `ferry.v1.Coordinator` gRPC handlers, and the conversions between
 //!   domain and wire types ([`service::convert`]).
+//! - [`Error`]: the domain error a request can end in, made a gRPC status in one place.
 //! - [`audit`]: the hash-chained audit log.
 //! - [`metrics`]: Prometheus metrics on `GET /metrics`.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
@@ -23,6 +24,8 @@ use anyhow::Context;
 use ferry_proto::v1::coordinator_server::CoordinatorServer;
 use tokio_util::sync::CancellationToken;
 
+pub use error::Error;
+
 pub mod access;
 pub mod agents;
 pub mod audit;
@@ -30,6 +33,7 @@ pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod dispatch;
+mod error;
 pub mod metrics;
 pub mod model;
 pub mod pki;

@@ -10,10 +10,23 @@ pub mod prune;
 pub mod retention;
 pub mod sets;
 
-use crate::dispatch::{Coordinator, DispatchError, blocking};
+use crate::dispatch::Coordinator;
 use crate::model::BackupRecord;
+use crate::store::{StoreError, blocking};
 
 impl Coordinator {
+    /// The catalog, newest first, of `environment` or of all.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn backups(
+        &self,
+        environment: Option<&str>,
+    ) -> Result<Vec<BackupRecord>, StoreError> {
+        let (store, environment) = (self.store.clone(), environment.map(str::to_owned));
+        blocking(move || store.list_backups(environment.as_deref())).await
+    }
+
     /// The datastores of `agent`: those it described, then those its schedules name.
     pub(crate) fn datastores_of(&self, agent: &str) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -72,15 +85,14 @@ impl Coordinator {
     pub async fn sets(
         &self,
         environment: Option<&str>,
-    ) -> Result<Vec<crate::catalog::sets::BackupSet>, DispatchError> {
-        let store = self.store.clone();
-        let backups = blocking(move || store.list_backups(None)).await?;
-        let mut sets: Vec<crate::catalog::sets::BackupSet> = match environment {
+    ) -> Result<Vec<sets::BackupSet>, StoreError> {
+        let backups = self.backups(None).await?;
+        let mut sets: Vec<sets::BackupSet> = match environment {
             Some(e) => vec![e.to_owned()],
             None => self.production_environments(),
         }
         .iter()
-        .flat_map(|e| crate::catalog::sets::build(e, &self.expected_members(e), &backups))
+        .flat_map(|e| sets::build(e, &self.expected_members(e), &backups))
         .collect();
         // Newest first by when their backups finished (the coordinator's clock), not by
         // folder name: an agent's clock that ran ahead named later folders for older data.
@@ -105,10 +117,8 @@ impl Coordinator {
         source_environment: &str,
         datastores: &[String],
         date: &str,
-    ) -> Result<Vec<(String, Option<String>)>, DispatchError> {
-        let store = self.store.clone();
-        let environment = source_environment.to_owned();
-        let mut records = blocking(move || store.list_backups(Some(&environment))).await?;
+    ) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        let mut records = self.backups(Some(source_environment)).await?;
         records.sort_by_key(|r| r.finished_ms);
         let mut out = Vec::new();
         for ds in datastores {

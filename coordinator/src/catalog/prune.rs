@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use ferry_agent::transport::{Leftover, LeftoverKind};
 
-use crate::dispatch::{Coordinator, DispatchError, blocking};
+use crate::dispatch::Coordinator;
 use crate::model::JobState;
+use crate::store::{StoreError, blocking};
 
 /// What prune decided for one dated folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,9 +74,9 @@ pub enum PruneError {
     /// removed.
     #[error("{0}")]
     Server(String),
-    /// The store or the sets could not be read.
-    #[error(transparent)]
-    Dispatch(#[from] DispatchError),
+    /// The store failed.
+    #[error("job store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Partial uploads of jobs this coordinator does not know, untouched this long, are
@@ -181,8 +182,7 @@ pub async fn run(
                 .unwrap_or_default()
         )));
     }
-    let store = c.store.clone();
-    let backups = blocking(move || store.list_backups(None)).await?;
+    let backups = c.backups(None).await?;
     let mut decisions = Vec::new();
     for (env, policy) in &policies {
         let of_env: Vec<_> = backups.iter().filter(|b| &b.environment == env).collect();

@@ -17,13 +17,17 @@
 //! [`crate::catalog`].
 
 use std::sync::Arc;
+use std::time::Duration;
+
+use ferry_proto::Bounded;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::agents::AgentPool;
+use crate::audit::AuditEntry;
 use crate::config::Settings;
 use crate::model::{Job, JobEventRecord};
-use crate::store::Store;
+use crate::store::{Store, StoreError, blocking};
 
 mod recovery;
 mod runner;
@@ -51,19 +55,7 @@ pub enum DispatchError {
     NotFound(String),
     /// The store failed.
     #[error("job store: {0}")]
-    Store(String),
-}
-
-impl From<DispatchError> for tonic::Status {
-    fn from(e: DispatchError) -> Self {
-        match e {
-            DispatchError::PermissionDenied(m) => tonic::Status::permission_denied(m),
-            DispatchError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
-            DispatchError::Unavailable(m) => tonic::Status::unavailable(m),
-            DispatchError::NotFound(m) => tonic::Status::not_found(m),
-            DispatchError::Store(m) => tonic::Status::internal(format!("job store: {m}")),
-        }
-    }
+    Store(#[from] StoreError),
 }
 
 /// What the restore of a set came to.
@@ -137,15 +129,6 @@ pub struct Coordinator {
     pub counters: crate::metrics::Counters,
 }
 
-pub(crate) async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
-) -> Result<T, DispatchError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| DispatchError::Store(e.to_string()))?
-        .map_err(|e| DispatchError::Store(e.to_string()))
-}
-
 impl Coordinator {
     /// Appends to the audit log ([`crate::audit`]); a store failure is logged as an error
     /// (the command itself already happened).
@@ -170,7 +153,7 @@ impl Coordinator {
     /// The store cannot be read.
     pub async fn datastore_states(
         &self,
-    ) -> Result<Vec<(crate::config::Agent, String, crate::store::LatestJobs)>, DispatchError> {
+    ) -> Result<Vec<(crate::config::Agent, String, crate::store::LatestJobs)>, StoreError> {
         let mut pairs = Vec::new();
         for a in self.agents.all() {
             for n in self.datastores_of(&a.id) {
@@ -193,6 +176,70 @@ impl Coordinator {
             .zip(latest)
             .map(|((a, n), l)| (a, n, l))
             .collect())
+    }
+
+    /// Job `id`.
+    ///
+    /// # Errors
+    /// [`DispatchError::InvalidArgument`] when `id` is not a ULID,
+    /// [`DispatchError::NotFound`] when there is no such job, [`DispatchError::Store`].
+    pub async fn job(&self, id: &str) -> Result<Job, DispatchError> {
+        ulid::Ulid::from_string(id).map_err(|_| {
+            DispatchError::InvalidArgument(format!("job id {} is not a ULID", Bounded(id)))
+        })?;
+        let (store, key) = (self.store.clone(), id.to_owned());
+        blocking(move || store.get_job(&key))
+            .await?
+            .ok_or_else(|| DispatchError::NotFound(format!("no job {id}")))
+    }
+
+    /// At most `limit` jobs, newest first.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError> {
+        let store = self.store.clone();
+        blocking(move || store.list_jobs(limit)).await
+    }
+
+    /// Snapshots of job `first` as it changes: `first`, then each change (polled from the
+    /// store every 300 ms), ending after a final state, when the job can no longer be
+    /// read, or when the receiver is dropped.
+    pub fn watch(&self, first: Job) -> tokio::sync::mpsc::Receiver<Job> {
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            let mut last = first;
+            if tx.send(last.clone()).await.is_err() || last.state.is_final() {
+                return;
+            }
+            loop {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (store, id) = (store.clone(), last.id.clone());
+                let Ok(Some(job)) = blocking(move || store.get_job(&id)).await else {
+                    return;
+                };
+                if job != last {
+                    if tx.send(job.clone()).await.is_err() {
+                        return;
+                    }
+                    last = job;
+                }
+                if last.state.is_final() {
+                    return;
+                }
+            }
+        });
+        rx
+    }
+
+    /// The audit log, oldest first; the newest `limit` entries if given.
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn audit_log(&self, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError> {
+        let store = self.store.clone();
+        blocking(move || store.list_audit(limit)).await
     }
 
     pub(super) async fn put(&self, job: &Job) {

@@ -5,10 +5,11 @@ use std::sync::Arc;
 
 use ferry_proto::v1;
 
+use super::Coordinator;
 use super::runner::Attempt;
-use super::{Coordinator, blocking};
 use crate::agents::describe_status;
 use crate::model::{Job, JobState};
+use crate::store::blocking;
 
 impl Coordinator {
     /// Takes up the jobs a previous coordinator process left queued or running: each
@@ -67,7 +68,7 @@ impl Coordinator {
             Ok(c) => c,
             Err(e) => {
                 return Some(Attempt::Failed {
-                    message: e,
+                    message: e.to_string(),
                     retryable: false,
                 });
             }

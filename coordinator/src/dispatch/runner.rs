@@ -10,9 +10,10 @@ use std::time::Duration;
 use ferry_proto::v1;
 use ferry_proto::v1::job_event::Event;
 
-use super::{Coordinator, SetOutcome, blocking, set_outcome};
-use crate::agents::describe_status;
+use super::{Coordinator, SetOutcome, set_outcome};
+use crate::agents::{AgentError, describe_status};
 use crate::model::{BackupRecord, Job, JobKind, JobResult, JobState, MissingNote, Progress};
+use crate::store::blocking;
 
 /// How far ahead of the coordinator's clock an agent's may be before its backups count as
 /// dated in the future: clocks a few minutes apart are normal (a backup started at
@@ -55,6 +56,42 @@ pub(super) enum Attempt {
     Missing {
         message: String,
     },
+}
+
+/// Why the check of one member of an all-or-nothing restore failed
+/// ([`Coordinator::check_member`]).
+#[derive(Debug, thiserror::Error)]
+enum CheckFailed {
+    /// The agent is unusable.
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+    /// The catalog has no backup to check, or could not be read.
+    #[error("{0}")]
+    Choice(String),
+    /// No answer to the order within the agent timeout.
+    #[error("agent {agent} did not answer the check")]
+    NoAnswer { agent: String },
+    /// The agent refused the order.
+    #[error("agent {agent} refused the check: {}", describe_status(status))]
+    Refused {
+        agent: String,
+        status: tonic::Status,
+    },
+    /// No event within the agent timeout.
+    #[error("agent {agent} stopped answering during the check")]
+    Silent { agent: String },
+    /// The event stream broke.
+    #[error("lost agent {agent} during the check: {}", describe_status(status))]
+    Lost {
+        agent: String,
+        status: tonic::Status,
+    },
+    /// The stream ended without a result.
+    #[error("agent {agent} ended the check without a result")]
+    NoResult { agent: String },
+    /// The agent found the backup unusable: its message.
+    #[error("{0}")]
+    Failed(String),
 }
 
 impl Coordinator {
@@ -270,15 +307,18 @@ impl Coordinator {
     /// repository passes: its own restore checks it. Returns the agent's summary.
     ///
     /// # Errors
-    /// Why the member cannot be restored, in words for the job's error.
-    async fn check_member(&self, job: &Job) -> Result<String, String> {
+    /// [`CheckFailed`]: why the member cannot be restored, in words for the job's error.
+    async fn check_member(&self, job: &Job) -> Result<String, CheckFailed> {
+        let agent = || job.agent.clone();
         let described = self.agents.describe(&job.agent).await?;
         let (date, file, record) = self
             .chosen_backup(job, &described.source_environment, "check")
             .await
-            .map_err(|failed| match failed {
-                Attempt::Failed { message, .. } | Attempt::Missing { message } => message,
-                Attempt::Succeeded(_) => String::new(),
+            .map_err(|failed| {
+                CheckFailed::Choice(match failed {
+                    Attempt::Failed { message, .. } | Attempt::Missing { message } => message,
+                    Attempt::Succeeded(_) => String::new(),
+                })
             })?;
         if file.is_empty() {
             return Ok("a differential repository: its restore checks it".into());
@@ -304,37 +344,25 @@ impl Coordinator {
             check_only: true,
         });
         let mut stream = match tokio::time::timeout(timeout, call).await {
-            Err(_) => return Err(format!("agent {} did not answer the check", job.agent)),
+            Err(_) => return Err(CheckFailed::NoAnswer { agent: agent() }),
             Ok(Err(status)) => {
-                return Err(format!(
-                    "agent {} refused the check: {}",
-                    job.agent,
-                    describe_status(&status)
-                ));
+                return Err(CheckFailed::Refused {
+                    agent: agent(),
+                    status,
+                });
             }
             Ok(Ok(r)) => r.into_inner(),
         };
         loop {
             match tokio::time::timeout(timeout, stream.message()).await {
-                Err(_) => {
-                    return Err(format!(
-                        "agent {} stopped answering during the check",
-                        job.agent
-                    ));
-                }
+                Err(_) => return Err(CheckFailed::Silent { agent: agent() }),
                 Ok(Err(status)) => {
-                    return Err(format!(
-                        "lost agent {} during the check: {}",
-                        job.agent,
-                        describe_status(&status)
-                    ));
+                    return Err(CheckFailed::Lost {
+                        agent: agent(),
+                        status,
+                    });
                 }
-                Ok(Ok(None)) => {
-                    return Err(format!(
-                        "agent {} ended the check without a result",
-                        job.agent
-                    ));
-                }
+                Ok(Ok(None)) => return Err(CheckFailed::NoResult { agent: agent() }),
                 Ok(Ok(Some(e))) => match e.event {
                     Some(Event::Finished(f)) => return Ok(f.summary),
                     Some(Event::Failed(f)) => {
@@ -346,7 +374,7 @@ impl Coordinator {
                             };
                             self.note_presence(job, record, &missing).await;
                         }
-                        return Err(f.message);
+                        return Err(CheckFailed::Failed(f.message));
                     }
                     _ => {}
                 },
@@ -403,10 +431,9 @@ impl Coordinator {
         let described = match self.agents.describe(&job.agent).await {
             Ok(d) => d,
             Err(problem) => {
-                let retryable = !problem.contains("the inventory");
                 return Attempt::Failed {
-                    message: problem,
-                    retryable,
+                    retryable: problem.is_transient(),
+                    message: problem.to_string(),
                 };
             }
         };
@@ -427,7 +454,7 @@ impl Coordinator {
             Ok(c) => c,
             Err(e) => {
                 return Attempt::Failed {
-                    message: e,
+                    message: e.to_string(),
                     retryable: false,
                 };
             }
@@ -591,14 +618,13 @@ impl Coordinator {
                 retryable: false,
             });
         }
-        let store = self.store.clone();
-        let environment = source_environment.to_owned();
-        let records = blocking(move || store.list_backups(Some(&environment)))
-            .await
-            .map_err(|e| Attempt::Failed {
-                message: format!("could not read the catalog to choose the backup: {e}"),
-                retryable: true,
-            })?;
+        let records =
+            self.backups(Some(source_environment))
+                .await
+                .map_err(|e| Attempt::Failed {
+                    message: format!("could not read the catalog to choose the backup: {e}"),
+                    retryable: true,
+                })?;
         let of_datastore: Vec<BackupRecord> = records
             .into_iter()
             .filter(|r| r.environment == source_environment && r.datastore == job.datastore)

@@ -3,8 +3,9 @@
 
 use std::sync::Arc;
 
+use super::Coordinator;
 use super::trigger::Selection;
-use super::{Coordinator, blocking};
+use crate::store::blocking;
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
 pub const SCHEDULE: &str = "schedule";

@@ -8,8 +8,9 @@ use ferry_proto::Bounded;
 use ferry_proto::v1;
 
 use super::schedule::SCHEDULE;
-use super::{Coordinator, DispatchError, blocking};
+use super::{Coordinator, DispatchError};
 use crate::model::{Job, JobEventRecord, JobKind, JobState};
+use crate::store::blocking;
 
 /// What of a datastore a job selects: for restores a date and namespaces, for backups a
 /// backup type (`full` or `diff`, pgBackRest). All empty by default.

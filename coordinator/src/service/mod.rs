@@ -1,5 +1,9 @@
 //! The `ferry.v1.Coordinator` gRPC service used by the `ferry` CLI: thin handlers that
-//! validate, convert and delegate to [`Coordinator`].
+//! validate, convert and delegate to [`Coordinator`], whose errors become a status in one
+//! place (`From<Error> for Status` below).
+//!
+//! Modules:
+//! - [`convert`]: domain types to `ferry.v1` messages and back.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,11 +13,13 @@ use ferry_proto::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_server;
 use futures::Stream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{Coordinator, Selection};
-use crate::model::{Job, JobKind};
-use crate::store::StoreError;
+use crate::Error;
+use crate::catalog::prune::PruneError;
+use crate::dispatch::{Coordinator, DispatchError, Selection};
+use crate::model::JobKind;
 
 pub mod convert;
 
@@ -27,27 +33,33 @@ impl CoordinatorService {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         Self { coordinator }
     }
+}
 
-    async fn store<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.coordinator.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("job store: {e}")))
+/// The one mapping of the coordinator's errors to gRPC statuses: a refusal by its cause
+/// (`PermissionDenied`, `InvalidArgument`, `NotFound`, `FailedPrecondition`), an agent or
+/// the backup server away `Unavailable`, the store `Internal`.
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        match e {
+            Error::Access(_) | Error::Dispatch(DispatchError::PermissionDenied(_)) => {
+                Status::permission_denied(message)
+            }
+            Error::Dispatch(DispatchError::InvalidArgument(_)) => Status::invalid_argument(message),
+            Error::Dispatch(DispatchError::NotFound(_)) => Status::not_found(message),
+            Error::Dispatch(DispatchError::Unavailable(_))
+            | Error::Prune(PruneError::Server(_)) => Status::unavailable(message),
+            Error::Prune(PruneError::Refused(_)) => Status::failed_precondition(message),
+            Error::Dispatch(DispatchError::Store(_))
+            | Error::Prune(PruneError::Store(_))
+            | Error::Store(_) => Status::internal(message),
+        }
     }
+}
 
-    async fn job(&self, id: &str) -> Result<Job, Status> {
-        ulid::Ulid::from_string(id).map_err(|_| {
-            Status::invalid_argument(format!("job id {} is not a ULID", Bounded(id)))
-        })?;
-        let key = id.to_owned();
-        self.store(move |s| s.get_job(&key))
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no job {id}")))
-    }
+/// `e` as a status ([`From<Error> for Status`](Error)).
+fn status(e: impl Into<Error>) -> Status {
+    e.into().into()
 }
 
 /// Who sent `request`: the common name of its client certificate (mTLS is mandatory, so
@@ -120,7 +132,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
             0 => 50,
             n => n.min(10_000) as usize,
         };
-        let jobs = self.store(move |s| s.list_jobs(limit)).await?;
+        let jobs = self.coordinator.jobs(limit).await.map_err(status)?;
         Ok(Response::new(v1::ListJobsResponse {
             jobs: jobs.iter().map(Into::into).collect(),
         }))
@@ -130,7 +142,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let job = self.job(&request.into_inner().id).await?;
+        let job = self
+            .coordinator
+            .job(&request.into_inner().id)
+            .await
+            .map_err(status)?;
         Ok(Response::new((&job).into()))
     }
 
@@ -138,19 +154,15 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<JobStream>, Status> {
-        let id = request.into_inner().id;
-        let first = self.job(&id).await?;
-        let store = self.coordinator.store.clone();
-        let stream = async_stream(first, move |id: String| {
-            let store = store.clone();
-            async move {
-                tokio::task::spawn_blocking(move || store.get_job(&id))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten()
-            }
-        });
+        let first = self
+            .coordinator
+            .job(&request.into_inner().id)
+            .await
+            .map_err(status)?;
+        let jobs = self.coordinator.watch(first);
+        let stream: JobStream = Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(jobs).map(|job| Ok((&job).into())),
+        );
         Ok(Response::new(stream))
     }
 
@@ -174,7 +186,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 },
                 &who,
             )
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
@@ -206,7 +219,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 },
                 &who,
             )
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
@@ -216,7 +230,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::ListAuditResponse>, Status> {
         let limit = request.into_inner().limit;
         let limit = (limit > 0).then_some(limit as usize);
-        let entries = self.store(move |s| s.list_audit(limit)).await?;
+        let entries = self.coordinator.audit_log(limit).await.map_err(status)?;
         Ok(Response::new(v1::ListAuditResponse {
             entries: entries.into_iter().map(Into::into).collect(),
         }))
@@ -231,38 +245,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
         let outcome =
             crate::catalog::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
                 .await
-                .map_err(|e| match e {
-                    crate::catalog::prune::PruneError::Refused(m) => Status::failed_precondition(m),
-                    crate::catalog::prune::PruneError::Server(m) => Status::unavailable(m),
-                    crate::catalog::prune::PruneError::Dispatch(d) => d.into(),
-                })?;
-        Ok(Response::new(v1::PruneResponse {
-            decisions: outcome
-                .decisions
-                .into_iter()
-                .map(|d| v1::PruneDecision {
-                    environment: d.environment,
-                    date: d.date,
-                    keep: d.keep,
-                    backups: d.backups,
-                    size_bytes: d.size_bytes,
-                    removed: d.removed,
-                    leftovers: d
-                        .leftovers
-                        .into_iter()
-                        .map(|l| v1::PruneLeftover {
-                            path: l.path,
-                            kind: l.kind.into(),
-                            size_bytes: l.size_bytes,
-                            remove: l.remove,
-                            reason: l.reason,
-                            removed: l.removed,
-                        })
-                        .collect(),
-                })
-                .collect(),
-            leftovers_checked: outcome.leftovers_checked,
-        }))
+                .map_err(status)?;
+        Ok(Response::new(outcome.into()))
     }
 
     async fn list_sets(
@@ -270,7 +254,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::ListSetsRequest>,
     ) -> Result<Response<v1::ListSetsResponse>, Status> {
         let env = request.into_inner().environment;
-        let sets = self.coordinator.sets(opt(&env)).await?;
+        let sets = self.coordinator.sets(opt(&env)).await.map_err(status)?;
         Ok(Response::new(v1::ListSetsResponse {
             sets: sets.iter().map(Into::into).collect(),
         }))
@@ -281,7 +265,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
         let env = request.into_inner().environment;
-        let backups = self.store(move |s| s.list_backups(opt(&env))).await?;
+        let backups = self.coordinator.backups(opt(&env)).await.map_err(status)?;
         Ok(Response::new(v1::ListBackupsResponse {
             backups: backups.iter().map(Into::into).collect(),
         }))
@@ -292,10 +276,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let c = &self.coordinator;
-        let states = c
-            .datastore_states()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let states = c.datastore_states().await.map_err(status)?;
         let datastores = states
             .into_iter()
             .map(|(a, n, l)| v1::DatastoreStatus {
@@ -318,36 +299,4 @@ impl coordinator_server::Coordinator for CoordinatorService {
             now_unix_ms: ferry_proto::now_unix_ms(),
         }))
     }
-}
-
-/// A stream of a job's snapshots: the first, then each change (polled from the store),
-/// ending after a final state.
-fn async_stream<F, Fut>(first: Job, fetch: F) -> JobStream
-where
-    F: Fn(String) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Option<Job>> + Send,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(async move {
-        let mut last = first;
-        if tx.send(Ok((&last).into())).await.is_err() || last.state.is_final() {
-            return;
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let Some(job) = fetch(last.id.clone()).await else {
-                return;
-            };
-            if job != last {
-                if tx.send(Ok((&job).into())).await.is_err() {
-                    return;
-                }
-                last = job;
-            }
-            if last.state.is_final() {
-                return;
-            }
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }

@@ -40,6 +40,20 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// The blocking task running a store operation did not finish: it panicked, or the
+    /// runtime is shutting down ([`blocking`]).
+    #[error("store operation did not finish: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
+/// Runs `f`, a synchronous store operation, on tokio's blocking threads.
+///
+/// # Errors
+/// What `f` returns, or [`StoreError::Task`] if it did not finish.
+pub async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await?
 }
 
 /// The newest job and the newest succeeded job of one agent's datastore, overall and per
