@@ -10,6 +10,8 @@ use ferry_proto::Role;
 use ferry_proto::tls::TlsFiles;
 use ferry_proto::v1;
 use ferry_proto::v1::agent_client::AgentClient;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Agent;
@@ -40,6 +42,10 @@ pub struct AgentPool {
     channels: Mutex<HashMap<String, Channel>>,
     states: Mutex<HashMap<String, AgentState>>,
     timeout: Duration,
+    /// Cancelled at shutdown: calls in the background give up.
+    shutdown: CancellationToken,
+    /// The coordinator's tasks, which the background calls join.
+    tasks: TaskTracker,
 }
 
 /// Why an agent cannot be used: not in the inventory, no channel to it, no answer, or an
@@ -190,11 +196,14 @@ pub fn check_description(agent: &Agent, d: &v1::DescribeResponse) -> Result<(), 
 
 impl AgentPool {
     /// A pool for `agents`, connecting with `tls`; calls that wait on an agent time out
-    /// after `timeout`.
+    /// after `timeout`. Calls it makes in the background run on `tasks` and give up when
+    /// `shutdown` is cancelled.
     pub fn new(
         agents: std::collections::BTreeMap<String, Agent>,
         tls: TlsFiles,
         timeout: Duration,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
             agents,
@@ -202,6 +211,8 @@ impl AgentPool {
             channels: Mutex::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
             timeout,
+            shutdown,
+            tasks,
         })
     }
 
@@ -356,8 +367,11 @@ impl AgentPool {
             .into_iter()
             .map(|id| {
                 let pool = self.clone();
-                tokio::spawn(async move {
-                    let _ = pool.describe(&id).await;
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = pool.describe(&id) => {}
+                        _ = pool.shutdown.cancelled() => {}
+                    }
                 })
             })
             .collect();
@@ -374,17 +388,16 @@ impl AgentPool {
             .unwrap_or_default()
     }
 
-    /// Describes every agent now and then every `every`, until `shutdown`.
-    pub async fn refresh_loop(
-        self: Arc<Self>,
-        every: Duration,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
+    /// Describes every agent now and then every `every`, until shutdown.
+    pub async fn refresh_loop(self: Arc<Self>, every: Duration) {
         loop {
             let ids: Vec<String> = self.agents.keys().cloned().collect();
-            futures::future::join_all(ids.iter().map(|id| self.describe(id))).await;
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
+                _ = futures::future::join_all(ids.iter().map(|id| self.describe(id))) => {}
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
         }
@@ -442,6 +455,8 @@ mod tests {
                 ca: "ca".into(),
             },
             Duration::from_secs(1),
+            CancellationToken::new(),
+            TaskTracker::new(),
         );
         assert_eq!(pool.state("db1").last_reached_ms, None);
         pool.states.lock().unwrap().insert(

@@ -22,6 +22,7 @@ use std::time::Duration;
 use ferry_proto::Bounded;
 
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentPool;
 use crate::audit::AuditEntry;
@@ -56,6 +57,9 @@ pub enum DispatchError {
     /// The store failed.
     #[error("job store: {0}")]
     Store(#[from] StoreError),
+    /// The coordinator is shutting down: nothing was queued.
+    #[error("the coordinator is shutting down: nothing was queued; order again once it is back")]
+    ShuttingDown,
 }
 
 /// What the restore of a set came to.
@@ -125,6 +129,9 @@ pub struct Coordinator {
     pub agents: Arc<AgentPool>,
     /// Cancelled at shutdown.
     pub shutdown: CancellationToken,
+    /// Every task the coordinator spawns (jobs, schedules, watches, agent checks): closed
+    /// and awaited at shutdown, so [`crate::run`] returns only once all have ended.
+    pub tasks: TaskTracker,
     /// Counters for `/metrics`.
     pub counters: crate::metrics::Counters,
 }
@@ -202,19 +209,47 @@ impl Coordinator {
         blocking(move || store.list_jobs(limit)).await
     }
 
+    /// `f`'s output, unless shutdown comes first.
+    ///
+    /// # Errors
+    /// [`DispatchError::ShuttingDown`]: [`Coordinator::shutdown`] was cancelled first (`f`
+    /// is dropped).
+    pub(crate) async fn unless_shutdown<T>(
+        &self,
+        f: impl Future<Output = T>,
+    ) -> Result<T, DispatchError> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => Err(DispatchError::ShuttingDown),
+            out = f => Ok(out),
+        }
+    }
+
+    /// Spawns `task` as one of the coordinator's own ([`Coordinator::tasks`]): it must
+    /// stop waiting (on an agent, a timer) when [`Coordinator::shutdown`] is cancelled.
+    pub(crate) fn spawn(&self, task: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(task);
+    }
+
     /// Snapshots of job `first` as it changes: `first`, then each change (polled from the
     /// store every 300 ms), ending after a final state, when the job can no longer be
-    /// read, or when the receiver is dropped.
+    /// read, when the receiver is dropped, or at shutdown (a watcher then sees the stream
+    /// end before the job and may ask again once the coordinator is back).
     pub fn watch(&self, first: Job) -> tokio::sync::mpsc::Receiver<Job> {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let store = self.store.clone();
-        tokio::spawn(async move {
+        let shutdown = self.shutdown.clone();
+        self.spawn(async move {
             let mut last = first;
             if tx.send(last.clone()).await.is_err() || last.state.is_final() {
                 return;
             }
             loop {
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(300)) => {}
+                    _ = tx.closed() => return,
+                    _ = shutdown.cancelled() => return,
+                }
                 let (store, id) = (store.clone(), last.id.clone());
                 let Ok(Some(job)) = blocking(move || store.get_job(&id)).await else {
                     return;

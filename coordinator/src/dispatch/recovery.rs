@@ -32,7 +32,7 @@ impl Coordinator {
             let this = self.clone();
             if job.all_or_nothing && job.checked_ms.is_none() {
                 // Its set was still being checked: no job of it may run unchecked.
-                tokio::spawn(async move {
+                self.spawn(async move {
                     this.fail(
                         &mut job,
                         "not restored (--all-or-nothing): the coordinator restarted while the \
@@ -44,8 +44,11 @@ impl Coordinator {
                 });
                 continue;
             }
-            tokio::spawn(async move {
-                let first = this.recover(&mut job).await;
+            self.spawn(async move {
+                // At shutdown the job stays as stored, for the next start.
+                let Ok(first) = this.unless_shutdown(this.recover(&mut job)).await else {
+                    return;
+                };
                 this.run(job, first).await;
             });
         }

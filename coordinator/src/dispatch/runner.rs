@@ -233,7 +233,13 @@ impl Coordinator {
                 )
                 .await;
             }
-            let checks = futures::future::join_all(jobs.iter().map(|j| self.check_member(j))).await;
+            let checks = self
+                .unless_shutdown(futures::future::join_all(
+                    jobs.iter().map(|j| self.check_member(j)),
+                ))
+                .await;
+            // At shutdown the jobs stay queued unchecked: the next start fails them.
+            let Ok(checks) = checks else { return };
             if self.shutdown.is_cancelled() {
                 return;
             }
@@ -275,10 +281,9 @@ impl Coordinator {
             }
         }
         let ids: Vec<String> = jobs.iter().map(|j| j.id.clone()).collect();
-        let runs = jobs.into_iter().map(|job| {
-            let this = self.clone();
-            tokio::spawn(async move { this.run(job, None).await })
-        });
+        let runs = jobs
+            .into_iter()
+            .map(|job| self.tasks.spawn(self.clone().run(job, None)));
         futures::future::join_all(runs).await;
         if self.shutdown.is_cancelled() {
             return;
@@ -729,8 +734,13 @@ impl Coordinator {
                 Err(_) => {
                     let mut client = client.clone();
                     let id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
-                    tokio::spawn(async move {
-                        client.cancel_job(v1::CancelJobRequest { job_id: id }).await
+                    let shutdown = self.shutdown.clone();
+                    // Not awaited here: a frozen agent takes the cancel when it wakes.
+                    self.spawn(async move {
+                        tokio::select! {
+                            _ = client.cancel_job(v1::CancelJobRequest { job_id: id }) => {}
+                            _ = shutdown.cancelled() => {}
+                        }
                     });
                     let message = match &last_counts {
                         Some(c) if event_at.elapsed() < timeout => format!(

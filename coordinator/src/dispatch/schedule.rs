@@ -3,8 +3,8 @@
 
 use std::sync::Arc;
 
-use super::Coordinator;
 use super::trigger::Selection;
+use super::{Coordinator, DispatchError};
 use crate::store::blocking;
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
@@ -30,11 +30,13 @@ impl Coordinator {
     /// newest missed occurrence), as anacron does. A schedule that never ran starts from
     /// now.
     pub async fn run_schedules(self: Arc<Self>) {
-        let mut tasks = Vec::new();
-        for schedule in self.settings.schedules.clone() {
-            tasks.push(tokio::spawn(self.clone().run_schedule(schedule)));
-        }
-        futures::future::join_all(tasks).await;
+        let schedules = self.settings.schedules.clone();
+        futures::future::join_all(
+            schedules
+                .into_iter()
+                .map(|schedule| self.clone().run_schedule(schedule)),
+        )
+        .await;
     }
 
     async fn run_schedule(self: Arc<Self>, schedule: crate::config::Schedule) {
@@ -99,7 +101,10 @@ impl Coordinator {
                 SCHEDULE,
             )
             .await;
-        if let Err(e) = triggered {
+        if let Err(DispatchError::ShuttingDown) = triggered {
+            tracing::info!(agent = %schedule.agent, kind = %schedule.kind,
+                "Scheduled run not started: the coordinator is shutting down; the next start runs it.");
+        } else if let Err(e) = triggered {
             tracing::error!(agent = %schedule.agent, kind = %schedule.kind, error = %e,
                 error_type = "schedule", "Scheduled run could not start.");
         }

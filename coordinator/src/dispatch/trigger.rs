@@ -340,12 +340,10 @@ impl Coordinator {
         if kind == JobKind::Restore && (all_or_nothing || set_environment.is_some()) {
             // A set (or an all-or-nothing restore): checked first if asked, and reported
             // as one when every job has ended.
-            let this = self.clone();
-            tokio::spawn(async move { this.run_together(jobs).await });
+            self.spawn(self.clone().run_together(jobs));
         } else {
             for job in jobs {
-                let this = self.clone();
-                tokio::spawn(async move { this.run(job, None).await });
+                self.spawn(self.clone().run(job, None));
             }
         }
         Ok(ids)
@@ -359,12 +357,14 @@ impl Coordinator {
         if let Some(d) = self.agents.state(agent).described {
             return Ok(d);
         }
-        self.agents.describe(agent).await.map_err(|problem| {
-            DispatchError::Unavailable(format!(
-                "agent {agent} has not described itself yet, so what it has is unknown: \
-                 {problem}; try again once `ferry agents` shows it reachable"
-            ))
-        })
+        self.unless_shutdown(self.agents.describe(agent))
+            .await?
+            .map_err(|problem| {
+                DispatchError::Unavailable(format!(
+                    "agent {agent} has not described itself yet, so what it has is unknown: \
+                     {problem}; try again once `ferry agents` shows it reachable"
+                ))
+            })
     }
 
     /// [`Coordinator::description`] for an order of `datastore`: asks the agent again if
@@ -384,9 +384,14 @@ impl Coordinator {
         let has = |d: &v1::DescribeResponse| d.datastores.iter().any(|i| i.name == datastore);
         match self.agents.state(agent).described {
             Some(d) if has(&d) => Ok(Some(d)),
-            Some(d) => Ok(Some(self.agents.describe(agent).await.unwrap_or(d))),
+            Some(d) => Ok(Some(
+                self.unless_shutdown(self.agents.describe(agent))
+                    .await?
+                    .unwrap_or(d),
+            )),
             None => match self.description(agent).await {
                 Ok(d) => Ok(Some(d)),
+                Err(DispatchError::ShuttingDown) => Err(DispatchError::ShuttingDown),
                 Err(_) if trigger == SCHEDULE => Ok(None),
                 Err(e) => Err(e),
             },

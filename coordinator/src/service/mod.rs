@@ -47,7 +47,7 @@ impl From<Error> for Status {
             }
             Error::Dispatch(DispatchError::InvalidArgument(_)) => Status::invalid_argument(message),
             Error::Dispatch(DispatchError::NotFound(_)) => Status::not_found(message),
-            Error::Dispatch(DispatchError::Unavailable(_))
+            Error::Dispatch(DispatchError::Unavailable(_) | DispatchError::ShuttingDown)
             | Error::Prune(PruneError::Server(_)) => Status::unavailable(message),
             Error::Prune(PruneError::Refused(_)) => Status::failed_precondition(message),
             Error::Dispatch(DispatchError::Store(_))
