@@ -299,6 +299,64 @@ impl Coordinator {
     }
 }
 
+/// A coordinator for unit tests: over a [`crate::store::MemoryStore`], with `agents`
+/// (`(id, role, address)`, environment `production` or `staging` by role), the
+/// coordinator's certificate from a throwaway fleet CA in `dir`, and `agent_timeout`.
+#[cfg(test)]
+pub(crate) fn test_coordinator(
+    dir: &std::path::Path,
+    agents: &[(&str, ferry_proto::Role, &str)],
+    agent_timeout: Duration,
+) -> Arc<Coordinator> {
+    let pki = dir.join("pki");
+    crate::pki::init_ca(&pki).unwrap();
+    let issued = crate::pki::issue(&pki, "coordinator", &[], 1).unwrap();
+    let tls = ferry_proto::tls::TlsFiles {
+        cert: issued.cert,
+        key: issued.key,
+        ca: pki.join("ca.pem"),
+    };
+    let agents: std::collections::BTreeMap<String, crate::config::Agent> = agents
+        .iter()
+        .map(|(id, role, address)| {
+            let agent = crate::config::Agent {
+                id: (*id).to_owned(),
+                address: (*address).to_owned(),
+                role: *role,
+                environment: if role.may_backup() {
+                    "production"
+                } else {
+                    "staging"
+                }
+                .into(),
+            };
+            ((*id).to_owned(), agent)
+        })
+        .collect();
+    let settings = Settings {
+        listen: ([127, 0, 0, 1], 0).into(),
+        metrics_listen: None,
+        store: dir.join("unused.redb"),
+        agent_timeout,
+        tls: tls.clone(),
+        retry: crate::config::RetryConfig::default(),
+        agents: agents.clone(),
+        operators: Default::default(),
+        schedules: Vec::new(),
+        maintenance: None,
+        retention: Default::default(),
+    };
+    let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
+    Arc::new(Coordinator {
+        settings,
+        store: Arc::new(crate::store::MemoryStore::new()),
+        agents: AgentPool::new(agents, tls, agent_timeout, shutdown.clone(), tasks.clone()),
+        shutdown,
+        tasks,
+        counters: crate::metrics::Counters::default(),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -123,3 +123,63 @@ impl Coordinator {
         Some(self.follow(job, &client, stream).await)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::model::JobKind;
+
+    #[tokio::test]
+    async fn a_job_being_taken_up_at_shutdown_is_left_as_stored_and_its_task_ends() {
+        // An agent that takes the connection and never answers: asking it about the job
+        // waits for the agent timeout (a minute) unless the shutdown ends the wait.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = format!("https://{}", silent.local_addr().unwrap());
+        let dir = tempfile::tempdir().unwrap();
+        let c = super::super::test_coordinator(
+            dir.path(),
+            &[("db1", ferry_proto::Role::Production, &address)],
+            Duration::from_secs(60),
+        );
+        let job = Job {
+            id: ulid::Ulid::new().to_string(),
+            kind: JobKind::Backup,
+            agent: "db1".into(),
+            datastore: "postgres".into(),
+            state: JobState::Running,
+            attempt: 1,
+            trigger: "operator".into(),
+            date: None,
+            namespaces: Vec::new(),
+            backup_type: None,
+            file: None,
+            set_environment: None,
+            all_or_nothing: false,
+            checked_ms: None,
+            scheduled_ms: None,
+            created_ms: 1,
+            started_ms: Some(2),
+            finished_ms: None,
+            progress: None,
+            result: None,
+            error: None,
+        };
+        c.store.put_job(&job).unwrap();
+        assert_eq!(c.reconcile().await, 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        c.shutdown.cancel();
+        c.tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), c.tasks.wait())
+            .await
+            .expect("the job's task ends within 5 s of the shutdown");
+        assert_eq!(c.store.get_job(&job.id).unwrap(), Some(job.clone()));
+        let events = c.store.job_events(&job.id).unwrap();
+        assert_eq!(events.len(), 1, "{events:?}");
+        assert!(
+            events[0].message.contains("asking agent db1 about the job"),
+            "{events:?}"
+        );
+    }
+}

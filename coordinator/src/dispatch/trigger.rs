@@ -465,6 +465,43 @@ mod tests {
         }
     }
 
+    #[tokio::test]
+    async fn a_trigger_caught_by_the_shutdown_is_refused_audited_and_queues_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = super::super::test_coordinator(
+            dir.path(),
+            &[("db1", ferry_proto::Role::Production, "https://127.0.0.1:1")],
+            std::time::Duration::from_secs(30),
+        );
+        c.shutdown.cancel();
+        let refused = c
+            .trigger(
+                JobKind::Backup,
+                "db1",
+                Some("postgres"),
+                &Selection::default(),
+                "alice",
+            )
+            .await;
+        assert!(
+            matches!(refused, Err(DispatchError::ShuttingDown)),
+            "{refused:?}"
+        );
+        assert!(c.jobs(10).await.unwrap().is_empty());
+        let audit = c.audit_log(None).await.unwrap();
+        assert_eq!(audit.len(), 1, "{audit:?}");
+        assert_eq!(
+            (audit[0].who.as_str(), audit[0].action.as_str()),
+            ("alice", "trigger backup")
+        );
+        assert!(
+            audit[0]
+                .outcome
+                .starts_with("refused: the coordinator is shutting down"),
+            "{audit:?}"
+        );
+    }
+
     #[test]
     fn orders_are_checked_against_what_the_agent_described() {
         let d = v1::DescribeResponse {

@@ -300,3 +300,49 @@ impl coordinator_server::Coordinator for CoordinatorService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_job_id_that_is_no_ulid_is_invalid_and_an_unknown_one_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = crate::dispatch::test_coordinator(dir.path(), &[], Duration::from_secs(1));
+        let service = CoordinatorService::new(c);
+        let ask = |id: &str| {
+            coordinator_server::Coordinator::get_job(
+                &service,
+                Request::new(v1::GetJobRequest { id: id.into() }),
+            )
+        };
+        let bad = ask("../etc").await.unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert_eq!(bad.message(), "job id \"../etc\" is not a ULID");
+        let id = ulid::Ulid::new().to_string();
+        let unknown = ask(&id).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+        assert_eq!(unknown.message(), format!("no job {id}"));
+    }
+
+    #[test]
+    fn each_error_has_its_status_code() {
+        use tonic::Code;
+        let code = |e: Error| Status::from(e).code();
+        let refused = |m: &str| DispatchError::PermissionDenied(m.into());
+        assert_eq!(code(refused("x").into()), Code::PermissionDenied);
+        assert_eq!(code(DispatchError::ShuttingDown.into()), Code::Unavailable);
+        assert_eq!(
+            code(PruneError::Refused("no policy".into()).into()),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(PruneError::Server("gone".into()).into()),
+            Code::Unavailable
+        );
+        let access = crate::access::Access::default()
+            .check(Some("bob"), "/ferry.v1.Coordinator/Status")
+            .unwrap_err();
+        assert_eq!(code(access.into()), Code::PermissionDenied);
+    }
+}

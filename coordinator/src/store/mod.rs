@@ -2,8 +2,9 @@
 //! catalog, the audit log, schedule marks) and its implementation on redb ([`RedbStore`]).
 //! Stores are synchronous: async callers go through `spawn_blocking`.
 //!
-//! Modules:
-//! - `redb`: [`RedbStore`], the file the coordinator keeps (its tables are listed there).
+//! Implementations:
+//! - [`RedbStore`]: the file the coordinator keeps (its tables are listed there).
+//! - [`MemoryStore`]: in memory, for unit tests.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -11,8 +12,10 @@ use std::path::PathBuf;
 use crate::audit::AuditEntry;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobKind};
 
+mod memory;
 mod redb;
 
+pub use self::memory::MemoryStore;
 pub use self::redb::RedbStore;
 
 /// A store operation that failed.
@@ -169,4 +172,177 @@ pub trait Store: Send + Sync + 'static {
         events: &[JobEventRecord],
         claim: Option<(&str, i64)>,
     ) -> Result<bool, StoreError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::JobState;
+
+    fn job(n: u64, kind: JobKind, state: JobState) -> Job {
+        Job {
+            id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
+            kind,
+            agent: "a".into(),
+            datastore: "postgres".into(),
+            state,
+            attempt: 1,
+            trigger: "operator".into(),
+            date: None,
+            namespaces: Vec::new(),
+            backup_type: None,
+            file: None,
+            set_environment: None,
+            all_or_nothing: false,
+            checked_ms: None,
+            scheduled_ms: None,
+            created_ms: n as i64,
+            started_ms: None,
+            finished_ms: None,
+            progress: None,
+            result: None,
+            error: None,
+        }
+    }
+
+    fn record(environment: &str, date: &str, finished_ms: i64) -> BackupRecord {
+        BackupRecord {
+            environment: environment.into(),
+            date: date.into(),
+            datastore: "postgres".into(),
+            kind: "postgres".into(),
+            agent: "a".into(),
+            stored_path: format!("/b/{environment}/{date}/{finished_ms}.age"),
+            size_bytes: 1,
+            bytes_uncompressed: 2,
+            sha256: "00".into(),
+            finished_ms,
+            job_id: format!("j{finished_ms}"),
+            missing: None,
+        }
+    }
+
+    /// What every store does, whatever keeps it.
+    fn behaves_as_a_store(s: &dyn Store) {
+        use JobKind::{Restore, Verify};
+        use JobState::{Failed, Running, Succeeded};
+        // Jobs: newest first, the unfinished ones, replaced by id.
+        let jobs = [
+            job(1, Restore, Failed),
+            job(2, Restore, Succeeded),
+            job(3, Verify, Succeeded),
+            job(4, Restore, Running),
+        ];
+        for j in &jobs {
+            s.put_job(j).unwrap();
+        }
+        let ids = |v: Vec<Job>| v.into_iter().map(|j| j.id).collect::<Vec<_>>();
+        assert_eq!(
+            ids(s.list_jobs(2).unwrap()),
+            [jobs[3].id.clone(), jobs[2].id.clone()]
+        );
+        assert_eq!(ids(s.unfinished_jobs().unwrap()), [jobs[3].id.clone()]);
+        assert_eq!(s.get_job(&jobs[0].id).unwrap().as_ref(), Some(&jobs[0]));
+        // The newest per kind: a running restore has no outcome yet, a verify leaves the
+        // restore's.
+        let l = s.latest_jobs("a", "postgres").unwrap();
+        assert_eq!(l.last.as_ref(), Some(&jobs[3]));
+        assert_eq!(l.last_success.as_ref(), Some(&jobs[2]));
+        assert_eq!(l.by_kind[&Restore].last_outcome.as_ref(), Some(&jobs[1]));
+        assert_eq!(l.by_kind[&Verify].last_success.as_ref(), Some(&jobs[2]));
+        assert!(!l.by_kind.contains_key(&JobKind::Backup));
+        let failed = job(4, Restore, Failed);
+        s.put_job(&failed).unwrap();
+        let l = s.latest_jobs("a", "postgres").unwrap();
+        assert_eq!(l.by_kind[&Restore].last_outcome.as_ref(), Some(&failed));
+        assert_eq!(l.by_kind[&Restore].last_success.as_ref(), Some(&jobs[1]));
+        assert!(s.unfinished_jobs().unwrap().is_empty());
+        assert_eq!(
+            s.latest_jobs("nobody", "postgres").unwrap(),
+            LatestJobs::default()
+        );
+
+        // Events in the order appended.
+        for m in ["queued", "accepted"] {
+            s.append_event(&JobEventRecord {
+                job_id: jobs[0].id.clone(),
+                at_ms: 1,
+                message: m.into(),
+            })
+            .unwrap();
+        }
+        let events: Vec<_> = s
+            .job_events(&jobs[0].id)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.message)
+            .collect();
+        assert_eq!(events, ["queued", "accepted"]);
+
+        // The catalog: newest first, by environment; a record put again is replaced.
+        for r in [
+            record("production", "2026-11-24", 1),
+            record("production", "2026-11-25", 3),
+            record("staging", "2026-11-25", 2),
+        ] {
+            s.put_backup(&r).unwrap();
+        }
+        let mut missing = record("production", "2026-11-25", 3);
+        missing.missing = Some(crate::model::MissingNote {
+            found_ms: 9,
+            job_id: "v".into(),
+            error: "gone".into(),
+        });
+        s.put_backup(&missing).unwrap();
+        let all = s.list_backups(None).unwrap();
+        assert_eq!(
+            all.iter().map(|r| r.finished_ms).collect::<Vec<_>>(),
+            [3, 2, 1]
+        );
+        assert_eq!(all[0], missing);
+        assert_eq!(s.list_backups(Some("staging")).unwrap().len(), 1);
+        assert_eq!(s.delete_backups("production", "2026-11-25").unwrap(), 1);
+        assert_eq!(s.list_backups(Some("production")).unwrap().len(), 1);
+
+        // The audit log: oldest first, the newest `limit`, chained.
+        for who in ["alice", "bob", "carol"] {
+            s.append_audit(who, "trigger backup", "a/*", "ok").unwrap();
+        }
+        let log = s.list_audit(None).unwrap();
+        assert_eq!(crate::audit::verify(&log), Ok(3));
+        let newest: Vec<_> = s
+            .list_audit(Some(2))
+            .unwrap()
+            .into_iter()
+            .map(|e| e.who)
+            .collect();
+        assert_eq!(newest, ["bob", "carol"]);
+
+        // A schedule's run is claimed once, with its jobs, or not at all.
+        let run = job(10, JobKind::Backup, JobState::Queued);
+        assert_eq!(s.schedule_mark("k").unwrap(), None);
+        assert!(
+            s.queue_jobs(std::slice::from_ref(&run), &[], Some(("k", 100)))
+                .unwrap()
+        );
+        let again = job(11, JobKind::Backup, JobState::Queued);
+        assert!(
+            !s.queue_jobs(std::slice::from_ref(&again), &[], Some(("k", 100)))
+                .unwrap()
+        );
+        assert_eq!(s.get_job(&again.id).unwrap(), None);
+        assert_eq!(s.schedule_mark("k").unwrap(), Some(100));
+        assert!(
+            s.queue_jobs(std::slice::from_ref(&again), &[], Some(("k", 160)))
+                .unwrap()
+        );
+        assert_eq!(s.get_job(&run.id).unwrap(), Some(run));
+    }
+
+    #[test]
+    fn the_redb_and_the_memory_store_behave_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        behaves_as_a_store(&RedbStore::open(&dir.path().join("c.redb")).unwrap());
+        behaves_as_a_store(&MemoryStore::new());
+    }
 }
