@@ -4,11 +4,13 @@
 //! - [`config`]: `coordinator.toml`, validated into [`config::Settings`] (role rules,
 //!   schedules).
 //! - [`model`]: jobs, progress, results and the backup catalog (domain types).
-//! - [`store`]: the persistent [`store::Store`] (redb): jobs, their events, the catalog.
-//! - [`catalog`]: what the catalog decides: backup sets, retention, prune.
+//! - [`store`]: the persistent [`store::Store`]: jobs, their events, the catalog, the audit
+//!   log; [`store::RedbStore`] on disk, [`store::MemoryStore`] for unit tests.
+//! - [`catalog`]: what the catalog holds and decides: backup sets, retention, prune.
 //! - [`access`]: `[[operators]]` and their roles: which certificate may call which method.
 //! - [`agents`]: mTLS channels to agents and their `Describe` checked against the inventory.
-//! - [`dispatch`]: triggers → jobs → orders, retries, timeouts, schedules.
+//! - [`dispatch`]: the domain service [`dispatch::Coordinator`]: triggers → jobs → orders
+//!   (trigger policy), attempts and retries, recovery after a restart, schedules.
 //! - [`service`]: the `ferry.v1.Coordinator` gRPC handlers, and the conversions between
 //!   domain and wire types ([`service::convert`]).
 //! - [`Error`]: the domain error a request can end in, made a gRPC status in one place.

@@ -252,3 +252,32 @@ pub struct MissingNote {
     /// What the agent said.
     pub error: String,
 }
+
+/// A backup job of `agent`'s datastore `postgres` in `state`, for unit tests: its id is
+/// the ULID of `n` ms after 2023-11-14 22:13:20 UTC (a larger `n` is a newer job).
+#[cfg(test)]
+pub(crate) fn test_job(n: u64, agent: &str, state: JobState) -> Job {
+    Job {
+        id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
+        kind: JobKind::Backup,
+        agent: agent.into(),
+        datastore: "postgres".into(),
+        state,
+        attempt: 1,
+        trigger: "operator".into(),
+        date: None,
+        namespaces: Vec::new(),
+        backup_type: None,
+        file: None,
+        set_environment: None,
+        all_or_nothing: false,
+        checked_ms: None,
+        scheduled_ms: None,
+        created_ms: n as i64,
+        started_ms: None,
+        finished_ms: None,
+        progress: None,
+        result: None,
+        error: None,
+    }
+}

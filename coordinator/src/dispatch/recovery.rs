@@ -129,7 +129,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::model::JobKind;
+    use crate::model::test_job;
 
     #[tokio::test]
     async fn a_job_being_taken_up_at_shutdown_is_left_as_stored_and_its_task_ends() {
@@ -144,27 +144,8 @@ mod tests {
             Duration::from_secs(60),
         );
         let job = Job {
-            id: ulid::Ulid::new().to_string(),
-            kind: JobKind::Backup,
-            agent: "db1".into(),
-            datastore: "postgres".into(),
-            state: JobState::Running,
-            attempt: 1,
-            trigger: "operator".into(),
-            date: None,
-            namespaces: Vec::new(),
-            backup_type: None,
-            file: None,
-            set_environment: None,
-            all_or_nothing: false,
-            checked_ms: None,
-            scheduled_ms: None,
-            created_ms: 1,
             started_ms: Some(2),
-            finished_ms: None,
-            progress: None,
-            result: None,
-            error: None,
+            ..test_job(1, "db1", JobState::Running)
         };
         c.store.put_job(&job).unwrap();
         assert_eq!(c.reconcile().await, 1);

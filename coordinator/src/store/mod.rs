@@ -177,31 +177,12 @@ pub trait Store: Send + Sync + 'static {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::JobState;
+    use crate::model::{JobState, test_job};
 
     fn job(n: u64, kind: JobKind, state: JobState) -> Job {
         Job {
-            id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
             kind,
-            agent: "a".into(),
-            datastore: "postgres".into(),
-            state,
-            attempt: 1,
-            trigger: "operator".into(),
-            date: None,
-            namespaces: Vec::new(),
-            backup_type: None,
-            file: None,
-            set_environment: None,
-            all_or_nothing: false,
-            checked_ms: None,
-            scheduled_ms: None,
-            created_ms: n as i64,
-            started_ms: None,
-            finished_ms: None,
-            progress: None,
-            result: None,
-            error: None,
+            ..test_job(n, "a", state)
         }
     }
 

@@ -480,33 +480,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::JobKind;
-
-    fn job(n: u64, agent: &str, state: JobState) -> Job {
-        Job {
-            id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
-            kind: JobKind::Backup,
-            agent: agent.into(),
-            datastore: "postgres".into(),
-            state,
-            attempt: 1,
-            trigger: "operator".into(),
-            date: None,
-            namespaces: Vec::new(),
-            backup_type: None,
-            file: None,
-            set_environment: None,
-            all_or_nothing: false,
-            checked_ms: None,
-            scheduled_ms: None,
-            created_ms: n as i64,
-            started_ms: None,
-            finished_ms: None,
-            progress: None,
-            result: None,
-            error: None,
-        }
-    }
+    use crate::model::test_job as job;
 
     #[test]
     fn jobs_events_and_backups_survive_reopening() {
