@@ -149,7 +149,16 @@ mod tests {
         };
         c.store.put_job(&job).unwrap();
         assert_eq!(c.reconcile().await, 1);
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Cancelled once the agent is being asked.
+        let asking = async {
+            while c.store.job_events(&job.id).unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), asking)
+            .await
+            .expect("the job is taken up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
         c.shutdown.cancel();
         c.tasks.close();
         tokio::time::timeout(Duration::from_secs(5), c.tasks.wait())
