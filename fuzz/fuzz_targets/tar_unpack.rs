@@ -1,4 +1,4 @@
-//! The restore-side tar unpack (`agent/src/datastore/tree.rs`, `unpack`) on arbitrary
+//! The restore-side tar unpack (`agent/src/datastore/common/tree.rs`, `unpack`) on arbitrary
 //! bytes, into `target/` inside a parent temp dir that also holds a sentinel file.
 //! Properties, whether the unpack succeeds or not:
 //!
