@@ -167,7 +167,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
     let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
         use ferry_agent::transport::Downloader;
         let mut s = server.connect().map_err(|e| e.to_string())?;
-        let dir = ferry_agent::layout::environment_dir(s.root(), &env);
+        let dir = ferry_core::layout::environment_dir(s.root(), &env);
         let n = s
             .list(&dir)
             .map_err(|e| format!("cannot list {dir}: {e}"))?

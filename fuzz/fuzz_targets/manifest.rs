@@ -12,8 +12,8 @@
 //! - a `date` accepted by `parse_date` is exactly `YYYY-MM-DD`.
 #![no_main]
 
-use ferry_agent::layout;
-use ferry_agent::manifest::{MANIFEST_VERSION, Manifest};
+use ferry_core::layout;
+use ferry_core::manifest::{MANIFEST_VERSION, Manifest};
 use ferry_fuzz::{is_calendar_date, is_single_component};
 use libfuzzer_sys::fuzz_target;
 

@@ -20,7 +20,7 @@ use ferry_agent::config::Settings;
 use ferry_agent::datastore::DatastoreConfig;
 use ferry_agent::datastore::files::{FilesConfig, Method};
 use ferry_agent::jobs::{OrderError, OrderKind, validate};
-use ferry_agent::layout::{self, MAX_NAME_LEN};
+use ferry_core::layout::{self, MAX_NAME_LEN};
 use ferry_fuzz::{agents, is_calendar_date, is_single_component};
 use libfuzzer_sys::fuzz_target;
 

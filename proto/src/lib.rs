@@ -7,13 +7,10 @@
 //! - [`role`]: the domain [`Role`] and its conversions from and to the wire enum.
 //! - [`tls`]: mutual-TLS setup shared by agent and coordinator (fleet CA, client
 //!   certificates required, the rustls crypto provider installed once).
-//! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
-//!   100 characters).
 //! - [`codec`]: the services' protobuf codec (a malformed message is `InvalidArgument`).
 //! - [`attempt`]: the id each attempt of a job is ordered under (`<job>-a<N>`).
 
 pub mod attempt;
-pub mod bounded;
 pub mod codec;
 pub mod role;
 pub mod tls;
@@ -24,7 +21,6 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 }
 
-pub use bounded::Bounded;
 pub use role::Role;
 
 /// Largest gRPC message either side decodes, bytes (4 MiB, tonic's default). Orders are a

@@ -33,7 +33,7 @@ use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer, ToolPaths,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The only part: an etcd snapshot (a bbolt database file).
 pub const MAIN: Part = Part {
@@ -99,7 +99,7 @@ pub struct SnapshotStatus {
 #[derive(Clone, Debug)]
 pub struct Etcd {
     cfg: EtcdConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
 }
 
@@ -145,14 +145,16 @@ impl Etcd {
         }
         if let Some(key) = &cfg.key {
             // The client key is a secret like a password: owner-only, checked at start.
-            crate::config::read_secret_file(key).map_err(|m| ("key".to_owned(), m))?;
+            ferry_core::secrets::read_secret_file(key)
+                .map_err(|e| ("key".to_owned(), e.to_string()))?;
         }
         Ok(Self {
-            password: crate::config::user_password(
+            password: ferry_core::secrets::user_password(
                 cfg.user.as_deref(),
                 cfg.password_file.as_deref(),
                 cfg.password_env.as_deref(),
-            )?,
+            )
+            .map_err(|e| (e.field().to_owned(), e.to_string()))?,
             tools: ToolPaths::new(cfg.bin_dir.clone()),
             cfg,
         })

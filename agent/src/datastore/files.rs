@@ -26,7 +26,7 @@ use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The only part: a tar archive.
 pub const MAIN: Part = Part {

@@ -39,7 +39,7 @@ use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer, ToolPaths,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The only part: a tar of the portable backup directory.
 pub const MAIN: Part = Part {
@@ -145,7 +145,7 @@ pub struct InfluxCounts {
 #[derive(Clone, Debug)]
 pub struct Influx {
     cfg: InfluxConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
 }
 
@@ -182,11 +182,12 @@ impl Influx {
             }
         }
         Ok(Self {
-            password: crate::config::user_password(
+            password: ferry_core::secrets::user_password(
                 cfg.user.as_deref(),
                 cfg.password_file.as_deref(),
                 cfg.password_env.as_deref(),
-            )?,
+            )
+            .map_err(|e| (e.field().to_owned(), e.to_string()))?,
             tools: ToolPaths::new(cfg.bin_dir.clone()),
             cfg,
         })

@@ -28,8 +28,8 @@ use serde::Deserialize;
 use std::sync::Arc;
 
 use crate::config::Settings;
-use crate::manifest::{Manifest, Source};
 use crate::pipeline::{JobError, JobReport, Progress};
+use ferry_core::manifest::{Manifest, Source};
 
 pub mod etcd;
 pub mod files;

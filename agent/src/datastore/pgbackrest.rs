@@ -94,7 +94,7 @@ fn default_retention() -> u32 {
 #[derive(Clone, Debug)]
 pub struct PgBackRest {
     cfg: PgBackRestConfig,
-    cipher_pass: Arc<crate::config::Password>,
+    cipher_pass: Arc<ferry_core::secrets::Password>,
 }
 
 /// One backup as `pgbackrest info --output=json` lists it.
@@ -168,8 +168,8 @@ impl PgBackRest {
             }
             _ => {}
         }
-        let pass = crate::config::read_password(Some(&cfg.cipher_pass_file), None)
-            .map_err(|(_, m)| ("cipher_pass_file".to_owned(), m))?
+        let pass = ferry_core::secrets::read_password(Some(&cfg.cipher_pass_file), None)
+            .map_err(|e| ("cipher_pass_file".to_owned(), e.to_string()))?
             .ok_or_else(|| ("cipher_pass_file".to_owned(), "empty".to_owned()))?;
         if pass.len() < 16 || pass.contains(['\n', '\r']) {
             return err(
@@ -179,7 +179,7 @@ impl PgBackRest {
         }
         Ok(Self {
             cfg,
-            cipher_pass: Arc::new(crate::config::Password(pass)),
+            cipher_pass: Arc::new(ferry_core::secrets::Password(pass)),
         })
     }
 

@@ -30,7 +30,7 @@ use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer, StderrTail, ToolPaths, describe_status,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The main part: `pg_dump` custom format.
 pub const MAIN: Part = Part {
@@ -218,7 +218,7 @@ fn default_maintenance() -> String {
 #[derive(Clone, Debug)]
 pub struct Postgres {
     cfg: PostgresConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
 }
 
@@ -281,11 +281,12 @@ impl Postgres {
                 return err(field, "must be 1 to 63 bytes, without NUL");
             }
         }
-        let password = crate::config::read_password(
+        let password = ferry_core::secrets::read_password(
             cfg.password_file.as_deref(),
             cfg.password_env.as_deref(),
-        )?
-        .map(crate::config::Password);
+        )
+        .map_err(|e| (e.field().to_owned(), e.to_string()))?
+        .map(ferry_core::secrets::Password);
         let tools = ToolPaths::new(cfg.bin_dir.clone());
         Ok(Self {
             cfg,

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
 use ferry_proto::tls::TlsFiles;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint, Uri};

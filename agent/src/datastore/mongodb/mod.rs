@@ -39,8 +39,8 @@ use super::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, RestoreError, RestoreSession,
     Restorer,
 };
-use crate::manifest::{Manifest, Source};
 use crate::pipeline::chunks;
+use ferry_core::manifest::{Manifest, Source};
 
 pub mod archive;
 pub mod oplog;
@@ -103,7 +103,7 @@ pub struct MongoConfig {
 #[derive(Clone, Debug)]
 pub struct Mongo {
     cfg: MongoConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
 }
 
 fn src(e: impl std::fmt::Display) -> DumpError {
@@ -148,11 +148,12 @@ impl Mongo {
         if role == Role::Production && !cfg.rename.is_empty() {
             return err("rename", "only a staging agent restores; remove it".into());
         }
-        let password = crate::config::read_password(
+        let password = ferry_core::secrets::read_password(
             cfg.password_file.as_deref(),
             cfg.password_env.as_deref(),
-        )?
-        .map(crate::config::Password);
+        )
+        .map_err(|e| (e.field().to_owned(), e.to_string()))?
+        .map(ferry_core::secrets::Password);
         if password.is_some() && cfg.user.is_none() {
             return err("user", "a password is configured but no user".into());
         }
