@@ -6,11 +6,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ferry_core::{Bounded, layout};
+use ferry_proto::status::describe_status;
 use ferry_proto::v1;
 use ferry_proto::v1::job_event::Event;
 use tokio_util::sync::CancellationToken;
 
-use crate::agents::{AgentPool, describe_status};
+use crate::agents::AgentPool;
 use crate::config::Settings;
 use crate::model::{
     BackupRecord, Job, JobEventRecord, JobKind, JobResult, JobState, MissingNote, Progress,

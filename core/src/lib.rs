@@ -8,6 +8,8 @@
 //! - [`config`]: reading a daemon's TOML config and [`config::ConfigError`], which names
 //!   the file and the field.
 //! - [`secrets`]: secret files (owner-only, 0600/0400) and datastore passwords.
+//! - [`telemetry`]: the log format, the tracing subscriber, the shutdown signal, and an
+//!   error told in one line with its causes.
 //! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
 //!   100 characters).
 
@@ -16,5 +18,6 @@ pub mod config;
 pub mod layout;
 pub mod manifest;
 pub mod secrets;
+pub mod telemetry;
 
 pub use bounded::Bounded;

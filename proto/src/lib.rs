@@ -9,10 +9,12 @@
 //!   certificates required, the rustls crypto provider installed once).
 //! - [`codec`]: the services' protobuf codec (a malformed message is `InvalidArgument`).
 //! - [`attempt`]: the id each attempt of a job is ordered under (`<job>-a<N>`).
+//! - [`status`]: a gRPC status in words, causes included.
 
 pub mod attempt;
 pub mod codec;
 pub mod role;
+pub mod status;
 pub mod tls;
 
 /// Generated code for package `ferry.v1`.

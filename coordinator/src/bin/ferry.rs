@@ -17,7 +17,9 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code as u8),
         Err(e) if ferry_coordinator::cli::is_broken_pipe(&e) => ExitCode::from(CLOSED_PIPE),
         Err(e) => {
-            let text = ferry_coordinator::cli::error_text(&e);
+            // An error and its causes as one line, each cause once: many errors (TLS
+            // files, transport errors) show their source in their own message too.
+            let text = ferry_core::telemetry::error_text(e.as_ref());
             // Nowhere to say it if stderr is closed too.
             let _ = writeln!(std::io::stderr(), "ferry: error: {text}");
             ExitCode::from(2)

@@ -248,13 +248,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 /// Turns a gRPC error into an error whose message is the coordinator's.
 pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", crate::agents::describe_status(&s))
-}
-
-/// An error and its causes as one line, `: `-separated, each cause once: many errors
-/// (TLS files, transport errors) show their source in their own message too.
-pub fn error_text(e: &anyhow::Error) -> String {
-    crate::agents::join_causes(e.chain().map(ToString::to_string))
+    anyhow::anyhow!("{}", ferry_proto::status::describe_status(&s))
 }
 
 /// Whether `e` comes from writing to a closed pipe (`ferry jobs | head -1`): the reader

@@ -187,13 +187,13 @@ async fn watch_one(
                 "lost the coordinator while watching job {id} and could not reach it again for \
                  {} s: {}; the job goes on without this watch (`ferry job {id}` shows it)",
                 RECONNECT_FOR.as_secs(),
-                crate::agents::describe_status(&status)
+                ferry_proto::status::describe_status(&status)
             );
         }
         bars.suspend(|| {
             eprintln!(
                 "ferry: lost the coordinator while watching job {id} ({}); reconnecting in {} s",
-                crate::agents::describe_status(&status),
+                ferry_proto::status::describe_status(&status),
                 pause.as_secs()
             );
         });
