@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use ferry_core::restore_set::{SetOutcome, set_outcome};
 use ferry_core::{Bounded, layout};
 use ferry_proto::status::describe_status;
 use ferry_proto::v1;
@@ -126,63 +127,6 @@ pub fn future_dated(
             now.format("%Y-%m-%d %H:%M")
         )
     })
-}
-
-/// What the restore of a set came to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SetOutcome {
-    /// Every datastore restored.
-    Whole,
-    /// Some restored, some not.
-    Partly,
-    /// None restored.
-    None,
-}
-
-impl SetOutcome {
-    /// `restored whole`, `restored partly` or `not restored`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SetOutcome::Whole => "restored whole",
-            SetOutcome::Partly => "restored partly",
-            SetOutcome::None => "not restored",
-        }
-    }
-}
-
-/// What the restore of a set came to from its ended jobs, given as `(datastore, whether
-/// it succeeded, its error)`, and in words: `restored: mongo, files; not restored:
-/// postgres (why)` (each error cut to 300 characters).
-pub fn set_outcome<'a>(
-    jobs: impl IntoIterator<Item = (&'a str, bool, &'a str)>,
-) -> (SetOutcome, String) {
-    let mut restored: Vec<&str> = Vec::new();
-    let mut not: Vec<String> = Vec::new();
-    for (datastore, succeeded, error) in jobs {
-        if succeeded {
-            restored.push(datastore);
-        } else {
-            let why: String = error.chars().take(300).collect();
-            not.push(format!("{datastore} ({why})"));
-        }
-    }
-    let outcome = match (restored.is_empty(), not.is_empty()) {
-        (_, true) => SetOutcome::Whole,
-        (false, false) => SetOutcome::Partly,
-        (true, false) => SetOutcome::None,
-    };
-    let mut details = format!(
-        "restored: {}",
-        if restored.is_empty() {
-            "none".to_owned()
-        } else {
-            restored.join(", ")
-        }
-    );
-    if !not.is_empty() {
-        details.push_str(&format!("; not restored: {}", not.join("; ")));
-    }
-    (outcome, details)
 }
 
 /// Who triggers scheduled runs, in jobs and in the audit log.
@@ -308,7 +252,7 @@ pub(crate) async fn blocking<T: Send + 'static>(
 }
 
 impl Coordinator {
-    /// Appends to the audit log ([`crate::audit`]); a store failure is logged as an error
+    /// Appends to the audit log ([`ferry_core::audit`]); a store failure is logged as an error
     /// (the command itself already happened).
     pub async fn audit(&self, who: &str, action: &str, target: &str, outcome: &str) {
         let store = self.store.clone();
@@ -1877,26 +1821,6 @@ mod tests {
         let late = at("2026-12-04T23:57:00Z");
         assert_eq!(future_dated("db1", &result("2026-12-05"), late), None);
         assert!(future_dated("db1", &result("2026-12-06"), late).is_some());
-    }
-
-    #[test]
-    fn a_set_restored_partly_names_what_was_restored_and_what_was_not_and_why() {
-        let (o, d) = set_outcome([
-            ("postgres", false, "manifest x.json does not parse"),
-            ("files", true, ""),
-            ("mongo", true, ""),
-        ]);
-        assert_eq!(o, SetOutcome::Partly);
-        assert_eq!(
-            d,
-            "restored: files, mongo; not restored: postgres (manifest x.json does not parse)"
-        );
-        assert_eq!(set_outcome([("a", true, "")]).0, SetOutcome::Whole);
-        let (o, d) = set_outcome([("a", false, "gone")]);
-        assert_eq!(
-            (o, d.as_str()),
-            (SetOutcome::None, "restored: none; not restored: a (gone)")
-        );
     }
 
     #[test]

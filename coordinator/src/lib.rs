@@ -21,7 +21,6 @@ use tokio_util::sync::CancellationToken;
 
 pub mod access;
 pub mod agents;
-pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod convert;
@@ -34,11 +33,6 @@ pub mod retention;
 pub mod service;
 pub mod sets;
 pub mod store;
-
-/// Largest answer of the coordinator to the CLI, bytes (64 MiB): a long catalog or audit
-/// log is bigger than a request may be ([`ferry_proto::MAX_MESSAGE_BYTES`], 4 MiB), but
-/// still bounded on both ends.
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
 pub const DESCRIBE_INTERVAL: Duration = Duration::from_secs(30);
@@ -100,7 +94,7 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         .add_service(access::Guarded::new(
             CoordinatorServer::new(service::CoordinatorService::new(coordinator))
                 .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                .max_encoding_message_size(ferry_proto::MAX_RESPONSE_BYTES),
             access,
         ))
         .serve_with_shutdown(listen, shutdown.clone().cancelled_owned())

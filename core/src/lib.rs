@@ -7,16 +7,21 @@
 //! - [`manifest`]: the `.json` sidecar beside every stored archive.
 //! - [`config`]: reading a daemon's TOML config and [`config::ConfigError`], which names
 //!   the file and the field.
+//! - [`restore_set`]: what the restore of a backup set came to (whole, partly, none).
 //! - [`secrets`]: secret files (owner-only, 0600/0400) and datastore passwords.
 //! - [`telemetry`]: the log format, the tracing subscriber, the shutdown signal, and an
 //!   error told in one line with its causes.
+//! - [`audit`]: the hash-chained audit log's entries and the chain check
+//!   (`ferry audit --verify`).
 //! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
 //!   100 characters).
 
+pub mod audit;
 pub mod bounded;
 pub mod config;
 pub mod layout;
 pub mod manifest;
+pub mod restore_set;
 pub mod secrets;
 pub mod telemetry;
 

@@ -9,9 +9,11 @@
 //!   certificates required, the rustls crypto provider installed once).
 //! - [`codec`]: the services' protobuf codec (a malformed message is `InvalidArgument`).
 //! - [`attempt`]: the id each attempt of a job is ordered under (`<job>-a<N>`).
+//! - [`audit`]: the audit entry between the wire and `ferry_core::audit`.
 //! - [`status`]: a gRPC status in words, causes included.
 
 pub mod attempt;
+pub mod audit;
 pub mod codec;
 pub mod role;
 pub mod status;
@@ -28,6 +30,11 @@ pub use role::Role;
 /// Largest gRPC message either side decodes, bytes (4 MiB, tonic's default). Orders are a
 /// few hundred bytes; anything larger is refused before a handler runs.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest answer of the coordinator to the CLI, bytes (64 MiB): a long catalog or audit
+/// log is bigger than a request may be ([`MAX_MESSAGE_BYTES`], 4 MiB), but still bounded
+/// on both ends (the coordinator encodes no more, the CLI decodes no more).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The current time as UTC milliseconds since the Unix epoch, the unit of every `*_unix_ms`
 /// field of the contract.

@@ -146,7 +146,7 @@ pub(super) async fn client(cli: &Cli) -> anyhow::Result<CoordinatorClient<Channe
         .with_context(|| format!("cannot reach the coordinator at {}", cli.coordinator))?;
     Ok(CoordinatorClient::new(channel)
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(crate::MAX_RESPONSE_BYTES))
+        .max_decoding_message_size(ferry_proto::MAX_RESPONSE_BYTES))
 }
 
 #[cfg(test)]

@@ -87,7 +87,7 @@ fn set_summary(jobs: &[v1::Job]) -> Option<String> {
     {
         return None;
     }
-    let (outcome, details) = crate::dispatch::set_outcome(jobs.iter().map(|j| {
+    let (outcome, details) = ferry_core::restore_set::set_outcome(jobs.iter().map(|j| {
         (
             j.datastore.as_str(),
             j.state == v1::JobState::Succeeded as i32,
