@@ -1,4 +1,4 @@
-//! Ferry's coordinator and operator CLI.
+//! Ferry's coordinator.
 //!
 //! Modules:
 //! - [`config`]: `coordinator.toml`, validated into [`config::Settings`] (role rules,
@@ -10,7 +10,9 @@
 //! - [`dispatch`]: triggers → jobs → orders, retries, timeouts, schedules.
 //! - [`service`] and [`convert`]: the `ferry.v1.Coordinator` gRPC handlers.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
-//! - [`cli`]: the `ferry` operator CLI, one file per subcommand.
+//!
+//! The `ferry` operator CLI is the `ferry-cli` crate: it reaches the coordinator over the
+//! wire contract only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,7 +23,6 @@ use tokio_util::sync::CancellationToken;
 
 pub mod access;
 pub mod agents;
-pub mod cli;
 pub mod config;
 pub mod convert;
 pub mod dispatch;

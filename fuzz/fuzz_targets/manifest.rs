@@ -1,5 +1,5 @@
-//! The `.json` manifest sidecar reader (`agent/src/manifest.rs`) and the layout checks a
-//! restore runs on what it reads (`agent/src/layout.rs`, as `pipeline::find_backup` does).
+//! The `.json` manifest sidecar reader (`core/src/manifest.rs`) and the layout checks a
+//! restore runs on what it reads (`core/src/layout.rs`, as `pipeline::find_backup` does).
 //! Properties:
 //!
 //! - `Manifest::from_slice` errors or parses, never panics; an accepted manifest has this

@@ -8,11 +8,11 @@ use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use super::format::{self, bytes, outln};
-use super::{Output, status_error};
+use crate::format::{self, bytes, outln};
+use crate::{Output, status_error};
 
 /// Prints the job ids, or waits for every job and returns 1 if any did not succeed.
-pub(super) async fn report(
+pub(crate) async fn report(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     ids: Vec<String>,

@@ -1,23 +1,24 @@
-//! The `ferry` operator CLI: a thin gRPC client of the coordinator over mTLS. One
-//! [`Command`] enum whose doc comments are the help, one file per subcommand; human
-//! tables by default, `--output json` for scripts.
+//! `ferry-cli`: the `ferry` operator CLI, a thin gRPC client of the coordinator over
+//! mTLS. One [`Command`] enum whose doc comments are the help, one file per subcommand;
+//! human tables by default, `--output json` for scripts. It depends on `ferry-proto` and
+//! `ferry-core` only: no database driver, SSH library or store.
+//!
+//! Modules (private):
+//! - `commands`: one module per subcommand (`status`, `agents`, `jobs`, `job`, `audit`,
+//!   `prune`, `backups`, `backup`, `restore` and `verify`), and `watch`, the progress of
+//!   `--wait`.
+//! - `connect`: the coordinator's URL and the TLS files checked before connecting.
+//! - `format`: tables, sizes, times and JSON.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod agents;
-mod audit;
-mod backup;
-mod backups;
+mod commands;
 mod connect;
 mod format;
-mod job;
-mod jobs;
-mod prune;
-mod restore;
-mod status;
-mod watch;
+
+use commands::{agents, audit, backup, backups, job, jobs, prune, restore, status};
 
 /// Ferry's operator CLI: ask the coordinator about backups, jobs and agents, and order
 /// backups and restores.
