@@ -5,6 +5,8 @@
 //! - the coordinator is killed mid-job and restarted: a job still running is followed
 //!   again, one that finished meanwhile is recorded, one its agent forgot is retried;
 //!   scheduled runs are neither lost nor doubled across the restart;
+//! - (issue 16) the coordinator is stopped (SIGTERM) mid-job with an operator waiting on
+//!   the job: it exits within seconds, and the next start follows the job to its end;
 //! - the backup server's disk fills (a small tmpfs): "no space left on the backup
 //!   server", nothing partial remains, earlier backups are untouched;
 //! - pg_dump is killed half-way, the database restarts under it, or pg_dump exits 0
@@ -284,6 +286,71 @@ fn a_coordinator_killed_mid_job_takes_up_running_finished_and_forgotten_jobs_whe
         .filter(|j| j["state"] == "succeeded")
         .count();
     assert_eq!(n, 3, "{jobs}");
+}
+
+#[test]
+fn sigterm_ends_the_coordinator_within_seconds_with_a_job_running_and_a_restart_takes_it_up() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    // A backup running, and an operator waiting for it: `--wait` holds a watch stream open
+    // on the coordinator for as long as the job runs.
+    let mut cmd = Command::new(bin("ferry"));
+    hermetic(&mut cmd)
+        .args(d.ferry_flags())
+        .args(["--output", "json", "backup", "pg-prod", "--wait"]);
+    let waiting_log = d.dir.path().join("ferry-wait.log");
+    let mut waiting = Proc::spawn(cmd, &waiting_log);
+    wait_partial(&d, 2 << 20);
+    let jobs = d.ferry_json(&["jobs"]);
+    let job = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["state"] == "running")
+        .unwrap_or_else(|| panic!("a running job: {jobs}"))["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    let asked = Instant::now();
+    let status = d
+        .procs
+        .get_mut("coordinator")
+        .unwrap()
+        .terminate(Duration::from_secs(30));
+    let took = asked.elapsed();
+    let log = d.log_tail("coordinator");
+    let status = status
+        .unwrap_or_else(|| panic!("the coordinator was still running 30 s after SIGTERM:\n{log}"));
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        took < Duration::from_secs(5),
+        "the coordinator took {took:?} to exit after SIGTERM:\n{log}"
+    );
+
+    // Left running in the store, not failed: the next start follows it to its end, and
+    // the operator's wait reconnects and sees it succeed.
+    d.start_coordinator();
+    let j = wait_final(&d, &job, Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert_eq!(j["attempt"], 1, "followed, not run again: {j}");
+    let exit = waiting.wait_exit(Duration::from_secs(60));
+    let said = fs::read_to_string(&waiting_log).unwrap_or_default();
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "ferry backup --wait: {exit:?}\n{said}"
+    );
+    assert!(
+        said.contains(&job) && said.contains("\"succeeded\""),
+        "{said}"
+    );
+    println!(
+        "coordinator exited {:.1} s after SIGTERM with a job running",
+        took.as_secs_f64()
+    );
 }
 
 #[test]

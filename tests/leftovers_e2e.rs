@@ -12,8 +12,19 @@
 //!   again) is finished by the agent's restart from the unpacked backup, checked against
 //!   the scratch copy, nothing of it is left, and the coordinator's retry reports it;
 //! - a staging `files` path that is a mount point is refused by `ferry-agent check` and
-//!   before a restore downloads anything.
+//!   before a restore downloads anything;
+//! - a MongoDB restore killed while it fills its scratch databases, with the agent down
+//!   until the retries are spent, leaves them; the agent's restart drops them and logs it,
+//!   the next restore's report says so, and staging then equals production;
+//! - a MongoDB restore killed while it moves its collections into place (the targets partly
+//!   replaced) is finished by the agent's restart: staging equals production, nothing of
+//!   the killed restore is left, and the next restore's report says what was done;
+//! - the scratch database of another dead MongoDB restore is dropped before a restore and
+//!   named in its report; databases whose name or marker is not exactly this datastore's
+//!   are left, and one of a datastore of the same name restoring into another target is
+//!   named as kept.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -481,4 +492,334 @@ fn an_influxdb_restore_killed_while_replacing_its_target_is_finished_when_the_ag
         "{summary}"
     );
     assert_eq!(stage.dump("metrics"), prod.dump("metrics"));
+}
+
+/// A deployment with a MongoDB server on each side and a datastore `mongo` on each agent
+/// (staging restores `shop` into `shop_staging`).
+fn mongo_deployment() -> (Deployment, MongoServer, MongoServer) {
+    let mut servers = None;
+    let d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: "SELECT 1".into(),
+        retry: Retry {
+            max_attempts: 2,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 1,
+        },
+        tweak: Some(Box::new(|d: &mut Deployment| {
+            let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
+            let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
+            append(&d.prod_config, &prod.datastore_toml());
+            append(
+                &d.stage_config,
+                &format!(
+                    "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{}\"\nrename = {{ shop = \"shop_staging\" }}\n",
+                    stage.uri()
+                ),
+            );
+            servers = Some((prod, stage));
+        })),
+        ..DeploymentOptions::default()
+    });
+    let (prod, stage) = servers.unwrap();
+    (d, prod, stage)
+}
+
+/// Production's MongoDB data: `app.a_first` (3 documents, the first collection a restore
+/// moves into place), `app.users` (40,000 documents, an index, a view `app.active` on it)
+/// and `shop.orders` (30,000 documents): a restore long enough to kill while it inserts or
+/// while it moves collections into place.
+fn seed_mongo(prod: &MongoServer) {
+    use bson::doc;
+    prod.insert(
+        "app",
+        "a_first",
+        &(0..3).map(|i| doc! {"_id": i, "v": 1}).collect::<Vec<_>>(),
+    );
+    let users: Vec<bson::Document> = (0..40_000i64)
+        .map(|i| doc! {"_id": i, "email": format!("user{i}@example.com"), "n": i, "note": "x".repeat(100)})
+        .collect();
+    prod.insert("app", "users", &users);
+    prod.run(
+        "app",
+        doc! {"createIndexes": "users", "indexes": [{"key": {"email": 1}, "name": "email_1", "unique": true}]},
+    );
+    prod.run(
+        "app",
+        doc! {"create": "active", "viewOn": "users", "pipeline": [{"$match": {"n": {"$lt": 10}}}]},
+    );
+    let orders: Vec<bson::Document> = (0..30_000i64)
+        .map(|i| doc! {"_id": i, "item": format!("item-{}", i % 500), "qty": i % 9})
+        .collect();
+    prod.insert("shop", "orders", &orders);
+}
+
+/// A second version of production's data: a document more in every collection.
+fn change_mongo(prod: &MongoServer) {
+    use bson::doc;
+    prod.insert("app", "a_first", &[doc! {"_id": 3, "v": 2}]);
+    prod.insert(
+        "app",
+        "users",
+        &[doc! {"_id": -1i64, "email": "new@example.com", "n": -1i64}],
+    );
+    prod.insert(
+        "shop",
+        "orders",
+        &[doc! {"_id": -1i64, "item": "new", "qty": 1}],
+    );
+}
+
+/// Staging's MongoDB databases whose name has `__ferry_`.
+fn mongo_scratch(stage: &MongoServer) -> Vec<String> {
+    stage
+        .databases()
+        .into_iter()
+        .filter(|n| n.contains("__ferry_"))
+        .collect()
+}
+
+/// Staging's targets as a user compares them with production's `app` and `shop`.
+fn staging_targets(stage: &MongoServer) -> [BTreeMap<String, NamespaceContents>; 2] {
+    [stage.contents("app"), stage.contents("shop_staging")]
+}
+
+/// Production's `app` and `shop`.
+fn production(prod: &MongoServer) -> [BTreeMap<String, NamespaceContents>; 2] {
+    [prod.contents("app"), prod.contents("shop")]
+}
+
+/// Backs up production, restores it into staging, changes production and backs it up
+/// again: staging holds the first version, the newest backup the second. Returns staging's
+/// targets as they are.
+fn two_mongo_backups(
+    d: &Deployment,
+    prod: &MongoServer,
+    stage: &MongoServer,
+) -> [BTreeMap<String, NamespaceContents>; 2] {
+    seed_mongo(prod);
+    d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    let before = staging_targets(stage);
+    assert_eq!(before, production(prod), "the first restore");
+    change_mongo(prod);
+    d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    assert_ne!(production(prod), before);
+    before
+}
+
+/// The names of job `job`'s scratch databases on staging.
+fn mongo_scratch_of(job: &str) -> Vec<String> {
+    let mut v = vec![
+        format!("app__ferry_new_{}", job.to_lowercase()),
+        format!("shop_staging__ferry_new_{}", job.to_lowercase()),
+    ];
+    v.sort();
+    v
+}
+
+#[test]
+fn a_mongodb_restore_killed_while_filling_its_scratch_databases_leaves_them_until_the_agent_restarts_and_drops_them()
+ {
+    let (mut d, prod, stage) = mongo_deployment();
+    let before = two_mongo_backups(&d, &prod, &stage);
+
+    let job = d
+        .ferry_ok(&["restore", "pg-stage", "--datastore", "mongo"])
+        .trim()
+        .to_owned();
+    let scratch = mongo_scratch_of(&job);
+    // Killed while it inserts into the scratch database of `app`.
+    wait_for(&d, Duration::from_secs(120), "documents in scratch", || {
+        (stage.count(&scratch[0], "users") > 0).then_some(())
+    });
+    d.kill("agent-stage");
+    let j = wait_job(&d, &job, Duration::from_secs(60), final_state);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(
+        mongo_scratch(&stage),
+        scratch,
+        "the killed restore left its scratch databases"
+    );
+    assert_eq!(staging_targets(&stage), before, "targets unchanged");
+
+    // The agent comes back: before it serves, it drops the dead job's scratch databases.
+    d.start_agent("agent-stage");
+    assert!(
+        mongo_scratch(&stage).is_empty(),
+        "{:?}",
+        mongo_scratch(&stage)
+    );
+    assert_eq!(staging_targets(&stage), before, "targets unchanged");
+    let log = agent_log(&d);
+    for name in &scratch {
+        let event = log
+            .lines()
+            .find(|l| {
+                l.contains("Leftover of an interrupted restore")
+                    && l.contains(&format!("leftover=database {name}"))
+            })
+            .unwrap_or_else(|| panic!("no log event for {name}:\n{log}"));
+        assert!(
+            event.contains(&format!("job_id={job}")) && event.contains("action=removed"),
+            "structured fields: {event}"
+        );
+    }
+
+    // The next restore succeeds and its report says what the agent dropped.
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    assert!(
+        out.contains("at the agent's start, removed database"),
+        "{out}"
+    );
+    for name in &scratch {
+        assert!(
+            out.contains(&format!("removed database {name} (job {job})")),
+            "{out}"
+        );
+    }
+    assert_eq!(staging_targets(&stage), production(&prod));
+    assert!(
+        mongo_scratch(&stage).is_empty(),
+        "{:?}",
+        mongo_scratch(&stage)
+    );
+}
+
+#[test]
+fn a_mongodb_restore_killed_while_moving_into_place_is_finished_when_the_agent_restarts() {
+    let (mut d, prod, stage) = mongo_deployment();
+    let before = two_mongo_backups(&d, &prod, &stage);
+
+    let job = d
+        .ferry_ok(&["restore", "pg-stage", "--datastore", "mongo"])
+        .trim()
+        .to_owned();
+    let scratch = mongo_scratch_of(&job);
+    // Killed once the first collection, `app.a_first`, was moved into place (it then holds
+    // production's new document): `app.users` and `shop_staging.orders` are still to move.
+    wait_for(&d, Duration::from_secs(180), "the move into place", || {
+        (stage.count("app", "a_first") == 4).then_some(())
+    });
+    d.kill("agent-stage");
+    let j = wait_job(&d, &job, Duration::from_secs(60), final_state);
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(
+        mongo_scratch(&stage),
+        scratch,
+        "the killed restore left the rest of its restore in scratch"
+    );
+    // Partly replaced (what the server had begun when the agent died, it finished).
+    assert_ne!(staging_targets(&stage), before, "app.a_first was replaced");
+
+    // The agent comes back and finishes the move: staging is production's second version.
+    d.start_agent("agent-stage");
+    assert!(
+        mongo_scratch(&stage).is_empty(),
+        "{:?}",
+        mongo_scratch(&stage)
+    );
+    assert_eq!(staging_targets(&stage), production(&prod));
+    let log = agent_log(&d);
+    for name in &scratch {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&format!("leftover=database {name}"))
+                    && l.contains(&format!("job_id={job}"))
+                    && l.contains("action=swapped_in")),
+            "no swapped_in event for {name}:\n{log}"
+        );
+    }
+
+    // The next restore says what the agent did, and succeeds.
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    for (name, target) in scratch.iter().zip(["app", "shop_staging"]) {
+        assert!(
+            out.contains(&format!(
+                "put database {name} in place of database {target}, finishing the swap of job {job}"
+            )),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("removed database {name} (job {job})")),
+            "{out}"
+        );
+    }
+    assert_eq!(staging_targets(&stage), production(&prod));
+    assert!(
+        mongo_scratch(&stage).is_empty(),
+        "{:?}",
+        mongo_scratch(&stage)
+    );
+}
+
+#[test]
+fn leftovers_of_dead_mongodb_restores_are_dropped_before_a_restore_and_lookalikes_are_left() {
+    use bson::doc;
+    let (d, prod, stage) = mongo_deployment();
+    prod.insert("app", "users", &[doc! {"_id": 1, "email": "a@example.com"}]);
+    prod.insert("shop", "orders", &[doc! {"_id": 1, "item": "tea"}]);
+    let marker = |job: &str, datastore: &str, (source, target): (&str, &str)| {
+        doc! {"_id": "restore", "datastore": datastore, "job": job, "source": source,
+        "target": target, "state": "filling"}
+    };
+    // A restore of this datastore that died while it filled its scratch database.
+    let dead = "01JAAAAAAAAAAAAAAAAAAAAAAA";
+    let ours = format!("shop_staging__ferry_new_{}", dead.to_lowercase());
+    stage.insert(
+        &ours,
+        "__ferry_restore",
+        &[marker(dead, "mongo", ("shop", "shop_staging"))],
+    );
+    stage.insert(&ours, "orders", &[doc! {"_id": 1, "item": "half"}]);
+    // Not exactly this datastore's: never dropped.
+    let other_target = "01JDDDDDDDDDDDDDDDDDDDDDDD";
+    let lookalikes = [
+        // Not a job id; no marker; another datastore's.
+        "app__ferry_new_backup".to_owned(),
+        "app__ferry_new_01jbbbbbbbbbbbbbbbbbbbbbbb".to_owned(),
+        "app__ferry_new_01jcccccccccccccccccccccccc".to_owned(),
+        // A datastore of the same name restoring `shop` into `shop` (this one restores it
+        // into `shop_staging`): kept, and named in the report.
+        format!("shop__ferry_new_{}", other_target.to_lowercase()),
+    ];
+    for name in &lookalikes {
+        stage.insert(name, "users", &[doc! {"_id": 1, "not": "ours"}]);
+    }
+    stage.insert(
+        &lookalikes[2],
+        "__ferry_restore",
+        &[marker(
+            "01JCCCCCCCCCCCCCCCCCCCCCCC",
+            "other",
+            ("app", "app"),
+        )],
+    );
+    stage.insert(
+        &lookalikes[3],
+        "__ferry_restore",
+        &[marker(other_target, "mongo", ("shop", "shop"))],
+    );
+
+    d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    assert!(
+        out.contains(&format!(
+            "before this restore, removed database {ours} (job {dead})"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "kept database {} (job {other_target}): a restore of database shop into shop",
+            lookalikes[3]
+        )),
+        "{out}"
+    );
+    let mut left = lookalikes.to_vec();
+    left.sort();
+    assert_eq!(mongo_scratch(&stage), left, "only the lookalikes are left");
+    for name in &lookalikes {
+        assert_eq!(stage.count(name, "users"), 1, "{name} untouched");
+    }
+    assert_eq!(staging_targets(&stage), production(&prod));
 }

@@ -10,11 +10,11 @@
 //!
 //! Every other certificate the fleet CA signed (the agents', the coordinator's own, a name
 //! no longer listed) is refused on every method with `PermissionDenied`, naming the
-//! certificate and the role the method needs. The check runs in one place, [`Guarded`],
-//! a wrapper around the whole gRPC service: it sees the method's path and the client's
-//! certificate before any handler runs or any message is decoded, and refuses a path
-//! missing from the table, so a method added to the contract without a row here is
-//! refused to everyone rather than open to all.
+//! certificate and the role the method needs (the status comes from [`crate::Error`]).
+//! The check runs in one place, [`Guarded`], a wrapper around the whole gRPC service: it
+//! sees the method's path and the client's certificate before any handler runs or any
+//! message is decoded, and refuses a path missing from the table, so a method added to
+//! the contract without a row here is refused to everyone rather than open to all.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -154,12 +154,6 @@ pub enum AccessError {
     },
 }
 
-impl From<AccessError> for Status {
-    fn from(e: AccessError) -> Status {
-        Status::permission_denied(e.to_string())
-    }
-}
-
 /// The operators and their roles, by certificate name.
 #[derive(Clone, Debug, Default)]
 pub struct Access {
@@ -254,7 +248,7 @@ where
                     error = %e,
                     "Request refused."
                 );
-                let response = Status::from(e).into_http();
+                let response = Status::from(crate::Error::from(e)).into_http();
                 Box::pin(async move { Ok(response) })
             }
         }
@@ -354,7 +348,7 @@ mod tests {
             assert!(matches!(e, AccessError::UnknownMethod { .. }), "{p}: {e}");
         }
         assert_eq!(
-            Status::from(a.check(Some("ada"), "/x").unwrap_err()).code(),
+            Status::from(crate::Error::from(a.check(Some("ada"), "/x").unwrap_err())).code(),
             tonic::Code::PermissionDenied
         );
     }

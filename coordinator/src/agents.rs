@@ -11,6 +11,8 @@ use ferry_proto::status::describe_status;
 use ferry_proto::tls::TlsFiles;
 use ferry_proto::v1;
 use ferry_proto::v1::agent_client::AgentClient;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::Agent;
@@ -41,45 +43,168 @@ pub struct AgentPool {
     channels: Mutex<HashMap<String, Channel>>,
     states: Mutex<HashMap<String, AgentState>>,
     timeout: Duration,
+    /// Cancelled at shutdown: calls in the background give up.
+    shutdown: CancellationToken,
+    /// The coordinator's tasks, which the background calls join.
+    tasks: TaskTracker,
+}
+
+/// Why an agent cannot be used: not in the inventory, no channel to it, no answer, or an
+/// answer that does not match the inventory.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The id is not in the inventory (`[[agents]]`).
+    #[error("agent {0:?} is not in the inventory")]
+    NotInInventory(String),
+    /// The TLS files for the channel are unusable.
+    #[error(transparent)]
+    TlsFiles(#[from] ferry_proto::tls::TlsError),
+    /// The inventory's address is not a usable URL.
+    #[error("agent {id}: address {address:?}: {source}")]
+    Address {
+        /// Agent id.
+        id: String,
+        /// The address as configured.
+        address: String,
+        /// tonic's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The channel's TLS could not be set up.
+    #[error("agent {id}: TLS: {source}")]
+    Tls {
+        /// Agent id.
+        id: String,
+        /// tonic's error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// `Describe` got no answer within the agent timeout.
+    #[error("agent {id} at {address} did not answer within {timeout:?}")]
+    Timeout {
+        /// Agent id.
+        id: String,
+        /// Its address.
+        address: String,
+        /// How long the coordinator waited.
+        timeout: Duration,
+    },
+    /// `Describe` failed (unreachable, refused).
+    #[error("agent {id} at {address}: {}", describe_status(status))]
+    Call {
+        /// Agent id.
+        id: String,
+        /// Its address.
+        address: String,
+        /// The call's status.
+        status: tonic::Status,
+    },
+    /// The agent at the address says it is another agent.
+    #[error("the agent at {address} says it is {says:?}, the inventory expects {expected:?}")]
+    OtherAgent {
+        /// The address called.
+        address: String,
+        /// The id it gave.
+        says: String,
+        /// The inventory's id.
+        expected: String,
+    },
+    /// The agent's role is not the inventory's.
+    #[error(
+        "agent {id} says its role is {says}, the inventory says {expected}; no order is sent to it until they agree"
+    )]
+    OtherRole {
+        /// Agent id.
+        id: String,
+        /// The role it gave.
+        says: Role,
+        /// The inventory's role.
+        expected: Role,
+    },
+    /// The agent gave a role this coordinator does not know.
+    #[error("agent {id}: {message}")]
+    UnknownRole {
+        /// Agent id.
+        id: String,
+        /// What is wrong with the role.
+        message: String,
+    },
+    /// The agent's environment is not the inventory's.
+    #[error("agent {id} says its environment is {says:?}, the inventory says {expected:?}")]
+    OtherEnvironment {
+        /// Agent id.
+        id: String,
+        /// The environment it gave.
+        says: String,
+        /// The inventory's environment.
+        expected: String,
+    },
+}
+
+impl AgentError {
+    /// Whether waiting may help: `false` when the agent is not in the inventory or does not
+    /// match it (only a config change fixes that), `true` otherwise.
+    pub fn is_transient(&self) -> bool {
+        !matches!(
+            self,
+            AgentError::NotInInventory(_)
+                | AgentError::OtherAgent { .. }
+                | AgentError::OtherRole { .. }
+                | AgentError::OtherEnvironment { .. }
+        )
+    }
 }
 
 /// Checks a `Describe` answer against the inventory entry.
 ///
 /// # Errors
-/// What differs, in words an operator can act on.
-pub fn check_description(agent: &Agent, d: &v1::DescribeResponse) -> Result<(), String> {
+/// What differs ([`AgentError::OtherAgent`], [`AgentError::OtherRole`],
+/// [`AgentError::UnknownRole`], [`AgentError::OtherEnvironment`]), in words an operator
+/// can act on.
+pub fn check_description(agent: &Agent, d: &v1::DescribeResponse) -> Result<(), AgentError> {
     if d.agent_id != agent.id {
-        return Err(format!(
-            "the agent at {} says it is {:?}, the inventory expects {:?}",
-            agent.address, d.agent_id, agent.id
-        ));
+        return Err(AgentError::OtherAgent {
+            address: agent.address.clone(),
+            says: d.agent_id.clone(),
+            expected: agent.id.clone(),
+        });
     }
     match Role::try_from(d.role) {
         Ok(role) if role == agent.role => {}
         Ok(role) => {
-            return Err(format!(
-                "agent {} says its role is {role}, the inventory says {}; no order is sent to it until they agree",
-                agent.id, agent.role
-            ));
+            return Err(AgentError::OtherRole {
+                id: agent.id.clone(),
+                says: role,
+                expected: agent.role,
+            });
         }
-        Err(e) => return Err(format!("agent {}: {e}", agent.id)),
+        Err(e) => {
+            return Err(AgentError::UnknownRole {
+                id: agent.id.clone(),
+                message: e.to_string(),
+            });
+        }
     }
     if d.environment != agent.environment {
-        return Err(format!(
-            "agent {} says its environment is {:?}, the inventory says {:?}",
-            agent.id, d.environment, agent.environment
-        ));
+        return Err(AgentError::OtherEnvironment {
+            id: agent.id.clone(),
+            says: d.environment.clone(),
+            expected: agent.environment.clone(),
+        });
     }
     Ok(())
 }
 
 impl AgentPool {
     /// A pool for `agents`, connecting with `tls`; calls that wait on an agent time out
-    /// after `timeout`.
+    /// after `timeout`. Calls it makes in the background run on `tasks` and give up when
+    /// `shutdown` is cancelled.
     pub fn new(
         agents: std::collections::BTreeMap<String, Agent>,
         tls: TlsFiles,
         timeout: Duration,
+        shutdown: CancellationToken,
+        tasks: TaskTracker,
     ) -> Arc<Self> {
         Arc::new(Self {
             agents,
@@ -87,6 +212,8 @@ impl AgentPool {
             channels: Mutex::new(HashMap::new()),
             states: Mutex::new(HashMap::new()),
             timeout,
+            shutdown,
+            tasks,
         })
     }
 
@@ -103,24 +230,29 @@ impl AgentPool {
     /// A client for agent `id` (the channel connects lazily and is reused).
     ///
     /// # Errors
-    /// Unknown agent, unreadable TLS files, or a malformed address.
-    pub fn client(&self, id: &str) -> Result<AgentClient<Channel>, String> {
+    /// [`AgentError::NotInInventory`], [`AgentError::TlsFiles`], [`AgentError::Address`]
+    /// or [`AgentError::Tls`].
+    pub fn client(&self, id: &str) -> Result<AgentClient<Channel>, AgentError> {
         let agent = self
             .agents
             .get(id)
-            .ok_or_else(|| format!("agent {id:?} is not in the inventory"))?;
+            .ok_or_else(|| AgentError::NotInInventory(id.to_owned()))?;
         let mut channels = self.channels.lock().expect("channels lock");
         let channel = match channels.get(id) {
             Some(c) => c.clone(),
             None => {
-                let tls = self
-                    .tls
-                    .client_config(&agent.id)
-                    .map_err(|e| e.to_string())?;
+                let tls = self.tls.client_config(&agent.id)?;
                 let c = Endpoint::from_shared(agent.address.clone())
-                    .map_err(|e| format!("agent {id}: address {:?}: {e}", agent.address))?
+                    .map_err(|source| AgentError::Address {
+                        id: id.to_owned(),
+                        address: agent.address.clone(),
+                        source,
+                    })?
                     .tls_config(tls)
-                    .map_err(|e| format!("agent {id}: TLS: {e}"))?
+                    .map_err(|source| AgentError::Tls {
+                        id: id.to_owned(),
+                        source,
+                    })?
                     .connect_timeout(Duration::from_secs(10))
                     .tcp_keepalive(Some(Duration::from_secs(30)))
                     .http2_keep_alive_interval(Duration::from_secs(15))
@@ -139,24 +271,28 @@ impl AgentPool {
     /// records the result.
     ///
     /// # Errors
-    /// The problem: unreachable, or not matching the inventory.
-    pub async fn describe(&self, id: &str) -> Result<v1::DescribeResponse, String> {
+    /// The problem: unreachable ([`AgentError::Timeout`], [`AgentError::Call`]), no
+    /// channel, or not matching the inventory ([`check_description`]).
+    pub async fn describe(&self, id: &str) -> Result<v1::DescribeResponse, AgentError> {
         let mut answered = false;
         let result = async {
             let agent = self
                 .agents
                 .get(id)
-                .ok_or_else(|| format!("agent {id:?} is not in the inventory"))?;
+                .ok_or_else(|| AgentError::NotInInventory(id.to_owned()))?;
             let mut client = self.client(id)?;
             let d = tokio::time::timeout(self.timeout, client.describe(v1::DescribeRequest {}))
                 .await
-                .map_err(|_| {
-                    format!(
-                        "agent {id} at {} did not answer within {:?}",
-                        agent.address, self.timeout
-                    )
+                .map_err(|_| AgentError::Timeout {
+                    id: id.to_owned(),
+                    address: agent.address.clone(),
+                    timeout: self.timeout,
                 })?
-                .map_err(|s| format!("agent {id} at {}: {}", agent.address, describe_status(&s)))?
+                .map_err(|status| AgentError::Call {
+                    id: id.to_owned(),
+                    address: agent.address.clone(),
+                    status,
+                })?
                 .into_inner();
             answered = true;
             check_description(agent, &d).map(|()| d)
@@ -177,7 +313,7 @@ impl AgentPool {
             }
             Err(p) => {
                 tracing::warn!(agent = id, problem = %p, "Agent unusable.");
-                state.problem = Some(p.clone());
+                state.problem = Some(p.to_string());
             }
         }
         result
@@ -232,8 +368,11 @@ impl AgentPool {
             .into_iter()
             .map(|id| {
                 let pool = self.clone();
-                tokio::spawn(async move {
-                    let _ = pool.describe(&id).await;
+                self.tasks.spawn(async move {
+                    tokio::select! {
+                        _ = pool.describe(&id) => {}
+                        _ = pool.shutdown.cancelled() => {}
+                    }
                 })
             })
             .collect();
@@ -250,17 +389,16 @@ impl AgentPool {
             .unwrap_or_default()
     }
 
-    /// Describes every agent now and then every `every`, until `shutdown`.
-    pub async fn refresh_loop(
-        self: Arc<Self>,
-        every: Duration,
-        shutdown: tokio_util::sync::CancellationToken,
-    ) {
+    /// Describes every agent now and then every `every`, until shutdown.
+    pub async fn refresh_loop(self: Arc<Self>, every: Duration) {
         loop {
             let ids: Vec<String> = self.agents.keys().cloned().collect();
-            futures::future::join_all(ids.iter().map(|id| self.describe(id))).await;
             tokio::select! {
-                _ = shutdown.cancelled() => return,
+                _ = self.shutdown.cancelled() => return,
+                _ = futures::future::join_all(ids.iter().map(|id| self.describe(id))) => {}
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return,
                 _ = tokio::time::sleep(every) => {}
             }
         }
@@ -287,6 +425,8 @@ mod tests {
                 ca: "ca".into(),
             },
             Duration::from_secs(1),
+            CancellationToken::new(),
+            TaskTracker::new(),
         );
         assert_eq!(pool.state("db1").last_reached_ms, None);
         pool.states.lock().unwrap().insert(
@@ -314,5 +454,48 @@ mod tests {
         pool.reached("db1");
         pool.unreachable("db1", "lost");
         assert_eq!(pool.state("db1").problem.as_deref(), Some("mismatch"));
+    }
+
+    #[test]
+    fn an_agent_unlike_the_inventory_is_a_lasting_problem_that_says_how() {
+        let agent = Agent {
+            id: "db1".into(),
+            address: "https://127.0.0.1:1".into(),
+            role: Role::Production,
+            environment: "production".into(),
+        };
+        let described = |id: &str, role: Role, environment: &str| v1::DescribeResponse {
+            agent_id: id.into(),
+            role: role.into(),
+            environment: environment.into(),
+            ..Default::default()
+        };
+        check_description(&agent, &described("db1", Role::Production, "production")).unwrap();
+        for (d, says) in [
+            (
+                described("db2", Role::Production, "production"),
+                "the agent at https://127.0.0.1:1 says it is \"db2\", the inventory expects \"db1\"",
+            ),
+            (
+                described("db1", Role::Staging, "production"),
+                "agent db1 says its role is staging, the inventory says production; no order is \
+                 sent to it until they agree",
+            ),
+            (
+                described("db1", Role::Production, "staging"),
+                "agent db1 says its environment is \"staging\", the inventory says \"production\"",
+            ),
+        ] {
+            let e = check_description(&agent, &d).unwrap_err();
+            assert_eq!(e.to_string(), says);
+            assert!(!e.is_transient(), "{e}");
+        }
+        assert!(!AgentError::NotInInventory("db9".into()).is_transient());
+        let silent = AgentError::Timeout {
+            id: "db1".into(),
+            address: agent.address.clone(),
+            timeout: Duration::from_secs(1),
+        };
+        assert!(silent.is_transient());
     }
 }

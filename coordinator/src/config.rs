@@ -151,13 +151,13 @@ pub struct ScheduleEntry {
 pub struct RetentionEntry {
     /// The environment, e.g. `production`.
     pub environment: String,
-    /// See [`crate::retention::Policy::keep_daily`].
+    /// See [`crate::catalog::retention::Policy::keep_daily`].
     #[serde(default)]
     pub keep_daily: u32,
-    /// See [`crate::retention::Policy::keep_weekly`].
+    /// See [`crate::catalog::retention::Policy::keep_weekly`].
     #[serde(default)]
     pub keep_weekly: u32,
-    /// See [`crate::retention::Policy::keep_monthly`].
+    /// See [`crate::catalog::retention::Policy::keep_monthly`].
     #[serde(default)]
     pub keep_monthly: u32,
 }
@@ -251,28 +251,73 @@ pub struct Settings {
     /// The maintenance connection to the backup server, if configured.
     pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
     /// Retention policy by environment.
-    pub retention: BTreeMap<String, crate::retention::Policy>,
+    pub retention: BTreeMap<String, crate::catalog::retention::Policy>,
+}
+
+/// Why the common name of a certificate file could not be read ([`certificate_name`]).
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file holds no PEM block.
+    #[error("{} holds no PEM certificate: {message}", path.display())]
+    NotPem {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The PEM block is not an X.509 certificate.
+    #[error("{} holds no X.509 certificate: {message}", path.display())]
+    NotX509 {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message.
+        message: String,
+    },
+    /// The certificate's subject has no common name.
+    #[error("the certificate in {} has no common name", path.display())]
+    NoCommonName {
+        /// The file.
+        path: PathBuf,
+    },
 }
 
 /// The common name of the certificate in the PEM file `path`, as
 /// [`ferry_proto::tls::peer_name`] reads a peer's.
 ///
 /// # Errors
-/// A message naming the file when it cannot be read, holds no certificate, or the
-/// certificate has no common name.
-pub fn certificate_name(path: &Path) -> Result<String, String> {
-    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let (_, pem) = x509_parser::pem::parse_x509_pem(&pem)
-        .map_err(|e| format!("{} holds no PEM certificate: {e}", path.display()))?;
-    let cert = pem
-        .parse_x509()
-        .map_err(|e| format!("{} holds no X.509 certificate: {e}", path.display()))?;
+/// [`CertificateError`] naming the file when it cannot be read, holds no certificate, or
+/// the certificate has no common name.
+pub fn certificate_name(path: &Path) -> Result<String, CertificateError> {
+    let pem = std::fs::read(path).map_err(|source| CertificateError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let (_, pem) =
+        x509_parser::pem::parse_x509_pem(&pem).map_err(|e| CertificateError::NotPem {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+    let cert = pem.parse_x509().map_err(|e| CertificateError::NotX509 {
+        path: path.to_owned(),
+        message: e.to_string(),
+    })?;
     cert.subject()
         .iter_common_name()
         .next()
         .and_then(|cn| cn.as_str().ok())
         .map(str::to_owned)
-        .ok_or_else(|| format!("the certificate in {} has no common name", path.display()))
+        .ok_or_else(|| CertificateError::NoCommonName {
+            path: path.to_owned(),
+        })
 }
 
 impl CoordinatorConfig {
@@ -304,8 +349,8 @@ impl CoordinatorConfig {
         }
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key".into(), e.to_string()))?;
-        let own_name =
-            certificate_name(&self.tls.cert).map_err(|m| invalid("tls.cert".into(), m))?;
+        let own_name = certificate_name(&self.tls.cert)
+            .map_err(|e| invalid("tls.cert".into(), e.to_string()))?;
         if let Some(m) = &self.maintenance {
             m.validate()
                 .map_err(|(field, msg)| invalid(format!("maintenance.{field}"), msg))?;
@@ -483,7 +528,7 @@ impl CoordinatorConfig {
                 .retention
                 .into_iter()
                 .map(|r| {
-                    let policy = crate::retention::Policy {
+                    let policy = crate::catalog::retention::Policy {
                         keep_daily: r.keep_daily,
                         keep_weekly: r.keep_weekly,
                         keep_monthly: r.keep_monthly,

@@ -4,11 +4,18 @@
 //! - [`config`]: `coordinator.toml`, validated into [`config::Settings`] (role rules,
 //!   schedules).
 //! - [`model`]: jobs, progress, results and the backup catalog (domain types).
-//! - [`store`]: the persistent [`store::Store`] (redb): jobs, their events, the catalog.
+//! - [`store`]: the persistent [`store::Store`]: jobs, their events, the catalog, the audit
+//!   log; [`store::RedbStore`] on disk, [`store::MemoryStore`] for unit tests.
+//! - [`catalog`]: what the catalog holds and decides: backup sets, retention, prune.
 //! - [`access`]: `[[operators]]` and their roles: which certificate may call which method.
 //! - [`agents`]: mTLS channels to agents and their `Describe` checked against the inventory.
-//! - [`dispatch`]: triggers → jobs → orders, retries, timeouts, schedules.
-//! - [`service`] and [`convert`]: the `ferry.v1.Coordinator` gRPC handlers.
+//! - [`dispatch`]: the domain service [`dispatch::Coordinator`]: triggers → jobs → orders
+//!   (trigger policy), attempts and retries, recovery after a restart, schedules.
+//! - [`service`]: the `ferry.v1.Coordinator` gRPC handlers, and the conversions between
+//!   domain and wire types ([`service::convert`]).
+//! - [`Error`]: the domain error a request can end in, made a gRPC status in one place.
+//! - [`audit`]: the hash-chained audit log.
+//! - [`metrics`]: Prometheus metrics on `GET /metrics`.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
 //!
 //! The `ferry` operator CLI is the `ferry-cli` crate: it reaches the coordinator over the
@@ -20,19 +27,20 @@ use std::time::Duration;
 use anyhow::Context;
 use ferry_proto::v1::coordinator_server::CoordinatorServer;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use error::Error;
 
 pub mod access;
 pub mod agents;
+pub mod catalog;
 pub mod config;
-pub mod convert;
 pub mod dispatch;
+mod error;
 pub mod metrics;
 pub mod model;
 pub mod pki;
-pub mod prune;
-pub mod retention;
 pub mod service;
-pub mod sets;
 pub mod store;
 
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
@@ -40,11 +48,34 @@ pub const DESCRIBE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Serves the coordinator until `shutdown` is cancelled: the gRPC service for the CLI (open
 /// only to the `[[operators]]`, each as its role allows: [`access`]), the schedules, and
-/// the periodic agent checks.
+/// the periodic agent checks. Returns once every task it spawned has ended: at shutdown,
+/// jobs are left as stored (queued or running) for the next start to take up
+/// ([`dispatch::Coordinator::reconcile`]), and watches of jobs end.
 ///
 /// # Errors
 /// The store cannot be opened, TLS files are unusable, or the address is taken.
 pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tasks = TaskTracker::new();
+    let served = serve(settings, shutdown.clone(), tasks.clone()).await;
+    shutdown.cancel();
+    tasks.close();
+    if !tasks.is_empty() {
+        tracing::info!(
+            tasks = tasks.len(),
+            "Waiting for the coordinator's tasks to end."
+        );
+    }
+    tasks.wait().await;
+    tracing::info!("Coordinator stopped.");
+    served
+}
+
+/// [`run`]'s work, its tasks spawned on `tasks`.
+async fn serve(
+    settings: config::Settings,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+) -> anyhow::Result<()> {
     let store_path = settings.store.clone();
     let store: Arc<dyn store::Store> =
         Arc::new(tokio::task::spawn_blocking(move || store::RedbStore::open(&store_path)).await??);
@@ -53,6 +84,8 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         settings.agents.clone(),
         settings.tls.clone(),
         settings.agent_timeout,
+        shutdown.clone(),
+        tasks.clone(),
     );
     let listen = settings.listen;
     let access = Arc::new(access::Access::new(settings.operators.clone()));
@@ -66,6 +99,7 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         store,
         agents: agents.clone(),
         shutdown: shutdown.clone(),
+        tasks: tasks.clone(),
         counters: metrics::Counters::default(),
     });
     let reconciled = coordinator.reconcile().await;
@@ -79,17 +113,18 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("metrics_listen {addr}"))?;
-        tokio::spawn(metrics::serve(
-            coordinator.clone(),
-            listener,
-            shutdown.clone(),
-        ));
+        let (c, shutdown) = (coordinator.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            if let Err(e) = metrics::serve(c, listener, shutdown).await {
+                tracing::error!(error = %e, error_type = "metrics", "Metrics server failed.");
+            }
+        });
     }
-    let refresh = tokio::spawn(agents.refresh_loop(DESCRIBE_INTERVAL, shutdown.clone()));
-    let schedules = tokio::spawn(coordinator.clone().run_schedules());
+    tasks.spawn(agents.refresh_loop(DESCRIBE_INTERVAL));
+    tasks.spawn(coordinator.clone().run_schedules());
     tracing::info!(%listen, agents = coordinator.settings.agents.len(),
         schedules = coordinator.settings.schedules.len(), "Coordinator serving.");
-    let served = tonic::transport::Server::builder()
+    tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration (check [tls] cert, key and ca)")?
         .add_service(access::Guarded::new(
@@ -98,11 +133,7 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
                 .max_encoding_message_size(ferry_proto::MAX_RESPONSE_BYTES),
             access,
         ))
-        .serve_with_shutdown(listen, shutdown.clone().cancelled_owned())
+        .serve_with_shutdown(listen, shutdown.cancelled_owned())
         .await
-        .with_context(|| format!("serving gRPC on {listen}"));
-    shutdown.cancel();
-    let _ = refresh.await;
-    let _ = schedules.await;
-    served
+        .with_context(|| format!("serving gRPC on {listen}"))
 }

@@ -35,8 +35,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dispatch::{Coordinator, DispatchError};
+use crate::dispatch::Coordinator;
 use crate::model::{Job, JobKind, JobState};
+use crate::store::StoreError;
 
 /// The job kinds counted by `ferry_jobs_total`, in label order.
 const KINDS: [JobKind; 3] = [JobKind::Backup, JobKind::Restore, JobKind::Verify];
@@ -201,7 +202,7 @@ fn encode(families: &[Family], format: Format) -> String {
 ///
 /// # Errors
 /// The store cannot be read.
-pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, DispatchError> {
+pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, StoreError> {
     let states = c.datastore_states().await?;
     let mut last_success = Family::gauge(
         "ferry_last_success_timestamp_seconds",
@@ -333,7 +334,8 @@ pub async fn serve(
                         text,
                     )
                         .into_response(),
-                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+                    Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("job store: {e}"))
+                        .into_response(),
                 }
             }
         }),

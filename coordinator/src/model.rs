@@ -229,6 +229,18 @@ pub struct BackupRecord {
     pub missing: Option<MissingNote>,
 }
 
+impl BackupRecord {
+    /// Whether it is a dated archive (`.age`, read by file name) rather than a
+    /// differential repository (pgBackRest, rsync mirror: recorded as its folder, restored
+    /// by date).
+    pub fn is_archive(&self) -> bool {
+        self.stored_path
+            .rsplit('/')
+            .next()
+            .is_some_and(|f| f.ends_with(".age"))
+    }
+}
+
 /// What a restore or verify found of a catalog record whose file is not on the backup
 /// server.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -239,4 +251,33 @@ pub struct MissingNote {
     pub job_id: String,
     /// What the agent said.
     pub error: String,
+}
+
+/// A backup job of `agent`'s datastore `postgres` in `state`, for unit tests: its id is
+/// the ULID of `n` ms after 2023-11-14 22:13:20 UTC (a larger `n` is a newer job).
+#[cfg(test)]
+pub(crate) fn test_job(n: u64, agent: &str, state: JobState) -> Job {
+    Job {
+        id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
+        kind: JobKind::Backup,
+        agent: agent.into(),
+        datastore: "postgres".into(),
+        state,
+        attempt: 1,
+        trigger: "operator".into(),
+        date: None,
+        namespaces: Vec::new(),
+        backup_type: None,
+        file: None,
+        set_environment: None,
+        all_or_nothing: false,
+        checked_ms: None,
+        scheduled_ms: None,
+        created_ms: n as i64,
+        started_ms: None,
+        finished_ms: None,
+        progress: None,
+        result: None,
+        error: None,
+    }
 }

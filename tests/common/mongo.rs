@@ -1,7 +1,10 @@
 //! A MongoDB wire-protocol server for the tests: SecantusDB (a one-node replica set
 //! `secantus`) from the venv that `scripts/install-deps` makes, on a free loopback port,
-//! killed on drop; and [`check_mongo_archive`], the archive checker that is not Ferry's.
+//! killed on drop, with synchronous helpers to seed it and to read what a user would
+//! compare ([`MongoServer::contents`]); and [`check_mongo_archive`], the archive checker
+//! that is not Ferry's.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -46,6 +49,10 @@ pub fn check_mongo_archive(archive: &Path) -> Result<serde_json::Value, String> 
         ),
     }
 }
+
+/// One collection or view as [`MongoServer::contents`] reads it: its type and options
+/// (`"collection {}"`), its index names, and its documents as raw BSON, sorted.
+pub type NamespaceContents = (String, Vec<String>, Vec<Vec<u8>>);
 
 /// A SecantusDB server (see the module docs).
 pub struct MongoServer {
@@ -102,5 +109,98 @@ impl MongoServer {
     /// The last 30 lines of its log.
     pub fn log(&self) -> String {
         tail(&self.proc.log, 30)
+    }
+
+    /// Runs `f` with a client of this server, on a runtime of its own (the tests are
+    /// synchronous); panics naming the server on an error.
+    fn with_client<T, F>(&self, f: impl FnOnce(mongodb::Client) -> F) -> T
+    where
+        F: std::future::Future<Output = mongodb::error::Result<T>>,
+    {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let client = mongodb::Client::with_uri_str(self.uri()).await?;
+            f(client).await
+        })
+        .unwrap_or_else(|e| panic!("MongoDB at {}: {e}\n{}", self.uri(), self.log()))
+    }
+
+    /// Its databases' names, sorted.
+    pub fn databases(&self) -> Vec<String> {
+        let mut names = self.with_client(|c| async move { c.list_database_names().await });
+        names.sort();
+        names
+    }
+
+    /// Documents in `db.coll` (0 if it does not exist).
+    pub fn count(&self, db: &str, coll: &str) -> u64 {
+        self.with_client(|c| async move {
+            c.database(db)
+                .collection::<bson::Document>(coll)
+                .count_documents(bson::doc! {})
+                .await
+        })
+    }
+
+    /// Inserts `docs` into `db.coll`, 5,000 at a time.
+    pub fn insert(&self, db: &str, coll: &str, docs: &[bson::Document]) {
+        self.with_client(|c| async move {
+            for chunk in docs.chunks(5_000) {
+                c.database(db)
+                    .collection::<bson::Document>(coll)
+                    .insert_many(chunk)
+                    .await?;
+            }
+            Ok(())
+        })
+    }
+
+    /// Runs `command` in `db`.
+    pub fn run(&self, db: &str, command: bson::Document) -> bson::Document {
+        self.with_client(|c| async move { c.database(db).run_command(command).await })
+    }
+
+    /// What a user compares of database `db`: for each collection and view (not
+    /// `system.*`), by name, its type and options, its index names, and every document as
+    /// raw BSON, sorted by those bytes.
+    pub fn contents(&self, db: &str) -> BTreeMap<String, NamespaceContents> {
+        use futures::TryStreamExt;
+        self.with_client(|c| async move {
+            let d = c.database(db);
+            let specs: Vec<bson::Document> = d
+                .run_cursor_command(bson::doc! {"listCollections": 1})
+                .await?
+                .try_collect()
+                .await?;
+            let mut out = BTreeMap::new();
+            for spec in specs {
+                let name = spec.get_str("name").unwrap_or_default().to_owned();
+                if name.starts_with("system.") {
+                    continue;
+                }
+                let kind = spec.get_str("type").unwrap_or("collection").to_owned();
+                let options = spec.get_document("options").cloned().unwrap_or_default();
+                let (mut indexes, mut docs) = (Vec::new(), Vec::new());
+                if kind != "view" {
+                    let coll = d.collection::<bson::RawDocumentBuf>(&name);
+                    indexes = coll.list_index_names().await?;
+                    indexes.sort();
+                    docs = coll
+                        .find(bson::doc! {})
+                        .await?
+                        .try_collect::<Vec<_>>()
+                        .await?
+                        .into_iter()
+                        .map(|d| d.into_bytes())
+                        .collect();
+                    docs.sort();
+                }
+                out.insert(name, (format!("{kind} {options}"), indexes, docs));
+            }
+            Ok(out)
+        })
     }
 }

@@ -10,8 +10,11 @@
 //! - InfluxDB: the databases `<target>__ferry_new_<job>` (verified copies) and
 //!   `<target>__ferry_swap_<job>` (empty markers: "the target is being replaced"), and the
 //!   unpacked backup in `<scratch_dir>/ferry-influxdb-<datastore>-<job>`;
-//! - MongoDB: not yet; its restorer keeps the default [`super::Restorer::recover`], which
-//!   finds nothing.
+//! - MongoDB: the databases `<target>__ferry_new_<job>` (the job id in lower case, the
+//!   target's name cut to fit 63 bytes), each holding a marker that names its datastore,
+//!   target and state; MongoDB moves collection by collection into the live target and keeps
+//!   no old copy, so its commit point is a marker set to `swapping`, and a swap past it is
+//!   finished ([`super::mongodb::swap`]).
 //!
 //! A restore killed (kill -9, a host that died) leaves them behind, and a retry of the same
 //! job meets its own names again. So on start, and before each restore, the agent looks for

@@ -218,8 +218,7 @@ pub trait Restorer: Send + Sync {
     /// of a job in `skip` (jobs running in this agent). Puts each job's leftovers right,
     /// finishing or undoing its swap, and says what it did. Called on the agent's start
     /// and before each restore, when this datastore runs no job. The default finds
-    /// nothing: a kind whose restores leave nothing behind (MongoDB has yet to implement
-    /// it).
+    /// nothing: a kind whose restores leave nothing behind.
     ///
     /// # Errors
     /// [`RestoreError::Target`] if the leftovers cannot be looked for (the server is

@@ -11,7 +11,7 @@
 use std::io::{self, Read, Write};
 use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
 
 use super::progress::Progress;
 
@@ -81,11 +81,23 @@ impl ChunkWriter {
         }
         let chunk = std::mem::replace(&mut self.buf, buffer());
         let n = chunk.len() as u64;
-        self.tx
+        let tx = self
+            .tx
             .as_ref()
-            .ok_or_else(|| io::Error::other("chunk writer already finished"))?
-            .send(chunk)
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))?;
+            .ok_or_else(|| io::Error::other("chunk writer already finished"))?;
+        let stopped = || io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped");
+        match tx.try_send(chunk) {
+            Ok(()) => {}
+            Err(TrySendError::Disconnected(_)) => return Err(stopped()),
+            // The channel is full: the dump waits for the upload (see
+            // `Progress::held_by_upload`) until the transport takes a chunk.
+            Err(TrySendError::Full(chunk)) => {
+                self.progress.set_held_by_upload(true);
+                let sent = tx.send(chunk);
+                self.progress.set_held_by_upload(false);
+                sent.map_err(|_| stopped())?;
+            }
+        }
         self.progress.inner.written.fetch_add(n, Ordering::Relaxed);
         Ok(())
     }
@@ -160,5 +172,42 @@ impl Read for ChunkReader {
         out[..n].copy_from_slice(&self.current[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn a_dump_is_streaming_for_the_coordinator_only_while_the_upload_holds_it_up() {
+        let progress = Progress::new(CancellationToken::new());
+        progress.set_streaming(true);
+        progress.inner.read.store(1, Ordering::Relaxed);
+        let (tx, rx) = channel();
+        let writer = {
+            let progress = progress.clone();
+            std::thread::spawn(move || {
+                let mut w = ChunkWriter::new(tx, progress);
+                for _ in 0..CHANNEL_CHUNKS + 2 {
+                    w.write_all(&vec![7; CHUNK_BYTES]).unwrap();
+                }
+                w.finish().unwrap();
+            })
+        };
+        // Nobody takes the chunks (a stalled server): the writer is held up once the
+        // channel is full.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !progress.streaming() {
+            assert!(Instant::now() < deadline, "never held up by the upload");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // The upload takes everything: the writer ends, no longer held up.
+        let chunks: Vec<Vec<u8>> = rx.iter().collect();
+        writer.join().unwrap();
+        assert_eq!(chunks.len(), CHANNEL_CHUNKS + 2);
+        assert!(!progress.streaming());
     }
 }

@@ -462,8 +462,8 @@ async fn backup_part(
         })
     };
 
-    // From the dump's first byte to its end, the byte counters are what shows the job
-    // alive to the coordinator.
+    // From the dump's first byte to its end, while the upload holds the dump up, the byte
+    // counters are what shows the job alive to the coordinator (`Progress::streaming`).
     progress.set_streaming(true);
     let stages = {
         let settings = settings.clone();

@@ -19,6 +19,8 @@ pub struct Counters {
     pub stage: Mutex<&'static str>,
     /// Set while the stage streams data between a datastore and the backup server.
     pub streaming: AtomicBool,
+    /// Set while the stage waits for the upload to take a chunk (the channel is full).
+    pub held_by_upload: AtomicBool,
 }
 
 /// A cheap, cloneable handle on one job's counters and cancellation.
@@ -54,20 +56,30 @@ impl Progress {
         self.inner.written.store(0, Ordering::Relaxed);
     }
 
-    /// Marks the span in which the stage streams a dump to the backup server: once the
-    /// dump's first byte is read and until `false`, counters that do not move mean the job
-    /// is making no progress (see [`Progress::streaming`]).
+    /// Marks the span in which the stage streams a dump to the backup server (see
+    /// [`Progress::streaming`]).
     pub fn set_streaming(&self, on: bool) {
         self.inner.streaming.store(on, Ordering::Relaxed);
     }
 
-    /// Whether the byte counters are the measure of this stage's progress: set with
-    /// [`Progress::set_streaming`] and some bytes read. The coordinator then takes progress
-    /// reports whose counters did not move for no sign of life (`agent_timeout_seconds`).
-    /// Stages measured otherwise (waiting, a dump tool before its first byte, the commit,
-    /// tools such as pgBackRest or rsync, a restore) report `false`.
+    /// Marks the time the stage waits for the upload to take a chunk: the chunk channel to
+    /// the transport is full.
+    pub fn set_held_by_upload(&self, on: bool) {
+        self.inner.held_by_upload.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the byte counters are now the measure of this stage's progress: a dump is
+    /// streaming to the backup server ([`Progress::set_streaming`]), some bytes were read,
+    /// and the dump is held up by the upload ([`Progress::set_held_by_upload`]). The
+    /// coordinator then takes progress reports whose counters did not move for no sign of
+    /// life (`agent_timeout_seconds`): the backup server takes nothing. A dump that waits
+    /// for its source (a slow database) is not held by the upload and reports `false`,
+    /// as do stages measured otherwise (waiting for a slot, the commit, tools such as
+    /// pgBackRest or rsync, a restore): each of their reports is a sign of life.
     pub fn streaming(&self) -> bool {
-        self.inner.streaming.load(Ordering::Relaxed) && self.inner.read.load(Ordering::Relaxed) > 0
+        self.inner.streaming.load(Ordering::Relaxed)
+            && self.inner.held_by_upload.load(Ordering::Relaxed)
+            && self.inner.read.load(Ordering::Relaxed) > 0
     }
 
     /// (bytes read, bytes written).

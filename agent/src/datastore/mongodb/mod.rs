@@ -10,7 +10,7 @@
 //! a standalone server the manifest says the dump is not point-in-time.
 //!
 //! Restore (staging), beside the live data: every database of the archive goes into a
-//! scratch database `<target>__ferry_<job suffix>`: each collection created with its
+//! scratch database `<target>__ferry_new_<job>` ([`swap`]): each collection created with its
 //! options, filled with batched raw inserts, then given its indexes; then the views; then
 //! the captured oplog replayed ([`oplog`]: every update form, the commands that change
 //! data; an entry it cannot apply fails the restore, naming it). Document counts and index
@@ -19,8 +19,11 @@
 //! with `dropTarget`; where the server loses collection options on a rename, which a probe
 //! finds out, the collection is recreated with them and copied), views recreated, what the
 //! oplog created moved too and what it dropped dropped in the target, and the scratch
-//! databases dropped. A failure before the move leaves the target as it was. Databases may
-//! be renamed (`rename = { app = "app_staging" }`, like mongorestore's `--nsFrom/--nsTo`).
+//! databases dropped. A failure before the move leaves the target as it was; a marker in
+//! each scratch database says whether the move had begun, so that the agent drops, or
+//! finishes moving, the scratch databases of a restore that was stopped ([`swap`]).
+//! Databases may be renamed (`rename = { app = "app_staging" }`, like mongorestore's
+//! `--nsFrom/--nsTo`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{self, Read, Write};
@@ -44,6 +47,7 @@ use ferry_core::manifest::{Manifest, Source};
 
 pub mod archive;
 pub mod oplog;
+pub mod swap;
 
 use archive::{ArchiveReader, ArchiveWriter, CollectionMetadata, Header, Item, Namespace};
 use oplog::{Replay, ReplayReport};
@@ -606,6 +610,16 @@ impl Restorer for Mongo {
         true
     }
 
+    /// The scratch databases `<target>__ferry_new_<job>` whose marker names this datastore:
+    /// dropped, or moved into place if their restore had passed its commit point
+    /// ([`swap::recover`]).
+    fn recover<'a>(
+        &'a self,
+        skip: &'a [String],
+    ) -> BoxFuture<'a, Result<Vec<super::leftovers::Recovered>, RestoreError>> {
+        swap::recover(self, skip).boxed()
+    }
+
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
             let client = self.client().await.map_err(RestoreError::Target)?;
@@ -664,34 +678,49 @@ impl Restorer for Mongo {
                 )));
             }
             // Every database of the archive is restored into a scratch database beside
-            // its target, checked, and only then moved into place.
-            let suffix: String = job_id
-                .chars()
-                .rev()
-                .take(8)
-                .collect::<String>()
-                .to_lowercase();
+            // its target, checked, and only then moved into place. Its marker, written
+            // first, names it as this job's ([`swap`]).
             let mut scratch = self.clone();
             let mut scratch_dbs = BTreeMap::new();
-            let sources: std::collections::BTreeSet<&str> = main
+            let all: Vec<&String> = main
                 .counts
                 .get("namespaces")
                 .and_then(|n| n.as_object())
-                .map(|n| {
-                    n.keys()
-                        .filter_map(|k| k.split_once('.').map(|(d, _)| d))
-                        .collect()
-                })
+                .map(|n| n.keys().collect())
                 .unwrap_or_default();
+            if let Some(ns) = all
+                .iter()
+                .find(|ns| ns.split_once('.').is_some_and(|(_, c)| c == swap::MARKER))
+            {
+                return Err(RestoreError::Manifest(format!(
+                    "{} holds {ns}, a collection name Ferry keeps for the marker of its scratch databases; \
+                     restore it with stock mongorestore (README, \"When Ferry is gone\")",
+                    main.file
+                )));
+            }
+            let sources: std::collections::BTreeSet<&str> = all
+                .iter()
+                .filter_map(|k| k.split_once('.').map(|(d, _)| d))
+                .collect();
+            // scratch database → its target
+            let mut made: BTreeMap<String, String> = BTreeMap::new();
             for db in sources {
-                let name = format!("{}__ferry_{suffix}", self.target_db(db));
-                if name.len() > 63 {
-                    return Err(RestoreError::Target(format!(
-                        "the scratch database for {} would be {name:?}, longer than MongoDB allows",
-                        self.target_db(db)
-                    )));
+                let target = self.target_db(db);
+                let name = swap::scratch_name(&target, job_id);
+                match made.get(&name) {
+                    Some(other) if *other == target => {}
+                    Some(other) => {
+                        return Err(RestoreError::Target(format!(
+                            "the scratch databases of {other} and {target} would both be {name} (a name is cut \
+                             to fit MongoDB's 63 bytes): make their first characters differ with `rename`"
+                        )));
+                    }
+                    None => {
+                        client.database(&name).drop().await.map_err(tgt)?;
+                        swap::create(&client, &name, (self.name(), job_id), (db, &target)).await?;
+                        made.insert(name.clone(), target);
+                    }
                 }
-                client.database(&name).drop().await.map_err(tgt)?;
                 scratch.cfg.rename.insert(db.to_owned(), name.clone());
                 scratch_dbs.insert(db.to_owned(), name);
             }
@@ -703,6 +732,7 @@ impl Restorer for Mongo {
                 only: namespaces.to_vec(),
                 replaced: Replaced::default(),
                 replay: Default::default(),
+                committed: false,
             }) as Box<dyn RestoreSession>)
         }
         .boxed()
@@ -723,6 +753,9 @@ struct MongoRestore {
     replaced: Replaced,
     /// What the oplog replay did, once the archive has been applied.
     replay: std::sync::Arc<std::sync::Mutex<Option<ReplayReport>>>,
+    /// Whether a marker was set to `swapping` (the commit point, [`swap`]): from then on
+    /// a failure keeps the scratch databases, for the agent to finish the move.
+    committed: bool,
 }
 
 /// The target namespaces a restore has dropped so far, shared with its applier task.
@@ -1242,7 +1275,9 @@ impl RestoreSession for MongoRestore {
             // Verified beside the live data: move each namespace into place (the archive's,
             // and those the oplog created, dropped or renamed), recreating the views (a view
             // cannot be renamed) and dropping in the target what the oplog dropped; then
-            // drop the scratch databases.
+            // drop the scratch databases. The plan of each move goes into its scratch
+            // database's marker first, then every marker is set to `swapping`, the commit
+            // point: a stop from then on is finished by the agent's recovery ([`swap`]).
             let chosen: BTreeMap<String, Option<&serde_json::Value>> = namespaces
                 .iter()
                 .filter(|(ns, _)| selected(ns))
@@ -1253,61 +1288,44 @@ impl RestoreSession for MongoRestore {
                     *slot = slot.or(c);
                     all
                 });
-            let mut rename_keeps: Option<bool> = None;
-            let (mut moved, mut dropped, mut total) = (0usize, 0usize, 0i64);
+            // scratch database → (its target, its plan)
+            let mut plans: BTreeMap<String, (String, swap::Plan)> = self
+                .scratch_dbs
+                .iter()
+                .map(|(db, name)| (name.clone(), (self.mongo.target_db(db), swap::Plan::default())))
+                .collect();
             for ns in chosen.keys() {
                 let Some((db, coll)) = ns.split_once('.') else { continue };
-                let (from, to) = (self.scratch.target_db(db), self.mongo.target_db(db));
-                let Some(spec) = collection_spec(&self.client, &from, coll).await? else {
+                let Some(name) = self.scratch_dbs.get(db) else { continue };
+                let (_, plan) = plans.get_mut(name).expect("every scratch database has a plan");
+                match collection_spec(&self.client, name, coll).await? {
                     // Dropped (or renamed away) by the oplog: so in the target too.
-                    let target = self.client.database(&to);
-                    target.collection::<Document>(coll).drop().await.map_err(|e| {
-                        RestoreError::Target(format!("dropping {to}.{coll}, which the oplog dropped: {e}"))
-                    })?;
-                    self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{to}.{coll}"));
-                    dropped += 1;
-                    continue;
-                };
-                let options = spec.get_document("options").cloned().unwrap_or_default();
-                if spec.get_str("type") == Ok("view") {
-                    let target = self.client.database(&to);
-                    target.collection::<Document>(coll).drop().await.map_err(tgt)?;
-                    let mut create = doc! {"create": coll};
-                    for (k, v) in options {
-                        create.insert(k, v);
-                    }
-                    target.run_command(create).await.map_err(|e| {
-                        RestoreError::Target(format!("creating view {to}.{coll}: {e}"))
-                    })?;
-                } else {
-                    total += self
-                        .client
-                        .database(&from)
-                        .collection::<Document>(coll)
-                        .estimated_document_count()
-                        .await
-                        .map_err(tgt)? as i64;
-                    if rename_keeps.is_none() && !options.is_empty() {
-                        rename_keeps = Some(rename_keeps_options(&self.client, &from).await);
-                    }
-                    if options.is_empty() || rename_keeps == Some(true) {
-                        self.client
-                            .database("admin")
-                            .run_command(doc! {
-                                "renameCollection": format!("{from}.{coll}"),
-                                "to": format!("{to}.{coll}"),
-                                "dropTarget": true,
-                            })
-                            .await
-                            .map_err(|e| RestoreError::Target(format!("renaming {from}.{coll} to {to}.{coll}: {e}")))?;
-                    } else {
-                        // This server loses options (capped, validator, collation...) on a
-                        // rename: recreate the collection with them and copy.
-                        copy_collection(&self.client, (&from, coll), (&to, coll), options).await?;
-                    }
+                    None => plan.drops.push(coll.to_owned()),
+                    Some(spec) if spec.get_str("type") == Ok("view") => plan.views.push(coll.to_owned()),
+                    Some(_) => plan.moves.push(coll.to_owned()),
                 }
-                self.replaced.lock().unwrap_or_else(|e| e.into_inner()).push(format!("{to}.{coll}"));
-                moved += 1;
+            }
+            for (name, (_, plan)) in &plans {
+                swap::set_plan(&self.client, name, plan).await?;
+            }
+            for name in plans.keys() {
+                swap::set_state(&self.client, name, swap::State::Swapping).await?;
+                self.committed = true;
+            }
+            let mut rename_keeps: Option<bool> = None;
+            let (mut moved, mut dropped, mut total) = (0usize, 0usize, 0i64);
+            for (name, (target, plan)) in &plans {
+                let done = swap::move_into_place(
+                    &self.client,
+                    (name, target),
+                    plan,
+                    &mut rename_keeps,
+                    &self.replaced,
+                )
+                .await?;
+                moved += done.namespaces;
+                dropped += done.dropped;
+                total += done.documents;
             }
             self.drop_scratch().await;
             let mut summary = format!(
@@ -1344,17 +1362,37 @@ impl RestoreSession for MongoRestore {
     }
 
     fn target_state(&self) -> Option<String> {
+        if !self.committed {
+            return None;
+        }
         let replaced = self.replaced.lock().unwrap_or_else(|e| e.into_inner());
-        (!replaced.is_empty()).then(|| {
+        let done = if replaced.is_empty() {
+            "no namespace was replaced yet".to_owned()
+        } else {
             format!(
-                "these namespaces were already replaced by their restored, verified copies: {}; the others are as they were",
+                "these namespaces were already replaced by their restored, verified copies: {}",
                 replaced.join(", ")
             )
-        })
+        };
+        let scratch: std::collections::BTreeSet<&String> = self.scratch_dbs.values().collect();
+        Some(format!(
+            "the restore was verified and its move into place had begun ({done}); the rest of it is in {}, \
+             which the agent moves into place when it starts and before the next restore of this datastore",
+            scratch.into_iter().cloned().collect::<Vec<_>>().join(", ")
+        ))
     }
 
     fn abort<'a>(&'a mut self) -> BoxFuture<'a, ()> {
         async move {
+            if self.committed {
+                // Past the commit point: targets may be partly replaced, and the previous
+                // data of those is gone. The scratch databases stay for the agent's
+                // recovery to finish the move ([`swap::recover`]), never a half-replaced
+                // target for good.
+                tracing::warn!(databases = ?self.scratch_dbs.values().collect::<Vec<_>>(),
+                    "Restore stopped while moving into place; its scratch databases are kept for the agent to finish the move.");
+                return;
+            }
             self.drop_scratch().await;
         }
         .boxed()

@@ -1,5 +1,9 @@
 //! The `ferry.v1.Coordinator` gRPC service used by the `ferry` CLI: thin handlers that
-//! validate, convert and delegate to [`Coordinator`].
+//! validate, convert and delegate to [`Coordinator`], whose errors become a status in one
+//! place (`From<Error> for Status` below).
+//!
+//! Modules:
+//! - [`convert`]: domain types to `ferry.v1` messages and back.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -9,11 +13,15 @@ use ferry_core::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_server;
 use futures::Stream;
+use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
 
-use crate::dispatch::{Coordinator, Selection};
-use crate::model::{Job, JobKind};
-use crate::store::StoreError;
+use crate::Error;
+use crate::catalog::prune::PruneError;
+use crate::dispatch::{Coordinator, DispatchError, Selection};
+use crate::model::JobKind;
+
+pub mod convert;
 
 /// The gRPC service.
 pub struct CoordinatorService {
@@ -25,27 +33,33 @@ impl CoordinatorService {
     pub fn new(coordinator: Arc<Coordinator>) -> Self {
         Self { coordinator }
     }
+}
 
-    async fn store<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&dyn crate::store::Store) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, Status> {
-        let store = self.coordinator.store.clone();
-        tokio::task::spawn_blocking(move || f(&*store))
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::internal(format!("job store: {e}")))
+/// The one mapping of the coordinator's errors to gRPC statuses: a refusal by its cause
+/// (`PermissionDenied`, `InvalidArgument`, `NotFound`, `FailedPrecondition`), an agent or
+/// the backup server away `Unavailable`, the store `Internal`.
+impl From<Error> for Status {
+    fn from(e: Error) -> Status {
+        let message = e.to_string();
+        match e {
+            Error::Access(_) | Error::Dispatch(DispatchError::PermissionDenied(_)) => {
+                Status::permission_denied(message)
+            }
+            Error::Dispatch(DispatchError::InvalidArgument(_)) => Status::invalid_argument(message),
+            Error::Dispatch(DispatchError::NotFound(_)) => Status::not_found(message),
+            Error::Dispatch(DispatchError::Unavailable(_) | DispatchError::ShuttingDown)
+            | Error::Prune(PruneError::Server(_)) => Status::unavailable(message),
+            Error::Prune(PruneError::Refused(_)) => Status::failed_precondition(message),
+            Error::Dispatch(DispatchError::Store(_))
+            | Error::Prune(PruneError::Store(_))
+            | Error::Store(_) => Status::internal(message),
+        }
     }
+}
 
-    async fn job(&self, id: &str) -> Result<Job, Status> {
-        ulid::Ulid::from_string(id).map_err(|_| {
-            Status::invalid_argument(format!("job id {} is not a ULID", Bounded(id)))
-        })?;
-        let key = id.to_owned();
-        self.store(move |s| s.get_job(&key))
-            .await?
-            .ok_or_else(|| Status::not_found(format!("no job {id}")))
-    }
+/// `e` as a status ([`From<Error> for Status`](Error)).
+fn status(e: impl Into<Error>) -> Status {
+    e.into().into()
 }
 
 /// Who sent `request`: the common name of its client certificate (mTLS is mandatory, so
@@ -118,7 +132,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
             0 => 50,
             n => n.min(10_000) as usize,
         };
-        let jobs = self.store(move |s| s.list_jobs(limit)).await?;
+        let jobs = self.coordinator.jobs(limit).await.map_err(status)?;
         Ok(Response::new(v1::ListJobsResponse {
             jobs: jobs.iter().map(Into::into).collect(),
         }))
@@ -128,7 +142,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<v1::Job>, Status> {
-        let job = self.job(&request.into_inner().id).await?;
+        let job = self
+            .coordinator
+            .job(&request.into_inner().id)
+            .await
+            .map_err(status)?;
         Ok(Response::new((&job).into()))
     }
 
@@ -136,19 +154,15 @@ impl coordinator_server::Coordinator for CoordinatorService {
         &self,
         request: Request<v1::GetJobRequest>,
     ) -> Result<Response<JobStream>, Status> {
-        let id = request.into_inner().id;
-        let first = self.job(&id).await?;
-        let store = self.coordinator.store.clone();
-        let stream = async_stream(first, move |id: String| {
-            let store = store.clone();
-            async move {
-                tokio::task::spawn_blocking(move || store.get_job(&id))
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten()
-            }
-        });
+        let first = self
+            .coordinator
+            .job(&request.into_inner().id)
+            .await
+            .map_err(status)?;
+        let jobs = self.coordinator.watch(first);
+        let stream: JobStream = Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(jobs).map(|job| Ok((&job).into())),
+        );
         Ok(Response::new(stream))
     }
 
@@ -172,7 +186,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 },
                 &who,
             )
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
@@ -204,7 +219,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 },
                 &who,
             )
-            .await?;
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
@@ -214,7 +230,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::ListAuditResponse>, Status> {
         let limit = request.into_inner().limit;
         let limit = (limit > 0).then_some(limit as usize);
-        let entries = self.store(move |s| s.list_audit(limit)).await?;
+        let entries = self.coordinator.audit_log(limit).await.map_err(status)?;
         Ok(Response::new(v1::ListAuditResponse {
             entries: entries.into_iter().map(Into::into).collect(),
         }))
@@ -226,40 +242,11 @@ impl coordinator_server::Coordinator for CoordinatorService {
     ) -> Result<Response<v1::PruneResponse>, Status> {
         let who = peer_name(&request);
         let r = request.into_inner();
-        let outcome = crate::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
-            .await
-            .map_err(|e| match e {
-                crate::prune::PruneError::Refused(m) => Status::failed_precondition(m),
-                crate::prune::PruneError::Server(m) => Status::unavailable(m),
-                crate::prune::PruneError::Dispatch(d) => d.into(),
-            })?;
-        Ok(Response::new(v1::PruneResponse {
-            decisions: outcome
-                .decisions
-                .into_iter()
-                .map(|d| v1::PruneDecision {
-                    environment: d.environment,
-                    date: d.date,
-                    keep: d.keep,
-                    backups: d.backups,
-                    size_bytes: d.size_bytes,
-                    removed: d.removed,
-                    leftovers: d
-                        .leftovers
-                        .into_iter()
-                        .map(|l| v1::PruneLeftover {
-                            path: l.path,
-                            kind: l.kind.into(),
-                            size_bytes: l.size_bytes,
-                            remove: l.remove,
-                            reason: l.reason,
-                            removed: l.removed,
-                        })
-                        .collect(),
-                })
-                .collect(),
-            leftovers_checked: outcome.leftovers_checked,
-        }))
+        let outcome =
+            crate::catalog::prune::run(&self.coordinator, &who, opt(&r.environment), r.dry_run)
+                .await
+                .map_err(status)?;
+        Ok(Response::new(outcome.into()))
     }
 
     async fn list_sets(
@@ -267,7 +254,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::ListSetsRequest>,
     ) -> Result<Response<v1::ListSetsResponse>, Status> {
         let env = request.into_inner().environment;
-        let sets = self.coordinator.sets(opt(&env)).await?;
+        let sets = self.coordinator.sets(opt(&env)).await.map_err(status)?;
         Ok(Response::new(v1::ListSetsResponse {
             sets: sets.iter().map(Into::into).collect(),
         }))
@@ -278,7 +265,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         request: Request<v1::ListBackupsRequest>,
     ) -> Result<Response<v1::ListBackupsResponse>, Status> {
         let env = request.into_inner().environment;
-        let backups = self.store(move |s| s.list_backups(opt(&env))).await?;
+        let backups = self.coordinator.backups(opt(&env)).await.map_err(status)?;
         Ok(Response::new(v1::ListBackupsResponse {
             backups: backups.iter().map(Into::into).collect(),
         }))
@@ -289,10 +276,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
         _: Request<v1::StatusRequest>,
     ) -> Result<Response<v1::StatusResponse>, Status> {
         let c = &self.coordinator;
-        let states = c
-            .datastore_states()
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?;
+        let states = c.datastore_states().await.map_err(status)?;
         let datastores = states
             .into_iter()
             .map(|(a, n, l)| v1::DatastoreStatus {
@@ -317,34 +301,48 @@ impl coordinator_server::Coordinator for CoordinatorService {
     }
 }
 
-/// A stream of a job's snapshots: the first, then each change (polled from the store),
-/// ending after a final state.
-fn async_stream<F, Fut>(first: Job, fetch: F) -> JobStream
-where
-    F: Fn(String) -> Fut + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Option<Job>> + Send,
-{
-    let (tx, rx) = tokio::sync::mpsc::channel(8);
-    tokio::spawn(async move {
-        let mut last = first;
-        if tx.send(Ok((&last).into())).await.is_err() || last.state.is_final() {
-            return;
-        }
-        loop {
-            tokio::time::sleep(Duration::from_millis(300)).await;
-            let Some(job) = fetch(last.id.clone()).await else {
-                return;
-            };
-            if job != last {
-                if tx.send(Ok((&job).into())).await.is_err() {
-                    return;
-                }
-                last = job;
-            }
-            if last.state.is_final() {
-                return;
-            }
-        }
-    });
-    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_job_id_that_is_no_ulid_is_invalid_and_an_unknown_one_is_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = crate::dispatch::test_coordinator(dir.path(), &[], Duration::from_secs(1));
+        let service = CoordinatorService::new(c);
+        let ask = |id: &str| {
+            coordinator_server::Coordinator::get_job(
+                &service,
+                Request::new(v1::GetJobRequest { id: id.into() }),
+            )
+        };
+        let bad = ask("../etc").await.unwrap_err();
+        assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+        assert_eq!(bad.message(), "job id \"../etc\" is not a ULID");
+        let id = ulid::Ulid::new().to_string();
+        let unknown = ask(&id).await.unwrap_err();
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+        assert_eq!(unknown.message(), format!("no job {id}"));
+    }
+
+    #[test]
+    fn each_error_has_its_status_code() {
+        use tonic::Code;
+        let code = |e: Error| Status::from(e).code();
+        let refused = |m: &str| DispatchError::PermissionDenied(m.into());
+        assert_eq!(code(refused("x").into()), Code::PermissionDenied);
+        assert_eq!(code(DispatchError::ShuttingDown.into()), Code::Unavailable);
+        assert_eq!(
+            code(PruneError::Refused("no policy".into()).into()),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            code(PruneError::Server("gone".into()).into()),
+            Code::Unavailable
+        );
+        let access = crate::access::Access::default()
+            .check(Some("bob"), "/ferry.v1.Coordinator/Status")
+            .unwrap_err();
+        assert_eq!(code(access.into()), Code::PermissionDenied);
+    }
 }

@@ -1,4 +1,4 @@
-//! `ferry prune`: the retention policies ([`crate::retention`]) applied to the catalog's
+//! `ferry prune`: the retention policies ([`crate::catalog::retention`]) applied to the catalog's
 //! dated folders, and, unless it is a dry run, the folders that go removed from the
 //! backup server with the coordinator's `[maintenance]` key. The newest date and the
 //! newest complete backup set are always kept. Every run and every removal is audited.
@@ -14,8 +14,9 @@ use std::sync::Arc;
 
 use ferry_agent::transport::{Leftover, LeftoverKind};
 
-use crate::dispatch::{Coordinator, DispatchError, blocking};
+use crate::dispatch::Coordinator;
 use crate::model::JobState;
+use crate::store::{StoreError, blocking};
 
 /// What prune decided for one dated folder.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -73,9 +74,9 @@ pub enum PruneError {
     /// removed.
     #[error("{0}")]
     Server(String),
-    /// The store or the sets could not be read.
-    #[error(transparent)]
-    Dispatch(#[from] DispatchError),
+    /// The store failed.
+    #[error("job store: {0}")]
+    Store(#[from] StoreError),
 }
 
 /// Partial uploads of jobs this coordinator does not know, untouched this long, are
@@ -166,7 +167,7 @@ pub async fn run(
     environment: Option<&str>,
     dry_run: bool,
 ) -> Result<Outcome, PruneError> {
-    let policies: Vec<(String, crate::retention::Policy)> = c
+    let policies: Vec<(String, crate::catalog::retention::Policy)> = c
         .settings
         .retention
         .iter()
@@ -181,8 +182,7 @@ pub async fn run(
                 .unwrap_or_default()
         )));
     }
-    let store = c.store.clone();
-    let backups = blocking(move || store.list_backups(None)).await?;
+    let backups = c.backups(None).await?;
     let mut decisions = Vec::new();
     for (env, policy) in &policies {
         let of_env: Vec<_> = backups.iter().filter(|b| &b.environment == env).collect();
@@ -191,11 +191,11 @@ pub async fn run(
             .filter_map(|b| chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok())
             .collect();
         // Never the newest complete set, whatever the policy says.
-        let newest_complete = crate::sets::build(env, &c.expected_members(env), &backups)
+        let newest_complete = crate::catalog::sets::build(env, &c.expected_members(env), &backups)
             .into_iter()
             .find(|s| s.complete())
             .map(|s| s.date);
-        for d in crate::retention::plan(&dates, policy) {
+        for d in crate::catalog::retention::plan(&dates, policy) {
             let date = d.date.format("%Y-%m-%d").to_string();
             let mut keep: Vec<String> = d.keep.iter().map(|k| (*k).to_owned()).collect();
             if newest_complete.as_deref() == Some(date.as_str()) {

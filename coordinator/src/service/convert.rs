@@ -111,8 +111,8 @@ impl From<&BackupRecord> for v1::BackupRecord {
     }
 }
 
-impl From<&crate::sets::BackupSet> for v1::BackupSet {
-    fn from(s: &crate::sets::BackupSet) -> Self {
+impl From<&crate::catalog::sets::BackupSet> for v1::BackupSet {
+    fn from(s: &crate::catalog::sets::BackupSet) -> Self {
         v1::BackupSet {
             environment: s.environment.clone(),
             date: s.date.clone(),
@@ -134,6 +134,38 @@ impl From<&crate::sets::BackupSet> for v1::BackupSet {
                     finished_unix_ms: m.backup.as_ref().map_or(0, |b| b.finished_ms),
                 })
                 .collect(),
+        }
+    }
+}
+
+impl From<crate::catalog::prune::Outcome> for v1::PruneResponse {
+    fn from(outcome: crate::catalog::prune::Outcome) -> Self {
+        v1::PruneResponse {
+            decisions: outcome
+                .decisions
+                .into_iter()
+                .map(|d| v1::PruneDecision {
+                    environment: d.environment,
+                    date: d.date,
+                    keep: d.keep,
+                    backups: d.backups,
+                    size_bytes: d.size_bytes,
+                    removed: d.removed,
+                    leftovers: d
+                        .leftovers
+                        .into_iter()
+                        .map(|l| v1::PruneLeftover {
+                            path: l.path,
+                            kind: l.kind.into(),
+                            size_bytes: l.size_bytes,
+                            remove: l.remove,
+                            reason: l.reason,
+                            removed: l.removed,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            leftovers_checked: outcome.leftovers_checked,
         }
     }
 }

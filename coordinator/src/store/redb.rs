@@ -1,6 +1,6 @@
-//! The coordinator's persistent store, on redb (ACID, stable file format; synchronous, so
-//! async callers go through `spawn_blocking`). Values are JSON of the [`crate::model`]
-//! types, so a field added later reads back from older files with serde defaults.
+//! [`RedbStore`]: the [`Store`] on redb (ACID, stable file format; synchronous, so async
+//! callers go through `spawn_blocking`). Values are JSON of the [`crate::model`] types, so
+//! a field added later reads back from older files with serde defaults.
 //!
 //! Tables:
 //! - `jobs`: job id (ULID, so key order is creation order) → [`Job`].
@@ -20,6 +20,7 @@ use ferry_core::audit::AuditEntry;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
+use super::{KindJobs, LatestJobs, Store, StoreError};
 use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobState};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
@@ -32,148 +33,6 @@ const BACKUPS: TableDefinition<&str, &[u8]> = TableDefinition::new("backups");
 const SCHEDULE_RUNS: TableDefinition<&str, i64> = TableDefinition::new("schedule_runs");
 /// The audit log's table: its name and types are part of the file format.
 pub const AUDIT: TableDefinition<u64, &[u8]> = TableDefinition::new("audit");
-
-/// A store operation that failed.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// redb failed (I/O, corruption, a transaction).
-    #[error("store {path}: {op}: {source}")]
-    Redb {
-        /// The store file.
-        path: PathBuf,
-        /// What was being done.
-        op: &'static str,
-        /// redb's error (boxed: it is large).
-        #[source]
-        source: Box<redb::Error>,
-    },
-    /// A stored value does not decode.
-    #[error("store {path}: value of {key:?} does not decode: {source}")]
-    Decode {
-        /// The store file.
-        path: PathBuf,
-        /// The key.
-        key: String,
-        /// serde's error.
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-/// The newest job and the newest succeeded job of one agent's datastore, overall and per
-/// kind.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct LatestJobs {
-    /// The newest job, any state, any kind.
-    pub last: Option<Job>,
-    /// The newest succeeded job, any kind.
-    pub last_success: Option<Job>,
-    /// Per kind that ever finished: its newest outcome and newest success. A verify
-    /// leaves the restore entry as it was: a drill's result stays until the next drill.
-    pub by_kind: BTreeMap<JobKind, KindJobs>,
-}
-
-/// The newest outcomes of one kind of job on one datastore.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct KindJobs {
-    /// The newest job of this kind that succeeded or failed (a cancelled one is no
-    /// outcome; one queued or running has none yet).
-    pub last_outcome: Option<Job>,
-    /// The newest job of this kind that succeeded.
-    pub last_success: Option<Job>,
-}
-
-/// What the coordinator persists. Implementations are synchronous.
-pub trait Store: Send + Sync + 'static {
-    /// Inserts or replaces a job by id, keeping the indexes in the same transaction.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn put_job(&self, job: &Job) -> Result<(), StoreError>;
-    /// One job.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn get_job(&self, id: &str) -> Result<Option<Job>, StoreError>;
-    /// At most `limit` jobs, newest first.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn list_jobs(&self, limit: usize) -> Result<Vec<Job>, StoreError>;
-    /// Jobs queued or running.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn unfinished_jobs(&self) -> Result<Vec<Job>, StoreError>;
-    /// Appends an event to a job's history.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn append_event(&self, event: &JobEventRecord) -> Result<(), StoreError>;
-    /// A job's events in the order they were appended.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn job_events(&self, job_id: &str) -> Result<Vec<JobEventRecord>, StoreError>;
-    /// Records a stored backup in the catalog.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn put_backup(&self, record: &BackupRecord) -> Result<(), StoreError>;
-    /// The catalog, newest first, optionally of one environment.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn list_backups(&self, environment: Option<&str>) -> Result<Vec<BackupRecord>, StoreError>;
-    /// The newest and newest succeeded jobs of `agent`'s `datastore`.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn latest_jobs(&self, agent: &str, datastore: &str) -> Result<LatestJobs, StoreError>;
-    /// Removes every catalog record of `environment` dated `date` (its folder was
-    /// pruned); returns how many.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn delete_backups(&self, environment: &str, date: &str) -> Result<usize, StoreError>;
-    /// Appends an audit entry after the newest one, in one transaction (so two appends
-    /// never chain to the same predecessor); returns it.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn append_audit(
-        &self,
-        who: &str,
-        action: &str,
-        target: &str,
-        outcome: &str,
-    ) -> Result<AuditEntry, StoreError>;
-    /// The audit log, oldest first; the newest `limit` entries if given.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn list_audit(&self, limit: Option<usize>) -> Result<Vec<AuditEntry>, StoreError>;
-    /// The last occurrence (UTC ms) schedule `key` ran for, if it ever ran.
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn schedule_mark(&self, key: &str) -> Result<Option<i64>, StoreError>;
-    /// Stores new `jobs` with their first `events`, in one transaction (one commit for a
-    /// trigger of 1,000 datastores, not 2,000). With `claim = Some((key, occurrence_ms))`
-    /// it also records that schedule `key` ran for that occurrence, and returns `false`
-    /// storing nothing if it already ran for it or a later one: so a scheduled run is
-    /// never doubled, and never marked done without its jobs (a crash in between loses
-    /// neither).
-    ///
-    /// # Errors
-    /// [`StoreError`].
-    fn queue_jobs(
-        &self,
-        jobs: &[Job],
-        events: &[JobEventRecord],
-        claim: Option<(&str, i64)>,
-    ) -> Result<bool, StoreError>;
-}
 
 #[derive(Default, Serialize, Deserialize)]
 struct LatestIds {
@@ -621,33 +480,7 @@ impl Store for RedbStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::JobKind;
-
-    fn job(n: u64, agent: &str, state: JobState) -> Job {
-        Job {
-            id: ulid::Ulid::from_parts(1_700_000_000_000 + n, 0).to_string(),
-            kind: JobKind::Backup,
-            agent: agent.into(),
-            datastore: "postgres".into(),
-            state,
-            attempt: 1,
-            trigger: "operator".into(),
-            date: None,
-            namespaces: Vec::new(),
-            backup_type: None,
-            file: None,
-            set_environment: None,
-            all_or_nothing: false,
-            checked_ms: None,
-            scheduled_ms: None,
-            created_ms: n as i64,
-            started_ms: None,
-            finished_ms: None,
-            progress: None,
-            result: None,
-            error: None,
-        }
-    }
+    use crate::model::test_job as job;
 
     #[test]
     fn jobs_events_and_backups_survive_reopening() {
