@@ -191,6 +191,22 @@ fn daemon_log_files_hold_no_terminal_colour_codes() {
     }
 }
 
+#[test]
+fn daemons_stop_cleanly_within_seconds_of_sigterm_and_say_so() {
+    let mut d = Deployment::start();
+    for which in ["agent-prod", "agent-stage", "coordinator"] {
+        let proc = d.procs.get_mut(which).unwrap();
+        let status = proc.terminate(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{which} after SIGTERM: {status:?}; its log ends:\n{}",
+            proc.log_tail(20)
+        );
+        let log = fs::read_to_string(d.dir.path().join(format!("{which}.log"))).unwrap();
+        assert!(log.contains("Shutting down."), "{which}: {log}");
+    }
+}
+
 /// An order as raw bytes on the wire: field 1 (the job id of every order) and 2 (the
 /// datastore) as bytes, so a test can send strings that are not UTF-8.
 #[derive(Clone, PartialEq, prost::Message)]

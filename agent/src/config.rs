@@ -34,9 +34,10 @@ use ferry_proto::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::datastore::{self, Datastore, DatastoreConfig};
-use crate::layout::{self, NameError};
 use crate::pipeline::encrypt::{Decryption, Encryption};
 use crate::transport::sftp::SftpConfig;
+use ferry_core::config::ConfigError;
+use ferry_core::layout::{self, NameError};
 
 /// The agent's role as written in config.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -134,39 +135,6 @@ fn default_max_concurrent_jobs() -> usize {
     4
 }
 
-/// A config that cannot be used. Each variant names the file and the field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file cannot be read.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The config file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// TOML syntax, an unknown key, a missing field or a wrong type.
-    #[error("config {path}: {source}")]
-    Parse {
-        /// The config file.
-        path: PathBuf,
-        /// toml's message names the key and line.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// A field's value is not acceptable.
-    #[error("config {path}: field `{field}`: {message}")]
-    Invalid {
-        /// The config file.
-        path: PathBuf,
-        /// Dotted field path, e.g. `datastores[0].name`.
-        field: String,
-        /// What is wrong and what to do.
-        message: String,
-    },
-}
-
 /// Which key material this agent holds: recipients to encrypt (production) or the
 /// identity to decrypt (staging). Never both.
 pub enum Keys {
@@ -210,11 +178,7 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`] (unknown keys, missing fields).
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+        ferry_core::config::load(path)
     }
 
     /// Parses TOML text read from `path` (used in messages).
@@ -222,10 +186,7 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError::Parse`].
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        ferry_core::config::parse(path, text)
     }
 
     /// Validates every field that can be checked locally (names, role rules, key files
@@ -234,11 +195,7 @@ impl AgentConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the field.
     pub fn build(self, path: &Path) -> Result<Settings, ConfigError> {
-        let invalid = |field: &str, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            field: field.to_owned(),
-            message,
-        };
+        let invalid = |field: &str, message: String| ConfigError::invalid(path, field, message);
         let name_err = |field: &str, e: NameError| invalid(field, e.to_string());
         layout::validate_name("agent id", &self.id).map_err(|e| name_err("id", e))?;
         layout::validate_name("environment", &self.environment)
@@ -362,82 +319,4 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
-}
-
-/// Reads a secret file (a password, an age identity), refusing one that group or others
-/// may read: only modes 0600 and 0400 (and stricter) are accepted.
-///
-/// # Errors
-/// A message naming the file and its mode, or the I/O error.
-pub fn read_secret_file(path: &Path) -> Result<String, String> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta =
-        std::fs::metadata(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
-        return Err(format!(
-            "{} has mode {mode:04o}; a secret file must not be readable by group or others \
-             (chmod 600 {})",
-            path.display(),
-            path.display()
-        ));
-    }
-    std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
-}
-
-/// A datastore password from `password_file` (mode 0600/0400, trailing newline dropped)
-/// or from the environment variable `password_env`; `None` if neither is set.
-///
-/// # Errors
-/// `(field, message)` when both are given, the file is unreadable or too open, or the
-/// variable is unset.
-pub fn read_password(
-    file: Option<&Path>,
-    env: Option<&str>,
-) -> Result<Option<String>, (String, String)> {
-    match (file, env) {
-        (Some(_), Some(_)) => Err((
-            "password_file".into(),
-            "give password_file or password_env, not both".into(),
-        )),
-        (Some(path), None) => Ok(Some(
-            read_secret_file(path)
-                .map_err(|m| ("password_file".to_owned(), m))?
-                .trim_end_matches(['\n', '\r'])
-                .to_owned(),
-        )),
-        (None, Some(var)) => std::env::var(var).map(Some).map_err(|_| {
-            (
-                "password_env".to_owned(),
-                format!("environment variable {var} is not set"),
-            )
-        }),
-        (None, None) => Ok(None),
-    }
-}
-
-/// A password that never prints (`Debug` shows `Password(***)`).
-#[derive(Clone)]
-pub struct Password(pub String);
-
-/// The password of a datastore's `user`, from `password_file` or `password_env` (see
-/// [`read_password`]); a password without a user is refused.
-///
-/// # Errors
-/// `(field, message)`: `user` missing, or as [`read_password`].
-pub fn user_password(
-    user: Option<&str>,
-    file: Option<&Path>,
-    env: Option<&str>,
-) -> Result<Option<Password>, (String, String)> {
-    if (file.is_some() || env.is_some()) && user.is_none() {
-        return Err(("user".into(), "missing: a password needs a user".into()));
-    }
-    Ok(read_password(file, env)?.map(Password))
-}
-
-impl std::fmt::Debug for Password {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Password(***)")
-    }
 }

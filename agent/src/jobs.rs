@@ -5,14 +5,14 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::datastore::Datastore;
-use crate::layout;
 use crate::pipeline::{self, JobError, JobReport, Progress};
+use ferry_core::layout;
 
 /// How often a running job reports progress (also the liveness signal), seconds.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);

@@ -9,7 +9,9 @@
 //!   and restore orchestration.
 //! - [`datastore`]: one module per datastore kind (`postgres`).
 //! - [`transport`]: the backup server over SFTP.
-//! - [`layout`] and [`manifest`]: where files go and the `.json` sidecar.
+//!
+//! Where files go on the backup server and their `.json` sidecar are `ferry_core`'s
+//! `layout` and `manifest`.
 
 use std::sync::Arc;
 
@@ -19,8 +21,6 @@ use tokio_util::sync::CancellationToken;
 pub mod config;
 pub mod datastore;
 pub mod jobs;
-pub mod layout;
-pub mod manifest;
 pub mod pipeline;
 pub mod service;
 pub mod transport;

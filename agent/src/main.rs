@@ -1,14 +1,15 @@
 //! `ferry-agent`: parse flags, set up logging, load config, run.
 
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use ferry_agent::config::{AgentConfig, Keys};
 use ferry_agent::pipeline::encrypt;
+use ferry_core::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc with one arena and no decay (configured in `.cargo/config.toml`) instead of
@@ -29,12 +30,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -66,17 +61,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
-    // Colours only on a terminal: a log file (systemd, a redirect) gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    telemetry::init_tracing(cli.log_format);
     ferry_proto::tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(run(cli.command)) {
@@ -93,7 +78,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Run { config } => {
             let settings = AgentConfig::load(&config)?.build(&config)?;
             let shutdown = CancellationToken::new();
-            tokio::spawn(signal_shutdown(shutdown.clone()));
+            telemetry::cancel_on_signal(shutdown.clone())
+                .context("installing the SIGTERM handler")?;
             ferry_agent::run(settings, shutdown).await
         }
         Command::Keygen { out } => {
@@ -167,7 +153,7 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
     let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
         use ferry_agent::transport::Downloader;
         let mut s = server.connect().map_err(|e| e.to_string())?;
-        let dir = ferry_agent::layout::environment_dir(s.root(), &env);
+        let dir = ferry_core::layout::environment_dir(s.root(), &env);
         let n = s
             .list(&dir)
             .map_err(|e| format!("cannot list {dir}: {e}"))?
@@ -189,15 +175,4 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
         anyhow::bail!("some checks failed");
     }
     Ok(())
-}
-
-async fn signal_shutdown(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("Shutting down.");
-    token.cancel();
 }

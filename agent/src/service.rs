@@ -4,7 +4,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::agent_server::Agent;
 use futures::Stream;

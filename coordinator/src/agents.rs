@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ferry_proto::Role;
+use ferry_proto::status::describe_status;
 use ferry_proto::tls::TlsFiles;
 use ferry_proto::v1;
 use ferry_proto::v1::agent_client::AgentClient;
@@ -404,37 +405,6 @@ impl AgentPool {
     }
 }
 
-/// A gRPC status in words: `PermissionDenied: message`, with transport causes spelled out
-/// (each once, [`join_causes`]).
-pub fn describe_status(s: &tonic::Status) -> String {
-    use std::error::Error;
-    let mut parts = vec![format!("{:?}: {}", s.code(), s.message())];
-    let mut source = s.source();
-    while let Some(e) = source {
-        parts.push(e.to_string());
-        source = e.source();
-    }
-    join_causes(parts)
-}
-
-/// Joins an error's message and its causes with `: `, each cause once: a cause whose text
-/// is already shown (an error that prints its source in its own message, or a wrapper
-/// that repeats it) is left out, and one that repeats the part before it and adds to it
-/// takes its place.
-pub fn join_causes(parts: impl IntoIterator<Item = String>) -> String {
-    let mut shown: Vec<String> = Vec::new();
-    for part in parts {
-        if part.is_empty() || shown.iter().any(|s| s.contains(part.as_str())) {
-            continue;
-        }
-        match shown.last_mut() {
-            Some(last) if part.contains(last.as_str()) => *last = part,
-            _ => shown.push(part),
-        }
-    }
-    shown.join(": ")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,36 +497,5 @@ mod tests {
             timeout: Duration::from_secs(1),
         };
         assert!(silent.is_transient());
-    }
-
-    #[test]
-    fn each_cause_is_joined_once() {
-        let parts = |p: &[&str]| join_causes(p.iter().map(|s| (*s).to_owned()));
-        assert_eq!(
-            parts(&[
-                "cannot reach the coordinator at https://h:1",
-                "transport error",
-                "tcp connect error",
-                "tcp connect error",
-                "Connection refused (os error 111)",
-            ]),
-            "cannot reach the coordinator at https://h:1: transport error: tcp connect error: \
-             Connection refused (os error 111)"
-        );
-        assert_eq!(
-            parts(&[
-                "cannot read TLS CA certificate file x: No such file or directory (os error 2)",
-                "No such file or directory (os error 2)",
-            ]),
-            "cannot read TLS CA certificate file x: No such file or directory (os error 2)"
-        );
-        assert_eq!(
-            parts(&[
-                "transport error",
-                "dns error",
-                "dns error: failed to lookup"
-            ]),
-            "transport error: dns error: failed to lookup"
-        );
     }
 }

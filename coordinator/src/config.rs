@@ -21,6 +21,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use ferry_core::config::ConfigError;
+use ferry_core::layout;
 use ferry_proto::Role;
 use ferry_proto::tls::TlsFiles;
 use serde::Deserialize;
@@ -195,39 +197,6 @@ pub struct CoordinatorConfig {
     pub schedules: Vec<ScheduleEntry>,
 }
 
-/// A config that cannot be used. Names the file and the field.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// Unreadable.
-    #[error("cannot read config {path}: {source}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// The I/O error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Syntax, unknown key, missing field, wrong type.
-    #[error("config {path}: {source}")]
-    Parse {
-        /// The file.
-        path: PathBuf,
-        /// toml's message, with the key and line.
-        #[source]
-        source: toml::de::Error,
-    },
-    /// A value that is not acceptable.
-    #[error("config {path}: field `{field}`: {message}")]
-    Invalid {
-        /// The file.
-        path: PathBuf,
-        /// Dotted path, e.g. `schedules[1].kind`.
-        field: String,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 /// A validated inventory agent.
 #[derive(Clone, Debug)]
 pub struct Agent {
@@ -283,61 +252,6 @@ pub struct Settings {
     pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
     /// Retention policy by environment.
     pub retention: BTreeMap<String, crate::catalog::retention::Policy>,
-}
-
-/// Longest agent, environment or datastore name accepted, bytes (as the agent's layout).
-pub const MAX_NAME_LEN: usize = 64;
-
-/// Checks an agent id, environment or datastore name: 1 to [`MAX_NAME_LEN`] of
-/// `[A-Za-z0-9-]`, not starting with `-`, so that it can never leave the backup server's
-/// layout (no `/`, `.`, NUL) nor confuse it (`_` is the layout's separator).
-///
-/// # Errors
-/// A message naming `what` and the value (cut to 72 characters).
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= MAX_NAME_LEN
-        && !name.starts_with('-')
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
-    if ok {
-        return Ok(());
-    }
-    let shown: String = name.chars().take(MAX_NAME_LEN + 8).collect();
-    let cut = if shown.len() < name.len() {
-        format!(" (cut; {} bytes in all)", name.len())
-    } else {
-        String::new()
-    };
-    Err(format!(
-        "{what} {shown:?}{cut} is not a valid name: use 1 to {MAX_NAME_LEN} characters of a-z, A-Z, 0-9 and '-', not starting with '-'"
-    ))
-}
-
-/// Checks a backup date: exactly `YYYY-MM-DD`, a real calendar day.
-///
-/// # Errors
-/// A message with the value (cut to 32 characters).
-pub fn check_date(date: &str) -> Result<(), String> {
-    // Digits and dashes only: chrono alone also takes a space-padded `2026-02- 5`.
-    let ok = date.len() == 10
-        && date.bytes().enumerate().all(|(i, b)| match i {
-            4 | 7 => b == b'-',
-            _ => b.is_ascii_digit(),
-        })
-        && chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d").is_ok();
-    if ok {
-        Ok(())
-    } else {
-        let shown: String = date.chars().take(32).collect();
-        Err(format!(
-            "date {shown:?}{} is not a calendar date of the form YYYY-MM-DD",
-            if shown.len() < date.len() {
-                " (cut)"
-            } else {
-                ""
-            }
-        ))
-    }
 }
 
 /// Why the common name of a certificate file could not be read ([`certificate_name`]).
@@ -412,14 +326,7 @@ impl CoordinatorConfig {
     /// # Errors
     /// [`ConfigError::Read`] or [`ConfigError::Parse`].
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })
+        ferry_core::config::load(path)
     }
 
     /// Validates and builds the runtime [`Settings`].
@@ -427,11 +334,7 @@ impl CoordinatorConfig {
     /// # Errors
     /// [`ConfigError::Invalid`] naming the entry.
     pub fn build(self, path: &Path) -> Result<Settings, ConfigError> {
-        let invalid = |field: String, message: String| ConfigError::Invalid {
-            path: path.to_owned(),
-            field,
-            message,
-        };
+        let invalid = |field: String, message: String| ConfigError::invalid(path, field, message);
         if self.agent_timeout_seconds == 0 {
             return Err(invalid(
                 "agent_timeout_seconds".into(),
@@ -455,9 +358,10 @@ impl CoordinatorConfig {
         let agent_ids: Vec<String> = self.agents.iter().map(|a| a.id.clone()).collect();
         let mut agents = BTreeMap::new();
         for (i, a) in self.agents.into_iter().enumerate() {
-            check_name("agent id", &a.id).map_err(|m| invalid(format!("agents[{i}].id"), m))?;
-            check_name("environment", &a.environment)
-                .map_err(|m| invalid(format!("agents[{i}].environment"), m))?;
+            layout::validate_name("agent id", &a.id)
+                .map_err(|e| invalid(format!("agents[{i}].id"), e.to_string()))?;
+            layout::validate_name("environment", &a.environment)
+                .map_err(|e| invalid(format!("agents[{i}].environment"), e.to_string()))?;
             if !a.address.starts_with("https://")
                 || a.address.parse::<tonic::transport::Uri>().is_err()
             {
@@ -494,7 +398,7 @@ impl CoordinatorConfig {
                     format!(
                         "{} is not a certificate name `ferry-coordinator pki issue` makes: 1 to 64 \
                          characters of a-z, A-Z, 0-9, '.', '_' and '-', not starting with '.' or '-'",
-                        ferry_proto::Bounded(&o.name)
+                        ferry_core::Bounded(&o.name)
                     ),
                 )
             })?;
@@ -524,7 +428,7 @@ impl CoordinatorConfig {
                     format!(
                         "{} is not a role: viewer (read only), operator (also backups and \
                          restores) or admin (also prune)",
-                        ferry_proto::Bounded(&o.role)
+                        ferry_core::Bounded(&o.role)
                     ),
                 )
             })?;
@@ -571,8 +475,8 @@ impl CoordinatorConfig {
                 ));
             }
             if let Some(ds) = &s.datastore {
-                check_name("datastore", ds)
-                    .map_err(|m| invalid(format!("schedules[{i}].datastore"), m))?;
+                layout::validate_name("datastore", ds)
+                    .map_err(|e| invalid(format!("schedules[{i}].datastore"), e.to_string()))?;
             }
             if let Some(t) = &s.backup_type {
                 if !["full", "diff"].contains(&t.as_str()) {
@@ -602,8 +506,8 @@ impl CoordinatorConfig {
             });
         }
         for (i, r) in self.retention.iter().enumerate() {
-            check_name("environment", &r.environment)
-                .map_err(|m| invalid(format!("retention[{i}].environment"), m))?;
+            layout::validate_name("environment", &r.environment)
+                .map_err(|e| invalid(format!("retention[{i}].environment"), e.to_string()))?;
         }
         Ok(Settings {
             listen: self.listen,

@@ -1,4 +1,4 @@
-//! Ferry's coordinator and operator CLI.
+//! Ferry's coordinator.
 //!
 //! Modules:
 //! - [`config`]: `coordinator.toml`, validated into [`config::Settings`] (role rules,
@@ -17,7 +17,9 @@
 //! - [`audit`]: the hash-chained audit log.
 //! - [`metrics`]: Prometheus metrics on `GET /metrics`.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
-//! - [`cli`]: the `ferry` operator CLI, one file per subcommand.
+//!
+//! The `ferry` operator CLI is the `ferry-cli` crate: it reaches the coordinator over the
+//! wire contract only.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +33,7 @@ pub use error::Error;
 
 pub mod access;
 pub mod agents;
-pub mod audit;
 pub mod catalog;
-pub mod cli;
 pub mod config;
 pub mod dispatch;
 mod error;
@@ -42,11 +42,6 @@ pub mod model;
 pub mod pki;
 pub mod service;
 pub mod store;
-
-/// Largest answer of the coordinator to the CLI, bytes (64 MiB): a long catalog or audit
-/// log is bigger than a request may be ([`ferry_proto::MAX_MESSAGE_BYTES`], 4 MiB), but
-/// still bounded on both ends.
-pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
 pub const DESCRIBE_INTERVAL: Duration = Duration::from_secs(30);
@@ -135,7 +130,7 @@ async fn serve(
         .add_service(access::Guarded::new(
             CoordinatorServer::new(service::CoordinatorService::new(coordinator))
                 .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+                .max_encoding_message_size(ferry_proto::MAX_RESPONSE_BYTES),
             access,
         ))
         .serve_with_shutdown(listen, shutdown.cancelled_owned())

@@ -1,11 +1,12 @@
 //! `ferry-coordinator`: parse flags, set up logging, load config, run; and the fleet PKI.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use anyhow::Context;
+use clap::{Parser, Subcommand};
 use ferry_coordinator::config::CoordinatorConfig;
+use ferry_core::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// Ferry's coordinator: inventory, schedules, dispatch, job history and catalog.
@@ -17,12 +18,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Human,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -78,17 +73,7 @@ enum PkiCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
-    // Colours only on a terminal: a log file (systemd, a redirect) gets plain text.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    telemetry::init_tracing(cli.log_format);
     ferry_proto::tls::install_crypto_provider();
     let result = match cli.command {
         Command::Serve { config } => tokio::runtime::Runtime::new()
@@ -96,7 +81,8 @@ fn main() -> ExitCode {
             .block_on(async move {
                 let settings = CoordinatorConfig::load(&config)?.build(&config)?;
                 let shutdown = CancellationToken::new();
-                tokio::spawn(signal_shutdown(shutdown.clone()));
+                telemetry::cancel_on_signal(shutdown.clone())
+                    .context("installing the SIGTERM handler")?;
                 ferry_coordinator::run(settings, shutdown).await
             }),
         Command::Check { config } => CoordinatorConfig::load(&config)
@@ -117,7 +103,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // The whole chain, each cause once (many errors show their source too).
-            let text = ferry_coordinator::cli::error_text(&e);
+            let text = telemetry::error_text(e.as_ref());
             eprintln!("ferry-coordinator: error: {text}");
             ExitCode::FAILURE
         }
@@ -142,15 +128,4 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-async fn signal_shutdown(token: CancellationToken) {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("SIGTERM handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-    tracing::info!("Shutting down.");
-    token.cancel();
 }

@@ -12,7 +12,7 @@ use ferry_agent::datastore::mongodb::archive::{
     ArchiveWriter, CollectionMetadata, FORMAT_VERSION, Header,
 };
 use ferry_agent::datastore::common::tree;
-use ferry_agent::manifest::{MANIFEST_VERSION, Manifest, RecipientInfo, Source};
+use ferry_core::manifest::{MANIFEST_VERSION, Manifest, RecipientInfo, Source};
 
 fn bson(d: bson::Document) -> Vec<u8> {
     let mut out = Vec::new();

@@ -1,5 +1,5 @@
-//! The `.json` manifest sidecar reader (`agent/src/manifest.rs`) and the layout checks a
-//! restore runs on what it reads (`agent/src/layout.rs`, as `pipeline::find_backup` does).
+//! The `.json` manifest sidecar reader (`core/src/manifest.rs`) and the layout checks a
+//! restore runs on what it reads (`core/src/layout.rs`, as `pipeline::find_backup` does).
 //! Properties:
 //!
 //! - `Manifest::from_slice` errors or parses, never panics; an accepted manifest has this
@@ -12,8 +12,8 @@
 //! - a `date` accepted by `parse_date` is exactly `YYYY-MM-DD`.
 #![no_main]
 
-use ferry_agent::layout;
-use ferry_agent::manifest::{MANIFEST_VERSION, Manifest};
+use ferry_core::layout;
+use ferry_core::manifest::{MANIFEST_VERSION, Manifest};
 use ferry_fuzz::{is_calendar_date, is_single_component};
 use libfuzzer_sys::fuzz_target;
 

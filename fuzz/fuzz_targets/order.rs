@@ -20,7 +20,7 @@ use ferry_agent::config::Settings;
 use ferry_agent::datastore::DatastoreConfig;
 use ferry_agent::datastore::files::{FilesConfig, Method};
 use ferry_agent::jobs::{OrderError, OrderKind, validate};
-use ferry_agent::layout::{self, MAX_NAME_LEN};
+use ferry_core::layout::{self, MAX_NAME_LEN};
 use ferry_fuzz::{agents, is_calendar_date, is_single_component};
 use libfuzzer_sys::fuzz_target;
 
@@ -94,9 +94,13 @@ fn built_with(staging: bool, extra: &str) -> Option<Settings> {
         exclude: Vec::new(),
         method: Method::Tar,
     }));
-    let taken = config.datastores[..config.datastores.len() - 1]
-        .iter()
-        .any(|d| d.name() == extra);
+    // The names already taken are those of the agent built from the same config.
+    let built_before = if staging {
+        &agents.staging
+    } else {
+        &agents.production
+    };
+    let taken = built_before.datastores.contains_key(extra);
     let valid = layout::validate_name("datastore", extra).is_ok();
     let built = config.build(&agents.config_path());
     assert_eq!(

@@ -7,15 +7,16 @@
 //! - [`role`]: the domain [`Role`] and its conversions from and to the wire enum.
 //! - [`tls`]: mutual-TLS setup shared by agent and coordinator (fleet CA, client
 //!   certificates required, the rustls crypto provider installed once).
-//! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
-//!   100 characters).
 //! - [`codec`]: the services' protobuf codec (a malformed message is `InvalidArgument`).
 //! - [`attempt`]: the id each attempt of a job is ordered under (`<job>-a<N>`).
+//! - [`audit`]: the audit entry between the wire and `ferry_core::audit`.
+//! - [`status`]: a gRPC status in words, causes included.
 
 pub mod attempt;
-pub mod bounded;
+pub mod audit;
 pub mod codec;
 pub mod role;
+pub mod status;
 pub mod tls;
 
 /// Generated code for package `ferry.v1`.
@@ -24,12 +25,16 @@ pub mod v1 {
     tonic::include_proto!("ferry.v1");
 }
 
-pub use bounded::Bounded;
 pub use role::Role;
 
 /// Largest gRPC message either side decodes, bytes (4 MiB, tonic's default). Orders are a
 /// few hundred bytes; anything larger is refused before a handler runs.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest answer of the coordinator to the CLI, bytes (64 MiB): a long catalog or audit
+/// log is bigger than a request may be ([`MAX_MESSAGE_BYTES`], 4 MiB), but still bounded
+/// on both ends (the coordinator encodes no more, the CLI decodes no more).
+pub const MAX_RESPONSE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The current time as UTC milliseconds since the Unix epoch, the unit of every `*_unix_ms`
 /// field of the contract.

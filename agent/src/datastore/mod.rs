@@ -194,7 +194,7 @@ pub enum DatastoreConfig {
 }
 
 /// Builds the datastore of one `[[datastores]]` entry for an agent of `role`: its name
-/// checked as every stored name is ([`crate::layout::validate_name`]), then its kind's own
+/// checked as every stored name is ([`ferry_core::layout::validate_name`]), then its kind's own
 /// fields, by the kind's `build`. One arm per kind.
 ///
 /// # Errors
@@ -223,9 +223,11 @@ fn named<D: Datastore + 'static>(
     name: &str,
     build: impl FnOnce() -> Result<D, DatastoreConfigError>,
 ) -> Result<Arc<dyn Datastore>, DatastoreConfigError> {
-    crate::layout::validate_name("datastore", name).map_err(|e| DatastoreConfigError::Invalid {
-        field: "name".into(),
-        message: e.to_string(),
+    ferry_core::layout::validate_name("datastore", name).map_err(|e| {
+        DatastoreConfigError::Invalid {
+            field: "name".into(),
+            message: e.to_string(),
+        }
     })?;
     Ok(Arc::new(build()?))
 }
@@ -289,10 +291,13 @@ impl DatastoreConfigError {
         }
     }
 
-    /// A secret that [`crate::config::read_password`] or its kin refused, as `(field,
-    /// message)`.
-    pub fn secret((field, message): (String, String)) -> Self {
-        DatastoreConfigError::Secret { field, message }
+    /// A secret that [`ferry_core::secrets::read_password`] or its kin refused; the field
+    /// is the one the error names ([`ferry_core::secrets::SecretError::field`]).
+    pub fn secret(e: ferry_core::secrets::SecretError) -> Self {
+        DatastoreConfigError::Secret {
+            field: e.field().to_owned(),
+            message: e.to_string(),
+        }
     }
 }
 

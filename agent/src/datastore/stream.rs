@@ -10,8 +10,8 @@ use futures::future::BoxFuture;
 
 use super::common::tool::ToolError;
 use crate::config::Settings;
-use crate::manifest::{Manifest, Source};
 use crate::pipeline::{JobError, JobReport, Progress};
+use ferry_core::manifest::{Manifest, Source};
 
 /// One stored file of a backup. A backup has one main part (name `""`) and may have
 /// companions, stored and restored before it (PostgreSQL's `globals`).

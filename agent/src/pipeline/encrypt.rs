@@ -10,7 +10,7 @@ use std::str::FromStr;
 use age::secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
-use crate::manifest::RecipientInfo;
+use ferry_core::manifest::RecipientInfo;
 
 /// Bad key material.
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +28,10 @@ pub enum KeyError {
         /// age's message.
         message: String,
     },
-    /// The identity file is unreadable, too open, or holds no X25519 identity.
+    /// The identity file is unreadable or too open.
+    #[error(transparent)]
+    IdentityFile(#[from] ferry_core::secrets::SecretError),
+    /// The identity file holds no X25519 identity.
     #[error("{0}")]
     Identity(String),
 }
@@ -100,9 +103,10 @@ impl Decryption {
     /// The file must have mode 0600 or 0400.
     ///
     /// # Errors
-    /// [`KeyError::Identity`] naming the file; the key itself is never printed.
+    /// [`KeyError::IdentityFile`] (unreadable, too open) or [`KeyError::Identity`] naming
+    /// the file; the key itself is never printed.
     pub fn from_identity_file(path: &Path) -> Result<Self, KeyError> {
-        let text = crate::config::read_secret_file(path).map_err(KeyError::Identity)?;
+        let text = ferry_core::secrets::read_secret_file(path)?;
         let identities: Vec<_> = text
             .lines()
             .map(str::trim)

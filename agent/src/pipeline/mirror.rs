@@ -29,8 +29,8 @@ use crate::config::Settings;
 use crate::datastore::common::tree::{self, TreeCounts};
 use crate::datastore::files::Files;
 use crate::datastore::{DumpError, RestoreError, ToolError};
-use crate::layout;
 use crate::transport::sftp::SftpConfig;
+use ferry_core::layout;
 
 /// The mirror's manifest, in the mirror directory.
 pub const MANIFEST: &str = ".ferry-manifest.json";

@@ -25,12 +25,12 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Keys, Settings};
 use crate::datastore::{Datastore, DumpError, Dumper, Part, RestoreError};
-use crate::layout::{self, StoredFile};
-use crate::manifest::{MANIFEST_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 use crate::transport::sftp::SftpSession;
 use crate::transport::watchdog::Aborter;
 use crate::transport::{Downloader, Staged, TransportError, Uploader};
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
+use ferry_core::layout::{self, StoredFile};
+use ferry_core::manifest::{MANIFEST_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
 
 pub mod chunks;
 pub mod compress;
@@ -715,7 +715,7 @@ fn with_companions(
     }
     let mut files = Vec::new();
     for c in &main.companions {
-        layout::validate_companion(c).map_err(JobError::Integrity)?;
+        layout::validate_companion(c).map_err(|e| JobError::Integrity(e.to_string()))?;
         let cpath = format!("{dir}/{c}");
         let mpath = format!("{cpath}.json");
         let bytes = session

@@ -5,7 +5,7 @@
 
 use std::sync::mpsc::{Receiver, SyncSender};
 
-use crate::layout::StoredFile;
+use ferry_core::layout::StoredFile;
 
 pub mod sftp;
 pub mod watchdog;

@@ -18,8 +18,8 @@ use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Session, Sftp};
 
 use super::watchdog::{Aborter, Watchdog};
 use super::{Downloader, Leftover, LeftoverKind, PartialFate, Staged, TransportError, Uploader};
-use crate::layout::StoredFile;
 use crate::pipeline::chunks::CHUNK_BYTES;
+use ferry_core::layout::StoredFile;
 
 /// `[backup_server]` in the agent config.
 #[derive(Clone, Debug, Deserialize)]
@@ -126,8 +126,8 @@ impl SftpConfig {
             ));
         }
         self.pinned().map_err(|m| ("host_key", m))?;
-        crate::config::read_secret_file(&self.private_key_file)
-            .map_err(|m| ("private_key_file", m))?;
+        ferry_core::secrets::read_secret_file(&self.private_key_file)
+            .map_err(|e| ("private_key_file", e.to_string()))?;
         if let Some(r) = &self.rsync {
             if r.user.is_empty() {
                 return Err(("rsync.user", "must not be empty".into()));
@@ -148,8 +148,8 @@ impl SftpConfig {
                     ),
                 ));
             }
-            crate::config::read_secret_file(&r.private_key_file)
-                .map_err(|m| ("rsync.private_key_file", m))?;
+            ferry_core::secrets::read_secret_file(&r.private_key_file)
+                .map_err(|e| ("rsync.private_key_file", e.to_string()))?;
         }
         Ok(())
     }
@@ -437,8 +437,8 @@ impl SftpSession {
     ) -> Result<(u64, u64), TransportError> {
         let _busy = self.watch.busy();
         let dir = format!("{}/{environment}/{date}", self.root);
-        if crate::layout::validate_name("environment", environment).is_err()
-            || crate::layout::parse_date(date).is_err()
+        if ferry_core::layout::validate_name("environment", environment).is_err()
+            || ferry_core::layout::parse_date(date).is_err()
         {
             return Err(self.err("remove", &dir, "not a dated folder of the layout"));
         }
@@ -491,7 +491,7 @@ impl SftpSession {
     pub fn leftovers(&mut self, environment: &str) -> Result<Vec<Leftover>, TransportError> {
         let _busy = self.watch.busy();
         let env_dir = format!("{}/{environment}", self.root);
-        if crate::layout::validate_name("environment", environment).is_err() {
+        if ferry_core::layout::validate_name("environment", environment).is_err() {
             return Err(self.err("list", &env_dir, "not an environment of the layout"));
         }
         let folders = match self.sftp.readdir(Path::new(&env_dir)) {
@@ -505,7 +505,7 @@ impl SftpSession {
             let Some(date) = folder
                 .file_name()
                 .and_then(|n| n.to_str())
-                .filter(|n| crate::layout::parse_date(n).is_ok())
+                .filter(|n| ferry_core::layout::parse_date(n).is_ok())
                 .map(str::to_owned)
             else {
                 continue;
@@ -543,9 +543,9 @@ impl SftpSession {
                 }
                 let path = format!("{dir}/{name}");
                 let parsed = self
-                    .read_small(&path, crate::manifest::MAX_MANIFEST_BYTES)
+                    .read_small(&path, ferry_core::manifest::MAX_MANIFEST_BYTES)
                     .ok()
-                    .and_then(|b| crate::manifest::Manifest::from_slice(&path, &b).ok());
+                    .and_then(|b| ferry_core::manifest::Manifest::from_slice(&path, &b).ok());
                 match parsed {
                     Some(m) if m.file == data && m.part.is_empty() => {
                         included.insert(data.to_owned());
@@ -612,8 +612,9 @@ impl SftpSession {
                 .and_then(|r| r.strip_prefix('/'))
                 .is_some_and(|n| !n.is_empty() && !n.contains('/') && n != "." && n != "..")
         };
-        let names_ok = crate::layout::validate_name("environment", &leftover.environment).is_ok()
-            && crate::layout::parse_date(&leftover.date).is_ok()
+        let names_ok = ferry_core::layout::validate_name("environment", &leftover.environment)
+            .is_ok()
+            && ferry_core::layout::parse_date(&leftover.date).is_ok()
             && in_folder(&leftover.path)
             && leftover.manifest.as_deref().is_none_or(in_folder);
         if !names_ok {

@@ -178,7 +178,7 @@ pub async fn run(
         return Err(PruneError::Refused(format!(
             "no [[retention]] policy{} in coordinator.toml",
             environment
-                .map(|e| format!(" for environment {}", ferry_proto::Bounded(e)))
+                .map(|e| format!(" for environment {}", ferry_core::Bounded(e)))
                 .unwrap_or_default()
         )));
     }

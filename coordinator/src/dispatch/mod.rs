@@ -19,16 +19,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::agents::AgentPool;
-use crate::audit::AuditEntry;
 use crate::config::Settings;
 use crate::model::{Job, JobEventRecord};
 use crate::store::{Store, StoreError, blocking};
+use ferry_core::audit::AuditEntry;
 
 mod recovery;
 mod runner;
@@ -62,63 +62,6 @@ pub enum DispatchError {
     ShuttingDown,
 }
 
-/// What the restore of a set came to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SetOutcome {
-    /// Every datastore restored.
-    Whole,
-    /// Some restored, some not.
-    Partly,
-    /// None restored.
-    None,
-}
-
-impl SetOutcome {
-    /// `restored whole`, `restored partly` or `not restored`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SetOutcome::Whole => "restored whole",
-            SetOutcome::Partly => "restored partly",
-            SetOutcome::None => "not restored",
-        }
-    }
-}
-
-/// What the restore of a set came to from its ended jobs, given as `(datastore, whether
-/// it succeeded, its error)`, and in words: `restored: mongo, files; not restored:
-/// postgres (why)` (each error cut to 300 characters).
-pub fn set_outcome<'a>(
-    jobs: impl IntoIterator<Item = (&'a str, bool, &'a str)>,
-) -> (SetOutcome, String) {
-    let mut restored: Vec<&str> = Vec::new();
-    let mut not: Vec<String> = Vec::new();
-    for (datastore, succeeded, error) in jobs {
-        if succeeded {
-            restored.push(datastore);
-        } else {
-            let why: String = error.chars().take(300).collect();
-            not.push(format!("{datastore} ({why})"));
-        }
-    }
-    let outcome = match (restored.is_empty(), not.is_empty()) {
-        (_, true) => SetOutcome::Whole,
-        (false, false) => SetOutcome::Partly,
-        (true, false) => SetOutcome::None,
-    };
-    let mut details = format!(
-        "restored: {}",
-        if restored.is_empty() {
-            "none".to_owned()
-        } else {
-            restored.join(", ")
-        }
-    );
-    if !not.is_empty() {
-        details.push_str(&format!("; not restored: {}", not.join("; ")));
-    }
-    (outcome, details)
-}
-
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
 pub struct Coordinator {
     /// Validated settings.
@@ -137,7 +80,7 @@ pub struct Coordinator {
 }
 
 impl Coordinator {
-    /// Appends to the audit log ([`crate::audit`]); a store failure is logged as an error
+    /// Appends to the audit log ([`ferry_core::audit`]); a store failure is logged as an error
     /// (the command itself already happened).
     pub async fn audit(&self, who: &str, action: &str, target: &str, outcome: &str) {
         let store = self.store.clone();
@@ -355,29 +298,4 @@ pub(crate) fn test_coordinator(
         tasks,
         counters: crate::metrics::Counters::default(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_set_restored_partly_names_what_was_restored_and_what_was_not_and_why() {
-        let (o, d) = set_outcome([
-            ("postgres", false, "manifest x.json does not parse"),
-            ("files", true, ""),
-            ("mongo", true, ""),
-        ]);
-        assert_eq!(o, SetOutcome::Partly);
-        assert_eq!(
-            d,
-            "restored: files, mongo; not restored: postgres (manifest x.json does not parse)"
-        );
-        assert_eq!(set_outcome([("a", true, "")]).0, SetOutcome::Whole);
-        let (o, d) = set_outcome([("a", false, "gone")]);
-        assert_eq!(
-            (o, d.as_str()),
-            (SetOutcome::None, "restored: none; not restored: a (gone)")
-        );
-    }
 }

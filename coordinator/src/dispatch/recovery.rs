@@ -7,9 +7,9 @@ use ferry_proto::v1;
 
 use super::Coordinator;
 use super::runner::Attempt;
-use crate::agents::describe_status;
 use crate::model::{Job, JobState};
 use crate::store::blocking;
+use ferry_proto::status::describe_status;
 
 impl Coordinator {
     /// Takes up the jobs a previous coordinator process left queued or running: each

@@ -10,10 +10,12 @@ use std::time::Duration;
 use ferry_proto::v1;
 use ferry_proto::v1::job_event::Event;
 
-use super::{Coordinator, SetOutcome, set_outcome};
-use crate::agents::{AgentError, describe_status};
+use super::Coordinator;
+use crate::agents::AgentError;
 use crate::model::{BackupRecord, Job, JobKind, JobResult, JobState, MissingNote, Progress};
 use crate::store::blocking;
+use ferry_core::restore_set::{SetOutcome, set_outcome};
+use ferry_proto::status::describe_status;
 
 /// How far ahead of the coordinator's clock an agent's may be before its backups count as
 /// dated in the future: clocks a few minutes apart are normal (a backup started at
@@ -749,7 +751,7 @@ impl Coordinator {
                              (is the backup server stalled?)",
                             job.agent,
                             timeout.as_secs(),
-                            ferry_proto::Bounded(&c.stage),
+                            ferry_core::Bounded(&c.stage),
                             c.bytes_read,
                             c.bytes_written
                         ),

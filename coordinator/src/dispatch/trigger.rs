@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use ferry_proto::Bounded;
+use ferry_core::{Bounded, layout};
 use ferry_proto::v1;
 
 use super::schedule::SCHEDULE;
@@ -184,12 +184,13 @@ impl Coordinator {
         }
         // Names and dates that could leave the backup server's layout (`/`, `..`, NUL,
         // overlong) go no further.
-        crate::config::check_name("agent", agent).map_err(DispatchError::InvalidArgument)?;
+        let invalid = |e: layout::NameError| DispatchError::InvalidArgument(e.to_string());
+        layout::validate_name("agent", agent).map_err(invalid)?;
         if let Some(d) = datastore {
-            crate::config::check_name("datastore", d).map_err(DispatchError::InvalidArgument)?;
+            layout::validate_name("datastore", d).map_err(invalid)?;
         }
         if let Some(d) = date {
-            crate::config::check_date(d).map_err(DispatchError::InvalidArgument)?;
+            layout::parse_date(d).map_err(invalid)?;
         }
         if let Some(t) = backup_type {
             if kind != JobKind::Backup || datastore.is_none() {

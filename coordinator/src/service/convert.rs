@@ -111,36 +111,6 @@ impl From<&BackupRecord> for v1::BackupRecord {
     }
 }
 
-impl From<crate::audit::AuditEntry> for v1::AuditEntry {
-    fn from(e: crate::audit::AuditEntry) -> Self {
-        v1::AuditEntry {
-            seq: e.seq,
-            at_ms: e.at_ms,
-            who: e.who,
-            action: e.action,
-            target: e.target,
-            outcome: e.outcome,
-            prev_hash: e.prev_hash,
-            hash: e.hash,
-        }
-    }
-}
-
-impl From<v1::AuditEntry> for crate::audit::AuditEntry {
-    fn from(e: v1::AuditEntry) -> Self {
-        crate::audit::AuditEntry {
-            seq: e.seq,
-            at_ms: e.at_ms,
-            who: e.who,
-            action: e.action,
-            target: e.target,
-            outcome: e.outcome,
-            prev_hash: e.prev_hash,
-            hash: e.hash,
-        }
-    }
-}
-
 impl From<&crate::catalog::sets::BackupSet> for v1::BackupSet {
     fn from(s: &crate::catalog::sets::BackupSet) -> Self {
         v1::BackupSet {

@@ -9,7 +9,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_server;
 use futures::Stream;

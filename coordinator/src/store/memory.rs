@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 
 use super::{KindJobs, LatestJobs, Store, StoreError};
-use crate::audit::AuditEntry;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobState};
+use ferry_core::audit::AuditEntry;
 
 /// A [`Store`] held in memory. It keeps the same orders and rules as [`super::RedbStore`]
 /// (jobs by id, the catalog newest first, a schedule's run claimed once, the audit log

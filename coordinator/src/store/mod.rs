@@ -9,8 +9,8 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
-use crate::audit::AuditEntry;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobKind};
+use ferry_core::audit::AuditEntry;
 
 mod memory;
 mod redb;
@@ -290,7 +290,7 @@ mod tests {
             s.append_audit(who, "trigger backup", "a/*", "ok").unwrap();
         }
         let log = s.list_audit(None).unwrap();
-        assert_eq!(crate::audit::verify(&log), Ok(3));
+        assert_eq!(ferry_core::audit::verify(&log), Ok(3));
         let newest: Vec<_> = s
             .list_audit(Some(2))
             .unwrap()

@@ -11,16 +11,16 @@
 //!   history size (and a verify never hides the last restore).
 //! - `events`: (job id, sequence) → [`JobEventRecord`].
 //! - `backups`: `<finished ms, 20 digits>\0<job id>` → [`BackupRecord`].
-//! - `audit`: sequence number → [`AuditEntry`], hash-chained ([`crate::audit`]).
+//! - `audit`: sequence number → [`AuditEntry`], hash-chained ([`ferry_core::audit`]).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use ferry_core::audit::AuditEntry;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::{KindJobs, LatestJobs, Store, StoreError};
-use crate::audit::AuditEntry;
 use crate::model::{BackupRecord, Job, JobEventRecord, JobKind, JobState};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");

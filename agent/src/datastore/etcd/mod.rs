@@ -34,7 +34,7 @@ use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, DumpOutcome, DumpStream, Dumper, Mode,
     Part, PartSink, RestoreError, RestoreSession, Restorer, ToolError, ToolPaths,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The only part: an etcd snapshot (a bbolt database file).
 pub const MAIN: Part = Part {
@@ -100,7 +100,7 @@ pub struct SnapshotStatus {
 #[derive(Clone, Debug)]
 pub struct Etcd {
     cfg: EtcdConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
 }
 
@@ -157,15 +157,15 @@ impl Etcd {
         }
         if let Some(key) = &cfg.key {
             // The client key is a secret like a password: owner-only, checked at start.
-            crate::config::read_secret_file(key).map_err(|message| {
+            ferry_core::secrets::read_secret_file(key).map_err(|e| {
                 DatastoreConfigError::Secret {
                     field: "key".into(),
-                    message,
+                    message: e.to_string(),
                 }
             })?;
         }
         Ok(Self {
-            password: crate::config::user_password(
+            password: ferry_core::secrets::user_password(
                 cfg.user.as_deref(),
                 cfg.password_file.as_deref(),
                 cfg.password_env.as_deref(),

@@ -27,7 +27,7 @@ use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, DumpOutcome, DumpStream, Dumper, Mode,
     Part, PartSink, RestoreError, RestoreSession, Restorer,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The only part: a tar archive.
 pub const MAIN: Part = Part {

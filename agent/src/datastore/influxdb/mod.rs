@@ -39,7 +39,7 @@ use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, DumpOutcome, DumpStream, Dumper, Mode,
     Part, PartSink, RestoreError, RestoreSession, Restorer, ToolError, ToolPaths,
 };
-use crate::manifest::{Manifest, Source};
+use ferry_core::manifest::{Manifest, Source};
 
 /// The only part: a tar of the portable backup directory.
 pub const MAIN: Part = Part {
@@ -204,7 +204,7 @@ impl From<QueryError> for CheckError {
 #[derive(Clone, Debug)]
 pub struct Influx {
     cfg: InfluxConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
 }
 
@@ -243,7 +243,7 @@ impl Influx {
             }
         }
         Ok(Self {
-            password: crate::config::user_password(
+            password: ferry_core::secrets::user_password(
                 cfg.user.as_deref(),
                 cfg.password_file.as_deref(),
                 cfg.password_env.as_deref(),

@@ -79,10 +79,12 @@ impl Mongo {
                 why: "only a staging agent restores; remove it",
             });
         }
-        let password =
-            crate::config::read_password(cfg.password_file.as_deref(), cfg.password_env.as_deref())
-                .map_err(DatastoreConfigError::secret)?
-                .map(crate::config::Password);
+        let password = ferry_core::secrets::read_password(
+            cfg.password_file.as_deref(),
+            cfg.password_env.as_deref(),
+        )
+        .map_err(DatastoreConfigError::secret)?
+        .map(ferry_core::secrets::Password);
         if password.is_some() && cfg.user.is_none() {
             return Err(DatastoreConfigError::invalid(
                 "user",

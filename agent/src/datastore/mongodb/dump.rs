@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use super::archive::{self, ArchiveWriter, CollectionMetadata, Header, Namespace};
 use super::{ChannelReader, MAIN, Mongo, SEGMENT_BYTES, src};
 use crate::datastore::{DumpError, DumpOutcome, DumpStream, Dumper, Part};
-use crate::manifest::Source;
 use crate::pipeline::chunks;
+use ferry_core::manifest::Source;
 
 /// Bytes of documents the dump asks for per cursor batch (the server's own cap is 16 MiB;
 /// the driver holds a batch twice while it splits it into documents, so the smaller bound

@@ -60,7 +60,7 @@ const SEGMENT_BYTES: usize = 1024 * 1024;
 #[derive(Clone, Debug)]
 pub struct Mongo {
     cfg: MongoConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
 }
 
 /// A client that could not be made, or a server that refused or failed a command.

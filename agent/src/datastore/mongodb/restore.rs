@@ -16,7 +16,7 @@ use super::oplog::{Replay, ReplayReport};
 use super::{ChannelReader, ChannelWriter, MAIN, Mongo, SEGMENT_BYTES, swap, tgt};
 use crate::datastore::common::smoke::{SmokeError, run_smoke};
 use crate::datastore::{PartSink, RestoreError, RestoreSession, Restorer};
-use crate::manifest::Manifest;
+use ferry_core::manifest::Manifest;
 
 /// Bytes of raw documents per `insert_many` on restore. The driver holds a batch twice
 /// (the documents and the message it serialises them into): 8 MiB put the staging agent's

@@ -97,7 +97,7 @@ fn default_retention() -> u32 {
 #[derive(Clone, Debug)]
 pub struct PgBackRest {
     cfg: PgBackRestConfig,
-    cipher_pass: Arc<crate::config::Password>,
+    cipher_pass: Arc<ferry_core::secrets::Password>,
 }
 
 /// One backup as `pgbackrest info --output=json` lists it.
@@ -171,10 +171,10 @@ impl PgBackRest {
             }
             _ => {}
         }
-        let pass = crate::config::read_password(Some(&cfg.cipher_pass_file), None)
-            .map_err(|(_, message)| DatastoreConfigError::Secret {
+        let pass = ferry_core::secrets::read_password(Some(&cfg.cipher_pass_file), None)
+            .map_err(|e| DatastoreConfigError::Secret {
                 field: "cipher_pass_file".into(),
-                message,
+                message: e.to_string(),
             })?
             .ok_or_else(|| invalid("cipher_pass_file", "empty"))?;
         if pass.len() < 16 || pass.contains(['\n', '\r']) {
@@ -185,7 +185,7 @@ impl PgBackRest {
         }
         Ok(Self {
             cfg,
-            cipher_pass: Arc::new(crate::config::Password(pass)),
+            cipher_pass: Arc::new(ferry_core::secrets::Password(pass)),
         })
     }
 

@@ -117,10 +117,12 @@ impl Postgres {
                 ));
             }
         }
-        let password =
-            crate::config::read_password(cfg.password_file.as_deref(), cfg.password_env.as_deref())
-                .map_err(DatastoreConfigError::secret)?
-                .map(crate::config::Password);
+        let password = ferry_core::secrets::read_password(
+            cfg.password_file.as_deref(),
+            cfg.password_env.as_deref(),
+        )
+        .map_err(DatastoreConfigError::secret)?
+        .map(ferry_core::secrets::Password);
         let tools = ToolPaths::new(cfg.bin_dir.clone());
         Ok(Self {
             cfg,

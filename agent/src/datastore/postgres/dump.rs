@@ -6,7 +6,7 @@ use futures::future::BoxFuture;
 
 use super::{GLOBALS, PARTS, Postgres, database_counts};
 use crate::datastore::{DumpError, DumpOutcome, DumpStream, Dumper, Part, describe_status};
-use crate::manifest::Source;
+use ferry_core::manifest::Source;
 
 impl Postgres {
     async fn dump_main(&self) -> Result<DumpStream, DumpError> {

@@ -53,7 +53,7 @@ const MAX_IDENTIFIER: usize = 63;
 #[derive(Clone, Debug)]
 pub struct Postgres {
     cfg: PostgresConfig,
-    password: Option<crate::config::Password>,
+    password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
 }
 

@@ -15,7 +15,7 @@ use crate::datastore::common::smoke::{SmokeError, run_smoke};
 use crate::datastore::{
     PartSink, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
 };
-use crate::manifest::Manifest;
+use ferry_core::manifest::Manifest;
 
 /// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
 const NEW_TAG: &str = "__ferry_new_";

@@ -1,4 +1,4 @@
-//! `ferry`: the operator CLI (see `ferry_coordinator::cli`).
+//! `ferry`: the operator CLI (see the `ferry_cli` library).
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -10,14 +10,16 @@ use clap::Parser;
 const CLOSED_PIPE: u8 = 141;
 
 fn main() -> ExitCode {
-    let cli = ferry_coordinator::cli::Cli::parse();
+    let cli = ferry_cli::Cli::parse();
     ferry_proto::tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(ferry_coordinator::cli::run(cli)) {
+    match runtime.block_on(ferry_cli::run(cli)) {
         Ok(code) => ExitCode::from(code as u8),
-        Err(e) if ferry_coordinator::cli::is_broken_pipe(&e) => ExitCode::from(CLOSED_PIPE),
+        Err(e) if ferry_cli::is_broken_pipe(&e) => ExitCode::from(CLOSED_PIPE),
         Err(e) => {
-            let text = ferry_coordinator::cli::error_text(&e);
+            // An error and its causes as one line, each cause once: many errors (TLS
+            // files, transport errors) show their source in their own message too.
+            let text = ferry_core::telemetry::error_text(e.as_ref());
             // Nowhere to say it if stderr is closed too.
             let _ = writeln!(std::io::stderr(), "ferry: error: {text}");
             ExitCode::from(2)

@@ -8,11 +8,11 @@ use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use tonic::transport::Channel;
 
-use super::format::{self, bytes, outln};
-use super::{Output, status_error};
+use crate::format::{self, bytes, outln};
+use crate::{Output, status_error};
 
 /// Prints the job ids, or waits for every job and returns 1 if any did not succeed.
-pub(super) async fn report(
+pub(crate) async fn report(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     ids: Vec<String>,
@@ -87,7 +87,7 @@ fn set_summary(jobs: &[v1::Job]) -> Option<String> {
     {
         return None;
     }
-    let (outcome, details) = crate::dispatch::set_outcome(jobs.iter().map(|j| {
+    let (outcome, details) = ferry_core::restore_set::set_outcome(jobs.iter().map(|j| {
         (
             j.datastore.as_str(),
             j.state == v1::JobState::Succeeded as i32,
@@ -187,13 +187,13 @@ async fn watch_one(
                 "lost the coordinator while watching job {id} and could not reach it again for \
                  {} s: {}; the job goes on without this watch (`ferry job {id}` shows it)",
                 RECONNECT_FOR.as_secs(),
-                crate::agents::describe_status(&status)
+                ferry_proto::status::describe_status(&status)
             );
         }
         bars.suspend(|| {
             eprintln!(
                 "ferry: lost the coordinator while watching job {id} ({}); reconnecting in {} s",
-                crate::agents::describe_status(&status),
+                ferry_proto::status::describe_status(&status),
                 pause.as_secs()
             );
         });

@@ -4,10 +4,10 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use super::format::{self, bytes, time};
-use super::{Output, status_error};
+use crate::format::{self, bytes, time};
+use crate::{Output, status_error};
 
-pub(super) async fn run(
+pub(crate) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     environment: Option<String>,
@@ -80,7 +80,7 @@ pub(super) async fn run(
 
 /// `ferry backups --sets`: one row per set (environment, date), its completeness, members
 /// present out of expected, size, and the missing members.
-pub(super) async fn sets(
+pub(crate) async fn sets(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     environment: Option<String>,

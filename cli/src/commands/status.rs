@@ -4,8 +4,8 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use super::format::{self, bytes, duration_ms, time};
-use super::{Output, status_error};
+use crate::format::{self, bytes, duration_ms, time};
+use crate::{Output, status_error};
 
 /// The last restore drill of a staging datastore: `pass RTO 2.1 s RPO 6h 2m`, or
 /// `FAIL: ...`; `-` for production rows or before the first restore. A verify since does
@@ -43,7 +43,7 @@ fn drill(d: &v1::DatastoreStatus) -> (String, serde_json::Value) {
     )
 }
 
-pub(super) async fn run(
+pub(crate) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
 ) -> anyhow::Result<i32> {

@@ -5,12 +5,12 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
-use ferry_proto::Bounded;
+use ferry_core::Bounded;
 use ferry_proto::tls::TlsFiles;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-use super::Cli;
+use crate::Cli;
 
 /// How the coordinator is reached, e.g. `https://127.0.0.1:7400`.
 const EXAMPLE: &str = "https://HOST:PORT, e.g. https://127.0.0.1:7400";
@@ -146,7 +146,7 @@ pub(super) async fn client(cli: &Cli) -> anyhow::Result<CoordinatorClient<Channe
         .with_context(|| format!("cannot reach the coordinator at {}", cli.coordinator))?;
     Ok(CoordinatorClient::new(channel)
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
-        .max_decoding_message_size(crate::MAX_RESPONSE_BYTES))
+        .max_decoding_message_size(ferry_proto::MAX_RESPONSE_BYTES))
 }
 
 #[cfg(test)]
@@ -164,28 +164,47 @@ mod tests {
         }
     }
 
+    /// A self-signed certificate for `name` and its PKCS#8 key, as `pki issue` writes them:
+    /// `DIR/NAME.pem` (0644) and `DIR/NAME.key` (0600).
+    fn issue(dir: &Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+        use std::os::unix::fs::PermissionsExt;
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec![name.to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let (cert_path, key_path) = (
+            dir.join(format!("{name}.pem")),
+            dir.join(format!("{name}.key")),
+        );
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        (cert_path, key_path)
+    }
+
     #[test]
     fn a_key_of_another_certificate_is_refused_naming_both_files() {
         let dir = tempfile::tempdir().unwrap();
-        crate::pki::init_ca(dir.path()).unwrap();
-        let op = crate::pki::issue(dir.path(), "op", &[], 1).unwrap();
-        let other = crate::pki::issue(dir.path(), "other", &[], 1).unwrap();
+        let (ca, ca_key) = issue(dir.path(), "ca");
+        let (op_cert, op_key) = issue(dir.path(), "op");
+        let (_, other_key) = issue(dir.path(), "other");
         let files = |key: &Path| TlsFiles {
-            ca: dir.path().join("ca.pem"),
-            cert: op.cert.clone(),
+            ca: ca.clone(),
+            cert: op_cert.clone(),
             key: key.to_owned(),
         };
-        check_tls_files(&files(&op.key)).unwrap();
-        let e = check_tls_files(&files(&other.key)).unwrap_err().to_string();
+        check_tls_files(&files(&op_key)).unwrap();
+        let e = check_tls_files(&files(&other_key)).unwrap_err().to_string();
         assert!(
-            e.contains(&format!("--key {}", other.key.display()))
-                && e.contains(&format!("--cert {}", op.cert.display())),
+            e.contains(&format!("--key {}", other_key.display()))
+                && e.contains(&format!("--cert {}", op_cert.display())),
             "{e}"
         );
         // A certificate file that holds none is named as such.
         let e = check_tls_files(&TlsFiles {
-            cert: dir.path().join("ca.key"),
-            ..files(&op.key)
+            cert: ca_key,
+            ..files(&op_key)
         })
         .unwrap_err()
         .to_string();

@@ -4,10 +4,10 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use super::format::{self, bytes, outln};
-use super::{Output, status_error};
+use crate::format::{self, bytes, outln};
+use crate::{Output, status_error};
 
-pub(super) async fn run(
+pub(crate) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     environment: Option<String>,

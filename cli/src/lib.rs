@@ -1,23 +1,24 @@
-//! The `ferry` operator CLI: a thin gRPC client of the coordinator over mTLS. One
-//! [`Command`] enum whose doc comments are the help, one file per subcommand; human
-//! tables by default, `--output json` for scripts.
+//! `ferry-cli`: the `ferry` operator CLI, a thin gRPC client of the coordinator over
+//! mTLS. One [`Command`] enum whose doc comments are the help, one file per subcommand;
+//! human tables by default, `--output json` for scripts. It depends on `ferry-proto` and
+//! `ferry-core` only: no database driver, SSH library or store.
+//!
+//! Modules (private):
+//! - `commands`: one module per subcommand (`status`, `agents`, `jobs`, `job`, `audit`,
+//!   `prune`, `backups`, `backup`, `restore` and `verify`), and `watch`, the progress of
+//!   `--wait`.
+//! - `connect`: the coordinator's URL and the TLS files checked before connecting.
+//! - `format`: tables, sizes, times and JSON.
 
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-mod agents;
-mod audit;
-mod backup;
-mod backups;
+mod commands;
 mod connect;
 mod format;
-mod job;
-mod jobs;
-mod prune;
-mod restore;
-mod status;
-mod watch;
+
+use commands::{agents, audit, backup, backups, job, jobs, prune, restore, status};
 
 /// Ferry's operator CLI: ask the coordinator about backups, jobs and agents, and order
 /// backups and restores.
@@ -248,13 +249,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
 
 /// Turns a gRPC error into an error whose message is the coordinator's.
 pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{}", crate::agents::describe_status(&s))
-}
-
-/// An error and its causes as one line, `: `-separated, each cause once: many errors
-/// (TLS files, transport errors) show their source in their own message too.
-pub fn error_text(e: &anyhow::Error) -> String {
-    crate::agents::join_causes(e.chain().map(ToString::to_string))
+    anyhow::anyhow!("{}", ferry_proto::status::describe_status(&s))
 }
 
 /// Whether `e` comes from writing to a closed pipe (`ferry jobs | head -1`): the reader

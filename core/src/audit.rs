@@ -79,34 +79,53 @@ impl AuditEntry {
     }
 }
 
+/// Where an audit log's hash chain breaks: the first entry that does not hold.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    /// An entry is missing or out of order: another sequence number is in its place.
+    #[error("entry {expected} is missing: found seq {found} in its place")]
+    Missing {
+        /// The sequence number due at that position (from 1).
+        expected: u64,
+        /// The one found there.
+        found: u64,
+    },
+    /// An entry's `prev_hash` is not the previous entry's `hash` (that entry was edited
+    /// and rehashed, or entries were removed).
+    #[error("entry {seq} does not follow entry {}: its prev_hash is not that entry's hash", .seq - 1)]
+    NotFollowing {
+        /// The entry's sequence number (at least 1).
+        seq: u64,
+    },
+    /// An entry's fields do not match its `hash`.
+    #[error("entry {seq} was edited: its content does not match its hash")]
+    Edited {
+        /// The entry's sequence number.
+        seq: u64,
+    },
+}
+
 /// Checks a whole log, oldest first: sequence numbers 1, 2, 3..., each `prev_hash` equal to
 /// the previous `hash`, each `hash` recomputed. Returns the number of entries.
 ///
 /// # Errors
-/// The first entry that breaks the chain, by its `seq`, and how.
-pub fn verify(entries: &[AuditEntry]) -> Result<usize, String> {
+/// [`ChainError`]: the first entry that breaks the chain, by its `seq`, and how.
+pub fn verify(entries: &[AuditEntry]) -> Result<usize, ChainError> {
     let mut prev: Option<&AuditEntry> = None;
     for (i, e) in entries.iter().enumerate() {
         let want_seq = i as u64 + 1;
         if e.seq != want_seq {
-            return Err(format!(
-                "entry {want_seq} is missing: found seq {} in its place",
-                e.seq
-            ));
+            return Err(ChainError::Missing {
+                expected: want_seq,
+                found: e.seq,
+            });
         }
         let want_prev = prev.map_or(GENESIS, |p| p.hash.as_str());
         if e.prev_hash != want_prev {
-            return Err(format!(
-                "entry {} does not follow entry {}: its prev_hash is not that entry's hash",
-                e.seq,
-                e.seq - 1
-            ));
+            return Err(ChainError::NotFollowing { seq: e.seq });
         }
         if e.compute_hash() != e.hash {
-            return Err(format!(
-                "entry {} was edited: its content does not match its hash",
-                e.seq
-            ));
+            return Err(ChainError::Edited { seq: e.seq });
         }
         prev = Some(e);
     }
@@ -143,19 +162,23 @@ mod tests {
     fn an_edit_a_removal_or_a_rehash_is_found() {
         let mut edited = chain(5);
         edited[2].who = "mallory".into();
-        assert!(verify(&edited).unwrap_err().contains("entry 3 was edited"));
+        let e = verify(&edited).unwrap_err();
+        assert_eq!(e, ChainError::Edited { seq: 3 });
+        assert!(e.to_string().contains("entry 3 was edited"), "{e}");
 
         let mut removed = chain(5);
         removed.remove(1);
-        assert!(verify(&removed).unwrap_err().contains("entry 2 is missing"));
+        let e = verify(&removed).unwrap_err();
+        assert!(e.to_string().contains("entry 2 is missing"), "{e}");
 
         let mut rehashed = chain(5);
         rehashed[2].outcome = "refused".into();
         rehashed[2].hash = rehashed[2].compute_hash();
+        let e = verify(&rehashed).unwrap_err();
         assert!(
-            verify(&rehashed)
-                .unwrap_err()
-                .contains("entry 4 does not follow")
+            e.to_string()
+                .contains("entry 4 does not follow entry 3: its prev_hash"),
+            "{e}"
         );
     }
 

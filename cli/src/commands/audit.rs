@@ -4,11 +4,11 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use super::format::{self, outln, time};
-use super::{Output, status_error};
-use crate::audit::{self, AuditEntry};
+use crate::format::{self, outln, time};
+use crate::{Output, status_error};
+use ferry_core::audit::{self, AuditEntry};
 
-pub(super) async fn run(
+pub(crate) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     limit: u32,
@@ -31,7 +31,7 @@ pub(super) async fn run(
         if out == Output::Json {
             format::print_json(&match &result {
                 Ok(n) => serde_json::json!({"ok": true, "entries": n, "newest_hash": newest}),
-                Err(e) => serde_json::json!({"ok": false, "error": e}),
+                Err(e) => serde_json::json!({"ok": false, "error": e.to_string()}),
             })?;
         } else {
             match &result {

@@ -13,7 +13,7 @@ pub const ECHO_CHARS: usize = 100;
 /// echoes what a client, a config or a remote server sent:
 ///
 /// ```
-/// use ferry_proto::Bounded;
+/// use ferry_core::Bounded;
 /// assert_eq!(Bounded("pg").to_string(), "\"pg\"");
 /// let long = "x".repeat(5000);
 /// let shown = Bounded(&long).to_string();

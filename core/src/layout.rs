@@ -8,8 +8,8 @@
 //! `<stamp>` is the date, or `<date>T<HHMM>Z` (then `<date>T<HHMMSS>Z`) when a backup of
 //! the same datastore already exists under that name: a second backup never overwrites.
 
+use crate::Bounded;
 use chrono::{DateTime, NaiveDate, Utc};
-use ferry_proto::Bounded;
 
 /// Longest environment, datastore or agent name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
@@ -47,6 +47,12 @@ pub enum NameError {
         /// The value, quoted, escaped and cut as [`Bounded`] shows it.
         file: String,
     },
+    /// A manifest names a companion that is not a plain file name of the same folder.
+    #[error("manifest names companion {0}, which is not a file name of the layout")]
+    Companion(
+        /// The value, quoted, escaped and cut as [`Bounded`] shows it.
+        String,
+    ),
 }
 
 /// Checks a name used as a path component: 1 to 64 of `[A-Za-z0-9-]`, not starting with `-`.
@@ -205,8 +211,8 @@ pub fn validate_main_file(datastore: &str, date: &str, file: &str) -> Result<(),
 /// restore elsewhere.
 ///
 /// # Errors
-/// A message naming the value.
-pub fn validate_companion(name: &str) -> Result<(), String> {
+/// [`NameError::Companion`] naming the value (bounded).
+pub fn validate_companion(name: &str) -> Result<(), NameError> {
     let ok = !name.is_empty()
         && name.len() <= 255
         && !name.starts_with('.')
@@ -217,9 +223,7 @@ pub fn validate_companion(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "manifest names companion {name:?}, which is not a file name of the layout"
-        ))
+        Err(NameError::Companion(Bounded(name).to_string()))
     }
 }
 
