@@ -453,8 +453,10 @@ impl PgBackRest {
             })
             .cloned()
             .ok_or_else(|| {
+                // A damaged backup.info can read as an empty repository rather than fail:
+                // either way, nothing was changed yet.
                 JobError::NotFound(format!(
-                    "no pgBackRest backup of {:?} in {src}{}",
+                    "no pgBackRest backup of {:?} in {src}{}; {untouched}",
                     self.cfg.name,
                     date.as_deref()
                         .map(|d| format!(" finished on or before {d}"))
