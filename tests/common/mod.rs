@@ -18,6 +18,8 @@
 //! - [`mongo`]: [`MongoServer`] (SecantusDB).
 //! - [`etcd`]: [`EtcdServer`] (Debian's etcd-server) and `etcdctl`.
 //! - [`influx`]: [`InfluxServer`] (Debian's influxdb) and the `influx` shell.
+//! - [`ceph`]: [`CephCluster`], a one-host Ceph cluster with an RGW (S3) on loopback,
+//!   shared by the tests of a test binary, and S3 calls through the stock client (boto3).
 //! - [`hostile`]: what an attacker would do: certificates with a chosen validity,
 //!   raw gRPC clients, a backup server whose host key changed, crafted tar archives.
 //!
@@ -25,6 +27,7 @@
 //! `FERRY_TEST_NO_BUILD=1` uses the built binaries without running `cargo build` first;
 //! `FERRY_VENV` is the SecantusDB venv (default `/opt/ferry-test/venv`).
 
+pub mod ceph;
 pub mod config;
 pub mod deployment;
 pub mod etcd;
@@ -37,6 +40,7 @@ pub mod postgres;
 pub mod process;
 pub mod sshd;
 
+pub use ceph::*;
 pub use config::*;
 pub use deployment::*;
 pub use etcd::*;
