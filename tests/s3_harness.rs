@@ -4,7 +4,8 @@
 //! - a COMPLIANCE-locked version cannot be deleted with any of the three credential sets,
 //!   and its retain-until reads back as set;
 //! - a multipart object (whose lock headers Ceph 16 ignores) locked after completion with
-//!   `PutObjectRetention` is really locked;
+//!   `PutObjectRetention` is really locked, and so is one in a bucket with a default
+//!   retention;
 //! - production may only put, staging only list and get, maintenance may delete and extend
 //!   locks, and each is refused the others' work;
 //! - the cluster stops and leaves no process behind, when dropped and when the test
@@ -266,6 +267,57 @@ fn multipart_object_locked_after_completion_is_locked() {
         got["BodySha256"].as_str(),
         sum.split_whitespace().next(),
         "the multipart object read back differs from its parts"
+    );
+}
+
+#[test]
+fn bucket_default_retention_locks_a_multipart_object_on_completion() {
+    // The other way to lock what production uploads in parts, without giving production
+    // PutObjectRetention: the bucket's default retention, applied by Ceph on completion.
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("default-retention");
+    c.put_default_retention(&roles.owner, &bucket, "COMPLIANCE", 2);
+    let key = "production/2026-12-05/etcd_backup_2026-12-05.db.zst.age";
+    let before = Utc::now();
+    let upload = c.s3_ok(
+        &roles.production,
+        "create_multipart_upload",
+        json!({"Bucket": bucket, "Key": key}),
+    );
+    let upload_id = upload["UploadId"].as_str().unwrap().to_owned();
+    let part = c.s3_ok(
+        &roles.production,
+        "upload_part",
+        json!({
+            "Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": 1,
+            "Body": "one small part",
+        }),
+    );
+    let done = c.s3_ok(
+        &roles.production,
+        "complete_multipart_upload",
+        json!({
+            "Bucket": bucket, "Key": key, "UploadId": upload_id,
+            "MultipartUpload": {"Parts": [{"PartNumber": 1, "ETag": part["ETag"]}]},
+        }),
+    );
+    let after = Utc::now();
+    let version = done["VersionId"].as_str().unwrap().to_owned();
+    let (mode, until) = retention(c, &roles.maintenance, &bucket, key, &version);
+    assert_eq!(mode, "COMPLIANCE");
+    let days = chrono::Duration::days(2);
+    assert!(
+        until >= (before + days).trunc_subsecs(0) && until <= after + days,
+        "retain-until {until} is not 2 days after the completion ({before} .. {after})"
+    );
+    assert_denied(
+        c.s3(
+            &roles.maintenance,
+            "delete_object",
+            json!({"Bucket": bucket, "Key": key, "VersionId": version}),
+        ),
+        "maintenance deletes the version locked by the default retention",
     );
 }
 

@@ -542,6 +542,22 @@ impl CephCluster {
         );
     }
 
+    /// Sets `bucket`'s default retention, as `owner`: every new object version is locked in
+    /// `mode` (`COMPLIANCE` or `GOVERNANCE`) for `days` days from its creation.
+    pub fn put_default_retention(&self, owner: &S3User, bucket: &str, mode: &str, days: u32) {
+        self.s3_ok(
+            owner,
+            "put_object_lock_configuration",
+            json!({
+                "Bucket": bucket,
+                "ObjectLockConfiguration": {
+                    "ObjectLockEnabled": "Enabled",
+                    "Rule": {"DefaultRetention": {"Mode": mode, "Days": days}},
+                },
+            }),
+        );
+    }
+
     /// A new bucket with Object Lock, owned by [`S3Roles::owner`], with the policy of
     /// `docs/s3-bucket-policy.json` for the three other roles ([`ferry_bucket_policy`]).
     /// Returns its name (`<prefix>-<n>`).
