@@ -623,7 +623,7 @@ fn maintenance_may_delete_and_extend_locks_but_not_put_or_shorten() {
 }
 
 #[test]
-fn cluster_stops_in_order_and_leaves_no_process() {
+fn cluster_stops_in_order_on_sigterm_and_leaves_no_process() {
     let c = CephCluster::start();
     eprintln!(
         "Ceph (1 mon, {OSDS} OSDs, RGW) started in {:.1} s",
@@ -659,13 +659,30 @@ fn cluster_stops_in_order_and_leaves_no_process() {
     let (mon_port, rgw_port) = (c.mon_port(), c.rgw_port());
 
     let t = std::time::Instant::now();
-    drop(c);
+    let stopped = c.stop();
     let took = t.elapsed();
     eprintln!("Ceph stopped in {:.1} s", took.as_secs_f64());
+    // RGW first, the monitor last, each on SIGTERM (OSDs stopped after the monitor would
+    // linger and be killed).
+    assert_eq!(
+        stopped
+            .iter()
+            .map(|s| (s.role, s.outcome))
+            .collect::<Vec<_>>(),
+        vec![
+            ("rgw", StopOutcome::Exited),
+            ("osd", StopOutcome::Exited),
+            ("osd", StopOutcome::Exited),
+            ("osd", StopOutcome::Exited),
+            ("mon", StopOutcome::Exited),
+        ],
+        "how the daemons stopped"
+    );
     assert!(
         took < STOP_GRACE * 3 + Duration::from_secs(5),
         "stopping took {took:?}"
     );
+    drop(c);
     assert_eq!(
         processes_naming(&dir),
         Vec::<(u32, String)>::new(),

@@ -92,6 +92,28 @@ pub struct S3Roles {
     pub maintenance: S3User,
 }
 
+/// What [`CephCluster::stop`] did to one daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stopped {
+    /// `rgw`, `osd` or `mon`.
+    pub role: &'static str,
+    /// Its process id.
+    pub pid: u32,
+    /// How it ended.
+    pub outcome: StopOutcome,
+}
+
+/// How a daemon ended when the cluster was stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It exited on SIGTERM within [`STOP_GRACE`].
+    Exited,
+    /// It was still running after [`STOP_GRACE`] and was killed (SIGKILL).
+    Killed,
+    /// It had exited (or been killed) before the stop.
+    AlreadyGone,
+}
+
 /// A running cluster (see the module docs).
 pub struct CephCluster {
     dir: PathBuf,
@@ -582,18 +604,20 @@ impl CephCluster {
 
     /// Stops the daemons in order (RGW, OSDs, monitor; SIGTERM, then SIGKILL after
     /// [`STOP_GRACE`]), reaps them, and lets the watchdog end (it then removes the
-    /// directory unless `FERRY_KEEP_TEST_DIRS=1`). Drop calls it; calling it twice is fine.
-    pub fn stop(&self) {
+    /// directory unless `FERRY_KEEP_TEST_DIRS=1`). Returns what happened to each daemon, in
+    /// the order they were stopped. Drop calls it; a second call stops nothing.
+    pub fn stop(&self) -> Vec<Stopped> {
+        let mut stopped = Vec::new();
         let mut daemons = self.daemons.lock().unwrap_or_else(|e| e.into_inner());
         for role in ["rgw", "osd", "mon"] {
             // SIGTERM to every daemon of the role at once, then wait for each.
-            let mut these: Vec<&mut Proc> = daemons
+            let mut these: Vec<(bool, &mut Proc)> = daemons
                 .iter_mut()
                 .filter(|(r, _)| *r == role)
-                .map(|(_, p)| p)
+                .map(|(_, p)| (p.try_exit().is_none(), p))
                 .collect();
-            for p in &mut these {
-                if p.try_exit().is_none() {
+            for (running, p) in &mut these {
+                if *running {
                     let _ = Command::new("kill")
                         .args(["-s", "TERM", &p.pid().to_string()])
                         .stderr(Stdio::null())
@@ -601,15 +625,30 @@ impl CephCluster {
                 }
             }
             let deadline = Instant::now() + STOP_GRACE;
-            for p in &mut these {
-                p.wait_exit(deadline.saturating_duration_since(Instant::now()));
+            for (running, p) in &mut these {
+                let outcome = if !*running {
+                    StopOutcome::AlreadyGone
+                } else if p
+                    .wait_exit(deadline.saturating_duration_since(Instant::now()))
+                    .is_some()
+                {
+                    StopOutcome::Exited
+                } else {
+                    StopOutcome::Killed
+                };
                 p.kill();
+                stopped.push(Stopped {
+                    role,
+                    pid: p.pid(),
+                    outcome,
+                });
             }
         }
         daemons.clear();
         // Nothing left for the watchdog to signal (the pids may be reused from now on).
         let _ = fs::write(self.dir.join("pids"), "");
         self.end_watchdog();
+        stopped
     }
 
     /// Closes the watchdog's pipe, as the end of the test process does, and waits up to
@@ -717,7 +756,7 @@ impl CephCluster {
 
 impl Drop for CephCluster {
     fn drop(&mut self) {
-        self.stop();
+        let _ = self.stop();
     }
 }
 
