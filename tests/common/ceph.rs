@@ -136,7 +136,15 @@ impl CephCluster {
     pub fn shared() -> &'static CephCluster {
         static SHARED: OnceLock<Result<CephCluster, String>> = OnceLock::new();
         let started = SHARED.get_or_init(|| {
-            std::panic::catch_unwind(CephCluster::start).map_err(|e| {
+            let started = std::panic::catch_unwind(CephCluster::start);
+            if let Ok(c) = &started {
+                eprintln!(
+                    "shared Ceph cluster in {} started in {:.1} s",
+                    c.dir.display(),
+                    c.startup.as_secs_f64()
+                );
+            }
+            started.map_err(|e| {
                 e.downcast_ref::<String>()
                     .cloned()
                     .or_else(|| e.downcast_ref::<&str>().map(|s| (*s).to_owned()))
