@@ -644,6 +644,23 @@ fn cluster_stops_in_order_on_sigterm_and_leaves_no_process() {
             dir.display()
         );
     }
+    // Every daemon listens on loopback only.
+    let ss = run_ok(std::process::Command::new(require("ss", "iproute2")).arg("-ltnpH"));
+    for (role, pid) in &pids {
+        let mine: Vec<&str> = ss
+            .lines()
+            .filter(|l| l.contains(&format!("pid={pid},")))
+            .filter_map(|l| l.split_whitespace().nth(3))
+            .collect();
+        assert!(
+            !mine.is_empty(),
+            "{role} (pid {pid}) listens on nothing:\n{ss}"
+        );
+        assert!(
+            mine.iter().all(|a| a.starts_with("127.0.0.1:")),
+            "{role} (pid {pid}) listens beyond loopback: {mine:?}"
+        );
+    }
     // It serves S3: a user puts and gets an object.
     let u = c.create_user("ferry-stop-test");
     c.s3_ok(&u, "create_bucket", json!({"Bucket": "stop-test"}));

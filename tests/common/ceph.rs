@@ -11,8 +11,9 @@
 //! The cluster: cephx everywhere, every key made with `ceph-authtool` and given to the
 //! monitor at `--mkfs` (no `ceph auth` round trips); pools of size 3 and min_size 2 with
 //! `osd crush chooseleaf type = 0`, so the three replicas land on three OSDs of one host;
-//! no ceph-mgr (the RGW does not need one). The daemons run in the foreground as children of
-//! the test process, logging to `log/` in the cluster's directory.
+//! no ceph-mgr (the RGW does not need one). Every daemon listens on 127.0.0.1 only (the
+//! OSDs on ports of Ceph's 6800-7300 range). The daemons run in the foreground as children
+//! of the test process, logging to `log/` in the cluster's directory.
 //!
 //! Stopping: RGW, then the OSDs, then the monitor (OSDs linger on SIGTERM once the monitor
 //! is gone), each given SIGTERM and [`STOP_GRACE`], then SIGKILL. Drop does it. For the
@@ -930,6 +931,9 @@ run dir = {d}/run
 log file = {d}/log/$name.log
 admin socket = {d}/run/$name.asok
 ms bind ipv6 = false
+[osd]
+public addr = 127.0.0.1
+cluster addr = 127.0.0.1
 [mon.a]
 mon data = {d}/mon
 [client.rgw.a]
