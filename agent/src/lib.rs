@@ -7,11 +7,11 @@
 //! - [`service`] and [`jobs`]: the gRPC handlers, order validation, the job runner.
 //! - [`pipeline`]: the streaming stages (compress, encrypt, hash, chunks) and the backup
 //!   and restore orchestration.
-//! - [`datastore`]: one module per datastore kind (`postgres`).
-//! - [`transport`]: the backup server over SFTP.
+//! - [`datastore`]: one folder per datastore kind.
 //!
 //! Where files go on the backup server and their `.json` sidecar are `ferry_core`'s
-//! `layout` and `manifest`.
+//! `layout` and `manifest`; the backup server itself is a `ferry_storage` target
+//! (`[backup_server]`, an `Arc<dyn ferry_storage::Target>` in [`config::Settings`]).
 
 use std::sync::Arc;
 
@@ -23,7 +23,6 @@ pub mod datastore;
 pub mod jobs;
 pub mod pipeline;
 pub mod service;
-pub mod transport;
 
 /// Serves the agent until `shutdown` is cancelled; running jobs are cancelled then. A
 /// staging agent first puts right the leftovers of interrupted restores of its datastores

@@ -151,16 +151,15 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
         None => (settings.environment.clone(), "backups are written here"),
     };
     let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
-        use ferry_agent::transport::Downloader;
-        let mut s = server.connect().map_err(|e| e.to_string())?;
-        let dir = ferry_core::layout::environment_dir(s.root(), &env);
+        let mut s = server.read().map_err(|e| e.to_string())?;
+        let dir = server.environment_dir(&env);
         let n = s
             .list(&dir)
             .map_err(|e| format!("cannot list {dir}: {e}"))?
             .len();
         Ok(format!(
-            "reached {}@{}:{}, {dir} holds {n} entries ({purpose})",
-            server.user, server.host, server.port
+            "reached {}, {dir} holds {n} entries ({purpose})",
+            server.describe()
         ))
     })
     .await?;

@@ -25,12 +25,10 @@ use chrono::{DateTime, Utc};
 
 use crate::config::{Keys, Settings};
 use crate::datastore::{Datastore, DumpError, Dumper, Part, RestoreError};
-use crate::transport::sftp::SftpSession;
-use crate::transport::watchdog::Aborter;
-use crate::transport::{Downloader, Staged, TransportError, Uploader};
 use ferry_core::Bounded;
 use ferry_core::layout::{self, StoredFile};
 use ferry_core::manifest::{MANIFEST_VERSION, MAX_MANIFEST_BYTES, Manifest, ManifestError};
+use ferry_storage::{Aborter, ReadSession, Staged, TargetError, WriteSession};
 
 pub mod chunks;
 pub mod compress;
@@ -65,9 +63,9 @@ pub enum JobError {
     /// The dump ended without producing anything.
     #[error("dump of datastore {0:?} produced no data; nothing was stored")]
     EmptyDump(String),
-    /// The backup server could not be used.
+    /// The storage target (the backup server) could not be used.
     #[error(transparent)]
-    Transport(#[from] TransportError),
+    Transport(#[from] TargetError),
     /// A stored file does not match its manifest, or does not decrypt.
     #[error("{0}")]
     Integrity(String),
@@ -178,11 +176,11 @@ struct StagedPart {
 /// Runs `f` with the session on a blocking thread and gives the session back (lost only
 /// if `f` panicked).
 async fn on_session<T: Send + 'static>(
-    mut session: SftpSession,
-    f: impl FnOnce(&mut SftpSession) -> T + Send + 'static,
-) -> Result<(SftpSession, T), JobError> {
+    mut session: Box<dyn WriteSession>,
+    f: impl FnOnce(&mut dyn WriteSession) -> T + Send + 'static,
+) -> Result<(Box<dyn WriteSession>, T), JobError> {
     tokio::task::spawn_blocking(move || {
-        let out = f(&mut session);
+        let out = f(&mut *session);
         (session, out)
     })
     .await
@@ -192,7 +190,7 @@ async fn on_session<T: Send + 'static>(
 /// Runs a backup of `datastore`: every part dumped, compressed, encrypted, hashed and
 /// streamed to a hidden partial file, then, once every part is whole, the manifests
 /// written and everything put in place on the last part's connection
-/// ([`Uploader::commit`]: the main part's manifest last, so that a reader never takes an
+/// ([`WriteSession::commit`]: the main part's manifest last, so that a reader never takes an
 /// interrupted commit for a backup).
 ///
 /// # Errors
@@ -216,8 +214,8 @@ pub async fn backup(
     let names = {
         let (settings, name) = (settings.clone(), datastore.name().to_owned());
         tokio::task::spawn_blocking(move || {
-            let mut session = settings.backup_server.connect()?;
-            choose_names(&mut session, &settings, &name, parts, started)
+            let mut session = settings.backup_server.write()?;
+            choose_names(&mut *session, &settings, &name, parts, started)
         })
         .await
         .map_err(join_error)??
@@ -227,7 +225,7 @@ pub async fn backup(
     // dump tool may take long to produce its first byte, and an idle connection may be
     // dropped on the way); the last one, fresh, commits them all.
     let mut staged: Vec<StagedPart> = Vec::new();
-    let mut last: Option<SftpSession> = None;
+    let mut last: Option<Box<dyn WriteSession>> = None;
     for (part, file) in parts.iter().zip(names) {
         // The previous part's connection is not needed any more.
         drop(last.take());
@@ -343,7 +341,11 @@ impl Drop for AbortOnDrop {
 /// connection when a cancel closed that one (the server itself is likely fine). A session
 /// lost to a panic, or a connection that failed, leaves them hidden: the next upload of
 /// the datastore, or `ferry prune`, removes them.
-async fn abandon(settings: &Arc<Settings>, session: Option<SftpSession>, partials: Vec<Staged>) {
+async fn abandon(
+    settings: &Arc<Settings>,
+    session: Option<Box<dyn WriteSession>>,
+    partials: Vec<Staged>,
+) {
     let mut paths: Vec<String> = partials.into_iter().map(|s| s.partial).collect();
     let session = match session {
         Some(mut aborted) if aborted.aborted() => {
@@ -353,7 +355,7 @@ async fn abandon(settings: &Arc<Settings>, session: Option<SftpSession>, partial
                 return;
             }
             let server = settings.backup_server.clone();
-            match tokio::task::spawn_blocking(move || server.connect()).await {
+            match tokio::task::spawn_blocking(move || server.write()).await {
                 Ok(Ok(s)) => s,
                 _ => return,
             }
@@ -369,13 +371,15 @@ async fn abandon(settings: &Arc<Settings>, session: Option<SftpSession>, partial
 
 /// Picks the first stamp under which no part's file (nor its manifest) exists yet.
 fn choose_names(
-    session: &mut SftpSession,
+    session: &mut dyn WriteSession,
     settings: &Settings,
     datastore: &str,
     parts: &'static [Part],
     at: DateTime<Utc>,
 ) -> Result<Vec<StoredFile>, JobError> {
-    let dir = layout::dated_dir(session.root(), &settings.environment, at.date_naive());
+    let dir = settings
+        .backup_server
+        .dated_dir(&settings.environment, at.date_naive());
     for stamp in layout::candidate_stamps(at) {
         let files: Vec<StoredFile> = parts
             .iter()
@@ -416,7 +420,7 @@ async fn backup_part(
     file: StoredFile,
     job_id: &str,
     progress: &Progress,
-) -> Result<(SftpSession, StagedPart), PartFailure> {
+) -> Result<(Box<dyn WriteSession>, StagedPart), PartFailure> {
     let started = Utc::now();
     progress.set_stage("dump");
     progress.reset();
@@ -449,7 +453,7 @@ async fn backup_part(
     let upload = {
         let (settings, file, job_id) = (settings.clone(), file.clone(), job_id.to_owned());
         tokio::task::spawn_blocking(move || {
-            let mut session = match settings.backup_server.connect() {
+            let mut session = match settings.backup_server.write() {
                 Ok(s) => s,
                 Err(e) => {
                     drop(rx);
@@ -548,7 +552,7 @@ async fn backup_part(
 
 /// A part that failed: the session (unless its thread panicked), the part's partial file
 /// if it was written whole, and the error.
-type PartFailure = (Option<SftpSession>, Option<Staged>, JobError);
+type PartFailure = (Option<Box<dyn WriteSession>>, Option<Staged>, JobError);
 
 /// A backup found on the server: every file in restore order, with its manifest.
 struct FoundBackup {
@@ -573,8 +577,8 @@ fn find_backup(
     date: Option<&str>,
     file: Option<&str>,
 ) -> Result<FoundBackup, JobError> {
-    let mut session = settings.backup_server.connect()?;
-    let env_dir = layout::environment_dir(session.root(), environment);
+    let mut session = settings.backup_server.read()?;
+    let env_dir = settings.backup_server.environment_dir(environment);
     let name = datastore.name();
     if let (Some(day), Some(f)) = (date, file) {
         let dir = format!("{env_dir}/{day}");
@@ -595,8 +599,8 @@ fn find_backup(
                 Bounded(f)
             )));
         }
-        let (path, main) = read_main(&mut session, &dir, f, name)?;
-        let found = with_companions(&mut session, datastore, &dir, path, main)?;
+        let (path, main) = read_main(&mut *session, &dir, f, name)?;
+        let found = with_companions(&mut *session, datastore, &dir, path, main)?;
         // A companion's data file gone (its manifest kept) is as missing as the main one.
         for (path, _) in &found.files {
             let part = path.rsplit('/').next().unwrap_or_default();
@@ -630,7 +634,7 @@ fn find_backup(
             if layout::stamp_of(name, f).is_none() || !entries.contains(&format!("{f}.json")) {
                 continue;
             }
-            let (path, m) = read_main(&mut session, &dir, f, name)?;
+            let (path, m) = read_main(&mut *session, &dir, f, name)?;
             if m.finished > horizon {
                 tracing::warn!(path = %path, finished = %m.finished,
                     "Passing over a backup that finished in the future by this agent's clock.");
@@ -644,7 +648,7 @@ fn find_backup(
         }
     }
     if let Some((dir, path, main)) = best {
-        return with_companions(&mut session, datastore, &dir, path, main);
+        return with_companions(&mut *session, datastore, &dir, path, main);
     }
     let passed_over = if future.is_empty() {
         String::new()
@@ -673,7 +677,7 @@ const FUTURE_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// # Errors
 /// [`JobError::Integrity`] if the manifest describes another file, part or datastore.
 fn read_main(
-    session: &mut dyn Downloader,
+    session: &mut dyn ReadSession,
     dir: &str,
     f: &str,
     name: &str,
@@ -699,7 +703,7 @@ fn read_main(
 /// [`JobError::InvalidArgument`] for a backup of another kind, [`JobError::Integrity`] for
 /// a companion that is not a file of the layout or has no readable manifest.
 fn with_companions(
-    session: &mut dyn Downloader,
+    session: &mut dyn ReadSession,
     datastore: &dyn Datastore,
     dir: &str,
     path: String,
@@ -743,7 +747,7 @@ async fn with_download<T: Send + 'static>(
     let download = {
         let settings = settings.clone();
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || settings.backup_server.connect()?.download(&path, tx))
+        tokio::task::spawn_blocking(move || settings.backup_server.read()?.download(&path, tx))
     };
     let reader = chunks::ChunkReader::new(rx, progress.clone());
     let out = tokio::task::spawn_blocking(move || consume(reader))
@@ -916,7 +920,7 @@ pub async fn check(
     let files = found.files.clone();
     let server = settings.clone();
     tokio::task::spawn_blocking(move || -> Result<(), JobError> {
-        let mut session = server.backup_server.connect()?;
+        let mut session = server.backup_server.read()?;
         for (path, manifest) in &files {
             match session.size(path)? {
                 None => {

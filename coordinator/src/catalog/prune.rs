@@ -4,7 +4,7 @@
 //! newest complete backup set are always kept. Every run and every removal is audited.
 //!
 //! With the maintenance key, prune also lists what failed or interrupted uploads left in
-//! the dated folders ([`ferry_agent::transport::Leftover`]) and removes what is safe to
+//! the dated folders ([`ferry_storage::Leftover`]) and removes what is safe to
 //! remove ([`judge`]): hidden partial files of jobs that have ended (at once), of jobs the
 //! coordinator does not know (after [`ABANDONED_AFTER`]), never of a job still queued or
 //! running; and orphan data files, under a final name but part of no committed backup
@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use ferry_agent::transport::{Leftover, LeftoverKind};
+use ferry_storage::{Leftover, LeftoverKind};
 
 use crate::dispatch::Coordinator;
 use crate::model::JobState;
@@ -221,7 +221,7 @@ pub async fn run(
         for (env, _) in &policies {
             let (server, env_name) = (server.clone(), env.clone());
             let listed =
-                tokio::task::spawn_blocking(move || server.connect()?.leftovers(&env_name))
+                tokio::task::spawn_blocking(move || server.maintain()?.leftovers(&env_name))
                     .await
                     .map_err(|e| PruneError::Server(e.to_string()))?
                     .map_err(|e| {
@@ -308,7 +308,7 @@ pub async fn run(
     if !going_leftovers.is_empty() {
         let server2 = server.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            let mut session = server2.connect()?;
+            let mut session = server2.maintain()?;
             let mut done = Vec::new();
             for l in &going_leftovers {
                 match session.remove_leftover(l) {
@@ -316,7 +316,7 @@ pub async fn run(
                     Err(e) => return Ok((done, Some(e))),
                 }
             }
-            Ok::<_, ferry_agent::transport::TransportError>((done, None))
+            Ok::<_, ferry_storage::TargetError>((done, None))
         })
         .await
         .map_err(|e| PruneError::Server(e.to_string()))?
@@ -356,10 +356,11 @@ pub async fn run(
 
     for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
         let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
-        let removed =
-            tokio::task::spawn_blocking(move || server.connect()?.remove_dated_folder(&env, &date))
-                .await
-                .map_err(|e| PruneError::Server(e.to_string()))?;
+        let removed = tokio::task::spawn_blocking(move || {
+            server.maintain()?.remove_dated_folder(&env, &date)
+        })
+        .await
+        .map_err(|e| PruneError::Server(e.to_string()))?;
         let folder = format!("{}/{}", d.environment, d.date);
         match removed {
             Ok((files, bytes)) => {

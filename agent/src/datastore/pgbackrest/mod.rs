@@ -37,7 +37,7 @@ use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, Mode, RestoreError, ToolError,
 };
 use crate::config::Settings;
-use crate::pipeline::mirror::{self, Remote};
+use crate::pipeline::mirror;
 use crate::pipeline::{JobError, JobReport, Progress};
 
 /// `[[datastores]]` with `kind = "pgbackrest"`.
@@ -301,10 +301,6 @@ impl PgBackRest {
             .map_err(|e| ToolError::Output(format!("pgbackrest info: unexpected backup list: {e}")))
     }
 
-    fn remote_dir(&self, settings: &Settings, environment: &str) -> String {
-        mirror::mirror_dir(&settings.backup_server, environment, &self.cfg.name)
-    }
-
     /// Production: stanza-create (a no-op once it exists), a `backup_type` backup
     /// (default `diff`; pgBackRest makes it a full when there is none), then the
     /// repository pushed to the backup server.
@@ -345,15 +341,12 @@ impl PgBackRest {
                 )
             })?;
         progress.set_stage("rsync");
-        let remote = Remote::new(&settings.backup_server).map_err(|e| JobError::Stage {
-            stage: "rsync setup",
-            source: e,
-        })?;
-        let dest = self.remote_dir(settings, &settings.environment);
+        let remote = settings.backup_server.mirror()?;
+        let dest = remote.dir(&settings.environment, &self.cfg.name);
         let mut cmd = remote.rsync_up();
         cmd.args(["--delete", "--mkpath"])
             .arg(format!("{}/", self.cfg.repo_dir.display()))
-            .arg(format!("{}{dest}", remote.prefix));
+            .arg(format!("{}{dest}", remote.prefix()));
         mirror::run(cmd, progress)
             .await
             .map_err(|e| fail("rsync (the repository to the backup server)", e))?;
@@ -417,11 +410,8 @@ impl PgBackRest {
             stage: "pgbackrest config",
             source: e,
         })?;
-        let remote = Remote::new(&settings.backup_server).map_err(|e| JobError::Stage {
-            stage: "rsync setup",
-            source: e,
-        })?;
-        let src = format!("{}{}", remote.prefix, self.remote_dir(settings, &env));
+        let remote = settings.backup_server.mirror()?;
+        let src = remote.remote(&env, &self.cfg.name);
         let mut cmd = remote.rsync();
         cmd.arg("--delete")
             .arg(&src)
