@@ -11,7 +11,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
 use crate::datastore::Datastore;
-use crate::pipeline::{self, JobError, JobReport, Progress};
+use crate::job::{JobError, JobReport, Progress};
+use crate::pipeline;
 use ferry_core::layout;
 
 /// How often a running job reports progress (also the liveness signal), seconds.

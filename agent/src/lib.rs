@@ -5,6 +5,8 @@
 //! Modules:
 //! - [`config`]: `agent.toml`, validated into runtime [`config::Settings`].
 //! - [`service`] and [`jobs`]: the gRPC handlers, order validation, the job runner.
+//! - [`job`]: what a job reports and why it fails ([`job::JobError`], [`job::JobReport`]),
+//!   and its live [`job::Progress`].
 //! - [`pipeline`]: the streaming stages (compress, encrypt, hash, chunks) and the backup
 //!   and restore orchestration.
 //! - [`datastore`]: one folder per datastore kind.
@@ -20,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 pub mod config;
 pub mod datastore;
+pub mod job;
 pub mod jobs;
 pub mod pipeline;
 pub mod service;

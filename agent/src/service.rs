@@ -12,8 +12,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
+use crate::job::JobError;
 use crate::jobs::{self, JobRunner, JobUpdate, OrderKind, Updates};
-use crate::pipeline::JobError;
 
 /// The gRPC service.
 pub struct AgentService {

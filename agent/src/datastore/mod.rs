@@ -33,7 +33,7 @@ use ferry_proto::Role;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use crate::pipeline::JobError;
+use crate::job::JobError;
 
 pub mod common;
 pub mod etcd;

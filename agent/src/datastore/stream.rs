@@ -10,7 +10,7 @@ use futures::future::BoxFuture;
 
 use super::common::tool::ToolError;
 use crate::config::Settings;
-use crate::pipeline::{JobError, JobReport, Progress};
+use crate::job::{JobError, JobReport, Progress};
 use ferry_core::manifest::{Manifest, Source};
 
 /// One stored file of a backup. A backup has one main part (name `""`) and may have

@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
 pub use ferry_storage::chunk::{CHANNEL_CHUNKS, CHUNK_BYTES, buffer, channel, recycle};
 
-use super::progress::Progress;
+use crate::job::Progress;
 
 /// Collects writes into [`CHUNK_BYTES`] chunks and sends them; blocks while the channel
 /// is full. Fails with `BrokenPipe` once the receiver is gone (the transport failed), and

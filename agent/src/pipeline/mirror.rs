@@ -24,11 +24,11 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use super::{JobError, JobReport, Progress};
 use crate::config::Settings;
 use crate::datastore::common::tree::{self, TreeCounts};
 use crate::datastore::files::Files;
 use crate::datastore::{DumpError, RestoreError, ToolError};
+use crate::job::{JobError, JobReport, Progress};
 
 /// The mirror's manifest, in the mirror directory.
 pub const MANIFEST: &str = ".ferry-manifest.json";

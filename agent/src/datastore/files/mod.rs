@@ -157,8 +157,8 @@ impl super::Repository for Files {
         &'a self,
         settings: &'a std::sync::Arc<crate::config::Settings>,
         _backup_type: Option<String>,
-        progress: &'a crate::pipeline::Progress,
-    ) -> BoxFuture<'a, Result<crate::pipeline::JobReport, crate::pipeline::JobError>> {
+        progress: &'a crate::job::Progress,
+    ) -> BoxFuture<'a, Result<crate::job::JobReport, crate::job::JobError>> {
         crate::pipeline::mirror::backup(settings.clone(), self, progress.clone()).boxed()
     }
     fn restore<'a>(
@@ -166,8 +166,8 @@ impl super::Repository for Files {
         settings: &'a std::sync::Arc<crate::config::Settings>,
         job_id: &'a str,
         selection: (Option<String>, Vec<String>),
-        progress: &'a crate::pipeline::Progress,
-    ) -> BoxFuture<'a, Result<crate::pipeline::JobReport, crate::pipeline::JobError>> {
+        progress: &'a crate::job::Progress,
+    ) -> BoxFuture<'a, Result<crate::job::JobReport, crate::job::JobError>> {
         crate::pipeline::mirror::restore(
             settings.clone(),
             self,

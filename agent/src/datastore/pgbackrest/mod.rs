@@ -37,8 +37,8 @@ use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, Mode, RestoreError, ToolError,
 };
 use crate::config::Settings;
+use crate::job::{JobError, JobReport, Progress};
 use crate::pipeline::mirror;
-use crate::pipeline::{JobError, JobReport, Progress};
 
 /// `[[datastores]]` with `kind = "pgbackrest"`.
 #[derive(Clone, Debug, Deserialize)]
