@@ -70,10 +70,21 @@ pub enum PruneError {
     /// No policy, or no maintenance key for a real run; nothing was removed.
     #[error("{0}")]
     Refused(String),
-    /// The backup server failed a listing or a removal; what is listed before it was
-    /// removed.
-    #[error("{0}")]
-    Server(String),
+    /// The storage target failed a listing or a removal; what is listed before it was
+    /// removed (`after` says so).
+    #[error("{doing}: {source}{after}")]
+    Target {
+        /// What prune was doing, e.g. `removing production/2026-02-05`.
+        doing: String,
+        /// What the target said.
+        #[source]
+        source: ferry_storage::TargetError,
+        /// What had been done before, e.g. `; folders listed before it were removed`.
+        after: &'static str,
+    },
+    /// A task that talks to the target ended without an answer (it panicked).
+    #[error("a prune task failed: {0}")]
+    Task(String),
     /// The store failed.
     #[error("job store: {0}")]
     Store(#[from] StoreError),
@@ -223,11 +234,11 @@ pub async fn run(
             let listed =
                 tokio::task::spawn_blocking(move || server.maintain()?.leftovers(&env_name))
                     .await
-                    .map_err(|e| PruneError::Server(e.to_string()))?
-                    .map_err(|e| {
-                        PruneError::Server(format!(
-                            "listing what failed uploads left in {env}: {e}"
-                        ))
+                    .map_err(|e| PruneError::Task(e.to_string()))?
+                    .map_err(|source| PruneError::Target {
+                        doing: format!("listing what failed uploads left in {env}"),
+                        source,
+                        after: "",
                     })?;
             let (store, env_name) = (c.store.clone(), env.clone());
             let environments: std::collections::BTreeMap<String, String> = c
@@ -319,8 +330,12 @@ pub async fn run(
             Ok::<_, ferry_storage::TargetError>((done, None))
         })
         .await
-        .map_err(|e| PruneError::Server(e.to_string()))?
-        .map_err(|e| PruneError::Server(format!("removing what failed uploads left: {e}")))?;
+        .map_err(|e| PruneError::Task(e.to_string()))?
+        .map_err(|source| PruneError::Target {
+            doing: "removing what failed uploads left".into(),
+            source,
+            after: "",
+        })?;
         let (done, failed) = removed;
         for (env, _) in &policies {
             let of_env: Vec<_> = done.iter().filter(|(l, _)| &l.environment == env).collect();
@@ -347,9 +362,11 @@ pub async fn run(
         if let Some(e) = failed {
             c.audit(who, "prune leftovers", target, &format!("failed: {e}"))
                 .await;
-            return Err(PruneError::Server(format!(
-                "removing what failed uploads left: {e}; the files listed before it were removed"
-            )));
+            return Err(PruneError::Target {
+                doing: "removing what failed uploads left".into(),
+                source: e,
+                after: "; the files listed before it were removed",
+            });
         }
     }
     attach(&mut decisions, found, &removed_paths);
@@ -360,7 +377,7 @@ pub async fn run(
             server.maintain()?.remove_dated_folder(&env, &date)
         })
         .await
-        .map_err(|e| PruneError::Server(e.to_string()))?;
+        .map_err(|e| PruneError::Task(e.to_string()))?;
         let folder = format!("{}/{}", d.environment, d.date);
         match removed {
             Ok((files, bytes)) => {
@@ -378,9 +395,11 @@ pub async fn run(
             Err(e) => {
                 c.audit(who, "prune", &folder, &format!("failed: {e}"))
                     .await;
-                return Err(PruneError::Server(format!(
-                    "removing {folder}: {e}; folders listed before it were removed"
-                )));
+                return Err(PruneError::Target {
+                    doing: format!("removing {folder}"),
+                    source: e,
+                    after: "; folders listed before it were removed",
+                });
             }
         }
     }
