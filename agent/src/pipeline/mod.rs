@@ -39,6 +39,9 @@ pub mod mirror;
 pub mod restore;
 pub mod verify;
 
+#[cfg(test)]
+mod tests;
+
 pub use backup::backup;
 pub use restore::restore;
 pub use verify::{check, verify};
