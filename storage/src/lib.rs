@@ -63,6 +63,14 @@ pub mod sftp;
 pub use config::{TargetConfig, TargetConfigError};
 pub use error::{PartialFate, TargetError};
 
+/// Seconds since the Unix epoch, now (for objects' idle times).
+pub(crate) fn now_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
 /// A part written whole to its partial object, waiting for [`WriteSession::commit`] or
 /// [`WriteSession::abandon`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -308,19 +316,12 @@ pub trait MaintainSession: ReadSession {
     /// with object locks; a lock is only ever extended.
     ///
     /// # Errors
-    /// [`TargetError::Unsupported`] on a target without locks (the default).
+    /// [`TargetError::Unsupported`] on a target without locks (SFTP, memory).
     fn extend_lock(
         &mut self,
         path: &str,
         until: chrono::DateTime<chrono::Utc>,
-    ) -> Result<(), TargetError> {
-        let _ = (path, until);
-        Err(TargetError::Unsupported {
-            addr: String::new(),
-            kind: "this",
-            what: "an object lock",
-        })
-    }
+    ) -> Result<(), TargetError>;
 }
 
 /// How a differential datastore reaches its mirror on the target with the stock `rsync`

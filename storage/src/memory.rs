@@ -13,6 +13,7 @@ use ferry_core::layout::StoredFile;
 
 use crate::chunk::{self, CHUNK_BYTES};
 use crate::leftovers::{self, Entry};
+use crate::now_seconds;
 use crate::{
     Aborter, Leftover, MaintainSession, PartialFate, ReadSession, Staged, Target, TargetError,
     WriteSession,
@@ -41,13 +42,6 @@ impl Default for MemoryTarget {
 }
 
 const ADDR: &str = "memory";
-
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
 
 impl MemoryTarget {
     /// An empty target whose layout starts at `root` (e.g. `/memory`).
@@ -388,6 +382,18 @@ impl MaintainSession for MemorySession {
             ));
         }
         Ok(out)
+    }
+
+    fn extend_lock(
+        &mut self,
+        _path: &str,
+        _until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), TargetError> {
+        Err(TargetError::Unsupported {
+            addr: ADDR.into(),
+            kind: "memory",
+            what: "an object lock",
+        })
     }
 
     fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TargetError> {

@@ -8,7 +8,7 @@ use chrono::Utc;
 use super::join_error;
 use crate::config::{Keys, Settings};
 use crate::datastore::Datastore;
-use crate::job::{JobError, Progress};
+use crate::job::{JobError, JobReport, Progress};
 use ferry_core::Bounded;
 use ferry_core::layout;
 use ferry_core::manifest::{MAX_MANIFEST_BYTES, Manifest};
@@ -17,6 +17,35 @@ use ferry_storage::ReadSession;
 /// A backup found on the server: every file in restore order, with its manifest.
 pub(crate) struct FoundBackup {
     pub(crate) files: Vec<(String, Manifest)>,
+}
+
+impl FoundBackup {
+    /// The main part's path and manifest: the last file.
+    pub(crate) fn main(&self) -> &(String, Manifest) {
+        self.files.last().expect("a backup has a main part")
+    }
+
+    /// What a verify or check of this backup in `environment` reports: its main part, the
+    /// stored bytes of all its files, `plain_bytes` uncompressed, and `summary`.
+    pub(crate) fn report(
+        &self,
+        environment: String,
+        plain_bytes: u64,
+        summary: String,
+    ) -> JobReport {
+        let (main_path, main) = self.main();
+        JobReport {
+            data_finished_ms: Some(main.finished.timestamp_millis()),
+            stored_path: main_path.clone(),
+            size_bytes: self.files.iter().map(|(_, m)| m.bytes_stored).sum(),
+            sha256: main.sha256.clone(),
+            bytes_uncompressed: plain_bytes,
+            environment,
+            date: main.date.clone(),
+            kind: main.kind.clone(),
+            summary,
+        }
+    }
 }
 
 /// Finds the backup of `datastore` in `environment` that a restore or verify reads:

@@ -50,11 +50,7 @@ pub async fn restore(
         check_digest(path, manifest, &sha256, size)?;
     }
 
-    let (main_path, main) = found
-        .files
-        .last()
-        .expect("a backup has a main part")
-        .clone();
+    let (main_path, main) = found.main().clone();
     let restore_err = |source: RestoreError, target_state: &str| JobError::Restore {
         datastore: datastore.name().to_owned(),
         source,

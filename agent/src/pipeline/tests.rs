@@ -247,6 +247,22 @@ fn visible(target: &MemoryTarget) -> Vec<String> {
         .collect()
 }
 
+/// The staging agent's restore of the newest backup of `store`.
+async fn restore_newest(
+    fleet: &Fleet,
+    store: &Arc<TestStore>,
+) -> Result<crate::job::JobReport, JobError> {
+    super::restore(
+        fleet.staging.clone(),
+        store.clone(),
+        "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
+        (None, None),
+        Vec::new(),
+        progress(),
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_backup_restores_to_the_same_bytes() {
     let fleet = fleet();
@@ -268,16 +284,7 @@ async fn a_backup_restores_to_the_same_bytes() {
             format!("{}.json", report.stored_path)
         ]
     );
-    let restored = super::restore(
-        fleet.staging.clone(),
-        store.clone(),
-        "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
-        (None, None),
-        Vec::new(),
-        progress(),
-    )
-    .await
-    .unwrap();
+    let restored = restore_newest(&fleet, &store).await.unwrap();
     assert_eq!(restored.stored_path, report.stored_path);
     let r = store.restored.lock().unwrap();
     assert_eq!(r.commits, 1);
@@ -358,16 +365,7 @@ async fn a_corrupted_object_fails_the_restore_before_it_commits() {
         let mid = b.len() / 2;
         b[mid] ^= 0x40;
     }));
-    let e = super::restore(
-        fleet.staging.clone(),
-        store.clone(),
-        "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
-        (None, None),
-        Vec::new(),
-        progress(),
-    )
-    .await
-    .unwrap_err();
+    let e = restore_newest(&fleet, &store).await.unwrap_err();
     let JobError::Integrity(text) = &e else {
         panic!("not an integrity error: {e}");
     };

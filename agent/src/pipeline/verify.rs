@@ -66,26 +66,16 @@ pub async fn verify(
             }
         }
     }
-    let (main_path, main) = found
-        .files
-        .last()
-        .expect("a backup has a main part")
-        .clone();
-    Ok(JobReport {
-        data_finished_ms: Some(main.finished.timestamp_millis()),
-        stored_path: main_path,
-        size_bytes: found.files.iter().map(|(_, m)| m.bytes_stored).sum(),
-        sha256: main.sha256.clone(),
-        bytes_uncompressed: plain_bytes,
+    let main = &found.main().1;
+    Ok(found.report(
         environment,
-        date: main.date.clone(),
-        kind: main.kind.clone(),
-        summary: format!(
+        plain_bytes,
+        format!(
             "verified {} file(s) of {}: SHA-256 equal to the manifests, decrypted and decompressed to the end ({plain_bytes} bytes)",
             found.files.len(),
             main.date
         ),
-    })
+    ))
 }
 
 /// Checks that a backup of `datastore` in the source environment is there, downloading
@@ -130,25 +120,15 @@ pub async fn check(
     })
     .await
     .map_err(join_error)??;
-    let (main_path, main) = found
-        .files
-        .last()
-        .expect("a backup has a main part")
-        .clone();
-    Ok(JobReport {
-        data_finished_ms: Some(main.finished.timestamp_millis()),
-        stored_path: main_path,
-        size_bytes: found.files.iter().map(|(_, m)| m.bytes_stored).sum(),
-        sha256: main.sha256.clone(),
-        bytes_uncompressed: found.files.iter().map(|(_, m)| m.bytes_uncompressed).sum(),
+    let main = &found.main().1;
+    Ok(found.report(
         environment,
-        date: main.date.clone(),
-        kind: main.kind.clone(),
-        summary: format!(
+        found.files.iter().map(|(_, m)| m.bytes_uncompressed).sum(),
+        format!(
             "checked {} file(s) of {}: manifests readable, every file present with its \
              manifest's size (nothing downloaded)",
             found.files.len(),
             main.date
         ),
-    })
+    ))
 }

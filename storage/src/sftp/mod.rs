@@ -25,7 +25,7 @@ use crate::config::TargetConfigError;
 use crate::leftovers::{self, Entry};
 use crate::{
     Aborter, Leftover, MaintainSession, Mirror, PartialFate, ReadSession, Staged, Target,
-    TargetError, WriteSession,
+    TargetError, WriteSession, now_seconds,
 };
 use ferry_core::layout::StoredFile;
 use watchdog::Watchdog;
@@ -367,14 +367,6 @@ fn refusal(e: &ssh2::Error) -> String {
         }
         _ => e.to_string(),
     }
-}
-
-/// Seconds since the Unix epoch, now.
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
 }
 
 impl SftpSession {
@@ -893,6 +885,18 @@ impl MaintainSession for SftpSession {
             ));
         }
         Ok(out)
+    }
+
+    fn extend_lock(
+        &mut self,
+        _path: &str,
+        _until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), TargetError> {
+        Err(TargetError::Unsupported {
+            addr: self.addr.clone(),
+            kind: "sftp",
+            what: "an object lock",
+        })
     }
 
     fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TargetError> {
