@@ -545,4 +545,97 @@ mod tests {
         assert_eq!(decisions[1].leftovers[0].kind, "partial");
         assert!(!decisions[1].leftovers[0].removed);
     }
+
+    /// A committed backup of `date` on `target`, with a record in `c`'s catalog.
+    fn backed_up(c: &Coordinator, target: &ferry_storage::memory::MemoryTarget, date: &str) {
+        use ferry_storage::Target as _;
+        // One job a date: the catalog keeps a record per job.
+        let job = format!("01KBX8Z3E5M1Q2W3E4R5T6{}", &date.replace('-', "")[4..]);
+        let file = ferry_core::layout::StoredFile {
+            dir: format!("/srv/ferry/production/{date}"),
+            name: format!("pg_backup_{date}.pgdump.zst.age"),
+        };
+        let mut w = target.write().unwrap();
+        let (tx, rx) = ferry_storage::chunk::channel();
+        tx.send(b"ciphertext".to_vec()).unwrap();
+        drop(tx);
+        let staged = w.stage(&file, &job, rx).unwrap();
+        w.commit(&job, &[(staged, b"{}".to_vec())]).unwrap();
+        c.store
+            .put_backup(&crate::model::BackupRecord {
+                environment: "production".into(),
+                date: date.into(),
+                datastore: "pg".into(),
+                kind: "postgres".into(),
+                agent: "db1".into(),
+                stored_path: file.path(),
+                size_bytes: 10,
+                bytes_uncompressed: 10,
+                sha256: String::new(),
+                finished_ms: 0,
+                job_id: job,
+                missing: None,
+            })
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn prune_removes_what_the_policy_drops_through_the_maintain_session_and_keeps_a_live_partial()
+     {
+        use ferry_storage::Target as _;
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            crate::dispatch::test_coordinator(dir.path(), &[], std::time::Duration::from_secs(60));
+        let mut c = Arc::into_inner(c).expect("no other reference yet");
+        let target = ferry_storage::memory::MemoryTarget::new("/srv/ferry");
+        c.settings.maintenance = Some(Arc::new(target.clone()));
+        c.settings.retention.insert(
+            "production".into(),
+            crate::catalog::retention::Policy {
+                keep_daily: 1,
+                keep_weekly: 0,
+                keep_monthly: 0,
+            },
+        );
+        let c = Arc::new(c);
+        backed_up(&c, &target, "2026-02-04");
+        backed_up(&c, &target, "2026-02-05");
+        // An upload of a job this coordinator does not know, just written: it stays.
+        let file = ferry_core::layout::StoredFile {
+            dir: "/srv/ferry/production/2026-02-05".into(),
+            name: "pg_backup_2026-02-05T0300Z.pgdump.zst.age".into(),
+        };
+        let (tx, rx) = ferry_storage::chunk::channel();
+        drop(tx);
+        let partial = target
+            .write()
+            .unwrap()
+            .stage(&file, "01KBX8Z3E5M1Q2W3E4R5T6Y7U9", rx)
+            .unwrap()
+            .partial;
+
+        let outcome = run(&c, "tester", Some("production"), false).await.unwrap();
+        let dates: Vec<(&str, bool)> = outcome
+            .decisions
+            .iter()
+            .map(|d| (d.date.as_str(), d.removed))
+            .collect();
+        assert_eq!(dates, [("2026-02-05", false), ("2026-02-04", true)]);
+        assert!(outcome.leftovers_checked);
+        let left = &outcome.decisions[0].leftovers;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            (left[0].path.as_str(), left[0].kind),
+            (partial.as_str(), "partial")
+        );
+        assert!(!left[0].remove && !left[0].removed, "{:?}", left[0]);
+        assert_eq!(
+            target.paths(),
+            [
+                partial,
+                "/srv/ferry/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age".into(),
+                "/srv/ferry/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age.json".into(),
+            ]
+        );
+    }
 }
