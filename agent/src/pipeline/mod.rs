@@ -16,8 +16,7 @@
 //!   hash at its end, and only then let the datastore commit (swap into place).
 //! - [`verify`]: a backup read to its end and checked without restoring it, or only
 //!   checked present with its manifests' sizes.
-//! - the stages: [`chunks`], [`compress`], [`encrypt`], [`hash`]; and [`mirror`], the rsync
-//!   mirrors of `files` datastores.
+//! - the stages: [`chunks`], [`compress`], [`encrypt`], [`hash`].
 //!
 //! The pipeline never names a datastore nor a target: it sees [`Dumper`](crate::datastore::Dumper),
 //! [`Restorer`](crate::datastore::Restorer), the sessions of `ferry_storage` and bytes.
@@ -35,7 +34,6 @@ pub mod compress;
 pub mod encrypt;
 pub mod find;
 pub mod hash;
-pub mod mirror;
 pub mod restore;
 pub mod verify;
 

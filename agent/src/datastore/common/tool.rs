@@ -171,6 +171,21 @@ pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, ToolErr
     })
 }
 
+/// [`output`], unless the job is cancelled first: then the tool is killed and the error
+/// is [`ToolError::Cancelled`].
+///
+/// # Errors
+/// As [`output`], and [`ToolError::Cancelled`].
+pub async fn output_until_cancelled(
+    cmd: tokio::process::Command,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<Vec<u8>, ToolError> {
+    tokio::select! {
+        r = output(cmd) => r,
+        () = cancel.cancelled() => Err(ToolError::Cancelled),
+    }
+}
+
 /// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.
 pub fn describe_status(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;

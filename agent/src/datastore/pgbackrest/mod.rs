@@ -8,7 +8,7 @@
 //! repository on the database host (`repo_dir`), encrypted by pgBackRest itself
 //! (`aes-256-cbc`, passphrase from `cipher_pass_file`), and after every backup the agent
 //! pushes it with rsync over SSH to `<root>/<environment>/<name>/` on the backup server
-//! (the same key and pinned host key as every upload; see [`crate::pipeline::mirror`]).
+//! (the same key and pinned host key as every upload; see [`super::files::mirror`]).
 //! The backup server holds only ciphertext. A staging agent pulls the source
 //! environment's copy into its own `repo_dir` and restores from there. The cost: the
 //! repository takes disk space on both hosts, and WAL archived between backups reaches
@@ -33,12 +33,12 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use super::common::tool::output_until_cancelled;
 use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, Mode, RestoreError, ToolError,
 };
 use crate::config::Settings;
 use crate::job::{JobError, JobReport, Progress};
-use crate::pipeline::mirror;
 
 /// `[[datastores]]` with `kind = "pgbackrest"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -347,7 +347,7 @@ impl PgBackRest {
         cmd.args(["--delete", "--mkpath"])
             .arg(format!("{}/", self.cfg.repo_dir.display()))
             .arg(format!("{}{dest}", remote.prefix()));
-        mirror::run(cmd, progress)
+        output_until_cancelled(cmd, &progress.cancel)
             .await
             .map_err(|e| fail("rsync (the repository to the backup server)", e))?;
         let finished = chrono::DateTime::from_timestamp(latest.timestamp.stop, 0)
@@ -423,12 +423,14 @@ impl PgBackRest {
             })?;
             cmd.arg(format!("--chown={uid}:{gid}"));
         }
-        mirror::run(cmd, progress).await.map_err(|e| {
-            failed(
-                RestoreError::tool("rsync (the repository from the backup server)")(e),
-                untouched,
-            )
-        })?;
+        output_until_cancelled(cmd, &progress.cancel)
+            .await
+            .map_err(|e| {
+                failed(
+                    RestoreError::tool("rsync (the repository from the backup server)")(e),
+                    untouched,
+                )
+            })?;
         let backups = self
             .backups()
             .await

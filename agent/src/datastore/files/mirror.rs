@@ -24,9 +24,10 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
+use super::Files;
 use crate::config::Settings;
+use crate::datastore::common::tool::output_until_cancelled;
 use crate::datastore::common::tree::{self, TreeCounts};
-use crate::datastore::files::Files;
 use crate::datastore::{DumpError, RestoreError, ToolError};
 use crate::job::{JobError, JobReport, Progress};
 
@@ -108,18 +109,6 @@ fn setup(e: std::io::Error) -> JobError {
     }
 }
 
-/// Runs `cmd` (killed if the job is cancelled); its stdout.
-pub(crate) async fn run(
-    mut cmd: tokio::process::Command,
-    progress: &Progress,
-) -> Result<Vec<u8>, ToolError> {
-    cmd.kill_on_drop(true);
-    tokio::select! {
-        r = crate::datastore::run_tool(cmd) => r,
-        () = progress.cancel.cancelled() => Err(ToolError::Cancelled),
-    }
-}
-
 /// Syncs the datastore's directory into its mirror, then writes the mirror's manifest.
 ///
 /// # Errors
@@ -146,7 +135,7 @@ pub async fn backup(
     }
     let src = format!("{}/", cfg.path.display());
     cmd.arg(&src).arg(format!("{}{dest}", remote.prefix()));
-    let out = run(cmd, &progress)
+    let out = output_until_cancelled(cmd, &progress.cancel)
         .await
         .map_err(|e| fail("rsync (to the mirror)", e))?;
     let text = String::from_utf8_lossy(&out);
@@ -182,7 +171,7 @@ pub async fn backup(
     })?;
     let mut cmd = remote.rsync();
     cmd.arg(&file).arg(format!("{}{dest}", remote.prefix()));
-    run(cmd, &progress)
+    output_until_cancelled(cmd, &progress.cancel)
         .await
         .map_err(|e| fail("rsync (the mirror's manifest)", e))?;
     Ok(JobReport {
@@ -247,7 +236,7 @@ pub async fn restore(
         .map_err(setup)?;
     let mut cmd = remote.rsync();
     cmd.arg(format!("{src}{MANIFEST}")).arg(local.path());
-    run(cmd, &progress)
+    output_until_cancelled(cmd, &progress.cancel)
         .await
         .map_err(|e| failed(tool("rsync (the mirror's manifest)")(e)))?;
     let manifest: MirrorManifest =
@@ -269,7 +258,7 @@ pub async fn restore(
     cmd.arg(format!("--exclude=/{MANIFEST}"))
         .arg(&src)
         .arg(format!("{}/", new.display()));
-    if let Err(e) = run(cmd, &progress).await {
+    if let Err(e) = output_until_cancelled(cmd, &progress.cancel).await {
         cleanup(&new);
         return Err(failed(tool("rsync (from the mirror)")(e)));
     }
