@@ -36,6 +36,7 @@ use serde::Deserialize;
 use crate::job::JobError;
 
 pub mod common;
+pub mod error;
 pub mod etcd;
 pub mod files;
 pub mod influxdb;
@@ -46,10 +47,11 @@ pub mod recovery;
 mod stream;
 
 pub use common::tool::{StderrTail, ToolError, ToolPaths, describe_status, output as run_tool};
+pub use error::{DumpError, RestoreError};
 pub use recovery::Recovery;
 pub use stream::{
-    DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreError,
-    RestoreSession, Restorer, expect_main, expect_whole,
+    DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreSession, Restorer,
+    expect_main, expect_whole,
 };
 
 use common::leftovers::Recovered;

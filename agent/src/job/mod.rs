@@ -2,12 +2,13 @@
 //! it failed ([`JobError`]), what it reports when it ends ([`JobReport`]), and its live
 //! progress ([`Progress`]: stage, byte counters, cancellation).
 //!
-//! It depends on the datastores' and the storage target's error types only, so that the
-//! datastores, the pipeline and the runner all import it without importing each other.
+//! It depends on the datastores' and the storage target's error types only
+//! ([`crate::datastore::error`], `ferry_storage::TargetError`), so that the datastores,
+//! the pipeline and the runner all import it and none of them imports another in a circle.
 
 use std::io;
 
-use crate::datastore::{DumpError, RestoreError};
+use crate::datastore::error::{DumpError, RestoreError};
 use ferry_core::manifest::ManifestError;
 use ferry_storage::TargetError;
 
