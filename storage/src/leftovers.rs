@@ -135,6 +135,88 @@ pub fn job_ids_in(stem: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_core::manifest::Manifest;
+
+    /// A manifest of `file`, part `part`, listing `companions`.
+    fn manifest(file: &str, part: &str, companions: &[&str]) -> Manifest {
+        let seed = include_bytes!("../../fuzz/corpus/manifest/seed-main");
+        let mut m = Manifest::from_slice("seed.json", seed).expect("the seed parses");
+        m.file = file.into();
+        m.part = part.into();
+        m.companions = companions.iter().map(|c| (*c).to_owned()).collect();
+        m
+    }
+
+    #[test]
+    fn orphans_and_partials_are_told_from_committed_backups_of_any_target() {
+        let dir = "/r/production/2026-02-05";
+        let main = "pg_backup_2026-02-05.pgdump.zst.age";
+        let globals = "pg-globals_backup_2026-02-05.sql.zst.age";
+        let cut = "pg_backup_2026-02-05T0300Z.pgdump.zst.age";
+        let lone_globals = "pg-globals_backup_2026-02-05T0400Z.sql.zst.age";
+        let partial =
+            ".pg_backup_2026-02-05T0500Z.pgdump.zst.age.01KBX8Z3E5M1Q2W3E4R5T6Y7U8.18f3a.partial";
+        let names = [
+            main.to_owned(),
+            format!("{main}.json"),
+            globals.to_owned(),
+            format!("{globals}.json"),
+            cut.to_owned(),
+            lone_globals.to_owned(),
+            format!("{lone_globals}.json"),
+            partial.to_owned(),
+            "notes.txt".to_owned(),
+        ];
+        let files: Vec<Entry> = names
+            .iter()
+            .map(|n| Entry {
+                name: n.clone(),
+                size: 7,
+                mtime: Some(1_000),
+            })
+            .collect();
+        let out = classify("production", "2026-02-05", dir, &files, 1_100, |path| {
+            let name = path.rsplit('/').next()?.strip_suffix(".json")?;
+            Some(if name == main {
+                manifest(main, "", &[globals])
+            } else {
+                manifest(name, "globals", &[])
+            })
+        });
+        let got: Vec<(&str, &LeftoverKind, Option<&str>, u64)> = out
+            .iter()
+            .map(|l| {
+                (
+                    l.path.rsplit('/').next().unwrap(),
+                    &l.kind,
+                    l.manifest.as_deref(),
+                    l.idle_seconds,
+                )
+            })
+            .collect();
+        let lone_manifest = format!("{dir}/{lone_globals}.json");
+        assert_eq!(
+            got,
+            [
+                (cut, &LeftoverKind::Orphan, None, 100),
+                (
+                    lone_globals,
+                    &LeftoverKind::Orphan,
+                    Some(lone_manifest.as_str()),
+                    100
+                ),
+                (
+                    partial,
+                    &LeftoverKind::Partial {
+                        job_ids: vec!["01KBX8Z3E5M1Q2W3E4R5T6Y7U8".into()]
+                    },
+                    None,
+                    100
+                ),
+            ]
+        );
+        assert!(removable("/r", &out[1]) && !removable("/other", &out[1]));
+    }
 
     #[test]
     fn job_ids_are_the_ulids_in_a_partial_name() {
