@@ -1,20 +1,20 @@
 //! The streaming pipeline of DESIGN.md, for any datastore and any storage target:
 //!
-//! - [`backup`]: `dump → count → compress (zstd) → encrypt (age) → hash (SHA-256) → upload`,
+//! - [`backup`](mod@backup): `dump → count → compress (zstd) → encrypt (age) → hash (SHA-256) → upload`,
 //!   one blocking thread for the stages and one for the target's write session, joined by
 //!   a bounded channel of 1 MiB chunks: memory is constant and back-pressure reaches the
 //!   dump tool. Every part is staged (on SFTP a hidden partial file); only after every part
 //!   dumped and uploaded completely does one session (the last part's) commit them with
 //!   their manifests, the main part's manifest last: it is what makes readers take it for
 //!   a backup.
-//! - [`restore`]: find the backup the order names (the coordinator's catalog choice), or
+//! - [`restore`](mod@restore): find the backup the order names (the coordinator's catalog choice), or
 //!   the newest complete backup (or a date's) ([`find`]); check the size and SHA-256
 //!   of each part that a tool applies to live data as it reads (PostgreSQL's roles) in a
 //!   first pass that reads and hashes only; then stream every part `download → hash →
 //!   decrypt → decompress → restore tool` into the datastore's session, which stages it
 //!   beside the target ([`crate::datastore::Restorer::stages_part`]); check each part's
 //!   hash at its end, and only then let the datastore commit (swap into place).
-//! - [`verify`]: a backup read to its end and checked without restoring it, or only
+//! - [`verify`](mod@verify): a backup read to its end and checked without restoring it, or only
 //!   checked present with its manifests' sizes.
 //! - the stages: [`chunks`], [`compress`], [`encrypt`], [`hash`].
 //!

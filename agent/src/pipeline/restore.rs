@@ -12,7 +12,7 @@ use crate::datastore::{Datastore, RestoreError};
 use crate::job::{JobError, JobReport, Progress};
 
 /// Restores a backup of `datastore` from the source environment, the one `selection`
-/// names (`(date, file)`, see [`find_backup`]): verify every file, then stream each into
+/// names (`(date, file)`, see [`super::find`]): verify every file, then stream each into
 /// the datastore's restore session, then commit.
 ///
 /// # Errors

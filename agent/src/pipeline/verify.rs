@@ -11,7 +11,7 @@ use crate::datastore::Datastore;
 use crate::job::{JobError, JobReport, Progress};
 
 /// Checks a backup of `datastore` in the source environment without restoring it: the one
-/// `selection` names (`(date, file)`, see [`find_backup`]): every file is downloaded once, its SHA-256 and size
+/// `selection` names (`(date, file)`, see [`super::find`]): every file is downloaded once, its SHA-256 and size
 /// compared with its manifest, and it is decrypted and decompressed to its very end (age
 /// authenticates every chunk, so tampering fails here even with a matching manifest).
 ///
@@ -79,7 +79,7 @@ pub async fn verify(
 }
 
 /// Checks that a backup of `datastore` in the source environment is there, downloading
-/// nothing: the one `selection` names (`(date, file)`, see [`find_backup`]); its manifests
+/// nothing: the one `selection` names (`(date, file)`, see [`super::find`]); its manifests
 /// (the main archive's and each companion's) read and parsed, and every file present on
 /// the backup server with the size its manifest gives. What `ferry restore
 /// --all-or-nothing` asks of every member of a set before restoring any.
