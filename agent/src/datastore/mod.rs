@@ -45,7 +45,9 @@ pub mod postgres;
 pub mod recovery;
 mod stream;
 
-pub use common::tool::{StderrTail, ToolError, ToolPaths, describe_status, output as run_tool};
+pub use common::tool::{
+    ReapedChild, StderrTail, ToolError, ToolPaths, describe_status, output as run_tool,
+};
 pub use recovery::Recovery;
 pub use stream::{
     DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreError,
