@@ -64,7 +64,11 @@ fn main() -> ExitCode {
     telemetry::init_tracing(cli.log_format);
     ferry_proto::tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // What is left (a job past the stop grace) is dropped, its tools killed; a thread
+    // blocked on the backup server is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry-agent: error: {e:#}");

@@ -134,7 +134,7 @@ fn failure_code(e: &JobError) -> v1::FailureCode {
         JobError::Transport(_) => C::TransportFailed,
         JobError::Integrity(_) | JobError::Manifest(_) => C::Integrity,
         JobError::Restore { .. } => C::RestoreFailed,
-        JobError::Cancelled => C::Cancelled,
+        JobError::Cancelled | JobError::Stopped => C::Cancelled,
         JobError::Stage { .. } | JobError::Internal(_) => C::Internal,
     }
 }

@@ -46,7 +46,9 @@ pub mod postgres;
 pub mod recovery;
 mod stream;
 
-pub use common::tool::{StderrTail, ToolError, ToolPaths, describe_status, output as run_tool};
+pub use common::tool::{
+    ReapedChild, StderrTail, ToolError, ToolPaths, describe_status, output as run_tool,
+};
 pub use error::{DumpError, RestoreError};
 pub use recovery::Recovery;
 pub use stream::{

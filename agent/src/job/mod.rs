@@ -69,9 +69,15 @@ pub enum JobError {
         #[source]
         source: io::Error,
     },
-    /// Cancelled by an operator or by shutdown.
+    /// Cancelled by an operator (or the coordinator).
     #[error("job cancelled")]
     Cancelled,
+    /// Stopped by the agent's shutdown (SIGTERM or SIGINT); trying again once the agent
+    /// is back may succeed.
+    #[error(
+        "the agent stopped (SIGTERM or SIGINT) while the job ran; it can run again once the agent is back"
+    )]
+    Stopped,
     /// A bug or a panicked thread.
     #[error("internal error: {0}")]
     Internal(String),
@@ -82,7 +88,10 @@ impl JobError {
     pub fn retryable(&self) -> bool {
         match self {
             JobError::Transport(t) => t.retryable(),
-            JobError::Dump { .. } | JobError::Stage { .. } | JobError::Internal(_) => true,
+            JobError::Dump { .. }
+            | JobError::Stage { .. }
+            | JobError::Internal(_)
+            | JobError::Stopped => true,
             _ => false,
         }
     }
