@@ -7,6 +7,10 @@
 //!   scheduled runs are neither lost nor doubled across the restart;
 //! - (issue 16) the coordinator is stopped (SIGTERM) mid-job with an operator waiting on
 //!   the job: it exits within seconds, and the next start follows the job to its end;
+//! - (issue 16) the production agent is stopped (SIGTERM) mid-backup: it exits within
+//!   10 s, pg_dump with it, nothing is stored under a final name, and once it is back the
+//!   coordinator's retry stores a backup whose restore equals the source; with pg_dump
+//!   waiting on a lock (writing nothing), it is killed and reaped within the 10 s too;
 //! - the backup server's disk fills (a small tmpfs): "no space left on the backup
 //!   server", nothing partial remains, earlier backups are untouched;
 //! - pg_dump is killed half-way, the database restarts under it, or pg_dump exits 0
@@ -353,6 +357,161 @@ fn sigterm_ends_the_coordinator_within_seconds_with_a_job_running_and_a_restart_
     );
 }
 
+/// The processes under the agent `agent`, with what `/proc` says of each: pg_dump among
+/// them (panics if it is not).
+fn pg_dump_running_under(agent: u32) -> Vec<(u32, ProcStat)> {
+    let children: Vec<(u32, ProcStat)> = descendants(agent)
+        .into_iter()
+        .filter_map(|p| proc_stat(p).map(|s| (p, s)))
+        .collect();
+    assert!(
+        children.iter().any(|(_, s)| s.comm == "pg_dump"),
+        "pg_dump runs under the agent: {children:?}"
+    );
+    children
+}
+
+/// Stops the production agent with SIGTERM and checks that it stopped cleanly: it exits
+/// 0 within 10 s; none of `children` (its processes, recorded while it ran) is left, not
+/// even as a zombie (a process of the same id started later is another one); nothing is
+/// under a final name on the backup server, at most a hidden partial. How long it took,
+/// and how many children it had.
+fn stop_production_agent(d: &mut Deployment, children: &[(u32, ProcStat)]) -> (Duration, usize) {
+    let asked = Instant::now();
+    let status = d
+        .procs
+        .get_mut("agent-prod")
+        .unwrap()
+        .terminate(Duration::from_secs(30));
+    let took = asked.elapsed();
+    let log = d.log_tail("agent-prod");
+    let status =
+        status.unwrap_or_else(|| panic!("the agent was still running 30 s after SIGTERM:\n{log}"));
+    assert!(status.success(), "{status:?}\n{log}");
+    assert!(
+        took < Duration::from_secs(10),
+        "the agent took {took:?} to exit after SIGTERM:\n{log}"
+    );
+    let left: Vec<&(u32, ProcStat)> = children
+        .iter()
+        .filter(|(p, s)| proc_stat(*p).is_some_and(|now| now.start_ticks == s.start_ticks))
+        .collect();
+    assert!(
+        left.is_empty(),
+        "left after the agent exited: {left:?}\n{log}"
+    );
+    assert!(
+        d.sshd.final_files().is_empty(),
+        "{:?}",
+        d.sshd.final_files()
+    );
+    assert!(
+        d.sshd.files().iter().all(|f| f.ends_with(".partial")),
+        "{:?}",
+        d.sshd.files()
+    );
+    (took, children.len())
+}
+
+#[test]
+fn sigterm_ends_the_agent_within_seconds_mid_backup_leaving_no_pg_dump_and_the_retry_succeeds() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        source_sql: BIG.into(),
+        // Enough attempts at 1 to 2 s apart to outlast the agent's restart.
+        retry: Retry {
+            max_attempts: 10,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 2,
+        },
+        tweak: Some(Box::new(|d| limit_upload(d, 2 << 20))),
+        ..DeploymentOptions::default()
+    });
+    let agent = d.procs["agent-prod"].pid();
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    wait_partial(&d, 2 << 20);
+    // Every process the agent runs for the backup, as it streams: pg_dump among them.
+    let children = pg_dump_running_under(agent);
+    let (took, children) = stop_production_agent(&mut d, &children);
+
+    // Back, the agent takes the coordinator's retry, which stores the whole backup; its
+    // restore equals the source.
+    d.start_agent("agent-prod");
+    let j = wait_final(&d, &job, Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert!(j["attempt"].as_u64().unwrap() >= 2, "{j}");
+    assert_eq!(archives(&d).len(), 1, "{:?}", d.sshd.final_files());
+    assert!(partials(&d).is_empty(), "{:?}", d.sshd.files());
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app"),
+        "restored content differs from the source"
+    );
+    println!(
+        "agent exited {:.1} s after SIGTERM mid-backup; {children} child process(es) gone; \
+         retried and succeeded on attempt {}",
+        took.as_secs_f64(),
+        j["attempt"]
+    );
+}
+
+#[test]
+fn sigterm_ends_the_agent_within_seconds_while_pg_dump_waits_on_a_lock_killing_and_reaping_it() {
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        // Long enough that the coordinator does not cancel the silent job itself.
+        agent_timeout_seconds: 60,
+        retry: Retry {
+            max_attempts: 10,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 2,
+        },
+        ..DeploymentOptions::default()
+    });
+    // A transaction holding a table: pg_dump waits for it without writing a byte, so no
+    // closed pipe ends it when the job is cancelled.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let locker = rt.block_on(async {
+        let c = d.prod_pg.client("app").await;
+        c.batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        c
+    });
+    let agent = d.procs["agent-prod"].pid();
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.prod_pg.psql(
+        "app",
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE 'LOCK TABLE%'",
+    ) == "0"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pg_dump never waited on the lock\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let children = pg_dump_running_under(agent);
+    let (took, _) = stop_production_agent(&mut d, &children);
+
+    // The table free and the agent back, the coordinator's retry succeeds.
+    rt.block_on(locker.batch_execute("ROLLBACK")).unwrap();
+    d.start_agent("agent-prod");
+    let j = wait_final(&d, &job, Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert!(j["attempt"].as_u64().unwrap() >= 2, "{j}");
+    assert_eq!(archives(&d).len(), 1, "{:?}", d.sshd.final_files());
+    println!(
+        "agent exited {:.1} s after SIGTERM with pg_dump waiting on a lock; retried and \
+         succeeded on attempt {}",
+        took.as_secs_f64(),
+        j["attempt"]
+    );
+}
+
 #[test]
 fn scheduled_runs_are_neither_lost_nor_doubled_across_a_coordinator_restart() {
     let mut d = Deployment::start_with_options(DeploymentOptions {
@@ -536,41 +695,9 @@ fn a_full_backup_server_disk_fails_the_job_plainly_and_keeps_earlier_backups() {
 
 /// The PIDs of processes named `name` descending from `ancestor`.
 fn descendants_named(ancestor: u32, name: &str) -> Vec<u32> {
-    let mut parent = std::collections::HashMap::new();
-    let mut comm = std::collections::HashMap::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        let ppid = stat[close + 2..]
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse::<u32>().ok())
-            .unwrap_or(0);
-        parent.insert(pid, ppid);
-        comm.insert(pid, stat[open + 1..close].to_owned());
-    }
-    comm.iter()
-        .filter(|(_, c)| c.as_str() == name)
-        .map(|(p, _)| *p)
-        .filter(|p| {
-            let mut at = *p;
-            for _ in 0..64 {
-                match parent.get(&at) {
-                    Some(&pp) if pp == ancestor => return true,
-                    Some(&pp) if pp > 1 => at = pp,
-                    _ => return false,
-                }
-            }
-            false
-        })
+    descendants(ancestor)
+        .into_iter()
+        .filter(|p| proc_stat(*p).is_some_and(|s| s.comm == name))
         .collect()
 }
 

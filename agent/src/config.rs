@@ -35,9 +35,9 @@ use serde::Deserialize;
 
 use crate::datastore::{self, Datastore, DatastoreConfig};
 use crate::pipeline::encrypt::{Decryption, Encryption};
-use crate::transport::sftp::SftpConfig;
 use ferry_core::config::ConfigError;
 use ferry_core::layout::{self, NameError};
+use ferry_storage::{Target, TargetConfig};
 
 /// The agent's role as written in config.
 #[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
@@ -114,8 +114,9 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// mTLS files.
     pub tls: TlsConfig,
-    /// The backup server reached over SSH.
-    pub backup_server: SftpConfig,
+    /// The storage target backups are written to or read from (`kind = "sftp"`, the
+    /// default: the backup server reached over SSH).
+    pub backup_server: TargetConfig,
     /// Recipients or identity.
     #[serde(default)]
     pub encryption: EncryptionConfig,
@@ -162,8 +163,8 @@ pub struct Settings {
     pub allowed_clients: Vec<String>,
     /// `max_concurrent_jobs`: jobs running at once.
     pub max_concurrent_jobs: usize,
-    /// Backup server connection.
-    pub backup_server: SftpConfig,
+    /// The storage target (the backup server).
+    pub backup_server: Arc<dyn Target>,
     /// Key material for this role.
     pub keys: Keys,
     /// Staging: the environment restored from.
@@ -257,9 +258,10 @@ impl AgentConfig {
             }
             _ => None,
         };
-        self.backup_server
-            .validate()
-            .map_err(|(field, msg)| invalid(&format!("backup_server.{field}"), msg))?;
+        let backup_server = self
+            .backup_server
+            .build()
+            .map_err(|e| invalid(&format!("backup_server.{}", e.field()), e.to_string()))?;
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key", e.to_string()))?;
         if self.max_concurrent_jobs == 0 {
@@ -303,7 +305,7 @@ impl AgentConfig {
             },
             allowed_clients: self.tls.allowed_clients,
             max_concurrent_jobs: self.max_concurrent_jobs,
-            backup_server: self.backup_server,
+            backup_server,
             keys,
             source_environment,
             datastores,

@@ -1,5 +1,6 @@
 //! Orders and the jobs they start: validation of an order against the agent's role and
-//! config, one running job per datastore at a time, progress ticks, cancellation.
+//! config, one running job per datastore at a time, progress ticks, cancellation, and the
+//! stop of every job at the agent's shutdown ([`JobRunner::stop`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -8,14 +9,20 @@ use std::time::{Duration, Instant};
 use ferry_core::Bounded;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::datastore::Datastore;
-use crate::pipeline::{self, JobError, JobReport, Progress};
+use crate::job::{JobError, JobReport, Progress};
+use crate::pipeline;
 use ferry_core::layout;
 
 /// How often a running job reports progress (also the liveness signal), seconds.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a job has to end on its cancellation path once the agent is stopping, before
+/// it is dropped ([`JobRunner::stop`]); less than [`crate::STOP_GRACE`].
+pub const JOB_STOP_GRACE: Duration = Duration::from_secs(5);
 
 /// How many finished jobs the agent remembers for [`JobRunner::watch`] (a restarted
 /// coordinator asks for the outcome of the jobs it lost track of).
@@ -135,6 +142,9 @@ pub enum OrderError {
     /// finished.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The agent is shutting down: it takes no new order.
+    #[error("{0}")]
+    ShuttingDown(String),
 }
 
 impl From<OrderError> for tonic::Status {
@@ -144,6 +154,7 @@ impl From<OrderError> for tonic::Status {
             OrderError::InvalidArgument(m) => tonic::Status::invalid_argument(m),
             OrderError::Busy(m) => tonic::Status::failed_precondition(m),
             OrderError::AlreadyExists(m) => tonic::Status::already_exists(m),
+            OrderError::ShuttingDown(m) => tonic::Status::unavailable(m),
         }
     }
 }
@@ -352,6 +363,9 @@ pub struct JobRunner {
     /// `max_concurrent_jobs` permits.
     slots: Arc<tokio::sync::Semaphore>,
     shutdown: CancellationToken,
+    /// Every job's task (its progress ticks run inside it): [`JobRunner::stop`] waits for
+    /// them.
+    tasks: TaskTracker,
 }
 
 impl JobRunner {
@@ -364,7 +378,34 @@ impl JobRunner {
             book: Mutex::new(Book::default()),
             slots,
             shutdown,
+            tasks: TaskTracker::new(),
         })
+    }
+
+    /// Stops every job and returns once each has ended: cancels the shutdown token (each
+    /// job's cancel is a child of it), which ends a job on its cancellation path (its
+    /// tools exit and are reaped, its upload's partial file is removed or left hidden, it
+    /// reports [`JobError::Stopped`]); from then on orders are refused
+    /// ([`OrderError::ShuttingDown`]). A job still running [`JOB_STOP_GRACE`] after the
+    /// cancel is dropped (its tools killed on drop) and reports [`JobError::Stopped`].
+    pub async fn stop(&self) {
+        self.shutdown.cancel();
+        self.tasks.close();
+        if !self.tasks.is_empty() {
+            tracing::info!(
+                jobs = %self.running_jobs().join(","),
+                "Waiting for the running jobs to stop."
+            );
+        }
+        self.tasks.wait().await;
+    }
+
+    /// The ids of the jobs running or waiting for a slot, sorted.
+    pub fn running_jobs(&self) -> Vec<String> {
+        let running = self.running.lock().expect("jobs lock");
+        let mut ids: Vec<String> = running.values().map(|(id, _)| id.clone()).collect();
+        ids.sort();
+        ids
     }
 
     /// The settings.
@@ -382,8 +423,17 @@ impl JobRunner {
     /// given another order (another kind, datastore, date...), or a finished job (of the
     /// last [`REMEMBERED_JOBS`]) sent again; a retry needs an id of its own
     /// ([`ferry_proto::attempt`]). [`OrderError::Busy`] if the datastore has another
-    /// running job.
+    /// running job. [`OrderError::ShuttingDown`] once the agent is stopping.
     pub fn start(self: &Arc<Self>, order: Order) -> Result<Updates, OrderError> {
+        if self.shutdown.is_cancelled() {
+            return Err(OrderError::ShuttingDown(format!(
+                "agent {} is shutting down and takes no new order; {} of datastore {} can be \
+                 sent again once it is back",
+                self.settings.id,
+                order.kind,
+                Bounded(order.datastore.name())
+            )));
+        }
         let name = order.datastore.name().to_owned();
         let cancel = self.shutdown.child_token();
         let kind = order.datastore.kind();
@@ -440,105 +490,126 @@ impl JobRunner {
         }
         let job = order.job().to_owned();
         let runner = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let started = Instant::now();
             let progress = Progress::new(cancel.clone());
             let span = tracing::info_span!("job", job_id = %order.job_id, datastore = %name);
             let _ = tx.send(JobUpdate::Accepted { kind });
             tracing::info!(parent: &span, order = %order.kind, "Job accepted.");
-            let ticker = tokio::spawn(tick(progress.clone(), tx.clone()));
-            // Beyond max_concurrent_jobs, wait (progress says so, so the coordinator
-            // sees a live job); a cancel while waiting ends it.
-            progress.set_stage("waiting");
-            let _slot = tokio::select! {
-                permit = runner.slots.clone().acquire_owned() => permit.ok(),
-                _ = cancel.cancelled() => None,
-            };
-            // Before a restore, the leftovers of this datastore's interrupted restores
-            // (this job's own previous attempt among them) are put right, and reported.
-            let recovery = match &order.kind {
-                OrderKind::Restore { .. } if !cancel.is_cancelled() => {
-                    progress.set_stage("recover");
-                    Some(
-                        order
-                            .datastore
-                            .recover(&runner.running_except(&order.job_id))
-                            .await,
-                    )
-                }
-                _ => None,
-            };
-            let result = match (order.kind, order.datastore.repository()) {
-                (OrderKind::Verify { .. } | OrderKind::Check { .. }, Some(_)) => {
-                    Err(JobError::InvalidArgument(format!(
-                        "datastore {name:?} is a differential repository, not dated archives: \
-                         its restore checks it (rsync checksums, pgBackRest's own checksums)"
-                    )))
-                }
-                (OrderKind::Check { date, file }, None) => {
-                    pipeline::check(
-                        runner.settings.clone(),
-                        order.datastore.clone(),
-                        (date, file),
-                        progress.clone(),
-                    )
-                    .await
-                }
-                (OrderKind::Backup { backup_type }, Some(r)) => {
-                    r.backup(&runner.settings, backup_type, &progress).await
-                }
-                (
-                    OrderKind::Restore {
-                        date, namespaces, ..
-                    },
-                    Some(r),
-                ) => {
-                    r.restore(&runner.settings, &job, (date, namespaces), &progress)
+            // The progress ticks run beside the work, inside this task, and end with it.
+            let ticker = tick(progress.clone(), tx.clone());
+            let work = async {
+                // Beyond max_concurrent_jobs, wait (progress says so, so the coordinator
+                // sees a live job); a cancel while waiting ends it.
+                progress.set_stage("waiting");
+                let _slot = tokio::select! {
+                    permit = runner.slots.clone().acquire_owned() => permit.ok(),
+                    _ = cancel.cancelled() => None,
+                };
+                // Before a restore, the leftovers of this datastore's interrupted restores
+                // (this job's own previous attempt among them) are put right, and reported.
+                let recovery = match &order.kind {
+                    OrderKind::Restore { .. } if !cancel.is_cancelled() => {
+                        progress.set_stage("recover");
+                        Some(
+                            order
+                                .datastore
+                                .recover(&runner.running_except(&order.job_id))
+                                .await,
+                        )
+                    }
+                    _ => None,
+                };
+                let result = match (order.kind, order.datastore.repository()) {
+                    (OrderKind::Verify { .. } | OrderKind::Check { .. }, Some(_)) => {
+                        Err(JobError::InvalidArgument(format!(
+                            "datastore {name:?} is a differential repository, not dated archives: \
+                             its restore checks it (rsync checksums, pgBackRest's own checksums)"
+                        )))
+                    }
+                    (OrderKind::Check { date, file }, None) => {
+                        pipeline::check(
+                            runner.settings.clone(),
+                            order.datastore.clone(),
+                            (date, file),
+                            progress.clone(),
+                        )
                         .await
-                }
-                (OrderKind::Verify { date, file }, None) => {
-                    pipeline::verify(
-                        runner.settings.clone(),
-                        order.datastore.clone(),
-                        (date, file),
-                        progress.clone(),
-                    )
-                    .await
-                }
-                (OrderKind::Backup { .. }, None) => {
-                    pipeline::backup(
-                        runner.settings.clone(),
-                        order.datastore.clone(),
-                        job,
-                        progress.clone(),
-                    )
-                    .await
-                }
-                (
-                    OrderKind::Restore {
-                        date,
-                        file,
-                        namespaces,
-                    },
-                    None,
-                ) => {
-                    pipeline::restore(
-                        runner.settings.clone(),
-                        order.datastore.clone(),
-                        job,
-                        (date, file),
-                        namespaces,
-                        progress.clone(),
-                    )
-                    .await
+                    }
+                    (OrderKind::Backup { backup_type }, Some(r)) => {
+                        r.backup(&runner.settings, backup_type, &progress).await
+                    }
+                    (
+                        OrderKind::Restore {
+                            date, namespaces, ..
+                        },
+                        Some(r),
+                    ) => {
+                        r.restore(&runner.settings, &job, (date, namespaces), &progress)
+                            .await
+                    }
+                    (OrderKind::Verify { date, file }, None) => {
+                        pipeline::verify(
+                            runner.settings.clone(),
+                            order.datastore.clone(),
+                            (date, file),
+                            progress.clone(),
+                        )
+                        .await
+                    }
+                    (OrderKind::Backup { .. }, None) => {
+                        pipeline::backup(
+                            runner.settings.clone(),
+                            order.datastore.clone(),
+                            job,
+                            progress.clone(),
+                        )
+                        .await
+                    }
+                    (
+                        OrderKind::Restore {
+                            date,
+                            file,
+                            namespaces,
+                        },
+                        None,
+                    ) => {
+                        pipeline::restore(
+                            runner.settings.clone(),
+                            order.datastore.clone(),
+                            job,
+                            (date, file),
+                            namespaces,
+                            progress.clone(),
+                        )
+                        .await
+                    }
+                };
+                match &recovery {
+                    Some(r) => r.annotate(result),
+                    None => result,
                 }
             };
-            ticker.abort();
-            let result = match &recovery {
-                Some(r) => r.annotate(result),
-                None => result,
+            // At the agent's shutdown, a job that does not end on its cancellation path
+            // (a tool that writes nothing, so no closed pipe stops it) is dropped after
+            // JOB_STOP_GRACE: its tools are killed, its partial file stays hidden.
+            let dropped = async {
+                runner.shutdown.cancelled().await;
+                tokio::time::sleep(JOB_STOP_GRACE).await;
             };
+            let result = tokio::select! {
+                result = work => result,
+                never = ticker => match never {},
+                () = dropped => {
+                    tracing::warn!(parent: &span, stage = progress.stage(), grace_seconds = JOB_STOP_GRACE.as_secs(),
+                        "Job still running after the stop grace: dropped, its tools killed.");
+                    Err(JobError::Stopped)
+                }
+            };
+            // Whatever failed once the job was cancelled failed because of it; at the
+            // agent's shutdown, the coordinator may retry it once the agent is back.
             let result = match result {
+                Err(_) if runner.shutdown.is_cancelled() => Err(JobError::Stopped),
                 Err(_) if cancel.is_cancelled() => Err(JobError::Cancelled),
                 other => other,
             };
@@ -633,11 +704,13 @@ pub fn error_type(e: &JobError) -> &'static str {
         JobError::Restore { .. } => "restore_failed",
         JobError::Stage { .. } => "stage_failed",
         JobError::Cancelled => "cancelled",
+        JobError::Stopped => "stopped",
         JobError::Internal(_) => "internal",
     }
 }
 
-async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) {
+/// Sends `progress` to the job's watchers every [`PROGRESS_INTERVAL`]; never ends.
+async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) -> std::convert::Infallible {
     let mut last = (Instant::now(), 0u64);
     let mut interval = tokio::time::interval(PROGRESS_INTERVAL);
     interval.tick().await;
@@ -657,5 +730,205 @@ async fn tick(progress: Progress, tx: broadcast::Sender<JobUpdate>) {
         };
         // Never waits: a slow watcher misses ticks, one that is gone is no error.
         let _ = tx.send(update);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datastore::{CheckError, Mode, ReapedChild, Repository};
+    use crate::pipeline::encrypt::{self, Encryption};
+    use futures::future::BoxFuture;
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+
+    /// A repository datastore whose backup runs `sleep 60` as its tool. A polite one, told
+    /// to cancel, kills and reaps its tool, then takes 300 ms to clean up and says so in
+    /// `cleaned`; a stubborn one waits for its tool whatever happens (a dump tool that
+    /// writes nothing, so no closed pipe ends it).
+    struct Sleeper {
+        stubborn: bool,
+        tool: AtomicU32,
+        cleaned: AtomicBool,
+    }
+
+    impl Datastore for Sleeper {
+        fn name(&self) -> &str {
+            "sleeper"
+        }
+        fn kind(&self) -> &'static str {
+            "sleeper"
+        }
+        fn tool_versions(&self) -> Vec<(String, String)> {
+            Vec::new()
+        }
+        fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
+            Box::pin(async { Ok(String::new()) })
+        }
+        fn mode(&self) -> Mode<'_> {
+            Mode::Repository(self)
+        }
+    }
+
+    impl Repository for Sleeper {
+        fn backup<'a>(
+            &'a self,
+            _: &'a Arc<Settings>,
+            _: Option<String>,
+            progress: &'a Progress,
+        ) -> BoxFuture<'a, Result<JobReport, JobError>> {
+            Box::pin(async move {
+                let mut tool = ReapedChild::new(
+                    tokio::process::Command::new("sleep")
+                        .arg("60")
+                        .spawn()
+                        .expect("sleep starts"),
+                );
+                self.tool
+                    .store(tool.id().expect("running"), Ordering::SeqCst);
+                if !self.stubborn {
+                    progress.cancel.cancelled().await;
+                    // Killed and reaped.
+                    drop(tool);
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    self.cleaned.store(true, Ordering::SeqCst);
+                    return Err(JobError::Internal("sleep killed".into()));
+                }
+                let status = tool.wait().await;
+                Err(JobError::Internal(format!("sleep ended: {status:?}")))
+            })
+        }
+
+        fn restore<'a>(
+            &'a self,
+            _: &'a Arc<Settings>,
+            _: &'a str,
+            _: (Option<String>, Vec<String>),
+            _: &'a Progress,
+        ) -> BoxFuture<'a, Result<JobReport, JobError>> {
+            unreachable!("only backups are ordered")
+        }
+    }
+
+    fn sleeper(stubborn: bool) -> Arc<Sleeper> {
+        Arc::new(Sleeper {
+            stubborn,
+            tool: AtomicU32::new(0),
+            cleaned: AtomicBool::new(false),
+        })
+    }
+
+    fn runner(ds: Arc<Sleeper>) -> Arc<JobRunner> {
+        let (_, recipient) = encrypt::generate_identity();
+        let settings = Settings {
+            id: "agent-1".into(),
+            role: ferry_proto::Role::Production,
+            environment: "production".into(),
+            hostname: "host".into(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: ferry_proto::tls::TlsFiles {
+                cert: "/nonexistent".into(),
+                key: "/nonexistent".into(),
+                ca: "/nonexistent".into(),
+            },
+            allowed_clients: vec!["coordinator".into()],
+            max_concurrent_jobs: 4,
+            backup_server: Arc::new(ferry_storage::memory::MemoryTarget::new("/srv/ferry")),
+            keys: crate::config::Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
+            source_environment: None,
+            datastores: [("sleeper".to_owned(), ds as Arc<dyn Datastore>)].into(),
+        };
+        JobRunner::new(Arc::new(settings), CancellationToken::new())
+    }
+
+    /// Starts a backup of the sleeper; its id, once its tool runs.
+    async fn start_backup(runner: &Arc<JobRunner>, ds: &Sleeper) -> String {
+        let job_id = ulid::Ulid::new().to_string();
+        let order = validate(
+            runner.settings(),
+            &job_id,
+            "sleeper",
+            OrderKind::Backup { backup_type: None },
+        )
+        .unwrap();
+        runner.start(order).unwrap();
+        while ds.tool.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        job_id
+    }
+
+    /// Whether process `pid` is gone: exited and reaped (a zombie is not gone).
+    fn gone(pid: u32) -> bool {
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+
+    /// The outcome the runner recorded for `job_id`.
+    fn outcome(runner: &JobRunner, job_id: &str) -> JobUpdate {
+        let updates = runner.watch(job_id).expect("the job is known");
+        updates.first.into_iter().next().expect("an outcome")
+    }
+
+    #[tokio::test]
+    async fn stop_returns_once_a_cancelled_job_has_cleaned_up_and_refuses_orders_after() {
+        let ds = sleeper(false);
+        let runner = runner(ds.clone());
+        let job_id = start_backup(&runner, &ds).await;
+        let tool = ds.tool.load(Ordering::SeqCst);
+        assert!(!gone(tool));
+
+        let asked = Instant::now();
+        runner.stop().await;
+        assert!(
+            ds.cleaned.load(Ordering::SeqCst),
+            "stop returned before the job had cleaned up"
+        );
+        assert!(asked.elapsed() < JOB_STOP_GRACE, "{:?}", asked.elapsed());
+        assert!(gone(tool), "the job's tool outlived it");
+        let JobUpdate::Failed(e) = outcome(&runner, &job_id) else {
+            panic!("the stopped job failed");
+        };
+        assert!(
+            matches!(*e, JobError::Stopped) && e.retryable(),
+            "a job stopped by the shutdown may be retried: {e:?}"
+        );
+        assert!(runner.running_jobs().is_empty());
+
+        let order = validate(
+            runner.settings(),
+            &ulid::Ulid::new().to_string(),
+            "sleeper",
+            OrderKind::Backup { backup_type: None },
+        )
+        .unwrap();
+        let refused = runner.start(order).err().expect("refused");
+        assert!(matches!(refused, OrderError::ShuttingDown(_)), "{refused}");
+        assert_eq!(
+            tonic::Status::from(refused).code(),
+            tonic::Code::Unavailable
+        );
+    }
+
+    #[tokio::test]
+    async fn a_job_that_ignores_the_cancel_is_dropped_after_the_grace_and_its_tool_killed() {
+        let ds = sleeper(true);
+        let runner = runner(ds.clone());
+        let job_id = start_backup(&runner, &ds).await;
+        let tool = ds.tool.load(Ordering::SeqCst);
+
+        let asked = Instant::now();
+        runner.stop().await;
+        let took = asked.elapsed();
+        assert!(
+            took >= JOB_STOP_GRACE && took < JOB_STOP_GRACE + Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert!(
+            gone(tool),
+            "the dropped job's tool was not killed and reaped"
+        );
+        let JobUpdate::Failed(e) = outcome(&runner, &job_id) else {
+            panic!("the dropped job failed");
+        };
+        assert!(matches!(*e, JobError::Stopped), "{e:?}");
     }
 }

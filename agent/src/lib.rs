@@ -5,28 +5,41 @@
 //! Modules:
 //! - [`config`]: `agent.toml`, validated into runtime [`config::Settings`].
 //! - [`service`] and [`jobs`]: the gRPC handlers, order validation, the job runner.
+//! - [`job`]: what a job reports and why it fails ([`job::JobError`], [`job::JobReport`]),
+//!   and its live [`job::Progress`].
 //! - [`pipeline`]: the streaming stages (compress, encrypt, hash, chunks) and the backup
 //!   and restore orchestration.
-//! - [`datastore`]: one module per datastore kind (`postgres`).
-//! - [`transport`]: the backup server over SFTP.
+//! - [`datastore`]: one folder per datastore kind.
 //!
 //! Where files go on the backup server and their `.json` sidecar are `ferry_core`'s
-//! `layout` and `manifest`.
+//! `layout` and `manifest`; the backup server itself is a `ferry_storage` target
+//! (`[backup_server]`, an `Arc<dyn ferry_storage::Target>` in [`config::Settings`]).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use ferry_proto::v1::agent_server::AgentServer;
 use tokio_util::sync::CancellationToken;
 
 pub mod config;
 pub mod datastore;
+pub mod job;
 pub mod jobs;
 pub mod pipeline;
 pub mod service;
-pub mod transport;
 
-/// Serves the agent until `shutdown` is cancelled; running jobs are cancelled then. A
-/// staging agent first puts right the leftovers of interrupted restores of its datastores
+/// How long the agent gives its jobs to stop once `shutdown` is cancelled (SIGTERM or
+/// SIGINT), on top of which the process takes about a second to end: a job still running
+/// then is dropped, its tools killed ([`run`]).
+pub const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// Serves the agent until `shutdown` is cancelled, then stops: the gRPC server takes no
+/// new order, the running jobs are cancelled ([`jobs::JobRunner::stop`]: their tools end,
+/// an upload's partial file is removed or left hidden, each reports that the agent
+/// stopped) and awaited, the server answering their watchers until they end. Returns once
+/// all have ended, or after [`STOP_GRACE`] with a warning naming the jobs still running:
+/// the caller ends the process then, which drops them and kills their tools. A staging
+/// agent first puts right the leftovers of interrupted restores of its datastores
 /// ([`datastore::recovery`]).
 ///
 /// # Errors
@@ -46,17 +59,46 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
     let runner = jobs::JobRunner::new(settings.clone(), shutdown.clone());
     // Orders are a few hundred bytes and answers small: a larger message either way is
     // refused (`OutOfRange`) before a handler runs or anything is sent.
-    let service = AgentServer::new(service::AgentService::new(runner))
+    let service = AgentServer::new(service::AgentService::new(runner.clone()))
         .max_decoding_message_size(ferry_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(ferry_proto::MAX_MESSAGE_BYTES);
     tracing::info!(agent = %settings.id, role = %settings.role, environment = %settings.environment,
         %listen, datastores = settings.datastores.len(), "Agent serving.");
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tls_config(tls)
         .context("TLS configuration (check [tls] cert, key and ca)")?
         .add_service(service)
-        .serve_with_shutdown(listen, shutdown.cancelled_owned())
-        .await
-        .with_context(|| format!("serving gRPC on {listen}"))?;
-    Ok(())
+        .serve_with_shutdown(listen, shutdown.clone().cancelled_owned());
+    // The server's graceful end waits for the jobs' event streams, which end with the
+    // jobs: both are awaited together, within the grace.
+    let stopped = async {
+        let (served, ()) = tokio::join!(
+            async {
+                let served = server.await;
+                // A server that failed (its address taken) stops the jobs too.
+                shutdown.cancel();
+                served
+            },
+            async {
+                shutdown.cancelled().await;
+                runner.stop().await;
+            }
+        );
+        served.with_context(|| format!("serving gRPC on {listen}"))
+    };
+    let deadline = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(STOP_GRACE).await;
+    };
+    tokio::select! {
+        stopped = stopped => {
+            tracing::info!("Agent stopped.");
+            stopped
+        }
+        () = deadline => {
+            tracing::warn!(jobs = %runner.running_jobs().join(","), grace_seconds = STOP_GRACE.as_secs(),
+                "Jobs still running after the stop grace: the agent ends them as it exits (their tools are killed; a partial file stays hidden).");
+            Ok(())
+        }
+    }
 }

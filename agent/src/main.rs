@@ -64,7 +64,11 @@ fn main() -> ExitCode {
     telemetry::init_tracing(cli.log_format);
     ferry_proto::tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
-    match runtime.block_on(run(cli.command)) {
+    let result = runtime.block_on(run(cli.command));
+    // What is left (a job past the stop grace) is dropped, its tools killed; a thread
+    // blocked on the backup server is not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ferry-agent: error: {e:#}");
@@ -151,16 +155,15 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
         None => (settings.environment.clone(), "backups are written here"),
     };
     let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
-        use ferry_agent::transport::Downloader;
-        let mut s = server.connect().map_err(|e| e.to_string())?;
-        let dir = ferry_core::layout::environment_dir(s.root(), &env);
+        let mut s = server.read().map_err(|e| e.to_string())?;
+        let dir = server.environment_dir(&env);
         let n = s
             .list(&dir)
             .map_err(|e| format!("cannot list {dir}: {e}"))?
             .len();
         Ok(format!(
-            "reached {}@{}:{}, {dir} holds {n} entries ({purpose})",
-            server.user, server.host, server.port
+            "reached {}, {dir} holds {n} entries ({purpose})",
+            server.describe()
         ))
     })
     .await?;

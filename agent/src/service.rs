@@ -12,8 +12,8 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::BroadcastStream;
 use tonic::{Request, Response, Status};
 
+use crate::job::JobError;
 use crate::jobs::{self, JobRunner, JobUpdate, OrderKind, Updates};
-use crate::pipeline::JobError;
 
 /// The gRPC service.
 pub struct AgentService {
@@ -134,7 +134,7 @@ fn failure_code(e: &JobError) -> v1::FailureCode {
         JobError::Transport(_) => C::TransportFailed,
         JobError::Integrity(_) | JobError::Manifest(_) => C::Integrity,
         JobError::Restore { .. } => C::RestoreFailed,
-        JobError::Cancelled => C::Cancelled,
+        JobError::Cancelled | JobError::Stopped => C::Cancelled,
         JobError::Stage { .. } | JobError::Internal(_) => C::Internal,
     }
 }

@@ -189,9 +189,10 @@ pub struct CoordinatorConfig {
     /// Retention policies of dated folders, one per environment.
     #[serde(default)]
     pub retention: Vec<RetentionEntry>,
-    /// The backup server as the coordinator's maintenance job reaches it, with a key of
-    /// its own that may delete (the agents' keys cannot): what `ferry prune` uses.
-    pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
+    /// The storage target (the backup server) as the coordinator's maintenance job
+    /// reaches it, with a key of its own that may delete (the agents' keys cannot): what
+    /// `ferry prune` uses. `kind = "sftp"` (the default) and its keys.
+    pub maintenance: Option<ferry_storage::TargetConfig>,
     /// Cron schedules.
     #[serde(default)]
     pub schedules: Vec<ScheduleEntry>,
@@ -248,8 +249,8 @@ pub struct Settings {
     pub operators: BTreeMap<String, OperatorRole>,
     /// Schedules.
     pub schedules: Vec<Schedule>,
-    /// The maintenance connection to the backup server, if configured.
-    pub maintenance: Option<ferry_agent::transport::sftp::SftpConfig>,
+    /// The storage target with the maintenance credentials, if configured.
+    pub maintenance: Option<std::sync::Arc<dyn ferry_storage::Target>>,
     /// Retention policy by environment.
     pub retention: BTreeMap<String, crate::catalog::retention::Policy>,
 }
@@ -351,10 +352,13 @@ impl CoordinatorConfig {
             .map_err(|e| invalid("tls.key".into(), e.to_string()))?;
         let own_name = certificate_name(&self.tls.cert)
             .map_err(|e| invalid("tls.cert".into(), e.to_string()))?;
-        if let Some(m) = &self.maintenance {
-            m.validate()
-                .map_err(|(field, msg)| invalid(format!("maintenance.{field}"), msg))?;
-        }
+        let maintenance = match &self.maintenance {
+            Some(m) => Some(
+                m.build()
+                    .map_err(|e| invalid(format!("maintenance.{}", e.field()), e.to_string()))?,
+            ),
+            None => None,
+        };
         let agent_ids: Vec<String> = self.agents.iter().map(|a| a.id.clone()).collect();
         let mut agents = BTreeMap::new();
         for (i, a) in self.agents.into_iter().enumerate() {
@@ -523,7 +527,7 @@ impl CoordinatorConfig {
             agents,
             operators,
             schedules,
-            maintenance: self.maintenance,
+            maintenance,
             retention: self
                 .retention
                 .into_iter()

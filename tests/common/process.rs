@@ -372,22 +372,44 @@ pub fn make_reachable(dir: &Path) {
     }
 }
 
+/// What `/proc/<pid>/stat` says of a running (or zombie) process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Its command name (`comm`, at most 15 bytes), e.g. `pg_dump`.
+    pub comm: String,
+    /// Its state letter: `R`, `S`, `D`, `Z` (a zombie: exited, not yet reaped)...
+    pub state: char,
+    /// Its parent's process id.
+    pub ppid: u32,
+    /// When it started, in clock ticks since boot: with the pid, what tells a process from
+    /// a later one given the same id.
+    pub start_ticks: u64,
+}
+
+/// `/proc/<pid>/stat` read, or `None` if no process has that id (any more).
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // pid (comm) state ppid ...; comm may contain spaces and parentheses.
+    let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+    let rest: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+    Some(ProcStat {
+        comm: stat[open + 1..close].to_owned(),
+        state: rest.first()?.chars().next()?,
+        ppid: rest.get(1)?.parse().ok()?,
+        // Field 22 of stat(5); `rest` starts at field 3.
+        start_ticks: rest.get(19)?.parse().ok()?,
+    })
+}
+
 /// The process ids of every descendant of `pid` (children first), from `/proc/*/stat`.
-fn descendants(pid: u32) -> Vec<u32> {
+pub fn descendants(pid: u32) -> Vec<u32> {
     let mut parent_of: Vec<(u32, u32)> = Vec::new();
     for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Some(p) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        let Ok(stat) = fs::read_to_string(e.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...; comm may contain spaces and parentheses.
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
-            continue;
-        };
-        if let Some(ppid) = rest.split_whitespace().nth(1).and_then(|s| s.parse().ok()) {
-            parent_of.push((p, ppid));
+        if let Some(stat) = proc_stat(p) {
+            parent_of.push((p, stat.ppid));
         }
     }
     let mut out = Vec::new();

@@ -33,9 +33,10 @@ use ferry_proto::Role;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use crate::pipeline::JobError;
+use crate::job::JobError;
 
 pub mod common;
+pub mod error;
 pub mod etcd;
 pub mod files;
 pub mod influxdb;
@@ -45,11 +46,14 @@ pub mod postgres;
 pub mod recovery;
 mod stream;
 
-pub use common::tool::{StderrTail, ToolError, ToolPaths, describe_status, output as run_tool};
+pub use common::tool::{
+    ReapedChild, StderrTail, ToolError, ToolPaths, describe_status, output as run_tool,
+};
+pub use error::{DumpError, RestoreError};
 pub use recovery::Recovery;
 pub use stream::{
-    DumpError, DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreError,
-    RestoreSession, Restorer, expect_main, expect_whole,
+    DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreSession, Restorer,
+    expect_main, expect_whole,
 };
 
 use common::leftovers::Recovered;

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use super::Datastore;
 use super::common::leftovers;
-use crate::pipeline::{JobError, JobReport};
+use crate::job::{JobError, JobReport};
 
 /// What [`recover`](#method.recover) found of a datastore's interrupted restores and did with it.
 #[derive(Clone, Debug, Default)]

@@ -4,7 +4,7 @@
 //! newest complete backup set are always kept. Every run and every removal is audited.
 //!
 //! With the maintenance key, prune also lists what failed or interrupted uploads left in
-//! the dated folders ([`ferry_agent::transport::Leftover`]) and removes what is safe to
+//! the dated folders ([`ferry_storage::Leftover`]) and removes what is safe to
 //! remove ([`judge`]): hidden partial files of jobs that have ended (at once), of jobs the
 //! coordinator does not know (after [`ABANDONED_AFTER`]), never of a job still queued or
 //! running; and orphan data files, under a final name but part of no committed backup
@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use ferry_agent::transport::{Leftover, LeftoverKind};
+use ferry_storage::{Leftover, LeftoverKind};
 
 use crate::dispatch::Coordinator;
 use crate::model::JobState;
@@ -70,10 +70,21 @@ pub enum PruneError {
     /// No policy, or no maintenance key for a real run; nothing was removed.
     #[error("{0}")]
     Refused(String),
-    /// The backup server failed a listing or a removal; what is listed before it was
-    /// removed.
-    #[error("{0}")]
-    Server(String),
+    /// The storage target failed a listing or a removal; what is listed before it was
+    /// removed (`after` says so).
+    #[error("{doing}: {source}{after}")]
+    Target {
+        /// What prune was doing, e.g. `removing production/2026-02-05`.
+        doing: String,
+        /// What the target said.
+        #[source]
+        source: ferry_storage::TargetError,
+        /// What had been done before, e.g. `; folders listed before it were removed`.
+        after: &'static str,
+    },
+    /// A task that talks to the target ended without an answer (it panicked).
+    #[error("a prune task failed: {0}")]
+    Task(String),
     /// The store failed.
     #[error("job store: {0}")]
     Store(#[from] StoreError),
@@ -221,13 +232,13 @@ pub async fn run(
         for (env, _) in &policies {
             let (server, env_name) = (server.clone(), env.clone());
             let listed =
-                tokio::task::spawn_blocking(move || server.connect()?.leftovers(&env_name))
+                tokio::task::spawn_blocking(move || server.maintain()?.leftovers(&env_name))
                     .await
-                    .map_err(|e| PruneError::Server(e.to_string()))?
-                    .map_err(|e| {
-                        PruneError::Server(format!(
-                            "listing what failed uploads left in {env}: {e}"
-                        ))
+                    .map_err(|e| PruneError::Task(e.to_string()))?
+                    .map_err(|source| PruneError::Target {
+                        doing: format!("listing what failed uploads left in {env}"),
+                        source,
+                        after: "",
                     })?;
             let (store, env_name) = (c.store.clone(), env.clone());
             let environments: std::collections::BTreeMap<String, String> = c
@@ -308,7 +319,7 @@ pub async fn run(
     if !going_leftovers.is_empty() {
         let server2 = server.clone();
         let removed = tokio::task::spawn_blocking(move || {
-            let mut session = server2.connect()?;
+            let mut session = server2.maintain()?;
             let mut done = Vec::new();
             for l in &going_leftovers {
                 match session.remove_leftover(l) {
@@ -316,11 +327,15 @@ pub async fn run(
                     Err(e) => return Ok((done, Some(e))),
                 }
             }
-            Ok::<_, ferry_agent::transport::TransportError>((done, None))
+            Ok::<_, ferry_storage::TargetError>((done, None))
         })
         .await
-        .map_err(|e| PruneError::Server(e.to_string()))?
-        .map_err(|e| PruneError::Server(format!("removing what failed uploads left: {e}")))?;
+        .map_err(|e| PruneError::Task(e.to_string()))?
+        .map_err(|source| PruneError::Target {
+            doing: "removing what failed uploads left".into(),
+            source,
+            after: "",
+        })?;
         let (done, failed) = removed;
         for (env, _) in &policies {
             let of_env: Vec<_> = done.iter().filter(|(l, _)| &l.environment == env).collect();
@@ -347,19 +362,22 @@ pub async fn run(
         if let Some(e) = failed {
             c.audit(who, "prune leftovers", target, &format!("failed: {e}"))
                 .await;
-            return Err(PruneError::Server(format!(
-                "removing what failed uploads left: {e}; the files listed before it were removed"
-            )));
+            return Err(PruneError::Target {
+                doing: "removing what failed uploads left".into(),
+                source: e,
+                after: "; the files listed before it were removed",
+            });
         }
     }
     attach(&mut decisions, found, &removed_paths);
 
     for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
         let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
-        let removed =
-            tokio::task::spawn_blocking(move || server.connect()?.remove_dated_folder(&env, &date))
-                .await
-                .map_err(|e| PruneError::Server(e.to_string()))?;
+        let removed = tokio::task::spawn_blocking(move || {
+            server.maintain()?.remove_dated_folder(&env, &date)
+        })
+        .await
+        .map_err(|e| PruneError::Task(e.to_string()))?;
         let folder = format!("{}/{}", d.environment, d.date);
         match removed {
             Ok((files, bytes)) => {
@@ -377,9 +395,11 @@ pub async fn run(
             Err(e) => {
                 c.audit(who, "prune", &folder, &format!("failed: {e}"))
                     .await;
-                return Err(PruneError::Server(format!(
-                    "removing {folder}: {e}; folders listed before it were removed"
-                )));
+                return Err(PruneError::Target {
+                    doing: format!("removing {folder}"),
+                    source: e,
+                    after: "; folders listed before it were removed",
+                });
             }
         }
     }
@@ -524,5 +544,98 @@ mod tests {
         assert!(decisions[0].leftovers[0].removed);
         assert_eq!(decisions[1].leftovers[0].kind, "partial");
         assert!(!decisions[1].leftovers[0].removed);
+    }
+
+    /// A committed backup of `date` on `target`, with a record in `c`'s catalog.
+    fn backed_up(c: &Coordinator, target: &ferry_storage::memory::MemoryTarget, date: &str) {
+        use ferry_storage::Target as _;
+        // One job a date: the catalog keeps a record per job.
+        let job = format!("01KBX8Z3E5M1Q2W3E4R5T6{}", &date.replace('-', "")[4..]);
+        let file = ferry_core::layout::StoredFile {
+            dir: format!("/srv/ferry/production/{date}"),
+            name: format!("pg_backup_{date}.pgdump.zst.age"),
+        };
+        let mut w = target.write().unwrap();
+        let (tx, rx) = ferry_storage::chunk::channel();
+        tx.send(b"ciphertext".to_vec()).unwrap();
+        drop(tx);
+        let staged = w.stage(&file, &job, rx).unwrap();
+        w.commit(&job, &[(staged, b"{}".to_vec())]).unwrap();
+        c.store
+            .put_backup(&crate::model::BackupRecord {
+                environment: "production".into(),
+                date: date.into(),
+                datastore: "pg".into(),
+                kind: "postgres".into(),
+                agent: "db1".into(),
+                stored_path: file.path(),
+                size_bytes: 10,
+                bytes_uncompressed: 10,
+                sha256: String::new(),
+                finished_ms: 0,
+                job_id: job,
+                missing: None,
+            })
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn prune_removes_what_the_policy_drops_through_the_maintain_session_and_keeps_a_live_partial()
+     {
+        use ferry_storage::Target as _;
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            crate::dispatch::test_coordinator(dir.path(), &[], std::time::Duration::from_secs(60));
+        let mut c = Arc::into_inner(c).expect("no other reference yet");
+        let target = ferry_storage::memory::MemoryTarget::new("/srv/ferry");
+        c.settings.maintenance = Some(Arc::new(target.clone()));
+        c.settings.retention.insert(
+            "production".into(),
+            crate::catalog::retention::Policy {
+                keep_daily: 1,
+                keep_weekly: 0,
+                keep_monthly: 0,
+            },
+        );
+        let c = Arc::new(c);
+        backed_up(&c, &target, "2026-02-04");
+        backed_up(&c, &target, "2026-02-05");
+        // An upload of a job this coordinator does not know, just written: it stays.
+        let file = ferry_core::layout::StoredFile {
+            dir: "/srv/ferry/production/2026-02-05".into(),
+            name: "pg_backup_2026-02-05T0300Z.pgdump.zst.age".into(),
+        };
+        let (tx, rx) = ferry_storage::chunk::channel();
+        drop(tx);
+        let partial = target
+            .write()
+            .unwrap()
+            .stage(&file, "01KBX8Z3E5M1Q2W3E4R5T6Y7U9", rx)
+            .unwrap()
+            .partial;
+
+        let outcome = run(&c, "tester", Some("production"), false).await.unwrap();
+        let dates: Vec<(&str, bool)> = outcome
+            .decisions
+            .iter()
+            .map(|d| (d.date.as_str(), d.removed))
+            .collect();
+        assert_eq!(dates, [("2026-02-05", false), ("2026-02-04", true)]);
+        assert!(outcome.leftovers_checked);
+        let left = &outcome.decisions[0].leftovers;
+        assert_eq!(left.len(), 1, "{left:?}");
+        assert_eq!(
+            (left[0].path.as_str(), left[0].kind),
+            (partial.as_str(), "partial")
+        );
+        assert!(!left[0].remove && !left[0].removed, "{:?}", left[0]);
+        assert_eq!(
+            target.paths(),
+            [
+                partial,
+                "/srv/ferry/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age".into(),
+                "/srv/ferry/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age.json".into(),
+            ]
+        );
     }
 }

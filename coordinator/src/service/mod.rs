@@ -48,7 +48,9 @@ impl From<Error> for Status {
             Error::Dispatch(DispatchError::InvalidArgument(_)) => Status::invalid_argument(message),
             Error::Dispatch(DispatchError::NotFound(_)) => Status::not_found(message),
             Error::Dispatch(DispatchError::Unavailable(_) | DispatchError::ShuttingDown)
-            | Error::Prune(PruneError::Server(_)) => Status::unavailable(message),
+            | Error::Prune(PruneError::Target { .. } | PruneError::Task(_)) => {
+                Status::unavailable(message)
+            }
             Error::Prune(PruneError::Refused(_)) => Status::failed_precondition(message),
             Error::Dispatch(DispatchError::Store(_))
             | Error::Prune(PruneError::Store(_))
@@ -337,7 +339,17 @@ mod tests {
             Code::FailedPrecondition
         );
         assert_eq!(
-            code(PruneError::Server("gone".into()).into()),
+            code(
+                PruneError::Target {
+                    doing: "removing production/2026-02-05".into(),
+                    source: ferry_storage::TargetError::Connect {
+                        addr: "backup:22".into(),
+                        message: "gone".into(),
+                    },
+                    after: "",
+                }
+                .into()
+            ),
             Code::Unavailable
         );
         let access = crate::access::Access::default()

@@ -5,6 +5,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Where a kind's tools live: `bin_dir/<tool>` if configured, else `<tool>` on `PATH`.
 #[derive(Clone, Debug, Default)]
@@ -44,6 +45,60 @@ impl ToolPaths {
                 .to_owned(),
             Err(e) => format!("unavailable: {e}"),
         }
+    }
+}
+
+/// A running tool that is killed (SIGKILL) and reaped if dropped before it was waited for
+/// to its end: a job dropped at the agent's shutdown leaves neither the tool running nor
+/// a zombie behind.
+pub struct ReapedChild(Option<tokio::process::Child>);
+
+impl ReapedChild {
+    /// How long a drop waits for the killed tool to be reaped.
+    const REAP_WAIT: Duration = Duration::from_secs(2);
+
+    /// Owns `child`.
+    pub fn new(child: tokio::process::Child) -> Self {
+        Self(Some(child))
+    }
+
+    /// Its process id, until it has been reaped.
+    pub fn id(&self) -> Option<u32> {
+        self.0.as_ref().and_then(tokio::process::Child::id)
+    }
+
+    /// Waits for it to exit, and reaps it.
+    ///
+    /// # Errors
+    /// The OS error of waiting.
+    pub async fn wait(&mut self) -> std::io::Result<ExitStatus> {
+        match self.0.as_mut() {
+            Some(child) => child.wait().await,
+            None => Err(std::io::Error::other("the tool was already reaped")),
+        }
+    }
+}
+
+impl Drop for ReapedChild {
+    fn drop(&mut self) {
+        let Some(mut child) = self.0.take() else {
+            return;
+        };
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        let pid = child.id();
+        let _ = child.start_kill();
+        // SIGKILL is not caught: the tool is gone within milliseconds.
+        let deadline = Instant::now() + Self::REAP_WAIT;
+        while let Ok(None) = child.try_wait() {
+            if Instant::now() >= deadline {
+                tracing::warn!(pid, "A killed tool was not reaped in time.");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        tracing::debug!(pid, "Killed and reaped a tool its job dropped.");
     }
 }
 
@@ -169,6 +224,21 @@ pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, ToolErr
         status: describe_status(out.status),
         stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
     })
+}
+
+/// [`output`], unless the job is cancelled first: then the tool is killed and the error
+/// is [`ToolError::Cancelled`].
+///
+/// # Errors
+/// As [`output`], and [`ToolError::Cancelled`].
+pub async fn output_until_cancelled(
+    cmd: tokio::process::Command,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<Vec<u8>, ToolError> {
+    tokio::select! {
+        r = output(cmd) => r,
+        () = cancel.cancelled() => Err(ToolError::Cancelled),
+    }
 }
 
 /// Formats an exit status for messages: `exit code 1` or `killed by signal 9`.

@@ -29,6 +29,8 @@ use super::{
 };
 use ferry_core::manifest::{Manifest, Source};
 
+pub mod mirror;
+
 /// The only part: a tar archive.
 pub const MAIN: Part = Part {
     name: "",
@@ -51,7 +53,7 @@ pub struct FilesConfig {
     pub exclude: Vec<String>,
     /// `tar` (default): a dated, encrypted tar archive a backup. `rsync`: a differential
     /// mirror, `<root>/<environment>/<name>/`, kept in sync with `rsync --delete
-    /// --checksum` over SSH (see [`crate::pipeline::mirror`]); it is NOT encrypted on the
+    /// --checksum` over SSH (see [`mirror`]); it is NOT encrypted on the
     /// backup server, and the production key must be allowed to change it.
     #[serde(default)]
     pub method: Method,
@@ -151,31 +153,24 @@ impl Files {
     }
 }
 
-/// `method = "rsync"`: the mirror ([`crate::pipeline::mirror`]).
+/// `method = "rsync"`: the mirror ([`mirror`]).
 impl super::Repository for Files {
     fn backup<'a>(
         &'a self,
         settings: &'a std::sync::Arc<crate::config::Settings>,
         _backup_type: Option<String>,
-        progress: &'a crate::pipeline::Progress,
-    ) -> BoxFuture<'a, Result<crate::pipeline::JobReport, crate::pipeline::JobError>> {
-        crate::pipeline::mirror::backup(settings.clone(), self, progress.clone()).boxed()
+        progress: &'a crate::job::Progress,
+    ) -> BoxFuture<'a, Result<crate::job::JobReport, crate::job::JobError>> {
+        mirror::backup(settings.clone(), self, progress.clone()).boxed()
     }
     fn restore<'a>(
         &'a self,
         settings: &'a std::sync::Arc<crate::config::Settings>,
         job_id: &'a str,
         selection: (Option<String>, Vec<String>),
-        progress: &'a crate::pipeline::Progress,
-    ) -> BoxFuture<'a, Result<crate::pipeline::JobReport, crate::pipeline::JobError>> {
-        crate::pipeline::mirror::restore(
-            settings.clone(),
-            self,
-            job_id,
-            selection,
-            progress.clone(),
-        )
-        .boxed()
+        progress: &'a crate::job::Progress,
+    ) -> BoxFuture<'a, Result<crate::job::JobReport, crate::job::JobError>> {
+        mirror::restore(settings.clone(), self, job_id, selection, progress.clone()).boxed()
     }
 }
 

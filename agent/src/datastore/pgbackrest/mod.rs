@@ -8,7 +8,7 @@
 //! repository on the database host (`repo_dir`), encrypted by pgBackRest itself
 //! (`aes-256-cbc`, passphrase from `cipher_pass_file`), and after every backup the agent
 //! pushes it with rsync over SSH to `<root>/<environment>/<name>/` on the backup server
-//! (the same key and pinned host key as every upload; see [`crate::pipeline::mirror`]).
+//! (the same key and pinned host key as every upload; see [`super::files::mirror`]).
 //! The backup server holds only ciphertext. A staging agent pulls the source
 //! environment's copy into its own `repo_dir` and restores from there. The cost: the
 //! repository takes disk space on both hosts, and WAL archived between backups reaches
@@ -33,12 +33,12 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
+use super::common::tool::output_until_cancelled;
 use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, Mode, RestoreError, ToolError,
 };
 use crate::config::Settings;
-use crate::pipeline::mirror::{self, Remote};
-use crate::pipeline::{JobError, JobReport, Progress};
+use crate::job::{JobError, JobReport, Progress};
 
 /// `[[datastores]]` with `kind = "pgbackrest"`.
 #[derive(Clone, Debug, Deserialize)]
@@ -301,10 +301,6 @@ impl PgBackRest {
             .map_err(|e| ToolError::Output(format!("pgbackrest info: unexpected backup list: {e}")))
     }
 
-    fn remote_dir(&self, settings: &Settings, environment: &str) -> String {
-        mirror::mirror_dir(&settings.backup_server, environment, &self.cfg.name)
-    }
-
     /// Production: stanza-create (a no-op once it exists), a `backup_type` backup
     /// (default `diff`; pgBackRest makes it a full when there is none), then the
     /// repository pushed to the backup server.
@@ -345,16 +341,13 @@ impl PgBackRest {
                 )
             })?;
         progress.set_stage("rsync");
-        let remote = Remote::new(&settings.backup_server).map_err(|e| JobError::Stage {
-            stage: "rsync setup",
-            source: e,
-        })?;
-        let dest = self.remote_dir(settings, &settings.environment);
+        let remote = settings.backup_server.mirror()?;
+        let dest = remote.dir(&settings.environment, &self.cfg.name);
         let mut cmd = remote.rsync_up();
         cmd.args(["--delete", "--mkpath"])
             .arg(format!("{}/", self.cfg.repo_dir.display()))
-            .arg(format!("{}{dest}", remote.prefix));
-        mirror::run(cmd, progress)
+            .arg(format!("{}{dest}", remote.prefix()));
+        output_until_cancelled(cmd, &progress.cancel)
             .await
             .map_err(|e| fail("rsync (the repository to the backup server)", e))?;
         let finished = chrono::DateTime::from_timestamp(latest.timestamp.stop, 0)
@@ -417,11 +410,8 @@ impl PgBackRest {
             stage: "pgbackrest config",
             source: e,
         })?;
-        let remote = Remote::new(&settings.backup_server).map_err(|e| JobError::Stage {
-            stage: "rsync setup",
-            source: e,
-        })?;
-        let src = format!("{}{}", remote.prefix, self.remote_dir(settings, &env));
+        let remote = settings.backup_server.mirror()?;
+        let src = remote.remote(&env, &self.cfg.name);
         let mut cmd = remote.rsync();
         cmd.arg("--delete")
             .arg(&src)
@@ -433,12 +423,14 @@ impl PgBackRest {
             })?;
             cmd.arg(format!("--chown={uid}:{gid}"));
         }
-        mirror::run(cmd, progress).await.map_err(|e| {
-            failed(
-                RestoreError::tool("rsync (the repository from the backup server)")(e),
-                untouched,
-            )
-        })?;
+        output_until_cancelled(cmd, &progress.cancel)
+            .await
+            .map_err(|e| {
+                failed(
+                    RestoreError::tool("rsync (the repository from the backup server)")(e),
+                    untouched,
+                )
+            })?;
         let backups = self
             .backups()
             .await

@@ -42,13 +42,12 @@ impl Postgres {
             .arg(&snapshot)
             .arg("--dbname")
             .arg(&db);
-        let (mut child, tail) =
+        let (mut child, stdout, tail) =
             self.spawn(cmd, "pg_dump", false)
                 .map_err(|source| DumpError::Spawn {
                     tool: "pg_dump".into(),
                     source,
                 })?;
-        let stdout = child.stdout.take().expect("stdout is piped");
         // Counted in the exported snapshot while pg_dump streams; the transaction stays
         // open until pg_dump has finished.
         let counting = tokio::spawn(async move {
@@ -57,9 +56,9 @@ impl Postgres {
         });
         let tool_version = self.tools.version("pg_dump");
         let finish = async move {
-            let status = tokio::task::spawn_blocking(move || child.wait())
+            let status = child
+                .wait()
                 .await
-                .map_err(|e| DumpError::Source(format!("waiting for pg_dump: {e}")))?
                 .map_err(|e| DumpError::Source(format!("waiting for pg_dump: {e}")))?;
             tail.wait();
             let (client, counts) = counting
@@ -118,19 +117,18 @@ impl Postgres {
         if !self.cfg.role_passwords {
             cmd.arg("--no-role-passwords");
         }
-        let (mut child, tail) =
+        let (mut child, stdout, tail) =
             self.spawn(cmd, "pg_dumpall", false)
                 .map_err(|source| DumpError::Spawn {
                     tool: "pg_dumpall".into(),
                     source,
                 })?;
-        let stdout = child.stdout.take().expect("stdout is piped");
         let tool_version = self.tools.version("pg_dumpall");
         let finish = async move {
-            let status = tokio::task::spawn_blocking(move || child.wait())
+            let status = child
+                .wait()
                 .await
-                .map_err(|e| DumpError::Source(e.to_string()))?
-                .map_err(|e| DumpError::Source(e.to_string()))?;
+                .map_err(|e| DumpError::Source(format!("waiting for pg_dumpall: {e}")))?;
             tail.wait();
             if !status.success() {
                 return Err(DumpError::Tool {

@@ -24,7 +24,7 @@ use futures::future::BoxFuture;
 use tokio_postgres::{Client, NoTls};
 
 use super::common::leftovers::Recovered;
-use super::{CheckError, Datastore, Mode, Part, RestoreError, StderrTail, ToolPaths};
+use super::{CheckError, Datastore, Mode, Part, ReapedChild, RestoreError, StderrTail, ToolPaths};
 
 mod config;
 mod dump;
@@ -201,19 +201,44 @@ impl Postgres {
         cmd
     }
 
+    /// Starts `tool`: its stdout piped out (or, with `stdin`, its stdin piped in), its
+    /// stderr kept by a [`StderrTail`]. The child is killed and reaped if dropped before
+    /// it was waited for ([`ReapedChild`]: a job dropped at the agent's shutdown leaves no
+    /// tool behind); the pipe is a blocking file, for the pipeline's threads.
     fn spawn(
         &self,
-        mut cmd: Command,
+        cmd: Command,
         tool: &str,
         stdin: bool,
-    ) -> Result<(std::process::Child, StderrTail), std::io::Error> {
+    ) -> Result<(ReapedChild, std::fs::File, StderrTail), std::io::Error> {
+        let mut cmd = tokio::process::Command::from(cmd);
         cmd.stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(if stdin { Stdio::null() } else { Stdio::piped() })
-            .stderr(Stdio::piped());
+            .stderr(Stdio::piped())
+            // Until it is owned by the ReapedChild below.
+            .kill_on_drop(true);
         let mut child = cmd.spawn()?;
-        let tail = StderrTail::spawn(child.stderr.take().expect("stderr is piped"));
+        let stderr = child
+            .stderr
+            .take()
+            .expect("stderr is piped")
+            .into_owned_fd()?;
+        let tail = StderrTail::spawn(std::fs::File::from(stderr));
+        let pipe = if stdin {
+            child
+                .stdin
+                .take()
+                .expect("stdin is piped")
+                .into_owned_fd()?
+        } else {
+            child
+                .stdout
+                .take()
+                .expect("stdout is piped")
+                .into_owned_fd()?
+        };
         tracing::debug!(tool, pid = child.id(), "Started tool.");
-        Ok((child, tail))
+        Ok((ReapedChild::new(child), std::fs::File::from(pipe), tail))
     }
 }
 

@@ -334,19 +334,18 @@ impl PgRestore {
         cmd: Command,
         errors: fn(&StderrTail) -> Option<String>,
     ) -> Result<PartSink, RestoreError> {
-        let (mut child, tail) =
+        let (mut child, stdin, tail) =
             self.pg
                 .spawn(cmd, tool, true)
                 .map_err(|source| RestoreError::Spawn {
                     tool: tool.into(),
                     source,
                 })?;
-        let stdin = child.stdin.take().expect("stdin is piped");
         let finish = async move {
-            let status = tokio::task::spawn_blocking(move || child.wait())
+            let status = child
+                .wait()
                 .await
-                .map_err(|e| RestoreError::Target(e.to_string()))?
-                .map_err(|e| RestoreError::Target(e.to_string()))?;
+                .map_err(|e| RestoreError::Target(format!("waiting for {tool}: {e}")))?;
             tail.wait();
             if !status.success() {
                 return Err(RestoreError::Tool {

@@ -1,7 +1,7 @@
 //! Differential backups of a `files` datastore with `method = "rsync"`: an rsync mirror of
 //! the directory at `<root>/<environment>/<name>/` on the backup server, kept in sync by
-//! the stock `rsync` binary over SSH (no crate speaks the rsync protocol to a stock rsync),
-//! with the agent's SSH key and the pinned host key of `[backup_server]`.
+//! the stock `rsync` binary, which the storage target gives ([`ferry_storage::Mirror`]: over
+//! SSH with the agent's key and the pinned host key of `[backup_server]` on SFTP).
 //!
 //! Backup (production): `rsync -a --delete --checksum --numeric-ids --stats` into the
 //! mirror, then the mirror's manifest `.ferry-manifest.json` beside the data, with the
@@ -24,13 +24,12 @@ use std::sync::Arc;
 use chrono::Utc;
 use serde::{Deserialize, Serialize};
 
-use super::{JobError, JobReport, Progress};
+use super::Files;
 use crate::config::Settings;
+use crate::datastore::common::tool::output_until_cancelled;
 use crate::datastore::common::tree::{self, TreeCounts};
-use crate::datastore::files::Files;
 use crate::datastore::{DumpError, RestoreError, ToolError};
-use crate::transport::sftp::SftpConfig;
-use ferry_core::layout;
+use crate::job::{JobError, JobReport, Progress};
 
 /// The mirror's manifest, in the mirror directory.
 pub const MANIFEST: &str = ".ferry-manifest.json";
@@ -56,90 +55,6 @@ pub struct MirrorManifest {
     pub counts: TreeCounts,
     /// Bytes rsync sent in the last sync (literal data; the differential part).
     pub bytes_sent: u64,
-}
-
-/// rsync's command line pieces for the backup server: the `-e` SSH command (with the pinned
-/// host key in a temporary known_hosts file, removed on drop) and `user@host:`.
-pub(crate) struct Remote {
-    ssh: String,
-    /// `user@host:`, to put before a path on the server.
-    pub(crate) prefix: String,
-    /// `max_upload_bytes_per_second`, for `--bwlimit` on uploads.
-    bwlimit: Option<u64>,
-    /// `--protect-args`, unless the rsync login is confined by rrsync, which refuses it
-    /// (it checks the arguments itself; `rsync.root` is then checked for plain paths).
-    protect_args: bool,
-    _known_hosts: tempfile::TempDir,
-}
-
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
-}
-
-impl Remote {
-    /// The SSH command for `server`, its host key written to a temporary known_hosts.
-    pub(crate) fn new(server: &SftpConfig) -> std::io::Result<Remote> {
-        let (user, identity, _) = server.rsync_login();
-        let dir = tempfile::Builder::new().prefix("ferry-rsync-").tempdir()?;
-        let kh = dir.path().join("known_hosts");
-        let key: Vec<&str> = server.host_key.split_whitespace().take(2).collect();
-        let host = if server.port == 22 {
-            server.host.clone()
-        } else {
-            format!("[{}]:{}", server.host, server.port)
-        };
-        std::fs::write(&kh, format!("{host} {}\n", key.join(" ")))?;
-        let ssh = [
-            "ssh -F /dev/null -o BatchMode=yes -o IdentitiesOnly=yes".to_owned(),
-            "-o StrictHostKeyChecking=yes -o GlobalKnownHostsFile=/dev/null".to_owned(),
-            format!("-o UserKnownHostsFile={}", quote(&kh.display().to_string())),
-            format!("-o ConnectTimeout={}", server.connect_timeout_seconds),
-            format!(
-                "-o ServerAliveInterval={} -o ServerAliveCountMax=2",
-                server.io_timeout_seconds.div_ceil(2).max(1)
-            ),
-            format!("-p {}", server.port),
-            format!("-i {}", quote(&identity.display().to_string())),
-        ]
-        .join(" ");
-        Ok(Remote {
-            ssh,
-            prefix: format!("{user}@{}:", server.host),
-            bwlimit: server.max_upload_bytes_per_second,
-            protect_args: server.rsync.is_none(),
-            _known_hosts: dir,
-        })
-    }
-
-    /// rsync for an upload: [`Remote::rsync`] with `--bwlimit` if the agent has a limit.
-    pub(crate) fn rsync_up(&self) -> tokio::process::Command {
-        let mut cmd = self.rsync();
-        if let Some(rate) = self.bwlimit {
-            // rsync's unit is KiB/s; at least 1.
-            cmd.arg(format!("--bwlimit={}", (rate / 1024).max(1)));
-        }
-        cmd
-    }
-
-    /// rsync with the SSH command and the options both directions use.
-    pub(crate) fn rsync(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new("rsync");
-        cmd.args(["-a", "--checksum", "--numeric-ids"]);
-        if self.protect_args {
-            cmd.arg("--protect-args");
-        }
-        cmd.arg("-e").arg(&self.ssh);
-        cmd
-    }
-}
-
-/// The mirror directory of `name` in `environment`, with a trailing `/`, as the rsync
-/// login sees it.
-pub(crate) fn mirror_dir(server: &SftpConfig, environment: &str, name: &str) -> String {
-    format!(
-        "{}/{name}/",
-        layout::environment_dir(server.rsync_login().2, environment)
-    )
 }
 
 /// Counts from `rsync --stats`: `Number of files: 1,234 (reg: 1,000, dir: 230, link: 4)`
@@ -194,18 +109,6 @@ fn setup(e: std::io::Error) -> JobError {
     }
 }
 
-/// Runs `cmd` (killed if the job is cancelled); its stdout.
-pub(crate) async fn run(
-    mut cmd: tokio::process::Command,
-    progress: &Progress,
-) -> Result<Vec<u8>, ToolError> {
-    cmd.kill_on_drop(true);
-    tokio::select! {
-        r = crate::datastore::run_tool(cmd) => r,
-        () = progress.cancel.cancelled() => Err(ToolError::Cancelled),
-    }
-}
-
 /// Syncs the datastore's directory into its mirror, then writes the mirror's manifest.
 ///
 /// # Errors
@@ -216,13 +119,12 @@ pub async fn backup(
     progress: Progress,
 ) -> Result<JobReport, JobError> {
     let cfg = files.config();
-    let server = &settings.backup_server;
     let fail = |what: &str, e: ToolError| JobError::Dump {
         datastore: cfg.name.clone(),
         source: DumpError::tool(what)(e),
     };
-    let remote = Remote::new(server).map_err(setup)?;
-    let dest = mirror_dir(server, &settings.environment, &cfg.name);
+    let remote = settings.backup_server.mirror()?;
+    let dest = remote.dir(&settings.environment, &cfg.name);
     progress.set_stage("rsync");
     let mut cmd = remote.rsync_up();
     cmd.args(["--delete", "--stats", "--mkpath"])
@@ -232,8 +134,8 @@ pub async fn backup(
         cmd.arg(format!("--exclude={pattern}"));
     }
     let src = format!("{}/", cfg.path.display());
-    cmd.arg(&src).arg(format!("{}{dest}", remote.prefix));
-    let out = run(cmd, &progress)
+    cmd.arg(&src).arg(format!("{}{dest}", remote.prefix()));
+    let out = output_until_cancelled(cmd, &progress.cancel)
         .await
         .map_err(|e| fail("rsync (to the mirror)", e))?;
     let text = String::from_utf8_lossy(&out);
@@ -268,8 +170,8 @@ pub async fn backup(
         source: e,
     })?;
     let mut cmd = remote.rsync();
-    cmd.arg(&file).arg(format!("{}{dest}", remote.prefix));
-    run(cmd, &progress)
+    cmd.arg(&file).arg(format!("{}{dest}", remote.prefix()));
+    output_until_cancelled(cmd, &progress.cancel)
         .await
         .map_err(|e| fail("rsync (the mirror's manifest)", e))?;
     Ok(JobReport {
@@ -308,7 +210,6 @@ pub async fn restore(
             cfg.name
         )));
     }
-    let server = &settings.backup_server;
     let env = settings
         .source_environment
         .clone()
@@ -320,8 +221,8 @@ pub async fn restore(
     };
     let tool = RestoreError::tool;
     files.refuse_mount_point().map_err(failed)?;
-    let remote = Remote::new(server).map_err(setup)?;
-    let src = format!("{}{}", remote.prefix, mirror_dir(server, &env, &cfg.name));
+    let remote = settings.backup_server.mirror()?;
+    let src = remote.remote(&env, &cfg.name);
     let new = tree::sibling(&cfg.path, "new", job_id);
     let old = tree::sibling(&cfg.path, "old", job_id);
     let cleanup = |dir: &Path| {
@@ -335,7 +236,7 @@ pub async fn restore(
         .map_err(setup)?;
     let mut cmd = remote.rsync();
     cmd.arg(format!("{src}{MANIFEST}")).arg(local.path());
-    run(cmd, &progress)
+    output_until_cancelled(cmd, &progress.cancel)
         .await
         .map_err(|e| failed(tool("rsync (the mirror's manifest)")(e)))?;
     let manifest: MirrorManifest =
@@ -357,7 +258,7 @@ pub async fn restore(
     cmd.arg(format!("--exclude=/{MANIFEST}"))
         .arg(&src)
         .arg(format!("{}/", new.display()));
-    if let Err(e) = run(cmd, &progress).await {
+    if let Err(e) = output_until_cancelled(cmd, &progress.cancel).await {
         cleanup(&new);
         return Err(failed(tool("rsync (from the mirror)")(e)));
     }

@@ -1,8 +1,12 @@
-//! SFTP transport over SSH with `ssh2` (libssh2 1.11): public-key authentication, a
-//! pinned server host key (an unknown key is refused), AES-GCM preferred (AES-NI), and
-//! 1 MiB writes. All calls block: run them on a dedicated thread. Every call that waits
-//! for the server is watched ([`super::watchdog`]): one that makes no progress for
-//! `io_timeout_seconds` fails with [`TransportError::Stalled`], whatever libssh2 does.
+//! The SFTP target: the backup server over SSH with `ssh2` (libssh2 1.11): public-key
+//! authentication, a pinned server host key (an unknown key is refused), AES-GCM preferred
+//! (AES-NI), and 1 MiB writes. All calls block: run them on a dedicated thread. Every call
+//! that waits for the server is watched ([`watchdog`]): one that makes no progress for
+//! `io_timeout_seconds` fails with [`TargetError::Stalled`], whatever libssh2 does.
+//!
+//! A partial upload is a hidden `.<name>.<job>.<attempt>.partial` file, created read-only
+//! and exclusively; a commit is a rename without overwrite. [`rsync`] gives the
+//! differential datastores their mirrors over the same server's SSH.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -16,12 +20,21 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Session, Sftp};
 
-use super::watchdog::{Aborter, Watchdog};
-use super::{Downloader, Leftover, LeftoverKind, PartialFate, Staged, TransportError, Uploader};
-use crate::pipeline::chunks::CHUNK_BYTES;
+use crate::chunk::CHUNK_BYTES;
+use crate::config::TargetConfigError;
+use crate::leftovers::{self, Entry};
+use crate::{
+    Aborter, Leftover, MaintainSession, Mirror, PartialFate, ReadSession, Staged, Target,
+    TargetError, WriteSession, now_seconds,
+};
 use ferry_core::layout::StoredFile;
+use watchdog::Watchdog;
 
-/// `[backup_server]` in the agent config.
+pub mod rsync;
+pub mod watchdog;
+
+/// `kind = "sftp"`: `[backup_server]` in the agent config, `[maintenance]` in the
+/// coordinator's.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftpConfig {
@@ -94,43 +107,53 @@ impl SftpConfig {
     }
 
     /// The pinned key: (type, blob).
-    fn pinned(&self) -> Result<(String, Vec<u8>), String> {
+    fn pinned(&self) -> Result<(String, Vec<u8>), TargetConfigError> {
         let mut fields = self.host_key.split_whitespace();
         let (Some(kind), Some(b64)) = (fields.next(), fields.next()) else {
-            return Err(
-                "expected `<type> <base64>`, e.g. the server's ssh_host_ed25519_key.pub line"
+            return Err(TargetConfigError::HostKey {
+                message: "expected `<type> <base64>`, e.g. the server's \
+                          ssh_host_ed25519_key.pub line"
                     .into(),
-            );
+            });
         };
         let blob = STANDARD
             .decode(b64)
-            .map_err(|e| format!("the key is not valid base64: {e}"))?;
+            .map_err(|e| TargetConfigError::HostKey {
+                message: format!("the key is not valid base64: {e}"),
+            })?;
         Ok((kind.to_owned(), blob))
     }
 
-    /// Checks the fields that can be checked locally: `(field, message)` on failure.
+    /// Checks the fields that can be checked locally.
     ///
     /// # Errors
-    /// The field name and what is wrong with it.
-    pub fn validate(&self) -> Result<(), (&'static str, String)> {
+    /// [`TargetConfigError`] naming the field ([`TargetConfigError::field`]) and what is
+    /// wrong with it.
+    pub fn validate(&self) -> Result<(), TargetConfigError> {
         if self.host.is_empty() {
-            return Err(("host", "must not be empty".into()));
+            return Err(TargetConfigError::Empty { field: "host" });
         }
         if !self.root.starts_with('/') || self.root.split('/').any(|c| c == ".." || c == ".") {
-            return Err((
-                "root",
-                format!(
+            return Err(TargetConfigError::Path {
+                field: "root",
+                message: format!(
                     "{:?} must be an absolute path without . or .. components",
                     self.root
                 ),
-            ));
+            });
         }
-        self.pinned().map_err(|m| ("host_key", m))?;
-        ferry_core::secrets::read_secret_file(&self.private_key_file)
-            .map_err(|e| ("private_key_file", e.to_string()))?;
+        self.pinned()?;
+        ferry_core::secrets::read_secret_file(&self.private_key_file).map_err(|source| {
+            TargetConfigError::Secret {
+                field: "private_key_file",
+                source,
+            }
+        })?;
         if let Some(r) = &self.rsync {
             if r.user.is_empty() {
-                return Err(("rsync.user", "must not be empty".into()));
+                return Err(TargetConfigError::Empty {
+                    field: "rsync.user",
+                });
             }
             // Without --protect-args (rrsync refuses it) the remote shell splits paths:
             // plain characters only.
@@ -140,16 +163,20 @@ impl SftpConfig {
                 || root.split('/').any(|c| c == ".." || c == ".")
                 || !root.chars().all(plain)
             {
-                return Err((
-                    "rsync.root",
-                    format!(
+                return Err(TargetConfigError::Path {
+                    field: "rsync.root",
+                    message: format!(
                         "{root:?} must be an absolute path without . or .. components, of \
                          letters, digits and / . _ - + @ only"
                     ),
-                ));
+                });
             }
-            ferry_core::secrets::read_secret_file(&r.private_key_file)
-                .map_err(|e| ("rsync.private_key_file", e.to_string()))?;
+            ferry_core::secrets::read_secret_file(&r.private_key_file).map_err(|source| {
+                TargetConfigError::Secret {
+                    field: "rsync.private_key_file",
+                    source,
+                }
+            })?;
         }
         Ok(())
     }
@@ -172,11 +199,11 @@ impl SftpConfig {
     /// that makes no progress for `io_timeout_seconds` fails.
     ///
     /// # Errors
-    /// [`TransportError::Connect`], [`TransportError::HostKey`], [`TransportError::Auth`],
-    /// [`TransportError::Stalled`].
-    pub fn connect(&self) -> Result<SftpSession, TransportError> {
+    /// [`TargetError::Connect`], [`TargetError::HostKey`], [`TargetError::Auth`],
+    /// [`TargetError::Stalled`].
+    pub fn connect(&self) -> Result<SftpSession, TargetError> {
         let addr = self.addr();
-        let connect_err = |message: String| TransportError::Connect {
+        let connect_err = |message: String| TargetError::Connect {
             addr: addr.clone(),
             message,
         };
@@ -196,8 +223,8 @@ impl SftpConfig {
             .map_err(|e| connect_err(format!("cannot watch the connection: {e}")))?;
         let busy = watch.busy();
         // The watchdog fails a stalled call; libssh2's own timeout only backs it up.
-        let stalled = |op: &'static str, other: TransportError| match watch.fired() {
-            Some(limit) => TransportError::Stalled {
+        let stalled = |op: &'static str, other: TargetError| match watch.fired() {
+            Some(limit) => TargetError::Stalled {
                 addr: addr.clone(),
                 op,
                 path: String::new(),
@@ -213,7 +240,7 @@ impl SftpConfig {
         let ciphers = "aes128-gcm@openssh.com,aes256-gcm@openssh.com,aes128-ctr,aes256-ctr,chacha20-poly1305@openssh.com";
         let _ = session.method_pref(ssh2::MethodType::CryptCs, ciphers);
         let _ = session.method_pref(ssh2::MethodType::CryptSc, ciphers);
-        let (kind, pinned) = self.pinned().map_err(connect_err)?;
+        let (kind, pinned) = self.pinned().map_err(|e| connect_err(e.to_string()))?;
         let _ = session.method_pref(ssh2::MethodType::HostKey, &kind);
         session.handshake().map_err(|e| {
             stalled(
@@ -226,7 +253,7 @@ impl SftpConfig {
             .host_key()
             .ok_or_else(|| connect_err("the server presented no host key".into()))?;
         if blob != pinned.as_slice() {
-            return Err(TransportError::HostKey {
+            return Err(TargetError::HostKey {
                 addr,
                 expected: fingerprint(&pinned),
                 found: fingerprint(blob),
@@ -238,7 +265,7 @@ impl SftpConfig {
             .map_err(|e| {
                 stalled(
                     "SSH authentication",
-                    TransportError::Auth {
+                    TargetError::Auth {
                         addr: addr.clone(),
                         user: self.user.clone(),
                         key: self.private_key_file.display().to_string(),
@@ -342,20 +369,12 @@ fn refusal(e: &ssh2::Error) -> String {
     }
 }
 
-/// Seconds since the Unix epoch, now.
-fn now_seconds() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_secs()
-}
-
 impl SftpSession {
-    /// The error for `op` on `path` that failed with `e`: [`TransportError::Stalled`] if
-    /// the watchdog closed the connection, else [`TransportError::Sftp`].
-    fn err(&self, op: &'static str, path: &str, e: impl std::fmt::Display) -> TransportError {
+    /// The error for `op` on `path` that failed with `e`: [`TargetError::Stalled`] if
+    /// the watchdog closed the connection, else [`TargetError::Io`].
+    fn err(&self, op: &'static str, path: &str, e: impl std::fmt::Display) -> TargetError {
         if self.watch.aborted() {
-            return TransportError::Sftp {
+            return TargetError::Io {
                 addr: self.addr.clone(),
                 op,
                 path: path.to_owned(),
@@ -363,14 +382,14 @@ impl SftpSession {
             };
         }
         if let Some(limit) = self.watch.fired() {
-            return TransportError::Stalled {
+            return TargetError::Stalled {
                 addr: self.addr.clone(),
                 op,
                 path: path.to_owned(),
                 seconds: limit.as_secs(),
             };
         }
-        TransportError::Sftp {
+        TargetError::Io {
             addr: self.addr.clone(),
             op,
             path: path.to_owned(),
@@ -383,28 +402,11 @@ impl SftpSession {
         self.broken || self.watch.fired().is_some() || self.watch.aborted()
     }
 
-    /// A handle that closes this session's connection from another thread (a cancelled
-    /// job): the call waiting on it fails at once.
-    pub fn aborter(&self) -> Aborter {
-        self.watch.aborter()
-    }
-
-    /// Whether an [`Aborter`] closed the connection.
-    pub fn aborted(&self) -> bool {
-        self.watch.aborted()
-    }
-
-    /// The files this session could not remove because its connection had failed or
-    /// been aborted (another connection may).
-    pub fn take_unremoved(&mut self) -> Vec<String> {
-        std::mem::take(&mut self.unremoved)
-    }
-
     /// Creates `dir` and its missing parents below the root (the root must exist).
     ///
     /// # Errors
-    /// [`TransportError::Sftp`] if a component cannot be created and is not a directory.
-    pub fn mkdir_p(&mut self, dir: &str) -> Result<(), TransportError> {
+    /// [`TargetError::Io`] if a component cannot be created and is not a directory.
+    fn mkdir_p(&mut self, dir: &str) -> Result<(), TargetError> {
         let _busy = self.watch.busy();
         let rel = dir
             .strip_prefix(&self.root)
@@ -424,214 +426,13 @@ impl SftpSession {
         Ok(())
     }
 
-    /// Removes a dated folder `<root>/<environment>/<YYYY-MM-DD>` and the files in it (for
-    /// retention, with a key allowed to delete). Anything else is refused: a path outside
-    /// the root, a last component that is not a date, a subdirectory inside.
-    ///
-    /// # Errors
-    /// [`TransportError::Sftp`] naming the path.
-    pub fn remove_dated_folder(
-        &mut self,
-        environment: &str,
-        date: &str,
-    ) -> Result<(u64, u64), TransportError> {
-        let _busy = self.watch.busy();
-        let dir = format!("{}/{environment}/{date}", self.root);
-        if ferry_core::layout::validate_name("environment", environment).is_err()
-            || ferry_core::layout::parse_date(date).is_err()
-        {
-            return Err(self.err("remove", &dir, "not a dated folder of the layout"));
-        }
-        let entries = self
-            .sftp
-            .readdir(Path::new(&dir))
-            .map_err(|e| self.err("readdir", &dir, e))?;
-        let (mut files, mut bytes) = (0u64, 0u64);
-        for (path, stat) in &entries {
-            if !stat.is_file() {
-                return Err(self.err(
-                    "remove",
-                    &path.display().to_string(),
-                    "a dated folder holds files only; this is not one; nothing more removed",
-                ));
-            }
-        }
-        for (path, stat) in entries {
-            bytes += self.unlink_counted(&path, &stat)?;
-            files += 1;
-        }
-        self.sftp
-            .rmdir(Path::new(&dir))
-            .map_err(|e| self.err("rmdir", &dir, e))?;
-        Ok((files, bytes))
-    }
-
     /// Removes the file at `path`; returns its size from `stat`, bytes.
-    fn unlink_counted(
-        &mut self,
-        path: &Path,
-        stat: &ssh2::FileStat,
-    ) -> Result<u64, TransportError> {
+    fn unlink_counted(&mut self, path: &Path, stat: &ssh2::FileStat) -> Result<u64, TargetError> {
         self.sftp
             .unlink(path)
             .map_err(|e| self.err("unlink", &path.display().to_string(), e))?;
         self.watch.progress();
         Ok(stat.size.unwrap_or(0))
-    }
-
-    /// What failed or interrupted uploads left in `environment`'s dated folders: hidden
-    /// partial files (`.<name>.<job>.<attempt>.partial`), and data files under a final
-    /// name that no committed backup includes (no manifest beside them, or a companion
-    /// part whose main part's manifest was never written). For `ferry prune` with the
-    /// maintenance key, which decides what goes. Manifests that do not parse are left out
-    /// of the decision: a folder holding one reports no orphan companions.
-    ///
-    /// # Errors
-    /// [`TransportError::Sftp`] naming the folder that could not be listed.
-    pub fn leftovers(&mut self, environment: &str) -> Result<Vec<Leftover>, TransportError> {
-        let _busy = self.watch.busy();
-        let env_dir = format!("{}/{environment}", self.root);
-        if ferry_core::layout::validate_name("environment", environment).is_err() {
-            return Err(self.err("list", &env_dir, "not an environment of the layout"));
-        }
-        let folders = match self.sftp.readdir(Path::new(&env_dir)) {
-            Ok(f) => f,
-            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
-            Err(e) => return Err(self.err("readdir", &env_dir, e)),
-        };
-        let now = now_seconds();
-        let mut out = Vec::new();
-        for (folder, stat) in folders {
-            let Some(date) = folder
-                .file_name()
-                .and_then(|n| n.to_str())
-                .filter(|n| ferry_core::layout::parse_date(n).is_ok())
-                .map(str::to_owned)
-            else {
-                continue;
-            };
-            if !stat.is_dir() {
-                continue;
-            }
-            let dir = folder.display().to_string();
-            let entries = self
-                .sftp
-                .readdir(&folder)
-                .map_err(|e| self.err("readdir", &dir, e))?;
-            self.watch.progress();
-            let files: Vec<(String, ssh2::FileStat)> = entries
-                .into_iter()
-                .filter(|(_, st)| st.is_file())
-                .filter_map(|(p, st)| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .map(|n| (n.to_owned(), st))
-                })
-                .collect();
-            let names: std::collections::HashSet<&str> =
-                files.iter().map(|(n, _)| n.as_str()).collect();
-            // What the committed main parts include, from their manifests.
-            let mut included = std::collections::HashSet::new();
-            let mut companions_with_manifest = std::collections::HashSet::new();
-            let mut unreadable = false;
-            for (name, _) in &files {
-                let Some(data) = name.strip_suffix(".json") else {
-                    continue;
-                };
-                if name.starts_with('.') || !data.ends_with(".age") {
-                    continue;
-                }
-                let path = format!("{dir}/{name}");
-                let parsed = self
-                    .read_small(&path, ferry_core::manifest::MAX_MANIFEST_BYTES)
-                    .ok()
-                    .and_then(|b| ferry_core::manifest::Manifest::from_slice(&path, &b).ok());
-                match parsed {
-                    Some(m) if m.file == data && m.part.is_empty() => {
-                        included.insert(data.to_owned());
-                        included.extend(m.companions);
-                    }
-                    Some(m) if m.file == data => {
-                        companions_with_manifest.insert(data.to_owned());
-                    }
-                    _ => unreadable = true,
-                }
-            }
-            for (name, st) in &files {
-                let size = st.size.unwrap_or(0);
-                let idle_seconds = now.saturating_sub(st.mtime.unwrap_or(now));
-                let path = format!("{dir}/{name}");
-                let leftover = |kind, manifest| Leftover {
-                    environment: environment.to_owned(),
-                    date: date.clone(),
-                    path: path.clone(),
-                    size,
-                    idle_seconds,
-                    kind,
-                    manifest,
-                };
-                if name.starts_with('.') {
-                    if let Some(stem) = name.strip_suffix(".partial") {
-                        out.push(leftover(
-                            LeftoverKind::Partial {
-                                job_ids: job_ids_in(stem),
-                            },
-                            None,
-                        ));
-                    }
-                    continue;
-                }
-                if !name.ends_with(".age") || included.contains(name.as_str()) {
-                    continue;
-                }
-                let manifest = format!("{name}.json");
-                if !names.contains(manifest.as_str()) {
-                    out.push(leftover(LeftoverKind::Orphan, None));
-                } else if companions_with_manifest.contains(name.as_str()) && !unreadable {
-                    out.push(leftover(
-                        LeftoverKind::Orphan,
-                        Some(format!("{dir}/{manifest}")),
-                    ));
-                }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Removes `leftover` (and the manifest of an orphan companion), as listed by
-    /// [`SftpSession::leftovers`]; returns the bytes removed. Refuses a path that is not
-    /// in a dated folder under the root.
-    ///
-    /// # Errors
-    /// [`TransportError::Sftp`] naming the file that could not be removed.
-    pub fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TransportError> {
-        let _busy = self.watch.busy();
-        let dir = format!("{}/{}/{}", self.root, leftover.environment, leftover.date);
-        let in_folder = |p: &str| {
-            p.strip_prefix(&dir)
-                .and_then(|r| r.strip_prefix('/'))
-                .is_some_and(|n| !n.is_empty() && !n.contains('/') && n != "." && n != "..")
-        };
-        let names_ok = ferry_core::layout::validate_name("environment", &leftover.environment)
-            .is_ok()
-            && ferry_core::layout::parse_date(&leftover.date).is_ok()
-            && in_folder(&leftover.path)
-            && leftover.manifest.as_deref().is_none_or(in_folder);
-        if !names_ok {
-            return Err(self.err(
-                "remove",
-                &leftover.path,
-                "not a file of a dated folder of the layout",
-            ));
-        }
-        for path in std::iter::once(&leftover.path).chain(&leftover.manifest) {
-            match self.sftp.unlink(Path::new(path)) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => return Err(self.err("unlink", path, e)),
-            }
-        }
-        Ok(leftover.size)
     }
 
     /// Removes `path` if the link still works; what became of it. A file that is already
@@ -697,17 +498,12 @@ impl SftpSession {
         removed
     }
 
-    /// The error for a failed write of `path`: [`TransportError::NoSpace`] if the server
+    /// The error for a failed write of `path`: [`TargetError::NoSpace`] if the server
     /// answered and its file system is (nearly) full (OpenSSH's sftp-server reports
     /// `ENOSPC` as a bare `SSH_FX_FAILURE`, so the agent asks `statvfs@openssh.com`),
-    /// else [`TransportError::Sftp`] or [`TransportError::Stalled`]. A timeout, or a
+    /// else [`TargetError::Io`] or [`TargetError::Stalled`]. A timeout, or a
     /// server that no longer answers, marks the session broken.
-    fn write_err(
-        &mut self,
-        remote: &mut ssh2::File,
-        path: &str,
-        e: std::io::Error,
-    ) -> TransportError {
+    fn write_err(&mut self, remote: &mut ssh2::File, path: &str, e: std::io::Error) -> TargetError {
         // ssh2 turns its errors into io::Error by message: the SFTP status is lost.
         if e.kind() == std::io::ErrorKind::TimedOut || self.watch.fired().is_some() {
             self.broken = true;
@@ -723,7 +519,7 @@ impl SftpSession {
                     "A write failed; the server has this much room."
                 );
                 if free_bytes < FULL_BELOW_BYTES {
-                    return TransportError::NoSpace {
+                    return TargetError::NoSpace {
                         addr: self.addr.clone(),
                         path: path.to_owned(),
                         free_bytes,
@@ -743,7 +539,7 @@ impl SftpSession {
         remote: &mut ssh2::File,
         path: &str,
         buf: &[u8],
-    ) -> Result<(), TransportError> {
+    ) -> Result<(), TargetError> {
         let mut at = 0;
         while at < buf.len() {
             match remote.write(&buf[at..]) {
@@ -770,7 +566,7 @@ impl SftpSession {
         remote: &mut ssh2::File,
         path: &str,
         chunks: &Receiver<Vec<u8>>,
-    ) -> Result<u64, TransportError> {
+    ) -> Result<u64, TargetError> {
         let mut sent = 0u64;
         let started = Instant::now();
         loop {
@@ -797,7 +593,7 @@ impl SftpSession {
                 }
             }
             sent += chunk.len() as u64;
-            crate::pipeline::chunks::recycle(chunk);
+            crate::chunk::recycle(chunk);
         }
         // fsync@openssh.com where the server has it; a server without it still commits.
         let _ = remote.fsync();
@@ -807,7 +603,7 @@ impl SftpSession {
             .size
             .unwrap_or(0);
         if found != sent {
-            return Err(TransportError::SizeMismatch {
+            return Err(TargetError::SizeMismatch {
                 addr: self.addr.clone(),
                 path: path.to_owned(),
                 sent,
@@ -817,19 +613,19 @@ impl SftpSession {
         Ok(sent)
     }
 
-    /// [`Uploader::stage`], sweeping the datastore's abandoned partials first if `sweep`.
+    /// [`WriteSession::stage`], sweeping the datastore's abandoned partials first if `sweep`.
     fn stage_file(
         &mut self,
         file: &StoredFile,
         job_id: &str,
         chunks: Receiver<Vec<u8>>,
         sweep: bool,
-    ) -> Result<Staged, TransportError> {
+    ) -> Result<Staged, TargetError> {
         let _busy = self.watch.busy();
         self.mkdir_p(&file.dir)?;
         let final_path = file.path();
         if self.exists(&final_path)? {
-            return Err(TransportError::Exists {
+            return Err(TargetError::Exists {
                 addr: self.addr.clone(),
                 path: final_path,
             });
@@ -870,7 +666,7 @@ impl SftpSession {
             Err(mut e) => {
                 let fate = self.discard(&partial);
                 tracing::info!(path = %partial, fate = %fate, "A failed upload's partial file.");
-                if let TransportError::NoSpace { partial, .. } = &mut e {
+                if let TargetError::NoSpace { partial, .. } = &mut e {
                     *partial = fate;
                 }
                 Err(e)
@@ -879,7 +675,7 @@ impl SftpSession {
     }
 
     /// Renames the new file `from` to `to`, which must not exist.
-    fn rename_new(&mut self, from: &str, to: &str) -> Result<(), TransportError> {
+    fn rename_new(&mut self, from: &str, to: &str) -> Result<(), TargetError> {
         // SSH_FXP_RENAME without OVERWRITE: OpenSSH refuses if the target exists.
         self.sftp
             .rename(
@@ -891,38 +687,19 @@ impl SftpSession {
         self.watch.progress();
         Ok(())
     }
-
-    /// The root of the layout on the server.
-    pub fn root(&self) -> &str {
-        &self.root
-    }
 }
 
-/// The job ids in a partial file's name without its `.partial` (its components that are
-/// ULIDs), e.g. `01JD...` in `.x.age.01JD....18f3a.partial`.
-fn job_ids_in(stem: &str) -> Vec<String> {
-    stem.split('.')
-        .filter(|c| {
-            c.len() == 26
-                && c.bytes()
-                    .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase())
-                && c.as_bytes()[0] <= b'7'
-        })
-        .map(str::to_owned)
-        .collect()
-}
-
-impl Uploader for SftpSession {
+impl WriteSession for SftpSession {
     fn stage(
         &mut self,
         file: &StoredFile,
         job_id: &str,
         chunks: Receiver<Vec<u8>>,
-    ) -> Result<Staged, TransportError> {
+    ) -> Result<Staged, TargetError> {
         self.stage_file(file, job_id, chunks, true)
     }
 
-    fn commit(&mut self, job_id: &str, parts: &[(Staged, Vec<u8>)]) -> Result<(), TransportError> {
+    fn commit(&mut self, job_id: &str, parts: &[(Staged, Vec<u8>)]) -> Result<(), TargetError> {
         let _busy = self.watch.busy();
         let data: Vec<Staged> = parts.iter().map(|(s, _)| s.clone()).collect();
         // 1. Every manifest as a hidden partial: still nothing under a final name.
@@ -944,7 +721,7 @@ impl Uploader for SftpSession {
                         .map(|s| s.partial.clone())
                         .collect();
                     self.abandon(&staged);
-                    return Err(TransportError::Commit {
+                    return Err(TargetError::Commit {
                         source: Box::new(e),
                         left: Vec::new(),
                         unsure: None,
@@ -976,7 +753,7 @@ impl Uploader for SftpSession {
                     left = ?left,
                     "The commit of a backup failed; what could not be undone is left without the manifest that completes it."
                 );
-                return Err(TransportError::Commit {
+                return Err(TargetError::Commit {
                     source: Box::new(e),
                     left,
                     unsure,
@@ -992,7 +769,7 @@ impl Uploader for SftpSession {
         partials.iter().map(|p| self.discard(p)).collect()
     }
 
-    fn exists(&mut self, path: &str) -> Result<bool, TransportError> {
+    fn exists(&mut self, path: &str) -> Result<bool, TargetError> {
         let _busy = self.watch.busy();
         match self.sftp.lstat(Path::new(path)) {
             Ok(_) => Ok(true),
@@ -1000,10 +777,150 @@ impl Uploader for SftpSession {
             Err(e) => Err(self.err("stat", path, e)),
         }
     }
+
+    fn aborter(&self) -> Aborter {
+        let watch = self.watch.aborter();
+        Aborter::new(move || watch.abort())
+    }
+
+    fn aborted(&self) -> bool {
+        self.watch.aborted()
+    }
+
+    fn take_unremoved(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unremoved)
+    }
 }
 
-impl Downloader for SftpSession {
-    fn list(&mut self, dir: &str) -> Result<Vec<String>, TransportError> {
+impl MaintainSession for SftpSession {
+    fn remove_dated_folder(
+        &mut self,
+        environment: &str,
+        date: &str,
+    ) -> Result<(u64, u64), TargetError> {
+        let _busy = self.watch.busy();
+        let dir = format!("{}/{environment}/{date}", self.root);
+        if ferry_core::layout::validate_name("environment", environment).is_err()
+            || ferry_core::layout::parse_date(date).is_err()
+        {
+            return Err(self.err("remove", &dir, "not a dated folder of the layout"));
+        }
+        let entries = self
+            .sftp
+            .readdir(Path::new(&dir))
+            .map_err(|e| self.err("readdir", &dir, e))?;
+        let (mut files, mut bytes) = (0u64, 0u64);
+        for (path, stat) in &entries {
+            if !stat.is_file() {
+                return Err(self.err(
+                    "remove",
+                    &path.display().to_string(),
+                    "a dated folder holds files only; this is not one; nothing more removed",
+                ));
+            }
+        }
+        for (path, stat) in entries {
+            bytes += self.unlink_counted(&path, &stat)?;
+            files += 1;
+        }
+        self.sftp
+            .rmdir(Path::new(&dir))
+            .map_err(|e| self.err("rmdir", &dir, e))?;
+        Ok((files, bytes))
+    }
+
+    fn leftovers(&mut self, environment: &str) -> Result<Vec<Leftover>, TargetError> {
+        let _busy = self.watch.busy();
+        let env_dir = format!("{}/{environment}", self.root);
+        if ferry_core::layout::validate_name("environment", environment).is_err() {
+            return Err(self.err("list", &env_dir, "not an environment of the layout"));
+        }
+        let folders = match self.sftp.readdir(Path::new(&env_dir)) {
+            Ok(f) => f,
+            Err(e) if is_not_found(&e) => return Ok(Vec::new()),
+            Err(e) => return Err(self.err("readdir", &env_dir, e)),
+        };
+        let now = now_seconds();
+        let mut out = Vec::new();
+        for (folder, stat) in folders {
+            let Some(date) = folder
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|n| ferry_core::layout::parse_date(n).is_ok())
+                .map(str::to_owned)
+            else {
+                continue;
+            };
+            if !stat.is_dir() {
+                continue;
+            }
+            let dir = folder.display().to_string();
+            let entries = self
+                .sftp
+                .readdir(&folder)
+                .map_err(|e| self.err("readdir", &dir, e))?;
+            self.watch.progress();
+            let files: Vec<Entry> = entries
+                .into_iter()
+                .filter(|(_, st)| st.is_file())
+                .filter_map(|(p, st)| {
+                    p.file_name().and_then(|n| n.to_str()).map(|n| Entry {
+                        name: n.to_owned(),
+                        size: st.size.unwrap_or(0),
+                        mtime: st.mtime,
+                    })
+                })
+                .collect();
+            out.extend(leftovers::classify(
+                environment,
+                &date,
+                &dir,
+                &files,
+                now,
+                |path| {
+                    self.read_small(path, ferry_core::manifest::MAX_MANIFEST_BYTES)
+                        .ok()
+                        .and_then(|b| ferry_core::manifest::Manifest::from_slice(path, &b).ok())
+                },
+            ));
+        }
+        Ok(out)
+    }
+
+    fn extend_lock(
+        &mut self,
+        _path: &str,
+        _until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<(), TargetError> {
+        Err(TargetError::Unsupported {
+            addr: self.addr.clone(),
+            kind: "sftp",
+            what: "an object lock",
+        })
+    }
+
+    fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TargetError> {
+        let _busy = self.watch.busy();
+        if !leftovers::removable(&self.root, leftover) {
+            return Err(self.err(
+                "remove",
+                &leftover.path,
+                "not a file of a dated folder of the layout",
+            ));
+        }
+        for path in std::iter::once(&leftover.path).chain(&leftover.manifest) {
+            match self.sftp.unlink(Path::new(path)) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(self.err("unlink", path, e)),
+            }
+        }
+        Ok(leftover.size)
+    }
+}
+
+impl ReadSession for SftpSession {
+    fn list(&mut self, dir: &str) -> Result<Vec<String>, TargetError> {
         let _busy = self.watch.busy();
         match self.sftp.readdir(Path::new(dir)) {
             Ok(entries) => Ok(entries
@@ -1016,7 +933,7 @@ impl Downloader for SftpSession {
         }
     }
 
-    fn size(&mut self, path: &str) -> Result<Option<u64>, TransportError> {
+    fn size(&mut self, path: &str) -> Result<Option<u64>, TargetError> {
         match self.sftp.stat(Path::new(path)) {
             Ok(stat) => Ok(Some(stat.size.unwrap_or(0))),
             Err(e) if is_not_found(&e) => Ok(None),
@@ -1024,7 +941,7 @@ impl Downloader for SftpSession {
         }
     }
 
-    fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TransportError> {
+    fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TargetError> {
         let _busy = self.watch.busy();
         let mut f = self
             .sftp
@@ -1036,7 +953,7 @@ impl Downloader for SftpSession {
             .size
             .unwrap_or(0);
         if size > max {
-            return Err(TransportError::TooLarge {
+            return Err(TargetError::TooLarge {
                 addr: self.addr.clone(),
                 path: path.to_owned(),
                 size,
@@ -1049,7 +966,7 @@ impl Downloader for SftpSession {
             .read_to_end(&mut out)
             .map_err(|e| self.err("read", path, e))?;
         if out.len() as u64 > max {
-            return Err(TransportError::TooLarge {
+            return Err(TargetError::TooLarge {
                 addr: self.addr.clone(),
                 path: path.to_owned(),
                 size: out.len() as u64,
@@ -1059,7 +976,7 @@ impl Downloader for SftpSession {
         Ok(out)
     }
 
-    fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TransportError> {
+    fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TargetError> {
         let _busy = self.watch.busy();
         let mut f = self
             .sftp
@@ -1067,7 +984,7 @@ impl Downloader for SftpSession {
             .map_err(|e| self.err("open", path, e))?;
         let mut total = 0u64;
         loop {
-            let mut buf = crate::pipeline::chunks::buffer();
+            let mut buf = crate::chunk::buffer();
             buf.resize(CHUNK_BYTES, 0);
             let mut filled = 0;
             while filled < CHUNK_BYTES {
@@ -1094,6 +1011,65 @@ impl Downloader for SftpSession {
     }
 }
 
+/// The SFTP backup server as a [`Target`]: each session is a connection of its own
+/// ([`SftpConfig::connect`]); write, read and maintain differ only by the key the
+/// configuration gives (the server confines each key).
+#[derive(Clone, Debug)]
+pub struct SftpTarget {
+    config: SftpConfig,
+}
+
+impl SftpTarget {
+    /// The target of a validated `config` ([`SftpConfig::validate`]).
+    pub fn new(config: SftpConfig) -> SftpTarget {
+        SftpTarget { config }
+    }
+
+    /// Its configuration.
+    pub fn config(&self) -> &SftpConfig {
+        &self.config
+    }
+}
+
+impl Target for SftpTarget {
+    fn kind(&self) -> &'static str {
+        "sftp"
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{}@{}:{}",
+            self.config.user, self.config.host, self.config.port
+        )
+    }
+
+    fn environment_dir(&self, environment: &str) -> String {
+        ferry_core::layout::environment_dir(self.config.root.trim_end_matches('/'), environment)
+    }
+
+    fn write(&self) -> Result<Box<dyn WriteSession>, TargetError> {
+        Ok(Box::new(self.config.connect()?))
+    }
+
+    fn read(&self) -> Result<Box<dyn ReadSession>, TargetError> {
+        Ok(Box::new(self.config.connect()?))
+    }
+
+    fn maintain(&self) -> Result<Box<dyn MaintainSession>, TargetError> {
+        Ok(Box::new(self.config.connect()?))
+    }
+
+    fn mirror(&self) -> Result<Box<dyn Mirror>, TargetError> {
+        let remote = rsync::Remote::new(&self.config).map_err(|e| TargetError::Io {
+            addr: self.config.addr(),
+            op: "set up rsync (a temporary known_hosts file)",
+            path: std::env::temp_dir().display().to_string(),
+            message: e.to_string(),
+        })?;
+        Ok(Box::new(remote))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1103,19 +1079,6 @@ mod tests {
         assert_eq!(pace(1000, 500, Duration::ZERO), Duration::from_millis(500));
         assert_eq!(pace(1000, 500, Duration::from_secs(1)), Duration::ZERO);
         assert_eq!(pace(0, 0, Duration::ZERO), Duration::ZERO);
-    }
-
-    #[test]
-    fn job_ids_are_the_ulids_in_a_partial_name() {
-        let job = "01KBX8Z3E5M1Q2W3E4R5T6Y7U8";
-        assert_eq!(
-            job_ids_in(&format!(
-                ".postgres_backup_2026-02-05.pgdump.zst.age.{job}.18f3a9c"
-            )),
-            [job]
-        );
-        assert_eq!(job_ids_in(&format!(".x.age.json.{job}.18f3a9c")), [job]);
-        assert!(job_ids_in(".postgres_backup_x.pgdump.zst.age.01JOB.1").is_empty());
     }
 
     #[test]
@@ -1145,7 +1108,7 @@ mod tests {
             .expect("the handshake cannot succeed");
         let took = started.elapsed();
         let _socket = server.join().unwrap();
-        assert!(matches!(e, TransportError::Stalled { .. }), "{e}");
+        assert!(matches!(e, TargetError::Stalled { .. }), "{e}");
         let text = e.to_string();
         assert!(text.contains("127.0.0.1") && text.contains("1 s"), "{text}");
         assert!(took < Duration::from_secs(4), "took {took:?}");

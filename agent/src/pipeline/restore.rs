@@ -1,0 +1,201 @@
+//! A restore: every file of the backup checked, streamed through the stages into the
+//! datastore's restore session, and committed only once every hash matched.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::find::{FoundBackup, locate};
+use super::{check_digest, compress, copy, hash, with_download};
+use crate::config::{Keys, Settings};
+use crate::datastore::{Datastore, RestoreError};
+use crate::job::{JobError, JobReport, Progress};
+
+/// Restores a backup of `datastore` from the source environment, the one `selection`
+/// names (`(date, file)`, see [`super::find`]): verify every file, then stream each into
+/// the datastore's restore session, then commit.
+///
+/// # Errors
+/// [`JobError`]; [`JobError::Restore`] says whether the target was left as it was.
+pub async fn restore(
+    settings: Arc<Settings>,
+    datastore: Arc<dyn Datastore>,
+    job_id: String,
+    selection: (Option<String>, Option<String>),
+    namespaces: Vec<String>,
+    progress: Progress,
+) -> Result<JobReport, JobError> {
+    let (environment, found) =
+        locate(&settings, &datastore, selection, &progress, "restore").await?;
+
+    // First pass, for the parts that a tool applies to live data as it reads them: each
+    // file is whole and is the one its manifest describes before anything is touched.
+    // Parts that the datastore stages beside the target are checked as they stream,
+    // before commit (one download instead of two).
+    progress.set_stage("verify");
+    let restorer = datastore.restorer()?;
+    for (path, manifest) in &found.files {
+        if restorer.stages_part(manifest) {
+            continue;
+        }
+        progress.reset();
+        let (sha256, size) = with_download(&settings, path, &progress, |r| {
+            hash::HashingReader::new(r).finish()
+        })
+        .await?
+        .map_err(|source| JobError::Stage {
+            stage: "verify",
+            source,
+        })?;
+        check_digest(path, manifest, &sha256, size)?;
+    }
+
+    let (main_path, main) = found.main().clone();
+    let restore_err = |source: RestoreError, target_state: &str| JobError::Restore {
+        datastore: datastore.name().to_owned(),
+        source,
+        target_state: target_state.to_owned(),
+    };
+    const UNTOUCHED: &str = "the target was left as it was";
+    let mut session = datastore
+        .restorer()?
+        .begin(&main, &job_id, &namespaces)
+        .await
+        .map_err(|e| restore_err(e, UNTOUCHED))?;
+    let started = Instant::now();
+    let result = restore_files(&settings, &found, &mut *session, &progress).await;
+    let result = match result {
+        Ok(()) => {
+            progress.set_stage("commit");
+            let committed = session.commit(&main).await;
+            committed.map_err(|e| {
+                let state = session.target_state();
+                restore_err(e, state.as_deref().unwrap_or(UNTOUCHED))
+            })
+        }
+        // A failure while the parts streamed: the session says whether it had begun to
+        // change the target.
+        Err(JobError::Restore {
+            datastore,
+            source,
+            target_state,
+        }) => Err(JobError::Restore {
+            datastore,
+            source,
+            target_state: session.target_state().unwrap_or(target_state),
+        }),
+        // A part that did not match its manifest: nothing of it was put in place, but an
+        // earlier, checked part may have been (PostgreSQL's roles).
+        Err(JobError::Integrity(text)) => Err(JobError::Integrity(match session.target_state() {
+            Some(state) => format!("{text}; {state}"),
+            None => text,
+        })),
+        Err(e) => Err(e),
+    };
+    // The drill's own checks, once the restored data is in place.
+    let result = match result {
+        Ok(summary) => match datastore.restorer()?.smoke().await {
+            Ok(lines) if lines.is_empty() => Ok(summary),
+            Ok(lines) => Ok(format!(
+                "{summary}; smoke checks passed: {}",
+                lines.join("; ")
+            )),
+            Err(e) => {
+                return Err(JobError::Restore {
+                    datastore: datastore.name().to_owned(),
+                    source: e,
+                    target_state: format!(
+                        "the restored data is in place ({summary}) but failed the smoke check"
+                    ),
+                });
+            }
+        },
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(summary) => Ok(JobReport {
+            data_finished_ms: Some(main.finished.timestamp_millis()),
+            stored_path: main_path,
+            size_bytes: main.bytes_stored,
+            sha256: main.sha256.clone(),
+            bytes_uncompressed: main.bytes_uncompressed,
+            environment,
+            date: main.date.clone(),
+            kind: main.kind.clone(),
+            summary: format!("{summary} in {:.1} s", started.elapsed().as_secs_f64()),
+        }),
+        Err(e) => {
+            session.abort().await;
+            Err(e)
+        }
+    }
+}
+
+async fn restore_files(
+    settings: &Arc<Settings>,
+    found: &FoundBackup,
+    session: &mut dyn crate::datastore::RestoreSession,
+    progress: &Progress,
+) -> Result<(), JobError> {
+    for (path, manifest) in &found.files {
+        progress.set_stage("restore");
+        progress.reset();
+        let sink = session
+            .part(manifest)
+            .await
+            .map_err(|source| JobError::Restore {
+                datastore: manifest.datastore.clone(),
+                source,
+                target_state: "the target was left as it was".into(),
+            })?;
+        let settings2 = settings.clone();
+        let mut writer = sink.writer;
+        let streamed = with_download(settings, path, progress, move |reader| {
+            let Keys::Decrypt(dec) = &settings2.keys else {
+                return (Err(io::Error::other("no identity")), None);
+            };
+            let (hashed, digest) = hash::HashingReader::shared(reader);
+            let result = (|| -> io::Result<()> {
+                let decrypted = dec.wrap(hashed)?;
+                let mut plain = compress::decompressor(decrypted)?;
+                let copied = copy(&mut plain, &mut writer);
+                drop(writer);
+                copied?;
+                // Read to the very end: age authenticates the last chunk there.
+                io::copy(&mut plain, &mut io::sink())?;
+                Ok(())
+            })();
+            // After a failure half-way (a chunk that does not authenticate, a tool that
+            // stopped reading), the rest is still hashed: the digest tells an altered file
+            // from a tool's error.
+            (result, digest.drain().ok())
+        })
+        .await?;
+        let tool = sink.finish.await;
+        let (streamed, digest) = streamed;
+        match digest {
+            Some((sha256, size)) => check_digest(path, manifest, &sha256, size)?,
+            None => {
+                return Err(JobError::Integrity(format!(
+                    "{path} could not be read to its end to check its SHA-256; nothing was put in place"
+                )));
+            }
+        }
+        match (streamed, tool) {
+            (_, Err(source)) => {
+                return Err(JobError::Restore {
+                    datastore: manifest.datastore.clone(),
+                    source,
+                    target_state: "the target was left as it was".into(),
+                });
+            }
+            (Err(e), Ok(())) => {
+                return Err(JobError::Integrity(format!(
+                    "{path} could not be decrypted and decompressed to its end: {e}; nothing was put in place"
+                )));
+            }
+            (Ok(()), Ok(())) => {}
+        }
+    }
+    Ok(())
+}
