@@ -14,6 +14,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Deserializer};
 
 use crate::Target;
+use crate::s3::{S3Config, S3Target};
 use crate::sftp::{SftpConfig, SftpTarget};
 
 /// A storage target's configuration, by `kind`; without `kind`, `sftp`.
@@ -21,6 +22,8 @@ use crate::sftp::{SftpConfig, SftpTarget};
 pub enum TargetConfig {
     /// `kind = "sftp"`: the SFTP backup server ([`crate::sftp`]).
     Sftp(SftpConfig),
+    /// `kind = "s3"`: an S3-compatible bucket ([`crate::s3`]).
+    S3(S3Config),
 }
 
 /// Why a target's configuration cannot be used. [`TargetConfigError::field`] names the
@@ -75,6 +78,7 @@ impl TargetConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             TargetConfig::Sftp(_) => "sftp",
+            TargetConfig::S3(_) => "s3",
         }
     }
 
@@ -88,6 +92,10 @@ impl TargetConfig {
             TargetConfig::Sftp(c) => {
                 c.validate()?;
                 Ok(Arc::new(SftpTarget::new(c.clone())))
+            }
+            TargetConfig::S3(c) => {
+                c.validate()?;
+                Ok(Arc::new(S3Target::new(c.clone())))
             }
         }
     }
@@ -113,7 +121,10 @@ impl<'de> Deserialize<'de> for TargetConfig {
             "sftp" => SftpConfig::deserialize(rest)
                 .map(TargetConfig::Sftp)
                 .map_err(D::Error::custom),
-            other => Err(D::Error::unknown_variant(other, &["sftp"])),
+            "s3" => S3Config::deserialize(rest)
+                .map(TargetConfig::S3)
+                .map_err(D::Error::custom),
+            other => Err(D::Error::unknown_variant(other, &["sftp", "s3"])),
         }
     }
 }
@@ -133,7 +144,9 @@ mod tests {
                 "host_key": "ssh-ed25519 AAAA", "root": "/srv/ferry"}"#,
         )
         .unwrap();
-        let TargetConfig::Sftp(s) = &c;
+        let TargetConfig::Sftp(s) = &c else {
+            panic!("not sftp: {c:?}")
+        };
         assert_eq!(
             (c.kind(), s.port, s.root.as_str()),
             ("sftp", 22, "/srv/ferry")
@@ -143,7 +156,9 @@ mod tests {
                 "host_key": "ssh-ed25519 AAAA", "root": "/srv/ferry", "port": 2222}"#,
         )
         .unwrap();
-        let TargetConfig::Sftp(s) = &c;
+        let TargetConfig::Sftp(s) = &c else {
+            panic!("not sftp: {c:?}")
+        };
         assert_eq!(s.port, 2222);
     }
 

@@ -26,6 +26,8 @@
 //! - [`leftovers`]: which files of a dated folder failed uploads left, for any target.
 //! - [`sftp`]: the SFTP backup server over SSH (libssh2), its watchdog, and the rsync push
 //!   and pull of mirrors ([`sftp::rsync`]).
+//! - [`s3`]: an S3-compatible bucket (AWS SDK): multipart uploads, versioning, Object
+//!   Lock.
 //! - [`memory`]: an in-memory target, for unit tests of the pipeline.
 //!
 //! # How the seam fits object storage (S3)
@@ -58,6 +60,7 @@ pub mod config;
 pub mod error;
 pub mod leftovers;
 pub mod memory;
+pub mod s3;
 pub mod sftp;
 
 pub use config::{TargetConfig, TargetConfigError};

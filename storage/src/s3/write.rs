@@ -1,0 +1,541 @@
+//! The S3 write session: a part streamed into a multipart upload of its final key,
+//! invisible until [`WriteSession::commit`] completes it.
+//!
+//! A staged part's [`Staged::partial`] is `<key>#<upload id>` (layout paths have no `#`).
+
+use std::sync::mpsc::Receiver;
+
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use md5::{Digest, Md5};
+
+use super::Conn;
+use crate::{Aborter, PartialFate, Staged, TargetError, WriteSession};
+use ferry_core::layout::StoredFile;
+
+/// The first parts' size, bytes (8 MiB; S3's minimum is 5 MiB but for the last part).
+pub const FIRST_PART_BYTES: u64 = 8 << 20;
+
+/// Parts of one size before the size doubles.
+pub const PARTS_PER_SIZE: u64 = 1000;
+
+/// The most parts of a multipart upload (S3's limit).
+pub const MAX_PARTS: u64 = 10_000;
+
+/// The size of part `index` (0-based) of a stream, bytes: [`FIRST_PART_BYTES`], doubled
+/// every [`PARTS_PER_SIZE`] parts, up to 4 GiB (S3's maximum is 5 GiB). The first 10,000
+/// parts hold about 7.8 TiB (5 TiB needs 9,250 of them); a 4 GiB stream is 512 parts of
+/// 8 MiB, so memory stays two 8 MiB parts for any common backup.
+pub fn part_size(index: u64) -> u64 {
+    FIRST_PART_BYTES << (index / PARTS_PER_SIZE).min(9)
+}
+
+/// `<key>#<upload id>`, a staged part's [`Staged::partial`].
+pub(crate) fn partial_name(key: &str, upload_id: &str) -> String {
+    format!("{key}#{upload_id}")
+}
+
+/// `(key, upload id)` of a [`partial_name`].
+pub(crate) fn split_partial(partial: &str) -> Option<(&str, &str)> {
+    partial.rsplit_once('#')
+}
+
+/// One part sent: its number and MD5.
+#[derive(Clone, Debug)]
+struct SentPart {
+    number: i32,
+    md5: [u8; 16],
+}
+
+/// A part's upload running on the runtime.
+type InFlight = tokio::task::JoinHandle<Result<(), TargetError>>;
+
+/// The write session of an [`super::S3Target`].
+pub struct S3Write {
+    conn: Conn,
+    /// Multipart uploads it could not abort (the job was cancelled, the link failed).
+    unremoved: Vec<String>,
+}
+
+impl S3Write {
+    pub(crate) fn new(conn: Conn) -> S3Write {
+        S3Write {
+            conn,
+            unremoved: Vec::new(),
+        }
+    }
+
+    /// Starts part `number` of `data` on the runtime, after the part in flight (at most one
+    /// is): its MD5 is sent as `Content-MD5`, which the server checks.
+    fn send_part(
+        &mut self,
+        key: &str,
+        upload_id: &str,
+        number: i32,
+        data: Vec<u8>,
+        in_flight: &mut Option<InFlight>,
+        sent: &mut Vec<SentPart>,
+    ) -> Result<(), TargetError> {
+        let md5: [u8; 16] = Md5::digest(&data).into();
+        self.wait(in_flight, key)?;
+        let fut = self
+            .conn
+            .client
+            .upload_part()
+            .bucket(&self.conn.config.bucket)
+            .key(key)
+            .upload_id(upload_id)
+            .part_number(number)
+            .content_length(data.len() as i64)
+            .content_md5(STANDARD.encode(md5))
+            .body(ByteStream::from(bytes::Bytes::from(data)))
+            .send();
+        let (cancel, conn, path) = (self.conn.cancel.clone(), self.conn.clone(), key.to_owned());
+        *in_flight = Some(super::runtime().spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => Err(conn.cancelled("upload part", &path)),
+                r = fut => r.map(|_| ()).map_err(|e| conn.err("upload part", &path, e)),
+            }
+        }));
+        sent.push(SentPart { number, md5 });
+        Ok(())
+    }
+
+    /// Waits for the part in flight, if any.
+    fn wait(&self, in_flight: &mut Option<InFlight>, key: &str) -> Result<(), TargetError> {
+        let Some(handle) = in_flight.take() else {
+            return Ok(());
+        };
+        match super::runtime().block_on(handle) {
+            Ok(r) => r,
+            Err(e) => Err(TargetError::Io {
+                addr: self.conn.addr.clone(),
+                op: "upload part",
+                path: key.to_owned(),
+                message: format!("the upload task failed: {e}"),
+            }),
+        }
+    }
+
+    /// Streams `chunks` into the multipart upload, in parts of [`part_size`]; returns the
+    /// bytes sent once every part is stored and [`S3Write::check_parts`] agrees.
+    fn upload_parts(
+        &mut self,
+        key: &str,
+        upload_id: &str,
+        chunks: &Receiver<Vec<u8>>,
+    ) -> Result<u64, TargetError> {
+        let mut index = 0u64;
+        let mut part: Vec<u8> = Vec::with_capacity(part_size(0) as usize);
+        let mut in_flight: Option<InFlight> = None;
+        let mut sent_parts = Vec::new();
+        let mut sent = 0u64;
+        let result = (|| {
+            while let Ok(chunk) = chunks.recv() {
+                if self.conn.cancel.is_cancelled() {
+                    return Err(self.conn.cancelled("upload part", key));
+                }
+                let mut rest = &chunk[..];
+                while !rest.is_empty() {
+                    let size = part_size(index) as usize;
+                    let take = (size - part.len()).min(rest.len());
+                    part.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if part.len() == size {
+                        if index + 1 >= MAX_PARTS {
+                            return Err(TargetError::Io {
+                                addr: self.conn.addr.clone(),
+                                op: "upload part",
+                                path: key.to_owned(),
+                                message: format!(
+                                    "the stream is longer than {MAX_PARTS} parts (about 7.8 TiB)"
+                                ),
+                            });
+                        }
+                        let full = std::mem::take(&mut part);
+                        self.send_part(
+                            key,
+                            upload_id,
+                            (index + 1) as i32,
+                            full,
+                            &mut in_flight,
+                            &mut sent_parts,
+                        )?;
+                        index += 1;
+                        part = Vec::with_capacity(part_size(index) as usize);
+                    }
+                }
+                sent += chunk.len() as u64;
+                crate::chunk::recycle(chunk);
+            }
+            if !part.is_empty() || index == 0 {
+                let last = std::mem::take(&mut part);
+                self.send_part(
+                    key,
+                    upload_id,
+                    (index + 1) as i32,
+                    last,
+                    &mut in_flight,
+                    &mut sent_parts,
+                )?;
+            }
+            self.wait(&mut in_flight, key)
+        })();
+        if let Err(e) = result {
+            // A part still in flight is cut short with the upload.
+            if let Some(h) = in_flight.take() {
+                h.abort();
+            }
+            return Err(e);
+        }
+        self.check_parts(key, upload_id, sent, &sent_parts)?;
+        Ok(sent)
+    }
+
+    /// Every part of the upload, as the server lists them: `(number, size, ETag)`.
+    fn list_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+    ) -> Result<Vec<(i32, u64, String)>, TargetError> {
+        let mut out = Vec::new();
+        let mut marker: Option<String> = None;
+        loop {
+            let page = self.conn.call(
+                "list parts",
+                key,
+                self.conn
+                    .client
+                    .list_parts()
+                    .bucket(&self.conn.config.bucket)
+                    .key(key)
+                    .upload_id(upload_id)
+                    .set_part_number_marker(marker.clone())
+                    .send(),
+            )?;
+            for p in page.parts() {
+                out.push((
+                    p.part_number().unwrap_or(0),
+                    p.size().unwrap_or(0).max(0) as u64,
+                    p.e_tag().unwrap_or_default().trim_matches('"').to_owned(),
+                ));
+            }
+            if page.is_truncated() == Some(true)
+                && let Some(next) = page.next_part_number_marker()
+            {
+                marker = Some(next.to_owned());
+            } else {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// The stored size check: the server's parts are those sent (numbers and MD5s as
+    /// ETags) and their sizes add up to `sent` bytes.
+    fn check_parts(
+        &self,
+        key: &str,
+        upload_id: &str,
+        sent: u64,
+        sent_parts: &[SentPart],
+    ) -> Result<(), TargetError> {
+        let listed = self.list_parts(key, upload_id)?;
+        let found: u64 = listed.iter().map(|(_, s, _)| s).sum();
+        if found != sent {
+            return Err(TargetError::SizeMismatch {
+                addr: self.conn.addr.clone(),
+                path: key.to_owned(),
+                sent,
+                found,
+            });
+        }
+        let expected: Vec<(i32, String)> = sent_parts
+            .iter()
+            .map(|p| (p.number, hex::encode(p.md5)))
+            .collect();
+        let got: Vec<(i32, String)> = listed.into_iter().map(|(n, _, e)| (n, e)).collect();
+        if got != expected {
+            return Err(TargetError::Io {
+                addr: self.conn.addr.clone(),
+                op: "list parts",
+                path: key.to_owned(),
+                message: format!(
+                    "the server holds other parts than were sent ({} listed, {} sent, or their \
+                     MD5s differ)",
+                    got.len(),
+                    expected.len()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Aborts the multipart upload `partial`; what became of it.
+    fn discard(&mut self, partial: &str) -> PartialFate {
+        let Some((key, upload_id)) = split_partial(partial) else {
+            return PartialFate::Kept(format!("{partial:?} names no multipart upload"));
+        };
+        let r = self.conn.cleanup(
+            "abort multipart upload",
+            key,
+            self.conn
+                .client
+                .abort_multipart_upload()
+                .bucket(&self.conn.config.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .send(),
+        );
+        match r {
+            Ok(_) | Err(TargetError::NotFound { .. }) => PartialFate::Removed,
+            Err(TargetError::Io { message, .. }) if message.starts_with("NoSuchUpload") => {
+                PartialFate::Removed
+            }
+            Err(e @ TargetError::PermissionDenied { .. }) => PartialFate::Kept(e.to_string()),
+            Err(e) => {
+                tracing::warn!(partial, error = %e, "Could not abort a failed multipart upload.");
+                self.unremoved.push(partial.to_owned());
+                PartialFate::Kept(e.to_string())
+            }
+        }
+    }
+
+    /// [`WriteSession::stage`] of `file` (its key is its path).
+    fn stage_file(
+        &mut self,
+        file: &StoredFile,
+        chunks: Receiver<Vec<u8>>,
+    ) -> Result<Staged, TargetError> {
+        let path = file.path();
+        let key = Conn::key(&path).to_owned();
+        let created = self.conn.call(
+            "create multipart upload",
+            &key,
+            self.conn
+                .client
+                .create_multipart_upload()
+                .bucket(&self.conn.config.bucket)
+                .key(&key)
+                .send(),
+        )?;
+        let upload_id = created.upload_id().unwrap_or_default().to_owned();
+        let partial = partial_name(&key, &upload_id);
+        let written = self.upload_parts(&key, &upload_id, &chunks);
+        drop(chunks);
+        match written {
+            Ok(bytes) => Ok(Staged {
+                file: file.clone(),
+                partial,
+                bytes,
+            }),
+            Err(mut e) => {
+                let fate = self.discard(&partial);
+                tracing::info!(partial, fate = %fate, "A failed upload's multipart upload.");
+                if let TargetError::NoSpace { partial, .. } = &mut e {
+                    *partial = fate;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Completes the multipart upload of `staged`: its parts as the server lists them,
+    /// checked against its size; then the object's ETag against the parts'. Returns the
+    /// new version's id, if the bucket is versioned.
+    fn complete(&mut self, staged: &Staged) -> Result<Option<String>, TargetError> {
+        let Some((key, upload_id)) = split_partial(&staged.partial) else {
+            return Err(TargetError::NotFound {
+                addr: self.conn.addr.clone(),
+                path: staged.partial.clone(),
+            });
+        };
+        let listed = self.list_parts(key, upload_id)?;
+        let found: u64 = listed.iter().map(|(_, s, _)| s).sum();
+        if found != staged.bytes {
+            return Err(TargetError::SizeMismatch {
+                addr: self.conn.addr.clone(),
+                path: key.to_owned(),
+                sent: staged.bytes,
+                found,
+            });
+        }
+        let mut md5s = Vec::with_capacity(listed.len() * 16);
+        for (_, _, etag) in &listed {
+            md5s.extend(hex::decode(etag).unwrap_or_default());
+        }
+        let expected_etag = format!("{}-{}", hex::encode(Md5::digest(&md5s)), listed.len());
+        let parts: Vec<CompletedPart> = listed
+            .iter()
+            .map(|(n, _, etag)| {
+                CompletedPart::builder()
+                    .part_number(*n)
+                    .e_tag(format!("\"{etag}\""))
+                    .build()
+            })
+            .collect();
+        let done = self.conn.call(
+            "complete multipart upload",
+            key,
+            self.conn
+                .client
+                .complete_multipart_upload()
+                .bucket(&self.conn.config.bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .multipart_upload(
+                    CompletedMultipartUpload::builder()
+                        .set_parts(Some(parts))
+                        .build(),
+                )
+                .send(),
+        )?;
+        let etag = done.e_tag().unwrap_or_default().trim_matches('"');
+        if !etag.is_empty() && etag != expected_etag {
+            return Err(TargetError::Io {
+                addr: self.conn.addr.clone(),
+                op: "complete multipart upload",
+                path: key.to_owned(),
+                message: format!(
+                    "the object's ETag {etag} is not {expected_etag}, that of the parts sent"
+                ),
+            });
+        }
+        let version = done.version_id().map(str::to_owned);
+        tracing::info!(key, version = ?version, bytes = staged.bytes, "Completed a multipart upload.");
+        Ok(version)
+    }
+}
+
+impl WriteSession for S3Write {
+    fn stage(
+        &mut self,
+        file: &StoredFile,
+        _job_id: &str,
+        chunks: Receiver<Vec<u8>>,
+    ) -> Result<Staged, TargetError> {
+        self.stage_file(file, chunks)
+    }
+
+    fn commit(&mut self, _job_id: &str, parts: &[(Staged, Vec<u8>)]) -> Result<(), TargetError> {
+        let data: Vec<Staged> = parts.iter().map(|(s, _)| s.clone()).collect();
+        // 1. Every manifest as a multipart upload of its own: still nothing visible.
+        let mut manifests = Vec::new();
+        for (part, json) in parts {
+            let file = StoredFile {
+                dir: part.file.dir.clone(),
+                name: format!("{}.json", part.file.name),
+            };
+            let (tx, rx) = std::sync::mpsc::sync_channel(1);
+            let _ = tx.send(json.clone());
+            drop(tx);
+            match self.stage_file(&file, rx) {
+                Ok(s) => manifests.push(s),
+                Err(e) => {
+                    let staged: Vec<String> = data
+                        .iter()
+                        .chain(&manifests)
+                        .map(|s| s.partial.clone())
+                        .collect();
+                    self.abandon(&staged);
+                    return Err(TargetError::Commit {
+                        source: Box::new(e),
+                        left: Vec::new(),
+                        unsure: None,
+                    });
+                }
+            }
+        }
+        // 2. The data parts, then 3. their manifests, the main part's last.
+        let order: Vec<Staged> = data.into_iter().chain(manifests).collect();
+        let mut placed: Vec<String> = Vec::new();
+        for (i, s) in order.iter().enumerate() {
+            if let Err(e) = self.complete(s) {
+                // Production may not delete: what was completed stays, without the
+                // manifest that completes the backup, for `ferry prune`.
+                let unsure = matches!(e, TargetError::Connect { .. } | TargetError::Stalled { .. })
+                    .then(|| s.file.path());
+                for rest in &order[i..] {
+                    let _ = self.discard(&rest.partial);
+                }
+                tracing::warn!(left = ?placed, "The commit of a backup failed; what was completed is left without the manifest that completes it.");
+                return Err(TargetError::Commit {
+                    source: Box::new(e),
+                    left: placed,
+                    unsure,
+                });
+            }
+            placed.push(s.file.path());
+        }
+        Ok(())
+    }
+
+    fn abandon(&mut self, partials: &[String]) -> Vec<PartialFate> {
+        partials.iter().map(|p| self.discard(p)).collect()
+    }
+
+    /// `HeadObject`; production's credentials may not (the bucket policy denies
+    /// `GetObject`): a refusal counts as "does not exist", and the bucket's versioning
+    /// keeps an existing object from being replaced.
+    fn exists(&mut self, path: &str) -> Result<bool, TargetError> {
+        let key = Conn::key(path);
+        let r = self.conn.call(
+            "head object",
+            path,
+            self.conn
+                .client
+                .head_object()
+                .bucket(&self.conn.config.bucket)
+                .key(key)
+                .send(),
+        );
+        match r {
+            Ok(_) => Ok(true),
+            Err(TargetError::NotFound { .. }) | Err(TargetError::PermissionDenied { .. }) => {
+                Ok(false)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn aborter(&self) -> Aborter {
+        let cancel = self.conn.cancel.clone();
+        Aborter::new(move || cancel.cancel())
+    }
+
+    fn aborted(&self) -> bool {
+        self.conn.cancel.is_cancelled()
+    }
+
+    fn take_unremoved(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.unremoved)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_tib_fits_in_ten_thousand_parts_of_at_most_five_gib() {
+        let sizes: Vec<u64> = (0..MAX_PARTS).map(part_size).collect();
+        let total: u64 = sizes.iter().sum();
+        assert!(total >= 5 << 40, "10,000 parts hold only {total} bytes");
+        assert!(sizes.iter().all(|&s| (5 << 20..=5 << 30).contains(&s)));
+        assert_eq!(sizes[0], 8 << 20);
+        // A 4 GiB stream is all 8 MiB parts: memory stays two of them.
+        assert_eq!(sizes[..512].iter().sum::<u64>(), 4 << 30);
+        assert!(sizes[..512].iter().all(|&s| s == 8 << 20));
+        assert!(sizes.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn a_partial_names_its_key_and_upload() {
+        let p = partial_name("b/production/2026-12-05/x.age", "2~abc");
+        assert_eq!(
+            split_partial(&p),
+            Some(("b/production/2026-12-05/x.age", "2~abc"))
+        );
+    }
+}
