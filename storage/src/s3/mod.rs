@@ -371,7 +371,8 @@ impl Conn {
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
     {
-        match runtime().block_on(tokio::time::timeout(CLEANUP_TIMEOUT, fut)) {
+        // The timer needs the runtime's context: made inside it.
+        match runtime().block_on(async move { tokio::time::timeout(CLEANUP_TIMEOUT, fut).await }) {
             Err(_) => Err(TargetError::Stalled {
                 addr: self.addr.clone(),
                 op,

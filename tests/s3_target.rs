@@ -1,0 +1,513 @@
+//! Ferry's S3 target (`kind = "s3"` in `ferry-storage`) against a real Ceph RGW, with the
+//! bucket policy of `docs/s3-bucket-policy.json` and the three credential sets of issue 17;
+//! everything Ferry wrote is read back with the stock client (boto3, `tests/tools/s3.py`):
+//! - a write session's object equals the stream (content and SHA-256 read with boto3), its
+//!   key is the layout's path under the prefix, nothing is visible before the commit, and a
+//!   20 MiB stream is stored in three parts (8 + 8 + 4 MiB);
+//! - an abandoned session and a cancelled one leave no object and no multipart upload;
+//! - a read session with staging's credentials lists, sizes, reads and streams; production's
+//!   are refused;
+//! - a maintenance session finds and removes the leftovers (an in-progress multipart upload,
+//!   an object without manifest), extends a lock without ever shortening it, and removes a
+//!   dated folder with its versions; staging's credentials may not.
+
+use std::os::unix::fs::PermissionsExt;
+use std::sync::Arc;
+use std::sync::mpsc::Receiver;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use ferry_core::layout::StoredFile;
+use ferry_core::manifest::Manifest;
+use ferry_storage::{
+    LeftoverKind, PartialFate, Staged, Target, TargetConfig, TargetError, WriteSession, chunk,
+};
+use ferry_tests::*;
+
+/// The prefix every test's target writes under.
+const PREFIX: &str = "ferry";
+
+/// A target on `bucket` with `user`'s keys in files of mode 0600 (kept in `dir`).
+fn target(
+    c: &CephCluster,
+    bucket: &str,
+    user: &S3User,
+    dir: &tempfile::TempDir,
+) -> Arc<dyn Target> {
+    let access = dir.path().join(format!("{}-access", user.uid));
+    let secret = dir.path().join(format!("{}-secret", user.uid));
+    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
+        std::fs::write(path, format!("{text}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let config: TargetConfig = serde_json::from_value(json!({
+        "kind": "s3",
+        "endpoint": c.endpoint(),
+        "bucket": bucket,
+        "prefix": PREFIX,
+        "path_style": true,
+        "access_key_file": access,
+        "secret_key_file": secret,
+        "io_timeout_seconds": 30,
+        "lock": {"mode": "compliance"},
+    }))
+    .expect("the S3 target's config parses");
+    config.build().expect("the S3 target's config is valid")
+}
+
+/// The file of `name` in `environment`'s folder of `date` on `target`.
+fn file(target: &dyn Target, environment: &str, date: &str, name: &str) -> StoredFile {
+    StoredFile {
+        dir: target.dated_dir(environment, date.parse().unwrap()),
+        name: name.to_owned(),
+    }
+}
+
+/// A chunk channel fed with `data` in chunks of [`chunk::CHUNK_BYTES`] by a thread.
+fn feed(data: Vec<u8>) -> Receiver<Vec<u8>> {
+    let (tx, rx) = chunk::channel();
+    std::thread::spawn(move || {
+        for piece in data.chunks(chunk::CHUNK_BYTES) {
+            if tx.send(piece.to_vec()).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// Stages `data` as `file` on a new write session; the session and what it staged.
+fn stage(target: &dyn Target, file: &StoredFile, data: &[u8]) -> (Box<dyn WriteSession>, Staged) {
+    let mut w = target.write().expect("open a write session");
+    let staged = w
+        .stage(file, "01KBX8Z3E5M1Q2W3E4R5T6Y7U8", feed(data.to_vec()))
+        .unwrap_or_else(|e| panic!("stage {}: {e}", file.path()));
+    (w, staged)
+}
+
+/// A main part's manifest for `name` (the fuzz corpus's seed with the name set).
+fn manifest(name: &str) -> Vec<u8> {
+    let seed = include_bytes!("../fuzz/corpus/manifest/seed-main");
+    let mut m = Manifest::from_slice("seed.json", seed).expect("the seed parses");
+    m.file = name.into();
+    m.part = String::new();
+    m.companions = Vec::new();
+    m.to_json()
+}
+
+/// Writes and commits a backup of `data` as `file`, its manifest beside it.
+fn commit(target: &dyn Target, file: &StoredFile, data: &[u8]) {
+    let (mut w, staged) = stage(target, file, data);
+    w.commit(
+        "01KBX8Z3E5M1Q2W3E4R5T6Y7U8",
+        &[(staged, manifest(&file.name))],
+    )
+    .unwrap_or_else(|e| panic!("commit {}: {e}", file.path()));
+}
+
+/// The keys of `bucket`, listed with boto3 as staging.
+fn keys(c: &CephCluster, bucket: &str) -> Vec<String> {
+    let listed = c.s3_ok(
+        &c.roles().staging,
+        "list_objects_v2",
+        json!({"Bucket": bucket}),
+    );
+    listed["Contents"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|o| o["Key"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The in-progress multipart uploads of `bucket`, listed with boto3 as maintenance:
+/// `(key, upload id)`.
+fn uploads(c: &CephCluster, bucket: &str) -> Vec<(String, String)> {
+    let listed = c.s3_ok(
+        &c.roles().maintenance,
+        "list_multipart_uploads",
+        json!({"Bucket": bucket}),
+    );
+    listed["Uploads"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|u| {
+                    (
+                        u["Key"].as_str().unwrap_or_default().to_owned(),
+                        u["UploadId"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The object `key` read with boto3 as staging.
+fn get(c: &CephCluster, bucket: &str, key: &str) -> Result<Value, S3Error> {
+    c.s3(
+        &c.roles().staging,
+        "get_object",
+        json!({"Bucket": bucket, "Key": key}),
+    )
+}
+
+/// `now + days`, to the second.
+fn in_days(days: i64) -> DateTime<Utc> {
+    (Utc::now() + chrono::Duration::days(days)).trunc_subsecs(0)
+}
+
+/// The retain-until of `key`'s current version read with boto3 as maintenance.
+fn retain_until(c: &CephCluster, bucket: &str, key: &str) -> (String, DateTime<Utc>) {
+    let r = c.s3_ok(
+        &c.roles().maintenance,
+        "get_object_retention",
+        json!({"Bucket": bucket, "Key": key}),
+    );
+    let until = r["Retention"]["RetainUntilDate"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no RetainUntilDate in {r}"));
+    (
+        r["Retention"]["Mode"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+        DateTime::parse_from_rfc3339(until)
+            .unwrap()
+            .with_timezone(&Utc),
+    )
+}
+
+#[test]
+fn a_written_object_equals_the_stream_and_is_invisible_until_committed() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("write");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let name = "pg_backup_2026-12-05.pgdump.zst.age";
+    let f = file(&*production, "production", "2026-12-05", name);
+    let key = format!("{PREFIX}/production/2026-12-05/{name}");
+    assert_eq!(f.path(), key, "the key is not SFTP's path under the prefix");
+
+    // 20 MiB and a bit: parts of 8, 8 and 4 MiB and a bit.
+    let data = incompressible((20 << 20) + 4096, 5);
+    let (mut w, staged) = stage(&*production, &f, &data);
+    assert_eq!(staged.bytes, data.len() as u64);
+    // Staged: nothing visible, one multipart upload of the final key in progress.
+    assert_eq!(
+        keys(c, &bucket),
+        Vec::<String>::new(),
+        "visible before commit"
+    );
+    let e = get(c, &bucket, &key).unwrap_err();
+    assert_eq!(e.code, "NoSuchKey", "{e}");
+    let up = uploads(c, &bucket);
+    assert_eq!(up.len(), 1, "{up:?}");
+    assert_eq!(up[0].0, key);
+
+    let json = manifest(name);
+    w.commit("01KBX8Z3E5M1Q2W3E4R5T6Y7U8", &[(staged, json.clone())])
+        .unwrap();
+    let got = get(c, &bucket, &key).unwrap();
+    assert_eq!(got["BodyLength"], data.len());
+    assert_eq!(
+        got["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&data)),
+        "the object read with boto3 differs from the stream"
+    );
+    assert!(
+        got["ETag"].as_str().unwrap().ends_with("-3\""),
+        "not three parts: ETag {}",
+        got["ETag"]
+    );
+    let m = get(c, &bucket, &format!("{key}.json")).unwrap();
+    assert_eq!(
+        m["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&json))
+    );
+    assert_eq!(
+        keys(c, &bucket),
+        vec![key.clone(), format!("{key}.json")],
+        "other objects than the backup and its manifest"
+    );
+    assert_eq!(
+        uploads(c, &bucket),
+        vec![],
+        "multipart uploads left after commit"
+    );
+}
+
+#[test]
+fn an_abandoned_or_cancelled_upload_leaves_no_object_and_no_multipart_upload() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("abandon");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+
+    // Staged whole, then abandoned.
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "etcd_backup_2026-12-05.db.zst.age",
+    );
+    let (mut w, staged) = stage(&*production, &f, &incompressible(3 << 20, 7));
+    assert_eq!(uploads(c, &bucket).len(), 1);
+    assert_eq!(w.abandon(&[staged.partial]), vec![PartialFate::Removed]);
+    assert_eq!(
+        uploads(c, &bucket),
+        vec![],
+        "the abandoned multipart upload is left"
+    );
+
+    // Cancelled mid-stream, after a first part is stored.
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "files_backup_2026-12-05.tar.zst.age",
+    );
+    let mut w = production.write().unwrap();
+    let aborter = w.aborter();
+    let (tx, rx) = chunk::channel();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let feeder = std::thread::spawn(move || {
+        for _ in 0..12 {
+            tx.send(vec![7u8; chunk::CHUNK_BYTES]).unwrap();
+        }
+        sent_tx.send(()).unwrap();
+        // The session takes no more once cancelled; a few more chunks, then hang up.
+        for _ in 0..3 {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            if tx.send(vec![7u8; chunk::CHUNK_BYTES]).is_err() {
+                return;
+            }
+        }
+    });
+    let cancel = std::thread::spawn(move || {
+        sent_rx.recv().unwrap();
+        aborter.abort();
+    });
+    let e = w
+        .stage(&f, "01KBX8Z3E5M1Q2W3E4R5T6Y7U8", rx)
+        .expect_err("a cancelled upload fails");
+    feeder.join().unwrap();
+    cancel.join().unwrap();
+    assert!(w.aborted());
+    assert!(e.to_string().contains("cancelled"), "{e}");
+    assert_eq!(w.take_unremoved(), Vec::<String>::new());
+    assert_eq!(
+        uploads(c, &bucket),
+        vec![],
+        "the cancelled multipart upload is left"
+    );
+    assert_eq!(
+        keys(c, &bucket),
+        Vec::<String>::new(),
+        "an object is visible"
+    );
+
+    // Refused from the start (staging may not put): nothing either.
+    let staging = target(c, &bucket, &roles.staging, &dir);
+    let e = staging
+        .write()
+        .unwrap()
+        .stage(&f, "01KBX8Z3E5M1Q2W3E4R5T6Y7U8", feed(vec![1; 100]))
+        .expect_err("staging may not put");
+    assert!(matches!(e, TargetError::PermissionDenied { .. }), "{e}");
+    assert_eq!(uploads(c, &bucket), vec![]);
+}
+
+#[test]
+fn staging_reads_what_production_wrote_and_production_may_not_read() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("read");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let name = "mongo_backup_2026-12-05.archive.zst.age";
+    let f = file(&*production, "production", "2026-12-05", name);
+    let data = incompressible((2 << 20) + 777, 11);
+    commit(&*production, &f, &data);
+    // Production's write session cannot tell that it exists (it may not read).
+    assert!(!production.write().unwrap().exists(&f.path()).unwrap());
+
+    let staging = target(c, &bucket, &roles.staging, &dir);
+    let mut r = staging.read().unwrap();
+    let mut names = r.list(&f.dir).unwrap();
+    names.sort();
+    assert_eq!(names, vec![name.to_owned(), format!("{name}.json")]);
+    assert_eq!(
+        r.list(&staging.environment_dir("production")).unwrap(),
+        vec!["2026-12-05".to_owned()]
+    );
+    assert_eq!(
+        r.list(&staging.environment_dir("staging")).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(r.size(&f.path()).unwrap(), Some(data.len() as u64));
+    assert_eq!(r.size(&format!("{}/missing", f.dir)).unwrap(), None);
+    assert_eq!(
+        r.read_small(&f.manifest_path(), 1 << 20).unwrap(),
+        manifest(name)
+    );
+    let e = r.read_small(&f.path(), 1000).unwrap_err();
+    assert!(matches!(e, TargetError::TooLarge { .. }), "{e}");
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(4);
+    let collector = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        for c in rx {
+            assert!(c.len() <= chunk::CHUNK_BYTES);
+            all.extend(c);
+        }
+        all
+    });
+    assert_eq!(r.download(&f.path(), tx).unwrap(), data.len() as u64);
+    assert_eq!(
+        Sha256::digest(collector.join().unwrap()),
+        Sha256::digest(&data),
+        "the stream read back differs"
+    );
+
+    let mut p = production.read().unwrap();
+    for e in [
+        p.list(&f.dir).unwrap_err(),
+        p.read_small(&f.manifest_path(), 1 << 20).unwrap_err(),
+    ] {
+        assert!(matches!(e, TargetError::PermissionDenied { .. }), "{e}");
+    }
+}
+
+#[test]
+fn maintenance_removes_leftovers_and_folders_and_extends_locks_without_shortening() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("maintain");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let maintenance = target(c, &bucket, &roles.maintenance, &dir);
+    let date = "2026-12-04";
+    let kept = file(
+        &*production,
+        "production",
+        date,
+        "pg_backup_2026-12-04.pgdump.zst.age",
+    );
+    commit(&*production, &kept, b"a committed backup");
+    // An object without manifest (a commit cut short), and an upload never completed.
+    let orphan = file(
+        &*production,
+        "production",
+        date,
+        "pg_backup_2026-12-04T0300Z.pgdump.zst.age",
+    );
+    c.s3_ok(
+        &roles.production,
+        "put_object",
+        json!({"Bucket": bucket, "Key": orphan.path(), "Body": "orphan"}),
+    );
+    let partial = file(
+        &*production,
+        "production",
+        date,
+        "etcd_backup_2026-12-04.db.zst.age",
+    );
+    let (_w, staged) = stage(&*production, &partial, b"never committed");
+
+    let mut m = maintenance.maintain().unwrap();
+    let mut found = m.leftovers("production").unwrap();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    let got: Vec<(&str, &LeftoverKind)> =
+        found.iter().map(|l| (l.path.as_str(), &l.kind)).collect();
+    let orphan_path = orphan.path();
+    let no_jobs = LeftoverKind::Partial { job_ids: vec![] };
+    assert_eq!(
+        got,
+        vec![
+            (staged.partial.as_str(), &no_jobs),
+            (orphan_path.as_str(), &LeftoverKind::Orphan),
+        ]
+    );
+    assert!(found.iter().all(|l| l.idle_seconds < 600 && l.date == date));
+    for l in &found {
+        m.remove_leftover(l).unwrap();
+    }
+    assert_eq!(
+        uploads(c, &bucket),
+        vec![],
+        "the multipart upload was not aborted"
+    );
+    assert_eq!(
+        keys(c, &bucket),
+        vec![kept.path(), kept.manifest_path()],
+        "the leftovers were not all removed, or more was"
+    );
+    assert_eq!(m.leftovers("production").unwrap(), vec![]);
+
+    // Locks: set, never shortened, extended.
+    let two = in_days(2);
+    m.extend_lock(&kept.path(), two).unwrap();
+    assert_eq!(
+        retain_until(c, &bucket, &kept.path()),
+        ("COMPLIANCE".into(), two)
+    );
+    m.extend_lock(&kept.path(), in_days(1)).unwrap();
+    assert_eq!(
+        retain_until(c, &bucket, &kept.path()).1,
+        two,
+        "a lock was shortened"
+    );
+    let three = in_days(3);
+    m.extend_lock(&kept.path(), three).unwrap();
+    assert_eq!(retain_until(c, &bucket, &kept.path()).1, three);
+    // Locked: the folder cannot be removed, even by maintenance.
+    assert!(m.remove_dated_folder("production", date).is_err());
+
+    // An unlocked dated folder goes, every version of it; staging may not remove it.
+    let old = file(
+        &*production,
+        "production",
+        "2026-11-01",
+        "pg_backup_2026-11-01.pgdump.zst.age",
+    );
+    commit(&*production, &old, b"an old backup");
+    let e = staging_maintain(c, &bucket, &dir)
+        .remove_dated_folder("production", "2026-11-01")
+        .unwrap_err();
+    assert!(matches!(e, TargetError::PermissionDenied { .. }), "{e}");
+    let (objects, bytes) = m.remove_dated_folder("production", "2026-11-01").unwrap();
+    assert_eq!(objects, 2);
+    assert_eq!(
+        bytes,
+        b"an old backup".len() as u64 + manifest(&old.name).len() as u64
+    );
+    let versions = c.s3_ok(
+        &roles.maintenance,
+        "list_object_versions",
+        json!({"Bucket": bucket, "Prefix": format!("{PREFIX}/production/2026-11-01/")}),
+    );
+    assert!(
+        versions["Versions"].as_array().is_none_or(|v| v.is_empty())
+            && versions["DeleteMarkers"]
+                .as_array()
+                .is_none_or(|v| v.is_empty()),
+        "versions left: {versions}"
+    );
+}
+
+/// A maintain session with staging's credentials.
+fn staging_maintain(
+    c: &CephCluster,
+    bucket: &str,
+    dir: &tempfile::TempDir,
+) -> Box<dyn ferry_storage::MaintainSession> {
+    target(c, bucket, &c.roles().staging, dir)
+        .maintain()
+        .unwrap()
+}
