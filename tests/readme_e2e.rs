@@ -113,6 +113,8 @@ impl Fixture {
             "mongo.pass",
             "etcd.pass",
             "influx.pass",
+            "s3-access-key",
+            "s3-secret-key",
         ] {
             let path = etc.join(secret);
             fs::write(&path, "correct horse battery staple\n").unwrap();

@@ -38,9 +38,9 @@
 //!
 //! | step | SFTP | S3 |
 //! |---|---|---|
-//! | [`WriteSession::stage`] | a hidden `.<name>.<job>.<attempt>.partial` file, its size checked with `stat` | a multipart upload of the final key, parts growing with the stream, a checksum per part; nothing is visible until it completes |
+//! | [`WriteSession::stage`] | a hidden `.<name>.<job>.<attempt>.partial` file, its size checked with `stat` | a multipart upload of the final key, parts growing with the stream, each with its `Content-MD5`; its size checked with `ListParts`; nothing is visible until it completes |
 //! | [`Staged::partial`] | the hidden file's path | the key and the upload id |
-//! | [`WriteSession::commit`] | a rename without overwrite of each part, then each manifest, the main one last | `CompleteMultipartUpload` of each part (create-only: `If-None-Match: *`, or a version id kept), then each manifest put, the main one last; the size checked with `HeadObject` |
+//! | [`WriteSession::commit`] | a rename without overwrite of each part, then each manifest, the main one last | each manifest staged as a multipart upload, then `CompleteMultipartUpload` of each part (its ETag checked against the parts'), then of each manifest, the main one last; never-overwrite by the bucket's versioning (production may not read, so cannot check first) |
 //! | [`WriteSession::abandon`] | unlink the hidden file, where the key may | `AbortMultipartUpload` |
 //! | [`MaintainSession::leftovers`] | hidden partial files, and data files without a manifest | in-progress multipart uploads, and data objects without a manifest |
 //! | [`MaintainSession::extend_lock`] | unsupported | `PutObjectRetention` |
