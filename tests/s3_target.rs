@@ -511,3 +511,90 @@ fn staging_maintain(
         .maintain()
         .unwrap()
 }
+
+/// `config`'s `[backup_server]` table replaced by an S3 one on `bucket` with `user`'s keys
+/// (files of mode 0600 in `dir`).
+fn with_s3_backup_server(
+    config: &str,
+    c: &CephCluster,
+    bucket: &str,
+    user: &S3User,
+    dir: &std::path::Path,
+) -> String {
+    let access = dir.join(format!("{}-access", user.uid));
+    let secret = dir.join(format!("{}-secret", user.uid));
+    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
+        std::fs::write(path, format!("{text}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+    let s3 = format!(
+        "[backup_server]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {bucket:?}\nprefix = {PREFIX:?}\n\
+         path_style = true\naccess_key_file = {:?}\nsecret_key_file = {:?}\nio_timeout_seconds = 30\n",
+        c.endpoint(),
+        access.display().to_string(),
+        secret.display().to_string(),
+    );
+    let start = config
+        .find("[backup_server]\n")
+        .expect("the agent's config has a [backup_server] table");
+    let end = config[start + 1..]
+        .find("\n[")
+        .map_or(config.len(), |i| start + 2 + i);
+    format!("{}{s3}\n{}", &config[..start], &config[end..])
+}
+
+#[test]
+fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_it() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("agents");
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path().to_owned();
+        for (config, user) in [
+            (&d.prod_config, &roles.production),
+            (&d.stage_config, &roles.staging),
+        ] {
+            let text = std::fs::read_to_string(config).unwrap();
+            std::fs::write(config, with_s3_backup_server(&text, c, &bucket, user, &dir)).unwrap();
+        }
+    });
+
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let day = Utc::now().format("%Y-%m-%d").to_string();
+    let main = format!("{PREFIX}/production/{day}/postgres_backup_{day}.pgdump.zst.age");
+    let globals = format!("{PREFIX}/production/{day}/postgres-globals_backup_{day}.sql.zst.age");
+    let mut want = vec![
+        main.clone(),
+        format!("{main}.json"),
+        globals.clone(),
+        format!("{globals}.json"),
+    ];
+    want.sort();
+    assert_eq!(keys(c, &bucket), want, "the bucket holds other objects");
+    assert_eq!(uploads(c, &bucket), vec![], "multipart uploads left");
+    assert!(
+        d.sshd.final_files().is_empty(),
+        "the SFTP server was written to"
+    );
+    // The manifest, read with boto3, describes the object boto3 reads.
+    let manifest: Value = serde_json::from_str(
+        get(c, &bucket, &format!("{main}.json")).unwrap()["Body"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    let archive = get(c, &bucket, &main).unwrap();
+    assert_eq!(archive["BodySha256"], manifest["sha256"]);
+    assert_eq!(archive["BodyLength"], manifest["bytes_stored"]);
+
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(out.contains("equal to the manifest"), "{out}");
+    let source = d.prod_pg.table_fingerprints("app");
+    assert_eq!(source.len(), 4, "{source:?}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        source,
+        "restored content differs from the source"
+    );
+}
