@@ -598,3 +598,37 @@ fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_i
         "restored content differs from the source"
     );
 }
+
+#[test]
+fn the_rgw_refuses_a_part_whose_content_md5_differs() {
+    // What the write session's per-part checksum rests on: RGW checks each part's
+    // Content-MD5 against the bytes it received.
+    let c = CephCluster::shared();
+    let p = &c.roles().production;
+    let bucket = c.ferry_bucket("md5");
+    let key = format!("{PREFIX}/production/2026-12-05/x.age");
+    let up = c.s3_ok(
+        p,
+        "create_multipart_upload",
+        json!({"Bucket": bucket, "Key": key}),
+    );
+    let upload_id = up["UploadId"].as_str().unwrap();
+    let e = c
+        .s3(
+            p,
+            "upload_part",
+            json!({
+                "Bucket": bucket, "Key": key, "UploadId": upload_id, "PartNumber": 1,
+                "Body": "the bytes sent",
+                // The MD5 of other bytes ("other bytes").
+                "ContentMD5": "bv80UBBUl8ws4i6iZ/Vkug==",
+            }),
+        )
+        .expect_err("a part with a wrong Content-MD5 was stored");
+    assert_eq!(e.code, "BadDigest", "{e}");
+    c.s3_ok(
+        p,
+        "abort_multipart_upload",
+        json!({"Bucket": bucket, "Key": key, "UploadId": upload_id}),
+    );
+}

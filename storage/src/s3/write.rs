@@ -57,6 +57,20 @@ pub struct S3Write {
     conn: Conn,
     /// Multipart uploads it could not abort (the job was cancelled, the link failed).
     unremoved: Vec<String>,
+    /// The multipart upload being streamed (`<key>#<upload id>`), until its stage ends:
+    /// aborted if the session is dropped before (a panic on its thread).
+    open: Option<String>,
+}
+
+impl Drop for S3Write {
+    fn drop(&mut self) {
+        // Staged uploads stay: the pipeline commits them on another session, or abandons
+        // them. One still streaming is never completed: aborted.
+        if let Some(partial) = self.open.take() {
+            let fate = self.discard(&partial);
+            tracing::info!(partial, fate = %fate, "A write session dropped mid-upload.");
+        }
+    }
 }
 
 impl S3Write {
@@ -64,6 +78,7 @@ impl S3Write {
         S3Write {
             conn,
             unremoved: Vec::new(),
+            open: None,
         }
     }
 
@@ -322,7 +337,9 @@ impl S3Write {
         )?;
         let upload_id = created.upload_id().unwrap_or_default().to_owned();
         let partial = partial_name(&key, &upload_id);
+        self.open = Some(partial.clone());
         let written = self.upload_parts(&key, &upload_id, &chunks);
+        self.open = None;
         drop(chunks);
         match written {
             Ok(bytes) => Ok(Staged {
