@@ -25,14 +25,17 @@
 //!   [`MaintainSession::extend_lock`](crate::MaintainSession::extend_lock), which never
 //!   shortens a lock.
 //! - Leftovers: in-progress multipart uploads (with no job id: `ferry prune` removes them
-//!   once untouched for 24 h) and data objects without a manifest.
+//!   once untouched for 24 h) and data objects without a manifest. The maintenance
+//!   credentials of `docs/s3-bucket-policy.json` may not `GetObject`, so they cannot read
+//!   manifests: a companion part whose main part was never committed (it has a manifest of
+//!   its own) is then not told from a committed one, and is not reported.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use aws_sdk_s3::Client;
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -415,6 +418,20 @@ pub(crate) fn code<E: ProvideErrorMetadata>(
     e.code().map(str::to_owned)
 }
 
+/// An error and its sources, each as displayed, joined with `: ` (repeats dropped).
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
+}
+
 /// The HTTP status of a failed call's response, if there was one.
 pub(crate) fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>) -> Option<u16> {
     e.raw_response().map(|r| r.status().as_u16())
@@ -446,7 +463,7 @@ where
         },
         (SdkError::DispatchFailure(_), _, _) => TargetError::Connect {
             addr,
-            message: format!("{op} {path}: {}", DisplayErrorContext(&e)),
+            message: format!("{op} {path}: {}", chain(&e)),
         },
         (_, Some(403), _) => TargetError::PermissionDenied {
             addr,
@@ -476,7 +493,7 @@ where
                     "{c} (HTTP {s}){}",
                     message.map(|m| format!(": {m}")).unwrap_or_default()
                 ),
-                _ => DisplayErrorContext(&e).to_string(),
+                _ => chain(&e),
             },
         },
     }
@@ -603,6 +620,45 @@ mod tests {
             let e = parse(json).unwrap().build().expect_err(json);
             assert_eq!(e.field(), field, "{json}: {e}");
         }
+    }
+
+    #[test]
+    fn an_endpoint_that_refuses_connections_fails_naming_it() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("k");
+        std::fs::write(&key, "x").unwrap();
+        std::fs::set_permissions(&key, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let json = format!(
+            r#"{{"kind": "s3", "endpoint": "http://127.0.0.1:{port}", "bucket": "ferry",
+                "path_style": true, "access_key_file": {k:?}, "secret_key_file": {k:?}}}"#,
+            k = key.display().to_string()
+        );
+        let target = parse(&json).unwrap().build().unwrap();
+        let (tx, rx) = crate::chunk::channel();
+        drop(tx);
+        let file = ferry_core::layout::StoredFile {
+            dir: target.dated_dir("production", "2026-12-05".parse().unwrap()),
+            name: "x.age".into(),
+        };
+        let e = target
+            .write()
+            .unwrap()
+            .stage(&file, "job", rx)
+            .expect_err("nothing listens there");
+        assert!(matches!(e, crate::TargetError::Connect { .. }), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("127.0.0.1:{port}/ferry"))
+                && text.contains("production/2026-12-05/x.age"),
+            "{text}"
+        );
+        assert!(e.retryable());
     }
 
     #[test]
