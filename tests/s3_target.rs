@@ -632,3 +632,93 @@ fn the_rgw_refuses_a_part_whose_content_md5_differs() {
         json!({"Bucket": bucket, "Key": key, "UploadId": upload_id}),
     );
 }
+
+/// In a child process of [`credentials_come_from_the_aws_chain_without_key_files`]:
+/// `FERRY_S3_CHILD` holds `endpoint bucket key`; writes `key` through a target without key
+/// files, so that the standard AWS chain (this process's environment) gives the keys.
+fn chain_child() -> bool {
+    let Ok(args) = std::env::var("FERRY_S3_CHILD") else {
+        return false;
+    };
+    let [endpoint, bucket, name]: [&str; 3] = args
+        .split(' ')
+        .collect::<Vec<_>>()
+        .try_into()
+        .expect("FERRY_S3_CHILD: endpoint bucket name");
+    let config: TargetConfig = serde_json::from_value(json!({
+        "kind": "s3", "endpoint": endpoint, "bucket": bucket, "prefix": PREFIX,
+        "path_style": true,
+    }))
+    .unwrap();
+    let target = config.build().unwrap();
+    let f = file(&*target, "production", "2026-12-05", name);
+    commit(&*target, &f, name.as_bytes());
+    true
+}
+
+#[test]
+fn credentials_come_from_the_aws_chain_without_key_files() {
+    if chain_child() {
+        return;
+    }
+    let c = CephCluster::shared();
+    let p = &c.roles().production;
+    let bucket = c.ferry_bucket("chain");
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("credentials");
+    std::fs::write(
+        &profile,
+        format!(
+            "[default]\naws_access_key_id = {}\naws_secret_access_key = {}\n",
+            p.access_key, p.secret_key
+        ),
+    )
+    .unwrap();
+    let run = |name: &str, env: &[(&str, &std::ffi::OsStr)]| {
+        let mut cmd = std::process::Command::new(std::env::current_exe().unwrap());
+        cmd.args([
+            "--exact",
+            "credentials_come_from_the_aws_chain_without_key_files",
+            "--nocapture",
+        ])
+        .env(
+            "FERRY_S3_CHILD",
+            format!("{} {bucket} {name}", c.endpoint()),
+        )
+        .env("AWS_CONFIG_FILE", dir.path().join("no-config"))
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            dir.path().join("no-credentials"),
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "the child writing {name} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // The environment, then a profile in the shared credentials file.
+    run(
+        "from-env.age",
+        &[
+            ("AWS_ACCESS_KEY_ID", p.access_key.as_ref()),
+            ("AWS_SECRET_ACCESS_KEY", p.secret_key.as_ref()),
+        ],
+    );
+    run(
+        "from-profile.age",
+        &[("AWS_SHARED_CREDENTIALS_FILE", profile.as_os_str())],
+    );
+    for name in ["from-env.age", "from-profile.age"] {
+        let key = format!("{PREFIX}/production/2026-12-05/{name}");
+        assert_eq!(get(c, &bucket, &key).unwrap()["Body"], name, "{key}");
+    }
+}
