@@ -185,6 +185,10 @@ impl S3Write {
                 sent += chunk.len() as u64;
                 crate::chunk::recycle(chunk);
             }
+            // A cancelled job's pipeline hangs up too: its stream is not whole.
+            if self.conn.cancel.is_cancelled() {
+                return Err(self.conn.cancelled("upload part", key));
+            }
             if !part.is_empty() || index == 0 {
                 let last = std::mem::take(&mut part);
                 self.send_part(
@@ -248,7 +252,9 @@ impl S3Write {
     }
 
     /// The stored size check: the server's parts are those sent (numbers and MD5s as
-    /// ETags) and their sizes add up to `sent` bytes.
+    /// ETags) and their sizes add up to `sent` bytes. A part's ETag is its MD5 on Ceph RGW
+    /// and on AWS without SSE-KMS or SSE-C; on a bucket encrypting with those, this check
+    /// (and the completed object's ETag check) fails every upload.
     fn check_parts(
         &self,
         key: &str,
