@@ -557,6 +557,14 @@ fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_i
             let text = std::fs::read_to_string(config).unwrap();
             std::fs::write(config, with_s3_backup_server(&text, c, &bucket, user, &dir)).unwrap();
         }
+        // The coordinator's [maintenance] on the bucket, with the maintenance keys.
+        let table =
+            with_s3_backup_server("[backup_server]\n", c, &bucket, &roles.maintenance, &dir)
+                .replace("[backup_server]", "[maintenance]");
+        append(
+            &d.coordinator_config,
+            &format!("\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n{table}"),
+        );
     });
 
     let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
@@ -596,6 +604,57 @@ fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_i
         d.stage_pg.table_fingerprints("app"),
         source,
         "restored content differs from the source"
+    );
+
+    // `ferry prune` lists, through the coordinator's maintenance keys, what failed uploads
+    // left in the bucket: an upload never completed and an object without manifest, both
+    // young, so kept (24 h and 5 min); the backup is no leftover.
+    let keys_dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &keys_dir);
+    let partial = file(
+        &*production,
+        "production",
+        &day,
+        &format!("etcd_backup_{day}.db.zst.age"),
+    );
+    let (_w, staged) = stage(&*production, &partial, b"never committed");
+    let orphan = format!("{PREFIX}/production/{day}/postgres_backup_{day}T0300Z.pgdump.zst.age");
+    c.s3_ok(
+        &roles.production,
+        "put_object",
+        json!({"Bucket": bucket, "Key": orphan, "Body": "cut short"}),
+    );
+    let plan = d.ferry_json(&["prune", "--dry-run"]);
+    let mut found: Vec<(String, String, bool)> = plan
+        .as_array()
+        .unwrap_or_else(|| panic!("prune printed no list: {plan}"))
+        .iter()
+        .flat_map(|d| d["leftovers"].as_array().cloned().unwrap_or_default())
+        .map(|l| {
+            (
+                l["path"].as_str().unwrap_or_default().to_owned(),
+                l["kind"].as_str().unwrap_or_default().to_owned(),
+                l["remove"].as_bool().unwrap_or(true),
+            )
+        })
+        .collect();
+    found.sort();
+    assert_eq!(
+        found,
+        vec![
+            (staged.partial.clone(), "partial".to_owned(), false),
+            (orphan.clone(), "orphan".to_owned(), false),
+        ],
+        "{plan}"
+    );
+    d.ferry_json(&["prune"]);
+    assert_eq!(uploads(c, &bucket).len(), 1, "a young upload was aborted");
+    want.push(orphan);
+    want.sort();
+    assert_eq!(
+        keys(c, &bucket),
+        want,
+        "prune removed a young object or the backup"
     );
 }
 
