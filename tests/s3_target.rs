@@ -781,3 +781,44 @@ fn credentials_come_from_the_aws_chain_without_key_files() {
         assert_eq!(get(c, &bucket, &key).unwrap()["Body"], name, "{key}");
     }
 }
+
+#[test]
+fn a_second_write_of_a_key_adds_a_version_and_the_first_stays() {
+    // Production may not read, so it cannot check first: the bucket's versioning is what
+    // keeps a backup from being replaced.
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("versions");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "x_backup_2026-12-05.age",
+    );
+    commit(&*production, &f, b"the first backup");
+    commit(&*production, &f, b"a second writer");
+    let listed = c.s3_ok(
+        &roles.staging,
+        "list_object_versions",
+        json!({"Bucket": bucket, "Prefix": f.path()}),
+    );
+    let versions: Vec<&Value> = listed["Versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["Key"] == f.path())
+        .collect();
+    assert_eq!(versions.len(), 2, "{listed}");
+    let oldest = versions
+        .iter()
+        .find(|v| v["IsLatest"] == false)
+        .unwrap_or_else(|| panic!("no older version: {listed}"));
+    let first = c.s3_ok(
+        &roles.staging,
+        "get_object",
+        json!({"Bucket": bucket, "Key": f.path(), "VersionId": oldest["VersionId"]}),
+    );
+    assert_eq!(first["Body"], "the first backup");
+}
