@@ -6,7 +6,7 @@
 //! The layout is SFTP's: an object's key is its path under `prefix`
 //! (`<prefix>/<env>/<date>/<ds>_backup_<stamp>...`).
 //!
-//! - A part is staged as a multipart upload of its final key ([`write`]), parts of
+//! - A part is staged as a multipart upload of its final key ([`mod@write`]), parts of
 //!   [`write::part_size`] (8 MiB growing, so that 5 TiB fit in 10,000 parts), each sent with
 //!   its `Content-MD5`, which the server checks; at most two parts are in memory (one
 //!   filling, one in flight). Nothing is visible until `CompleteMultipartUpload`. The stored
@@ -15,14 +15,14 @@
 //!   the bytes sent and their ETags be the MD5s sent; after completion, the object's ETag
 //!   must be the multipart ETag of those parts.
 //! - Never overwrite: production may not read, so it cannot check before an upload whether
-//!   a key exists ([`WriteSession::exists`](crate::WriteSession::exists) says "no" when
+//!   a key exists ([`WriteSession::exists`] says "no" when
 //!   `HeadObject` is refused). What keeps a backup from being replaced is the bucket's
 //!   versioning (required): a racing or repeated write of a key adds a version, the earlier
 //!   one stays, and Object Lock keeps it. The version id each completion gives is logged.
 //! - Object Lock: Ceph 16's RGW ignores lock headers on `CreateMultipartUpload`, and
 //!   production may not `PutObjectRetention`: objects are locked after completion by the
 //!   bucket's default retention, or by the maintenance session's
-//!   [`MaintainSession::extend_lock`](crate::MaintainSession::extend_lock), which never
+//!   [`MaintainSession::extend_lock`], which never
 //!   shortens a lock.
 //! - Leftovers: in-progress multipart uploads (with no job id: `ferry prune` removes them
 //!   once untouched for 24 h) and data objects without a manifest. The maintenance
