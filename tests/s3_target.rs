@@ -822,3 +822,124 @@ fn a_second_write_of_a_key_adds_a_version_and_the_first_stays() {
     );
     assert_eq!(first["Body"], "the first backup");
 }
+
+/// An RGW this test started again after [`CephCluster::kill_daemon`]; killed on drop.
+struct Restarted(std::process::Child);
+
+impl Drop for Restarted {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn rgw_killed_mid_upload_fails_the_stage_plainly_and_its_upload_is_aborted_once_back() {
+    // A cluster of its own: its RGW is killed.
+    let c = CephCluster::start();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("fault");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(&c, &bucket, &roles.production, &dir);
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "pg_backup_2026-12-05.pgdump.zst.age",
+    );
+
+    // 12 MiB (a first 8 MiB part sent), then the RGW is killed, then 12 MiB more.
+    let (tx, rx) = chunk::channel();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let feeder = std::thread::spawn(move || {
+        for i in 0..24 {
+            if i == 12 {
+                sent_tx.send(()).unwrap();
+                go_rx.recv().unwrap();
+            }
+            if tx.send(vec![3u8; chunk::CHUNK_BYTES]).is_err() {
+                return;
+            }
+        }
+    });
+    let mut w = production.write().unwrap();
+    let staging = std::thread::spawn(move || {
+        let started = std::time::Instant::now();
+        let r = w.stage(&f, "01KBX8Z3E5M1Q2W3E4R5T6Y7U8", rx);
+        (w, r, started.elapsed())
+    });
+    sent_rx.recv().unwrap();
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    c.kill_daemon("rgw", 0);
+    go_tx.send(()).unwrap();
+    let (mut w, r, took) = staging.join().unwrap();
+    feeder.join().unwrap();
+    let e = r.expect_err("the stage cannot succeed without the RGW");
+    let text = e.to_string();
+    assert!(
+        text.contains(&c.endpoint()) && e.retryable(),
+        "not a plain, retryable error naming the endpoint: {text}"
+    );
+    assert!(took < std::time::Duration::from_secs(60), "took {took:?}");
+    // The upload could not be aborted with the RGW down: the session says so.
+    let left = w.take_unremoved();
+    assert_eq!(left.len(), 1, "{left:?} ({text})");
+    println!("{text}");
+
+    // The RGW back (same config and port), a new session aborts the upload, and the
+    // retry succeeds.
+    let rgw = Restarted(
+        std::process::Command::new("radosgw")
+            .args(["-f", "-n", "client.rgw.a", "-c"])
+            .arg(c.conf())
+            .env_remove("CEPH_ARGS")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start radosgw again"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !port_open(c.rgw_port()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the RGW did not come back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let mut w = production.write().unwrap();
+    // The RGW may take a moment to serve S3 after it listens.
+    let mut fates = w.abandon(&left);
+    for _ in 0..50 {
+        if fates == vec![PartialFate::Removed] {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        fates = w.abandon(&left);
+    }
+    assert_eq!(fates, vec![PartialFate::Removed]);
+    assert_eq!(
+        uploads(&c, &bucket),
+        vec![],
+        "the interrupted upload is left"
+    );
+    assert_eq!(
+        keys(&c, &bucket),
+        Vec::<String>::new(),
+        "something is visible"
+    );
+    let data = incompressible(10 << 20, 3);
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "pg_backup_2026-12-05.pgdump.zst.age",
+    );
+    commit(&*production, &f, &data);
+    let got = get(&c, &bucket, &f.path()).unwrap();
+    assert_eq!(
+        got["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&data))
+    );
+    drop(rgw);
+}
