@@ -943,3 +943,63 @@ fn rgw_killed_mid_upload_fails_the_stage_plainly_and_its_upload_is_aborted_once_
     );
     drop(rgw);
 }
+
+#[test]
+fn a_bucket_over_its_quota_fails_the_stage_as_no_space_and_leaves_no_upload() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("quota");
+    for args in [
+        &[
+            "quota",
+            "set",
+            "--quota-scope=bucket",
+            "--bucket",
+            &bucket,
+            "--max-size=4194304",
+        ][..],
+        &[
+            "quota",
+            "enable",
+            "--quota-scope=bucket",
+            "--bucket",
+            &bucket,
+        ][..],
+    ] {
+        c.radosgw_admin(args);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "pg_backup_2026-12-05.pgdump.zst.age",
+    );
+    let e = production
+        .write()
+        .unwrap()
+        .stage(
+            &f,
+            "01KBX8Z3E5M1Q2W3E4R5T6Y7U8",
+            feed(incompressible(12 << 20, 9)),
+        )
+        .expect_err("12 MiB do not fit in a 4 MiB quota");
+    let text = e.to_string();
+    println!("{text}");
+    assert!(
+        matches!(
+            &e,
+            TargetError::NoSpace {
+                partial: PartialFate::Removed,
+                ..
+            }
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("no space left") && text.contains(&bucket),
+        "{text}"
+    );
+    assert_eq!(uploads(c, &bucket), vec![], "the failed upload is left");
+}

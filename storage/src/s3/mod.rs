@@ -453,7 +453,11 @@ where
 {
     let (addr, path) = (addr.to_owned(), path.to_owned());
     let code = code(&e);
-    let message = e.message().map(str::to_owned);
+    let message = e
+        .message()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(str::to_owned);
     match (&e, status(&e), code.as_deref()) {
         (SdkError::TimeoutError(_), _, _) => TargetError::Stalled {
             addr,
@@ -464,6 +468,13 @@ where
         (SdkError::DispatchFailure(_), _, _) => TargetError::Connect {
             addr,
             message: format!("{op} {path}: {}", chain(&e)),
+        },
+        // RGW answers a bucket or user quota with 403 QuotaExceeded.
+        (_, _, Some("QuotaExceeded")) => TargetError::NoSpace {
+            addr,
+            path,
+            free_bytes: 0,
+            partial: crate::PartialFate::Unknown,
         },
         (_, Some(403), _) => TargetError::PermissionDenied {
             addr,
@@ -478,12 +489,6 @@ where
         (_, Some(404), Some("NoSuchKey" | "NotFound") | None) => {
             TargetError::NotFound { addr, path }
         }
-        (_, _, Some("QuotaExceeded")) => TargetError::NoSpace {
-            addr,
-            path,
-            free_bytes: 0,
-            partial: crate::PartialFate::Unknown,
-        },
         _ => TargetError::Io {
             addr,
             op,
