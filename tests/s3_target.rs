@@ -1003,3 +1003,54 @@ fn a_bucket_over_its_quota_fails_the_stage_as_no_space_and_leaves_no_upload() {
     );
     assert_eq!(uploads(c, &bucket), vec![], "the failed upload is left");
 }
+
+#[test]
+fn an_osd_killed_mid_upload_does_not_fail_the_backup() {
+    // A cluster of its own: one of its three OSDs is killed; pools keep min_size 2.
+    let c = CephCluster::start();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("osd");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(&c, &bucket, &roles.production, &dir);
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "pg_backup_2026-12-05.pgdump.zst.age",
+    );
+    let data = incompressible(24 << 20, 21);
+    let (tx, rx) = chunk::channel();
+    let (sent_tx, sent_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let feeder = {
+        let data = data.clone();
+        std::thread::spawn(move || {
+            for (i, piece) in data.chunks(chunk::CHUNK_BYTES).enumerate() {
+                if i == 12 {
+                    sent_tx.send(()).unwrap();
+                    go_rx.recv().unwrap();
+                }
+                tx.send(piece.to_vec()).unwrap();
+            }
+        })
+    };
+    let mut w = production.write().unwrap();
+    let staging = std::thread::spawn(move || {
+        let r = w.stage(&f, "01KBX8Z3E5M1Q2W3E4R5T6Y7U8", rx);
+        (w, r, f)
+    });
+    sent_rx.recv().unwrap();
+    c.kill_daemon("osd", 1);
+    go_tx.send(()).unwrap();
+    let (mut w, staged, f) = staging.join().unwrap();
+    feeder.join().unwrap();
+    let staged = staged.expect("the stage succeeds with two OSDs of three");
+    w.commit("01KBX8Z3E5M1Q2W3E4R5T6Y7U8", &[(staged, manifest(&f.name))])
+        .expect("the commit succeeds with two OSDs of three");
+    let got = get(&c, &bucket, &f.path()).unwrap();
+    assert_eq!(
+        got["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&data)),
+        "the object read back differs"
+    );
+}
