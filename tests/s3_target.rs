@@ -990,15 +990,21 @@ fn a_bucket_over_its_quota_fails_the_stage_as_no_space_and_leaves_no_upload() {
     assert!(
         matches!(
             &e,
-            TargetError::NoSpace {
+            TargetError::QuotaExceeded {
                 partial: PartialFate::Removed,
                 ..
             }
         ),
         "{text}"
     );
+    // The text says what a user can check: the bucket's quota refused the upload of this
+    // key, and its multipart upload is gone (not "0 bytes free", which S3 never says).
     assert!(
-        text.contains("no space left") && text.contains(&bucket),
+        text.contains(&bucket)
+            && text.contains(&f.path())
+            && text.contains("the bucket's quota refused a part of")
+            && text.contains("its multipart upload was aborted, so none of its parts stay")
+            && !text.contains("bytes free"),
         "{text}"
     );
     assert_eq!(uploads(c, &bucket), vec![], "the failed upload is left");

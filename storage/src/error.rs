@@ -103,7 +103,8 @@ pub enum TargetError {
         /// The limit, bytes.
         max: u64,
     },
-    /// The target is full (a full file system; on S3, a quota): the write failed.
+    /// The target's file system is full (SFTP; an S3 quota is [`TargetError::QuotaExceeded`]):
+    /// the write failed.
     #[error(
         "no space left on the backup server {addr}: writing {path} failed with {free_bytes} bytes \
          free there; {partial}; earlier backups are untouched (free space on the server, e.g. \
@@ -117,6 +118,23 @@ pub enum TargetError {
         /// Bytes available to these credentials there.
         free_bytes: u64,
         /// What became of the partial object.
+        partial: PartialFate,
+    },
+    /// An S3 bucket's quota (the bucket's or its owner's) refused a part of an upload: the
+    /// bucket holds what the quota allows, which says nothing of free bytes.
+    #[error(
+        "no space left for this backup on {addr}: the bucket's quota refused a part of {path} \
+         (the bucket or its owner already holds what the quota allows), so the upload stopped \
+         and the backup was not stored; {}; earlier backups are untouched (raise the bucket's \
+         quota, or free room in it, e.g. with `ferry prune`, then back up again)",
+        describe_upload(partial)
+    )]
+    QuotaExceeded {
+        /// The target's address (endpoint and bucket).
+        addr: String,
+        /// The key being uploaded.
+        path: String,
+        /// What became of its multipart upload.
         partial: PartialFate,
     },
     /// A call on the target made no progress for the I/O timeout: the connection was shut
@@ -161,6 +179,22 @@ pub enum TargetError {
         /// What was asked, e.g. `an rsync mirror`.
         what: &'static str,
     },
+}
+
+/// What became of a refused S3 upload's multipart upload, for [`TargetError::QuotaExceeded`].
+fn describe_upload(partial: &PartialFate) -> String {
+    match partial {
+        PartialFate::Removed => {
+            "its multipart upload was aborted, so none of its parts stay in the bucket".to_owned()
+        }
+        PartialFate::Kept(reason) => format!(
+            "its multipart upload could not be aborted ({reason}): its parts still count against \
+             the quota until `ferry prune` with the maintenance keys aborts it"
+        ),
+        PartialFate::Unknown => "its multipart upload may remain (`ferry prune` with the \
+                                 maintenance keys aborts it once the job has ended)"
+            .to_owned(),
+    }
 }
 
 fn describe_left(left: &[String], unsure: Option<&str>) -> String {

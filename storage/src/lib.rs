@@ -216,7 +216,8 @@ pub trait WriteSession: Send {
     ///
     /// # Errors
     /// [`TargetError`]; [`TargetError::Exists`] if `file` exists; the partial is removed
-    /// where the target allows it ([`TargetError::NoSpace`] says whether it was).
+    /// where the target allows it ([`TargetError::NoSpace`] and
+    /// [`TargetError::QuotaExceeded`] say whether it was).
     fn stage(
         &mut self,
         file: &StoredFile,

@@ -439,7 +439,7 @@ pub(crate) fn status<E>(e: &SdkError<E, aws_sdk_s3::config::http::HttpResponse>)
 
 /// The [`TargetError`] of a failed SDK call `op` on `path`: refused (403) is
 /// [`TargetError::PermissionDenied`], missing (404) [`TargetError::NotFound`], a quota
-/// [`TargetError::NoSpace`], a timeout [`TargetError::Stalled`], the rest
+/// [`TargetError::QuotaExceeded`], a timeout [`TargetError::Stalled`], the rest
 /// [`TargetError::Io`] with the server's code and message.
 pub(crate) fn to_target_error<E>(
     addr: &str,
@@ -470,10 +470,9 @@ where
             message: format!("{op} {path}: {}", chain(&e)),
         },
         // RGW answers a bucket or user quota with 403 QuotaExceeded.
-        (_, _, Some("QuotaExceeded")) => TargetError::NoSpace {
+        (_, _, Some("QuotaExceeded")) => TargetError::QuotaExceeded {
             addr,
             path,
-            free_bytes: 0,
             partial: crate::PartialFate::Unknown,
         },
         (_, Some(403), _) => TargetError::PermissionDenied {

@@ -356,7 +356,7 @@ impl S3Write {
             Err(mut e) => {
                 let fate = self.discard(&partial);
                 tracing::info!(partial, fate = %fate, "A failed upload's multipart upload.");
-                if let TargetError::NoSpace { partial, .. } = &mut e {
+                if let TargetError::QuotaExceeded { partial, .. } = &mut e {
                     *partial = fate;
                 }
                 Err(e)
