@@ -97,6 +97,27 @@ fn manifest(name: &str) -> Vec<u8> {
     m.to_json()
 }
 
+/// The current version id of `key`, read with boto3 as staging (`head_object`).
+fn version_of(c: &CephCluster, bucket: &str, key: &str) -> String {
+    let head = c.s3_ok(
+        &c.roles().staging,
+        "head_object",
+        json!({"Bucket": bucket, "Key": key}),
+    );
+    head["VersionId"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no VersionId: {head}"))
+        .to_owned()
+}
+
+/// What the target stores as the manifest of `file` committed with [`manifest`]: that
+/// manifest with the version id of `file`'s current version (read with boto3).
+fn stored_manifest(c: &CephCluster, bucket: &str, file: &StoredFile) -> Vec<u8> {
+    let mut m = Manifest::from_slice("seed.json", &manifest(&file.name)).unwrap();
+    m.version_id = Some(version_of(c, bucket, &file.path()));
+    m.to_json()
+}
+
 /// Writes and commits a backup of `data` as `file`, its manifest beside it.
 fn commit(target: &dyn Target, file: &StoredFile, data: &[u8]) {
     let (mut w, staged) = stage(target, file, data);
@@ -225,11 +246,14 @@ fn a_written_object_equals_the_stream_and_is_invisible_until_committed() {
         "not three parts: ETag {}",
         got["ETag"]
     );
+    // The manifest as given, with the version id of the object it describes.
     let m = get(c, &bucket, &format!("{key}.json")).unwrap();
     assert_eq!(
         m["BodySha256"].as_str().unwrap(),
-        hex::encode(Sha256::digest(&json))
+        hex::encode(Sha256::digest(stored_manifest(c, &bucket, &f))),
+        "{m}"
     );
+    assert_ne!(stored_manifest(c, &bucket, &f), json);
     assert_eq!(
         keys(c, &bucket),
         vec![key.clone(), format!("{key}.json")],
@@ -355,7 +379,7 @@ fn staging_reads_what_production_wrote_and_production_may_not_read() {
     assert_eq!(r.size(&format!("{}/missing", f.dir)).unwrap(), None);
     assert_eq!(
         r.read_small(&f.manifest_path(), 1 << 20).unwrap(),
-        manifest(name)
+        stored_manifest(c, &bucket, &f)
     );
     let e = r.read_small(&f.path(), 1000).unwrap_err();
     assert!(matches!(e, TargetError::TooLarge { .. }), "{e}");
@@ -477,6 +501,7 @@ fn maintenance_removes_leftovers_and_folders_and_extends_locks_without_shortenin
         "pg_backup_2026-11-01.pgdump.zst.age",
     );
     commit(&*production, &old, b"an old backup");
+    let old_manifest = stored_manifest(c, &bucket, &old);
     let e = staging_maintain(c, &bucket, &dir)
         .remove_dated_folder("production", "2026-11-01")
         .unwrap_err();
@@ -485,7 +510,7 @@ fn maintenance_removes_leftovers_and_folders_and_extends_locks_without_shortenin
     assert_eq!(objects, 2);
     assert_eq!(
         bytes,
-        b"an old backup".len() as u64 + manifest(&old.name).len() as u64
+        b"an old backup".len() as u64 + old_manifest.len() as u64
     );
     let versions = c.s3_ok(
         &roles.maintenance,
@@ -595,6 +620,14 @@ fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_i
     let archive = get(c, &bucket, &main).unwrap();
     assert_eq!(archive["BodySha256"], manifest["sha256"]);
     assert_eq!(archive["BodyLength"], manifest["bytes_stored"]);
+    assert_eq!(manifest["version_id"], archive["VersionId"], "{manifest}");
+    // A racing writer of the same key adds a version after the backup: the restore reads
+    // the version the manifest records.
+    c.s3_ok(
+        &roles.production,
+        "put_object",
+        json!({"Bucket": bucket, "Key": main, "Body": "a racing write"}),
+    );
 
     let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
     assert!(out.contains("equal to the manifest"), "{out}");
@@ -821,6 +854,99 @@ fn a_second_write_of_a_key_adds_a_version_and_the_first_stays() {
         json!({"Bucket": bucket, "Key": f.path(), "VersionId": oldest["VersionId"]}),
     );
     assert_eq!(first["Body"], "the first backup");
+}
+
+#[test]
+fn a_restore_reads_the_version_its_manifest_records_whatever_a_racing_write_added() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("racing");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let f = file(
+        &*production,
+        "production",
+        "2026-12-05",
+        "pg_backup_2026-12-05.pgdump.zst.age",
+    );
+    let first = incompressible((9 << 20) + 5, 21);
+    commit(&*production, &f, &first);
+    // A racing writer of the same key, after the commit (production's keys, boto3).
+    c.s3_ok(
+        &roles.production,
+        "put_object",
+        json!({"Bucket": bucket, "Key": f.path(), "Body": "a racing write"}),
+    );
+
+    // boto3: both versions exist, the racer's is the current one, and the manifest names
+    // the first.
+    let listed = c.s3_ok(
+        &roles.staging,
+        "list_object_versions",
+        json!({"Bucket": bucket, "Prefix": f.path()}),
+    );
+    let versions: Vec<&Value> = listed["Versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|v| v["Key"] == f.path())
+        .collect();
+    assert_eq!(versions.len(), 2, "{listed}");
+    let version = |latest: bool| {
+        versions
+            .iter()
+            .find(|v| v["IsLatest"] == latest)
+            .and_then(|v| v["VersionId"].as_str())
+            .unwrap_or_else(|| panic!("no version with IsLatest {latest}: {listed}"))
+            .to_owned()
+    };
+    let (older, latest) = (version(false), version(true));
+    let stored: Manifest = Manifest::from_slice(
+        "boto3",
+        get(c, &bucket, &f.manifest_path()).unwrap()["Body"]
+            .as_str()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(
+        stored.version_id.as_deref(),
+        Some(older.as_str()),
+        "the manifest does not record the version it describes ({listed})"
+    );
+    assert_ne!(older, latest);
+    assert_eq!(
+        get(c, &bucket, &f.path()).unwrap()["Body"],
+        "a racing write"
+    );
+    let first_read = c.s3_ok(
+        &roles.staging,
+        "get_object",
+        json!({"Bucket": bucket, "Key": f.path(), "VersionId": older}),
+    );
+    assert_eq!(
+        first_read["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&first))
+    );
+
+    // What a restore reads (staging's read session, the version its manifest names): the
+    // first backup, not the racer's bytes.
+    let staging = target(c, &bucket, &roles.staging, &dir);
+    let mut r = staging.read().unwrap();
+    let m =
+        Manifest::from_slice("read", &r.read_small(&f.manifest_path(), 1 << 20).unwrap()).unwrap();
+    assert_eq!(m, stored);
+    let (tx, rx) = chunk::channel();
+    let collector = std::thread::spawn(move || rx.into_iter().flatten().collect::<Vec<u8>>());
+    let n = r
+        .download_version(&f.path(), m.version_id.as_deref(), tx)
+        .unwrap();
+    assert_eq!(n, first.len() as u64);
+    assert_eq!(
+        Sha256::digest(collector.join().unwrap()),
+        Sha256::digest(&first),
+        "the restore read other bytes than the first backup's"
+    );
 }
 
 /// An RGW this test started again after [`CephCluster::kill_daemon`]; killed on drop.

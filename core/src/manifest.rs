@@ -81,6 +81,12 @@ pub struct Manifest {
     /// The source's own counts, shaped by the datastore kind, e.g. for PostgreSQL
     /// `{"tables": 3, "rows": {"public.t": 10}}`.
     pub counts: serde_json::Value,
+    /// The target's version id of the stored archive this manifest describes (an S3 bucket
+    /// with versioning, filled by the target at commit): a restore reads that version, so
+    /// a later write of the same key does not change what it reads. Absent (and not
+    /// written) on targets without versions (SFTP) and in manifests of older builds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
 }
 
 /// A manifest that cannot be read.
@@ -146,5 +152,25 @@ mod tests {
         m.counts = serde_json::json!({"rows": {"public.t": 1.4464222222222233e20_f64}});
         let back = Manifest::from_slice("back.json", &m.to_json()).expect("re-read");
         assert_eq!(back, m);
+    }
+
+    /// A manifest without a version id (SFTP's, older builds') reads, and writes back
+    /// byte for byte; one with an id keeps it.
+    #[test]
+    fn the_version_id_is_optional_and_written_only_when_known() {
+        let seed = include_bytes!("../../fuzz/corpus/manifest/seed-main");
+        let mut m = Manifest::from_slice("seed.json", seed).expect("the seed parses");
+        assert_eq!(m.version_id, None);
+        let plain = m.to_json();
+        assert!(!String::from_utf8_lossy(&plain).contains("version_id"));
+        assert_eq!(
+            Manifest::from_slice("plain.json", &plain)
+                .unwrap()
+                .to_json(),
+            plain
+        );
+        m.version_id = Some("a1B2c3".into());
+        let back = Manifest::from_slice("versioned.json", &m.to_json()).unwrap();
+        assert_eq!(back.version_id.as_deref(), Some("a1B2c3"));
     }
 }

@@ -109,6 +109,7 @@ fn manifests(dir: &Path) {
         }],
         companions: vec!["postgres-globals_backup_2026-02-05T1315Z.sql.zst.age".into()],
         counts: serde_json::json!({"tables": 2, "rows": {"public.t": 10, "public.u": 0}}),
+        version_id: None,
     };
     fs::write(dir.join("seed-main"), main.to_json()).unwrap();
     let companion = Manifest {
@@ -117,6 +118,7 @@ fn manifests(dir: &Path) {
         format: "sql".into(),
         companions: Vec::new(),
         counts: serde_json::json!({}),
+        version_id: None,
         ..main
     };
     fs::write(dir.join("seed-companion"), companion.to_json()).unwrap();

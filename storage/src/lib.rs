@@ -40,7 +40,8 @@
 //! |---|---|---|
 //! | [`WriteSession::stage`] | a hidden `.<name>.<job>.<attempt>.partial` file, its size checked with `stat` | a multipart upload of the final key, parts growing with the stream, each with its `Content-MD5`; its size checked with `ListParts`; nothing is visible until it completes |
 //! | [`Staged::partial`] | the hidden file's path | the key and the upload id |
-//! | [`WriteSession::commit`] | a rename without overwrite of each part, then each manifest, the main one last | each manifest staged as a multipart upload, then `CompleteMultipartUpload` of each part (its ETag checked against the parts'), then of each manifest, the main one last; never-overwrite by the bucket's versioning (production may not read, so cannot check first) |
+//! | [`WriteSession::commit`] | a rename without overwrite of each part, then each manifest, the main one last | `CompleteMultipartUpload` of each part (its ETag checked against the parts'), then each manifest, with the version id its part's completion gave, uploaded and completed, the main one last; never-overwrite by the bucket's versioning (production may not read, so cannot check first) |
+//! | [`ReadSession::download_version`] | the path (no versions) | `GetObject` of the manifest's version id |
 //! | [`WriteSession::abandon`] | unlink the hidden file, where the key may | `AbortMultipartUpload` |
 //! | [`MaintainSession::leftovers`] | hidden partial files, and data files without a manifest | in-progress multipart uploads, and data objects without a manifest |
 //! | [`MaintainSession::extend_lock`] | unsupported | `PutObjectRetention` |
@@ -227,7 +228,8 @@ pub trait WriteSession: Send {
 
     /// Puts a backup in place: `parts` in order, each with its manifest's bytes, the main
     /// part last. Writes every manifest as a partial first, then commits the data parts,
-    /// then the manifests: a reader takes a backup for one only by its main part's
+    /// then the manifests (a target with versions, S3, commits the data parts first and then
+    /// writes each manifest with its part's version id in `version_id`): a reader takes a backup for one only by its main part's
     /// manifest, which comes last, so an interruption at any step leaves nothing a reader
     /// takes for a backup. Never overwrites an object.
     ///
@@ -283,6 +285,23 @@ pub trait ReadSession: Send {
     /// # Errors
     /// [`TargetError::Io`].
     fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TargetError>;
+
+    /// [`ReadSession::download`] of the version `version_id` of `path` (a manifest's
+    /// `version_id`), so that a later write of the same key does not change what is read.
+    /// A target without versions (SFTP, memory) ignores the id and reads `path` (a manifest
+    /// copied from a versioned target names a version only there).
+    ///
+    /// # Errors
+    /// [`TargetError::Io`]; [`TargetError::NotFound`] if that version does not exist.
+    fn download_version(
+        &mut self,
+        path: &str,
+        version_id: Option<&str>,
+        chunks: SyncSender<Vec<u8>>,
+    ) -> Result<u64, TargetError> {
+        let _ = version_id;
+        self.download(path, chunks)
+    }
 }
 
 /// Removes what retention drops and what failed uploads left, with credentials that may

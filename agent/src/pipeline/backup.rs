@@ -147,6 +147,8 @@ pub async fn backup(
                 Vec::new()
             },
             counts: p.outcome.counts.clone(),
+            // Filled by a target with versions at commit.
+            version_id: None,
         };
         commit.push((p.staged.clone(), manifest.to_json()));
         if is_main {

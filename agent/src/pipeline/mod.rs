@@ -72,11 +72,13 @@ pub(crate) fn join_error(e: tokio::task::JoinError) -> JobError {
     JobError::Internal(format!("a pipeline thread failed: {e}"))
 }
 
-/// Streams `path` from the server through `consume` on a pipeline thread, with the
-/// download on a transport thread. `consume` gets a reader of the stored bytes.
+/// Streams `path` (the version `version_id` of it, a manifest's, where the target keeps
+/// versions) from the server through `consume` on a pipeline thread, with the download on a
+/// transport thread. `consume` gets a reader of the stored bytes.
 pub(crate) async fn with_download<T: Send + 'static>(
     settings: &Arc<Settings>,
     path: &str,
+    version_id: Option<&str>,
     progress: &Progress,
     consume: impl FnOnce(chunks::ChunkReader) -> T + Send + 'static,
 ) -> Result<T, JobError> {
@@ -84,7 +86,13 @@ pub(crate) async fn with_download<T: Send + 'static>(
     let download = {
         let settings = settings.clone();
         let path = path.to_owned();
-        tokio::task::spawn_blocking(move || settings.backup_server.read()?.download(&path, tx))
+        let version_id = version_id.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            settings
+                .backup_server
+                .read()?
+                .download_version(&path, version_id.as_deref(), tx)
+        })
     };
     let reader = chunks::ChunkReader::new(rx, progress.clone());
     let out = tokio::task::spawn_blocking(move || consume(reader))

@@ -39,9 +39,13 @@ pub async fn restore(
             continue;
         }
         progress.reset();
-        let (sha256, size) = with_download(&settings, path, &progress, |r| {
-            hash::HashingReader::new(r).finish()
-        })
+        let (sha256, size) = with_download(
+            &settings,
+            path,
+            manifest.version_id.as_deref(),
+            &progress,
+            |r| hash::HashingReader::new(r).finish(),
+        )
         .await?
         .map_err(|source| JobError::Stage {
             stage: "verify",
@@ -150,26 +154,32 @@ async fn restore_files(
             })?;
         let settings2 = settings.clone();
         let mut writer = sink.writer;
-        let streamed = with_download(settings, path, progress, move |reader| {
-            let Keys::Decrypt(dec) = &settings2.keys else {
-                return (Err(io::Error::other("no identity")), None);
-            };
-            let (hashed, digest) = hash::HashingReader::shared(reader);
-            let result = (|| -> io::Result<()> {
-                let decrypted = dec.wrap(hashed)?;
-                let mut plain = compress::decompressor(decrypted)?;
-                let copied = copy(&mut plain, &mut writer);
-                drop(writer);
-                copied?;
-                // Read to the very end: age authenticates the last chunk there.
-                io::copy(&mut plain, &mut io::sink())?;
-                Ok(())
-            })();
-            // After a failure half-way (a chunk that does not authenticate, a tool that
-            // stopped reading), the rest is still hashed: the digest tells an altered file
-            // from a tool's error.
-            (result, digest.drain().ok())
-        })
+        let streamed = with_download(
+            settings,
+            path,
+            manifest.version_id.as_deref(),
+            progress,
+            move |reader| {
+                let Keys::Decrypt(dec) = &settings2.keys else {
+                    return (Err(io::Error::other("no identity")), None);
+                };
+                let (hashed, digest) = hash::HashingReader::shared(reader);
+                let result = (|| -> io::Result<()> {
+                    let decrypted = dec.wrap(hashed)?;
+                    let mut plain = compress::decompressor(decrypted)?;
+                    let copied = copy(&mut plain, &mut writer);
+                    drop(writer);
+                    copied?;
+                    // Read to the very end: age authenticates the last chunk there.
+                    io::copy(&mut plain, &mut io::sink())?;
+                    Ok(())
+                })();
+                // After a failure half-way (a chunk that does not authenticate, a tool that
+                // stopped reading), the rest is still hashed: the digest tells an altered file
+                // from a tool's error.
+                (result, digest.drain().ok())
+            },
+        )
         .await?;
         let tool = sink.finish.await;
         let (streamed, digest) = streamed;

@@ -33,6 +33,7 @@ pub async fn verify(
         let checked = with_download(
             &settings,
             path,
+            manifest.version_id.as_deref(),
             &progress,
             move |reader| -> io::Result<(String, u64, u64)> {
                 let Keys::Decrypt(dec) = &settings2.keys else {

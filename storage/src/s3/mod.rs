@@ -18,7 +18,9 @@
 //!   a key exists ([`WriteSession::exists`] says "no" when
 //!   `HeadObject` is refused). What keeps a backup from being replaced is the bucket's
 //!   versioning (required): a racing or repeated write of a key adds a version, the earlier
-//!   one stays, and Object Lock keeps it. The version id each completion gives is logged.
+//!   one stays, and Object Lock keeps it. The version id each completion gives is written
+//!   into the part's manifest (`version_id`, [`mod@write`]), and a restore reads that
+//!   version ([`mod@read`]), whatever a racing writer of the key added since.
 //! - Object Lock: Ceph 16's RGW ignores lock headers on `CreateMultipartUpload`, and
 //!   production may not `PutObjectRetention`: objects are locked after completion by the
 //!   bucket's default retention, or by the maintenance session's
@@ -43,6 +45,7 @@ use crate::config::TargetConfigError;
 use crate::{MaintainSession, ReadSession, Target, TargetError, WriteSession};
 
 pub mod maintain;
+pub mod read;
 pub mod write;
 
 /// `kind = "s3"`: `[backup_server]` in the agent config, `[maintenance]` in the
@@ -564,7 +567,7 @@ impl Target for S3Target {
     }
 
     fn read(&self) -> Result<Box<dyn ReadSession>, TargetError> {
-        Ok(Box::new(maintain::S3Maintain::new(self.conn()?)))
+        Ok(Box::new(read::S3Read::new(self.conn()?)))
     }
 
     fn maintain(&self) -> Result<Box<dyn MaintainSession>, TargetError> {

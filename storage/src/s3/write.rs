@@ -14,6 +14,7 @@ use md5::{Digest, Md5};
 use super::Conn;
 use crate::{Aborter, PartialFate, Staged, TargetError, WriteSession};
 use ferry_core::layout::StoredFile;
+use ferry_core::manifest::Manifest;
 
 /// The first parts' size, bytes (8 MiB; S3's minimum is 5 MiB but for the last part).
 pub const FIRST_PART_BYTES: u64 = 8 << 20;
@@ -441,55 +442,86 @@ impl WriteSession for S3Write {
         self.stage_file(file, chunks)
     }
 
+    /// Completes the data parts first, then uploads and completes each manifest with the
+    /// version id its part's completion gave (`version_id`; the bytes as given on a bucket
+    /// without versioning), the main part's last: a reader takes a backup for one only by
+    /// that manifest, and reads the version it names, whatever a racing writer of the same
+    /// key adds.
     fn commit(&mut self, _job_id: &str, parts: &[(Staged, Vec<u8>)]) -> Result<(), TargetError> {
-        let data: Vec<Staged> = parts.iter().map(|(s, _)| s.clone()).collect();
-        // 1. Every manifest as a multipart upload of its own: still nothing visible.
-        let mut manifests = Vec::new();
+        let failed = |source: TargetError, left: Vec<String>, unsure: Option<String>| {
+            if !left.is_empty() {
+                // Production may not delete: what was completed stays, without the
+                // manifest that completes the backup, for `ferry prune`.
+                tracing::warn!(left = ?left, "The commit of a backup failed; what was completed is left without the manifest that completes it.");
+            }
+            TargetError::Commit {
+                source: Box::new(source),
+                left,
+                unsure,
+            }
+        };
+        let unsure_of = |e: &TargetError, path: String| {
+            matches!(e, TargetError::Connect { .. } | TargetError::Stalled { .. }).then_some(path)
+        };
+        // 1. Every manifest parses (its part's version id goes in): nothing is done if not.
+        let mut manifests = Vec::with_capacity(parts.len());
         for (part, json) in parts {
+            let path = format!("{}.json", part.file.path());
+            match Manifest::from_slice(&path, json) {
+                Ok(m) => manifests.push(m),
+                Err(e) => {
+                    let staged: Vec<String> =
+                        parts.iter().map(|(s, _)| s.partial.clone()).collect();
+                    self.abandon(&staged);
+                    let source = TargetError::Io {
+                        addr: self.conn.addr.clone(),
+                        op: "record the version id in",
+                        path,
+                        message: e.to_string(),
+                    };
+                    return Err(failed(source, Vec::new(), None));
+                }
+            }
+        }
+        // 2. The data parts: each completion gives the version id of the new object.
+        let mut placed: Vec<String> = Vec::new();
+        for (i, (part, _)) in parts.iter().enumerate() {
+            match self.complete(part) {
+                Ok(version) => manifests[i].version_id = version,
+                Err(e) => {
+                    let unsure = unsure_of(&e, part.file.path());
+                    for (rest, _) in &parts[i..] {
+                        let _ = self.discard(&rest.partial);
+                    }
+                    return Err(failed(e, placed, unsure));
+                }
+            }
+            placed.push(part.file.path());
+        }
+        // 3. Each manifest, with its part's version id, the main part's last.
+        for ((part, json), manifest) in parts.iter().zip(&manifests) {
             let file = StoredFile {
                 dir: part.file.dir.clone(),
                 name: format!("{}.json", part.file.name),
             };
+            let bytes = if manifest.version_id.is_some() {
+                manifest.to_json()
+            } else {
+                json.clone()
+            };
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
-            let _ = tx.send(json.clone());
+            let _ = tx.send(bytes);
             drop(tx);
-            match self.stage_file(&file, rx) {
-                Ok(s) => manifests.push(s),
-                Err(e) => {
-                    let staged: Vec<String> = data
-                        .iter()
-                        .chain(&manifests)
-                        .map(|s| s.partial.clone())
-                        .collect();
-                    self.abandon(&staged);
-                    return Err(TargetError::Commit {
-                        source: Box::new(e),
-                        left: Vec::new(),
-                        unsure: None,
-                    });
-                }
+            let staged = match self.stage_file(&file, rx) {
+                Ok(s) => s,
+                Err(e) => return Err(failed(e, placed, None)),
+            };
+            if let Err(e) = self.complete(&staged) {
+                let unsure = unsure_of(&e, file.path());
+                let _ = self.discard(&staged.partial);
+                return Err(failed(e, placed, unsure));
             }
-        }
-        // 2. The data parts, then 3. their manifests, the main part's last.
-        let order: Vec<Staged> = data.into_iter().chain(manifests).collect();
-        let mut placed: Vec<String> = Vec::new();
-        for (i, s) in order.iter().enumerate() {
-            if let Err(e) = self.complete(s) {
-                // Production may not delete: what was completed stays, without the
-                // manifest that completes the backup, for `ferry prune`.
-                let unsure = matches!(e, TargetError::Connect { .. } | TargetError::Stalled { .. })
-                    .then(|| s.file.path());
-                for rest in &order[i..] {
-                    let _ = self.discard(&rest.partial);
-                }
-                tracing::warn!(left = ?placed, "The commit of a backup failed; what was completed is left without the manifest that completes it.");
-                return Err(TargetError::Commit {
-                    source: Box::new(e),
-                    left: placed,
-                    unsure,
-                });
-            }
-            placed.push(s.file.path());
+            placed.push(file.path());
         }
         Ok(())
     }
