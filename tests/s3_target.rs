@@ -692,6 +692,88 @@ fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_i
 }
 
 #[test]
+fn agent_check_proves_what_each_agent_may_do_and_leaves_nothing_in_the_bucket() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("check");
+    let d = Deployment::start_with(DEFAULT_DATA, |_| {});
+    let dir = d.dir.path().to_owned();
+    let check = |base: &std::path::Path, user: &S3User| {
+        let text = std::fs::read_to_string(base).unwrap();
+        let config = base.with_file_name(format!("check-{}.toml", user.uid));
+        std::fs::write(
+            &config,
+            with_s3_backup_server(&text, c, &bucket, user, &dir),
+        )
+        .unwrap();
+        let out = std::process::Command::new(bin("ferry-agent"))
+            .arg("check")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let server = text
+            .lines()
+            .find(|l| l.starts_with("backup server:"))
+            .unwrap_or_else(|| panic!("no backup server line: {text}"))
+            .to_owned();
+        println!("{} with {}'s keys: {server}", base.display(), user.uid);
+        (out.status.success(), server, text)
+    };
+    let wrong = S3User {
+        uid: "nobody".into(),
+        access_key: "FERRYNOSUCHKEY000000".into(),
+        secret_key: "not-a-secret-the-endpoint-knows".into(),
+    };
+
+    // Production with its put-only keys: passes by starting and aborting an upload.
+    let (ok, line, all) = check(&d.prod_config, &roles.production);
+    assert!(ok, "{all}");
+    assert!(
+        line.contains("put-only credentials: an upload may start in ferry/production")
+            && line.contains("started and aborted"),
+        "{all}"
+    );
+    // Staging with its list-and-get keys: lists its source environment's folder.
+    let (ok, line, all) = check(&d.stage_config, &roles.staging);
+    assert!(ok, "{all}");
+    assert!(
+        line.contains("ferry/production holds") && line.contains("restores read from it"),
+        "{all}"
+    );
+    // Wrong keys fail plainly, on either agent; staging's keys on production may not put.
+    for (config, user, want) in [
+        (&d.prod_config, &wrong, "does not know these keys"),
+        (&d.stage_config, &wrong, "does not know these keys"),
+        (&d.prod_config, &roles.staging, "permission denied"),
+    ] {
+        let (ok, line, all) = check(config, user);
+        assert!(!ok, "{all}");
+        assert!(
+            line.starts_with("backup server: FAILED") && line.contains(want),
+            "{}: {all}",
+            user.uid
+        );
+    }
+
+    // Nothing is left: no object, version, delete marker or multipart upload.
+    let versions = c.s3_ok(
+        &roles.maintenance,
+        "list_object_versions",
+        json!({"Bucket": bucket}),
+    );
+    assert!(
+        versions["Versions"].as_array().is_none_or(|v| v.is_empty())
+            && versions["DeleteMarkers"]
+                .as_array()
+                .is_none_or(|v| v.is_empty()),
+        "the check left versions: {versions}"
+    );
+    assert_eq!(uploads(c, &bucket), vec![], "the check left an upload");
+}
+
+#[test]
 fn the_rgw_refuses_a_part_whose_content_md5_differs() {
     // What the write session's per-part checksum rests on: RGW checks each part's
     // Content-MD5 against the bytes it received.

@@ -154,15 +154,24 @@ async fn check(path: &std::path::Path, offline: bool) -> anyhow::Result<()> {
         Some(source) => (source.clone(), "readable: restores read from it"),
         None => (settings.environment.clone(), "backups are written here"),
     };
+    let writes = settings.source_environment.is_none();
     let reached = tokio::task::spawn_blocking(move || -> Result<String, String> {
-        let mut s = server.read().map_err(|e| e.to_string())?;
         let dir = server.environment_dir(&env);
-        let n = s
-            .list(&dir)
-            .map_err(|e| format!("cannot list {dir}: {e}"))?
-            .len();
+        let found = if writes {
+            // What production may do there (on S3 it may only put, not list).
+            server
+                .check_write(&env)
+                .map_err(|e| format!("cannot check {dir} for writing: {e}"))?
+        } else {
+            let mut s = server.read().map_err(|e| e.to_string())?;
+            let n = s
+                .list(&dir)
+                .map_err(|e| format!("cannot list {dir}: {e}"))?
+                .len();
+            format!("{dir} holds {n} entries")
+        };
         Ok(format!(
-            "reached {}, {dir} holds {n} entries ({purpose})",
+            "reached {}, {found} ({purpose})",
             server.describe()
         ))
     })

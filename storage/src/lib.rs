@@ -45,6 +45,7 @@
 //! | [`WriteSession::abandon`] | unlink the hidden file, where the key may | `AbortMultipartUpload` |
 //! | [`MaintainSession::leftovers`] | hidden partial files, and data files without a manifest | in-progress multipart uploads, and data objects without a manifest |
 //! | [`MaintainSession::extend_lock`] | unsupported | `PutObjectRetention` |
+//! | [`Target::check_write`] | list the environment's folder | `CreateMultipartUpload` and `AbortMultipartUpload` of a probe key in it (production may not list) |
 //! | [`Target::mirror`] | rsync over SSH | unsupported |
 //!
 //! The pipeline sees only these steps, so a new target does not change it: it streams the
@@ -168,6 +169,20 @@ pub trait Target: Send + Sync + std::fmt::Debug {
             self.environment_dir(environment),
             date.format("%Y-%m-%d")
         )
+    }
+
+    /// What `ferry-agent check` says of a writer's access to `environment`'s folder, where
+    /// its backups go, e.g. `/srv/ferry/production holds 3 entries`. By default the folder
+    /// is listed on a read session; a target whose writers may not list (S3, whose
+    /// production credentials may only put) proves instead that an upload may start there,
+    /// and leaves nothing behind.
+    ///
+    /// # Errors
+    /// [`TargetError`] of the call that was refused or failed, naming the path.
+    fn check_write(&self, environment: &str) -> Result<String, TargetError> {
+        let dir = self.environment_dir(environment);
+        let n = self.read()?.list(&dir)?.len();
+        Ok(format!("{dir} holds {n} entries"))
     }
 
     /// Opens a session to write new objects.

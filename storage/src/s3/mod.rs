@@ -478,6 +478,17 @@ where
             path,
             partial: crate::PartialFate::Unknown,
         },
+        (_, _, Some(c @ ("InvalidAccessKeyId" | "SignatureDoesNotMatch"))) => {
+            TargetError::PermissionDenied {
+                addr,
+                op,
+                path,
+                message: format!(
+                    "{c}: the endpoint does not know these keys (a wrong access key id or \
+                     secret key; check access_key_file and secret_key_file, or the AWS chain)"
+                ),
+            }
+        }
         (_, Some(403), _) => TargetError::PermissionDenied {
             addr,
             op,
@@ -564,6 +575,12 @@ impl Target for S3Target {
 
     fn write(&self) -> Result<Box<dyn WriteSession>, TargetError> {
         Ok(Box::new(write::S3Write::new(self.conn()?)))
+    }
+
+    /// Production may not list (the bucket policy): starts a multipart upload of a probe
+    /// key in the folder and aborts it ([`write::S3Write::probe`]).
+    fn check_write(&self, environment: &str) -> Result<String, TargetError> {
+        write::S3Write::new(self.conn()?).probe(&self.environment_dir(environment))
     }
 
     fn read(&self) -> Result<Box<dyn ReadSession>, TargetError> {

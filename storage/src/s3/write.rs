@@ -365,6 +365,58 @@ impl S3Write {
         }
     }
 
+    /// Proves that these credentials may upload into the folder `dir` without listing or
+    /// reading (which production may not): starts a multipart upload of a probe key
+    /// `<dir>/.ferry-check.<pid>.<nanoseconds>` and aborts it, so nothing stays. What was
+    /// checked, for `ferry-agent check`.
+    ///
+    /// # Errors
+    /// [`TargetError`] of `CreateMultipartUpload` (e.g. [`TargetError::PermissionDenied`]
+    /// for credentials that may not put), or [`TargetError::Io`] if the probe's upload
+    /// could not be aborted (it is then left for `ferry prune`).
+    pub(crate) fn probe(&mut self, dir: &str) -> Result<String, TargetError> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let key = format!(
+            "{}/.ferry-check.{}.{nanos}",
+            Conn::key(dir).trim_end_matches('/'),
+            std::process::id()
+        );
+        let created = self.conn.call(
+            "create multipart upload",
+            &key,
+            self.conn
+                .client
+                .create_multipart_upload()
+                .bucket(&self.conn.config.bucket)
+                .key(&key)
+                .send(),
+        )?;
+        let partial = partial_name(&key, created.upload_id().unwrap_or_default());
+        match self.discard(&partial) {
+            PartialFate::Removed => Ok(format!(
+                "put-only credentials: an upload may start in {dir}, listing is not checked \
+                 (production may only put): a multipart upload of {key} was started and \
+                 aborted, nothing is left"
+            )),
+            fate => Err(TargetError::Io {
+                addr: self.conn.addr.clone(),
+                op: "abort multipart upload",
+                path: key,
+                message: format!(
+                    "the check's probe upload could not be aborted ({}); `ferry prune` \
+                     with the maintenance keys removes it",
+                    match fate {
+                        PartialFate::Kept(reason) => reason,
+                        _ => "not known whether it was".to_owned(),
+                    }
+                ),
+            }),
+        }
+    }
+
     /// Completes the multipart upload of `staged`: its parts as the server lists them,
     /// checked against its size; then the object's ETag against the parts'. Returns the
     /// new version's id, if the bucket is versioned.
