@@ -1018,6 +1018,15 @@ fn a_restore_reads_the_version_its_manifest_records_whatever_a_racing_write_adde
     let m =
         Manifest::from_slice("read", &r.read_small(&f.manifest_path(), 1 << 20).unwrap()).unwrap();
     assert_eq!(m, stored);
+    // `ferry restore --all-or-nothing`'s check sizes that version too.
+    assert_eq!(
+        r.size_version(&f.path(), m.version_id.as_deref()).unwrap(),
+        Some(first.len() as u64)
+    );
+    assert_eq!(
+        r.size(&f.path()).unwrap(),
+        Some(b"a racing write".len() as u64)
+    );
     let (tx, rx) = chunk::channel();
     let collector = std::thread::spawn(move || rx.into_iter().flatten().collect::<Vec<u8>>());
     let n = r

@@ -41,7 +41,7 @@
 //! | [`WriteSession::stage`] | a hidden `.<name>.<job>.<attempt>.partial` file, its size checked with `stat` | a multipart upload of the final key, parts growing with the stream, each with its `Content-MD5`; its size checked with `ListParts`; nothing is visible until it completes |
 //! | [`Staged::partial`] | the hidden file's path | the key and the upload id |
 //! | [`WriteSession::commit`] | a rename without overwrite of each part, then each manifest, the main one last | `CompleteMultipartUpload` of each part (its ETag checked against the parts'), then each manifest, with the version id its part's completion gave, uploaded and completed, the main one last; never-overwrite by the bucket's versioning (production may not read, so cannot check first) |
-//! | [`ReadSession::download_version`] | the path (no versions) | `GetObject` of the manifest's version id |
+//! | [`ReadSession::download_version`], [`ReadSession::size_version`] | the path (no versions) | `GetObject`, `HeadObject` of the manifest's version id |
 //! | [`WriteSession::abandon`] | unlink the hidden file, where the key may | `AbortMultipartUpload` |
 //! | [`MaintainSession::leftovers`] | hidden partial files, and data files without a manifest | in-progress multipart uploads, and data objects without a manifest |
 //! | [`MaintainSession::extend_lock`] | unsupported | `PutObjectRetention` |
@@ -300,6 +300,20 @@ pub trait ReadSession: Send {
     /// # Errors
     /// [`TargetError::Io`].
     fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TargetError>;
+
+    /// [`ReadSession::size`] of the version `version_id` of `path` (a manifest's
+    /// `version_id`); a target without versions ignores the id.
+    ///
+    /// # Errors
+    /// As [`ReadSession::size`].
+    fn size_version(
+        &mut self,
+        path: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<u64>, TargetError> {
+        let _ = version_id;
+        self.size(path)
+    }
 
     /// [`ReadSession::download`] of the version `version_id` of `path` (a manifest's
     /// `version_id`), so that a later write of the same key does not change what is read.

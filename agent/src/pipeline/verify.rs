@@ -101,7 +101,7 @@ pub async fn check(
     tokio::task::spawn_blocking(move || -> Result<(), JobError> {
         let mut session = server.backup_server.read()?;
         for (path, manifest) in &files {
-            match session.size(path)? {
+            match session.size_version(path, manifest.version_id.as_deref())? {
                 None => {
                     return Err(JobError::NotFound(format!(
                         "{path} is not on the backup server (its manifest is)"

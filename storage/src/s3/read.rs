@@ -1,6 +1,6 @@
 //! The S3 read session: [`super::maintain::S3Maintain`]'s list, size and small reads, and
-//! its own streamed reads, of the current version of a key or of the version a manifest
-//! names (`GetObject` with `versionId`).
+//! its own sizes and streamed reads of the current version of a key or of the version a
+//! manifest names (`HeadObject`, `GetObject` with `versionId`).
 
 use std::sync::mpsc::SyncSender;
 
@@ -35,6 +35,30 @@ impl ReadSession for S3Read {
 
     fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TargetError> {
         self.listing.read_small(path, max)
+    }
+
+    /// `HeadObject` of `version_id` of `path` (its current version without one).
+    fn size_version(
+        &mut self,
+        path: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<u64>, TargetError> {
+        let r = self.conn.call(
+            "head object",
+            path,
+            self.conn
+                .client
+                .head_object()
+                .bucket(&self.conn.config.bucket)
+                .key(Conn::key(path))
+                .set_version_id(version_id.map(str::to_owned))
+                .send(),
+        );
+        match r {
+            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
+            Err(TargetError::NotFound { .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TargetError> {
