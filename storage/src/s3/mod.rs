@@ -578,7 +578,7 @@ impl Target for S3Target {
     }
 
     /// Production may not list (the bucket policy): starts a multipart upload of a probe
-    /// key in the folder and aborts it ([`write::S3Write::probe`]).
+    /// key in the folder and aborts it (`S3Write::probe` in [`mod@write`]).
     fn check_write(&self, environment: &str) -> Result<String, TargetError> {
         write::S3Write::new(self.conn()?).probe(&self.environment_dir(environment))
     }
