@@ -560,6 +560,10 @@ impl Target for S3Target {
         ferry_core::layout::environment_dir(self.config.root(), environment)
     }
 
+    fn object_lock(&self) -> bool {
+        self.config.lock.is_some()
+    }
+
     fn write(&self) -> Result<Box<dyn WriteSession>, TargetError> {
         Ok(Box::new(write::S3Write::new(self.conn()?)))
     }
