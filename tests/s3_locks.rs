@@ -307,14 +307,21 @@ fn locks_follow_the_retention_tiers_and_prune_removes_only_expired_dropped_folde
     let history: Vec<NaiveDate> = (1..100).map(|i| today - Days::new(i)).collect();
     let dir = tempfile::tempdir().unwrap();
     let production = production_target(c, &bucket, dir.path());
-    for date in &history {
-        write_backup(
-            &*production,
-            *date,
-            &format!("postgres_backup_{date}.pgdump.zst.age"),
-            format!("night of {date}").as_bytes(),
-        );
-    }
+    std::thread::scope(|scope| {
+        for dates in history.chunks(25) {
+            let production = &production;
+            scope.spawn(move || {
+                for date in dates {
+                    write_backup(
+                        &**production,
+                        *date,
+                        &format!("postgres_backup_{date}.pgdump.zst.age"),
+                        format!("night of {date}").as_bytes(),
+                    );
+                }
+            });
+        }
+    });
     write_history(&mut d, &history);
     // One night the policy drops, still locked (say, by a longer policy of before):
     // 40 days ago, locked until the day after tomorrow.
@@ -403,10 +410,34 @@ fn locks_follow_the_retention_tiers_and_prune_removes_only_expired_dropped_folde
         kept.keys().copied().collect::<BTreeSet<_>>(),
         "the folders left are not the kept ones"
     );
-    for (key, version) in &remaining {
-        let want = kept[&date_of(key)];
+    let read: Vec<_> = std::thread::scope(|scope| {
+        let threads: Vec<_> = remaining
+            .chunks(remaining.len().div_ceil(4).max(1))
+            .map(|versions| {
+                let bucket = &bucket;
+                scope.spawn(move || {
+                    versions
+                        .iter()
+                        .map(|(key, version)| {
+                            (
+                                key.clone(),
+                                version.clone(),
+                                retention(c, bucket, key, version),
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect()
+    });
+    for (key, version, got) in read {
+        let want = kept[&date_of(&key)];
         assert_eq!(
-            retention(c, &bucket, key, version),
+            got,
             Some(("COMPLIANCE".to_owned(), want)),
             "{key} {version}"
         );
@@ -425,4 +456,89 @@ fn locks_follow_the_retention_tiers_and_prune_removes_only_expired_dropped_folde
         .map(|(d, h)| (*d, h.format("%Y-%m-%dT%H:%M:%SZ").to_string()))
         .collect();
     assert_eq!(shown, want, "{listed}");
+}
+
+#[test]
+fn a_backup_whose_lock_fails_is_shown_not_locked_and_the_next_prune_locks_it() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("lockfail");
+    // The coordinator's [maintenance] holds staging's keys by mistake: the bucket policy
+    // refuses them PutObjectRetention.
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path().to_owned();
+        for (config, user) in [
+            (&d.prod_config, &roles.production),
+            (&d.stage_config, &roles.staging),
+        ] {
+            let text = std::fs::read_to_string(config).unwrap();
+            let table = s3_table("backup_server", c, &bucket, user, &dir, "");
+            std::fs::write(config, replace_backup_server(&text, &table)).unwrap();
+        }
+        let maintenance = s3_table(
+            "maintenance",
+            c,
+            &bucket,
+            &roles.staging,
+            &dir,
+            "lock = { mode = \"compliance\" }\n",
+        );
+        append(
+            &d.coordinator_config,
+            &format!(
+                "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = {KEEP_DAILY}\n\n{maintenance}"
+            ),
+        );
+    });
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let today = Utc::now().date_naive();
+    let daily = midnight(today + Days::new(KEEP_DAILY));
+    let written = versions(c, &bucket, &format!("{PREFIX}/production/{today}/"));
+    assert_eq!(written.len(), 4, "{written:?}");
+    for (key, version) in &written {
+        assert_eq!(retention(c, &bucket, key, version), None, "{key}");
+    }
+    // Not silently unlocked: the catalog says so, and `ferry backups` shows it.
+    let listed = d.ferry_json(&["backups"]);
+    let until = daily.format("%Y-%m-%dT%H:%M:%SZ").to_string();
+    for b in listed.as_array().unwrap() {
+        let note = b["lock_error"].as_str().unwrap_or_default();
+        assert!(
+            note.starts_with(&format!("not locked until {until}: ")),
+            "{listed}"
+        );
+        assert_eq!(b["retain_until"], Value::Null, "{listed}");
+    }
+    let table = d.ferry_ok(&["backups"]);
+    assert!(table.contains("NOT LOCKED ("), "{table}");
+
+    // With the maintenance keys, the next prune locks the folder and clears the note.
+    let config = std::fs::read_to_string(&d.coordinator_config).unwrap();
+    let dir = d.dir.path().to_owned();
+    let (staging_access, staging_secret) = key_files(&roles.staging, &dir);
+    let (access, secret) = key_files(&roles.maintenance, &dir);
+    let start = config.find("[maintenance]").unwrap();
+    let fixed = config[start..]
+        .replace(&staging_access, &access)
+        .replace(&staging_secret, &secret);
+    std::fs::write(
+        &d.coordinator_config,
+        format!("{}{fixed}", &config[..start]),
+    )
+    .unwrap();
+    d.start_coordinator();
+    d.ferry_json(&["prune", "--env", "production"]);
+    for (key, version) in &written {
+        assert_eq!(
+            retention(c, &bucket, key, version),
+            Some(("COMPLIANCE".to_owned(), daily)),
+            "{key}"
+        );
+    }
+    let listed = d.ferry_json(&["backups"]);
+    for b in listed.as_array().unwrap() {
+        assert_eq!(b["lock_error"], Value::Null, "{listed}");
+        assert_eq!(b["retain_until"], json!(until), "{listed}");
+    }
 }

@@ -189,7 +189,27 @@ impl Coordinator {
                         error = record.lock_error.as_deref().unwrap_or_default(),
                         "The backup's objects are not locked; the next prune tries again.");
                 }
-                this.put_record(record).await;
+                // A prune may have locked it meanwhile: its record is not overwritten.
+                let store = this.store.clone();
+                let r = blocking(move || {
+                    let current = store
+                        .list_backups(Some(&record.environment))?
+                        .into_iter()
+                        .find(|r| r.job_id == record.job_id && r.stored_path == record.stored_path);
+                    let newer = current
+                        .and_then(|r| r.retain_until_ms)
+                        .is_some_and(|u| record.retain_until_ms.is_none_or(|mine| u >= mine));
+                    if newer {
+                        Ok(())
+                    } else {
+                        store.put_backup(&record)
+                    }
+                })
+                .await;
+                if let Err(e) = r {
+                    tracing::error!(error = %e, error_type = "store",
+                        "Could not record the backup's lock in the catalog.");
+                }
             };
             tokio::spawn(retry);
             return;

@@ -23,7 +23,9 @@
 //!   production may not `PutObjectRetention`: objects are locked after completion by the
 //!   bucket's default retention, or by the maintenance session's
 //!   [`MaintainSession::extend_lock`], which never
-//!   shortens a lock.
+//!   shortens a lock. The coordinator does so per dated folder, until UTC midnight of
+//!   the folder's date + its retention tier's period, and reads the locks back with
+//!   [`MaintainSession::retain_until`] before it removes a folder.
 //! - Leftovers: in-progress multipart uploads (with no job id: `ferry prune` removes them
 //!   once untouched for 24 h) and data objects without a manifest. The maintenance
 //!   credentials of `docs/s3-bucket-policy.json` may not `GetObject`, so they cannot read
