@@ -463,6 +463,7 @@ fn a_backup_whose_lock_fails_is_shown_not_locked_and_the_next_prune_locks_it() {
     let c = CephCluster::shared();
     let roles = c.roles();
     let bucket = c.ferry_bucket("lockfail");
+    let metrics_port = free_port();
     // The coordinator's [maintenance] holds staging's keys by mistake: the bucket policy
     // refuses them PutObjectRetention.
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
@@ -489,6 +490,12 @@ fn a_backup_whose_lock_fails_is_shown_not_locked_and_the_next_prune_locks_it() {
                 "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = {KEEP_DAILY}\n\n{maintenance}"
             ),
         );
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        std::fs::write(
+            &d.coordinator_config,
+            format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n{text}"),
+        )
+        .unwrap();
     });
     let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
     assert!(out.contains("succeeded"), "{out}");
@@ -512,6 +519,14 @@ fn a_backup_whose_lock_fails_is_shown_not_locked_and_the_next_prune_locks_it() {
     }
     let table = d.ferry_ok(&["backups"]);
     assert!(table.contains("NOT LOCKED ("), "{table}");
+    let records = listed.as_array().unwrap().len();
+    assert!(
+        scrape(metrics_port).contains(&format!(
+            "ferry_backups_unlocked{{environment=\"production\"}} {records}"
+        )),
+        "{}",
+        scrape(metrics_port)
+    );
 
     // With the maintenance keys, the next prune locks the folder and clears the note.
     let config = std::fs::read_to_string(&d.coordinator_config).unwrap();
@@ -541,4 +556,20 @@ fn a_backup_whose_lock_fails_is_shown_not_locked_and_the_next_prune_locks_it() {
         assert_eq!(b["lock_error"], Value::Null, "{listed}");
         assert_eq!(b["retain_until"], json!(until), "{listed}");
     }
+    assert!(
+        scrape(metrics_port).contains("ferry_backups_unlocked{environment=\"production\"} 0"),
+        "{}",
+        scrape(metrics_port)
+    );
+}
+
+/// The body of `GET /metrics` on 127.0.0.1:`port`.
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.split_once("\r\n\r\n").unwrap().1.to_owned()
 }
