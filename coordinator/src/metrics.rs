@@ -26,6 +26,9 @@
 //!   environment is complete, 0 if a member is missing.
 //! - `ferry_last_complete_set_timestamp_seconds{environment}`: the end of the newest
 //!   complete set's last member backup (what a restore drill would take).
+//! - `ferry_backups_unlocked{environment}` (with a `[maintenance]` target with Object
+//!   Lock): catalog records whose objects could not be locked yet (`ferry backups` shows
+//!   `NOT LOCKED`; the next `ferry prune` locks them), 0 when all are.
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started, every
 //!   kind (`backup`, `restore`, `verify`) and outcome (`succeeded`, `failed`) from 0.
 //!
@@ -282,6 +285,26 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
             complete_at.samples.push((labels, end as f64 / 1000.0));
         }
     }
+    let mut unlocked = Family::gauge(
+        "ferry_backups_unlocked",
+        "Backups on a target with Object Lock whose objects could not be locked yet",
+    );
+    if c.settings
+        .maintenance
+        .as_ref()
+        .is_some_and(|t| t.object_lock())
+    {
+        let backups = c.backups(None).await?;
+        for env in c.production_environments() {
+            let n = backups
+                .iter()
+                .filter(|b| b.environment == env && b.lock_error.is_some())
+                .count();
+            unlocked
+                .samples
+                .push((vec![("environment", env.clone())], n as f64));
+        }
+    }
     let mut jobs = Family {
         name: "ferry_jobs",
         help: "Jobs finished since the coordinator started, by kind and outcome",
@@ -304,6 +327,7 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         stored,
         succeeded,
         rpo,
+        unlocked,
         jobs,
     ];
     Ok(encode(&families, format))

@@ -227,6 +227,15 @@ pub struct BackupRecord {
     /// backup server; cleared when one reads it again.
     #[serde(default)]
     pub missing: Option<MissingNote>,
+    /// On a storage target with Object Lock: until when the coordinator locked the
+    /// objects of its dated folder (UTC ms); `None` while unlocked or on a target without
+    /// locks.
+    #[serde(default)]
+    pub retain_until_ms: Option<i64>,
+    /// On a storage target with Object Lock: why the last attempt to lock its objects
+    /// failed; `None` once a lock is set (prune retries it).
+    #[serde(default)]
+    pub lock_error: Option<String>,
 }
 
 impl BackupRecord {

@@ -46,6 +46,7 @@
 //! | [`MaintainSession::leftovers`] | hidden partial files, and data files without a manifest | in-progress multipart uploads, and data objects without a manifest |
 //! | [`MaintainSession::extend_lock`] | unsupported | `PutObjectRetention` |
 //! | [`Target::check_write`] | list the environment's folder | `CreateMultipartUpload` and `AbortMultipartUpload` of a probe key in it (production may not list) |
+//! | [`MaintainSession::retain_until`] | no lock (`None`) | `GetObjectRetention` of each version |
 //! | [`Target::mirror`] | rsync over SSH | unsupported |
 //!
 //! The pipeline sees only these steps, so a new target does not change it: it streams the
@@ -203,6 +204,13 @@ pub trait Target: Send + Sync + std::fmt::Debug {
     /// # Errors
     /// As [`Target::write`].
     fn maintain(&self) -> Result<Box<dyn MaintainSession>, TargetError>;
+
+    /// Whether this target locks objects ([`MaintainSession::extend_lock`] and
+    /// [`MaintainSession::retain_until`] work): an S3 target with `lock`; `false` by
+    /// default.
+    fn object_lock(&self) -> bool {
+        false
+    }
 
     /// The mirror access of differential datastores (rsync mirrors, pgBackRest
     /// repositories), for this target's own login.
@@ -374,6 +382,20 @@ pub trait MaintainSession: ReadSession {
         path: &str,
         until: chrono::DateTime<chrono::Utc>,
     ) -> Result<(), TargetError>;
+
+    /// Until when `path` is locked: the earliest retain-until (UTC) among its versions,
+    /// `None` when a version has no lock (or the target has no locks, the default). A
+    /// retain-until in the past means the lock has expired.
+    ///
+    /// # Errors
+    /// [`TargetError::NotFound`] if `path` has no version; [`TargetError::Io`].
+    fn retain_until(
+        &mut self,
+        path: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, TargetError> {
+        let _ = path;
+        Ok(None)
+    }
 }
 
 /// How a differential datastore reaches its mirror on the target with the stock `rsync`

@@ -229,6 +229,8 @@ fn seed(
                 finished_ms: job.finished_ms.unwrap_or_default(),
                 job_id: job.id.clone(),
                 missing: None,
+                retain_until_ms: None,
+                lock_error: None,
             });
         }
         if batch.len() == 10_000 {

@@ -29,6 +29,8 @@ pub(crate) async fn run(
                     "agent": b.agent, "stored_path": b.stored_path, "size_bytes": b.size_bytes,
                     "bytes_uncompressed": b.bytes_uncompressed, "sha256": b.sha256,
                     "finished": time(b.finished_unix_ms), "job_id": b.job_id,
+                    "retain_until": (b.retain_until_unix_ms != 0).then(|| time(b.retain_until_unix_ms)),
+                    "lock_error": (!b.lock_error.is_empty()).then_some(&b.lock_error),
                     "missing": (b.missing_found_unix_ms != 0).then(|| serde_json::json!({
                         "found": time(b.missing_found_unix_ms), "job_id": b.missing_job_id,
                         "error": b.missing_error,
@@ -49,8 +51,15 @@ pub(crate) async fn run(
                 b.kind.clone(),
                 bytes(b.size_bytes),
                 time(b.finished_unix_ms),
-                if b.missing_found_unix_ms == 0 {
+                if b.retain_until_unix_ms == 0 {
+                    String::new()
+                } else {
+                    time(b.retain_until_unix_ms)
+                },
+                if b.missing_found_unix_ms == 0 && b.lock_error.is_empty() {
                     "ok".to_owned()
+                } else if b.missing_found_unix_ms == 0 {
+                    format!("NOT LOCKED ({})", b.lock_error)
                 } else {
                     format!(
                         "MISSING (found by job {} at {})",
@@ -70,6 +79,7 @@ pub(crate) async fn run(
             "KIND",
             "SIZE",
             "FINISHED",
+            "RETAIN UNTIL",
             "STATE",
             "PATH",
         ],

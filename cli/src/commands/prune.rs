@@ -4,7 +4,7 @@ use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
 use tonic::transport::Channel;
 
-use crate::format::{self, bytes, outln};
+use crate::format::{self, bytes, outln, time};
 use crate::{Output, status_error};
 
 pub(crate) async fn run(
@@ -40,6 +40,7 @@ pub(crate) async fn run(
                     "environment": d.environment, "date": d.date, "keep": d.keep,
                     "remove": d.keep.is_empty(), "removed": d.removed, "backups": d.backups,
                     "size_bytes": d.size_bytes, "leftovers": leftovers,
+                    "retain_until": (d.retain_until_unix_ms != 0).then(|| time(d.retain_until_unix_ms)),
                 })
             })
             .collect();
@@ -61,11 +62,23 @@ pub(crate) async fn run(
                 },
                 d.backups.to_string(),
                 bytes(d.size_bytes),
+                if d.retain_until_unix_ms == 0 {
+                    String::new()
+                } else {
+                    time(d.retain_until_unix_ms)
+                },
             ]
         })
         .collect();
     format::table(
-        &["ENVIRONMENT", "DATE", "DECISION", "BACKUPS", "SIZE"],
+        &[
+            "ENVIRONMENT",
+            "DATE",
+            "DECISION",
+            "BACKUPS",
+            "SIZE",
+            "RETAIN UNTIL",
+        ],
         rows,
     )?;
     let leftovers: Vec<Vec<String>> = decisions

@@ -5,7 +5,9 @@
 //! - [`sets`]: backup sets, everything one environment backed up on one date.
 //! - [`retention`]: the GFS retention policy of dated folders.
 //! - [`prune`]: `ferry prune`, the policy carried out on the backup server.
+//! - [`locks`]: Object Lock by retention tier, on a target with locks.
 
+pub mod locks;
 pub mod prune;
 pub mod retention;
 pub mod sets;

@@ -36,6 +36,11 @@ pub struct Decision {
     pub removed: bool,
     /// Files that failed or interrupted uploads left in it.
     pub leftovers: Vec<LeftoverDecision>,
+    /// On a target with Object Lock ([`crate::catalog::locks`]): until when its objects
+    /// are locked (a kept folder: its tier's horizon, set by this run unless it is a dry
+    /// run; a dropped one: its objects' latest lock still in force, which keeps it
+    /// `locked until ...`); `None` elsewhere.
+    pub retain_until: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// What prune decided for one file a failed or interrupted upload left.
@@ -221,6 +226,7 @@ pub async fn run(
                 keep,
                 removed: false,
                 leftovers: Vec::new(),
+                retain_until: None,
             });
         }
     }
@@ -278,6 +284,12 @@ pub async fn run(
             .await?;
             found.extend(judged);
         }
+    }
+
+    // Object Lock by tier: each kept folder's horizon; a dropped folder still locked is
+    // kept, and so is a locked orphan.
+    if let Some(server) = server.as_ref().filter(|t| t.object_lock()) {
+        locks_plan(c, server, &policies, &mut decisions, &mut found).await?;
     }
 
     let target = environment.unwrap_or("*");
@@ -371,6 +383,10 @@ pub async fn run(
     }
     attach(&mut decisions, found, &removed_paths);
 
+    if server.object_lock() {
+        extend_locks(c, who, &server, &decisions).await?;
+    }
+
     for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
         let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
         let removed = tokio::task::spawn_blocking(move || {
@@ -409,6 +425,133 @@ pub async fn run(
     })
 }
 
+/// The keep reason of a folder or file whose lock is still in force.
+fn locked_until(at: chrono::DateTime<chrono::Utc>) -> String {
+    format!("locked until {}", at.format("%Y-%m-%dT%H:%M:%SZ"))
+}
+
+/// On a target with Object Lock: sets each kept folder's `retain_until` to its tier's
+/// horizon (or the later lock the catalog records), reads the locks of the folders the
+/// policy drops and keeps those still locked (`locked until ...`), and keeps the orphans
+/// still locked.
+///
+/// # Errors
+/// [`PruneError::Target`] if a lock cannot be read.
+async fn locks_plan(
+    c: &Arc<Coordinator>,
+    server: &Arc<dyn ferry_storage::Target>,
+    policies: &[(String, crate::catalog::retention::Policy)],
+    decisions: &mut [Decision],
+    found: &mut [(Leftover, bool, String)],
+) -> Result<(), PruneError> {
+    let now = chrono::Utc::now();
+    let backups = c.backups(None).await?;
+    for d in decisions.iter_mut() {
+        let Some((_, policy)) = policies.iter().find(|(e, _)| *e == d.environment) else {
+            continue;
+        };
+        let Ok(date) = chrono::NaiveDate::parse_from_str(&d.date, "%Y-%m-%d") else {
+            continue;
+        };
+        if d.keep.is_empty() {
+            let (t, env) = (server.clone(), d.environment.clone());
+            let until = tokio::task::spawn_blocking(move || {
+                crate::catalog::locks::folder_retain_until(&*t, &env, date)
+            })
+            .await
+            .map_err(|e| PruneError::Task(e.to_string()))?
+            .map_err(|source| PruneError::Target {
+                doing: format!("reading the locks of {}/{}", d.environment, d.date),
+                source,
+                after: "",
+            })?;
+            if let Some(at) = until.filter(|at| *at > now) {
+                d.keep.push(locked_until(at));
+                d.retain_until = Some(at);
+            }
+        } else {
+            let recorded = backups
+                .iter()
+                .filter(|b| b.environment == d.environment && b.date == d.date)
+                .filter_map(|b| b.retain_until_ms)
+                .max()
+                .and_then(chrono::DateTime::from_timestamp_millis);
+            let horizon = crate::catalog::locks::horizon(date, policy, &d.keep);
+            d.retain_until = Some(recorded.map_or(horizon, |r| r.max(horizon)));
+        }
+    }
+    for (l, remove, reason) in found.iter_mut() {
+        if !*remove || !matches!(l.kind, LeftoverKind::Orphan) {
+            continue;
+        }
+        let (t, path) = (server.clone(), l.path.clone());
+        let until = tokio::task::spawn_blocking(move || t.maintain()?.retain_until(&path))
+            .await
+            .map_err(|e| PruneError::Task(e.to_string()))?;
+        if let Ok(Some(at)) = until
+            && at > now
+        {
+            *remove = false;
+            *reason = format!("{reason}; but {}", locked_until(at));
+        }
+    }
+    Ok(())
+}
+
+/// Extends the locks of every folder `decisions` keeps to its `retain_until` (never
+/// shortening one), and records it on the catalog's records of that folder (clearing a
+/// lock failure noted when the backup finished).
+///
+/// # Errors
+/// [`PruneError::Target`] naming the folder whose lock failed; folders before it were
+/// locked.
+async fn extend_locks(
+    c: &Arc<Coordinator>,
+    who: &str,
+    server: &Arc<dyn ferry_storage::Target>,
+    decisions: &[Decision],
+) -> Result<(), PruneError> {
+    let now = chrono::Utc::now();
+    for d in decisions.iter().filter(|d| !d.keep.is_empty()) {
+        let Some(until) = d.retain_until.filter(|u| *u > now) else {
+            continue;
+        };
+        let Ok(date) = chrono::NaiveDate::parse_from_str(&d.date, "%Y-%m-%d") else {
+            continue;
+        };
+        let (t, env) = (server.clone(), d.environment.clone());
+        let locked = tokio::task::spawn_blocking(move || {
+            crate::catalog::locks::lock_folder(&*t, &env, date, until)
+        })
+        .await
+        .map_err(|e| PruneError::Task(e.to_string()))?;
+        let folder = format!("{}/{}", d.environment, d.date);
+        if let Err(e) = locked {
+            c.audit(who, "prune lock", &folder, &format!("failed: {e}"))
+                .await;
+            return Err(PruneError::Target {
+                doing: format!("locking {folder}"),
+                source: e,
+                after: "; folders listed before it were locked",
+            });
+        }
+        let (store, env, day) = (c.store.clone(), d.environment.clone(), d.date.clone());
+        let ms = until.timestamp_millis();
+        blocking(move || {
+            for mut r in store.list_backups(Some(&env))? {
+                if r.date == day && (r.retain_until_ms != Some(ms) || r.lock_error.is_some()) {
+                    r.retain_until_ms = Some(ms);
+                    r.lock_error = None;
+                    store.put_backup(&r)?;
+                }
+            }
+            Ok(())
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// Attaches each judged leftover to its folder's decision (a folder the catalog does not
 /// know gets one that keeps it: `not in the catalog`), marking those in `removed`; keeps
 /// the decisions newest first per environment.
@@ -438,6 +581,7 @@ fn attach(decisions: &mut Vec<Decision>, found: Vec<(Leftover, bool, String)>, r
                 size_bytes: 0,
                 removed: false,
                 leftovers: vec![decision],
+                retain_until: None,
             }),
         }
     }
@@ -527,6 +671,7 @@ mod tests {
             size_bytes: 5,
             removed: false,
             leftovers: Vec::new(),
+            retain_until: None,
         }];
         let mut today = leftover(LeftoverKind::Orphan, 600);
         today.date = "2026-02-05".into();
@@ -575,6 +720,8 @@ mod tests {
                 finished_ms: 0,
                 job_id: job,
                 missing: None,
+                retain_until_ms: None,
+                lock_error: None,
             })
             .unwrap();
     }

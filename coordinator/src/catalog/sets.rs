@@ -151,6 +151,8 @@ mod tests {
             finished_ms: ms,
             job_id: format!("{date}{datastore}{ms}"),
             missing: None,
+            retain_until_ms: None,
+            lock_error: None,
         }
     }
 

@@ -144,11 +144,18 @@ impl Coordinator {
                             finished_ms: job.finished_ms.unwrap_or_default(),
                             job_id: job.id.clone(),
                             missing: None,
+                            retain_until_ms: None,
+                            lock_error: None,
                         };
                         let store = self.store.clone();
+                        let to_lock = record.clone();
                         if let Err(e) = blocking(move || store.put_backup(&record)).await {
                             tracing::error!(error = %e, "Could not record the backup in the catalog.");
                         }
+                        // On a target with Object Lock: its objects locked until its date
+                        // + keep_daily, by the maintenance credentials (retried in the
+                        // background if the first attempt fails).
+                        self.clone().lock_finished_backup(to_lock).await;
                     }
                     let summary = format!(
                         "Succeeded: {} ({} bytes).",

@@ -107,6 +107,8 @@ impl From<&BackupRecord> for v1::BackupRecord {
                 .as_ref()
                 .map(|m| m.error.clone())
                 .unwrap_or_default(),
+            retain_until_unix_ms: b.retain_until_ms.unwrap_or(0),
+            lock_error: b.lock_error.clone().unwrap_or_default(),
         }
     }
 }
@@ -151,6 +153,7 @@ impl From<crate::catalog::prune::Outcome> for v1::PruneResponse {
                     backups: d.backups,
                     size_bytes: d.size_bytes,
                     removed: d.removed,
+                    retain_until_unix_ms: d.retain_until.map_or(0, |t| t.timestamp_millis()),
                     leftovers: d
                         .leftovers
                         .into_iter()

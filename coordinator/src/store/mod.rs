@@ -200,6 +200,8 @@ mod tests {
             finished_ms,
             job_id: format!("j{finished_ms}"),
             missing: None,
+            retain_until_ms: None,
+            lock_error: None,
         }
     }
 

@@ -510,6 +510,8 @@ mod tests {
                 finished_ms: 5,
                 job_id: "j".into(),
                 missing: None,
+                retain_until_ms: None,
+                lock_error: None,
             })
             .unwrap();
         }
@@ -548,6 +550,8 @@ mod tests {
                 finished_ms: n,
                 job_id: format!("j{n}"),
                 missing: None,
+                retain_until_ms: None,
+                lock_error: None,
             })
             .collect();
         s.put_backups(&records).unwrap();

@@ -599,4 +599,32 @@ impl MaintainSession for S3Maintain {
         }
         Ok(())
     }
+
+    /// The earliest retain-until among the versions of `path` (`GetObjectRetention` of
+    /// each); `None` if one has no lock.
+    fn retain_until(
+        &mut self,
+        path: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, TargetError> {
+        let key = Conn::key(path);
+        let versions: Vec<Version> = self
+            .versions(key)?
+            .into_iter()
+            .filter(|v| v.key == key && !v.delete_marker)
+            .collect();
+        if versions.is_empty() {
+            return Err(TargetError::NotFound {
+                addr: self.conn.addr.clone(),
+                path: path.to_owned(),
+            });
+        }
+        let mut earliest: Option<i64> = None;
+        for v in versions {
+            match self.retention(key, v.version_id.as_deref())? {
+                None => return Ok(None),
+                Some((_, at)) => earliest = Some(earliest.map_or(at, |e| e.min(at))),
+            }
+        }
+        Ok(earliest.and_then(|at| chrono::DateTime::from_timestamp(at, 0)))
+    }
 }

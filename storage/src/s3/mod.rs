@@ -25,7 +25,9 @@
 //!   production may not `PutObjectRetention`: objects are locked after completion by the
 //!   bucket's default retention, or by the maintenance session's
 //!   [`MaintainSession::extend_lock`], which never
-//!   shortens a lock.
+//!   shortens a lock. The coordinator does so per dated folder, until UTC midnight of
+//!   the folder's date + its retention tier's period, and reads the locks back with
+//!   [`MaintainSession::retain_until`] before it removes a folder.
 //! - Leftovers: in-progress multipart uploads (with no job id: `ferry prune` removes them
 //!   once untouched for 24 h) and data objects without a manifest. The maintenance
 //!   credentials of `docs/s3-bucket-policy.json` may not `GetObject`, so they cannot read
@@ -571,6 +573,10 @@ impl Target for S3Target {
 
     fn environment_dir(&self, environment: &str) -> String {
         ferry_core::layout::environment_dir(self.config.root(), environment)
+    }
+
+    fn object_lock(&self) -> bool {
+        self.config.lock.is_some()
     }
 
     fn write(&self) -> Result<Box<dyn WriteSession>, TargetError> {
