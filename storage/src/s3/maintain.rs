@@ -1,20 +1,21 @@
-//! The S3 read session (list, size, read small, stream) and maintain session (remove a
-//! dated folder's versions, list and remove leftovers, extend locks): one type, whose
-//! calls the bucket policy allows or refuses by the configuration's credentials.
+//! The S3 maintain session: remove a dated folder's versions, list and remove leftovers,
+//! read and extend locks. Its reads are [`super::read::S3Read`]'s; the bucket policy allows
+//! or refuses each call by the configuration's credentials.
 
 use std::sync::mpsc::SyncSender;
 
 use aws_sdk_s3::primitives::DateTime as S3DateTime;
 use aws_sdk_s3::types::{ObjectLockRetention, ObjectLockRetentionMode};
 
+use super::read::S3Read;
 use super::{Conn, LockMode};
-use crate::chunk::CHUNK_BYTES;
 use crate::leftovers::{self, Entry};
 use crate::{Leftover, LeftoverKind, MaintainSession, ReadSession, TargetError, now_seconds};
 
-/// The read and maintain session of an [`super::S3Target`].
+/// The maintain session of an [`super::S3Target`].
 pub struct S3Maintain {
     conn: Conn,
+    read: S3Read,
 }
 
 /// One version of an object, as `ListObjectVersions` gives it.
@@ -27,54 +28,14 @@ struct Version {
 
 impl S3Maintain {
     pub(crate) fn new(conn: Conn) -> S3Maintain {
-        S3Maintain { conn }
+        S3Maintain {
+            read: S3Read::new(conn.clone()),
+            conn,
+        }
     }
 
     fn bucket(&self) -> &str {
         &self.conn.config.bucket
-    }
-
-    /// The objects and folders directly under the key prefix `prefix` (ending in `/`):
-    /// `(name, size, last modified)` of each object, and each folder's name.
-    #[allow(clippy::type_complexity)]
-    fn list_dir(
-        &self,
-        prefix: &str,
-    ) -> Result<(Vec<(String, u64, Option<u64>)>, Vec<String>), TargetError> {
-        let (mut objects, mut folders) = (Vec::new(), Vec::new());
-        let mut token: Option<String> = None;
-        loop {
-            let page = self.conn.call(
-                "list",
-                prefix,
-                self.conn
-                    .client
-                    .list_objects_v2()
-                    .bucket(self.bucket())
-                    .prefix(prefix)
-                    .delimiter("/")
-                    .set_continuation_token(token.clone())
-                    .send(),
-            )?;
-            for o in page.contents() {
-                if let Some(name) = o.key().and_then(|k| k.strip_prefix(prefix)) {
-                    objects.push((
-                        name.to_owned(),
-                        o.size().unwrap_or(0).max(0) as u64,
-                        o.last_modified().map(|t| t.secs().max(0) as u64),
-                    ));
-                }
-            }
-            for p in page.common_prefixes() {
-                if let Some(name) = p.prefix().and_then(|k| k.strip_prefix(prefix)) {
-                    folders.push(name.trim_end_matches('/').to_owned());
-                }
-            }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok((objects, folders)),
-            }
-        }
     }
 
     /// Every version and delete marker of the keys under `prefix`.
@@ -245,141 +206,40 @@ impl S3Maintain {
     }
 }
 
+/// Reads with the maintenance credentials are the read session's (the bucket policy says
+/// which of them these credentials may make).
 impl ReadSession for S3Maintain {
     fn list(&mut self, dir: &str) -> Result<Vec<String>, TargetError> {
-        let prefix = format!("{}/", Conn::key(dir).trim_end_matches('/'));
-        let (objects, folders) = self.list_dir(&prefix)?;
-        Ok(objects
-            .into_iter()
-            .map(|(n, _, _)| n)
-            .chain(folders)
-            .collect())
+        self.read.list(dir)
     }
 
     fn size(&mut self, path: &str) -> Result<Option<u64>, TargetError> {
-        let r = self.conn.call(
-            "head object",
-            path,
-            self.conn
-                .client
-                .head_object()
-                .bucket(self.bucket())
-                .key(Conn::key(path))
-                .send(),
-        );
-        match r {
-            Ok(o) => Ok(Some(o.content_length().unwrap_or(0).max(0) as u64)),
-            Err(TargetError::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e),
-        }
+        self.read.size(path)
     }
 
     fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TargetError> {
-        let out = self.conn.call(
-            "get object",
-            path,
-            self.conn
-                .client
-                .get_object()
-                .bucket(self.bucket())
-                .key(Conn::key(path))
-                .send(),
-        )?;
-        let size = out.content_length().unwrap_or(0).max(0) as u64;
-        let too_large = |size| TargetError::TooLarge {
-            addr: self.conn.addr.clone(),
-            path: path.to_owned(),
-            size,
-            max,
-        };
-        if size > max {
-            return Err(too_large(size));
-        }
-        let mut body = out.body;
-        let mut data = Vec::with_capacity(size as usize);
-        loop {
-            let cancel = self.conn.cancel.clone();
-            let next = super::runtime().block_on(async {
-                tokio::select! {
-                    _ = cancel.cancelled() => None,
-                    n = body.try_next() => Some(n),
-                }
-            });
-            match next {
-                None => return Err(self.conn.cancelled("read", path)),
-                Some(Ok(Some(bytes))) => {
-                    data.extend_from_slice(&bytes);
-                    if data.len() as u64 > max {
-                        return Err(too_large(data.len() as u64));
-                    }
-                }
-                Some(Ok(None)) => return Ok(data),
-                Some(Err(e)) => {
-                    return Err(TargetError::Io {
-                        addr: self.conn.addr.clone(),
-                        op: "read",
-                        path: path.to_owned(),
-                        message: e.to_string(),
-                    });
-                }
-            }
-        }
+        self.read.read_small(path, max)
     }
 
     fn download(&mut self, path: &str, chunks: SyncSender<Vec<u8>>) -> Result<u64, TargetError> {
-        let out = self.conn.call(
-            "get object",
-            path,
-            self.conn
-                .client
-                .get_object()
-                .bucket(self.bucket())
-                .key(Conn::key(path))
-                .send(),
-        )?;
-        let mut body = out.body;
-        let mut total = 0u64;
-        let mut buf = crate::chunk::buffer();
-        loop {
-            let cancel = self.conn.cancel.clone();
-            let next = super::runtime().block_on(async {
-                tokio::select! {
-                    _ = cancel.cancelled() => None,
-                    n = body.try_next() => Some(n),
-                }
-            });
-            let piece = match next {
-                None => return Err(self.conn.cancelled("read", path)),
-                Some(Ok(p)) => p,
-                Some(Err(e)) => {
-                    return Err(TargetError::Io {
-                        addr: self.conn.addr.clone(),
-                        op: "read",
-                        path: path.to_owned(),
-                        message: e.to_string(),
-                    });
-                }
-            };
-            let Some(bytes) = piece else {
-                if !buf.is_empty() && chunks.send(buf).is_err() {
-                    return Ok(total);
-                }
-                return Ok(total);
-            };
-            let mut rest = &bytes[..];
-            while !rest.is_empty() {
-                let take = (CHUNK_BYTES - buf.len()).min(rest.len());
-                buf.extend_from_slice(&rest[..take]);
-                rest = &rest[take..];
-                total += take as u64;
-                if buf.len() == CHUNK_BYTES {
-                    let full = std::mem::replace(&mut buf, crate::chunk::buffer());
-                    if chunks.send(full).is_err() {
-                        return Ok(total);
-                    }
-                }
-            }
-        }
+        self.read.download(path, chunks)
+    }
+
+    fn size_version(
+        &mut self,
+        path: &str,
+        version_id: Option<&str>,
+    ) -> Result<Option<u64>, TargetError> {
+        self.read.size_version(path, version_id)
+    }
+
+    fn download_version(
+        &mut self,
+        path: &str,
+        version_id: Option<&str>,
+        chunks: SyncSender<Vec<u8>>,
+    ) -> Result<u64, TargetError> {
+        self.read.download_version(path, version_id, chunks)
     }
 }
 
@@ -443,13 +303,13 @@ impl MaintainSession for S3Maintain {
         let env_prefix = format!("{}/", Conn::key(&env_dir));
         let now = now_seconds();
         let mut out = Vec::new();
-        let (_, folders) = self.list_dir(&env_prefix)?;
+        let (_, folders) = self.read.list_dir(&env_prefix)?;
         for date in folders {
             if ferry_core::layout::parse_date(&date).is_err() {
                 continue;
             }
             let dir = format!("{env_dir}/{date}");
-            let (objects, _) = self.list_dir(&format!("{env_prefix}{date}/"))?;
+            let (objects, _) = self.read.list_dir(&format!("{env_prefix}{date}/"))?;
             let files: Vec<Entry> = objects
                 .into_iter()
                 .map(|(name, size, mtime)| Entry { name, size, mtime })

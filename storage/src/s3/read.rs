@@ -1,40 +1,150 @@
-//! The S3 read session: [`super::maintain::S3Maintain`]'s list, size and small reads, and
-//! its own sizes and streamed reads of the current version of a key or of the version a
-//! manifest names (`HeadObject`, `GetObject` with `versionId`).
+//! The S3 read session: list, size, small reads and streamed reads of the current version
+//! of a key or of the version a manifest names (`ListObjectsV2`, `HeadObject`, `GetObject`
+//! with `versionId`). The maintain session reads through it too.
 
 use std::sync::mpsc::SyncSender;
 
+use aws_sdk_s3::primitives::ByteStream;
+use bytes::Bytes;
+
 use super::Conn;
-use super::maintain::S3Maintain;
 use crate::chunk::CHUNK_BYTES;
 use crate::{ReadSession, TargetError};
 
 /// The read session of an [`super::S3Target`].
 pub struct S3Read {
     conn: Conn,
-    listing: S3Maintain,
 }
 
 impl S3Read {
     pub(crate) fn new(conn: Conn) -> S3Read {
-        S3Read {
-            listing: S3Maintain::new(conn.clone()),
-            conn,
+        S3Read { conn }
+    }
+
+    /// The objects and folders directly under the key prefix `prefix` (ending in `/`):
+    /// `(name, size, last modified)` of each object, and each folder's name.
+    #[allow(clippy::type_complexity)]
+    pub(super) fn list_dir(
+        &self,
+        prefix: &str,
+    ) -> Result<(Vec<(String, u64, Option<u64>)>, Vec<String>), TargetError> {
+        let (mut objects, mut folders) = (Vec::new(), Vec::new());
+        let mut token: Option<String> = None;
+        loop {
+            let page = self.conn.call(
+                "list",
+                prefix,
+                self.conn
+                    .client
+                    .list_objects_v2()
+                    .bucket(&self.conn.config.bucket)
+                    .prefix(prefix)
+                    .delimiter("/")
+                    .set_continuation_token(token.clone())
+                    .send(),
+            )?;
+            for o in page.contents() {
+                if let Some(name) = o.key().and_then(|k| k.strip_prefix(prefix)) {
+                    objects.push((
+                        name.to_owned(),
+                        o.size().unwrap_or(0).max(0) as u64,
+                        o.last_modified().map(|t| t.secs().max(0) as u64),
+                    ));
+                }
+            }
+            for p in page.common_prefixes() {
+                if let Some(name) = p.prefix().and_then(|k| k.strip_prefix(prefix)) {
+                    folders.push(name.trim_end_matches('/').to_owned());
+                }
+            }
+            match page.next_continuation_token() {
+                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
+                _ => return Ok((objects, folders)),
+            }
+        }
+    }
+
+    /// `GetObject` of `version_id` of `path` (its current version without one).
+    fn get(
+        &self,
+        path: &str,
+        version_id: Option<&str>,
+    ) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, TargetError> {
+        self.conn.call(
+            "get object",
+            path,
+            self.conn
+                .client
+                .get_object()
+                .bucket(&self.conn.config.bucket)
+                .key(Conn::key(path))
+                .set_version_id(version_id.map(str::to_owned))
+                .send(),
+        )
+    }
+
+    /// The next piece of `body`, `None` at its end.
+    ///
+    /// # Errors
+    /// [`TargetError`] cancelled when the session's cancel fires while waiting; I/O naming
+    /// `path` when the stream fails.
+    fn next_piece(&self, body: &mut ByteStream, path: &str) -> Result<Option<Bytes>, TargetError> {
+        let cancel = self.conn.cancel.clone();
+        let next = super::runtime().block_on(async {
+            tokio::select! {
+                _ = cancel.cancelled() => None,
+                n = body.try_next() => Some(n),
+            }
+        });
+        match next {
+            None => Err(self.conn.cancelled("read", path)),
+            Some(Ok(piece)) => Ok(piece),
+            Some(Err(e)) => Err(TargetError::Io {
+                addr: self.conn.addr.clone(),
+                op: "read",
+                path: path.to_owned(),
+                message: e.to_string(),
+            }),
         }
     }
 }
 
 impl ReadSession for S3Read {
     fn list(&mut self, dir: &str) -> Result<Vec<String>, TargetError> {
-        self.listing.list(dir)
+        let prefix = format!("{}/", Conn::key(dir).trim_end_matches('/'));
+        let (objects, folders) = self.list_dir(&prefix)?;
+        Ok(objects
+            .into_iter()
+            .map(|(n, _, _)| n)
+            .chain(folders)
+            .collect())
     }
 
     fn size(&mut self, path: &str) -> Result<Option<u64>, TargetError> {
-        self.listing.size(path)
+        self.size_version(path, None)
     }
 
     fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TargetError> {
-        self.listing.read_small(path, max)
+        let out = self.get(path, None)?;
+        let too_large = |size| TargetError::TooLarge {
+            addr: self.conn.addr.clone(),
+            path: path.to_owned(),
+            size,
+            max,
+        };
+        let size = out.content_length().unwrap_or(0).max(0) as u64;
+        if size > max {
+            return Err(too_large(size));
+        }
+        let mut body = out.body;
+        let mut data = Vec::with_capacity(size as usize);
+        while let Some(bytes) = self.next_piece(&mut body, path)? {
+            data.extend_from_slice(&bytes);
+            if data.len() as u64 > max {
+                return Err(too_large(data.len() as u64));
+            }
+        }
+        Ok(data)
     }
 
     /// `HeadObject` of `version_id` of `path` (its current version without one).
@@ -73,50 +183,13 @@ impl ReadSession for S3Read {
         version_id: Option<&str>,
         chunks: SyncSender<Vec<u8>>,
     ) -> Result<u64, TargetError> {
-        let out = self.conn.call(
-            "get object",
-            path,
-            self.conn
-                .client
-                .get_object()
-                .bucket(&self.conn.config.bucket)
-                .key(Conn::key(path))
-                .set_version_id(version_id.map(str::to_owned))
-                .send(),
-        )?;
+        let mut body = self.get(path, version_id)?.body;
         if let Some(v) = version_id {
             tracing::debug!(path, version = v, "Reading the version a manifest names.");
         }
-        let mut body = out.body;
         let mut total = 0u64;
         let mut buf = crate::chunk::buffer();
-        loop {
-            let cancel = self.conn.cancel.clone();
-            let next = super::runtime().block_on(async {
-                tokio::select! {
-                    _ = cancel.cancelled() => None,
-                    n = body.try_next() => Some(n),
-                }
-            });
-            let bytes = match next {
-                None => return Err(self.conn.cancelled("read", path)),
-                Some(Ok(Some(bytes))) => bytes,
-                Some(Ok(None)) => {
-                    if !buf.is_empty() {
-                        // A receiver that hung up wanted no more: Ok either way.
-                        let _ = chunks.send(buf);
-                    }
-                    return Ok(total);
-                }
-                Some(Err(e)) => {
-                    return Err(TargetError::Io {
-                        addr: self.conn.addr.clone(),
-                        op: "read",
-                        path: path.to_owned(),
-                        message: e.to_string(),
-                    });
-                }
-            };
+        while let Some(bytes) = self.next_piece(&mut body, path)? {
             let mut rest = &bytes[..];
             while !rest.is_empty() {
                 let take = (CHUNK_BYTES - buf.len()).min(rest.len());
@@ -131,5 +204,10 @@ impl ReadSession for S3Read {
                 }
             }
         }
+        if !buf.is_empty() {
+            // A receiver that hung up wanted no more: Ok either way.
+            let _ = chunks.send(buf);
+        }
+        Ok(total)
     }
 }
