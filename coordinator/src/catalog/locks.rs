@@ -211,7 +211,7 @@ impl Coordinator {
                         "Could not record the backup's lock in the catalog.");
                 }
             };
-            tokio::spawn(retry);
+            self.tasks.spawn(retry);
             return;
         }
         record.retain_until_ms = Some(until.timestamp_millis());
