@@ -203,25 +203,39 @@ impl ToolError {
     }
 }
 
-/// Runs `cmd` to its end (killed if the future is dropped) and returns its stdout.
+/// Runs `cmd` to its end and returns its stdout; if the future is dropped first (a
+/// cancelled or stopped job), the tool is killed and reaped ([`ReapedChild`]).
 ///
 /// # Errors
-/// [`ToolError::NotStarted`], or [`ToolError::Failed`] with the exit status as
-/// [`describe_status`] words it and the last 5 lines of its stderr joined by ` | `.
+/// [`ToolError::NotStarted`] (also when its output cannot be read or it cannot be
+/// waited for), or [`ToolError::Failed`] with the exit status as [`describe_status`]
+/// words it and the last 5 lines of its stderr joined by ` | `.
 pub async fn output(mut cmd: tokio::process::Command) -> Result<Vec<u8>, ToolError> {
-    let out = cmd
-        .kill_on_drop(true)
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
+    use std::process::Stdio;
+    use tokio::io::AsyncReadExt;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .map_err(ToolError::NotStarted)?;
-    if out.status.success() {
-        return Ok(out.stdout);
+    let (mut stdout, mut stderr) = (
+        child.stdout.take().expect("stdout is piped"),
+        child.stderr.take().expect("stderr is piped"),
+    );
+    let mut child = ReapedChild::new(child);
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let (read_out, read_err) =
+        tokio::join!(stdout.read_to_end(&mut out), stderr.read_to_end(&mut err));
+    read_out.and(read_err).map_err(ToolError::NotStarted)?;
+    let status = child.wait().await.map_err(ToolError::NotStarted)?;
+    if status.success() {
+        return Ok(out);
     }
-    let text = String::from_utf8_lossy(&out.stderr);
+    let text = String::from_utf8_lossy(&err);
     let tail: Vec<&str> = text.lines().rev().take(5).collect();
     Err(ToolError::Failed {
-        status: describe_status(out.status),
+        status: describe_status(status),
         stderr: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
     })
 }
@@ -255,6 +269,36 @@ pub fn describe_status(status: ExitStatus) -> String {
 mod tests {
     use super::*;
     use crate::datastore::DumpError;
+
+    #[tokio::test]
+    async fn a_tool_whose_run_is_dropped_is_killed_and_reaped_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid_file = dir.path().join("pid");
+        let mut cmd = tokio::process::Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!("echo $$ > {}; exec sleep 30", pid_file.display()));
+        let mut run = Box::pin(output(cmd));
+        // Run it until the tool has started, then drop the run (a stopped job).
+        let pid = loop {
+            tokio::select! {
+                r = &mut run => panic!("the tool ended: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {}
+            }
+            if let Some(pid) = std::fs::read_to_string(&pid_file)
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok())
+            {
+                break pid;
+            }
+        };
+        drop(run);
+        // Neither running nor a zombie: reaped, so /proc has no entry for it.
+        assert!(
+            !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "the dropped tool {pid} is left: {:?}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        );
+    }
 
     #[tokio::test]
     async fn a_tool_that_fails_or_cannot_start_says_how_and_names_itself_in_a_dump_error() {
