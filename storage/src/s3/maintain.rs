@@ -71,15 +71,16 @@ impl S3Maintain {
                     delete_marker: true,
                 });
             }
-            if page.is_truncated() == Some(true) {
-                key_marker = page.next_key_marker().map(str::to_owned);
-                version_marker = page.next_version_id_marker().map(str::to_owned);
-                if key_marker.is_none() {
-                    return Ok(out);
-                }
-            } else {
+            key_marker = self.conn.next_page(
+                "list versions",
+                prefix,
+                page.is_truncated(),
+                page.next_key_marker(),
+            )?;
+            if key_marker.is_none() {
                 return Ok(out);
             }
+            version_marker = page.next_version_id_marker().map(str::to_owned);
         }
     }
 
@@ -138,12 +139,16 @@ impl S3Maintain {
                     ));
                 }
             }
-            if page.is_truncated() == Some(true) && page.next_key_marker().is_some() {
-                key_marker = page.next_key_marker().map(str::to_owned);
-                id_marker = page.next_upload_id_marker().map(str::to_owned);
-            } else {
+            key_marker = self.conn.next_page(
+                "list multipart uploads",
+                prefix,
+                page.is_truncated(),
+                page.next_key_marker(),
+            )?;
+            if key_marker.is_none() {
                 return Ok(out);
             }
+            id_marker = page.next_upload_id_marker().map(str::to_owned);
         }
     }
 

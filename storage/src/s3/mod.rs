@@ -391,6 +391,33 @@ impl Conn {
         }
     }
 
+    /// Where a paginated listing goes on: `None` after its last page, the marker of the
+    /// next page otherwise.
+    ///
+    /// # Errors
+    /// [`TargetError::Io`] when a page says it is truncated but gives no marker to go on:
+    /// the listing is incomplete, and nothing may be decided on a part of it.
+    pub(crate) fn next_page(
+        &self,
+        op: &'static str,
+        prefix: &str,
+        truncated: Option<bool>,
+        marker: Option<&str>,
+    ) -> Result<Option<String>, TargetError> {
+        match (truncated == Some(true), marker) {
+            (false, _) => Ok(None),
+            (true, Some(m)) => Ok(Some(m.to_owned())),
+            (true, None) => Err(TargetError::Io {
+                addr: self.addr.clone(),
+                op,
+                path: prefix.to_owned(),
+                message: "the listing is truncated but names no next page; nothing was done \
+                          on a part of it"
+                    .into(),
+            }),
+        }
+    }
+
     /// The error of a call the session's aborter cut short.
     pub(crate) fn cancelled(&self, op: &'static str, path: &str) -> TargetError {
         TargetError::Io {
@@ -689,6 +716,28 @@ mod tests {
             "{text}"
         );
         assert!(e.retryable());
+    }
+
+    #[test]
+    fn a_listing_truncated_without_a_next_page_fails_rather_than_stop_short() {
+        let TargetConfig::S3(config) = parse(
+            r#"{"kind": "s3", "endpoint": "http://127.0.0.1:9", "bucket": "ferry",
+                "path_style": true}"#,
+        )
+        .unwrap() else {
+            panic!("not an s3 table");
+        };
+        let conn = super::S3Target::new(config).conn().unwrap();
+        let next = |t, m| conn.next_page("list versions", "ferry/production/", t, m);
+        assert_eq!(next(None, None).unwrap(), None);
+        assert_eq!(next(Some(false), Some("k")).unwrap(), None);
+        assert_eq!(next(Some(true), Some("k")).unwrap().as_deref(), Some("k"));
+        let e = next(Some(true), None).expect_err("an incomplete listing");
+        let text = e.to_string();
+        assert!(
+            text.contains("truncated") && text.contains("ferry/production/"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -57,9 +57,14 @@ impl S3Read {
                     folders.push(name.trim_end_matches('/').to_owned());
                 }
             }
-            match page.next_continuation_token() {
-                Some(t) if page.is_truncated() == Some(true) => token = Some(t.to_owned()),
-                _ => return Ok((objects, folders)),
+            token = self.conn.next_page(
+                "list",
+                prefix,
+                page.is_truncated(),
+                page.next_continuation_token(),
+            )?;
+            if token.is_none() {
+                return Ok((objects, folders));
             }
         }
     }

@@ -242,11 +242,13 @@ impl S3Write {
                     p.e_tag().unwrap_or_default().trim_matches('"').to_owned(),
                 ));
             }
-            if page.is_truncated() == Some(true)
-                && let Some(next) = page.next_part_number_marker()
-            {
-                marker = Some(next.to_owned());
-            } else {
+            marker = self.conn.next_page(
+                "list parts",
+                key,
+                page.is_truncated(),
+                page.next_part_number_marker(),
+            )?;
+            if marker.is_none() {
                 return Ok(out);
             }
         }
