@@ -154,6 +154,7 @@ pub async fn backup(
         if is_main {
             report = Some(JobReport {
                 data_finished_ms: None,
+                target: String::new(),
                 stored_path: p.staged.file.path(),
                 size_bytes: p.staged.bytes,
                 sha256: p.sha256.clone(),

@@ -386,8 +386,84 @@ pub async fn run(
     if server.object_lock() {
         extend_locks(c, who, &server, &decisions).await?;
     }
+    // The copies of kept folders on copy targets with locks get the same horizons.
+    for d in decisions.iter().filter(|d| !d.keep.is_empty()) {
+        let Some(until) = d.retain_until.filter(|u| *u > chrono::Utc::now()) else {
+            continue;
+        };
+        let Ok(date) = chrono::NaiveDate::parse_from_str(&d.date, "%Y-%m-%d") else {
+            continue;
+        };
+        for (name, copy) in c.copy_targets(&d.environment) {
+            if !copy.object_lock() {
+                continue;
+            }
+            let env = d.environment.clone();
+            let locked = tokio::task::spawn_blocking(move || {
+                crate::catalog::locks::lock_folder(&*copy, &env, date, until)
+            })
+            .await
+            .map_err(|e| PruneError::Task(e.to_string()))?;
+            if let Err(e) = locked {
+                let folder = format!("{}/{} on copy target {name}", d.environment, d.date);
+                c.audit(who, "prune lock", &folder, &format!("failed: {e}"))
+                    .await;
+                return Err(PruneError::Target {
+                    doing: format!("locking {folder}"),
+                    source: e,
+                    after: "; folders listed before it were locked",
+                });
+            }
+        }
+    }
 
     for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
+        // The copies first: once the primary's folder and its catalog records are gone,
+        // nothing would name the copies' any more.
+        for (name, copy) in c.copy_targets(&d.environment) {
+            let (env, date) = (d.environment.clone(), d.date.clone());
+            let removed = tokio::task::spawn_blocking(
+                move || -> Result<(u64, u64), ferry_storage::TargetError> {
+                    let mut session = copy.maintain()?;
+                    // Never copied (or removed already): nothing to remove.
+                    let day = ferry_core::layout::parse_date(&date).map_err(|e| {
+                        ferry_storage::TargetError::Io {
+                            addr: copy.describe(),
+                            op: "remove",
+                            path: date.clone(),
+                            message: e.to_string(),
+                        }
+                    })?;
+                    if session.list(&copy.dated_dir(&env, day))?.is_empty() {
+                        return Ok((0, 0));
+                    }
+                    session.remove_dated_folder(&env, &date)
+                },
+            )
+            .await
+            .map_err(|e| PruneError::Task(e.to_string()))?;
+            let folder = format!("{}/{} on copy target {name}", d.environment, d.date);
+            match removed {
+                Ok((files, bytes)) => {
+                    c.audit(
+                        who,
+                        "prune",
+                        &folder,
+                        &format!("removed {files} files, {bytes} bytes"),
+                    )
+                    .await;
+                }
+                Err(e) => {
+                    c.audit(who, "prune", &folder, &format!("failed: {e}"))
+                        .await;
+                    return Err(PruneError::Target {
+                        doing: format!("removing {folder}"),
+                        source: e,
+                        after: "; folders listed before it were removed",
+                    });
+                }
+            }
+        }
         let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
         let removed = tokio::task::spawn_blocking(move || {
             server.maintain()?.remove_dated_folder(&env, &date)
@@ -722,6 +798,7 @@ mod tests {
                 missing: None,
                 retain_until_ms: None,
                 lock_error: None,
+                copies: Vec::new(),
             })
             .unwrap();
     }
