@@ -606,6 +606,25 @@ impl CephCluster {
         bucket
     }
 
+    /// A new bucket with Object Lock for a copy target (issue 17's copies), owned by
+    /// [`S3Roles::owner`], with the policy of `docs/s3-copy-bucket-policy.json`: the
+    /// coordinator's maintenance user writes copies and maintains them, staging lists and
+    /// gets, production may do nothing.
+    pub fn ferry_copy_bucket(&self, prefix: &str) -> String {
+        let roles = self.roles();
+        let bucket = self.bucket_name(prefix);
+        self.create_locked_bucket(&roles.owner, &bucket);
+        let policy = bucket_policy_from(
+            "docs/s3-copy-bucket-policy.json",
+            &bucket,
+            &roles.production.uid,
+            &roles.staging.uid,
+            &roles.maintenance.uid,
+        );
+        self.put_bucket_policy(&roles.owner, &bucket, &policy);
+        bucket
+    }
+
     /// The last `lines` lines of a daemon's log: `mon.a`, `osd.0`, `client.rgw.a`.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         tail(&self.dir.join(format!("log/{name}.log")), lines)
@@ -807,7 +826,25 @@ pub fn ferry_bucket_policy(
     staging: &str,
     maintenance: &str,
 ) -> String {
-    let path = workspace_root().join("docs/s3-bucket-policy.json");
+    bucket_policy_from(
+        "docs/s3-bucket-policy.json",
+        bucket,
+        production,
+        staging,
+        maintenance,
+    )
+}
+
+/// The bucket policy template at `file` (relative to the workspace) for `bucket` and the
+/// three RGW users (uids); panics if it does not give JSON.
+pub fn bucket_policy_from(
+    file: &str,
+    bucket: &str,
+    production: &str,
+    staging: &str,
+    maintenance: &str,
+) -> String {
+    let path = workspace_root().join(file);
     let template =
         fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let policy = template
