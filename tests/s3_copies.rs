@@ -438,3 +438,192 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
         "{text}"
     );
 }
+
+/// `ferry status --output json`'s copy rows, once the copier has tried (`last_error` or
+/// `last_copy` set; 60 s at most).
+fn await_copy_attempt(d: &Deployment) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = d.ferry_json(&["status"]);
+        let row = status["copies"][0].clone();
+        if !row["last_error"].is_null() || !row["last_copy"].is_null() {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copier did not try within 60 s: {status}\n{}",
+            d.log_tail("coordinator")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the value of the sample `series` (name and labels
+/// exactly as written).
+fn metric(port: u16, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// What the copy bucket holds, read with boto3 as maintenance: (keys, multipart uploads).
+fn bucket_contents(c: &CephCluster, bucket: &str) -> (Vec<String>, Vec<String>) {
+    let m = &c.roles().maintenance;
+    let names = |v: &Value, list: &str| -> Vec<String> {
+        v[list]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| o["Key"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let objects = c.s3_ok(m, "list_object_versions", json!({"Bucket": bucket}));
+    let uploads = c.s3_ok(m, "list_multipart_uploads", json!({"Bucket": bucket}));
+    (names(&objects, "Versions"), names(&uploads, "Uploads"))
+}
+
+#[test]
+fn a_copy_that_fails_is_reported_and_made_once_the_fault_is_gone() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_copy_bucket("faults");
+    let port = free_port();
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path().to_owned();
+        let key = maintenance_key(d);
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        // The copy target's credentials are staging's by mistake: the bucket refuses them
+        // every write.
+        std::fs::write(
+            &d.coordinator_config,
+            format!(
+                "metrics_listen = \"127.0.0.1:{port}\"\n{text}\n[[retention]]\n\
+                 environment = \"production\"\nkeep_daily = 7\n\n[[environments]]\n\
+                 name = \"production\"\ncopy_to = [\"offsite\"]\n{}{}",
+                sftp_table(d, "maintenance", &key),
+                s3_table("copies.offsite", c, &bucket, &roles.staging, &dir, ""),
+            ),
+        )
+        .unwrap();
+        append(
+            &d.stage_config,
+            &s3_table("copies.offsite", c, &bucket, &roles.staging, &dir, ""),
+        );
+    });
+    let series = "{environment=\"production\",target=\"offsite\"}";
+
+    // 1. The copy is refused: the backup itself succeeded; status and metrics say the copy
+    // failed and what it lacks; nothing is left in the copy bucket.
+    let out = d.ferry_ok(&["backup", "pg-prod", "postgres", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let row = await_copy_attempt(&d);
+    let error = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("permission denied") && error.contains("copy target"),
+        "{row}"
+    );
+    assert_eq!(row["lacking"], 1, "{row}");
+    assert!(row["last_copy"].is_null(), "{row}");
+    assert_eq!(
+        metric(port, &format!("ferry_copy_last_failed{series}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(port, &format!("ferry_copy_lacking{series}")),
+        Some(1.0)
+    );
+    assert_eq!(bucket_contents(c, &bucket), (vec![], vec![]));
+    let table = d.ferry_ok(&["status"]);
+    assert!(table.contains("FAILED: "), "{table}");
+
+    // 2. The right credentials, but the primary's archive no longer matches its manifest:
+    // the copy fails on its SHA-256 and commits nothing.
+    let catalog = d.ferry_json(&["backups"]);
+    let stored = catalog[0]["stored_path"].as_str().unwrap().to_owned();
+    let on_disk = d
+        .sshd
+        .root()
+        .join(&stored[stored.find("/production/").unwrap() + 1..]);
+    let original = std::fs::read(&on_disk).unwrap_or_else(|e| panic!("{}: {e}", on_disk.display()));
+    let mut tampered = original.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x01;
+    std::fs::write(&on_disk, &tampered).unwrap();
+    let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+    std::fs::write(
+        &d.coordinator_config,
+        text.replace(
+            &format!("{}-access", roles.staging.uid),
+            &format!("{}-access", roles.maintenance.uid),
+        )
+        .replace(
+            &format!("{}-secret", roles.staging.uid),
+            &format!("{}-secret", roles.maintenance.uid),
+        ),
+    )
+    .unwrap();
+    key_files(&roles.maintenance, d.dir.path());
+    d.start_coordinator();
+    let row = await_copy_attempt(&d);
+    let error = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("SHA-256") && error.contains("nothing was committed"),
+        "{row}"
+    );
+    assert_eq!(row["lacking"], 1, "{row}");
+    assert_eq!(
+        bucket_contents(c, &bucket),
+        (vec![], vec![]),
+        "a copy that failed its check left something"
+    );
+
+    // 3. The archive put right, the coordinator restarted: the copy is made, status and
+    // metrics say the copy target lacks nothing, and a restore from it equals the source.
+    std::fs::write(&on_disk, &original).unwrap();
+    d.start_coordinator();
+    await_copies(&d, &["offsite"]);
+    let status = d.ferry_json(&["status"]);
+    let row = &status["copies"][0];
+    assert_eq!(row["lacking"], 0, "{status}");
+    assert_eq!(row["lag_seconds"], 0, "{status}");
+    assert!(row["last_error"].is_null(), "{status}");
+    assert_eq!(
+        metric(port, &format!("ferry_copy_last_failed{series}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(port, &format!("ferry_copy_lag_seconds{series}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(port, &format!("ferry_copy_lacking{series}")),
+        Some(0.0)
+    );
+    let (objects, uploads) = bucket_contents(c, &bucket);
+    assert_eq!(
+        (objects.len(), uploads.len()),
+        (4, 0),
+        "{objects:?} {uploads:?}"
+    );
+    let out = d.ferry_ok(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "postgres",
+        "--from",
+        "offsite",
+        "--wait",
+    ]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
+    );
+}
