@@ -1009,26 +1009,12 @@ fn add_only_production_key(d: &mut Deployment) {
 /// A retention policy for production (a week) and the coordinator's `[maintenance]` key,
 /// restricted as the Ansible role does (it may remove, not overwrite).
 fn maintenance(d: &Deployment) {
-    let key = d.sshd.add_client_key_named(
-        "id_maintenance",
-        &format!(
-            "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
-             symlink,hardlink,copy-data -u 0027 -d {}\"",
-            d.sshd.root().display()
-        ),
-    );
+    let key = d.maintenance_key();
     append(
         &d.coordinator_config,
         &format!(
-            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n\
-             [maintenance]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
-             host_key = \"{}\"\nroot = \"{}\"\n",
-            d.sshd.host(),
-            d.sshd.port(),
-            BACKUP_USER,
-            key.display(),
-            d.sshd.host_key(),
-            d.sshd.root().display()
+            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n{}",
+            d.sftp_table("maintenance", &key)
         ),
     );
 }

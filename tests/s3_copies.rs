@@ -12,8 +12,6 @@
 //! - S3 → S3 and S3 → SFTP: one backup on a primary bucket copied to a second bucket and to
 //!   the SFTP server, each equal to the primary's object, each restored from with `--from`.
 
-use std::os::unix::fs::PermissionsExt;
-
 use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -22,78 +20,6 @@ use ferry_tests::*;
 
 /// The prefix every S3 table writes under.
 const PREFIX: &str = "ferry";
-
-/// `user`'s key files (mode 0600) in `dir`: `(access, secret)`.
-fn key_files(user: &S3User, dir: &std::path::Path) -> (String, String) {
-    let access = dir.join(format!("{}-access", user.uid));
-    let secret = dir.join(format!("{}-secret", user.uid));
-    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
-        std::fs::write(path, format!("{text}\n")).unwrap();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    (access.display().to_string(), secret.display().to_string())
-}
-
-/// An S3 table named `table` on `bucket` with `user`'s keys, `extra` lines appended.
-fn s3_table(
-    table: &str,
-    c: &CephCluster,
-    bucket: &str,
-    user: &S3User,
-    dir: &std::path::Path,
-    extra: &str,
-) -> String {
-    let (access, secret) = key_files(user, dir);
-    format!(
-        "\n[{table}]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {bucket:?}\nprefix = {PREFIX:?}\n\
-         path_style = true\naccess_key_file = {access:?}\nsecret_key_file = {secret:?}\n\
-         io_timeout_seconds = 30\nconnect_timeout_seconds = 5\n{extra}",
-        c.endpoint(),
-    )
-}
-
-/// The SFTP table of `d`'s backup server named `table`, logging in with `key`.
-fn sftp_table(d: &Deployment, table: &str, key: &std::path::Path) -> String {
-    format!(
-        "\n[{table}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
-         host_key = \"{}\"\nroot = \"{}\"\n",
-        d.sshd.host(),
-        d.sshd.port(),
-        BACKUP_USER,
-        key.display(),
-        d.sshd.host_key(),
-        d.sshd.root().display()
-    )
-}
-
-/// The coordinator's maintenance key on `d`'s SFTP server, restricted as the Ansible role
-/// restricts it (it may remove, not rename over).
-fn maintenance_key(d: &Deployment) -> std::path::PathBuf {
-    d.sshd.add_client_key_named(
-        "id_maintenance",
-        &format!(
-            "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
-             symlink,hardlink,copy-data -u 0027 -d {}\"",
-            d.sshd.root().display()
-        ),
-    )
-}
-
-/// `config` with its `[backup_server]` table replaced by `table`.
-fn replace_backup_server(config: &str, table: &str) -> String {
-    let start = config
-        .find("[backup_server]\n")
-        .expect("the agent's config has a [backup_server] table");
-    let end = config[start + 1..]
-        .find("\n[")
-        .map_or(config.len(), |i| start + 2 + i);
-    format!(
-        "{}{}\n{}",
-        &config[..start],
-        table.trim_start(),
-        &config[end..]
-    )
-}
 
 /// `config`'s `[backup_server]` table, renamed `[copies.<name>]`.
 fn backup_server_as_copy(config: &str, name: &str) -> String {
@@ -163,13 +89,13 @@ fn a_backup_is_copied_from_sftp_to_s3_and_restored_from_the_copy_when_the_primar
     let bucket = c.ferry_copy_bucket("copies");
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        let key = maintenance_key(d);
+        let key = d.maintenance_key();
         append(
             &d.coordinator_config,
             &format!(
                 "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n\
                  [[environments]]\nname = \"production\"\ncopy_to = [\"offsite\"]\n{}{}",
-                sftp_table(d, "maintenance", &key),
+                d.sftp_table("maintenance", &key),
                 s3_table(
                     "copies.offsite",
                     c,
@@ -328,7 +254,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
     let offsite = c.ferry_copy_bucket("offsite");
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        let key = maintenance_key(d);
+        let key = d.maintenance_key();
         let stage_sftp =
             backup_server_as_copy(&std::fs::read_to_string(&d.stage_config).unwrap(), "local");
         for (config, user) in [
@@ -353,7 +279,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
                  [[environments]]\nname = \"production\"\ncopy_to = [\"offsite\", \"local\"]\n{}{}{}",
                 s3_table("maintenance", c, &primary, &roles.maintenance, &dir, ""),
                 s3_table("copies.offsite", c, &offsite, &roles.maintenance, &dir, ""),
-                sftp_table(d, "copies.local", &key),
+                d.sftp_table("copies.local", &key),
             ),
         );
     });
@@ -497,7 +423,7 @@ fn a_copy_that_fails_is_reported_and_made_once_the_fault_is_gone() {
     let port = free_port();
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        let key = maintenance_key(d);
+        let key = d.maintenance_key();
         let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
         // The copy target's credentials are staging's by mistake: the bucket refuses them
         // every write.
@@ -507,7 +433,7 @@ fn a_copy_that_fails_is_reported_and_made_once_the_fault_is_gone() {
                 "metrics_listen = \"127.0.0.1:{port}\"\n{text}\n[[retention]]\n\
                  environment = \"production\"\nkeep_daily = 7\n\n[[environments]]\n\
                  name = \"production\"\ncopy_to = [\"offsite\"]\n{}{}",
-                sftp_table(d, "maintenance", &key),
+                d.sftp_table("maintenance", &key),
                 s3_table("copies.offsite", c, &bucket, &roles.staging, &dir, ""),
             ),
         )
