@@ -12,8 +12,6 @@
 //! - S3 → S3 and S3 → SFTP: one backup on a primary bucket copied to a second bucket and to
 //!   the SFTP server, each equal to the primary's object, each restored from with `--from`.
 
-use std::os::unix::fs::PermissionsExt;
-
 use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -22,78 +20,6 @@ use ferry_tests::*;
 
 /// The prefix every S3 table writes under.
 const PREFIX: &str = "ferry";
-
-/// `user`'s key files (mode 0600) in `dir`: `(access, secret)`.
-fn key_files(user: &S3User, dir: &std::path::Path) -> (String, String) {
-    let access = dir.join(format!("{}-access", user.uid));
-    let secret = dir.join(format!("{}-secret", user.uid));
-    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
-        std::fs::write(path, format!("{text}\n")).unwrap();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    (access.display().to_string(), secret.display().to_string())
-}
-
-/// An S3 table named `table` on `bucket` with `user`'s keys, `extra` lines appended.
-fn s3_table(
-    table: &str,
-    c: &CephCluster,
-    bucket: &str,
-    user: &S3User,
-    dir: &std::path::Path,
-    extra: &str,
-) -> String {
-    let (access, secret) = key_files(user, dir);
-    format!(
-        "\n[{table}]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {bucket:?}\nprefix = {PREFIX:?}\n\
-         path_style = true\naccess_key_file = {access:?}\nsecret_key_file = {secret:?}\n\
-         io_timeout_seconds = 30\nconnect_timeout_seconds = 5\n{extra}",
-        c.endpoint(),
-    )
-}
-
-/// The SFTP table of `d`'s backup server named `table`, logging in with `key`.
-fn sftp_table(d: &Deployment, table: &str, key: &std::path::Path) -> String {
-    format!(
-        "\n[{table}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
-         host_key = \"{}\"\nroot = \"{}\"\n",
-        d.sshd.host(),
-        d.sshd.port(),
-        BACKUP_USER,
-        key.display(),
-        d.sshd.host_key(),
-        d.sshd.root().display()
-    )
-}
-
-/// The coordinator's maintenance key on `d`'s SFTP server, restricted as the Ansible role
-/// restricts it (it may remove, not rename over).
-fn maintenance_key(d: &Deployment) -> std::path::PathBuf {
-    d.sshd.add_client_key_named(
-        "id_maintenance",
-        &format!(
-            "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
-             symlink,hardlink,copy-data -u 0027 -d {}\"",
-            d.sshd.root().display()
-        ),
-    )
-}
-
-/// `config` with its `[backup_server]` table replaced by `table`.
-fn replace_backup_server(config: &str, table: &str) -> String {
-    let start = config
-        .find("[backup_server]\n")
-        .expect("the agent's config has a [backup_server] table");
-    let end = config[start + 1..]
-        .find("\n[")
-        .map_or(config.len(), |i| start + 2 + i);
-    format!(
-        "{}{}\n{}",
-        &config[..start],
-        table.trim_start(),
-        &config[end..]
-    )
-}
 
 /// `config`'s `[backup_server]` table, renamed `[copies.<name>]`.
 fn backup_server_as_copy(config: &str, name: &str) -> String {
@@ -163,13 +89,13 @@ fn a_backup_is_copied_from_sftp_to_s3_and_restored_from_the_copy_when_the_primar
     let bucket = c.ferry_copy_bucket("copies");
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        let key = maintenance_key(d);
+        let key = d.maintenance_key();
         append(
             &d.coordinator_config,
             &format!(
                 "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n\
                  [[environments]]\nname = \"production\"\ncopy_to = [\"offsite\"]\n{}{}",
-                sftp_table(d, "maintenance", &key),
+                d.sftp_table("maintenance", &key),
                 s3_table(
                     "copies.offsite",
                     c,
@@ -328,7 +254,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
     let offsite = c.ferry_copy_bucket("offsite");
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        let key = maintenance_key(d);
+        let key = d.maintenance_key();
         let stage_sftp =
             backup_server_as_copy(&std::fs::read_to_string(&d.stage_config).unwrap(), "local");
         for (config, user) in [
@@ -353,7 +279,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
                  [[environments]]\nname = \"production\"\ncopy_to = [\"offsite\", \"local\"]\n{}{}{}",
                 s3_table("maintenance", c, &primary, &roles.maintenance, &dir, ""),
                 s3_table("copies.offsite", c, &offsite, &roles.maintenance, &dir, ""),
-                sftp_table(d, "copies.local", &key),
+                d.sftp_table("copies.local", &key),
             ),
         );
     });
@@ -436,5 +362,194 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
             "no storage target \"elsewhere\": the coordinator knows primary, local, offsite"
         ),
         "{text}"
+    );
+}
+
+/// `ferry status --output json`'s copy rows, once the copier has tried (`last_error` or
+/// `last_copy` set; 60 s at most).
+fn await_copy_attempt(d: &Deployment) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let status = d.ferry_json(&["status"]);
+        let row = status["copies"][0].clone();
+        if !row["last_error"].is_null() || !row["last_copy"].is_null() {
+            return row;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the copier did not try within 60 s: {status}\n{}",
+            d.log_tail("coordinator")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`: the value of the sample `series` (name and labels
+/// exactly as written).
+fn metric(port: u16, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+/// What the copy bucket holds, read with boto3 as maintenance: (keys, multipart uploads).
+fn bucket_contents(c: &CephCluster, bucket: &str) -> (Vec<String>, Vec<String>) {
+    let m = &c.roles().maintenance;
+    let names = |v: &Value, list: &str| -> Vec<String> {
+        v[list]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|o| o["Key"].as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let objects = c.s3_ok(m, "list_object_versions", json!({"Bucket": bucket}));
+    let uploads = c.s3_ok(m, "list_multipart_uploads", json!({"Bucket": bucket}));
+    (names(&objects, "Versions"), names(&uploads, "Uploads"))
+}
+
+#[test]
+fn a_copy_that_fails_is_reported_and_made_once_the_fault_is_gone() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_copy_bucket("faults");
+    let port = free_port();
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path().to_owned();
+        let key = d.maintenance_key();
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        // The copy target's credentials are staging's by mistake: the bucket refuses them
+        // every write.
+        std::fs::write(
+            &d.coordinator_config,
+            format!(
+                "metrics_listen = \"127.0.0.1:{port}\"\n{text}\n[[retention]]\n\
+                 environment = \"production\"\nkeep_daily = 7\n\n[[environments]]\n\
+                 name = \"production\"\ncopy_to = [\"offsite\"]\n{}{}",
+                d.sftp_table("maintenance", &key),
+                s3_table("copies.offsite", c, &bucket, &roles.staging, &dir, ""),
+            ),
+        )
+        .unwrap();
+        append(
+            &d.stage_config,
+            &s3_table("copies.offsite", c, &bucket, &roles.staging, &dir, ""),
+        );
+    });
+    let series = "{environment=\"production\",target=\"offsite\"}";
+
+    // 1. The copy is refused: the backup itself succeeded; status and metrics say the copy
+    // failed and what it lacks; nothing is left in the copy bucket.
+    let out = d.ferry_ok(&["backup", "pg-prod", "postgres", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let row = await_copy_attempt(&d);
+    let error = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("permission denied") && error.contains("copy target"),
+        "{row}"
+    );
+    assert_eq!(row["lacking"], 1, "{row}");
+    assert!(row["last_copy"].is_null(), "{row}");
+    assert_eq!(
+        metric(port, &format!("ferry_copy_last_failed{series}")),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(port, &format!("ferry_copy_lacking{series}")),
+        Some(1.0)
+    );
+    assert_eq!(bucket_contents(c, &bucket), (vec![], vec![]));
+    let table = d.ferry_ok(&["status"]);
+    assert!(table.contains("FAILED: "), "{table}");
+
+    // 2. The right credentials, but the primary's archive no longer matches its manifest:
+    // the copy fails on its SHA-256 and commits nothing.
+    let catalog = d.ferry_json(&["backups"]);
+    let stored = catalog[0]["stored_path"].as_str().unwrap().to_owned();
+    let on_disk = d
+        .sshd
+        .root()
+        .join(&stored[stored.find("/production/").unwrap() + 1..]);
+    let original = std::fs::read(&on_disk).unwrap_or_else(|e| panic!("{}: {e}", on_disk.display()));
+    let mut tampered = original.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x01;
+    std::fs::write(&on_disk, &tampered).unwrap();
+    let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+    std::fs::write(
+        &d.coordinator_config,
+        text.replace(
+            &format!("{}-access", roles.staging.uid),
+            &format!("{}-access", roles.maintenance.uid),
+        )
+        .replace(
+            &format!("{}-secret", roles.staging.uid),
+            &format!("{}-secret", roles.maintenance.uid),
+        ),
+    )
+    .unwrap();
+    key_files(&roles.maintenance, d.dir.path());
+    d.start_coordinator();
+    let row = await_copy_attempt(&d);
+    let error = row["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("SHA-256") && error.contains("nothing was committed"),
+        "{row}"
+    );
+    assert_eq!(row["lacking"], 1, "{row}");
+    assert_eq!(
+        bucket_contents(c, &bucket),
+        (vec![], vec![]),
+        "a copy that failed its check left something"
+    );
+
+    // 3. The archive put right, the coordinator restarted: the copy is made, status and
+    // metrics say the copy target lacks nothing, and a restore from it equals the source.
+    std::fs::write(&on_disk, &original).unwrap();
+    d.start_coordinator();
+    await_copies(&d, &["offsite"]);
+    let status = d.ferry_json(&["status"]);
+    let row = &status["copies"][0];
+    assert_eq!(row["lacking"], 0, "{status}");
+    assert_eq!(row["lag_seconds"], 0, "{status}");
+    assert!(row["last_error"].is_null(), "{status}");
+    assert_eq!(
+        metric(port, &format!("ferry_copy_last_failed{series}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(port, &format!("ferry_copy_lag_seconds{series}")),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(port, &format!("ferry_copy_lacking{series}")),
+        Some(0.0)
+    );
+    let (objects, uploads) = bucket_contents(c, &bucket);
+    assert_eq!(
+        (objects.len(), uploads.len()),
+        (4, 0),
+        "{objects:?} {uploads:?}"
+    );
+    let out = d.ferry_ok(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "postgres",
+        "--from",
+        "offsite",
+        "--wait",
+    ]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
     );
 }
