@@ -115,6 +115,8 @@ impl Fixture {
             "influx.pass",
             "s3-access-key",
             "s3-secret-key",
+            "copy-access-key",
+            "copy-secret-key",
         ] {
             let path = etc.join(secret);
             fs::write(&path, "correct horse battery staple\n").unwrap();

@@ -21,6 +21,18 @@ use ferry_tests::*;
 /// The prefix every S3 table writes under.
 const PREFIX: &str = "ferry";
 
+/// [`DEFAULT_DATA`] and 12 MiB of random bytes (12 rows of 1 MiB), so that a copy streams
+/// many more chunks than its channels hold: a copy that read the whole object before
+/// writing any of it hung on every backup over about 300 KiB (the demo's), which the
+/// default data alone did not show.
+fn data_with_blobs() -> String {
+    format!(
+        "{DEFAULT_DATA}\nCREATE TABLE blobs (n int PRIMARY KEY, b bytea NOT NULL);\n\
+         INSERT INTO blobs SELECT g % 12, decode(string_agg(md5(random()::text || g), ''), 'hex') \
+         FROM generate_series(1, 786432) g GROUP BY g % 12;\n"
+    )
+}
+
 /// `config`'s `[backup_server]` table, renamed `[copies.<name>]`.
 fn backup_server_as_copy(config: &str, name: &str) -> String {
     let start = config.find("[backup_server]\n").unwrap();
@@ -87,7 +99,7 @@ fn a_backup_is_copied_from_sftp_to_s3_and_restored_from_the_copy_when_the_primar
     let c = CephCluster::shared();
     let roles = c.roles();
     let bucket = c.ferry_copy_bucket("copies");
-    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+    let mut d = Deployment::start_with(&data_with_blobs(), |d| {
         let dir = d.dir.path().to_owned();
         let key = d.maintenance_key();
         append(
@@ -206,7 +218,7 @@ fn a_backup_is_copied_from_sftp_to_s3_and_restored_from_the_copy_when_the_primar
     assert!(copies[0]["last_copy"].is_string(), "{status}");
 
     let source = d.prod_pg.table_fingerprints("app");
-    assert_eq!(source.len(), 4, "{source:?}");
+    assert_eq!(source.len(), 5, "{source:?}");
     let out = d.ferry_ok(&[
         "restore",
         "pg-stage",
@@ -252,7 +264,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
     let roles = c.roles();
     let primary = c.ferry_bucket("primary");
     let offsite = c.ferry_copy_bucket("offsite");
-    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+    let d = Deployment::start_with(&data_with_blobs(), |d| {
         let dir = d.dir.path().to_owned();
         let key = d.maintenance_key();
         let stage_sftp =

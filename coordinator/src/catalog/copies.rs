@@ -233,15 +233,29 @@ pub fn copy_backup(
         let path = format!("{src_dir}/{name}");
         let (tx, rx) = ferry_storage::chunk::channel();
         let (htx, hrx) = ferry_storage::chunk::channel();
-        // Download → hash → stage: the hash thread forwards every chunk as it hashes it.
-        let hasher = std::thread::spawn(move || hash_forward(rx, htx));
-        let downloaded = read.download_version(&path, manifest.version_id.as_deref(), tx);
         let stored = StoredFile {
             dir: dst_dir.clone(),
             name: name.clone(),
         };
-        let stage = write.stage(&stored, job_id, hrx);
-        let (sha256, size) = hasher.join().unwrap_or_default();
+        // Download → hash → stage, each on a thread of its own, as the channels are bounded:
+        // the hash thread forwards every chunk as it hashes it. A side that stops hangs up
+        // its channel, which ends the others.
+        let (downloaded, stage, (sha256, size)) = std::thread::scope(|scope| {
+            let hasher = scope.spawn(move || hash_forward(rx, htx));
+            let version = manifest.version_id.as_deref();
+            let (read, path) = (&mut read, &path);
+            let download = scope.spawn(move || read.download_version(path, version, tx));
+            let stage = write.stage(&stored, job_id, hrx);
+            let downloaded = download.join().unwrap_or_else(|_| {
+                Err(ferry_storage::TargetError::Io {
+                    addr: source.describe(),
+                    op: "download",
+                    path: path.clone(),
+                    message: "the download thread panicked".to_owned(),
+                })
+            });
+            (downloaded, stage, hasher.join().unwrap_or_default())
+        });
         let part = match (downloaded, stage) {
             (Err(e), Ok(s)) => {
                 abandon(&mut write, &staged);
