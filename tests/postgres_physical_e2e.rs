@@ -1,0 +1,267 @@
+//! PostgreSQL physical base backups (`method = "physical"`) end to end against real
+//! PostgreSQL 15: `pg_basebackup` streamed through zstd and age into the dated layout, the
+//! manifest's LSNs, timeline, label and system identifier checked against PostgreSQL's own
+//! tools, the stored file read back with stock tools (`age -d | zstd -d | tar`,
+//! `pg_verifybackup`, PostgreSQL starting on it), and a cluster with a tablespace refused
+//! with nothing left on the backup server.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ferry_tests::*;
+
+/// Production's physical datastore, `pgphys`, of `pg`.
+fn production_entry(pg: &Postgres) -> String {
+    format!(
+        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbin_dir = {}\n",
+        pg.port(),
+        toml_str(&pg.bin_dir().display().to_string())
+    )
+}
+
+/// pgbench tables (scale 2: 200,000 accounts) in database `bench`, and a table of varied
+/// text beside them.
+fn load_bench(pg: &Postgres) {
+    pg.create_database("bench");
+    let out = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin_dir().join("pgbench"))
+        .args(["-i", "-s", "2", "-q", "-h", "127.0.0.1", "-U", "postgres"])
+        .arg("-p")
+        .arg(pg.port().to_string())
+        .arg("bench")
+        .output()
+        .expect("run pgbench");
+    assert!(
+        out.status.success(),
+        "pgbench -i: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    pg.psql(
+        "bench",
+        "CREATE TABLE notes AS SELECT g AS id, md5(g::text) || ' ' || repeat(chr(65 + g % 26), g % 40) AS body \
+         FROM generate_series(1, 20000) g;
+         UPDATE pgbench_accounts SET abalance = aid % 997 WHERE aid % 3 = 0;",
+    );
+}
+
+/// `pg_controldata DIR`'s "Database system identifier".
+fn system_identifier(bin: &Path, data: &Path) -> String {
+    let out = run_ok(Command::new(bin.join("pg_controldata")).arg(data));
+    out.lines()
+        .find_map(|l| l.strip_prefix("Database system identifier:"))
+        .expect("pg_controldata names the system identifier")
+        .trim()
+        .to_owned()
+}
+
+/// Runs `script` with bash (`pipefail`); its stdout, or a panic with its stderr.
+fn bash(script: &str) -> String {
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("set -o pipefail; {script}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{script} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `pg_ctl` run as `postgres` on `data`, with `args`.
+fn pg_ctl(bin: &Path, data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("pg_ctl"))
+        .arg("-D")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn physical_backup_is_a_base_backup_that_stock_tools_read_and_postgres_starts_from() {
+    let mut prod = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let pg = Postgres::start_in(&d.dir.path().join("phys-prod"));
+        append(&d.prod_config, &production_entry(&pg));
+        prod = Some(pg);
+    });
+    let prod = prod.unwrap();
+    load_bench(&prod);
+    let source = prod.table_fingerprints("bench");
+    assert_eq!(source["public.pgbench_accounts"].0, 200_000);
+
+    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let (name, manifest) = d.todays_backup("pgphys", "tar.zst.age");
+    let stored = d.sshd.root().join(&name);
+
+    // The manifest: what PostgreSQL's own tools say of the cluster and of the backup.
+    let counts = &manifest["counts"];
+    assert_eq!(manifest["kind"], "postgres");
+    assert_eq!(manifest["format"], "tar");
+    assert_eq!(manifest["source"]["tool"], "pg_basebackup");
+    assert_eq!(
+        counts["system_identifier"],
+        system_identifier(prod.bin_dir(), &prod.data_dir()),
+        "{manifest}"
+    );
+    assert_eq!(counts["timeline"], 1, "{manifest}");
+    assert_eq!(counts["wal"], "included");
+
+    // Stock tools: age -d | zstd -d | tar -t lists a base backup with its WAL.
+    let age = require("age", "age");
+    require("zstd", "zstd");
+    let decrypt = format!(
+        "{} -d -i {} {} | zstd -d",
+        age.display(),
+        d.identity.display(),
+        stored.display()
+    );
+    let listing = bash(&format!("{decrypt} | tar -t"));
+    for entry in [
+        "backup_label",
+        "backup_manifest",
+        "global/pg_control",
+        "PG_VERSION",
+    ] {
+        assert!(
+            listing.lines().any(|l| l == entry),
+            "{entry} not in the tar"
+        );
+    }
+    assert!(
+        listing
+            .lines()
+            .any(|l| l.starts_with("pg_wal/0000000") && l.len() == "pg_wal/".len() + 24),
+        "no WAL segment in the tar"
+    );
+    // The label in the manifest is the one in the stream, and its LSNs are the WAL range
+    // of the stream's backup_manifest.
+    let label = bash(&format!("{decrypt} | tar -xO backup_label"));
+    assert_eq!(counts["backup_label"], label.as_str());
+    assert!(
+        label.contains(&format!(
+            "START WAL LOCATION: {} ",
+            counts["start_lsn"].as_str().unwrap()
+        )),
+        "{label}"
+    );
+    let pg_manifest: serde_json::Value =
+        serde_json::from_str(&bash(&format!("{decrypt} | tar -xO backup_manifest"))).unwrap();
+    let range = &pg_manifest["WAL-Ranges"][0];
+    assert_eq!(range["Start-LSN"], counts["start_lsn"]);
+    assert_eq!(range["End-LSN"], counts["stop_lsn"]);
+    assert_eq!(range["Timeline"], counts["timeline"]);
+    assert_eq!(
+        pg_manifest["Manifest-Checksum"],
+        counts["manifest_checksum"]
+    );
+
+    // Unpacked by tar, pg_verifybackup checks every file and the WAL against the backup's
+    // manifest, and PostgreSQL starts on it with production's rows.
+    let side = d.dir.path().join("unpacked");
+    let data = side.join("data");
+    fs::create_dir_all(&data).unwrap();
+    bash(&format!("{decrypt} | tar -x -C {}", data.display()));
+    let bin = prod.bin_dir().to_owned();
+    let verified = bash(&format!(
+        "{} {}",
+        bin.join("pg_verifybackup").display(),
+        data.display()
+    ));
+    assert!(
+        verified.contains("backup successfully verified"),
+        "{verified}"
+    );
+    chmod(&data, 0o700);
+    run_ok(
+        Command::new("chown")
+            .arg("-R")
+            .arg("postgres:postgres")
+            .arg(&side),
+    );
+    let port = free_port();
+    let sock = side.join("sock");
+    fs::create_dir_all(&sock).unwrap();
+    run_ok(Command::new("chown").arg("postgres").arg(&sock));
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c archive_mode=off",
+        sock.display()
+    );
+    let log = side.join("postgres.log").display().to_string();
+    let started = pg_ctl(
+        &bin,
+        &data,
+        &["-l", &log, "-w", "-t", "120", "-o", &opts, "start"],
+    );
+    assert!(
+        started.status.success(),
+        "PostgreSQL did not start on the unpacked backup: {}",
+        tail(Path::new(&log), 30)
+    );
+    let restored = psql_fingerprints(&bin, port);
+    let _ = pg_ctl(&bin, &data, &["-m", "immediate", "-w", "stop"]);
+    assert_eq!(
+        restored, source,
+        "the base backup's rows differ from production's"
+    );
+    assert_eq!(
+        system_identifier(&bin, &data),
+        counts["system_identifier"].as_str().unwrap()
+    );
+}
+
+/// [`Postgres::table_fingerprints`] of database `bench` of a server on `port` that the
+/// harness did not start.
+fn psql_fingerprints(bin: &Path, port: u16) -> std::collections::BTreeMap<String, (i64, String)> {
+    Postgres::attach(bin, port).table_fingerprints("bench")
+}
+
+#[test]
+fn a_cluster_with_a_tablespace_is_refused_naming_it_and_nothing_is_stored() {
+    let mut prod = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let pg = Postgres::start_in(&d.dir.path().join("phys-prod"));
+        append(&d.prod_config, &production_entry(&pg));
+        prod = Some(pg);
+    });
+    let prod = prod.unwrap();
+    let location: PathBuf = prod.dir().join("ts_archive");
+    fs::create_dir_all(&location).unwrap();
+    run_ok(Command::new("chown").arg("postgres").arg(&location));
+    prod.psql(
+        "postgres",
+        &format!(
+            "CREATE TABLESPACE archive_space LOCATION '{}'",
+            location.display()
+        ),
+    );
+    prod.psql(
+        "postgres",
+        "CREATE TABLE old_orders (id int) TABLESPACE archive_space; INSERT INTO old_orders VALUES (1)",
+    );
+
+    let out = d.ferry(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(
+        !out.status.success(),
+        "a cluster with a tablespace was backed up"
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains(&format!("\"archive_space\" ({})", location.display())),
+        "the refusal does not name the tablespace: {text}"
+    );
+    assert!(text.contains("only one tablespace to stdout"), "{text}");
+    let files = d.sshd.files();
+    assert!(
+        files.iter().all(|f| !f.contains("pgphys")),
+        "the refused backup left {files:?} on the backup server"
+    );
+}
