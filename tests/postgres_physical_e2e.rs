@@ -2,8 +2,10 @@
 //! PostgreSQL 15: `pg_basebackup` streamed through zstd and age into the dated layout, the
 //! manifest's LSNs, timeline, label and system identifier checked against PostgreSQL's own
 //! tools, the stored file read back with stock tools (`age -d | zstd -d | tar`,
-//! `pg_verifybackup`, PostgreSQL starting on it), and a cluster with a tablespace refused
-//! with nothing left on the backup server.
+//! `pg_verifybackup`, PostgreSQL starting on it), a cluster with a tablespace refused
+//! with nothing left on the backup server, and staging restores: checked beside the live
+//! cluster then swapped in with `stop_command`/`start_command`, or refused by a smoke check
+//! with the live cluster left as it was.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,75 @@ fn production_entry(pg: &Postgres) -> String {
         pg.port(),
         toml_str(&pg.bin_dir().display().to_string())
     )
+}
+
+/// A TOML list of strings.
+fn toml_list(items: &[String]) -> String {
+    let items: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+/// Staging's physical datastore, `pgphys`, restoring into `pg`'s data directory, stopped
+/// and started with pg_ctl (its port and socket on the command line: the restored
+/// `postgresql.conf` is production's); `min` the smoke check's least `pgbench_accounts`.
+fn staging_entry(pg: &Postgres, min: i64) -> String {
+    let pg_ctl = pg.bin_dir().join("pg_ctl").display().to_string();
+    let data = pg.data_dir().display().to_string();
+    let as_postgres = |args: &[&str]| {
+        let mut v: Vec<String> = ["runuser", "-u", "postgres", "--", &pg_ctl, "-D", &data]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    };
+    let opts = format!(
+        "-p {} -k {} -c listen_addresses=127.0.0.1",
+        pg.port(),
+        pg.dir().join("sock").display()
+    );
+    let log = pg.dir().join("postgres.log").display().to_string();
+    format!(
+        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\n\
+         user = \"postgres\"\nbin_dir = {}\ndata_dir = {}\nstop_command = {}\nstart_command = {}\ncheck_port = {}\n\
+         smoke_database = \"bench\"\nsmoke = [{{ sql = \"SELECT count(*) FROM pgbench_accounts\", min = {min} }}]\n",
+        pg.port(),
+        toml_str(&pg.bin_dir().display().to_string()),
+        toml_str(&data),
+        toml_list(&as_postgres(&["-m", "fast", "-w", "stop"])),
+        toml_list(&as_postgres(&[
+            "-l", &log, "-w", "-t", "60", "-o", &opts, "start"
+        ])),
+        free_port(),
+    )
+}
+
+/// A deployment with a production cluster `phys-prod` holding [`load_bench`]'s data and a
+/// staging cluster `phys-stage`, and the physical datastores of both (`min` as for
+/// [`staging_entry`]).
+fn deploy(min: i64) -> (Deployment, Postgres, Postgres) {
+    let mut clusters = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let prod = Postgres::start_in(&d.dir.path().join("phys-prod"));
+        let stage = Postgres::start_in(&d.dir.path().join("phys-stage"));
+        append(&d.prod_config, &production_entry(&prod));
+        append(&d.stage_config, &staging_entry(&stage, min));
+        clusters = Some((prod, stage));
+    });
+    let (prod, stage) = clusters.unwrap();
+    load_bench(&prod);
+    stage.psql("postgres", "CREATE DATABASE before_restore");
+    (d, prod, stage)
+}
+
+/// Names beside `pg`'s data directory that a restore made (`.data.ferry-...`).
+fn siblings(pg: &Postgres) -> Vec<String> {
+    fs::read_dir(pg.dir())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("ferry-"))
+        .collect()
 }
 
 /// pgbench tables (scale 2: 200,000 accounts) in database `bench`, and a table of varied
@@ -263,5 +334,66 @@ fn a_cluster_with_a_tablespace_is_refused_naming_it_and_nothing_is_stored() {
     assert!(
         files.iter().all(|f| !f.contains("pgphys")),
         "the refused backup left {files:?} on the backup server"
+    );
+}
+
+#[test]
+fn physical_restore_is_checked_beside_the_live_cluster_then_swapped_in() {
+    let (d, prod, stage) = deploy(200_000);
+    let source = prod.table_fingerprints("bench");
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "pgphys", "--wait"]);
+    assert!(out.contains("pg_verifybackup passed"), "{out}");
+    assert!(
+        out.contains("SELECT count(*) FROM pgbench_accounts = 200000 (at least 200000)"),
+        "{out}"
+    );
+    // Staging now runs on production's files: every row, the same system, and not the
+    // database staging had before; it does not archive WAL.
+    assert_eq!(stage.table_fingerprints("bench"), source);
+    assert_eq!(
+        system_identifier(stage.bin_dir(), &stage.data_dir()),
+        system_identifier(prod.bin_dir(), &prod.data_dir())
+    );
+    assert!(!stage.has_database("before_restore"));
+    assert_eq!(stage.psql("postgres", "SHOW archive_mode"), "off");
+    assert_eq!(siblings(&stage), Vec::<String>::new());
+}
+
+#[test]
+fn physical_restore_failing_its_smoke_check_leaves_the_live_cluster_as_it_was() {
+    let (d, _prod, stage) = deploy(1_000_000);
+    let before = system_identifier(stage.bin_dir(), &stage.data_dir());
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+
+    let out = d.ferry(&["restore", "pg-stage", "--datastore", "pgphys", "--wait"]);
+    assert!(
+        !out.status.success(),
+        "a restore below its smoke check succeeded"
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("SELECT count(*) FROM pgbench_accounts = 200000 (at least 1000000)"),
+        "{text}"
+    );
+    // The live cluster was never stopped: it answers with its own data, and the restored
+    // directory and its checking server are gone.
+    assert!(stage.has_database("before_restore"));
+    assert_eq!(
+        system_identifier(stage.bin_dir(), &stage.data_dir()),
+        before
+    );
+    assert_eq!(siblings(&stage), Vec::<String>::new());
+    let checking = Command::new("pgrep")
+        .arg("-f")
+        .arg(format!("{}/.data.ferry-new-", stage.dir().display()))
+        .output()
+        .unwrap();
+    assert!(
+        checking.stdout.is_empty(),
+        "a checking server still runs: {}",
+        String::from_utf8_lossy(&checking.stdout)
     );
 }

@@ -51,7 +51,7 @@ pub struct PostgresConfig {
     /// `dump` (default): `pg_dump` of one database, restored with `pg_restore`.
     /// `physical`: a base backup of the whole cluster with `pg_basebackup` (see
     /// [`super::basebackup`]), restored as a new data directory beside the live one, checked
-    /// and swapped in (module `physical_restore`).
+    /// and swapped in (see [`super::physical_restore`]).
     #[serde(default)]
     pub method: Method,
     /// Physical, staging: the data directory of the cluster to restore into (absolute;

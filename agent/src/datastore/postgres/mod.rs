@@ -33,6 +33,7 @@ use super::{CheckError, Datastore, Mode, Part, ReapedChild, RestoreError, Stderr
 pub mod basebackup;
 mod config;
 mod dump;
+pub mod physical_restore;
 mod restore;
 
 pub use basebackup::BaseBackupInfo;
@@ -170,7 +171,11 @@ impl Datastore for Postgres {
         &'a self,
         skip: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
-        self.recover(skip).boxed()
+        if self.physical() {
+            self.recover_physical(skip).boxed()
+        } else {
+            self.recover(skip).boxed()
+        }
     }
 }
 

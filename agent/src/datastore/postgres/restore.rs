@@ -265,11 +265,7 @@ impl Restorer for Postgres {
                 ));
             }
             if self.physical() {
-                return Err(RestoreError::Manifest(
-                    "a staging restore of a physical base backup is not built yet: unpack it by hand \
-                     (age -d | zstd -d | tar -x into an empty data directory)"
-                        .into(),
-                ));
+                return self.begin_physical(main, job_id, namespaces).await;
             }
             crate::datastore::expect_main(main, "postgres", &MAIN, "a PostgreSQL pg_dump archive")?;
             let expected = DatabaseCounts::from_json(&main.counts).ok_or_else(|| {
