@@ -10,6 +10,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use ferry_tests::*;
 
@@ -28,10 +29,29 @@ fn toml_list(items: &[String]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// How staging's datastore is set up: its smoke check, and a shell condition under which
+/// its `start_command` fails instead of starting the cluster (`$D` is the data directory).
+struct Staging {
+    smoke: &'static str,
+    start_fails_if: Option<&'static str>,
+}
+
+/// A smoke check that passes on [`load_bench`]'s data.
+const ACCOUNTS: &str = "SELECT count(*) FROM pgbench_accounts";
+
+impl Staging {
+    fn smoke(sql: &'static str) -> Staging {
+        Staging {
+            smoke: sql,
+            start_fails_if: None,
+        }
+    }
+}
+
 /// Staging's physical datastore, `pgphys`, restoring into `pg`'s data directory, stopped
 /// and started with pg_ctl (its port and socket on the command line: the restored
-/// `postgresql.conf` is production's); `min` the smoke check's least `pgbench_accounts`.
-fn staging_entry(pg: &Postgres, min: i64) -> String {
+/// `postgresql.conf` is production's); `min` the smoke check's least number.
+fn staging_entry(pg: &Postgres, staging: &Staging, min: i64) -> String {
     let pg_ctl = pg.bin_dir().join("pg_ctl").display().to_string();
     let data = pg.data_dir().display().to_string();
     let as_postgres = |args: &[&str]| {
@@ -48,31 +68,42 @@ fn staging_entry(pg: &Postgres, min: i64) -> String {
         pg.dir().join("sock").display()
     );
     let log = pg.dir().join("postgres.log").display().to_string();
+    let mut start = as_postgres(&["-l", &log, "-w", "-t", "60", "-o", &opts, "start"]);
+    if let Some(condition) = staging.start_fails_if {
+        let quoted: Vec<String> = start.iter().map(|a| format!("'{a}'")).collect();
+        start = vec![
+            "bash".into(),
+            "-c".into(),
+            format!(
+                "D='{data}'; if {condition}; then echo refused by the test >&2; exit 3; fi; exec {}",
+                quoted.join(" ")
+            ),
+        ];
+    }
     format!(
         "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\n\
          user = \"postgres\"\nbin_dir = {}\ndata_dir = {}\nstop_command = {}\nstart_command = {}\ncheck_port = {}\n\
-         smoke_database = \"bench\"\nsmoke = [{{ sql = \"SELECT count(*) FROM pgbench_accounts\", min = {min} }}]\n",
+         smoke_database = \"bench\"\nsmoke = [{{ sql = {}, min = {min} }}]\n",
         pg.port(),
         toml_str(&pg.bin_dir().display().to_string()),
         toml_str(&data),
         toml_list(&as_postgres(&["-m", "fast", "-w", "stop"])),
-        toml_list(&as_postgres(&[
-            "-l", &log, "-w", "-t", "60", "-o", &opts, "start"
-        ])),
+        toml_list(&start),
         free_port(),
+        toml_str(staging.smoke),
     )
 }
 
 /// A deployment with a production cluster `phys-prod` holding [`load_bench`]'s data and a
-/// staging cluster `phys-stage`, and the physical datastores of both (`min` as for
-/// [`staging_entry`]).
-fn deploy(min: i64) -> (Deployment, Postgres, Postgres) {
+/// staging cluster `phys-stage`, and the physical datastores of both (`staging` and `min`
+/// as for [`staging_entry`]).
+fn deploy(staging: Staging, min: i64) -> (Deployment, Postgres, Postgres) {
     let mut clusters = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let prod = Postgres::start_in(&d.dir.path().join("phys-prod"));
         let stage = Postgres::start_in(&d.dir.path().join("phys-stage"));
         append(&d.prod_config, &production_entry(&prod));
-        append(&d.stage_config, &staging_entry(&stage, min));
+        append(&d.stage_config, &staging_entry(&stage, &staging, min));
         clusters = Some((prod, stage));
     });
     let (prod, stage) = clusters.unwrap();
@@ -339,7 +370,7 @@ fn a_cluster_with_a_tablespace_is_refused_naming_it_and_nothing_is_stored() {
 
 #[test]
 fn physical_restore_is_checked_beside_the_live_cluster_then_swapped_in() {
-    let (d, prod, stage) = deploy(200_000);
+    let (d, prod, stage) = deploy(Staging::smoke(ACCOUNTS), 200_000);
     let source = prod.table_fingerprints("bench");
     d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
 
@@ -363,7 +394,7 @@ fn physical_restore_is_checked_beside_the_live_cluster_then_swapped_in() {
 
 #[test]
 fn physical_restore_failing_its_smoke_check_leaves_the_live_cluster_as_it_was() {
-    let (d, _prod, stage) = deploy(1_000_000);
+    let (d, _prod, stage) = deploy(Staging::smoke(ACCOUNTS), 1_000_000);
     let before = system_identifier(stage.bin_dir(), &stage.data_dir());
     d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
 
@@ -386,14 +417,91 @@ fn physical_restore_failing_its_smoke_check_leaves_the_live_cluster_as_it_was() 
         before
     );
     assert_eq!(siblings(&stage), Vec::<String>::new());
-    let checking = Command::new("pgrep")
-        .arg("-f")
-        .arg(format!("{}/.data.ferry-new-", stage.dir().display()))
+    assert_eq!(checking_servers(&stage), "", "a checking server still runs");
+}
+
+/// The processes running on a `-new-` sibling of `pg`'s data directory (a restore's
+/// checking server), as `pgrep -a` lists them.
+fn checking_servers(pg: &Postgres) -> String {
+    let out = Command::new("pgrep")
+        .arg("-af")
+        .arg(format!("{}/.data.ferry-new-", pg.dir().display()))
         .output()
         .unwrap();
-    assert!(
-        checking.stdout.is_empty(),
-        "a checking server still runs: {}",
-        String::from_utf8_lossy(&checking.stdout)
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[test]
+fn a_restore_killed_during_its_check_is_cleaned_up_when_the_agent_starts_again() {
+    // The smoke check holds the checking server up for a minute.
+    let slow = "SELECT count(*) FROM pgbench_accounts, (SELECT pg_sleep(60)) AS slow";
+    let (mut d, _prod, stage) = deploy(Staging::smoke(slow), 1);
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--datastore", "pgphys"]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while checking_servers(&stage).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "no checking server started: {}",
+            d.log_tail("agent-stage")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    d.kill("agent-stage");
+    assert_ne!(
+        checking_servers(&stage),
+        "",
+        "the checking server died with the agent"
     );
+    let left = siblings(&stage);
+    assert!(
+        left.len() == 2
+            && left.iter().any(|n| n.starts_with(".data.ferry-new-"))
+            && left.iter().any(|n| n.starts_with(".data.ferry-check-")),
+        "{left:?}"
+    );
+
+    d.start_agent("agent-stage");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !siblings(&stage).is_empty() || !checking_servers(&stage).is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "left behind: {:?} {}",
+            siblings(&stage),
+            checking_servers(&stage)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // The live cluster was never stopped.
+    assert!(stage.has_database("before_restore"));
+}
+
+#[test]
+fn a_cluster_that_does_not_start_on_the_restored_directory_gets_its_old_data_back() {
+    // The restored directory has been recovered by the checking server, which leaves
+    // backup_label.old behind; the live one has none.
+    let refuse = Staging {
+        smoke: ACCOUNTS,
+        start_fails_if: Some("test -e \"$D/backup_label.old\""),
+    };
+    let (d, _prod, stage) = deploy(refuse, 1);
+    let before = system_identifier(stage.bin_dir(), &stage.data_dir());
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+
+    let out = d.ferry(&["restore", "pg-stage", "--datastore", "pgphys", "--wait"]);
+    assert!(!out.status.success(), "the restore succeeded");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("refused by the test"), "{text}");
+    assert!(text.contains("the old data was put back"), "{text}");
+    assert_eq!(
+        system_identifier(stage.bin_dir(), &stage.data_dir()),
+        before
+    );
+    assert!(
+        stage.has_database("before_restore"),
+        "staging is not running on its old data"
+    );
+    assert_eq!(siblings(&stage), Vec::<String>::new());
 }

@@ -7,7 +7,9 @@
 //!    `backup_manifest`; the system identifier in `global/pg_control` and the
 //!    `backup_label` are compared with Ferry's manifest.
 //! 3. PostgreSQL is started on the new directory (`pg_ctl start` as `os_user`) on
-//!    `check_port`, listening on no TCP address but a Unix socket in a private directory,
+//!    `check_port`, listening on no TCP address but a Unix socket in a private directory
+//!    (`.<data_dir>.ferry-check-<job>`, mode 0700; in the system's temporary directory if
+//!    that path is too long for a socket),
 //!    with its own `pg_hba.conf` (`local all all trust`, for the agent alone) and
 //!    `archive_mode=off`. It recovers from the included WAL up to the backup's stop LSN and
 //!    must then accept connections out of recovery; the operator's smoke checks run on it;
@@ -28,7 +30,7 @@
 //! `/etc/postgresql`) is checked with an empty one. The backup restores to its stop LSN:
 //! point-in-time recovery needs WAL shipping, a later step.
 //!
-//! A restore killed half-way leaves the `-new-` and `-old-` siblings, and perhaps a
+//! A restore killed half-way leaves the `-new-`, `-check-` and `-old-` siblings, and perhaps a
 //! PostgreSQL still running on `-new-`: on start and before the next restore the agent
 //! stops that server (`pg_ctl stop -m immediate`) and puts the siblings right
 //! ([`crate::datastore::common::leftovers::recover_dir`]); it does not run
@@ -63,8 +65,14 @@ struct PhysicalRestore {
     new: PathBuf,
     old: PathBuf,
     ids: (u32, u32),
-    /// The private directory of the checking server (socket, `pg_hba.conf`, log).
-    side: Option<tempfile::TempDir>,
+    /// `.<data_dir>.ferry-check-<job>`: the private directory of the checking server
+    /// (socket, `pg_hba.conf`, log), unless its socket's path would be too long.
+    check: PathBuf,
+    /// The checking server's directory in use: `check`, or `side_tmp`'s.
+    side_dir: Option<PathBuf>,
+    /// A directory in the system's temporary directory instead of `check`, when a socket
+    /// in `check` would pass the 107 bytes of a Unix socket's path (unix(7)).
+    side_tmp: Option<tempfile::TempDir>,
     /// A checking server may be running on `new`.
     side_running: bool,
     /// `new` was made by this restore and still is the restored copy.
@@ -159,9 +167,11 @@ impl Postgres {
             expected,
             new: tree::sibling(&data_dir, "new", job_id),
             old: tree::sibling(&data_dir, "old", job_id),
+            check: tree::sibling(&data_dir, "check", job_id),
             data_dir,
             ids,
-            side: None,
+            side_dir: None,
+            side_tmp: None,
             side_running: false,
             unpacked: false,
             state: None,
@@ -191,7 +201,7 @@ impl Postgres {
         }
         let skip = skip.to_vec();
         let target = dir.clone();
-        tokio::task::spawn_blocking(move || leftovers::recover_dir(&target, &[], &skip))
+        tokio::task::spawn_blocking(move || leftovers::recover_dir(&target, &["check"], &skip))
             .await
             .map_err(|e| RestoreError::Target(e.to_string()))?
             .map_err(listing)
@@ -228,11 +238,24 @@ impl PhysicalRestore {
     async fn start_side(&mut self) -> Result<(), RestoreError> {
         use std::os::unix::fs::PermissionsExt;
         let target = |what: &str, e: std::io::Error| RestoreError::Target(format!("{what}: {e}"));
-        let side = tempfile::Builder::new()
-            .prefix("ferry-pgcheck-")
-            .tempdir()
-            .map_err(|e| target("cannot create the checking server's directory", e))?;
-        let dir = side.path().to_owned();
+        use std::os::unix::fs::DirBuilderExt;
+        // `<dir>/.s.PGSQL.<port>` must fit a socket address.
+        let dir = if self.check.as_os_str().len() + "/.s.PGSQL.65535".len() < 108 {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&self.check)
+                .map_err(|e| target(&format!("cannot create {}", self.check.display()), e))?;
+            self.check.clone()
+        } else {
+            let tmp = tempfile::Builder::new()
+                .prefix("ferry-pgcheck-")
+                .tempdir()
+                .map_err(|e| target("cannot create the checking server's directory", e))?;
+            let dir = tmp.path().to_owned();
+            self.side_tmp = Some(tmp);
+            dir
+        };
+        self.side_dir = Some(dir.clone());
         fs::write(
             dir.join("pg_hba.conf"),
             "# ferry-agent's check of a restored cluster: Unix socket, this directory only\n\
@@ -257,7 +280,6 @@ impl PhysicalRestore {
             .and_then(|()| chown_tree(&dir, self.ids))
             .map_err(|e| target("the checking server's directory", e))?;
         let log = dir.join("postgres.log");
-        self.side = Some(side);
         self.side_running = true;
         let cmd = self.pg.pg_ctl(&[
             "-D".as_ref(),
@@ -284,11 +306,7 @@ impl PhysicalRestore {
 
     /// Connects to the checking server as the configured user, to `smoke_database`.
     async fn side_client(&self) -> Result<tokio_postgres::Client, RestoreError> {
-        let dir = self
-            .side
-            .as_ref()
-            .map(|d| d.path().to_owned())
-            .unwrap_or_default();
+        let dir = self.side_dir.clone().unwrap_or_default();
         let mut config = tokio_postgres::Config::new();
         config
             .host_path(&dir)
@@ -350,7 +368,18 @@ impl PhysicalRestore {
             .await
             .map_err(RestoreError::tool("pg_ctl stop (the checking server)"))?;
         self.side_running = false;
+        self.remove_side_dir();
         Ok(())
+    }
+
+    /// Removes the checking server's directory, once it is stopped.
+    fn remove_side_dir(&mut self) {
+        if self.side_dir.take().is_some_and(|d| d == self.check)
+            && let Err(e) = fs::remove_dir_all(&self.check)
+        {
+            tracing::warn!(path = %self.check.display(), error = %e, "Cannot remove the checking server's directory.");
+        }
+        self.side_tmp = None;
     }
 
     /// `stop_command`, the swap, `start_command`; undone if the cluster does not start.
@@ -544,7 +573,7 @@ impl RestoreSession for PhysicalRestore {
                     tracing::warn!(path = %self.new.display(), error = %e, "Cannot remove the restored directory.");
                 }
             }
-            self.side = None;
+            self.remove_side_dir();
         }
         .boxed()
     }
