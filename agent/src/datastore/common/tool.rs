@@ -269,7 +269,7 @@ pub fn describe_status(status: ExitStatus) -> String {
 /// end.
 ///
 /// # Errors
-/// [`RestoreError::Target`] if `argv` is empty, else [`RestoreError::Tool`] naming
+/// [`RestoreError::Target`](crate::datastore::RestoreError::Target) if `argv` is empty, else [`RestoreError::Tool`](crate::datastore::RestoreError::Tool) naming
 /// `field`, with the command's exit status and the tail of its stderr.
 pub async fn run_command(
     argv: &[String],
