@@ -349,6 +349,18 @@ fn a_cluster_with_a_tablespace_is_refused_naming_it_and_nothing_is_stored() {
         "CREATE TABLE old_orders (id int) TABLESPACE archive_space; INSERT INTO old_orders VALUES (1)",
     );
 
+    // `ferry-agent check` says so before any backup.
+    let check = Command::new(bin("ferry-agent"))
+        .arg("check")
+        .arg("--config")
+        .arg(&d.prod_config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check passed: {said}");
+    assert!(said.contains("\"archive_space\""), "{said}");
+
     let out = d.ferry(&["backup", "pg-prod", "pgphys", "--wait"]);
     assert!(
         !out.status.success(),
@@ -504,4 +516,37 @@ fn a_cluster_that_does_not_start_on_the_restored_directory_gets_its_old_data_bac
         "staging is not running on its old data"
     );
     assert_eq!(siblings(&stage), Vec::<String>::new());
+}
+
+#[test]
+fn a_role_without_replication_is_refused_by_check_and_backup() {
+    let mut prod = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let pg = Postgres::start_in(&d.dir.path().join("phys-prod"));
+        pg.psql("postgres", "CREATE ROLE plain LOGIN");
+        append(
+            &d.prod_config,
+            &production_entry(&pg).replace("user = \"postgres\"", "user = \"plain\""),
+        );
+        prod = Some(pg);
+    });
+    let check = Command::new(bin("ferry-agent"))
+        .arg("check")
+        .arg("--config")
+        .arg(&d.prod_config)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout).into_owned()
+        + &String::from_utf8_lossy(&check.stderr);
+    assert!(!check.status.success(), "check passed: {said}");
+    assert!(said.contains("ALTER ROLE \"plain\" REPLICATION"), "{said}");
+    let out = d.ferry(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("REPLICATION"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(d.sshd.files().iter().all(|f| !f.contains("pgphys")));
+    drop(prod);
 }

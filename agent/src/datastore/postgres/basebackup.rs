@@ -250,8 +250,50 @@ impl Postgres {
             .collect())
     }
 
+    /// Why the cluster `client` is connected to cannot be backed up physically through
+    /// Ferry's stream, `None` if it can: tablespaces besides `pg_default` and `pg_global`
+    /// (named with their locations), or a role without `REPLICATION`. Checked before each
+    /// backup and by `ferry-agent check`.
+    ///
+    /// # Errors
+    /// The catalog query failed.
+    pub(super) async fn physical_refusal(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<Option<String>, tokio_postgres::Error> {
+        let extra = Self::extra_tablespaces(client).await?;
+        if !extra.is_empty() {
+            return Ok(Some(format!(
+                "PostgreSQL {}:{} has tablespaces besides pg_default and pg_global: {}. \
+                 pg_basebackup writes only one tablespace to stdout, so a physical backup streamed by Ferry cannot hold them; \
+                 move their tables and indexes to pg_default (ALTER TABLE ... SET TABLESPACE pg_default) and drop them, \
+                 or back this cluster up with method = \"dump\" or kind = \"pgbackrest\"",
+                self.cfg.host,
+                self.cfg.port,
+                extra.join(", ")
+            )));
+        }
+        let may: bool = client
+            .query_one(
+                "SELECT rolreplication OR rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user",
+                &[],
+            )
+            .await?
+            .get(0);
+        Ok((!may).then(|| {
+            format!(
+                "role {:?} may not run pg_basebackup on PostgreSQL {}:{}: give it the REPLICATION attribute \
+                 (ALTER ROLE {} REPLICATION) and a \"replication\" line in pg_hba.conf",
+                self.cfg.user,
+                self.cfg.host,
+                self.cfg.port,
+                quote_ident(&self.cfg.user)
+            )
+        }))
+    }
+
     /// Starts `pg_basebackup` of the whole cluster to stdout (see the module docs), after
-    /// refusing a cluster with tablespaces of its own.
+    /// refusing a cluster it cannot back up ([`Postgres::physical_refusal`]).
     pub(super) async fn dump_base(&self) -> Result<DumpStream, DumpError> {
         let db = &self.cfg.maintenance_database;
         let client = self
@@ -269,18 +311,10 @@ impl Postgres {
             .await
             .map_err(q)?
             .get(0);
-        let extra = Self::extra_tablespaces(&client).await.map_err(q)?;
+        let refusal = self.physical_refusal(&client).await.map_err(q)?;
         drop(client);
-        if !extra.is_empty() {
-            return Err(DumpError::Source(format!(
-                "PostgreSQL {}:{} has tablespaces besides pg_default and pg_global: {}. \
-                 pg_basebackup writes only one tablespace to stdout, so a physical backup streamed by Ferry cannot hold them; \
-                 move their tables and indexes to pg_default (ALTER TABLE ... SET TABLESPACE pg_default) and drop them, \
-                 or back this cluster up with method = \"dump\" or kind = \"pgbackrest\". Nothing was backed up",
-                self.cfg.host,
-                self.cfg.port,
-                extra.join(", ")
-            )));
+        if let Some(why) = refusal {
+            return Err(DumpError::Source(format!("{why}. Nothing was backed up")));
         }
         let mut cmd = self.command("pg_basebackup");
         cmd.args([

@@ -119,10 +119,13 @@ impl Datastore for Postgres {
             .clone()
     }
 
-    /// Connects and reports the server version and database size.
+    /// Connects and reports the server version and database size; a physical datastore
+    /// on production also checks that the cluster can be backed up physically (no
+    /// tablespaces of its own, a role with `REPLICATION`), on staging that `data_dir` can
+    /// be swapped (not a mount point, its parent exists).
     ///
     /// # Errors
-    /// The connection or query error.
+    /// The connection or query error, or why the cluster cannot be backed up.
     fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
             if let Some(dir) = self.cfg.data_dir.as_deref() {
@@ -153,6 +156,15 @@ impl Datastore for Postgres {
             .map_err(|e| CheckError::Server(e.to_string()))?;
             let version: String = row.get(0);
             let size: i64 = row.get(1);
+            if self.physical() && self.cfg.data_dir.is_none() {
+                let refusal = self
+                    .physical_refusal(&client)
+                    .await
+                    .map_err(|e| CheckError::Server(e.to_string()))?;
+                if let Some(why) = refusal {
+                    return Err(CheckError::Server(why));
+                }
+            }
             Ok(format!(
                 "PostgreSQL {version} at {}:{}, database {db:?} ({size} bytes)",
                 self.cfg.host, self.cfg.port
