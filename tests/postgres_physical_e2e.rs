@@ -100,7 +100,11 @@ fn staging_entry(pg: &Postgres, staging: &Staging, min: i64) -> String {
 fn deploy(staging: Staging, min: i64) -> (Deployment, Postgres, Postgres) {
     let mut clusters = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
-        let prod = Postgres::start_in(&d.dir.path().join("phys-prod"));
+        // Production archives its WAL: the restored staging cluster must not.
+        let prod = Postgres::start_in_with_conf(
+            &d.dir.path().join("phys-prod"),
+            "archive_mode = on\narchive_command = '/bin/true'",
+        );
         let stage = Postgres::start_in(&d.dir.path().join("phys-stage"));
         append(&d.prod_config, &production_entry(&prod));
         append(&d.stage_config, &staging_entry(&stage, &staging, min));
@@ -400,6 +404,7 @@ fn physical_restore_is_checked_beside_the_live_cluster_then_swapped_in() {
         system_identifier(prod.bin_dir(), &prod.data_dir())
     );
     assert!(!stage.has_database("before_restore"));
+    assert_eq!(prod.psql("postgres", "SHOW archive_mode"), "on");
     assert_eq!(stage.psql("postgres", "SHOW archive_mode"), "off");
     assert_eq!(siblings(&stage), Vec::<String>::new());
 }
