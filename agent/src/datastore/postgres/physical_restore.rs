@@ -239,8 +239,11 @@ impl PhysicalRestore {
         use std::os::unix::fs::PermissionsExt;
         let target = |what: &str, e: std::io::Error| RestoreError::Target(format!("{what}: {e}"));
         use std::os::unix::fs::DirBuilderExt;
-        // `<dir>/.s.PGSQL.<port>` must fit a socket address.
-        let dir = if self.check.as_os_str().len() + "/.s.PGSQL.65535".len() < 108 {
+        // `<dir>/.s.PGSQL.<port>` must fit a socket address, and the path goes into pg_ctl's
+        // `-o` between single quotes.
+        let fits = self.check.as_os_str().len() + "/.s.PGSQL.65535".len() < 108
+            && !self.check.to_string_lossy().contains(['\'', '\\']);
+        let dir = if fits {
             fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&self.check)
@@ -382,20 +385,37 @@ impl PhysicalRestore {
         self.side_tmp = None;
     }
 
+    /// After `stop_command`, the swap failed and `data_dir` holds its old data: starts
+    /// the cluster again and says so in the target's state.
+    async fn restart_unchanged(&mut self) {
+        let cfg = &self.pg.cfg;
+        let dir = self.data_dir.display();
+        self.state = Some(
+            match run_command(&cfg.start_command, "start_command").await {
+                Ok(()) => format!("{dir} is unchanged and the cluster was started again"),
+                Err(e) => format!(
+                    "{dir} is unchanged but the cluster, stopped for the swap, did not start again ({e})"
+                ),
+            },
+        );
+    }
+
     /// `stop_command`, the swap, `start_command`; undone if the cluster does not start.
     async fn swap_in(&mut self) -> Result<(), RestoreError> {
         let cfg = &self.pg.cfg;
-        run_command(&cfg.stop_command, "stop_command").await?;
         self.state = Some(format!(
-            "the cluster was stopped by stop_command and {} is unchanged: start it with start_command",
+            "stop_command was run, so the cluster may be stopped; {} is unchanged",
             self.data_dir.display()
         ));
+        run_command(&cfg.stop_command, "stop_command").await?;
         let (new, old, target) = (self.new.clone(), self.old.clone(), self.data_dir.clone());
         let had_target = target.exists();
-        if had_target {
-            fs::rename(&target, &old).map_err(|e| {
-                RestoreError::Target(format!("cannot move {} aside: {e}", target.display()))
-            })?;
+        if had_target && let Err(e) = fs::rename(&target, &old) {
+            self.restart_unchanged().await;
+            return Err(RestoreError::Target(format!(
+                "cannot move {} aside: {e}",
+                target.display()
+            )));
         }
         if let Err(e) = fs::rename(&new, &target) {
             let back = if had_target {
@@ -403,6 +423,9 @@ impl PhysicalRestore {
             } else {
                 Ok(())
             };
+            if back.is_ok() && had_target {
+                self.restart_unchanged().await;
+            }
             return Err(RestoreError::Target(match back {
                 Ok(()) => format!(
                     "cannot move the restored directory to {}: {e}",
