@@ -555,3 +555,29 @@ fn a_role_without_replication_is_refused_by_check_and_backup() {
     assert!(d.sshd.files().iter().all(|f| !f.contains("pgphys")));
     drop(prod);
 }
+
+#[test]
+fn a_manifest_naming_another_system_fails_the_restore_before_the_live_cluster_is_touched() {
+    let (d, _prod, stage) = deploy(Staging::smoke(ACCOUNTS), 1);
+    let before = system_identifier(stage.bin_dir(), &stage.data_dir());
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    // Someone with write access to the backup server swaps in another system's identity.
+    d.edit_todays_manifest("pgphys", "tar.zst.age", |m| {
+        m["counts"]["system_identifier"] = serde_json::json!("7000000000000000001");
+    });
+
+    let out = d.ferry(&["restore", "pg-stage", "--datastore", "pgphys", "--wait"]);
+    assert!(!out.status.success(), "the restore succeeded");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("the manifest says system 7000000000000000001"),
+        "{text}"
+    );
+    assert!(stage.has_database("before_restore"));
+    assert_eq!(
+        system_identifier(stage.bin_dir(), &stage.data_dir()),
+        before
+    );
+    assert_eq!(siblings(&stage), Vec::<String>::new());
+}
