@@ -186,6 +186,19 @@ impl Postgres {
         unreachable!()
     }
 
+    /// A handle on a server the harness did not start, listening on 127.0.0.1:`port`
+    /// with trust authentication, `bin_dir` holding its tools: for [`Postgres::psql`] and
+    /// [`Postgres::table_fingerprints`]. Dropping it leaves the server running.
+    pub fn attach(bin_dir: &Path, port: u16) -> Postgres {
+        Postgres {
+            dir: PathBuf::new(),
+            port,
+            bin_dir: bin_dir.to_owned(),
+            stopped: true,
+            _tmp: None,
+        }
+    }
+
     /// Its TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port

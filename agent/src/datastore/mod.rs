@@ -13,7 +13,9 @@
 //! [`ToolError`] for a command-line tool that failed.
 //!
 //! - [`postgres`]: `pg_dump --format=custom` plus the cluster's roles (`pg_dumpall
-//!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped.
+//!   --roles-only`), restored with `psql` and `pg_restore` beside the target, then swapped;
+//!   or (`method = "physical"`) a `pg_basebackup` tar of the whole cluster, restored as a new
+//!   data directory checked by PostgreSQL beside the live one, then swapped.
 //! - [`mongodb`]: the mongodump archive format written from the driver's raw documents.
 //! - [`files`]: a directory tree as a tar stream, restored beside the target and swapped in.
 //! - [`influxdb`]: `influxd backup -portable` as a tar stream, restored into scratch

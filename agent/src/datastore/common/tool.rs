@@ -265,6 +265,42 @@ pub fn describe_status(status: ExitStatus) -> String {
     }
 }
 
+/// Runs an operator's command (`argv`, the config's `field`, e.g. `stop_command`) to its
+/// end.
+///
+/// # Errors
+/// [`RestoreError::Target`](crate::datastore::RestoreError::Target) if `argv` is empty, else [`RestoreError::Tool`](crate::datastore::RestoreError::Tool) naming
+/// `field`, with the command's exit status and the tail of its stderr.
+pub async fn run_command(
+    argv: &[String],
+    field: &str,
+) -> Result<(), crate::datastore::RestoreError> {
+    use crate::datastore::RestoreError;
+    let Some((program, args)) = argv.split_first() else {
+        return Err(RestoreError::Target(format!("{field} is empty")));
+    };
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(args);
+    output(cmd)
+        .await
+        .map(drop)
+        .map_err(RestoreError::tool(field))
+}
+
+/// `(uid, gid)` of the OS user `name`, from `/etc/passwd` (passwd(5)).
+///
+/// # Errors
+/// The file cannot be read, or has no such user.
+pub fn os_user_ids(name: &str) -> std::io::Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 3 && f[0] == name)
+        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
+        .ok_or_else(|| std::io::Error::other(format!("no OS user {name:?} in /etc/passwd")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -33,7 +33,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use serde::Deserialize;
 
-use super::common::tool::output_until_cancelled;
+use super::common::tool::{output_until_cancelled, run_command};
 use super::{
     CheckError, Datastore, DatastoreConfigError, DumpError, Mode, RestoreError, ToolError,
 };
@@ -228,13 +228,7 @@ impl PgBackRest {
 
     /// `(uid, gid)` of `os_user`, from `/etc/passwd`.
     fn os_ids(&self) -> std::io::Result<(u32, u32)> {
-        let passwd = std::fs::read_to_string("/etc/passwd")?;
-        passwd
-            .lines()
-            .map(|l| l.split(':').collect::<Vec<_>>())
-            .find(|f| f.len() > 3 && f[0] == self.cfg.os_user)
-            .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-            .ok_or_else(|| std::io::Error::other(format!("no OS user {:?}", self.cfg.os_user)))
+        super::common::tool::os_user_ids(&self.cfg.os_user)
     }
 
     /// Writes the configuration file (0600, owned by `os_user`) and makes sure the
@@ -564,19 +558,6 @@ impl super::Repository for PgBackRest {
     ) -> futures::future::BoxFuture<'a, Result<JobReport, JobError>> {
         Box::pin(PgBackRest::restore(self, settings, selection, progress))
     }
-}
-
-/// Runs an operator's command (`stop_command`, `start_command`) to its end.
-async fn run_command(argv: &[String], field: &str) -> Result<(), RestoreError> {
-    let Some((program, args)) = argv.split_first() else {
-        return Err(RestoreError::Target(format!("{field} is empty")));
-    };
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args);
-    super::run_tool(cmd)
-        .await
-        .map(drop)
-        .map_err(RestoreError::tool(field))
 }
 
 #[cfg(test)]

@@ -42,9 +42,51 @@ pub struct PostgresConfig {
     #[serde(default)]
     pub role_passwords: bool,
     /// Staging: smoke checks run after every restore, e.g.
-    /// `[{ sql = "SELECT count(*) FROM orders", min = 1000 }]`.
+    /// `[{ sql = "SELECT count(*) FROM orders", min = 1000 }]`. A logical restore runs
+    /// them in `target_database`; a physical one in `smoke_database`, first on the
+    /// restored cluster beside the live one (a failure leaves the live cluster as it
+    /// was), then on the live cluster once it is swapped in and started.
     #[serde(default)]
     pub smoke: Vec<SmokeCheck>,
+    /// `dump` (default): `pg_dump` of one database, restored with `pg_restore`.
+    /// `physical`: a base backup of the whole cluster with `pg_basebackup` (see
+    /// [`super::basebackup`]), restored as a new data directory beside the live one, checked
+    /// and swapped in (see [`super::physical_restore`]).
+    #[serde(default)]
+    pub method: Method,
+    /// Physical, staging: the data directory of the cluster to restore into (absolute;
+    /// replaced at the end of a restore, while the cluster is stopped).
+    pub data_dir: Option<PathBuf>,
+    /// Physical, staging: the OS user that owns `data_dir` and runs PostgreSQL. Default
+    /// `postgres`.
+    #[serde(default = "default_os_user")]
+    pub os_user: String,
+    /// Physical, staging: the command that stops the live cluster, e.g.
+    /// `["systemctl", "stop", "postgresql@15-main"]`.
+    #[serde(default)]
+    pub stop_command: Vec<String>,
+    /// Physical, staging: the command that starts it again.
+    #[serde(default)]
+    pub start_command: Vec<String>,
+    /// Physical, staging: the port of the PostgreSQL that checks a restored data
+    /// directory beside the live cluster. It listens on no TCP address, only on a Unix
+    /// socket in a private directory, so the port only names that socket. Default: `port`
+    /// + 1.
+    pub check_port: Option<u16>,
+    /// Physical, staging: the database the smoke checks connect to. Default `postgres`.
+    #[serde(default = "default_maintenance")]
+    pub smoke_database: String,
+}
+
+/// How a `postgres` datastore is backed up (`method = "..."`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    /// `pg_dump` of one database, plus the cluster's roles.
+    #[default]
+    Dump,
+    /// `pg_basebackup` of the whole cluster (tar format, to stdout, WAL included).
+    Physical,
 }
 
 fn default_host() -> String {
@@ -59,6 +101,9 @@ fn default_user() -> String {
 fn default_maintenance() -> String {
     "postgres".into()
 }
+fn default_os_user() -> String {
+    "postgres".into()
+}
 
 impl Postgres {
     /// Validates `cfg` for `role` and reads the password.
@@ -66,36 +111,9 @@ impl Postgres {
     /// # Errors
     /// [`DatastoreConfigError`] naming the field.
     pub fn build(cfg: PostgresConfig, role: Role) -> Result<Self, DatastoreConfigError> {
-        use DatastoreConfigError::{Missing, WrongRole};
-        match role {
-            Role::Production => {
-                if cfg.database.is_none() {
-                    return Err(Missing {
-                        field: "database",
-                        what: "the database to back up",
-                    });
-                }
-                if cfg.target_database.is_some() {
-                    return Err(WrongRole {
-                        field: "target_database",
-                        why: "only a staging agent restores; remove it",
-                    });
-                }
-            }
-            Role::Staging => {
-                if cfg.target_database.is_none() {
-                    return Err(Missing {
-                        field: "target_database",
-                        what: "the database to restore into",
-                    });
-                }
-                if cfg.database.is_some() {
-                    return Err(WrongRole {
-                        field: "database",
-                        why: "a staging agent does not back up; use target_database for the restore target",
-                    });
-                }
-            }
+        match cfg.method {
+            Method::Dump => check_dump(&cfg, role)?,
+            Method::Physical => check_physical(&cfg, role)?,
         }
         SmokeCheck::validate(&cfg.smoke, role, "sql", |c| {
             c.sql.is_some() && c.ns.is_none() && c.filter.is_none()
@@ -107,6 +125,7 @@ impl Postgres {
                 "maintenance_database",
                 Some(cfg.maintenance_database.as_str()),
             ),
+            ("smoke_database", Some(cfg.smoke_database.as_str())),
         ] {
             if let Some(db) = db
                 && (db.is_empty() || db.len() > MAX_IDENTIFIER || db.contains('\0'))
@@ -132,6 +151,146 @@ impl Postgres {
     }
 }
 
+/// `method = "dump"`: each role its own database field, and none of the physical fields.
+fn check_dump(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfigError> {
+    use DatastoreConfigError::{Missing, WrongRole};
+    let physical_only = [
+        ("data_dir", cfg.data_dir.is_some()),
+        ("stop_command", !cfg.stop_command.is_empty()),
+        ("start_command", !cfg.start_command.is_empty()),
+        ("check_port", cfg.check_port.is_some()),
+    ];
+    if let Some((field, _)) = physical_only.iter().find(|(_, set)| *set) {
+        return Err(DatastoreConfigError::invalid(
+            *field,
+            "only method = \"physical\" takes it; remove it or set method = \"physical\"",
+        ));
+    }
+    match role {
+        Role::Production => {
+            if cfg.database.is_none() {
+                return Err(Missing {
+                    field: "database",
+                    what: "the database to back up",
+                });
+            }
+            if cfg.target_database.is_some() {
+                return Err(WrongRole {
+                    field: "target_database",
+                    why: "only a staging agent restores; remove it",
+                });
+            }
+        }
+        Role::Staging => {
+            if cfg.target_database.is_none() {
+                return Err(Missing {
+                    field: "target_database",
+                    what: "the database to restore into",
+                });
+            }
+            if cfg.database.is_some() {
+                return Err(WrongRole {
+                    field: "database",
+                    why: "a staging agent does not back up; use target_database for the restore target",
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `method = "physical"`: a whole cluster, so no database to dump or restore into;
+/// staging needs the data directory and the commands that stop and start the cluster.
+fn check_physical(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfigError> {
+    use DatastoreConfigError::{Missing, WrongRole};
+    let whole = "a physical backup is of the whole cluster; remove it";
+    if cfg.database.is_some() {
+        return Err(DatastoreConfigError::invalid("database", whole));
+    }
+    if cfg.target_database.is_some() {
+        return Err(DatastoreConfigError::invalid("target_database", whole));
+    }
+    if cfg.role_passwords {
+        return Err(DatastoreConfigError::invalid(
+            "role_passwords",
+            "a physical backup holds the cluster's files, passwords included; remove it",
+        ));
+    }
+    if !cfg
+        .os_user
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        || cfg.os_user.is_empty()
+    {
+        return Err(DatastoreConfigError::invalid("os_user", "not a user name"));
+    }
+    match role {
+        Role::Production => {
+            for (field, set) in [
+                ("data_dir", cfg.data_dir.is_some()),
+                ("stop_command", !cfg.stop_command.is_empty()),
+                ("start_command", !cfg.start_command.is_empty()),
+                ("check_port", cfg.check_port.is_some()),
+            ] {
+                if set {
+                    return Err(WrongRole {
+                        field,
+                        why: "only a staging agent restores; remove it",
+                    });
+                }
+            }
+        }
+        Role::Staging => {
+            match &cfg.data_dir {
+                None => {
+                    return Err(Missing {
+                        field: "data_dir",
+                        what: "the data directory of the cluster to restore into",
+                    });
+                }
+                Some(d) if !d.is_absolute() || d.parent().is_none() || d.file_name().is_none() => {
+                    return Err(DatastoreConfigError::invalid(
+                        "data_dir",
+                        "must be an absolute path below /",
+                    ));
+                }
+                Some(_) => {}
+            }
+            if cfg.stop_command.is_empty() {
+                return Err(Missing {
+                    field: "stop_command",
+                    what: "a restore stops the cluster before it swaps the data directory",
+                });
+            }
+            if cfg.start_command.is_empty() {
+                return Err(Missing {
+                    field: "start_command",
+                    what: "a restore starts the cluster again after it swaps the data directory",
+                });
+            }
+            if cfg.check_port() == cfg.port {
+                return Err(DatastoreConfigError::invalid(
+                    "check_port",
+                    "must differ from port",
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+impl PostgresConfig {
+    /// The port of the PostgreSQL that checks a restored data directory: `check_port`, or
+    /// `port` + 1 (`port` - 1 for 65535).
+    pub fn check_port(&self) -> u16 {
+        self.check_port.unwrap_or(if self.port == u16::MAX {
+            self.port - 1
+        } else {
+            self.port + 1
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,5 +301,65 @@ mod tests {
         assert!(Postgres::build(cfg.clone(), Role::Production).is_ok());
         let err = Postgres::build(cfg, Role::Staging).unwrap_err();
         assert_eq!(err.field(), "target_database");
+    }
+
+    #[test]
+    fn a_physical_datastore_takes_a_data_directory_and_no_database() {
+        let physical = "name = \"pg\"\nmethod = \"physical\"\n";
+        let cfg: PostgresConfig = toml::from_str(physical).unwrap();
+        let pg = Postgres::build(cfg.clone(), Role::Production).unwrap();
+        assert!(pg.physical());
+        assert_eq!(
+            Postgres::build(cfg, Role::Staging).unwrap_err().field(),
+            "data_dir"
+        );
+        let staging = format!(
+            "{physical}data_dir = \"/var/lib/postgresql/15/main\"\n\
+             stop_command = [\"true\"]\nstart_command = [\"true\"]\n"
+        );
+        let cfg: PostgresConfig = toml::from_str(&staging).unwrap();
+        assert_eq!(cfg.check_port(), 5433);
+        assert!(Postgres::build(cfg.clone(), Role::Staging).is_ok());
+        assert_eq!(
+            Postgres::build(cfg, Role::Production).unwrap_err().field(),
+            "data_dir"
+        );
+        // (entry, role, field refused)
+        let cases = [
+            (
+                format!("{physical}database = \"app\""),
+                Role::Production,
+                "database",
+            ),
+            (
+                format!(
+                    "{physical}data_dir = \"rel\"\nstop_command = [\"true\"]\nstart_command = [\"true\"]"
+                ),
+                Role::Staging,
+                "data_dir",
+            ),
+            (
+                format!("{physical}data_dir = \"/d\"\nstart_command = [\"true\"]"),
+                Role::Staging,
+                "stop_command",
+            ),
+            (
+                format!(
+                    "{physical}data_dir = \"/d\"\nstop_command = [\"true\"]\nstart_command = [\"true\"]\ncheck_port = 5432"
+                ),
+                Role::Staging,
+                "check_port",
+            ),
+            (
+                "name = \"pg\"\ndatabase = \"app\"\ndata_dir = \"/d\"".to_owned(),
+                Role::Production,
+                "data_dir",
+            ),
+        ];
+        for (text, role, field) in cases {
+            let cfg: PostgresConfig = toml::from_str(&text).unwrap();
+            let e = Postgres::build(cfg, role).unwrap_err();
+            assert_eq!(e.field(), field, "{text}: {e}");
+        }
     }
 }

@@ -4,7 +4,7 @@
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
-use super::{GLOBALS, PARTS, Postgres, database_counts};
+use super::{BASE, GLOBALS, PARTS, Postgres, database_counts};
 use crate::datastore::{DumpError, DumpOutcome, DumpStream, Dumper, Part, describe_status};
 use ferry_core::manifest::Source;
 
@@ -156,12 +156,14 @@ impl Postgres {
 
 impl Dumper for Postgres {
     fn parts(&self) -> &'static [Part] {
-        PARTS
+        if self.physical() { &[BASE] } else { PARTS }
     }
 
     fn dump<'a>(&'a self, part: &'a Part) -> BoxFuture<'a, Result<DumpStream, DumpError>> {
         async move {
-            if *part == GLOBALS {
+            if self.physical() {
+                self.dump_base().await
+            } else if *part == GLOBALS {
                 self.dump_globals().await
             } else {
                 self.dump_main().await

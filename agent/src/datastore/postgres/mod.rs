@@ -11,6 +11,10 @@
 //! `<target>__ferry_new_<job>` (and, killed during the swap, `<target>__ferry_old_<job>`):
 //! the agent puts them right on start and before the next restore ([`crate::datastore::common::leftovers`]).
 //!
+//! `method = "physical"` backs up the whole cluster with `pg_basebackup` instead
+//! ([`basebackup`]): one tar stream, its WAL included, the manifest recording start and
+//! stop LSN, timeline, backup label and system identifier.
+//!
 //! Credentials: the password comes from `password_file` (mode 0600/0400) or
 //! `password_env`, and reaches the tools as `PGPASSWORD` in their environment, never on
 //! their command line.
@@ -26,11 +30,14 @@ use tokio_postgres::{Client, NoTls};
 use super::common::leftovers::Recovered;
 use super::{CheckError, Datastore, Mode, Part, ReapedChild, RestoreError, StderrTail, ToolPaths};
 
+pub mod basebackup;
 mod config;
 mod dump;
+pub mod physical_restore;
 mod restore;
 
-pub use config::PostgresConfig;
+pub use basebackup::BaseBackupInfo;
+pub use config::{Method, PostgresConfig};
 
 /// The main part: `pg_dump` custom format.
 pub const MAIN: Part = Part {
@@ -45,6 +52,12 @@ pub const GLOBALS: Part = Part {
 };
 
 const PARTS: &[Part] = &[GLOBALS, MAIN];
+
+/// The only part of a physical backup (`method = "physical"`): `pg_basebackup`'s tar.
+pub const BASE: Part = Part {
+    name: "",
+    format: "tar",
+};
 
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1), bytes.
 const MAX_IDENTIFIER: usize = 63;
@@ -86,12 +99,19 @@ impl Datastore for Postgres {
         "postgres"
     }
 
-    /// `(tool, version)` for pg_dump, pg_dumpall, pg_restore and psql (looked up once).
+    /// `(tool, version)` for pg_dump, pg_dumpall, pg_restore and psql, or for a physical
+    /// datastore pg_basebackup, pg_verifybackup and pg_ctl (looked up once per method).
     fn tool_versions(&self) -> Vec<(String, String)> {
-        static CACHE: OnceLock<Vec<(String, String)>> = OnceLock::new();
-        CACHE
+        static DUMP: OnceLock<Vec<(String, String)>> = OnceLock::new();
+        static PHYSICAL: OnceLock<Vec<(String, String)>> = OnceLock::new();
+        let (cache, tools): (_, &[&str]) = if self.physical() {
+            (&PHYSICAL, &["pg_basebackup", "pg_verifybackup", "pg_ctl"])
+        } else {
+            (&DUMP, &["pg_dump", "pg_dumpall", "pg_restore", "psql"])
+        };
+        cache
             .get_or_init(|| {
-                ["pg_dump", "pg_dumpall", "pg_restore", "psql"]
+                tools
                     .iter()
                     .map(|t| (t.to_string(), self.tools.version(t)))
                     .collect()
@@ -99,12 +119,25 @@ impl Datastore for Postgres {
             .clone()
     }
 
-    /// Connects and reports the server version and database size.
+    /// Connects and reports the server version and database size; a physical datastore
+    /// on production also checks that the cluster can be backed up physically (no
+    /// tablespaces of its own, a role with `REPLICATION`), on staging that `data_dir` can
+    /// be swapped (not a mount point, its parent exists).
     ///
     /// # Errors
-    /// The connection or query error.
+    /// The connection or query error, or why the cluster cannot be backed up.
     fn check(&self) -> BoxFuture<'_, Result<String, CheckError>> {
         async move {
+            if let Some(dir) = self.cfg.data_dir.as_deref() {
+                super::common::tree::refuse_mount_point(dir, "data_dir")
+                    .map_err(|e| CheckError::Path(e.to_string()))?;
+                if !dir.parent().is_some_and(std::path::Path::is_dir) {
+                    return Err(CheckError::Path(format!(
+                        "the parent of data_dir {} does not exist",
+                        dir.display()
+                    )));
+                }
+            }
             let db = self
                 .cfg
                 .database
@@ -123,6 +156,15 @@ impl Datastore for Postgres {
             .map_err(|e| CheckError::Server(e.to_string()))?;
             let version: String = row.get(0);
             let size: i64 = row.get(1);
+            if self.physical() && self.cfg.data_dir.is_none() {
+                let refusal = self
+                    .physical_refusal(&client)
+                    .await
+                    .map_err(|e| CheckError::Server(e.to_string()))?;
+                if let Some(why) = refusal {
+                    return Err(CheckError::Server(why));
+                }
+            }
             Ok(format!(
                 "PostgreSQL {version} at {}:{}, database {db:?} ({size} bytes)",
                 self.cfg.host, self.cfg.port
@@ -141,11 +183,20 @@ impl Datastore for Postgres {
         &'a self,
         skip: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<Recovered>, RestoreError>> {
-        self.recover(skip).boxed()
+        if self.physical() {
+            self.recover_physical(skip).boxed()
+        } else {
+            self.recover(skip).boxed()
+        }
     }
 }
 
 impl Postgres {
+    /// Whether this datastore makes physical base backups (`method = "physical"`).
+    pub fn physical(&self) -> bool {
+        self.cfg.method == Method::Physical
+    }
+
     fn pg_config(&self, db: &str) -> tokio_postgres::Config {
         let mut c = tokio_postgres::Config::new();
         c.host(&self.cfg.host)

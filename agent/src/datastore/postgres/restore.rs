@@ -9,9 +9,9 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio_postgres::Client;
 
-use super::{DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, quote_ident};
+use super::{BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, quote_ident};
 use crate::datastore::common::leftovers;
-use crate::datastore::common::smoke::{SmokeError, run_smoke};
+use crate::datastore::common::smoke::{SmokeCheck, SmokeError, run_smoke};
 use crate::datastore::{
     PartSink, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
 };
@@ -222,36 +222,30 @@ impl Postgres {
 impl Restorer for Postgres {
     /// The pg_dump archive goes into a scratch database; the globals part is SQL that
     /// psql executes against the live cluster as it reads, so it is checked first.
+    /// A physical backup is unpacked into a new directory beside the data directory.
     fn stages_part(&self, manifest: &Manifest) -> bool {
+        if self.physical() {
+            return manifest.part == BASE.name && manifest.format == BASE.format;
+        }
         manifest.part == MAIN.name && manifest.format == MAIN.format
     }
 
+    /// The smoke checks, on the live cluster: in `target_database`, or for a physical
+    /// restore in `smoke_database` (they also ran on the restored cluster before the swap).
     fn smoke(&self) -> BoxFuture<'_, Result<Vec<String>, RestoreError>> {
         async move {
-            let db = self.cfg.target_database.clone().unwrap_or_default();
+            let db = if self.physical() {
+                self.cfg.smoke_database.clone()
+            } else {
+                self.cfg.target_database.clone().unwrap_or_default()
+            };
             let client = self
                 .connect(&db)
                 .await
                 .map_err(|e| RestoreError::Target(e.to_string()))?;
             run_smoke(&self.cfg.smoke, |c| {
                 let client = &client;
-                async move {
-                    let sql = c.sql.as_deref().ok_or_else(|| {
-                        SmokeError::Check("a PostgreSQL smoke check needs sql".into())
-                    })?;
-                    let row = client
-                        .query_one(sql, &[])
-                        .await
-                        .map_err(|e| SmokeError::Query {
-                            query: sql.to_owned(),
-                            reason: e.to_string(),
-                        })?;
-                    let n: i64 = row.try_get(0).map_err(|e| SmokeError::Query {
-                        query: sql.to_owned(),
-                        reason: format!("not one integer: {e}"),
-                    })?;
-                    Ok((sql.to_owned(), n))
-                }
+                async move { smoke_one(client, c).await }
             })
             .await
         }
@@ -269,6 +263,9 @@ impl Restorer for Postgres {
                 return Err(RestoreError::Manifest(
                     "a PostgreSQL backup is restored whole; --ns selects MongoDB namespaces".into(),
                 ));
+            }
+            if self.physical() {
+                return self.begin_physical(main, job_id, namespaces).await;
             }
             crate::datastore::expect_main(main, "postgres", &MAIN, "a PostgreSQL pg_dump archive")?;
             let expected = DatabaseCounts::from_json(&main.counts).ok_or_else(|| {
@@ -303,6 +300,33 @@ impl Restorer for Postgres {
         }
         .boxed()
     }
+}
+
+/// Runs one smoke check (`sql`, one row of one integer) through `client`: the query and
+/// the number.
+///
+/// # Errors
+/// [`SmokeError`]: no `sql`, the query failed, or it gave no integer.
+pub(super) async fn smoke_one(
+    client: &Client,
+    c: &SmokeCheck,
+) -> Result<(String, i64), SmokeError> {
+    let sql = c
+        .sql
+        .as_deref()
+        .ok_or_else(|| SmokeError::Check("a PostgreSQL smoke check needs sql".into()))?;
+    let row = client
+        .query_one(sql, &[])
+        .await
+        .map_err(|e| SmokeError::Query {
+            query: sql.to_owned(),
+            reason: e.to_string(),
+        })?;
+    let n: i64 = row.try_get(0).map_err(|e| SmokeError::Query {
+        query: sql.to_owned(),
+        reason: format!("not one integer: {e}"),
+    })?;
+    Ok((sql.to_owned(), n))
 }
 
 /// A PostgreSQL restore in progress: the scratch database beside the target.
