@@ -220,6 +220,7 @@ fn call_coordinator<'a>(
         }),
         "TriggerRestore" => Box::pin(async move {
             c.trigger_restore(v1::TriggerRestoreRequest {
+                from: String::new(),
                 agent: "pg-stage".into(),
                 datastore: "postgres".into(),
                 verify_only: true,
@@ -414,6 +415,7 @@ fn call_agent<'a>(a: &'a mut AgentClient<Channel>, method: &str, datastore: &str
         "RunRestore" => Box::pin(async move {
             let mut stream = a
                 .run_restore(v1::RunRestoreRequest {
+                    target: String::new(),
                     job_id: JOB_ID.into(),
                     datastore,
                     verify_only: true,

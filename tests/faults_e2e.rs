@@ -30,6 +30,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use ferry_tests::*;
+use serde_json::json;
 
 /// About 40 MB of md5 text in 300,000 rows: about 20 MB stored, 10 s at 2 MiB/s.
 const BIG: &str = "CREATE TABLE big (id int PRIMARY KEY, body text);
@@ -1009,26 +1010,12 @@ fn add_only_production_key(d: &mut Deployment) {
 /// A retention policy for production (a week) and the coordinator's `[maintenance]` key,
 /// restricted as the Ansible role does (it may remove, not overwrite).
 fn maintenance(d: &Deployment) {
-    let key = d.sshd.add_client_key_named(
-        "id_maintenance",
-        &format!(
-            "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
-             symlink,hardlink,copy-data -u 0027 -d {}\"",
-            d.sshd.root().display()
-        ),
-    );
+    let key = d.maintenance_key();
     append(
         &d.coordinator_config,
         &format!(
-            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n\n\
-             [maintenance]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
-             host_key = \"{}\"\nroot = \"{}\"\n",
-            d.sshd.host(),
-            d.sshd.port(),
-            BACKUP_USER,
-            key.display(),
-            d.sshd.host_key(),
-            d.sshd.root().display()
+            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n{}",
+            d.sftp_table("maintenance", &key)
         ),
     );
 }
@@ -1253,4 +1240,91 @@ fn a_full_disk_behind_an_add_only_key_says_the_partial_stayed_and_prune_removes_
     // With the room back (and the table that never fit gone), the next backup succeeds.
     d.prod_pg.psql("app", "DROP TABLE big");
     d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+}
+
+#[test]
+fn sigterm_mid_backup_to_s3_aborts_the_agents_multipart_uploads_and_the_retry_succeeds() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("sigterm");
+    let mut d = Deployment::start_with_options(DeploymentOptions {
+        agent_timeout_seconds: 60,
+        retry: Retry {
+            max_attempts: 10,
+            initial_backoff_seconds: 1,
+            max_backoff_seconds: 2,
+        },
+        tweak: Some(Box::new(|d: &mut Deployment| {
+            let text = std::fs::read_to_string(&d.prod_config).unwrap();
+            let table = s3_table(
+                "backup_server",
+                c,
+                &bucket,
+                &roles.production,
+                d.dir.path(),
+                "",
+            );
+            std::fs::write(&d.prod_config, replace_backup_server(&text, &table)).unwrap();
+        })),
+        ..DeploymentOptions::default()
+    });
+    let uploads = || {
+        c.s3_ok(
+            &roles.maintenance,
+            "list_multipart_uploads",
+            json!({"Bucket": bucket}),
+        )["Uploads"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    let objects = || {
+        c.s3_ok(&roles.staging, "list_objects_v2", json!({"Bucket": bucket}))["Contents"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|o| o["Key"].as_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    // pg_dump waits on a table held by a transaction, after the globals part was staged:
+    // that part's multipart upload is in progress when the agent is stopped.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let locker = rt.block_on(async {
+        let c = d.prod_pg.client("app").await;
+        c.batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        c
+    });
+    let agent = d.procs["agent-prod"].pid();
+    let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while d.prod_pg.psql(
+        "app",
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE 'LOCK TABLE%'",
+    ) == "0"
+        || uploads() == 0
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pg_dump never waited on the lock with an upload in progress\n{}",
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let children = pg_dump_running_under(agent);
+    stop_production_agent(&mut d, &children);
+    // Read with boto3: the agent aborted what it had started, and nothing is visible.
+    assert_eq!(uploads(), 0, "multipart uploads left after SIGTERM");
+    assert_eq!(objects(), Vec::<String>::new());
+
+    rt.block_on(locker.batch_execute("ROLLBACK")).unwrap();
+    d.start_agent("agent-prod");
+    let j = wait_final(&d, &job, Duration::from_secs(120));
+    assert_eq!(j["state"], "succeeded", "{j}\n{}", d.logs());
+    assert!(j["attempt"].as_u64().unwrap() >= 2, "{j}");
+    assert_eq!(uploads(), 0);
+    assert_eq!(objects().len(), 4, "{:?}", objects());
 }

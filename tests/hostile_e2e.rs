@@ -119,6 +119,7 @@ fn names_and_dates_escaping_the_layout_are_refused_by_agents_and_coordinator() {
             assert_refused(&what, &e, tonic::Code::InvalidArgument, "not a valid name");
             let e = stage
                 .run_restore(v1::RunRestoreRequest {
+                    target: String::new(),
                     job_id: JOB_ID.into(),
                     datastore: name.clone(),
                     ..Default::default()
@@ -132,6 +133,7 @@ fn names_and_dates_escaping_the_layout_are_refused_by_agents_and_coordinator() {
             for verify_only in [false, true] {
                 let e = stage
                     .run_restore(v1::RunRestoreRequest {
+                        target: String::new(),
                         job_id: JOB_ID.into(),
                         datastore: "postgres".into(),
                         date: date.clone(),
@@ -161,6 +163,7 @@ fn names_and_dates_escaping_the_layout_are_refused_by_agents_and_coordinator() {
         for date in escaping_dates() {
             let e = coordinator
                 .trigger_restore(v1::TriggerRestoreRequest {
+                    from: String::new(),
                     agent: "pg-stage".into(),
                     date: date.clone(),
                     ..Default::default()

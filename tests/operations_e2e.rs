@@ -631,15 +631,8 @@ fn prune_with_the_maintenance_key_removes_what_the_policy_drops_and_keeps_the_ne
         append(
             &d.coordinator_config,
             &format!(
-                "[[retention]]\nenvironment = \"production\"\nkeep_daily = 1\n\n\
-                 [maintenance]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
-                 host_key = \"{}\"\nroot = \"{}\"\n",
-                d.sshd.host(),
-                d.sshd.port(),
-                BACKUP_USER,
-                key.display(),
-                d.sshd.host_key(),
-                d.sshd.root().display()
+                "[[retention]]\nenvironment = \"production\"\nkeep_daily = 1\n{}",
+                d.sftp_table("maintenance", &key)
             ),
         );
     });

@@ -125,6 +125,7 @@ fn agent_job_streams_end_after_their_final_event() {
         // A verify that succeeds, and a restore that fails (no backup of that date).
         let stream = stage
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: job_id(2),
                 datastore: "postgres".into(),
                 verify_only: true,
@@ -141,6 +142,7 @@ fn agent_job_streams_end_after_their_final_event() {
         let failing = job_id(3);
         let stream = stage
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: failing.clone(),
                 datastore: "postgres".into(),
                 date: "2001-01-01".into(),
@@ -295,6 +297,7 @@ fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() 
         // Outside the role: refused for that first, still short.
         let e = prod
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: huge.clone(),
                 datastore: long_name.clone(),
                 ..Default::default()
@@ -312,6 +315,7 @@ fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() 
             let what = if verify_only { "verify" } else { "restore" };
             let e = stage
                 .run_restore(v1::RunRestoreRequest {
+                    target: String::new(),
                     job_id: huge.clone(),
                     datastore: "postgres".into(),
                     verify_only,
@@ -322,6 +326,7 @@ fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() 
             assert_short_refusal(what, &e, Code::InvalidArgument, &["job id", &cut]);
             let e = stage
                 .run_restore(v1::RunRestoreRequest {
+                    target: String::new(),
                     job_id: job_id(2),
                     datastore: "postgres".into(),
                     date: huge.clone(),
@@ -334,6 +339,7 @@ fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() 
         }
         let e = stage
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: job_id(2),
                 datastore: "postgres".into(),
                 namespaces: vec![huge.clone()],
@@ -362,6 +368,7 @@ fn oversized_order_fields_come_back_cut_and_no_agent_log_line_grows_with_them() 
         let namespaces: Vec<String> = (0..200_000).map(|i| format!("app.c{i:07}")).collect();
         let stream = stage
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: job_id(3),
                 datastore: "postgres".into(),
                 namespaces,
@@ -425,6 +432,7 @@ fn an_order_reusing_a_known_job_id_is_refused_unless_it_is_the_same_running_orde
     use tonic::Code;
     let mut d = Deployment::start();
     let verify = v1::RunRestoreRequest {
+        target: String::new(),
         job_id: job_id(1),
         datastore: "postgres".into(),
         verify_only: true,
@@ -448,6 +456,7 @@ fn an_order_reusing_a_known_job_id_is_refused_unless_it_is_the_same_running_orde
             (
                 "a restore",
                 v1::RunRestoreRequest {
+                    target: String::new(),
                     verify_only: false,
                     ..verify.clone()
                 },
@@ -455,6 +464,7 @@ fn an_order_reusing_a_known_job_id_is_refused_unless_it_is_the_same_running_orde
             (
                 "a verify of another date",
                 v1::RunRestoreRequest {
+                    target: String::new(),
                     date: "2026-01-01".into(),
                     ..verify.clone()
                 },

@@ -234,6 +234,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
             .unwrap();
         let e = prod
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: "01KAAAAAAAAAAAAAAAAAAAAAAA".into(),
                 datastore: "postgres".into(),
                 date: String::new(),

@@ -330,6 +330,7 @@ fn a_backup_dated_tomorrow_by_a_clock_ahead_is_refused_and_never_shadows_later_b
         let mut stage = AgentClient::new(channel);
         let mut stream = stage
             .run_restore(v1::RunRestoreRequest {
+                target: String::new(),
                 job_id: "01KAAAAAAAAAAAAAAAAAAAAA01".into(),
                 datastore: "postgres".into(),
                 verify_only: true,

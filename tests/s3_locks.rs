@@ -13,7 +13,6 @@
 //!   dropped whose lock had expired are gone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 
 use chrono::{DateTime, Datelike, Days, Months, NaiveDate, Utc};
@@ -32,46 +31,6 @@ const PREFIX: &str = "ferry";
 const KEEP_DAILY: u64 = 7;
 const KEEP_WEEKLY: u64 = 4;
 const KEEP_MONTHLY: u32 = 3;
-
-/// `user`'s key files (mode 0600) in `dir`: `(access, secret)`.
-fn key_files(user: &S3User, dir: &std::path::Path) -> (String, String) {
-    let access = dir.join(format!("{}-access", user.uid));
-    let secret = dir.join(format!("{}-secret", user.uid));
-    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
-        std::fs::write(path, format!("{text}\n")).unwrap();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    (access.display().to_string(), secret.display().to_string())
-}
-
-/// An S3 table named `table` on `bucket` with `user`'s keys, `extra` lines appended.
-fn s3_table(
-    table: &str,
-    c: &CephCluster,
-    bucket: &str,
-    user: &S3User,
-    dir: &std::path::Path,
-    extra: &str,
-) -> String {
-    let (access, secret) = key_files(user, dir);
-    format!(
-        "[{table}]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {bucket:?}\nprefix = {PREFIX:?}\n\
-         path_style = true\naccess_key_file = {access:?}\nsecret_key_file = {secret:?}\n\
-         io_timeout_seconds = 30\n{extra}",
-        c.endpoint(),
-    )
-}
-
-/// `config` with its `[backup_server]` table replaced by `table`.
-fn replace_backup_server(config: &str, table: &str) -> String {
-    let start = config
-        .find("[backup_server]\n")
-        .expect("the agent's config has a [backup_server] table");
-    let end = config[start + 1..]
-        .find("\n[")
-        .map_or(config.len(), |i| start + 2 + i);
-    format!("{}{table}\n{}", &config[..start], &config[end..])
-}
 
 /// Production's write target on `bucket`.
 fn production_target(c: &CephCluster, bucket: &str, dir: &std::path::Path) -> Arc<dyn Target> {

@@ -11,7 +11,6 @@
 //!   an object without manifest), extends a lock without ever shortening it, and removes a
 //!   dated folder with its versions; staging's credentials may not.
 
-use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::sync::mpsc::Receiver;
 
@@ -29,31 +28,48 @@ use ferry_tests::*;
 /// The prefix every test's target writes under.
 const PREFIX: &str = "ferry";
 
-/// A target on `bucket` with `user`'s keys in files of mode 0600 (kept in `dir`).
+/// A target on `bucket` with `user`'s keys in files of mode 0600 (kept in `dir`), locking.
 fn target(
     c: &CephCluster,
     bucket: &str,
     user: &S3User,
     dir: &tempfile::TempDir,
 ) -> Arc<dyn Target> {
-    let access = dir.path().join(format!("{}-access", user.uid));
-    let secret = dir.path().join(format!("{}-secret", user.uid));
-    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
-        std::fs::write(path, format!("{text}\n")).unwrap();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let config: TargetConfig = serde_json::from_value(json!({
+    target_at(
+        c.endpoint(),
+        bucket,
+        user,
+        dir,
+        json!({"lock": {"mode": "compliance"}}),
+    )
+}
+
+/// A target on `bucket` at `endpoint` with `user`'s keys (files in `dir`) and the keys of
+/// `extra` (an object) added to its config.
+fn target_at(
+    endpoint: String,
+    bucket: &str,
+    user: &S3User,
+    dir: &tempfile::TempDir,
+    extra: Value,
+) -> Arc<dyn Target> {
+    let (access, secret) = key_files(user, dir.path());
+    let mut config = json!({
         "kind": "s3",
-        "endpoint": c.endpoint(),
+        "endpoint": endpoint,
         "bucket": bucket,
         "prefix": PREFIX,
         "path_style": true,
         "access_key_file": access,
         "secret_key_file": secret,
         "io_timeout_seconds": 30,
-        "lock": {"mode": "compliance"},
-    }))
-    .expect("the S3 target's config parses");
+        "connect_timeout_seconds": 5,
+    });
+    for (k, v) in extra.as_object().expect("extra keys are an object") {
+        config[k] = v.clone();
+    }
+    let config: TargetConfig =
+        serde_json::from_value(config).expect("the S3 target's config parses");
     config.build().expect("the S3 target's config is valid")
 }
 
@@ -546,26 +562,7 @@ fn with_s3_backup_server(
     user: &S3User,
     dir: &std::path::Path,
 ) -> String {
-    let access = dir.join(format!("{}-access", user.uid));
-    let secret = dir.join(format!("{}-secret", user.uid));
-    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
-        std::fs::write(path, format!("{text}\n")).unwrap();
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    }
-    let s3 = format!(
-        "[backup_server]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {bucket:?}\nprefix = {PREFIX:?}\n\
-         path_style = true\naccess_key_file = {:?}\nsecret_key_file = {:?}\nio_timeout_seconds = 30\n",
-        c.endpoint(),
-        access.display().to_string(),
-        secret.display().to_string(),
-    );
-    let start = config
-        .find("[backup_server]\n")
-        .expect("the agent's config has a [backup_server] table");
-    let end = config[start + 1..]
-        .find("\n[")
-        .map_or(config.len(), |i| start + 2 + i);
-    format!("{}{s3}\n{}", &config[..start], &config[end..])
+    replace_backup_server(config, &s3_table("backup_server", c, bucket, user, dir, ""))
 }
 
 #[test]
@@ -1275,5 +1272,173 @@ fn an_osd_killed_mid_upload_does_not_fail_the_backup() {
         got["BodySha256"].as_str().unwrap(),
         hex::encode(Sha256::digest(&data)),
         "the object read back differs"
+    );
+}
+
+/// A target on the RGW's HTTPS endpoint with `user`'s keys, trusting `ca_file` when
+/// given.
+fn https_target(
+    c: &CephCluster,
+    bucket: &str,
+    user: &S3User,
+    dir: &tempfile::TempDir,
+    ca_file: Option<std::path::PathBuf>,
+) -> Arc<dyn Target> {
+    let extra = match ca_file {
+        Some(ca) => json!({ "ca_file": ca }),
+        None => json!({}),
+    };
+    target_at(c.tls_endpoint(), bucket, user, dir, extra)
+}
+
+#[test]
+fn ca_file_lets_a_target_reach_a_private_https_endpoint_and_without_it_the_certificate_is_refused()
+{
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("https");
+    let dir = tempfile::tempdir().unwrap();
+    let day = Utc::now().format("%Y-%m-%d").to_string();
+
+    // Without the CA: the RGW's certificate is not trusted, and the error says so.
+    let untrusting = https_target(c, &bucket, &roles.production, &dir, None);
+    let f = file(
+        &*untrusting,
+        "production",
+        &day,
+        &format!("etcd_backup_{day}.db.zst.age"),
+    );
+    let mut w = untrusting.write().unwrap();
+    let e = w
+        .stage(
+            &f,
+            "01KBX8Z3E5M1Q2W3E4R5T6Y7U8",
+            feed(b"never sent".to_vec()),
+        )
+        .expect_err("an untrusted certificate was accepted");
+    let text = e.to_string();
+    assert!(
+        text.contains(&c.tls_endpoint().replace("https://", "")) || text.contains("127.0.0.1"),
+        "the error does not name the endpoint: {text}"
+    );
+    assert!(
+        text.to_lowercase().contains("certificate")
+            || text.to_lowercase().contains("unknownissuer"),
+        "the error does not say the certificate was refused: {text}"
+    );
+    drop(w);
+
+    // With ca_file: a backup is written over HTTPS and read back over HTTPS, and boto3
+    // (plain HTTP, another reader) reads the same bytes.
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 253) as u8).collect();
+    let writer = https_target(c, &bucket, &roles.production, &dir, Some(c.tls_ca()));
+    commit(&*writer, &f, &data);
+    let reader = https_target(c, &bucket, &roles.staging, &dir, Some(c.tls_ca()));
+    let mut r = reader.read().unwrap();
+    let (tx, rx) = chunk::channel();
+    let path = f.path();
+    let got = std::thread::spawn(move || rx.into_iter().flatten().collect::<Vec<u8>>());
+    r.download(&path, tx).unwrap();
+    assert!(got.join().unwrap() == data, "read back over HTTPS differs");
+    let object = get(c, &bucket, &f.path()).unwrap();
+    assert_eq!(
+        object["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&data))
+    );
+}
+
+#[test]
+fn a_manifest_refused_after_its_data_part_completed_leaves_no_backup_and_the_next_write_succeeds() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("manifest");
+    let policy = ferry_bucket_policy(
+        &bucket,
+        &roles.production.uid,
+        &roles.staging.uid,
+        &roles.maintenance.uid,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let production = target(c, &bucket, &roles.production, &dir);
+    let day = Utc::now().format("%Y-%m-%d").to_string();
+    let f = file(
+        &*production,
+        "production",
+        &day,
+        &format!("etcd_backup_{day}.db.zst.age"),
+    );
+    // The bucket refuses production this backup's manifest (and only it): the data part
+    // completes, the manifest that would make it a backup does not.
+    let mut denied: Value = serde_json::from_str(&policy).unwrap();
+    denied["Statement"].as_array_mut().unwrap().push(json!({
+        "Sid": "NoManifest", "Effect": "Deny",
+        "Principal": {"AWS": [format!("arn:aws:iam:::user/{}", roles.production.uid)]},
+        "Action": ["s3:PutObject"],
+        "Resource": [format!("arn:aws:s3:::{bucket}/{}.json", f.path())],
+    }));
+    c.put_bucket_policy(&roles.owner, &bucket, &denied.to_string());
+
+    let first = b"first attempt ".repeat(10_000);
+    let (mut w, staged) = stage(&*production, &f, &first);
+    let e = w
+        .commit("01KBX8Z3E5M1Q2W3E4R5T6Y7U8", &[(staged, manifest(&f.name))])
+        .expect_err("a commit whose manifest was refused succeeded");
+    assert!(matches!(e, TargetError::Commit { .. }), "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains("permission denied") && text.contains(&f.path()),
+        "the error does not say what was refused and what was left: {text}"
+    );
+    drop(w);
+    // Read with boto3: the data object is there without its manifest, and no multipart
+    // upload is left; the maintenance credentials see it as an orphan for `ferry prune`.
+    assert_eq!(keys(c, &bucket), vec![f.path()]);
+    assert_eq!(uploads(c, &bucket), vec![]);
+    let found = target(c, &bucket, &roles.maintenance, &dir)
+        .maintain()
+        .unwrap()
+        .leftovers("production")
+        .unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(
+        (found[0].path.as_str(), &found[0].kind),
+        (f.path().as_str(), &LeftoverKind::Orphan)
+    );
+
+    // The policy put right, the retry writes the same key: a new version, which its
+    // manifest names, and reading that version gives the retry's bytes.
+    c.put_bucket_policy(&roles.owner, &bucket, &policy);
+    let second = b"second attempt ".repeat(10_000);
+    commit(&*production, &f, &second);
+    let stored: Manifest = Manifest::from_slice(
+        "m",
+        get(c, &bucket, &format!("{}.json", f.path())).unwrap()["Body"]
+            .as_str()
+            .unwrap()
+            .as_bytes(),
+    )
+    .unwrap();
+    let version = stored
+        .version_id
+        .clone()
+        .expect("the manifest names a version");
+    assert_eq!(version, version_of(c, &bucket, &f.path()));
+    let object = c.s3_ok(
+        &roles.staging,
+        "get_object",
+        json!({"Bucket": bucket, "Key": f.path(), "VersionId": version}),
+    );
+    assert_eq!(
+        object["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&second))
+    );
+    let found = target(c, &bucket, &roles.maintenance, &dir)
+        .maintain()
+        .unwrap()
+        .leftovers("production")
+        .unwrap();
+    assert!(
+        found.is_empty(),
+        "the committed backup is taken for a leftover: {found:?}"
     );
 }

@@ -12,6 +12,8 @@
 //! [backup_server]
 //! host = "backup.example"; port = 22; user = "ferry"
 //! private_key_file = "..."; host_key = "ssh-ed25519 AAAA..."; root = "/srv/ferry"
+//! [copies.offsite]             # staging: a copy target to read when the primary is down
+//! kind = "s3"; endpoint = "https://s3.example"; bucket = "ferry-copy"; ...
 //! [encryption]
 //! recipients = ["age1..."]       # production only
 //! identity_file = "..."          # staging only
@@ -117,6 +119,12 @@ pub struct AgentConfig {
     /// The storage target backups are written to or read from (`kind = "sftp"`, the
     /// default: the backup server reached over SSH).
     pub backup_server: TargetConfig,
+    /// Staging: the copy targets (`copy_to` in coordinator.toml) by name, with read
+    /// credentials: a restore or verify reads one when asked (`ferry restore --from
+    /// NAME`) or when `[backup_server]` cannot be reached. Names as in coordinator.toml's
+    /// `[copies]`; `primary` is `[backup_server]`'s.
+    #[serde(default)]
+    pub copies: BTreeMap<String, TargetConfig>,
     /// Recipients or identity.
     #[serde(default)]
     pub encryption: EncryptionConfig,
@@ -165,6 +173,8 @@ pub struct Settings {
     pub max_concurrent_jobs: usize,
     /// The storage target (the backup server).
     pub backup_server: Arc<dyn Target>,
+    /// Staging: the copy targets, `(name, target)` in name order.
+    pub copies: Vec<(String, Arc<dyn Target>)>,
     /// Key material for this role.
     pub keys: Keys,
     /// Staging: the environment restored from.
@@ -262,6 +272,23 @@ impl AgentConfig {
             .backup_server
             .build()
             .map_err(|e| invalid(&format!("backup_server.{}", e.field()), e.to_string()))?;
+        if role == Role::Production && !self.copies.is_empty() {
+            return Err(invalid(
+                "copies",
+                "a production agent writes only to [backup_server]; the coordinator makes the \
+                 copies (copy_to): remove the [copies] tables"
+                    .into(),
+            ));
+        }
+        let mut copies = Vec::new();
+        for (name, config) in &self.copies {
+            ferry_storage::validate_target_name(name)
+                .map_err(|e| invalid(&format!("copies.{}", ferry_core::Bounded(name)), e))?;
+            let target = config
+                .build()
+                .map_err(|e| invalid(&format!("copies.{name}.{}", e.field()), e.to_string()))?;
+            copies.push((name.clone(), target));
+        }
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key", e.to_string()))?;
         if self.max_concurrent_jobs == 0 {
@@ -306,6 +333,7 @@ impl AgentConfig {
             allowed_clients: self.tls.allowed_clients,
             max_concurrent_jobs: self.max_concurrent_jobs,
             backup_server,
+            copies,
             keys,
             source_environment,
             datastores,

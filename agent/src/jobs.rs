@@ -44,6 +44,9 @@ pub enum OrderKind {
         /// The exact backup, as the coordinator's catalog chose it: the main archive's
         /// file name in the source environment's `date` folder. Dated archives only.
         file: Option<String>,
+        /// The storage target to read: a copy's name, or `primary`; `None` reads the
+        /// primary and falls back to a copy when it cannot be reached.
+        target: Option<String>,
     },
     /// Check that a backup is there without downloading it ([`pipeline::check`]): the one
     /// `file` names, else the newest (or the given `YYYY-MM-DD`'s).
@@ -52,6 +55,8 @@ pub enum OrderKind {
         date: Option<String>,
         /// The exact backup, as for [`OrderKind::Verify`].
         file: Option<String>,
+        /// The target, as for [`OrderKind::Verify`].
+        target: Option<String>,
     },
     /// Restore a backup: the one `file` names, else the newest (or the given
     /// `YYYY-MM-DD`'s).
@@ -62,6 +67,8 @@ pub enum OrderKind {
         file: Option<String>,
         /// Only these namespaces (`db.collection`); all when empty.
         namespaces: Vec<String>,
+        /// The target, as for [`OrderKind::Verify`].
+        target: Option<String>,
     },
 }
 
@@ -79,8 +86,8 @@ impl std::fmt::Display for OrderKind {
                 }
                 return Ok(());
             }
-            OrderKind::Verify { date, file } => ("verify", (date, file)),
-            OrderKind::Check { date, file } => ("check", (date, file)),
+            OrderKind::Verify { date, file, .. } => ("verify", (date, file)),
+            OrderKind::Check { date, file, .. } => ("check", (date, file)),
             OrderKind::Restore { date, file, .. } => ("restore", (date, file)),
         };
         f.write_str(what)?;
@@ -230,10 +237,33 @@ pub fn validate(
             )));
         }
     }
-    if let OrderKind::Verify { date, file }
-    | OrderKind::Check { date, file }
-    | OrderKind::Restore { date, file, .. } = &kind
+    if let OrderKind::Verify { date, file, target }
+    | OrderKind::Check { date, file, target }
+    | OrderKind::Restore {
+        date, file, target, ..
+    } = &kind
     {
+        if let Some(t) = target {
+            if ds.repository().is_some() {
+                return Err(OrderError::InvalidArgument(format!(
+                    "datastore {} is a differential repository: it is not copied, and is read \
+                     from [backup_server] only (not from target {})",
+                    Bounded(datastore),
+                    Bounded(t)
+                )));
+            }
+            if t != ferry_storage::PRIMARY && !settings.copies.iter().any(|(n, _)| n == t) {
+                let known: Vec<&str> = std::iter::once(ferry_storage::PRIMARY)
+                    .chain(settings.copies.iter().map(|(n, _)| n.as_str()))
+                    .collect();
+                return Err(OrderError::InvalidArgument(format!(
+                    "agent {} has no storage target {}: it reads {}",
+                    settings.id,
+                    Bounded(t),
+                    known.join(", ")
+                )));
+            }
+        }
         if let Some(d) = date {
             layout::parse_date(d).map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
         }
@@ -527,11 +557,11 @@ impl JobRunner {
                              its restore checks it (rsync checksums, pgBackRest's own checksums)"
                         )))
                     }
-                    (OrderKind::Check { date, file }, None) => {
+                    (OrderKind::Check { date, file, target }, None) => {
                         pipeline::check(
                             runner.settings.clone(),
                             order.datastore.clone(),
-                            (date, file),
+                            (date, file, target),
                             progress.clone(),
                         )
                         .await
@@ -548,11 +578,11 @@ impl JobRunner {
                         r.restore(&runner.settings, &job, (date, namespaces), &progress)
                             .await
                     }
-                    (OrderKind::Verify { date, file }, None) => {
+                    (OrderKind::Verify { date, file, target }, None) => {
                         pipeline::verify(
                             runner.settings.clone(),
                             order.datastore.clone(),
-                            (date, file),
+                            (date, file, target),
                             progress.clone(),
                         )
                         .await
@@ -571,6 +601,7 @@ impl JobRunner {
                             date,
                             file,
                             namespaces,
+                            target,
                         },
                         None,
                     ) => {
@@ -578,7 +609,7 @@ impl JobRunner {
                             runner.settings.clone(),
                             order.datastore.clone(),
                             job,
-                            (date, file),
+                            (date, file, target),
                             namespaces,
                             progress.clone(),
                         )
@@ -833,6 +864,7 @@ mod tests {
             allowed_clients: vec!["coordinator".into()],
             max_concurrent_jobs: 4,
             backup_server: Arc::new(ferry_storage::memory::MemoryTarget::new("/srv/ferry")),
+            copies: Vec::new(),
             keys: crate::config::Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
             source_environment: None,
             datastores: [("sleeper".to_owned(), ds as Arc<dyn Datastore>)].into(),

@@ -110,6 +110,7 @@ fn to_event(job_id: &str, update: JobUpdate) -> v1::JobEvent {
             kind: report.kind,
             summary: report.summary,
             data_finished_unix_ms: report.data_finished_ms.unwrap_or(0),
+            target: report.target,
         }),
         JobUpdate::Failed(e) => Event::Failed(v1::Failed {
             code: failure_code(&e) as i32,
@@ -199,15 +200,17 @@ impl Agent for AgentService {
         let r = request.into_inner();
         let date = (!r.date.is_empty()).then_some(r.date);
         let file = (!r.file.is_empty()).then_some(r.file);
+        let target = (!r.target.is_empty()).then_some(r.target);
         let kind = if r.check_only {
-            OrderKind::Check { date, file }
+            OrderKind::Check { date, file, target }
         } else if r.verify_only {
-            OrderKind::Verify { date, file }
+            OrderKind::Verify { date, file, target }
         } else {
             OrderKind::Restore {
                 date,
                 file,
                 namespaces: r.namespaces,
+                target,
             }
         };
         self.start(&r.job_id, &r.datastore, kind).map(Response::new)

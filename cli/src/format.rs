@@ -169,6 +169,7 @@ pub fn job_json(j: &v1::Job) -> serde_json::Value {
             "stored_path": r.stored_path, "size_bytes": r.size_bytes, "sha256": r.sha256,
             "duration_ms": r.duration_ms, "bytes_uncompressed": r.bytes_uncompressed,
             "environment": r.environment, "date": r.date, "kind": r.kind, "summary": r.summary,
+            "target": (!r.target.is_empty()).then_some(&r.target),
         })),
         "error": (!j.error.is_empty()).then_some(&j.error),
     })

@@ -155,6 +155,11 @@ pub enum Command {
         /// restored (the set is then restored partly).
         #[arg(long)]
         all_or_nothing: bool,
+        /// Read the backup from this storage target: a copy's name (`copy_to`), or
+        /// `primary`. Without it the agent reads the primary, and a copy when the primary
+        /// cannot be reached (the job's summary says which it read).
+        #[arg(long)]
+        from: Option<String>,
         /// Wait for the end, with progress; exit non-zero if a job fails.
         #[arg(long)]
         wait: bool,
@@ -172,6 +177,11 @@ pub enum Command {
         /// The backup date, YYYY-MM-DD; the newest if absent.
         #[arg(long)]
         date: Option<String>,
+        /// Read the backup from this storage target: a copy's name (`copy_to`), or
+        /// `primary`. Without it the agent reads the primary, and a copy when the primary
+        /// cannot be reached (the job's summary says which it read).
+        #[arg(long)]
+        from: Option<String>,
         /// Wait for the end; exit non-zero if a check fails.
         #[arg(long)]
         wait: bool,
@@ -216,13 +226,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             date,
             namespaces,
             all_or_nothing,
+            from,
             wait,
         } => {
             restore::run(
                 &mut client,
                 out,
                 agent,
-                (datastore, date, namespaces),
+                (datastore, date, namespaces, from),
                 (false, all_or_nothing),
                 wait,
             )
@@ -232,13 +243,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             agent,
             datastore,
             date,
+            from,
             wait,
         } => {
             restore::run(
                 &mut client,
                 out,
                 agent,
-                (datastore, date, Vec::new()),
+                (datastore, date, Vec::new(), from),
                 (true, false),
                 wait,
             )

@@ -162,6 +162,18 @@ pub struct RetentionEntry {
     pub keep_monthly: u32,
 }
 
+/// `[[environments]]`: what an environment has besides its agents.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentEntry {
+    /// The environment, e.g. `production`.
+    pub name: String,
+    /// The copy targets (`[copies.<name>]`) that keep a copy of each of its backups
+    /// (3-2-1), made by the coordinator from the primary (`[maintenance]`).
+    #[serde(default)]
+    pub copy_to: Vec<String>,
+}
+
 /// The whole `coordinator.toml`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -193,6 +205,15 @@ pub struct CoordinatorConfig {
     /// reaches it, with a key of its own that may delete (the agents' keys cannot): what
     /// `ferry prune` uses. `kind = "sftp"` (the default) and its keys.
     pub maintenance: Option<ferry_storage::TargetConfig>,
+    /// Copy targets by name, with credentials that may read, write (new objects only on
+    /// S3), delete and extend locks there: the coordinator copies backups to them from the
+    /// primary (`[maintenance]`) for the environments whose `copy_to` names them, and
+    /// prunes them with the same policy.
+    #[serde(default)]
+    pub copies: BTreeMap<String, ferry_storage::TargetConfig>,
+    /// Per-environment settings (`copy_to`).
+    #[serde(default)]
+    pub environments: Vec<EnvironmentEntry>,
     /// Cron schedules.
     #[serde(default)]
     pub schedules: Vec<ScheduleEntry>,
@@ -253,6 +274,10 @@ pub struct Settings {
     pub maintenance: Option<std::sync::Arc<dyn ferry_storage::Target>>,
     /// Retention policy by environment.
     pub retention: BTreeMap<String, crate::catalog::retention::Policy>,
+    /// Copy targets by name (`[copies.<name>]`).
+    pub copies: BTreeMap<String, std::sync::Arc<dyn ferry_storage::Target>>,
+    /// The copy targets of each environment (`copy_to`), by environment.
+    pub copy_to: BTreeMap<String, Vec<String>>,
 }
 
 /// Why the common name of a certificate file could not be read ([`certificate_name`]).
@@ -513,6 +538,46 @@ impl CoordinatorConfig {
             layout::validate_name("environment", &r.environment)
                 .map_err(|e| invalid(format!("retention[{i}].environment"), e.to_string()))?;
         }
+        let mut copies = BTreeMap::new();
+        for (name, config) in &self.copies {
+            let field = format!("copies.{}", ferry_core::Bounded(name));
+            ferry_storage::validate_target_name(name).map_err(|e| invalid(field.clone(), e))?;
+            let target = config
+                .build()
+                .map_err(|e| invalid(format!("{field}.{}", e.field()), e.to_string()))?;
+            copies.insert(name.clone(), target);
+        }
+        let mut copy_to = BTreeMap::new();
+        for (i, e) in self.environments.iter().enumerate() {
+            layout::validate_name("environment", &e.name)
+                .map_err(|err| invalid(format!("environments[{i}].name"), err.to_string()))?;
+            for name in &e.copy_to {
+                if !copies.contains_key(name) {
+                    return Err(invalid(
+                        format!("environments[{i}].copy_to"),
+                        format!(
+                            "{} is not a copy target: add [copies.{}] (its kind and credentials)",
+                            ferry_core::Bounded(name),
+                            ferry_core::Bounded(name)
+                        ),
+                    ));
+                }
+            }
+            if !e.copy_to.is_empty() && maintenance.is_none() {
+                return Err(invalid(
+                    format!("environments[{i}].copy_to"),
+                    "copies are read from the primary with the maintenance credentials: add \
+                     [maintenance]"
+                        .into(),
+                ));
+            }
+            if copy_to.insert(e.name.clone(), e.copy_to.clone()).is_some() {
+                return Err(invalid(
+                    format!("environments[{i}].name"),
+                    format!("environment {:?} is listed twice", e.name),
+                ));
+            }
+        }
         Ok(Settings {
             listen: self.listen,
             metrics_listen: self.metrics_listen,
@@ -540,6 +605,8 @@ impl CoordinatorConfig {
                     (r.environment, policy)
                 })
                 .collect(),
+            copies,
+            copy_to,
         })
     }
 }

@@ -101,6 +101,7 @@ async fn serve(
         shutdown: shutdown.clone(),
         tasks: tasks.clone(),
         counters: metrics::Counters::default(),
+        copier: Default::default(),
     });
     let reconciled = coordinator.reconcile().await;
     if reconciled > 0 {
@@ -122,6 +123,7 @@ async fn serve(
     }
     tasks.spawn(agents.refresh_loop(DESCRIBE_INTERVAL));
     tasks.spawn(coordinator.clone().run_schedules());
+    tasks.spawn(coordinator.clone().run_copies());
     tracing::info!(%listen, agents = coordinator.settings.agents.len(),
         schedules = coordinator.settings.schedules.len(), "Coordinator serving.");
     tonic::transport::Server::builder()

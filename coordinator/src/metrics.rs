@@ -29,6 +29,11 @@
 //! - `ferry_backups_unlocked{environment}` (with a `[maintenance]` target with Object
 //!   Lock): catalog records whose objects could not be locked yet (`ferry backups` shows
 //!   `NOT LOCKED`; the next `ferry prune` locks them), 0 when all are.
+//! - `ferry_copy_lag_seconds{environment, target}` (environments with `copy_to`): the
+//!   age of the oldest backup the copy target lacks, 0 when it lacks none (alert
+//!   `FerryCopyBehind` past 26 h); `ferry_copy_lacking{environment, target}`: how many it
+//!   lacks; `ferry_copy_last_failed{environment, target}`: 1 if the copier's last attempt
+//!   there failed (its error in `ferry status`), else 0.
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started, every
 //!   kind (`backup`, `restore`, `verify`) and outcome (`succeeded`, `failed`) from 0.
 //!
@@ -305,6 +310,35 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
                 .push((vec![("environment", env.clone())], n as f64));
         }
     }
+    let mut copy_lag = Family::gauge(
+        "ferry_copy_lag_seconds",
+        "Age of the oldest backup a copy target lacks, seconds; 0 when it lacks none",
+    );
+    let mut copy_lacking = Family::gauge(
+        "ferry_copy_lacking",
+        "Backups in the catalog that a copy target lacks",
+    );
+    let mut copy_failed = Family::gauge(
+        "ferry_copy_last_failed",
+        "1 if the last copy attempt to the copy target failed, else 0",
+    );
+    for s in c.copy_status(ferry_proto::now_unix_ms()).await? {
+        let labels = vec![("environment", s.environment), ("target", s.target)];
+        copy_lag
+            .samples
+            .push((labels.clone(), s.lag_seconds as f64));
+        copy_lacking
+            .samples
+            .push((labels.clone(), f64::from(s.lacking)));
+        copy_failed.samples.push((
+            labels,
+            if s.progress.last_error.is_some() {
+                1.0
+            } else {
+                0.0
+            },
+        ));
+    }
     let mut jobs = Family {
         name: "ferry_jobs",
         help: "Jobs finished since the coordinator started, by kind and outcome",
@@ -328,6 +362,9 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         succeeded,
         rpo,
         unlocked,
+        copy_lag,
+        copy_lacking,
+        copy_failed,
         jobs,
     ];
     Ok(encode(&families, format))

@@ -116,6 +116,10 @@ pub struct JobResult {
     /// Restores and verifies: when the backup they read finished, UTC ms.
     #[serde(default)]
     pub data_finished_ms: Option<i64>,
+    /// Restores, verifies and checks: the storage target the agent read (`primary` or a
+    /// copy's name); empty for backups and results of older agents.
+    #[serde(default)]
+    pub target: String,
 }
 
 impl JobResult {
@@ -165,6 +169,10 @@ pub struct Job {
     /// was checked, and none if one failed its check.
     #[serde(default)]
     pub all_or_nothing: bool,
+    /// Restores and verifies: the storage target to read (`ferry restore --from`), a copy's
+    /// name or `primary`; `None`: the agent reads the primary and falls back to a copy.
+    #[serde(default)]
+    pub target: Option<String>,
     /// For an `--all-or-nothing` restore: when every member passed its check, UTC ms. A
     /// job without it never runs (a coordinator restarted mid-check fails it).
     #[serde(default)]
@@ -236,6 +244,18 @@ pub struct BackupRecord {
     /// failed; `None` once a lock is set (prune retries it).
     #[serde(default)]
     pub lock_error: Option<String>,
+    /// The copy targets holding a checked copy of it ([`crate::catalog::copies`]).
+    #[serde(default)]
+    pub copies: Vec<CopyNote>,
+}
+
+/// A copy of a backup on a copy target, checked against its manifest's SHA-256.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CopyNote {
+    /// The copy target's name (`[copies.<name>]`).
+    pub target: String,
+    /// When the copy was committed, UTC ms.
+    pub copied_ms: i64,
 }
 
 impl BackupRecord {
@@ -280,6 +300,7 @@ pub(crate) fn test_job(n: u64, agent: &str, state: JobState) -> Job {
         file: None,
         set_environment: None,
         all_or_nothing: false,
+        target: None,
         checked_ms: None,
         scheduled_ms: None,
         created_ms: n as i64,

@@ -69,6 +69,26 @@ pub mod sftp;
 pub use config::{TargetConfig, TargetConfigError};
 pub use error::{PartialFate, TargetError};
 
+/// The name of a backup's first storage target (the agents' `[backup_server]`, the
+/// coordinator's `[maintenance]`) where copy targets are named (`[copies.<name>]`,
+/// `ferry restore --from`).
+pub const PRIMARY: &str = "primary";
+
+/// Checks a copy target's name: letters, digits and `-`, at most 64 bytes
+/// (`ferry_core::layout::validate_name`), and not [`PRIMARY`].
+///
+/// # Errors
+/// What is wrong with it, for a config error under the name's key.
+pub fn validate_target_name(name: &str) -> Result<(), String> {
+    ferry_core::layout::validate_name("copy target name", name).map_err(|e| e.to_string())?;
+    if name == PRIMARY {
+        return Err(format!(
+            "{PRIMARY:?} names the first target ([backup_server], [maintenance]); give the copy another name"
+        ));
+    }
+    Ok(())
+}
+
 /// Seconds since the Unix epoch, now (for objects' idle times).
 pub(crate) fn now_seconds() -> u64 {
     std::time::SystemTime::now()

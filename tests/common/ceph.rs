@@ -35,7 +35,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::process::{Proc, free_port, port_open, require, require_root, tail, workspace_root};
+use crate::process::{
+    Proc, chmod, free_port, port_open, require, require_root, tail, workspace_root,
+};
 
 /// How long each daemon may take to exit after SIGTERM before it is killed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -144,6 +146,9 @@ pub struct CephCluster {
     conf: PathBuf,
     mon_port: u16,
     rgw_port: u16,
+    /// The RGW's HTTPS port, with a certificate for `127.0.0.1` issued by a CA of the
+    /// cluster's own ([`CephCluster::tls_ca`]).
+    tls_port: u16,
     /// Daemons in stop order: the RGW, the OSDs, the monitor. Each with its role (`rgw`,
     /// `osd`, `mon`) as the watchdog's pid file names it.
     daemons: Mutex<Vec<(&'static str, Proc)>>,
@@ -211,11 +216,13 @@ impl CephCluster {
         let conf = dir.join("ceph.conf");
         let mon_port = free_port();
         let rgw_port = free_port();
+        let tls_port = free_port();
+        write_rgw_tls(&dir);
         let fsid = fs::read_to_string("/proc/sys/kernel/random/uuid")
             .expect("read a random uuid")
             .trim()
             .to_owned();
-        let mut text = ceph_conf(&dir, &fsid, mon_port, rgw_port, opts);
+        let mut text = ceph_conf(&dir, &fsid, mon_port, (rgw_port, tls_port), opts);
         for id in 0..OSDS {
             text.push_str(&format!(
                 "[osd.{id}]\nosd data = {}\n",
@@ -247,6 +254,7 @@ impl CephCluster {
             conf: conf.clone(),
             mon_port,
             rgw_port,
+            tls_port,
             daemons: Mutex::new(Vec::new()),
             watchdog: Mutex::new(Some((guard, guard_in))),
             roles: OnceLock::new(),
@@ -406,6 +414,18 @@ impl CephCluster {
     /// The S3 endpoint, `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.rgw_port)
+    }
+
+    /// The RGW's HTTPS endpoint, `https://127.0.0.1:PORT`: its certificate (for
+    /// `127.0.0.1` and `localhost`) is issued by [`CephCluster::tls_ca`], which no system
+    /// store trusts.
+    pub fn tls_endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.tls_port)
+    }
+
+    /// The PEM file of the CA that issued the RGW's HTTPS certificate.
+    pub fn tls_ca(&self) -> PathBuf {
+        self.dir.join("rgw-ca.pem")
     }
 
     /// The RGW's port.
@@ -641,6 +661,25 @@ impl CephCluster {
         bucket
     }
 
+    /// A new bucket with Object Lock for a copy target (issue 17's copies), owned by
+    /// [`S3Roles::owner`], with the policy of `docs/s3-copy-bucket-policy.json`: the
+    /// coordinator's maintenance user writes copies and maintains them, staging lists and
+    /// gets, production may do nothing.
+    pub fn ferry_copy_bucket(&self, prefix: &str) -> String {
+        let roles = self.roles();
+        let bucket = self.bucket_name(prefix);
+        self.create_locked_bucket(&roles.owner, &bucket);
+        let policy = bucket_policy_from(
+            "docs/s3-copy-bucket-policy.json",
+            &bucket,
+            &roles.production.uid,
+            &roles.staging.uid,
+            &roles.maintenance.uid,
+        );
+        self.put_bucket_policy(&roles.owner, &bucket, &policy);
+        bucket
+    }
+
     /// The last `lines` lines of a daemon's log: `mon.a`, `osd.0`, `client.rgw.a`.
     pub fn log_tail(&self, name: &str, lines: usize) -> String {
         tail(&self.dir.join(format!("log/{name}.log")), lines)
@@ -842,7 +881,25 @@ pub fn ferry_bucket_policy(
     staging: &str,
     maintenance: &str,
 ) -> String {
-    let path = workspace_root().join("docs/s3-bucket-policy.json");
+    bucket_policy_from(
+        "docs/s3-bucket-policy.json",
+        bucket,
+        production,
+        staging,
+        maintenance,
+    )
+}
+
+/// The bucket policy template at `file` (relative to the workspace) for `bucket` and the
+/// three RGW users (uids); panics if it does not give JSON.
+pub fn bucket_policy_from(
+    file: &str,
+    bucket: &str,
+    production: &str,
+    staging: &str,
+    maintenance: &str,
+) -> String {
+    let path = workspace_root().join(file);
     let template =
         fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let policy = template
@@ -937,8 +994,36 @@ impl Tools {
     }
 }
 
+/// A CA of the cluster's own (`rgw-ca.pem`) and the RGW's HTTPS certificate it issued for
+/// `127.0.0.1` and `localhost` (`rgw-tls.pem`, key `rgw-tls.key`), in `dir`.
+fn write_rgw_tls(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().expect("a CA key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "ferry test RGW CA");
+    let ca_cert = ca.self_signed(&ca_key).expect("a self-signed CA");
+    let issuer = Issuer::new(ca, ca_key);
+    let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+    leaf.subject_alt_names
+        .push(SanType::IpAddress([127, 0, 0, 1].into()));
+    let key = KeyPair::generate().expect("a key");
+    let cert = leaf.signed_by(&key, &issuer).expect("signed by the CA");
+    fs::write(dir.join("rgw-ca.pem"), ca_cert.pem()).unwrap();
+    fs::write(dir.join("rgw-tls.pem"), cert.pem()).unwrap();
+    fs::write(dir.join("rgw-tls.key"), key.serialize_pem()).unwrap();
+    chmod(&dir.join("rgw-tls.key"), 0o600);
+}
+
 /// `ceph.conf` of a cluster in `dir` (the `[osd.N]` sections are appended by the caller).
-fn ceph_conf(dir: &Path, fsid: &str, mon_port: u16, rgw_port: u16, opts: CephOptions) -> String {
+fn ceph_conf(
+    dir: &Path,
+    fsid: &str,
+    mon_port: u16,
+    (rgw_port, tls_port): (u16, u16),
+    opts: CephOptions,
+) -> String {
     let d = dir.display();
     let size = opts.pool_size;
     let min_size = if size >= 3 { 2 } else { 1 };
@@ -975,7 +1060,7 @@ cluster addr = 127.0.0.1
 [mon.a]
 mon data = {d}/mon
 [client.rgw.a]
-rgw frontends = beast endpoint=127.0.0.1:{rgw_port}
+rgw frontends = beast endpoint=127.0.0.1:{rgw_port} ssl_endpoint=127.0.0.1:{tls_port} ssl_certificate={d}/rgw-tls.pem ssl_private_key={d}/rgw-tls.key
 rgw data = {d}/rgw
 "
     )
@@ -1006,3 +1091,50 @@ for role in rgw osd mon; do
 done
 [ "$3" = 1 ] || rm -rf "$2"
 "#;
+
+/// `user`'s S3 key files (mode 0600) in `dir`, named by the user's uid: `(access, secret)`.
+pub fn key_files(user: &S3User, dir: &Path) -> (String, String) {
+    let access = dir.join(format!("{}-access", user.uid));
+    let secret = dir.join(format!("{}-secret", user.uid));
+    for (path, text) in [(&access, &user.access_key), (&secret, &user.secret_key)] {
+        fs::write(path, format!("{text}\n")).unwrap();
+        chmod(path, 0o600);
+    }
+    (access.display().to_string(), secret.display().to_string())
+}
+
+/// An S3 target's TOML table named `table` (`backup_server`, `maintenance`,
+/// `copies.offsite`) on `bucket` of `c`'s RGW under the prefix `ferry`, with `user`'s keys
+/// (files in `dir`), `extra` lines appended; it starts with a newline, for appending.
+pub fn s3_table(
+    table: &str,
+    c: &CephCluster,
+    bucket: &str,
+    user: &S3User,
+    dir: &Path,
+    extra: &str,
+) -> String {
+    let (access, secret) = key_files(user, dir);
+    format!(
+        "\n[{table}]\nkind = \"s3\"\nendpoint = {:?}\nbucket = {bucket:?}\nprefix = \"ferry\"\n\
+         path_style = true\naccess_key_file = {access:?}\nsecret_key_file = {secret:?}\n\
+         io_timeout_seconds = 30\nconnect_timeout_seconds = 5\n{extra}",
+        c.endpoint(),
+    )
+}
+
+/// An agent's `config` with its `[backup_server]` table replaced by `table`.
+pub fn replace_backup_server(config: &str, table: &str) -> String {
+    let start = config
+        .find("[backup_server]\n")
+        .expect("the agent's config has a [backup_server] table");
+    let end = config[start + 1..]
+        .find("\n[")
+        .map_or(config.len(), |i| start + 2 + i);
+    format!(
+        "{}{}\n{}",
+        &config[..start],
+        table.trim_start(),
+        &config[end..]
+    )
+}

@@ -383,6 +383,34 @@ impl Deployment {
         self.wait_ready("coordinator");
     }
 
+    /// A TOML table named `table` (`maintenance`, `copies.local`) for this deployment's
+    /// SFTP backup server, logging in with `key`; it starts with a newline, for appending.
+    pub fn sftp_table(&self, table: &str, key: &Path) -> String {
+        format!(
+            "\n[{table}]\nhost = \"{}\"\nport = {}\nuser = \"{}\"\nprivate_key_file = \"{}\"\n\
+             host_key = \"{}\"\nroot = \"{}\"\n",
+            self.sshd.host(),
+            self.sshd.port(),
+            crate::BACKUP_USER,
+            key.display(),
+            self.sshd.host_key(),
+            self.sshd.root().display()
+        )
+    }
+
+    /// The coordinator's maintenance key on the SFTP server (`id_maintenance`), restricted
+    /// as the Ansible role restricts it: it may remove and read, not rename over.
+    pub fn maintenance_key(&self) -> PathBuf {
+        self.sshd.add_client_key_named(
+            "id_maintenance",
+            &format!(
+                "restrict,command=\"internal-sftp -P posix-rename,setstat,fsetstat,lsetstat,\
+                 symlink,hardlink,copy-data -u 0027 -d {}\"",
+                self.sshd.root().display()
+            ),
+        )
+    }
+
     /// Kills (SIGKILL) a process by name, as if its host died.
     pub fn kill(&mut self, which: &str) {
         self.procs

@@ -119,4 +119,7 @@ pub struct JobReport {
     /// Restores and verifies: when the backup they read finished (UTC ms), so the
     /// coordinator can tell the age of the restored data (the recovery point).
     pub data_finished_ms: Option<i64>,
+    /// Restores, verifies and checks: the storage target read ([`ferry_storage::PRIMARY`]
+    /// or a copy's name); empty for backups.
+    pub target: String,
 }

@@ -25,6 +25,64 @@ struct StagedPart {
     started: DateTime<Utc>,
 }
 
+/// How long a dropped backup waits for its staged parts to be abandoned
+/// ([`StagedGuard`]): the agent is stopping ([`crate::jobs::JOB_STOP_GRACE`] has passed,
+/// and the whole stop must stay within [`crate::STOP_GRACE`]).
+const ABANDON_ON_DROP: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The parts a backup staged and has neither committed nor abandoned yet. If the backup's
+/// future is dropped (the agent stopping while a tool writes nothing, so the job does not
+/// end on its cancellation path within [`crate::jobs::JOB_STOP_GRACE`]), they are
+/// abandoned on a thread of their own, waited for at most [`ABANDON_ON_DROP`]: an S3
+/// target's multipart uploads are aborted and SFTP's hidden partial files removed now,
+/// rather than left to the datastore's next upload or `ferry prune`.
+struct StagedGuard {
+    target: Arc<dyn ferry_storage::Target>,
+    partials: Vec<String>,
+}
+
+impl StagedGuard {
+    /// The parts are someone else's to commit or abandon from now on.
+    fn disarm(&mut self) {
+        self.partials.clear();
+    }
+}
+
+impl Drop for StagedGuard {
+    fn drop(&mut self) {
+        if self.partials.is_empty() {
+            return;
+        }
+        let (target, partials) = (self.target.clone(), std::mem::take(&mut self.partials));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let spawned = std::thread::Builder::new()
+            .name("abandon".into())
+            .spawn(move || {
+                let fates = target.write().map(|mut s| s.abandon(&partials));
+                let _ = tx.send((partials, fates));
+            });
+        if spawned.is_err() {
+            return;
+        }
+        match rx.recv_timeout(ABANDON_ON_DROP) {
+            Ok((partials, Ok(fates))) => {
+                tracing::info!(partials = ?partials, fates = ?fates,
+                    "A stopped backup's staged parts were abandoned.");
+            }
+            Ok((partials, Err(e))) => {
+                tracing::warn!(partials = ?partials, error = %e,
+                    "A stopped backup's staged parts could not be abandoned; the next upload or `ferry prune` removes them.");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "A stopped backup's staged parts were not abandoned within {} s; the next upload or `ferry prune` removes them.",
+                    ABANDON_ON_DROP.as_secs()
+                );
+            }
+        }
+    }
+}
+
 /// Runs `f` with the session on a blocking thread and gives the session back (lost only
 /// if `f` panicked).
 async fn on_session<T: Send + 'static>(
@@ -77,6 +135,10 @@ pub async fn backup(
     // dump tool may take long to produce its first byte, and an idle connection may be
     // dropped on the way); the last one, fresh, commits them all.
     let mut staged: Vec<StagedPart> = Vec::new();
+    let mut guard = StagedGuard {
+        target: settings.backup_server.clone(),
+        partials: Vec::new(),
+    };
     let mut last: Option<Box<dyn WriteSession>> = None;
     for (part, file) in parts.iter().zip(names) {
         // The previous part's connection is not needed any more.
@@ -94,9 +156,11 @@ pub async fn backup(
         match result {
             Ok((s, p)) => {
                 last = Some(s);
+                guard.partials.push(p.staged.partial.clone());
                 staged.push(p);
             }
             Err((back, this, e)) => {
+                guard.disarm();
                 let mut partials: Vec<Staged> = staged.into_iter().map(|p| p.staged).collect();
                 partials.extend(this);
                 abandon(&settings, back, partials).await;
@@ -154,6 +218,7 @@ pub async fn backup(
         if is_main {
             report = Some(JobReport {
                 data_finished_ms: None,
+                target: String::new(),
                 stored_path: p.staged.file.path(),
                 size_bytes: p.staged.bytes,
                 sha256: p.sha256.clone(),
@@ -168,6 +233,7 @@ pub async fn backup(
         }
     }
     let partials = || staged.iter().map(|p| p.staged.clone()).collect();
+    guard.disarm();
     let Some(report) = report else {
         abandon(&settings, Some(session), partials()).await;
         return Err(JobError::Internal("the datastore has no main part".into()));

@@ -12,11 +12,113 @@ use crate::job::{JobError, JobReport, Progress};
 use ferry_core::Bounded;
 use ferry_core::layout;
 use ferry_core::manifest::{MAX_MANIFEST_BYTES, Manifest};
-use ferry_storage::ReadSession;
+use ferry_storage::{PRIMARY, ReadSession, Target, TargetError};
 
-/// A backup found on the server: every file in restore order, with its manifest.
+/// What a restore, verify or check reads: `(date, file, target)`, each optional: the
+/// `YYYY-MM-DD` folder, the main archive's file name there (the coordinator's catalog
+/// choice), and the storage target (a copy's name or [`PRIMARY`]; `None`: the primary,
+/// falling back to a copy when it cannot be reached, see [`choose_source`]).
+pub(crate) type Selection = (Option<String>, Option<String>, Option<String>);
+
+/// The storage target a restore, verify or check reads.
+#[derive(Clone)]
+pub(crate) struct Source {
+    /// [`PRIMARY`] or the copy's name.
+    pub(crate) name: String,
+    /// The target.
+    pub(crate) target: Arc<dyn Target>,
+    /// Why a copy is read although none was asked for: the primary could not be reached.
+    pub(crate) fallback: Option<String>,
+}
+
+/// Whether `e` says a target cannot be reached at all (rather than refusing or lacking
+/// something): what makes a restore fall back to a copy.
+fn unreachable(e: &TargetError) -> bool {
+    matches!(e, TargetError::Connect { .. } | TargetError::Stalled { .. })
+}
+
+/// The target to read `environment`'s backups from: the copy `target` names, the primary
+/// (`[backup_server]`) when it names [`PRIMARY`] or nothing; with nothing named and the
+/// primary unreachable (its environment folder cannot be listed: no connection, or it
+/// stalls), the first copy (in name order) that can be, with the reason in
+/// [`Source::fallback`].
+///
+/// # Errors
+/// [`JobError::InvalidArgument`] for a target this agent does not have; the primary's
+/// [`TargetError`] when neither it nor any copy can be reached (each copy's error added).
+pub(crate) fn choose_source(
+    settings: &Settings,
+    environment: &str,
+    target: Option<&str>,
+) -> Result<Source, JobError> {
+    let primary = || Source {
+        name: PRIMARY.to_owned(),
+        target: settings.backup_server.clone(),
+        fallback: None,
+    };
+    match target {
+        Some(PRIMARY) => return Ok(primary()),
+        Some(name) => {
+            return settings
+                .copies
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(n, t)| Source {
+                    name: n.clone(),
+                    target: t.clone(),
+                    fallback: None,
+                })
+                .ok_or_else(|| {
+                    JobError::InvalidArgument(format!(
+                        "agent {} has no storage target {}",
+                        settings.id,
+                        Bounded(name)
+                    ))
+                });
+        }
+        None if settings.copies.is_empty() => return Ok(primary()),
+        None => {}
+    }
+    let reach = |t: &Arc<dyn Target>| -> Result<(), TargetError> {
+        t.read()?.list(&t.environment_dir(environment)).map(|_| ())
+    };
+    let down = match reach(&settings.backup_server) {
+        Ok(()) => return Ok(primary()),
+        Err(e) if unreachable(&e) => e,
+        Err(e) => return Err(e.into()),
+    };
+    let mut tried = Vec::new();
+    for (name, t) in &settings.copies {
+        match reach(t) {
+            Ok(()) => {
+                tracing::warn!(copy = %name, error = %down,
+                    "The primary backup server cannot be reached; reading a copy.");
+                return Ok(Source {
+                    name: name.clone(),
+                    target: t.clone(),
+                    fallback: Some(format!(
+                        "read from copy {name} ({}): the primary could not be reached: {down}",
+                        t.describe()
+                    )),
+                });
+            }
+            Err(e) => tried.push(format!("copy {name}: {e}")),
+        }
+    }
+    Err(JobError::Transport(TargetError::Connect {
+        addr: settings.backup_server.describe(),
+        message: format!(
+            "{down}; no copy could be read either ({})",
+            tried.join("; ")
+        ),
+    }))
+}
+
+/// A backup found on the server: every file in restore order, with its manifest, and
+/// the target it was found on.
 pub(crate) struct FoundBackup {
     pub(crate) files: Vec<(String, Manifest)>,
+    pub(crate) source: Source,
 }
 
 impl FoundBackup {
@@ -43,7 +145,18 @@ impl FoundBackup {
             environment,
             date: main.date.clone(),
             kind: main.kind.clone(),
-            summary,
+            summary: self.summary(summary),
+            target: self.source.name.clone(),
+        }
+    }
+}
+
+impl FoundBackup {
+    /// `summary`, with the fallback to a copy said when there was one.
+    pub(crate) fn summary(&self, summary: String) -> String {
+        match &self.source.fallback {
+            Some(why) => format!("{summary}; {why}"),
+            None => summary,
         }
     }
 }
@@ -60,14 +173,14 @@ impl FoundBackup {
 /// its place), [`JobError::Integrity`] for a manifest that describes another file,
 /// [`JobError::InvalidArgument`] for a backup of another kind, transport errors.
 fn find_backup(
-    settings: &Settings,
+    source: Source,
     environment: &str,
     datastore: &dyn Datastore,
     date: Option<&str>,
     file: Option<&str>,
 ) -> Result<FoundBackup, JobError> {
-    let mut session = settings.backup_server.read()?;
-    let env_dir = settings.backup_server.environment_dir(environment);
+    let mut session = source.target.read()?;
+    let env_dir = source.target.environment_dir(environment);
     let name = datastore.name();
     if let (Some(day), Some(f)) = (date, file) {
         let dir = format!("{env_dir}/{day}");
@@ -89,7 +202,7 @@ fn find_backup(
             )));
         }
         let (path, main) = read_main(&mut *session, &dir, f, name)?;
-        let found = with_companions(&mut *session, datastore, &dir, path, main)?;
+        let found = with_companions(&mut *session, datastore, &dir, path, main, &source)?;
         // A companion's data file gone (its manifest kept) is as missing as the main one.
         for (path, _) in &found.files {
             let part = path.rsplit('/').next().unwrap_or_default();
@@ -137,7 +250,7 @@ fn find_backup(
         }
     }
     if let Some((dir, path, main)) = best {
-        return with_companions(&mut *session, datastore, &dir, path, main);
+        return with_companions(&mut *session, datastore, &dir, path, main, &source);
     }
     let passed_over = if future.is_empty() {
         String::new()
@@ -197,6 +310,7 @@ fn with_companions(
     dir: &str,
     path: String,
     main: Manifest,
+    source: &Source,
 ) -> Result<FoundBackup, JobError> {
     if main.kind != datastore.kind() {
         return Err(JobError::InvalidArgument(format!(
@@ -221,12 +335,16 @@ fn with_companions(
         files.push((cpath, Manifest::from_slice(&mpath, &bytes)?));
     }
     files.push((path, main));
-    Ok(FoundBackup { files })
+    Ok(FoundBackup {
+        files,
+        source: source.clone(),
+    })
 }
 
 /// For a staging agent that will `what` (restore, verify): the source environment and the
-/// backup of `datastore` there that `selection` names ([`find_backup`]: `(date, file)`,
-/// the exact file if given, else the newest complete backup, of the date if given).
+/// backup of `datastore` there that `selection` names ([`find_backup`]: `(date, file,
+/// target)`, the exact file if given, else the newest complete backup, of the date if
+/// given, on the target [`choose_source`] picks).
 ///
 /// # Errors
 /// [`JobError::PermissionDenied`] without an identity, [`JobError::InvalidArgument`],
@@ -234,7 +352,7 @@ fn with_companions(
 pub(crate) async fn locate(
     settings: &Arc<Settings>,
     datastore: &Arc<dyn Datastore>,
-    (date, file): (Option<String>, Option<String>),
+    (date, file, target): Selection,
     progress: &Progress,
     what: &str,
 ) -> Result<(String, FoundBackup), JobError> {
@@ -264,7 +382,7 @@ pub(crate) async fn locate(
             (settings.clone(), datastore.clone(), environment.clone());
         tokio::task::spawn_blocking(move || {
             find_backup(
-                &settings,
+                choose_source(&settings, &environment, target.as_deref())?,
                 &environment,
                 &*datastore,
                 date.as_deref(),

@@ -24,7 +24,6 @@
 use std::io;
 use std::sync::Arc;
 
-use crate::config::Settings;
 use crate::job::{JobError, Progress};
 use ferry_core::manifest::Manifest;
 
@@ -76,7 +75,7 @@ pub(crate) fn join_error(e: tokio::task::JoinError) -> JobError {
 /// versions) from the server through `consume` on a pipeline thread, with the download on a
 /// transport thread. `consume` gets a reader of the stored bytes.
 pub(crate) async fn with_download<T: Send + 'static>(
-    settings: &Arc<Settings>,
+    target: &Arc<dyn ferry_storage::Target>,
     path: &str,
     version_id: Option<&str>,
     progress: &Progress,
@@ -84,12 +83,11 @@ pub(crate) async fn with_download<T: Send + 'static>(
 ) -> Result<T, JobError> {
     let (tx, rx) = chunks::channel();
     let download = {
-        let settings = settings.clone();
+        let target = target.clone();
         let path = path.to_owned();
         let version_id = version_id.map(str::to_owned);
         tokio::task::spawn_blocking(move || {
-            settings
-                .backup_server
+            target
                 .read()?
                 .download_version(&path, version_id.as_deref(), tx)
         })

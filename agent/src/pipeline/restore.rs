@@ -21,7 +21,7 @@ pub async fn restore(
     settings: Arc<Settings>,
     datastore: Arc<dyn Datastore>,
     job_id: String,
-    selection: (Option<String>, Option<String>),
+    selection: super::find::Selection,
     namespaces: Vec<String>,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
@@ -40,7 +40,7 @@ pub async fn restore(
         }
         progress.reset();
         let (sha256, size) = with_download(
-            &settings,
+            &found.source.target,
             path,
             manifest.version_id.as_deref(),
             &progress,
@@ -126,7 +126,11 @@ pub async fn restore(
             environment,
             date: main.date.clone(),
             kind: main.kind.clone(),
-            summary: format!("{summary} in {:.1} s", started.elapsed().as_secs_f64()),
+            summary: found.summary(format!(
+                "{summary} in {:.1} s",
+                started.elapsed().as_secs_f64()
+            )),
+            target: found.source.name.clone(),
         }),
         Err(e) => {
             session.abort().await;
@@ -155,7 +159,7 @@ async fn restore_files(
         let settings2 = settings.clone();
         let mut writer = sink.writer;
         let streamed = with_download(
-            settings,
+            &found.source.target,
             path,
             manifest.version_id.as_deref(),
             progress,

@@ -196,6 +196,7 @@ fn settings(target: &MemoryTarget, keys: Keys, source: Option<&str>) -> Arc<Sett
         allowed_clients: Vec::new(),
         max_concurrent_jobs: 1,
         backup_server: Arc::new(target.clone()),
+        copies: Vec::new(),
         keys,
         source_environment: source.map(str::to_owned),
         datastores: Default::default(),
@@ -256,7 +257,7 @@ async fn restore_newest(
         fleet.staging.clone(),
         store.clone(),
         "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
-        (None, None),
+        (None, None, None),
         Vec::new(),
         progress(),
     )
@@ -375,4 +376,133 @@ async fn a_corrupted_object_fails_the_restore_before_it_commits() {
     );
     let r = store.restored.lock().unwrap();
     assert_eq!((r.commits, r.aborts), (0, 1), "committed or not aborted");
+}
+
+/// A target that cannot be reached: every session fails to connect.
+#[derive(Debug)]
+struct Unreachable;
+
+impl ferry_storage::Target for Unreachable {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+    fn describe(&self) -> String {
+        "backup.invalid:22".into()
+    }
+    fn environment_dir(&self, environment: &str) -> String {
+        format!("/srv/ferry/{environment}")
+    }
+    fn write(&self) -> Result<Box<dyn ferry_storage::WriteSession>, ferry_storage::TargetError> {
+        Err(self.down())
+    }
+    fn read(&self) -> Result<Box<dyn ferry_storage::ReadSession>, ferry_storage::TargetError> {
+        Err(self.down())
+    }
+    fn maintain(
+        &self,
+    ) -> Result<Box<dyn ferry_storage::MaintainSession>, ferry_storage::TargetError> {
+        Err(self.down())
+    }
+}
+
+impl Unreachable {
+    fn down(&self) -> ferry_storage::TargetError {
+        ferry_storage::TargetError::Connect {
+            addr: ferry_storage::Target::describe(self),
+            message: "connection refused".into(),
+        }
+    }
+}
+
+/// Staging settings reading `primary`, with `copies`, holding `fleet`'s identity.
+fn staging_with(
+    fleet: &Fleet,
+    primary: Arc<dyn ferry_storage::Target>,
+    copies: Vec<(String, Arc<dyn ferry_storage::Target>)>,
+) -> Arc<Settings> {
+    let dec = Decryption::from_identity_file(&fleet._identity.path().join("identity")).unwrap();
+    let base = settings(&fleet.target, Keys::Decrypt(dec), Some("prod"));
+    let mut s = Arc::into_inner(base).unwrap();
+    s.backup_server = primary;
+    s.copies = copies;
+    Arc::new(s)
+}
+
+#[tokio::test]
+async fn a_restore_reads_a_copy_when_the_primary_cannot_be_reached_and_says_so() {
+    let fleet = fleet();
+    let bytes = data(2 * 1024 * 1024 + 3);
+    let store = TestStore::new(bytes.clone());
+    super::backup(
+        fleet.production.clone(),
+        store.clone(),
+        JOB.into(),
+        progress(),
+    )
+    .await
+    .unwrap();
+    // The copy holds what the primary held; the primary is down.
+    let copy: Arc<dyn ferry_storage::Target> = Arc::new(fleet.target.clone());
+    let staging = staging_with(
+        &fleet,
+        Arc::new(Unreachable),
+        vec![("offsite".into(), copy.clone())],
+    );
+    let restore = |target: Option<&str>| {
+        super::restore(
+            staging.clone(),
+            store.clone(),
+            "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
+            (None, None, target.map(str::to_owned)),
+            Vec::new(),
+            progress(),
+        )
+    };
+    let report = restore(None).await.unwrap();
+    assert_eq!(report.target, "offsite");
+    assert!(
+        report.summary.contains("read from copy offsite (")
+            && report.summary.contains("the primary could not be reached"),
+        "{}",
+        report.summary
+    );
+    assert!(store.restored.lock().unwrap().bytes == bytes);
+    // Asked for the primary, it does not fall back.
+    let e = restore(Some("primary")).await.unwrap_err();
+    assert!(
+        e.to_string().contains("backup.invalid:22"),
+        "not the primary's error: {e}"
+    );
+    // Asked for a copy by name, it reads that copy, and says no more.
+    let report = restore(Some("offsite")).await.unwrap();
+    assert_eq!(report.target, "offsite");
+    assert!(
+        !report.summary.contains("could not be reached"),
+        "{}",
+        report.summary
+    );
+    // A name it does not have.
+    let e = restore(Some("elsewhere")).await.unwrap_err();
+    assert!(matches!(e, JobError::InvalidArgument(_)), "{e}");
+    // With no copy reachable either, both errors are said.
+    let staging = staging_with(
+        &fleet,
+        Arc::new(Unreachable),
+        vec![("offsite".into(), Arc::new(Unreachable))],
+    );
+    let e = super::restore(
+        staging,
+        store.clone(),
+        "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
+        (None, None, None),
+        Vec::new(),
+        progress(),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("no copy could be read either (copy offsite:"),
+        "{e}"
+    );
 }

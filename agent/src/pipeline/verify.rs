@@ -20,7 +20,7 @@ use crate::job::{JobError, JobReport, Progress};
 pub async fn verify(
     settings: Arc<Settings>,
     datastore: Arc<dyn Datastore>,
-    selection: (Option<String>, Option<String>),
+    selection: super::find::Selection,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
     let (environment, found) =
@@ -31,7 +31,7 @@ pub async fn verify(
         progress.reset();
         let settings2 = settings.clone();
         let checked = with_download(
-            &settings,
+            &found.source.target,
             path,
             manifest.version_id.as_deref(),
             &progress,
@@ -91,15 +91,15 @@ pub async fn verify(
 pub async fn check(
     settings: Arc<Settings>,
     datastore: Arc<dyn Datastore>,
-    selection: (Option<String>, Option<String>),
+    selection: super::find::Selection,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
     let (environment, found) = locate(&settings, &datastore, selection, &progress, "check").await?;
     progress.set_stage("check");
     let files = found.files.clone();
-    let server = settings.clone();
+    let source = found.source.target.clone();
     tokio::task::spawn_blocking(move || -> Result<(), JobError> {
-        let mut session = server.backup_server.read()?;
+        let mut session = source.read()?;
         for (path, manifest) in &files {
             match session.size_version(path, manifest.version_id.as_deref())? {
                 None => {

@@ -186,6 +186,7 @@ fn seed(
             file: None,
             set_environment: None,
             all_or_nothing: false,
+            target: None,
             checked_ms: None,
             scheduled_ms: None,
             created_ms,
@@ -205,6 +206,7 @@ fn seed(
                 kind: "files".into(),
                 summary: format!("tar of {} files", 1 + rng.below(10_000)),
                 data_finished_ms: (kind != JobKind::Backup).then_some(created_ms - 3_600_000),
+                target: String::new(),
             }),
             error: match state {
                 JobState::Failed => Some(format!(
@@ -231,6 +233,7 @@ fn seed(
                 missing: None,
                 retain_until_ms: None,
                 lock_error: None,
+                copies: Vec::new(),
             });
         }
         if batch.len() == 10_000 {

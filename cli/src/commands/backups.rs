@@ -31,6 +31,10 @@ pub(crate) async fn run(
                     "finished": time(b.finished_unix_ms), "job_id": b.job_id,
                     "retain_until": (b.retain_until_unix_ms != 0).then(|| time(b.retain_until_unix_ms)),
                     "lock_error": (!b.lock_error.is_empty()).then_some(&b.lock_error),
+                    "stored_on": stored_on(b),
+                    "copies": b.copies.iter().map(|c| serde_json::json!({
+                        "target": c.target, "copied": time(c.copied_unix_ms),
+                    })).collect::<Vec<_>>(),
                     "missing": (b.missing_found_unix_ms != 0).then(|| serde_json::json!({
                         "found": time(b.missing_found_unix_ms), "job_id": b.missing_job_id,
                         "error": b.missing_error,
@@ -67,6 +71,7 @@ pub(crate) async fn run(
                         time(b.missing_found_unix_ms)
                     )
                 },
+                stored_on(b).join(","),
                 b.stored_path.clone(),
             ]
         })
@@ -81,11 +86,20 @@ pub(crate) async fn run(
             "FINISHED",
             "RETAIN UNTIL",
             "STATE",
+            "STORED ON",
             "PATH",
         ],
         rows,
     )?;
     Ok(0)
+}
+
+/// Where a backup lives: `primary` (where the agent wrote it), then each copy target
+/// holding a checked copy.
+fn stored_on(b: &v1::BackupRecord) -> Vec<String> {
+    std::iter::once("primary".to_owned())
+        .chain(b.copies.iter().map(|c| c.target.clone()))
+        .collect()
 }
 
 /// `ferry backups --sets`: one row per set (environment, date), its completeness, members

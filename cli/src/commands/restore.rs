@@ -1,7 +1,7 @@
 //! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]...
-//! [--all-or-nothing] [--wait]`, and
-//! `ferry verify AGENT [--datastore D] [--date YYYY-MM-DD] [--wait]` (the same order,
-//! checking instead of restoring).
+//! [--all-or-nothing] [--from TARGET] [--wait]`, and
+//! `ferry verify AGENT [--datastore D] [--date YYYY-MM-DD] [--from TARGET] [--wait]` (the
+//! same order, checking instead of restoring).
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -14,7 +14,12 @@ pub(crate) async fn run(
     client: &mut CoordinatorClient<Channel>,
     out: Output,
     agent: String,
-    (datastore, date, namespaces): (Option<String>, Option<String>, Vec<String>),
+    (datastore, date, namespaces, from): (
+        Option<String>,
+        Option<String>,
+        Vec<String>,
+        Option<String>,
+    ),
     (verify_only, all_or_nothing): (bool, bool),
     wait: bool,
 ) -> anyhow::Result<i32> {
@@ -26,6 +31,7 @@ pub(crate) async fn run(
             namespaces,
             verify_only,
             all_or_nothing,
+            from: from.unwrap_or_default(),
         })
         .await
         .map_err(status_error)?

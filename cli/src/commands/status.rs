@@ -68,7 +68,21 @@ pub(crate) async fn run(
                 })
             })
             .collect();
-        format::print_json(&serde_json::json!({ "now": time(s.now_unix_ms), "datastores": rows }))?;
+        let copies: Vec<_> = s
+            .copies
+            .iter()
+            .map(|c| {
+                serde_json::json!({
+                    "environment": c.environment, "target": c.target, "lacking": c.lacking,
+                    "lag_seconds": c.lag_seconds,
+                    "last_copy": (c.last_copy_unix_ms != 0).then(|| time(c.last_copy_unix_ms)),
+                    "last_error": (!c.last_error.is_empty()).then_some(&c.last_error),
+                })
+            })
+            .collect();
+        format::print_json(&serde_json::json!({
+            "now": time(s.now_unix_ms), "datastores": rows, "copies": copies,
+        }))?;
         return Ok(0);
     }
     let rows = s
@@ -120,5 +134,45 @@ pub(crate) async fn run(
         ],
         rows,
     )?;
+    if !s.copies.is_empty() {
+        println!();
+        let rows = s
+            .copies
+            .iter()
+            .map(|c| {
+                vec![
+                    c.environment.clone(),
+                    c.target.clone(),
+                    c.lacking.to_string(),
+                    if c.lacking == 0 {
+                        "-".into()
+                    } else {
+                        duration_ms(c.lag_seconds * 1000)
+                    },
+                    if c.last_copy_unix_ms == 0 {
+                        "-".into()
+                    } else {
+                        time(c.last_copy_unix_ms)
+                    },
+                    if c.last_error.is_empty() {
+                        "ok".into()
+                    } else {
+                        format!("FAILED: {}", c.last_error)
+                    },
+                ]
+            })
+            .collect();
+        format::table(
+            &[
+                "ENVIRONMENT",
+                "COPY TARGET",
+                "LACKS",
+                "LAG",
+                "LAST COPY",
+                "STATE",
+            ],
+            rows,
+        )?;
+    }
     Ok(0)
 }

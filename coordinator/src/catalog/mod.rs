@@ -6,7 +6,9 @@
 //! - [`retention`]: the GFS retention policy of dated folders.
 //! - [`prune`]: `ferry prune`, the policy carried out on the backup server.
 //! - [`locks`]: Object Lock by retention tier, on a target with locks.
+//! - [`copies`]: copies of each backup on the environment's copy targets (3-2-1).
 
+pub mod copies;
 pub mod locks;
 pub mod prune;
 pub mod retention;

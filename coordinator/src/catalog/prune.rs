@@ -386,43 +386,104 @@ pub async fn run(
     if server.object_lock() {
         extend_locks(c, who, &server, &decisions).await?;
     }
-
-    for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
-        let (server, env, date) = (server.clone(), d.environment.clone(), d.date.clone());
-        let removed = tokio::task::spawn_blocking(move || {
-            server.maintain()?.remove_dated_folder(&env, &date)
-        })
-        .await
-        .map_err(|e| PruneError::Task(e.to_string()))?;
-        let folder = format!("{}/{}", d.environment, d.date);
-        match removed {
-            Ok((files, bytes)) => {
-                let (store, env, date) = (c.store.clone(), d.environment.clone(), d.date.clone());
-                blocking(move || store.delete_backups(&env, &date)).await?;
-                d.removed = true;
-                c.audit(
-                    who,
-                    "prune",
-                    &folder,
-                    &format!("removed {files} files, {bytes} bytes"),
-                )
-                .await;
+    // The copies of kept folders on copy targets with locks get the same horizons.
+    for d in decisions.iter().filter(|d| !d.keep.is_empty()) {
+        let Some(until) = d.retain_until.filter(|u| *u > chrono::Utc::now()) else {
+            continue;
+        };
+        let Ok(date) = chrono::NaiveDate::parse_from_str(&d.date, "%Y-%m-%d") else {
+            continue;
+        };
+        for (name, copy) in c.copy_targets(&d.environment) {
+            if !copy.object_lock() {
+                continue;
             }
-            Err(e) => {
-                c.audit(who, "prune", &folder, &format!("failed: {e}"))
+            let env = d.environment.clone();
+            let locked = tokio::task::spawn_blocking(move || {
+                crate::catalog::locks::lock_folder(&*copy, &env, date, until)
+            })
+            .await
+            .map_err(|e| PruneError::Task(e.to_string()))?;
+            if let Err(e) = locked {
+                let folder = format!("{}/{} on copy target {name}", d.environment, d.date);
+                c.audit(who, "prune lock", &folder, &format!("failed: {e}"))
                     .await;
                 return Err(PruneError::Target {
-                    doing: format!("removing {folder}"),
+                    doing: format!("locking {folder}"),
                     source: e,
-                    after: "; folders listed before it were removed",
+                    after: "; folders listed before it were locked",
                 });
             }
         }
+    }
+
+    for d in decisions.iter_mut().filter(|d| d.keep.is_empty()) {
+        // The copies first: once the primary's folder and its catalog records are gone,
+        // nothing would name the copies' any more.
+        for (name, copy) in c.copy_targets(&d.environment) {
+            let folder = format!("{}/{} on copy target {name}", d.environment, d.date);
+            remove_folder(c, who, copy, d, &folder, true).await?;
+        }
+        let folder = format!("{}/{}", d.environment, d.date);
+        remove_folder(c, who, server.clone(), d, &folder, false).await?;
+        let (store, env, date) = (c.store.clone(), d.environment.clone(), d.date.clone());
+        blocking(move || store.delete_backups(&env, &date)).await?;
+        d.removed = true;
     }
     Ok(Outcome {
         decisions,
         leftovers_checked: true,
     })
+}
+
+/// Removes the dated folder of decision `d` on `target` (named `folder` in the audit log
+/// and errors); with `if_present`, a folder that is not there (a copy target that never
+/// got the copy) is no error.
+///
+/// # Errors
+/// [`PruneError::Target`] naming the folder, audited as failed.
+async fn remove_folder(
+    c: &Arc<Coordinator>,
+    who: &str,
+    target: Arc<dyn ferry_storage::Target>,
+    d: &Decision,
+    folder: &str,
+    if_present: bool,
+) -> Result<(), PruneError> {
+    let (env, date) = (d.environment.clone(), d.date.clone());
+    let removed =
+        tokio::task::spawn_blocking(move || -> Result<(u64, u64), ferry_storage::TargetError> {
+            let mut session = target.maintain()?;
+            if if_present
+                && let Ok(day) = ferry_core::layout::parse_date(&date)
+                && session.list(&target.dated_dir(&env, day))?.is_empty()
+            {
+                return Ok((0, 0));
+            }
+            session.remove_dated_folder(&env, &date)
+        })
+        .await
+        .map_err(|e| PruneError::Task(e.to_string()))?;
+    match removed {
+        Ok((files, bytes)) => {
+            c.audit(
+                who,
+                "prune",
+                folder,
+                &format!("removed {files} files, {bytes} bytes"),
+            )
+            .await;
+            Ok(())
+        }
+        Err(e) => {
+            c.audit(who, "prune", folder, &format!("failed: {e}")).await;
+            Err(PruneError::Target {
+                doing: format!("removing {folder}"),
+                source: e,
+                after: "; folders listed before it were removed",
+            })
+        }
+    }
 }
 
 /// The keep reason of a folder or file whose lock is still in force.
@@ -722,6 +783,7 @@ mod tests {
                 missing: None,
                 retain_until_ms: None,
                 lock_error: None,
+                copies: Vec::new(),
             })
             .unwrap();
     }
@@ -783,6 +845,78 @@ mod tests {
                 "/srv/ferry/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age".into(),
                 "/srv/ferry/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age.json".into(),
             ]
+        );
+    }
+
+    /// Puts a file of `date` on `target` (rooted at `root`), as a copy would.
+    fn copied(target: &ferry_storage::memory::MemoryTarget, root: &str, date: &str) {
+        use ferry_storage::Target as _;
+        let file = ferry_core::layout::StoredFile {
+            dir: format!("{root}/production/{date}"),
+            name: format!("pg_backup_{date}.pgdump.zst.age"),
+        };
+        let mut w = target.write().unwrap();
+        let (tx, rx) = ferry_storage::chunk::channel();
+        tx.send(b"ciphertext".to_vec()).unwrap();
+        drop(tx);
+        let staged = w.stage(&file, "copy", rx).unwrap();
+        w.commit("copy", &[(staged, b"{}".to_vec())]).unwrap();
+    }
+
+    #[tokio::test]
+    async fn prune_removes_a_dropped_folder_from_the_copy_targets_too_and_one_never_copied_is_no_error()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let c =
+            crate::dispatch::test_coordinator(dir.path(), &[], std::time::Duration::from_secs(60));
+        let mut c = Arc::into_inner(c).expect("no other reference yet");
+        let target = ferry_storage::memory::MemoryTarget::new("/srv/ferry");
+        let copy = ferry_storage::memory::MemoryTarget::new("/copy");
+        c.settings.maintenance = Some(Arc::new(target.clone()));
+        c.settings
+            .copies
+            .insert("offsite".into(), Arc::new(copy.clone()));
+        c.settings
+            .copy_to
+            .insert("production".into(), vec!["offsite".into()]);
+        c.settings.retention.insert(
+            "production".into(),
+            crate::catalog::retention::Policy {
+                keep_daily: 1,
+                keep_weekly: 0,
+                keep_monthly: 0,
+            },
+        );
+        let c = Arc::new(c);
+        for date in ["2026-02-03", "2026-02-04", "2026-02-05"] {
+            backed_up(&c, &target, date);
+        }
+        // 2026-02-03 never reached the copy target.
+        copied(&copy, "/copy", "2026-02-04");
+        copied(&copy, "/copy", "2026-02-05");
+
+        let outcome = run(&c, "tester", Some("production"), false).await.unwrap();
+        let removed: Vec<&str> = outcome
+            .decisions
+            .iter()
+            .filter(|d| d.removed)
+            .map(|d| d.date.as_str())
+            .collect();
+        assert_eq!(removed, ["2026-02-04", "2026-02-03"]);
+        assert_eq!(
+            copy.paths(),
+            [
+                "/copy/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age",
+                "/copy/production/2026-02-05/pg_backup_2026-02-05.pgdump.zst.age.json",
+            ]
+        );
+        let audit = c.audit_log(None).await.unwrap();
+        assert!(
+            audit.iter().any(
+                |e| e.target == "production/2026-02-04 on copy target offsite"
+                    && e.outcome.starts_with("removed 2 files")
+            ),
+            "{audit:?}"
         );
     }
 }

@@ -153,6 +153,7 @@ mod tests {
             missing: None,
             retain_until_ms: None,
             lock_error: None,
+            copies: Vec::new(),
         }
     }
 

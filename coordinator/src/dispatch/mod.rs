@@ -77,6 +77,8 @@ pub struct Coordinator {
     pub tasks: TaskTracker,
     /// Counters for `/metrics`.
     pub counters: crate::metrics::Counters,
+    /// The copier's wake-up and progress ([`crate::catalog::copies`]).
+    pub copier: crate::catalog::copies::Copier,
 }
 
 impl Coordinator {
@@ -288,6 +290,8 @@ pub(crate) fn test_coordinator(
         schedules: Vec::new(),
         maintenance: None,
         retention: Default::default(),
+        copies: Default::default(),
+        copy_to: Default::default(),
     };
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     Arc::new(Coordinator {
@@ -297,5 +301,6 @@ pub(crate) fn test_coordinator(
         shutdown,
         tasks,
         counters: crate::metrics::Counters::default(),
+        copier: Default::default(),
     })
 }

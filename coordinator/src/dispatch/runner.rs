@@ -146,6 +146,7 @@ impl Coordinator {
                             missing: None,
                             retain_until_ms: None,
                             lock_error: None,
+                            copies: Vec::new(),
                         };
                         let store = self.store.clone();
                         let to_lock = record.clone();
@@ -156,6 +157,8 @@ impl Coordinator {
                         // + keep_daily, by the maintenance credentials (retried in the
                         // background if the first attempt fails).
                         self.clone().lock_finished_backup(to_lock).await;
+                        // Its copies (copy_to), made in the background.
+                        self.copier.wake();
                     }
                     let summary = format!(
                         "Succeeded: {} ({} bytes).",
@@ -356,6 +359,7 @@ impl Coordinator {
             verify_only: true,
             file,
             check_only: true,
+            target: job.target.clone().unwrap_or_default(),
         });
         let mut stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => return Err(CheckFailed::NoAnswer { agent: agent() }),
@@ -508,6 +512,7 @@ impl Coordinator {
                             verify_only: job.kind == JobKind::Verify,
                             file,
                             check_only: false,
+                            target: job.target.clone().unwrap_or_default(),
                         })
                         .await
                 }
@@ -840,6 +845,7 @@ impl Coordinator {
                         summary: f.summary,
                         data_finished_ms: (f.data_finished_unix_ms != 0)
                             .then_some(f.data_finished_unix_ms),
+                        target: f.target,
                     });
                 }
                 Some(Event::Failed(f)) => {

@@ -28,6 +28,9 @@ pub struct Selection<'a> {
     pub occurrence: Option<(&'a str, i64)>,
     /// Restore: check every datastore's backup first and restore none unless all pass.
     pub all_or_nothing: bool,
+    /// Restore, verify: the storage target to read (a copy's name or `primary`); `None`:
+    /// the primary, the agent falling back to a copy when it cannot be reached.
+    pub from: Option<&'a str>,
 }
 
 impl Selection<'_> {
@@ -43,6 +46,9 @@ impl Selection<'_> {
         }
         if let Some(t) = self.backup_type {
             s.push_str(&format!(" type {t}"));
+        }
+        if let Some(t) = self.from {
+            s.push_str(&format!(" from {t}"));
         }
         if self.all_or_nothing {
             s.push_str(" all-or-nothing");
@@ -176,7 +182,26 @@ impl Coordinator {
             backup_type,
             occurrence: _,
             all_or_nothing,
+            from,
         } = *selection;
+        if let Some(t) = from {
+            if kind == JobKind::Backup {
+                return Err(DispatchError::InvalidArgument(
+                    "a backup is written to the primary only; the coordinator copies it (copy_to)"
+                        .into(),
+                ));
+            }
+            if t != ferry_storage::PRIMARY && !self.settings.copies.contains_key(t) {
+                let known: Vec<&str> = std::iter::once(ferry_storage::PRIMARY)
+                    .chain(self.settings.copies.keys().map(String::as_str))
+                    .collect();
+                return Err(DispatchError::InvalidArgument(format!(
+                    "no storage target {}: the coordinator knows {}",
+                    Bounded(t),
+                    known.join(", ")
+                )));
+            }
+        }
         if all_or_nothing && kind != JobKind::Restore {
             return Err(DispatchError::InvalidArgument(
                 "--all-or-nothing is for restores: a verify checks each backup on its own".into(),
@@ -293,6 +318,7 @@ impl Coordinator {
                 file,
                 set_environment: set_environment.clone().filter(|_| kind == JobKind::Restore),
                 all_or_nothing,
+                target: from.map(str::to_owned),
                 checked_ms: None,
                 scheduled_ms: selection.occurrence.map(|(_, at)| at),
                 created_ms,

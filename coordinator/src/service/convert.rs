@@ -52,6 +52,7 @@ impl From<&JobResult> for v1::Finished {
             kind: r.kind.clone(),
             summary: r.summary.clone(),
             data_finished_unix_ms: r.data_finished_ms.unwrap_or(0),
+            target: r.target.clone(),
         }
     }
 }
@@ -109,6 +110,14 @@ impl From<&BackupRecord> for v1::BackupRecord {
                 .unwrap_or_default(),
             retain_until_unix_ms: b.retain_until_ms.unwrap_or(0),
             lock_error: b.lock_error.clone().unwrap_or_default(),
+            copies: b
+                .copies
+                .iter()
+                .map(|c| v1::BackupCopy {
+                    target: c.target.clone(),
+                    copied_unix_ms: c.copied_ms,
+                })
+                .collect(),
         }
     }
 }

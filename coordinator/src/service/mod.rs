@@ -218,6 +218,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     backup_type: None,
                     occurrence: None,
                     all_or_nothing: r.all_or_nothing,
+                    from: opt(&r.from),
                 },
                 &who,
             )
@@ -296,9 +297,25 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     .map(Into::into),
             })
             .collect();
+        let now_unix_ms = ferry_proto::now_unix_ms();
+        let copies = c
+            .copy_status(now_unix_ms)
+            .await
+            .map_err(status)?
+            .into_iter()
+            .map(|s| v1::CopyStatus {
+                environment: s.environment,
+                target: s.target,
+                lacking: s.lacking,
+                lag_seconds: s.lag_seconds,
+                last_copy_unix_ms: s.progress.last_copy_ms.unwrap_or(0),
+                last_error: s.progress.last_error.unwrap_or_default(),
+            })
+            .collect();
         Ok(Response::new(v1::StatusResponse {
             datastores,
-            now_unix_ms: ferry_proto::now_unix_ms(),
+            now_unix_ms,
+            copies,
         }))
     }
 }

@@ -202,6 +202,7 @@ mod tests {
             missing: None,
             retain_until_ms: None,
             lock_error: None,
+            copies: Vec::new(),
         }
     }
 

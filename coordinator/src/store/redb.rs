@@ -512,6 +512,7 @@ mod tests {
                 missing: None,
                 retain_until_ms: None,
                 lock_error: None,
+                copies: Vec::new(),
             })
             .unwrap();
         }
@@ -552,6 +553,7 @@ mod tests {
                 missing: None,
                 retain_until_ms: None,
                 lock_error: None,
+                copies: Vec::new(),
             })
             .collect();
         s.put_backups(&records).unwrap();

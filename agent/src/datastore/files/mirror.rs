@@ -176,6 +176,7 @@ pub async fn backup(
         .map_err(|e| fail("rsync (the mirror's manifest)", e))?;
     Ok(JobReport {
         data_finished_ms: None,
+        target: String::new(),
         stored_path: dest.trim_end_matches('/').to_owned(),
         size_bytes: counts.bytes,
         sha256: String::new(),
@@ -291,6 +292,7 @@ pub async fn restore(
     };
     Ok(JobReport {
         data_finished_ms: Some(manifest.finished.timestamp_millis()),
+        target: ferry_storage::PRIMARY.to_owned(),
         stored_path: src,
         size_bytes: got.bytes,
         sha256: String::new(),

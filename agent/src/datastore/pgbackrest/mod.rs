@@ -354,6 +354,7 @@ impl PgBackRest {
             .unwrap_or_else(chrono::Utc::now);
         Ok(JobReport {
             data_finished_ms: None,
+            target: String::new(),
             stored_path: dest.trim_end_matches('/').to_owned(),
             size_bytes: latest.info.repository.delta,
             sha256: String::new(),
@@ -483,6 +484,7 @@ impl PgBackRest {
             .unwrap_or_else(chrono::Utc::now);
         Ok(JobReport {
             data_finished_ms: Some(chosen.timestamp.stop * 1000),
+            target: ferry_storage::PRIMARY.to_owned(),
             stored_path: src,
             size_bytes: chosen.info.repository.delta,
             sha256: String::new(),

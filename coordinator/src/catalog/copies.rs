@@ -1,0 +1,666 @@
+//! Copies (3-2-1): every dated archive of an environment with `copy_to` is copied from the
+//! primary (`[maintenance]`) to each of its copy targets (`[copies.<name>]`) by the
+//! coordinator, with its maintenance credentials on both sides.
+//!
+//! A copy streams the stored ciphertext: it is never decrypted (the coordinator holds no
+//! identity). Each file of the backup (its companions, then the main archive) is read
+//! from the primary (the version its manifest names), hashed as it streams into a write
+//! session of the copy target, and committed only if its SHA-256 and size equal its
+//! manifest's; the manifests go last, the main archive's at the very end, as a backup
+//! does, so a reader of the copy target never takes a half-copied backup for one. On a
+//! copy target with Object Lock the copied folder is locked like the primary's (date +
+//! `keep_daily`), and `ferry prune` extends and removes there too.
+//!
+//! The copier ([`Coordinator::run_copies`]) runs at start, after each backup the catalog
+//! records, and every [`COPY_INTERVAL`]: for each environment and copy target, the
+//! backups it lacks, newest first, one at a time. What it did is recorded on the catalog
+//! record ([`crate::model::BackupRecord::copies`]); what it could not do, in
+//! [`CopyProgress::last_error`], shown by `ferry status` and `/metrics`
+//! (`ferry_copy_lag_seconds`, alert `FerryCopyBehind` past 26 h).
+
+use std::collections::BTreeMap;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::NaiveDate;
+use ferry_core::layout::StoredFile;
+use ferry_core::manifest::{MAX_MANIFEST_BYTES, Manifest};
+use ferry_storage::{Staged, Target, TargetError};
+use sha2::{Digest, Sha256};
+
+use crate::dispatch::Coordinator;
+use crate::model::{BackupRecord, CopyNote};
+use crate::store::blocking;
+
+/// How often the copier looks for backups a copy target lacks, besides after each backup.
+pub const COPY_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Why one backup could not be copied.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Reading the primary or writing the copy target failed.
+    #[error("{doing}: {source}")]
+    Target {
+        /// What was being done, e.g. `reading production/2026-12-05/x.age from primary`.
+        doing: String,
+        /// The target's error.
+        #[source]
+        source: TargetError,
+    },
+    /// A manifest on the primary does not read, or does not describe its file.
+    #[error("{0}")]
+    Manifest(String),
+    /// The bytes read are not those the manifest describes: nothing was committed.
+    #[error(
+        "{path}: read {size} bytes with SHA-256 {sha256} from the primary, its manifest says \
+         {expected_size} bytes with {expected_sha256}; nothing was committed on the copy target"
+    )]
+    Integrity {
+        /// The file.
+        path: String,
+        /// Bytes read.
+        size: u64,
+        /// Their SHA-256, lower-case hex.
+        sha256: String,
+        /// The manifest's size.
+        expected_size: u64,
+        /// The manifest's SHA-256.
+        expected_sha256: String,
+    },
+}
+
+/// What the copier knows of one environment's copy target since the coordinator started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CopyProgress {
+    /// When the newest copy to it was committed, UTC ms.
+    pub last_copy_ms: Option<i64>,
+    /// The newest copy's error; `None` after a success.
+    pub last_error: Option<String>,
+}
+
+/// The copier's shared state: its wake-up, and each `(environment, target)`'s progress.
+#[derive(Default)]
+pub struct Copier {
+    wake: tokio::sync::Notify,
+    progress: Mutex<BTreeMap<(String, String), CopyProgress>>,
+}
+
+impl Copier {
+    /// Asks the copier to look for backups to copy now (after a backup was recorded).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// The progress of `environment`'s copy target `target`.
+    pub fn progress(&self, environment: &str, target: &str) -> CopyProgress {
+        self.progress
+            .lock()
+            .expect("copy progress lock")
+            .get(&(environment.to_owned(), target.to_owned()))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn set(&self, environment: &str, target: &str, f: impl FnOnce(&mut CopyProgress)) {
+        let mut map = self.progress.lock().expect("copy progress lock");
+        f(map
+            .entry((environment.to_owned(), target.to_owned()))
+            .or_default());
+    }
+}
+
+/// One copy target's state for `ferry status` and `/metrics`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CopyStatus {
+    /// Environment.
+    pub environment: String,
+    /// Copy target's name.
+    pub target: String,
+    /// Dated archives in the catalog it lacks.
+    pub lacking: u32,
+    /// Age of the oldest backup it lacks, seconds (0 when it lacks none).
+    pub lag_seconds: i64,
+    /// Progress since the coordinator started.
+    pub progress: CopyProgress,
+}
+
+/// The backups of `records` that `target` lacks (dated archives only: differential
+/// repositories are not copied), newest first.
+pub fn lacking<'a>(records: &'a [BackupRecord], target: &str) -> Vec<&'a BackupRecord> {
+    let mut out: Vec<&BackupRecord> = records
+        .iter()
+        .filter(|r| r.is_archive() && !r.copies.iter().any(|c| c.target == target))
+        .collect();
+    out.sort_by_key(|r| std::cmp::Reverse(r.finished_ms));
+    out
+}
+
+/// The lag of a copy target lacking `lacking` at `now_ms`: the age of the oldest backup
+/// it lacks, seconds; 0 when it lacks none.
+pub fn lag_seconds(lacking: &[&BackupRecord], now_ms: i64) -> i64 {
+    lacking
+        .iter()
+        .map(|r| r.finished_ms)
+        .min()
+        .map_or(0, |oldest| ((now_ms - oldest) / 1000).max(0))
+}
+
+/// A file's name in its dated folder: the last component of a stored path.
+fn file_name(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
+}
+
+/// Copies the backup whose main archive is `file` in `environment`'s folder of `date`
+/// from `source` to `dest`: each file streamed and checked against its manifest's SHA-256
+/// and size before anything is committed, then committed with its manifest (the version
+/// id of the source removed: the copy target records its own), the main part last.
+/// Returns the bytes copied. A backup already on `dest` (its main manifest there) is not
+/// copied again (`Ok(0)`).
+///
+/// # Errors
+/// [`CopyError`]; nothing is left visible on `dest` (its partials abandoned).
+pub fn copy_backup(
+    source: &dyn Target,
+    dest: &dyn Target,
+    environment: &str,
+    date: NaiveDate,
+    file: &str,
+    job_id: &str,
+) -> Result<u64, CopyError> {
+    let src_dir = source.dated_dir(environment, date);
+    let dst_dir = dest.dated_dir(environment, date);
+    let on = |what: &str, t: &dyn Target| format!("{what} ({})", t.describe());
+    let mut read = source.read().map_err(|e| CopyError::Target {
+        doing: on("opening the primary", source),
+        source: e,
+    })?;
+    let read_manifest = |read: &mut Box<dyn ferry_storage::ReadSession>,
+                         name: &str|
+     -> Result<Manifest, CopyError> {
+        let path = format!("{src_dir}/{name}.json");
+        let bytes = read
+            .read_small(&path, MAX_MANIFEST_BYTES)
+            .map_err(|e| CopyError::Target {
+                doing: format!("reading {path} on the primary"),
+                source: e,
+            })?;
+        let m =
+            Manifest::from_slice(&path, &bytes).map_err(|e| CopyError::Manifest(e.to_string()))?;
+        if m.file != name {
+            return Err(CopyError::Manifest(format!(
+                "{path} describes {}, not {name}",
+                ferry_core::Bounded(&m.file)
+            )));
+        }
+        Ok(m)
+    };
+    let main = read_manifest(&mut read, file)?;
+    // Already there (an earlier copy whose record was lost): nothing to do.
+    {
+        let mut dst_read = dest.read().map_err(|e| CopyError::Target {
+            doing: on("opening the copy target", dest),
+            source: e,
+        })?;
+        let there = dst_read
+            .size(&format!("{dst_dir}/{file}.json"))
+            .map_err(|e| CopyError::Target {
+                doing: format!("looking for {dst_dir}/{file}.json on the copy target"),
+                source: e,
+            })?;
+        if there.is_some() {
+            return Ok(0);
+        }
+    }
+    let mut parts: Vec<(String, Manifest)> = Vec::new();
+    for companion in &main.companions {
+        parts.push((companion.clone(), read_manifest(&mut read, companion)?));
+    }
+    parts.push((file.to_owned(), main));
+
+    let mut write = dest.write().map_err(|e| CopyError::Target {
+        doing: on("opening the copy target", dest),
+        source: e,
+    })?;
+    let mut staged: Vec<(Staged, Vec<u8>)> = Vec::new();
+    let mut copied = 0u64;
+    let abandon = |write: &mut Box<dyn ferry_storage::WriteSession>,
+                   staged: &[(Staged, Vec<u8>)]| {
+        let partials: Vec<String> = staged.iter().map(|(s, _)| s.partial.clone()).collect();
+        write.abandon(&partials);
+    };
+    for (name, manifest) in &parts {
+        let path = format!("{src_dir}/{name}");
+        let (tx, rx) = ferry_storage::chunk::channel();
+        let (htx, hrx) = ferry_storage::chunk::channel();
+        // Download → hash → stage: the hash thread forwards every chunk as it hashes it.
+        let hasher = std::thread::spawn(move || hash_forward(rx, htx));
+        let downloaded = read.download_version(&path, manifest.version_id.as_deref(), tx);
+        let stored = StoredFile {
+            dir: dst_dir.clone(),
+            name: name.clone(),
+        };
+        let stage = write.stage(&stored, job_id, hrx);
+        let (sha256, size) = hasher.join().unwrap_or_default();
+        let part = match (downloaded, stage) {
+            (Err(e), Ok(s)) => {
+                abandon(&mut write, &staged);
+                write.abandon(&[s.partial]);
+                return Err(CopyError::Target {
+                    doing: format!("reading {path} on the primary"),
+                    source: e,
+                });
+            }
+            (Err(e), Err(_)) => {
+                abandon(&mut write, &staged);
+                return Err(CopyError::Target {
+                    doing: format!("reading {path} on the primary"),
+                    source: e,
+                });
+            }
+            (Ok(_), Err(e)) => {
+                abandon(&mut write, &staged);
+                return Err(CopyError::Target {
+                    doing: format!("writing {} on the copy target", stored.path()),
+                    source: e,
+                });
+            }
+            (Ok(_), Ok(s)) => s,
+        };
+        if sha256 != manifest.sha256 || size != manifest.bytes_stored {
+            abandon(&mut write, &staged);
+            write.abandon(&[part.partial]);
+            return Err(CopyError::Integrity {
+                path,
+                size,
+                sha256,
+                expected_size: manifest.bytes_stored,
+                expected_sha256: manifest.sha256.clone(),
+            });
+        }
+        copied += size;
+        let mut m = manifest.clone();
+        m.version_id = None;
+        staged.push((part, m.to_json()));
+    }
+    write
+        .commit(job_id, &staged)
+        .map_err(|e| CopyError::Target {
+            doing: format!("committing the copy in {dst_dir} on the copy target"),
+            source: e,
+        })?;
+    Ok(copied)
+}
+
+/// Hashes every chunk of `rx` and forwards it to `tx`; the SHA-256 (lower-case hex) and
+/// the bytes seen. Stops forwarding (still draining `rx`) if `tx`'s receiver hangs up.
+fn hash_forward(rx: Receiver<Vec<u8>>, tx: SyncSender<Vec<u8>>) -> (String, u64) {
+    let mut hasher = Sha256::new();
+    let mut n = 0u64;
+    let mut open = true;
+    for chunk in rx {
+        hasher.update(&chunk);
+        n += chunk.len() as u64;
+        if open && tx.send(chunk).is_err() {
+            open = false;
+        }
+    }
+    (hex::encode(hasher.finalize()), n)
+}
+
+impl Coordinator {
+    /// The copy targets of `environment` (`copy_to`), with their targets.
+    pub fn copy_targets(&self, environment: &str) -> Vec<(String, Arc<dyn Target>)> {
+        self.settings
+            .copy_to
+            .get(environment)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.settings.copies.get(n).map(|t| (n.clone(), t.clone())))
+            .collect()
+    }
+
+    /// Each environment's copy targets: what they lack and how far behind they are, at
+    /// `now_ms` (UTC ms).
+    ///
+    /// # Errors
+    /// The store cannot be read.
+    pub async fn copy_status(
+        &self,
+        now_ms: i64,
+    ) -> Result<Vec<CopyStatus>, crate::store::StoreError> {
+        if self.settings.copy_to.values().all(Vec::is_empty) {
+            return Ok(Vec::new());
+        }
+        let backups = self.backups(None).await?;
+        let mut out = Vec::new();
+        for (env, targets) in &self.settings.copy_to {
+            let of_env: Vec<BackupRecord> = backups
+                .iter()
+                .filter(|b| &b.environment == env)
+                .cloned()
+                .collect();
+            for t in targets {
+                let lacks = lacking(&of_env, t);
+                out.push(CopyStatus {
+                    environment: env.clone(),
+                    target: t.clone(),
+                    lacking: lacks.len() as u32,
+                    lag_seconds: lag_seconds(&lacks, now_ms),
+                    progress: self.copier.progress(env, t),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The copier: at start, when woken ([`Copier::wake`]) and every [`COPY_INTERVAL`],
+    /// copies what each copy target lacks ([`Coordinator::copy_pending`]) until shutdown.
+    pub async fn run_copies(self: Arc<Self>) {
+        if self.settings.copy_to.values().all(Vec::is_empty) {
+            return;
+        }
+        loop {
+            self.copy_pending().await;
+            tokio::select! {
+                _ = self.copier.wake.notified() => {}
+                _ = tokio::time::sleep(COPY_INTERVAL) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    /// One pass: for each environment and copy target, the backups it lacks, newest
+    /// first, copied one at a time; the first failure ends that target's pass (the next
+    /// pass tries again) and is recorded in its progress.
+    pub async fn copy_pending(&self) {
+        let Some(source) = self.settings.maintenance.clone() else {
+            return;
+        };
+        let backups = match self.backups(None).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Could not read the catalog to copy backups.");
+                return;
+            }
+        };
+        for (env, targets) in self.settings.copy_to.clone() {
+            let of_env: Vec<BackupRecord> = backups
+                .iter()
+                .filter(|b| b.environment == env)
+                .cloned()
+                .collect();
+            for name in targets {
+                let Some(dest) = self.settings.copies.get(&name).cloned() else {
+                    continue;
+                };
+                for record in lacking(&of_env, &name) {
+                    if self.shutdown.is_cancelled() {
+                        return;
+                    }
+                    match self.copy_one(&source, &dest, &name, record).await {
+                        Ok(()) => {}
+                        Err(message) => {
+                            tracing::error!(environment = %env, copy = %name,
+                                stored_path = %record.stored_path, error = %message,
+                                "Could not copy the backup; the next pass tries again.");
+                            self.copier
+                                .set(&env, &name, |p| p.last_error = Some(message));
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Copies `record` to `dest` (named `name`), locks it there on a target with locks,
+    /// and notes the copy on its catalog record.
+    async fn copy_one(
+        &self,
+        source: &Arc<dyn Target>,
+        dest: &Arc<dyn Target>,
+        name: &str,
+        record: &BackupRecord,
+    ) -> Result<(), String> {
+        let Ok(date) = NaiveDate::parse_from_str(&record.date, "%Y-%m-%d") else {
+            return Err(format!("{}: not a date", ferry_core::Bounded(&record.date)));
+        };
+        let (src, dst) = (source.clone(), dest.clone());
+        let (env, file) = (
+            record.environment.clone(),
+            file_name(&record.stored_path).to_owned(),
+        );
+        let job_id = format!("{}-copy", record.job_id);
+        let started = std::time::Instant::now();
+        let bytes = tokio::task::spawn_blocking(move || {
+            copy_backup(&*src, &*dst, &env, date, &file, &job_id)
+        })
+        .await
+        .map_err(|e| format!("the copy task failed: {e}"))?
+        .map_err(|e| e.to_string())?;
+        if dest.object_lock()
+            && let Some(policy) = self.settings.retention.get(&record.environment).copied()
+        {
+            let until = crate::catalog::locks::daily_horizon(date, &policy);
+            let (dst, env) = (dest.clone(), record.environment.clone());
+            tokio::task::spawn_blocking(move || {
+                crate::catalog::locks::lock_folder(&*dst, &env, date, until)
+            })
+            .await
+            .map_err(|e| format!("the lock task failed: {e}"))?
+            .map_err(|e| format!("copied, but its lock on the copy target failed: {e}"))?;
+        }
+        let now = ferry_proto::now_unix_ms();
+        let (store, env, path, job, target) = (
+            self.store.clone(),
+            record.environment.clone(),
+            record.stored_path.clone(),
+            record.job_id.clone(),
+            name.to_owned(),
+        );
+        blocking(move || {
+            // Read afresh: a lock may have updated the record meanwhile.
+            let Some(mut current) = store
+                .list_backups(Some(&env))?
+                .into_iter()
+                .find(|r| r.job_id == job && r.stored_path == path)
+            else {
+                return Ok(());
+            };
+            if !current.copies.iter().any(|c| c.target == target) {
+                current.copies.push(CopyNote {
+                    target,
+                    copied_ms: now,
+                });
+                store.put_backup(&current)?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| format!("copied, but the catalog could not record it: {e}"))?;
+        tracing::info!(environment = %record.environment, copy = %name,
+            stored_path = %record.stored_path, bytes,
+            seconds = started.elapsed().as_secs_f64(), "Copied a backup.");
+        self.copier.set(&record.environment, name, |p| {
+            p.last_copy_ms = Some(now);
+            p.last_error = None;
+        });
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_storage::memory::MemoryTarget;
+
+    fn record(date: &str, name: &str, finished_ms: i64, copies: &[&str]) -> BackupRecord {
+        BackupRecord {
+            environment: "production".into(),
+            date: date.into(),
+            datastore: "files".into(),
+            kind: "files".into(),
+            agent: "a".into(),
+            stored_path: format!("/srv/ferry/production/{date}/{name}"),
+            size_bytes: 1,
+            bytes_uncompressed: 1,
+            sha256: String::new(),
+            finished_ms,
+            job_id: format!("j{finished_ms}"),
+            missing: None,
+            retain_until_ms: None,
+            lock_error: None,
+            copies: copies
+                .iter()
+                .map(|t| CopyNote {
+                    target: (*t).into(),
+                    copied_ms: finished_ms,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn the_lag_is_the_age_of_the_oldest_backup_a_copy_lacks() {
+        let records = vec![
+            record(
+                "2026-12-01",
+                "files_backup_2026-12-01.tar.zst.age",
+                1_000_000,
+                &["s3"],
+            ),
+            record(
+                "2026-12-02",
+                "files_backup_2026-12-02.tar.zst.age",
+                2_000_000,
+                &[],
+            ),
+            record(
+                "2026-12-03",
+                "files_backup_2026-12-03.tar.zst.age",
+                3_000_000,
+                &[],
+            ),
+            // A differential repository is not copied, so never lacking.
+            record("2026-12-03", "files", 3_500_000, &[]),
+        ];
+        let lacks = lacking(&records, "s3");
+        assert_eq!(
+            lacks.iter().map(|r| r.finished_ms).collect::<Vec<_>>(),
+            [3_000_000, 2_000_000],
+            "newest first, archives only"
+        );
+        assert_eq!(lag_seconds(&lacks, 5_000_000), 3000);
+        assert_eq!(lag_seconds(&lacking(&records, "other")[..0], 5_000_000), 0);
+        assert_eq!(lacking(&records, "other").len(), 3);
+    }
+
+    /// Writes a backup of two parts (a companion and the main archive) with manifests on
+    /// `t` through a write session, as an agent does.
+    fn put_backup(t: &MemoryTarget, date: &str, corrupt: bool) -> (String, Vec<u8>, Vec<u8>) {
+        let dir = t.dated_dir(
+            "production",
+            NaiveDate::parse_from_str(date, "%Y-%m-%d").unwrap(),
+        );
+        let main_name = format!("postgres_backup_{date}.pgdump.zst.age");
+        let comp_name = format!("postgres_backup_{date}.globals.sql.zst.age");
+        let main_bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let comp_bytes = b"roles".to_vec();
+        let seed = include_bytes!("../../../fuzz/corpus/manifest/seed-main");
+        let manifest = |name: &str, bytes: &[u8], companions: Vec<String>| {
+            let mut m = Manifest::from_slice("seed", seed).unwrap();
+            m.file = name.into();
+            m.sha256 = hex::encode(Sha256::digest(bytes));
+            m.bytes_stored = bytes.len() as u64;
+            m.companions = companions;
+            m.version_id = Some("v-on-the-primary".into());
+            m
+        };
+        let mut w = t.write().unwrap();
+        let mut parts = Vec::new();
+        for (name, bytes, companions) in [
+            (comp_name.clone(), comp_bytes.clone(), vec![]),
+            (
+                main_name.clone(),
+                main_bytes.clone(),
+                vec![comp_name.clone()],
+            ),
+        ] {
+            let mut m = manifest(&name, &bytes, companions);
+            if corrupt && name == main_name {
+                m.sha256 = "0".repeat(64);
+            }
+            let (tx, rx) = ferry_storage::chunk::channel();
+            let sent = bytes.clone();
+            let h = std::thread::spawn(move || {
+                for c in sent.chunks(1 << 20) {
+                    tx.send(c.to_vec()).unwrap();
+                }
+            });
+            let file = StoredFile {
+                dir: dir.clone(),
+                name: name.clone(),
+            };
+            let staged = w.stage(&file, "job", rx).unwrap();
+            h.join().unwrap();
+            parts.push((staged, m.to_json()));
+        }
+        w.commit("job", &parts).unwrap();
+        (main_name, main_bytes, comp_bytes)
+    }
+
+    fn read_all(t: &MemoryTarget, path: &str) -> Option<Vec<u8>> {
+        let mut r = t.read().unwrap();
+        r.size(path).unwrap()?;
+        r.read_small(path, 1 << 30).ok()
+    }
+
+    #[test]
+    fn a_copy_is_byte_equal_with_its_manifests_and_without_the_primarys_version_id() {
+        let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
+        let (main, main_bytes, comp_bytes) = put_backup(&src, "2026-12-05", false);
+        let date = NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
+        let n = copy_backup(&src, &dst, "production", date, &main, "job-copy").unwrap();
+        assert_eq!(n, (main_bytes.len() + comp_bytes.len()) as u64);
+        let dir = "/copy/production/2026-12-05";
+        assert_eq!(
+            read_all(&dst, &format!("{dir}/{main}")).unwrap(),
+            main_bytes
+        );
+        let m = Manifest::from_slice("m", &read_all(&dst, &format!("{dir}/{main}.json")).unwrap())
+            .unwrap();
+        assert_eq!(
+            m.version_id, None,
+            "the primary's version id is not carried over"
+        );
+        assert_eq!(m.companions.len(), 1);
+        let comp = &m.companions[0];
+        assert_eq!(
+            read_all(&dst, &format!("{dir}/{comp}")).unwrap(),
+            comp_bytes
+        );
+        assert!(read_all(&dst, &format!("{dir}/{comp}.json")).is_some());
+        // A second copy finds it there and copies nothing.
+        assert_eq!(
+            copy_backup(&src, &dst, "production", date, &main, "job-copy2").unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_copy_whose_bytes_differ_from_the_manifest_fails_and_leaves_nothing() {
+        let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
+        let (main, _, _) = put_backup(&src, "2026-12-05", true);
+        let date = NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
+        let e = copy_backup(&src, &dst, "production", date, &main, "job-copy").unwrap_err();
+        assert!(matches!(e, CopyError::Integrity { .. }), "{e}");
+        assert!(e.to_string().contains("nothing was committed"), "{e}");
+        let mut r = dst.read().unwrap();
+        assert_eq!(
+            r.list("/copy/production/2026-12-05").unwrap(),
+            Vec::<String>::new(),
+            "no file, no partial left on the copy target"
+        );
+    }
+}
