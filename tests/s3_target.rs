@@ -283,6 +283,53 @@ fn a_written_object_equals_the_stream_and_is_invisible_until_committed() {
 }
 
 #[test]
+fn four_parts_in_flight_store_the_stream_in_order_with_each_parts_md5() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("inflight");
+    let dir = tempfile::tempdir().unwrap();
+    let production = target_at(
+        c.endpoint(),
+        &bucket,
+        &roles.production,
+        &dir,
+        json!({"parts_in_flight": 4}),
+    );
+    let name = "files_backup_2026-12-05.tar.zst.age";
+    let f = file(&*production, "production", "2026-12-05", name);
+    // Six full parts of 8 MiB and a short one: four in flight while the fifth fills, so
+    // the buffers of the first parts carry later ones.
+    let part = 8usize << 20;
+    let data = incompressible(6 * part + 12345, 11);
+    let (mut w, staged) = stage(&*production, &f, &data);
+    assert_eq!(staged.bytes, data.len() as u64);
+    w.commit("01KBX8Z3E5M1Q2W3E4R5T6Y7U9", &[(staged, manifest(name))])
+        .unwrap();
+    let got = get(c, &bucket, &f.path()).unwrap();
+    assert_eq!(got["BodyLength"], data.len());
+    assert_eq!(
+        got["BodySha256"].as_str().unwrap(),
+        hex::encode(Sha256::digest(&data)),
+        "the object read with boto3 differs from the stream"
+    );
+    // S3's multipart ETag: the MD5 of the parts' MD5s in order, and their count.
+    let mut md5s = Vec::new();
+    for p in data.chunks(part) {
+        md5s.extend_from_slice(&<md5::Md5 as md5::Digest>::digest(p));
+    }
+    let etag = format!(
+        "\"{}-7\"",
+        hex::encode(<md5::Md5 as md5::Digest>::digest(&md5s))
+    );
+    assert_eq!(
+        got["ETag"].as_str().unwrap(),
+        etag,
+        "parts out of order or altered"
+    );
+    assert_eq!(uploads(c, &bucket), vec![], "multipart uploads left");
+}
+
+#[test]
 fn an_abandoned_or_cancelled_upload_leaves_no_object_and_no_multipart_upload() {
     let c = CephCluster::shared();
     let roles = c.roles();

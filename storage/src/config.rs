@@ -44,6 +44,14 @@ pub enum TargetConfigError {
         /// What is wrong with it.
         message: String,
     },
+    /// A number is out of its range.
+    #[error("{message}")]
+    Range {
+        /// The key.
+        field: &'static str,
+        /// The value and the range it must be in.
+        message: String,
+    },
     /// The pinned host key does not parse.
     #[error("{message}")]
     HostKey {
@@ -67,6 +75,7 @@ impl TargetConfigError {
         match self {
             TargetConfigError::Empty { field }
             | TargetConfigError::Path { field, .. }
+            | TargetConfigError::Range { field, .. }
             | TargetConfigError::Secret { field, .. } => field,
             TargetConfigError::HostKey { .. } => "host_key",
         }

@@ -14,6 +14,8 @@
 //! no ceph-mgr (the RGW does not need one). Every daemon listens on 127.0.0.1 only (the
 //! OSDs on ports of Ceph's 6800-7300 range). The daemons run in the foreground as children
 //! of the test process, logging to `log/` in the cluster's directory.
+//! [`CephCluster::start_with`] takes other OSD sizes and replicas ([`CephOptions`]), for
+//! the benchmarks.
 //!
 //! Stopping: RGW, then the OSDs, then the monitor (OSDs linger on SIGTERM once the monitor
 //! is gone), each given SIGTERM and [`STOP_GRACE`], then SIGKILL. Drop does it. For the
@@ -46,6 +48,27 @@ pub const RGW_START_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The number of OSDs.
 pub const OSDS: usize = 3;
+
+/// How [`CephCluster::start_with`] sizes a cluster. The default is what the tests use:
+/// OSDs of 1 GiB and pools of three replicas (min_size 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CephOptions {
+    /// Each OSD's memstore capacity, bytes (`memstore device bytes`). Memstore takes RAM
+    /// as objects are written, not up front; an OSD refuses writes past 95 % of this.
+    pub memstore_bytes: u64,
+    /// Replicas of every pool (`osd pool default size`), 1 to [`OSDS`]; min_size is 2 for
+    /// 3 replicas, else 1.
+    pub pool_size: usize,
+}
+
+impl Default for CephOptions {
+    fn default() -> Self {
+        CephOptions {
+            memstore_bytes: 1 << 30,
+            pool_size: OSDS,
+        }
+    }
+}
 
 /// An S3 user of the RGW (made with `radosgw-admin user create`).
 #[derive(Clone, Debug)]
@@ -167,6 +190,18 @@ impl CephCluster {
     /// Panics, naming the step and showing the daemon's log, if any step fails; a missing
     /// binary names the Debian package to install.
     pub fn start() -> CephCluster {
+        Self::start_with(CephOptions::default())
+    }
+
+    /// [`CephCluster::start`] with other OSD sizes or replicas (for the benchmarks, which
+    /// store more than the tests). Panics as `start` does, and if `opts.pool_size` is not
+    /// 1 to [`OSDS`].
+    pub fn start_with(opts: CephOptions) -> CephCluster {
+        assert!(
+            (1..=OSDS).contains(&opts.pool_size),
+            "a pool of {} replicas on {OSDS} OSDs",
+            opts.pool_size
+        );
         require_root("run Ceph's daemons, whose admin sockets and keyrings are root's");
         let t0 = Instant::now();
         let tools = Tools::find();
@@ -187,7 +222,7 @@ impl CephCluster {
             .expect("read a random uuid")
             .trim()
             .to_owned();
-        let mut text = ceph_conf(&dir, &fsid, mon_port, (rgw_port, tls_port));
+        let mut text = ceph_conf(&dir, &fsid, mon_port, (rgw_port, tls_port), opts);
         for id in 0..OSDS {
             text.push_str(&format!(
                 "[osd.{id}]\nosd data = {}\n",
@@ -982,8 +1017,17 @@ fn write_rgw_tls(dir: &Path) {
 }
 
 /// `ceph.conf` of a cluster in `dir` (the `[osd.N]` sections are appended by the caller).
-fn ceph_conf(dir: &Path, fsid: &str, mon_port: u16, (rgw_port, tls_port): (u16, u16)) -> String {
+fn ceph_conf(
+    dir: &Path,
+    fsid: &str,
+    mon_port: u16,
+    (rgw_port, tls_port): (u16, u16),
+    opts: CephOptions,
+) -> String {
     let d = dir.display();
+    let size = opts.pool_size;
+    let min_size = if size >= 3 { 2 } else { 1 };
+    let memstore_bytes = opts.memstore_bytes;
     format!(
         "[global]
 fsid = {fsid}
@@ -993,8 +1037,8 @@ keyring = {d}/$name.keyring
 auth cluster required = cephx
 auth service required = cephx
 auth client required = cephx
-osd pool default size = 3
-osd pool default min size = 2
+osd pool default size = {size}
+osd pool default min size = {min_size}
 osd pool default pg num = 8
 osd pool default pgp num = 8
 osd pool default pg autoscale mode = off
@@ -1005,7 +1049,7 @@ mon max pg per osd = 1000
 mon data avail warn = 1
 mon data avail crit = 0
 osd objectstore = memstore
-memstore device bytes = 1073741824
+memstore device bytes = {memstore_bytes}
 run dir = {d}/run
 log file = {d}/log/$name.log
 admin socket = {d}/run/$name.asok

@@ -8,8 +8,9 @@
 //!
 //! - A part is staged as a multipart upload of its final key ([`mod@write`]), parts of
 //!   [`write::part_size`] (8 MiB growing, so that 5 TiB fit in 10,000 parts), each sent with
-//!   its `Content-MD5`, which the server checks; at most two parts are in memory (one
-//!   filling, one in flight). Nothing is visible until `CompleteMultipartUpload`. The stored
+//!   its `Content-MD5`, which the server checks; at most `parts_in_flight` + 1 parts are in
+//!   memory (one filling, the others in flight; [`S3Config::parts_in_flight`]), their
+//!   buffers reused from part to part. Nothing is visible until `CompleteMultipartUpload`. The stored
 //!   size is checked with `ListParts` (which production may call; `HeadObject` needs
 //!   `GetObject`, which production's bucket policy denies): the parts' sizes must add up to
 //!   the bytes sent and their ETags be the MD5s sent; after completion, the object's ETag
@@ -65,6 +66,7 @@ pub mod write;
 /// access_key_file = "/etc/ferry/s3-access-key"   # 0600/0400; with secret_key_file, or
 /// secret_key_file = "/etc/ferry/s3-secret-key"   # neither: the standard AWS chain
 /// lock = { mode = "compliance" }          # maintenance: extend_lock's mode for new locks
+/// parts_in_flight = 1                     # UploadPart requests at once; memory (N + 1) x 8 MiB
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -103,6 +105,15 @@ pub struct S3Config {
     /// Object Lock: the mode of the locks the maintenance session sets where an object
     /// has none yet. Without it, `extend_lock` is unsupported.
     pub lock: Option<LockConfig>,
+    /// `UploadPart` requests of one upload in flight at once, 1 to
+    /// [`write::MAX_PARTS_IN_FLIGHT`] (default [`write::DEFAULT_PARTS_IN_FLIGHT`]); the next
+    /// part fills meanwhile. Memory: each part in flight holds its bytes until the server
+    /// answers, so an upload holds (`parts_in_flight` + 1) × [`write::part_size`] bytes,
+    /// 8 MiB a part for the first 1,000 parts (an 8 GiB stream): 16 MiB at 1, 24 MiB at 2.
+    /// More parts in flight help where one request's round trip, not the bandwidth or the
+    /// agent's CPU, sets the pace (see `bench/README.md`, s3-upload).
+    #[serde(default = "default_parts_in_flight")]
+    pub parts_in_flight: usize,
 }
 
 /// `lock = { mode = "compliance" | "governance" }`.
@@ -131,6 +142,9 @@ fn default_connect_timeout() -> u64 {
 }
 fn default_io_timeout() -> u64 {
     120
+}
+fn default_parts_in_flight() -> usize {
+    write::DEFAULT_PARTS_IN_FLIGHT
 }
 
 impl S3Config {
@@ -207,6 +221,16 @@ impl S3Config {
                     format!("{} holds no PEM certificate", ca.display()),
                 ));
             }
+        }
+        if !(1..=write::MAX_PARTS_IN_FLIGHT).contains(&self.parts_in_flight) {
+            return Err(TargetConfigError::Range {
+                field: "parts_in_flight",
+                message: format!(
+                    "{} is not 1 to {} (each part in flight holds 8 MiB or more)",
+                    self.parts_in_flight,
+                    write::MAX_PARTS_IN_FLIGHT
+                ),
+            });
         }
         self.static_credentials()?;
         Ok(())
@@ -672,6 +696,14 @@ mod tests {
             (
                 r#"{"kind": "s3", "bucket": "ferry", "ca_file": "/nonexistent"}"#,
                 "ca_file",
+            ),
+            (
+                r#"{"kind": "s3", "bucket": "ferry", "parts_in_flight": 0}"#,
+                "parts_in_flight",
+            ),
+            (
+                r#"{"kind": "s3", "bucket": "ferry", "parts_in_flight": 17}"#,
+                "parts_in_flight",
             ),
         ] {
             let e = parse(json).unwrap().build().expect_err(json);

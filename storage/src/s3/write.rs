@@ -3,6 +3,7 @@
 //!
 //! A staged part's [`Staged::partial`] is `<key>#<upload id>` (layout paths have no `#`).
 
+use std::collections::VecDeque;
 use std::sync::mpsc::Receiver;
 
 use aws_sdk_s3::primitives::ByteStream;
@@ -28,7 +29,7 @@ pub const MAX_PARTS: u64 = 10_000;
 /// The size of part `index` (0-based) of a stream, bytes: [`FIRST_PART_BYTES`], doubled
 /// every [`PARTS_PER_SIZE`] parts, up to 4 GiB (S3's maximum is 5 GiB). The first 10,000
 /// parts hold about 7.8 TiB (5 TiB needs 9,250 of them); a 4 GiB stream is 512 parts of
-/// 8 MiB, so memory stays two 8 MiB parts for any common backup.
+/// 8 MiB, so memory stays (`parts_in_flight` + 1) 8 MiB parts for any common backup.
 pub fn part_size(index: u64) -> u64 {
     FIRST_PART_BYTES << (index / PARTS_PER_SIZE).min(9)
 }
@@ -43,6 +44,15 @@ pub(crate) fn split_partial(partial: &str) -> Option<(&str, &str)> {
     partial.rsplit_once('#')
 }
 
+/// [`super::S3Config::parts_in_flight`] when the config does not say: 1, which keeps the
+/// agent's peak RSS under issue 17's 64 MiB; each more part in flight adds 8 MiB (see
+/// `bench/README.md`, s3-upload, for the throughput and peak RSS of 1 to 4 on Ceph RGW).
+pub const DEFAULT_PARTS_IN_FLIGHT: usize = 1;
+
+/// The most `UploadPart` requests of one upload in flight at once that a config may ask
+/// for (16: 136 MiB of parts at 8 MiB each).
+pub const MAX_PARTS_IN_FLIGHT: usize = 16;
+
 /// One part sent: its number and MD5.
 #[derive(Clone, Debug)]
 struct SentPart {
@@ -50,8 +60,57 @@ struct SentPart {
     md5: [u8; 16],
 }
 
-/// A part's upload running on the runtime.
-type InFlight = tokio::task::JoinHandle<Result<(), TargetError>>;
+/// A part's upload running on the runtime, and its bytes: the buffer of a later part once
+/// the upload is done and the SDK has let go of them.
+struct InFlight {
+    handle: tokio::task::JoinHandle<Result<(), TargetError>>,
+    data: bytes::Bytes,
+}
+
+/// The parts of one multipart upload being sent: those in flight, oldest first, at most
+/// `limit` of them, and a spare buffer taken back from a finished one.
+struct Parts {
+    in_flight: VecDeque<InFlight>,
+    limit: usize,
+    spare: Option<Vec<u8>>,
+    /// Part buffers allocated, for the log: `limit` + 1 when every buffer was reused.
+    allocated: usize,
+    /// Every part sent, in order.
+    sent: Vec<SentPart>,
+}
+
+impl Parts {
+    fn new(limit: usize) -> Parts {
+        Parts {
+            in_flight: VecDeque::with_capacity(limit),
+            limit: limit.max(1),
+            spare: None,
+            allocated: 0,
+            sent: Vec::new(),
+        }
+    }
+
+    /// An empty buffer of at least `size` bytes: the spare one if it is large enough.
+    fn buffer(&mut self, size: usize) -> Vec<u8> {
+        match self.spare.take() {
+            Some(mut buf) if buf.capacity() >= size => {
+                buf.clear();
+                buf
+            }
+            _ => {
+                self.allocated += 1;
+                Vec::with_capacity(size)
+            }
+        }
+    }
+
+    /// Cuts the uploads still in flight short (the multipart upload is aborted after).
+    fn abort(&mut self) {
+        for part in self.in_flight.drain(..) {
+            part.handle.abort();
+        }
+    }
+}
 
 /// The write session of an [`super::S3Target`].
 pub struct S3Write {
@@ -83,19 +142,22 @@ impl S3Write {
         }
     }
 
-    /// Starts part `number` of `data` on the runtime, after the part in flight (at most one
-    /// is): its MD5 is sent as `Content-MD5`, which the server checks.
+    /// Starts part `number` of `data` on the runtime once fewer than `parts.limit` are in
+    /// flight (waiting for the oldest until then): its MD5 is sent as `Content-MD5`, which
+    /// the server checks.
     fn send_part(
         &mut self,
         key: &str,
         upload_id: &str,
         number: i32,
         data: Vec<u8>,
-        in_flight: &mut Option<InFlight>,
-        sent: &mut Vec<SentPart>,
+        parts: &mut Parts,
     ) -> Result<(), TargetError> {
         let md5: [u8; 16] = Md5::digest(&data).into();
-        self.wait(in_flight, key)?;
+        while parts.in_flight.len() >= parts.limit {
+            self.wait_oldest(parts, key)?;
+        }
+        let data = bytes::Bytes::from(data);
         let fut = self
             .conn
             .client
@@ -106,25 +168,27 @@ impl S3Write {
             .part_number(number)
             .content_length(data.len() as i64)
             .content_md5(STANDARD.encode(md5))
-            .body(ByteStream::from(bytes::Bytes::from(data)))
+            .body(ByteStream::from(data.clone()))
             .send();
         let (cancel, conn, path) = (self.conn.cancel.clone(), self.conn.clone(), key.to_owned());
-        *in_flight = Some(super::runtime().spawn(async move {
+        let handle = super::runtime().spawn(async move {
             tokio::select! {
                 _ = cancel.cancelled() => Err(conn.cancelled("upload part", &path)),
                 r = fut => r.map(|_| ()).map_err(|e| conn.err("upload part", &path, e)),
             }
-        }));
-        sent.push(SentPart { number, md5 });
+        });
+        parts.in_flight.push_back(InFlight { handle, data });
+        parts.sent.push(SentPart { number, md5 });
         Ok(())
     }
 
-    /// Waits for the part in flight, if any.
-    fn wait(&self, in_flight: &mut Option<InFlight>, key: &str) -> Result<(), TargetError> {
-        let Some(handle) = in_flight.take() else {
+    /// Waits for the oldest part in flight, if any, and keeps its buffer as the spare one
+    /// when no one else holds it any more.
+    fn wait_oldest(&self, parts: &mut Parts, key: &str) -> Result<(), TargetError> {
+        let Some(InFlight { handle, data }) = parts.in_flight.pop_front() else {
             return Ok(());
         };
-        match super::runtime().block_on(handle) {
+        let r = match super::runtime().block_on(handle) {
             Ok(r) => r,
             Err(e) => Err(TargetError::Io {
                 addr: self.conn.addr.clone(),
@@ -132,11 +196,17 @@ impl S3Write {
                 path: key.to_owned(),
                 message: format!("the upload task failed: {e}"),
             }),
+        };
+        // The task has ended, and the request with it: these are the last bytes' owner.
+        if let Ok(buf) = data.try_into_mut() {
+            parts.spare = Some(Vec::from(buf));
         }
+        r
     }
 
-    /// Streams `chunks` into the multipart upload, in parts of [`part_size`]; returns the
-    /// bytes sent once every part is stored and [`S3Write::check_parts`] agrees.
+    /// Streams `chunks` into the multipart upload, in parts of [`part_size`], up to
+    /// [`super::S3Config::parts_in_flight`] of them in flight; returns the bytes sent once
+    /// every part is stored and [`S3Write::check_parts`] agrees.
     fn upload_parts(
         &mut self,
         key: &str,
@@ -144,9 +214,8 @@ impl S3Write {
         chunks: &Receiver<Vec<u8>>,
     ) -> Result<u64, TargetError> {
         let mut index = 0u64;
-        let mut part: Vec<u8> = Vec::with_capacity(part_size(0) as usize);
-        let mut in_flight: Option<InFlight> = None;
-        let mut sent_parts = Vec::new();
+        let mut parts = Parts::new(self.conn.config.parts_in_flight);
+        let mut part: Vec<u8> = parts.buffer(part_size(0) as usize);
         let mut sent = 0u64;
         let result = (|| {
             while let Ok(chunk) = chunks.recv() {
@@ -171,16 +240,9 @@ impl S3Write {
                             });
                         }
                         let full = std::mem::take(&mut part);
-                        self.send_part(
-                            key,
-                            upload_id,
-                            (index + 1) as i32,
-                            full,
-                            &mut in_flight,
-                            &mut sent_parts,
-                        )?;
+                        self.send_part(key, upload_id, (index + 1) as i32, full, &mut parts)?;
                         index += 1;
-                        part = Vec::with_capacity(part_size(index) as usize);
+                        part = parts.buffer(part_size(index) as usize);
                     }
                 }
                 sent += chunk.len() as u64;
@@ -192,25 +254,26 @@ impl S3Write {
             }
             if !part.is_empty() || index == 0 {
                 let last = std::mem::take(&mut part);
-                self.send_part(
-                    key,
-                    upload_id,
-                    (index + 1) as i32,
-                    last,
-                    &mut in_flight,
-                    &mut sent_parts,
-                )?;
+                self.send_part(key, upload_id, (index + 1) as i32, last, &mut parts)?;
             }
-            self.wait(&mut in_flight, key)
+            while !parts.in_flight.is_empty() {
+                self.wait_oldest(&mut parts, key)?;
+            }
+            Ok(())
         })();
         if let Err(e) = result {
-            // A part still in flight is cut short with the upload.
-            if let Some(h) = in_flight.take() {
-                h.abort();
-            }
+            // Parts still in flight are cut short with the upload.
+            parts.abort();
             return Err(e);
         }
-        self.check_parts(key, upload_id, sent, &sent_parts)?;
+        tracing::info!(
+            key,
+            parts = parts.sent.len(),
+            parts_in_flight = parts.limit,
+            buffers = parts.allocated,
+            "Sent every part of a multipart upload."
+        );
+        self.check_parts(key, upload_id, sent, &parts.sent)?;
         Ok(sent)
     }
 
@@ -633,7 +696,7 @@ mod tests {
         assert!(total >= 5 << 40, "10,000 parts hold only {total} bytes");
         assert!(sizes.iter().all(|&s| (5 << 20..=5 << 30).contains(&s)));
         assert_eq!(sizes[0], 8 << 20);
-        // A 4 GiB stream is all 8 MiB parts: memory stays two of them.
+        // A 4 GiB stream is all 8 MiB parts: memory stays parts_in_flight + 1 of them.
         assert_eq!(sizes[..512].iter().sum::<u64>(), 4 << 30);
         assert!(sizes[..512].iter().all(|&s| s == 8 << 20));
         assert!(sizes.windows(2).all(|w| w[0] <= w[1]));
