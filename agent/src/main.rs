@@ -57,10 +57,44 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Hand one WAL file to the running production agent, which archives it; for
+    /// PostgreSQL's `archive_command = 'ferry-agent wal-push %p'`. Exits non-zero, saying
+    /// why, when the agent is unreachable or did not archive the file (PostgreSQL keeps it
+    /// and retries).
+    WalPush {
+        /// The file, as PostgreSQL names it (`%p`, relative to the data directory).
+        path: PathBuf,
+        /// The agent's `[wal] socket`.
+        #[arg(long, default_value = ferry_agent::config::DEFAULT_WAL_SOCKET)]
+        socket: PathBuf,
+        /// The datastore whose WAL it is; needed only when the agent has several
+        /// physical PostgreSQL datastores.
+        #[arg(long, default_value = "")]
+        datastore: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // No runtime, no logging set-up: PostgreSQL runs this once per WAL file and logs what
+    // it prints.
+    if let Command::WalPush {
+        path,
+        socket,
+        datastore,
+    } = &cli.command
+    {
+        return match ferry_agent::wal::push(socket, datastore, path) {
+            Ok(_) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "ferry-agent wal-push: error: {}",
+                    ferry_core::telemetry::error_text(&e)
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::init_tracing(cli.log_format);
     ferry_proto::tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -105,6 +139,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config, offline } => check(&config, offline).await,
+        Command::WalPush { .. } => unreachable!("wal-push runs without the runtime"),
     }
 }
 

@@ -608,6 +608,15 @@ impl WriteSession for S3Write {
         }
     }
 
+    fn read_back(&mut self, _path: &str, _max: u64) -> Result<Option<Vec<u8>>, TargetError> {
+        // Production's credentials may only put (docs/s3-bucket-policy.json).
+        Err(TargetError::Unsupported {
+            addr: self.conn.addr.clone(),
+            kind: "s3",
+            what: "reading an object back with production's put-only credentials",
+        })
+    }
+
     fn aborter(&self) -> Aborter {
         let cancel = self.conn.cancel.clone();
         Aborter::new(move || cancel.cancel())

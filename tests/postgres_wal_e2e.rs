@@ -1,0 +1,389 @@
+//! WAL shipping end to end against real PostgreSQL 15: `archive_command = 'ferry-agent
+//! wal-push %p'` hands each file to the running production agent over its `[wal]` socket,
+//! which stores it compressed and encrypted under `production/<datastore>-wal/<timeline>/`
+//! on the backup server (a real sshd). Checked with stock tools (`age -d | zstd -d` equal
+//! to the segment in `pg_wal`, `pg_waldump` reading it) and with PostgreSQL's own
+//! `pg_stat_archiver`: a file pushed twice with the same content is accepted, with other
+//! content refused loudly; with the agent down every push fails with a clear message, and
+//! once it is back the backlog is archived with no segment missing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+use sha2::{Digest, Sha256};
+
+/// Production's physical datastore, `pgphys`, of `pg`.
+fn production_entry(pg: &Postgres) -> String {
+    format!(
+        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbin_dir = {}\n",
+        pg.port(),
+        toml_str(&pg.bin_dir().display().to_string())
+    )
+}
+
+/// A deployment whose production agent serves `[wal]` on a socket of the test's
+/// directory, and a production cluster `wal-prod` archiving through `wal-push` (a copy of
+/// the agent binary the `postgres` user can run); the cluster and the socket's path.
+fn deploy() -> (Deployment, Postgres, PathBuf) {
+    let mut out = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path();
+        let tools = dir.join("tools");
+        make_reachable(&tools);
+        let agent = tools.join("ferry-agent");
+        fs::copy(bin("ferry-agent"), &agent).unwrap();
+        chmod(&agent, 0o755);
+        let socket = dir.join("run").join("wal.sock");
+        let pg = Postgres::start_in_with_conf(
+            &dir.join("wal-prod"),
+            &format!(
+                "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --socket {} %p'",
+                agent.display(),
+                socket.display()
+            ),
+        );
+        append(&d.prod_config, &production_entry(&pg));
+        append(
+            &d.prod_config,
+            &format!(
+                "[wal]\nsocket = {}\ngroup = \"postgres\"\n",
+                toml_str(&socket.display().to_string())
+            ),
+        );
+        out = Some((pg, socket));
+    });
+    let (pg, socket) = out.unwrap();
+    (d, pg, socket)
+}
+
+/// `pg_stat_archiver`: `(archived_count, last_archived_wal, failed_count)`.
+fn archiver(pg: &Postgres) -> (i64, String, i64) {
+    let row = pg.psql(
+        "postgres",
+        "SELECT archived_count, coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
+    );
+    let f: Vec<&str> = row.trim().split('|').collect();
+    (
+        f[0].parse().unwrap(),
+        f[1].to_owned(),
+        f[2].parse().unwrap(),
+    )
+}
+
+/// Writes some rows and switches to a new segment; the name of the segment just closed.
+fn write_and_switch(pg: &Postgres, round: usize) -> String {
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE TABLE IF NOT EXISTS churn (round int, body text);
+             INSERT INTO churn SELECT {round}, md5(g::text) || repeat('x', g % 100) FROM generate_series(1, 5000) g;"
+        ),
+    );
+    pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+        .trim()
+        .to_owned()
+}
+
+/// Waits until PostgreSQL says `segment` (or a later one) was archived.
+fn wait_archived(pg: &Postgres, segment: &str, d: &Deployment) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, last, _) = archiver(pg);
+        if last.len() == 24 && last.as_str() >= segment {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segment} not archived within 60 s: pg_stat_archiver {:?}\npostgres log:\n{}\nagent log:\n{}",
+            archiver(pg),
+            pg.log_tail(30),
+            d.log_tail("agent-prod")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The stored WAL files of `pgphys` on timeline 1 (names without `.zst.age`), and the
+/// folder.
+fn stored(d: &Deployment) -> (Vec<String>, PathBuf) {
+    let dir = d.sshd.root().join("production/pgphys-wal/00000001");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".zst.age").map(str::to_owned))
+        .collect();
+    names.sort();
+    (names, dir)
+}
+
+/// `age -d -i IDENTITY FILE | zstd -d`, the stock tools.
+fn decrypt(d: &Deployment, file: &Path) -> Vec<u8> {
+    let age = require("age", "age");
+    require("zstd", "zstd");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} -d -i {} {} | zstd -d",
+            age.display(),
+            d.identity.display(),
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "decrypting {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `ferry-agent wal-push --socket SOCKET PATH`, run in `cwd`.
+fn wal_push(socket: &Path, cwd: &Path, path: &str) -> std::process::Output {
+    Command::new(bin("ferry-agent"))
+        .args(["wal-push", "--socket"])
+        .arg(socket)
+        .arg(path)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+#[test]
+fn archived_segments_decrypt_to_the_bytes_postgres_wrote_and_a_second_push_is_compared() {
+    let (d, pg, socket) = deploy();
+    let pg_wal = pg.data_dir().join("pg_wal");
+
+    // The socket: mode 0660, group postgres (wal-push runs as the PostgreSQL user).
+    let meta = fs::metadata(&socket).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode");
+    let postgres_gid = run_ok(Command::new("id").args(["-g", "postgres"]));
+    assert_eq!(meta.gid().to_string(), postgres_gid.trim());
+
+    let switched: Vec<String> = (0..3).map(|i| write_and_switch(&pg, i)).collect();
+    wait_archived(&pg, switched.last().unwrap(), &d);
+    let (names, dir) = stored(&d);
+    for seg in &switched {
+        assert!(names.contains(seg), "{seg} not stored: {names:?}");
+        // Stock tools give back the very bytes PostgreSQL wrote (still in pg_wal: no
+        // checkpoint has recycled it).
+        let plain = decrypt(&d, &dir.join(format!("{seg}.zst.age")));
+        let original = fs::read(pg_wal.join(seg)).unwrap();
+        assert_eq!(plain.len(), 16 * 1024 * 1024, "{seg}");
+        assert!(plain == original, "{seg} decrypts to other bytes");
+        // Its record names the plaintext's size and SHA-256.
+        let record: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join(format!("{seg}.zst.age.json"))).unwrap())
+                .unwrap();
+        assert_eq!(record["sha256"], sha256_hex(&original), "{record}");
+        assert_eq!(record["bytes"], original.len());
+        assert_eq!(record["kind"], "segment");
+        assert_eq!(record["datastore"], "pgphys");
+    }
+    // The first segment kept aside: the base backup's checkpoint below recycles pg_wal.
+    let copy = d.dir.path().join("again");
+    make_reachable(&copy);
+    let original = fs::read(pg_wal.join(&switched[0])).unwrap();
+    fs::write(copy.join(&switched[0]), &original).unwrap();
+
+    // pg_waldump reads the decrypted segment as WAL: the rows' inserts and the switch.
+    let seg = &switched[1];
+    let scratch = d.dir.path().join("waldump");
+    make_reachable(&scratch);
+    fs::write(
+        scratch.join(seg),
+        decrypt(&d, &dir.join(format!("{seg}.zst.age"))),
+    )
+    .unwrap();
+    let dump = Command::new(pg.bin_dir().join("pg_waldump"))
+        .arg("-p")
+        .arg(&scratch)
+        .arg(seg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        text.contains("rmgr: Heap") && text.contains("INSERT"),
+        "{text:.2000}"
+    );
+    assert!(text.contains("SWITCH"), "no XLOG SWITCH record in {seg}");
+
+    // A base backup's history file is archived too.
+    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let after = write_and_switch(&pg, 9);
+    wait_archived(&pg, &after, &d);
+    let (names, _) = stored(&d);
+    assert!(
+        names.iter().any(|n| n.ends_with(".backup")),
+        "no backup history file stored: {names:?}"
+    );
+
+    // Pushed again with the same content (PostgreSQL retrying): accepted, nothing changed.
+    let record_path = dir.join(format!("{}.zst.age.json", switched[0]));
+    let record_before = fs::read(&record_path).unwrap();
+    let again = wal_push(&socket, &copy, &switched[0]);
+    assert!(
+        again.status.success(),
+        "same content refused: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(fs::read(&record_path).unwrap(), record_before);
+
+    // Other content under the same name: refused loudly, the stored file untouched.
+    let mut altered = fs::read(copy.join(&switched[0])).unwrap();
+    altered[4096] ^= 0xff;
+    fs::write(copy.join(&switched[0]), &altered).unwrap();
+    let refused = wal_push(&socket, &copy, &switched[0]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "different content accepted");
+    assert!(
+        stderr.contains("already archived with different content")
+            && stderr.contains(&sha256_hex(&altered)),
+        "{stderr}"
+    );
+    assert_eq!(fs::read(&record_path).unwrap(), record_before);
+    assert!(
+        decrypt(&d, &dir.join(format!("{}.zst.age", switched[0]))) == original,
+        "the stored file changed"
+    );
+    assert!(
+        d.log_tail("agent-prod").contains("content_differs"),
+        "the refusal is not in the agent's log"
+    );
+
+    // A name that is not a WAL file name never leaves wal-push.
+    fs::write(copy.join("notes.txt"), b"x").unwrap();
+    let bad = wal_push(&socket, &copy, "notes.txt");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not a WAL file name"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+/// `(log, seg)` of a segment name as one sequence number (16 MiB segments: 256 a log).
+fn sequence(segment: &str) -> u64 {
+    let log = u64::from_str_radix(&segment[8..16], 16).unwrap();
+    let seg = u64::from_str_radix(&segment[16..24], 16).unwrap();
+    log * 256 + seg
+}
+
+/// `ferry-agent check --offline` of `config` written to `name` in the test's directory:
+/// its success and its output.
+fn check_offline(d: &Deployment, name: &str, config: &str) -> (bool, String) {
+    let path = d.dir.path().join(name);
+    fs::write(&path, config).unwrap();
+    let out = Command::new(bin("ferry-agent"))
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn with_the_agent_down_pushes_fail_clearly_and_the_backlog_is_archived_once_it_is_back() {
+    let (mut d, pg, socket) = deploy();
+
+    // What [wal] accepts: production only, a known group, a datastore that archives WAL.
+    let prod = fs::read_to_string(&d.prod_config).unwrap();
+    let (ok, out) = check_offline(&d, "good.toml", &prod);
+    assert!(ok, "{out}");
+    let wal = |group: &str| {
+        format!(
+            "[wal]\nsocket = {}\ngroup = {}\n",
+            toml_str(&socket.display().to_string()),
+            toml_str(group)
+        )
+    };
+    let refusals = [
+        (
+            prod.replace("group = \"postgres\"", "group = \"no-such-group\""),
+            "no OS group \"no-such-group\"",
+        ),
+        (
+            format!("{}\n{}", d.prod_agent.to_toml(), wal("postgres")),
+            "no datastore archives WAL",
+        ),
+        (
+            format!(
+                "{}\n{}",
+                fs::read_to_string(&d.stage_config).unwrap(),
+                wal("postgres")
+            ),
+            "a staging agent may not archive WAL",
+        ),
+    ];
+    for (i, (config, expected)) in refusals.iter().enumerate() {
+        let (ok, out) = check_offline(&d, &format!("bad{i}.toml"), config);
+        assert!(!ok && out.contains(expected), "{expected}: {out}");
+    }
+    // A second agent on the same socket is refused before it serves anything.
+    let second = run_agent_expecting_exit(&d.prod_config);
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(
+        text.contains("another process listens on the WAL socket"),
+        "{text}"
+    );
+
+    let first = write_and_switch(&pg, 0);
+    wait_archived(&pg, &first, &d);
+
+    d.kill("agent-prod");
+    let (archived_before, _, failed_before) = archiver(&pg);
+    let backlog: Vec<String> = (1..4).map(|i| write_and_switch(&pg, i)).collect();
+    // PostgreSQL counts the failures and logs wal-push's message; nothing is archived.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while archiver(&pg).2 <= failed_before {
+        assert!(Instant::now() < deadline, "no archive failure counted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (archived, _, _) = archiver(&pg);
+    assert_eq!(archived, archived_before, "archived with the agent down");
+    let log = pg.log_tail(50);
+    assert!(
+        log.contains("ferry-agent wal-push: error: cannot reach the Ferry agent"),
+        "{log}"
+    );
+    // The segments wait in pg_wal.
+    for seg in &backlog {
+        assert!(pg.data_dir().join("pg_wal").join(seg).exists(), "{seg}");
+    }
+
+    d.start_agent("agent-prod");
+    let last = backlog.last().unwrap();
+    wait_archived(&pg, last, &d);
+    let (names, _) = stored(&d);
+    let segments: Vec<&String> = names.iter().filter(|n| n.len() == 24).collect();
+    let (lo, hi) = (
+        sequence(segments[0]),
+        sequence(segments[segments.len() - 1]),
+    );
+    assert!(hi >= sequence(last), "{last} missing from {names:?}");
+    let have: Vec<u64> = segments.iter().map(|s| sequence(s)).collect();
+    let missing: Vec<u64> = (lo..=hi).filter(|n| !have.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "segments missing: {missing:?} of {names:?}"
+    );
+    for seg in &backlog {
+        assert!(names.contains(seg), "{seg} not stored: {names:?}");
+    }
+}
