@@ -5,7 +5,9 @@
 //! to the segment in `pg_wal`, `pg_waldump` reading it) and with PostgreSQL's own
 //! `pg_stat_archiver`: a file pushed twice with the same content is accepted, with other
 //! content refused loudly; with the agent down every push fails with a clear message, and
-//! once it is back the backlog is archived with no segment missing.
+//! once it is back the backlog is archived with no segment missing. On the way back, a
+//! base backup unpacked with stock tools recovers to a chosen time with `restore_command =
+//! 'ferry-agent wal-get %f %p'` through the staging agent.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -24,10 +26,21 @@ fn production_entry(pg: &Postgres) -> String {
     )
 }
 
+/// Everything of one test: the deployment, production's archiving cluster, the agent
+/// binary the `postgres` user runs, and the `[wal]` sockets of both agents.
+struct Wal {
+    d: Deployment,
+    pg: Postgres,
+    agent: PathBuf,
+    socket: PathBuf,
+    stage_socket: PathBuf,
+}
+
 /// A deployment whose production agent serves `[wal]` on a socket of the test's
 /// directory, and a production cluster `wal-prod` archiving through `wal-push` (a copy of
-/// the agent binary the `postgres` user can run); the cluster and the socket's path.
-fn deploy() -> (Deployment, Postgres, PathBuf) {
+/// the agent binary the `postgres` user can run); the staging agent has a physical
+/// datastore `pgphys` too and serves `wal-get` on a socket of its own.
+fn deploy() -> Wal {
     let mut out = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path();
@@ -45,18 +58,35 @@ fn deploy() -> (Deployment, Postgres, PathBuf) {
                 socket.display()
             ),
         );
-        append(&d.prod_config, &production_entry(&pg));
-        append(
-            &d.prod_config,
-            &format!(
+        let wal = |socket: &Path| {
+            format!(
                 "[wal]\nsocket = {}\ngroup = \"postgres\"\n",
                 toml_str(&socket.display().to_string())
+            )
+        };
+        append(&d.prod_config, &production_entry(&pg));
+        append(&d.prod_config, &wal(&socket));
+        let stage_socket = dir.join("run-stage").join("wal.sock");
+        append(
+            &d.stage_config,
+            &format!(
+                "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\n\
+                 bin_dir = {}\ndata_dir = {}\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n",
+                toml_str(&pg.bin_dir().display().to_string()),
+                toml_str(&dir.join("never-restored").display().to_string()),
             ),
         );
-        out = Some((pg, socket));
+        append(&d.stage_config, &wal(&stage_socket));
+        out = Some((pg, agent, socket, stage_socket));
     });
-    let (pg, socket) = out.unwrap();
-    (d, pg, socket)
+    let (pg, agent, socket, stage_socket) = out.unwrap();
+    Wal {
+        d,
+        pg,
+        agent,
+        socket,
+        stage_socket,
+    }
 }
 
 /// `pg_stat_archiver`: `(archived_count, last_archived_wal, failed_count)`.
@@ -161,7 +191,7 @@ fn sha256_hex(b: &[u8]) -> String {
 
 #[test]
 fn archived_segments_decrypt_to_the_bytes_postgres_wrote_and_a_second_push_is_compared() {
-    let (d, pg, socket) = deploy();
+    let Wal { d, pg, socket, .. } = deploy();
     let pg_wal = pg.data_dir().join("pg_wal");
 
     // The socket: mode 0660, group postgres (wal-push runs as the PostgreSQL user).
@@ -299,7 +329,9 @@ fn check_offline(d: &Deployment, name: &str, config: &str) -> (bool, String) {
 
 #[test]
 fn with_the_agent_down_pushes_fail_clearly_and_the_backlog_is_archived_once_it_is_back() {
-    let (mut d, pg, socket) = deploy();
+    let Wal {
+        mut d, pg, socket, ..
+    } = deploy();
 
     // What [wal] accepts: production only, a known group, a datastore that archives WAL.
     let prod = fs::read_to_string(&d.prod_config).unwrap();
@@ -322,12 +354,8 @@ fn with_the_agent_down_pushes_fail_clearly_and_the_backlog_is_archived_once_it_i
             "no datastore archives WAL",
         ),
         (
-            format!(
-                "{}\n{}",
-                fs::read_to_string(&d.stage_config).unwrap(),
-                wal("postgres")
-            ),
-            "a staging agent may not archive WAL",
+            format!("{}\n{}", d.stage_agent.to_toml(), wal("postgres")),
+            "no datastore archives WAL",
         ),
     ];
     for (i, (config, expected)) in refusals.iter().enumerate() {
@@ -386,4 +414,180 @@ fn with_the_agent_down_pushes_fail_clearly_and_the_backlog_is_archived_once_it_i
     for seg in &backlog {
         assert!(names.contains(seg), "{seg} not stored: {names:?}");
     }
+}
+
+/// `SELECT clock_timestamp()` in UTC, as `recovery_target_time` takes it.
+fn now_utc(pg: &Postgres) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_base_backup_replays_archived_wal_through_wal_get_to_a_chosen_time() {
+    let Wal {
+        d,
+        pg,
+        agent,
+        socket,
+        stage_socket,
+    } = deploy();
+    pg.psql(
+        "postgres",
+        "CREATE TABLE events (id int, phase text); INSERT INTO events SELECT g, 'base' FROM generate_series(1, 1000) g;",
+    );
+    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let (name, _) = d.todays_backup("pgphys", "tar.zst.age");
+
+    // After the base backup: rows before the target time, then rows after it, in later
+    // segments that only the WAL archive holds.
+    pg.psql(
+        "postgres",
+        "INSERT INTO events SELECT g, 'before' FROM generate_series(1, 500) g",
+    );
+    write_and_switch(&pg, 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    let target = now_utc(&pg);
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(
+        "postgres",
+        "INSERT INTO events SELECT g, 'after' FROM generate_series(1, 700) g",
+    );
+    let last = write_and_switch(&pg, 2);
+    wait_archived(&pg, &last, &d);
+
+    // The base backup unpacked with stock tools, then PostgreSQL recovering from it with
+    // `restore_command = 'ferry-agent wal-get %f %p'` through the staging agent.
+    let restored = d.dir.path().join("pitr");
+    make_reachable(&restored);
+    let data = restored.join("data");
+    fs::create_dir(&data).unwrap();
+    let age = require("age", "age");
+    let tar = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} -d -i {} {} | zstd -d | tar -x -C {} && chown -R postgres:postgres {} && chmod 0700 {}",
+            age.display(),
+            d.identity.display(),
+            d.sshd.root().join(&name).display(),
+            data.display(),
+            restored.display(),
+            data.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        tar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tar.stderr)
+    );
+    fs::write(data.join("recovery.signal"), "").unwrap();
+    let sock = restored.join("sock");
+    fs::create_dir(&sock).unwrap();
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&restored),
+    );
+    let port = free_port();
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c archive_mode=off \
+         -c \"restore_command={} wal-get --socket {} %f %p\" \
+         -c \"recovery_target_time={target}\" -c recovery_target_action=promote",
+        sock.display(),
+        agent.display(),
+        stage_socket.display()
+    );
+    let log = restored.join("postgres.log");
+    let started = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin_dir().join("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "120", "-o", &opts, "start"])
+        .output()
+        .unwrap();
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        started.status.success(),
+        "{}\n{}\nstaging agent:\n{}",
+        String::from_utf8_lossy(&started.stderr),
+        log_text(),
+        d.log_tail("agent-stage")
+    );
+    let recovered = Postgres::attach(pg.bin_dir(), port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recovered
+        .psql("postgres", "SELECT pg_is_in_recovery()")
+        .trim()
+        != "f"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "still recovering:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let phases = recovered.psql(
+        "postgres",
+        "SELECT phase || '=' || count(*) FROM events GROUP BY phase ORDER BY phase",
+    );
+    let stop = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin_dir().join("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-m", "immediate", "-w", "stop"])
+        .output()
+        .unwrap();
+    assert!(stop.status.success());
+    let text = log_text();
+    assert_eq!(
+        phases.split_whitespace().collect::<Vec<_>>(),
+        ["base=1000", "before=500"],
+        "{text}"
+    );
+    assert!(
+        text.contains("restored log file"),
+        "nothing came from the archive:\n{text}"
+    );
+    assert!(text.contains("recovery stopping before commit"), "{text}");
+
+    // wal-get says so when a file is not archived, and production's agent serves no reads.
+    let probe = d.dir.path().join("probe");
+    make_reachable(&probe);
+    let missing = Command::new(bin("ferry-agent"))
+        .args(["wal-get", "--socket"])
+        .arg(&stage_socket)
+        .args(["0000000100000000000000FE", "out"])
+        .current_dir(&probe)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("is not archived"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    assert!(!probe.join("out").exists() && !probe.join("out.ferry-partial").exists());
+    let refused = Command::new(bin("ferry-agent"))
+        .args(["wal-get", "--socket"])
+        .arg(&socket)
+        .args([&last, "out"])
+        .current_dir(&probe)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may not read it back"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
 }

@@ -19,7 +19,7 @@
 //! identity_file = "..."          # staging only
 //! [restore]                      # staging only
 //! source_environment = "production"
-//! [wal]                          # production only: the socket of `ferry-agent wal-push`
+//! [wal]                          # the socket of `ferry-agent wal-push` (production), `wal-get` (staging)
 //! socket = "/run/ferry-agent/wal.sock"; group = "postgres"
 //! [[datastores]]
 //! name = "postgres"; kind = "postgres"; ...
@@ -104,8 +104,9 @@ pub struct RestoreConfig {
     pub source_environment: String,
 }
 
-/// `[wal]`: production, the Unix socket that `ferry-agent wal-push` (PostgreSQL's
-/// `archive_command`) hands WAL files to ([`crate::wal`]).
+/// `[wal]`: the Unix socket that `ferry-agent wal-push` (production, PostgreSQL's
+/// `archive_command`) hands WAL files to, or `ferry-agent wal-get` (staging, a restored
+/// cluster's `restore_command`) reads them from ([`crate::wal`]).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WalConfig {
@@ -160,7 +161,7 @@ pub struct AgentConfig {
     /// sessions to the backup server and the load on this host. Default 4.
     #[serde(default = "default_max_concurrent_jobs")]
     pub max_concurrent_jobs: usize,
-    /// Production: WAL shipping's socket.
+    /// WAL shipping's socket.
     pub wal: Option<WalConfig>,
 }
 
@@ -205,7 +206,7 @@ pub struct Settings {
     pub source_environment: Option<String>,
     /// Datastores by name, in config order.
     pub datastores: BTreeMap<String, Arc<dyn Datastore>>,
-    /// Production: WAL shipping's socket (`[wal]`).
+    /// WAL shipping's socket (`[wal]`).
     pub wal: Option<crate::wal::WalSettings>,
 }
 
@@ -345,15 +346,9 @@ impl AgentConfig {
             }
         }
 
-        let wal = match (&self.wal, role) {
-            (None, _) => None,
-            (Some(_), Role::Staging) => {
-                return Err(invalid(
-                    "wal",
-                    "a staging agent may not archive WAL; remove the [wal] table".into(),
-                ));
-            }
-            (Some(w), Role::Production) => {
+        let wal = match &self.wal {
+            None => None,
+            Some(w) => {
                 if !w.socket.is_absolute() || w.socket.file_name().is_none() {
                     return Err(invalid(
                         "wal.socket",

@@ -72,23 +72,55 @@ enum Command {
         #[arg(long, default_value = "")]
         datastore: String,
     },
+    /// Fetch one archived WAL file through the running staging agent, which reads and
+    /// decrypts it; for a restored cluster's `restore_command = 'ferry-agent wal-get %f
+    /// %p'`. Exits non-zero when the file is not archived (PostgreSQL then ends recovery or
+    /// tries another source) or cannot be fetched.
+    WalGet {
+        /// The file's name (`%f`).
+        name: String,
+        /// Where to write it (`%p`, relative to the data directory).
+        path: PathBuf,
+        /// The agent's `[wal] socket`.
+        #[arg(long, default_value = ferry_agent::config::DEFAULT_WAL_SOCKET)]
+        socket: PathBuf,
+        /// The datastore whose WAL it is; needed only when the agent has several
+        /// physical PostgreSQL datastores.
+        #[arg(long, default_value = "")]
+        datastore: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    // No runtime, no logging set-up: PostgreSQL runs this once per WAL file and logs what
-    // it prints.
-    if let Command::WalPush {
-        path,
-        socket,
-        datastore,
-    } = &cli.command
-    {
-        return match ferry_agent::wal::push(socket, datastore, path) {
-            Ok(_) => ExitCode::SUCCESS,
+    // No runtime, no logging set-up: PostgreSQL runs these once per WAL file and logs what
+    // they print.
+    let wal = match &cli.command {
+        Command::WalPush {
+            path,
+            socket,
+            datastore,
+        } => Some((
+            "wal-push",
+            ferry_agent::wal::push(socket, datastore, path).map(drop),
+        )),
+        Command::WalGet {
+            name,
+            path,
+            socket,
+            datastore,
+        } => Some((
+            "wal-get",
+            ferry_agent::wal::get(socket, datastore, name, path).map(drop),
+        )),
+        _ => None,
+    };
+    if let Some((what, result)) = wal {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!(
-                    "ferry-agent wal-push: error: {}",
+                    "ferry-agent {what}: error: {}",
                     ferry_core::telemetry::error_text(&e)
                 );
                 ExitCode::FAILURE
@@ -139,7 +171,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config, offline } => check(&config, offline).await,
-        Command::WalPush { .. } => unreachable!("wal-push runs without the runtime"),
+        Command::WalPush { .. } | Command::WalGet { .. } => {
+            unreachable!("wal-push and wal-get run without the runtime")
+        }
     }
 }
 

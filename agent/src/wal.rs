@@ -12,20 +12,26 @@
 //!   user's), under a temporary name and renamed into place, so it is never reachable
 //!   with other modes. Pushes run one at a time on one write session of the target, kept
 //!   open between them (reopened after a failure).
-//! - [`push`]: the client side, `ferry-agent wal-push`.
+//! - [`push`] and [`get`]: the client sides, `ferry-agent wal-push` (production's
+//!   `archive_command`) and `ferry-agent wal-get` (a staging restore's `restore_command`:
+//!   the staging agent reads the source environment's archive and decrypts it with its
+//!   identity).
 //!
 //! # The protocol (version 1)
 //!
 //! One request and one response per connection; integers big-endian.
 //!
 //! ```text
-//! request  = "FWAL" | u8 version = 1
+//! request  = "FWAL" | u8 version = 1 | u8 op (1: push, production; 2: get, staging)
 //!          | u8 n | n bytes: datastore name (UTF-8; 0 bytes: the agent's only WAL datastore)
 //!          | u8 n | n bytes: file name (a name PostgreSQL archives, WalFileName; never a path)
-//!          | u64 size: bytes of the file (at most MAX_WAL_FILE_BYTES, 1 GiB)
-//!          | size bytes: the file
-//! response = u8 status (0: stored or already stored with the same content; 1: refused or failed)
+//!          | u64 size: bytes of the file (push: at most MAX_WAL_FILE_BYTES, 1 GiB; get: 0)
+//!          | size bytes: the file (push)
+//! response = u8 status (0: stored or already stored with the same content, or the file
+//!                       follows; 1: refused or failed; 2: get: not archived)
 //!          | u16 n (at most MAX_RESPONSE_BYTES) | n bytes: a message (UTF-8)
+//!          | get, status 0: u64 size | size bytes: the file
+//!                         | u8 0 if its stored and plain sizes and SHA-256 matched its record, else 1
 //! ```
 //!
 //! # Pushed twice
@@ -148,6 +154,15 @@ pub enum PushError {
     /// A thread of the push failed.
     #[error("internal error: {0}")]
     Internal(String),
+    /// Get: no such file is archived.
+    #[error("{0} is not archived")]
+    NotArchived(String),
+    /// This agent's role does not serve the operation.
+    #[error("{0}")]
+    Role(String),
+    /// Get: what was read does not match the record.
+    #[error("{0}")]
+    Integrity(String),
 }
 
 impl PushError {
@@ -165,6 +180,9 @@ impl PushError {
             PushError::Target(_) => "target",
             PushError::Io { .. } => "io",
             PushError::Internal(_) => "internal",
+            PushError::NotArchived(_) => "not_archived",
+            PushError::Role(_) => "role",
+            PushError::Integrity(_) => "integrity",
         }
     }
 
@@ -177,14 +195,25 @@ impl PushError {
     }
 }
 
+/// What a request asks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// `wal-push`: store the file that follows (production).
+    Push = 1,
+    /// `wal-get`: send the file back (staging).
+    Get = 2,
+}
+
 /// A parsed request header.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Header {
+    /// What is asked.
+    pub op: Op,
     /// Datastore name; empty: the agent's only WAL datastore.
     pub datastore: String,
     /// The file name.
     pub file: String,
-    /// Bytes that follow.
+    /// Bytes that follow (0 for [`Op::Get`]).
     pub size: u64,
 }
 
@@ -196,6 +225,7 @@ pub fn write_header(w: &mut impl Write, h: &Header) -> io::Result<()> {
     let mut buf = Vec::with_capacity(16 + h.datastore.len() + h.file.len());
     buf.extend_from_slice(MAGIC);
     buf.push(VERSION);
+    buf.push(h.op as u8);
     for s in [&h.datastore, &h.file] {
         let n = u8::try_from(s.len())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "name too long"))?;
@@ -216,7 +246,7 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, PushError> {
         stage: "read request",
         source,
     };
-    let mut head = [0u8; 5];
+    let mut head = [0u8; 6];
     r.read_exact(&mut head).map_err(io)?;
     if &head[..4] != MAGIC {
         return Err(PushError::Protocol("it does not start with FWAL".into()));
@@ -227,6 +257,11 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, PushError> {
             head[4]
         )));
     }
+    let op = match head[5] {
+        1 => Op::Push,
+        2 => Op::Get,
+        other => return Err(PushError::Protocol(format!("unknown operation {other}"))),
+    };
     let mut string = |what: &str| -> Result<String, PushError> {
         let mut n = [0u8; 1];
         r.read_exact(&mut n).map_err(io)?;
@@ -239,37 +274,60 @@ pub fn read_header(r: &mut impl Read) -> Result<Header, PushError> {
     let mut size = [0u8; 8];
     r.read_exact(&mut size).map_err(io)?;
     Ok(Header {
+        op,
         datastore,
         file,
         size: u64::from_be_bytes(size),
     })
 }
 
+/// A response's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Status {
+    /// Stored (push), or the file follows (get).
+    Ok = 0,
+    /// Refused or failed: the message says why.
+    Failed = 1,
+    /// Get: no such file is archived.
+    NotArchived = 2,
+}
+
 /// Writes a response (the message cut to [`MAX_RESPONSE_BYTES`] on a character boundary).
 ///
 /// # Errors
 /// Writing failed.
-pub fn write_response(w: &mut impl Write, ok: bool, message: &str) -> io::Result<()> {
+pub fn write_response(w: &mut impl Write, status: Status, message: &str) -> io::Result<()> {
     let mut end = message.len().min(MAX_RESPONSE_BYTES);
     while !message.is_char_boundary(end) {
         end -= 1;
     }
     let m = &message.as_bytes()[..end];
-    let mut buf = vec![u8::from(!ok)];
+    let mut buf = vec![status as u8];
     buf.extend_from_slice(&(m.len() as u16).to_be_bytes());
     buf.extend_from_slice(m);
     w.write_all(&buf)
 }
 
-/// Reads a response: `(ok, message)`.
+/// Reads a response: `(status, message)`.
 ///
 /// # Errors
 /// Reading failed or the response is malformed.
-pub fn read_response(r: &mut impl Read) -> io::Result<(bool, String)> {
+pub fn read_response(r: &mut impl Read) -> io::Result<(Status, String)> {
     let mut head = [0u8; 3];
     r.read_exact(&mut head)?;
     let n = usize::from(u16::from_be_bytes([head[1], head[2]]));
-    if head[0] > 1 || n > MAX_RESPONSE_BYTES {
+    let status = match head[0] {
+        0 => Status::Ok,
+        1 => Status::Failed,
+        2 => Status::NotArchived,
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a malformed answer",
+            ));
+        }
+    };
+    if n > MAX_RESPONSE_BYTES {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
             "a malformed answer",
@@ -277,10 +335,10 @@ pub fn read_response(r: &mut impl Read) -> io::Result<(bool, String)> {
     }
     let mut m = vec![0u8; n];
     r.read_exact(&mut m)?;
-    Ok((head[0] == 0, String::from_utf8_lossy(&m).into_owned()))
+    Ok((status, String::from_utf8_lossy(&m).into_owned()))
 }
 
-/// Why `wal-push` failed.
+/// Why `wal-push` or `wal-get` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The file PostgreSQL named cannot be read.
@@ -318,8 +376,11 @@ pub enum ClientError {
         #[source]
         source: io::Error,
     },
+    /// Not archived (wal-get).
+    #[error("{0}")]
+    NotArchived(String),
     /// The agent refused or failed.
-    #[error("the Ferry agent did not archive {file}: {message}")]
+    #[error("the Ferry agent did not archive or send {file}: {message}")]
     Refused {
         /// The file name.
         file: String,
@@ -364,6 +425,7 @@ pub fn push(socket: &Path, datastore: &str, path: &Path) -> Result<String, Clien
     write_header(
         &mut stream,
         &Header {
+            op: Op::Push,
             datastore: datastore.to_owned(),
             file: name.name.clone(),
             size,
@@ -376,13 +438,96 @@ pub fn push(socket: &Path, datastore: &str, path: &Path) -> Result<String, Clien
     // A refusal may come before the whole file was read: prefer the agent's answer.
     let answer = read_response(&mut stream);
     match (sent, answer) {
-        (_, Ok((true, message))) => Ok(message),
-        (_, Ok((false, message))) => Err(ClientError::Refused {
+        (_, Ok((Status::Ok, message))) => Ok(message),
+        (_, Ok((_, message))) => Err(ClientError::Refused {
             file: name.name,
             message,
         }),
         (Err(e), Err(_)) | (Ok(_), Err(e)) => Err(broken(e)),
     }
+}
+
+/// `ferry-agent wal-get`: asks the staging agent listening on `socket` for the archived
+/// file `name` of `datastore` (empty: the agent's only WAL datastore) and writes it to
+/// `dest` (PostgreSQL's `%p`, relative to the data directory): first to
+/// `<dest>.ferry-partial`, renamed over `dest` only once whole and checked by the agent
+/// against its record's SHA-256. Returns the bytes written.
+///
+/// # Errors
+/// [`ClientError::NotArchived`] when no such file is archived (PostgreSQL asks for files
+/// past the end of the archive; it takes a non-zero exit as "not there"); otherwise as
+/// [`push`], or the destination cannot be written.
+pub fn get(socket: &Path, datastore: &str, name: &str, dest: &Path) -> Result<u64, ClientError> {
+    let name = WalFileName::parse(name)?;
+    let sock = socket.display().to_string();
+    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
+        socket: sock.clone(),
+        source,
+    })?;
+    let broken = |source| ClientError::Broken {
+        socket: sock.clone(),
+        source,
+    };
+    stream
+        .set_read_timeout(Some(ANSWER_TIMEOUT))
+        .map_err(broken)?;
+    write_header(
+        &mut stream,
+        &Header {
+            op: Op::Get,
+            datastore: datastore.to_owned(),
+            file: name.name.clone(),
+            size: 0,
+        },
+    )
+    .map_err(broken)?;
+    match read_response(&mut stream).map_err(broken)? {
+        (Status::Ok, _) => {}
+        (Status::NotArchived, message) => return Err(ClientError::NotArchived(message)),
+        (Status::Failed, message) => {
+            return Err(ClientError::Refused {
+                file: name.name,
+                message,
+            });
+        }
+    }
+    let mut size = [0u8; 8];
+    stream.read_exact(&mut size).map_err(broken)?;
+    let size = u64::from_be_bytes(size);
+    let partial = PathBuf::from(format!("{}.ferry-partial", dest.display()));
+    let file_err = |source| ClientError::File {
+        path: partial.display().to_string(),
+        source,
+    };
+    let written = (|| {
+        let mut out = std::fs::File::create(&partial).map_err(file_err)?;
+        let got = io::copy(&mut (&mut stream).take(size), &mut out).map_err(broken)?;
+        let mut trailer = [0u8; 1];
+        stream.read_exact(&mut trailer).map_err(broken)?;
+        if got != size || trailer[0] != 0 {
+            return Err(ClientError::Refused {
+                file: name.name.clone(),
+                message: format!(
+                    "the agent sent {got} of {size} bytes and {}",
+                    if trailer[0] == 0 {
+                        "stopped"
+                    } else {
+                        "found that they do not match the archive's record (see its log)"
+                    }
+                ),
+            });
+        }
+        out.sync_all().map_err(file_err)?;
+        std::fs::rename(&partial, dest).map_err(|source| ClientError::File {
+            path: dest.display().to_string(),
+            source,
+        })?;
+        Ok(got)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&partial);
+    }
+    written
 }
 
 /// The bound `[wal]` socket, for [`serve`]; removes the socket file when dropped.
@@ -487,30 +632,166 @@ fn handle(
 ) -> Option<Box<dyn WriteSession>> {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
     let header = read_header(&mut stream);
-    let (back, result) = match header {
-        Ok(mut h) => {
-            let (back, r) = push_one(settings, session, &mut h, &mut stream);
-            (back, r.map(|m| (h, m)))
-        }
-        Err(e) => (session, Err(e)),
+    let (back, result, sent) = match header {
+        Ok(mut h) => match (h.op, &settings.keys) {
+            (Op::Push, Keys::Encrypt(_)) => {
+                let (back, r) = push_one(settings, session, &mut h, &mut stream);
+                (back, r.map(|m| (h, m)), false)
+            }
+            (Op::Get, Keys::Decrypt(_)) => {
+                let (sent, r) = get_one(settings, &mut h, &mut stream);
+                (session, r.map(|m| (h, m)), sent)
+            }
+            (op, _) => {
+                let e = PushError::Role(format!(
+                    "agent {} has role {}: {}",
+                    settings.id,
+                    settings.role,
+                    if op == Op::Push {
+                        "it restores and may not archive WAL (wal-push runs against the production agent)"
+                    } else {
+                        "it archives WAL and may not read it back (wal-get runs against a staging agent)"
+                    }
+                ));
+                (session, Err(e), false)
+            }
+        },
+        Err(e) => (session, Err(e), false),
     };
     let answered = match &result {
         Ok((h, message)) => {
             tracing::info!(datastore = %h.datastore, file = %h.file, bytes = h.size, "{message}");
-            write_response(&mut stream, true, message)
+            if sent {
+                Ok(())
+            } else {
+                write_response(&mut stream, Status::Ok, message)
+            }
+        }
+        Err(PushError::NotArchived(path)) => {
+            tracing::info!(path = %path, "wal-get asked for a file that is not archived.");
+            write_response(
+                &mut stream,
+                Status::NotArchived,
+                &format!("{path} is not archived"),
+            )
         }
         Err(e) => {
             let text = ferry_core::telemetry::error_text(e);
-            tracing::error!(error = %text, error_type = e.error_type(), stage = "wal-push",
-                "A WAL file was not archived.");
-            write_response(&mut stream, false, &text)
+            tracing::error!(error = %text, error_type = e.error_type(), stage = "wal",
+                "A WAL request failed.");
+            if sent {
+                Ok(())
+            } else {
+                write_response(&mut stream, Status::Failed, &text)
+            }
         }
     };
     if let Err(e) = answered {
-        tracing::warn!(error = %e, "wal-push left before the answer.");
+        tracing::warn!(error = %e, "The WAL client left before the answer.");
     }
     back
+}
+
+/// A SHA-256 (lower-case hex) and a byte count.
+type Digest = (String, u64);
+
+/// Sends the archived file `h` names back (staging): the response, its size from its
+/// record, the plaintext streamed from the target through age and zstd, and a trailer
+/// byte saying whether the stored and plain sizes and SHA-256 matched the record. Whether
+/// the response was sent (later failures show only in the trailer) and the log message.
+fn get_one(
+    settings: &Settings,
+    h: &mut Header,
+    stream: &mut UnixStream,
+) -> (bool, Result<String, PushError>) {
+    let Keys::Decrypt(dec) = &settings.keys else {
+        return (false, Err(PushError::Internal("no identity".into())));
+    };
+    let prepared = (|| {
+        let name = WalFileName::parse(&h.file)?;
+        let datastore = wal_datastore(settings, &h.datastore)?;
+        h.datastore.clone_from(&datastore);
+        let env = settings
+            .source_environment
+            .as_deref()
+            .unwrap_or(&settings.environment);
+        let env_dir = settings.backup_server.environment_dir(env);
+        let file = StoredFile {
+            dir: wal::timeline_dir(&env_dir, &datastore, &name),
+            name: name.stored_name(),
+        };
+        let mut session = settings.backup_server.read()?;
+        let record_path = file.manifest_path();
+        if session.size(&record_path)?.is_none() {
+            return Err(PushError::NotArchived(file.path()));
+        }
+        let bytes = session.read_small(&record_path, MAX_WAL_RECORD_BYTES)?;
+        let record = WalRecord::from_slice(&record_path, &bytes)?;
+        Ok((session, file, record))
+    })();
+    let (mut session, file, record) = match prepared {
+        Ok(p) => p,
+        Err(e) => return (false, Err(e)),
+    };
+    h.size = record.bytes;
+    let io_err = |stage| move |source| PushError::Io { stage, source };
+    let mut head = Vec::new();
+    if let Err(e) = write_response(&mut head, Status::Ok, "")
+        .and_then(|()| head.write_all(&record.bytes.to_be_bytes()))
+        .and_then(|()| stream.write_all(&head))
+    {
+        return (false, Err(io_err("answer")(e)));
+    }
+    let progress = Progress::new(CancellationToken::new());
+    let (tx, rx) = chunks::channel();
+    let path = file.path();
+    let (downloaded, streamed) = std::thread::scope(|s| {
+        let download = s.spawn(|| session.download(&path, tx));
+        let streamed = (|| -> io::Result<(u64, Digest, Digest)> {
+            let (stored, stored_digest) =
+                hash::HashingReader::shared(chunks::ChunkReader::new(rx, progress.clone()));
+            let plain = compress::decompressor(dec.wrap(stored)?)?;
+            let mut plain = hash::HashingReader::new(plain);
+            let sent = io::copy(&mut (&mut plain).take(record.bytes), stream)?;
+            let plain_digest = plain.finish()?;
+            Ok((sent, plain_digest, stored_digest.drain()?))
+        })();
+        (download.join(), streamed)
+    });
+    let checked = match (downloaded, streamed) {
+        (Err(_), _) => Err(PushError::Internal("the download thread panicked".into())),
+        (Ok(Err(e)), _) => Err(e.into()),
+        (Ok(Ok(_)), Err(e)) => Err(io_err("download/decrypt/decompress/send")(e)),
+        (Ok(Ok(_)), Ok((sent, plain, stored))) => {
+            if plain != (record.sha256.clone(), record.bytes)
+                || stored != (record.sha256_stored.clone(), record.bytes_stored)
+            {
+                Err(PushError::Integrity(format!(
+                    "{path} does not match its record: stored {} bytes SHA-256 {}, plain {} bytes SHA-256 {} \
+                     (the record: {} bytes {}, plain {} bytes {})",
+                    stored.1,
+                    stored.0,
+                    plain.1,
+                    plain.0,
+                    record.bytes_stored,
+                    record.sha256_stored,
+                    record.bytes,
+                    record.sha256
+                )))
+            } else {
+                Ok(format!(
+                    "Sent {path} ({sent} bytes, checked against its record)."
+                ))
+            }
+        }
+    };
+    let trailer = [u8::from(checked.is_err())];
+    if let Err(e) = stream.write_all(&trailer) {
+        return (true, checked.and(Err(io_err("answer")(e))));
+    }
+    (true, checked)
 }
 
 /// Checks and pushes one file (naming in `h` the datastore it resolved to); gives back the
@@ -895,6 +1176,7 @@ mod tests {
     #[test]
     fn a_header_reads_back_as_written() {
         let h = Header {
+            op: Op::Get,
             datastore: "pg".into(),
             file: "000000010000000000000003".into(),
             size: 16 * 1024 * 1024,
@@ -912,15 +1194,15 @@ mod tests {
     #[test]
     fn a_response_is_bounded_and_reads_back() {
         let mut buf = Vec::new();
-        write_response(&mut buf, false, &"é".repeat(5000)).unwrap();
-        let (ok, m) = read_response(&mut buf.as_slice()).unwrap();
-        assert!(!ok);
+        write_response(&mut buf, Status::Failed, &"é".repeat(5000)).unwrap();
+        let (status, m) = read_response(&mut buf.as_slice()).unwrap();
+        assert_eq!(status, Status::Failed);
         assert!(m.len() <= MAX_RESPONSE_BYTES && m.chars().all(|c| c == 'é'));
         let mut buf = Vec::new();
-        write_response(&mut buf, true, "stored").unwrap();
+        write_response(&mut buf, Status::NotArchived, "gone").unwrap();
         assert_eq!(
             read_response(&mut buf.as_slice()).unwrap(),
-            (true, "stored".into())
+            (Status::NotArchived, "gone".into())
         );
     }
 }
