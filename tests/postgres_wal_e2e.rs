@@ -7,7 +7,8 @@
 //! content refused loudly; with the agent down every push fails with a clear message, and
 //! once it is back the backlog is archived with no segment missing. On the way back, a
 //! base backup unpacked with stock tools recovers to a chosen time with `restore_command =
-//! 'ferry-agent wal-get %f %p'` through the staging agent.
+//! 'ferry-agent wal-get %f %p'` through the staging agent. On an S3 target (a real Ceph
+//! RGW) each file is a version of its key, named in its record, which wal-get reads.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -41,6 +42,11 @@ struct Wal {
 /// the agent binary the `postgres` user can run); the staging agent has a physical
 /// datastore `pgphys` too and serves `wal-get` on a socket of its own.
 fn deploy() -> Wal {
+    deploy_with(|_| {})
+}
+
+/// [`deploy`], `tweak` run last on the deployment before anything starts.
+fn deploy_with(tweak: impl FnOnce(&mut Deployment)) -> Wal {
     let mut out = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path();
@@ -77,6 +83,7 @@ fn deploy() -> Wal {
             ),
         );
         append(&d.stage_config, &wal(&stage_socket));
+        tweak(d);
         out = Some((pg, agent, socket, stage_socket));
     });
     let (pg, agent, socket, stage_socket) = out.unwrap();
@@ -590,4 +597,81 @@ fn a_base_backup_replays_archived_wal_through_wal_get_to_a_chosen_time() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+}
+
+#[test]
+fn on_s3_archived_wal_is_a_version_of_its_key_and_wal_get_reads_the_recorded_one() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("wal");
+    let Wal {
+        d,
+        pg,
+        socket,
+        stage_socket,
+        ..
+    } = deploy_with(|d| {
+        let dir = d.dir.path().to_owned();
+        for (config, user) in [
+            (&d.prod_config, &roles.production),
+            (&d.stage_config, &roles.staging),
+        ] {
+            let text = fs::read_to_string(config).unwrap();
+            let table = s3_table("backup_server", c, &bucket, user, &dir, "");
+            fs::write(config, replace_backup_server(&text, &table)).unwrap();
+        }
+    });
+    let seg = write_and_switch(&pg, 0);
+    let original = fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
+    wait_archived(&pg, &seg, &d);
+    assert!(
+        d.sshd.final_files().is_empty(),
+        "the SFTP server was written to"
+    );
+
+    // The object and its record, read with boto3 as staging: the record names the
+    // object's version and the plaintext's SHA-256.
+    let key = format!("ferry/production/pgphys-wal/00000001/{seg}.zst.age");
+    let get = |key: &str| {
+        c.s3_ok(
+            &roles.staging,
+            "get_object",
+            serde_json::json!({"Bucket": bucket, "Key": key}),
+        )
+    };
+    let record: serde_json::Value =
+        serde_json::from_str(get(&format!("{key}.json"))["Body"].as_str().unwrap()).unwrap();
+    let object = get(&key);
+    assert_eq!(record["version_id"], object["VersionId"], "{record}");
+    assert_eq!(record["sha256_stored"], object["BodySha256"]);
+    assert_eq!(record["sha256"], sha256_hex(&original));
+
+    // Production may not read back: a second push cannot be compared, and is stored as a
+    // new version of the object and of its record (versioning keeps the first).
+    let copy = d.dir.path().join("again");
+    make_reachable(&copy);
+    fs::write(copy.join(&seg), &original).unwrap();
+    let again = wal_push(&socket, &copy, &seg);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // wal-get through the staging agent: the recorded version, decrypted, equal to the
+    // segment PostgreSQL wrote.
+    let out = Command::new(bin("ferry-agent"))
+        .args(["wal-get", "--socket"])
+        .arg(&stage_socket)
+        .args([seg.as_str(), "fetched"])
+        .current_dir(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_tail("agent-stage")
+    );
+    assert!(fs::read(copy.join("fetched")).unwrap() == original);
 }

@@ -748,7 +748,9 @@ fn get_one(
     let (tx, rx) = chunks::channel();
     let path = file.path();
     let (downloaded, streamed) = std::thread::scope(|s| {
-        let download = s.spawn(|| session.download(&path, tx));
+        let (path, version) = (&path, record.version_id.as_deref());
+        let session = &mut session;
+        let download = s.spawn(move || session.download_version(path, version, tx));
         let streamed = (|| -> io::Result<(u64, Digest, Digest)> {
             let (stored, stored_digest) =
                 hash::HashingReader::shared(chunks::ChunkReader::new(rx, progress.clone()));
@@ -1047,6 +1049,8 @@ fn store(
         compression: compress::EXTENSION.to_owned(),
         encryption: "age".to_owned(),
         recipients: enc.describe().into_iter().map(|r| r.fingerprint).collect(),
+        // Filled by a target with versions at commit.
+        version_id: None,
     };
     let stored_bytes = staged.bytes;
     session.commit(&job_id, &[(staged, record.to_json())])?;

@@ -149,6 +149,9 @@ pub struct WalRecord {
     pub encryption: String,
     /// Fingerprints of the age recipients it was encrypted to.
     pub recipients: Vec<String>,
+    /// On a target with versions (S3): the stored file's version, which a reader fetches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_id: Option<String>,
 }
 
 /// A [`WalRecord`] that cannot be read.
