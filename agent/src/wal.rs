@@ -7,11 +7,11 @@
 //! PostgreSQL keeps the file in `pg_wal` until the push answers ok.
 //!
 //! - [`bind`] and [`serve`]: the agent's side, started by [`crate::run`] when `[wal]` is
-//!   configured.
-//!   The socket is created mode 0660, owned by root and `[wal] group` (the PostgreSQL OS
-//!   user's), under a temporary name and renamed into place, so it is never reachable
-//!   with other modes. Pushes run one at a time on one write session of the target, kept
-//!   open between them (reopened after a failure).
+//!   configured. The socket is created mode 0660, owned by root and `[wal] group` (the
+//!   PostgreSQL OS user's), under a temporary name and renamed into place, so it is never
+//!   reachable with other modes. Requests run one at a time; pushes share one write
+//!   session of the target, kept open between them (reopened after a failure, and once if
+//!   the kept one was dropped while idle); each get opens a read session of its own.
 //! - [`push`] and [`get`]: the client sides, `ferry-agent wal-push` (production's
 //!   `archive_command`) and `ferry-agent wal-get` (a staging restore's `restore_command`:
 //!   the staging agent reads the source environment's archive and decrypts it with its
@@ -797,8 +797,7 @@ fn get_one(
 }
 
 /// Checks and pushes one file (naming in `h` the datastore it resolved to); gives back the
-/// session (unless it may be broken) and the
-/// message for `wal-push`.
+/// session (unless it may be broken) and the message for `wal-push`.
 fn push_one(
     settings: &Settings,
     session: Option<Box<dyn WriteSession>>,
