@@ -19,6 +19,8 @@
 //! identity_file = "..."          # staging only
 //! [restore]                      # staging only
 //! source_environment = "production"
+//! [wal]                          # the socket of `ferry-agent wal-push` (production), `wal-get` (staging)
+//! socket = "/run/ferry-agent/wal.sock"; group = "postgres"
 //! [[datastores]]
 //! name = "postgres"; kind = "postgres"; ...
 //! ```
@@ -102,6 +104,27 @@ pub struct RestoreConfig {
     pub source_environment: String,
 }
 
+/// `[wal]`: the Unix socket that `ferry-agent wal-push` (production, PostgreSQL's
+/// `archive_command`) hands WAL files to, or `ferry-agent wal-get` (staging, a restored
+/// cluster's `restore_command`) reads them from ([`crate::wal`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WalConfig {
+    /// The socket's path, absolute. Default `/run/ferry-agent/wal.sock`.
+    #[serde(default = "default_wal_socket")]
+    pub socket: PathBuf,
+    /// The OS group given the socket (mode 0660): the PostgreSQL OS user's, e.g.
+    /// `postgres`, from `/etc/group`.
+    pub group: String,
+}
+
+/// Where `[wal] socket` and `ferry-agent wal-push --socket` default to.
+pub const DEFAULT_WAL_SOCKET: &str = "/run/ferry-agent/wal.sock";
+
+fn default_wal_socket() -> PathBuf {
+    PathBuf::from(DEFAULT_WAL_SOCKET)
+}
+
 /// The whole `agent.toml`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -138,6 +161,8 @@ pub struct AgentConfig {
     /// sessions to the backup server and the load on this host. Default 4.
     #[serde(default = "default_max_concurrent_jobs")]
     pub max_concurrent_jobs: usize,
+    /// WAL shipping's socket.
+    pub wal: Option<WalConfig>,
 }
 
 fn default_max_concurrent_jobs() -> usize {
@@ -181,6 +206,8 @@ pub struct Settings {
     pub source_environment: Option<String>,
     /// Datastores by name, in config order.
     pub datastores: BTreeMap<String, Arc<dyn Datastore>>,
+    /// WAL shipping's socket (`[wal]`).
+    pub wal: Option<crate::wal::WalSettings>,
 }
 
 impl AgentConfig {
@@ -319,6 +346,32 @@ impl AgentConfig {
             }
         }
 
+        let wal = match &self.wal {
+            None => None,
+            Some(w) => {
+                if !w.socket.is_absolute() || w.socket.file_name().is_none() {
+                    return Err(invalid(
+                        "wal.socket",
+                        format!("{} is not an absolute file path", w.socket.display()),
+                    ));
+                }
+                if !datastores.values().any(|d| d.archives_wal()) {
+                    return Err(invalid(
+                        "wal",
+                        "no datastore archives WAL: [wal] needs a datastore with kind = \"postgres\" \
+                         and method = \"physical\""
+                            .into(),
+                    ));
+                }
+                let gid = datastore::common::tool::os_group_id(&w.group)
+                    .map_err(|e| invalid("wal.group", e.to_string()))?;
+                Some(crate::wal::WalSettings {
+                    socket: w.socket.clone(),
+                    gid,
+                })
+            }
+        };
+
         Ok(Settings {
             id: self.id,
             role,
@@ -337,6 +390,7 @@ impl AgentConfig {
             keys,
             source_environment,
             datastores,
+            wal,
         })
     }
 }

@@ -868,6 +868,7 @@ mod tests {
             keys: crate::config::Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
             source_environment: None,
             datastores: [("sleeper".to_owned(), ds as Arc<dyn Datastore>)].into(),
+            wal: None,
         };
         JobRunner::new(Arc::new(settings), CancellationToken::new())
     }

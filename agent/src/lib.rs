@@ -10,6 +10,8 @@
 //! - [`pipeline`]: the streaming stages (compress, encrypt, hash, chunks) and the backup
 //!   and restore orchestration.
 //! - [`datastore`]: one folder per datastore kind.
+//! - [`wal`]: WAL shipping, the `[wal]` socket that `ferry-agent wal-push` (PostgreSQL's
+//!   `archive_command`) hands WAL files to, and its protocol.
 //!
 //! Where files go on the backup server and their `.json` sidecar are `ferry_core`'s
 //! `layout` and `manifest`; the backup server itself is a `ferry_storage` target
@@ -27,6 +29,7 @@ pub mod job;
 pub mod jobs;
 pub mod pipeline;
 pub mod service;
+pub mod wal;
 
 /// How long the agent gives its jobs to stop once `shutdown` is cancelled (SIGTERM or
 /// SIGINT), on top of which the process takes about a second to end: a job still running
@@ -56,6 +59,17 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
             ds.recover_at_start().await;
         }
     }
+    // WAL shipping runs beside the jobs, until the shutdown; a socket that cannot be
+    // created stops the agent (PostgreSQL would fail every push).
+    let _wal = match &settings.wal {
+        Some(w) => {
+            let listener =
+                wal::bind(w).with_context(|| format!("[wal] socket {}", w.socket.display()))?;
+            let served = wal::serve(settings.clone(), listener, shutdown.clone());
+            Some(AbortOnDrop(tokio::spawn(served)))
+        }
+        None => None,
+    };
     let runner = jobs::JobRunner::new(settings.clone(), shutdown.clone());
     // Orders are a few hundred bytes and answers small: a larger message either way is
     // refused (`OutOfRange`) before a handler runs or anything is sent.
@@ -100,5 +114,14 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
                 "Jobs still running after the stop grace: the agent ends them as it exits (their tools are killed; a partial file stays hidden).");
             Ok(())
         }
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

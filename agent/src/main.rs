@@ -57,10 +57,76 @@ enum Command {
         #[arg(long)]
         offline: bool,
     },
+    /// Hand one WAL file to the running production agent, which archives it; for
+    /// PostgreSQL's `archive_command = 'ferry-agent wal-push %p'`. Exits non-zero, saying
+    /// why, when the agent is unreachable or did not archive the file (PostgreSQL keeps it
+    /// and retries).
+    WalPush {
+        /// The file, as PostgreSQL names it (`%p`, relative to the data directory).
+        path: PathBuf,
+        /// The agent's `[wal] socket`.
+        #[arg(long, default_value = ferry_agent::config::DEFAULT_WAL_SOCKET)]
+        socket: PathBuf,
+        /// The datastore whose WAL it is; needed only when the agent has several
+        /// physical PostgreSQL datastores.
+        #[arg(long, default_value = "")]
+        datastore: String,
+    },
+    /// Fetch one archived WAL file through the running staging agent, which reads and
+    /// decrypts it; for a restored cluster's `restore_command = 'ferry-agent wal-get %f
+    /// %p'`. Exits non-zero when the file is not archived (PostgreSQL then ends recovery or
+    /// tries another source) or cannot be fetched.
+    WalGet {
+        /// The file's name (`%f`).
+        name: String,
+        /// Where to write it (`%p`, relative to the data directory).
+        path: PathBuf,
+        /// The agent's `[wal] socket`.
+        #[arg(long, default_value = ferry_agent::config::DEFAULT_WAL_SOCKET)]
+        socket: PathBuf,
+        /// The datastore whose WAL it is; needed only when the agent has several
+        /// physical PostgreSQL datastores.
+        #[arg(long, default_value = "")]
+        datastore: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // No runtime, no logging set-up: PostgreSQL runs these once per WAL file and logs what
+    // they print.
+    let wal = match &cli.command {
+        Command::WalPush {
+            path,
+            socket,
+            datastore,
+        } => Some((
+            "wal-push",
+            ferry_agent::wal::push(socket, datastore, path).map(drop),
+        )),
+        Command::WalGet {
+            name,
+            path,
+            socket,
+            datastore,
+        } => Some((
+            "wal-get",
+            ferry_agent::wal::get(socket, datastore, name, path).map(drop),
+        )),
+        _ => None,
+    };
+    if let Some((what, result)) = wal {
+        return match result {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!(
+                    "ferry-agent {what}: error: {}",
+                    ferry_core::telemetry::error_text(&e)
+                );
+                ExitCode::FAILURE
+            }
+        };
+    }
     telemetry::init_tracing(cli.log_format);
     ferry_proto::tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
@@ -105,6 +171,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Check { config, offline } => check(&config, offline).await,
+        Command::WalPush { .. } | Command::WalGet { .. } => {
+            unreachable!("wal-push and wal-get run without the runtime")
+        }
     }
 }
 

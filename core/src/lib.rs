@@ -15,6 +15,8 @@
 //!   (`ferry audit --verify`).
 //! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
 //!   100 characters).
+//! - [`wal`]: the layout of archived PostgreSQL WAL, the strict check of its file names,
+//!   and the `.json` record beside each archived file.
 
 pub mod audit;
 pub mod bounded;
@@ -24,5 +26,6 @@ pub mod manifest;
 pub mod restore_set;
 pub mod secrets;
 pub mod telemetry;
+pub mod wal;
 
 pub use bounded::Bounded;

@@ -291,6 +291,23 @@ pub trait WriteSession: Send {
     /// [`TargetError::Io`] for failures other than "no such object".
     fn exists(&mut self, path: &str) -> Result<bool, TargetError>;
 
+    /// The whole of a small object (at most `max` bytes) where this writer's credentials
+    /// may read it back; `None` if it does not exist. For a writer that must compare what
+    /// is there before it writes again (a WAL file pushed twice).
+    ///
+    /// # Errors
+    /// [`TargetError::Unsupported`] where writers may not read (the default: S3, whose
+    /// production credentials may only put); [`TargetError::TooLarge`];
+    /// [`TargetError::Io`].
+    fn read_back(&mut self, path: &str, max: u64) -> Result<Option<Vec<u8>>, TargetError> {
+        let _ = (path, max);
+        Err(TargetError::Unsupported {
+            addr: String::new(),
+            kind: "write-only",
+            what: "reading an object back with write credentials",
+        })
+    }
+
     /// A handle that closes this session's connection from another thread.
     fn aborter(&self) -> Aborter;
 

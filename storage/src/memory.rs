@@ -240,6 +240,13 @@ impl WriteSession for MemorySession {
         Ok(self.target.lock().contains_key(path))
     }
 
+    fn read_back(&mut self, path: &str, max: u64) -> Result<Option<Vec<u8>>, TargetError> {
+        if !WriteSession::exists(self, path)? {
+            return Ok(None);
+        }
+        ReadSession::read_small(self, path, max).map(Some)
+    }
+
     fn aborter(&self) -> Aborter {
         let aborted = self.aborted.clone();
         Aborter::new(move || aborted.store(true, Ordering::Relaxed))

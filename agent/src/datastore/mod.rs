@@ -85,6 +85,12 @@ pub trait Datastore: Send + Sync {
     /// How this datastore's backups are made and restored.
     fn mode(&self) -> Mode<'_>;
 
+    /// Whether this datastore's WAL is archived through the agent's `[wal]` socket
+    /// ([`crate::wal`]): a physical PostgreSQL datastore. `false` by default.
+    fn archives_wal(&self) -> bool {
+        false
+    }
+
     /// Whether a restore may select namespaces (`db.collection`); a kind restored whole
     /// refuses a selection. `false` by default.
     fn takes_namespaces(&self) -> bool {

@@ -200,6 +200,7 @@ fn settings(target: &MemoryTarget, keys: Keys, source: Option<&str>) -> Arc<Sett
         keys,
         source_environment: source.map(str::to_owned),
         datastores: Default::default(),
+        wal: None,
     })
 }
 

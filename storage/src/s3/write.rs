@@ -561,7 +561,9 @@ impl WriteSession for S3Write {
 
     /// Completes the data parts first, then uploads and completes each manifest with the
     /// version id its part's completion gave (`version_id`; the bytes as given on a bucket
-    /// without versioning), the main part's last: a reader takes a backup for one only by
+    /// without versioning; a sidecar that is not a backup's manifest, e.g. an archived WAL
+    /// file's record, must be a JSON object and gets a top-level `version_id`), the main
+    /// part's last: a reader takes a backup for one only by
     /// that manifest, and reads the version it names, whatever a racing writer of the same
     /// key adds.
     fn commit(&mut self, _job_id: &str, parts: &[(Staged, Vec<u8>)]) -> Result<(), TargetError> {
@@ -584,7 +586,7 @@ impl WriteSession for S3Write {
         let mut manifests = Vec::with_capacity(parts.len());
         for (part, json) in parts {
             let path = format!("{}.json", part.file.path());
-            match Manifest::from_slice(&path, json) {
+            match Sidecar::parse(&path, json) {
                 Ok(m) => manifests.push(m),
                 Err(e) => {
                     let staged: Vec<String> =
@@ -594,7 +596,7 @@ impl WriteSession for S3Write {
                         addr: self.conn.addr.clone(),
                         op: "record the version id in",
                         path,
-                        message: e.to_string(),
+                        message: e,
                     };
                     return Err(failed(source, Vec::new(), None));
                 }
@@ -604,7 +606,7 @@ impl WriteSession for S3Write {
         let mut placed: Vec<String> = Vec::new();
         for (i, (part, _)) in parts.iter().enumerate() {
             match self.complete(part) {
-                Ok(version) => manifests[i].version_id = version,
+                Ok(version) => manifests[i].set_version_id(version),
                 Err(e) => {
                     let unsure = unsure_of(&e, part.file.path());
                     for (rest, _) in &parts[i..] {
@@ -621,11 +623,7 @@ impl WriteSession for S3Write {
                 dir: part.file.dir.clone(),
                 name: format!("{}.json", part.file.name),
             };
-            let bytes = if manifest.version_id.is_some() {
-                manifest.to_json()
-            } else {
-                json.clone()
-            };
+            let bytes = manifest.to_json().unwrap_or_else(|| json.clone());
             let (tx, rx) = std::sync::mpsc::sync_channel(1);
             let _ = tx.send(bytes);
             drop(tx);
@@ -671,6 +669,15 @@ impl WriteSession for S3Write {
         }
     }
 
+    fn read_back(&mut self, _path: &str, _max: u64) -> Result<Option<Vec<u8>>, TargetError> {
+        // Production's credentials may only put (docs/s3-bucket-policy.json).
+        Err(TargetError::Unsupported {
+            addr: self.conn.addr.clone(),
+            kind: "s3",
+            what: "reading an object back with production's put-only credentials",
+        })
+    }
+
     fn aborter(&self) -> Aborter {
         let cancel = self.conn.cancel.clone();
         Aborter::new(move || cancel.cancel())
@@ -685,9 +692,64 @@ impl WriteSession for S3Write {
     }
 }
 
+/// A part's `.json` sidecar, into which its version id goes: a backup's [`Manifest`], or
+/// any other JSON object (e.g. the record of an archived WAL file), which gets a top-level
+/// `version_id`.
+enum Sidecar {
+    Manifest(Box<Manifest>),
+    Object(serde_json::Map<String, serde_json::Value>, Option<String>),
+}
+
+impl Sidecar {
+    /// Parses `json`, stored at `path` (for messages).
+    fn parse(path: &str, json: &[u8]) -> Result<Sidecar, String> {
+        match Manifest::from_slice(path, json) {
+            Ok(m) => Ok(Sidecar::Manifest(Box::new(m))),
+            Err(e) => serde_json::from_slice(json)
+                .map(|o| Sidecar::Object(o, None))
+                .map_err(|_| e.to_string()),
+        }
+    }
+
+    fn set_version_id(&mut self, version: Option<String>) {
+        match self {
+            Sidecar::Manifest(m) => m.version_id = version,
+            Sidecar::Object(_, v) => *v = version,
+        }
+    }
+
+    /// The bytes to store, with the version id; `None` without one (the bytes as given).
+    fn to_json(&self) -> Option<Vec<u8>> {
+        match self {
+            Sidecar::Manifest(m) => m.version_id.is_some().then(|| m.to_json()),
+            Sidecar::Object(o, Some(v)) => {
+                let mut o = o.clone();
+                o.insert("version_id".into(), serde_json::Value::String(v.clone()));
+                serde_json::to_vec_pretty(&o).ok()
+            }
+            Sidecar::Object(_, None) => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sidecar_that_is_not_a_manifest_gets_its_version_id_and_keeps_its_fields() {
+        let json = br#"{"file": "000000010000000000000003", "bytes": 16777216}"#;
+        let mut side = Sidecar::parse("x.json", json).unwrap();
+        assert_eq!(side.to_json(), None, "no version: the bytes as given");
+        side.set_version_id(Some("v1".into()));
+        let out: serde_json::Value = serde_json::from_slice(&side.to_json().unwrap()).unwrap();
+        assert_eq!(
+            out,
+            serde_json::json!({"file": "000000010000000000000003", "bytes": 16777216, "version_id": "v1"})
+        );
+        assert!(Sidecar::parse("x.json", b"[1, 2]").is_err());
+        assert!(Sidecar::parse("x.json", b"not json").is_err());
+    }
 
     #[test]
     fn five_tib_fits_in_ten_thousand_parts_of_at_most_five_gib() {

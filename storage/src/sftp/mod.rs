@@ -778,6 +778,14 @@ impl WriteSession for SftpSession {
         }
     }
 
+    fn read_back(&mut self, path: &str, max: u64) -> Result<Option<Vec<u8>>, TargetError> {
+        // A production key may read what it added (internal-sftp without -R).
+        if !WriteSession::exists(self, path)? {
+            return Ok(None);
+        }
+        ReadSession::read_small(self, path, max).map(Some)
+    }
+
     fn aborter(&self) -> Aborter {
         let watch = self.watch.aborter();
         Aborter::new(move || watch.abort())

@@ -301,6 +301,25 @@ pub fn os_user_ids(name: &str) -> std::io::Result<(u32, u32)> {
         .ok_or_else(|| std::io::Error::other(format!("no OS user {name:?} in /etc/passwd")))
 }
 
+/// The id of the OS group `name`, from `/etc/group` (group(5)).
+///
+/// # Errors
+/// The file cannot be read, or has no such group.
+pub fn os_group_id(name: &str) -> std::io::Result<u32> {
+    let groups = std::fs::read_to_string("/etc/group")?;
+    groups
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.len() > 2 && f[0] == name)
+        .and_then(|f| f[2].parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::other(format!(
+                "no OS group {} in /etc/group",
+                ferry_core::Bounded(name)
+            ))
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

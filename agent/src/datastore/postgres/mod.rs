@@ -99,6 +99,10 @@ impl Datastore for Postgres {
         "postgres"
     }
 
+    fn archives_wal(&self) -> bool {
+        self.physical()
+    }
+
     /// `(tool, version)` for pg_dump, pg_dumpall, pg_restore and psql, or for a physical
     /// datastore pg_basebackup, pg_verifybackup and pg_ctl (looked up once per method).
     fn tool_versions(&self) -> Vec<(String, String)> {

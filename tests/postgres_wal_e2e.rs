@@ -1,0 +1,677 @@
+//! WAL shipping end to end against real PostgreSQL 15: `archive_command = 'ferry-agent
+//! wal-push %p'` hands each file to the running production agent over its `[wal]` socket,
+//! which stores it compressed and encrypted under `production/<datastore>-wal/<timeline>/`
+//! on the backup server (a real sshd). Checked with stock tools (`age -d | zstd -d` equal
+//! to the segment in `pg_wal`, `pg_waldump` reading it) and with PostgreSQL's own
+//! `pg_stat_archiver`: a file pushed twice with the same content is accepted, with other
+//! content refused loudly; with the agent down every push fails with a clear message, and
+//! once it is back the backlog is archived with no segment missing. On the way back, a
+//! base backup unpacked with stock tools recovers to a chosen time with `restore_command =
+//! 'ferry-agent wal-get %f %p'` through the staging agent. On an S3 target (a real Ceph
+//! RGW) each file is a version of its key, named in its record, which wal-get reads.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use ferry_tests::*;
+use sha2::{Digest, Sha256};
+
+/// Production's physical datastore, `pgphys`, of `pg`.
+fn production_entry(pg: &Postgres) -> String {
+    format!(
+        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbin_dir = {}\n",
+        pg.port(),
+        toml_str(&pg.bin_dir().display().to_string())
+    )
+}
+
+/// Everything of one test: the deployment, production's archiving cluster, the agent
+/// binary the `postgres` user runs, and the `[wal]` sockets of both agents.
+struct Wal {
+    d: Deployment,
+    pg: Postgres,
+    agent: PathBuf,
+    socket: PathBuf,
+    stage_socket: PathBuf,
+}
+
+/// A deployment whose production agent serves `[wal]` on a socket of the test's
+/// directory, and a production cluster `wal-prod` archiving through `wal-push` (a copy of
+/// the agent binary the `postgres` user can run); the staging agent has a physical
+/// datastore `pgphys` too and serves `wal-get` on a socket of its own.
+fn deploy() -> Wal {
+    deploy_with(|_| {})
+}
+
+/// [`deploy`], `tweak` run last on the deployment before anything starts.
+fn deploy_with(tweak: impl FnOnce(&mut Deployment)) -> Wal {
+    let mut out = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path();
+        let tools = dir.join("tools");
+        make_reachable(&tools);
+        let agent = tools.join("ferry-agent");
+        fs::copy(bin("ferry-agent"), &agent).unwrap();
+        chmod(&agent, 0o755);
+        let socket = dir.join("run").join("wal.sock");
+        let pg = Postgres::start_in_with_conf(
+            &dir.join("wal-prod"),
+            &format!(
+                "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --socket {} %p'",
+                agent.display(),
+                socket.display()
+            ),
+        );
+        let wal = |socket: &Path| {
+            format!(
+                "[wal]\nsocket = {}\ngroup = \"postgres\"\n",
+                toml_str(&socket.display().to_string())
+            )
+        };
+        append(&d.prod_config, &production_entry(&pg));
+        append(&d.prod_config, &wal(&socket));
+        let stage_socket = dir.join("run-stage").join("wal.sock");
+        append(
+            &d.stage_config,
+            &format!(
+                "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\n\
+                 bin_dir = {}\ndata_dir = {}\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n",
+                toml_str(&pg.bin_dir().display().to_string()),
+                toml_str(&dir.join("never-restored").display().to_string()),
+            ),
+        );
+        append(&d.stage_config, &wal(&stage_socket));
+        tweak(d);
+        out = Some((pg, agent, socket, stage_socket));
+    });
+    let (pg, agent, socket, stage_socket) = out.unwrap();
+    Wal {
+        d,
+        pg,
+        agent,
+        socket,
+        stage_socket,
+    }
+}
+
+/// `pg_stat_archiver`: `(archived_count, last_archived_wal, failed_count)`.
+fn archiver(pg: &Postgres) -> (i64, String, i64) {
+    let row = pg.psql(
+        "postgres",
+        "SELECT archived_count, coalesce(last_archived_wal, ''), failed_count FROM pg_stat_archiver",
+    );
+    let f: Vec<&str> = row.trim().split('|').collect();
+    (
+        f[0].parse().unwrap(),
+        f[1].to_owned(),
+        f[2].parse().unwrap(),
+    )
+}
+
+/// Writes some rows and switches to a new segment; the name of the segment just closed.
+fn write_and_switch(pg: &Postgres, round: usize) -> String {
+    pg.psql(
+        "postgres",
+        &format!(
+            "CREATE TABLE IF NOT EXISTS churn (round int, body text);
+             INSERT INTO churn SELECT {round}, md5(g::text) || repeat('x', g % 100) FROM generate_series(1, 5000) g;"
+        ),
+    );
+    pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())")
+        .trim()
+        .to_owned()
+}
+
+/// Waits until PostgreSQL says `segment` (or a later one) was archived.
+fn wait_archived(pg: &Postgres, segment: &str, d: &Deployment) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, last, _) = archiver(pg);
+        if last.len() == 24 && last.as_str() >= segment {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{segment} not archived within 60 s: pg_stat_archiver {:?}\npostgres log:\n{}\nagent log:\n{}",
+            archiver(pg),
+            pg.log_tail(30),
+            d.log_tail("agent-prod")
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The stored WAL files of `pgphys` on timeline 1 (names without `.zst.age`), and the
+/// folder.
+fn stored(d: &Deployment) -> (Vec<String>, PathBuf) {
+    let dir = d.sshd.root().join("production/pgphys-wal/00000001");
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter_map(|n| n.strip_suffix(".zst.age").map(str::to_owned))
+        .collect();
+    names.sort();
+    (names, dir)
+}
+
+/// `age -d -i IDENTITY FILE | zstd -d`, the stock tools.
+fn decrypt(d: &Deployment, file: &Path) -> Vec<u8> {
+    let age = require("age", "age");
+    require("zstd", "zstd");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} -d -i {} {} | zstd -d",
+            age.display(),
+            d.identity.display(),
+            file.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "decrypting {}: {}",
+        file.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// `ferry-agent wal-push --socket SOCKET PATH`, run in `cwd`.
+fn wal_push(socket: &Path, cwd: &Path, path: &str) -> std::process::Output {
+    Command::new(bin("ferry-agent"))
+        .args(["wal-push", "--socket"])
+        .arg(socket)
+        .arg(path)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+#[test]
+fn archived_segments_decrypt_to_the_bytes_postgres_wrote_and_a_second_push_is_compared() {
+    let Wal { d, pg, socket, .. } = deploy();
+    let pg_wal = pg.data_dir().join("pg_wal");
+
+    // The socket: mode 0660, group postgres (wal-push runs as the PostgreSQL user).
+    let meta = fs::metadata(&socket).unwrap();
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.mode() & 0o777, 0o660, "socket mode");
+    let postgres_gid = run_ok(Command::new("id").args(["-g", "postgres"]));
+    assert_eq!(meta.gid().to_string(), postgres_gid.trim());
+
+    let switched: Vec<String> = (0..3).map(|i| write_and_switch(&pg, i)).collect();
+    wait_archived(&pg, switched.last().unwrap(), &d);
+    let (names, dir) = stored(&d);
+    for seg in &switched {
+        assert!(names.contains(seg), "{seg} not stored: {names:?}");
+        // Stock tools give back the very bytes PostgreSQL wrote (still in pg_wal: no
+        // checkpoint has recycled it).
+        let plain = decrypt(&d, &dir.join(format!("{seg}.zst.age")));
+        let original = fs::read(pg_wal.join(seg)).unwrap();
+        assert_eq!(plain.len(), 16 * 1024 * 1024, "{seg}");
+        assert!(plain == original, "{seg} decrypts to other bytes");
+        // Its record names the plaintext's size and SHA-256.
+        let record: serde_json::Value =
+            serde_json::from_slice(&fs::read(dir.join(format!("{seg}.zst.age.json"))).unwrap())
+                .unwrap();
+        assert_eq!(record["sha256"], sha256_hex(&original), "{record}");
+        assert_eq!(record["bytes"], original.len());
+        assert_eq!(record["kind"], "segment");
+        assert_eq!(record["datastore"], "pgphys");
+    }
+    // The first segment kept aside: the base backup's checkpoint below recycles pg_wal.
+    let copy = d.dir.path().join("again");
+    make_reachable(&copy);
+    let original = fs::read(pg_wal.join(&switched[0])).unwrap();
+    fs::write(copy.join(&switched[0]), &original).unwrap();
+
+    // pg_waldump reads the decrypted segment as WAL: the rows' inserts and the switch.
+    let seg = &switched[1];
+    let scratch = d.dir.path().join("waldump");
+    make_reachable(&scratch);
+    fs::write(
+        scratch.join(seg),
+        decrypt(&d, &dir.join(format!("{seg}.zst.age"))),
+    )
+    .unwrap();
+    let dump = Command::new(pg.bin_dir().join("pg_waldump"))
+        .arg("-p")
+        .arg(&scratch)
+        .arg(seg)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&dump.stdout);
+    assert!(
+        text.contains("rmgr: Heap") && text.contains("INSERT"),
+        "{text:.2000}"
+    );
+    assert!(text.contains("SWITCH"), "no XLOG SWITCH record in {seg}");
+
+    // A base backup's history file is archived too.
+    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let after = write_and_switch(&pg, 9);
+    wait_archived(&pg, &after, &d);
+    let (names, _) = stored(&d);
+    assert!(
+        names.iter().any(|n| n.ends_with(".backup")),
+        "no backup history file stored: {names:?}"
+    );
+
+    // Pushed again with the same content (PostgreSQL retrying): accepted, nothing changed.
+    let record_path = dir.join(format!("{}.zst.age.json", switched[0]));
+    let record_before = fs::read(&record_path).unwrap();
+    let again = wal_push(&socket, &copy, &switched[0]);
+    assert!(
+        again.status.success(),
+        "same content refused: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(fs::read(&record_path).unwrap(), record_before);
+
+    // Other content under the same name: refused loudly, the stored file untouched.
+    let mut altered = fs::read(copy.join(&switched[0])).unwrap();
+    altered[4096] ^= 0xff;
+    fs::write(copy.join(&switched[0]), &altered).unwrap();
+    let refused = wal_push(&socket, &copy, &switched[0]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "different content accepted");
+    assert!(
+        stderr.contains("already archived with different content")
+            && stderr.contains(&sha256_hex(&altered)),
+        "{stderr}"
+    );
+    assert_eq!(fs::read(&record_path).unwrap(), record_before);
+    assert!(
+        decrypt(&d, &dir.join(format!("{}.zst.age", switched[0]))) == original,
+        "the stored file changed"
+    );
+    assert!(
+        d.log_tail("agent-prod").contains("content_differs"),
+        "the refusal is not in the agent's log"
+    );
+
+    // A name that is not a WAL file name never leaves wal-push.
+    fs::write(copy.join("notes.txt"), b"x").unwrap();
+    let bad = wal_push(&socket, &copy, "notes.txt");
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("is not a WAL file name"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}
+
+/// `(log, seg)` of a segment name as one sequence number (16 MiB segments: 256 a log).
+fn sequence(segment: &str) -> u64 {
+    let log = u64::from_str_radix(&segment[8..16], 16).unwrap();
+    let seg = u64::from_str_radix(&segment[16..24], 16).unwrap();
+    log * 256 + seg
+}
+
+/// `ferry-agent check --offline` of `config` written to `name` in the test's directory:
+/// its success and its output.
+fn check_offline(d: &Deployment, name: &str, config: &str) -> (bool, String) {
+    let path = d.dir.path().join(name);
+    fs::write(&path, config).unwrap();
+    let out = Command::new(bin("ferry-agent"))
+        .args(["check", "--offline", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn with_the_agent_down_pushes_fail_clearly_and_the_backlog_is_archived_once_it_is_back() {
+    let Wal {
+        mut d, pg, socket, ..
+    } = deploy();
+
+    // What [wal] accepts: production only, a known group, a datastore that archives WAL.
+    let prod = fs::read_to_string(&d.prod_config).unwrap();
+    let (ok, out) = check_offline(&d, "good.toml", &prod);
+    assert!(ok, "{out}");
+    let wal = |group: &str| {
+        format!(
+            "[wal]\nsocket = {}\ngroup = {}\n",
+            toml_str(&socket.display().to_string()),
+            toml_str(group)
+        )
+    };
+    let refusals = [
+        (
+            prod.replace("group = \"postgres\"", "group = \"no-such-group\""),
+            "no OS group \"no-such-group\"",
+        ),
+        (
+            format!("{}\n{}", d.prod_agent.to_toml(), wal("postgres")),
+            "no datastore archives WAL",
+        ),
+        (
+            format!("{}\n{}", d.stage_agent.to_toml(), wal("postgres")),
+            "no datastore archives WAL",
+        ),
+    ];
+    for (i, (config, expected)) in refusals.iter().enumerate() {
+        let (ok, out) = check_offline(&d, &format!("bad{i}.toml"), config);
+        assert!(!ok && out.contains(expected), "{expected}: {out}");
+    }
+    // A second agent on the same socket is refused before it serves anything.
+    let second = run_agent_expecting_exit(&d.prod_config);
+    let text = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success());
+    assert!(
+        text.contains("another process listens on the WAL socket"),
+        "{text}"
+    );
+
+    let first = write_and_switch(&pg, 0);
+    wait_archived(&pg, &first, &d);
+
+    d.kill("agent-prod");
+    let (archived_before, _, failed_before) = archiver(&pg);
+    let backlog: Vec<String> = (1..4).map(|i| write_and_switch(&pg, i)).collect();
+    // PostgreSQL counts the failures and logs wal-push's message; nothing is archived.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while archiver(&pg).2 <= failed_before {
+        assert!(Instant::now() < deadline, "no archive failure counted");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (archived, _, _) = archiver(&pg);
+    assert_eq!(archived, archived_before, "archived with the agent down");
+    let log = pg.log_tail(50);
+    assert!(
+        log.contains("ferry-agent wal-push: error: cannot reach the Ferry agent"),
+        "{log}"
+    );
+    // The segments wait in pg_wal.
+    for seg in &backlog {
+        assert!(pg.data_dir().join("pg_wal").join(seg).exists(), "{seg}");
+    }
+
+    d.start_agent("agent-prod");
+    let last = backlog.last().unwrap();
+    wait_archived(&pg, last, &d);
+    let (names, _) = stored(&d);
+    let segments: Vec<&String> = names.iter().filter(|n| n.len() == 24).collect();
+    let (lo, hi) = (
+        sequence(segments[0]),
+        sequence(segments[segments.len() - 1]),
+    );
+    assert!(hi >= sequence(last), "{last} missing from {names:?}");
+    let have: Vec<u64> = segments.iter().map(|s| sequence(s)).collect();
+    let missing: Vec<u64> = (lo..=hi).filter(|n| !have.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "segments missing: {missing:?} of {names:?}"
+    );
+    for seg in &backlog {
+        assert!(names.contains(seg), "{seg} not stored: {names:?}");
+    }
+}
+
+/// `SELECT clock_timestamp()` in UTC, as `recovery_target_time` takes it.
+fn now_utc(pg: &Postgres) -> String {
+    pg.psql(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_base_backup_replays_archived_wal_through_wal_get_to_a_chosen_time() {
+    let Wal {
+        d,
+        pg,
+        agent,
+        socket,
+        stage_socket,
+    } = deploy();
+    pg.psql(
+        "postgres",
+        "CREATE TABLE events (id int, phase text); INSERT INTO events SELECT g, 'base' FROM generate_series(1, 1000) g;",
+    );
+    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let (name, _) = d.todays_backup("pgphys", "tar.zst.age");
+
+    // After the base backup: rows before the target time, then rows after it, in later
+    // segments that only the WAL archive holds.
+    pg.psql(
+        "postgres",
+        "INSERT INTO events SELECT g, 'before' FROM generate_series(1, 500) g",
+    );
+    write_and_switch(&pg, 1);
+    std::thread::sleep(Duration::from_millis(1100));
+    let target = now_utc(&pg);
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(
+        "postgres",
+        "INSERT INTO events SELECT g, 'after' FROM generate_series(1, 700) g",
+    );
+    let last = write_and_switch(&pg, 2);
+    wait_archived(&pg, &last, &d);
+
+    // The base backup unpacked with stock tools, then PostgreSQL recovering from it with
+    // `restore_command = 'ferry-agent wal-get %f %p'` through the staging agent.
+    let restored = d.dir.path().join("pitr");
+    make_reachable(&restored);
+    let data = restored.join("data");
+    fs::create_dir(&data).unwrap();
+    let age = require("age", "age");
+    let tar = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; {} -d -i {} {} | zstd -d | tar -x -C {} && chown -R postgres:postgres {} && chmod 0700 {}",
+            age.display(),
+            d.identity.display(),
+            d.sshd.root().join(&name).display(),
+            data.display(),
+            restored.display(),
+            data.display()
+        ))
+        .output()
+        .unwrap();
+    assert!(
+        tar.status.success(),
+        "{}",
+        String::from_utf8_lossy(&tar.stderr)
+    );
+    fs::write(data.join("recovery.signal"), "").unwrap();
+    let sock = restored.join("sock");
+    fs::create_dir(&sock).unwrap();
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(&restored),
+    );
+    let port = free_port();
+    let opts = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c archive_mode=off \
+         -c \"restore_command={} wal-get --socket {} %f %p\" \
+         -c \"recovery_target_time={target}\" -c recovery_target_action=promote",
+        sock.display(),
+        agent.display(),
+        stage_socket.display()
+    );
+    let log = restored.join("postgres.log");
+    let started = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin_dir().join("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .arg("-l")
+        .arg(&log)
+        .args(["-w", "-t", "120", "-o", &opts, "start"])
+        .output()
+        .unwrap();
+    let log_text = || fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        started.status.success(),
+        "{}\n{}\nstaging agent:\n{}",
+        String::from_utf8_lossy(&started.stderr),
+        log_text(),
+        d.log_tail("agent-stage")
+    );
+    let recovered = Postgres::attach(pg.bin_dir(), port);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recovered
+        .psql("postgres", "SELECT pg_is_in_recovery()")
+        .trim()
+        != "f"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "still recovering:\n{}",
+            log_text()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let phases = recovered.psql(
+        "postgres",
+        "SELECT phase || '=' || count(*) FROM events GROUP BY phase ORDER BY phase",
+    );
+    let stop = Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin_dir().join("pg_ctl"))
+        .arg("-D")
+        .arg(&data)
+        .args(["-m", "immediate", "-w", "stop"])
+        .output()
+        .unwrap();
+    assert!(stop.status.success());
+    let text = log_text();
+    assert_eq!(
+        phases.split_whitespace().collect::<Vec<_>>(),
+        ["base=1000", "before=500"],
+        "{text}"
+    );
+    assert!(
+        text.contains("restored log file"),
+        "nothing came from the archive:\n{text}"
+    );
+    assert!(text.contains("recovery stopping before commit"), "{text}");
+
+    // wal-get says so when a file is not archived, and production's agent serves no reads.
+    let probe = d.dir.path().join("probe");
+    make_reachable(&probe);
+    let missing = Command::new(bin("ferry-agent"))
+        .args(["wal-get", "--socket"])
+        .arg(&stage_socket)
+        .args(["0000000100000000000000FE", "out"])
+        .current_dir(&probe)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("is not archived"),
+        "{}",
+        String::from_utf8_lossy(&missing.stderr)
+    );
+    assert!(!probe.join("out").exists() && !probe.join("out.ferry-partial").exists());
+    let refused = Command::new(bin("ferry-agent"))
+        .args(["wal-get", "--socket"])
+        .arg(&socket)
+        .args([&last, "out"])
+        .current_dir(&probe)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("may not read it back"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
+#[test]
+fn on_s3_archived_wal_is_a_version_of_its_key_and_wal_get_reads_the_recorded_one() {
+    let c = CephCluster::shared();
+    let roles = c.roles();
+    let bucket = c.ferry_bucket("wal");
+    let Wal {
+        d,
+        pg,
+        socket,
+        stage_socket,
+        ..
+    } = deploy_with(|d| {
+        let dir = d.dir.path().to_owned();
+        for (config, user) in [
+            (&d.prod_config, &roles.production),
+            (&d.stage_config, &roles.staging),
+        ] {
+            let text = fs::read_to_string(config).unwrap();
+            let table = s3_table("backup_server", c, &bucket, user, &dir, "");
+            fs::write(config, replace_backup_server(&text, &table)).unwrap();
+        }
+    });
+    let seg = write_and_switch(&pg, 0);
+    let original = fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
+    wait_archived(&pg, &seg, &d);
+    assert!(
+        d.sshd.final_files().is_empty(),
+        "the SFTP server was written to"
+    );
+
+    // The object and its record, read with boto3 as staging: the record names the
+    // object's version and the plaintext's SHA-256.
+    let key = format!("ferry/production/pgphys-wal/00000001/{seg}.zst.age");
+    let get = |key: &str| {
+        c.s3_ok(
+            &roles.staging,
+            "get_object",
+            serde_json::json!({"Bucket": bucket, "Key": key}),
+        )
+    };
+    let record: serde_json::Value =
+        serde_json::from_str(get(&format!("{key}.json"))["Body"].as_str().unwrap()).unwrap();
+    let object = get(&key);
+    assert_eq!(record["version_id"], object["VersionId"], "{record}");
+    assert_eq!(record["sha256_stored"], object["BodySha256"]);
+    assert_eq!(record["sha256"], sha256_hex(&original));
+
+    // Production may not read back: a second push cannot be compared, and is stored as a
+    // new version of the object and of its record (versioning keeps the first).
+    let copy = d.dir.path().join("again");
+    make_reachable(&copy);
+    fs::write(copy.join(&seg), &original).unwrap();
+    let again = wal_push(&socket, &copy, &seg);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+
+    // wal-get through the staging agent: the recorded version, decrypted, equal to the
+    // segment PostgreSQL wrote.
+    let out = Command::new(bin("ferry-agent"))
+        .args(["wal-get", "--socket"])
+        .arg(&stage_socket)
+        .args([seg.as_str(), "fetched"])
+        .current_dir(&copy)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        d.log_tail("agent-stage")
+    );
+    assert!(fs::read(copy.join("fetched")).unwrap() == original);
+}
