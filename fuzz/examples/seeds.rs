@@ -8,10 +8,10 @@ use std::os::unix::fs::symlink;
 use std::path::Path;
 
 use bson::doc;
+use ferry_agent::datastore::common::tree;
 use ferry_agent::datastore::mongodb::archive::{
     ArchiveWriter, CollectionMetadata, FORMAT_VERSION, Header,
 };
-use ferry_agent::datastore::common::tree;
 use ferry_core::manifest::{MANIFEST_VERSION, Manifest, RecipientInfo, Source};
 
 fn bson(d: bson::Document) -> Vec<u8> {

@@ -54,11 +54,13 @@ enum Kind {
     Verify {
         date: Option<Date>,
         file: Option<String>,
+        target: Option<String>,
     },
     Restore {
         date: Option<Date>,
         file: Option<String>,
         namespaces: Vec<String>,
+        target: Option<String>,
     },
 }
 
@@ -122,6 +124,17 @@ fn check_file(datastore: &str, date: Option<&str>, file: Option<&str>) {
     assert!(stamp.starts_with(d), "{f:?} is not of {d}");
 }
 
+/// An accepted order's target is `primary` or one of the agent's `[copies]`, and never
+/// of a differential repository (read from `[backup_server]` only).
+fn check_target(settings: &Settings, repository: bool, target: Option<&str>) {
+    let Some(t) = target else { return };
+    assert!(!repository, "target {t:?} of a repository");
+    assert!(
+        t == "primary" || settings.copies.iter().any(|(n, _)| n == t),
+        "accepted target {t:?}"
+    );
+}
+
 fuzz_target!(|input: Input| {
     let agents = agents();
     let extra = input
@@ -147,18 +160,25 @@ fuzz_target!(|input: Input| {
     };
     let kind = match input.kind {
         Kind::Backup { backup_type } => OrderKind::Backup { backup_type },
-        Kind::Verify { date: d, file } => OrderKind::Verify {
+        Kind::Verify {
+            date: d,
+            file,
+            target,
+        } => OrderKind::Verify {
             date: date(d),
             file,
+            target,
         },
         Kind::Restore {
             date: d,
             file,
             namespaces,
+            target,
         } => OrderKind::Restore {
             date: date(d),
             file,
             namespaces,
+            target,
         },
     };
     let allowed = match kind {
@@ -220,7 +240,12 @@ fuzz_target!(|input: Input| {
                 assert!(types.contains(&t.as_str()), "backup type {t:?}");
             }
         }
-        OrderKind::Verify { date, file } | OrderKind::Check { date, file } => {
+        OrderKind::Verify { date, file, target } | OrderKind::Check { date, file, target } => {
+            check_target(
+                settings,
+                order.datastore.repository().is_some(),
+                target.as_deref(),
+            );
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }
@@ -230,7 +255,13 @@ fuzz_target!(|input: Input| {
             date,
             file,
             namespaces,
+            target,
         } => {
+            check_target(
+                settings,
+                order.datastore.repository().is_some(),
+                target.as_deref(),
+            );
             if let Some(d) = date {
                 assert!(is_calendar_date(d), "accepted date {d:?}");
             }
