@@ -210,6 +210,36 @@ pub struct Settings {
     pub wal: Option<crate::wal::WalSettings>,
 }
 
+#[cfg(test)]
+impl Settings {
+    /// Settings for unit tests: a production agent `agent` of environment `production`
+    /// writing to `backup_server` with `keys`, one job at a time, no clients, copies,
+    /// datastores or `[wal]`, and certificate paths that do not exist. Tests change the
+    /// fields they need with struct update syntax.
+    pub(crate) fn for_tests(backup_server: Arc<dyn Target>, keys: Keys) -> Settings {
+        Settings {
+            id: "agent".into(),
+            role: Role::Production,
+            environment: "production".into(),
+            hostname: "host".into(),
+            listen: "127.0.0.1:0".parse().expect("a socket address"),
+            tls: TlsFiles {
+                cert: "/nonexistent".into(),
+                key: "/nonexistent".into(),
+                ca: "/nonexistent".into(),
+            },
+            allowed_clients: Vec::new(),
+            max_concurrent_jobs: 1,
+            backup_server,
+            copies: Vec::new(),
+            keys,
+            source_environment: None,
+            datastores: BTreeMap::new(),
+            wal: None,
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads and parses `path`.
     ///

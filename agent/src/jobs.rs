@@ -852,23 +852,13 @@ mod tests {
         let (_, recipient) = encrypt::generate_identity();
         let settings = Settings {
             id: "agent-1".into(),
-            role: ferry_proto::Role::Production,
-            environment: "production".into(),
-            hostname: "host".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: ferry_proto::tls::TlsFiles {
-                cert: "/nonexistent".into(),
-                key: "/nonexistent".into(),
-                ca: "/nonexistent".into(),
-            },
             allowed_clients: vec!["coordinator".into()],
             max_concurrent_jobs: 4,
-            backup_server: Arc::new(ferry_storage::memory::MemoryTarget::new("/srv/ferry")),
-            copies: Vec::new(),
-            keys: crate::config::Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
-            source_environment: None,
             datastores: [("sleeper".to_owned(), ds as Arc<dyn Datastore>)].into(),
-            wal: None,
+            ..Settings::for_tests(
+                Arc::new(ferry_storage::memory::MemoryTarget::new("/srv/ferry")),
+                crate::config::Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
+            )
         };
         JobRunner::new(Arc::new(settings), CancellationToken::new())
     }

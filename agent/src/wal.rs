@@ -410,28 +410,19 @@ pub fn push(socket: &Path, datastore: &str, path: &Path) -> Result<String, Clien
     };
     let mut file = std::fs::File::open(path).map_err(file_err)?;
     let size = file.metadata().map_err(file_err)?.len();
-    let sock = socket.display().to_string();
-    let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
-        socket: sock.clone(),
-        source,
-    })?;
-    let broken = |source| ClientError::Broken {
-        socket: sock.clone(),
-        source,
-    };
-    stream
-        .set_read_timeout(Some(ANSWER_TIMEOUT))
-        .map_err(broken)?;
-    write_header(
-        &mut stream,
+    let (mut stream, sock) = send_header(
+        socket,
         &Header {
             op: Op::Push,
             datastore: datastore.to_owned(),
             file: name.name.clone(),
             size,
         },
-    )
-    .map_err(broken)?;
+    )?;
+    let broken = |source| ClientError::Broken {
+        socket: sock.clone(),
+        source,
+    };
     // Exactly the announced size, even if the file grew (it does not: PostgreSQL
     // archives complete files only).
     let sent = io::copy(&mut (&mut file).take(size), &mut stream);
@@ -447,18 +438,14 @@ pub fn push(socket: &Path, datastore: &str, path: &Path) -> Result<String, Clien
     }
 }
 
-/// `ferry-agent wal-get`: asks the staging agent listening on `socket` for the archived
-/// file `name` of `datastore` (empty: the agent's only WAL datastore) and writes it to
-/// `dest` (PostgreSQL's `%p`, relative to the data directory): first to
-/// `<dest>.ferry-partial`, renamed over `dest` only once whole and checked by the agent
-/// against its record's SHA-256. Returns the bytes written.
+/// Connects to the agent listening on `socket` and sends `header`: the stream, ready for
+/// the request's bytes or the answer (reads time out after [`ANSWER_TIMEOUT`]), and the
+/// socket's path for errors.
 ///
 /// # Errors
-/// [`ClientError::NotArchived`] when no such file is archived (PostgreSQL asks for files
-/// past the end of the archive; it takes a non-zero exit as "not there"); otherwise as
-/// [`push`], or the destination cannot be written.
-pub fn get(socket: &Path, datastore: &str, name: &str, dest: &Path) -> Result<u64, ClientError> {
-    let name = WalFileName::parse(name)?;
+/// [`ClientError::Unreachable`] when nothing listens there; [`ClientError::Broken`] when
+/// the header cannot be sent.
+fn send_header(socket: &Path, header: &Header) -> Result<(UnixStream, String), ClientError> {
     let sock = socket.display().to_string();
     let mut stream = UnixStream::connect(socket).map_err(|source| ClientError::Unreachable {
         socket: sock.clone(),
@@ -471,16 +458,35 @@ pub fn get(socket: &Path, datastore: &str, name: &str, dest: &Path) -> Result<u6
     stream
         .set_read_timeout(Some(ANSWER_TIMEOUT))
         .map_err(broken)?;
-    write_header(
-        &mut stream,
+    write_header(&mut stream, header).map_err(broken)?;
+    Ok((stream, sock))
+}
+
+/// `ferry-agent wal-get`: asks the staging agent listening on `socket` for the archived
+/// file `name` of `datastore` (empty: the agent's only WAL datastore) and writes it to
+/// `dest` (PostgreSQL's `%p`, relative to the data directory): first to
+/// `<dest>.ferry-partial`, renamed over `dest` only once whole and checked by the agent
+/// against its record's SHA-256. Returns the bytes written.
+///
+/// # Errors
+/// [`ClientError::NotArchived`] when no such file is archived (PostgreSQL asks for files
+/// past the end of the archive; it takes a non-zero exit as "not there"); otherwise as
+/// [`push`], or the destination cannot be written.
+pub fn get(socket: &Path, datastore: &str, name: &str, dest: &Path) -> Result<u64, ClientError> {
+    let name = WalFileName::parse(name)?;
+    let (mut stream, sock) = send_header(
+        socket,
         &Header {
             op: Op::Get,
             datastore: datastore.to_owned(),
             file: name.name.clone(),
             size: 0,
         },
-    )
-    .map_err(broken)?;
+    )?;
+    let broken = |source| ClientError::Broken {
+        socket: sock.clone(),
+        source,
+    };
     match read_response(&mut stream).map_err(broken)? {
         (Status::Ok, _) => {}
         (Status::NotArchived, message) => return Err(ClientError::NotArchived(message)),
@@ -1069,23 +1075,10 @@ mod tests {
         let (_, recipient) = generate_identity();
         Settings {
             id: "pg-prod".into(),
-            role: ferry_proto::Role::Production,
-            environment: "production".into(),
-            hostname: "host".into(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            tls: ferry_proto::tls::TlsFiles {
-                cert: "/nonexistent".into(),
-                key: "/nonexistent".into(),
-                ca: "/nonexistent".into(),
-            },
-            allowed_clients: Vec::new(),
-            max_concurrent_jobs: 1,
-            backup_server: Arc::new(target.clone()),
-            copies: Vec::new(),
-            keys: Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
-            source_environment: None,
-            datastores: Default::default(),
-            wal: None,
+            ..Settings::for_tests(
+                Arc::new(target.clone()),
+                Keys::Encrypt(Encryption::from_recipients(&[recipient]).unwrap()),
+            )
         }
     }
 

@@ -178,29 +178,18 @@ struct Fleet {
 }
 
 fn settings(target: &MemoryTarget, keys: Keys, source: Option<&str>) -> Arc<Settings> {
-    Arc::new(Settings {
-        id: "agent".into(),
-        role: if source.is_some() {
-            ferry_proto::Role::Staging
-        } else {
-            ferry_proto::Role::Production
+    let base = Settings::for_tests(Arc::new(target.clone()), keys);
+    Arc::new(match source {
+        Some(source) => Settings {
+            role: ferry_proto::Role::Staging,
+            environment: "staging".into(),
+            source_environment: Some(source.to_owned()),
+            ..base
         },
-        environment: if source.is_some() { "staging" } else { "prod" }.into(),
-        hostname: "host".into(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        tls: ferry_proto::tls::TlsFiles {
-            cert: "/nonexistent".into(),
-            key: "/nonexistent".into(),
-            ca: "/nonexistent".into(),
+        None => Settings {
+            environment: "prod".into(),
+            ..base
         },
-        allowed_clients: Vec::new(),
-        max_concurrent_jobs: 1,
-        backup_server: Arc::new(target.clone()),
-        copies: Vec::new(),
-        keys,
-        source_environment: source.map(str::to_owned),
-        datastores: Default::default(),
-        wal: None,
     })
 }
 
