@@ -471,14 +471,7 @@ fn sigterm_ends_the_agent_within_seconds_while_pg_dump_waits_on_a_lock_killing_a
     });
     // A transaction holding a table: pg_dump waits for it without writing a byte, so no
     // closed pipe ends it when the job is cancelled.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let locker = rt.block_on(async {
-        let c = d.prod_pg.client("app").await;
-        c.batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        c
-    });
+    let (rt, locker) = lock_accounts(&d);
     let agent = d.procs["agent-prod"].pid();
     let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -852,6 +845,21 @@ fn a_frozen_agent_is_failed_after_agent_timeout_and_its_upload_is_cancelled_when
     assert_nothing_stored(&d);
     let log = fs::read_to_string(d.dir.path().join("agent-prod.log")).unwrap();
     assert!(!log.contains("Job succeeded"), "{log}");
+}
+
+/// A transaction of production's holding `accounts` (ACCESS EXCLUSIVE), so that pg_dump
+/// waits on it without writing a byte: the runtime and the client, whose
+/// `batch_execute("ROLLBACK")` lets it go.
+fn lock_accounts(d: &Deployment) -> (tokio::runtime::Runtime, tokio_postgres::Client) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let locker = rt.block_on(async {
+        let c = d.prod_pg.client("app").await;
+        c.batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
+            .await
+            .unwrap();
+        c
+    });
+    (rt, locker)
 }
 
 /// Sends `signal` (e.g. `STOP`, `CONT`, `KILL`) to each of `pids` (one that is gone is no
@@ -1289,14 +1297,7 @@ fn sigterm_mid_backup_to_s3_aborts_the_agents_multipart_uploads_and_the_retry_su
     };
     // pg_dump waits on a table held by a transaction, after the globals part was staged:
     // that part's multipart upload is in progress when the agent is stopped.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let locker = rt.block_on(async {
-        let c = d.prod_pg.client("app").await;
-        c.batch_execute("BEGIN; LOCK TABLE accounts IN ACCESS EXCLUSIVE MODE")
-            .await
-            .unwrap();
-        c
-    });
+    let (rt, locker) = lock_accounts(&d);
     let agent = d.procs["agent-prod"].pid();
     let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -12,6 +12,8 @@
 //! - S3 → S3 and S3 → SFTP: one backup on a primary bucket copied to a second bucket and to
 //!   the SFTP server, each equal to the primary's object, each restored from with `--from`.
 
+use std::collections::BTreeMap;
+
 use chrono::{NaiveDate, Utc};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -92,6 +94,29 @@ fn files_of(main_manifest: &Value, main: &str) -> Vec<String> {
 
 fn name_of(path: &str) -> &str {
     path.rsplit('/').next().unwrap()
+}
+
+/// `ferry restore pg-stage --datastore postgres --from FROM --wait`: it succeeds, staging's
+/// tables equal `source`, and the newest job says it read `from`.
+fn restore_from(d: &Deployment, from: &str, source: &BTreeMap<String, (i64, String)>) {
+    let out = d.ferry_ok(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "postgres",
+        "--from",
+        from,
+        "--wait",
+    ]);
+    assert!(out.contains("succeeded"), "{from}: {out}");
+    assert_eq!(
+        &d.stage_pg.table_fingerprints("app"),
+        source,
+        "restored from {from}"
+    );
+    let jobs = d.ferry_json(&["jobs"]);
+    let newest = &jobs.as_array().unwrap()[0];
+    assert_eq!(newest["result"]["target"], from, "{newest}");
 }
 
 #[test]
@@ -219,24 +244,7 @@ fn a_backup_is_copied_from_sftp_to_s3_and_restored_from_the_copy_when_the_primar
 
     let source = d.prod_pg.table_fingerprints("app");
     assert_eq!(source.len(), 5, "{source:?}");
-    let out = d.ferry_ok(&[
-        "restore",
-        "pg-stage",
-        "--datastore",
-        "postgres",
-        "--from",
-        "offsite",
-        "--wait",
-    ]);
-    assert!(out.contains("succeeded"), "{out}");
-    assert_eq!(
-        d.stage_pg.table_fingerprints("app"),
-        source,
-        "restored from the copy"
-    );
-    let jobs = d.ferry_json(&["jobs"]);
-    let newest = &jobs.as_array().unwrap()[0];
-    assert_eq!(newest["result"]["target"], "offsite", "{newest}");
+    restore_from(&d, "offsite", &source);
 
     // The primary is lost: a plain restore reads the copy, and says so.
     d.stage_pg.psql("app", "DROP TABLE IF EXISTS notes CASCADE");
@@ -339,23 +347,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
             // What the previous restore put in place changes, so each restore must redo it.
             d.stage_pg.psql("app", "DROP TABLE IF EXISTS notes CASCADE");
         }
-        let out = d.ferry_ok(&[
-            "restore",
-            "pg-stage",
-            "--datastore",
-            "postgres",
-            "--from",
-            from,
-            "--wait",
-        ]);
-        assert!(out.contains("succeeded"), "{from}: {out}");
-        assert_eq!(
-            d.stage_pg.table_fingerprints("app"),
-            source,
-            "restored from {from}"
-        );
-        let jobs = d.ferry_json(&["jobs"]);
-        assert_eq!(jobs.as_array().unwrap()[0]["result"]["target"], from);
+        restore_from(&d, from, &source);
     }
     // A target nobody configured is refused before any job exists.
     let refused = d.ferry(&[
@@ -550,18 +542,5 @@ fn a_copy_that_fails_is_reported_and_made_once_the_fault_is_gone() {
         (4, 0),
         "{objects:?} {uploads:?}"
     );
-    let out = d.ferry_ok(&[
-        "restore",
-        "pg-stage",
-        "--datastore",
-        "postgres",
-        "--from",
-        "offsite",
-        "--wait",
-    ]);
-    assert!(out.contains("succeeded"), "{out}");
-    assert_eq!(
-        d.stage_pg.table_fingerprints("app"),
-        d.prod_pg.table_fingerprints("app")
-    );
+    restore_from(&d, "offsite", &d.prod_pg.table_fingerprints("app"));
 }
