@@ -15,17 +15,6 @@ struct PgbrFleet {
     stage: Postgres,
 }
 
-fn toml_list(items: &[String]) -> String {
-    format!(
-        "[{}]",
-        items
-            .iter()
-            .map(|s| toml_str(s))
-            .collect::<Vec<_>>()
-            .join(", ")
-    )
-}
-
 fn deploy() -> PgbrFleet {
     let mut clusters = None;
     let d = Deployment::start_with("SELECT 1", |d| {
@@ -54,16 +43,8 @@ fn deploy() -> PgbrFleet {
                 toml_str(&pass.display().to_string()),
             ),
         );
-        let pg_ctl = stage.bin_dir().join("pg_ctl").display().to_string();
         let data = stage.data_dir().display().to_string();
-        let as_postgres = |args: &[&str]| {
-            let mut v: Vec<String> = ["runuser", "-u", "postgres", "--", &pg_ctl, "-D", &data]
-                .iter()
-                .map(|s| s.to_string())
-                .collect();
-            v.extend(args.iter().map(|s| s.to_string()));
-            v
-        };
+        let as_postgres = |args: &[&str]| pg_ctl_command(&stage, args);
         let stop = as_postgres(&["-m", "fast", "-w", "stop"]);
         // The restored postgresql.conf is production's: the port and socket come from -o.
         let opts = format!(

@@ -242,6 +242,7 @@ fn agents_refuse_orders_outside_their_role_and_leave_nothing_behind() {
                 verify_only: false,
                 file: String::new(),
                 check_only: false,
+                to_time_unix_ms: 0,
             })
             .await
             .expect_err("production agent accepted a restore order");

@@ -14,86 +14,6 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::*;
 
-/// Production's physical datastore, `pgphys`, of `pg`.
-fn production_entry(pg: &Postgres) -> String {
-    format!(
-        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbin_dir = {}\n",
-        pg.port(),
-        toml_str(&pg.bin_dir().display().to_string())
-    )
-}
-
-/// A TOML list of strings.
-fn toml_list(items: &[String]) -> String {
-    let items: Vec<String> = items.iter().map(|s| toml_str(s)).collect();
-    format!("[{}]", items.join(", "))
-}
-
-/// How staging's datastore is set up: its smoke check, and a shell condition under which
-/// its `start_command` fails instead of starting the cluster (`$D` is the data directory).
-struct Staging {
-    smoke: &'static str,
-    start_fails_if: Option<&'static str>,
-}
-
-/// A smoke check that passes on [`load_bench`]'s data.
-const ACCOUNTS: &str = "SELECT count(*) FROM pgbench_accounts";
-
-impl Staging {
-    fn smoke(sql: &'static str) -> Staging {
-        Staging {
-            smoke: sql,
-            start_fails_if: None,
-        }
-    }
-}
-
-/// Staging's physical datastore, `pgphys`, restoring into `pg`'s data directory, stopped
-/// and started with pg_ctl (its port and socket on the command line: the restored
-/// `postgresql.conf` is production's); `min` the smoke check's least number.
-fn staging_entry(pg: &Postgres, staging: &Staging, min: i64) -> String {
-    let pg_ctl = pg.bin_dir().join("pg_ctl").display().to_string();
-    let data = pg.data_dir().display().to_string();
-    let as_postgres = |args: &[&str]| {
-        let mut v: Vec<String> = ["runuser", "-u", "postgres", "--", &pg_ctl, "-D", &data]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        v.extend(args.iter().map(|s| s.to_string()));
-        v
-    };
-    let opts = format!(
-        "-p {} -k {} -c listen_addresses=127.0.0.1",
-        pg.port(),
-        pg.dir().join("sock").display()
-    );
-    let log = pg.dir().join("postgres.log").display().to_string();
-    let mut start = as_postgres(&["-l", &log, "-w", "-t", "60", "-o", &opts, "start"]);
-    if let Some(condition) = staging.start_fails_if {
-        let quoted: Vec<String> = start.iter().map(|a| format!("'{a}'")).collect();
-        start = vec![
-            "bash".into(),
-            "-c".into(),
-            format!(
-                "D='{data}'; if {condition}; then echo refused by the test >&2; exit 3; fi; exec {}",
-                quoted.join(" ")
-            ),
-        ];
-    }
-    format!(
-        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\n\
-         user = \"postgres\"\nbin_dir = {}\ndata_dir = {}\nstop_command = {}\nstart_command = {}\ncheck_port = {}\n\
-         smoke_database = \"bench\"\nsmoke = [{{ sql = {}, min = {min} }}]\n",
-        pg.port(),
-        toml_str(&pg.bin_dir().display().to_string()),
-        toml_str(&data),
-        toml_list(&as_postgres(&["-m", "fast", "-w", "stop"])),
-        toml_list(&start),
-        free_port(),
-        toml_str(staging.smoke),
-    )
-}
-
 /// A deployment with a production cluster `phys-prod` holding [`load_bench`]'s data and a
 /// staging cluster `phys-stage`, and the physical datastores of both (`staging` and `min`
 /// as for [`staging_entry`]).
@@ -124,32 +44,6 @@ fn siblings(pg: &Postgres) -> Vec<String> {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains("ferry-"))
         .collect()
-}
-
-/// pgbench tables (scale 2: 200,000 accounts) in database `bench`, and a table of varied
-/// text beside them.
-fn load_bench(pg: &Postgres) {
-    pg.create_database("bench");
-    let out = Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(pg.bin_dir().join("pgbench"))
-        .args(["-i", "-s", "2", "-q", "-h", "127.0.0.1", "-U", "postgres"])
-        .arg("-p")
-        .arg(pg.port().to_string())
-        .arg("bench")
-        .output()
-        .expect("run pgbench");
-    assert!(
-        out.status.success(),
-        "pgbench -i: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    pg.psql(
-        "bench",
-        "CREATE TABLE notes AS SELECT g AS id, md5(g::text) || ' ' || repeat(chr(65 + g % 26), g % 40) AS body \
-         FROM generate_series(1, 20000) g;
-         UPDATE pgbench_accounts SET abalance = aid % 997 WHERE aid % 3 = 0;",
-    );
 }
 
 /// `pg_controldata DIR`'s "Database system identifier".

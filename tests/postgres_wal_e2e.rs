@@ -9,6 +9,9 @@
 //! base backup unpacked with stock tools recovers to a chosen time with `restore_command =
 //! 'ferry-agent wal-get %f %p'` through the staging agent. On an S3 target (a real Ceph
 //! RGW) each file is a version of its key, named in its record, which wal-get reads.
+//! `ferry restore --to-time` while pgbench writes: restored to two instants, staging's
+//! tables equal production's at each; an instant beyond the archive or before the first
+//! base backup refused, an altered segment failing the restore before the swap.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -18,15 +21,6 @@ use std::time::{Duration, Instant};
 use ferry_tests::*;
 use sha2::{Digest, Sha256};
 
-/// Production's physical datastore, `pgphys`, of `pg`.
-fn production_entry(pg: &Postgres) -> String {
-    format!(
-        "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\nhost = \"127.0.0.1\"\nport = {}\nuser = \"postgres\"\nbin_dir = {}\n",
-        pg.port(),
-        toml_str(&pg.bin_dir().display().to_string())
-    )
-}
-
 /// Everything of one test: the deployment, production's archiving cluster, the agent
 /// binary the `postgres` user runs, and the `[wal]` sockets of both agents.
 struct Wal {
@@ -35,6 +29,8 @@ struct Wal {
     agent: PathBuf,
     socket: PathBuf,
     stage_socket: PathBuf,
+    /// Staging's cluster `wal-stage`, which restores replace, when the test asked for one.
+    stage: Option<Postgres>,
 }
 
 /// A deployment whose production agent serves `[wal]` on a socket of the test's
@@ -42,11 +38,13 @@ struct Wal {
 /// the agent binary the `postgres` user can run); the staging agent has a physical
 /// datastore `pgphys` too and serves `wal-get` on a socket of its own.
 fn deploy() -> Wal {
-    deploy_with(|_| {})
+    deploy_with(None, |_| {})
 }
 
-/// [`deploy`], `tweak` run last on the deployment before anything starts.
-fn deploy_with(tweak: impl FnOnce(&mut Deployment)) -> Wal {
+/// [`deploy`], with a staging cluster `wal-stage` that staging's `pgphys` restores into
+/// (set up as `staging` says, its smoke check's least number 1) when `staging` is given;
+/// `tweak` run last on the deployment before anything starts.
+fn deploy_with(staging: Option<Staging>, tweak: impl FnOnce(&mut Deployment)) -> Wal {
     let mut out = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path();
@@ -66,33 +64,42 @@ fn deploy_with(tweak: impl FnOnce(&mut Deployment)) -> Wal {
         );
         let wal = |socket: &Path| {
             format!(
-                "[wal]\nsocket = {}\ngroup = \"postgres\"\n",
-                toml_str(&socket.display().to_string())
+                "[wal]\nsocket = {}\ngroup = \"postgres\"\nagent_binary = {}\n",
+                toml_str(&socket.display().to_string()),
+                toml_str(&agent.display().to_string())
             )
         };
         append(&d.prod_config, &production_entry(&pg));
         append(&d.prod_config, &wal(&socket));
         let stage_socket = dir.join("run-stage").join("wal.sock");
-        append(
-            &d.stage_config,
-            &format!(
-                "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\n\
-                 bin_dir = {}\ndata_dir = {}\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n",
-                toml_str(&pg.bin_dir().display().to_string()),
-                toml_str(&dir.join("never-restored").display().to_string()),
-            ),
-        );
+        let stage = staging.map(|staging| {
+            let stage = Postgres::start_in(&dir.join("wal-stage"));
+            append(&d.stage_config, &staging_entry(&stage, &staging, 1));
+            stage
+        });
+        if stage.is_none() {
+            append(
+                &d.stage_config,
+                &format!(
+                    "[[datastores]]\nname = \"pgphys\"\nkind = \"postgres\"\nmethod = \"physical\"\n\
+                     bin_dir = {}\ndata_dir = {}\nstop_command = [\"true\"]\nstart_command = [\"true\"]\n",
+                    toml_str(&pg.bin_dir().display().to_string()),
+                    toml_str(&dir.join("never-restored").display().to_string()),
+                ),
+            );
+        }
         append(&d.stage_config, &wal(&stage_socket));
         tweak(d);
-        out = Some((pg, agent, socket, stage_socket));
+        out = Some((pg, agent, socket, stage_socket, stage));
     });
-    let (pg, agent, socket, stage_socket) = out.unwrap();
+    let (pg, agent, socket, stage_socket, stage) = out.unwrap();
     Wal {
         d,
         pg,
         agent,
         socket,
         stage_socket,
+        stage,
     }
 }
 
@@ -441,6 +448,7 @@ fn a_base_backup_replays_archived_wal_through_wal_get_to_a_chosen_time() {
         agent,
         socket,
         stage_socket,
+        ..
     } = deploy();
     pg.psql(
         "postgres",
@@ -610,7 +618,7 @@ fn on_s3_archived_wal_is_a_version_of_its_key_and_wal_get_reads_the_recorded_one
         socket,
         stage_socket,
         ..
-    } = deploy_with(|d| {
+    } = deploy_with(None, |d| {
         let dir = d.dir.path().to_owned();
         for (config, user) in [
             (&d.prod_config, &roles.production),
@@ -674,4 +682,188 @@ fn on_s3_archived_wal_is_a_version_of_its_key_and_wal_get_reads_the_recorded_one
         d.log_tail("agent-stage")
     );
     assert!(fs::read(copy.join("fetched")).unwrap() == original);
+}
+
+/// pgbench's tables, locked against writes while an instant is recorded.
+const BENCH_TABLES: &str = "pgbench_accounts, pgbench_branches, pgbench_tellers, pgbench_history";
+
+/// Table → (rows, md5 of its rows), as [`Postgres::table_fingerprints`] gives them.
+type Fingerprints = std::collections::BTreeMap<String, (i64, String)>;
+
+/// Database `bench` of `pg` at one instant while pgbench writes: pgbench's tables locked
+/// in SHARE mode (every transaction that wrote them has committed, none can commit until
+/// the lock ends), the instant taken 20 ms into the lock (UTC, to the millisecond, so no
+/// commit lies between the lock and it), then each of those tables' fingerprint, all in
+/// one transaction.
+fn instant_and_fingerprints(pg: &Postgres) -> (String, Fingerprints) {
+    let tables = pg.psql(
+        "bench",
+        "SELECT string_agg(format('SELECT %L || ''|'' || count(*) || ''|'' || \
+         coalesce(md5(string_agg(r::text, E''\\n'' ORDER BY r::text COLLATE \"C\")), md5('''')) \
+         FROM %I.%I r', schemaname || '.' || tablename, schemaname, tablename), ' UNION ALL ' \
+         ORDER BY tablename) FROM pg_tables WHERE tablename LIKE 'pgbench%'",
+    );
+    let out = run_ok(
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg.bin_dir().join("psql"))
+            .args([
+                "-X",
+                "-At",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-h",
+                "127.0.0.1",
+            ])
+            .args([
+                "-U",
+                "postgres",
+                "-d",
+                "bench",
+                "-p",
+                &pg.port().to_string(),
+            ])
+            .args(["-c", "BEGIN ISOLATION LEVEL REPEATABLE READ"])
+            .args(["-c", &format!("LOCK TABLE {BENCH_TABLES} IN SHARE MODE")])
+            .args(["-c", "SELECT 'sleep' FROM pg_sleep(0.02)"])
+            .args([
+                "-c",
+                "SELECT to_char(date_trunc('milliseconds', clock_timestamp()) AT TIME ZONE 'UTC', \
+                 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"')",
+            ])
+            .args(["-c", &tables])
+            .args(["-c", "SELECT 'sleep' FROM pg_sleep(0.02)"])
+            .args(["-c", "COMMIT"]),
+    );
+    let mut lines = out.lines().filter(|l| !l.is_empty() && *l != "sleep");
+    let instant = lines.next().expect("the instant").to_owned();
+    let rest: Vec<&str> = lines.collect();
+    (instant, parse_fingerprints(&rest.join("\n")))
+}
+
+/// `pgbench -c 2 -T seconds` on database `bench` of `pg`, in the background.
+fn pgbench_for(pg: &Postgres, seconds: u32) -> std::process::Child {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(pg.bin_dir().join("pgbench"))
+        .args([
+            "-n",
+            "-c",
+            "2",
+            "-T",
+            &seconds.to_string(),
+            "-h",
+            "127.0.0.1",
+        ])
+        .args(["-U", "postgres", "-p", &pg.port().to_string(), "bench"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start pgbench")
+}
+
+/// `ferry restore pg-stage --datastore pgphys --to-time T --wait`: its success and output.
+fn restore_to(d: &Deployment, t: &str) -> (bool, String) {
+    let out = d.ferry(&[
+        "restore",
+        "pg-stage",
+        "--datastore",
+        "pgphys",
+        "--to-time",
+        t,
+        "--wait",
+    ]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+#[test]
+fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbench_writes() {
+    let Wal { d, pg, stage, .. } = deploy_with(Some(Staging::smoke(ACCOUNTS)), |_| {});
+    let stage = stage.expect("a staging cluster");
+    load_bench(&pg);
+    let before_backup = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    std::thread::sleep(Duration::from_millis(50));
+    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+
+    // pgbench writes throughout; T1 and T2 are two instants with the tables as they were.
+    let mut bench = pgbench_for(&pg, 120);
+    std::thread::sleep(Duration::from_secs(3));
+    let (t1, at_t1) = instant_and_fingerprints(&pg);
+    // The segment written at T1: only the archive has it (the base backup ended before).
+    let t1_segment = pg.psql("postgres", "SELECT pg_walfile_name(pg_current_wal_lsn())");
+    std::thread::sleep(Duration::from_secs(3));
+    let (t2, at_t2) = instant_and_fingerprints(&pg);
+    assert_ne!(at_t1, at_t2, "pgbench wrote nothing between T1 and T2");
+    assert_eq!(at_t1.len(), 4, "{at_t1:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    // Everything up to now archived: the segment in use is switched and pushed.
+    let last = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&pg, &last, &d);
+
+    // An instant later than the newest archived WAL is refused, naming it, and staging
+    // is untouched.
+    stage.psql("postgres", "CREATE DATABASE before_restore");
+    let later = chrono::Utc::now() + chrono::TimeDelta::seconds(1);
+    std::thread::sleep(Duration::from_secs(2));
+    let (ok, text) = restore_to(
+        &d,
+        &later.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    );
+    let _ = bench.kill();
+    let _ = bench.wait();
+    assert!(!ok, "{text}");
+    assert!(text.contains("is beyond the archived WAL"), "{text}");
+    assert!(
+        text.contains("the newest instant a restore can reach"),
+        "{text}"
+    );
+    assert!(stage.has_database("before_restore"));
+    // An instant before the first base backup: nothing to start from.
+    let (ok, text) = restore_to(&d, &before_backup);
+    assert!(!ok, "{text}");
+    assert!(text.contains("that finished by"), "{text}");
+    assert!(stage.has_database("before_restore"));
+
+    for (t, expected) in [(&t1, &at_t1), (&t2, &at_t2)] {
+        let (ok, out) = restore_to(&d, t);
+        assert!(ok, "restore to {t}: {out}\n{}", d.log_tail("agent-stage"));
+        assert!(out.contains("with the archived WAL"), "{out}");
+        let restored: Fingerprints = stage
+            .table_fingerprints("bench")
+            .into_iter()
+            .filter(|(table, _)| table.starts_with("public.pgbench"))
+            .collect();
+        assert_eq!(&restored, expected, "restored to {t}:\n{out}");
+        // The restored cluster fetches no WAL of its own and archives none.
+        assert_eq!(stage.psql("postgres", "SHOW restore_command"), "");
+        assert_eq!(stage.psql("postgres", "SHOW archive_mode"), "off");
+    }
+    assert!(!stage.has_database("before_restore"));
+    let job = d.ferry_ok(&["jobs", "--output", "json"]);
+    assert!(job.contains(&t2[..19]), "{job}");
+
+    // A WAL segment altered on the backup server: wal-get refuses it, recovery cannot
+    // reach T2, and the restore fails before the swap, saying why.
+    let (names, dir) = stored(&d);
+    assert!(names.contains(&t1_segment), "{t1_segment} not in {names:?}");
+    let object = dir.join(format!("{t1_segment}.zst.age"));
+    let mut bytes = fs::read(&object).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    fs::write(&object, bytes).unwrap();
+    stage.psql("postgres", "CREATE DATABASE before_altered");
+    let (ok, text) = restore_to(&d, &t2);
+    assert!(
+        !ok,
+        "a restore through an altered WAL segment succeeded: {text}"
+    );
+    assert!(
+        text.contains("does not match the archive's record"),
+        "{text}"
+    );
+    assert!(stage.has_database("before_altered"));
 }

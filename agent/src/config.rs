@@ -21,6 +21,7 @@
 //! source_environment = "production"
 //! [wal]                          # the socket of `ferry-agent wal-push` (production), `wal-get` (staging)
 //! socket = "/run/ferry-agent/wal.sock"; group = "postgres"
+//! agent_binary = "/usr/local/bin/ferry-agent"  # staging: what restore_command runs
 //! [[datastores]]
 //! name = "postgres"; kind = "postgres"; ...
 //! ```
@@ -116,6 +117,11 @@ pub struct WalConfig {
     /// The OS group given the socket (mode 0660): the PostgreSQL OS user's, e.g.
     /// `postgres`, from `/etc/group`.
     pub group: String,
+    /// Staging: the `ferry-agent` binary a restored cluster's `restore_command` runs as
+    /// `<agent_binary> wal-get` (absolute; the PostgreSQL OS user must be able to run it).
+    /// Default: this agent's own executable.
+    #[serde(default)]
+    pub agent_binary: Option<PathBuf>,
 }
 
 /// Where `[wal] socket` and `ferry-agent wal-push --socket` default to.
@@ -208,6 +214,15 @@ pub struct Settings {
     pub datastores: BTreeMap<String, Arc<dyn Datastore>>,
     /// WAL shipping's socket (`[wal]`).
     pub wal: Option<crate::wal::WalSettings>,
+}
+
+impl Settings {
+    /// Whether `datastore` may be restored to a point in time here: a staging agent with
+    /// `[wal]` (the restored cluster's `restore_command` fetches WAL through its socket)
+    /// and a datastore that archives WAL (physical PostgreSQL).
+    pub fn point_in_time(&self, datastore: &dyn Datastore) -> bool {
+        self.role.may_restore() && self.wal.is_some() && datastore.archives_wal()
+    }
 }
 
 #[cfg(test)]
@@ -395,9 +410,22 @@ impl AgentConfig {
                 }
                 let gid = datastore::common::tool::os_group_id(&w.group)
                     .map_err(|e| invalid("wal.group", e.to_string()))?;
+                let agent_binary = match &w.agent_binary {
+                    Some(p) if !p.is_absolute() => {
+                        return Err(invalid(
+                            "wal.agent_binary",
+                            format!("{} is not an absolute path", p.display()),
+                        ));
+                    }
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe().map_err(|e| {
+                        invalid("wal.agent_binary", format!("this agent's own path: {e}"))
+                    })?,
+                };
                 Some(crate::wal::WalSettings {
                     socket: w.socket.clone(),
                     gid,
+                    agent_binary,
                 })
             }
         };

@@ -69,6 +69,10 @@ pub enum OrderKind {
         namespaces: Vec<String>,
         /// The target, as for [`OrderKind::Verify`].
         target: Option<String>,
+        /// Restore to this instant (UTC) by replaying archived WAL after the base backup
+        /// `file` names; `None`: to the backup's end. Only where
+        /// [`Settings::point_in_time`] allows it.
+        to_time: Option<chrono::DateTime<chrono::Utc>>,
     },
 }
 
@@ -108,6 +112,12 @@ impl std::fmt::Display for OrderKind {
                 namespaces.len(),
                 Bounded(&first.join(","))
             )?;
+        }
+        if let OrderKind::Restore {
+            to_time: Some(t), ..
+        } = self
+        {
+            write!(f, " to time {}", t.to_rfc3339())?;
         }
         Ok(())
     }
@@ -284,6 +294,31 @@ pub fn validate(
             }
             layout::validate_main_file(datastore, d, f)
                 .map_err(|e| OrderError::InvalidArgument(e.to_string()))?;
+        }
+    }
+    if let OrderKind::Restore {
+        to_time: Some(_),
+        namespaces,
+        file,
+        ..
+    } = &kind
+    {
+        if !settings.point_in_time(&*ds) {
+            return Err(OrderError::InvalidArgument(format!(
+                "datastore {} ({}) on agent {} cannot be restored to a point in time: that takes a \
+                 PostgreSQL datastore with method = \"physical\" on a staging agent with [wal] \
+                 (its restored cluster replays the archived WAL through ferry-agent wal-get)",
+                Bounded(datastore),
+                ds.kind(),
+                settings.id
+            )));
+        }
+        if !namespaces.is_empty() || file.is_none() {
+            return Err(OrderError::InvalidArgument(
+                "a restore to a point in time names its base backup (file and date) and no \
+                 namespaces"
+                    .into(),
+            ));
         }
     }
     if let OrderKind::Restore { namespaces, .. } = &kind
@@ -602,6 +637,7 @@ impl JobRunner {
                             file,
                             namespaces,
                             target,
+                            to_time,
                         },
                         None,
                     ) => {
@@ -610,7 +646,10 @@ impl JobRunner {
                             order.datastore.clone(),
                             job,
                             (date, file, target),
-                            namespaces,
+                            pipeline::RestoreTo {
+                                namespaces,
+                                to_time,
+                            },
                             progress.clone(),
                         )
                         .await

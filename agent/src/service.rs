@@ -175,6 +175,7 @@ impl Agent for AgentService {
                     kind: d.kind().into(),
                     backup_types: d.backup_types().iter().map(|t| (*t).into()).collect(),
                     namespaces: d.takes_namespaces(),
+                    point_in_time: s.point_in_time(&**d),
                 })
                 .collect(),
             tools,
@@ -211,6 +212,12 @@ impl Agent for AgentService {
                 file,
                 namespaces: r.namespaces,
                 target,
+                to_time: match r.to_time_unix_ms {
+                    0 => None,
+                    ms => Some(chrono::DateTime::from_timestamp_millis(ms).ok_or_else(|| {
+                        Status::invalid_argument(format!("to_time_unix_ms {ms} is not an instant"))
+                    })?),
+                },
             }
         };
         self.start(&r.job_id, &r.datastore, kind).map(Response::new)

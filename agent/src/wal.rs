@@ -82,6 +82,8 @@ pub struct WalSettings {
     pub socket: PathBuf,
     /// The socket's group id.
     pub gid: u32,
+    /// Staging: the `ferry-agent` binary a restored cluster's `restore_command` runs.
+    pub agent_binary: PathBuf,
 }
 
 /// Why a push was refused or failed; its text (with causes) is what `wal-push` prints.
@@ -513,14 +515,14 @@ pub fn get(socket: &Path, datastore: &str, name: &str, dest: &Path) -> Result<u6
         if got != size || trailer[0] != 0 {
             return Err(ClientError::Refused {
                 file: name.name.clone(),
-                message: format!(
-                    "the agent sent {got} of {size} bytes and {}",
-                    if trailer[0] == 0 {
-                        "stopped"
-                    } else {
-                        "found that they do not match the archive's record (see its log)"
-                    }
-                ),
+                message: if trailer[0] == 0 {
+                    format!("the agent sent {got} of {size} bytes and stopped")
+                } else {
+                    "the agent could not read it whole, or what it read does not match the \
+                     archive's record: the stored file is damaged or was altered (the agent's \
+                     log says which)"
+                        .to_owned()
+                },
             });
         }
         out.sync_all().map_err(file_err)?;
@@ -757,15 +759,38 @@ fn get_one(
         let (path, version) = (&path, record.version_id.as_deref());
         let session = &mut session;
         let download = s.spawn(move || session.download_version(path, version, tx));
+        let mut sent = 0u64;
         let streamed = (|| -> io::Result<(u64, Digest, Digest)> {
             let (stored, stored_digest) =
                 hash::HashingReader::shared(chunks::ChunkReader::new(rx, progress.clone()));
             let plain = compress::decompressor(dec.wrap(stored)?)?;
             let mut plain = hash::HashingReader::new(plain);
-            let sent = io::copy(&mut (&mut plain).take(record.bytes), stream)?;
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut rest = (&mut plain).take(record.bytes);
+            loop {
+                let n = rest.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                stream.write_all(&buf[..n])?;
+                sent += n as u64;
+            }
             let plain_digest = plain.finish()?;
             Ok((sent, plain_digest, stored_digest.drain()?))
         })();
+        // The client reads exactly the announced size before the trailer: a file that
+        // failed half-way (it does not decrypt) is padded out, then the trailer says so.
+        if streamed.is_err() || sent < record.bytes {
+            let pad = vec![0u8; 64 * 1024];
+            let mut left = record.bytes.saturating_sub(sent);
+            while left > 0 {
+                let n = left.min(pad.len() as u64) as usize;
+                if stream.write_all(&pad[..n]).is_err() {
+                    break;
+                }
+                left -= n as u64;
+            }
+        }
         (download.join(), streamed)
     });
     let checked = match (downloaded, streamed) {
@@ -861,6 +886,67 @@ fn push_one(
         Err(e) if e.session_suspect() => (None, Err(e)),
         r => (Some(session), r),
     }
+}
+
+/// Staging: the record of the newest WAL segment archived for `datastore` in the source
+/// environment on the primary target (`[backup_server]`, where production pushes WAL): the
+/// greatest segment name with its record, in the greatest timeline folder that has one;
+/// `None` when nothing is archived. History, backup history and `.partial` files are not
+/// segments and are passed over.
+///
+/// # Errors
+/// [`PushError::Target`]; [`PushError::Record`] for a record that cannot be read.
+pub(crate) fn newest_segment(
+    settings: &Settings,
+    environment: &str,
+    datastore: &str,
+) -> Result<Option<WalRecord>, PushError> {
+    let env_dir = settings.backup_server.environment_dir(environment);
+    let dir = wal::wal_dir(&env_dir, datastore);
+    let mut session = settings.backup_server.read()?;
+    let mut timelines = session.list(&dir)?;
+    timelines.retain(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()));
+    timelines.sort();
+    for timeline in timelines.iter().rev() {
+        let tdir = format!("{dir}/{timeline}");
+        let entries = session.list(&tdir)?;
+        let newest = entries
+            .iter()
+            .filter_map(|e| e.strip_suffix(".zst.age.json"))
+            .filter(|n| {
+                WalFileName::parse(n).is_ok_and(|w| w.kind == wal::WalFileKind::Segment)
+                    && entries
+                        .iter()
+                        .any(|e| e.strip_suffix(".zst.age") == Some(n))
+            })
+            .max();
+        if let Some(name) = newest {
+            let path = format!("{tdir}/{name}.zst.age.json");
+            let bytes = session.read_small(&path, MAX_WAL_RECORD_BYTES)?;
+            return Ok(Some(WalRecord::from_slice(&path, &bytes)?));
+        }
+    }
+    Ok(None)
+}
+
+/// `value` quoted for `sh` (single quotes, a quote inside as `'\''`) with every `%`
+/// doubled, so that PostgreSQL's `restore_command` placeholders (`%f`, `%p`, `%r`, `%%`)
+/// never match inside it.
+fn restore_command_word(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''").replace('%', "%%"))
+}
+
+/// The `restore_command` a cluster restored by this staging agent runs: `'<agent_binary>'
+/// wal-get --socket '<socket>' --datastore '<datastore>' %f %p`, or `None` without
+/// `[wal]`.
+pub(crate) fn restore_command(settings: &Settings, datastore: &str) -> Option<String> {
+    let wal = settings.wal.as_ref()?;
+    Some(format!(
+        "{} wal-get --socket {} --datastore {} %f %p",
+        restore_command_word(&wal.agent_binary.to_string_lossy()),
+        restore_command_word(&wal.socket.to_string_lossy()),
+        restore_command_word(datastore)
+    ))
 }
 
 /// Where `name` of `datastore` is stored.

@@ -160,6 +160,12 @@ pub enum Command {
         /// cannot be reached (the job's summary says which it read).
         #[arg(long)]
         from: Option<String>,
+        /// Restore to this instant (needs --datastore, a physical PostgreSQL datastore whose
+        /// WAL is archived): the newest base backup that finished by then, and the archived
+        /// WAL replayed up to it. RFC 3339 (`2026-12-05T07:30:00Z`, `...+01:00`) or
+        /// `YYYY-MM-DD HH:MM:SS[.fff]` in UTC.
+        #[arg(long, value_parser = parse_instant)]
+        to_time: Option<i64>,
         /// Wait for the end, with progress; exit non-zero if a job fails.
         #[arg(long)]
         wait: bool,
@@ -186,6 +192,26 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
+}
+
+/// Parses `--to-time`: RFC 3339 with its offset, or `YYYY-MM-DD HH:MM:SS[.fff]` (also with a
+/// `T`) in UTC; UTC milliseconds since the Unix epoch.
+///
+/// # Errors
+/// A text saying which forms are taken.
+pub fn parse_instant(text: &str) -> Result<i64, String> {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(text) {
+        return Ok(t.timestamp_millis());
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(text, format) {
+            return Ok(t.and_utc().timestamp_millis());
+        }
+    }
+    Err(format!(
+        "{text:?} is not an instant: give RFC 3339 (2026-12-05T07:30:00Z) or \
+         YYYY-MM-DD HH:MM:SS in UTC"
+    ))
 }
 
 /// Runs the CLI; the returned code is the process's exit code (1 when a waited-for job
@@ -227,14 +253,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             namespaces,
             all_or_nothing,
             from,
+            to_time,
             wait,
         } => {
             restore::run(
                 &mut client,
                 out,
                 agent,
-                (datastore, date, namespaces, from),
-                (false, all_or_nothing),
+                restore::Order {
+                    datastore,
+                    date,
+                    namespaces,
+                    from,
+                    to_time_ms: to_time,
+                    verify_only: false,
+                    all_or_nothing,
+                },
                 wait,
             )
             .await
@@ -250,8 +284,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
                 &mut client,
                 out,
                 agent,
-                (datastore, date, Vec::new(), from),
-                (true, false),
+                restore::Order {
+                    datastore,
+                    date,
+                    from,
+                    verify_only: true,
+                    ..restore::Order::default()
+                },
                 wait,
             )
             .await

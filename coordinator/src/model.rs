@@ -169,6 +169,11 @@ pub struct Job {
     /// was checked, and none if one failed its check.
     #[serde(default)]
     pub all_or_nothing: bool,
+    /// For a restore to a point in time (`ferry restore --to-time`): that instant, UTC
+    /// ms. The job restores the newest base backup the catalog holds that finished at or
+    /// before it, and the agent replays archived WAL up to it. `None` otherwise.
+    #[serde(default)]
+    pub to_time_ms: Option<i64>,
     /// Restores and verifies: the storage target to read (`ferry restore --from`), a copy's
     /// name or `primary`; `None`: the agent reads the primary and falls back to a copy.
     #[serde(default)]
@@ -300,6 +305,7 @@ pub(crate) fn test_job(n: u64, agent: &str, state: JobState) -> Job {
         file: None,
         set_environment: None,
         all_or_nothing: false,
+        to_time_ms: None,
         target: None,
         checked_ms: None,
         scheduled_ms: None,

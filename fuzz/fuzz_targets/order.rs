@@ -61,6 +61,8 @@ enum Kind {
         file: Option<String>,
         namespaces: Vec<String>,
         target: Option<String>,
+        /// UTC ms.
+        to_time: Option<i64>,
     },
 }
 
@@ -174,11 +176,13 @@ fuzz_target!(|input: Input| {
             file,
             namespaces,
             target,
+            to_time,
         } => OrderKind::Restore {
             date: date(d),
             file,
             namespaces,
             target,
+            to_time: to_time.and_then(chrono::DateTime::from_timestamp_millis),
         },
     };
     let allowed = match kind {
@@ -256,7 +260,17 @@ fuzz_target!(|input: Input| {
             file,
             namespaces,
             target,
+            to_time,
         } => {
+            if to_time.is_some() {
+                // Only a datastore that archives WAL, on a staging agent with [wal], from a
+                // named base backup.
+                assert!(
+                    settings.point_in_time(&*order.datastore),
+                    "a restore to a point in time accepted for {name}"
+                );
+                assert!(file.is_some() && namespaces.is_empty());
+            }
             check_target(
                 settings,
                 order.datastore.repository().is_some(),

@@ -343,16 +343,7 @@ impl Postgres {
         if query.trim().is_empty() {
             return BTreeMap::new();
         }
-        self.psql(db, &format!("{query};"))
-            .lines()
-            .map(|line| {
-                let mut parts = line.rsplitn(3, '|');
-                let md5 = parts.next().expect("md5").to_owned();
-                let rows = parts.next().expect("count").parse().expect("a count");
-                let table = parts.next().expect("table").to_owned();
-                (table, (rows, md5))
-            })
-            .collect()
+        parse_fingerprints(&self.psql(db, &format!("{query};")))
     }
 
     /// Stops the server now (`pg_ctl stop -m immediate`); drop does it otherwise.
@@ -397,4 +388,18 @@ fn append_line(path: &Path, line: &str) {
     s.push_str(line);
     s.push('\n');
     fs::write(path, s).unwrap();
+}
+
+/// Lines `table|rows|md5` (what [`Postgres::table_fingerprints`] queries) as table →
+/// (rows, md5).
+pub fn parse_fingerprints(text: &str) -> BTreeMap<String, (i64, String)> {
+    text.lines()
+        .map(|line| {
+            let mut parts = line.rsplitn(3, '|');
+            let md5 = parts.next().expect("md5").to_owned();
+            let rows = parts.next().expect("count").parse().expect("a count");
+            let table = parts.next().expect("table").to_owned();
+            (table, (rows, md5))
+        })
+        .collect()
 }

@@ -54,8 +54,8 @@ pub use common::tool::{
 pub use error::{DumpError, RestoreError};
 pub use recovery::Recovery;
 pub use stream::{
-    DumpOutcome, DumpStream, Dumper, Part, PartSink, Repository, RestoreSession, Restorer,
-    expect_main, expect_whole,
+    DumpOutcome, DumpStream, Dumper, Part, PartSink, PointInTime, Repository, RestoreSession,
+    Restorer, expect_main, expect_whole,
 };
 
 use common::leftovers::Recovered;

@@ -52,6 +52,20 @@ pub struct PartSink {
     pub finish: BoxFuture<'static, Result<(), RestoreError>>,
 }
 
+/// A restore to a point in time ([`Restorer::begin_to_time`]): where the restored cluster
+/// fetches the WAL it replays, and up to when.
+#[derive(Clone, Debug)]
+pub struct PointInTime {
+    /// The instant to recover to, UTC (PostgreSQL's `recovery_target_time`, inclusive).
+    pub time: chrono::DateTime<chrono::Utc>,
+    /// The shell command that fetches one archived WAL file, with PostgreSQL's `%f` (file
+    /// name) and `%p` (destination) in it: `'<agent>' wal-get --socket '<socket>'
+    /// --datastore '<name>' %f %p`, PostgreSQL's `restore_command`.
+    pub restore_command: String,
+    /// The newest archived WAL segment and when it was pushed (UTC), for the summary.
+    pub newest: (String, chrono::DateTime<chrono::Utc>),
+}
+
 /// The backup side of a datastore kind.
 pub trait Dumper: Send + Sync {
     /// The parts of a backup, in restore order (companions first, main part last).
@@ -73,6 +87,28 @@ pub trait Restorer: Send + Sync {
         job_id: &'a str,
         namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>>;
+
+    /// Prepares a restore of the base backup `main` describes that then replays archived
+    /// WAL up to `to.time` (see [`PointInTime`]); nothing live is touched until
+    /// [`RestoreSession::commit`]. Only kinds that archive WAL implement it; the default
+    /// refuses.
+    ///
+    /// # Errors
+    /// [`RestoreError::Manifest`] by default; as [`Restorer::begin`] otherwise.
+    fn begin_to_time<'a>(
+        &'a self,
+        main: &'a Manifest,
+        job_id: &'a str,
+        to: &'a PointInTime,
+    ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
+        let _ = (job_id, to);
+        Box::pin(async move {
+            Err(RestoreError::Manifest(format!(
+                "{}: a {} backup cannot be restored to a point in time",
+                main.file, main.kind
+            )))
+        })
+    }
 
     /// Whether streaming the part that `manifest` describes leaves every live target as
     /// it was until [`RestoreSession::commit`]: the part goes into a scratch database, a

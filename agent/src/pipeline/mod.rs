@@ -40,7 +40,7 @@ pub mod verify;
 mod tests;
 
 pub use backup::backup;
-pub use restore::restore;
+pub use restore::{RestoreTo, restore};
 pub use verify::{check, verify};
 
 /// Bytes moved at a time between the stages of one thread: std's `io::copy` moves 8 KiB,

@@ -5,15 +5,28 @@ use std::io;
 use std::sync::Arc;
 use std::time::Instant;
 
+use chrono::{DateTime, Utc};
+
 use super::find::{FoundBackup, locate};
-use super::{check_digest, compress, copy, hash, with_download};
+use super::{check_digest, compress, copy, hash, join_error, with_download};
 use crate::config::{Keys, Settings};
-use crate::datastore::{Datastore, RestoreError};
+use crate::datastore::{Datastore, PointInTime, RestoreError};
 use crate::job::{JobError, JobReport, Progress};
+
+/// What a restore puts back of the backup it reads.
+#[derive(Clone, Debug, Default)]
+pub struct RestoreTo {
+    /// Only these namespaces (`db.collection`); all when empty.
+    pub namespaces: Vec<String>,
+    /// Recover to this instant (UTC) with the archived WAL after the base backup; `None`:
+    /// to the backup's end.
+    pub to_time: Option<DateTime<Utc>>,
+}
 
 /// Restores a backup of `datastore` from the source environment, the one `selection`
 /// names (`(date, file)`, see [`super::find`]): verify every file, then stream each into
-/// the datastore's restore session, then commit.
+/// the datastore's restore session, then commit. With `to.to_time`, the backup must have
+/// finished by then and the archive must hold WAL pushed at or after it ([`point_in_time`]).
 ///
 /// # Errors
 /// [`JobError`]; [`JobError::Restore`] says whether the target was left as it was.
@@ -22,11 +35,21 @@ pub async fn restore(
     datastore: Arc<dyn Datastore>,
     job_id: String,
     selection: super::find::Selection,
-    namespaces: Vec<String>,
+    to: RestoreTo,
     progress: Progress,
 ) -> Result<JobReport, JobError> {
+    let RestoreTo {
+        namespaces,
+        to_time,
+    } = to;
     let (environment, found) =
         locate(&settings, &datastore, selection, &progress, "restore").await?;
+    let point = match to_time {
+        Some(t) => {
+            Some(point_in_time(&settings, &datastore, &environment, &found, t, &progress).await?)
+        }
+        None => None,
+    };
 
     // First pass, for the parts that a tool applies to live data as it reads them: each
     // file is whole and is the one its manifest describes before anything is touched.
@@ -61,11 +84,12 @@ pub async fn restore(
         target_state: target_state.to_owned(),
     };
     const UNTOUCHED: &str = "the target was left as it was";
-    let mut session = datastore
-        .restorer()?
-        .begin(&main, &job_id, &namespaces)
-        .await
-        .map_err(|e| restore_err(e, UNTOUCHED))?;
+    let restorer = datastore.restorer()?;
+    let session = match &point {
+        Some(p) => restorer.begin_to_time(&main, &job_id, p).await,
+        None => restorer.begin(&main, &job_id, &namespaces).await,
+    };
+    let mut session = session.map_err(|e| restore_err(e, UNTOUCHED))?;
     let started = Instant::now();
     let result = restore_files(&settings, &found, &mut *session, &progress).await;
     let result = match result {
@@ -118,7 +142,13 @@ pub async fn restore(
     };
     match result {
         Ok(summary) => Ok(JobReport {
-            data_finished_ms: Some(main.finished.timestamp_millis()),
+            // The recovery point: the instant recovered to, else the backup's end.
+            data_finished_ms: Some(
+                point
+                    .as_ref()
+                    .map_or(main.finished, |p| p.time)
+                    .timestamp_millis(),
+            ),
             stored_path: main_path,
             size_bytes: main.bytes_stored,
             sha256: main.sha256.clone(),
@@ -137,6 +167,83 @@ pub async fn restore(
             Err(e)
         }
     }
+}
+
+/// Checks a restore of `found` to `time` before anything is touched, and says where the
+/// restored cluster fetches its WAL: the backup finished at or before `time`, and the
+/// newest WAL segment archived for the datastore (on the primary target, where production
+/// pushes it) was pushed at or after `time`.
+///
+/// # Errors
+/// [`JobError::InvalidArgument`] for a backup that finished after `time`, an agent without
+/// `[wal]`, or a `time` beyond the archive (naming the newest instant it holds);
+/// [`JobError::NotFound`] when no WAL is archived; the target's errors.
+async fn point_in_time(
+    settings: &Arc<Settings>,
+    datastore: &Arc<dyn Datastore>,
+    environment: &str,
+    found: &FoundBackup,
+    time: DateTime<Utc>,
+    progress: &Progress,
+) -> Result<PointInTime, JobError> {
+    let (path, main) = found.main();
+    if main.finished > time {
+        return Err(JobError::InvalidArgument(format!(
+            "{path} finished at {}, after {}: a restore to a point in time starts from a base \
+             backup that ended before it",
+            main.finished.to_rfc3339(),
+            time.to_rfc3339()
+        )));
+    }
+    let restore_command =
+        crate::wal::restore_command(settings, datastore.name()).ok_or_else(|| {
+            JobError::InvalidArgument(format!(
+                "agent {} has no [wal]: a restored cluster fetches its WAL through its socket",
+                settings.id
+            ))
+        })?;
+    progress.set_stage("locate");
+    let newest = {
+        let (settings, environment, name) = (
+            settings.clone(),
+            environment.to_owned(),
+            datastore.name().to_owned(),
+        );
+        tokio::task::spawn_blocking(move || {
+            crate::wal::newest_segment(&settings, &environment, &name)
+        })
+        .await
+        .map_err(join_error)?
+    };
+    let wal_dir = ferry_core::wal::wal_dir(
+        &settings.backup_server.environment_dir(environment),
+        datastore.name(),
+    );
+    let newest = match newest {
+        Ok(Some(record)) => record,
+        Ok(None) => {
+            return Err(JobError::NotFound(format!(
+                "no WAL segment is archived under {wal_dir}: a restore to a point in time \
+                 replays archived WAL (set archive_command = 'ferry-agent wal-push %p' on production)"
+            )));
+        }
+        Err(crate::wal::PushError::Target(e)) => return Err(e.into()),
+        Err(e) => return Err(JobError::Integrity(format!("{wal_dir}: {e}"))),
+    };
+    if newest.pushed < time {
+        return Err(JobError::InvalidArgument(format!(
+            "{} is beyond the archived WAL: the newest segment under {wal_dir}, {}, was pushed at {}, \
+             the newest instant a restore can reach",
+            time.to_rfc3339(),
+            newest.file,
+            newest.pushed.to_rfc3339()
+        )));
+    }
+    Ok(PointInTime {
+        time,
+        restore_command,
+        newest: (newest.file, newest.pushed),
+    })
 }
 
 async fn restore_files(

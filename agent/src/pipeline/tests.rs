@@ -248,7 +248,7 @@ async fn restore_newest(
         store.clone(),
         "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
         (None, None, None),
-        Vec::new(),
+        super::RestoreTo::default(),
         progress(),
     )
     .await
@@ -444,7 +444,7 @@ async fn a_restore_reads_a_copy_when_the_primary_cannot_be_reached_and_says_so()
             store.clone(),
             "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
             (None, None, target.map(str::to_owned)),
-            Vec::new(),
+            super::RestoreTo::default(),
             progress(),
         )
     };
@@ -485,7 +485,7 @@ async fn a_restore_reads_a_copy_when_the_primary_cannot_be_reached_and_says_so()
         store.clone(),
         "01KBX8Z3E5M1Q2W3E4R5T6Y7U9".into(),
         (None, None, None),
-        Vec::new(),
+        super::RestoreTo::default(),
         progress(),
     )
     .await

@@ -186,6 +186,7 @@ fn seed(
             file: None,
             set_environment: None,
             all_or_nothing: false,
+            to_time_ms: None,
             target: None,
             checked_ms: None,
             scheduled_ms: None,

@@ -360,6 +360,7 @@ impl Coordinator {
             file,
             check_only: true,
             target: job.target.clone().unwrap_or_default(),
+            to_time_unix_ms: 0,
         });
         let mut stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => return Err(CheckFailed::NoAnswer { agent: agent() }),
@@ -513,6 +514,7 @@ impl Coordinator {
                             file,
                             check_only: false,
                             target: job.target.clone().unwrap_or_default(),
+                            to_time_unix_ms: job.to_time_ms.unwrap_or_default(),
                         })
                         .await
                 }
@@ -693,6 +695,53 @@ impl Coordinator {
             )
             .await;
             return Ok((job.date.clone().unwrap_or_default(), String::new(), None));
+        }
+        // A restore to a point in time starts from the newest backup finished by then.
+        if let Some(to) = job.to_time_ms {
+            let before: Vec<&BackupRecord> = of_datastore
+                .iter()
+                .filter(|r| r.is_archive() && r.finished_ms <= to)
+                .collect();
+            let Some(record) = before.iter().max_by_key(|r| r.finished_ms) else {
+                let oldest = of_datastore
+                    .iter()
+                    .filter(|r| r.is_archive())
+                    .min_by_key(|r| r.finished_ms)
+                    .map(|r| {
+                        format!(
+                            "; the oldest it holds finished at {}",
+                            super::trigger::utc_ms(r.finished_ms)
+                        )
+                    })
+                    .unwrap_or_default();
+                return Err(Attempt::Failed {
+                    message: format!(
+                        "the catalog has no backup of datastore {} in environment {source_environment} \
+                         that finished by {}: nothing to restore to that instant from{oldest}",
+                        job.datastore,
+                        super::trigger::utc_ms(to)
+                    ),
+                    retryable: false,
+                });
+            };
+            let file = record.stored_path.rsplit('/').next().unwrap_or_default();
+            self.event(
+                job,
+                format!(
+                    "Ordering the {what} of {} to {} (backed up {} by job {}), the newest backup in the \
+                     catalog that finished by then, with the archived WAL after it.",
+                    record.stored_path,
+                    super::trigger::utc_ms(to),
+                    record.date,
+                    record.job_id
+                ),
+            )
+            .await;
+            return Ok((
+                record.date.clone(),
+                file.to_owned(),
+                Some((*record).clone()),
+            ));
         }
         let chosen = of_datastore
             .into_iter()

@@ -31,6 +31,9 @@ pub struct Selection<'a> {
     /// Restore, verify: the storage target to read (a copy's name or `primary`); `None`:
     /// the primary, the agent falling back to a copy when it cannot be reached.
     pub from: Option<&'a str>,
+    /// Restore one datastore to this instant (UTC ms): its newest base backup finished by
+    /// then, and the archived WAL up to it.
+    pub to_time_ms: Option<i64>,
 }
 
 impl Selection<'_> {
@@ -50,11 +53,21 @@ impl Selection<'_> {
         if let Some(t) = self.from {
             s.push_str(&format!(" from {t}"));
         }
+        if let Some(ms) = self.to_time_ms {
+            s.push_str(&format!(" to time {}", utc_ms(ms)));
+        }
         if self.all_or_nothing {
             s.push_str(" all-or-nothing");
         }
         s
     }
+}
+
+/// `ms` (UTC ms since the Unix epoch) as RFC 3339 in UTC, to the millisecond.
+pub(crate) fn utc_ms(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        .unwrap_or_else(|| format!("{ms} ms"))
 }
 
 /// How many datastore names a refusal lists before `... and N more`.
@@ -70,6 +83,7 @@ fn check_order(
     datastore: &str,
     backup_type: Option<&str>,
     namespaces: &[String],
+    to_time: bool,
 ) -> Result<(), DispatchError> {
     let agent = &described.agent_id;
     let Some(info) = described.datastores.iter().find(|d| d.name == datastore) else {
@@ -114,6 +128,14 @@ fn check_order(
                 )
             },
         ));
+    }
+    if to_time && !info.point_in_time {
+        return Err(DispatchError::InvalidArgument(format!(
+            "datastore {} on agent {agent} ({}) cannot be restored to a point in time: that takes \
+             a PostgreSQL datastore with method = \"physical\" on a staging agent with [wal]",
+            Bounded(datastore),
+            info.kind
+        )));
     }
     if !namespaces.is_empty() && !info.namespaces {
         return Err(DispatchError::InvalidArgument(format!(
@@ -183,7 +205,28 @@ impl Coordinator {
             occurrence: _,
             all_or_nothing,
             from,
+            to_time_ms,
         } = *selection;
+        if let Some(ms) = to_time_ms {
+            if kind != JobKind::Restore
+                || datastore.is_none()
+                || date.is_some()
+                || !namespaces.is_empty()
+                || all_or_nothing
+            {
+                return Err(DispatchError::InvalidArgument(
+                    "--to-time restores one datastore to an instant: give --datastore, and no \
+                     --date, --ns, --verify or --all-or-nothing"
+                        .into(),
+                ));
+            }
+            if ms > ferry_proto::now_unix_ms() {
+                return Err(DispatchError::InvalidArgument(format!(
+                    "{} is in the future",
+                    utc_ms(ms)
+                )));
+            }
+        }
         if let Some(t) = from {
             if kind == JobKind::Backup {
                 return Err(DispatchError::InvalidArgument(
@@ -267,7 +310,13 @@ impl Coordinator {
         if let Some(name) = datastore {
             // What the agent would refuse, refused before any job exists.
             if let Some(described) = self.description_with(agent, name, trigger).await? {
-                check_order(&described, name, backup_type, namespaces)?;
+                check_order(
+                    &described,
+                    name,
+                    backup_type,
+                    namespaces,
+                    to_time_ms.is_some(),
+                )?;
             }
         }
         let mut date = date.map(str::to_owned);
@@ -318,6 +367,7 @@ impl Coordinator {
                 file,
                 set_environment: set_environment.clone().filter(|_| kind == JobKind::Restore),
                 all_or_nothing,
+                to_time_ms,
                 target: from.map(str::to_owned),
                 checked_ms: None,
                 scheduled_ms: selection.occurrence.map(|(_, at)| at),
@@ -482,6 +532,7 @@ mod tests {
             kind: kind.into(),
             backup_types: types.iter().map(|t| (*t).into()).collect(),
             namespaces,
+            point_in_time: false,
         }
     }
 
@@ -541,27 +592,35 @@ mod tests {
             ..Default::default()
         };
         let ns = ["app.users".to_owned()];
-        check_order(&d, "pg", None, &[]).unwrap();
-        check_order(&d, "pgbr", Some("diff"), &[]).unwrap();
-        check_order(&d, "mongo", None, &ns).unwrap();
-        let m = refusal(check_order(&d, "nope", None, &[]));
+        check_order(&d, "pg", None, &[], false).unwrap();
+        check_order(&d, "pgbr", Some("diff"), &[], false).unwrap();
+        check_order(&d, "mongo", None, &ns, false).unwrap();
+        let m = refusal(check_order(&d, "nope", None, &[], false));
         assert_eq!(
             m,
             "agent db1 has no datastore \"nope\"; it has: pg, pgbr, mongo (see `ferry agents`)"
         );
-        let m = refusal(check_order(&d, "pg", Some("full"), &[]));
+        let m = refusal(check_order(&d, "pg", Some("full"), &[], false));
         assert!(
             m.contains("\"pg\" on agent db1 (postgres) takes no backup type"),
             "{m}"
         );
-        let m = refusal(check_order(&d, "pgbr", Some("incr"), &[]));
+        let m = refusal(check_order(&d, "pgbr", Some("incr"), &[], false));
         assert!(
             m.contains("takes backup type full or diff, not \"incr\""),
             "{m}"
         );
-        let m = refusal(check_order(&d, "pgbr", None, &ns));
+        let m = refusal(check_order(&d, "pgbr", None, &ns, false));
         assert!(
             m.contains("\"pgbr\" on agent db1 (pgbackrest) is restored whole"),
+            "{m}"
+        );
+        let mut d = d;
+        d.datastores[0].point_in_time = true;
+        check_order(&d, "pg", None, &[], true).unwrap();
+        let m = refusal(check_order(&d, "mongo", None, &[], true));
+        assert!(
+            m.contains("\"mongo\" on agent db1 (mongodb) cannot be restored to a point in time"),
             "{m}"
         );
     }
@@ -575,7 +634,7 @@ mod tests {
                 .collect(),
             ..Default::default()
         };
-        let m = refusal(check_order(&d, "nope", None, &[]));
+        let m = refusal(check_order(&d, "nope", None, &[], false));
         assert!(m.contains("d19 and 5 more") && !m.contains("d20"), "{m}");
     }
 }

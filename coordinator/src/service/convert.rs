@@ -79,6 +79,7 @@ impl From<&Job> for v1::Job {
             file: j.file.clone().unwrap_or_default(),
             set_environment: j.set_environment.clone().unwrap_or_default(),
             all_or_nothing: j.all_or_nothing,
+            to_time_unix_ms: j.to_time_ms.unwrap_or_default(),
         }
     }
 }

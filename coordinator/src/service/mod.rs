@@ -219,6 +219,7 @@ impl coordinator_server::Coordinator for CoordinatorService {
                     occurrence: None,
                     all_or_nothing: r.all_or_nothing,
                     from: opt(&r.from),
+                    to_time_ms: (r.to_time_unix_ms != 0).then_some(r.to_time_unix_ms),
                 },
                 &who,
             )

@@ -27,8 +27,21 @@
 //! them in its data directory: `start_command` must give staging's own settings (port,
 //! socket directory) on its command line or through `include` files outside the data
 //! directory. A data directory without `postgresql.conf` (Debian keeps it in
-//! `/etc/postgresql`) is checked with an empty one. The backup restores to its stop LSN:
-//! point-in-time recovery needs WAL shipping, a later step.
+//! `/etc/postgresql`) is checked with an empty one. The backup restores to its stop LSN.
+//!
+//! # To a point in time
+//!
+//! With a [`PointInTime`] (`ferry restore --to-time T`), step 3 first writes
+//! `recovery.signal` and appends to the new directory's `postgresql.auto.conf` (as
+//! pgBackRest's `--type=time` does): `restore_command` (`ferry-agent wal-get` through this
+//! staging agent's `[wal]` socket, which reads and decrypts the source environment's
+//! archive), `recovery_target_time = T` and `recovery_target_action = 'promote'`; the
+//! timeline followed is PostgreSQL's default, the latest. The checking server replays the
+//! archived WAL up to T (waiting up to an hour for recovery to end); the restore fails,
+//! with the live cluster as it was, when PostgreSQL runs out of archived WAL before T
+//! ("recovery ended before configured recovery target was reached"), or when the last
+//! transaction it replayed committed after T. The three settings are then removed again
+//! (`ALTER SYSTEM RESET`), so the swapped-in cluster does not fetch WAL on its own.
 //!
 //! A restore killed half-way leaves the `-new-`, `-check-` and `-old-` siblings, and perhaps a
 //! PostgreSQL still running on `-new-`: on start and before the next restore the agent
@@ -47,7 +60,7 @@ use crate::datastore::common::leftovers::{self, Recovered};
 use crate::datastore::common::smoke::run_smoke;
 use crate::datastore::common::tool::{os_user_ids, run_command};
 use crate::datastore::common::tree;
-use crate::datastore::{PartSink, RestoreError, RestoreSession};
+use crate::datastore::{PartSink, PointInTime, RestoreError, RestoreSession};
 use ferry_core::manifest::Manifest;
 
 /// How long PostgreSQL may take to start on a restored directory (recovery of the
@@ -79,6 +92,25 @@ struct PhysicalRestore {
     unpacked: bool,
     /// How the live cluster is, once this restore has touched it.
     state: Option<String>,
+    /// Recover up to this instant with archived WAL; `None`: to the backup's stop LSN.
+    to: Option<PointInTime>,
+}
+
+/// The settings a restore to a point in time adds to `postgresql.auto.conf`, removed
+/// again once the checking server has recovered.
+const RECOVERY_SETTINGS: [&str; 3] = [
+    "restore_command",
+    "recovery_target_time",
+    "recovery_target_action",
+];
+
+/// PostgreSQL's log line when the archive ran out before `recovery_target_time`
+/// (src/backend/access/transam/xlogrecovery.c, PostgreSQL 13 and later).
+const TARGET_NOT_REACHED: &str = "recovery ended before configured recovery target was reached";
+
+/// `value` as a single-quoted string of `postgresql.conf` (quotes doubled).
+fn conf_string(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
 }
 
 /// The system identifier in a data directory's `global/pg_control` (its first 8 bytes,
@@ -145,6 +177,7 @@ impl Postgres {
         main: &Manifest,
         job_id: &str,
         namespaces: &[String],
+        to: Option<PointInTime>,
     ) -> Result<Box<dyn RestoreSession>, RestoreError> {
         let expected: BaseBackupInfo = crate::datastore::expect_whole(
             main,
@@ -175,6 +208,7 @@ impl Postgres {
             side_running: false,
             unpacked: false,
             state: None,
+            to,
         }))
     }
 
@@ -232,6 +266,119 @@ impl PhysicalRestore {
             )));
         }
         Ok(())
+    }
+
+    /// A restore to a point in time: `recovery.signal` and the recovery settings in the
+    /// new directory's `postgresql.auto.conf` (see the module docs).
+    fn prepare_recovery(&self, to: &PointInTime) -> Result<(), RestoreError> {
+        use std::io::Write;
+        let target = |what: &str, e: std::io::Error| {
+            RestoreError::Target(format!("{what} in {}: {e}", self.new.display()))
+        };
+        let auto = self.new.join("postgresql.auto.conf");
+        let lines = format!(
+            "\n# Added by ferry-agent for a restore to a point in time; removed once recovered.\n\
+             restore_command = {}\nrecovery_target_time = {}\nrecovery_target_action = 'promote'\n",
+            conf_string(&to.restore_command),
+            conf_string(&to.time.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string()),
+        );
+        fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(&auto)
+            .and_then(|mut f| f.write_all(lines.as_bytes()))
+            .map_err(|e| {
+                target(
+                    "cannot add the recovery settings to postgresql.auto.conf",
+                    e,
+                )
+            })?;
+        let signal = self.new.join("recovery.signal");
+        fs::write(&signal, "").map_err(|e| target("cannot write recovery.signal", e))?;
+        if tree::is_root() {
+            for file in [&auto, &signal] {
+                std::os::unix::fs::lchown(file, Some(self.ids.0), Some(self.ids.1))
+                    .map_err(|e| target("cannot give the recovery files to os_user", e))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A restore to a point in time: waits until the checking server has replayed the
+    /// archived WAL up to `to.time` and promoted itself (at most [`START_SECONDS`]); the
+    /// commit time (UTC) of the last transaction it replayed, if any.
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`] when the archive ends before `to.time` or the server stops;
+    /// [`RestoreError::Mismatch`] when it replayed a transaction committed after it.
+    async fn await_recovery(
+        &self,
+        to: &PointInTime,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>, RestoreError> {
+        let log = self
+            .side_dir
+            .clone()
+            .unwrap_or_default()
+            .join("postgres.log");
+        let deadline =
+            std::time::Instant::now() + std::time::Duration::from_secs(START_SECONDS.into());
+        let ended = |why: String| {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text.contains(TARGET_NOT_REACHED) {
+                RestoreError::Target(format!(
+                    "PostgreSQL ran out of WAL before reaching {}: the archive's newest segment is {}, \
+                     pushed {}, and a file it asked for could not be fetched or is not archived: {}",
+                    to.time.to_rfc3339(),
+                    to.newest.0,
+                    to.newest.1.to_rfc3339(),
+                    last_lines(&log, 12)
+                ))
+            } else {
+                RestoreError::Target(format!(
+                    "PostgreSQL did not finish recovering {} to {}: {why}: {}",
+                    self.new.display(),
+                    to.time.to_rfc3339(),
+                    last_lines(&log, 8)
+                ))
+            }
+        };
+        loop {
+            let state = match self.side_client().await {
+                Ok(client) => client
+                    .query_one(
+                        "SELECT pg_catalog.pg_is_in_recovery(), \
+                         (extract(epoch FROM pg_catalog.pg_last_xact_replay_timestamp()) * 1000)::bigint",
+                        &[],
+                    )
+                    .await
+                    .map(|row| (row.get::<_, bool>(0), row.get::<_, Option<i64>>(1)))
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match state {
+                Ok((false, replayed)) => {
+                    let replayed = replayed.and_then(chrono::DateTime::from_timestamp_millis);
+                    if let Some(at) = replayed
+                        && at > to.time
+                    {
+                        return Err(RestoreError::Mismatch(format!(
+                            "recovery to {} replayed a transaction committed at {}",
+                            to.time.to_rfc3339(),
+                            at.to_rfc3339()
+                        )));
+                    }
+                    return Ok(replayed);
+                }
+                Ok((true, _)) => {}
+                // The server went away: the log says why.
+                Err(e) if !self.new.join("postmaster.pid").exists() => return Err(ended(e)),
+                Err(_) => {}
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(ended(format!("still in recovery after {START_SECONDS} s")));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
     }
 
     /// Starts the checking server on the new directory (see the module docs).
@@ -352,6 +499,14 @@ impl PhysicalRestore {
             .batch_execute("ALTER SYSTEM SET archive_mode = off")
             .await
             .map_err(q)?;
+        if self.to.is_some() {
+            for setting in RECOVERY_SETTINGS {
+                client
+                    .batch_execute(&format!("ALTER SYSTEM RESET {setting}"))
+                    .await
+                    .map_err(q)?;
+            }
+        }
         Ok((databases, smoke))
     }
 
@@ -561,14 +716,34 @@ impl RestoreSession for PhysicalRestore {
                     })?;
             }
             self.verify().await?;
+            if let Some(to) = &self.to {
+                self.prepare_recovery(to)?;
+            }
             self.start_side().await?;
+            let replayed = match self.to.clone() {
+                Some(to) => Some((self.await_recovery(&to).await?, to)),
+                None => None,
+            };
             let (databases, smoke) = self.check_side().await?;
             self.stop_side_cleanly().await?;
             self.swap_in().await?;
             let e = &self.expected;
+            let recovered = match &replayed {
+                None => "PostgreSQL recovered it".to_owned(),
+                Some((last, to)) => format!(
+                    "PostgreSQL recovered it to {} with the archived WAL (newest archived segment {}, pushed {}; {})",
+                    to.time.to_rfc3339(),
+                    to.newest.0,
+                    to.newest.1.to_rfc3339(),
+                    match last {
+                        Some(at) => format!("last transaction replayed committed at {}", at.to_rfc3339()),
+                        None => "no transaction after the base backup".to_owned(),
+                    }
+                ),
+            };
             let mut summary = format!(
                 "base backup of system {} (timeline {}, WAL {} to {}) restored into {}: pg_verifybackup passed, \
-                 PostgreSQL recovered it beside the live cluster ({databases} databases) and the cluster is started on it",
+                 {recovered} beside the live cluster ({databases} databases) and the cluster is started on it",
                 e.system_identifier,
                 e.timeline,
                 e.start_lsn,

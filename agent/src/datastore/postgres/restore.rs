@@ -13,7 +13,7 @@ use super::{BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_count
 use crate::datastore::common::leftovers;
 use crate::datastore::common::smoke::{SmokeCheck, SmokeError, run_smoke};
 use crate::datastore::{
-    PartSink, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
+    PartSink, PointInTime, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
 };
 use ferry_core::manifest::Manifest;
 
@@ -252,6 +252,28 @@ impl Restorer for Postgres {
         .boxed()
     }
 
+    /// A physical datastore's base backup, recovered up to `to.time` with the archived
+    /// WAL (see [`super::physical_restore`]).
+    fn begin_to_time<'a>(
+        &'a self,
+        main: &'a Manifest,
+        job_id: &'a str,
+        to: &'a PointInTime,
+    ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
+        async move {
+            if !self.physical() {
+                return Err(RestoreError::Manifest(
+                    "a pg_dump backup cannot be restored to a point in time: that takes \
+                     method = \"physical\" and archived WAL"
+                        .into(),
+                ));
+            }
+            self.begin_physical(main, job_id, &[], Some(to.clone()))
+                .await
+        }
+        .boxed()
+    }
+
     fn begin<'a>(
         &'a self,
         main: &'a Manifest,
@@ -265,7 +287,7 @@ impl Restorer for Postgres {
                 ));
             }
             if self.physical() {
-                return self.begin_physical(main, job_id, namespaces).await;
+                return self.begin_physical(main, job_id, namespaces, None).await;
             }
             crate::datastore::expect_main(main, "postgres", &MAIN, "a PostgreSQL pg_dump archive")?;
             let expected = DatabaseCounts::from_json(&main.counts).ok_or_else(|| {
