@@ -974,6 +974,15 @@ fn shows_life(last: Option<&Counts>, p: &v1::Progress) -> bool {
     !p.streaming || last.is_none_or(|l| *l != Counts::of(p))
 }
 
+/// Whether `datastore` of the agent that `described` itself replays archived WAL to an
+/// instant (its Describe says `point_in_time`).
+fn replays_wal(described: &v1::DescribeResponse, datastore: &str) -> bool {
+    described
+        .datastores
+        .iter()
+        .any(|d| d.name == datastore && d.point_in_time)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1043,13 +1052,4 @@ mod tests {
         let tool = progress("pgbackrest", 0, 0, false);
         assert!(shows_life(Some(&Counts::of(&tool)), &tool));
     }
-}
-
-/// Whether `datastore` of the agent that `described` itself replays archived WAL to an
-/// instant (its Describe says `point_in_time`).
-fn replays_wal(described: &v1::DescribeResponse, datastore: &str) -> bool {
-    described
-        .datastores
-        .iter()
-        .any(|d| d.name == datastore && d.point_in_time)
 }
