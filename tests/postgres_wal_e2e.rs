@@ -786,8 +786,8 @@ fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbenc
     load_bench(&pg);
     let before_backup = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
     std::thread::sleep(Duration::from_millis(50));
-    let out = d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
-    assert!(out.contains("succeeded"), "{out}");
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("pgphys") && out.contains("postgres"), "{out}");
 
     // pgbench writes throughout; T1 and T2 are two instants with the tables as they were.
     let mut bench = pgbench_for(&pg, 120);
@@ -845,6 +845,21 @@ fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbenc
     assert!(!stage.has_database("before_restore"));
     let job = d.ferry_ok(&["jobs", "--output", "json"]);
     assert!(job.contains(&t2[..19]), "{job}");
+
+    // The whole agent to T1: pgphys replays to it, the logical `postgres` datastore takes
+    // its newest backup finished by then; each job says which it did.
+    let out = d.ferry_ok(&["restore", "pg-stage", "--to-time", &t1, "--wait"]);
+    let restored: Fingerprints = stage
+        .table_fingerprints("bench")
+        .into_iter()
+        .filter(|(table, _)| table.starts_with("public.pgbench"))
+        .collect();
+    assert_eq!(restored, at_t1, "{out}");
+    assert!(out.contains("with the archived WAL"), "{out}");
+    assert!(
+        out.contains("(this datastore cannot replay to an instant): 4 tables"),
+        "{out}"
+    );
 
     // A WAL segment altered on the backup server: wal-get refuses it, recovery cannot
     // reach T2, and the restore fails before the swap, saying why.

@@ -160,10 +160,11 @@ pub enum Command {
         /// cannot be reached (the job's summary says which it read).
         #[arg(long)]
         from: Option<String>,
-        /// Restore to this instant (needs --datastore, a physical PostgreSQL datastore whose
-        /// WAL is archived): the newest base backup that finished by then, and the archived
-        /// WAL replayed up to it. RFC 3339 (`2026-12-05T07:30:00Z`, `...+01:00`) or
-        /// `YYYY-MM-DD HH:MM:SS[.fff]` in UTC.
+        /// Restore to this instant: a physical PostgreSQL datastore whose WAL is archived
+        /// from the newest base backup that finished by then, with the archived WAL
+        /// replayed up to it; any other datastore from its newest backup finished by then.
+        /// RFC 3339 (`2026-12-05T07:30:00Z`, `...+01:00`) or `YYYY-MM-DD HH:MM:SS[.fff]` in
+        /// UTC.
         #[arg(long, value_parser = parse_instant)]
         to_time: Option<i64>,
         /// Wait for the end, with progress; exit non-zero if a job fails.

@@ -329,7 +329,7 @@ impl Coordinator {
         let agent = || job.agent.clone();
         let described = self.agents.describe(&job.agent).await?;
         let (date, file, record) = self
-            .chosen_backup(job, &described.source_environment, "check")
+            .chosen_backup(job, &described.source_environment, "check", false)
             .await
             .map_err(|failed| {
                 CheckFailed::Choice(match failed {
@@ -461,7 +461,12 @@ impl Coordinator {
             JobKind::Backup => (String::new(), String::new(), None),
             JobKind::Restore | JobKind::Verify => {
                 match self
-                    .chosen_backup(job, &described.source_environment, job.kind.as_str())
+                    .chosen_backup(
+                        job,
+                        &described.source_environment,
+                        job.kind.as_str(),
+                        replays_wal(&described, &job.datastore),
+                    )
                     .await
                 {
                     Ok(chosen) => chosen,
@@ -514,7 +519,14 @@ impl Coordinator {
                             file,
                             check_only: false,
                             target: job.target.clone().unwrap_or_default(),
-                            to_time_unix_ms: job.to_time_ms.unwrap_or_default(),
+                            // Only a datastore that replays WAL gets the instant; the
+                            // others restore the newest backup finished by then, which
+                            // chosen_backup picked.
+                            to_time_unix_ms: if replays_wal(&described, &job.datastore) {
+                                job.to_time_ms.unwrap_or_default()
+                            } else {
+                                0
+                            },
                         })
                         .await
                 }
@@ -569,7 +581,18 @@ impl Coordinator {
                 r.into_inner()
             }
         };
-        let outcome = self.follow(job, &client, stream).await;
+        let mut outcome = self.follow(job, &client, stream).await;
+        // A datastore restored for an instant it cannot replay to says so.
+        if let (Attempt::Succeeded(result), Some(to), JobKind::Restore) =
+            (&mut outcome, job.to_time_ms, job.kind)
+            && !replays_wal(&described, &job.datastore)
+        {
+            result.summary = format!(
+                "the newest backup finished by {} (this datastore cannot replay to an instant): {}",
+                super::trigger::utc_ms(to),
+                result.summary
+            );
+        }
         if let Some(record) = chosen {
             self.note_presence(job, record, &outcome).await;
         }
@@ -628,6 +651,7 @@ impl Coordinator {
         job: &Job,
         source_environment: &str,
         what: &str,
+        replays_wal: bool,
     ) -> Result<(String, String, Option<BackupRecord>), Attempt> {
         if source_environment.is_empty() {
             return Err(Attempt::Failed {
@@ -727,14 +751,25 @@ impl Coordinator {
             let file = record.stored_path.rsplit('/').next().unwrap_or_default();
             self.event(
                 job,
-                format!(
-                    "Ordering the {what} of {} to {} (backed up {} by job {}), the newest backup in the \
-                     catalog that finished by then, with the archived WAL after it.",
-                    record.stored_path,
-                    super::trigger::utc_ms(to),
-                    record.date,
-                    record.job_id
-                ),
+                if replays_wal {
+                    format!(
+                        "Ordering the {what} of {} to {} (backed up {} by job {}), the newest backup in the \
+                         catalog that finished by then, with the archived WAL after it.",
+                        record.stored_path,
+                        super::trigger::utc_ms(to),
+                        record.date,
+                        record.job_id
+                    )
+                } else {
+                    format!(
+                        "Ordering the {what} of {} (backed up {} by job {}), the newest backup in the \
+                         catalog that finished by {}: this datastore cannot replay to an instant.",
+                        record.stored_path,
+                        record.date,
+                        record.job_id,
+                        super::trigger::utc_ms(to)
+                    )
+                },
             )
             .await;
             return Ok((
@@ -937,6 +972,15 @@ impl Counts {
 /// reporting the same counters: that is no sign of life.
 fn shows_life(last: Option<&Counts>, p: &v1::Progress) -> bool {
     !p.streaming || last.is_none_or(|l| *l != Counts::of(p))
+}
+
+/// Whether `datastore` of the agent that `described` itself replays archived WAL to an
+/// instant (its Describe says `point_in_time`).
+fn replays_wal(described: &v1::DescribeResponse, datastore: &str) -> bool {
+    described
+        .datastores
+        .iter()
+        .any(|d| d.name == datastore && d.point_in_time)
 }
 
 #[cfg(test)]

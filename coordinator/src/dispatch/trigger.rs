@@ -209,14 +209,13 @@ impl Coordinator {
         } = *selection;
         if let Some(ms) = to_time_ms {
             if kind != JobKind::Restore
-                || datastore.is_none()
                 || date.is_some()
                 || !namespaces.is_empty()
                 || all_or_nothing
             {
                 return Err(DispatchError::InvalidArgument(
-                    "--to-time restores one datastore to an instant: give --datastore, and no \
-                     --date, --ns, --verify or --all-or-nothing"
+                    "--to-time restores to an instant: no --date, --ns, --verify or \
+                     --all-or-nothing with it"
                         .into(),
                 ));
             }
@@ -325,7 +324,9 @@ impl Coordinator {
             Some(d) => vec![d.to_owned()],
             None => {
                 let described = self.description(agent).await?;
-                if kind != JobKind::Backup {
+                // Every datastore to an instant: those that replay WAL to it, the others
+                // from their newest backup finished by then, each on its own.
+                if kind != JobKind::Backup && to_time_ms.is_none() {
                     // All datastores at once: from one complete set.
                     date = Some(
                         self.set_date(agent, &described.source_environment, date.as_deref())
