@@ -205,7 +205,11 @@ fn sha256_hex(b: &[u8]) -> String {
 
 #[test]
 fn archived_segments_decrypt_to_the_bytes_postgres_wrote_and_a_second_push_is_compared() {
-    let Wal { d, pg, socket, .. } = deploy();
+    // The coordinator reads the archive with its maintenance key, for the archive's lag.
+    let Wal { d, pg, socket, .. } = deploy_with(None, |d| {
+        let key = d.maintenance_key();
+        append(&d.coordinator_config, &d.sftp_table("maintenance", &key));
+    });
     let pg_wal = pg.data_dir().join("pg_wal");
 
     // The socket: mode 0660, group postgres (wal-push runs as the PostgreSQL user).
@@ -236,6 +240,35 @@ fn archived_segments_decrypt_to_the_bytes_postgres_wrote_and_a_second_push_is_co
         assert_eq!(record["kind"], "segment");
         assert_eq!(record["datastore"], "pgphys");
     }
+    // `ferry status` shows the newest archived segment and its lag, read from the archive.
+    let newest = switched.last().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let archive = loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&d.ferry_ok(&["status", "--output", "json"])).unwrap();
+        let found = status["archives"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["datastore"] == "pgphys").cloned());
+        match found {
+            Some(a) if a["newest_file"] == newest.as_str() => break a,
+            other => assert!(
+                Instant::now() < deadline,
+                "no archive status naming {newest}: {other:?}\n{}",
+                d.log_tail("coordinator")
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(archive["environment"], "production", "{archive}");
+    let lag = archive["lag_seconds"].as_i64().unwrap();
+    assert!((0..60).contains(&lag), "{archive}");
+    assert!(archive["last_error"].is_null(), "{archive}");
+    let table = d.ferry_ok(&["status"]);
+    assert!(
+        table.contains("WAL ARCHIVE OF") && table.contains(newest.as_str()),
+        "{table}"
+    );
+
     // The first segment kept aside: the base backup's checkpoint below recycles pg_wal.
     let copy = d.dir.path().join("again");
     make_reachable(&copy);

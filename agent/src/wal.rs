@@ -904,29 +904,10 @@ pub(crate) fn newest_segment(
     let env_dir = settings.backup_server.environment_dir(environment);
     let dir = wal::wal_dir(&env_dir, datastore);
     let mut session = settings.backup_server.read()?;
-    let mut timelines = session.list(&dir)?;
-    timelines.retain(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()));
-    timelines.sort();
-    for timeline in timelines.iter().rev() {
-        let tdir = format!("{dir}/{timeline}");
-        let entries = session.list(&tdir)?;
-        let newest = entries
-            .iter()
-            .filter_map(|e| e.strip_suffix(".zst.age.json"))
-            .filter(|n| {
-                WalFileName::parse(n).is_ok_and(|w| w.kind == wal::WalFileKind::Segment)
-                    && entries
-                        .iter()
-                        .any(|e| e.strip_suffix(".zst.age") == Some(n))
-            })
-            .max();
-        if let Some(name) = newest {
-            let path = format!("{tdir}/{name}.zst.age.json");
-            let bytes = session.read_small(&path, MAX_WAL_RECORD_BYTES)?;
-            return Ok(Some(WalRecord::from_slice(&path, &bytes)?));
-        }
+    match ferry_storage::wal::newest_segment_record(&mut *session, &dir, MAX_WAL_RECORD_BYTES)? {
+        Some((path, bytes)) => Ok(Some(WalRecord::from_slice(&path, &bytes)?)),
+        None => Ok(None),
     }
-    Ok(None)
 }
 
 /// `value` quoted for `sh` (single quotes, a quote inside as `'\''`) with every `%`

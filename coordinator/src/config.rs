@@ -4,6 +4,7 @@
 //! listen = "0.0.0.0:7400"
 //! store = "/var/lib/ferry/coordinator.redb"
 //! agent_timeout_seconds = 60
+//! archive_scan_seconds = 60      # how often the WAL archive's lag is read ([maintenance])
 //! [tls]    cert = "..."  key = "..."  ca = "..."
 //! [retry]  max_attempts = 3  initial_backoff_seconds = 30  max_backoff_seconds = 600
 //! [[agents]]     id = "pg-prod"  address = "https://10.0.0.5:7443"  role = "production"  environment = "production"
@@ -67,6 +68,10 @@ fn default_max_backoff() -> u64 {
     600
 }
 fn default_agent_timeout() -> u64 {
+    60
+}
+
+fn default_archive_scan() -> u64 {
     60
 }
 
@@ -187,6 +192,11 @@ pub struct CoordinatorConfig {
     /// A running job whose agent sends nothing for this long is failed, seconds.
     #[serde(default = "default_agent_timeout")]
     pub agent_timeout_seconds: u64,
+    /// How often the WAL archive of every production environment is scanned for its newest
+    /// segment (`ferry_archive_lag_seconds`, [`crate::catalog::archive`]), seconds; 1 to
+    /// 3600, default 60.
+    #[serde(default = "default_archive_scan")]
+    pub archive_scan_seconds: u64,
     /// mTLS files.
     pub tls: TlsConfig,
     /// Retries.
@@ -260,6 +270,8 @@ pub struct Settings {
     pub store: PathBuf,
     /// Silence after which a running job is failed.
     pub agent_timeout: std::time::Duration,
+    /// How often the WAL archive is scanned (`archive_scan_seconds`).
+    pub archive_scan: std::time::Duration,
     /// mTLS files.
     pub tls: TlsFiles,
     /// Retries.
@@ -365,6 +377,12 @@ impl CoordinatorConfig {
             return Err(invalid(
                 "agent_timeout_seconds".into(),
                 "must be at least 1".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.archive_scan_seconds) {
+            return Err(invalid(
+                "archive_scan_seconds".into(),
+                format!("{} is not between 1 and 3600", self.archive_scan_seconds),
             ));
         }
         if self.retry.max_attempts == 0 {
@@ -583,6 +601,7 @@ impl CoordinatorConfig {
             metrics_listen: self.metrics_listen,
             store: self.store,
             agent_timeout: std::time::Duration::from_secs(self.agent_timeout_seconds),
+            archive_scan: std::time::Duration::from_secs(self.archive_scan_seconds),
             tls: TlsFiles {
                 cert: self.tls.cert,
                 key: self.tls.key,

@@ -102,6 +102,7 @@ async fn serve(
         tasks: tasks.clone(),
         counters: metrics::Counters::default(),
         copier: Default::default(),
+        archives: Default::default(),
     });
     let reconciled = coordinator.reconcile().await;
     if reconciled > 0 {
@@ -124,6 +125,7 @@ async fn serve(
     tasks.spawn(agents.refresh_loop(DESCRIBE_INTERVAL));
     tasks.spawn(coordinator.clone().run_schedules());
     tasks.spawn(coordinator.clone().run_copies());
+    tasks.spawn(coordinator.clone().run_archive_scans());
     tracing::info!(%listen, agents = coordinator.settings.agents.len(),
         schedules = coordinator.settings.schedules.len(), "Coordinator serving.");
     tonic::transport::Server::builder()

@@ -34,6 +34,10 @@
 //!   `FerryCopyBehind` past 26 h); `ferry_copy_lacking{environment, target}`: how many it
 //!   lacks; `ferry_copy_last_failed{environment, target}`: 1 if the copier's last attempt
 //!   there failed (its error in `ferry status`), else 0.
+//! - `ferry_archive_lag_seconds{environment, datastore}` (datastores whose WAL is archived,
+//!   with `[maintenance]`): now minus the push time of the newest archived WAL segment, as
+//!   last scanned ([`crate::catalog::archive`]; alert `FerryArchiveBehind` past 5 minutes);
+//!   `ferry_archive_scan_failed{environment, datastore}`: 1 if the last scan failed.
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started, every
 //!   kind (`backup`, `restore`, `verify`) and outcome (`succeeded`, `failed`) from 0.
 //!
@@ -339,6 +343,27 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
             },
         ));
     }
+    let mut archive_lag = Family::gauge(
+        "ferry_archive_lag_seconds",
+        "Now minus the push time of the newest archived WAL segment, seconds",
+    );
+    let mut archive_failed = Family::gauge(
+        "ferry_archive_scan_failed",
+        "1 if the last scan of the WAL archive failed (the lag is then the last scan's), else 0",
+    );
+    let now_ms = ferry_proto::now_unix_ms();
+    for a in c.archive_status() {
+        let labels = vec![
+            ("environment", a.environment.clone()),
+            ("datastore", a.datastore.clone()),
+        ];
+        archive_lag
+            .samples
+            .push((labels.clone(), a.lag_seconds(now_ms) as f64));
+        archive_failed
+            .samples
+            .push((labels, f64::from(u8::from(a.error.is_some()))));
+    }
     let mut jobs = Family {
         name: "ferry_jobs",
         help: "Jobs finished since the coordinator started, by kind and outcome",
@@ -365,6 +390,8 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         copy_lag,
         copy_lacking,
         copy_failed,
+        archive_lag,
+        archive_failed,
         jobs,
     ];
     Ok(encode(&families, format))

@@ -65,6 +65,7 @@ pub mod leftovers;
 pub mod memory;
 pub mod s3;
 pub mod sftp;
+pub mod wal;
 
 pub use config::{TargetConfig, TargetConfigError};
 pub use error::{PartialFate, TargetError};

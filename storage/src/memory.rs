@@ -67,6 +67,16 @@ impl MemoryTarget {
         self.lock().get(path).map(|o| o.bytes.clone())
     }
 
+    /// Stores `bytes` at `path` (a full path) as if committed, replacing what is there: a
+    /// test's fixture.
+    pub fn insert(&self, path: &str, bytes: &[u8]) {
+        let object = Object {
+            bytes: bytes.to_vec(),
+            mtime: now_seconds(),
+        };
+        self.lock().insert(path.to_owned(), object);
+    }
+
     /// Alters the stored object at `path` in place with `f` (a test's corruption);
     /// whether it exists.
     pub fn tamper(&self, path: &str, f: impl FnOnce(&mut Vec<u8>)) -> bool {

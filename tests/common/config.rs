@@ -413,7 +413,7 @@ impl CoordinatorConfig {
     /// The TOML text.
     pub fn to_toml(&self) -> String {
         let mut s = format!(
-            "listen = {}\nstore = {}\nagent_timeout_seconds = {}\n\n{}",
+            "listen = {}\nstore = {}\nagent_timeout_seconds = {}\narchive_scan_seconds = 2\n\n{}",
             toml_str(&self.listen.to_string()),
             toml_path(&self.store),
             self.agent_timeout_seconds,

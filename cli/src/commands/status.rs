@@ -80,8 +80,21 @@ pub(crate) async fn run(
                 })
             })
             .collect();
+        let archives: Vec<_> = s
+            .archives
+            .iter()
+            .map(|a| {
+                serde_json::json!({
+                    "environment": a.environment, "datastore": a.datastore,
+                    "newest_file": a.newest_file, "pushed": time(a.pushed_unix_ms),
+                    "lag_seconds": a.lag_seconds,
+                    "last_error": (!a.last_error.is_empty()).then_some(&a.last_error),
+                })
+            })
+            .collect();
         format::print_json(&serde_json::json!({
             "now": time(s.now_unix_ms), "datastores": rows, "copies": copies,
+            "archives": archives,
         }))?;
         return Ok(0);
     }
@@ -169,6 +182,38 @@ pub(crate) async fn run(
                 "LACKS",
                 "LAG",
                 "LAST COPY",
+                "STATE",
+            ],
+            rows,
+        )?;
+    }
+    if !s.archives.is_empty() {
+        println!();
+        let rows = s
+            .archives
+            .iter()
+            .map(|a| {
+                vec![
+                    a.environment.clone(),
+                    a.datastore.clone(),
+                    a.newest_file.clone(),
+                    time(a.pushed_unix_ms),
+                    duration_ms(a.lag_seconds * 1000),
+                    if a.last_error.is_empty() {
+                        "ok".into()
+                    } else {
+                        format!("SCAN FAILED: {}", a.last_error)
+                    },
+                ]
+            })
+            .collect();
+        format::table(
+            &[
+                "ENVIRONMENT",
+                "WAL ARCHIVE OF",
+                "NEWEST SEGMENT",
+                "PUSHED",
+                "LAG",
                 "STATE",
             ],
             rows,

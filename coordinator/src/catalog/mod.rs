@@ -7,7 +7,9 @@
 //! - [`prune`]: `ferry prune`, the policy carried out on the backup server.
 //! - [`locks`]: Object Lock by retention tier, on a target with locks.
 //! - [`copies`]: copies of each backup on the environment's copy targets (3-2-1).
+//! - [`archive`]: the lag of continuous archiving (the newest archived WAL segment).
 
+pub mod archive;
 pub mod copies;
 pub mod locks;
 pub mod prune;

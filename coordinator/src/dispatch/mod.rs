@@ -79,6 +79,8 @@ pub struct Coordinator {
     pub counters: crate::metrics::Counters,
     /// The copier's wake-up and progress ([`crate::catalog::copies`]).
     pub copier: crate::catalog::copies::Copier,
+    /// The archive scanner's last results ([`crate::catalog::archive`]).
+    pub archives: crate::catalog::archive::Archives,
 }
 
 impl Coordinator {
@@ -283,6 +285,7 @@ pub(crate) fn test_coordinator(
         metrics_listen: None,
         store: dir.join("unused.redb"),
         agent_timeout,
+        archive_scan: Duration::from_secs(60),
         tls: tls.clone(),
         retry: crate::config::RetryConfig::default(),
         agents: agents.clone(),
@@ -302,5 +305,6 @@ pub(crate) fn test_coordinator(
         tasks,
         counters: crate::metrics::Counters::default(),
         copier: Default::default(),
+        archives: Default::default(),
     })
 }

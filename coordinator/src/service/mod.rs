@@ -313,10 +313,23 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 last_error: s.progress.last_error.unwrap_or_default(),
             })
             .collect();
+        let archives = c
+            .archive_status()
+            .into_iter()
+            .map(|a| v1::ArchiveStatus {
+                lag_seconds: a.lag_seconds(now_unix_ms),
+                environment: a.environment,
+                datastore: a.datastore,
+                newest_file: a.newest_file,
+                pushed_unix_ms: a.pushed_ms,
+                last_error: a.error.unwrap_or_default(),
+            })
+            .collect();
         Ok(Response::new(v1::StatusResponse {
             datastores,
             now_unix_ms,
             copies,
+            archives,
         }))
     }
 }
