@@ -1015,19 +1015,6 @@ fn add_only_production_key(d: &mut Deployment) {
     d.prod_key = key;
 }
 
-/// A retention policy for production (a week) and the coordinator's `[maintenance]` key,
-/// restricted as the Ansible role does (it may remove, not overwrite).
-fn maintenance(d: &Deployment) {
-    let key = d.maintenance_key();
-    append(
-        &d.coordinator_config,
-        &format!(
-            "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n{}",
-            d.sftp_table("maintenance", &key)
-        ),
-    );
-}
-
 /// `ferry prune ARGS --output json`'s leftovers, flattened: (path, kind, remove, removed,
 /// reason).
 fn leftovers(plan: &serde_json::Value) -> Vec<(String, String, bool, bool, String)> {
@@ -1090,7 +1077,7 @@ fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_prune_removes_the
         retry: one_attempt(),
         tweak: Some(Box::new(|d| {
             add_only_production_key(d);
-            maintenance(d);
+            d.add_maintenance();
         })),
         ..DeploymentOptions::default()
     });
@@ -1210,7 +1197,7 @@ fn a_full_disk_behind_an_add_only_key_says_the_partial_stayed_and_prune_removes_
         retry: one_attempt(),
         tweak: Some(Box::new(|d| {
             add_only_production_key(d);
-            maintenance(d);
+            d.add_maintenance();
         })),
         ..DeploymentOptions::default()
     });

@@ -915,3 +915,57 @@ fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbenc
     );
     assert!(stage.has_database("before_altered"));
 }
+
+#[test]
+fn prune_removes_the_wal_before_the_oldest_kept_base_backup_and_that_backup_still_replays() {
+    let Wal { d, pg, stage, .. } =
+        deploy_with(Some(Staging::smoke(ACCOUNTS)), |d| d.add_maintenance());
+    let stage = stage.expect("a staging cluster");
+    load_bench(&pg);
+    // WAL archived before any base backup: no kept backup needs it.
+    let early: Vec<String> = (0..2).map(|i| write_and_switch(&pg, i)).collect();
+    wait_archived(&pg, early.last().unwrap(), &d);
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    // T between the two base backups: only the first one and the WAL after it reach it.
+    pg.psql(
+        "bench",
+        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 5000",
+    );
+    let (t, at_t) = instant_and_fingerprints(&pg);
+    pg.psql(
+        "bench",
+        "UPDATE pgbench_accounts SET abalance = abalance + 2 WHERE aid <= 5000",
+    );
+    write_and_switch(&pg, 2);
+    std::thread::sleep(Duration::from_millis(1100));
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    let last = write_and_switch(&pg, 3);
+    wait_archived(&pg, &last, &d);
+
+    let (before, _) = stored(&d);
+    let plan = d.ferry_ok(&["prune", "--dry-run"]);
+    assert!(
+        plan.contains("Archived WAL") && plan.contains("remove "),
+        "{plan}"
+    );
+    assert_eq!(stored(&d).0, before, "a dry run removed WAL");
+    let out = d.ferry_ok(&["prune"]);
+    assert!(out.contains("removed "), "{out}");
+    let (after, _) = stored(&d);
+    for segment in &early {
+        assert!(!after.contains(segment), "{segment} kept: {after:?}\n{out}");
+    }
+    assert!(after.contains(&last), "{after:?}");
+    let audit = d.ferry_ok(&["audit"]);
+    assert!(audit.contains("prune wal"), "{audit}");
+
+    // The oldest kept base backup still recovers to T with what is left.
+    let (ok, text) = restore_to(&d, &t);
+    assert!(ok, "{text}\n{}", d.log_tail("agent-stage"));
+    let restored: Fingerprints = stage
+        .table_fingerprints("bench")
+        .into_iter()
+        .filter(|(table, _)| table.starts_with("public.pgbench"))
+        .collect();
+    assert_eq!(restored, at_t, "{text}");
+}

@@ -101,6 +101,33 @@ impl WalFileName {
     }
 }
 
+/// The WAL segment where recovery of a base backup begins: the file named on the
+/// `START WAL LOCATION: 0/5000028 (file 000000010000000000000005)` line of its
+/// `backup_label` (PostgreSQL's `do_pg_backup_stop`/`build_backup_content`,
+/// src/backend/access/transam/xlogbackup.c). `None` without such a line.
+pub fn backup_start_segment(backup_label: &str) -> Option<WalFileName> {
+    let line = backup_label
+        .lines()
+        .find(|l| l.starts_with("START WAL LOCATION:"))?;
+    let file = line.split("(file ").nth(1)?.strip_suffix(')')?;
+    WalFileName::parse(file)
+        .ok()
+        .filter(|f| f.kind == WalFileKind::Segment)
+}
+
+impl WalFileName {
+    /// The position of a segment, `.partial` or backup history file in the WAL (its 16 hex
+    /// digits after the timeline, log then segment number; fixed width, upper case, so
+    /// that positions compare as strings); `None` for a timeline history file, which has
+    /// no position.
+    pub fn position(&self) -> Option<&str> {
+        match self.kind {
+            WalFileKind::History => None,
+            _ => self.name.get(8..24),
+        }
+    }
+}
+
 /// `<environment dir>/<datastore>-wal`: the folder of a datastore's archived WAL.
 pub fn wal_dir(environment_dir: &str, datastore: &str) -> String {
     format!("{}/{datastore}-wal", environment_dir.trim_end_matches('/'))
@@ -242,6 +269,23 @@ mod tests {
         assert_eq!(
             timeline_dir("/backups/production/", "pg", &f),
             "/backups/production/pg-wal/00000002"
+        );
+    }
+
+    #[test]
+    fn a_backup_label_names_where_recovery_begins() {
+        let label = "START WAL LOCATION: 0/5000028 (file 000000010000000000000005)\n\
+                     CHECKPOINT LOCATION: 0/5000060\nBACKUP METHOD: streamed\n";
+        let start = backup_start_segment(label).unwrap();
+        assert_eq!(start.name, "000000010000000000000005");
+        assert_eq!(start.position(), Some("0000000000000005"));
+        assert!(backup_start_segment("LABEL: x\n").is_none());
+        let partial = WalFileName::parse("000000020000000100000002.partial").unwrap();
+        assert_eq!(partial.position(), Some("0000000100000002"));
+        assert!(partial.position().unwrap() > start.position().unwrap());
+        assert_eq!(
+            WalFileName::parse("00000002.history").unwrap().position(),
+            None
         );
     }
 }

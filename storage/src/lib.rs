@@ -410,6 +410,20 @@ pub trait MaintainSession: ReadSession {
     /// [`TargetError::Io`] naming the object that could not be removed.
     fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TargetError>;
 
+    /// Removes one archived WAL file, `<root>/<environment>/<datastore>-wal/<timeline>/
+    /// <file>.zst.age` (every version, on a target with versions) and then its `.json`
+    /// record ([`ferry_core::wal`]); returns the bytes removed (0 when it was not there).
+    /// Anything that is not such a path is refused.
+    ///
+    /// # Errors
+    /// [`TargetError::Io`] naming the object.
+    fn remove_wal_file(
+        &mut self,
+        environment: &str,
+        datastore: &str,
+        file: &ferry_core::wal::WalFileName,
+    ) -> Result<u64, TargetError>;
+
     /// Keeps `path` from being deleted or overwritten until `until` (UTC), on a target
     /// with object locks; a lock is only ever extended.
     ///

@@ -45,6 +45,30 @@ pub fn newest_segment_record(
     Ok(None)
 }
 
+/// The data file and the record of `file` of `datastore` in `environment` under `root`:
+/// `(<dir>/<file>.zst.age, <dir>/<file>.zst.age.json)`, or `None` for an environment or
+/// datastore name that is not one of the layout.
+pub fn wal_file_paths(
+    root: &str,
+    environment: &str,
+    datastore: &str,
+    file: &WalFileName,
+) -> Option<(String, String)> {
+    if ferry_core::layout::validate_name("environment", environment).is_err()
+        || ferry_core::layout::validate_name("datastore", datastore).is_err()
+    {
+        return None;
+    }
+    let env_dir = ferry_core::layout::environment_dir(root, environment);
+    let data = format!(
+        "{}/{}",
+        ferry_core::wal::timeline_dir(&env_dir, datastore, file),
+        file.stored_name()
+    );
+    let record = format!("{data}.json");
+    Some((data, record))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

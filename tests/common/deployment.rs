@@ -398,6 +398,20 @@ impl Deployment {
         )
     }
 
+    /// A retention policy for production (a week) and the coordinator's `[maintenance]` key
+    /// ([`Deployment::maintenance_key`]), appended to the coordinator's config before it
+    /// starts.
+    pub fn add_maintenance(&self) {
+        let key = self.maintenance_key();
+        crate::append(
+            &self.coordinator_config,
+            &format!(
+                "\n[[retention]]\nenvironment = \"production\"\nkeep_daily = 7\n{}",
+                self.sftp_table("maintenance", &key)
+            ),
+        );
+    }
+
     /// The coordinator's maintenance key on the SFTP server (`id_maintenance`), restricted
     /// as the Ansible role restricts it: it may remove and read, not rename over.
     pub fn maintenance_key(&self) -> PathBuf {

@@ -1,4 +1,6 @@
-//! `ferry prune [--env E] [--dry-run]`.
+//! `ferry prune [--env E] [--dry-run]`. `--output json` prints the dated folders' decisions
+//! (an array, as before archived WAL was pruned); the archived WAL's are in the table and
+//! the audit log.
 
 use ferry_proto::v1;
 use ferry_proto::v1::coordinator_client::CoordinatorClient;
@@ -110,6 +112,33 @@ pub(crate) async fn run(
     } else {
         outln!("\nLeft by failed or interrupted uploads:")?;
         format::table(&["FILE", "KIND", "SIZE", "DECISION", "WHY"], leftovers)?;
+    }
+    if !response.wal.is_empty() {
+        outln!("\nArchived WAL:")?;
+        let rows = response
+            .wal
+            .iter()
+            .map(|w| {
+                vec![
+                    w.environment.clone(),
+                    w.datastore.clone(),
+                    match (w.going, w.removed) {
+                        (0, _) => "keep all".into(),
+                        (n, true) => format!(
+                            "removed {n} file(s), {} to {} ({})",
+                            w.first_going,
+                            w.last_going,
+                            bytes(w.removed_bytes)
+                        ),
+                        (n, false) => {
+                            format!("remove {n} file(s), {} to {}", w.first_going, w.last_going)
+                        }
+                    },
+                    w.note.clone(),
+                ]
+            })
+            .collect();
+        format::table(&["ENVIRONMENT", "DATASTORE", "DECISION", "WHY"], rows)?;
     }
     Ok(0)
 }

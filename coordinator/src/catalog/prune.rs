@@ -9,6 +9,11 @@
 //! coordinator does not know (after [`ABANDONED_AFTER`]), never of a job still queued or
 //! running; and orphan data files, under a final name but part of no committed backup
 //! (after [`ORPHAN_AFTER`], and never while a backup of their environment runs).
+//!
+//! Archived WAL (`<environment>/<datastore>-wal/`, [`ferry_core::wal`]) goes with the base
+//! backups that need it ([`wal_plan`]): every segment, `.partial` and backup history file
+//! before the start segment of the oldest base backup of the datastore that is kept, none
+//! while no base backup of it is kept; timeline history files always stay.
 
 use std::sync::Arc;
 
@@ -60,11 +65,34 @@ pub struct LeftoverDecision {
     pub removed: bool,
 }
 
+/// What prune decided for one datastore's archived WAL.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WalPrune {
+    /// Environment.
+    pub environment: String,
+    /// Datastore whose WAL it is.
+    pub datastore: String,
+    /// The start segment of the oldest kept base backup: everything before it goes.
+    /// `None`: nothing goes (`note` says why).
+    pub keep_from: Option<String>,
+    /// Files before it (segments, `.partial` and backup history files), which go (or
+    /// would, on a dry run).
+    pub going: Vec<ferry_core::wal::WalFileName>,
+    /// Bytes removed (not a dry run).
+    pub removed_bytes: u64,
+    /// They were removed.
+    pub removed: bool,
+    /// Why nothing goes, or which base backup keeps what stays.
+    pub note: String,
+}
+
 /// What a prune run decided and did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Outcome {
     /// Per dated folder, newest first per environment.
     pub decisions: Vec<Decision>,
+    /// Per datastore whose WAL is archived (with the maintenance key).
+    pub wal: Vec<WalPrune>,
     /// The backup server was searched for leftovers (only with the maintenance key).
     pub leftovers_checked: bool,
 }
@@ -292,6 +320,34 @@ pub async fn run(
         locks_plan(c, server, &policies, &mut decisions, &mut found).await?;
     }
 
+    // Archived WAL before the oldest kept base backup of each datastore.
+    let mut wal = Vec::new();
+    if let Some(server) = &server {
+        for (env, _) in &policies {
+            let kept: Vec<crate::model::BackupRecord> = backups
+                .iter()
+                .filter(|b| {
+                    &b.environment == env
+                        && decisions.iter().any(|d| {
+                            &d.environment == env && d.date == b.date && !d.keep.is_empty()
+                        })
+                })
+                .cloned()
+                .collect();
+            let (server, env) = (server.clone(), env.clone());
+            let env2 = env.clone();
+            let planned = tokio::task::spawn_blocking(move || wal_plan(&*server, &env2, &kept))
+                .await
+                .map_err(|e| PruneError::Task(e.to_string()))?
+                .map_err(|source| PruneError::Target {
+                    doing: format!("listing the archived WAL of {env}"),
+                    source,
+                    after: "",
+                })?;
+            wal.extend(planned);
+        }
+    }
+
     let target = environment.unwrap_or("*");
     let going = decisions.iter().filter(|d| d.keep.is_empty()).count();
     let leftovers_going = found.iter().filter(|(_, remove, _)| *remove).count();
@@ -308,6 +364,7 @@ pub async fn run(
         .await;
         return Ok(Outcome {
             decisions,
+            wal,
             leftovers_checked: server.is_some(),
         });
     }
@@ -430,10 +487,144 @@ pub async fn run(
         blocking(move || store.delete_backups(&env, &date)).await?;
         d.removed = true;
     }
+    // WAL last: the base backups it served are gone by now.
+    for w in wal.iter_mut().filter(|w| !w.going.is_empty()) {
+        let (server2, env, datastore, files) = (
+            server.clone(),
+            w.environment.clone(),
+            w.datastore.clone(),
+            w.going.clone(),
+        );
+        let removed = tokio::task::spawn_blocking(move || {
+            let mut session = server2.maintain()?;
+            let mut bytes = 0;
+            for f in &files {
+                bytes += session.remove_wal_file(&env, &datastore, f)?;
+            }
+            Ok::<_, ferry_storage::TargetError>(bytes)
+        })
+        .await
+        .map_err(|e| PruneError::Task(e.to_string()))?;
+        let folder = format!("{}/{}-wal", w.environment, w.datastore);
+        match removed {
+            Ok(bytes) => {
+                w.removed = true;
+                w.removed_bytes = bytes;
+                c.audit(
+                    who,
+                    "prune wal",
+                    &folder,
+                    &format!(
+                        "removed {} file(s) before {}, {bytes} bytes",
+                        w.going.len(),
+                        w.keep_from.as_deref().unwrap_or_default()
+                    ),
+                )
+                .await;
+            }
+            Err(e) => {
+                c.audit(who, "prune wal", &folder, &format!("failed: {e}"))
+                    .await;
+                return Err(PruneError::Target {
+                    doing: format!("removing archived WAL of {folder}"),
+                    source: e,
+                    after: "; the dated folders listed before it were removed",
+                });
+            }
+        }
+    }
     Ok(Outcome {
         decisions,
+        wal,
         leftovers_checked: true,
     })
+}
+
+/// The archived WAL of every datastore of `environment` on `target` and what goes of it,
+/// given `kept`, the catalog records in the folders the policy keeps: the files before the
+/// start segment (from its manifest's `backup_label`) of the oldest kept base backup of
+/// the datastore (`.tar.zst.age` records); nothing while none is kept or its manifest
+/// cannot be read. Timeline history files always stay.
+///
+/// # Errors
+/// The target's, when the archive cannot be listed.
+pub fn wal_plan(
+    target: &dyn ferry_storage::Target,
+    environment: &str,
+    kept: &[crate::model::BackupRecord],
+) -> Result<Vec<WalPrune>, ferry_storage::TargetError> {
+    use ferry_core::wal::{WalFileName, backup_start_segment, wal_dir};
+    let env_dir = target.environment_dir(environment);
+    let mut session = target.read()?;
+    let mut names = session.list(&env_dir)?;
+    names.sort();
+    let mut out = Vec::new();
+    for datastore in names.iter().filter_map(|n| n.strip_suffix("-wal")) {
+        if ferry_core::layout::validate_name("datastore", datastore).is_err() {
+            continue;
+        }
+        let mut plan = WalPrune {
+            environment: environment.to_owned(),
+            datastore: datastore.to_owned(),
+            keep_from: None,
+            going: Vec::new(),
+            removed_bytes: 0,
+            removed: false,
+            note: String::new(),
+        };
+        let oldest = kept
+            .iter()
+            .filter(|b| b.datastore == datastore && b.stored_path.ends_with(".tar.zst.age"))
+            .min_by_key(|b| b.finished_ms);
+        let Some(oldest) = oldest else {
+            plan.note = "no base backup of it is kept: every archived WAL file stays".into();
+            out.push(plan);
+            continue;
+        };
+        let file = oldest.stored_path.rsplit('/').next().unwrap_or_default();
+        let start = chrono::NaiveDate::parse_from_str(&oldest.date, "%Y-%m-%d")
+            .ok()
+            .map(|d| format!("{}/{file}.json", target.dated_dir(environment, d)))
+            .and_then(|path| {
+                let bytes = session
+                    .read_small(&path, ferry_core::manifest::MAX_MANIFEST_BYTES)
+                    .ok()?;
+                // Only its `counts.backup_label` is needed.
+                let m: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+                backup_start_segment(m["counts"]["backup_label"].as_str()?)
+            });
+        let Some(start) = start else {
+            plan.note = format!(
+                "the start segment of the oldest kept base backup, {}, cannot be read from its                  manifest: every archived WAL file stays",
+                oldest.stored_path
+            );
+            out.push(plan);
+            continue;
+        };
+        let from = start.position().unwrap_or_default().to_owned();
+        let dir = wal_dir(&env_dir, datastore);
+        let mut timelines = session.list(&dir)?;
+        timelines.retain(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()));
+        timelines.sort();
+        for timeline in &timelines {
+            let mut files: Vec<WalFileName> = session
+                .list(&format!("{dir}/{timeline}"))?
+                .iter()
+                .filter_map(|n| n.strip_suffix(".zst.age"))
+                .filter_map(|n| WalFileName::parse(n).ok())
+                .filter(|f| f.position().is_some_and(|p| p < from.as_str()))
+                .collect();
+            files.sort_by(|a, b| a.name.cmp(&b.name));
+            plan.going.extend(files);
+        }
+        plan.note = format!(
+            "the oldest kept base backup, {}, starts at {}",
+            oldest.stored_path, start.name
+        );
+        plan.keep_from = Some(start.name);
+        out.push(plan);
+    }
+    Ok(out)
 }
 
 /// Removes the dated folder of decision `d` on `target` (named `folder` in the audit log
@@ -918,5 +1109,113 @@ mod tests {
             ),
             "{audit:?}"
         );
+    }
+
+    /// A catalog record of a physical base backup of `pgbase` on `date` (`finished_ms`),
+    /// and its manifest on `target` naming `start` in its `backup_label`.
+    fn base_backup(
+        target: &ferry_storage::memory::MemoryTarget,
+        date: &str,
+        finished_ms: i64,
+        start: &str,
+    ) -> crate::model::BackupRecord {
+        let name = format!("pgbase_backup_{date}T{finished_ms:04}Z.tar.zst.age");
+        let path = format!("/srv/ferry/production/{date}/{name}");
+        let label = format!("START WAL LOCATION: 0/1 (file {start})\nCHECKPOINT LOCATION: 0/2\n");
+        let manifest = serde_json::json!({ "counts": { "backup_label": label } });
+        target.insert(&path, b"ciphertext");
+        target.insert(&format!("{path}.json"), manifest.to_string().as_bytes());
+        crate::model::BackupRecord {
+            environment: "production".into(),
+            date: date.into(),
+            datastore: "pgbase".into(),
+            kind: "postgres".into(),
+            agent: "db1".into(),
+            stored_path: path,
+            size_bytes: 10,
+            bytes_uncompressed: 10,
+            sha256: String::new(),
+            finished_ms,
+            job_id: String::new(),
+            missing: None,
+            retain_until_ms: None,
+            lock_error: None,
+            copies: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn archived_wal_before_the_oldest_kept_base_backup_goes_and_history_files_stay() {
+        let target = ferry_storage::memory::MemoryTarget::new("/srv/ferry");
+        let wal = "/srv/ferry/production/pgbase-wal";
+        for file in [
+            "00000001/000000010000000000000002",
+            "00000001/000000010000000000000003.00000028.backup",
+            "00000001/000000010000000000000004",
+            "00000001/000000010000000000000005",
+            "00000001/000000010000000000000006.partial",
+            "00000002/00000002.history",
+            "00000002/000000020000000000000003",
+            "00000002/000000020000000000000006",
+        ] {
+            target.insert(&format!("{wal}/{file}.zst.age"), b"wal");
+            target.insert(&format!("{wal}/{file}.zst.age.json"), b"{}");
+        }
+        let older = base_backup(&target, "2026-02-04", 1, "000000010000000000000003");
+        let newer = base_backup(&target, "2026-02-05", 2, "000000010000000000000005");
+        let names = |plan: &WalPrune| -> Vec<String> {
+            plan.going.iter().map(|f| f.name.clone()).collect()
+        };
+
+        // Both kept: everything before the older one's start goes, on every timeline.
+        let plan = wal_plan(&target, "production", &[newer.clone(), older]).unwrap();
+        assert_eq!(plan.len(), 1, "{plan:?}");
+        assert_eq!(
+            plan[0].keep_from.as_deref(),
+            Some("000000010000000000000003")
+        );
+        assert_eq!(names(&plan[0]), ["000000010000000000000002"]);
+
+        // Only the newer one kept: up to its start, the history file staying.
+        let plan = wal_plan(&target, "production", std::slice::from_ref(&newer)).unwrap();
+        assert_eq!(
+            names(&plan[0]),
+            [
+                "000000010000000000000002",
+                "000000010000000000000003.00000028.backup",
+                "000000010000000000000004",
+                "000000020000000000000003",
+            ]
+        );
+        let mut session = ferry_storage::Target::maintain(&target).unwrap();
+        for f in &plan[0].going {
+            assert_eq!(
+                session.remove_wal_file("production", "pgbase", f).unwrap(),
+                3
+            );
+        }
+        let left: Vec<String> = target
+            .paths()
+            .into_iter()
+            .filter_map(|p| p.strip_prefix(&format!("{wal}/")).map(str::to_owned))
+            .filter(|p| !p.ends_with(".json"))
+            .collect();
+        assert_eq!(
+            left,
+            [
+                "00000001/000000010000000000000005.zst.age",
+                "00000001/000000010000000000000006.partial.zst.age",
+                "00000002/00000002.history.zst.age",
+                "00000002/000000020000000000000006.zst.age",
+            ]
+        );
+
+        // No base backup kept (or only logical ones): everything stays.
+        let plan = wal_plan(&target, "production", &[]).unwrap();
+        assert!(
+            plan[0].going.is_empty() && plan[0].keep_from.is_none(),
+            "{plan:?}"
+        );
+        assert!(plan[0].note.contains("every archived WAL file stays"));
     }
 }

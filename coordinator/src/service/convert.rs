@@ -179,6 +179,21 @@ impl From<crate::catalog::prune::Outcome> for v1::PruneResponse {
                 })
                 .collect(),
             leftovers_checked: outcome.leftovers_checked,
+            wal: outcome
+                .wal
+                .into_iter()
+                .map(|w| v1::PruneWal {
+                    environment: w.environment,
+                    datastore: w.datastore,
+                    keep_from: w.keep_from.unwrap_or_default(),
+                    going: w.going.len() as u32,
+                    first_going: w.going.first().map(|f| f.name.clone()).unwrap_or_default(),
+                    last_going: w.going.last().map(|f| f.name.clone()).unwrap_or_default(),
+                    removed_bytes: w.removed_bytes,
+                    removed: w.removed,
+                    note: w.note,
+                })
+                .collect(),
         }
     }
 }

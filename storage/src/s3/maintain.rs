@@ -251,6 +251,35 @@ impl ReadSession for S3Maintain {
 impl MaintainSession for S3Maintain {
     /// Removes every version and delete marker of the objects in the dated folder: with
     /// versioning, a plain delete would only hide them. A locked version refuses.
+    fn remove_wal_file(
+        &mut self,
+        environment: &str,
+        datastore: &str,
+        file: &ferry_core::wal::WalFileName,
+    ) -> Result<u64, TargetError> {
+        let Some((data, record)) =
+            crate::wal::wal_file_paths(self.conn.config.root(), environment, datastore, file)
+        else {
+            return Err(TargetError::Io {
+                addr: self.conn.addr.clone(),
+                op: "remove",
+                path: file.name.clone(),
+                message: "not a WAL file of the layout".into(),
+            });
+        };
+        let mut bytes = 0;
+        for (i, path) in [data, record].iter().enumerate() {
+            let key = Conn::key(path);
+            for v in self.versions(key)?.iter().filter(|v| v.key == key) {
+                self.delete_version(&v.key, v.version_id.as_deref())?;
+                if i == 0 && !v.delete_marker {
+                    bytes += v.size;
+                }
+            }
+        }
+        Ok(bytes)
+    }
+
     fn remove_dated_folder(
         &mut self,
         environment: &str,

@@ -801,6 +801,33 @@ impl WriteSession for SftpSession {
 }
 
 impl MaintainSession for SftpSession {
+    fn remove_wal_file(
+        &mut self,
+        environment: &str,
+        datastore: &str,
+        file: &ferry_core::wal::WalFileName,
+    ) -> Result<u64, TargetError> {
+        let _busy = self.watch.busy();
+        let Some((data, record)) =
+            crate::wal::wal_file_paths(&self.root, environment, datastore, file)
+        else {
+            return Err(self.err("remove", &file.name, "not a WAL file of the layout"));
+        };
+        let mut bytes = 0;
+        for path in [data, record] {
+            let stat = match self.sftp.lstat(Path::new(&path)) {
+                Ok(stat) => stat,
+                Err(e) if is_not_found(&e) => continue,
+                Err(e) => return Err(self.err("stat", &path, e)),
+            };
+            let removed = self.unlink_counted(Path::new(&path), &stat)?;
+            if bytes == 0 {
+                bytes = removed;
+            }
+        }
+        Ok(bytes)
+    }
+
     fn remove_dated_folder(
         &mut self,
         environment: &str,
