@@ -71,18 +71,6 @@ fn bash(script: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `pg_ctl` run as `postgres` on `data`, with `args`.
-fn pg_ctl(bin: &Path, data: &Path, args: &[&str]) -> std::process::Output {
-    Command::new("runuser")
-        .args(["-u", "postgres", "--"])
-        .arg(bin.join("pg_ctl"))
-        .arg("-D")
-        .arg(data)
-        .args(args)
-        .output()
-        .unwrap()
-}
-
 #[test]
 fn physical_backup_is_a_base_backup_that_stock_tools_read_and_postgres_starts_from() {
     let mut prod = None;

@@ -11,7 +11,9 @@
 //! RGW) each file is a version of its key, named in its record, which wal-get reads.
 //! `ferry restore --to-time` while pgbench writes: restored to two instants, staging's
 //! tables equal production's at each; an instant beyond the archive or before the first
-//! base backup refused, an altered segment failing the restore before the swap.
+//! base backup refused, an altered segment failing the restore before the swap; across a
+//! promoted standby's timeline switch (its history file archived, the restore following
+//! it); and prune removing the WAL before the oldest kept base backup, which still replays.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -463,6 +465,27 @@ fn with_the_agent_down_pushes_fail_clearly_and_the_backlog_is_archived_once_it_i
     }
 }
 
+/// Readies `dir` (holding a `data` directory) for a server the test starts with `pg_ctl`:
+/// a `sock` directory, everything given to `postgres`; a free port and the `pg_ctl -o`
+/// options that put the server on it, on 127.0.0.1 and that socket directory.
+fn server_dir(dir: &Path) -> (u16, String) {
+    let sock = dir.join("sock");
+    fs::create_dir(&sock).unwrap();
+    run_ok(
+        Command::new("chown")
+            .args(["-R", "postgres:postgres"])
+            .arg(dir),
+    );
+    let port = free_port();
+    (
+        port,
+        format!(
+            "-p {port} -k {} -c listen_addresses=127.0.0.1",
+            sock.display()
+        ),
+    )
+}
+
 /// `SELECT clock_timestamp()` in UTC, as `recovery_target_time` takes it.
 fn now_utc(pg: &Postgres) -> String {
     pg.psql(
@@ -534,19 +557,10 @@ fn a_base_backup_replays_archived_wal_through_wal_get_to_a_chosen_time() {
         String::from_utf8_lossy(&tar.stderr)
     );
     fs::write(data.join("recovery.signal"), "").unwrap();
-    let sock = restored.join("sock");
-    fs::create_dir(&sock).unwrap();
-    run_ok(
-        Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(&restored),
-    );
-    let port = free_port();
+    let (port, listen) = server_dir(&restored);
     let opts = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c archive_mode=off \
-         -c \"restore_command={} wal-get --socket {} %f %p\" \
+        "{listen} -c archive_mode=off -c \"restore_command={} wal-get --socket {} %f %p\" \
          -c \"recovery_target_time={target}\" -c recovery_target_action=promote",
-        sock.display(),
         agent.display(),
         stage_socket.display()
     );
@@ -775,6 +789,29 @@ fn instant_and_fingerprints(pg: &Postgres) -> (String, Fingerprints) {
     (instant, parse_fingerprints(&rest.join("\n")))
 }
 
+/// pgbench's tables of database `bench` of `pg`, as [`instant_and_fingerprints`] gives them.
+fn bench_tables(pg: &Postgres) -> Fingerprints {
+    pg.table_fingerprints("bench")
+        .into_iter()
+        .filter(|(table, _)| table.starts_with("public.pgbench"))
+        .collect()
+}
+
+/// An instant of `pg` ([`instant_and_fingerprints`]) with a write to 5,000 accounts
+/// (adding `n` to their balance) just before it and another (adding `2n`) just after.
+fn instant_between_writes(pg: &Postgres, n: i64) -> (String, Fingerprints) {
+    let write = |by: i64| {
+        pg.psql(
+            "bench",
+            &format!("UPDATE pgbench_accounts SET abalance = abalance + {by} WHERE aid <= 5000"),
+        )
+    };
+    write(n);
+    let at = instant_and_fingerprints(pg);
+    write(2 * n);
+    at
+}
+
 /// `pgbench -c 2 -T seconds` on database `bench` of `pg`, in the background.
 fn pgbench_for(pg: &Postgres, seconds: u32) -> std::process::Child {
     Command::new("runuser")
@@ -865,11 +902,7 @@ fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbenc
         let (ok, out) = restore_to(&d, t);
         assert!(ok, "restore to {t}: {out}\n{}", d.log_tail("agent-stage"));
         assert!(out.contains("with the archived WAL"), "{out}");
-        let restored: Fingerprints = stage
-            .table_fingerprints("bench")
-            .into_iter()
-            .filter(|(table, _)| table.starts_with("public.pgbench"))
-            .collect();
+        let restored = bench_tables(&stage);
         assert_eq!(&restored, expected, "restored to {t}:\n{out}");
         // The restored cluster fetches no WAL of its own and archives none.
         assert_eq!(stage.psql("postgres", "SHOW restore_command"), "");
@@ -882,11 +915,7 @@ fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbenc
     // The whole agent to T1: pgphys replays to it, the logical `postgres` datastore takes
     // its newest backup finished by then; each job says which it did.
     let out = d.ferry_ok(&["restore", "pg-stage", "--to-time", &t1, "--wait"]);
-    let restored: Fingerprints = stage
-        .table_fingerprints("bench")
-        .into_iter()
-        .filter(|(table, _)| table.starts_with("public.pgbench"))
-        .collect();
+    let restored = bench_tables(&stage);
     assert_eq!(restored, at_t1, "{out}");
     assert!(out.contains("with the archived WAL"), "{out}");
     assert!(
@@ -927,15 +956,7 @@ fn prune_removes_the_wal_before_the_oldest_kept_base_backup_and_that_backup_stil
     wait_archived(&pg, early.last().unwrap(), &d);
     d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
     // T between the two base backups: only the first one and the WAL after it reach it.
-    pg.psql(
-        "bench",
-        "UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 5000",
-    );
-    let (t, at_t) = instant_and_fingerprints(&pg);
-    pg.psql(
-        "bench",
-        "UPDATE pgbench_accounts SET abalance = abalance + 2 WHERE aid <= 5000",
-    );
+    let (t, at_t) = instant_between_writes(&pg, 1);
     write_and_switch(&pg, 2);
     std::thread::sleep(Duration::from_millis(1100));
     d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
@@ -962,10 +983,127 @@ fn prune_removes_the_wal_before_the_oldest_kept_base_backup_and_that_backup_stil
     // The oldest kept base backup still recovers to T with what is left.
     let (ok, text) = restore_to(&d, &t);
     assert!(ok, "{text}\n{}", d.log_tail("agent-stage"));
-    let restored: Fingerprints = stage
-        .table_fingerprints("bench")
-        .into_iter()
-        .filter(|(table, _)| table.starts_with("public.pgbench"))
-        .collect();
+    let restored = bench_tables(&stage);
     assert_eq!(restored, at_t, "{text}");
+}
+
+/// Stops (immediately) the server on `data` when dropped: the promoted standby the harness
+/// did not start.
+struct StopOnDrop(PathBuf, PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = pg_ctl(&self.0, &self.1, &["-m", "immediate", "-w", "stop"]);
+    }
+}
+
+/// Waits until the standby on `standby` has replayed everything `primary` wrote.
+fn wait_replayed(primary: &Postgres, standby: &Postgres) {
+    let lsn = primary.psql("postgres", "SELECT pg_current_wal_lsn()");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while standby.psql(
+        "postgres",
+        &format!(
+            "SELECT pg_last_wal_replay_lsn() >= '{}'::pg_lsn",
+            lsn.trim()
+        ),
+    ) != "t"
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the standby did not catch up to {lsn}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn a_restore_to_a_point_in_time_follows_a_promoted_standby_onto_its_timeline() {
+    let Wal {
+        d,
+        mut pg,
+        agent,
+        socket,
+        stage,
+        ..
+    } = deploy_with(Some(Staging::smoke(ACCOUNTS)), |_| {});
+    let stage = stage.expect("a staging cluster");
+    load_bench(&pg);
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+
+    // A streaming standby of production that archives through the same agent once promoted.
+    let standby_dir = d.dir.path().join("wal-standby");
+    make_reachable(&standby_dir);
+    run_ok(
+        Command::new("chown")
+            .args(["postgres:postgres"])
+            .arg(&standby_dir),
+    );
+    let data = standby_dir.join("data");
+    run_ok(
+        Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(pg.bin_dir().join("pg_basebackup"))
+            .arg("-D")
+            .arg(&data)
+            .args(["-R", "-X", "stream", "-h", "127.0.0.1", "-U", "postgres"])
+            .args(["-p", &pg.port().to_string()]),
+    );
+    let (port, listen) = server_dir(&standby_dir);
+    let opts = format!(
+        "{listen} -c archive_mode=on -c \"archive_command={} wal-push --socket {} %p\"",
+        agent.display(),
+        socket.display()
+    );
+    let log = standby_dir.join("postgres.log");
+    let log_arg = log.display().to_string();
+    let started = pg_ctl(
+        pg.bin_dir(),
+        &data,
+        &["-l", &log_arg, "-w", "-t", "60", "-o", &opts, "start"],
+    );
+    assert!(
+        started.status.success(),
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _stop = StopOnDrop(pg.bin_dir().to_owned(), data.clone());
+    let standby = Postgres::attach(pg.bin_dir(), port);
+
+    // T1 on timeline 1, while the primary runs.
+    let (t1, at_t1) = instant_between_writes(&pg, 1);
+    let last = write_and_switch(&pg, 1);
+    wait_archived(&pg, &last, &d);
+    wait_replayed(&pg, &standby);
+
+    // The primary goes; the standby is promoted onto timeline 2 and archives from there.
+    let stopped = pg_ctl(pg.bin_dir(), &pg.data_dir(), &["-m", "fast", "-w", "stop"]);
+    assert!(stopped.status.success());
+    pg.stop();
+    let promoted = pg_ctl(pg.bin_dir(), &data, &["-w", "promote"]);
+    assert!(
+        promoted.status.success(),
+        "{}",
+        fs::read_to_string(&log).unwrap_or_default()
+    );
+    let (t2, at_t2) = instant_between_writes(&standby, 4);
+    let on_two = write_and_switch(&standby, 2);
+    assert!(on_two.starts_with("00000002"), "{on_two}");
+    wait_archived(&standby, &on_two, &d);
+    let history = d
+        .sshd
+        .root()
+        .join("production/pgphys-wal/00000002/00000002.history.zst.age");
+    assert!(
+        history.exists(),
+        "the timeline history file was not archived"
+    );
+
+    // From the base backup of timeline 1: to T1 on it, and to T2 across the switch.
+    for (t, expected) in [(&t1, &at_t1), (&t2, &at_t2)] {
+        let (ok, out) = restore_to(&d, t);
+        assert!(ok, "restore to {t}: {out}\n{}", d.log_tail("agent-stage"));
+        let restored = bench_tables(&stage);
+        assert_eq!(&restored, expected, "restored to {t}:\n{out}");
+    }
 }

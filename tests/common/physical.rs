@@ -1,6 +1,7 @@
 //! Physical PostgreSQL datastores for the tests of `method = "physical"`, WAL shipping and
 //! point-in-time restores: staging's datastore entry and the pgbench data both restore.
 
+use std::path::Path;
 use std::process::Command;
 
 use crate::{Postgres, free_port, toml_str};
@@ -117,4 +118,16 @@ pub fn load_bench(pg: &Postgres) {
          FROM generate_series(1, 20000) g;
          UPDATE pgbench_accounts SET abalance = aid % 997 WHERE aid % 3 = 0;",
     );
+}
+
+/// `pg_ctl` run as `postgres` on `data`, with `args`.
+pub fn pg_ctl(bin: &Path, data: &Path, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "postgres", "--"])
+        .arg(bin.join("pg_ctl"))
+        .arg("-D")
+        .arg(data)
+        .args(args)
+        .output()
+        .unwrap()
 }
