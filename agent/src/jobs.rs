@@ -418,6 +418,9 @@ impl Tracked {
 struct Book {
     jobs: HashMap<String, Tracked>,
     finished: VecDeque<String>,
+    /// Job ids cancelled before their order arrived (a coordinator that gave up waiting
+    /// for the answer), newest last, at most [`REMEMBERED_JOBS`]: their orders are refused.
+    cancelled_unknown: VecDeque<String>,
 }
 
 /// Runs jobs, at most one per datastore.
@@ -534,6 +537,13 @@ impl JobRunner {
                         }
                     ))),
                 };
+            }
+            if book.cancelled_unknown.contains(&order.job_id) {
+                return Err(OrderError::AlreadyExists(format!(
+                    "job {} was told to cancel before its order reached agent {}; refusing it \
+                     (the coordinator retries under a job id of its own)",
+                    order.job_id, self.settings.id
+                )));
             }
             if let Some((other, _)) = running.get(&name) {
                 return Err(OrderError::Busy(format!(
@@ -749,16 +759,25 @@ impl JobRunner {
             .collect()
     }
 
-    /// Cancels job `job_id` if it is running here; returns whether it was.
+    /// Cancels job `job_id` if it is running here; returns whether it was. A job this agent
+    /// has never seen is remembered as cancelled: its order, arriving late (a coordinator
+    /// that gave up waiting for the answer and retries), is refused.
     pub fn cancel(&self, job_id: &str) -> bool {
+        // Lock order: `running`, then `book`.
         let running = self.running.lock().expect("jobs lock");
-        match running.values().find(|(id, _)| id == job_id) {
-            Some((_, token)) => {
-                token.cancel();
-                true
-            }
-            None => false,
+        if let Some((_, token)) = running.values().find(|(id, _)| id == job_id) {
+            token.cancel();
+            return true;
         }
+        let mut book = self.book.lock().expect("book lock");
+        if !book.jobs.contains_key(job_id) && !book.cancelled_unknown.iter().any(|id| id == job_id)
+        {
+            book.cancelled_unknown.push_back(job_id.to_owned());
+            while book.cancelled_unknown.len() > REMEMBERED_JOBS {
+                book.cancelled_unknown.pop_front();
+            }
+        }
+        false
     }
 }
 
@@ -968,6 +987,39 @@ mod tests {
             tonic::Status::from(refused).code(),
             tonic::Code::Unavailable
         );
+    }
+
+    #[tokio::test]
+    async fn an_order_told_to_cancel_before_it_arrived_is_refused_and_the_retry_runs() {
+        let ds = sleeper(false);
+        let runner = runner(ds.clone());
+        let job = ulid::Ulid::new().to_string();
+        let order = |id: &str| {
+            validate(
+                runner.settings(),
+                id,
+                "sleeper",
+                OrderKind::Backup { backup_type: None },
+            )
+            .unwrap()
+        };
+        // The coordinator gave up waiting for the answer and cancelled before the order
+        // got here: the late order starts nothing.
+        assert!(!runner.cancel(&job));
+        let refused = runner.start(order(&job)).err().expect("refused");
+        assert!(
+            refused
+                .to_string()
+                .contains("was told to cancel before its order"),
+            "{refused}"
+        );
+        assert!(runner.running_jobs().is_empty());
+        // The retry, under its attempt id, runs.
+        let retry = format!("{job}-a2");
+        runner.start(order(&retry)).unwrap();
+        assert_eq!(runner.running_jobs(), std::slice::from_ref(&retry));
+        assert!(runner.cancel(&retry));
+        runner.stop().await;
     }
 
     #[tokio::test]

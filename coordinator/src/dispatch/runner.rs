@@ -534,8 +534,11 @@ impl Coordinator {
         };
         let stream = match tokio::time::timeout(timeout, call).await {
             Err(_) => {
+                // The order may still reach a frozen agent and run beside the retry: it is
+                // told to cancel (the agent refuses an order it was told to cancel first).
+                self.cancel_attempt(&client, order_id.clone());
                 let message = format!(
-                    "agent {} did not answer the order within {} s",
+                    "agent {} did not answer the order within {} s; it was told to cancel it",
                     job.agent,
                     timeout.as_secs()
                 );
@@ -810,6 +813,23 @@ impl Coordinator {
         Ok((record.date.clone(), file.to_owned(), Some(record)))
     }
 
+    /// Tells the agent to cancel attempt `order_id`, in a task of its own: not awaited, as a
+    /// frozen agent takes the cancel only when it wakes (or never, at shutdown).
+    fn cancel_attempt(
+        &self,
+        client: &v1::agent_client::AgentClient<tonic::transport::Channel>,
+        order_id: String,
+    ) {
+        let mut client = client.clone();
+        let shutdown = self.shutdown.clone();
+        self.spawn(async move {
+            tokio::select! {
+                _ = client.cancel_job(v1::CancelJobRequest { job_id: order_id }) => {}
+                _ = shutdown.cancelled() => {}
+            }
+        });
+    }
+
     /// Follows a job's event stream from its agent to the attempt's end, persisting state
     /// and progress (at most once a second). An agent that shows no sign of life for
     /// `agent_timeout` is told to cancel and the attempt fails (retryable): no event at all,
@@ -830,16 +850,10 @@ impl Coordinator {
             let left = timeout.saturating_sub(alive_at.elapsed());
             let next = match tokio::time::timeout(left, stream.message()).await {
                 Err(_) => {
-                    let mut client = client.clone();
-                    let id = ferry_proto::attempt::attempt_id(&job.id, job.attempt);
-                    let shutdown = self.shutdown.clone();
-                    // Not awaited here: a frozen agent takes the cancel when it wakes.
-                    self.spawn(async move {
-                        tokio::select! {
-                            _ = client.cancel_job(v1::CancelJobRequest { job_id: id }) => {}
-                            _ = shutdown.cancelled() => {}
-                        }
-                    });
+                    self.cancel_attempt(
+                        client,
+                        ferry_proto::attempt::attempt_id(&job.id, job.attempt),
+                    );
                     let message = match &last_counts {
                         Some(c) if event_at.elapsed() < timeout => format!(
                             "agent {} moved no bytes for {} s in stage {} (still {} bytes read, \
