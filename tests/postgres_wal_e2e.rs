@@ -1107,3 +1107,82 @@ fn a_restore_to_a_point_in_time_follows_a_promoted_standby_onto_its_timeline() {
         assert_eq!(&restored, expected, "restored to {t}:\n{out}");
     }
 }
+
+#[test]
+fn a_scheduled_drill_restores_to_a_random_instant_within_the_archive_and_status_shows_it() {
+    let Wal { d, pg, stage, .. } = deploy_with(Some(Staging::smoke(ACCOUNTS)), |d| {
+        d.add_maintenance();
+        append(
+            &d.coordinator_config,
+            "\n[[schedules]]\nagent = \"pg-stage\"\ndatastore = \"pgphys\"\nkind = \"restore\"\n\
+             cron = \"*/10 * * * * *\"\npoint_in_time = \"random\"\n",
+        );
+    });
+    let stage = stage.expect("a staging cluster");
+    load_bench(&pg);
+    d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
+    let at_backup = bench_tables(&pg);
+    // pgbench commits throughout the 25 s the drill may pick from, and 12 s more: the
+    // archive holds a commit after any instant up to 10 s before its newest push.
+    let mut bench = pgbench_for(&pg, 37);
+    std::thread::sleep(Duration::from_secs(25));
+    let middle = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&pg, &middle, &d);
+    let _ = bench.wait();
+    let last = write_and_switch(&pg, 1);
+    wait_archived(&pg, &last, &d);
+
+    // Drills fire every 10 s; one after the archive covers the window succeeds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let drill = loop {
+        let jobs = d.ferry_json(&["jobs"]);
+        let done = jobs.as_array().unwrap().iter().find(|j| {
+            j["trigger"] == "schedule" && j["state"] == "succeeded" && j["to_time"].is_string()
+        });
+        if let Some(j) = done {
+            break j.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scheduled drill succeeded: {jobs:#}\n{}",
+            d.log_tail("coordinator")
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    };
+    // PostgreSQL replayed up to the instant picked: its last transaction committed in the
+    // second before it (pgbench commits many times a second), after the base backup.
+    let summary = drill["result"]["summary"].as_str().unwrap_or_default();
+    let to = drill["to_time_unix_ms"].as_i64().unwrap();
+    let replayed = summary
+        .split("last transaction replayed committed at ")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .map(|at| {
+            chrono::DateTime::parse_from_rfc3339(at)
+                .unwrap()
+                .timestamp_millis()
+        })
+        .unwrap_or_else(|| panic!("no replayed transaction: {drill:#}"));
+    assert!(
+        (to - 1000..=to).contains(&replayed),
+        "replayed to {replayed} ms for an instant of {to} ms: {drill:#}"
+    );
+    assert_ne!(
+        bench_tables(&stage),
+        at_backup,
+        "nothing replayed: {drill:#}"
+    );
+    let status = d.ferry_json(&["status"]);
+    let row = status["datastores"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["agent"] == "pg-stage" && r["datastore"] == "pgphys")
+        .cloned()
+        .expect("staging's pgphys in status");
+    assert!(row["last_drill"]["to_time"].is_string(), "{row:#}");
+    let rpo = row["last_drill"]["rpo_seconds"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rpo), "{row:#}");
+    let table = d.ferry_ok(&["status"]);
+    assert!(table.contains("pass to "), "{table}");
+}

@@ -157,6 +157,7 @@ pub fn job_json(j: &v1::Job) -> serde_json::Value {
         })),
         "all_or_nothing": j.all_or_nothing,
         "to_time": (j.to_time_unix_ms != 0).then(|| time(j.to_time_unix_ms)),
+        "to_time_unix_ms": (j.to_time_unix_ms != 0).then_some(j.to_time_unix_ms),
         "created": time(j.created_unix_ms),
         "scheduled": (j.scheduled_unix_ms != 0).then(|| time(j.scheduled_unix_ms)),
         "scheduled_unix_ms": (j.scheduled_unix_ms != 0).then_some(j.scheduled_unix_ms),

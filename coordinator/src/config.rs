@@ -10,6 +10,7 @@
 //! [[agents]]     id = "pg-prod"  address = "https://10.0.0.5:7443"  role = "production"  environment = "production"
 //! [[operators]]  name = "alice"  role = "admin"
 //! [[schedules]]  agent = "pg-prod"  datastore = "postgres"  kind = "backup"  cron = "0 2 * * *"
+//! [[schedules]]  agent = "pg-stage"  kind = "restore"  cron = "0 6 * * *"  point_in_time = "random"
 //! ```
 //!
 //! Rejected at start, naming the entry: an unknown key, a schedule for an unknown agent,
@@ -148,6 +149,10 @@ pub struct ScheduleEntry {
     /// daily diff as two schedules). Needs `datastore`.
     #[serde(rename = "type")]
     pub backup_type: Option<String>,
+    /// Restores: `"random"` restores to an instant picked at random in the last 24 hours
+    /// (a drill of point-in-time recovery, `ferry restore --to-time`); absent: the newest
+    /// backups.
+    pub point_in_time: Option<String>,
 }
 
 /// `[[retention]]`: the GFS policy of one environment's dated folders.
@@ -253,6 +258,8 @@ pub struct Schedule {
     pub kind: JobKind,
     /// Backups: `full` or `diff` (pgBackRest), or the datastore's default.
     pub backup_type: Option<String>,
+    /// Restores to a random instant of the last 24 hours (`point_in_time = "random"`).
+    pub random_point_in_time: bool,
     /// The cron text.
     pub cron_text: String,
     /// Parsed cron.
@@ -539,6 +546,19 @@ impl CoordinatorConfig {
                     ));
                 }
             }
+            let random_point_in_time = match s.point_in_time.as_deref() {
+                None => false,
+                Some("random") if s.kind == JobKind::Restore => true,
+                Some(other) => {
+                    return Err(invalid(
+                        format!("schedules[{i}].point_in_time"),
+                        format!(
+                            "{}: only \"random\", on a restore schedule",
+                            ferry_core::Bounded(other)
+                        ),
+                    ));
+                }
+            };
             let cron = croner::Cron::from_str(&s.cron).map_err(|e| {
                 invalid(format!("schedules[{i}].cron"), format!("{:?}: {e}", s.cron))
             })?;
@@ -548,6 +568,7 @@ impl CoordinatorConfig {
                 datastore: s.datastore,
                 kind: s.kind,
                 backup_type: s.backup_type,
+                random_point_in_time,
                 cron_text: s.cron,
                 cron,
             });

@@ -21,7 +21,8 @@
 //!   0 if it failed (absent before the first; a running or cancelled job changes nothing).
 //! - `ferry_last_restore_rpo_seconds` (`kind="restore"` only): the recovery point of the
 //!   newest succeeded restore: how old the restored backup was when the restore finished
-//!   (the restore's end minus the backup's end), seconds.
+//!   (the restore's end minus the backup's end), seconds; for a restore to a point in time
+//!   T, T minus the commit of the last transaction it replayed (what was lost of T).
 //! - `ferry_backup_set_complete{environment}`: 1 if the newest backup set of a production
 //!   environment is complete, 0 if a member is missing.
 //! - `ferry_last_complete_set_timestamp_seconds{environment}`: the end of the newest
@@ -255,7 +256,8 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
                         .push((labels.clone(), r.duration_ms as f64 / 1000.0));
                     stored.samples.push((labels.clone(), r.size_bytes as f64));
                     if *kind == JobKind::Restore
-                        && let Some((_, rpo_ms)) = r.rto_rpo_ms(finished_ms)
+                        && let Some((_, rpo_ms)) =
+                            r.rto_rpo_ms(job.to_time_ms.unwrap_or(finished_ms))
                     {
                         rpo.samples.push((labels.clone(), rpo_ms as f64 / 1000.0));
                     }

@@ -124,7 +124,8 @@ pub struct JobResult {
 
 impl JobResult {
     /// For a restore: the recovery time (how long the restore ran) and the recovery point
-    /// (how old the restored data was when the restore finished), milliseconds.
+    /// (how old the restored data was at `finished_ms`: the restore's end, or the instant
+    /// a restore to a point in time was asked for), milliseconds.
     pub fn rto_rpo_ms(&self, finished_ms: i64) -> Option<(u64, i64)> {
         self.data_finished_ms
             .map(|d| (self.duration_ms, (finished_ms - d).max(0)))

@@ -151,6 +151,12 @@ pub trait RestoreSession: Send {
     fn target_state(&self) -> Option<String> {
         None
     }
+    /// After a restore to a point in time that committed: when the last transaction the
+    /// restored data holds committed (UTC), its recovery point; `None` otherwise (the
+    /// default), or when no transaction was replayed after the backup.
+    fn recovered_to(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        None
+    }
 }
 
 /// A datastore that writes its own repository on the backup server instead of dated

@@ -142,11 +142,13 @@ pub async fn restore(
     };
     match result {
         Ok(summary) => Ok(JobReport {
-            // The recovery point: the instant recovered to, else the backup's end.
+            // The recovery point: the last transaction replayed up to the instant asked
+            // for, else the backup's end.
             data_finished_ms: Some(
                 point
                     .as_ref()
-                    .map_or(main.finished, |p| p.time)
+                    .and_then(|_| session.recovered_to())
+                    .unwrap_or(main.finished)
                     .timestamp_millis(),
             ),
             stored_path: main_path,

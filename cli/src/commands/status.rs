@@ -23,11 +23,21 @@ fn drill(d: &v1::DatastoreStatus) -> (String, serde_json::Value) {
     let Some(r) = &j.result else {
         return ("pass".into(), serde_json::json!({"passed": true}));
     };
-    let rpo_ms =
-        (r.data_finished_unix_ms != 0).then(|| j.finished_unix_ms - r.data_finished_unix_ms);
+    // A drill to an instant T: the recovery point is measured against T.
+    let anchor = if j.to_time_unix_ms != 0 {
+        j.to_time_unix_ms
+    } else {
+        j.finished_unix_ms
+    };
+    let rpo_ms = (r.data_finished_unix_ms != 0).then(|| anchor - r.data_finished_unix_ms);
+    let to = if j.to_time_unix_ms != 0 {
+        format!(" to {}", time(j.to_time_unix_ms))
+    } else {
+        String::new()
+    };
     (
         format!(
-            "pass RTO {} RPO {}",
+            "pass{to} RTO {} RPO {}",
             if r.duration_ms < 60_000 {
                 format!("{:.1}s", r.duration_ms as f64 / 1000.0)
             } else {
@@ -39,6 +49,7 @@ fn drill(d: &v1::DatastoreStatus) -> (String, serde_json::Value) {
             "passed": true,
             "rto_seconds": r.duration_ms as f64 / 1000.0,
             "rpo_seconds": rpo_ms.map(|ms| ms as f64 / 1000.0),
+            "to_time": (j.to_time_unix_ms != 0).then(|| time(j.to_time_unix_ms)),
         }),
     )
 }

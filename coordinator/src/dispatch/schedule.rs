@@ -81,6 +81,40 @@ impl Coordinator {
         }
     }
 
+    /// For a drill at a random instant (`point_in_time = "random"`) of `agent`'s restore
+    /// at `occurrence`: an instant picked uniformly between the occurrence less 24 hours
+    /// (or the oldest physical base backup of the source environment in the catalog, if
+    /// later) and the occurrence (or, if earlier, [`DRILL_ARCHIVE_MARGIN_MS`] before the
+    /// newest archived WAL push of the environment the coordinator scanned), UTC ms.
+    ///
+    /// The margin: PostgreSQL recovers to an instant only when the archive holds a commit
+    /// after it, and the newest segment's last commit precedes its push. A cluster idle for
+    /// longer than that around the instant picked fails the drill, saying so.
+    async fn drill_instant(&self, agent: &str, occurrence: i64) -> i64 {
+        let day = 24 * 3600 * 1000;
+        let source = self
+            .agents
+            .state(agent)
+            .described
+            .map(|d| d.source_environment)
+            .unwrap_or_default();
+        let oldest_base = self
+            .backups(Some(&source))
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|b| b.stored_path.ends_with(".tar.zst.age"))
+            .map(|b| b.finished_ms)
+            .min();
+        let newest_wal = self
+            .archive_status()
+            .iter()
+            .filter(|a| a.environment == source)
+            .map(|a| a.pushed_ms - DRILL_ARCHIVE_MARGIN_MS)
+            .min();
+        pick_instant(occurrence, day, oldest_base, newest_wal)
+    }
+
     /// Triggers `schedule`'s run for `occurrence`.
     async fn fire(
         self: &Arc<Self>,
@@ -88,6 +122,14 @@ impl Coordinator {
         key: &str,
         occurrence: chrono::DateTime<chrono::Utc>,
     ) {
+        let to_time_ms = if schedule.random_point_in_time {
+            Some(
+                self.drill_instant(&schedule.agent, occurrence.timestamp_millis())
+                    .await,
+            )
+        } else {
+            None
+        };
         let triggered = self
             .trigger(
                 schedule.kind,
@@ -96,6 +138,7 @@ impl Coordinator {
                 &Selection {
                     backup_type: schedule.backup_type.as_deref(),
                     occurrence: Some((key, occurrence.timestamp_millis())),
+                    to_time_ms,
                     ..Selection::default()
                 },
                 SCHEDULE,
@@ -120,5 +163,45 @@ impl Coordinator {
             .filter_map(|s| s.cron.find_next_occurrence(&now, false).ok())
             .map(|t| t.timestamp_millis())
             .min()
+    }
+}
+
+/// How far before the newest archived WAL push a drill's random instant stays, ms.
+pub const DRILL_ARCHIVE_MARGIN_MS: i64 = 10_000;
+
+/// An instant picked uniformly in `[max(occurrence - window, oldest_base), min(occurrence,
+/// newest_wal)]` (UTC ms); the upper end when that range is empty.
+fn pick_instant(
+    occurrence: i64,
+    window: i64,
+    oldest_base: Option<i64>,
+    newest_wal: Option<i64>,
+) -> i64 {
+    let low = (occurrence - window).max(oldest_base.unwrap_or(i64::MIN));
+    let high = occurrence.min(newest_wal.unwrap_or(i64::MAX));
+    if low >= high {
+        return high;
+    }
+    rand::random_range(low..=high)
+}
+
+#[cfg(test)]
+mod drill_tests {
+    use super::pick_instant;
+
+    #[test]
+    fn a_drill_instant_lies_within_the_day_the_base_backups_and_the_archive() {
+        let (now, day) = (1_000_000_000_000i64, 86_400_000i64);
+        for _ in 0..1000 {
+            let t = pick_instant(now, day, None, None);
+            assert!((now - day..=now).contains(&t), "{t}");
+            let t = pick_instant(now, day, Some(now - 3_600_000), Some(now - 60_000));
+            assert!((now - 3_600_000..=now - 60_000).contains(&t), "{t}");
+        }
+        // A base backup newer than the archive's end: the archive's end.
+        assert_eq!(
+            pick_instant(now, day, Some(now - 10), Some(now - 20)),
+            now - 20
+        );
     }
 }

@@ -94,6 +94,8 @@ struct PhysicalRestore {
     state: Option<String>,
     /// Recover up to this instant with archived WAL; `None`: to the backup's stop LSN.
     to: Option<PointInTime>,
+    /// Once recovered to `to`: when the last transaction replayed committed.
+    recovered_to: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// The settings a restore to a point in time adds to `postgresql.auto.conf`, removed
@@ -209,6 +211,7 @@ impl Postgres {
             unpacked: false,
             state: None,
             to,
+            recovered_to: None,
         }))
     }
 
@@ -724,6 +727,7 @@ impl RestoreSession for PhysicalRestore {
                 Some(to) => Some((self.await_recovery(&to).await?, to)),
                 None => None,
             };
+            self.recovered_to = replayed.as_ref().and_then(|(last, _)| *last);
             let (databases, smoke) = self.check_side().await?;
             self.stop_side_cleanly().await?;
             self.swap_in().await?;
@@ -778,5 +782,9 @@ impl RestoreSession for PhysicalRestore {
 
     fn target_state(&self) -> Option<String> {
         self.state.clone()
+    }
+
+    fn recovered_to(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.recovered_to
     }
 }
