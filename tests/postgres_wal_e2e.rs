@@ -13,7 +13,9 @@
 //! tables equal production's at each; an instant beyond the archive or before the first
 //! base backup refused, an altered segment failing the restore before the swap; across a
 //! promoted standby's timeline switch (its history file archived, the restore following
-//! it); and prune removing the WAL before the oldest kept base backup, which still replays.
+//! it); prune removing the WAL before the oldest kept base backup, which still replays; a
+//! scheduled drill to a random instant; and the backup server unreachable while
+//! PostgreSQL archives (pushes fail, the segments wait, none is missing once it is back).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -1185,4 +1187,60 @@ fn a_scheduled_drill_restores_to_a_random_instant_within_the_archive_and_status_
     assert!((0.0..=1.0).contains(&rpo), "{row:#}");
     let table = d.ferry_ok(&["status"]);
     assert!(table.contains("pass to "), "{table}");
+}
+
+#[test]
+fn with_the_backup_server_unreachable_archiving_waits_and_catches_up_with_no_segment_missing() {
+    let Wal { mut d, pg, .. } = deploy();
+    let first = write_and_switch(&pg, 0);
+    wait_archived(&pg, &first, &d);
+
+    // The backup server hangs: its listener stops answering (new connections hang in the
+    // handshake until the agent's connect timeout) and the agent's kept session is cut.
+    let listener = d.sshd.process().pid().to_string();
+    run_ok(Command::new("kill").args(["-STOP", &listener]));
+    for pid in d.sshd.sessions() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    let (archived_before, _, failed_before) = archiver(&pg);
+    let backlog: Vec<String> = (1..4).map(|i| write_and_switch(&pg, i)).collect();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while archiver(&pg).2 <= failed_before {
+        assert!(
+            Instant::now() < deadline,
+            "no archive failure counted:\n{}",
+            d.log_tail("agent-prod")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(
+        archiver(&pg).0,
+        archived_before,
+        "archived while unreachable"
+    );
+    for seg in &backlog {
+        assert!(pg.data_dir().join("pg_wal").join(seg).exists(), "{seg}");
+    }
+
+    // Back: the next segment wakes the archiver, and the backlog goes with no gap.
+    run_ok(Command::new("kill").args(["-CONT", &listener]));
+    let last = write_and_switch(&pg, 4);
+    wait_archived(&pg, &last, &d);
+    let (names, _) = stored(&d);
+    let have: Vec<u64> = names
+        .iter()
+        .filter(|n| n.len() == 24)
+        .map(|s| sequence(s))
+        .collect();
+    for seg in backlog.iter().chain([&first, &last]) {
+        assert!(have.contains(&sequence(seg)), "{seg} not stored: {names:?}");
+    }
+    let (lo, hi) = (sequence(&first), sequence(&last));
+    let missing: Vec<u64> = (lo..=hi).filter(|n| !have.contains(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "segments missing: {missing:?} of {names:?}"
+    );
 }
