@@ -914,9 +914,16 @@ fn a_restore_to_a_point_in_time_equals_the_database_at_that_instant_while_pgbenc
     let job = d.ferry_ok(&["jobs", "--output", "json"]);
     assert!(job.contains(&t2[..19]), "{job}");
 
-    // The whole agent to T1: pgphys replays to it, the logical `postgres` datastore takes
-    // its newest backup finished by then; each job says which it did.
-    let out = d.ferry_ok(&["restore", "pg-stage", "--to-time", &t1, "--wait"]);
+    // The whole staging environment (its one agent) to T1: pgphys replays to it, the
+    // logical `postgres` datastore takes its newest backup finished by then; each job says
+    // which it did. Production has no staging agent to restore.
+    let refused = d.ferry(&["restore", "--env", "production", "--to-time", &t1]);
+    let text = String::from_utf8_lossy(&refused.stderr).into_owned();
+    assert!(
+        !refused.status.success() && text.contains("has no staging agent"),
+        "{text}"
+    );
+    let out = d.ferry_ok(&["restore", "--env", "staging", "--to-time", &t1, "--wait"]);
     let restored = bench_tables(&stage);
     assert_eq!(restored, at_t1, "{out}");
     assert!(out.contains("with the archived WAL"), "{out}");

@@ -138,8 +138,13 @@ pub enum Command {
     },
     /// Restore the newest backup (or a date's) into a staging agent's datastores.
     Restore {
-        /// Agent id.
-        agent: String,
+        /// Agent id (or --env).
+        #[arg(required_unless_present = "env")]
+        agent: Option<String>,
+        /// Every staging agent of this environment instead of one agent, e.g. with
+        /// --to-time: the whole environment restored to one instant.
+        #[arg(long, conflicts_with_all = ["agent", "datastore"])]
+        env: Option<String>,
         /// Only this datastore.
         #[arg(long)]
         datastore: Option<String>,
@@ -249,6 +254,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         } => backup::run(&mut client, out, agent, (datastore, backup_type), wait).await,
         Command::Restore {
             agent,
+            env,
             datastore,
             date,
             namespaces,
@@ -260,8 +266,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             restore::run(
                 &mut client,
                 out,
-                agent,
+                agent.unwrap_or_default(),
                 restore::Order {
+                    environment: env,
                     datastore,
                     date,
                     namespaces,

@@ -1,4 +1,4 @@
-//! `ferry restore AGENT [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]...
+//! `ferry restore AGENT|--env E [--datastore D] [--date YYYY-MM-DD] [--ns DB.COLL]...
 //! [--all-or-nothing] [--from TARGET] [--to-time T] [--wait]`, and
 //! `ferry verify AGENT [--datastore D] [--date YYYY-MM-DD] [--from TARGET] [--wait]` (the
 //! same order, checking instead of restoring).
@@ -13,6 +13,8 @@ use crate::{Output, status_error};
 /// What `ferry restore` or `ferry verify` orders (see `TriggerRestoreRequest`).
 #[derive(Debug, Default)]
 pub(crate) struct Order {
+    /// `--env`: every staging agent of it instead of one.
+    pub(crate) environment: Option<String>,
     pub(crate) datastore: Option<String>,
     pub(crate) date: Option<String>,
     pub(crate) namespaces: Vec<String>,
@@ -40,6 +42,7 @@ pub(crate) async fn run(
             all_or_nothing: order.all_or_nothing,
             from: order.from.unwrap_or_default(),
             to_time_unix_ms: order.to_time_ms.unwrap_or_default(),
+            environment: order.environment.unwrap_or_default(),
         })
         .await
         .map_err(status_error)?

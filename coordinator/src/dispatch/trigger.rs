@@ -149,6 +149,40 @@ fn check_order(
 }
 
 impl Coordinator {
+    /// The staging agents of `environment`, in inventory order, for a restore of the whole
+    /// environment (`agent` and `datastore` must then be empty).
+    ///
+    /// # Errors
+    /// [`DispatchError::InvalidArgument`] with an agent or a datastore, or for an
+    /// environment without staging agents.
+    pub fn staging_agents_of(
+        &self,
+        environment: &str,
+        agent: &str,
+        datastore: &str,
+    ) -> Result<Vec<String>, DispatchError> {
+        if !agent.is_empty() || !datastore.is_empty() {
+            return Err(DispatchError::InvalidArgument(
+                "--env restores every staging agent of the environment: no agent or \
+                 --datastore with it"
+                    .into(),
+            ));
+        }
+        let agents: Vec<String> = self
+            .agents
+            .all()
+            .filter(|a| a.environment == environment && a.role.may_restore())
+            .map(|a| a.id.clone())
+            .collect();
+        if agents.is_empty() {
+            return Err(DispatchError::InvalidArgument(format!(
+                "environment {} has no staging agent in the inventory",
+                Bounded(environment)
+            )));
+        }
+        Ok(agents)
+    }
+
     /// Creates jobs for a backup, restore or verify of `datastore` (all of the agent's
     /// when `None`) on `agent` and starts them, on behalf of `who` (an operator's
     /// certificate name, or [`SCHEDULE`]). Refuses what the role split forbids. Either
