@@ -587,6 +587,59 @@ fn maintenance_removes_leftovers_and_folders_and_extends_locks_without_shortenin
                 .is_none_or(|v| v.is_empty()),
         "versions left: {versions}"
     );
+
+    // An archived WAL file goes with every version of it and its record (a second push of
+    // the same name adds a version); its neighbour stays; staging may not remove one.
+    let wal = format!("{PREFIX}/production/pg-wal/00000001");
+    for (name, body) in [
+        ("000000010000000000000002", "first push"),
+        ("000000010000000000000002", "second push"),
+        ("000000010000000000000003", "next"),
+    ] {
+        for (key, body) in [
+            (format!("{wal}/{name}.zst.age"), body),
+            (format!("{wal}/{name}.zst.age.json"), "{}"),
+        ] {
+            c.s3_ok(
+                &roles.production,
+                "put_object",
+                json!({"Bucket": bucket, "Key": key, "Body": body}),
+            );
+        }
+    }
+    let segment = ferry_core::wal::WalFileName::parse("000000010000000000000002").unwrap();
+    let e = staging_maintain(c, &bucket, &dir)
+        .remove_wal_file("production", "pg", &segment)
+        .unwrap_err();
+    assert!(matches!(e, TargetError::PermissionDenied { .. }), "{e}");
+    assert!(m.remove_wal_file("../production", "pg", &segment).is_err());
+    let bytes = m.remove_wal_file("production", "pg", &segment).unwrap();
+    assert_eq!(bytes, ("first push".len() + "second push".len()) as u64);
+    let versions = c.s3_ok(
+        &roles.maintenance,
+        "list_object_versions",
+        json!({"Bucket": bucket, "Prefix": format!("{wal}/")}),
+    );
+    let left: Vec<&str> = versions["Versions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| v["Key"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        left,
+        [
+            format!("{wal}/000000010000000000000003.zst.age"),
+            format!("{wal}/000000010000000000000003.zst.age.json"),
+        ],
+        "{versions}"
+    );
+    assert!(
+        versions["DeleteMarkers"]
+            .as_array()
+            .is_none_or(|v| v.is_empty()),
+        "{versions}"
+    );
 }
 
 /// A maintain session with staging's credentials.
