@@ -297,8 +297,8 @@ fn four_parts_in_flight_store_the_stream_in_order_with_each_parts_md5() {
     );
     let name = "files_backup_2026-12-05.tar.zst.age";
     let f = file(&*production, "production", "2026-12-05", name);
-    // Six full parts of 8 MiB and a short one: four in flight while the fifth fills, so
-    // the buffers of the first parts carry later ones.
+    // Six full parts of 8 MiB and a short one: four in flight, the fifth fills once the
+    // first has ended, in its buffer, so the buffers of the first parts carry later ones.
     let part = 8usize << 20;
     let data = incompressible(6 * part + 12345, 11);
     let (mut w, staged) = stage(&*production, &f, &data);

@@ -169,6 +169,14 @@ pub struct AgentConfig {
     pub max_concurrent_jobs: usize,
     /// WAL shipping's socket.
     pub wal: Option<WalConfig>,
+    /// zstd worker threads compressing a backup beside its stages thread, 0 to
+    /// [`crate::pipeline::compress::MAX_WORKERS`]; 0: the stages thread compresses
+    /// ([`crate::pipeline::compress::Compressor::new`] gives each one's memory). Default:
+    /// 0 when `[backup_server]` is S3, whose 3 parts in flight hold 24 MiB, so that a backup
+    /// stays under 64 MiB; 2 otherwise, since the stages thread alone made the SFTP pipeline
+    /// slower (`bench/README.md`, s3-upload). Fixed, not the host's cores: the memory is
+    /// the same on every host.
+    pub compression_workers: Option<u32>,
 }
 
 fn default_max_concurrent_jobs() -> usize {
@@ -214,6 +222,8 @@ pub struct Settings {
     pub datastores: BTreeMap<String, Arc<dyn Datastore>>,
     /// WAL shipping's socket (`[wal]`).
     pub wal: Option<crate::wal::WalSettings>,
+    /// `compression_workers`, or its default for `[backup_server]`'s kind.
+    pub compression_workers: u32,
 }
 
 impl Settings {
@@ -251,6 +261,7 @@ impl Settings {
             source_environment: None,
             datastores: BTreeMap::new(),
             wal: None,
+            compression_workers: 0,
         }
     }
 }
@@ -363,6 +374,20 @@ impl AgentConfig {
         }
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key", e.to_string()))?;
+        let compression_workers = match self.compression_workers {
+            Some(n) if n > crate::pipeline::compress::MAX_WORKERS => {
+                return Err(invalid(
+                    "compression_workers",
+                    format!(
+                        "is {n}: at most {} (each worker adds about 6 MiB)",
+                        crate::pipeline::compress::MAX_WORKERS
+                    ),
+                ));
+            }
+            Some(n) => n,
+            None if self.backup_server.kind() == "s3" => 0,
+            None => 2,
+        };
         if self.max_concurrent_jobs == 0 {
             return Err(invalid(
                 "max_concurrent_jobs",
@@ -443,6 +468,7 @@ impl AgentConfig {
             },
             allowed_clients: self.tls.allowed_clients,
             max_concurrent_jobs: self.max_concurrent_jobs,
+            compression_workers,
             backup_server,
             copies,
             keys,

@@ -13,7 +13,7 @@ use ferry_core::telemetry::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
 
 /// jemalloc with one arena and no decay (configured in `.cargo/config.toml`) instead of
-/// glibc's malloc, whose per-thread arenas (zstd workers, tokio's workers and blocking
+/// glibc's malloc, whose per-thread arenas (tokio's workers and blocking
 /// threads, the SFTP thread) keep freed memory that the other threads cannot reuse.
 /// Measured with `bench/` `mongo-dump` (1 GiB): see `bench/README.md`.
 #[cfg(feature = "jemalloc")]

@@ -401,7 +401,8 @@ async fn backup_part(
             let sink = chunks::ChunkWriter::new(tx, progress.clone());
             let hashed = hash::HashingWriter::new(sink);
             let encrypted = enc.wrap(hashed)?;
-            let mut compressed = compress::Compressor::new(encrypted)?;
+            let mut compressed =
+                compress::Compressor::new(encrypted, settings.compression_workers)?;
             copy(&mut source, &mut compressed)?;
             let encrypted = compressed.finish()?;
             let hashed = encrypted.finish()?;

@@ -40,7 +40,7 @@
 //! 7. boto3 `upload_fileobj` of the ciphertext file (read from the page cache) to another
 //!    key, production's keys, then removed as in 5; with the default `TransferConfig`,
 //!    then, as diagnostics, with `max_concurrency=1` (one part in flight, as Ferry's
-//!    agent, which fills the next part meanwhile) and `max_concurrency=2`.
+//!    agent with `parts_in_flight = 1`) and `max_concurrency=2`.
 //!
 //! boto3 runs with its default `TransferConfig` (8 MiB parts and ranges, 10 threads). In
 //! steps 4 and 7 its time is the transfer call alone, measured inside the Python process,

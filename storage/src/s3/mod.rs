@@ -8,9 +8,9 @@
 //!
 //! - A part is staged as a multipart upload of its final key ([`mod@write`]), parts of
 //!   [`write::part_size`] (8 MiB growing, so that 5 TiB fit in 10,000 parts), each sent with
-//!   its `Content-MD5`, which the server checks; at most `parts_in_flight` + 1 parts are in
-//!   memory (one filling, the others in flight; [`S3Config::parts_in_flight`]), their
-//!   buffers reused from part to part. Nothing is visible until `CompleteMultipartUpload`. The stored
+//!   its `Content-MD5`, which the server checks; at most `parts_in_flight` parts are in
+//!   memory (the next part fills once fewer are in flight; [`S3Config::parts_in_flight`]),
+//!   their buffers reused from part to part. Nothing is visible until `CompleteMultipartUpload`. The stored
 //!   size is checked with `ListParts` (which production may call; `HeadObject` needs
 //!   `GetObject`, which production's bucket policy denies): the parts' sizes must add up to
 //!   the bytes sent and their ETags be the MD5s sent; after completion, the object's ETag
@@ -66,7 +66,7 @@ pub mod write;
 /// access_key_file = "/etc/ferry/s3-access-key"   # 0600/0400; with secret_key_file, or
 /// secret_key_file = "/etc/ferry/s3-secret-key"   # neither: the standard AWS chain
 /// lock = { mode = "compliance" }          # maintenance: extend_lock's mode for new locks
-/// parts_in_flight = 1                     # UploadPart requests at once; memory (N + 1) x 8 MiB
+/// parts_in_flight = 3                     # UploadPart requests at once; memory N x 8 MiB
 /// ```
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,9 +107,9 @@ pub struct S3Config {
     pub lock: Option<LockConfig>,
     /// `UploadPart` requests of one upload in flight at once, 1 to
     /// [`write::MAX_PARTS_IN_FLIGHT`] (default [`write::DEFAULT_PARTS_IN_FLIGHT`]); the next
-    /// part fills meanwhile. Memory: each part in flight holds its bytes until the server
-    /// answers, so an upload holds (`parts_in_flight` + 1) × [`write::part_size`] bytes,
-    /// 8 MiB a part for the first 1,000 parts (an 8 GiB stream): 16 MiB at 1, 24 MiB at 2.
+    /// part fills once fewer are in flight. Memory: each part holds its bytes until the
+    /// server answers, so an upload holds at most `parts_in_flight` × [`write::part_size`]
+    /// bytes, 8 MiB a part for the first 1,000 parts (an 8 GiB stream): 24 MiB at 3.
     /// More parts in flight help where one request's round trip, not the bandwidth or the
     /// agent's CPU, sets the pace (see `bench/README.md`, s3-upload).
     #[serde(default = "default_parts_in_flight")]
