@@ -179,6 +179,23 @@ pub struct AgentConfig {
     pub compression_workers: Option<u32>,
 }
 
+/// `compression_workers` as asked, or its default for a `[backup_server]` of `kind` (0 for
+/// `s3`, 2 otherwise; see [`AgentConfig::compression_workers`]).
+///
+/// # Errors
+/// A message for more than [`crate::pipeline::compress::MAX_WORKERS`].
+fn compression_workers(asked: Option<u32>, kind: &str) -> Result<u32, String> {
+    match asked {
+        Some(n) if n > crate::pipeline::compress::MAX_WORKERS => Err(format!(
+            "is {n}: at most {} (each worker adds about 6 MiB)",
+            crate::pipeline::compress::MAX_WORKERS
+        )),
+        Some(n) => Ok(n),
+        None if kind == "s3" => Ok(0),
+        None => Ok(2),
+    }
+}
+
 fn default_max_concurrent_jobs() -> usize {
     4
 }
@@ -374,20 +391,9 @@ impl AgentConfig {
         }
         ferry_proto::tls::read_private_key(&self.tls.key)
             .map_err(|e| invalid("tls.key", e.to_string()))?;
-        let compression_workers = match self.compression_workers {
-            Some(n) if n > crate::pipeline::compress::MAX_WORKERS => {
-                return Err(invalid(
-                    "compression_workers",
-                    format!(
-                        "is {n}: at most {} (each worker adds about 6 MiB)",
-                        crate::pipeline::compress::MAX_WORKERS
-                    ),
-                ));
-            }
-            Some(n) => n,
-            None if self.backup_server.kind() == "s3" => 0,
-            None => 2,
-        };
+        let compression_workers =
+            compression_workers(self.compression_workers, self.backup_server.kind())
+                .map_err(|m| invalid("compression_workers", m))?;
         if self.max_concurrent_jobs == 0 {
             return Err(invalid(
                 "max_concurrent_jobs",
@@ -487,4 +493,17 @@ pub fn hostname() -> String {
         .filter(|s| !s.is_empty())
         .or_else(|| std::env::var("HOSTNAME").ok())
         .unwrap_or_else(|| "unknown".into())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn compression_workers_default_by_target_kind_and_are_bounded() {
+        assert_eq!(super::compression_workers(None, "s3"), Ok(0));
+        assert_eq!(super::compression_workers(None, "sftp"), Ok(2));
+        assert_eq!(super::compression_workers(Some(3), "s3"), Ok(3));
+        assert_eq!(super::compression_workers(Some(0), "sftp"), Ok(0));
+        let e = super::compression_workers(Some(5), "sftp").unwrap_err();
+        assert!(e.contains("at most 4"), "{e}");
+    }
 }
