@@ -68,6 +68,11 @@ pub enum CopyError {
         /// The manifest's SHA-256.
         expected_sha256: String,
     },
+    /// The coordinator is shutting down: the copy stopped, nothing was committed.
+    #[error(
+        "the copy stopped as the coordinator shuts down; nothing was committed on the copy target"
+    )]
+    Cancelled,
 }
 
 /// What the copier knows of one environment's copy target since the coordinator started.
@@ -158,15 +163,17 @@ fn file_name(path: &str) -> &str {
 /// Returns the bytes copied. A backup already on `dest` (its main manifest there) is not
 /// copied again (`Ok(0)`).
 ///
+/// Once `cancel` is cancelled (the coordinator's shutdown) the copy stops within a chunk
+/// (1 MiB) and nothing is committed.
+///
 /// # Errors
 /// [`CopyError`]; nothing is left visible on `dest` (its partials abandoned).
 pub fn copy_backup(
     source: &dyn Target,
     dest: &dyn Target,
-    environment: &str,
-    date: NaiveDate,
-    file: &str,
+    (environment, date, file): (&str, NaiveDate, &str),
     job_id: &str,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<u64, CopyError> {
     let src_dir = source.dated_dir(environment, date);
     let dst_dir = dest.dated_dir(environment, date);
@@ -241,7 +248,7 @@ pub fn copy_backup(
         // the hash thread forwards every chunk as it hashes it. A side that stops hangs up
         // its channel, which ends the others.
         let (downloaded, stage, (sha256, size)) = std::thread::scope(|scope| {
-            let hasher = scope.spawn(move || hash_forward(rx, htx));
+            let hasher = scope.spawn(move || hash_forward(rx, htx, cancel));
             let version = manifest.version_id.as_deref();
             let (read, path) = (&mut read, &path);
             let download = scope.spawn(move || read.download_version(path, version, tx));
@@ -256,6 +263,13 @@ pub fn copy_backup(
             });
             (downloaded, stage, hasher.join().unwrap_or_default())
         });
+        if cancel.is_cancelled() {
+            abandon(&mut write, &staged);
+            if let Ok(s) = &stage {
+                write.abandon(std::slice::from_ref(&s.partial));
+            }
+            return Err(CopyError::Cancelled);
+        }
         let part = match (downloaded, stage) {
             (Err(e), Ok(s)) => {
                 abandon(&mut write, &staged);
@@ -307,12 +321,21 @@ pub fn copy_backup(
 }
 
 /// Hashes every chunk of `rx` and forwards it to `tx`; the SHA-256 (lower-case hex) and
-/// the bytes seen. Stops forwarding (still draining `rx`) if `tx`'s receiver hangs up.
-fn hash_forward(rx: Receiver<Vec<u8>>, tx: SyncSender<Vec<u8>>) -> (String, u64) {
+/// the bytes seen. Stops forwarding (still draining `rx`) if `tx`'s receiver hangs up;
+/// stops altogether (hanging up both, which ends the download and the upload) once
+/// `cancel` is cancelled.
+fn hash_forward(
+    rx: Receiver<Vec<u8>>,
+    tx: SyncSender<Vec<u8>>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> (String, u64) {
     let mut hasher = Sha256::new();
     let mut n = 0u64;
     let mut open = true;
     for chunk in rx {
+        if cancel.is_cancelled() {
+            break;
+        }
         hasher.update(&chunk);
         n += chunk.len() as u64;
         if open && tx.send(chunk).is_err() {
@@ -446,9 +469,10 @@ impl Coordinator {
             file_name(&record.stored_path).to_owned(),
         );
         let job_id = format!("{}-copy", record.job_id);
+        let shutdown = self.shutdown.clone();
         let started = std::time::Instant::now();
         let bytes = tokio::task::spawn_blocking(move || {
-            copy_backup(&*src, &*dst, &env, date, &file, &job_id)
+            copy_backup(&*src, &*dst, (&env, date, &file), &job_id, &shutdown)
         })
         .await
         .map_err(|e| format!("the copy task failed: {e}"))?
@@ -508,6 +532,7 @@ impl Coordinator {
 mod tests {
     use super::*;
     use ferry_storage::memory::MemoryTarget;
+    use tokio_util::sync::CancellationToken;
 
     fn record(date: &str, name: &str, finished_ms: i64, copies: &[&str]) -> BackupRecord {
         BackupRecord {
@@ -635,7 +660,14 @@ mod tests {
         let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
         let (main, main_bytes, comp_bytes) = put_backup(&src, "2026-12-05", false);
         let date = NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
-        let n = copy_backup(&src, &dst, "production", date, &main, "job-copy").unwrap();
+        let n = copy_backup(
+            &src,
+            &dst,
+            ("production", date, &main),
+            "job-copy",
+            &CancellationToken::new(),
+        )
+        .unwrap();
         assert_eq!(n, (main_bytes.len() + comp_bytes.len()) as u64);
         let dir = "/copy/production/2026-12-05";
         assert_eq!(
@@ -657,9 +689,44 @@ mod tests {
         assert!(read_all(&dst, &format!("{dir}/{comp}.json")).is_some());
         // A second copy finds it there and copies nothing.
         assert_eq!(
-            copy_backup(&src, &dst, "production", date, &main, "job-copy2").unwrap(),
+            copy_backup(
+                &src,
+                &dst,
+                ("production", date, &main),
+                "job-copy2",
+                &CancellationToken::new()
+            )
+            .unwrap(),
             0
         );
+    }
+
+    #[test]
+    fn a_copy_stopped_by_the_shutdown_commits_nothing_and_leaves_no_partial() {
+        let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
+        let (main, _, _) = put_backup(&src, "2026-12-05", false);
+        let date = NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let e =
+            copy_backup(&src, &dst, ("production", date, &main), "job-copy", &cancel).unwrap_err();
+        assert!(matches!(e, CopyError::Cancelled), "{e}");
+        let mut r = dst.read().unwrap();
+        assert_eq!(
+            r.list("/copy/production/2026-12-05").unwrap(),
+            Vec::<String>::new(),
+            "no file, no partial left on the copy target"
+        );
+        assert!(dst.paths().is_empty(), "{:?}", dst.paths());
+        // Not cancelled, the same copy goes through.
+        copy_backup(
+            &src,
+            &dst,
+            ("production", date, &main),
+            "job-copy2",
+            &CancellationToken::new(),
+        )
+        .unwrap();
     }
 
     #[test]
@@ -667,7 +734,14 @@ mod tests {
         let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
         let (main, _, _) = put_backup(&src, "2026-12-05", true);
         let date = NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
-        let e = copy_backup(&src, &dst, "production", date, &main, "job-copy").unwrap_err();
+        let e = copy_backup(
+            &src,
+            &dst,
+            ("production", date, &main),
+            "job-copy",
+            &CancellationToken::new(),
+        )
+        .unwrap_err();
         assert!(matches!(e, CopyError::Integrity { .. }), "{e}");
         assert!(e.to_string().contains("nothing was committed"), "{e}");
         let mut r = dst.read().unwrap();
