@@ -1129,11 +1129,13 @@ fn a_scheduled_drill_restores_to_a_random_instant_within_the_archive_and_status_
     });
     let stage = stage.expect("a staging cluster");
     load_bench(&pg);
+    let at_start = bench_tables(&pg);
+    // pgbench commits from before the base backup ends (so that the drill's window, which
+    // starts at that end, never begins without commits) through the 25 s after it, and
+    // 12 s more: the archive holds a commit after any instant up to 10 s before its newest
+    // push.
+    let mut bench = pgbench_for(&pg, 45);
     d.ferry_ok(&["backup", "pg-prod", "pgphys", "--wait"]);
-    let at_backup = bench_tables(&pg);
-    // pgbench commits throughout the 25 s the drill may pick from, and 12 s more: the
-    // archive holds a commit after any instant up to 10 s before its newest push.
-    let mut bench = pgbench_for(&pg, 37);
     std::thread::sleep(Duration::from_secs(25));
     let middle = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
     wait_archived(&pg, &middle, &d);
@@ -1178,7 +1180,7 @@ fn a_scheduled_drill_restores_to_a_random_instant_within_the_archive_and_status_
     );
     assert_ne!(
         bench_tables(&stage),
-        at_backup,
+        at_start,
         "nothing replayed: {drill:#}"
     );
     let status = d.ferry_json(&["status"]);

@@ -11,7 +11,7 @@
 //!   PostgreSQL OS user's), under a temporary name and renamed into place, so it is never
 //!   reachable with other modes. Requests run one at a time; pushes share one write
 //!   session of the target, kept open between them (reopened after a failure, and once if
-//!   the kept one was dropped while idle); each get opens a read session of its own.
+//!   the kept one was dropped while idle); gets likewise share one read session.
 //! - [`push`] and [`get`]: the client sides, `ferry-agent wal-push` (production's
 //!   `archive_command`) and `ferry-agent wal-get` (a staging restore's `restore_command`:
 //!   the staging agent reads the source environment's archive and decrypts it with its
@@ -61,7 +61,7 @@ use ferry_core::layout::StoredFile;
 use ferry_core::wal::{
     self, MAX_WAL_FILE_BYTES, MAX_WAL_RECORD_BYTES, WAL_RECORD_VERSION, WalFileName, WalRecord,
 };
-use ferry_storage::{TargetError, WriteSession};
+use ferry_storage::{ReadSession, TargetError, WriteSession};
 
 /// The request's first bytes.
 pub const MAGIC: &[u8; 4] = b"FWAL";
@@ -554,7 +554,7 @@ impl Drop for WalListener {
 /// the socket file.
 pub async fn serve(settings: Arc<Settings>, listener: WalListener, shutdown: CancellationToken) {
     tracing::info!(socket = %listener.path.display(), "WAL socket listening.");
-    let session: Arc<tokio::sync::Mutex<Option<Box<dyn WriteSession>>>> = Arc::default();
+    let session: Arc<tokio::sync::Mutex<Kept>> = Arc::default();
     loop {
         let (stream, _) = tokio::select! {
             () = shutdown.cancelled() => break,
@@ -569,12 +569,12 @@ pub async fn serve(settings: Arc<Settings>, listener: WalListener, shutdown: Can
         };
         let (settings, session) = (settings.clone(), session.clone());
         tokio::spawn(async move {
-            // One push at a time, on the session the previous one left open.
+            // One request at a time, on the sessions the previous ones left open.
             let mut held = session.lock().await;
             let Ok(stream) = stream.into_std() else {
                 return;
             };
-            let taken = held.take();
+            let taken = std::mem::take(&mut *held);
             let result =
                 tokio::task::spawn_blocking(move || handle(&settings, taken, stream)).await;
             match result {
@@ -631,13 +631,22 @@ pub fn bind(wal: &WalSettings) -> io::Result<WalListener> {
     })
 }
 
-/// Serves one connection on a blocking thread: reads the request, pushes, answers. Gives
-/// back the session, unless it may be broken.
-fn handle(
-    settings: &Settings,
-    session: Option<Box<dyn WriteSession>>,
-    mut stream: UnixStream,
-) -> Option<Box<dyn WriteSession>> {
+/// The target sessions kept open between requests: pushes' write session (production),
+/// gets' read session (staging, where PostgreSQL's recovery asks for one file after
+/// another). Each is dropped after a failure that may have broken it.
+#[derive(Default)]
+struct Kept {
+    write: Option<Box<dyn WriteSession>>,
+    read: Option<Box<dyn ReadSession>>,
+}
+
+/// Serves one connection on a blocking thread: reads the request, pushes or sends, answers.
+/// Gives back the sessions, but those that may be broken.
+fn handle(settings: &Settings, kept: Kept, mut stream: UnixStream) -> Kept {
+    let Kept {
+        write: session,
+        read,
+    } = kept;
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_read_timeout(Some(READ_TIMEOUT));
     let _ = stream.set_write_timeout(Some(READ_TIMEOUT));
@@ -649,8 +658,12 @@ fn handle(
                 (back, r.map(|m| (h, m)), false)
             }
             (Op::Get, Keys::Decrypt(_)) => {
-                let (sent, r) = get_one(settings, &mut h, &mut stream);
-                (session, r.map(|m| (h, m)), sent)
+                let (sent, back, r) = get_one(settings, read, &mut h, &mut stream);
+                let kept = Kept {
+                    write: session,
+                    read: back,
+                };
+                return answer(kept, &mut stream, r.map(|m| (h, m)), sent);
             }
             (op, _) => {
                 let e = PushError::Role(format!(
@@ -668,19 +681,31 @@ fn handle(
         },
         Err(e) => (session, Err(e), false),
     };
+    let kept = Kept { write: back, read };
+    answer(kept, &mut stream, result, sent)
+}
+
+/// Answers `result` on `stream` (unless the file was `sent` already, its trailer then
+/// saying whether it was whole) and logs it; gives back `kept`.
+fn answer(
+    kept: Kept,
+    stream: &mut UnixStream,
+    result: Result<(Header, String), PushError>,
+    sent: bool,
+) -> Kept {
     let answered = match &result {
         Ok((h, message)) => {
             tracing::info!(datastore = %h.datastore, file = %h.file, bytes = h.size, "{message}");
             if sent {
                 Ok(())
             } else {
-                write_response(&mut stream, Status::Ok, message)
+                write_response(stream, Status::Ok, message)
             }
         }
         Err(PushError::NotArchived(path)) => {
             tracing::info!(path = %path, "wal-get asked for a file that is not archived.");
             write_response(
-                &mut stream,
+                stream,
                 Status::NotArchived,
                 &format!("{path} is not archived"),
             )
@@ -692,14 +717,14 @@ fn handle(
             if sent {
                 Ok(())
             } else {
-                write_response(&mut stream, Status::Failed, &text)
+                write_response(stream, Status::Failed, &text)
             }
         }
     };
     if let Err(e) = answered {
         tracing::warn!(error = %e, "The WAL client left before the answer.");
     }
-    back
+    kept
 }
 
 /// A SHA-256 (lower-case hex) and a byte count.
@@ -707,41 +732,73 @@ type Digest = (String, u64);
 
 /// Sends the archived file `h` names back (staging): the response, its size from its
 /// record, the plaintext streamed from the target through age and zstd, and a trailer
-/// byte saying whether the stored and plain sizes and SHA-256 matched the record. Whether
-/// the response was sent (later failures show only in the trailer) and the log message.
+/// byte saying whether the stored and plain sizes and SHA-256 matched the record, read on
+/// `kept` (the session the previous get left open; opened if `None`, and once more if a
+/// kept one fails at once: the server may have dropped it while idle). Whether the
+/// response was sent (later failures show only in the trailer), the session to keep
+/// (`None` after a target failure) and the log message.
 fn get_one(
     settings: &Settings,
+    kept: Option<Box<dyn ReadSession>>,
     h: &mut Header,
     stream: &mut UnixStream,
-) -> (bool, Result<String, PushError>) {
+) -> (
+    bool,
+    Option<Box<dyn ReadSession>>,
+    Result<String, PushError>,
+) {
     let Keys::Decrypt(dec) = &settings.keys else {
-        return (false, Err(PushError::Internal("no identity".into())));
+        return (false, kept, Err(PushError::Internal("no identity".into())));
     };
-    let prepared = (|| {
+    let named = (|| {
         let name = WalFileName::parse(&h.file)?;
         let datastore = wal_datastore(settings, &h.datastore)?;
-        h.datastore.clone_from(&datastore);
-        let env = settings
-            .source_environment
-            .as_deref()
-            .unwrap_or(&settings.environment);
-        let env_dir = settings.backup_server.environment_dir(env);
-        let file = StoredFile {
-            dir: wal::timeline_dir(&env_dir, &datastore, &name),
-            name: name.stored_name(),
-        };
-        let mut session = settings.backup_server.read()?;
-        let record_path = file.manifest_path();
-        if session.size(&record_path)?.is_none() {
-            return Err(PushError::NotArchived(file.path()));
-        }
-        let bytes = session.read_small(&record_path, MAX_WAL_RECORD_BYTES)?;
-        let record = WalRecord::from_slice(&record_path, &bytes)?;
-        Ok((session, file, record))
+        Ok::<_, PushError>((name, datastore))
     })();
-    let (mut session, file, record) = match prepared {
+    let (name, datastore) = match named {
+        Ok(n) => n,
+        Err(e) => return (false, kept, Err(e)),
+    };
+    h.datastore.clone_from(&datastore);
+    let env = settings
+        .source_environment
+        .as_deref()
+        .unwrap_or(&settings.environment);
+    let env_dir = settings.backup_server.environment_dir(env);
+    let file = StoredFile {
+        dir: wal::timeline_dir(&env_dir, &datastore, &name),
+        name: name.stored_name(),
+    };
+    let record_path = file.manifest_path();
+    // A target failure drops the session (`None`); anything else keeps it.
+    let prepared = (|| {
+        let broken = |e: TargetError| (None, PushError::from(e));
+        let reused = kept.is_some();
+        let mut session = match kept {
+            Some(s) => s,
+            None => settings.backup_server.read().map_err(broken)?,
+        };
+        let size = match session.size(&record_path) {
+            Err(_) if reused => {
+                session = settings.backup_server.read().map_err(broken)?;
+                session.size(&record_path).map_err(broken)?
+            }
+            other => other.map_err(broken)?,
+        };
+        if size.is_none() {
+            return Err((Some(session), PushError::NotArchived(file.path())));
+        }
+        let bytes = session
+            .read_small(&record_path, MAX_WAL_RECORD_BYTES)
+            .map_err(broken)?;
+        match WalRecord::from_slice(&record_path, &bytes) {
+            Ok(record) => Ok((session, record)),
+            Err(e) => Err((Some(session), e.into())),
+        }
+    })();
+    let (mut session, record) = match prepared {
         Ok(p) => p,
-        Err(e) => return (false, Err(e)),
+        Err((back, e)) => return (false, back, Err(e)),
     };
     h.size = record.bytes;
     let io_err = |stage| move |source| PushError::Io { stage, source };
@@ -750,7 +807,7 @@ fn get_one(
         .and_then(|()| head.write_all(&record.bytes.to_be_bytes()))
         .and_then(|()| stream.write_all(&head))
     {
-        return (false, Err(io_err("answer")(e)));
+        return (false, Some(session), Err(io_err("answer")(e)));
     }
     let progress = Progress::new(CancellationToken::new());
     let (tx, rx) = chunks::channel();
@@ -820,11 +877,16 @@ fn get_one(
             }
         }
     };
+    // The session stays unless the target failed (the download's error).
+    let back = match &checked {
+        Err(PushError::Target(_) | PushError::Internal(_)) => None,
+        _ => Some(session),
+    };
     let trailer = [u8::from(checked.is_err())];
     if let Err(e) = stream.write_all(&trailer) {
-        return (true, checked.and(Err(io_err("answer")(e))));
+        return (true, back, checked.and(Err(io_err("answer")(e))));
     }
-    (true, checked)
+    (true, back, checked)
 }
 
 /// Checks and pushes one file (naming in `h` the datastore it resolved to); gives back the

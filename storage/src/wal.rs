@@ -6,6 +6,26 @@ use ferry_core::wal::{WalFileKind, WalFileName};
 
 use crate::{ReadSession, TargetError};
 
+/// The datastores whose WAL is archived in the environment folder `env_dir`: each
+/// `<datastore>-wal` folder there whose name is a datastore name of the layout, sorted.
+///
+/// # Errors
+/// The target's.
+pub fn archived_datastores(
+    session: &mut dyn ReadSession,
+    env_dir: &str,
+) -> Result<Vec<String>, TargetError> {
+    let mut names: Vec<String> = session
+        .list(env_dir)?
+        .iter()
+        .filter_map(|n| n.strip_suffix("-wal"))
+        .filter(|d| ferry_core::layout::validate_name("datastore", d).is_ok())
+        .map(str::to_owned)
+        .collect();
+    names.sort();
+    Ok(names)
+}
+
 /// The record (`.zst.age.json`) of the newest WAL segment under `wal_dir`
 /// (`<environment dir>/<datastore>-wal`): the greatest segment name whose stored file and
 /// record both exist, in the greatest timeline folder (8 hex digits) that has one. History,

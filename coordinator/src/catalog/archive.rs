@@ -57,23 +57,17 @@ fn scan_environment(
 ) -> Result<Vec<(String, WalRecord)>, String> {
     let env_dir = target.environment_dir(environment);
     let mut session = target.read().map_err(|e| e.to_string())?;
-    let mut names = session.list(&env_dir).map_err(|e| e.to_string())?;
-    names.sort();
+    let datastores = ferry_storage::wal::archived_datastores(&mut *session, &env_dir)
+        .map_err(|e| e.to_string())?;
     let mut out = Vec::new();
-    for name in names {
-        let Some(datastore) = name.strip_suffix("-wal") else {
-            continue;
-        };
-        if ferry_core::layout::validate_name("datastore", datastore).is_err() {
-            continue;
-        }
-        let dir = ferry_core::wal::wal_dir(&env_dir, datastore);
+    for datastore in datastores {
+        let dir = ferry_core::wal::wal_dir(&env_dir, &datastore);
         let found =
             ferry_storage::wal::newest_segment_record(&mut *session, &dir, MAX_WAL_RECORD_BYTES)
                 .map_err(|e| e.to_string())?;
         if let Some((path, bytes)) = found {
             let record = WalRecord::from_slice(&path, &bytes).map_err(|e| e.to_string())?;
-            out.push((datastore.to_owned(), record));
+            out.push((datastore, record));
         }
     }
     Ok(out)

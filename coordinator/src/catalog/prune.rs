@@ -556,13 +556,9 @@ pub fn wal_plan(
     use ferry_core::wal::{WalFileName, backup_start_segment, wal_dir};
     let env_dir = target.environment_dir(environment);
     let mut session = target.read()?;
-    let mut names = session.list(&env_dir)?;
-    names.sort();
     let mut out = Vec::new();
-    for datastore in names.iter().filter_map(|n| n.strip_suffix("-wal")) {
-        if ferry_core::layout::validate_name("datastore", datastore).is_err() {
-            continue;
-        }
+    for datastore in ferry_storage::wal::archived_datastores(&mut *session, &env_dir)? {
+        let datastore = datastore.as_str();
         let mut plan = WalPrune {
             environment: environment.to_owned(),
             datastore: datastore.to_owned(),

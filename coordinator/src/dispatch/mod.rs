@@ -62,6 +62,21 @@ pub enum DispatchError {
     ShuttingDown,
 }
 
+impl DispatchError {
+    /// The same error with `text` added in parentheses to its message (the store's and the
+    /// shutdown's stay as they are).
+    pub fn context(self, text: &str) -> DispatchError {
+        let add = |m: String| format!("{m} ({text})");
+        match self {
+            DispatchError::PermissionDenied(m) => DispatchError::PermissionDenied(add(m)),
+            DispatchError::InvalidArgument(m) => DispatchError::InvalidArgument(add(m)),
+            DispatchError::Unavailable(m) => DispatchError::Unavailable(add(m)),
+            DispatchError::NotFound(m) => DispatchError::NotFound(add(m)),
+            other => other,
+        }
+    }
+}
+
 /// The coordinator's state shared by handlers, the scheduler and job tasks.
 pub struct Coordinator {
     /// Validated settings.

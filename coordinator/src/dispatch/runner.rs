@@ -456,6 +456,8 @@ impl Coordinator {
                 };
             }
         };
+        // Whether this datastore replays WAL to an instant (a restore --to-time).
+        let replays = replays_wal(&described, &job.datastore);
         // A restore or verify reads the backup the catalog chose, and no other.
         let (date, file, chosen) = match job.kind {
             JobKind::Backup => (String::new(), String::new(), None),
@@ -465,7 +467,7 @@ impl Coordinator {
                         job,
                         &described.source_environment,
                         job.kind.as_str(),
-                        replays_wal(&described, &job.datastore),
+                        replays,
                     )
                     .await
                 {
@@ -522,7 +524,7 @@ impl Coordinator {
                             // Only a datastore that replays WAL gets the instant; the
                             // others restore the newest backup finished by then, which
                             // chosen_backup picked.
-                            to_time_unix_ms: if replays_wal(&described, &job.datastore) {
+                            to_time_unix_ms: if replays {
                                 job.to_time_ms.unwrap_or_default()
                             } else {
                                 0
@@ -588,7 +590,7 @@ impl Coordinator {
         // A datastore restored for an instant it cannot replay to says so.
         if let (Attempt::Succeeded(result), Some(to), JobKind::Restore) =
             (&mut outcome, job.to_time_ms, job.kind)
-            && !replays_wal(&described, &job.datastore)
+            && !replays
         {
             result.summary = format!(
                 "the newest backup finished by {} (this datastore cannot replay to an instant): {}",

@@ -149,6 +149,40 @@ fn check_order(
 }
 
 impl Coordinator {
+    /// [`Coordinator::trigger`] of a restore or verify on `agent`, or, with `environment`,
+    /// on every staging agent of it in inventory order ([`Coordinator::staging_agents_of`]);
+    /// the job ids of all. An agent refused after earlier ones were triggered fails the
+    /// call with its refusal, naming it and the jobs already queued.
+    ///
+    /// # Errors
+    /// [`DispatchError`].
+    pub async fn trigger_restores(
+        self: &Arc<Self>,
+        kind: JobKind,
+        (environment, agent, datastore): (Option<&str>, &str, Option<&str>),
+        selection: &Selection<'_>,
+        who: &str,
+    ) -> Result<Vec<String>, DispatchError> {
+        let agents = match environment {
+            None => vec![agent.to_owned()],
+            Some(env) => self.staging_agents_of(env, agent, datastore.unwrap_or_default())?,
+        };
+        let mut job_ids: Vec<String> = Vec::new();
+        for agent in &agents {
+            match self.trigger(kind, agent, datastore, selection, who).await {
+                Ok(ids) => job_ids.extend(ids),
+                Err(e) if job_ids.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(e.context(&format!(
+                        "agent {agent}; the jobs of the agents before it are queued: {}",
+                        job_ids.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(job_ids)
+    }
+
     /// The staging agents of `environment`, in inventory order, for a restore of the whole
     /// environment (`agent` and `datastore` must then be empty).
     ///

@@ -215,35 +215,16 @@ impl coordinator_server::Coordinator for CoordinatorService {
             from: opt(&r.from),
             to_time_ms: (r.to_time_unix_ms != 0).then_some(r.to_time_unix_ms),
         };
-        let agents = if r.environment.is_empty() {
-            vec![r.agent.clone()]
-        } else {
-            self.coordinator
-                .staging_agents_of(&r.environment, &r.agent, &r.datastore)
-                .map_err(status)?
-        };
-        let mut job_ids = Vec::new();
-        for agent in &agents {
-            let ids = self
-                .coordinator
-                .trigger(kind, agent, opt(&r.datastore), &selection, &who)
-                .await
-                .map_err(|e| {
-                    let s = status(e);
-                    if job_ids.is_empty() {
-                        return s;
-                    }
-                    Status::new(
-                        s.code(),
-                        format!(
-                            "{} (agent {agent}; the jobs of the agents before it are queued: {})",
-                            s.message(),
-                            job_ids.join(", ")
-                        ),
-                    )
-                })?;
-            job_ids.extend(ids);
-        }
+        let job_ids = self
+            .coordinator
+            .trigger_restores(
+                kind,
+                (opt(&r.environment), &r.agent, opt(&r.datastore)),
+                &selection,
+                &who,
+            )
+            .await
+            .map_err(status)?;
         Ok(Response::new(v1::TriggerResponse { job_ids }))
     }
 
