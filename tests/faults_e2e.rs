@@ -734,9 +734,33 @@ fn pg_dump_killed_or_its_database_restarted_half_way_fails_the_job_naming_it_and
     );
     assert_nothing_stored(&d);
 
-    // The database restarted under pg_dump.
+    // The database restarted under pg_dump. pg_dump is stopped first, in the middle of its
+    // COPY, so that it cannot read the rest of the table before the restart: the pipeline in
+    // front of the throttled upload holds megabytes, and on a loaded machine pg_dump once
+    // read the whole table before the restart began, and the backup rightly succeeded.
     let job = d.ferry_ok(&["backup", "pg-prod"]).trim().to_owned();
     wait_partial(&d, 1 << 20);
+    let pids = descendants_named(agent, "pg_dump");
+    assert!(!pids.is_empty(), "pg_dump runs under the agent");
+    let signal = |sig: &str| {
+        for pid in &pids {
+            let _ = Command::new("kill").arg(sig).arg(pid.to_string()).status();
+        }
+    };
+    signal("-STOP");
+    let copying = d.prod_pg.psql(
+        "postgres",
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' \
+         AND state = 'active' AND query LIKE 'COPY %'",
+    );
+    if copying.trim() != "1" {
+        signal("-CONT");
+    }
+    assert_eq!(
+        copying.trim(),
+        "1",
+        "pg_dump is in its COPY when the database restarts"
+    );
     let restart = Command::new("runuser")
         .args(["-u", "postgres", "--"])
         .arg(d.prod_pg.bin_dir().join("pg_ctl"))
@@ -748,6 +772,7 @@ fn pg_dump_killed_or_its_database_restarted_half_way_fails_the_job_naming_it_and
         .current_dir(d.prod_pg.dir())
         .output()
         .unwrap();
+    signal("-CONT");
     assert!(
         restart.status.success(),
         "pg_ctl restart: {}",
