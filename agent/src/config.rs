@@ -177,6 +177,18 @@ pub struct AgentConfig {
     /// slower (`bench/README.md`, s3-upload). Fixed, not the host's cores: the memory is
     /// the same on every host.
     pub compression_workers: Option<u32>,
+    /// Where the agent keeps what must outlive a restart: where each MongoDB datastore's
+    /// chain of oplog slices has reached (`oplog_slice_seconds`). Absolute; created with
+    /// mode 0700 when missing. Default `/var/lib/ferry-agent`.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+}
+
+/// Where `state_dir` defaults to.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/ferry-agent";
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_STATE_DIR)
 }
 
 /// `compression_workers` as asked, or its default for a `[backup_server]` of `kind` (0 for
@@ -241,6 +253,8 @@ pub struct Settings {
     pub wal: Option<crate::wal::WalSettings>,
     /// `compression_workers`, or its default for `[backup_server]`'s kind.
     pub compression_workers: u32,
+    /// `state_dir`.
+    pub state_dir: PathBuf,
 }
 
 impl Settings {
@@ -279,6 +293,7 @@ impl Settings {
             datastores: BTreeMap::new(),
             wal: None,
             compression_workers: 0,
+            state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
 }
@@ -475,6 +490,7 @@ impl AgentConfig {
             allowed_clients: self.tls.allowed_clients,
             max_concurrent_jobs: self.max_concurrent_jobs,
             compression_workers,
+            state_dir: self.state_dir.clone(),
             backup_server,
             copies,
             keys,

@@ -70,6 +70,20 @@ pub async fn run(settings: config::Settings, shutdown: CancellationToken) -> any
         }
         None => None,
     };
+    // Oplog slices likewise, one task per MongoDB datastore with `oplog_slice_seconds`;
+    // a state directory that cannot be made stops the agent (no slice could be chained).
+    let mut _oplog = Vec::new();
+    if settings.role == ferry_proto::Role::Production {
+        for ds in settings.datastores.values() {
+            if let Some((mongo, seconds)) = ds.oplog_slices() {
+                make_state_dir(&settings.state_dir)
+                    .with_context(|| format!("state_dir {}", settings.state_dir.display()))?;
+                let shipper =
+                    datastore::mongodb::slices::Shipper::new(settings.clone(), mongo, seconds);
+                _oplog.push(AbortOnDrop(tokio::spawn(shipper.run(shutdown.clone()))));
+            }
+        }
+    }
     let runner = jobs::JobRunner::new(settings.clone(), shutdown.clone());
     // Orders are a few hundred bytes and answers small: a larger message either way is
     // refused (`OutOfRange`) before a handler runs or anything is sent.
@@ -123,5 +137,19 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Creates `dir` with mode 0700 when missing.
+fn make_state_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+    {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
+        Err(e) => Err(e),
     }
 }

@@ -23,6 +23,7 @@ pub mod bounded;
 pub mod config;
 pub mod layout;
 pub mod manifest;
+pub mod oplog;
 pub mod restore_set;
 pub mod secrets;
 pub mod telemetry;

@@ -12,7 +12,7 @@ use std::process::Command;
 use crate::process::{Proc, free_port, tail};
 
 /// The venv holding SecantusDB and pymongo: `$FERRY_VENV`, by default `/opt/ferry-test/venv`.
-fn venv() -> String {
+pub fn venv() -> String {
     std::env::var("FERRY_VENV").unwrap_or_else(|_| "/opt/ferry-test/venv".into())
 }
 

@@ -91,6 +91,12 @@ pub trait Datastore: Send + Sync {
         false
     }
 
+    /// The MongoDB datastore whose oplog this agent archives in slices, with its
+    /// `oplog_slice_seconds` ([`mongodb::slices`]). `None` by default.
+    fn oplog_slices(&self) -> Option<(mongodb::Mongo, u64)> {
+        None
+    }
+
     /// Whether a restore may select namespaces (`db.collection`); a kind restored whole
     /// refuses a selection. `false` by default.
     fn takes_namespaces(&self) -> bool {

@@ -42,6 +42,7 @@ mod config;
 mod dump;
 pub mod oplog;
 mod restore;
+pub mod slices;
 pub mod swap;
 
 pub use config::MongoConfig;
@@ -113,6 +114,10 @@ fn tgt(e: impl std::fmt::Display) -> RestoreError {
 impl Datastore for Mongo {
     fn name(&self) -> &str {
         &self.cfg.name
+    }
+
+    fn oplog_slices(&self) -> Option<(Mongo, u64)> {
+        self.cfg.oplog_slice_seconds.map(|s| (self.clone(), s))
     }
 
     fn kind(&self) -> &'static str {

@@ -1,0 +1,358 @@
+//! MongoDB continuous archiving against a real MongoDB-wire server (SecantusDB, a one-node
+//! replica set): the production agent closes an oplog slice every `oplog_slice_seconds`;
+//! the slices, read back with stock `age -d | zstd -d` and pymongo's BSON decoder (not
+//! Ferry's), hold every entry of the server's oplog once, in order, chained without a hole
+//! across an agent restart; a chain whose entry the oplog no longer holds is reported as a
+//! gap and a new chain starts.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use bson::{RawDocumentBuf, doc};
+use ferry_tests::*;
+use futures::TryStreamExt;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Runtime::new().unwrap()
+}
+
+struct Fleet {
+    d: Deployment,
+    prod: MongoServer,
+    state_dir: PathBuf,
+}
+
+/// A deployment whose production agent archives `mongo`'s oplog every 2 seconds.
+fn deploy() -> Fleet {
+    let mut server = None;
+    let mut state = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
+        let state_dir = d.dir.path().join("prod-state");
+        let config = fs::read_to_string(&d.prod_config).unwrap();
+        fs::write(
+            &d.prod_config,
+            format!("state_dir = \"{}\"\n{config}", state_dir.display()),
+        )
+        .unwrap();
+        append(
+            &d.prod_config,
+            &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),
+        );
+        server = Some(prod);
+        state = Some(state_dir);
+    });
+    Fleet {
+        d,
+        prod: server.unwrap(),
+        state_dir: state.unwrap(),
+    }
+}
+
+/// One stored slice: its record, and its entries as pymongo decodes them after stock
+/// `age -d | zstd -d`.
+struct Stored {
+    name: String,
+    record: serde_json::Value,
+    entries: Vec<serde_json::Value>,
+}
+
+fn oplog_dir(d: &Deployment) -> PathBuf {
+    d.sshd.root().join("production/mongo-oplog")
+}
+
+/// `(ts.t, ts.i)` of a record's `after`/`upto`/`first`/`last`.
+fn tsj(v: &serde_json::Value) -> Option<(u64, u64)> {
+    Some((v.get("t")?.as_u64()?, v.get("i")?.as_u64()?))
+}
+
+/// The slices stored so far, in name order, each decrypted with the stock tools and its
+/// BSON split and decoded by pymongo (`bson.decode_file_iter`, raw documents): `[{ "t", "i", "op", "ns", "raw" }]`,
+/// `raw` the entry's bytes in hex.
+fn stored_slices(d: &Deployment) -> Vec<Stored> {
+    let dir = oplog_dir(d);
+    let mut names: Vec<String> = fs::read_dir(&dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bson.zst.age"))
+        .filter(|n| dir.join(format!("{n}.json")).exists())
+        .collect();
+    names.sort();
+    let python = PathBuf::from(venv()).join("bin/python");
+    let age = require("age", "age");
+    require("zstd", "zstd");
+    names
+        .into_iter()
+        .map(|name| {
+            let record: serde_json::Value =
+                serde_json::from_slice(&fs::read(dir.join(format!("{name}.json"))).unwrap())
+                    .unwrap();
+            let out = Command::new("bash")
+                .arg("-c")
+                .arg(format!(
+                    "set -o pipefail; {} -d -i {} {} | zstd -d | {} -c '{}'",
+                    age.display(),
+                    d.identity.display(),
+                    dir.join(&name).display(),
+                    python.display(),
+                    "import sys, json, bson\n\
+                     from bson.raw_bson import RawBSONDocument\n\
+                     opts = bson.CodecOptions(document_class=RawBSONDocument)\n\
+                     out = []\n\
+                     for e in bson.decode_file_iter(sys.stdin.buffer, opts):\n\
+                     \u{20}   out.append({\"t\": e[\"ts\"].time, \"i\": e[\"ts\"].inc, \"op\": e[\"op\"], \"ns\": e[\"ns\"], \"raw\": e.raw.hex()})\n\
+                     print(json.dumps(out))"
+                ))
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let entries: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+            Stored {
+                name,
+                record,
+                entries,
+            }
+        })
+        .collect()
+}
+
+/// The server's oplog entries after `after` (`ts > after`), as raw bytes in hex, in order.
+fn server_entries(prod: &MongoServer, after: Option<(u64, u64)>) -> Vec<(u64, u64, String)> {
+    runtime().block_on(async {
+        let c = mongodb::Client::with_uri_str(prod.uri()).await.unwrap();
+        let docs: Vec<RawDocumentBuf> = c
+            .database("local")
+            .collection::<RawDocumentBuf>("oplog.rs")
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        docs.into_iter()
+            .map(|d| {
+                let ts = d.get_timestamp("ts").unwrap();
+                (
+                    u64::from(ts.time),
+                    u64::from(ts.increment),
+                    hex::encode(d.as_bytes()),
+                )
+            })
+            .filter(|(t, i, _)| after.is_none_or(|a| (*t, *i) > a))
+            .collect()
+    })
+}
+
+/// Writes of several kinds to `app.items`, tagged `round`.
+fn write_round(prod: &MongoServer, round: i32) {
+    runtime().block_on(async {
+        let c = mongodb::Client::with_uri_str(prod.uri()).await.unwrap();
+        let items = c.database("app").collection::<bson::Document>("items");
+        let base = round * 100;
+        items
+            .insert_many((0..20).map(|i| doc! {"_id": base + i, "round": round, "n": i}))
+            .await
+            .unwrap();
+        items
+            .update_many(
+                doc! {"round": round, "n": {"$lt": 5}},
+                doc! {"$set": {"odd": true}, "$inc": {"n": 100}},
+            )
+            .await
+            .unwrap();
+        items
+            .replace_one(doc! {"_id": base + 7}, doc! {"replaced": round})
+            .await
+            .unwrap();
+        items
+            .delete_many(doc! {"round": round, "n": {"$gte": 15}})
+            .await
+            .unwrap();
+    });
+}
+
+/// Waits until a stored slice's record ends (`to`) after `at`.
+fn wait_slice_after(d: &Deployment, at: chrono::DateTime<chrono::Utc>) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let dir = oplog_dir(d);
+        let done = fs::read_dir(&dir).into_iter().flatten().flatten().any(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            n.ends_with(".json")
+                && fs::read(e.path())
+                    .ok()
+                    .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+                    .and_then(|r| r["to"].as_str().map(str::to_owned))
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(&t).ok())
+                    .is_some_and(|t| t > at)
+        });
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no oplog slice ends after {at}: {:?}\n{}",
+            d.sshd.files(),
+            d.logs()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Every stored entry, in chain order, checked against the records: each slice continues
+/// the previous one (`after` = its `upto`), its record's counts, first and last are its
+/// entries', and `chain_start` is set exactly on the slices listed in `starts`.
+fn check_chain(slices: &[Stored], starts: &[usize]) -> Vec<(u64, u64, String)> {
+    let mut all = Vec::new();
+    let mut upto: Option<(u64, u64)> = None;
+    for (k, s) in slices.iter().enumerate() {
+        let r = &s.record;
+        assert_eq!(
+            r["chain_start"].is_string(),
+            starts.contains(&k),
+            "slice {k} {}: chain_start {}",
+            s.name,
+            r["chain_start"]
+        );
+        if k > 0 && !starts.contains(&k) {
+            assert_eq!(
+                tsj(&r["after"]),
+                upto,
+                "slice {k} {} continues the chain",
+                s.name
+            );
+        }
+        assert_eq!(
+            r["entries"].as_u64().unwrap() as usize,
+            s.entries.len(),
+            "{}",
+            s.name
+        );
+        let ts: Vec<(u64, u64)> = s
+            .entries
+            .iter()
+            .map(|e| (e["t"].as_u64().unwrap(), e["i"].as_u64().unwrap()))
+            .collect();
+        assert_eq!(tsj(&r["first"]), ts.first().copied(), "{}", s.name);
+        assert_eq!(tsj(&r["last"]), ts.last().copied(), "{}", s.name);
+        if let Some(a) = tsj(&r["after"]) {
+            assert!(
+                ts.iter().all(|t| *t > a),
+                "{}: entries after `after`",
+                s.name
+            );
+        }
+        upto = tsj(&r["upto"]);
+        assert_eq!(upto, ts.last().copied().or(tsj(&r["after"])), "{}", s.name);
+        for e in &s.entries {
+            all.push((
+                e["t"].as_u64().unwrap(),
+                e["i"].as_u64().unwrap(),
+                e["raw"].as_str().unwrap().to_owned(),
+            ));
+        }
+    }
+    all
+}
+
+fn state_file(f: &Fleet) -> PathBuf {
+    f.state_dir.join("oplog-mongo.json")
+}
+
+fn read_json(p: &Path) -> serde_json::Value {
+    serde_json::from_slice(&fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn oplog_slices_hold_every_entry_once_in_order_across_an_agent_restart_and_a_gap_starts_a_new_chain()
+ {
+    let mut f = deploy();
+    // The chain starts at the oplog's newest entry when the agent first reads it.
+    wait_slice_after(&f.d, chrono::Utc::now());
+    write_round(&f.prod, 1);
+    write_round(&f.prod, 2);
+    wait_slice_after(&f.d, chrono::Utc::now());
+
+    // The agent down while the application writes: the next slices continue the chain.
+    f.d.kill("agent-prod");
+    write_round(&f.prod, 3);
+    f.d.start_agent("agent-prod");
+    write_round(&f.prod, 4);
+    wait_slice_after(&f.d, chrono::Utc::now());
+
+    let slices = stored_slices(&f.d);
+    assert!(slices.len() >= 3, "{}", slices.len());
+    let stored = check_chain(&slices, &[0]);
+    let expected = server_entries(&f.prod, tsj(&slices[0].record["after"]));
+    assert!(
+        expected.len() >= 4 * 4,
+        "the writes are in the server's oplog: {}",
+        expected.len()
+    );
+    assert_eq!(
+        stored.len(),
+        expected.len(),
+        "every entry of the oplog after the chain's start, once"
+    );
+    assert_eq!(stored, expected, "byte for byte, in order");
+    let kinds: std::collections::BTreeSet<String> = slices
+        .iter()
+        .flat_map(|s| {
+            s.entries
+                .iter()
+                .map(|e| e["op"].as_str().unwrap().to_owned())
+        })
+        .collect();
+    for op in ["i", "u", "d"] {
+        assert!(kinds.contains(op), "{op} among {kinds:?}");
+    }
+    let state = read_json(&state_file(&f));
+    assert_eq!(
+        tsj(&state["upto"]),
+        tsj(&slices.last().unwrap().record["upto"]),
+        "the state names where the newest slice ended"
+    );
+
+    // A gap: the chain's entry is no longer in the oplog. SecantusDB's oplog is a read-only
+    // view that never rolls over, so the state is pointed at an entry it never held, which
+    // is what the agent sees after a rollover: its entry gone, newer ones there.
+    f.d.kill("agent-prod");
+    let mut state = read_json(&state_file(&f));
+    let (t, _) = tsj(&state["upto"]).unwrap();
+    state["upto"] = serde_json::json!({"t": t - 1, "i": 4_000_000});
+    fs::write(state_file(&f), serde_json::to_vec(&state).unwrap()).unwrap();
+    let before = stored_slices(&f.d).len();
+    f.d.start_agent("agent-prod");
+    write_round(&f.prod, 5);
+    wait_slice_after(&f.d, chrono::Utc::now());
+    let slices = stored_slices(&f.d);
+    let gap = &slices[before];
+    let why = gap.record["chain_start"].as_str().unwrap_or_default();
+    assert!(
+        why.starts_with("gap:") && why.contains(&format!("Timestamp({}, 4000000)", t - 1)),
+        "{}: {why}",
+        gap.name
+    );
+    check_chain(&slices, &[0, before]);
+    let log = f.d.log_tail("agent-prod");
+    assert!(log.contains("Oplog gap"), "{log}");
+    let after_gap: Vec<_> = slices[before..]
+        .iter()
+        .flat_map(|s| s.entries.iter())
+        .map(|e| e["raw"].as_str().unwrap().to_owned())
+        .collect();
+    let round5 = server_entries(&f.prod, tsj(&gap.record["after"]));
+    assert_eq!(
+        after_gap,
+        round5.into_iter().map(|(_, _, r)| r).collect::<Vec<_>>(),
+        "the new chain holds every entry after its start"
+    );
+}
