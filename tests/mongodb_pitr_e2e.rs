@@ -3,7 +3,11 @@
 //! the slices, read back with stock `age -d | zstd -d` and pymongo's BSON decoder (not
 //! Ferry's), hold every entry of the server's oplog once, in order, chained without a hole
 //! across an agent restart; a chain whose entry the oplog no longer holds is reported as a
-//! gap and a new chain starts.
+//! gap and a new chain starts. `ferry restore --to-time T` restores the newest dump
+//! finished by T and replays the slices after its oplog window up to T: writes of every
+//! kind made after the dump, staging equal to production as it was at T; an instant beyond
+//! the newest slice is refused naming the newest it can reach, and an altered slice fails
+//! the restore before anything is put in place.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,14 +25,26 @@ fn runtime() -> tokio::runtime::Runtime {
 struct Fleet {
     d: Deployment,
     prod: MongoServer,
+    stage: Option<MongoServer>,
     state_dir: PathBuf,
 }
 
 /// A deployment whose production agent archives `mongo`'s oplog every 2 seconds.
 fn deploy() -> Fleet {
+    deploy_with(false)
+}
+
+/// [`deploy`], with a staging MongoDB server restored to if `staging`.
+fn deploy_with(staging: bool) -> Fleet {
     let mut server = None;
     let mut state = None;
+    let mut stage = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        if staging {
+            let s = MongoServer::start(&d.dir.path().join("mongo-stage"));
+            append(&d.stage_config, &s.datastore_toml());
+            stage = Some(s);
+        }
         let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
         let state_dir = d.dir.path().join("prod-state");
         let config = fs::read_to_string(&d.prod_config).unwrap();
@@ -47,6 +63,7 @@ fn deploy() -> Fleet {
     Fleet {
         d,
         prod: server.unwrap(),
+        stage,
         state_dir: state.unwrap(),
     }
 }
@@ -355,4 +372,151 @@ fn oplog_slices_hold_every_entry_once_in_order_across_an_agent_restart_and_a_gap
         round5.into_iter().map(|(_, _, r)| r).collect::<Vec<_>>(),
         "the new chain holds every entry after its start"
     );
+}
+
+/// Writes of the kinds a replay must apply beyond [`write_round`]: `$unset`, `$push`,
+/// `$rename`, a collection created with an index, a transaction over two collections, a
+/// collection dropped, tagged `round`.
+fn write_kinds(prod: &MongoServer, round: i32) {
+    runtime().block_on(async {
+        let c = mongodb::Client::with_uri_str(prod.uri()).await.unwrap();
+        let app = c.database("app");
+        let items = app.collection::<bson::Document>("items");
+        let base = round * 100;
+        items
+            .update_one(
+                doc! {"_id": base + 1},
+                doc! {"$unset": {"n": ""}, "$push": {"tags": {"$each": ["a", round]}}},
+            )
+            .await
+            .unwrap();
+        items
+            .update_one(
+                doc! {"_id": base + 2},
+                doc! {"$rename": {"n": "m"}, "$set": {"deep.x.y": round}},
+            )
+            .await
+            .unwrap();
+        let fresh = format!("made{round}");
+        app.create_collection(&fresh).await.unwrap();
+        app.collection::<bson::Document>(&fresh)
+            .create_index(mongodb::IndexModel::builder().keys(doc! {"k": 1}).build())
+            .await
+            .unwrap();
+        app.collection::<bson::Document>(&fresh)
+            .insert_many((0..5).map(|k| doc! {"k": k, "round": round}))
+            .await
+            .unwrap();
+        let mut session = c.start_session().await.unwrap();
+        session.start_transaction().await.unwrap();
+        items
+            .insert_one(doc! {"_id": base + 50, "txn": round})
+            .session(&mut session)
+            .await
+            .unwrap();
+        app.collection::<bson::Document>("ledger")
+            .insert_one(doc! {"round": round, "txn": true})
+            .session(&mut session)
+            .await
+            .unwrap();
+        session.commit_transaction().await.unwrap();
+        if round > 1 {
+            app.collection::<bson::Document>(&format!("made{}", round - 1))
+                .drop()
+                .await
+                .unwrap();
+        }
+    });
+}
+
+/// Now, to the millisecond, with a pause on either side so that no write shares it.
+fn instant() -> (chrono::DateTime<chrono::Utc>, String) {
+    std::thread::sleep(Duration::from_millis(300));
+    let t = chrono::Utc::now();
+    std::thread::sleep(Duration::from_millis(300));
+    (t, t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+}
+
+fn restore_to(d: &Deployment, t: &str) -> (bool, String) {
+    d.restore_to_time("mongo", t)
+}
+
+#[test]
+fn a_restore_to_a_point_in_time_replays_the_slices_after_the_dump_and_equals_production_at_that_instant()
+ {
+    let f = deploy_with(true);
+    let stage = f.stage.as_ref().unwrap();
+    write_round(&f.prod, 1);
+    write_kinds(&f.prod, 1);
+    let out = f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    assert!(out.contains("oplog captured"), "{out}");
+
+    // Writes of every kind after the dump; T1 and T2 with production as it was then.
+    write_round(&f.prod, 2);
+    write_kinds(&f.prod, 2);
+    let (t1, t1s) = instant();
+    let at_t1 = f.prod.contents("app");
+    write_round(&f.prod, 3);
+    write_kinds(&f.prod, 3);
+    let (t2, t2s) = instant();
+    let at_t2 = f.prod.contents("app");
+    write_round(&f.prod, 4);
+    assert_ne!(at_t1, at_t2);
+    assert_ne!(at_t2, f.prod.contents("app"));
+
+    // Beyond the newest slice (written every 2 s, so not yet up to now): refused, naming
+    // the newest instant the archive reaches.
+    wait_slice_after(&f.d, t2);
+    let now = chrono::Utc::now() - chrono::Duration::milliseconds(20);
+    let (ok, text) = restore_to(&f.d, &now.to_rfc3339());
+    assert!(
+        !ok && text.contains("beyond the archived oplog") && text.contains("the newest instant"),
+        "{text}"
+    );
+
+    wait_slice_after(&f.d, t2 + chrono::Duration::seconds(1));
+    let (ok, text) = restore_to(&f.d, &t1s);
+    assert!(ok, "{text}\n{}", f.d.logs());
+    assert!(
+        text.contains("oplog slices") && text.contains("entries after the dump"),
+        "{text}"
+    );
+    assert_eq!(
+        stage.contents("app"),
+        at_t1,
+        "staging equals production at T1 ({t1s})"
+    );
+    let (ok, text) = restore_to(&f.d, &t2s);
+    assert!(ok, "{text}");
+    assert_eq!(
+        stage.contents("app"),
+        at_t2,
+        "staging equals production at T2 ({t2s})"
+    );
+
+    // An altered slice (one that T2 needs): the restore fails before anything is replaced.
+    let dir = oplog_dir(&f.d);
+    let needed = stored_slices(&f.d)
+        .into_iter()
+        .find(|s| {
+            s.entries.iter().any(|e| {
+                chrono::DateTime::from_timestamp(e["t"].as_i64().unwrap(), 0).unwrap()
+                    > t1 - chrono::Duration::seconds(1)
+                    && chrono::DateTime::from_timestamp(e["t"].as_i64().unwrap(), 0).unwrap() <= t2
+            })
+        })
+        .expect("a slice with entries between T1 and T2");
+    let path = dir.join(&needed.name);
+    let mut bytes = fs::read(&path).unwrap();
+    let n = bytes.len();
+    bytes[n - 20] ^= 0x40;
+    fs::write(&path, &bytes).unwrap();
+    let before = stage.contents("app");
+    let (ok, text) = restore_to(&f.d, &t2s);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(&needed.name) && text.contains("altered or damaged"),
+        "{text}"
+    );
+    assert_eq!(stage.contents("app"), before, "staging left as it was");
 }

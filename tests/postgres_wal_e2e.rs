@@ -835,20 +835,8 @@ fn pgbench_for(pg: &Postgres, seconds: u32) -> std::process::Child {
         .expect("start pgbench")
 }
 
-/// `ferry restore pg-stage --datastore pgphys --to-time T --wait`: its success and output.
 fn restore_to(d: &Deployment, t: &str) -> (bool, String) {
-    let out = d.ferry(&[
-        "restore",
-        "pg-stage",
-        "--datastore",
-        "pgphys",
-        "--to-time",
-        t,
-        "--wait",
-    ]);
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text)
+    d.restore_to_time("pgphys", t)
 }
 
 #[test]

@@ -258,11 +258,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// Whether `datastore` may be restored to a point in time here: a staging agent with
-    /// `[wal]` (the restored cluster's `restore_command` fetches WAL through its socket)
-    /// and a datastore that archives WAL (physical PostgreSQL).
+    /// Whether `datastore` may be restored to a point in time here: on a staging agent, a
+    /// datastore that replays oplog slices (MongoDB), or with `[wal]` (the restored
+    /// cluster's `restore_command` fetches WAL through its socket) a datastore that
+    /// archives WAL (physical PostgreSQL).
     pub fn point_in_time(&self, datastore: &dyn Datastore) -> bool {
-        self.role.may_restore() && self.wal.is_some() && datastore.archives_wal()
+        self.role.may_restore()
+            && (datastore.replays_oplog() || (self.wal.is_some() && datastore.archives_wal()))
     }
 }
 

@@ -455,6 +455,23 @@ impl Deployment {
         output_within(&mut cmd, b"", CLI_TIMEOUT)
     }
 
+    /// `ferry restore pg-stage --datastore DATASTORE --to-time T --wait`: whether it
+    /// succeeded, and what it printed (stdout, then stderr).
+    pub fn restore_to_time(&self, datastore: &str, t: &str) -> (bool, String) {
+        let out = self.ferry(&[
+            "restore",
+            "pg-stage",
+            "--datastore",
+            datastore,
+            "--to-time",
+            t,
+            "--wait",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    }
+
     /// Runs `ferry ARGS` and returns its stdout; panics with stdout, stderr and the tails
     /// of every log if it exits non-zero.
     pub fn ferry_ok(&self, args: &[&str]) -> String {

@@ -97,6 +97,12 @@ pub trait Datastore: Send + Sync {
         None
     }
 
+    /// Whether a restore of this datastore to a point in time replays archived oplog
+    /// slices after its dump (MongoDB). `false` by default.
+    fn replays_oplog(&self) -> bool {
+        false
+    }
+
     /// Whether a restore may select namespaces (`db.collection`); a kind restored whole
     /// refuses a selection. `false` by default.
     fn takes_namespaces(&self) -> bool {

@@ -62,8 +62,12 @@ pub struct PointInTime {
     /// name) and `%p` (destination) in it: `'<agent>' wal-get --socket '<socket>'
     /// --datastore '<name>' %f %p`, PostgreSQL's `restore_command`.
     pub restore_command: String,
-    /// The newest archived WAL segment and when it was pushed (UTC), for the summary.
+    /// The newest archived WAL segment and when it was pushed (UTC), for the summary; for
+    /// the oplog, the newest slice and its end.
     pub newest: (String, chrono::DateTime<chrono::Utc>),
+    /// MongoDB: the oplog slices replayed after the dump (the `restore_command` is empty
+    /// then); `None` for WAL.
+    pub oplog: Option<crate::datastore::mongodb::slices::OplogPlan>,
 }
 
 /// The backup side of a datastore kind.

@@ -197,6 +197,17 @@ async fn point_in_time(
             time.to_rfc3339()
         )));
     }
+    if datastore.replays_oplog() {
+        return oplog_point_in_time(
+            settings,
+            datastore.name(),
+            environment,
+            found,
+            time,
+            progress,
+        )
+        .await;
+    }
     let restore_command =
         crate::wal::restore_command(settings, datastore.name()).ok_or_else(|| {
             JobError::InvalidArgument(format!(
@@ -245,6 +256,177 @@ async fn point_in_time(
         time,
         restore_command,
         newest: (newest.file, newest.pushed),
+        oplog: None,
+    })
+}
+
+/// [`point_in_time`] for MongoDB: the dump's oplog window's end, and the chain of oplog
+/// slices on the primary target (where production writes them) from there to `time`
+/// ([`slices::plan_chain`]), each fetched when the replay reaches it.
+///
+/// # Errors
+/// [`JobError::InvalidArgument`] for a dump without an oplog window (a standalone server)
+/// or slices that do not reach `time` (naming the newest instant they do) or hold a gap;
+/// [`JobError::NotFound`] when no slice is archived; [`JobError::Integrity`] for a record
+/// that cannot be read; the target's errors.
+async fn oplog_point_in_time(
+    settings: &Arc<Settings>,
+    datastore: &str,
+    environment: &str,
+    found: &FoundBackup,
+    time: DateTime<Utc>,
+    progress: &Progress,
+) -> Result<PointInTime, JobError> {
+    use crate::datastore::mongodb::slices::{self, OplogPlan, SliceToReplay};
+    use ferry_core::oplog::{self as layout, OplogTs, SliceRecord};
+    let (path, main) = found.main();
+    let window_end: OplogTs = main
+        .counts
+        .get("oplog")
+        .and_then(|o| o.get("end"))
+        .and_then(|e| serde_json::from_value(e.clone()).ok())
+        .ok_or_else(|| {
+            JobError::InvalidArgument(format!(
+                "{path} holds no oplog window (dumped from a standalone server): it cannot start \
+                 a restore to a point in time"
+            ))
+        })?;
+    progress.set_stage("locate");
+    let dir = layout::oplog_dir(
+        &settings.backup_server.environment_dir(environment),
+        datastore,
+    );
+    // Slices ending before the dump began are not needed: their names say so.
+    let since = main.started - chrono::Duration::seconds(60);
+    let listed = {
+        let (target, dir) = (settings.backup_server.clone(), dir.clone());
+        tokio::task::spawn_blocking(move || -> Result<Vec<SliceToReplay>, JobError> {
+            let mut session = target.read()?;
+            let names = match session.list(&dir) {
+                Ok(n) => n,
+                Err(ferry_storage::TargetError::NotFound { .. }) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+            let mut wanted: Vec<&String> = names
+                .iter()
+                .filter(|n| layout::is_slice_name(n))
+                .filter(|n| names.contains(&format!("{n}.json")))
+                .filter(|n| {
+                    let to = n.split_once('-').map(|(_, to)| to).unwrap_or_default();
+                    chrono::NaiveDateTime::parse_from_str(
+                        to.trim_end_matches(layout::SLICE_SUFFIX),
+                        "%Y%m%dT%H%M%S%.3fZ",
+                    )
+                    .is_ok_and(|to| to.and_utc() >= since)
+                })
+                .collect();
+            wanted.sort();
+            let mut out = Vec::with_capacity(wanted.len());
+            for name in wanted {
+                let path = format!("{dir}/{name}");
+                let record_path = format!("{path}.json");
+                let bytes = session.read_small(&record_path, 64 * 1024)?;
+                let record = SliceRecord::from_slice(&record_path, &bytes)
+                    .map_err(|e| JobError::Integrity(e.to_string()))?;
+                out.push(SliceToReplay { path, record });
+            }
+            Ok(out)
+        })
+        .await
+        .map_err(join_error)??
+    };
+    if listed.is_empty() {
+        return Err(JobError::NotFound(format!(
+            "no oplog slice after {} is archived under {dir}: a restore to a point in time replays \
+             them (set oplog_slice_seconds on the production datastore)",
+            since.to_rfc3339()
+        )));
+    }
+    let chain =
+        slices::plan_chain(&listed, window_end, time, &dir).map_err(JobError::InvalidArgument)?;
+    let newest = listed
+        .iter()
+        .max_by_key(|s| s.record.to)
+        .map(|s| (s.path.clone(), s.record.to))
+        .expect("listed is not empty");
+    let target = settings.backup_server.clone();
+    let keys = settings.clone();
+    let progress = progress.clone();
+    let fetch: slices::SliceFetcher = Arc::new(move |slice: SliceToReplay| {
+        let (target, keys, progress) = (target.clone(), keys.clone(), progress.clone());
+        Box::pin(async move {
+            let record = slice.record.clone();
+            let got = with_download(
+                &target,
+                &slice.path,
+                record.version_id.as_deref(),
+                &progress,
+                move |reader| -> Result<(Vec<u8>, String, u64), String> {
+                    let Keys::Decrypt(dec) = &keys.keys else {
+                        return Err("no identity".into());
+                    };
+                    let (hashed, digest) = hash::HashingReader::shared(reader);
+                    let plain = (|| -> io::Result<Vec<u8>> {
+                        let decrypted = dec.wrap(hashed)?;
+                        let mut plain = compress::decompressor(decrypted)?;
+                        let mut out = Vec::new();
+                        io::Read::read_to_end(
+                            &mut io::Read::take(&mut plain, record.bytes + 1),
+                            &mut out,
+                        )?;
+                        io::copy(&mut plain, &mut io::sink())?;
+                        Ok(out)
+                    })();
+                    let (sha, size) = digest
+                        .drain()
+                        .map_err(|e| format!("reading it to its end: {e}"))?;
+                    match plain {
+                        Ok(p) => Ok((p, sha, size)),
+                        Err(e) if sha != record.sha256_stored || size != record.bytes_stored => {
+                            Err(format!("it does not match its record ({size} bytes with SHA-256 {sha}, the record says {} with {}): altered or damaged ({e})", record.bytes_stored, record.sha256_stored))
+                        }
+                        Err(e) => Err(format!("decrypting and decompressing it: {e}")),
+                    }
+                },
+            )
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("{}: {e}", slice.path))?;
+            let (plain, sha_stored, size_stored) = got;
+            let sha = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&plain))
+            };
+            if sha_stored != slice.record.sha256_stored
+                || size_stored != slice.record.bytes_stored
+                || sha != slice.record.sha256
+                || plain.len() as u64 != slice.record.bytes
+            {
+                return Err(format!(
+                    "{} does not match its record: altered or damaged ({} bytes stored with \
+                     SHA-256 {sha_stored}, {} bytes of entries with SHA-256 {sha}; the record says \
+                     {} with {} and {} with {})",
+                    slice.path,
+                    size_stored,
+                    plain.len(),
+                    slice.record.bytes_stored,
+                    slice.record.sha256_stored,
+                    slice.record.bytes,
+                    slice.record.sha256
+                ));
+            }
+            Ok(plain)
+        })
+    });
+    Ok(PointInTime {
+        time,
+        restore_command: String::new(),
+        newest,
+        oplog: Some(OplogPlan {
+            window_end,
+            slices: chain,
+            fetch,
+        }),
     })
 }
 

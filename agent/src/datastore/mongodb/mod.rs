@@ -116,6 +116,10 @@ impl Datastore for Mongo {
         &self.cfg.name
     }
 
+    fn replays_oplog(&self) -> bool {
+        true
+    }
+
     fn oplog_slices(&self) -> Option<(Mongo, u64)> {
         self.cfg.oplog_slice_seconds.map(|s| (self.clone(), s))
     }

@@ -13,9 +13,10 @@ use tokio::sync::mpsc;
 
 use super::archive::{ArchiveReader, CollectionMetadata, Item, Namespace};
 use super::oplog::{Replay, ReplayReport};
+use super::slices::OplogPlan;
 use super::{ChannelReader, ChannelWriter, MAIN, Mongo, SEGMENT_BYTES, swap, tgt};
 use crate::datastore::common::smoke::{SmokeError, run_smoke};
-use crate::datastore::{PartSink, RestoreError, RestoreSession, Restorer};
+use crate::datastore::{PartSink, PointInTime, RestoreError, RestoreSession, Restorer};
 use ferry_core::manifest::Manifest;
 
 /// Bytes of raw documents per `insert_many` on restore. The driver holds a batch twice
@@ -84,6 +85,48 @@ impl Restorer for Mongo {
         namespaces: &'a [String],
     ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
         async move {
+            let session = self.start(main, job_id, namespaces).await?;
+            Ok(Box::new(session) as Box<dyn RestoreSession>)
+        }
+        .boxed()
+    }
+
+    /// The dump restored as by [`Restorer::begin`], then the oplog slices of `to.oplog`
+    /// replayed after its window, up to `to.time`.
+    fn begin_to_time<'a>(
+        &'a self,
+        main: &'a Manifest,
+        job_id: &'a str,
+        to: &'a PointInTime,
+    ) -> BoxFuture<'a, Result<Box<dyn RestoreSession>, RestoreError>> {
+        async move {
+            let plan = to.oplog.clone().ok_or_else(|| {
+                RestoreError::Manifest(format!(
+                    "{}: a MongoDB restore to a point in time replays oplog slices, and none were found",
+                    main.file
+                ))
+            })?;
+            let mut session = self.start(main, job_id, &[]).await?;
+            session.pitr = Some(Pitr {
+                time: to.time,
+                plan,
+                done: Default::default(),
+            });
+            Ok(Box::new(session) as Box<dyn RestoreSession>)
+        }
+        .boxed()
+    }
+}
+
+impl Mongo {
+    /// [`Restorer::begin`]'s session.
+    async fn start(
+        &self,
+        main: &Manifest,
+        job_id: &str,
+        namespaces: &[String],
+    ) -> Result<MongoRestore, RestoreError> {
+        {
             crate::datastore::expect_main(main, "mongodb", &MAIN, "a MongoDB archive")?;
             let client = self.client().await.map_err(RestoreError::from)?;
             if let Some(counts) = main.counts.get("namespaces").and_then(|n| n.as_object())
@@ -135,14 +178,15 @@ impl Restorer for Mongo {
                     }
                     None => {
                         client.database(&name).drop().await.map_err(tgt)?;
-                        swap::create(&client, &name, (&self.cfg.name, job_id), (db, &target)).await?;
+                        swap::create(&client, &name, (&self.cfg.name, job_id), (db, &target))
+                            .await?;
                         made.insert(name.clone(), target);
                     }
                 }
                 scratch.cfg.rename.insert(db.to_owned(), name.clone());
                 scratch_dbs.insert(db.to_owned(), name);
             }
-            Ok(Box::new(MongoRestore {
+            Ok(MongoRestore {
                 mongo: self.clone(),
                 scratch,
                 scratch_dbs,
@@ -151,10 +195,74 @@ impl Restorer for Mongo {
                 replaced: Replaced::default(),
                 replay: Default::default(),
                 committed: false,
-            }) as Box<dyn RestoreSession>)
+                pitr: None,
+            })
         }
-        .boxed()
     }
+}
+
+/// A restore to a point in time: the slices to replay after the dump's window, and what
+/// their replay did.
+#[derive(Clone)]
+struct Pitr {
+    time: chrono::DateTime<chrono::Utc>,
+    plan: OplogPlan,
+    done: std::sync::Arc<std::sync::Mutex<Option<SlicesReplayed>>>,
+}
+
+/// What the replay of the slices did.
+#[derive(Clone, Debug, Default)]
+struct SlicesReplayed {
+    slices: usize,
+    entries: u64,
+    /// `wall` of the last entry applied, UTC.
+    last: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// `wall` of an oplog entry (its `ts` seconds without one), UTC.
+fn entry_wall(entry: &Document) -> Option<chrono::DateTime<chrono::Utc>> {
+    match entry.get_datetime("wall") {
+        Ok(w) => chrono::DateTime::from_timestamp_millis(w.timestamp_millis()),
+        Err(_) => entry
+            .get_timestamp("ts")
+            .ok()
+            .and_then(|t| chrono::DateTime::from_timestamp(i64::from(t.time), 0)),
+    }
+}
+
+/// Replays `pitr`'s slices after the dump's window into `replay`: every entry after the
+/// window's last one whose `wall` is at or before the instant, strictly in order.
+async fn replay_slices(pitr: &Pitr, replay: &mut Replay) -> Result<SlicesReplayed, RestoreError> {
+    let mut done = SlicesReplayed::default();
+    let end = pitr.plan.window_end;
+    for slice in &pitr.plan.slices {
+        let bytes = (pitr.plan.fetch)(slice.clone())
+            .await
+            .map_err(RestoreError::Manifest)?;
+        done.slices += 1;
+        let mut rest = bytes.as_slice();
+        while !rest.is_empty() {
+            let entry = Document::from_reader(&mut rest).map_err(|e| {
+                RestoreError::Manifest(format!("{}: an entry that is not BSON: {e}", slice.path))
+            })?;
+            let ts = entry.get_timestamp("ts").map_err(|e| {
+                RestoreError::Manifest(format!("{}: an entry without its ts: {e}", slice.path))
+            })?;
+            if (ts.time, ts.increment) <= (end.t, end.i) {
+                continue;
+            }
+            let wall = entry_wall(&entry).ok_or_else(|| {
+                RestoreError::Manifest(format!("{}: an entry without a time", slice.path))
+            })?;
+            if wall > pitr.time {
+                return Ok(done);
+            }
+            replay.apply(&entry).await?;
+            done.entries += 1;
+            done.last = Some(wall);
+        }
+    }
+    Ok(done)
 }
 
 /// A MongoDB restore in progress.
@@ -174,6 +282,8 @@ struct MongoRestore {
     /// Whether a marker was set to `swapping` (the commit point, [`swap`]): from then on
     /// a failure keeps the scratch databases, for the agent to finish the move.
     committed: bool,
+    /// A restore to a point in time: the slices replayed after the dump.
+    pitr: Option<Pitr>,
 }
 
 /// The target namespaces a restore has dropped so far, shared with its applier task.
@@ -296,7 +406,7 @@ async fn apply_items(
     client: Client,
     prelude: Vec<CollectionMetadata>,
     mut items: mpsc::Receiver<Vec<Item>>,
-    only: Vec<String>,
+    (only, pitr): (Vec<String>, Option<Pitr>),
     replaced: Replaced,
 ) -> Result<RestoreStats, RestoreError> {
     let meta: HashMap<Namespace, CollectionMetadata> = prelude
@@ -397,9 +507,18 @@ async fn apply_items(
         .iter()
         .any(|m| is_oplog(&(m.db.clone(), m.collection.clone())))
     {
-        let replay = replay.unwrap_or_else(new_replay);
+        let mut replay = replay.unwrap_or_else(new_replay);
+        if let Some(p) = &pitr {
+            let done = replay_slices(p, &mut replay).await?;
+            *p.done.lock().unwrap_or_else(|e| e.into_inner()) = Some(done);
+        }
         replay.finish()?;
         stats.oplog = Some(replay.report);
+    } else if pitr.is_some() {
+        return Err(RestoreError::Manifest(
+            "the archive holds no oplog window: it cannot start a restore to a point in time"
+                .into(),
+        ));
     }
     Ok(stats)
 }
@@ -597,13 +716,23 @@ impl RestoreSession for MongoRestore {
             let report = self.replay.clone();
             let client = self.client.clone();
             let only = self.only.clone();
+            let pitr = self.pitr.clone();
             // Scratch namespaces: nothing live is replaced while the archive streams.
             let replaced = Replaced::default();
             let applier = tokio::spawn(async move {
                 let prelude = prelude_rx.await.map_err(|_| {
                     RestoreError::Manifest("the archive has no readable prelude".into())
                 })?;
-                apply_items(mongo, scratch_dbs, client, prelude, item_rx, only, replaced).await
+                apply_items(
+                    mongo,
+                    scratch_dbs,
+                    client,
+                    prelude,
+                    item_rx,
+                    (only, pitr),
+                    replaced,
+                )
+                .await
             });
             let finish = async move {
                 let parsed = parser.await.map_err(tgt)?;
@@ -764,9 +893,31 @@ impl RestoreSession for MongoRestore {
                     summary.push_str(&format!(" ({})", notes.join("; ")));
                 }
             }
+            if let Some(p) = &self.pitr {
+                let done = p.done.lock().unwrap_or_else(|e| e.into_inner()).clone().unwrap_or_default();
+                summary.push_str(&format!(
+                    "; replayed to {}: {} oplog slices, {} entries after the dump's window{}",
+                    p.time.to_rfc3339(),
+                    done.slices,
+                    done.entries,
+                    done.last
+                        .map(|l| format!(", the last written at {}", l.to_rfc3339()))
+                        .unwrap_or_default()
+                ));
+            }
             Ok(summary)
         }
         .boxed()
+    }
+
+    fn recovered_to(&self) -> Option<chrono::DateTime<chrono::Utc>> {
+        self.pitr.as_ref().and_then(|p| {
+            p.done
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()?
+                .last
+        })
     }
 
     fn target_state(&self) -> Option<String> {

@@ -570,6 +570,119 @@ fn write_slice(
     Ok(file.path())
 }
 
+/// Staging: one slice a restore to a point in time replays, as listed on the target.
+#[derive(Clone, Debug)]
+pub struct SliceToReplay {
+    /// Its stored path.
+    pub path: String,
+    /// Its record.
+    pub record: SliceRecord,
+}
+
+/// Staging: fetches one slice's entries (BSON back to back), checked against its record
+/// (the stored bytes' and the entries' SHA-256 and sizes); a message otherwise.
+pub type SliceFetcher = Arc<
+    dyn Fn(SliceToReplay) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>>
+        + Send
+        + Sync,
+>;
+
+/// Staging: how a MongoDB restore to a point in time goes on from the dump: the slices
+/// that hold every entry from the dump's oplog window's end to the instant, in order.
+#[derive(Clone)]
+pub struct OplogPlan {
+    /// The last entry of the dump's oplog window: entries up to it are in the dump.
+    pub window_end: OplogTs,
+    /// The slices, in chain order.
+    pub slices: Vec<SliceToReplay>,
+    /// Reads a slice.
+    pub fetch: SliceFetcher,
+}
+
+impl std::fmt::Debug for OplogPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OplogPlan")
+            .field("window_end", &self.window_end)
+            .field("slices", &self.slices)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Staging: picks, from the slices stored (`listed`, in name order), the chain that holds
+/// every entry after `window_end` up to `time`: from a slice that continues from at or
+/// before `window_end`, each next one continuing the previous (`after` = its `upto`, no
+/// `chain_start`), up to the first whose `to` is at or after `time`.
+///
+/// # Errors
+/// A message saying what is missing: `time` beyond the newest slice (naming the newest
+/// instant the archive reaches), no chain reaching back to the dump, or a gap between.
+pub fn plan_chain(
+    listed: &[SliceToReplay],
+    window_end: OplogTs,
+    time: DateTime<Utc>,
+    dir: &str,
+) -> Result<Vec<SliceToReplay>, String> {
+    let Some(newest) = listed.iter().max_by_key(|s| s.record.to) else {
+        return Err(format!(
+            "no oplog slice is archived under {dir}: a restore to a point in time replays them \
+             (set oplog_slice_seconds on the production datastore)"
+        ));
+    };
+    if newest.record.to < time {
+        return Err(format!(
+            "{} is beyond the archived oplog: the newest slice under {dir} ends at {}, the newest \
+             instant a restore can reach",
+            time.to_rfc3339(),
+            newest.record.to.to_rfc3339()
+        ));
+    }
+    let mut chain: Vec<SliceToReplay> = Vec::new();
+    let mut broken: Option<String> = None;
+    for s in listed {
+        let r = &s.record;
+        let continues = chain
+            .last()
+            .is_some_and(|p: &SliceToReplay| r.chain_start.is_none() && r.after == p.record.upto);
+        if !continues {
+            if let Some(p) = chain.last() {
+                broken = Some(format!(
+                    "{} does not continue {}{}",
+                    s.path,
+                    p.path,
+                    r.chain_start
+                        .as_deref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                ));
+            }
+            chain.clear();
+            if r.after.is_none_or(|a| a <= window_end) && r.upto.is_none_or(|u| u >= window_end) {
+                chain.push(s.clone());
+            } else if r.after.is_some_and(|a| a > window_end) && broken.is_none() {
+                broken = Some(format!(
+                    "{} starts after the dump's last oplog entry {window_end}{}",
+                    s.path,
+                    r.chain_start
+                        .as_deref()
+                        .map(|w| format!(" ({w})"))
+                        .unwrap_or_default()
+                ));
+            }
+        } else {
+            chain.push(s.clone());
+        }
+        if !chain.is_empty() && r.to >= time {
+            return Ok(chain);
+        }
+    }
+    Err(format!(
+        "the oplog slices under {dir} do not hold every entry from the dump's last oplog entry \
+         {window_end} to {}{}: a restore to that instant needs a dump made after the gap",
+        time.to_rfc3339(),
+        broken.map(|b| format!(": {b}")).unwrap_or_default()
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,5 +705,96 @@ mod tests {
         assert_eq!(load_state(&path), Ok(Some(state)));
         std::fs::write(&path, b"{").unwrap();
         assert!(load_state(&path).unwrap_err().contains("oplog-mongo.json"));
+    }
+
+    fn slice(
+        name: &str,
+        after: Option<u32>,
+        last: Option<u32>,
+        to: i64,
+        chain_start: Option<&str>,
+    ) -> SliceToReplay {
+        let at = |t: u32| OplogTs { t, i: 1 };
+        SliceToReplay {
+            path: name.to_owned(),
+            record: SliceRecord {
+                record_version: SLICE_RECORD_VERSION,
+                datastore: "mongo".into(),
+                agent: "a".into(),
+                hostname: "h".into(),
+                environment: "production".into(),
+                replica_set: "rs0".into(),
+                chain_start: chain_start.map(str::to_owned),
+                after: after.map(at),
+                upto: last.or(after).map(at),
+                first: last.map(at),
+                last: last.map(at),
+                from: DateTime::from_timestamp(to - 60, 0).unwrap(),
+                to: DateTime::from_timestamp(to, 0).unwrap(),
+                entries: u64::from(last.is_some()),
+                bytes: 0,
+                sha256: String::new(),
+                bytes_stored: 0,
+                sha256_stored: String::new(),
+                compression: "zst".into(),
+                encryption: "age".into(),
+                recipients: Vec::new(),
+                written: DateTime::from_timestamp(to, 0).unwrap(),
+                version_id: None,
+            },
+        }
+    }
+
+    fn names(chain: &[SliceToReplay]) -> Vec<&str> {
+        chain.iter().map(|s| s.path.as_str()).collect()
+    }
+
+    #[test]
+    fn the_chain_runs_from_the_slice_holding_the_dumps_end_to_the_first_reaching_the_instant() {
+        let at = |t: i64| DateTime::from_timestamp(t, 0).unwrap();
+        let w = OplogTs { t: 150, i: 1 };
+        let listed = vec![
+            slice("a", Some(50), Some(100), 1000, Some("first")),
+            slice("b", Some(100), Some(200), 1060, None),
+            slice("c", Some(200), None, 1120, None),
+            slice("d", Some(200), Some(300), 1180, None),
+            slice("e", Some(300), Some(400), 1240, None),
+        ];
+        assert_eq!(
+            names(&plan_chain(&listed, w, at(1100), "dir").unwrap()),
+            ["b", "c"]
+        );
+        assert_eq!(
+            names(&plan_chain(&listed, w, at(1180), "dir").unwrap()),
+            ["b", "c", "d"]
+        );
+        // Beyond the newest slice's end: refused, naming that end.
+        let e = plan_chain(&listed, w, at(1241), "dir").unwrap_err();
+        assert!(
+            e.contains("beyond the archived oplog") && e.contains("1970-01-01T00:20:40"),
+            "{e}"
+        );
+        // A gap between the dump and the instant: refused, naming the slice after it.
+        let mut gapped = listed.clone();
+        gapped[3] = slice("d", Some(250), Some(300), 1180, Some("gap: lost"));
+        let e = plan_chain(&gapped, w, at(1200), "dir").unwrap_err();
+        assert!(e.contains("d does not continue c (gap: lost)"), "{e}");
+        // A dump made after the gap starts from the new chain.
+        let later = OplogTs { t: 260, i: 1 };
+        assert_eq!(
+            names(&plan_chain(&gapped, later, at(1200), "dir").unwrap()),
+            ["d", "e"]
+        );
+        // Slices that all start after the dump's end do not hold it.
+        let e = plan_chain(&listed[3..], w, at(1200), "dir").unwrap_err();
+        assert!(
+            e.contains("d starts after the dump's last oplog entry"),
+            "{e}"
+        );
+        assert!(
+            plan_chain(&[], w, at(1200), "dir")
+                .unwrap_err()
+                .contains("no oplog slice")
+        );
     }
 }
