@@ -45,6 +45,7 @@ fn deploy_with(staging: bool) -> Fleet {
             append(&d.stage_config, &s.datastore_toml());
             stage = Some(s);
         }
+        d.add_maintenance();
         let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
         let state_dir = d.dir.path().join("prod-state");
         let config = fs::read_to_string(&d.prod_config).unwrap();
@@ -331,6 +332,10 @@ fn oplog_slices_hold_every_entry_once_in_order_across_an_agent_restart_and_a_gap
     for op in ["i", "u", "d"] {
         assert!(kinds.contains(op), "{op} among {kinds:?}");
     }
+    // `ferry status` shows the newest slice and its lag, read from the archive.
+    let archive = wait_archive_status(&f.d, |a| a["lag_seconds"].as_i64().is_some_and(|l| l < 60));
+    assert_eq!(archive["kind"], "oplog", "{archive}");
+    assert!(archive["gap_since"].is_null(), "{archive}");
     let state = read_json(&state_file(&f));
     assert_eq!(
         tsj(&state["upto"]),
@@ -366,6 +371,14 @@ fn oplog_slices_hold_every_entry_once_in_order_across_an_agent_restart_and_a_gap
         .flat_map(|s| s.entries.iter())
         .map(|e| e["raw"].as_str().unwrap().to_owned())
         .collect();
+    // The coordinator reports the gap until a backup of the datastore has finished.
+    let archive = wait_archive_status(&f.d, |a| a["gap_since"].is_string());
+    assert!(
+        f.d.ferry_ok(&["status"]).contains("GAP: a new chain since"),
+        "{archive}"
+    );
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    wait_archive_status(&f.d, |a| a["gap_since"].is_null());
     let round5 = server_entries(&f.prod, tsj(&gap.record["after"]));
     assert_eq!(
         after_gap,
@@ -494,8 +507,46 @@ fn a_restore_to_a_point_in_time_replays_the_slices_after_the_dump_and_equals_pro
         "staging equals production at T2 ({t2s})"
     );
 
-    // An altered slice (one that T2 needs): the restore fails before anything is replaced.
+    // Prune: slices that ended over an hour before the kept dump started go (two planted,
+    // dated yesterday, as a day of slices would be), those the dump's replay needs stay.
     let dir = oplog_dir(&f.d);
+    let yesterday = (chrono::Utc::now() - chrono::Duration::days(1)).format("%Y%m%d");
+    let old: Vec<String> = ["100000.000Z-100100.000Z", "100100.000Z-100200.000Z"]
+        .iter()
+        .map(|r| {
+            let (a, b) = r.split_once('-').unwrap();
+            format!("{yesterday}T{a}-{yesterday}T{b}.bson.zst.age")
+        })
+        .collect();
+    for name in &old {
+        fs::write(dir.join(name), b"old slice").unwrap();
+        fs::write(dir.join(format!("{name}.json")), b"{}").unwrap();
+    }
+    let kept_before: Vec<String> = stored_slices_names(&f.d)
+        .into_iter()
+        .filter(|n| !old.contains(n))
+        .collect();
+    let plan = f.d.ferry_ok(&["prune", "--dry-run"]);
+    assert!(
+        plan.contains("mongo (oplog)") && plan.contains("remove 2 file(s)"),
+        "{plan}"
+    );
+    let out = f.d.ferry_ok(&["prune"]);
+    assert!(out.contains("removed 2 file(s)"), "{out}");
+    let left = stored_slices_names(&f.d);
+    for name in &old {
+        assert!(!left.contains(name), "{name} kept: {left:?}");
+        assert!(!dir.join(format!("{name}.json")).exists(), "its record too");
+    }
+    for name in &kept_before {
+        assert!(left.contains(name), "{name} removed: {out}");
+    }
+    assert!(f.d.ferry_ok(&["audit"]).contains("prune oplog"));
+    let (ok, text) = restore_to(&f.d, &t2s);
+    assert!(ok, "{text}");
+    assert_eq!(stage.contents("app"), at_t2, "after the prune, T2 again");
+
+    // An altered slice (one that T2 needs): the restore fails before anything is replaced.
     let needed = stored_slices(&f.d)
         .into_iter()
         .find(|s| {
@@ -519,4 +570,42 @@ fn a_restore_to_a_point_in_time_replays_the_slices_after_the_dump_and_equals_pro
         "{text}"
     );
     assert_eq!(stage.contents("app"), before, "staging left as it was");
+}
+
+/// Polls `ferry status --output json` until the archive status of `mongo` satisfies `ok`;
+/// returns it.
+fn wait_archive_status(
+    d: &Deployment,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&d.ferry_ok(&["status", "--output", "json"])).unwrap();
+        let found = status["archives"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["datastore"] == "mongo").cloned());
+        match found {
+            Some(a) if ok(&a) => return a,
+            other => assert!(
+                Instant::now() < deadline,
+                "no archive status of mongo as expected: {other:?}\n{}",
+                d.log_tail("coordinator")
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
+}
+
+/// The names of the stored slices (data files), sorted.
+fn stored_slices_names(d: &Deployment) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(oplog_dir(d))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".bson.zst.age"))
+        .collect();
+    names.sort();
+    names
 }

@@ -52,20 +52,7 @@ fn deploy_with(staging: Option<Staging>, tweak: impl FnOnce(&mut Deployment)) ->
     let mut out = None;
     let d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path();
-        let tools = dir.join("tools");
-        make_reachable(&tools);
-        let agent = tools.join("ferry-agent");
-        fs::copy(bin("ferry-agent"), &agent).unwrap();
-        chmod(&agent, 0o755);
-        let socket = dir.join("run").join("wal.sock");
-        let pg = Postgres::start_in_with_conf(
-            &dir.join("wal-prod"),
-            &format!(
-                "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --socket {} %p'",
-                agent.display(),
-                socket.display()
-            ),
-        );
+        let (pg, agent, socket) = archiving_cluster(dir, "");
         let wal = |socket: &Path| {
             format!(
                 "[wal]\nsocket = {}\ngroup = \"postgres\"\nagent_binary = {}\n",
@@ -1239,5 +1226,166 @@ fn with_the_backup_server_unreachable_archiving_waits_and_catches_up_with_no_seg
     assert!(
         missing.is_empty(),
         "segments missing: {missing:?} of {names:?}"
+    );
+}
+
+/// A thread writing to `mongo` (inserts, updates, deletes in `app.events`) every 20 ms
+/// until `stop`, pausing while `pause` is set (and saying so through `paused`).
+struct MongoWriter {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pause: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u64>>,
+}
+
+impl MongoWriter {
+    fn start(uri: String) -> MongoWriter {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let pause = std::sync::Arc::new(AtomicBool::new(false));
+        let paused = std::sync::Arc::new(AtomicBool::new(false));
+        let (s, p, pd) = (stop.clone(), pause.clone(), paused.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(async {
+                let c = mongodb::Client::with_uri_str(&uri).await.unwrap();
+                let events = c.database("app").collection::<bson::Document>("events");
+                let mut n: u64 = 0;
+                while !s.load(Ordering::SeqCst) {
+                    if p.load(Ordering::SeqCst) {
+                        pd.store(true, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    }
+                    pd.store(false, Ordering::SeqCst);
+                    let i = n as i64;
+                    events
+                        .insert_one(bson::doc! {"_id": i, "n": i, "tag": "w"})
+                        .await
+                        .unwrap();
+                    if i >= 3 {
+                        events
+                            .update_one(
+                                bson::doc! {"_id": i - 3},
+                                bson::doc! {"$inc": {"n": 1000}, "$set": {"seen": true}},
+                            )
+                            .await
+                            .unwrap();
+                    }
+                    if i % 5 == 4 {
+                        events.delete_one(bson::doc! {"_id": i - 4}).await.unwrap();
+                    }
+                    n += 1;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                n
+            })
+        });
+        MongoWriter {
+            stop,
+            pause,
+            paused,
+            thread: Some(thread),
+        }
+    }
+
+    /// Runs `f` with the writer held still.
+    fn still<T>(&self, f: impl FnOnce() -> T) -> T {
+        use std::sync::atomic::Ordering;
+        self.pause.store(true, Ordering::SeqCst);
+        while !self.paused.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        std::thread::sleep(Duration::from_millis(30));
+        let out = f();
+        std::thread::sleep(Duration::from_millis(30));
+        self.pause.store(false, Ordering::SeqCst);
+        out
+    }
+
+    /// Stops it; how many rounds it wrote.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+#[test]
+fn the_environment_restored_to_one_instant_has_postgresql_and_mongodb_as_they_were_then() {
+    let mut servers = None;
+    let Wal { d, pg, stage, .. } = deploy_with(Some(Staging::smoke(ACCOUNTS)), |d| {
+        let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
+        let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
+        let config = fs::read_to_string(&d.prod_config).unwrap();
+        let state_dir = d.dir.path().join("prod-state");
+        fs::write(
+            &d.prod_config,
+            format!(
+                "state_dir = {}\n{config}",
+                toml_str(&state_dir.display().to_string())
+            ),
+        )
+        .unwrap();
+        append(
+            &d.prod_config,
+            &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),
+        );
+        append(&d.stage_config, &stage.datastore_toml());
+        servers = Some((prod, stage));
+    });
+    let (mongo, mongo_stage) = servers.unwrap();
+    let stage = stage.expect("a staging cluster");
+    load_bench(&pg);
+    let writer = MongoWriter::start(mongo.uri());
+    std::thread::sleep(Duration::from_millis(500));
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("pgphys") && out.contains("mongo"), "{out}");
+
+    // pgbench and the MongoDB writer throughout; T is an instant at which both are held
+    // still for the snapshots.
+    let mut bench = pgbench_for(&pg, 60);
+    std::thread::sleep(Duration::from_secs(3));
+    let (t, pg_at_t, mongo_at_t) = writer.still(|| {
+        let (t, fingerprints) = instant_and_fingerprints(&pg);
+        (t, fingerprints, mongo.contents("app"))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = bench.kill();
+    let _ = bench.wait();
+    let rounds = writer.stop();
+    assert!(rounds > 100, "the writer wrote {rounds} rounds");
+    assert_ne!(mongo.contents("app"), mongo_at_t, "MongoDB changed after T");
+    let last = pg.psql("postgres", "SELECT pg_walfile_name(pg_switch_wal())");
+    wait_archived(&pg, &last, &d);
+    // The newest oplog slice ends after T.
+    let t_at = chrono::DateTime::parse_from_rfc3339(&t).unwrap().to_utc();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !fs::read_dir(d.sshd.root().join("production/mongo-oplog"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let to = n
+                .strip_suffix(".bson.zst.age.json")?
+                .split_once('-')?
+                .1
+                .to_owned();
+            chrono::NaiveDateTime::parse_from_str(&to, "%Y%m%dT%H%M%S%.3fZ").ok()
+        })
+        .any(|to| to.and_utc() > t_at)
+    {
+        assert!(Instant::now() < deadline, "no oplog slice ends after {t}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let out = d.ferry_ok(&["restore", "--env", "staging", "--to-time", &t, "--wait"]);
+    assert!(out.contains("with the archived WAL"), "{out}");
+    assert!(out.contains("oplog slices"), "{out}");
+    assert_eq!(bench_tables(&stage), pg_at_t, "PostgreSQL at {t}:\n{out}");
+    assert_eq!(
+        mongo_stage.contents("app"),
+        mongo_at_t,
+        "MongoDB at {t}:\n{out}"
     );
 }

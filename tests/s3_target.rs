@@ -607,13 +607,20 @@ fn maintenance_removes_leftovers_and_folders_and_extends_locks_without_shortenin
             );
         }
     }
-    let segment = ferry_core::wal::WalFileName::parse("000000010000000000000002").unwrap();
+    let segment = ferry_storage::ArchivedFile::Wal(
+        ferry_core::wal::WalFileName::parse("000000010000000000000002").unwrap(),
+    );
     let e = staging_maintain(c, &bucket, &dir)
-        .remove_wal_file("production", "pg", &segment)
+        .remove_archived_file("production", "pg", &segment)
         .unwrap_err();
     assert!(matches!(e, TargetError::PermissionDenied { .. }), "{e}");
-    assert!(m.remove_wal_file("../production", "pg", &segment).is_err());
-    let bytes = m.remove_wal_file("production", "pg", &segment).unwrap();
+    assert!(
+        m.remove_archived_file("../production", "pg", &segment)
+            .is_err()
+    );
+    let bytes = m
+        .remove_archived_file("production", "pg", &segment)
+        .unwrap();
     assert_eq!(bytes, ("first push".len() + "second push".len()) as u64);
     let versions = c.s3_ok(
         &roles.maintenance,

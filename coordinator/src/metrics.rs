@@ -38,7 +38,10 @@
 //! - `ferry_archive_lag_seconds{environment, datastore}` (datastores whose WAL is archived,
 //!   with `[maintenance]`): now minus the push time of the newest archived WAL segment, as
 //!   last scanned ([`crate::catalog::archive`]; alert `FerryArchiveBehind` past 5 minutes);
-//!   `ferry_archive_scan_failed{environment, datastore}`: 1 if the last scan failed.
+//!   `ferry_archive_scan_failed{environment, datastore}`: 1 if the last scan failed. Oplog
+//!   slices likewise (now minus the newest slice's end); `ferry_archive_gap{environment,
+//!   datastore}`: 1 while the newest chain of slices started after a gap and no backup of
+//!   the datastore finished since (alert `FerryOplogGap`), else 0.
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started, every
 //!   kind (`backup`, `restore`, `verify`) and outcome (`succeeded`, `failed`) from 0.
 //!
@@ -347,14 +350,27 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
     }
     let mut archive_lag = Family::gauge(
         "ferry_archive_lag_seconds",
-        "Now minus the push time of the newest archived WAL segment, seconds",
+        "Now minus the push time of the newest archived WAL segment (or the end of the newest oplog slice), seconds",
     );
     let mut archive_failed = Family::gauge(
         "ferry_archive_scan_failed",
         "1 if the last scan of the WAL archive failed (the lag is then the last scan's), else 0",
     );
+    let mut archive_gap = Family::gauge(
+        "ferry_archive_gap",
+        "1 if the newest chain of oplog slices started after a gap and no backup of the datastore finished since, else 0",
+    );
     let now_ms = ferry_proto::now_unix_ms();
     for a in c.archive_status() {
+        if a.kind == "oplog" {
+            archive_gap.samples.push((
+                vec![
+                    ("environment", a.environment.clone()),
+                    ("datastore", a.datastore.clone()),
+                ],
+                f64::from(u8::from(a.gap_since_ms.is_some())),
+            ));
+        }
         let labels = vec![
             ("environment", a.environment.clone()),
             ("datastore", a.datastore.clone()),
@@ -394,6 +410,7 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         copy_failed,
         archive_lag,
         archive_failed,
+        archive_gap,
         jobs,
     ];
     Ok(encode(&families, format))

@@ -94,6 +94,12 @@ pub struct SliceRecord {
     /// `None` when this slice continues the previous one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub chain_start: Option<String>,
+    /// When this slice's chain started (its first slice's [`Self::from`]), UTC: a restore
+    /// to a point in time with these slices starts from a dump made after it.
+    pub chain_started: DateTime<Utc>,
+    /// Whether the chain started after a gap (entries lost), not at the agent's first
+    /// slice: the coordinator reports it until a dump is made after [`Self::chain_started`].
+    pub chain_gap: bool,
     /// The entry this slice continues from: it holds every entry after it, up to
     /// [`Self::upto`]. `None` when the oplog was empty where the chain started.
     pub after: Option<OplogTs>,

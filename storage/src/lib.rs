@@ -63,6 +63,7 @@ pub mod config;
 pub mod error;
 pub mod leftovers;
 pub mod memory;
+pub mod oplog;
 pub mod s3;
 pub mod sftp;
 pub mod wal;
@@ -88,6 +89,56 @@ pub fn validate_target_name(name: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// A file of continuous archiving, as prune removes it: a WAL file
+/// (`<datastore>-wal/<timeline>/<name>.zst.age`) or a MongoDB oplog slice
+/// (`<datastore>-oplog/<name>`, [`ferry_core::oplog`]), each with its `.json` record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ArchivedFile {
+    /// A WAL file.
+    Wal(ferry_core::wal::WalFileName),
+    /// An oplog slice's stored name (`<from>-<to>.bson.zst.age`).
+    Slice(String),
+}
+
+impl ArchivedFile {
+    /// Its name: the WAL file's as PostgreSQL gave it, the slice's as stored.
+    pub fn name(&self) -> &str {
+        match self {
+            ArchivedFile::Wal(w) => &w.name,
+            ArchivedFile::Slice(s) => s,
+        }
+    }
+}
+
+/// The data file and the record of `file` of `datastore` in `environment` under `root`:
+/// `(<dir>/<stored name>, <dir>/<stored name>.json)`, or `None` for an environment or
+/// datastore name that is not one of the layout, or a slice name that is not one.
+pub fn archived_file_paths(
+    root: &str,
+    environment: &str,
+    datastore: &str,
+    file: &ArchivedFile,
+) -> Option<(String, String)> {
+    match file {
+        ArchivedFile::Wal(w) => wal::wal_file_paths(root, environment, datastore, w),
+        ArchivedFile::Slice(name) => {
+            if ferry_core::layout::validate_name("environment", environment).is_err()
+                || ferry_core::layout::validate_name("datastore", datastore).is_err()
+                || !ferry_core::oplog::is_slice_name(name)
+            {
+                return None;
+            }
+            let env_dir = ferry_core::layout::environment_dir(root, environment);
+            let data = format!(
+                "{}/{name}",
+                ferry_core::oplog::oplog_dir(&env_dir, datastore)
+            );
+            let record = format!("{data}.json");
+            Some((data, record))
+        }
+    }
 }
 
 /// Seconds since the Unix epoch, now (for objects' idle times).
@@ -410,18 +461,19 @@ pub trait MaintainSession: ReadSession {
     /// [`TargetError::Io`] naming the object that could not be removed.
     fn remove_leftover(&mut self, leftover: &Leftover) -> Result<u64, TargetError>;
 
-    /// Removes one archived WAL file, `<root>/<environment>/<datastore>-wal/<timeline>/
-    /// <file>.zst.age` (every version, on a target with versions) and then its `.json`
-    /// record ([`ferry_core::wal`]); returns the bytes removed (0 when it was not there).
-    /// Anything that is not such a path is refused.
+    /// Removes one archived file ([`archived_file_paths`]: a WAL file,
+    /// `<root>/<environment>/<datastore>-wal/<timeline>/<file>.zst.age`, or an oplog slice,
+    /// `<root>/<environment>/<datastore>-oplog/<name>`; every version, on a target with
+    /// versions) and then its `.json` record; returns the bytes removed (0 when it was not
+    /// there). Anything that is not such a path is refused.
     ///
     /// # Errors
     /// [`TargetError::Io`] naming the object.
-    fn remove_wal_file(
+    fn remove_archived_file(
         &mut self,
         environment: &str,
         datastore: &str,
-        file: &ferry_core::wal::WalFileName,
+        file: &ArchivedFile,
     ) -> Result<u64, TargetError>;
 
     /// Keeps `path` from being deleted or overwritten until `until` (UTC), on a target

@@ -343,16 +343,20 @@ impl ReadSession for MemorySession {
 }
 
 impl MaintainSession for MemorySession {
-    fn remove_wal_file(
+    fn remove_archived_file(
         &mut self,
         environment: &str,
         datastore: &str,
-        file: &ferry_core::wal::WalFileName,
+        file: &crate::ArchivedFile,
     ) -> Result<u64, TargetError> {
         let Some((data, record)) =
-            crate::wal::wal_file_paths(&self.target.root, environment, datastore, file)
+            crate::archived_file_paths(&self.target.root, environment, datastore, file)
         else {
-            return Err(io("remove", &file.name, "not a WAL file of the layout"));
+            return Err(io(
+                "remove",
+                file.name(),
+                "not an archived file of the layout",
+            ));
         };
         let mut objects = self.target.lock();
         let bytes = objects.remove(&data).map_or(0, |o| o.bytes.len() as u64);

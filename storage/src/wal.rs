@@ -15,10 +15,23 @@ pub fn archived_datastores(
     session: &mut dyn ReadSession,
     env_dir: &str,
 ) -> Result<Vec<String>, TargetError> {
+    datastores_with_folder(session, env_dir, "-wal")
+}
+
+/// The datastores that have a `<datastore><suffix>` folder in the environment folder
+/// `env_dir` (`-wal`, `-oplog`), sorted.
+///
+/// # Errors
+/// The target's.
+pub fn datastores_with_folder(
+    session: &mut dyn ReadSession,
+    env_dir: &str,
+    suffix: &str,
+) -> Result<Vec<String>, TargetError> {
     let mut names: Vec<String> = session
         .list(env_dir)?
         .iter()
-        .filter_map(|n| n.strip_suffix("-wal"))
+        .filter_map(|n| n.strip_suffix(suffix))
         .filter(|d| ferry_core::layout::validate_name("datastore", d).is_ok())
         .map(str::to_owned)
         .collect();

@@ -1,10 +1,11 @@
 //! Physical PostgreSQL datastores for the tests of `method = "physical"`, WAL shipping and
 //! point-in-time restores: staging's datastore entry and the pgbench data both restore.
 
-use std::path::Path;
+use std::fs;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::{Postgres, free_port, toml_str};
+use crate::{Postgres, bin, chmod, free_port, make_reachable, toml_str};
 
 /// Production's physical datastore, `pgphys`, of `pg`.
 pub fn production_entry(pg: &Postgres) -> String {
@@ -130,4 +131,27 @@ pub fn pg_ctl(bin: &Path, data: &Path, args: &[&str]) -> std::process::Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// A PostgreSQL cluster in `dir/wal-prod` that archives its WAL through `ferry-agent
+/// wal-push` (a copy of the agent's binary that the postgres OS user can run, in
+/// `dir/tools`) to the socket `dir/run/wal.sock`, with `extra` lines in its configuration
+/// (`wal_level = replica`, `archive_mode = on` and the `archive_command` are there):
+/// `(cluster, agent binary, socket)`.
+pub fn archiving_cluster(dir: &Path, extra: &str) -> (Postgres, PathBuf, PathBuf) {
+    let tools = dir.join("tools");
+    make_reachable(&tools);
+    let agent = tools.join("ferry-agent");
+    fs::copy(bin("ferry-agent"), &agent).unwrap();
+    chmod(&agent, 0o755);
+    let socket = dir.join("run").join("wal.sock");
+    let pg = Postgres::start_in_with_conf(
+        &dir.join("wal-prod"),
+        &format!(
+            "wal_level = replica\narchive_mode = on\narchive_command = '{} wal-push --socket {} %p'\n{extra}",
+            agent.display(),
+            socket.display()
+        ),
+    );
+    (pg, agent, socket)
 }

@@ -114,14 +114,18 @@ pub(crate) async fn run(
         format::table(&["FILE", "KIND", "SIZE", "DECISION", "WHY"], leftovers)?;
     }
     if !response.wal.is_empty() {
-        outln!("\nArchived WAL:")?;
+        outln!("\nArchived WAL and oplog slices:")?;
         let rows = response
             .wal
             .iter()
             .map(|w| {
                 vec![
                     w.environment.clone(),
-                    w.datastore.clone(),
+                    format!(
+                        "{} ({})",
+                        w.datastore,
+                        if w.kind.is_empty() { "wal" } else { &w.kind }
+                    ),
                     match (w.going, w.removed) {
                         (0, _) => "keep all".into(),
                         (n, true) => format!(

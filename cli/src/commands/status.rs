@@ -100,6 +100,8 @@ pub(crate) async fn run(
                     "newest_file": a.newest_file, "pushed": time(a.pushed_unix_ms),
                     "lag_seconds": a.lag_seconds,
                     "last_error": (!a.last_error.is_empty()).then_some(&a.last_error),
+                    "kind": if a.kind.is_empty() { "wal" } else { a.kind.as_str() },
+                    "gap_since": (a.gap_since_unix_ms > 0).then(|| time(a.gap_since_unix_ms)),
                 })
             })
             .collect();
@@ -206,14 +208,23 @@ pub(crate) async fn run(
             .map(|a| {
                 vec![
                     a.environment.clone(),
-                    a.datastore.clone(),
+                    format!(
+                        "{} ({})",
+                        a.datastore,
+                        if a.kind.is_empty() { "wal" } else { &a.kind }
+                    ),
                     a.newest_file.clone(),
                     time(a.pushed_unix_ms),
                     duration_ms(a.lag_seconds * 1000),
-                    if a.last_error.is_empty() {
-                        "ok".into()
-                    } else {
+                    if !a.last_error.is_empty() {
                         format!("SCAN FAILED: {}", a.last_error)
+                    } else if a.gap_since_unix_ms > 0 {
+                        format!(
+                            "GAP: a new chain since {}, entries before it lost; restores after it need a backup made since",
+                            time(a.gap_since_unix_ms)
+                        )
+                    } else {
+                        "ok".into()
                     },
                 ]
             })
@@ -222,8 +233,8 @@ pub(crate) async fn run(
             &[
                 "ENVIRONMENT",
                 "WAL ARCHIVE OF",
-                "NEWEST SEGMENT",
-                "PUSHED",
+                "NEWEST SEGMENT OR SLICE",
+                "UP TO",
                 "LAG",
                 "STATE",
             ],

@@ -13,7 +13,11 @@
 //! Archived WAL (`<environment>/<datastore>-wal/`, [`ferry_core::wal`]) goes with the base
 //! backups that need it ([`wal_plan`]): every segment, `.partial` and backup history file
 //! before the start segment of the oldest base backup of the datastore that is kept, none
-//! while no base backup of it is kept; timeline history files always stay.
+//! while no base backup of it is kept; timeline history files always stay. MongoDB oplog
+//! slices (`<environment>/<datastore>-oplog/`, [`ferry_core::oplog`]) go with the dumps
+//! ([`oplog_plan`]): every slice that ended over an hour before the oldest kept dump of the
+//! datastore started (its replay starts at an entry of the dump's window, after that
+//! start), none while no dump of it is kept.
 
 use std::sync::Arc;
 
@@ -70,20 +74,56 @@ pub struct LeftoverDecision {
 pub struct WalPrune {
     /// Environment.
     pub environment: String,
-    /// Datastore whose WAL it is.
+    /// Datastore whose WAL or oplog it is.
     pub datastore: String,
-    /// The start segment of the oldest kept base backup: everything before it goes.
-    /// `None`: nothing goes (`note` says why).
+    /// `wal` or `oplog`.
+    pub kind: &'static str,
+    /// The start segment of the oldest kept base backup, or for the oplog the instant
+    /// before which slices end that go: everything before it goes. `None`: nothing goes
+    /// (`note` says why).
     pub keep_from: Option<String>,
-    /// Files before it (segments, `.partial` and backup history files), which go (or
-    /// would, on a dry run).
-    pub going: Vec<ferry_core::wal::WalFileName>,
+    /// Files before it (segments, `.partial` and backup history files; slices), which go
+    /// (or would, on a dry run).
+    pub going: Vec<ferry_storage::ArchivedFile>,
     /// Bytes removed (not a dry run).
     pub removed_bytes: u64,
     /// They were removed.
     pub removed: bool,
     /// Why nothing goes, or which base backup keeps what stays.
     pub note: String,
+}
+
+impl WalPrune {
+    /// Nothing going yet, for `datastore`'s archive of `kind` in `environment`.
+    fn new(environment: &str, datastore: &str, kind: &'static str) -> WalPrune {
+        WalPrune {
+            environment: environment.to_owned(),
+            datastore: datastore.to_owned(),
+            kind,
+            keep_from: None,
+            going: Vec::new(),
+            removed_bytes: 0,
+            removed: false,
+            note: String::new(),
+        }
+    }
+}
+
+/// The manifest (as JSON) of the catalog record `b` of `environment` on `target`, read
+/// through `session`; `None` when it cannot be read.
+fn kept_manifest(
+    session: &mut dyn ferry_storage::ReadSession,
+    target: &dyn ferry_storage::Target,
+    environment: &str,
+    b: &crate::model::BackupRecord,
+) -> Option<serde_json::Value> {
+    let file = b.stored_path.rsplit('/').next().unwrap_or_default();
+    let date = chrono::NaiveDate::parse_from_str(&b.date, "%Y-%m-%d").ok()?;
+    let path = format!("{}/{file}.json", target.dated_dir(environment, date));
+    let bytes = session
+        .read_small(&path, ferry_core::manifest::MAX_MANIFEST_BYTES)
+        .ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// What a prune run decided and did.
@@ -336,14 +376,18 @@ pub async fn run(
                 .collect();
             let (server, env) = (server.clone(), env.clone());
             let env2 = env.clone();
-            let planned = tokio::task::spawn_blocking(move || wal_plan(&*server, &env2, &kept))
-                .await
-                .map_err(|e| PruneError::Task(e.to_string()))?
-                .map_err(|source| PruneError::Target {
-                    doing: format!("listing the archived WAL of {env}"),
-                    source,
-                    after: "",
-                })?;
+            let planned = tokio::task::spawn_blocking(move || {
+                let mut plan = wal_plan(&*server, &env2, &kept)?;
+                plan.extend(oplog_plan(&*server, &env2, &kept)?);
+                Ok(plan)
+            })
+            .await
+            .map_err(|e| PruneError::Task(e.to_string()))?
+            .map_err(|source| PruneError::Target {
+                doing: format!("listing the archived WAL and oplog of {env}"),
+                source,
+                after: "",
+            })?;
             wal.extend(planned);
         }
     }
@@ -499,20 +543,21 @@ pub async fn run(
             let mut session = server2.maintain()?;
             let mut bytes = 0;
             for f in &files {
-                bytes += session.remove_wal_file(&env, &datastore, f)?;
+                bytes += session.remove_archived_file(&env, &datastore, f)?;
             }
             Ok::<_, ferry_storage::TargetError>(bytes)
         })
         .await
         .map_err(|e| PruneError::Task(e.to_string()))?;
-        let folder = format!("{}/{}-wal", w.environment, w.datastore);
+        let folder = format!("{}/{}-{}", w.environment, w.datastore, w.kind);
+        let action = format!("prune {}", w.kind);
         match removed {
             Ok(bytes) => {
                 w.removed = true;
                 w.removed_bytes = bytes;
                 c.audit(
                     who,
-                    "prune wal",
+                    &action,
                     &folder,
                     &format!(
                         "removed {} file(s) before {}, {bytes} bytes",
@@ -523,10 +568,10 @@ pub async fn run(
                 .await;
             }
             Err(e) => {
-                c.audit(who, "prune wal", &folder, &format!("failed: {e}"))
+                c.audit(who, &action, &folder, &format!("failed: {e}"))
                     .await;
                 return Err(PruneError::Target {
-                    doing: format!("removing archived WAL of {folder}"),
+                    doing: format!("removing the archived files of {folder}"),
                     source: e,
                     after: "; the dated folders listed before it were removed",
                 });
@@ -559,15 +604,7 @@ pub fn wal_plan(
     let mut out = Vec::new();
     for datastore in ferry_storage::wal::archived_datastores(&mut *session, &env_dir)? {
         let datastore = datastore.as_str();
-        let mut plan = WalPrune {
-            environment: environment.to_owned(),
-            datastore: datastore.to_owned(),
-            keep_from: None,
-            going: Vec::new(),
-            removed_bytes: 0,
-            removed: false,
-            note: String::new(),
-        };
+        let mut plan = WalPrune::new(environment, datastore, "wal");
         let oldest = kept
             .iter()
             .filter(|b| b.datastore == datastore && b.stored_path.ends_with(".tar.zst.age"))
@@ -577,18 +614,9 @@ pub fn wal_plan(
             out.push(plan);
             continue;
         };
-        let file = oldest.stored_path.rsplit('/').next().unwrap_or_default();
-        let start = chrono::NaiveDate::parse_from_str(&oldest.date, "%Y-%m-%d")
-            .ok()
-            .map(|d| format!("{}/{file}.json", target.dated_dir(environment, d)))
-            .and_then(|path| {
-                let bytes = session
-                    .read_small(&path, ferry_core::manifest::MAX_MANIFEST_BYTES)
-                    .ok()?;
-                // Only its `counts.backup_label` is needed.
-                let m: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-                backup_start_segment(m["counts"]["backup_label"].as_str()?)
-            });
+        // Only its `counts.backup_label` is needed.
+        let start = kept_manifest(&mut *session, target, environment, oldest)
+            .and_then(|m| backup_start_segment(m["counts"]["backup_label"].as_str()?));
         let Some(start) = start else {
             plan.note = format!(
                 "the start segment of the oldest kept base backup, {}, cannot be read from its                  manifest: every archived WAL file stays",
@@ -611,13 +639,81 @@ pub fn wal_plan(
                 .filter(|f| f.position().is_some_and(|p| p < from.as_str()))
                 .collect();
             files.sort_by(|a, b| a.name.cmp(&b.name));
-            plan.going.extend(files);
+            plan.going
+                .extend(files.into_iter().map(ferry_storage::ArchivedFile::Wal));
         }
         plan.note = format!(
             "the oldest kept base backup, {}, starts at {}",
             oldest.stored_path, start.name
         );
         plan.keep_from = Some(start.name);
+        out.push(plan);
+    }
+    Ok(out)
+}
+
+/// The archived oplog slices of every datastore of `environment` on `target` and what goes
+/// of them, given `kept`, the catalog records in the folders the policy keeps: the slices
+/// whose name says they ended more than an hour before the oldest kept dump of the
+/// datastore started (its manifest's `started`; the hour allows for the agent's and the
+/// server's clocks); nothing while no dump of it is kept or its manifest cannot be read.
+///
+/// # Errors
+/// The target's, when the archive cannot be listed.
+pub fn oplog_plan(
+    target: &dyn ferry_storage::Target,
+    environment: &str,
+    kept: &[crate::model::BackupRecord],
+) -> Result<Vec<WalPrune>, ferry_storage::TargetError> {
+    use ferry_core::oplog::{SLICE_SUFFIX, is_slice_name, oplog_dir, slice_instant};
+    let env_dir = target.environment_dir(environment);
+    let mut session = target.read()?;
+    let mut out = Vec::new();
+    for datastore in ferry_storage::oplog::archived_datastores(&mut *session, &env_dir)? {
+        let mut plan = WalPrune::new(environment, &datastore, "oplog");
+        let oldest = kept
+            .iter()
+            .filter(|b| b.datastore == datastore && b.kind == "mongodb")
+            .min_by_key(|b| b.finished_ms);
+        let Some(oldest) = oldest else {
+            plan.note = "no dump of it is kept: every oplog slice stays".into();
+            out.push(plan);
+            continue;
+        };
+        let started = kept_manifest(&mut *session, target, environment, oldest)
+            .and_then(|m| chrono::DateTime::parse_from_rfc3339(m["started"].as_str()?).ok());
+        let Some(started) = started else {
+            plan.note = format!(
+                "when the oldest kept dump, {}, started cannot be read from its manifest: every \
+                 oplog slice stays",
+                oldest.stored_path
+            );
+            out.push(plan);
+            continue;
+        };
+        let before = slice_instant(started.to_utc() - chrono::Duration::hours(1));
+        let dir = oplog_dir(&env_dir, &datastore);
+        let mut going: Vec<String> = session
+            .list(&dir)?
+            .into_iter()
+            .filter(|n| is_slice_name(n))
+            .filter(|n| {
+                n.trim_end_matches(SLICE_SUFFIX)
+                    .split_once('-')
+                    .is_some_and(|(_, to)| to < before.as_str())
+            })
+            .collect();
+        going.sort();
+        plan.going = going
+            .into_iter()
+            .map(ferry_storage::ArchivedFile::Slice)
+            .collect();
+        plan.note = format!(
+            "the oldest kept dump, {}, started at {}",
+            oldest.stored_path,
+            started.to_utc().to_rfc3339()
+        );
+        plan.keep_from = Some(before);
         out.push(plan);
     }
     Ok(out)
@@ -1160,7 +1256,7 @@ mod tests {
         let older = base_backup(&target, "2026-02-04", 1, "000000010000000000000003");
         let newer = base_backup(&target, "2026-02-05", 2, "000000010000000000000005");
         let names = |plan: &WalPrune| -> Vec<String> {
-            plan.going.iter().map(|f| f.name.clone()).collect()
+            plan.going.iter().map(|f| f.name().to_owned()).collect()
         };
 
         // Both kept: everything before the older one's start goes, on every timeline.
@@ -1186,7 +1282,9 @@ mod tests {
         let mut session = ferry_storage::Target::maintain(&target).unwrap();
         for f in &plan[0].going {
             assert_eq!(
-                session.remove_wal_file("production", "pgbase", f).unwrap(),
+                session
+                    .remove_archived_file("production", "pgbase", f)
+                    .unwrap(),
                 3
             );
         }
@@ -1213,5 +1311,60 @@ mod tests {
             "{plan:?}"
         );
         assert!(plan[0].note.contains("every archived WAL file stays"));
+    }
+
+    #[test]
+    fn oplog_slices_ended_an_hour_before_the_oldest_kept_dump_started_go() {
+        use ferry_storage::Target;
+        let target = ferry_storage::memory::MemoryTarget::new("/srv/ferry");
+        let dir = "/srv/ferry/production/mongo-oplog";
+        let slices = [
+            "20260203T220000.000Z-20260203T220100.000Z.bson.zst.age",
+            "20260203T225900.000Z-20260203T225959.000Z.bson.zst.age",
+            // Ends 30 minutes before the dump started: within the hour, it stays.
+            "20260203T233000.000Z-20260203T233000.500Z.bson.zst.age",
+            "20260204T000000.000Z-20260204T000100.000Z.bson.zst.age",
+        ];
+        for name in slices {
+            target.insert(&format!("{dir}/{name}"), b"slice");
+            target.insert(&format!("{dir}/{name}.json"), b"{}");
+        }
+        let mut dump = base_backup(&target, "2026-02-04", 5, "x");
+        dump.datastore = "mongo".into();
+        dump.kind = "mongodb".into();
+        target.insert(
+            &format!("{}.json", dump.stored_path),
+            serde_json::json!({"started": "2026-02-04T00:00:00Z"})
+                .to_string()
+                .as_bytes(),
+        );
+        let plan = oplog_plan(&target, "production", std::slice::from_ref(&dump)).unwrap();
+        assert_eq!(plan.len(), 1);
+        let going: Vec<&str> = plan[0].going.iter().map(|f| f.name()).collect();
+        assert_eq!(going, &slices[..2]);
+        assert_eq!(plan[0].kind, "oplog");
+        assert_eq!(plan[0].keep_from.as_deref(), Some("20260203T230000.000Z"));
+        // Nothing goes without a kept dump.
+        let plan = oplog_plan(&target, "production", &[]).unwrap();
+        assert!(
+            plan[0].going.is_empty() && plan[0].note.contains("no dump"),
+            "{plan:?}"
+        );
+        // Removing one takes its record too; a name outside the layout is refused.
+        let mut session = target.maintain().unwrap();
+        let first = ferry_storage::ArchivedFile::Slice(slices[0].into());
+        assert_eq!(
+            session
+                .remove_archived_file("production", "mongo", &first)
+                .unwrap(),
+            5
+        );
+        assert!(!target.paths().iter().any(|p| p.contains(slices[0])));
+        let bad = ferry_storage::ArchivedFile::Slice("../x".into());
+        assert!(
+            session
+                .remove_archived_file("production", "mongo", &bad)
+                .is_err()
+        );
     }
 }

@@ -187,11 +187,20 @@ impl From<crate::catalog::prune::Outcome> for v1::PruneResponse {
                     datastore: w.datastore,
                     keep_from: w.keep_from.unwrap_or_default(),
                     going: w.going.len() as u32,
-                    first_going: w.going.first().map(|f| f.name.clone()).unwrap_or_default(),
-                    last_going: w.going.last().map(|f| f.name.clone()).unwrap_or_default(),
+                    first_going: w
+                        .going
+                        .first()
+                        .map(|f| f.name().to_owned())
+                        .unwrap_or_default(),
+                    last_going: w
+                        .going
+                        .last()
+                        .map(|f| f.name().to_owned())
+                        .unwrap_or_default(),
                     removed_bytes: w.removed_bytes,
                     removed: w.removed,
                     note: w.note,
+                    kind: w.kind.to_owned(),
                 })
                 .collect(),
         }

@@ -323,6 +323,8 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 newest_file: a.newest_file,
                 pushed_unix_ms: a.pushed_ms,
                 last_error: a.error.unwrap_or_default(),
+                kind: a.kind.to_owned(),
+                gap_since_unix_ms: a.gap_since_ms.unwrap_or(0),
             })
             .collect();
         Ok(Response::new(v1::StatusResponse {

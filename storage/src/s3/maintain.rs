@@ -251,20 +251,20 @@ impl ReadSession for S3Maintain {
 impl MaintainSession for S3Maintain {
     /// Removes every version and delete marker of the objects in the dated folder: with
     /// versioning, a plain delete would only hide them. A locked version refuses.
-    fn remove_wal_file(
+    fn remove_archived_file(
         &mut self,
         environment: &str,
         datastore: &str,
-        file: &ferry_core::wal::WalFileName,
+        file: &crate::ArchivedFile,
     ) -> Result<u64, TargetError> {
         let Some((data, record)) =
-            crate::wal::wal_file_paths(self.conn.config.root(), environment, datastore, file)
+            crate::archived_file_paths(self.conn.config.root(), environment, datastore, file)
         else {
             return Err(TargetError::Io {
                 addr: self.conn.addr.clone(),
                 op: "remove",
-                path: file.name.clone(),
-                message: "not a WAL file of the layout".into(),
+                path: file.name().to_owned(),
+                message: "not an archived file of the layout".into(),
             });
         };
         let mut bytes = 0;

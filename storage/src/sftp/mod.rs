@@ -801,17 +801,17 @@ impl WriteSession for SftpSession {
 }
 
 impl MaintainSession for SftpSession {
-    fn remove_wal_file(
+    fn remove_archived_file(
         &mut self,
         environment: &str,
         datastore: &str,
-        file: &ferry_core::wal::WalFileName,
+        file: &crate::ArchivedFile,
     ) -> Result<u64, TargetError> {
         let _busy = self.watch.busy();
         let Some((data, record)) =
-            crate::wal::wal_file_paths(&self.root, environment, datastore, file)
+            crate::archived_file_paths(&self.root, environment, datastore, file)
         else {
-            return Err(self.err("remove", &file.name, "not a WAL file of the layout"));
+            return Err(self.err("remove", file.name(), "not an archived file of the layout"));
         };
         let mut bytes = 0;
         for path in [data, record] {

@@ -60,6 +60,10 @@ pub struct ChainState {
     pub upto: Option<OplogTs>,
     /// The last slice's end ([`SliceRecord::to`]), UTC.
     pub to: DateTime<Utc>,
+    /// When the chain started ([`SliceRecord::chain_started`]), UTC.
+    pub chain_started: DateTime<Utc>,
+    /// Whether it started after a gap ([`SliceRecord::chain_gap`]).
+    pub chain_gap: bool,
 }
 
 /// `<state_dir>/oplog-<datastore>.json`.
@@ -116,6 +120,8 @@ fn bson_ts(t: OplogTs) -> Timestamp {
 struct Slice {
     replica_set: String,
     chain_start: Option<String>,
+    chain_started: DateTime<Utc>,
+    chain_gap: bool,
     after: Option<OplogTs>,
     first: Option<OplogTs>,
     last: Option<OplogTs>,
@@ -126,16 +132,21 @@ struct Slice {
 }
 
 impl Slice {
-    /// A slice without entries yet, continuing from `after` since `from`.
+    /// A slice without entries yet, continuing from `after` since `from`, in the chain that
+    /// started at `chain` (with `gap` if it did after one); `chain_start` says why a chain
+    /// starts with this slice.
     fn new(
         replica_set: &str,
         chain_start: Option<String>,
         after: Option<OplogTs>,
         from: DateTime<Utc>,
+        (chain, gap): (DateTime<Utc>, bool),
     ) -> Slice {
         Slice {
             replica_set: replica_set.to_owned(),
             chain_start,
+            chain_started: chain,
+            chain_gap: gap,
             after,
             first: None,
             last: None,
@@ -259,7 +270,13 @@ impl Shipper {
         let replica_set = replica_set(client).await?;
         let state = load_state(&self.state_path)?;
         let mut slice = match state {
-            Some(s) if s.replica_set == replica_set => Slice::new(&replica_set, None, s.upto, s.to),
+            Some(s) if s.replica_set == replica_set => Slice::new(
+                &replica_set,
+                None,
+                s.upto,
+                s.to,
+                (s.chain_started, s.chain_gap),
+            ),
             other => {
                 let why = match other {
                     Some(s) => format!(
@@ -268,11 +285,13 @@ impl Shipper {
                     ),
                     None => "the first slice of this datastore on this agent".to_owned(),
                 };
+                let now = Utc::now();
                 Slice::new(
                     &replica_set,
                     Some(why),
                     newest_entry(client).await?,
-                    Utc::now(),
+                    now,
+                    (now, false),
                 )
             }
         };
@@ -290,11 +309,13 @@ impl Shipper {
                 let why = format!(
                     "gap: the oplog no longer held {lost_from}, where the chain had reached (the next entry it held was {oldest}: it rolled over while the agent was down or behind)"
                 );
+                let now = Utc::now();
                 slice = Slice::new(
                     &replica_set,
                     Some(why),
                     newest_entry(client).await?,
-                    Utc::now(),
+                    now,
+                    (now, true),
                 );
                 continue;
             }
@@ -334,6 +355,8 @@ impl Shipper {
             environment: settings.environment.clone(),
             replica_set: slice.replica_set.clone(),
             chain_start: slice.chain_start.clone(),
+            chain_started: slice.chain_started,
+            chain_gap: slice.chain_gap,
             after: slice.after,
             upto: slice.upto(),
             first: slice.first,
@@ -368,6 +391,8 @@ impl Shipper {
                         replica_set: slice.replica_set.clone(),
                         upto: slice.upto(),
                         to: slice.to,
+                        chain_started: slice.chain_started,
+                        chain_gap: slice.chain_gap,
                     }),
                 )
             }
@@ -700,6 +725,8 @@ mod tests {
                 i: 7,
             }),
             to: DateTime::from_timestamp_millis(1_796_465_570_123).unwrap(),
+            chain_started: DateTime::from_timestamp(1_796_465_000, 0).unwrap(),
+            chain_gap: false,
         };
         save_state(&path, &state).unwrap();
         assert_eq!(load_state(&path), Ok(Some(state)));
@@ -725,6 +752,8 @@ mod tests {
                 environment: "production".into(),
                 replica_set: "rs0".into(),
                 chain_start: chain_start.map(str::to_owned),
+                chain_started: DateTime::from_timestamp(0, 0).unwrap(),
+                chain_gap: false,
                 after: after.map(at),
                 upto: last.or(after).map(at),
                 first: last.map(at),
