@@ -36,30 +36,41 @@ fn deploy() -> Fleet {
 
 /// [`deploy`], with a staging MongoDB server restored to if `staging`.
 fn deploy_with(staging: bool) -> Fleet {
+    deploy_opts(staging, false)
+}
+
+/// [`deploy_with`], the backup server in a network namespace of its own if `netns` (so a
+/// test can cut its link; the agent's calls then fail after 5 s without progress).
+fn deploy_opts(staging: bool, netns: bool) -> Fleet {
     let mut server = None;
     let mut state = None;
     let mut stage = None;
-    let d = Deployment::start_with(DEFAULT_DATA, |d| {
-        if staging {
-            let s = MongoServer::start(&d.dir.path().join("mongo-stage"));
-            append(&d.stage_config, &s.datastore_toml());
-            stage = Some(s);
-        }
-        d.add_maintenance();
-        let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
-        let state_dir = d.dir.path().join("prod-state");
-        let config = fs::read_to_string(&d.prod_config).unwrap();
-        fs::write(
-            &d.prod_config,
-            format!("state_dir = \"{}\"\n{config}", state_dir.display()),
-        )
-        .unwrap();
-        append(
-            &d.prod_config,
-            &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),
-        );
-        server = Some(prod);
-        state = Some(state_dir);
+    let d = Deployment::start_with_options(DeploymentOptions {
+        backup_server_netns: netns,
+        io_timeout_seconds: netns.then_some(5),
+        tweak: Some(Box::new(|d: &mut Deployment| {
+            if staging {
+                let s = MongoServer::start(&d.dir.path().join("mongo-stage"));
+                append(&d.stage_config, &s.datastore_toml());
+                stage = Some(s);
+            }
+            d.add_maintenance();
+            let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
+            let state_dir = d.dir.path().join("prod-state");
+            let config = fs::read_to_string(&d.prod_config).unwrap();
+            fs::write(
+                &d.prod_config,
+                format!("state_dir = \"{}\"\n{config}", state_dir.display()),
+            )
+            .unwrap();
+            append(
+                &d.prod_config,
+                &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),
+            );
+            server = Some(prod);
+            state = Some(state_dir);
+        })),
+        ..DeploymentOptions::default()
     });
     Fleet {
         d,
@@ -608,4 +619,30 @@ fn stored_slices_names(d: &Deployment) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[test]
+fn with_the_backup_server_unreachable_slices_wait_and_the_chain_has_every_entry_once_it_is_back() {
+    let f = deploy_opts(false, true);
+    wait_slice_after(&f.d, chrono::Utc::now());
+    write_round(&f.prod, 1);
+    let netns = f.d.netns.as_ref().expect("the backup server's namespace");
+    netns.cut();
+    write_round(&f.prod, 2);
+    std::thread::sleep(Duration::from_secs(12));
+    write_round(&f.prod, 3);
+    let log = f.d.log_tail("agent-prod");
+    netns.restore();
+    assert!(log.contains("Oplog slice failed; retrying."), "{log}");
+    write_round(&f.prod, 4);
+    wait_slice_after(&f.d, chrono::Utc::now());
+
+    let slices = stored_slices(&f.d);
+    let stored = check_chain(&slices, &[0]);
+    let expected = server_entries(&f.prod, tsj(&slices[0].record["after"]));
+    assert!(expected.len() >= 4 * 4, "{}", expected.len());
+    assert_eq!(
+        stored, expected,
+        "every entry once, in order, after the outage"
+    );
 }
