@@ -36,12 +36,13 @@ fn deploy() -> Fleet {
 
 /// [`deploy`], with a staging MongoDB server restored to if `staging`.
 fn deploy_with(staging: bool) -> Fleet {
-    deploy_opts(staging, false)
+    deploy_opts(staging, false, None)
 }
 
 /// [`deploy_with`], the backup server in a network namespace of its own if `netns` (so a
-/// test can cut its link; the agent's calls then fail after 5 s without progress).
-fn deploy_opts(staging: bool, netns: bool) -> Fleet {
+/// test can cut its link; the agent's calls then fail after 5 s without progress), and
+/// production copied to `copy` (a bucket of the shared Ceph cluster, `offsite`) if given.
+fn deploy_opts(staging: bool, netns: bool, copy: Option<&str>) -> Fleet {
     let mut server = None;
     let mut state = None;
     let mut stage = None;
@@ -55,6 +56,23 @@ fn deploy_opts(staging: bool, netns: bool) -> Fleet {
                 stage = Some(s);
             }
             d.add_maintenance();
+            if let Some(bucket) = copy {
+                let c = CephCluster::shared();
+                append(
+                    &d.coordinator_config,
+                    &format!(
+                        "\n[[environments]]\nname = \"production\"\ncopy_to = [\"offsite\"]\n{}",
+                        s3_table(
+                            "copies.offsite",
+                            c,
+                            bucket,
+                            &c.roles().maintenance,
+                            d.dir.path(),
+                            ""
+                        )
+                    ),
+                );
+            }
             let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
             let state_dir = d.dir.path().join("prod-state");
             let config = fs::read_to_string(&d.prod_config).unwrap();
@@ -623,7 +641,7 @@ fn stored_slices_names(d: &Deployment) -> Vec<String> {
 
 #[test]
 fn with_the_backup_server_unreachable_slices_wait_and_the_chain_has_every_entry_once_it_is_back() {
-    let f = deploy_opts(false, true);
+    let f = deploy_opts(false, true, None);
     wait_slice_after(&f.d, chrono::Utc::now());
     write_round(&f.prod, 1);
     let netns = f.d.netns.as_ref().expect("the backup server's namespace");
@@ -645,4 +663,56 @@ fn with_the_backup_server_unreachable_slices_wait_and_the_chain_has_every_entry_
         stored, expected,
         "every entry once, in order, after the outage"
     );
+}
+
+#[test]
+fn oplog_slices_are_copied_to_the_copy_target_byte_for_byte_with_their_records() {
+    let c = CephCluster::shared();
+    let bucket = c.ferry_copy_bucket("slices");
+    let f = deploy_opts(false, false, Some(&bucket));
+    write_round(&f.prod, 1);
+    wait_slice_after(&f.d, chrono::Utc::now());
+    let before = stored_slices_names(&f.d);
+    // A backup wakes the copier: the dump, then the archived slices the copy lacks.
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let dir = oplog_dir(&f.d);
+    let key = |name: &str| format!("ferry/production/mongo-oplog/{name}");
+    let m = &c.roles().maintenance;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in &before {
+        for object in [name.clone(), format!("{name}.json")] {
+            let got = loop {
+                match c.s3(
+                    m,
+                    "get_object",
+                    serde_json::json!({"Bucket": bucket, "Key": key(&object)}),
+                ) {
+                    Ok(v) => break v,
+                    Err(e) => assert!(
+                        Instant::now() < deadline,
+                        "{object} not copied: {e}\n{}",
+                        f.d.log_tail("coordinator")
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            };
+            let local = fs::read(dir.join(&object)).unwrap();
+            if object.ends_with(".json") {
+                // The record as on the primary, but for the version id the copy target gave
+                // its own copy.
+                let primary: serde_json::Value = serde_json::from_slice(&local).unwrap();
+                let mut copied: serde_json::Value =
+                    serde_json::from_str(got["Body"].as_str().unwrap()).unwrap();
+                assert!(copied["version_id"].is_string(), "{copied}");
+                copied.as_object_mut().unwrap().remove("version_id");
+                assert_eq!(copied, primary, "{object}");
+            } else {
+                assert_eq!(
+                    got["BodySha256"].as_str().unwrap(),
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&local)),
+                    "{object} byte for byte"
+                );
+            }
+        }
+    }
 }
