@@ -36,30 +36,59 @@ fn deploy() -> Fleet {
 
 /// [`deploy`], with a staging MongoDB server restored to if `staging`.
 fn deploy_with(staging: bool) -> Fleet {
+    deploy_opts(staging, false, None)
+}
+
+/// [`deploy_with`], the backup server in a network namespace of its own if `netns` (so a
+/// test can cut its link; the agent's calls then fail after 5 s without progress), and
+/// production copied to `copy` (a bucket of the shared Ceph cluster, `offsite`) if given.
+fn deploy_opts(staging: bool, netns: bool, copy: Option<&str>) -> Fleet {
     let mut server = None;
     let mut state = None;
     let mut stage = None;
-    let d = Deployment::start_with(DEFAULT_DATA, |d| {
-        if staging {
-            let s = MongoServer::start(&d.dir.path().join("mongo-stage"));
-            append(&d.stage_config, &s.datastore_toml());
-            stage = Some(s);
-        }
-        d.add_maintenance();
-        let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
-        let state_dir = d.dir.path().join("prod-state");
-        let config = fs::read_to_string(&d.prod_config).unwrap();
-        fs::write(
-            &d.prod_config,
-            format!("state_dir = \"{}\"\n{config}", state_dir.display()),
-        )
-        .unwrap();
-        append(
-            &d.prod_config,
-            &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),
-        );
-        server = Some(prod);
-        state = Some(state_dir);
+    let d = Deployment::start_with_options(DeploymentOptions {
+        backup_server_netns: netns,
+        io_timeout_seconds: netns.then_some(5),
+        tweak: Some(Box::new(|d: &mut Deployment| {
+            if staging {
+                let s = MongoServer::start(&d.dir.path().join("mongo-stage"));
+                append(&d.stage_config, &s.datastore_toml());
+                stage = Some(s);
+            }
+            d.add_maintenance();
+            if let Some(bucket) = copy {
+                let c = CephCluster::shared();
+                append(
+                    &d.coordinator_config,
+                    &format!(
+                        "\n[[environments]]\nname = \"production\"\ncopy_to = [\"offsite\"]\n{}",
+                        s3_table(
+                            "copies.offsite",
+                            c,
+                            bucket,
+                            &c.roles().maintenance,
+                            d.dir.path(),
+                            ""
+                        )
+                    ),
+                );
+            }
+            let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
+            let state_dir = d.dir.path().join("prod-state");
+            let config = fs::read_to_string(&d.prod_config).unwrap();
+            fs::write(
+                &d.prod_config,
+                format!("state_dir = \"{}\"\n{config}", state_dir.display()),
+            )
+            .unwrap();
+            append(
+                &d.prod_config,
+                &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),
+            );
+            server = Some(prod);
+            state = Some(state_dir);
+        })),
+        ..DeploymentOptions::default()
     });
     Fleet {
         d,
@@ -608,4 +637,82 @@ fn stored_slices_names(d: &Deployment) -> Vec<String> {
         .collect();
     names.sort();
     names
+}
+
+#[test]
+fn with_the_backup_server_unreachable_slices_wait_and_the_chain_has_every_entry_once_it_is_back() {
+    let f = deploy_opts(false, true, None);
+    wait_slice_after(&f.d, chrono::Utc::now());
+    write_round(&f.prod, 1);
+    let netns = f.d.netns.as_ref().expect("the backup server's namespace");
+    netns.cut();
+    write_round(&f.prod, 2);
+    std::thread::sleep(Duration::from_secs(12));
+    write_round(&f.prod, 3);
+    let log = f.d.log_tail("agent-prod");
+    netns.restore();
+    assert!(log.contains("Oplog slice failed; retrying."), "{log}");
+    write_round(&f.prod, 4);
+    wait_slice_after(&f.d, chrono::Utc::now());
+
+    let slices = stored_slices(&f.d);
+    let stored = check_chain(&slices, &[0]);
+    let expected = server_entries(&f.prod, tsj(&slices[0].record["after"]));
+    assert!(expected.len() >= 4 * 4, "{}", expected.len());
+    assert_eq!(
+        stored, expected,
+        "every entry once, in order, after the outage"
+    );
+}
+
+#[test]
+fn oplog_slices_are_copied_to_the_copy_target_byte_for_byte_with_their_records() {
+    let c = CephCluster::shared();
+    let bucket = c.ferry_copy_bucket("slices");
+    let f = deploy_opts(false, false, Some(&bucket));
+    write_round(&f.prod, 1);
+    wait_slice_after(&f.d, chrono::Utc::now());
+    let before = stored_slices_names(&f.d);
+    // A backup wakes the copier: the dump, then the archived slices the copy lacks.
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let dir = oplog_dir(&f.d);
+    let key = |name: &str| format!("ferry/production/mongo-oplog/{name}");
+    let m = &c.roles().maintenance;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    for name in &before {
+        for object in [name.clone(), format!("{name}.json")] {
+            let got = loop {
+                match c.s3(
+                    m,
+                    "get_object",
+                    serde_json::json!({"Bucket": bucket, "Key": key(&object)}),
+                ) {
+                    Ok(v) => break v,
+                    Err(e) => assert!(
+                        Instant::now() < deadline,
+                        "{object} not copied: {e}\n{}",
+                        f.d.log_tail("coordinator")
+                    ),
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            };
+            let local = fs::read(dir.join(&object)).unwrap();
+            if object.ends_with(".json") {
+                // The record as on the primary, but for the version id the copy target gave
+                // its own copy.
+                let primary: serde_json::Value = serde_json::from_slice(&local).unwrap();
+                let mut copied: serde_json::Value =
+                    serde_json::from_str(got["Body"].as_str().unwrap()).unwrap();
+                assert!(copied["version_id"].is_string(), "{copied}");
+                copied.as_object_mut().unwrap().remove("version_id");
+                assert_eq!(copied, primary, "{object}");
+            } else {
+                assert_eq!(
+                    got["BodySha256"].as_str().unwrap(),
+                    hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&local)),
+                    "{object} byte for byte"
+                );
+            }
+        }
+    }
 }

@@ -10,10 +10,13 @@
 //! with `pgbench -i -s SCALE` loaded:
 //! - Ferry: `archive_command = 'ferry-agent wal-push --socket S %p'`, handing each segment to
 //!   the production agent (the test harness's deployment, its `[backup_server]` the bucket
-//!   with production's keys, a physical PostgreSQL datastore), which compresses (zstd level
-//!   3), encrypts (age) and uploads it, keeping its S3 session between segments.
+//!   over HTTPS with the RGW's CA and production's keys, a physical PostgreSQL datastore),
+//!   which compresses (zstd level 3), encrypts (age) and uploads it, keeping its S3 session
+//!   between segments.
 //! - pgBackRest: `archive_command = 'pgbackrest --stanza=bench archive-push %p'` with an S3
-//!   repository on the same RGW (HTTPS, its CA), `compress-type=zst` (level 3),
+//!   repository on the same RGW (HTTPS without verifying the certificate: the RGW's names
+//!   127.0.0.1 as an IP address, which pgBackRest 2.45 does not match),
+//!   `compress-type=zst` (level 3),
 //!   `repo1-cipher-type=aes-256-cbc`, `archive-async=n` (synchronous, as Ferry is), after
 //!   `stanza-create`.
 //!
@@ -287,7 +290,19 @@ fn main() -> anyhow::Result<()> {
         let dir = d.dir.path().to_owned();
         let (pg, _, socket) = archiving_cluster(&dir, "archive_timeout = 60");
         let text = fs::read_to_string(&d.prod_config).unwrap();
-        let table = s3_table("backup_server", &c, &bucket, &roles.production, &dir, "");
+        // HTTPS with the RGW's CA, as pgBackRest's.
+        let table = s3_table(
+            "backup_server",
+            &c,
+            &bucket,
+            &roles.production,
+            &dir,
+            &format!(
+                "ca_file = {}\n",
+                toml_str(&c.tls_ca().display().to_string())
+            ),
+        )
+        .replace(&c.endpoint(), &c.tls_endpoint());
         fs::write(&d.prod_config, replace_backup_server(&text, &table)).unwrap();
         append(&d.prod_config, &production_entry(&pg));
         append(
@@ -334,8 +349,6 @@ fn main() -> anyhow::Result<()> {
             conf.display()
         ),
     );
-    let ca = dir.join("ca.pem");
-    fs::copy(c.tls_ca(), &ca)?;
     let port = c
         .tls_endpoint()
         .rsplit(':')
@@ -348,17 +361,16 @@ fn main() -> anyhow::Result<()> {
             "[global]\nrepo1-type=s3\nrepo1-path=/pgbackrest\nrepo1-s3-bucket={repo_bucket}\n\
              repo1-s3-endpoint=127.0.0.1\nrepo1-storage-port={port}\nrepo1-s3-region=us-east-1\n\
              repo1-s3-key={}\nrepo1-s3-key-secret={}\nrepo1-s3-uri-style=path\n\
-             repo1-storage-ca-file={}\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench\n\
+             repo1-storage-verify-tls=n\nrepo1-cipher-type=aes-256-cbc\nrepo1-cipher-pass=bench\n\
              compress-type=zst\ncompress-level=3\narchive-async=n\nlock-path={}\n\
              log-path={}\nlog-level-file=off\n\n[bench]\npg1-path={}\npg1-port={}\npg1-socket-path={}\n",
             roles.maintenance.access_key,
             roles.maintenance.secret_key,
-            ca.display(),
             dir.join("lock").display(),
             dir.display(),
             pg.data_dir().display(),
             pg.port(),
-            pg.dir().display(),
+            pg.dir().join("sock").display(),
         ),
     )?;
     let own = Command::new("chown")

@@ -13,7 +13,8 @@
 //!
 //! The copier ([`Coordinator::run_copies`]) runs at start, after each backup the catalog
 //! records, and every [`COPY_INTERVAL`]: for each environment and copy target, the
-//! backups it lacks, newest first, one at a time. What it did is recorded on the catalog
+//! backups it lacks, newest first, one at a time; then the archived WAL and oplog slices
+//! it lacks ([`copy_archives`]), each checked against its record. What it did is recorded on the catalog
 //! record ([`crate::model::BackupRecord::copies`]); what it could not do, in
 //! [`CopyProgress::last_error`], shown by `ferry status` and `/metrics`
 //! (`ferry_copy_lag_seconds`, alert `FerryCopyBehind` past 26 h).
@@ -238,62 +239,25 @@ pub fn copy_backup(
     };
     for (name, manifest) in &parts {
         let path = format!("{src_dir}/{name}");
-        let (tx, rx) = ferry_storage::chunk::channel();
-        let (htx, hrx) = ferry_storage::chunk::channel();
         let stored = StoredFile {
             dir: dst_dir.clone(),
             name: name.clone(),
         };
-        // Download → hash → stage, each on a thread of its own, as the channels are bounded:
-        // the hash thread forwards every chunk as it hashes it. A side that stops hangs up
-        // its channel, which ends the others.
-        let (downloaded, stage, (sha256, size)) = std::thread::scope(|scope| {
-            let hasher = scope.spawn(move || hash_forward(rx, htx, cancel));
-            let version = manifest.version_id.as_deref();
-            let (read, path) = (&mut read, &path);
-            let download = scope.spawn(move || read.download_version(path, version, tx));
-            let stage = write.stage(&stored, job_id, hrx);
-            let downloaded = download.join().unwrap_or_else(|_| {
-                Err(ferry_storage::TargetError::Io {
-                    addr: source.describe(),
-                    op: "download",
-                    path: path.clone(),
-                    message: "the download thread panicked".to_owned(),
-                })
-            });
-            (downloaded, stage, hasher.join().unwrap_or_default())
-        });
-        if cancel.is_cancelled() {
-            abandon(&mut write, &staged);
-            if let Ok(s) = &stage {
-                write.abandon(std::slice::from_ref(&s.partial));
-            }
-            return Err(CopyError::Cancelled);
-        }
-        let part = match (downloaded, stage) {
-            (Err(e), Ok(s)) => {
+        let version = manifest.version_id.as_deref();
+        let streamed = stream_file(
+            (source, &mut read),
+            &mut write,
+            (&path, version),
+            &stored,
+            job_id,
+            cancel,
+        );
+        let (part, sha256, size) = match streamed {
+            Ok(s) => s,
+            Err(e) => {
                 abandon(&mut write, &staged);
-                write.abandon(&[s.partial]);
-                return Err(CopyError::Target {
-                    doing: format!("reading {path} on the primary"),
-                    source: e,
-                });
+                return Err(e);
             }
-            (Err(e), Err(_)) => {
-                abandon(&mut write, &staged);
-                return Err(CopyError::Target {
-                    doing: format!("reading {path} on the primary"),
-                    source: e,
-                });
-            }
-            (Ok(_), Err(e)) => {
-                abandon(&mut write, &staged);
-                return Err(CopyError::Target {
-                    doing: format!("writing {} on the copy target", stored.path()),
-                    source: e,
-                });
-            }
-            (Ok(_), Ok(s)) => s,
         };
         if sha256 != manifest.sha256 || size != manifest.bytes_stored {
             abandon(&mut write, &staged);
@@ -318,6 +282,200 @@ pub fn copy_backup(
             source: e,
         })?;
     Ok(copied)
+}
+
+/// Streams `path` (its `version`) from the primary's `read` session into a partial of
+/// `stored` on the copy target's `write` session, hashing it: `(staged, SHA-256, bytes)`.
+/// Nothing is committed; on an error the partial is abandoned.
+///
+/// # Errors
+/// [`CopyError::Target`] naming the side that failed; [`CopyError::Cancelled`] once
+/// `cancel` is cancelled.
+fn stream_file(
+    (source, read): (&dyn Target, &mut Box<dyn ferry_storage::ReadSession>),
+    write: &mut Box<dyn ferry_storage::WriteSession>,
+    (path, version): (&str, Option<&str>),
+    stored: &StoredFile,
+    job_id: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(Staged, String, u64), CopyError> {
+    let (tx, rx) = ferry_storage::chunk::channel();
+    let (htx, hrx) = ferry_storage::chunk::channel();
+    // Download → hash → stage, each on a thread of its own, as the channels are bounded:
+    // the hash thread forwards every chunk as it hashes it. A side that stops hangs up its
+    // channel, which ends the others.
+    let (downloaded, stage, (sha256, size)) = std::thread::scope(|scope| {
+        let hasher = scope.spawn(move || hash_forward(rx, htx, cancel));
+        let download = scope.spawn(move || read.download_version(path, version, tx));
+        let stage = write.stage(stored, job_id, hrx);
+        let downloaded = download.join().unwrap_or_else(|_| {
+            Err(ferry_storage::TargetError::Io {
+                addr: source.describe(),
+                op: "download",
+                path: path.to_owned(),
+                message: "the download thread panicked".to_owned(),
+            })
+        });
+        (downloaded, stage, hasher.join().unwrap_or_default())
+    });
+    if cancel.is_cancelled() {
+        if let Ok(s) = &stage {
+            write.abandon(std::slice::from_ref(&s.partial));
+        }
+        return Err(CopyError::Cancelled);
+    }
+    match (downloaded, stage) {
+        (Err(e), stage) => {
+            if let Ok(s) = stage {
+                write.abandon(&[s.partial]);
+            }
+            Err(CopyError::Target {
+                doing: format!("reading {path} on the primary"),
+                source: e,
+            })
+        }
+        (Ok(_), Err(e)) => Err(CopyError::Target {
+            doing: format!("writing {} on the copy target", stored.path()),
+            source: e,
+        }),
+        (Ok(_), Ok(s)) => Ok((s, sha256, size)),
+    }
+}
+
+/// Copies the archived WAL and oplog slices of `environment` that `dest` lacks from
+/// `source`: every file of a `<datastore>-wal/<timeline>` or `<datastore>-oplog` folder
+/// that has its `.json` record on the primary and no record on the copy target, streamed
+/// and checked against its record's `sha256_stored` and `bytes_stored`, then committed
+/// with its record (the primary's version id removed). Oldest first, by name. Returns
+/// the files and bytes copied.
+///
+/// # Errors
+/// [`CopyError`] for the first file that could not be copied (the ones before it stay
+/// copied; nothing of it is left visible on `dest`).
+pub fn copy_archives(
+    source: &dyn Target,
+    dest: &dyn Target,
+    environment: &str,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(u64, u64), CopyError> {
+    let src_env = source.environment_dir(environment);
+    let dst_env = dest.environment_dir(environment);
+    let err = |doing: String| move |e| CopyError::Target { doing, source: e };
+    let mut read = source
+        .read()
+        .map_err(err(format!("opening the primary ({})", source.describe())))?;
+    let mut dst_read = dest.read().map_err(err(format!(
+        "opening the copy target ({})",
+        dest.describe()
+    )))?;
+    // Folders relative to the environment folder.
+    let mut folders: Vec<String> = Vec::new();
+    let listing = |read: &mut Box<dyn ferry_storage::ReadSession>, dir: &str| {
+        read.list(dir)
+            .map_err(err(format!("listing {dir} on the primary")))
+    };
+    for ds in ferry_storage::wal::archived_datastores(&mut *read, &src_env)
+        .map_err(err(format!("listing {src_env} on the primary")))?
+    {
+        let mut timelines = listing(&mut read, &format!("{src_env}/{ds}-wal"))?;
+        timelines.retain(|t| t.len() == 8 && t.bytes().all(|b| b.is_ascii_hexdigit()));
+        timelines.sort();
+        folders.extend(timelines.into_iter().map(|t| format!("{ds}-wal/{t}")));
+    }
+    for ds in ferry_storage::oplog::archived_datastores(&mut *read, &src_env)
+        .map_err(err(format!("listing {src_env} on the primary")))?
+    {
+        folders.push(format!("{ds}-oplog"));
+    }
+    let mut write: Option<Box<dyn ferry_storage::WriteSession>> = None;
+    let (mut files, mut bytes) = (0u64, 0u64);
+    for folder in folders {
+        let (src_dir, dst_dir) = (format!("{src_env}/{folder}"), format!("{dst_env}/{folder}"));
+        let entries = listing(&mut read, &src_dir)?;
+        let archived = |e: &str| {
+            let Some(n) = e.strip_suffix(".json") else {
+                return false;
+            };
+            !n.starts_with('.')
+                && (ferry_core::oplog::is_slice_name(n)
+                    || n.strip_suffix(".zst.age")
+                        .is_some_and(|w| ferry_core::wal::WalFileName::parse(w).is_ok()))
+                && entries.iter().any(|d| d == n)
+        };
+        let mut wanted: Vec<&String> = entries.iter().filter(|e| archived(e)).collect();
+        wanted.sort();
+        if wanted.is_empty() {
+            continue;
+        }
+        let there = match dst_read.list(&dst_dir) {
+            Ok(t) => t,
+            Err(TargetError::NotFound { .. }) => Vec::new(),
+            Err(e) => return Err(err(format!("listing {dst_dir} on the copy target"))(e)),
+        };
+        for record_name in wanted.into_iter().filter(|r| !there.contains(r)) {
+            if cancel.is_cancelled() {
+                return Err(CopyError::Cancelled);
+            }
+            let name = record_name.trim_end_matches(".json");
+            let record_path = format!("{src_dir}/{record_name}");
+            let record_bytes = read
+                .read_small(&record_path, MAX_MANIFEST_BYTES)
+                .map_err(err(format!("reading {record_path} on the primary")))?;
+            let mut record: serde_json::Value = serde_json::from_slice(&record_bytes)
+                .map_err(|e| CopyError::Manifest(format!("{record_path}: {e}")))?;
+            let (Some(expected_sha256), Some(expected_size)) = (
+                record["sha256_stored"].as_str().map(str::to_owned),
+                record["bytes_stored"].as_u64(),
+            ) else {
+                return Err(CopyError::Manifest(format!(
+                    "{record_path} names no sha256_stored and bytes_stored"
+                )));
+            };
+            let version = record
+                .as_object_mut()
+                .and_then(|o| o.remove("version_id"))
+                .and_then(|v| v.as_str().map(str::to_owned));
+            let w = match &mut write {
+                Some(w) => w,
+                None => write.insert(dest.write().map_err(err(format!(
+                    "opening the copy target ({})",
+                    dest.describe()
+                )))?),
+            };
+            let stored = StoredFile {
+                dir: dst_dir.clone(),
+                name: name.to_owned(),
+            };
+            let job_id = format!("copy{}", ulid::Ulid::new());
+            let path = format!("{src_dir}/{name}");
+            let (part, sha256, size) = stream_file(
+                (source, &mut read),
+                w,
+                (&path, version.as_deref()),
+                &stored,
+                &job_id,
+                cancel,
+            )?;
+            if sha256 != expected_sha256 || size != expected_size {
+                w.abandon(&[part.partial]);
+                return Err(CopyError::Integrity {
+                    path,
+                    size,
+                    sha256,
+                    expected_size,
+                    expected_sha256,
+                });
+            }
+            let json = serde_json::to_vec_pretty(&record).expect("a record serialises");
+            w.commit(&job_id, &[(part, json)]).map_err(err(format!(
+                "committing {} on the copy target",
+                stored.path()
+            )))?;
+            files += 1;
+            bytes += size;
+        }
+    }
+    Ok((files, bytes))
 }
 
 /// Hashes every chunk of `rx` and forwards it to `tx`; the SHA-256 (lower-case hex) and
@@ -431,6 +589,7 @@ impl Coordinator {
                 let Some(dest) = self.settings.copies.get(&name).cloned() else {
                     continue;
                 };
+                let mut failed = false;
                 for record in lacking(&of_env, &name) {
                     if self.shutdown.is_cancelled() {
                         return;
@@ -443,7 +602,36 @@ impl Coordinator {
                                 "Could not copy the backup; the next pass tries again.");
                             self.copier
                                 .set(&env, &name, |p| p.last_error = Some(message));
+                            failed = true;
                             break;
+                        }
+                    }
+                }
+                // Then the archived WAL and oplog slices the copy target lacks.
+                let (src, dst, e, cancel) = (
+                    source.clone(),
+                    dest.clone(),
+                    env.clone(),
+                    self.shutdown.clone(),
+                );
+                let copied =
+                    tokio::task::spawn_blocking(move || copy_archives(&*src, &*dst, &e, &cancel))
+                        .await
+                        .map_err(|e| format!("the copy task failed: {e}"))
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                match copied {
+                    Ok((0, _)) => {}
+                    Ok((files, bytes)) => {
+                        tracing::info!(environment = %env, copy = %name, files, bytes,
+                            "Copied archived WAL and oplog slices.");
+                    }
+                    Err(message) => {
+                        tracing::error!(environment = %env, copy = %name, error = %message,
+                            "Could not copy the archived WAL and oplog slices; the next pass tries again.");
+                        if !failed {
+                            self.copier.set(&env, &name, |p| {
+                                p.last_error = Some(format!("archived WAL and oplog: {message}"));
+                            });
                         }
                     }
                 }
@@ -749,6 +937,96 @@ mod tests {
             r.list("/copy/production/2026-12-05").unwrap(),
             Vec::<String>::new(),
             "no file, no partial left on the copy target"
+        );
+    }
+
+    #[test]
+    fn archived_wal_and_oplog_slices_a_copy_lacks_are_copied_with_their_records_and_checked() {
+        let primary = MemoryTarget::new("/primary");
+        let copy = MemoryTarget::new("/copy");
+        let record = |bytes: &[u8], sha: Option<&str>| {
+            serde_json::json!({
+                "sha256_stored": sha.map_or_else(|| hex::encode(Sha256::digest(bytes)), str::to_owned),
+                "bytes_stored": bytes.len(),
+                "version_id": "v-on-the-primary",
+            })
+            .to_string()
+        };
+        let files = [
+            (
+                "pg-wal/00000001/000000010000000000000002.zst.age",
+                b"wal two".as_slice(),
+            ),
+            (
+                "pg-wal/00000002/00000002.history.zst.age",
+                b"history".as_slice(),
+            ),
+            (
+                "mongo-oplog/20261205T100000.000Z-20261205T100100.000Z.bson.zst.age",
+                b"slice".as_slice(),
+            ),
+        ];
+        for (path, bytes) in files {
+            primary.insert(&format!("/primary/production/{path}"), bytes);
+            primary.insert(
+                &format!("/primary/production/{path}.json"),
+                record(bytes, None).as_bytes(),
+            );
+        }
+        // Written, its record not yet: not archived, not copied.
+        primary.insert(
+            "/primary/production/pg-wal/00000001/000000010000000000000003.zst.age",
+            b"wal three",
+        );
+        // Already on the copy target: left alone.
+        copy.insert(
+            "/copy/production/pg-wal/00000002/00000002.history.zst.age",
+            b"history",
+        );
+        copy.insert(
+            "/copy/production/pg-wal/00000002/00000002.history.zst.age.json",
+            b"{}",
+        );
+        let cancel = CancellationToken::new();
+        let (n, bytes) = copy_archives(&primary, &copy, "production", &cancel).unwrap();
+        assert_eq!((n, bytes), (2, 12));
+        for (path, data) in [files[0], files[2]] {
+            assert_eq!(
+                read_all(&copy, &format!("/copy/production/{path}")).unwrap(),
+                data
+            );
+            let r: serde_json::Value = serde_json::from_slice(
+                &read_all(&copy, &format!("/copy/production/{path}.json")).unwrap(),
+            )
+            .unwrap();
+            assert!(r.get("version_id").is_none(), "{r}");
+            assert_eq!(r["bytes_stored"], data.len());
+        }
+        assert!(
+            !copy
+                .paths()
+                .iter()
+                .any(|p| p.contains("000000010000000000000003"))
+        );
+        // A second pass copies nothing.
+        assert_eq!(
+            copy_archives(&primary, &copy, "production", &cancel).unwrap(),
+            (0, 0)
+        );
+
+        // One whose bytes differ from its record: refused, nothing of it on the copy.
+        let bad = "mongo-oplog/20261205T100100.000Z-20261205T100200.000Z.bson.zst.age";
+        primary.insert(&format!("/primary/production/{bad}"), b"altered");
+        primary.insert(
+            &format!("/primary/production/{bad}.json"),
+            record(b"altered", Some(&"0".repeat(64))).as_bytes(),
+        );
+        let e = copy_archives(&primary, &copy, "production", &cancel).unwrap_err();
+        assert!(matches!(e, CopyError::Integrity { .. }), "{e}");
+        assert!(
+            !copy.paths().iter().any(|p| p.contains("T100200")),
+            "{:?}",
+            copy.paths()
         );
     }
 }
