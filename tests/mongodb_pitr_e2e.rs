@@ -647,11 +647,23 @@ fn with_the_backup_server_unreachable_slices_wait_and_the_chain_has_every_entry_
     let netns = f.d.netns.as_ref().expect("the backup server's namespace");
     netns.cut();
     write_round(&f.prod, 2);
-    std::thread::sleep(Duration::from_secs(12));
+    // Until a slice's upload has failed (the agent's calls give up after 5 s without
+    // progress) and been retried.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !f
+        .d
+        .log_tail("agent-prod")
+        .contains("Oplog slice failed; retrying.")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no failed slice logged while the link is cut:\n{}",
+            f.d.log_tail("agent-prod")
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
     write_round(&f.prod, 3);
-    let log = f.d.log_tail("agent-prod");
     netns.restore();
-    assert!(log.contains("Oplog slice failed; retrying."), "{log}");
     write_round(&f.prod, 4);
     wait_slice_after(&f.d, chrono::Utc::now());
 
