@@ -62,16 +62,22 @@ pub fn slice_name(from: DateTime<Utc>, to: DateTime<Utc>) -> String {
     )
 }
 
+/// The time range `(from, to)` (UTC) that a stored slice's data file name says it covers,
+/// `None` for a name that is not one ([`slice_name`]'s shape, `from` not after `to`).
+pub fn slice_range(name: &str) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+    let (from, to) = name.strip_suffix(SLICE_SUFFIX)?.split_once('-')?;
+    let parse = |s: &str| {
+        chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%S%.3fZ")
+            .ok()
+            .map(|t| t.and_utc())
+    };
+    let (from, to) = (parse(from)?, parse(to)?);
+    (from <= to).then_some((from, to))
+}
+
 /// Whether `name` (a file name in an oplog folder) is a stored slice's data file.
 pub fn is_slice_name(name: &str) -> bool {
-    let Some(stem) = name.strip_suffix(SLICE_SUFFIX) else {
-        return false;
-    };
-    let Some((from, to)) = stem.split_once('-') else {
-        return false;
-    };
-    let parse = |s: &str| chrono::NaiveDateTime::parse_from_str(s, "%Y%m%dT%H%M%S%.3fZ").is_ok();
-    parse(from) && parse(to) && from <= to
+    slice_range(name).is_some()
 }
 
 /// The `.json` record beside each slice: its place in the chain, its entries and checksums.
@@ -184,6 +190,7 @@ mod tests {
         assert_eq!(ab, "20261205T095959.000Z-20261205T100000.250Z.bson.zst.age");
         assert!(ab < bc);
         assert!(is_slice_name(&ab) && is_slice_name(&bc));
+        assert_eq!(slice_range(&ab), Some((a, b)));
         for bad in [
             "20261205T095959.000Z.bson.zst.age",
             "20261205T100000.250Z-20261205T095959.000Z.bson.zst.age",

@@ -309,16 +309,8 @@ async fn oplog_point_in_time(
             };
             let mut wanted: Vec<&String> = names
                 .iter()
-                .filter(|n| layout::is_slice_name(n))
+                .filter(|n| layout::slice_range(n).is_some_and(|(_, to)| to >= since))
                 .filter(|n| names.contains(&format!("{n}.json")))
-                .filter(|n| {
-                    let to = n.split_once('-').map(|(_, to)| to).unwrap_or_default();
-                    chrono::NaiveDateTime::parse_from_str(
-                        to.trim_end_matches(layout::SLICE_SUFFIX),
-                        "%Y%m%dT%H%M%S%.3fZ",
-                    )
-                    .is_ok_and(|to| to.and_utc() >= since)
-                })
                 .collect();
             wanted.sort();
             let mut out = Vec::with_capacity(wanted.len());

@@ -665,7 +665,7 @@ pub fn oplog_plan(
     environment: &str,
     kept: &[crate::model::BackupRecord],
 ) -> Result<Vec<WalPrune>, ferry_storage::TargetError> {
-    use ferry_core::oplog::{SLICE_SUFFIX, is_slice_name, oplog_dir, slice_instant};
+    use ferry_core::oplog::{oplog_dir, slice_instant, slice_range};
     let env_dir = target.environment_dir(environment);
     let mut session = target.read()?;
     let mut out = Vec::new();
@@ -691,17 +691,13 @@ pub fn oplog_plan(
             out.push(plan);
             continue;
         };
-        let before = slice_instant(started.to_utc() - chrono::Duration::hours(1));
+        let cutoff = started.to_utc() - chrono::Duration::hours(1);
+        let before = slice_instant(cutoff);
         let dir = oplog_dir(&env_dir, &datastore);
         let mut going: Vec<String> = session
             .list(&dir)?
             .into_iter()
-            .filter(|n| is_slice_name(n))
-            .filter(|n| {
-                n.trim_end_matches(SLICE_SUFFIX)
-                    .split_once('-')
-                    .is_some_and(|(_, to)| to < before.as_str())
-            })
+            .filter(|n| slice_range(n).is_some_and(|(_, to)| to < cutoff))
             .collect();
         going.sort();
         plan.going = going
