@@ -332,18 +332,34 @@ impl Postgres {
     /// (collation "C") and joined with newlines; md5 of the empty string for an empty table).
     /// Two databases with equal fingerprints hold the same tables with the same rows.
     pub fn table_fingerprints(&self, db: &str) -> BTreeMap<String, (i64, String)> {
-        let query = self.psql(
+        self.try_table_fingerprints(db).unwrap_or_else(|stderr| {
+            panic!(
+                "fingerprints of database {db} on 127.0.0.1:{} failed:\n{stderr}",
+                self.port
+            )
+        })
+    }
+
+    /// Like [`Postgres::table_fingerprints`], but returns psql's stderr if a query fails
+    /// (for a server another process may restart while it is read).
+    pub fn try_table_fingerprints(
+        &self,
+        db: &str,
+    ) -> Result<BTreeMap<String, (i64, String)>, String> {
+        let query = self.try_psql(
             db,
             "SELECT string_agg(format(
                  'SELECT %L || ''|'' || count(*) || ''|'' || coalesce(md5(string_agg(ferry_row__::text, E''\\n'' ORDER BY ferry_row__::text COLLATE \"C\")), md5('''')) FROM %I.%I ferry_row__',
                  schemaname || '.' || tablename, schemaname, tablename),
                E'\\nUNION ALL\\n' ORDER BY schemaname, tablename)
              FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema')",
-        );
+        )?;
         if query.trim().is_empty() {
-            return BTreeMap::new();
+            return Ok(BTreeMap::new());
         }
-        parse_fingerprints(&self.psql(db, &format!("{query};")))
+        Ok(parse_fingerprints(
+            &self.try_psql(db, &format!("{query};"))?,
+        ))
     }
 
     /// Stops the server now (`pg_ctl stop -m immediate`); drop does it otherwise.
