@@ -654,17 +654,7 @@ fn on_s3_archived_wal_is_a_version_of_its_key_and_wal_get_reads_the_recorded_one
         socket,
         stage_socket,
         ..
-    } = deploy_with(None, |d| {
-        let dir = d.dir.path().to_owned();
-        for (config, user) in [
-            (&d.prod_config, &roles.production),
-            (&d.stage_config, &roles.staging),
-        ] {
-            let text = fs::read_to_string(config).unwrap();
-            let table = s3_table("backup_server", c, &bucket, user, &dir, "");
-            fs::write(config, replace_backup_server(&text, &table)).unwrap();
-        }
-    });
+    } = deploy_with(None, |d| use_s3_backup_server(d, c, &bucket));
     let seg = write_and_switch(&pg, 0);
     let original = fs::read(pg.data_dir().join("pg_wal").join(&seg)).unwrap();
     wait_archived(&pg, &seg, &d);

@@ -277,14 +277,7 @@ fn a_backup_on_s3_is_copied_to_a_second_bucket_and_to_sftp_and_each_copy_restore
         let key = d.maintenance_key();
         let stage_sftp =
             backup_server_as_copy(&std::fs::read_to_string(&d.stage_config).unwrap(), "local");
-        for (config, user) in [
-            (&d.prod_config, &roles.production),
-            (&d.stage_config, &roles.staging),
-        ] {
-            let text = std::fs::read_to_string(config).unwrap();
-            let table = s3_table("backup_server", c, &primary, user, &dir, "");
-            std::fs::write(config, replace_backup_server(&text, &table)).unwrap();
-        }
+        use_s3_backup_server(d, c, &primary);
         append(
             &d.stage_config,
             &format!(

@@ -189,14 +189,7 @@ fn locks_follow_the_retention_tiers_and_prune_removes_only_expired_dropped_folde
     let bucket = c.ferry_bucket("locks");
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        for (config, user) in [
-            (&d.prod_config, &roles.production),
-            (&d.stage_config, &roles.staging),
-        ] {
-            let text = std::fs::read_to_string(config).unwrap();
-            let table = s3_table("backup_server", c, &bucket, user, &dir, "");
-            std::fs::write(config, replace_backup_server(&text, &table)).unwrap();
-        }
+        use_s3_backup_server(d, c, &bucket);
         let maintenance = s3_table(
             "maintenance",
             c,
@@ -427,14 +420,7 @@ fn a_backup_whose_lock_fails_is_shown_not_locked_and_the_next_prune_locks_it() {
     // refuses them PutObjectRetention.
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
         let dir = d.dir.path().to_owned();
-        for (config, user) in [
-            (&d.prod_config, &roles.production),
-            (&d.stage_config, &roles.staging),
-        ] {
-            let text = std::fs::read_to_string(config).unwrap();
-            let table = s3_table("backup_server", c, &bucket, user, &dir, "");
-            std::fs::write(config, replace_backup_server(&text, &table)).unwrap();
-        }
+        use_s3_backup_server(d, c, &bucket);
         let maintenance = s3_table(
             "maintenance",
             c,

@@ -699,8 +699,21 @@ fn a_production_agent_backs_up_to_the_bucket_and_a_staging_agent_restores_from_i
     let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
     assert!(out.contains("succeeded"), "{out}");
     let day = Utc::now().format("%Y-%m-%d").to_string();
-    let main = format!("{PREFIX}/production/{day}/postgres_backup_{day}.pgdump.zst.age");
-    let globals = format!("{PREFIX}/production/{day}/postgres-globals_backup_{day}.sql.zst.age");
+    // Production may not look in the bucket, so it names every backup to the second: a
+    // second backup of the day never takes the first one's key.
+    let main = d.ferry_json(&["backups"])[0]["stored_path"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stamp = main
+        .strip_prefix(&format!("{PREFIX}/production/{day}/postgres_backup_"))
+        .and_then(|rest| rest.strip_suffix(".pgdump.zst.age"))
+        .unwrap_or_else(|| panic!("{main}"));
+    assert!(
+        stamp.len() == "2026-12-05T133044Z".len() && stamp.starts_with(&format!("{day}T")),
+        "{main}"
+    );
+    let globals = format!("{PREFIX}/production/{day}/postgres-globals_backup_{stamp}.sql.zst.age");
     let mut want = vec![
         main.clone(),
         format!("{main}.json"),

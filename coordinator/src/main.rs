@@ -39,6 +39,23 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// The backup catalog in the coordinator's store.
+    Catalog {
+        #[command(subcommand)]
+        command: CatalogCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCommand {
+    /// Rebuild the catalog from the manifests on the storage targets (`[maintenance]` and
+    /// the copy targets), replacing it in one transaction; jobs and the audit log stay.
+    /// Run it with the coordinator stopped (a running one holds the store).
+    Rebuild {
+        /// The coordinator's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -98,6 +115,9 @@ fn main() -> ExitCode {
             })
             .map_err(Into::into),
         Command::Pki { command } => pki(command),
+        Command::Catalog {
+            command: CatalogCommand::Rebuild { config },
+        } => catalog_rebuild(&config),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -126,6 +146,38 @@ fn pki(command: PkiCommand) -> anyhow::Result<()> {
             let files = pki::issue(&dir, &name, &sans, days)?;
             println!("{}\n{}", files.cert.display(), files.key.display());
         }
+    }
+    Ok(())
+}
+
+/// `ferry-coordinator catalog rebuild --config FILE`.
+fn catalog_rebuild(config: &std::path::Path) -> anyhow::Result<()> {
+    use ferry_coordinator::catalog::rebuild;
+    use ferry_coordinator::store::{RedbStore, Store};
+    let settings = CoordinatorConfig::load(config)?.build(config)?;
+    // First: a running coordinator holds the store, and nothing is read for nothing.
+    let store = RedbStore::open(&settings.store).with_context(|| {
+        format!(
+            "opening {} (stop the coordinator first: a running one holds it)",
+            settings.store.display()
+        )
+    })?;
+    let today = (chrono::Utc::now() + ferry_coordinator::dispatch::CLOCK_TOLERANCE).date_naive();
+    let rebuilt = rebuild::scan(&settings, today)?;
+    let before = store.replace_backups(&rebuilt.records)?;
+    let summary = format!(
+        "{} backups from {} dated folders (the catalog held {before}); {} not rebuilt",
+        rebuilt.records.len(),
+        rebuilt.folders,
+        rebuilt.skipped.len()
+    );
+    store.append_audit("ferry-coordinator", "catalog rebuild", "catalog", &summary)?;
+    println!(
+        "Rebuilt the catalog of {}: {summary}.",
+        settings.store.display()
+    );
+    for line in &rebuilt.skipped {
+        println!("not rebuilt: {line}");
     }
     Ok(())
 }

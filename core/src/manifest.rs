@@ -87,6 +87,15 @@ pub struct Manifest {
     /// written) on targets without versions (SFTP) and in manifests of older builds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version_id: Option<String>,
+    /// The coordinator's job that made the backup (its ULID, without the attempt's
+    /// `-a<N>`): `ferry-coordinator catalog rebuild` gives the catalog record this job id.
+    /// Absent in manifests of older builds (the record's job id is then `manifest:<file>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_id: Option<String>,
+    /// On a copy target: when the coordinator committed the copy (RFC 3339, UTC), which
+    /// the catalog records as the copy's time. Absent on the primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied: Option<DateTime<Utc>>,
 }
 
 /// A manifest that cannot be read.

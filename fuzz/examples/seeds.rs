@@ -110,6 +110,8 @@ fn manifests(dir: &Path) {
         companions: vec!["postgres-globals_backup_2026-02-05T1315Z.sql.zst.age".into()],
         counts: serde_json::json!({"tables": 2, "rows": {"public.t": 10, "public.u": 0}}),
         version_id: None,
+        job_id: None,
+        copied: None,
     };
     fs::write(dir.join("seed-main"), main.to_json()).unwrap();
     let companion = Manifest {

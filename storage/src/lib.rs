@@ -343,6 +343,14 @@ pub trait WriteSession: Send {
     /// [`TargetError::Io`] for failures other than "no such object".
     fn exists(&mut self, path: &str) -> Result<bool, TargetError>;
 
+    /// Whether [`WriteSession::exists`] has seen what is there: `false` once the target
+    /// refused this writer a look (S3, whose production credentials may only put: `exists`
+    /// then says `false` for everything). A backup then takes the most specific name (to
+    /// the second) rather than one an earlier backup of the day may hold.
+    fn sees_existing(&self) -> bool {
+        true
+    }
+
     /// The whole of a small object (at most `max` bytes) where this writer's credentials
     /// may read it back; `None` if it does not exist. For a writer that must compare what
     /// is there before it writes again (a WAL file pushed twice).

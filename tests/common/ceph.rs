@@ -1123,6 +1123,22 @@ pub fn s3_table(
     )
 }
 
+/// Points both agents of `d` at `bucket` as their `[backup_server]`: production with
+/// [`S3Roles::production`]'s keys, staging with [`S3Roles::staging`]'s (key files in `d`'s
+/// directory). Call it before the agents start.
+pub fn use_s3_backup_server(d: &crate::Deployment, c: &CephCluster, bucket: &str) {
+    let roles = c.roles();
+    let dir = d.dir.path().to_owned();
+    for (config, user) in [
+        (&d.prod_config, &roles.production),
+        (&d.stage_config, &roles.staging),
+    ] {
+        let text = std::fs::read_to_string(config).unwrap();
+        let table = s3_table("backup_server", c, bucket, user, &dir, "");
+        std::fs::write(config, replace_backup_server(&text, &table)).unwrap();
+    }
+}
+
 /// An agent's `config` with its `[backup_server]` table replaced by `table`.
 pub fn replace_backup_server(config: &str, table: &str) -> String {
     let start = config

@@ -117,7 +117,8 @@ pub struct JobReport {
     /// A human summary.
     pub summary: String,
     /// Restores and verifies: when the backup they read finished (UTC ms), so the
-    /// coordinator can tell the age of the restored data (the recovery point).
+    /// coordinator can tell the age of the restored data (the recovery point). Backups of
+    /// dated archives: their manifest's `finished` (UTC ms), which the catalog records.
     pub data_finished_ms: Option<i64>,
     /// Restores, verifies and checks: the storage target read ([`ferry_storage::PRIMARY`]
     /// or a copy's name); empty for backups.

@@ -213,11 +213,19 @@ pub async fn backup(
             counts: p.outcome.counts.clone(),
             // Filled by a target with versions at commit.
             version_id: None,
+            job_id: Some(
+                ferry_proto::attempt::split_attempt_id(&job_id)
+                    .map_or(job_id.as_str(), |(job, _)| job)
+                    .to_owned(),
+            ),
+            copied: None,
         };
         commit.push((p.staged.clone(), manifest.to_json()));
         if is_main {
             report = Some(JobReport {
-                data_finished_ms: None,
+                // The manifest's end: the catalog records it, so that a catalog rebuilt
+                // from the manifests equals the one kept.
+                data_finished_ms: Some(finished.timestamp_millis()),
                 target: String::new(),
                 stored_path: p.staged.file.path(),
                 size_bytes: p.staged.bytes,
@@ -289,7 +297,9 @@ async fn abandon(
     let _ = on_session(session, move |s| s.abandon(&paths)).await;
 }
 
-/// Picks the first stamp under which no part's file (nor its manifest) exists yet.
+/// Picks the first stamp under which no part's file (nor its manifest) exists yet; on a
+/// target that does not let this writer look ([`WriteSession::sees_existing`]), the last
+/// (to the second), so that a second backup of the day never takes the first one's name.
 fn choose_names(
     session: &mut dyn WriteSession,
     settings: &Settings,
@@ -300,7 +310,9 @@ fn choose_names(
     let dir = settings
         .backup_server
         .dated_dir(&settings.environment, at.date_naive());
-    for stamp in layout::candidate_stamps(at) {
+    let stamps = layout::candidate_stamps(at);
+    let last = stamps.len() - 1;
+    for (i, stamp) in stamps.into_iter().enumerate() {
         let files: Vec<StoredFile> = parts
             .iter()
             .map(|p| StoredFile {
@@ -320,7 +332,7 @@ fn choose_names(
                 break;
             }
         }
-        if free {
+        if free && (i == last || session.sees_existing()) {
             return Ok(files);
         }
     }

@@ -157,12 +157,22 @@ fn file_name(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
 
+/// What [`copy_backup`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Copied {
+    /// Bytes copied; 0 when the backup was already on the copy target.
+    pub bytes: u64,
+    /// When the copy was committed (UTC ms), as its manifests on the copy target say
+    /// (`copied`); for a backup found there, its manifest's, else now.
+    pub at_ms: i64,
+}
+
 /// Copies the backup whose main archive is `file` in `environment`'s folder of `date`
 /// from `source` to `dest`: each file streamed and checked against its manifest's SHA-256
 /// and size before anything is committed, then committed with its manifest (the version
-/// id of the source removed: the copy target records its own), the main part last.
-/// Returns the bytes copied. A backup already on `dest` (its main manifest there) is not
-/// copied again (`Ok(0)`).
+/// id of the source removed: the copy target records its own; `copied` set to the time of
+/// the commit), the main part last. A backup already on `dest` (its main manifest there)
+/// is not copied again (`bytes` 0).
 ///
 /// Once `cancel` is cancelled (the coordinator's shutdown) the copy stops within a chunk
 /// (1 MiB) and nothing is committed.
@@ -175,7 +185,7 @@ pub fn copy_backup(
     (environment, date, file): (&str, NaiveDate, &str),
     job_id: &str,
     cancel: &tokio_util::sync::CancellationToken,
-) -> Result<u64, CopyError> {
+) -> Result<Copied, CopyError> {
     let src_dir = source.dated_dir(environment, date);
     let dst_dir = dest.dated_dir(environment, date);
     let on = |what: &str, t: &dyn Target| format!("{what} ({})", t.describe());
@@ -210,16 +220,41 @@ pub fn copy_backup(
             doing: on("opening the copy target", dest),
             source: e,
         })?;
-        let there = dst_read
-            .size(&format!("{dst_dir}/{file}.json"))
-            .map_err(|e| CopyError::Target {
-                doing: format!("looking for {dst_dir}/{file}.json on the copy target"),
-                source: e,
-            })?;
+        let there_path = format!("{dst_dir}/{file}.json");
+        let there = dst_read.size(&there_path).map_err(|e| CopyError::Target {
+            doing: format!("looking for {there_path} on the copy target"),
+            source: e,
+        })?;
         if there.is_some() {
-            return Ok(0);
+            // The same backup (an earlier copy whose record was lost), or another that took
+            // its name (two backups of one second on a target whose writers cannot look):
+            // that one is never taken for this one.
+            let bytes = dst_read
+                .read_small(&there_path, MAX_MANIFEST_BYTES)
+                .map_err(|e| CopyError::Target {
+                    doing: format!("reading {there_path} on the copy target"),
+                    source: e,
+                })?;
+            let there = Manifest::from_slice(&there_path, &bytes)
+                .map_err(|e| CopyError::Manifest(e.to_string()))?;
+            if there.sha256 != main.sha256 {
+                return Err(CopyError::Manifest(format!(
+                    "{there_path} on the copy target describes another backup of that name \
+                     (SHA-256 {}, this one's {}); it is not copied over",
+                    ferry_core::Bounded(&there.sha256),
+                    main.sha256
+                )));
+            }
+            let at_ms = there
+                .copied
+                .map_or_else(ferry_proto::now_unix_ms, |t| t.timestamp_millis());
+            return Ok(Copied { bytes: 0, at_ms });
         }
     }
+    // Whole milliseconds: the catalog keeps milliseconds, and a rebuilt catalog reads them
+    // back from the manifests.
+    let at_ms = ferry_proto::now_unix_ms();
+    let copied_at = chrono::DateTime::from_timestamp_millis(at_ms).unwrap_or_default();
     let mut parts: Vec<(String, Manifest)> = Vec::new();
     for companion in &main.companions {
         parts.push((companion.clone(), read_manifest(&mut read, companion)?));
@@ -273,6 +308,7 @@ pub fn copy_backup(
         copied += size;
         let mut m = manifest.clone();
         m.version_id = None;
+        m.copied = Some(copied_at);
         staged.push((part, m.to_json()));
     }
     write
@@ -281,7 +317,10 @@ pub fn copy_backup(
             doing: format!("committing the copy in {dst_dir} on the copy target"),
             source: e,
         })?;
-    Ok(copied)
+    Ok(Copied {
+        bytes: copied,
+        at_ms,
+    })
 }
 
 /// Streams `path` (its `version`) from the primary's `read` session into a partial of
@@ -659,7 +698,7 @@ impl Coordinator {
         let job_id = format!("{}-copy", record.job_id);
         let shutdown = self.shutdown.clone();
         let started = std::time::Instant::now();
-        let bytes = tokio::task::spawn_blocking(move || {
+        let Copied { bytes, at_ms } = tokio::task::spawn_blocking(move || {
             copy_backup(&*src, &*dst, (&env, date, &file), &job_id, &shutdown)
         })
         .await
@@ -677,7 +716,7 @@ impl Coordinator {
             .map_err(|e| format!("the lock task failed: {e}"))?
             .map_err(|e| format!("copied, but its lock on the copy target failed: {e}"))?;
         }
-        let now = ferry_proto::now_unix_ms();
+        let now = at_ms;
         let (store, env, path, job, target) = (
             self.store.clone(),
             record.environment.clone(),
@@ -843,6 +882,12 @@ mod tests {
         r.read_small(path, 1 << 30).ok()
     }
 
+    /// What a second copy of a backup already there returns: nothing copied, the first
+    /// copy's time.
+    fn n_again(at_ms: i64) -> Copied {
+        Copied { bytes: 0, at_ms }
+    }
+
     #[test]
     fn a_copy_is_byte_equal_with_its_manifests_and_without_the_primarys_version_id() {
         let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
@@ -856,7 +901,7 @@ mod tests {
             &CancellationToken::new(),
         )
         .unwrap();
-        assert_eq!(n, (main_bytes.len() + comp_bytes.len()) as u64);
+        assert_eq!(n.bytes, (main_bytes.len() + comp_bytes.len()) as u64);
         let dir = "/copy/production/2026-12-05";
         assert_eq!(
             read_all(&dst, &format!("{dir}/{main}")).unwrap(),
@@ -867,6 +912,11 @@ mod tests {
         assert_eq!(
             m.version_id, None,
             "the primary's version id is not carried over"
+        );
+        assert_eq!(
+            m.copied.map(|t| t.timestamp_millis()),
+            Some(n.at_ms),
+            "the copy's manifest says when it was copied"
         );
         assert_eq!(m.companions.len(), 1);
         let comp = &m.companions[0];
@@ -885,7 +935,28 @@ mod tests {
                 &CancellationToken::new()
             )
             .unwrap(),
-            0
+            n_again(n.at_ms)
+        );
+    }
+
+    /// Another backup under the same name on the copy target (two backups of one second
+    /// on a primary whose writers cannot look) is never taken for this one.
+    #[test]
+    fn a_different_backup_of_the_same_name_on_the_copy_target_is_an_error_not_a_copy() {
+        let (src, dst) = (MemoryTarget::new("/srv/ferry"), MemoryTarget::new("/copy"));
+        let (main, _, _) = put_backup(&src, "2026-12-05", false);
+        let date = NaiveDate::from_ymd_opt(2026, 12, 5).unwrap();
+        let cancel = CancellationToken::new();
+        copy_backup(&src, &dst, ("production", date, &main), "j1", &cancel).unwrap();
+        let path = format!("/srv/ferry/production/2026-12-05/{main}.json");
+        let mut m = Manifest::from_slice("m", &src.get(&path).unwrap()).unwrap();
+        m.sha256 = "1".repeat(64);
+        src.insert(&path, &m.to_json());
+        let e = copy_backup(&src, &dst, ("production", date, &main), "j2", &cancel).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("describes another backup of that name"),
+            "{e}"
         );
     }
 

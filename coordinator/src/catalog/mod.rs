@@ -8,11 +8,13 @@
 //! - [`locks`]: Object Lock by retention tier, on a target with locks.
 //! - [`copies`]: copies of each backup on the environment's copy targets (3-2-1).
 //! - [`archive`]: the lag of continuous archiving (the newest archived WAL segment).
+//! - [`rebuild`]: the catalog read back from the manifests on the targets.
 
 pub mod archive;
 pub mod copies;
 pub mod locks;
 pub mod prune;
+pub mod rebuild;
 pub mod retention;
 pub mod sets;
 

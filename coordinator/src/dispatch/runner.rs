@@ -24,26 +24,33 @@ pub const CLOCK_TOLERANCE: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// Why a backup `result` of `agent` must not enter the catalog: its date (the agent's
 /// clock, which names the dated folder) is after the coordinator's date at `now` plus
-/// [`CLOCK_TOLERANCE`]. `None` when the date is fine.
+/// [`CLOCK_TOLERANCE`], or the end its manifest gives (`data_finished_ms`, which the
+/// catalog records) is after `now` plus [`CLOCK_TOLERANCE`]. `None` when both are fine.
 pub fn future_dated(
     agent: &str,
     result: &JobResult,
     now: chrono::DateTime<chrono::Utc>,
 ) -> Option<String> {
+    let latest = now + CLOCK_TOLERANCE;
     let date = chrono::NaiveDate::parse_from_str(&result.date, "%Y-%m-%d").ok()?;
-    let latest = (now + CLOCK_TOLERANCE).date_naive();
-    (date > latest).then(|| {
-        format!(
-            "refused backup {}: it is dated {} by agent {agent}'s clock, but by the \
-             coordinator's clock it is {} (UTC), so the agent's clock is ahead; it is not \
-             recorded in the catalog, and no restore or verify takes it (its file stays on \
-             the backup server, outside the catalog, until prune removes its folder). Set \
-             the clock of {agent}'s host right (NTP), then back up again",
-            result.stored_path,
-            result.date,
-            now.format("%Y-%m-%d %H:%M")
-        )
-    })
+    let claim = if date > latest.date_naive() {
+        format!("it is dated {}", result.date)
+    } else {
+        let finished = result
+            .data_finished_ms
+            .filter(|&f| f > latest.timestamp_millis())
+            .and_then(chrono::DateTime::from_timestamp_millis)?;
+        format!("it finished at {}", finished.format("%Y-%m-%d %H:%M:%S"))
+    };
+    Some(format!(
+        "refused backup {}: {claim} by agent {agent}'s clock, but by the coordinator's clock \
+         it is {} (UTC), so the agent's clock is ahead; it is not recorded in the catalog, \
+         and no restore or verify takes it (its file stays on the backup server, outside \
+         the catalog, until prune removes its folder). Set the clock of {agent}'s host \
+         right (NTP), then back up again",
+        result.stored_path,
+        now.format("%Y-%m-%d %H:%M")
+    ))
 }
 
 /// Where one attempt ended.
@@ -141,7 +148,12 @@ impl Coordinator {
                             size_bytes: result.size_bytes,
                             bytes_uncompressed: result.bytes_uncompressed,
                             sha256: result.sha256.clone(),
-                            finished_ms: job.finished_ms.unwrap_or_default(),
+                            // The manifest's end (the agent's clock, checked above not
+                            // to run ahead) where the agent gives it, so that the catalog
+                            // is what `catalog rebuild` reads back from the manifests.
+                            finished_ms: result
+                                .data_finished_ms
+                                .unwrap_or(job.finished_ms.unwrap_or_default()),
                             job_id: job.id.clone(),
                             missing: None,
                             retain_until_ms: None,
@@ -1030,6 +1042,21 @@ mod tests {
         let late = at("2026-12-04T23:57:00Z");
         assert_eq!(future_dated("db1", &result("2026-12-05"), late), None);
         assert!(future_dated("db1", &result("2026-12-06"), late).is_some());
+        // Today, but finished hours ahead: the catalog would record an end to come.
+        let ahead = JobResult {
+            data_finished_ms: Some(at("2026-12-04T23:30:00Z").timestamp_millis()),
+            ..result("2026-12-04")
+        };
+        let m = future_dated("db1", &ahead, now).unwrap();
+        assert!(
+            m.contains("finished at 2026-12-04 23:30:00 by agent db1's clock"),
+            "{m}"
+        );
+        let close = JobResult {
+            data_finished_ms: Some(at("2026-12-04T21:04:00Z").timestamp_millis()),
+            ..result("2026-12-04")
+        };
+        assert_eq!(future_dated("db1", &close, now), None);
     }
 
     fn progress(stage: &str, read: u64, written: u64, streaming: bool) -> v1::Progress {

@@ -198,6 +198,29 @@ impl RedbStore {
     }
 }
 
+impl RedbStore {
+    /// Replaces the whole catalog with `records`, in one transaction (`ferry-coordinator
+    /// catalog rebuild`: a crash leaves the old catalog or the new, never half of each);
+    /// returns how many records the catalog held before. Jobs, events and the audit log
+    /// are left as they are.
+    ///
+    /// # Errors
+    /// [`StoreError`].
+    pub fn replace_backups(&self, records: &[BackupRecord]) -> Result<usize, StoreError> {
+        self.write("replace the catalog", |tx| {
+            let mut t = tx.open_table(BACKUPS)?;
+            let before =
+                usize::try_from(redb::ReadableTableMetadata::len(&t)?).unwrap_or(usize::MAX);
+            t.retain(|_, _| false)?;
+            for record in records {
+                let value = serde_json::to_vec(record).expect("a record always serializes");
+                t.insert(backup_key(record).as_str(), value.as_slice())?;
+            }
+            Ok(before)
+        })
+    }
+}
+
 /// A catalog record's key: `<finished ms, 20 digits>\0<job id>`, so key order is age.
 fn backup_key(record: &BackupRecord) -> String {
     format!("{:020}\0{}", record.finished_ms.max(0), record.job_id)

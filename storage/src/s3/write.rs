@@ -122,6 +122,8 @@ pub struct S3Write {
     /// The multipart upload being streamed (`<key>#<upload id>`), until its stage ends:
     /// aborted if the session is dropped before (a panic on its thread).
     open: Option<String>,
+    /// Set once a `HeadObject` was refused ([`WriteSession::sees_existing`]).
+    blind: bool,
 }
 
 impl Drop for S3Write {
@@ -141,6 +143,7 @@ impl S3Write {
             conn,
             unremoved: Vec::new(),
             open: None,
+            blind: false,
         }
     }
 
@@ -673,11 +676,17 @@ impl WriteSession for S3Write {
         );
         match r {
             Ok(_) => Ok(true),
-            Err(TargetError::NotFound { .. }) | Err(TargetError::PermissionDenied { .. }) => {
+            Err(TargetError::NotFound { .. }) => Ok(false),
+            Err(TargetError::PermissionDenied { .. }) => {
+                self.blind = true;
                 Ok(false)
             }
             Err(e) => Err(e),
         }
+    }
+
+    fn sees_existing(&self) -> bool {
+        !self.blind
     }
 
     fn read_back(&mut self, _path: &str, _max: u64) -> Result<Option<Vec<u8>>, TargetError> {
