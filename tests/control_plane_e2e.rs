@@ -5,6 +5,12 @@
 //!   rebuild` reads the manifests back, and `ferry backups` and `ferry backups --sets` (JSON)
 //!   are equal to before; a restore from the rebuilt catalog equals the source, and the audit
 //!   chain verifies with the rebuild recorded in it.
+//! - the coordinator's own backup: a coordinator with history writes a self-backup to the
+//!   SFTP server, read back with stock `age`, `zstd` and `tar` (the staging identity does
+//!   not open it; the escrowed CA key equals the CA's); the coordinator's store is
+//!   destroyed, `ferry-coordinator restore-state` brings a new one up on a new directory,
+//!   and its jobs, catalog and audit chain (verified, carrying on) equal the old, and
+//!   backups and restores carry on.
 
 use std::process::Command;
 
@@ -40,9 +46,15 @@ fn await_copied_and_locked(d: &Deployment, target: &str, n: usize) -> Value {
 
 /// `ferry-coordinator catalog rebuild --config CONFIG`: its output (panics if it fails).
 fn rebuild(d: &Deployment) -> String {
+    coordinator_ok(d, &["catalog", "rebuild"])
+}
+
+/// `ferry-coordinator ARGS --config CONFIG`: its output (panics if it fails).
+fn coordinator_ok(d: &Deployment, args: &[&str]) -> String {
     let mut cmd = Command::new(bin("ferry-coordinator"));
     hermetic(&mut cmd)
-        .args(["catalog", "rebuild", "--config"])
+        .args(args)
+        .arg("--config")
         .arg(&d.coordinator_config);
     let out = output_within(&mut cmd, b"", std::time::Duration::from_secs(120));
     let text = format!(
@@ -50,8 +62,27 @@ fn rebuild(d: &Deployment) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "catalog rebuild failed: {text}");
+    assert!(
+        out.status.success(),
+        "ferry-coordinator {args:?} failed: {text}"
+    );
     text
+}
+
+/// `age -d -i IDENTITY FILE`, the stock client: the plaintext, or age's error.
+fn age_decrypt(identity: &std::path::Path, file: &std::path::Path) -> Result<Vec<u8>, String> {
+    let out = Command::new("age")
+        .arg("-d")
+        .arg("-i")
+        .arg(identity)
+        .arg(file)
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
 #[test]
@@ -146,5 +177,228 @@ fn the_catalog_rebuilt_from_the_targets_equals_the_one_kept_and_restores() {
             .iter()
             .any(|e| e["action"] == "catalog rebuild"),
         "{log:#}"
+    );
+}
+
+#[test]
+fn a_coordinator_destroyed_is_restored_from_its_self_backup_and_carries_on() {
+    let mut escrow = std::path::PathBuf::new();
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        d.add_maintenance();
+        escrow = d.dir.path().join("escrow.key");
+        let recipient = age_keygen(&escrow);
+        append(
+            &d.coordinator_config,
+            &format!(
+                "\n[self_backup]\nescrow_recipients = [\"{recipient}\"]\npki_dir = \"{}\"\n",
+                d.fleet.pki.display()
+            ),
+        );
+    });
+    // History: a backup, a restore, the audit entries of both.
+    for args in [
+        &["backup", "pg-prod", "--wait"][..],
+        &["restore", "pg-stage", "--datastore", "postgres", "--wait"],
+    ] {
+        let out = d.ferry_ok(args);
+        assert!(out.contains("succeeded"), "{out}");
+    }
+    let jobs = d.ferry_json(&["jobs"]);
+    let backups = d.ferry_json(&["backups"]);
+    let audit = d.ferry_json(&["audit", "--limit", "0"]);
+    assert!(audit.as_array().unwrap().len() >= 6, "{audit:#}");
+
+    // The self-backup, with the coordinator stopped (a running one holds the store).
+    d.kill("coordinator");
+    let out = coordinator_ok(&d, &["self-backup"]);
+    assert!(out.contains("and the escrowed CA key"), "{out}");
+    let day = chrono::Utc::now().format("%Y-%m-%d").to_string();
+    let folder = d.sshd.root().join(format!("_ferry/{day}"));
+    let names: Vec<String> = std::fs::read_dir(&folder)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    let find = |prefix: &str, suffix: &str| {
+        names
+            .iter()
+            .find(|n| n.starts_with(prefix) && n.ends_with(suffix))
+            .map(|n| folder.join(n))
+            .unwrap_or_else(|| panic!("no {prefix}*{suffix} in {names:?}"))
+    };
+    let state = find("coordinator-state_backup_", ".tar.zst.age");
+    let key = find("coordinator-ca-key_backup_", ".pem.age");
+    assert!(names.contains(&format!(
+        "{}.json",
+        state.file_name().unwrap().to_string_lossy()
+    )));
+    // Stock tools open it with the escrow identity; the staging identity cannot.
+    assert!(
+        age_decrypt(&d.identity, &state).is_err(),
+        "the staging identity opened the coordinator's state"
+    );
+    let compressed = age_decrypt(&escrow, &state).unwrap();
+    let mut zstd = Command::new("zstd");
+    zstd.args(["-d", "-c"]);
+    let tar = output_within(&mut zstd, &compressed, std::time::Duration::from_secs(30));
+    assert!(tar.status.success());
+    let mut list = Command::new("tar");
+    list.args(["-t", "-f", "-"]);
+    let listed = output_within(&mut list, &tar.stdout, std::time::Duration::from_secs(30));
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    for want in [
+        "coordinator.redb",
+        "coordinator.toml",
+        "pki/ca.pem",
+        "pki/coordinator.pem",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == want),
+            "{want} not in:\n{listed}"
+        );
+    }
+    assert!(
+        !listed.contains(".key"),
+        "a private key is in the state archive:\n{listed}"
+    );
+    assert_eq!(
+        age_decrypt(&escrow, &key).unwrap(),
+        std::fs::read(d.fleet.pki.join("ca.key")).unwrap(),
+        "the escrowed CA key differs from the CA's"
+    );
+
+    // The coordinator's host is lost: a new one on a new directory, from the self-backup.
+    std::fs::remove_file(d.dir.path().join("coordinator.redb")).unwrap();
+    let fresh = d.dir.path().join("new-coordinator");
+    std::fs::create_dir_all(&fresh).unwrap();
+    let config = std::fs::read_to_string(&d.coordinator_config).unwrap();
+    let old_store = format!("{}", d.dir.path().join("coordinator.redb").display());
+    let new_store = fresh.join("coordinator.redb");
+    assert!(config.contains(&old_store), "{config}");
+    std::fs::write(
+        &d.coordinator_config,
+        config.replace(&old_store, &new_store.display().to_string()),
+    )
+    .unwrap();
+    // The staging identity is refused, and leaves no store behind.
+    let mut cmd = Command::new(bin("ferry-coordinator"));
+    hermetic(&mut cmd)
+        .args(["restore-state", "--identity"])
+        .arg(&d.identity)
+        .arg("--config")
+        .arg(&d.coordinator_config);
+    let refused = output_within(&mut cmd, b"", std::time::Duration::from_secs(60));
+    assert!(!refused.status.success());
+    let text = String::from_utf8_lossy(&refused.stderr);
+    assert!(text.contains("does not open with"), "{text}");
+    assert!(!new_store.exists());
+    let out = coordinator_ok(
+        &d,
+        &[
+            "restore-state",
+            "--identity",
+            escrow.to_str().unwrap(),
+            "--from",
+            "primary",
+            "--with-ca-key",
+        ],
+    );
+    assert!(out.contains("(the chain verified)"), "{out}");
+    let beside = fresh
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.is_dir())
+        .expect("restored-state-<stamp>/");
+    assert_eq!(
+        std::fs::read(beside.join("pki/ca.key")).unwrap(),
+        std::fs::read(d.fleet.pki.join("ca.key")).unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(beside.join("coordinator.toml")).unwrap(),
+        config
+    );
+    d.start_coordinator();
+    assert_eq!(d.ferry_json(&["jobs"]), jobs);
+    assert_eq!(d.ferry_json(&["backups"]), backups);
+    let verified = d.ferry_ok(&["audit", "--verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+    let restored_audit = d.ferry_json(&["audit", "--limit", "0"]);
+    let restored_audit = restored_audit.as_array().unwrap();
+    let old = audit.as_array().unwrap();
+    assert_eq!(
+        &restored_audit[..old.len()],
+        &old[..],
+        "the restored audit log does not begin with the old one"
+    );
+    let actions: Vec<&str> = restored_audit[old.len()..]
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    // The snapshot precedes the self-backup's own entry: the chain goes on with the
+    // restore.
+    assert_eq!(actions.first(), Some(&"restore-state"), "{actions:?}");
+
+    // It carries on: a backup and a restore, recorded and chained.
+    for args in [
+        &["backup", "pg-prod", "--wait"][..],
+        &["restore", "pg-stage", "--datastore", "postgres", "--wait"],
+    ] {
+        let out = d.ferry_ok(args);
+        assert!(out.contains("succeeded"), "{out}");
+    }
+    assert_eq!(
+        d.ferry_json(&["backups"]).as_array().unwrap().len(),
+        backups.as_array().unwrap().len() + 1
+    );
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
+    );
+    let verified = d.ferry_ok(&["audit", "--verify"]);
+    assert!(verified.contains("audit log intact"), "{verified}");
+
+    // A running coordinator writes its self-backups on `[self_backup] cron` (the table is
+    // the config's last: a line appended is in it).
+    append(&d.coordinator_config, "cron = \"*/2 * * * * *\"\n");
+    d.start_coordinator();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let log = d.ferry_json(&["audit", "--limit", "0"]);
+        let scheduled = log
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["action"] == "self-backup" && e["who"] == "schedule");
+        if let Some(e) = scheduled {
+            let outcome = e["outcome"].as_str().unwrap_or_default();
+            assert!(
+                outcome.contains("written to primary") && !outcome.contains("FAILED"),
+                "{e}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scheduled self-backup: {log:#}\n{}",
+            d.log_tail("coordinator")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let states = std::fs::read_dir(&folder)
+        .unwrap()
+        .filter(|e| {
+            let n = e
+                .as_ref()
+                .unwrap()
+                .file_name()
+                .to_string_lossy()
+                .into_owned();
+            n.starts_with("coordinator-state_backup_") && n.ends_with(".age")
+        })
+        .count();
+    assert!(
+        states >= 2,
+        "{states} state archives in {}",
+        folder.display()
     );
 }

@@ -17,6 +17,7 @@
 //! - [`audit`]: the hash-chained audit log.
 //! - [`metrics`]: Prometheus metrics on `GET /metrics`.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
+//! - [`state`]: the coordinator's own backup (`[self_backup]`) and `restore-state`.
 //!
 //! The `ferry` operator CLI is the `ferry-cli` crate: it reaches the coordinator over the
 //! wire contract only.
@@ -41,6 +42,7 @@ pub mod metrics;
 pub mod model;
 pub mod pki;
 pub mod service;
+pub mod state;
 pub mod store;
 
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
@@ -126,6 +128,7 @@ async fn serve(
     tasks.spawn(coordinator.clone().run_schedules());
     tasks.spawn(coordinator.clone().run_copies());
     tasks.spawn(coordinator.clone().run_archive_scans());
+    tasks.spawn(coordinator.clone().run_self_backups());
     tracing::info!(%listen, agents = coordinator.settings.agents.len(),
         schedules = coordinator.settings.schedules.len(), "Coordinator serving.");
     tonic::transport::Server::builder()

@@ -310,6 +310,7 @@ pub(crate) fn test_coordinator(
         retention: Default::default(),
         copies: Default::default(),
         copy_to: Default::default(),
+        self_backup: None,
     };
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     Arc::new(Coordinator {

@@ -1,4 +1,5 @@
-//! Encryption stage, both directions: age v1 (<https://age-encryption.org/v1>), X25519
+//! age encryption, both directions (the agents' encryption stage, the coordinator's
+//! self-backups): age v1 (<https://age-encryption.org/v1>), X25519
 //! recipients, 64 KiB ChaCha20-Poly1305 chunks. Production agents hold only the
 //! recipients ([`Encryption`]); staging agents hold the identity ([`Decryption`]). Stock
 //! `age -d -i KEY` decrypts what this writes.
@@ -10,7 +11,7 @@ use std::str::FromStr;
 use age::secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
-use ferry_core::manifest::RecipientInfo;
+use crate::manifest::RecipientInfo;
 
 /// Bad key material.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,7 @@ pub enum KeyError {
     },
     /// The identity file is unreadable or too open.
     #[error(transparent)]
-    IdentityFile(#[from] ferry_core::secrets::SecretError),
+    IdentityFile(#[from] crate::secrets::SecretError),
     /// The identity file holds no X25519 identity.
     #[error("{0}")]
     Identity(String),
@@ -106,7 +107,7 @@ impl Decryption {
     /// [`KeyError::IdentityFile`] (unreadable, too open) or [`KeyError::Identity`] naming
     /// the file; the key itself is never printed.
     pub fn from_identity_file(path: &Path) -> Result<Self, KeyError> {
-        let text = ferry_core::secrets::read_secret_file(path)?;
+        let text = crate::secrets::read_secret_file(path)?;
         let identities: Vec<_> = text
             .lines()
             .map(str::trim)
