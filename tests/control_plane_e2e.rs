@@ -11,6 +11,11 @@
 //!   destroyed, `ferry-coordinator restore-state` brings a new one up on a new directory,
 //!   and its jobs, catalog and audit chain (verified, carrying on) equal the old, and
 //!   backups and restores carry on.
+//! - notifications: webhooks to local receivers (an HTTP/1.1 server of the test's own)
+//!   tell a failed job (JSON, with its token in the header only, after the receiver's 500
+//!   was retried), a failed drill and a missed schedule (Slack's `{"text"}`, a hook filtered
+//!   to those events) and an incomplete set at its deadline; a hook whose receiver is down
+//!   never holds up dispatch.
 
 use std::process::Command;
 
@@ -400,5 +405,144 @@ fn a_coordinator_destroyed_is_restored_from_its_self_backup_and_carries_on() {
         states >= 2,
         "{states} state archives in {}",
         folder.display()
+    );
+}
+
+#[test]
+fn webhooks_tell_failures_missed_schedules_and_incomplete_sets_and_a_dead_receiver_blocks_nothing()
+{
+    let json_hook = Webhook::start(1);
+    let slack_hook = Webhook::start(0);
+    // Nothing listens there: every post to it fails.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!(
+        "http://127.0.0.1:{}/down",
+        dead.local_addr().unwrap().port()
+    );
+    drop(dead);
+    let token = "s3cr3t-hook-token";
+    let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let token_file = d.dir.path().join("hook.token");
+        std::fs::write(&token_file, token).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        append(
+            &d.coordinator_config,
+            &format!(
+                "\n[[environments]]\nname = \"production\"\nset_deadline = \"00:00\"\n\n\
+                 [[schedules]]\nagent = \"pg-stage\"\ndatastore = \"postgres\"\nkind = \"restore\"\n\
+                 cron = \"*/3 * * * * *\"\n\n\
+                 [[notify]]\nurl = \"{dead_url}\"\n\n\
+                 [[notify]]\nurl = \"{}\"\ntoken_file = \"{}\"\n\n\
+                 [[notify]]\nurl = \"{}\"\nformat = \"slack\"\n\
+                 events = [\"drill_failed\", \"schedule_missed\"]\n",
+                json_hook.url("/ferry"),
+                token_file.display(),
+                slack_hook.url("/services/T0/B0/secret-path"),
+            ),
+        );
+    });
+    let wait = std::time::Duration::from_secs(60);
+    // At start, today's set has no backup and its deadline (00:00) has passed.
+    let set = json_hook.wait_for("set_incomplete", wait).json();
+    assert_eq!(set["environment"], "production", "{set}");
+    assert!(
+        set["summary"]
+            .as_str()
+            .unwrap()
+            .contains("pg-prod/postgres"),
+        "{set}"
+    );
+    // No backup yet: the drills fail, told to the Slack hook as text.
+    let drill = slack_hook.wait_for("drill_failed", wait).json();
+    let text = drill["text"].as_str().unwrap();
+    assert!(
+        text.starts_with("Ferry drill_failed: the drill restore of postgres on pg-stage failed"),
+        "{drill}"
+    );
+
+    // A backup that fails for good (its database is gone), told once, with its job.
+    d.prod_pg
+        .psql("postgres", "ALTER DATABASE app RENAME TO app_elsewhere");
+    let out = d.ferry(&["backup", "pg-prod", "--wait"]);
+    assert!(!out.status.success());
+    let jobs = d.ferry_json(&["jobs"]);
+    let failed = jobs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["kind"] == "backup")
+        .unwrap()
+        .clone();
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    let told = json_hook.wait_for("job_failed", wait);
+    let body = told.json();
+    assert_eq!(body["event"], "job_failed");
+    assert_eq!(body["agent"], "pg-prod");
+    assert_eq!(body["datastore"], "postgres");
+    assert_eq!(body["environment"], "production");
+    assert_eq!(body["job_id"], failed["id"], "{body}");
+    assert!(
+        body["summary"]
+            .as_str()
+            .unwrap()
+            .contains("failed after 2 attempt(s)"),
+        "{body}"
+    );
+    assert_eq!(told.path, "/ferry");
+    assert_eq!(
+        told.header("authorization"),
+        Some(&*format!("Bearer {token}"))
+    );
+    assert_eq!(told.header("content-type"), Some("application/json"));
+    // The receiver's first answer was a 500: the post was retried, never doubled.
+    let all = json_hook.received();
+    assert_eq!(all[0].status, 500, "{all:#?}");
+    assert_eq!(
+        all.iter()
+            .filter(|r| r.status == 200 && r.body.contains("job_failed"))
+            .count(),
+        1
+    );
+    for r in all.iter().chain(&slack_hook.received()) {
+        assert!(!r.body.contains(token), "a token in a body: {}", r.body);
+        assert!(
+            !r.body.contains("secret-path"),
+            "the URL in a body: {}",
+            r.body
+        );
+    }
+    // The Slack hook takes only what it asked for.
+    assert!(
+        slack_hook
+            .received()
+            .iter()
+            .all(|r| !r.body.contains("job_failed") && !r.body.contains("set_incomplete"))
+    );
+
+    // The dead hook held nothing up: the next backup runs at once and succeeds.
+    d.prod_pg
+        .psql("postgres", "ALTER DATABASE app_elsewhere RENAME TO app");
+    let started = std::time::Instant::now();
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    let log = d.log_tail("coordinator");
+    assert!(
+        log.contains("Could not post a notification; retrying.")
+            && log.contains("hook=http://127.0.0.1:")
+            && !log.contains("secret-path"),
+        "{log}"
+    );
+
+    // The coordinator down for a few runs of the drill schedule: the missed runs are told.
+    d.kill("coordinator");
+    std::thread::sleep(std::time::Duration::from_secs(7));
+    d.start_coordinator();
+    let missed = slack_hook.wait_for("schedule_missed", wait).json();
+    let text = missed["text"].as_str().unwrap();
+    assert!(
+        text.contains("the restore schedule of pg-stage/postgres") && text.contains("missed"),
+        "{missed}"
     );
 }

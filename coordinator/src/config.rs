@@ -183,6 +183,9 @@ pub struct EnvironmentEntry {
     /// (3-2-1), made by the coordinator from the primary (`[maintenance]`).
     #[serde(default)]
     pub copy_to: Vec<String>,
+    /// `HH:MM` (UTC): by then each day its backup set is complete, else `set_incomplete`
+    /// is notified ([`crate::notify`]).
+    pub set_deadline: Option<String>,
 }
 
 /// The whole `coordinator.toml`.
@@ -235,6 +238,9 @@ pub struct CoordinatorConfig {
     pub schedules: Vec<ScheduleEntry>,
     /// The coordinator's own backup ([`crate::state`]); none without it.
     pub self_backup: Option<SelfBackupConfig>,
+    /// Webhooks ([`crate::notify`]).
+    #[serde(default)]
+    pub notify: Vec<crate::notify::NotifyEntry>,
 }
 
 /// `[self_backup]`: the coordinator's store, config and public PKI, encrypted to escrow
@@ -358,6 +364,10 @@ pub struct Settings {
     pub copy_to: BTreeMap<String, Vec<String>>,
     /// The coordinator's own backup, if configured.
     pub self_backup: Option<SelfBackup>,
+    /// The webhooks.
+    pub notify: Vec<std::sync::Arc<crate::notify::Hook>>,
+    /// Each environment's `set_deadline` (UTC time of day).
+    pub set_deadlines: BTreeMap<String, chrono::NaiveTime>,
 }
 
 /// Why the common name of a certificate file could not be read ([`certificate_name`]).
@@ -678,6 +688,24 @@ impl CoordinatorConfig {
                 ));
             }
         }
+        let mut notify = Vec::new();
+        for (i, n) in self.notify.iter().enumerate() {
+            notify.push(std::sync::Arc::new(
+                n.build().map_err(|e| invalid(format!("notify[{i}]"), e))?,
+            ));
+        }
+        let mut set_deadlines = BTreeMap::new();
+        for (i, e) in self.environments.iter().enumerate() {
+            if let Some(d) = &e.set_deadline {
+                let t = chrono::NaiveTime::parse_from_str(d, "%H:%M").map_err(|_| {
+                    invalid(
+                        format!("environments[{i}].set_deadline"),
+                        format!("{:?} is not HH:MM (UTC)", ferry_core::Bounded(d)),
+                    )
+                })?;
+                set_deadlines.insert(e.name.clone(), t);
+            }
+        }
         let self_backup = match self.self_backup {
             None => None,
             Some(c) => {
@@ -714,6 +742,8 @@ impl CoordinatorConfig {
         };
         Ok(Settings {
             self_backup,
+            notify,
+            set_deadlines,
             listen: self.listen,
             metrics_listen: self.metrics_listen,
             store: self.store,

@@ -102,8 +102,9 @@ impl Coordinator {
         .iter()
         .flat_map(|e| sets::build(e, &self.expected_members(e), &backups))
         .collect();
-        // Newest first by when their backups finished (the coordinator's clock), not by
-        // folder name: an agent's clock that ran ahead named later folders for older data.
+        // Newest first by when their backups finished (their manifests' ends, checked
+        // against the coordinator's clock when recorded), not by folder name: an agent's
+        // clock that ran ahead named later folders for older data.
         sets.sort_by(|a, b| {
             b.finished_ms()
                 .cmp(&a.finished_ms())

@@ -238,6 +238,25 @@ impl Coordinator {
         .await;
         self.event(job, format!("Failed (attempt {}): {message}", job.attempt))
             .await;
+        let drill = job.kind == JobKind::Restore && job.trigger == "schedule";
+        let mut e = crate::notify::Event::new(
+            if drill {
+                crate::notify::EventKind::DrillFailed
+            } else {
+                crate::notify::EventKind::JobFailed
+            },
+            format!(
+                "{} {} of {} on {} failed after {} attempt(s): {message}",
+                if drill { "the drill" } else { "the" },
+                job.kind,
+                job.datastore,
+                job.agent,
+                job.attempt
+            ),
+        );
+        self.about(&mut e, &job.agent, Some(&job.datastore));
+        e.job_id = Some(job.id.clone());
+        self.notifier.notify(e);
     }
 
     /// Runs the restore jobs of one trigger together: with `--all-or-nothing`, first
