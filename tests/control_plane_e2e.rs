@@ -16,6 +16,11 @@
 //!   was retried), a failed drill and a missed schedule (Slack's `{"text"}`, a hook filtered
 //!   to those events) and an incomplete set at its deadline; a hook whose receiver is down
 //!   never holds up dispatch.
+//! - key rotation by epochs: production encrypts to the old and the new recipient, a drill
+//!   with the new identity only restores the newest backup, while `ferry keys`, `ferry
+//!   status` and `/metrics` say which older backups the new identity cannot open; then
+//!   production drops the old recipient, and a drill with only the old identity fails,
+//!   naming the recipients the backup needs.
 
 use std::process::Command;
 
@@ -545,4 +550,177 @@ fn webhooks_tell_failures_missed_schedules_and_incomplete_sets_and_a_dead_receiv
         text.contains("the restore schedule of pg-stage/postgres") && text.contains("missed"),
         "{missed}"
     );
+}
+
+/// `ferry keys --output json` and its exit code.
+fn keys(d: &Deployment) -> (Value, i32) {
+    let out = d.ferry(&["--output", "json", "keys"]);
+    let v = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "ferry keys printed no JSON ({e}): {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (v, out.status.code().unwrap_or(-1))
+}
+
+/// The staging agent restarted holding the identities of `files` (one file of their lines).
+fn stage_identities(d: &mut Deployment, files: &[&std::path::Path]) {
+    let joined = d.dir.path().join("stage-identities.key");
+    let text: String = files
+        .iter()
+        .map(|f| std::fs::read_to_string(f).unwrap())
+        .collect();
+    let _ = std::fs::remove_file(&joined);
+    std::fs::write(&joined, text).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&joined, std::fs::Permissions::from_mode(0o600)).unwrap();
+    d.stage_agent.encryption = Encryption::Identity(joined);
+    d.stage_agent.write(&d.stage_config);
+    d.start_agent("agent-stage");
+    // The coordinator learns the new identities from the agent's Describe.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let want: Vec<String> = files.iter().map(|f| fingerprint_of_identity(f)).collect();
+    loop {
+        let (k, _) = keys(d);
+        let held: Vec<String> = k["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| {
+                k["staging_agents"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|a| a == "pg-stage")
+            })
+            .map(|k| k["fingerprint"].as_str().unwrap().to_owned())
+            .collect();
+        if held.len() == want.len() && want.iter().all(|w| held.contains(w)) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator never saw pg-stage hold {want:?}: {k:#}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The fingerprint manifests give the recipient of identity file `f`: `sha256:` + 16 hex
+/// digits of the SHA-256 of the `age1...` string, computed here with `age-keygen -y`.
+fn fingerprint_of_identity(f: &std::path::Path) -> String {
+    let out = Command::new("age-keygen")
+        .arg("-y")
+        .arg(f)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let recipient = String::from_utf8(out.stdout).unwrap();
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(recipient.trim().as_bytes());
+    format!("sha256:{}", &hex::encode(digest)[..16])
+}
+
+#[test]
+fn keys_rotate_by_epochs_and_a_drill_with_only_the_retired_identity_fails() {
+    let mut d = Deployment::start();
+    let old_identity = d.identity.clone();
+    let old = fingerprint_of_identity(&old_identity);
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let (k, code) = keys(&d);
+    assert_eq!(code, 0, "{k:#}");
+    assert_eq!(k["keys"][0]["fingerprint"], old, "{k:#}");
+    assert_eq!(k["keys"][0]["backups"], 1);
+    assert_eq!(
+        k["keys"][0]["staging_agents"],
+        serde_json::json!(["pg-stage"])
+    );
+
+    // Epoch 2 begins: production encrypts to the old and the new recipient; staging holds
+    // the new identity only (the drill proves it opens what production writes now).
+    let new_identity = d.dir.path().join("new-identity.key");
+    let new_recipient = age_keygen(&new_identity);
+    let new = fingerprint_of_identity(&new_identity);
+    d.prod_agent.encryption =
+        Encryption::Recipients(vec![d.recipient.clone(), new_recipient.clone()]);
+    d.prod_agent.write(&d.prod_config);
+    d.start_agent("agent-prod");
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    stage_identities(&mut d, &[&new_identity]);
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "postgres", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
+    );
+    // The first backup needs the old identity, which no staging agent holds now: told by
+    // keys (exit 1), status and /metrics-backed status.
+    let (k, code) = keys(&d);
+    assert_eq!(code, 1, "{k:#}");
+    let unopenable = k["unopenable"].as_array().unwrap();
+    assert_eq!(unopenable.len(), 1, "{k:#}");
+    assert_eq!(unopenable[0]["recipients"], serde_json::json!([old]));
+    let of = |fp: &str| {
+        k["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["fingerprint"] == fp)
+            .cloned()
+            .unwrap_or_else(|| panic!("no {fp} in {k:#}"))
+    };
+    assert_eq!(of(&old)["backups"], 2, "{k:#}");
+    assert_eq!(of(&old)["staging_agents"], serde_json::json!([]));
+    assert_eq!(of(&new)["backups"], 1);
+    let status = d.ferry_json(&["status"]);
+    assert_eq!(status["unopenable_backups"]["production"], 1, "{status:#}");
+    let table = d.ferry_ok(&["status"]);
+    assert!(
+        table.contains("WARNING: 1 backup(s) of production can be opened by no staging agent"),
+        "{table}"
+    );
+
+    // Staging holds both again (the old identity is retired only once no backup in the
+    // catalog needs it); production drops the old recipient: epoch 2 proper.
+    stage_identities(&mut d, &[&old_identity, &new_identity]);
+    let (k, code) = keys(&d);
+    assert_eq!(code, 0, "{k:#}");
+    d.prod_agent.encryption = Encryption::Recipients(vec![new_recipient]);
+    d.prod_agent.write(&d.prod_config);
+    d.start_agent("agent-prod");
+    let out = d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    assert!(out.contains("succeeded"), "{out}");
+    let newest = d.ferry_json(&["backups"])[0].clone();
+    let manifest: Value = serde_json::from_slice(
+        &std::fs::read(format!("{}.json", newest["stored_path"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        manifest["recipients"].as_array().unwrap().len(),
+        1,
+        "{manifest}"
+    );
+    assert_eq!(manifest["recipients"][0]["fingerprint"], new);
+
+    // A drill with only the retired identity: the newest backup does not open, and the
+    // job says which recipients it needs.
+    stage_identities(&mut d, &[&old_identity]);
+    let out = d.ferry(&["restore", "pg-stage", "--datastore", "postgres", "--wait"]);
+    assert!(!out.status.success());
+    let jobs = d.ferry_json(&["jobs"]);
+    let failed = &jobs.as_array().unwrap()[0];
+    assert_eq!(failed["state"], "failed", "{failed:#}");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains(&new),
+        "the error does not name the recipient needed: {error}"
+    );
+    let (k, code) = keys(&d);
+    assert_eq!(code, 1);
+    assert_eq!(k["unopenable"].as_array().unwrap().len(), 1, "{k:#}");
+    assert_eq!(k["unopenable"][0]["stored_path"], newest["stored_path"]);
 }

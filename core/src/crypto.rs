@@ -71,9 +71,8 @@ impl Encryption {
             .iter()
             .map(|r| {
                 let recipient = r.to_string();
-                let digest = Sha256::digest(recipient.as_bytes());
                 RecipientInfo {
-                    fingerprint: format!("sha256:{}", &hex::encode(digest)[..16]),
+                    fingerprint: fingerprint(&recipient),
                     recipient,
                 }
             })
@@ -92,6 +91,13 @@ impl Encryption {
         .map_err(io::Error::other)?;
         encryptor.wrap_output(inner)
     }
+}
+
+/// A recipient's fingerprint: `sha256:` + the first 16 hex digits of the SHA-256 of the
+/// recipient string (`age1...`), as manifests give it.
+pub fn fingerprint(recipient: &str) -> String {
+    let digest = Sha256::digest(recipient.as_bytes());
+    format!("sha256:{}", &hex::encode(digest)[..16])
 }
 
 /// The identity a staging agent decrypts with.
@@ -127,6 +133,15 @@ impl Decryption {
             )));
         }
         Ok(Self { identities })
+    }
+
+    /// The fingerprints ([`fingerprint`]) of the recipients of the identities held, in
+    /// the file's order: which backups they can open. Never the identities.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.identities
+            .iter()
+            .map(|i| fingerprint(&i.to_public().to_string()))
+            .collect()
     }
 
     /// Wraps `inner`: reads decrypt and authenticate each 64 KiB chunk; a tampered or

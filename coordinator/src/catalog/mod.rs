@@ -9,9 +9,11 @@
 //! - [`copies`]: copies of each backup on the environment's copy targets (3-2-1).
 //! - [`archive`]: the lag of continuous archiving (the newest archived WAL segment).
 //! - [`rebuild`]: the catalog read back from the manifests on the targets.
+//! - [`keys`]: which recipients the backups need and which staging agents open them.
 
 pub mod archive;
 pub mod copies;
+pub mod keys;
 pub mod locks;
 pub mod prune;
 pub mod rebuild;

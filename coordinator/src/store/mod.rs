@@ -229,6 +229,7 @@ mod tests {
             retain_until_ms: None,
             lock_error: None,
             copies: Vec::new(),
+            recipients: Vec::new(),
         }
     }
 

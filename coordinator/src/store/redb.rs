@@ -586,6 +586,7 @@ mod tests {
                 retain_until_ms: None,
                 lock_error: None,
                 copies: Vec::new(),
+                recipients: Vec::new(),
             })
             .unwrap();
         }
@@ -627,6 +628,7 @@ mod tests {
                 retain_until_ms: None,
                 lock_error: None,
                 copies: Vec::new(),
+                recipients: Vec::new(),
             })
             .collect();
         s.put_backups(&records).unwrap();
