@@ -85,7 +85,7 @@ impl Cert {
 }
 
 /// The least role each method of the Coordinator service needs: the table under test.
-const COORDINATOR_METHODS: [(&str, &str); 11] = [
+const COORDINATOR_METHODS: [(&str, &str); 12] = [
     ("ListAgents", "viewer"),
     ("ListJobs", "viewer"),
     ("GetJob", "viewer"),
@@ -94,6 +94,7 @@ const COORDINATOR_METHODS: [(&str, &str); 11] = [
     ("Status", "viewer"),
     ("ListAudit", "viewer"),
     ("ListSets", "viewer"),
+    ("ListKeys", "viewer"),
     ("TriggerBackup", "operator"),
     ("TriggerRestore", "operator"),
     ("Prune", "admin"),
@@ -209,6 +210,7 @@ fn call_coordinator<'a>(
             .await
             .map(drop)
         }),
+        "ListKeys" => Box::pin(async move { c.list_keys(v1::ListKeysRequest {}).await.map(drop) }),
         "TriggerBackup" => Box::pin(async move {
             c.trigger_backup(v1::TriggerBackupRequest {
                 agent: "pg-prod".into(),

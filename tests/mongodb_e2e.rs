@@ -1252,3 +1252,72 @@ fn mongod_oplog_forms_doc_diffs_apply_ops_and_drop_database_are_replayed() {
         );
     });
 }
+
+/// `read_preference`: a dump reads from the member the preference chooses, and says which.
+/// SecantusDB is a one-member replica set, so no secondary can be tested here (README says
+/// so): `secondaryPreferred` with tags no member has falls back to the primary, and
+/// `secondary` fails naming the preference, which proves the preference is applied.
+#[test]
+fn a_read_preference_chooses_the_member_read_and_secondary_without_one_fails_naming_it() {
+    let mut servers = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
+        let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
+        let rs = format!("mongodb://127.0.0.1:{}/?replicaSet=secantus", prod.port());
+        append(
+            &d.prod_config,
+            &format!(
+                "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{rs}\"\n\
+                 read_preference = \"secondaryPreferred\"\n\
+                 read_preference_tags = [{{ use = \"backup\" }}]\n\n\
+                 [[datastores]]\nname = \"mongo-secondary\"\nkind = \"mongodb\"\nuri = \"{rs}\"\n\
+                 read_preference = \"secondary\"\n"
+            ),
+        );
+        append(
+            &d.stage_config,
+            &format!(
+                "[[datastores]]\nname = \"mongo\"\nkind = \"mongodb\"\nuri = \"{}\"\n",
+                stage.uri()
+            ),
+        );
+        servers = Some((prod, stage));
+    });
+    let (prod, stage) = servers.unwrap();
+    let rt = runtime();
+    let docs: Vec<Document> = (0..500).map(|i| doc! {"_id": i, "n": i * 7}).collect();
+    prod.insert("app", "users", &docs);
+    let out = d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    assert!(
+        out.contains(&format!(
+            "read from primary 127.0.0.1:{} (read_preference = \"secondaryPreferred\", tags",
+            prod.port()
+        )),
+        "{out}"
+    );
+    let (_, manifest) = d.todays_backup("mongo", "archive.zst.age");
+    assert!(
+        manifest["counts"]["read_from"]
+            .as_str()
+            .unwrap()
+            .starts_with("primary 127.0.0.1:"),
+        "{manifest}"
+    );
+    let out = d.ferry_ok(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    assert!(out.contains("equal to the manifest"), "{out}");
+    rt.block_on(async {
+        let source = raw_documents(&prod.uri(), "app", "users").await;
+        assert_eq!(source, raw_documents(&stage.uri(), "app", "users").await);
+    });
+
+    let out = d.ferry(&["backup", "pg-prod", "mongo-secondary", "--wait"]);
+    assert!(!out.status.success());
+    let jobs = d.ferry_json(&["jobs"]);
+    let failed = &jobs.as_array().unwrap()[0];
+    assert_eq!(failed["datastore"], "mongo-secondary");
+    let error = failed["error"].as_str().unwrap();
+    assert!(
+        error.contains("no replica set member matches read_preference = \"secondary\""),
+        "{error}"
+    );
+}

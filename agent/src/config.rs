@@ -503,15 +503,7 @@ impl AgentConfig {
     }
 }
 
-/// This host's name from `/proc/sys/kernel/hostname` or `$HOSTNAME`, else `unknown`.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "unknown".into())
-}
+pub use ferry_core::config::hostname;
 
 #[cfg(test)]
 mod tests {

@@ -111,6 +111,7 @@ fn to_event(job_id: &str, update: JobUpdate) -> v1::JobEvent {
             summary: report.summary,
             data_finished_unix_ms: report.data_finished_ms.unwrap_or(0),
             target: report.target,
+            recipient_fingerprints: report.recipient_fingerprints,
         }),
         JobUpdate::Failed(e) => Event::Failed(v1::Failed {
             code: failure_code(&e) as i32,
@@ -166,6 +167,10 @@ impl Agent for AgentService {
             role: s.role.into(),
             environment: s.environment.clone(),
             source_environment: s.source_environment.clone().unwrap_or_default(),
+            identity_fingerprints: match &s.keys {
+                crate::config::Keys::Decrypt(d) => d.fingerprints(),
+                crate::config::Keys::Encrypt(_) => Vec::new(),
+            },
             hostname: s.hostname.clone(),
             datastores: s
                 .datastores

@@ -8,6 +8,7 @@ pub(crate) mod backup;
 pub(crate) mod backups;
 pub(crate) mod job;
 pub(crate) mod jobs;
+pub(crate) mod keys;
 pub(crate) mod prune;
 pub(crate) mod restore;
 pub(crate) mod status;

@@ -5,7 +5,7 @@
 //!
 //! Modules (private):
 //! - `commands`: one module per subcommand (`status`, `agents`, `jobs`, `job`, `audit`,
-//!   `prune`, `backups`, `backup`, `restore` and `verify`), and `watch`, the progress of
+//!   `prune`, `backups`, `keys`, `backup`, `restore` and `verify`), and `watch`, the progress of
 //!   `--wait`.
 //! - `connect`: the coordinator's URL and the TLS files checked before connecting.
 //! - `format`: tables, sizes, times and JSON.
@@ -18,7 +18,7 @@ mod commands;
 mod connect;
 mod format;
 
-use commands::{agents, audit, backup, backups, job, jobs, prune, restore, status};
+use commands::{agents, audit, backup, backups, job, jobs, keys, prune, restore, status};
 
 /// Ferry's operator CLI: ask the coordinator about backups, jobs and agents, and order
 /// backups and restores.
@@ -111,6 +111,11 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// The recipients the catalog's backups were encrypted to (fingerprints), how many
+    /// backups need each, and the staging agents holding its identity; then the backups no
+    /// staging agent can open (exit 1 if any). For rotating keys: an identity is retired
+    /// once no backup needs it.
+    Keys,
     /// Stored backups, newest first, each `ok` or `MISSING` when a restore or verify of it
     /// found its file gone from the backup server; with --sets, per environment and date
     /// the backup set: every production datastore's backup, and whether the set is
@@ -231,6 +236,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Status => status::run(&mut client, out).await,
         Command::Agents => agents::run(&mut client, out).await,
+        Command::Keys => keys::run(&mut client, out).await,
         Command::Jobs { limit } => jobs::run(&mut client, out, limit).await,
         Command::Job { id } => job::run(&mut client, out, &id).await,
         Command::Backups {

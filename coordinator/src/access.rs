@@ -4,7 +4,7 @@
 //!
 //! | role       | may call                                                                  |
 //! |------------|---------------------------------------------------------------------------|
-//! | `viewer`   | ListAgents, ListJobs, GetJob, WatchJob, ListBackups, Status, ListAudit, ListSets |
+//! | `viewer`   | ListAgents, ListJobs, GetJob, WatchJob, ListBackups, Status, ListAudit, ListSets, ListKeys |
 //! | `operator` | the above, and TriggerBackup, TriggerRestore (restores and verify drills)  |
 //! | `admin`    | the above, and Prune                                                      |
 //!
@@ -85,6 +85,7 @@ pub const METHODS: &[(&str, OperatorRole)] = &[
     ("Status", OperatorRole::Viewer),
     ("ListAudit", OperatorRole::Viewer),
     ("ListSets", OperatorRole::Viewer),
+    ("ListKeys", OperatorRole::Viewer),
     ("TriggerBackup", OperatorRole::Operator),
     ("TriggerRestore", OperatorRole::Operator),
     ("Prune", OperatorRole::Admin),

@@ -11,6 +11,7 @@
 //! [[operators]]  name = "alice"  role = "admin"
 //! [[schedules]]  agent = "pg-prod"  datastore = "postgres"  kind = "backup"  cron = "0 2 * * *"
 //! [[schedules]]  agent = "pg-stage"  kind = "restore"  cron = "0 6 * * *"  point_in_time = "random"
+//! [self_backup]  escrow_recipients = ["age1..."]  cron = "0 15 3 * * *"  pki_dir = "/etc/ferry/pki"  keep_days = 30
 //! ```
 //!
 //! Rejected at start, naming the entry: an unknown key, a schedule for an unknown agent,
@@ -182,6 +183,9 @@ pub struct EnvironmentEntry {
     /// (3-2-1), made by the coordinator from the primary (`[maintenance]`).
     #[serde(default)]
     pub copy_to: Vec<String>,
+    /// `HH:MM` (UTC): by then each day its backup set is complete, else `set_incomplete`
+    /// is notified ([`crate::notify`]).
+    pub set_deadline: Option<String>,
 }
 
 /// The whole `coordinator.toml`.
@@ -232,6 +236,67 @@ pub struct CoordinatorConfig {
     /// Cron schedules.
     #[serde(default)]
     pub schedules: Vec<ScheduleEntry>,
+    /// The coordinator's own backup ([`crate::state`]); none without it.
+    pub self_backup: Option<SelfBackupConfig>,
+    /// Webhooks ([`crate::notify`]).
+    #[serde(default)]
+    pub notify: Vec<crate::notify::NotifyEntry>,
+}
+
+/// `[self_backup]`: the coordinator's store, config and public PKI, encrypted to escrow
+/// recipients and written to every target under `<root>/_ferry/<date>/` ([`crate::state`]).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfBackupConfig {
+    /// age X25519 recipients (`age1...`) whose identities are kept offline: not the
+    /// staging identity (a staging host must not read the coordinator's state).
+    pub escrow_recipients: Vec<String>,
+    /// When (a cron expression with seconds, UTC); default every night at 03:15:00.
+    #[serde(default = "default_self_backup_cron")]
+    pub cron: String,
+    /// The fleet PKI directory (`ferry-coordinator pki init --dir`): its certificates
+    /// (`*.pem`) go into the self-backup; its CA key (`ca.key`), if there, is escrowed in
+    /// a file of its own.
+    pub pki_dir: Option<PathBuf>,
+    /// Days of self-backups kept on each target; older dated folders of `_ferry` are
+    /// removed after each self-backup. Default 30, at least 1.
+    #[serde(default = "default_self_backup_keep")]
+    pub keep_days: u32,
+}
+
+fn default_self_backup_cron() -> String {
+    "0 15 3 * * *".into()
+}
+
+fn default_self_backup_keep() -> u32 {
+    30
+}
+
+/// A validated `[self_backup]`.
+#[derive(Clone)]
+pub struct SelfBackup {
+    /// The escrow recipients.
+    pub encryption: std::sync::Arc<ferry_core::crypto::Encryption>,
+    /// The cron text.
+    pub cron_text: String,
+    /// Parsed cron.
+    pub cron: croner::Cron,
+    /// The fleet PKI directory, if given.
+    pub pki_dir: Option<PathBuf>,
+    /// Days kept.
+    pub keep_days: u32,
+    /// The config file the coordinator runs with (it goes into the self-backup).
+    pub config_file: PathBuf,
+}
+
+impl std::fmt::Debug for SelfBackup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SelfBackup")
+            .field("cron", &self.cron_text)
+            .field("pki_dir", &self.pki_dir)
+            .field("keep_days", &self.keep_days)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A validated inventory agent.
@@ -297,6 +362,12 @@ pub struct Settings {
     pub copies: BTreeMap<String, std::sync::Arc<dyn ferry_storage::Target>>,
     /// The copy targets of each environment (`copy_to`), by environment.
     pub copy_to: BTreeMap<String, Vec<String>>,
+    /// The coordinator's own backup, if configured.
+    pub self_backup: Option<SelfBackup>,
+    /// The webhooks.
+    pub notify: Vec<std::sync::Arc<crate::notify::Hook>>,
+    /// Each environment's `set_deadline` (UTC time of day).
+    pub set_deadlines: BTreeMap<String, chrono::NaiveTime>,
 }
 
 /// Why the common name of a certificate file could not be read ([`certificate_name`]).
@@ -617,7 +688,62 @@ impl CoordinatorConfig {
                 ));
             }
         }
+        let mut notify = Vec::new();
+        for (i, n) in self.notify.iter().enumerate() {
+            notify.push(std::sync::Arc::new(
+                n.build().map_err(|e| invalid(format!("notify[{i}]"), e))?,
+            ));
+        }
+        let mut set_deadlines = BTreeMap::new();
+        for (i, e) in self.environments.iter().enumerate() {
+            if let Some(d) = &e.set_deadline {
+                let t = chrono::NaiveTime::parse_from_str(d, "%H:%M").map_err(|_| {
+                    invalid(
+                        format!("environments[{i}].set_deadline"),
+                        format!("{:?} is not HH:MM (UTC)", ferry_core::Bounded(d)),
+                    )
+                })?;
+                set_deadlines.insert(e.name.clone(), t);
+            }
+        }
+        let self_backup = match self.self_backup {
+            None => None,
+            Some(c) => {
+                let encryption = ferry_core::crypto::Encryption::from_recipients(
+                    &c.escrow_recipients,
+                )
+                .map_err(|e| invalid("self_backup.escrow_recipients".into(), e.to_string()))?;
+                let cron = croner::Cron::from_str(&c.cron).map_err(|e| {
+                    invalid("self_backup.cron".into(), format!("{:?}: {e}", c.cron))
+                })?;
+                if c.keep_days == 0 {
+                    return Err(invalid(
+                        "self_backup.keep_days".into(),
+                        "must be at least 1".into(),
+                    ));
+                }
+                if maintenance.is_none() {
+                    return Err(invalid(
+                        "self_backup".into(),
+                        "self-backups are written with the maintenance credentials: add \
+                         [maintenance]"
+                            .into(),
+                    ));
+                }
+                Some(SelfBackup {
+                    encryption: std::sync::Arc::new(encryption),
+                    cron_text: c.cron,
+                    cron,
+                    pki_dir: c.pki_dir,
+                    keep_days: c.keep_days,
+                    config_file: path.to_owned(),
+                })
+            }
+        };
         Ok(Settings {
+            self_backup,
+            notify,
+            set_deadlines,
             listen: self.listen,
             metrics_listen: self.metrics_listen,
             store: self.store,
@@ -727,6 +853,31 @@ environment = "staging"
         );
         std::fs::set_permissions(&ssh_key, std::fs::Permissions::from_mode(0o400)).unwrap();
         build(&maintenance).unwrap();
+    }
+
+    #[test]
+    fn a_self_backup_needs_escrow_recipients_a_cron_and_the_maintenance_target() {
+        let (_, recipient) = ferry_core::crypto::generate_identity();
+        let table = |body: &str| format!("[self_backup]\n{body}\n");
+        let e = build(&table(&format!("escrow_recipients = [\"{recipient}\"]"))).unwrap_err();
+        assert!(
+            e.contains("self_backup") && e.contains("[maintenance]"),
+            "{e}"
+        );
+        let e = build(&table("escrow_recipients = [\"age1nope\"]")).unwrap_err();
+        assert!(e.contains("self_backup.escrow_recipients"), "{e}");
+        let e = build(&table("escrow_recipients = []")).unwrap_err();
+        assert!(e.contains("no recipients"), "{e}");
+        let e = build(&table(&format!(
+            "escrow_recipients = [\"{recipient}\"]\ncron = \"every night\""
+        )))
+        .unwrap_err();
+        assert!(e.contains("self_backup.cron"), "{e}");
+        let e = build(&table(&format!(
+            "escrow_recipients = [\"{recipient}\"]\nkeep_days = 0"
+        )))
+        .unwrap_err();
+        assert!(e.contains("self_backup.keep_days"), "{e}");
     }
 
     #[test]

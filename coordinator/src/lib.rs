@@ -16,7 +16,10 @@
 //! - [`Error`]: the domain error a request can end in, made a gRPC status in one place.
 //! - [`audit`]: the hash-chained audit log.
 //! - [`metrics`]: Prometheus metrics on `GET /metrics`.
+//! - [`notify`]: webhooks (`[[notify]]`) on failed jobs and drills, missed schedules,
+//!   incomplete sets, copy and archive lag.
 //! - [`pki`]: the fleet CA and the certificates of coordinator, agents and operators.
+//! - [`state`]: the coordinator's own backup (`[self_backup]`) and `restore-state`.
 //!
 //! The `ferry` operator CLI is the `ferry-cli` crate: it reaches the coordinator over the
 //! wire contract only.
@@ -39,8 +42,10 @@ pub mod dispatch;
 mod error;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod pki;
 pub mod service;
+pub mod state;
 pub mod store;
 
 /// How often every agent is described, to keep `ferry agents` and the role check fresh.
@@ -94,6 +99,7 @@ async fn serve(
             "No [[operators]] in the config: every call of the ferry CLI will be refused."
         );
     }
+    let notifier = notify::Notifier::start(settings.notify.clone(), &shutdown, &tasks);
     let coordinator = Arc::new(dispatch::Coordinator {
         settings,
         store,
@@ -103,6 +109,7 @@ async fn serve(
         counters: metrics::Counters::default(),
         copier: Default::default(),
         archives: Default::default(),
+        notifier,
     });
     let reconciled = coordinator.reconcile().await;
     if reconciled > 0 {
@@ -126,6 +133,8 @@ async fn serve(
     tasks.spawn(coordinator.clone().run_schedules());
     tasks.spawn(coordinator.clone().run_copies());
     tasks.spawn(coordinator.clone().run_archive_scans());
+    tasks.spawn(coordinator.clone().run_self_backups());
+    tasks.spawn(coordinator.clone().run_notification_checks());
     tracing::info!(%listen, agents = coordinator.settings.agents.len(),
         schedules = coordinator.settings.schedules.len(), "Coordinator serving.");
     tonic::transport::Server::builder()

@@ -39,6 +39,36 @@ enum Command {
         #[command(subcommand)]
         command: PkiCommand,
     },
+    /// Write a self-backup now (`[self_backup]`: the store, the config and the public PKI
+    /// encrypted to the escrow recipients, the CA key beside it) to the primary and every
+    /// copy target. With the coordinator stopped (a running one holds the store and makes
+    /// its own on `[self_backup] cron`).
+    SelfBackup {
+        /// The coordinator's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Bring a new coordinator up from a self-backup: its store (jobs, catalog, audit
+    /// chain) written to the config's `store` (which must not exist), the config and
+    /// certificates it held beside it in `restored-state-<stamp>/`.
+    RestoreState {
+        /// The new coordinator's config file (its `[maintenance]` or `[copies.<name>]`
+        /// name where the self-backups are).
+        #[arg(long)]
+        config: PathBuf,
+        /// The escrow identity (age, `AGE-SECRET-KEY-1...`, mode 0600).
+        #[arg(long)]
+        identity: PathBuf,
+        /// The target to read: `primary` or a copy's name.
+        #[arg(long = "from", default_value = "primary")]
+        from: String,
+        /// The self-backup's date (YYYY-MM-DD, UTC); the newest if not given.
+        #[arg(long)]
+        date: Option<chrono::NaiveDate>,
+        /// Also decrypt the escrowed CA key into `restored-state-<stamp>/pki/ca.key`.
+        #[arg(long)]
+        with_ca_key: bool,
+    },
     /// The backup catalog in the coordinator's store.
     Catalog {
         #[command(subcommand)]
@@ -118,6 +148,14 @@ fn main() -> ExitCode {
         Command::Catalog {
             command: CatalogCommand::Rebuild { config },
         } => catalog_rebuild(&config),
+        Command::SelfBackup { config } => self_backup(&config),
+        Command::RestoreState {
+            config,
+            identity,
+            from,
+            date,
+            with_ca_key,
+        } => restore_state(&config, &identity, &from, date, with_ca_key),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -179,5 +217,72 @@ fn catalog_rebuild(config: &std::path::Path) -> anyhow::Result<()> {
     for line in &rebuilt.skipped {
         println!("not rebuilt: {line}");
     }
+    Ok(())
+}
+
+/// `ferry-coordinator self-backup --config FILE`.
+fn self_backup(config: &std::path::Path) -> anyhow::Result<()> {
+    use ferry_coordinator::store::{RedbStore, Store};
+    let settings = CoordinatorConfig::load(config)?.build(config)?;
+    let store = RedbStore::open(&settings.store).with_context(|| {
+        format!(
+            "opening {} (a running coordinator holds it and writes its self-backups on \
+             [self_backup] cron)",
+            settings.store.display()
+        )
+    })?;
+    let report = ferry_coordinator::state::self_backup(&settings, &store, chrono::Utc::now())?;
+    let summary = report.summary();
+    let outcome = if report.written.is_empty() {
+        format!("FAILED: {summary}")
+    } else {
+        summary.clone()
+    };
+    store.append_audit(
+        "ferry-coordinator",
+        "self-backup",
+        "coordinator state",
+        &outcome,
+    )?;
+    for w in &report.written {
+        println!(
+            "{}: {}{} ({} old self-backup folders removed)",
+            w.target,
+            w.path,
+            if w.ca_key {
+                " and the escrowed CA key"
+            } else {
+                ""
+            },
+            w.pruned
+        );
+    }
+    if report.written.is_empty() || !report.failed.is_empty() {
+        anyhow::bail!("self-backup: {summary}");
+    }
+    println!("Self-backup: {summary}.");
+    Ok(())
+}
+
+/// `ferry-coordinator restore-state ...`.
+fn restore_state(
+    config: &std::path::Path,
+    identity: &std::path::Path,
+    from: &str,
+    date: Option<chrono::NaiveDate>,
+    with_ca_key: bool,
+) -> anyhow::Result<()> {
+    let settings = CoordinatorConfig::load(config)?.build(config)?;
+    let r = ferry_coordinator::state::restore_state(&settings, from, identity, date, with_ca_key)?;
+    println!(
+        "Restored {} from {from}: {} jobs, {} catalog records, {} audit entries (the chain \
+         verified), into {}; the config and certificates it held are in {}.",
+        r.path,
+        r.counts.jobs,
+        r.counts.backups,
+        r.counts.audit,
+        settings.store.display(),
+        r.beside.display()
+    );
     Ok(())
 }

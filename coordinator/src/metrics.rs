@@ -27,6 +27,8 @@
 //!   environment is complete, 0 if a member is missing.
 //! - `ferry_last_complete_set_timestamp_seconds{environment}`: the end of the newest
 //!   complete set's last member backup (what a restore drill would take).
+//! - `ferry_backups_unopenable{environment}`: backups no staging agent's identity opens
+//!   ([`crate::catalog::keys`]).
 //! - `ferry_backups_unlocked{environment}` (with a `[maintenance]` target with Object
 //!   Lock): catalog records whose objects could not be locked yet (`ferry backups` shows
 //!   `NOT LOCKED`; the next `ferry prune` locks them), 0 when all are.
@@ -319,6 +321,23 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
                 .push((vec![("environment", env.clone())], n as f64));
         }
     }
+    let mut unopenable = Family::gauge(
+        "ferry_backups_unopenable",
+        "Backups in the catalog that no staging agent's identity can open (ferry keys)",
+    );
+    {
+        let keys = c.keys().await?;
+        for env in c.production_environments() {
+            let n = keys
+                .unopenable
+                .iter()
+                .filter(|b| b.environment == env)
+                .count();
+            unopenable
+                .samples
+                .push((vec![("environment", env.clone())], n as f64));
+        }
+    }
     let mut copy_lag = Family::gauge(
         "ferry_copy_lag_seconds",
         "Age of the oldest backup a copy target lacks, seconds; 0 when it lacks none",
@@ -405,6 +424,7 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         succeeded,
         rpo,
         unlocked,
+        unopenable,
         copy_lag,
         copy_lacking,
         copy_failed,

@@ -120,6 +120,9 @@ pub struct JobResult {
     /// copy's name); empty for backups and results of older agents.
     #[serde(default)]
     pub target: String,
+    /// Backups of dated archives: the fingerprints of the recipients it was encrypted to.
+    #[serde(default)]
+    pub recipient_fingerprints: Vec<String>,
 }
 
 impl JobResult {
@@ -253,6 +256,11 @@ pub struct BackupRecord {
     /// The copy targets holding a checked copy of it ([`crate::catalog::copies`]).
     #[serde(default)]
     pub copies: Vec<CopyNote>,
+    /// The fingerprints of the recipients it was encrypted to (`sha256:` + 16 hex digits,
+    /// as its manifest gives them); empty when not known (recorded before Ferry kept them,
+    /// or a differential repository).
+    #[serde(default)]
+    pub recipients: Vec<String>,
 }
 
 /// A copy of a backup on a copy target, checked against its manifest's SHA-256.

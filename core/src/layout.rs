@@ -11,6 +11,17 @@
 use crate::Bounded;
 use chrono::{DateTime, NaiveDate, Utc};
 
+/// The folder of the coordinator's self-backups beside the environments' folders
+/// (`<root>/_ferry/<YYYY-MM-DD>/`): `_` is never in an environment's name, so it is never
+/// taken for one.
+pub const COORDINATOR_FOLDER: &str = "_ferry";
+
+/// Whether `name` is a folder of dated folders in the layout: an environment (a valid
+/// name) or [`COORDINATOR_FOLDER`].
+pub fn holds_dated_folders(name: &str) -> bool {
+    name == COORDINATOR_FOLDER || validate_name("environment", name).is_ok()
+}
+
 /// Longest environment, datastore or agent name accepted, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 

@@ -15,12 +15,15 @@
 //!   (`ferry audit --verify`).
 //! - [`bounded`]: [`Bounded`], how an error or log line echoes untrusted input (cut to
 //!   100 characters).
+//! - [`crypto`]: age encryption to recipients and decryption with identities (the agents'
+//!   archives, the coordinator's self-backups).
 //! - [`wal`]: the layout of archived PostgreSQL WAL, the strict check of its file names,
 //!   and the `.json` record beside each archived file.
 
 pub mod audit;
 pub mod bounded;
 pub mod config;
+pub mod crypto;
 pub mod layout;
 pub mod manifest;
 pub mod oplog;

@@ -441,9 +441,10 @@ pub trait ReadSession: Send {
 /// Removes what retention drops and what failed uploads left, with credentials that may
 /// delete. Its calls block: run them on a thread of their own.
 pub trait MaintainSession: ReadSession {
-    /// Removes a dated folder `<root>/<environment>/<YYYY-MM-DD>` and the objects in it;
-    /// returns `(objects, bytes)` removed. Anything else is refused: a path outside the
-    /// root, a last component that is not a date, a subfolder inside.
+    /// Removes a dated folder `<root>/<environment>/<YYYY-MM-DD>` (or of `_ferry`, the
+    /// coordinator's self-backups: [`ferry_core::layout::holds_dated_folders`]) and the
+    /// objects in it; returns `(objects, bytes)` removed. Anything else is refused: a path
+    /// outside the root, a last component that is not a date, a subfolder inside.
     ///
     /// # Errors
     /// [`TargetError::Io`] naming the path.

@@ -40,6 +40,7 @@ pub mod physical;
 pub mod postgres;
 pub mod process;
 pub mod sshd;
+pub mod webhook;
 
 pub use ceph::*;
 pub use config::*;
@@ -53,3 +54,4 @@ pub use physical::*;
 pub use postgres::*;
 pub use process::*;
 pub use sshd::*;
+pub use webhook::*;

@@ -100,6 +100,9 @@ impl JobError {
 /// What a finished job reports.
 #[derive(Clone, Debug)]
 pub struct JobReport {
+    /// Backups of dated archives: the fingerprints of the recipients it was encrypted to,
+    /// as in its manifest; empty for other jobs.
+    pub recipient_fingerprints: Vec<String>,
     /// Path of the main archive on the backup server.
     pub stored_path: String,
     /// Its size, bytes.

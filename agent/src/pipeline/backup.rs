@@ -223,6 +223,7 @@ pub async fn backup(
         commit.push((p.staged.clone(), manifest.to_json()));
         if is_main {
             report = Some(JobReport {
+                recipient_fingerprints: recipients.iter().map(|r| r.fingerprint.clone()).collect(),
                 // The manifest's end: the catalog records it, so that a catalog rebuilt
                 // from the manifests equals the one kept.
                 data_finished_ms: Some(finished.timestamp_millis()),

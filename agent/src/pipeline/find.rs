@@ -137,6 +137,7 @@ impl FoundBackup {
     ) -> JobReport {
         let (main_path, main) = self.main();
         JobReport {
+            recipient_fingerprints: Vec::new(),
             data_finished_ms: Some(main.finished.timestamp_millis()),
             stored_path: main_path.clone(),
             size_bytes: self.files.iter().map(|(_, m)| m.bytes_stored).sum(),
@@ -356,7 +357,7 @@ pub(crate) async fn locate(
     progress: &Progress,
     what: &str,
 ) -> Result<(String, FoundBackup), JobError> {
-    let Keys::Decrypt(_) = &settings.keys else {
+    let Keys::Decrypt(decryption) = &settings.keys else {
         return Err(JobError::PermissionDenied(format!(
             "agent {} has role {}: it holds no identity and may not {what}",
             settings.id, settings.role
@@ -392,5 +393,26 @@ pub(crate) async fn locate(
         .await
         .map_err(join_error)??
     };
+    // Before anything is downloaded: an identity of this agent must be among each file's
+    // recipients (key rotation: an identity retired too early says so, not "no matching
+    // keys" at the end of a download).
+    let held = decryption.fingerprints();
+    for (path, manifest) in &found.files {
+        let needed: Vec<&str> = manifest
+            .recipients
+            .iter()
+            .map(|r| r.fingerprint.as_str())
+            .collect();
+        if !needed.is_empty() && !needed.iter().any(|n| held.iter().any(|h| h == n)) {
+            return Err(JobError::PermissionDenied(format!(
+                "{path} was encrypted to recipient(s) {}, and agent {} holds the identities of \
+                 {} only: give it the identity of one of them (`ferry keys` lists which \
+                 backups need which); nothing was downloaded or touched",
+                needed.join(", "),
+                settings.id,
+                held.join(", ")
+            )));
+        }
+    }
     Ok((environment, found))
 }

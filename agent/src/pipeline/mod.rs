@@ -30,7 +30,8 @@ use ferry_core::manifest::Manifest;
 pub mod backup;
 pub mod chunks;
 pub mod compress;
-pub mod encrypt;
+/// The encryption stage: [`ferry_core::crypto`] (the coordinator encrypts its self-backups too).
+pub use ferry_core::crypto as encrypt;
 pub mod find;
 pub mod hash;
 pub mod restore;

@@ -142,6 +142,7 @@ pub async fn restore(
     };
     match result {
         Ok(summary) => Ok(JobReport {
+            recipient_fingerprints: Vec::new(),
             // The recovery point: the last transaction replayed up to the instant asked
             // for, else the backup's end.
             data_finished_ms: Some(

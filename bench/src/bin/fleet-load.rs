@@ -208,6 +208,7 @@ fn seed(
                 summary: format!("tar of {} files", 1 + rng.below(10_000)),
                 data_finished_ms: (kind != JobKind::Backup).then_some(created_ms - 3_600_000),
                 target: String::new(),
+                recipient_fingerprints: Vec::new(),
             }),
             error: match state {
                 JobState::Failed => Some(format!(
@@ -235,6 +236,7 @@ fn seed(
                 retain_until_ms: None,
                 lock_error: None,
                 copies: Vec::new(),
+                recipients: Vec::new(),
             });
         }
         if batch.len() == 10_000 {

@@ -105,9 +105,10 @@ pub(crate) async fn run(
                 })
             })
             .collect();
+        let unopenable: std::collections::BTreeMap<_, _> = s.unopenable_backups.iter().collect();
         format::print_json(&serde_json::json!({
             "now": time(s.now_unix_ms), "datastores": rows, "copies": copies,
-            "archives": archives,
+            "archives": archives, "unopenable_backups": unopenable,
         }))?;
         return Ok(0);
     }
@@ -240,6 +241,13 @@ pub(crate) async fn run(
             ],
             rows,
         )?;
+    }
+    let unopenable: std::collections::BTreeMap<_, _> = s.unopenable_backups.iter().collect();
+    for (env, n) in unopenable {
+        println!(
+            "\nWARNING: {n} backup(s) of {env} can be opened by no staging agent's identity: \
+             `ferry keys` lists them and the recipients they need."
+        );
     }
     Ok(0)
 }

@@ -784,6 +784,7 @@ mod tests {
                     copied_ms: finished_ms,
                 })
                 .collect(),
+            recipients: Vec::new(),
         }
     }
 

@@ -9,9 +9,11 @@
 //! - [`copies`]: copies of each backup on the environment's copy targets (3-2-1).
 //! - [`archive`]: the lag of continuous archiving (the newest archived WAL segment).
 //! - [`rebuild`]: the catalog read back from the manifests on the targets.
+//! - [`keys`]: which recipients the backups need and which staging agents open them.
 
 pub mod archive;
 pub mod copies;
+pub mod keys;
 pub mod locks;
 pub mod prune;
 pub mod rebuild;
@@ -102,8 +104,9 @@ impl Coordinator {
         .iter()
         .flat_map(|e| sets::build(e, &self.expected_members(e), &backups))
         .collect();
-        // Newest first by when their backups finished (the coordinator's clock), not by
-        // folder name: an agent's clock that ran ahead named later folders for older data.
+        // Newest first by when their backups finished (their manifests' ends, checked
+        // against the coordinator's clock when recorded), not by folder name: an agent's
+        // clock that ran ahead named later folders for older data.
         sets.sort_by(|a, b| {
             b.finished_ms()
                 .cmp(&a.finished_ms())

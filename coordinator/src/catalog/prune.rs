@@ -1063,6 +1063,7 @@ mod tests {
                 retain_until_ms: None,
                 lock_error: None,
                 copies: Vec::new(),
+                recipients: Vec::new(),
             })
             .unwrap();
     }
@@ -1229,6 +1230,7 @@ mod tests {
             retain_until_ms: None,
             lock_error: None,
             copies: Vec::new(),
+            recipients: Vec::new(),
         }
     }
 

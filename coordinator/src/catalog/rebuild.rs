@@ -319,5 +319,6 @@ fn record(
         retain_until_ms,
         lock_error: None,
         copies,
+        recipients: m.recipients.iter().map(|r| r.fingerprint.clone()).collect(),
     }
 }

@@ -54,7 +54,7 @@ impl BackupSet {
             .sum()
     }
 
-    /// When the set's newest member backup finished (the coordinator's clock, UTC ms); 0
+    /// When the set's newest member backup finished (its manifest's end, UTC ms); 0
     /// for a set without backups.
     pub fn finished_ms(&self) -> i64 {
         self.members
@@ -74,7 +74,7 @@ impl BackupSet {
 
 /// The sets of `environment`, newest first: one for every date with at least one backup
 /// in `backups`, with `expected` (`(agent, datastore)`) as its members. Newest is by when
-/// the set's backups finished ([`BackupSet::finished_ms`], the coordinator's clock), then
+/// the set's backups finished ([`BackupSet::finished_ms`], their manifests' ends), then
 /// by date: not by the date alone, which an agent's clock that ran ahead got wrong.
 pub fn build(
     environment: &str,
@@ -154,6 +154,7 @@ mod tests {
             retain_until_ms: None,
             lock_error: None,
             copies: Vec::new(),
+            recipients: Vec::new(),
         }
     }
 

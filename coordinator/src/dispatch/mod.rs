@@ -96,6 +96,8 @@ pub struct Coordinator {
     pub copier: crate::catalog::copies::Copier,
     /// The archive scanner's last results ([`crate::catalog::archive`]).
     pub archives: crate::catalog::archive::Archives,
+    /// The webhooks' queues ([`crate::notify`]).
+    pub notifier: crate::notify::Notifier,
 }
 
 impl Coordinator {
@@ -310,6 +312,9 @@ pub(crate) fn test_coordinator(
         retention: Default::default(),
         copies: Default::default(),
         copy_to: Default::default(),
+        self_backup: None,
+        notify: Vec::new(),
+        set_deadlines: Default::default(),
     };
     let (shutdown, tasks) = (CancellationToken::new(), TaskTracker::new());
     Arc::new(Coordinator {
@@ -321,5 +326,6 @@ pub(crate) fn test_coordinator(
         counters: crate::metrics::Counters::default(),
         copier: Default::default(),
         archives: Default::default(),
+        notifier: Default::default(),
     })
 }

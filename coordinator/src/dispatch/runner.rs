@@ -55,7 +55,7 @@ pub fn future_dated(
 
 /// Where one attempt ended.
 pub(super) enum Attempt {
-    Succeeded(JobResult),
+    Succeeded(Box<JobResult>),
     Failed {
         message: String,
         retryable: bool,
@@ -159,6 +159,7 @@ impl Coordinator {
                             retain_until_ms: None,
                             lock_error: None,
                             copies: Vec::new(),
+                            recipients: result.recipient_fingerprints.clone(),
                         };
                         let store = self.store.clone();
                         let to_lock = record.clone();
@@ -176,7 +177,7 @@ impl Coordinator {
                         "Succeeded: {} ({} bytes).",
                         result.summary, result.size_bytes
                     );
-                    job.result = Some(result);
+                    job.result = Some(*result);
                     self.put(&job).await;
                     self.counters.job_finished(&job);
                     self.audit(
@@ -238,6 +239,25 @@ impl Coordinator {
         .await;
         self.event(job, format!("Failed (attempt {}): {message}", job.attempt))
             .await;
+        let drill = job.kind == JobKind::Restore && job.trigger == "schedule";
+        let mut e = crate::notify::Event::new(
+            if drill {
+                crate::notify::EventKind::DrillFailed
+            } else {
+                crate::notify::EventKind::JobFailed
+            },
+            format!(
+                "{} {} of {} on {} failed after {} attempt(s): {message}",
+                if drill { "the drill" } else { "the" },
+                job.kind,
+                job.datastore,
+                job.agent,
+                job.attempt
+            ),
+        );
+        self.about(&mut e, &job.agent, Some(&job.datastore));
+        e.job_id = Some(job.id.clone());
+        self.notifier.notify(e);
     }
 
     /// Runs the restore jobs of one trigger together: with `--all-or-nothing`, first
@@ -945,7 +965,7 @@ impl Coordinator {
                     }
                 }
                 Some(Event::Finished(f)) => {
-                    return Attempt::Succeeded(JobResult {
+                    return Attempt::Succeeded(Box::new(JobResult {
                         stored_path: f.stored_path,
                         size_bytes: f.size_bytes,
                         sha256: f.sha256,
@@ -958,7 +978,8 @@ impl Coordinator {
                         data_finished_ms: (f.data_finished_unix_ms != 0)
                             .then_some(f.data_finished_unix_ms),
                         target: f.target,
-                    });
+                        recipient_fingerprints: f.recipient_fingerprints,
+                    }));
                 }
                 Some(Event::Failed(f)) => {
                     if job.kind != JobKind::Backup && f.code == v1::FailureCode::NotFound as i32 {

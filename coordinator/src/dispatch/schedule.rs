@@ -58,6 +58,23 @@ impl Coordinator {
                 if let (n, Some(occurrence)) = missed {
                     tracing::warn!(agent = %schedule.agent, cron = %schedule.cron_text, missed = n,
                         %occurrence, "Schedule missed runs while the coordinator was down; running once now.");
+                    let mut e = crate::notify::Event::new(
+                        crate::notify::EventKind::ScheduleMissed,
+                        format!(
+                            "the {} schedule of {}{} ({:?}, UTC) missed {n} run(s) while the \
+                             coordinator was down, the last at {occurrence}; running once now",
+                            schedule.kind,
+                            schedule.agent,
+                            schedule
+                                .datastore
+                                .as_deref()
+                                .map(|d| format!("/{d}"))
+                                .unwrap_or_default(),
+                            schedule.cron_text
+                        ),
+                    );
+                    self.about(&mut e, &schedule.agent, schedule.datastore.as_deref());
+                    self.notifier.notify(e);
                     self.fire(&schedule, &key, occurrence).await;
                 }
             }

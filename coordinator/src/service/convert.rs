@@ -53,6 +53,7 @@ impl From<&JobResult> for v1::Finished {
             summary: r.summary.clone(),
             data_finished_unix_ms: r.data_finished_ms.unwrap_or(0),
             target: r.target.clone(),
+            recipient_fingerprints: r.recipient_fingerprints.clone(),
         }
     }
 }
@@ -111,6 +112,7 @@ impl From<&BackupRecord> for v1::BackupRecord {
                 .unwrap_or_default(),
             retain_until_unix_ms: b.retain_until_ms.unwrap_or(0),
             lock_error: b.lock_error.clone().unwrap_or_default(),
+            recipient_fingerprints: b.recipients.clone(),
             copies: b
                 .copies
                 .iter()

@@ -327,11 +327,39 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 gap_since_unix_ms: a.gap_since_ms.unwrap_or(0),
             })
             .collect();
+        let mut unopenable_backups = std::collections::HashMap::new();
+        for r in c.keys().await.map_err(status)?.unopenable {
+            *unopenable_backups.entry(r.environment).or_insert(0u32) += 1;
+        }
         Ok(Response::new(v1::StatusResponse {
             datastores,
             now_unix_ms,
             copies,
             archives,
+            unopenable_backups,
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        _: Request<v1::ListKeysRequest>,
+    ) -> Result<Response<v1::ListKeysResponse>, Status> {
+        let r = self.coordinator.keys().await.map_err(status)?;
+        Ok(Response::new(v1::ListKeysResponse {
+            keys: r
+                .keys
+                .into_iter()
+                .map(|k| v1::KeyUse {
+                    fingerprint: k.fingerprint,
+                    backups: k.backups,
+                    oldest_unix_ms: k.oldest_ms,
+                    newest_unix_ms: k.newest_ms,
+                    staging_agents: k.staging_agents,
+                })
+                .collect(),
+            unopenable: r.unopenable.iter().map(Into::into).collect(),
+            unknown: r.unknown,
+            undescribed_agents: r.undescribed,
         }))
     }
 }

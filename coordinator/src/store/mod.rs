@@ -47,6 +47,9 @@ pub enum StoreError {
     /// runtime is shutting down ([`blocking`]).
     #[error("store operation did not finish: {0}")]
     Task(#[from] tokio::task::JoinError),
+    /// What this store cannot do.
+    #[error("this store does not support {0}")]
+    Unsupported(&'static str),
 }
 
 /// Runs `f`, a synchronous store operation, on tokio's blocking threads.
@@ -80,6 +83,17 @@ pub struct KindJobs {
     pub last_outcome: Option<Job>,
     /// The newest job of this kind that succeeded.
     pub last_success: Option<Job>,
+}
+
+/// How much a store holds (what a self-backup reports).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreCounts {
+    /// Jobs.
+    pub jobs: u64,
+    /// Catalog records.
+    pub backups: u64,
+    /// Audit log entries.
+    pub audit: u64,
 }
 
 /// What the coordinator persists. Implementations are synchronous.
@@ -172,6 +186,18 @@ pub trait Store: Send + Sync + 'static {
         events: &[JobEventRecord],
         claim: Option<(&str, i64)>,
     ) -> Result<bool, StoreError>;
+    /// Writes a consistent copy of the whole store to a new file at `dest` (the
+    /// coordinator's self-backup); what it holds.
+    ///
+    /// # Errors
+    /// [`StoreError`]; [`StoreError::Unsupported`] for a store that keeps no file (the
+    /// default).
+    fn snapshot_to(&self, dest: &std::path::Path) -> Result<StoreCounts, StoreError> {
+        let _ = dest;
+        Err(StoreError::Unsupported(
+            "a snapshot of a store kept in memory",
+        ))
+    }
 }
 
 #[cfg(test)]
@@ -203,6 +229,7 @@ mod tests {
             retain_until_ms: None,
             lock_error: None,
             copies: Vec::new(),
+            recipients: Vec::new(),
         }
     }
 

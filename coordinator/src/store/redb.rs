@@ -198,7 +198,53 @@ impl RedbStore {
     }
 }
 
+/// Copies every entry of table `$def` from read transaction `$src` into write transaction
+/// `$dst`; the number copied.
+macro_rules! copy_table {
+    ($src:expr, $dst:expr, $def:expr) => {{
+        let from = $src.open_table($def)?;
+        let mut to = $dst.open_table($def)?;
+        let mut n = 0u64;
+        for entry in from.iter()? {
+            let (k, v) = entry?;
+            to.insert(k.value(), v.value())?;
+            n += 1;
+        }
+        n
+    }};
+}
+
 impl RedbStore {
+    /// Writes a consistent copy of the whole store (every table as one read transaction
+    /// sees it, so a job and its catalog record are never half there) to a new redb file
+    /// at `dest`, which must not exist; what it holds.
+    ///
+    /// # Errors
+    /// [`StoreError::Redb`] naming this store (the read) or `dest` (the write).
+    pub fn write_snapshot(&self, dest: &Path) -> Result<super::StoreCounts, StoreError> {
+        let copy = || -> Result<super::StoreCounts, redb::Error> {
+            let target = Database::builder().create(dest)?;
+            let src = self.db.begin_read()?;
+            let dst = target.begin_write()?;
+            let counts = super::StoreCounts {
+                jobs: copy_table!(src, dst, JOBS),
+                backups: copy_table!(src, dst, BACKUPS),
+                audit: copy_table!(src, dst, AUDIT),
+            };
+            copy_table!(src, dst, UNFINISHED);
+            copy_table!(src, dst, LATEST);
+            copy_table!(src, dst, EVENTS);
+            copy_table!(src, dst, SCHEDULE_RUNS);
+            dst.commit()?;
+            Ok(counts)
+        };
+        copy().map_err(|e| StoreError::Redb {
+            path: dest.to_owned(),
+            op: "snapshot",
+            source: Box::new(e),
+        })
+    }
+
     /// Replaces the whole catalog with `records`, in one transaction (`ferry-coordinator
     /// catalog rebuild`: a crash leaves the old catalog or the new, never half of each);
     /// returns how many records the catalog held before. Jobs, events and the audit log
@@ -275,6 +321,10 @@ impl Store for RedbStore {
         self.read("read schedule runs", |tx| {
             Ok(tx.open_table(SCHEDULE_RUNS)?.get(key)?.map(|v| v.value()))
         })
+    }
+
+    fn snapshot_to(&self, dest: &std::path::Path) -> Result<super::StoreCounts, StoreError> {
+        self.write_snapshot(dest)
     }
 
     fn queue_jobs(
@@ -536,6 +586,7 @@ mod tests {
                 retain_until_ms: None,
                 lock_error: None,
                 copies: Vec::new(),
+                recipients: Vec::new(),
             })
             .unwrap();
         }
@@ -577,6 +628,7 @@ mod tests {
                 retain_until_ms: None,
                 lock_error: None,
                 copies: Vec::new(),
+                recipients: Vec::new(),
             })
             .collect();
         s.put_backups(&records).unwrap();

@@ -286,7 +286,7 @@ impl MaintainSession for S3Maintain {
         date: &str,
     ) -> Result<(u64, u64), TargetError> {
         let dir = format!("{}/{environment}/{date}", self.conn.config.root());
-        if ferry_core::layout::validate_name("environment", environment).is_err()
+        if !ferry_core::layout::holds_dated_folders(environment)
             || ferry_core::layout::parse_date(date).is_err()
         {
             return Err(TargetError::Io {

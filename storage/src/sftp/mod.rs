@@ -835,7 +835,7 @@ impl MaintainSession for SftpSession {
     ) -> Result<(u64, u64), TargetError> {
         let _busy = self.watch.busy();
         let dir = format!("{}/{environment}/{date}", self.root);
-        if ferry_core::layout::validate_name("environment", environment).is_err()
+        if !ferry_core::layout::holds_dated_folders(environment)
             || ferry_core::layout::parse_date(date).is_err()
         {
             return Err(self.err("remove", &dir, "not a dated folder of the layout"));

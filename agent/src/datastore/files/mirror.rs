@@ -175,6 +175,7 @@ pub async fn backup(
         .await
         .map_err(|e| fail("rsync (the mirror's manifest)", e))?;
     Ok(JobReport {
+        recipient_fingerprints: Vec::new(),
         data_finished_ms: None,
         target: String::new(),
         stored_path: dest.trim_end_matches('/').to_owned(),
@@ -291,6 +292,7 @@ pub async fn restore(
         }
     };
     Ok(JobReport {
+        recipient_fingerprints: Vec::new(),
         data_finished_ms: Some(manifest.finished.timestamp_millis()),
         target: ferry_storage::PRIMARY.to_owned(),
         stored_path: src,

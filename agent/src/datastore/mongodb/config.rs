@@ -43,7 +43,26 @@ pub struct MongoConfig {
     /// this many seconds (1 to 3600; 60 is Percona Backup for MongoDB's 10 minutes cut
     /// tenfold), for restores to a point in time ([`super::slices`]). Off when absent.
     pub oplog_slice_seconds: Option<u64>,
+    /// Production: the replica set member dumps and oplog slices read from, as a MongoDB
+    /// read preference (as Percona Backup for MongoDB and Stash offer): `primary` (the
+    /// default), `primaryPreferred`, `secondary`, `secondaryPreferred` or `nearest`. One
+    /// member is chosen per dump (and per slicer connection) and read alone, so the dump's
+    /// data and its oplog window come from the same member ([`super::Mongo::read_client`]).
+    pub read_preference: Option<String>,
+    /// With a `read_preference` other than `primary`: tag sets tried in order, e.g.
+    /// `[{ use = "backup" }, {}]` (an empty set matches any member).
+    #[serde(default)]
+    pub read_preference_tags: Vec<BTreeMap<String, String>>,
 }
+
+/// The read preference modes of `read_preference`, as MongoDB spells them.
+pub const READ_PREFERENCES: [&str; 5] = [
+    "primary",
+    "primaryPreferred",
+    "secondary",
+    "secondaryPreferred",
+    "nearest",
+];
 
 impl Mongo {
     /// Validates `cfg` for `role` and reads the password.
@@ -97,6 +116,32 @@ impl Mongo {
                 ));
             }
         }
+        if let Some(rp) = &cfg.read_preference {
+            if role == Role::Staging {
+                return Err(DatastoreConfigError::WrongRole {
+                    field: "read_preference",
+                    why: "a staging agent restores into the primary; remove it",
+                });
+            }
+            if !READ_PREFERENCES.contains(&rp.as_str()) {
+                return Err(DatastoreConfigError::invalid(
+                    "read_preference",
+                    format!(
+                        "{:?} is not one of {}",
+                        ferry_core::Bounded(rp),
+                        READ_PREFERENCES.join(", ")
+                    ),
+                ));
+            }
+        }
+        if !cfg.read_preference_tags.is_empty()
+            && cfg.read_preference.as_deref().unwrap_or("primary") == "primary"
+        {
+            return Err(DatastoreConfigError::invalid(
+                "read_preference_tags",
+                "tags choose among secondaries: set read_preference to another mode than primary",
+            ));
+        }
         let password = ferry_core::secrets::read_password(
             cfg.password_file.as_deref(),
             cfg.password_env.as_deref(),
@@ -110,5 +155,47 @@ impl Mongo {
             ));
         }
         Ok(Self { cfg, password })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(read_preference: Option<&str>, tags: usize) -> MongoConfig {
+        MongoConfig {
+            name: "mongo".into(),
+            uri: "mongodb://127.0.0.1:27017/?replicaSet=rs0".into(),
+            user: None,
+            password_file: None,
+            password_env: None,
+            auth_source: None,
+            tls_ca_file: None,
+            databases: None,
+            rename: BTreeMap::new(),
+            smoke: Vec::new(),
+            oplog_slice_seconds: None,
+            read_preference: read_preference.map(str::to_owned),
+            read_preference_tags: (0..tags)
+                .map(|_| BTreeMap::from([("use".to_owned(), "backup".to_owned())]))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn a_read_preference_is_a_mongodb_mode_on_production_with_tags_only_off_the_primary() {
+        for mode in READ_PREFERENCES {
+            let tags = usize::from(mode != "primary");
+            assert!(
+                Mongo::build(cfg(Some(mode), tags), Role::Production).is_ok(),
+                "{mode}"
+            );
+        }
+        let e = Mongo::build(cfg(Some("secondaryOnly"), 0), Role::Production).unwrap_err();
+        assert!(e.to_string().contains("is not one of primary"), "{e}");
+        let e = Mongo::build(cfg(Some("secondary"), 0), Role::Staging).unwrap_err();
+        assert!(e.to_string().contains("restores into the primary"), "{e}");
+        let e = Mongo::build(cfg(None, 1), Role::Production).unwrap_err();
+        assert!(e.to_string().contains("tags choose among secondaries"), "{e}");
     }
 }

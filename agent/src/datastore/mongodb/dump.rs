@@ -27,7 +27,7 @@ const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
 
 impl Mongo {
     async fn dump_archive(self, tx: mpsc::Sender<Vec<u8>>) -> Result<DumpOutcome, DumpError> {
-        let client = self.client().await.map_err(DumpError::from)?;
+        let (client, member) = self.read_client().await.map_err(DumpError::from)?;
         let admin = client.database("admin");
         let version = admin
             .run_command(doc! {"buildInfo": 1})
@@ -279,7 +279,7 @@ impl Mongo {
             .filter_map(|v| v["documents"].as_i64())
             .sum();
         let summary = format!(
-            "{} namespaces, {documents} documents{}",
+            "{} namespaces, {documents} documents{}, read from {member}",
             counts.len(),
             if replica_set.is_some() {
                 ", oplog captured"
@@ -297,6 +297,7 @@ impl Mongo {
                 "namespaces": counts,
                 "point_in_time": replica_set.is_some(),
                 "replica_set": replica_set,
+                "read_from": member,
                 "oplog": oplog_info,
             }),
             summary,

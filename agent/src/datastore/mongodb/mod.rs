@@ -75,6 +75,14 @@ pub enum ClientError {
         /// The driver's error.
         error: mongodb::error::Error,
     },
+    /// No member matches `read_preference` (and its tags).
+    #[error("no replica set member matches {preference}: {error}")]
+    Selection {
+        /// The preference, as configured.
+        preference: String,
+        /// The driver's error.
+        error: mongodb::error::Error,
+    },
     /// The client could not be made, or the server failed a command.
     #[error("MongoDB {uri}: {error}")]
     Server {
@@ -184,6 +192,15 @@ impl Datastore for Mongo {
 
 impl Mongo {
     async fn client(&self) -> Result<Client, ClientError> {
+        let opts = self.options().await?;
+        Client::with_options(opts).map_err(|error| ClientError::Server {
+            uri: self.cfg.uri.clone(),
+            error,
+        })
+    }
+
+    /// The client options of the configured connection string, user and TLS.
+    async fn options(&self) -> Result<mongodb::options::ClientOptions, ClientError> {
         let mut opts = mongodb::options::ClientOptions::parse(&self.cfg.uri)
             .await
             .map_err(|error| ClientError::ConnectionString {
@@ -212,10 +229,105 @@ impl Mongo {
                     .build(),
             ));
         }
-        Client::with_options(opts).map_err(|error| ClientError::Server {
+        Ok(opts)
+    }
+
+    /// The client production reads with (dumps, oplog slices), and where it reads: with
+    /// `read_preference` other than `primary`, the member that preference selects is asked
+    /// its name (`hello`'s `me`) and read through a direct connection to it alone, so that
+    /// every read of one dump (its data and its oplog window) comes from the same member,
+    /// as mongodump reads one host; otherwise the configured client.
+    ///
+    /// # Errors
+    /// [`ClientError`]; no member matching the preference within 15 s names the preference.
+    pub(crate) async fn read_client(&self) -> Result<(Client, String), ClientError> {
+        use mongodb::options::{ReadPreference, ReadPreferenceOptions, SelectionCriteria};
+        let mode = self.cfg.read_preference.as_deref().unwrap_or("primary");
+        if mode == "primary" {
+            return Ok((self.client().await?, "the primary".into()));
+        }
+        let tag_sets: Vec<mongodb::options::TagSet> = self
+            .cfg
+            .read_preference_tags
+            .iter()
+            .map(|t| t.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+            .collect();
+        let options = Some(
+            ReadPreferenceOptions::builder()
+                .tag_sets((!tag_sets.is_empty()).then_some(tag_sets))
+                .build(),
+        );
+        let rp = match mode {
+            "primaryPreferred" => ReadPreference::PrimaryPreferred { options },
+            "secondary" => ReadPreference::Secondary { options },
+            "secondaryPreferred" => ReadPreference::SecondaryPreferred { options },
+            _ => ReadPreference::Nearest { options },
+        };
+        let server = |error| ClientError::Server {
             uri: self.cfg.uri.clone(),
             error,
-        })
+        };
+        let mut opts = self.options().await?;
+        opts.server_selection_timeout = Some(std::time::Duration::from_secs(15));
+        let chooser = Client::with_options(opts).map_err(server)?;
+        let hello = chooser
+            .database("admin")
+            .run_command(bson::doc! {"hello": 1})
+            .selection_criteria(SelectionCriteria::ReadPreference(rp))
+            .await
+            .map_err(|error| ClientError::Selection {
+                preference: self.preference_text(),
+                error,
+            })?;
+        let me = hello
+            .get_str("me")
+            .map(str::to_owned)
+            .map_err(|_| ClientError::Selection {
+                preference: self.preference_text(),
+                error: mongodb::error::Error::custom(
+                    "the member chosen did not say its name (hello.me): not a replica set?",
+                ),
+            })?;
+        let role = if hello.get_bool("isWritablePrimary").unwrap_or(false) {
+            "primary"
+        } else {
+            "secondary"
+        };
+        // `secondary` never reads the primary (a `directConnection=true` URI names one host,
+        // which the driver takes whatever the preference).
+        if mode == "secondary" && role == "primary" {
+            return Err(ClientError::Selection {
+                preference: self.preference_text(),
+                error: mongodb::error::Error::custom(format!(
+                    "the member reached, {me}, is the primary (a directConnection=true URI \
+                     reaches its one host whatever the preference: name the replica set, \
+                     replicaSet=...)"
+                )),
+            });
+        }
+        let mut direct = self.options().await?;
+        direct.hosts = vec![mongodb::options::ServerAddress::parse(&me).map_err(server)?];
+        direct.direct_connection = Some(true);
+        direct.repl_set_name = None;
+        // A direct connection reads from the member whatever its state.
+        direct.selection_criteria = Some(SelectionCriteria::ReadPreference(
+            ReadPreference::PrimaryPreferred { options: None },
+        ));
+        let client = Client::with_options(direct).map_err(server)?;
+        Ok((client, format!("{role} {me} ({})", self.preference_text())))
+    }
+
+    /// `read_preference = "..."` and its tags, for messages.
+    fn preference_text(&self) -> String {
+        let mode = self.cfg.read_preference.as_deref().unwrap_or("primary");
+        if self.cfg.read_preference_tags.is_empty() {
+            format!("read_preference = {mode:?}")
+        } else {
+            format!(
+                "read_preference = {mode:?}, tags {:?}",
+                self.cfg.read_preference_tags
+            )
+        }
     }
 
     fn target_db(&self, db: &str) -> String {

@@ -210,7 +210,10 @@ impl Shipper {
                     let c = match &client {
                         Some(c) => c.clone(),
                         None => {
-                            let c = self.mongo.client().await.map_err(|e| e.to_string())?;
+                            let (c, member) =
+                                self.mongo.read_client().await.map_err(|e| e.to_string())?;
+                            tracing::info!(datastore = %self.mongo.name(), %member,
+                                "Reading the oplog for slices.");
                             client = Some(c.clone());
                             c
                         }

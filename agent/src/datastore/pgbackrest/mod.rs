@@ -347,6 +347,7 @@ impl PgBackRest {
         let finished = chrono::DateTime::from_timestamp(latest.timestamp.stop, 0)
             .unwrap_or_else(chrono::Utc::now);
         Ok(JobReport {
+            recipient_fingerprints: Vec::new(),
             data_finished_ms: None,
             target: String::new(),
             stored_path: dest.trim_end_matches('/').to_owned(),
@@ -477,6 +478,7 @@ impl PgBackRest {
         let finished = chrono::DateTime::from_timestamp(chosen.timestamp.stop, 0)
             .unwrap_or_else(chrono::Utc::now);
         Ok(JobReport {
+            recipient_fingerprints: Vec::new(),
             data_finished_ms: Some(chosen.timestamp.stop * 1000),
             target: ferry_storage::PRIMARY.to_owned(),
             stored_path: src,

@@ -1,4 +1,5 @@
-//! Encryption stage, both directions: age v1 (<https://age-encryption.org/v1>), X25519
+//! age encryption, both directions (the agents' encryption stage, the coordinator's
+//! self-backups): age v1 (<https://age-encryption.org/v1>), X25519
 //! recipients, 64 KiB ChaCha20-Poly1305 chunks. Production agents hold only the
 //! recipients ([`Encryption`]); staging agents hold the identity ([`Decryption`]). Stock
 //! `age -d -i KEY` decrypts what this writes.
@@ -10,7 +11,7 @@ use std::str::FromStr;
 use age::secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
 
-use ferry_core::manifest::RecipientInfo;
+use crate::manifest::RecipientInfo;
 
 /// Bad key material.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +31,7 @@ pub enum KeyError {
     },
     /// The identity file is unreadable or too open.
     #[error(transparent)]
-    IdentityFile(#[from] ferry_core::secrets::SecretError),
+    IdentityFile(#[from] crate::secrets::SecretError),
     /// The identity file holds no X25519 identity.
     #[error("{0}")]
     Identity(String),
@@ -70,9 +71,8 @@ impl Encryption {
             .iter()
             .map(|r| {
                 let recipient = r.to_string();
-                let digest = Sha256::digest(recipient.as_bytes());
                 RecipientInfo {
-                    fingerprint: format!("sha256:{}", &hex::encode(digest)[..16]),
+                    fingerprint: fingerprint(&recipient),
                     recipient,
                 }
             })
@@ -93,6 +93,13 @@ impl Encryption {
     }
 }
 
+/// A recipient's fingerprint: `sha256:` + the first 16 hex digits of the SHA-256 of the
+/// recipient string (`age1...`), as manifests give it.
+pub fn fingerprint(recipient: &str) -> String {
+    let digest = Sha256::digest(recipient.as_bytes());
+    format!("sha256:{}", &hex::encode(digest)[..16])
+}
+
 /// The identity a staging agent decrypts with.
 pub struct Decryption {
     identities: Vec<age::x25519::Identity>,
@@ -106,7 +113,7 @@ impl Decryption {
     /// [`KeyError::IdentityFile`] (unreadable, too open) or [`KeyError::Identity`] naming
     /// the file; the key itself is never printed.
     pub fn from_identity_file(path: &Path) -> Result<Self, KeyError> {
-        let text = ferry_core::secrets::read_secret_file(path)?;
+        let text = crate::secrets::read_secret_file(path)?;
         let identities: Vec<_> = text
             .lines()
             .map(str::trim)
@@ -126,6 +133,15 @@ impl Decryption {
             )));
         }
         Ok(Self { identities })
+    }
+
+    /// The fingerprints ([`fingerprint`]) of the recipients of the identities held, in
+    /// the file's order: which backups they can open. Never the identities.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.identities
+            .iter()
+            .map(|i| fingerprint(&i.to_public().to_string()))
+            .collect()
     }
 
     /// Wraps `inner`: reads decrypt and authenticate each 64 KiB chunk; a tampered or
