@@ -193,7 +193,14 @@ fn the_catalog_rebuilt_from_the_targets_equals_the_one_kept_and_restores() {
 #[test]
 fn a_coordinator_destroyed_is_restored_from_its_self_backup_and_carries_on() {
     let mut escrow = std::path::PathBuf::new();
+    let metrics_port = free_port();
     let mut d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let text = std::fs::read_to_string(&d.coordinator_config).unwrap();
+        std::fs::write(
+            &d.coordinator_config,
+            format!("metrics_listen = \"127.0.0.1:{metrics_port}\"\n{text}"),
+        )
+        .unwrap();
         d.add_maintenance();
         escrow = d.dir.path().join("escrow.key");
         let recipient = age_keygen(&escrow);
@@ -411,6 +418,42 @@ fn a_coordinator_destroyed_is_restored_from_its_self_backup_and_carries_on() {
         "{states} state archives in {}",
         folder.display()
     );
+    assert_eq!(
+        metric(metrics_port, "ferry_self_backup_last_failed"),
+        Some(0.0)
+    );
+    let success = metric(
+        metrics_port,
+        "ferry_self_backup_last_success_timestamp_seconds",
+    )
+    .expect("a self-backup success time");
+    assert!((chrono::Utc::now().timestamp() as f64 - success).abs() < 60.0);
+
+    // The backup server refuses the next ones (its folder read-only): the metric says so.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o555)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(metrics_port, "ferry_self_backup_last_failed") != Some(1.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a failing self-backup is not reported:\n{}",
+            d.log_tail("coordinator")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let log = d.ferry_json(&["audit", "--limit", "0"]);
+    assert!(
+        log.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["action"] == "self-backup"
+                && e["outcome"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .starts_with("FAILED")),
+        "{log:#}"
+    );
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 #[test]

@@ -381,19 +381,6 @@ fn await_copy_attempt(d: &Deployment) -> Value {
     }
 }
 
-/// `GET /metrics` on 127.0.0.1:`port`: the value of the sample `series` (name and labels
-/// exactly as written).
-fn metric(port: u16, series: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-}
-
 /// What the copy bucket holds, read with boto3 as maintenance: (keys, multipart uploads).
 fn bucket_contents(c: &CephCluster, bucket: &str) -> (Vec<String>, Vec<String>) {
     let m = &c.roles().maintenance;

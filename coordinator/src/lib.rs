@@ -110,6 +110,7 @@ async fn serve(
         copier: Default::default(),
         archives: Default::default(),
         notifier,
+        self_backups: Default::default(),
     });
     let reconciled = coordinator.reconcile().await;
     if reconciled > 0 {

@@ -44,6 +44,9 @@
 //!   slices likewise (now minus the newest slice's end); `ferry_archive_gap{environment,
 //!   datastore}`: 1 while the newest chain of slices started after a gap and no backup of
 //!   the datastore finished since (alert `FerryOplogGap`), else 0.
+//! - `ferry_self_backup_last_success_timestamp_seconds` and `ferry_self_backup_last_failed`
+//!   (with `[self_backup]`): the coordinator's own backup since it started (alert
+//!   `FerrySelfBackupFailed`).
 //! - `ferry_jobs_total{kind, outcome}`: jobs finished since the coordinator started, every
 //!   kind (`backup`, `restore`, `verify`) and outcome (`succeeded`, `failed`) from 0.
 //!
@@ -415,6 +418,27 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
             ));
         }
     }
+    let mut self_success = Family::gauge(
+        "ferry_self_backup_last_success_timestamp_seconds",
+        "When the coordinator's newest self-backup to every target finished (since it started)",
+    );
+    let mut self_failed = Family::gauge(
+        "ferry_self_backup_last_failed",
+        "1 if the coordinator's newest self-backup failed on a target or on all",
+    );
+    if c.settings.self_backup.is_some() {
+        let p = c
+            .self_backups
+            .lock()
+            .expect("self-backup progress lock")
+            .clone();
+        if let Some(ms) = p.last_success_ms {
+            self_success.samples.push((Vec::new(), ms as f64 / 1000.0));
+        }
+        self_failed
+            .samples
+            .push((Vec::new(), f64::from(u8::from(p.last_error.is_some()))));
+    }
     let families = [
         set_complete,
         complete_at,
@@ -431,6 +455,8 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         archive_lag,
         archive_failed,
         archive_gap,
+        self_success,
+        self_failed,
         jobs,
     ];
     Ok(encode(&families, format))

@@ -12,7 +12,8 @@
 //! - `copy_lag`: a copy target lacks a backup older than [`COPY_LAG_BOUND_SECONDS`] (the
 //!   `FerryCopyBehind` alert's bound);
 //! - `archive_lag`: a datastore's newest archived WAL segment or oplog slice is older than
-//!   [`ARCHIVE_LAG_BOUND_SECONDS`] (`FerryArchiveBehind`'s), or its oplog chain broke.
+//!   [`ARCHIVE_LAG_BOUND_SECONDS`] (`FerryArchiveBehind`'s), or its oplog chain broke;
+//! - `self_backup_failed`: the coordinator's self-backup failed on a target or on all.
 //!
 //! The lags are told once when they cross their bound, and again only after they came back
 //! under it.
@@ -66,6 +67,8 @@ pub enum EventKind {
     CopyLag,
     /// An archive is behind by more than [`ARCHIVE_LAG_BOUND_SECONDS`], or its chain broke.
     ArchiveLag,
+    /// The coordinator's self-backup failed on a target or on all.
+    SelfBackupFailed,
 }
 
 impl EventKind {
@@ -78,6 +81,7 @@ impl EventKind {
             EventKind::SetIncomplete => "set_incomplete",
             EventKind::CopyLag => "copy_lag",
             EventKind::ArchiveLag => "archive_lag",
+            EventKind::SelfBackupFailed => "self_backup_failed",
         }
     }
 }

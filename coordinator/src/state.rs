@@ -89,6 +89,15 @@ fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> StateError + '_ {
     }
 }
 
+/// What the coordinator knows of its self-backups since it started.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SelfBackupProgress {
+    /// When the newest self-backup that wrote to every target finished, UTC ms.
+    pub last_success_ms: Option<i64>,
+    /// The newest self-backup's failure (a target or all of them); `None` after a success.
+    pub last_error: Option<String>,
+}
+
 /// What one self-backup wrote on one target.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Written {
@@ -676,6 +685,11 @@ impl crate::dispatch::Coordinator {
                         Ok(r)
                     }
                 });
+        let failure = match &result {
+            Ok(r) if r.failed.is_empty() => None,
+            Ok(r) => Some(r.summary()),
+            Err(e) => Some(e.clone()),
+        };
         let outcome = match &result {
             Ok(r) => {
                 tracing::info!(summary = %r.summary(), "Self-backup written.");
@@ -689,6 +703,22 @@ impl crate::dispatch::Coordinator {
                 format!("FAILED: {e}")
             }
         };
+        {
+            let mut p = self.self_backups.lock().expect("self-backup progress lock");
+            match &failure {
+                None => {
+                    p.last_success_ms = Some(ferry_proto::now_unix_ms());
+                    p.last_error = None;
+                }
+                Some(e) => p.last_error = Some(e.clone()),
+            }
+        }
+        if let Some(e) = failure {
+            self.notifier.notify(crate::notify::Event::new(
+                crate::notify::EventKind::SelfBackupFailed,
+                format!("the coordinator's self-backup failed: {e}"),
+            ));
+        }
         self.audit(who, "self-backup", "coordinator state", &outcome)
             .await;
         result

@@ -98,6 +98,8 @@ pub struct Coordinator {
     pub archives: crate::catalog::archive::Archives,
     /// The webhooks' queues ([`crate::notify`]).
     pub notifier: crate::notify::Notifier,
+    /// The self-backups since start ([`crate::state`]).
+    pub self_backups: std::sync::Mutex<crate::state::SelfBackupProgress>,
 }
 
 impl Coordinator {
@@ -327,5 +329,6 @@ pub(crate) fn test_coordinator(
         copier: Default::default(),
         archives: Default::default(),
         notifier: Default::default(),
+        self_backups: Default::default(),
     })
 }

@@ -196,6 +196,9 @@ mod tests {
         let e = Mongo::build(cfg(Some("secondary"), 0), Role::Staging).unwrap_err();
         assert!(e.to_string().contains("restores into the primary"), "{e}");
         let e = Mongo::build(cfg(None, 1), Role::Production).unwrap_err();
-        assert!(e.to_string().contains("tags choose among secondaries"), "{e}");
+        assert!(
+            e.to_string().contains("tags choose among secondaries"),
+            "{e}"
+        );
     }
 }
