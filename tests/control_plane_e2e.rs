@@ -453,7 +453,23 @@ fn a_coordinator_destroyed_is_restored_from_its_self_backup_and_carries_on() {
                     .starts_with("FAILED")),
         "{log:#}"
     );
+    // The fault gone, the next scheduled self-backup succeeds unaided and says so.
     std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while metric(metrics_port, "ferry_self_backup_last_failed") != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "self-backups did not recover:\n{}",
+            d.log_tail("coordinator")
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+    let after = metric(
+        metrics_port,
+        "ferry_self_backup_last_success_timestamp_seconds",
+    )
+    .unwrap();
+    assert!(after > success, "no newer success than {success}: {after}");
 }
 
 #[test]

@@ -328,18 +328,12 @@ pub async fn render(c: &Arc<Coordinator>, format: Format) -> Result<String, Stor
         "ferry_backups_unopenable",
         "Backups in the catalog that no staging agent's identity can open (ferry keys)",
     );
-    {
-        let keys = c.keys().await?;
-        for env in c.production_environments() {
-            let n = keys
-                .unopenable
-                .iter()
-                .filter(|b| b.environment == env)
-                .count();
-            unopenable
-                .samples
-                .push((vec![("environment", env.clone())], n as f64));
-        }
+    let by_environment = c.keys().await?.unopenable_by_environment();
+    for env in c.production_environments() {
+        let n = by_environment.get(&env).copied().unwrap_or(0);
+        unopenable
+            .samples
+            .push((vec![("environment", env)], f64::from(n)));
     }
     let mut copy_lag = Family::gauge(
         "ferry_copy_lag_seconds",

@@ -45,6 +45,17 @@ pub struct KeyReport {
     pub undescribed: Vec<String>,
 }
 
+impl KeyReport {
+    /// How many unopenable backups each environment has (only those with some).
+    pub fn unopenable_by_environment(&self) -> BTreeMap<String, u32> {
+        let mut out = BTreeMap::new();
+        for r in &self.unopenable {
+            *out.entry(r.environment.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+}
+
 /// A staging agent as [`report`] sees it: its id, the environment it restores, and the
 /// fingerprints of its identities (`None` until it described them).
 pub type Staging = (String, String, Option<Vec<String>>);

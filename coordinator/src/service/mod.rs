@@ -327,10 +327,13 @@ impl coordinator_server::Coordinator for CoordinatorService {
                 gap_since_unix_ms: a.gap_since_ms.unwrap_or(0),
             })
             .collect();
-        let mut unopenable_backups = std::collections::HashMap::new();
-        for r in c.keys().await.map_err(status)?.unopenable {
-            *unopenable_backups.entry(r.environment).or_insert(0u32) += 1;
-        }
+        let unopenable_backups = c
+            .keys()
+            .await
+            .map_err(status)?
+            .unopenable_by_environment()
+            .into_iter()
+            .collect();
         Ok(Response::new(v1::StatusResponse {
             datastores,
             now_unix_ms,
