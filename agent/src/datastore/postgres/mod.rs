@@ -59,6 +59,10 @@ pub const BASE: Part = Part {
     format: "tar",
 };
 
+/// Capacity asked for the pipe between the agent and pg_dump, pg_restore or psql, bytes
+/// (kernel memory, not the agent's).
+const TOOL_PIPE_BYTES: usize = 1024 * 1024;
+
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1), bytes.
 const MAX_IDENTIFIER: usize = 63;
 
@@ -68,6 +72,10 @@ pub struct Postgres {
     cfg: PostgresConfig,
     password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
+    /// Held while the database a logical restore replaced is dropped, after the restore
+    /// reported ([`restore`]); the next restore's search for leftovers and its start wait
+    /// for it, so they never race the drop.
+    dropping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A connection to the server that could not be made.
@@ -292,6 +300,10 @@ impl Postgres {
                 .expect("stdout is piped")
                 .into_owned_fd()?
         };
+        // A pipe of 1 MiB instead of Linux's 64 KiB lets the pipeline thread run that far
+        // ahead of (or behind) the tool instead of waking at every 64 KiB; best effort
+        // (`/proc/sys/fs/pipe-max-size` may be lower).
+        let _ = rustix::pipe::fcntl_setpipe_size(&pipe, TOOL_PIPE_BYTES);
         tracing::debug!(tool, pid = child.id(), "Started tool.");
         Ok((ReapedChild::new(child), std::fs::File::from(pipe), tail))
     }

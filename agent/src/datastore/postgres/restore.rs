@@ -178,6 +178,8 @@ impl Postgres {
         let Some(target) = self.cfg.target_database.clone() else {
             return Ok(Vec::new());
         };
+        // A replaced database still being dropped is no leftover.
+        let _dropped = self.dropping.lock().await;
         let db = &self.cfg.maintenance_database;
         let mut config = self.pg_config(db);
         config.connect_timeout(std::time::Duration::from_secs(RECOVER_CONNECT_SECONDS));
@@ -301,6 +303,8 @@ impl Restorer for Postgres {
                 .target_database
                 .clone()
                 .ok_or_else(|| RestoreError::Target("no target_database configured".into()))?;
+            // The previous restore's replaced database is dropped before this one starts.
+            drop(self.dropping.lock().await);
             let session = PgRestore {
                 pg: self.clone(),
                 scratch: scratch_name(&target, NEW_TAG, job_id),
@@ -467,7 +471,9 @@ impl PgRestore {
         self.tool_sink("pg_restore", cmd, |_| None)
     }
 
-    async fn swap(&mut self) -> Result<(), RestoreError> {
+    /// Puts the scratch database in place of the target; true when a target was replaced
+    /// (its drop then goes on in the background, [`PgRestore::drop_replaced`]).
+    async fn swap(&mut self) -> Result<bool, RestoreError> {
         let maint = self.maintenance().await?;
         let target_exists = maint
             .query_opt(
@@ -539,17 +545,37 @@ impl PgRestore {
             }));
         }
         self.created = false;
-        if target_exists
-            && let Err(e) = maint
-                .batch_execute(&format!(
-                    "DROP DATABASE {} WITH (FORCE)",
-                    quote_ident(&self.old)
-                ))
-                .await
-        {
-            tracing::warn!(database = %self.old, error = %e, "Could not drop the replaced database; drop it by hand.");
+        if target_exists {
+            self.drop_replaced().await;
         }
-        Ok(())
+        Ok(target_exists)
+    }
+
+    /// Drops the replaced database (`<target>__ferry_old_<job>`) on a task of its own, so
+    /// the restore reports once the checked data is in place: PostgreSQL forces a
+    /// checkpoint for every `DROP DATABASE`, which writes out the whole freshly restored
+    /// database (seconds per GiB; `bench/README.md`, issue 20). The datastore's `dropping`
+    /// lock is held until the drop ends; the next restore waits for it. If the agent stops
+    /// first, its search for leftovers at the next start removes the database (the target
+    /// exists, the new copy does not: the swap was finished).
+    async fn drop_replaced(&self) {
+        let held = self.pg.dropping.clone().lock_owned().await;
+        let (pg, old) = (self.pg.clone(), self.old.clone());
+        tokio::spawn(async move {
+            let _held = held;
+            let started = std::time::Instant::now();
+            let dropped = match pg.connect(&pg.cfg.maintenance_database).await {
+                Ok(maint) => maint
+                    .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&old)))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match dropped {
+                Ok(()) => tracing::info!(database = %old, seconds = started.elapsed().as_secs_f64(), "Dropped the replaced database."),
+                Err(error) => tracing::warn!(database = %old, %error, "Could not drop the replaced database; the next restore or the agent's next start removes it."),
+            }
+        });
     }
 }
 
@@ -594,6 +620,7 @@ impl RestoreSession for PgRestore {
                     "the backup has no main pg_dump part".into(),
                 ));
             }
+            let counting = std::time::Instant::now();
             let found = {
                 let client = self
                     .pg
@@ -604,16 +631,26 @@ impl RestoreSession for PgRestore {
                     .await
                     .map_err(|e| RestoreError::Target(format!("counting restored rows: {e}")))?
             };
+            tracing::info!(
+                database = %self.scratch,
+                seconds = counting.elapsed().as_secs_f64(),
+                "Counted the restored rows."
+            );
             let diff = count_differences(&self.expected, &found);
             if !diff.is_empty() {
                 return Err(RestoreError::Mismatch(diff.join("; ")));
             }
-            self.swap().await?;
+            let replaced = self.swap().await?;
             Ok(format!(
-                "{} tables, {} rows restored into database {:?}, equal to the manifest",
+                "{} tables, {} rows restored into database {:?}, equal to the manifest{}",
                 found.rows.len(),
                 found.rows.values().sum::<i64>(),
-                self.target
+                self.target,
+                if replaced {
+                    format!("; the database it replaced ({}) is dropped in the background", self.old)
+                } else {
+                    String::new()
+                }
             ))
         }
         .boxed()
