@@ -1,5 +1,5 @@
-//! Shared pieces of Ferry's benchmarks (see `bench/README.md`): current and peak RSS of a
-//! running process, medians and percentiles, byte counts in human units, and a
+//! Shared pieces of Ferry's benchmarks (see `bench/README.md`): current and peak RSS and CPU
+//! time of a running process, medians and percentiles, byte counts in human units, and a
 //! deterministic random generator.
 //!
 //! Each benchmark is a binary of this crate, run by hand with
@@ -36,6 +36,25 @@ fn proc_status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/status has no {field} line"))?;
     Ok(kib * 1024)
+}
+
+/// CPU time (user + system) of process `pid` so far, all its threads, seconds
+/// (`/proc/PID/stat`; `std::process::id()` for this process). Children count only through
+/// their own pid (reaped ones are not added).
+///
+/// # Errors
+/// The process is gone, or its stat file cannot be parsed.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let close = stat
+        .rfind(')')
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no command name"))?;
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    anyhow::ensure!(fields.len() > 12, "/proc/{pid}/stat is too short");
+    // utime and stime are fields 14 and 15 of proc(5), 11 and 12 after the name.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // Clock ticks of 1/100 s (USER_HZ on Linux).
+    Ok(ticks as f64 / 100.0)
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
