@@ -399,7 +399,11 @@ fn process_ticks() -> std::collections::HashMap<u32, (String, u64)> {
         return out;
     };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
             continue;
         };
         let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
@@ -412,7 +416,12 @@ fn process_ticks() -> std::collections::HashMap<u32, (String, u64)> {
         let comm = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
         // Fields 14 and 15 of proc(5), counted from STATE (field 3) at index 0.
-        let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok()).unwrap_or(0);
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         out.insert(pid, (comm, ticks(11) + ticks(12)));
     }
     out

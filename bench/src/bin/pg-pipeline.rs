@@ -243,7 +243,12 @@ fn main() -> anyhow::Result<()> {
                 // The replaced database is dropped after the report (its forced checkpoint
                 // writes the restored one out): the next timed step starts after it.
                 let dropping = Instant::now();
-                while d.stage_pg.databases().iter().any(|n| n.contains("__ferry_old_")) {
+                while d
+                    .stage_pg
+                    .databases()
+                    .iter()
+                    .any(|n| n.contains("__ferry_old_"))
+                {
                     anyhow::ensure!(
                         dropping.elapsed().as_secs() < 300,
                         "the replaced database is still there after 300 s"

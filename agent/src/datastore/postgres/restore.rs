@@ -9,7 +9,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio_postgres::Client;
 
-use super::{BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, quote_ident};
+use super::{
+    BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, inserted_counts,
+    quote_ident,
+};
 use crate::datastore::common::leftovers;
 use crate::datastore::common::smoke::{SmokeCheck, SmokeError, run_smoke};
 use crate::datastore::{
@@ -19,6 +22,13 @@ use ferry_core::manifest::Manifest;
 
 /// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
 const NEW_TAG: &str = "__ferry_new_";
+
+/// Reads of the server's insert counters before the rows are counted with `count(*)`
+/// ([`super::inserted_counts`]), [`STATS_RETRY`] apart.
+const STATS_ATTEMPTS: u32 = 5;
+
+/// Wait between two reads of the insert counters.
+const STATS_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The tag of the target moved aside by a restore's swap: `<target>__ferry_old_<job>`.
 const OLD_TAG: &str = "__ferry_old_";
@@ -566,14 +576,21 @@ impl PgRestore {
             let started = std::time::Instant::now();
             let dropped = match pg.connect(&pg.cfg.maintenance_database).await {
                 Ok(maint) => maint
-                    .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&old)))
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        quote_ident(&old)
+                    ))
                     .await
                     .map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match dropped {
-                Ok(()) => tracing::info!(database = %old, seconds = started.elapsed().as_secs_f64(), "Dropped the replaced database."),
-                Err(error) => tracing::warn!(database = %old, %error, "Could not drop the replaced database; the next restore or the agent's next start removes it."),
+                Ok(()) => {
+                    tracing::info!(database = %old, seconds = started.elapsed().as_secs_f64(), "Dropped the replaced database.")
+                }
+                Err(error) => {
+                    tracing::warn!(database = %old, %error, "Could not drop the replaced database; the next restore or the agent's next start removes it.")
+                }
             }
         });
     }
@@ -621,19 +638,41 @@ impl RestoreSession for PgRestore {
                 ));
             }
             let counting = std::time::Instant::now();
-            let found = {
-                let client = self
-                    .pg
-                    .connect(&self.scratch)
-                    .await
-                    .map_err(|e| RestoreError::Target(e.to_string()))?;
-                database_counts(&client)
-                    .await
-                    .map_err(|e| RestoreError::Target(format!("counting restored rows: {e}")))?
+            let client = self
+                .pg
+                .connect(&self.scratch)
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?;
+            let counted = |e: tokio_postgres::Error| {
+                RestoreError::Target(format!("counting restored rows: {e}"))
             };
+            // The server's own count of the rows pg_restore inserted, without a scan of the
+            // restored data (which also dirtied every page of it, to set hint bits); a
+            // session's counters reach the statistics as it exits, so a little later than
+            // pg_restore's exit. Where they differ from the manifest, count(*) decides.
+            let mut by_stats = None;
+            for attempt in 0..STATS_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(STATS_RETRY).await;
+                }
+                let found = inserted_counts(&client).await.map_err(counted)?;
+                if count_differences(&self.expected, &found).is_empty() {
+                    by_stats = Some(found);
+                    break;
+                }
+            }
+            let (found, how) = match by_stats {
+                Some(found) => (found, "the server's count of the rows inserted"),
+                None => (
+                    database_counts(&client).await.map_err(counted)?,
+                    "count(*) of every table",
+                ),
+            };
+            drop(client);
             tracing::info!(
                 database = %self.scratch,
                 seconds = counting.elapsed().as_secs_f64(),
+                how,
                 "Counted the restored rows."
             );
             let diff = count_differences(&self.expected, &found);
@@ -642,12 +681,15 @@ impl RestoreSession for PgRestore {
             }
             let replaced = self.swap().await?;
             Ok(format!(
-                "{} tables, {} rows restored into database {:?}, equal to the manifest{}",
+                "{} tables, {} rows restored into database {:?}, equal to the manifest ({how}){}",
                 found.rows.len(),
                 found.rows.values().sum::<i64>(),
                 self.target,
                 if replaced {
-                    format!("; the database it replaced ({}) is dropped in the background", self.old)
+                    format!(
+                        "; the database it replaced ({}) is dropped in the background",
+                        self.old
+                    )
                 } else {
                     String::new()
                 }
