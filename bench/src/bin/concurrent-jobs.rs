@@ -75,6 +75,11 @@ struct Args {
     /// overlap check sees it).
     #[arg(long, default_value_t = 4)]
     max_concurrent_jobs: usize,
+    /// Another build of `ferry-agent` (for instance the one before a change), measured
+    /// beside this workspace's in each run (its backup and restore after this build's), as
+    /// the rows "(before)".
+    #[arg(long)]
+    before_agent: Option<PathBuf>,
 }
 
 /// The datastores of each agent, in the table's order.
@@ -456,9 +461,16 @@ fn log_times(log: &str, t0_ms: i64) -> BTreeMap<String, (Option<f64>, Option<f64
 /// Restarts `which` (`agent-prod` or `agent-stage`), then runs `ferry --output json ARGS`
 /// (which orders its four jobs and waits for them) while sampling the agent's RSS and
 /// polling `ferry jobs`; checks that all four succeeded and measures how they overlapped.
-fn phase(d: &mut Deployment, which: &'static str, args: &[&str]) -> anyhow::Result<Phase> {
+fn phase(
+    d: &mut Deployment,
+    which: &'static str,
+    build: Option<&Path>,
+    args: &[&str],
+) -> anyhow::Result<Phase> {
     stop_agent(d, which);
+    d.agent_bin = build.map(Path::to_owned);
     d.start_agent(which);
+    d.agent_bin = None;
     let pid = agent_pid(d.procs[which].pid());
     let idle_rss =
         status_field(&fs::read_to_string(format!("/proc/{pid}/status"))?, "VmRSS").unwrap_or(0);
@@ -754,19 +766,26 @@ fn main() -> anyhow::Result<()> {
         args.etcd_keys
     );
 
-    let mut backups = Vec::new();
-    let mut restores = Vec::new();
+    // This build's phases, then those of --before-agent if given.
+    let builds: Vec<Option<&Path>> = std::iter::once(None)
+        .chain(args.before_agent.as_deref().map(Some))
+        .collect();
+    let mut backups: Vec<Vec<Phase>> = builds.iter().map(|_| Vec::new()).collect();
+    let mut restores: Vec<Vec<Phase>> = builds.iter().map(|_| Vec::new()).collect();
     for run in 1..=args.runs {
-        eprintln!("run {run}: backup");
-        let b = phase(&mut d, "agent-prod", &["backup", "pg-prod", "--wait"])?;
-        report(run, "backup", &b);
-        backups.push(b);
-        eprintln!("run {run}: restore");
-        let r = phase(&mut d, "agent-stage", &["restore", "pg-stage", "--wait"])?;
-        report(run, "restore", &r);
-        verify(&d, &s, &source)?;
-        eprintln!("run {run}: every restored datastore equals its source");
-        restores.push(r);
+        for (k, build) in builds.iter().enumerate() {
+            let tag = if k == 0 { "" } else { " (before)" };
+            eprintln!("run {run}{tag}: backup");
+            let b = phase(&mut d, "agent-prod", *build, &["backup", "pg-prod", "--wait"])?;
+            report(run, &format!("backup{tag}"), &b);
+            backups[k].push(b);
+            eprintln!("run {run}{tag}: restore");
+            let r = phase(&mut d, "agent-stage", *build, &["restore", "pg-stage", "--wait"])?;
+            report(run, &format!("restore{tag}"), &r);
+            verify(&d, &s, &source)?;
+            eprintln!("run {run}{tag}: every restored datastore equals its source");
+            restores[k].push(r);
+        }
     }
     stop_agent(&mut d, "agent-prod");
     stop_agent(&mut d, "agent-stage");
@@ -788,10 +807,13 @@ fn main() -> anyhow::Result<()> {
         "| phase | wall s | all 4 jobs at once s | peak RSS MiB (VmHWM) | max RssAnon MiB | max RssFile MiB | bound {BOUND_MIB:.0} MiB |"
     );
     println!("|---|---|---|---|---|---|---|");
-    for (name, phases) in [
-        ("backup (agent-prod, 4 jobs)", &backups),
-        ("restore (agent-stage, 4 jobs)", &restores),
-    ] {
+    let mut rows = Vec::new();
+    for (k, _) in builds.iter().enumerate() {
+        let tag = if k == 0 { "" } else { " (before)" };
+        rows.push((format!("backup (agent-prod, 4 jobs){tag}"), &backups[k]));
+        rows.push((format!("restore (agent-stage, 4 jobs){tag}"), &restores[k]));
+    }
+    for (name, phases) in &rows {
         let m = |f: fn(&Phase) -> f64| median(&phases.iter().map(f).collect::<Vec<_>>());
         let worst = phases.iter().map(|p| mib(p.vm_hwm)).fold(0.0, f64::max);
         let fewest = phases.iter().map(|p| p.most_at_once).min().unwrap_or(0);
@@ -815,7 +837,7 @@ fn main() -> anyhow::Result<()> {
         );
     }
     println!();
-    for (name, phases) in [("backup", &backups), ("restore", &restores)] {
+    for (name, phases) in &rows {
         println!(
             "{name}: VmHWM per run (MiB) {:?}; idle RSS after the restart (MiB) {:?}; most jobs \
              at once per run {:?}",

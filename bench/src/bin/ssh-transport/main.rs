@@ -480,7 +480,7 @@ fn ferry(ctx: &Ctx, tag: &str) -> anyhow::Result<Run> {
         file: staged.partial,
         // Not observable through Ferry's session: the first of its list, which OpenSSH
         // offers (the libssh2 row forced to it checks that libssh2 negotiates it).
-        cipher: "aes128-gcm (Ferry's first)".into(),
+        cipher: "chacha20-poly1305 (Ferry's first)".into(),
     })
 }
 
