@@ -347,38 +347,6 @@ pub fn newest_archive(
     Ok((path, manifest))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn median_of_odd_and_even_counts() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
-    }
-
-    #[test]
-    fn percentile_is_nearest_rank() {
-        let v: Vec<f64> = (1..=20).map(f64::from).collect();
-        assert_eq!(percentile(&v, 95.0), 19.0);
-        assert_eq!(percentile(&v, 50.0), 10.0);
-        assert_eq!(percentile(&v, 100.0), 20.0);
-        assert_eq!(percentile(&[7.0], 95.0), 7.0);
-    }
-
-    #[test]
-    fn current_rss_is_at_most_the_peak() {
-        let pid = std::process::id();
-        assert!(rss_bytes(pid).unwrap() <= peak_rss_bytes(pid).unwrap());
-    }
-
-    #[test]
-    fn peak_rss_of_this_process_is_plausible() {
-        let rss = peak_rss_bytes(std::process::id()).unwrap();
-        assert!(rss > 1024 * 1024, "{rss}");
-    }
-}
-
 /// CPU time spent by every process of the machine while it runs, sampled from
 /// `/proc/PID/stat` (`utime` + `stime`) every 100 ms, so a process that ends between two
 /// samples (a short `psql`) is counted up to its last sample; and the machine's idle time
@@ -507,5 +475,37 @@ impl CpuWatch {
         rows.sort_by(|a, b| b.1.total_cmp(&a.1));
         let rows: Vec<String> = rows.iter().map(|(n, s)| format!("{n} {s:.1} s")).collect();
         format!("idle {idle:.1} s; {}", rows.join(", "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_of_odd_and_even_counts() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
+
+    #[test]
+    fn percentile_is_nearest_rank() {
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(percentile(&v, 95.0), 19.0);
+        assert_eq!(percentile(&v, 50.0), 10.0);
+        assert_eq!(percentile(&v, 100.0), 20.0);
+        assert_eq!(percentile(&[7.0], 95.0), 7.0);
+    }
+
+    #[test]
+    fn current_rss_is_at_most_the_peak() {
+        let pid = std::process::id();
+        assert!(rss_bytes(pid).unwrap() <= peak_rss_bytes(pid).unwrap());
+    }
+
+    #[test]
+    fn peak_rss_of_this_process_is_plausible() {
+        let rss = peak_rss_bytes(std::process::id()).unwrap();
+        assert!(rss > 1024 * 1024, "{rss}");
     }
 }

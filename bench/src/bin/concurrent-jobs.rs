@@ -776,11 +776,21 @@ fn main() -> anyhow::Result<()> {
         for (k, build) in builds.iter().enumerate() {
             let tag = if k == 0 { "" } else { " (before)" };
             eprintln!("run {run}{tag}: backup");
-            let b = phase(&mut d, "agent-prod", *build, &["backup", "pg-prod", "--wait"])?;
+            let b = phase(
+                &mut d,
+                "agent-prod",
+                *build,
+                &["backup", "pg-prod", "--wait"],
+            )?;
             report(run, &format!("backup{tag}"), &b);
             backups[k].push(b);
             eprintln!("run {run}{tag}: restore");
-            let r = phase(&mut d, "agent-stage", *build, &["restore", "pg-stage", "--wait"])?;
+            let r = phase(
+                &mut d,
+                "agent-stage",
+                *build,
+                &["restore", "pg-stage", "--wait"],
+            )?;
             report(run, &format!("restore{tag}"), &r);
             verify(&d, &s, &source)?;
             eprintln!("run {run}{tag}: every restored datastore equals its source");
