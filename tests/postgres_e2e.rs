@@ -70,7 +70,10 @@ fn backup_then_restore_reproduces_every_row_owner_and_grant() {
     assert_eq!(files.len(), 4, "{files:?}");
 
     let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
-    assert!(out.contains("equal to the manifest"), "{out}");
+    assert!(
+        out.contains("equal to the manifest (the server's count of the rows inserted)"),
+        "{out}"
+    );
     let source = d.prod_pg.table_fingerprints("app");
     let restored = d.stage_pg.table_fingerprints("app");
     assert_eq!(source.len(), 4, "{source:?}");
@@ -336,6 +339,46 @@ fn clients_without_a_fleet_certificate_are_refused() {
         };
         assert!(refused, "an agent served a client without a certificate");
     });
+}
+
+/// The rows restored are compared with the manifest's counts before the swap. Where the
+/// server's insert counters differ from the manifest, every table is counted with
+/// `count(*)`, and a difference fails the restore with the live database as it was.
+#[test]
+fn rows_that_differ_from_the_manifest_fail_the_restore_before_the_swap() {
+    let d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    let before = d.stage_pg.table_fingerprints("app");
+    let mut claimed = String::new();
+    d.edit_todays_manifest("postgres", "pgdump.zst.age", |m| {
+        let rows = m["counts"]["rows"].as_object_mut().expect("row counts");
+        let (table, n) = rows.iter_mut().next().expect("a table");
+        *n = serde_json::json!(n.as_i64().unwrap() + 1);
+        claimed = format!("table {table}: {n} rows in the manifest");
+    });
+    let out = d.ferry(&["restore", "pg-stage", "--wait"]);
+    assert!(!out.status.success(), "{}", stdout(&out));
+    let text = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(text.contains(&claimed), "{claimed:?} not in: {text}");
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        before,
+        "target unchanged"
+    );
+    let log = d.log_tail("agent-stage");
+    assert!(
+        log.contains("count(*) of every table"),
+        "the counters' difference was decided by count(*):\n{log}"
+    );
+    assert!(
+        !d.stage_pg
+            .databases()
+            .iter()
+            .any(|n| n.contains("__ferry_")),
+        "{:?}",
+        d.stage_pg.databases()
+    );
 }
 
 #[test]

@@ -169,9 +169,11 @@ pub struct AgentConfig {
     pub max_concurrent_jobs: usize,
     /// WAL shipping's socket.
     pub wal: Option<WalConfig>,
-    /// zstd worker threads compressing a backup beside its stages thread, 0 to
-    /// [`crate::pipeline::compress::MAX_WORKERS`]; 0: the stages thread compresses
-    /// ([`crate::pipeline::compress::Compressor::new`] gives each one's memory). Default:
+    /// zstd worker threads compressing backups beside their stages threads, 0 to
+    /// [`crate::pipeline::compress::MAX_WORKERS`], shared by the backups running at once
+    /// (the first takes them, the others compress in their stages threads until they are
+    /// free again: [`crate::pipeline::compress::WorkerPool`]); 0: the stages thread
+    /// compresses ([`crate::pipeline::compress::Compressor::new`] gives each one's memory). Default:
     /// 0 when `[backup_server]` is S3, whose 3 parts in flight hold 24 MiB, so that a backup
     /// stays under 64 MiB; 2 otherwise, since the stages thread alone made the SFTP pipeline
     /// slower (`bench/README.md`, s3-upload). Fixed, not the host's cores: the memory is
@@ -251,8 +253,9 @@ pub struct Settings {
     pub datastores: BTreeMap<String, Arc<dyn Datastore>>,
     /// WAL shipping's socket (`[wal]`).
     pub wal: Option<crate::wal::WalSettings>,
-    /// `compression_workers`, or its default for `[backup_server]`'s kind.
-    pub compression_workers: u32,
+    /// `compression_workers` (or its default for `[backup_server]`'s kind): the zstd
+    /// workers shared by the backups running at once.
+    pub compression_workers: crate::pipeline::compress::WorkerPool,
     /// `state_dir`.
     pub state_dir: PathBuf,
 }
@@ -294,7 +297,7 @@ impl Settings {
             source_environment: None,
             datastores: BTreeMap::new(),
             wal: None,
-            compression_workers: 0,
+            compression_workers: Default::default(),
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
@@ -491,7 +494,7 @@ impl AgentConfig {
             },
             allowed_clients: self.tls.allowed_clients,
             max_concurrent_jobs: self.max_concurrent_jobs,
-            compression_workers,
+            compression_workers: crate::pipeline::compress::WorkerPool::new(compression_workers),
             state_dir: self.state_dir.clone(),
             backup_server,
             copies,

@@ -1,5 +1,5 @@
-//! Shared pieces of Ferry's benchmarks (see `bench/README.md`): current and peak RSS of a
-//! running process, medians and percentiles, byte counts in human units, and a
+//! Shared pieces of Ferry's benchmarks (see `bench/README.md`): current and peak RSS and CPU
+//! time of a running process, medians and percentiles, byte counts in human units, and a
 //! deterministic random generator.
 //!
 //! Each benchmark is a binary of this crate, run by hand with
@@ -36,6 +36,25 @@ fn proc_status_bytes(pid: u32, field: &str) -> anyhow::Result<u64> {
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
         .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/status has no {field} line"))?;
     Ok(kib * 1024)
+}
+
+/// CPU time (user + system) of process `pid` so far, all its threads, seconds
+/// (`/proc/PID/stat`; `std::process::id()` for this process). Children count only through
+/// their own pid (reaped ones are not added).
+///
+/// # Errors
+/// The process is gone, or its stat file cannot be parsed.
+pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let close = stat
+        .rfind(')')
+        .ok_or_else(|| anyhow::anyhow!("/proc/{pid}/stat has no command name"))?;
+    let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+    anyhow::ensure!(fields.len() > 12, "/proc/{pid}/stat is too short");
+    // utime and stime are fields 14 and 15 of proc(5), 11 and 12 after the name.
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    // Clock ticks of 1/100 s (USER_HZ on Linux).
+    Ok(ticks as f64 / 100.0)
 }
 
 /// The median of `values` (the mean of the middle two for an even count).
@@ -138,6 +157,7 @@ pub struct PipelineRun {
 /// stderr is in the error).
 pub fn run_pipeline(script: &str) -> anyhow::Result<PipelineRun> {
     let report = tempfile::NamedTempFile::new()?;
+    let cpu = CpuWatch::when_asked();
     let started = std::time::Instant::now();
     let out = std::process::Command::new("/usr/bin/time")
         .arg("-o")
@@ -147,6 +167,7 @@ pub fn run_pipeline(script: &str) -> anyhow::Result<PipelineRun> {
         .output()
         .map_err(|e| anyhow::anyhow!("cannot run /usr/bin/time (install `time`): {e}"))?;
     let seconds = started.elapsed().as_secs_f64();
+    CpuWatch::print(cpu, script);
     if !out.status.success() {
         anyhow::bail!(
             "pipeline failed ({}): {script}\n{}",
@@ -277,9 +298,11 @@ pub fn time_ferry(
     let pid = d.procs[agent].pid();
     let io0 = io_write_bytes(pid)?;
     settle()?;
+    let cpu = CpuWatch::when_asked();
     let started = std::time::Instant::now();
     ferry_ok(d, args)?;
     let seconds = started.elapsed().as_secs_f64();
+    CpuWatch::print(cpu, &format!("ferry {}", args.join(" ")));
     Ok(FerryRun {
         seconds,
         peak_rss_bytes: peak_rss_bytes(pid)?,
@@ -322,6 +345,137 @@ pub fn newest_archive(
     let path = d.sshd.root().join(f);
     let manifest = serde_json::from_slice(&fs::read(format!("{}.json", path.display()))?)?;
     Ok((path, manifest))
+}
+
+/// CPU time spent by every process of the machine while it runs, sampled from
+/// `/proc/PID/stat` (`utime` + `stime`) every 100 ms, so a process that ends between two
+/// samples (a short `psql`) is counted up to its last sample; and the machine's idle time
+/// from `/proc/stat`. Started by [`CpuWatch::start`], read by [`CpuWatch::stop`]: where a
+/// step's cores went (the tool's work, the server's, the pipeline's), not how long it took.
+pub struct CpuWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(std::collections::BTreeMap<String, f64>, f64)>,
+}
+
+/// Clock ticks per second of `/proc` CPU times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// Every process's (command name, `utime + stime` in ticks), by PID.
+fn process_ticks() -> std::collections::HashMap<u32, (String, u64)> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE ..."; COMM may hold spaces and parentheses.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = stat[open + 1..close].to_owned();
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // Fields 14 and 15 of proc(5), counted from STATE (field 3) at index 0.
+        let ticks = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        out.insert(pid, (comm, ticks(11) + ticks(12)));
+    }
+    out
+}
+
+/// The machine's idle time (`idle` + `iowait` of the `cpu` line of `/proc/stat`), ticks.
+fn idle_ticks() -> u64 {
+    fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().next()?.to_owned();
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            Some(f.get(3).copied().unwrap_or(0) + f.get(4).copied().unwrap_or(0))
+        })
+        .unwrap_or(0)
+}
+
+impl CpuWatch {
+    /// Starts sampling when the environment has `FERRY_BENCH_CPU=1`, which
+    /// [`run_pipeline`] and [`time_ferry`] honour (then [`CpuWatch::print`]).
+    pub fn when_asked() -> Option<CpuWatch> {
+        (std::env::var("FERRY_BENCH_CPU").as_deref() == Ok("1")).then(CpuWatch::start)
+    }
+
+    /// Prints the [`CpuWatch::report`] of `watch`, if any, to stderr after `what`.
+    pub fn print(watch: Option<CpuWatch>, what: &str) {
+        if let Some(watch) = watch {
+            let what: String = what.chars().take(100).collect();
+            eprintln!("  cpu of {what}: {}", watch.report());
+        }
+    }
+
+    /// Starts sampling.
+    pub fn start() -> CpuWatch {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let before = process_ticks();
+            let idle0 = idle_ticks();
+            let mut last = before.clone();
+            loop {
+                for (pid, seen) in process_ticks() {
+                    last.insert(pid, seen);
+                }
+                if flag.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            let idle = idle_ticks().saturating_sub(idle0) as f64 / TICKS_PER_SECOND;
+            let mut by_name = std::collections::BTreeMap::new();
+            for (pid, (comm, ticks)) in last {
+                let start = match before.get(&pid) {
+                    Some((c, t)) if *c == comm => *t,
+                    _ => 0,
+                };
+                let used = ticks.saturating_sub(start);
+                if used > 0 {
+                    *by_name.entry(comm).or_insert(0.0) += used as f64 / TICKS_PER_SECOND;
+                }
+            }
+            (by_name, idle)
+        });
+        CpuWatch { stop, thread }
+    }
+
+    /// Stops sampling and returns the CPU seconds used per command name, and the idle
+    /// seconds of all cores together, since [`CpuWatch::start`].
+    pub fn stop(self) -> (std::collections::BTreeMap<String, f64>, f64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap_or_default()
+    }
+
+    /// [`CpuWatch::stop`] as one line: `idle 1.2 s; postgres 10.3 s, ferry-agent 4.1 s, ...`,
+    /// processes with at least 0.1 s, the busiest first.
+    pub fn report(self) -> String {
+        let (by_name, idle) = self.stop();
+        let mut rows: Vec<(String, f64)> = by_name.into_iter().filter(|(_, s)| *s >= 0.1).collect();
+        rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let rows: Vec<String> = rows.iter().map(|(n, s)| format!("{n} {s:.1} s")).collect();
+        format!("idle {idle:.1} s; {}", rows.join(", "))
+    }
 }
 
 #[cfg(test)]

@@ -415,7 +415,7 @@ async fn backup_part(
             let hashed = hash::HashingWriter::new(sink);
             let encrypted = enc.wrap(hashed)?;
             let mut compressed =
-                compress::Compressor::new(encrypted, settings.compression_workers)?;
+                compress::Compressor::with_workers(encrypted, settings.compression_workers.take())?;
             copy(&mut source, &mut compressed)?;
             let encrypted = compressed.finish()?;
             let hashed = encrypted.finish()?;

@@ -1,5 +1,5 @@
-//! Compression stage, both directions: zstd (RFC 8878), in the stage's thread or with a
-//! fixed number of workers (`compression_workers`).
+//! Compression stage, both directions: zstd (RFC 8878), in the stage's thread or with
+//! workers from the agent's [`WorkerPool`] (`compression_workers`, shared by its backups).
 //! Backup wraps a writer, restore wraps a reader.
 
 use std::io::{self, Read, Write};
@@ -20,8 +20,75 @@ pub const MAX_WORKERS: u32 = 4;
 /// 105 to 57 MiB, the stored size grows by under 1 %.
 const JOB_BYTES: u32 = 1024 * 1024;
 
+/// The agent's zstd worker threads, shared by the backups running at once:
+/// `compression_workers` bounds their sum, not each backup's, so the memory they hold
+/// (about 6 MiB a worker, [`Compressor::new`]) does not grow with `max_concurrent_jobs`. A
+/// backup takes what is free when it starts ([`WorkerPool::take`]), at most the pool's
+/// size; the others compress in their stages thread. Cheap to clone (one pool).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerPool {
+    size: u32,
+    free: std::sync::Arc<std::sync::Mutex<u32>>,
+}
+
+impl WorkerPool {
+    /// A pool of `size` workers, all free.
+    pub fn new(size: u32) -> Self {
+        Self {
+            size,
+            free: std::sync::Arc::new(std::sync::Mutex::new(size)),
+        }
+    }
+
+    /// The pool's size (`compression_workers`).
+    pub fn size(&self) -> u32 {
+        self.size
+    }
+
+    /// Takes every free worker, up to the pool's size (0 when others' backups hold them
+    /// all); they return to the pool when the [`Workers`] are dropped.
+    pub fn take(&self) -> Workers {
+        let mut free = self
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = *free;
+        *free = 0;
+        Workers {
+            pool: self.clone(),
+            n,
+        }
+    }
+}
+
+/// Workers taken from a [`WorkerPool`] for one backup's [`Compressor`].
+#[derive(Debug)]
+pub struct Workers {
+    pool: WorkerPool,
+    n: u32,
+}
+
+impl Workers {
+    /// How many were taken.
+    pub fn count(&self) -> u32 {
+        self.n
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        let mut free = self
+            .pool
+            .free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *free += self.n;
+    }
+}
+
 /// A zstd encoder writing compressed bytes into `inner`; call [`Compressor::finish`].
-pub struct Compressor<W: Write>(zstd::stream::write::Encoder<'static, W>);
+/// Holds its [`Workers`] until dropped.
+pub struct Compressor<W: Write>(zstd::stream::write::Encoder<'static, W>, Option<Workers>);
 
 impl<W: Write> Compressor<W> {
     /// Wraps `inner` with a level-[`LEVEL`] encoder that writes a content checksum, so
@@ -44,7 +111,18 @@ impl<W: Write> Compressor<W> {
             enc.multithread(workers.min(MAX_WORKERS))?;
             enc.set_parameter(zstd::stream::raw::CParameter::JobSize(JOB_BYTES))?;
         }
-        Ok(Self(enc))
+        Ok(Self(enc, None))
+    }
+
+    /// [`Compressor::new`] with the workers taken from the agent's pool, which return to
+    /// it when this compressor is finished or dropped.
+    ///
+    /// # Errors
+    /// As [`Compressor::new`].
+    pub fn with_workers(inner: W, workers: Workers) -> io::Result<Self> {
+        let mut c = Self::new(inner, workers.count())?;
+        c.1 = Some(workers);
+        Ok(c)
     }
 
     /// Flushes the last frame and returns the inner writer.
@@ -52,7 +130,10 @@ impl<W: Write> Compressor<W> {
     /// # Errors
     /// From the inner writer.
     pub fn finish(self) -> io::Result<W> {
-        self.0.finish()
+        let Self(enc, workers) = self;
+        let inner = enc.finish();
+        drop(workers);
+        inner
     }
 }
 
@@ -73,6 +154,22 @@ pub fn decompressor<R: Read>(inner: R) -> io::Result<impl Read> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pool_bounds_the_workers_of_backups_at_once() {
+        let pool = WorkerPool::new(2);
+        let first = pool.take();
+        let second = pool.take();
+        assert_eq!((first.count(), second.count()), (2, 0));
+        drop(first);
+        let third = pool.take();
+        assert_eq!(third.count(), 2, "returned when the first backup ended");
+        let mut out = Vec::new();
+        let c = Compressor::with_workers(&mut out, third).unwrap();
+        assert_eq!(pool.take().count(), 0, "held by the compressor");
+        c.finish().unwrap();
+        assert_eq!(pool.take().count(), 2, "returned at finish");
+    }
 
     #[test]
     fn round_trip() {

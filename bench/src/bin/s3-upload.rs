@@ -70,8 +70,8 @@ use std::time::Instant;
 use anyhow::{Context, bail, ensure};
 use clap::Parser;
 use ferry_bench::{
-    FerryRun, Figures, PipelineRun, Xorshift, mb, median, mib, ratio, run_pipeline, settle,
-    time_ferry,
+    FerryRun, Figures, PipelineRun, Xorshift, cpu_seconds, mb, median, mib, ratio, run_pipeline,
+    settle, time_ferry,
 };
 use ferry_tests::*;
 use serde_json::{Value, json};
@@ -275,18 +275,6 @@ fn data_pool_bytes(c: &CephCluster) -> u64 {
         .filter(|p| p["name"] == "default.rgw.buckets.data")
         .filter_map(|p| p["stats"]["stored"].as_u64())
         .sum()
-}
-
-/// CPU time (user + system) of process `pid` so far, seconds (`/proc/PID/stat`).
-fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat[stat.rfind(')').context("stat")? + 2..]
-        .split_whitespace()
-        .collect();
-    // utime and stime are fields 14 and 15 of proc(5), 11 and 12 after the name.
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    // Clock ticks of 1/100 s (USER_HZ on Linux).
-    Ok(ticks as f64 / 100.0)
 }
 
 /// `MemAvailable` of `/proc/meminfo`, bytes.

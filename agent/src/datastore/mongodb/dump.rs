@@ -20,8 +20,10 @@ use ferry_core::manifest::Source;
 /// Bytes of documents the dump asks for per cursor batch (the server's own cap is 16 MiB;
 /// the driver holds a batch twice while it splits it into documents, so the smaller bound
 /// keeps the agent's memory low). Turned into a document count with `collStats`'
-/// `avgObjSize`.
-const BATCH_BYTES: f64 = 4.0 * 1024.0 * 1024.0;
+/// `avgObjSize`. 2 MiB: with four jobs at once on one agent (`bench/` concurrent-jobs,
+/// issue 20) the driver's batches of 4 MiB were the largest holder of the agent's heap
+/// after zstd.
+const BATCH_BYTES: f64 = 2.0 * 1024.0 * 1024.0;
 /// Databases never dumped.
 const SYSTEM_DATABASES: [&str; 3] = ["admin", "local", "config"];
 

@@ -147,6 +147,7 @@ impl Postgres {
             cfg,
             password,
             tools,
+            dropping: Default::default(),
         })
     }
 }

@@ -59,6 +59,10 @@ pub const BASE: Part = Part {
     format: "tar",
 };
 
+/// Capacity asked for the pipe between the agent and pg_dump, pg_restore or psql, bytes
+/// (kernel memory, not the agent's).
+const TOOL_PIPE_BYTES: usize = 1024 * 1024;
+
 /// Longest identifier PostgreSQL keeps (NAMEDATALEN - 1), bytes.
 const MAX_IDENTIFIER: usize = 63;
 
@@ -68,6 +72,10 @@ pub struct Postgres {
     cfg: PostgresConfig,
     password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
+    /// Held while the database a logical restore replaced is dropped, after the restore
+    /// reported ([`restore`]); the next restore's search for leftovers and its start wait
+    /// for it, so they never race the drop.
+    dropping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A connection to the server that could not be made.
@@ -292,6 +300,10 @@ impl Postgres {
                 .expect("stdout is piped")
                 .into_owned_fd()?
         };
+        // A pipe of 1 MiB instead of Linux's 64 KiB lets the pipeline thread run that far
+        // ahead of (or behind) the tool instead of waking at every 64 KiB; best effort
+        // (`/proc/sys/fs/pipe-max-size` may be lower).
+        let _ = rustix::pipe::fcntl_setpipe_size(&pipe, TOOL_PIPE_BYTES);
         tracing::debug!(tool, pid = child.id(), "Started tool.");
         Ok((ReapedChild::new(child), std::fs::File::from(pipe), tail))
     }
@@ -335,8 +347,27 @@ impl DatabaseCounts {
     }
 }
 
-/// Counts rows of every user table through `client` (inside whatever transaction it has).
-async fn database_counts(client: &Client) -> Result<DatabaseCounts, tokio_postgres::Error> {
+/// The user tables counted in [`DatabaseCounts`]: ordinary tables outside the system
+/// schemas that no extension owns, `schema`, `table`, and what `extra` selects of each (a
+/// column of `c`, the table's `pg_class` row), in name order.
+fn user_tables_sql(extra: &str) -> String {
+    format!(
+        "SELECT n.nspname, c.relname{extra} FROM pg_catalog.pg_class c \
+         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.relkind = 'r' \
+           AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
+           AND n.nspname !~ '^pg_(toast|temp)' \
+           AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
+               WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') \
+         ORDER BY 1, 2"
+    )
+}
+
+/// The database's owner and encoding, and `rows` for them.
+async fn with_owner(
+    client: &Client,
+    rows: BTreeMap<String, i64>,
+) -> Result<DatabaseCounts, tokio_postgres::Error> {
     let db = client
         .query_one(
             "SELECT pg_catalog.pg_get_userbyid(datdba), pg_catalog.pg_encoding_to_char(encoding) \
@@ -344,19 +375,17 @@ async fn database_counts(client: &Client) -> Result<DatabaseCounts, tokio_postgr
             &[],
         )
         .await?;
-    let tables = client
-        .query(
-            "SELECT n.nspname, c.relname FROM pg_catalog.pg_class c \
-             JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace \
-             WHERE c.relkind = 'r' \
-               AND n.nspname NOT IN ('pg_catalog', 'information_schema') \
-               AND n.nspname !~ '^pg_(toast|temp)' \
-               AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_depend d \
-                   WHERE d.classid = 'pg_catalog.pg_class'::regclass AND d.objid = c.oid AND d.deptype = 'e') \
-             ORDER BY 1, 2",
-            &[],
-        )
-        .await?;
+    Ok(DatabaseCounts {
+        owner: db.get(0),
+        encoding: db.get(1),
+        rows,
+    })
+}
+
+/// Counts rows of every user table through `client` (inside whatever transaction it has):
+/// `count(*)` of each, a scan of the whole database.
+async fn database_counts(client: &Client) -> Result<DatabaseCounts, tokio_postgres::Error> {
+    let tables = client.query(&user_tables_sql(""), &[]).await?;
     let mut rows = BTreeMap::new();
     for t in tables {
         let (schema, table): (String, String) = (t.get(0), t.get(1));
@@ -373,9 +402,27 @@ async fn database_counts(client: &Client) -> Result<DatabaseCounts, tokio_postgr
             .get(0);
         rows.insert(format!("{schema}.{table}"), n);
     }
-    Ok(DatabaseCounts {
-        owner: db.get(0),
-        encoding: db.get(1),
-        rows,
-    })
+    with_owner(client, rows).await
+}
+
+/// The rows of every user table of a database that only pg_restore has written to, as the
+/// server counted them while they were inserted: the cumulative statistics' tuples
+/// inserted less tuples deleted (`pg_stat_get_tuples_inserted`, PostgreSQL's "Cumulative
+/// Statistics System"), no scan. They are complete once the writing sessions have ended
+/// and flushed their counters, which a session does as it exits; with `track_counts` off
+/// they are all 0. [`database_counts`] is the authority where they differ from what is
+/// expected.
+async fn inserted_counts(client: &Client) -> Result<DatabaseCounts, tokio_postgres::Error> {
+    let extra = ", pg_catalog.pg_stat_get_tuples_inserted(c.oid) \
+                 - pg_catalog.pg_stat_get_tuples_deleted(c.oid)";
+    let rows = client
+        .query(&user_tables_sql(extra), &[])
+        .await?
+        .iter()
+        .map(|t| {
+            let (schema, table, n): (String, String, i64) = (t.get(0), t.get(1), t.get(2));
+            (format!("{schema}.{table}"), n)
+        })
+        .collect();
+    with_owner(client, rows).await
 }

@@ -9,7 +9,10 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio_postgres::Client;
 
-use super::{BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, quote_ident};
+use super::{
+    BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, inserted_counts,
+    quote_ident,
+};
 use crate::datastore::common::leftovers;
 use crate::datastore::common::smoke::{SmokeCheck, SmokeError, run_smoke};
 use crate::datastore::{
@@ -19,6 +22,13 @@ use ferry_core::manifest::Manifest;
 
 /// The tag of a restore's scratch database: `<target>__ferry_new_<job>`.
 const NEW_TAG: &str = "__ferry_new_";
+
+/// Reads of the server's insert counters before the rows are counted with `count(*)`
+/// ([`super::inserted_counts`]), [`STATS_RETRY`] apart.
+const STATS_ATTEMPTS: u32 = 5;
+
+/// Wait between two reads of the insert counters.
+const STATS_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The tag of the target moved aside by a restore's swap: `<target>__ferry_old_<job>`.
 const OLD_TAG: &str = "__ferry_old_";
@@ -178,6 +188,8 @@ impl Postgres {
         let Some(target) = self.cfg.target_database.clone() else {
             return Ok(Vec::new());
         };
+        // A replaced database still being dropped is no leftover.
+        let _dropped = self.dropping.lock().await;
         let db = &self.cfg.maintenance_database;
         let mut config = self.pg_config(db);
         config.connect_timeout(std::time::Duration::from_secs(RECOVER_CONNECT_SECONDS));
@@ -301,6 +313,8 @@ impl Restorer for Postgres {
                 .target_database
                 .clone()
                 .ok_or_else(|| RestoreError::Target("no target_database configured".into()))?;
+            // The previous restore's replaced database is dropped before this one starts.
+            drop(self.dropping.lock().await);
             let session = PgRestore {
                 pg: self.clone(),
                 scratch: scratch_name(&target, NEW_TAG, job_id),
@@ -467,7 +481,9 @@ impl PgRestore {
         self.tool_sink("pg_restore", cmd, |_| None)
     }
 
-    async fn swap(&mut self) -> Result<(), RestoreError> {
+    /// Puts the scratch database in place of the target; true when a target was replaced
+    /// (its drop then goes on in the background, [`PgRestore::drop_replaced`]).
+    async fn swap(&mut self) -> Result<bool, RestoreError> {
         let maint = self.maintenance().await?;
         let target_exists = maint
             .query_opt(
@@ -539,17 +555,44 @@ impl PgRestore {
             }));
         }
         self.created = false;
-        if target_exists
-            && let Err(e) = maint
-                .batch_execute(&format!(
-                    "DROP DATABASE {} WITH (FORCE)",
-                    quote_ident(&self.old)
-                ))
-                .await
-        {
-            tracing::warn!(database = %self.old, error = %e, "Could not drop the replaced database; drop it by hand.");
+        if target_exists {
+            self.drop_replaced().await;
         }
-        Ok(())
+        Ok(target_exists)
+    }
+
+    /// Drops the replaced database (`<target>__ferry_old_<job>`) on a task of its own, so
+    /// the restore reports once the checked data is in place: PostgreSQL forces a
+    /// checkpoint for every `DROP DATABASE`, which writes out the whole freshly restored
+    /// database (seconds per GiB; `bench/README.md`, issue 20). The datastore's `dropping`
+    /// lock is held until the drop ends; the next restore waits for it. If the agent stops
+    /// first, its search for leftovers at the next start removes the database (the target
+    /// exists, the new copy does not: the swap was finished).
+    async fn drop_replaced(&self) {
+        let held = self.pg.dropping.clone().lock_owned().await;
+        let (pg, old) = (self.pg.clone(), self.old.clone());
+        tokio::spawn(async move {
+            let _held = held;
+            let started = std::time::Instant::now();
+            let dropped = match pg.connect(&pg.cfg.maintenance_database).await {
+                Ok(maint) => maint
+                    .batch_execute(&format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                        quote_ident(&old)
+                    ))
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match dropped {
+                Ok(()) => {
+                    tracing::info!(database = %old, seconds = started.elapsed().as_secs_f64(), "Dropped the replaced database.")
+                }
+                Err(error) => {
+                    tracing::warn!(database = %old, %error, "Could not drop the replaced database; the next restore or the agent's next start removes it.")
+                }
+            }
+        });
     }
 }
 
@@ -594,26 +637,62 @@ impl RestoreSession for PgRestore {
                     "the backup has no main pg_dump part".into(),
                 ));
             }
-            let found = {
-                let client = self
-                    .pg
-                    .connect(&self.scratch)
-                    .await
-                    .map_err(|e| RestoreError::Target(e.to_string()))?;
-                database_counts(&client)
-                    .await
-                    .map_err(|e| RestoreError::Target(format!("counting restored rows: {e}")))?
+            let counting = std::time::Instant::now();
+            let client = self
+                .pg
+                .connect(&self.scratch)
+                .await
+                .map_err(|e| RestoreError::Target(e.to_string()))?;
+            let counted = |e: tokio_postgres::Error| {
+                RestoreError::Target(format!("counting restored rows: {e}"))
             };
+            // The server's own count of the rows pg_restore inserted, without a scan of the
+            // restored data (which also dirtied every page of it, to set hint bits); a
+            // session's counters reach the statistics as it exits, so a little later than
+            // pg_restore's exit. Where they differ from the manifest, count(*) decides.
+            let mut by_stats = None;
+            for attempt in 0..STATS_ATTEMPTS {
+                if attempt > 0 {
+                    tokio::time::sleep(STATS_RETRY).await;
+                }
+                let found = inserted_counts(&client).await.map_err(counted)?;
+                if count_differences(&self.expected, &found).is_empty() {
+                    by_stats = Some(found);
+                    break;
+                }
+            }
+            let (found, how) = match by_stats {
+                Some(found) => (found, "the server's count of the rows inserted"),
+                None => (
+                    database_counts(&client).await.map_err(counted)?,
+                    "count(*) of every table",
+                ),
+            };
+            drop(client);
+            tracing::info!(
+                database = %self.scratch,
+                seconds = counting.elapsed().as_secs_f64(),
+                how,
+                "Counted the restored rows."
+            );
             let diff = count_differences(&self.expected, &found);
             if !diff.is_empty() {
                 return Err(RestoreError::Mismatch(diff.join("; ")));
             }
-            self.swap().await?;
+            let replaced = self.swap().await?;
             Ok(format!(
-                "{} tables, {} rows restored into database {:?}, equal to the manifest",
+                "{} tables, {} rows restored into database {:?}, equal to the manifest ({how}){}",
                 found.rows.len(),
                 found.rows.values().sum::<i64>(),
-                self.target
+                self.target,
+                if replaced {
+                    format!(
+                        "; the database it replaced ({}) is dropped in the background",
+                        self.old
+                    )
+                } else {
+                    String::new()
+                }
             ))
         }
         .boxed()
