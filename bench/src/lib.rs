@@ -360,8 +360,10 @@ pub struct CpuWatch {
 /// Clock ticks per second of `/proc` CPU times (`sysconf(_SC_CLK_TCK)`, 100 on Linux).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// Every process's (command name, `utime + stime` in ticks), by PID.
-fn process_ticks() -> std::collections::HashMap<u32, (String, u64)> {
+/// Every process's (command name, `utime + stime` in ticks, start time in ticks after
+/// boot), by PID. A kernel worker renames itself as it works, so a process is known by its
+/// PID and start time, not its name.
+fn process_ticks() -> std::collections::HashMap<u32, (String, u64, u64)> {
     let mut out = std::collections::HashMap::new();
     let Ok(dir) = fs::read_dir("/proc") else {
         return out;
@@ -383,14 +385,15 @@ fn process_ticks() -> std::collections::HashMap<u32, (String, u64)> {
         };
         let comm = stat[open + 1..close].to_owned();
         let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // Fields 14 and 15 of proc(5), counted from STATE (field 3) at index 0.
+        // Fields 14, 15 (utime, stime) and 22 (starttime) of proc(5), counted from STATE
+        // (field 3) at index 0.
         let ticks = |i: usize| {
             fields
                 .get(i)
                 .and_then(|f| f.parse::<u64>().ok())
                 .unwrap_or(0)
         };
-        out.insert(pid, (comm, ticks(11) + ticks(12)));
+        out.insert(pid, (comm, ticks(11) + ticks(12), ticks(19)));
     }
     out
 }
@@ -445,9 +448,9 @@ impl CpuWatch {
             }
             let idle = idle_ticks().saturating_sub(idle0) as f64 / TICKS_PER_SECOND;
             let mut by_name = std::collections::BTreeMap::new();
-            for (pid, (comm, ticks)) in last {
+            for (pid, (comm, ticks, started)) in last {
                 let start = match before.get(&pid) {
-                    Some((c, t)) if *c == comm => *t,
+                    Some((_, t, s)) if *s == started => *t,
                     _ => 0,
                 };
                 let used = ticks.saturating_sub(start);

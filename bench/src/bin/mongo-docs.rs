@@ -14,7 +14,9 @@ use std::time::Instant;
 use anyhow::Context;
 use bson::{RawDocumentBuf, rawdoc};
 use clap::Parser;
-use ferry_bench::{Xorshift, ferry_ok, io_write_bytes, mb, median, mib, peak_rss_bytes, ratio};
+use ferry_bench::{
+    CpuWatch, Xorshift, ferry_ok, io_write_bytes, mb, median, mib, peak_rss_bytes, ratio,
+};
 use ferry_tests::*;
 
 /// Command-line arguments.
@@ -123,17 +125,21 @@ fn main() -> anyhow::Result<()> {
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut stored = 0;
     for run in 1..=args.runs {
+        let cpu = CpuWatch::when_asked();
         let t = Instant::now();
         let (n, _) = rt.block_on(read_all(&prod.uri(), "bench"))?;
         floor_s.push(t.elapsed().as_secs_f64());
+        CpuWatch::print(cpu, "the dump's floor (a cursor read to nowhere)");
         assert_eq!(n, args.docs, "documents read");
 
         d.start_agent("agent-prod");
         let pid = d.procs["agent-prod"].pid();
         let io0 = io_write_bytes(pid)?;
+        let cpu = CpuWatch::when_asked();
         let t = Instant::now();
         ferry_ok(&d, &["backup", "pg-prod", "mongo", "--wait"])?;
         let s = t.elapsed().as_secs_f64();
+        CpuWatch::print(cpu, "Ferry's dump");
         ferry_s.push(s);
         ferry_rss.push(mib(peak_rss_bytes(pid)?));
         ferry_disk.push((io_write_bytes(pid)? - io0) as f64);
@@ -153,9 +159,11 @@ fn main() -> anyhow::Result<()> {
     // Restores.
     let (mut rferry_s, mut rferry_rss, mut rfloor_s) = (Vec::new(), Vec::new(), Vec::new());
     for run in 1..=args.restore_runs {
+        let cpu = CpuWatch::when_asked();
         let t = Instant::now();
         rt.block_on(insert(&stage.uri(), "floor", args.docs))?;
         rfloor_s.push(t.elapsed().as_secs_f64());
+        CpuWatch::print(cpu, "the restore's floor (insert_many)");
         rt.block_on(async {
             let c = mongodb::Client::with_uri_str(stage.uri()).await?;
             c.database("floor").drop().await
@@ -163,12 +171,14 @@ fn main() -> anyhow::Result<()> {
 
         d.start_agent("agent-stage");
         let pid = d.procs["agent-stage"].pid();
+        let cpu = CpuWatch::when_asked();
         let t = Instant::now();
         ferry_ok(
             &d,
             &["restore", "pg-stage", "--datastore", "mongo", "--wait"],
         )?;
         let s = t.elapsed().as_secs_f64();
+        CpuWatch::print(cpu, "Ferry's restore");
         rferry_s.push(s);
         rferry_rss.push(mib(peak_rss_bytes(pid)?));
         eprintln!(
