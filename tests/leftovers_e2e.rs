@@ -191,6 +191,69 @@ fn a_restore_killed_until_the_retries_are_spent_leaves_a_scratch_database_that_t
     );
 }
 
+/// A logical PostgreSQL restore reports before the database it replaced is dropped (the
+/// drop's forced checkpoint would hold the report up). An agent stopped in between leaves
+/// `<target>__ferry_old_<job>` beside the restored target: at its next start the agent
+/// removes it, the target keeps the restore, and the next restore reports the removal.
+#[test]
+fn a_replaced_database_left_by_an_agent_stopped_before_the_drop_is_removed_at_its_next_start() {
+    let mut d = Deployment::start();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    let job = d.ferry_ok(&["restore", "pg-stage"]).trim().to_owned();
+    let j = wait_job(&d, &job, Duration::from_secs(120), final_state);
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let restored = d.stage_pg.table_fingerprints("app");
+    assert_eq!(restored, d.prod_pg.table_fingerprints("app"));
+    wait_for(
+        &d,
+        Duration::from_secs(30),
+        "the replaced database dropped",
+        || stage_scratch(&d).is_empty().then_some(()),
+    );
+
+    // What the agent leaves when it stops between the swap and the drop.
+    d.kill("agent-stage");
+    let old = format!("app__ferry_old_{}", job.to_lowercase());
+    d.stage_pg.psql(
+        "postgres",
+        &format!("CREATE DATABASE {old} TEMPLATE template0"),
+    );
+    assert_eq!(stage_scratch(&d), std::slice::from_ref(&old));
+
+    d.start_agent("agent-stage");
+    assert!(stage_scratch(&d).is_empty(), "{:?}", stage_scratch(&d));
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        restored,
+        "target kept"
+    );
+    let log = agent_log(&d);
+    let event = log
+        .lines()
+        .find(|l| l.contains("Leftover of an interrupted restore") && l.contains(&old))
+        .unwrap_or_else(|| panic!("no log event for {old}:\n{log}"));
+    assert!(event.contains("action=removed"), "{event}");
+
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(
+        out.contains(&format!(
+            "at the agent's start, removed database {old} (job {job})"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
+    );
+    wait_for(
+        &d,
+        Duration::from_secs(30),
+        "the replaced database dropped",
+        || stage_scratch(&d).is_empty().then_some(()),
+    );
+}
+
 /// A deployment with a `files` datastore `minio`: production's tree (1,500 files of 32 KiB
 /// of varied bytes, about 48 MiB: a restore that lasts long enough to kill) and staging's
 /// target, which holds `live-object`.

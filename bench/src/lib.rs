@@ -347,6 +347,38 @@ pub fn newest_archive(
     Ok((path, manifest))
 }
 
+/// Inserts `documents` documents into `db.collection` at MongoDB `uri`, `per_batch` to an
+/// `insert_many`, document `i` made by `document(i, rng)` with one [`Xorshift`] seeded
+/// alike in every benchmark (so a seeding is the same from run to run); returns their
+/// BSON bytes.
+///
+/// # Errors
+/// The driver's.
+pub async fn insert_documents(
+    uri: &str,
+    (db, collection): (&str, &str),
+    documents: u64,
+    per_batch: usize,
+    mut document: impl FnMut(u64, &mut Xorshift) -> bson::RawDocumentBuf,
+) -> anyhow::Result<u64> {
+    let client = mongodb::Client::with_uri_str(uri).await?;
+    let coll = client
+        .database(db)
+        .collection::<bson::RawDocumentBuf>(collection);
+    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
+    let mut bytes = 0u64;
+    let mut batch = Vec::with_capacity(per_batch);
+    for i in 0..documents {
+        let d = document(i, &mut rng);
+        bytes += d.as_bytes().len() as u64;
+        batch.push(d);
+        if batch.len() == per_batch || i + 1 == documents {
+            coll.insert_many(std::mem::take(&mut batch)).await?;
+        }
+    }
+    Ok(bytes)
+}
+
 /// CPU time spent by every process of the machine while it runs, sampled from
 /// `/proc/PID/stat` (`utime` + `stime`) every 100 ms, so a process that ends between two
 /// samples (a short `psql`) is counted up to its last sample; and the machine's idle time

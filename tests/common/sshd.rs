@@ -353,32 +353,37 @@ impl Sshd {
             .collect()
     }
 
+    /// The options of an OpenSSH client (`ssh`, `sftp`) that logs in with `key` only, no
+    /// user or system config, and this server's host key pinned (`StrictHostKeyChecking`):
+    /// `-F /dev/null -i KEY -o UserKnownHostsFile=... ...`. The port flag differs between
+    /// `ssh` (`-p`) and `sftp` (`-P`), so the caller adds it.
+    pub fn client_options(&self, key: &Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> = vec!["-F".into(), "/dev/null".into(), "-i".into()];
+        args.push(key.into());
+        args.push("-o".into());
+        args.push(format!("UserKnownHostsFile={}", self.known_hosts().display()).into());
+        for o in [
+            "GlobalKnownHostsFile=/dev/null",
+            "StrictHostKeyChecking=yes",
+            "BatchMode=yes",
+            "IdentitiesOnly=yes",
+        ] {
+            args.push("-o".into());
+            args.push(o.into());
+        }
+        args
+    }
+
     /// Runs the OpenSSH `sftp` client in batch mode as [`BACKUP_USER`] with `key`, the
     /// pinned host key and no user config, feeding it `batch` (one command a line; see
     /// sftp(1)); its output. Fails on the first failing command unless it starts with `-`.
     pub fn sftp(&self, key: &Path, batch: &str) -> Output {
         let mut cmd = Command::new(require("sftp", "openssh-client"));
-        cmd.args(["-b", "-", "-F", "/dev/null", "-i"])
-            .arg(key)
+        cmd.args(["-b", "-"])
+            .args(self.client_options(key))
             .arg("-P")
             .arg(self.port.to_string())
-            .arg("-o")
-            .arg(format!(
-                "UserKnownHostsFile={}",
-                self.known_hosts().display()
-            ))
-            .args([
-                "-o",
-                "GlobalKnownHostsFile=/dev/null",
-                "-o",
-                "StrictHostKeyChecking=yes",
-                "-o",
-                "BatchMode=yes",
-                "-o",
-                "IdentitiesOnly=yes",
-                "-o",
-                "ConnectTimeout=10",
-            ])
+            .args(["-o", "ConnectTimeout=10"])
             .arg(format!("{BACKUP_USER}@127.0.0.1"));
         output_within(&mut cmd, batch.as_bytes(), Duration::from_secs(120))
     }

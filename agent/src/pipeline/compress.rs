@@ -27,7 +27,6 @@ const JOB_BYTES: u32 = 1024 * 1024;
 /// size; the others compress in their stages thread. Cheap to clone (one pool).
 #[derive(Clone, Debug, Default)]
 pub struct WorkerPool {
-    size: u32,
     free: std::sync::Arc<std::sync::Mutex<u32>>,
 }
 
@@ -35,18 +34,12 @@ impl WorkerPool {
     /// A pool of `size` workers, all free.
     pub fn new(size: u32) -> Self {
         Self {
-            size,
             free: std::sync::Arc::new(std::sync::Mutex::new(size)),
         }
     }
 
-    /// The pool's size (`compression_workers`).
-    pub fn size(&self) -> u32 {
-        self.size
-    }
-
-    /// Takes every free worker, up to the pool's size (0 when others' backups hold them
-    /// all); they return to the pool when the [`Workers`] are dropped.
+    /// Takes every free worker (0 when others' backups hold them all); they return to the
+    /// pool when the [`Workers`] are dropped.
     pub fn take(&self) -> Workers {
         let mut free = self
             .free

@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use bson::{RawDocumentBuf, rawdoc, spec::BinarySubtype};
 use clap::Parser;
-use ferry_bench::{Xorshift, median, mib, peak_rss_bytes, settle};
+use ferry_bench::{Xorshift, insert_documents, median, mib, peak_rss_bytes, settle};
 use ferry_tests::*;
 use sha2::{Digest, Sha256};
 
@@ -204,26 +204,6 @@ fn document(i: u64, rng: &mut Xorshift) -> RawDocumentBuf {
         "blob": bson::Binary { subtype: BinarySubtype::Generic, bytes: random(DOC_BYTES / 2, rng) },
         "text": String::from_utf8(text(DOC_BYTES / 2, rng)).expect("ASCII"),
     }
-}
-
-/// Inserts `documents` documents into `bench.docs`; returns their BSON bytes.
-async fn seed_mongo(uri: &str, documents: u64) -> anyhow::Result<u64> {
-    let client = mongodb::Client::with_uri_str(uri).await?;
-    let coll = client
-        .database("bench")
-        .collection::<RawDocumentBuf>("docs");
-    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
-    let mut bytes = 0u64;
-    let mut batch = Vec::new();
-    for i in 0..documents {
-        let d = document(i, &mut rng);
-        bytes += d.as_bytes().len() as u64;
-        batch.push(d);
-        if batch.len() == 64 || i + 1 == documents {
-            coll.insert_many(std::mem::take(&mut batch)).await?;
-        }
-    }
-    Ok(bytes)
 }
 
 /// Writes the tree of `bytes` bytes under `root` (see the module docs); returns its file
@@ -740,7 +720,13 @@ fn main() -> anyhow::Result<()> {
     let (rows, table_bytes) = seed_postgres(&d.prod_pg, bytes);
     let documents = bytes.div_ceil(DOC_BYTES as u64);
     let rt = tokio::runtime::Runtime::new()?;
-    let bson_bytes = rt.block_on(seed_mongo(&s.mongo_prod.uri(), documents))?;
+    let bson_bytes = rt.block_on(insert_documents(
+        &s.mongo_prod.uri(),
+        ("bench", "docs"),
+        documents,
+        64,
+        document,
+    ))?;
     let files = seed_files(&s.files_prod, bytes)?;
     let etcd_last = seed_etcd(&s.etcd_prod, args.etcd_keys);
     let source = Source {

@@ -15,7 +15,8 @@ use anyhow::Context;
 use bson::{RawDocumentBuf, rawdoc};
 use clap::Parser;
 use ferry_bench::{
-    CpuWatch, Xorshift, ferry_ok, io_write_bytes, mb, median, mib, peak_rss_bytes, ratio,
+    CpuWatch, Xorshift, ferry_ok, insert_documents, io_write_bytes, mb, median, mib,
+    peak_rss_bytes, ratio,
 };
 use ferry_tests::*;
 
@@ -59,26 +60,6 @@ fn document(i: u64, rng: &mut Xorshift) -> RawDocumentBuf {
     }
 }
 
-/// Inserts the documents into `db.coll` of `uri`, 1,000 at a time; returns the BSON bytes.
-async fn insert(uri: &str, db: &str, documents: u64) -> anyhow::Result<u64> {
-    let client = mongodb::Client::with_uri_str(uri).await?;
-    let coll = client
-        .database(db)
-        .collection::<RawDocumentBuf>("customers");
-    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
-    let mut bytes = 0u64;
-    let mut batch = Vec::with_capacity(1000);
-    for i in 0..documents {
-        let d = document(i, &mut rng);
-        bytes += d.as_bytes().len() as u64;
-        batch.push(d);
-        if batch.len() == 1000 || i + 1 == documents {
-            coll.insert_many(std::mem::take(&mut batch)).await?;
-        }
-    }
-    Ok(bytes)
-}
-
 /// Reads every document of `db.customers` through a cursor; returns (documents, bytes).
 async fn read_all(uri: &str, db: &str) -> anyhow::Result<(u64, u64)> {
     let client = mongodb::Client::with_uri_str(uri).await?;
@@ -115,7 +96,13 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("seeding bench.customers: {} documents ...", args.docs);
     let t = Instant::now();
-    let bson_bytes = rt.block_on(insert(&prod.uri(), "bench", args.docs))?;
+    let bson_bytes = rt.block_on(insert_documents(
+        &prod.uri(),
+        ("bench", "customers"),
+        args.docs,
+        1000,
+        document,
+    ))?;
     let seed_s = t.elapsed().as_secs_f64();
     eprintln!("seeded {:.1} MiB of BSON in {seed_s:.0} s", mib(bson_bytes));
     let docs = args.docs as f64;
@@ -161,7 +148,13 @@ fn main() -> anyhow::Result<()> {
     for run in 1..=args.restore_runs {
         let cpu = CpuWatch::when_asked();
         let t = Instant::now();
-        rt.block_on(insert(&stage.uri(), "floor", args.docs))?;
+        rt.block_on(insert_documents(
+            &stage.uri(),
+            ("floor", "customers"),
+            args.docs,
+            1000,
+            document,
+        ))?;
         rfloor_s.push(t.elapsed().as_secs_f64());
         CpuWatch::print(cpu, "the restore's floor (insert_many)");
         rt.block_on(async {

@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use bson::{RawDocumentBuf, rawdoc, spec::BinarySubtype};
 use clap::Parser;
-use ferry_bench::{Xorshift, median, mib, peak_rss_bytes};
+use ferry_bench::{Xorshift, insert_documents, median, mib, peak_rss_bytes};
 use ferry_tests::*;
 
 /// Command-line arguments.
@@ -51,25 +51,6 @@ fn document(i: u64, rng: &mut Xorshift) -> RawDocumentBuf {
     }
 }
 
-async fn seed(uri: &str, documents: u64) -> anyhow::Result<u64> {
-    let client = mongodb::Client::with_uri_str(uri).await?;
-    let coll = client
-        .database("bench")
-        .collection::<RawDocumentBuf>("blobs");
-    let mut rng = Xorshift(0x9E37_79B9_7F4A_7C15);
-    let mut bytes = 0u64;
-    let mut batch = Vec::new();
-    for i in 0..documents {
-        let d = document(i, &mut rng);
-        bytes += d.as_bytes().len() as u64;
-        batch.push(d);
-        if batch.len() == 32 || i + 1 == documents {
-            coll.insert_many(std::mem::take(&mut batch)).await?;
-        }
-    }
-    Ok(bytes)
-}
-
 fn ferry(d: &Deployment, args: &[&str]) -> anyhow::Result<String> {
     let out = Command::new(bin("ferry"))
         .args(d.ferry_flags())
@@ -103,7 +84,13 @@ fn main() -> anyhow::Result<()> {
 
     eprintln!("seeding bench.blobs: {documents} documents of 256 KiB ...");
     let started = Instant::now();
-    let source_bytes = rt.block_on(seed(&prod.uri(), documents))?;
+    let source_bytes = rt.block_on(insert_documents(
+        &prod.uri(),
+        ("bench", "blobs"),
+        documents,
+        32,
+        document,
+    ))?;
     eprintln!(
         "seeded {:.1} MiB in {:.0} s",
         mib(source_bytes),

@@ -73,8 +73,8 @@ pub struct Postgres {
     password: Option<ferry_core::secrets::Password>,
     tools: ToolPaths,
     /// Held while the database a logical restore replaced is dropped, after the restore
-    /// reported ([`restore`]); the next restore's search for leftovers and its start wait
-    /// for it, so they never race the drop.
+    /// reported ([`restore`]); the search for leftovers that precedes every restore waits
+    /// for it, so neither it nor the next restore races the drop.
     dropping: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 

@@ -313,8 +313,6 @@ impl Restorer for Postgres {
                 .target_database
                 .clone()
                 .ok_or_else(|| RestoreError::Target("no target_database configured".into()))?;
-            // The previous restore's replaced database is dropped before this one starts.
-            drop(self.dropping.lock().await);
             let session = PgRestore {
                 pg: self.clone(),
                 scratch: scratch_name(&target, NEW_TAG, job_id),
@@ -575,13 +573,13 @@ impl PgRestore {
             let _held = held;
             let started = std::time::Instant::now();
             let dropped = match pg.connect(&pg.cfg.maintenance_database).await {
-                Ok(maint) => maint
-                    .batch_execute(&format!(
-                        "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                        quote_ident(&old)
-                    ))
-                    .await
-                    .map_err(|e| e.to_string()),
+                Ok(client) => {
+                    use leftovers::Store as _;
+                    Databases { client }
+                        .remove(&old)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
                 Err(e) => Err(e.to_string()),
             };
             match dropped {

@@ -554,25 +554,10 @@ async fn openssh(ctx: &Ctx<'_>, tag: &str, cipher: Option<&str>) -> anyhow::Resu
 
     let log = ctx.logs.join(format!("ssh-{tag}.log"));
     let mut cmd = tokio::process::Command::new("ssh");
-    cmd.args(["-F", "/dev/null", "-v", "-i"])
-        .arg(&ctx.key)
+    cmd.args(ctx.sshd.client_options(&ctx.key))
+        .arg("-v")
         .arg("-p")
-        .arg(ctx.sshd.port().to_string())
-        .arg("-o")
-        .arg(format!(
-            "UserKnownHostsFile={}",
-            ctx.sshd.known_hosts().display()
-        ))
-        .args([
-            "-o",
-            "GlobalKnownHostsFile=/dev/null",
-            "-o",
-            "StrictHostKeyChecking=yes",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "IdentitiesOnly=yes",
-        ]);
+        .arg(ctx.sshd.port().to_string());
     if let Some(c) = cipher {
         cmd.args(["-c", c]);
     }
