@@ -121,6 +121,29 @@ fn agent_log(d: &Deployment) -> String {
     out
 }
 
+/// The next restore of `pg-stage` succeeds, its report names `database` (of `job`) as
+/// removed at the agent's start, staging's `app` equals production's, and the database
+/// that restore replaced is dropped after its report (in the background).
+fn next_restore_reports_removed(d: &Deployment, database: &str, job: &str) {
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(
+        out.contains(&format!(
+            "at the agent's start, removed database {database} (job {job})"
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app")
+    );
+    wait_for(
+        d,
+        Duration::from_secs(30),
+        "the replaced database dropped",
+        || stage_scratch(d).is_empty().then_some(()),
+    );
+}
+
 #[test]
 fn a_restore_killed_until_the_retries_are_spent_leaves_a_scratch_database_that_the_agent_removes_and_reports()
  {
@@ -171,24 +194,7 @@ fn a_restore_killed_until_the_retries_are_spent_leaves_a_scratch_database_that_t
     );
 
     // The next restore succeeds and its report says what the agent removed.
-    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
-    assert!(
-        out.contains(&format!(
-            "at the agent's start, removed database {scratch} (job {job})"
-        )),
-        "{out}"
-    );
-    assert_eq!(
-        d.stage_pg.table_fingerprints("app"),
-        d.prod_pg.table_fingerprints("app")
-    );
-    // The database the restore replaced is dropped after the report, in the background.
-    wait_for(
-        &d,
-        Duration::from_secs(30),
-        "the replaced database dropped",
-        || stage_scratch(&d).is_empty().then_some(()),
-    );
+    next_restore_reports_removed(&d, &scratch, &job);
 }
 
 /// A logical PostgreSQL restore reports before the database it replaced is dropped (the
@@ -235,23 +241,7 @@ fn a_replaced_database_left_by_an_agent_stopped_before_the_drop_is_removed_at_it
         .unwrap_or_else(|| panic!("no log event for {old}:\n{log}"));
     assert!(event.contains("action=removed"), "{event}");
 
-    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
-    assert!(
-        out.contains(&format!(
-            "at the agent's start, removed database {old} (job {job})"
-        )),
-        "{out}"
-    );
-    assert_eq!(
-        d.stage_pg.table_fingerprints("app"),
-        d.prod_pg.table_fingerprints("app")
-    );
-    wait_for(
-        &d,
-        Duration::from_secs(30),
-        "the replaced database dropped",
-        || stage_scratch(&d).is_empty().then_some(()),
-    );
+    next_restore_reports_removed(&d, &old, &job);
 }
 
 /// A deployment with a `files` datastore `minio`: production's tree (1,500 files of 32 KiB
