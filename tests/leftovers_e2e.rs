@@ -9,7 +9,7 @@
 //! - leftovers of other (dead) jobs beside a `files` target are put right before a restore
 //!   and named in its report, and names that are not exactly Ferry's are left alone;
 //! - an InfluxDB restore killed while it replaced its target (dropped, being restored
-//!   again) is finished by the agent's restart from the unpacked backup, checked against
+//!   again: a wrapper of `influxd` holds that restore until the kill) is finished by the agent's restart from the unpacked backup, checked against
 //!   the scratch copy, nothing of it is left, and the coordinator's retry reports it;
 //! - a staging `files` path that is a mount point is refused by `ferry-agent check` and
 //!   before a restore downloads anything;
@@ -469,6 +469,7 @@ fn an_influxdb_restore_killed_while_replacing_its_target_is_finished_when_the_ag
         let stage = InfluxServer::start(&d.dir.path().join("influx-stage"));
         let scratch = d.dir.path().join("influx-scratch");
         fs::create_dir_all(&scratch).unwrap();
+        let bin = gated_influx_tools(&d.dir.path().join("influx-bin"));
         append(
             &d.prod_config,
             &format!(
@@ -480,10 +481,11 @@ fn an_influxdb_restore_killed_while_replacing_its_target_is_finished_when_the_ag
         append(
             &d.stage_config,
             &format!(
-                "[[datastores]]\nname = \"influx\"\nkind = \"influxdb\"\nrpc_address = \"{}\"\nhttp_port = {}\nscratch_dir = \"{}\"\n",
+                "[[datastores]]\nname = \"influx\"\nkind = \"influxdb\"\nrpc_address = \"{}\"\nhttp_port = {}\nscratch_dir = \"{}\"\nbin_dir = \"{}\"\n",
                 stage.rpc_address(),
                 stage.http_port(),
-                scratch.display()
+                scratch.display(),
+                bin.display()
             ),
         );
         servers = Some((prod, stage, scratch));
@@ -516,9 +518,12 @@ fn an_influxdb_restore_killed_while_replacing_its_target_is_finished_when_the_ag
         .to_owned();
     let marker = format!("metrics__ferry_swap_{job}");
     let copy = format!("metrics__ferry_new_{job}");
-    // Killed once the marker says the target is being replaced.
-    wait_for(&d, Duration::from_secs(120), "marker database", || {
-        stage.databases().contains(&marker).then_some(())
+    // Killed while the target, dropped, is being restored again under its own name (the
+    // gated influxd holds that restore until the agent is gone: polling for the marker
+    // alone lost the race on a busy machine, the whole replacement done before the kill).
+    let gate = d.dir.path().join("influx-bin").join("gate");
+    wait_for(&d, Duration::from_secs(120), "the target's restore", || {
+        gate.is_dir().then_some(())
     });
     d.kill("agent-stage");
     let dbs = stage.databases();
@@ -551,6 +556,35 @@ fn an_influxdb_restore_killed_while_replacing_its_target_is_finished_when_the_ag
         "{summary}"
     );
     assert_eq!(stage.dump("metrics"), prod.dump("metrics"));
+}
+
+/// `influxd` and `influx` in `dir` for a staging datastore's `bin_dir`: `influx` is the
+/// real shell; `influxd` runs the real one, except for the first restore under the target's
+/// own name (`-newdb metrics`), which makes `dir/gate` and then waits, restoring nothing,
+/// until the agent that ran it is gone. `dir`.
+fn gated_influx_tools(dir: &Path) -> PathBuf {
+    make_reachable(dir);
+    chmod(dir, 0o777);
+    let influxd = require("influxd", "influxdb");
+    std::os::unix::fs::symlink(require("influx", "influxdb-client"), dir.join("influx")).unwrap();
+    let script = dir.join("influxd");
+    fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n\
+             # restore -portable -host H -db D -newdb N DIR\n\
+             if [ \"$1\" = restore ] && [ \"$8\" = metrics ] && mkdir '{gate}' 2>/dev/null; then\n\
+             \x20 while kill -0 $PPID 2>/dev/null; do sleep 0.05; done\n\
+             \x20 exit 1\n\
+             fi\n\
+             exec '{real}' \"$@\"\n",
+            gate = dir.join("gate").display(),
+            real = influxd.display()
+        ),
+    )
+    .unwrap();
+    chmod(&script, 0o755);
+    dir.to_owned()
 }
 
 /// A deployment with a MongoDB server on each side and a datastore `mongo` on each agent
