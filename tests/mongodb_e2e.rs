@@ -5,7 +5,8 @@
 //! from mongo-tools' `common/archive`); an altered file is refused before any collection is
 //! dropped; writes of every kind during the dump window are replayed from the oplog so that
 //! staging equals production byte for byte, and an entry the replay cannot apply fails the
-//! restore naming it, the target untouched.
+//! restore naming it, the target untouched, as does a document the server refuses on
+//! insert (its `writeErrors` in a reply with `ok: 1`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -1018,6 +1019,21 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
 /// write access to the backup server could, or as the backup of a server writing entries
 /// SecantusDB does not, such as mongod).
 fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
+    append_to_stored_namespace(d, ("", "oplog"), extra, |m| {
+        let entries = m["counts"]["oplog"]["entries"].as_i64().unwrap_or(0);
+        m["counts"]["oplog"]["entries"] = serde_json::json!(entries + extra.len() as i64);
+    });
+}
+
+/// Rewrites today's stored MongoDB backup with `extra` appended to namespace `ns`
+/// (database, collection; `("", "oplog")` for the oplog window), re-encrypted to the
+/// staging recipient, its manifest's checksum and sizes updated and then `edit`ed.
+fn append_to_stored_namespace(
+    d: &Deployment,
+    ns: (&str, &str),
+    extra: &[Document],
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
     use ferry_agent::datastore::mongodb::archive::{ArchiveReader, ArchiveWriter, Item};
     let (name, _) = d.todays_backup("mongo", "archive.zst.age");
     let stored = d.sshd.root().join(&name);
@@ -1028,7 +1044,7 @@ fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
         items.push(item);
     }
     let mut writer = ArchiveWriter::new(Vec::new(), &reader.header, &reader.collections).unwrap();
-    let entries: Vec<Vec<u8>> = extra
+    let documents: Vec<Vec<u8>> = extra
         .iter()
         .map(|e| {
             let mut bytes = Vec::new();
@@ -1036,21 +1052,24 @@ fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
             bytes
         })
         .collect();
+    let mut appended = false;
     for item in items {
         match item {
             Item::Document { ns, bytes } => writer
                 .write_segment(&ns.0, &ns.1, [bytes.as_slice()])
                 .unwrap(),
-            Item::End(ns) => {
-                if ns.0.is_empty() && ns.1 == "oplog" {
+            Item::End(end) => {
+                if (end.0.as_str(), end.1.as_str()) == ns {
                     writer
-                        .write_segment("", "oplog", entries.iter().map(Vec::as_slice))
+                        .write_segment(&end.0, &end.1, documents.iter().map(Vec::as_slice))
                         .unwrap();
+                    appended = true;
                 }
-                writer.end_namespace(&ns.0, &ns.1).unwrap();
+                writer.end_namespace(&end.0, &end.1).unwrap();
             }
         }
     }
+    assert!(appended, "the stored archive has no namespace {ns:?}");
     let plain = writer.finish().unwrap();
     let crafted = zstd_age_encrypt(&plain, &d.recipient);
     chmod(&stored, 0o640);
@@ -1065,8 +1084,69 @@ fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
         m["sha256"] = serde_json::json!(sha256);
         m["bytes_stored"] = serde_json::json!(crafted.len());
         m["bytes_uncompressed"] = serde_json::json!(plain.len());
-        let entries = m["counts"]["oplog"]["entries"].as_i64().unwrap_or(0);
-        m["counts"]["oplog"]["entries"] = serde_json::json!(entries + extra.len() as i64);
+        edit(m);
+    });
+}
+
+/// A document the server refuses while the archive is inserted (here a second document
+/// with an `_id` the collection already holds; the manifest's count left as it was, so
+/// only the insert's reply can tell) fails the restore, naming the collection and the
+/// server's error, and the target is unchanged: the server's `writeErrors` in a reply
+/// with `ok: 1` are not taken for success.
+#[test]
+fn a_document_the_server_refuses_on_insert_fails_the_restore_naming_it_with_the_target_unchanged() {
+    let f = deploy();
+    let rt = runtime();
+    rt.block_on(async {
+        let docs: Vec<Document> = (0..100i32).map(|i| doc! {"_id": i}).collect();
+        client(&f.prod.uri())
+            .await
+            .database("app")
+            .collection::<Document>("items")
+            .insert_many(docs)
+            .await
+            .unwrap();
+        client(&f.stage.uri())
+            .await
+            .database("app")
+            .collection::<Document>("items")
+            .insert_one(doc! {"_id": "keep"})
+            .await
+            .unwrap();
+    });
+    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    append_to_stored_namespace(&f.d, ("app", "items"), &[doc! {"_id": 7}], |_| {});
+
+    let out =
+        f.d.ferry(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    for part in [
+        ".items: 1 of ",
+        "documents refused, the first with code 11000",
+        "duplicate key",
+        "the target was left as it was",
+    ] {
+        assert!(text.contains(part), "{part:?} is not in: {text}");
+    }
+    rt.block_on(async {
+        let stage = client(&f.stage.uri()).await;
+        let left: Vec<Document> = stage
+            .database("app")
+            .collection::<Document>("items")
+            .find(doc! {})
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        assert_eq!(left, vec![doc! {"_id": "keep"}], "the target was touched");
+        let dbs = stage.list_database_names().await.unwrap();
+        assert!(
+            !dbs.iter().any(|d| d.contains("__ferry_")),
+            "scratch databases left: {dbs:?}"
+        );
     });
 }
 
