@@ -419,14 +419,9 @@ fn mongodb_restore_is_verified_beside_the_target_and_leaves_it_as_it_was_on_a_mi
     assert!(text.contains("differs from the manifest"), "{text}");
     assert!(text.contains("the target was left as it was"), "{text}");
     rt.block_on(async {
-        let stage = client(&f.stage.uri()).await;
         let left = raw_documents(&f.stage.uri(), "app", "items").await;
         assert_eq!(left.len(), 1, "staging's collection was replaced");
-        let dbs = stage.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
+        assert_no_scratch_databases(&f.stage.uri()).await;
     });
 }
 
@@ -1006,11 +1001,7 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
             1,
             "a collection the backup does not hold was touched"
         );
-        let dbs = client(&stage).await.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
+        assert_no_scratch_databases(&stage).await;
     });
 }
 
@@ -1088,13 +1079,9 @@ fn append_to_stored_namespace(
     });
 }
 
-/// A document the server refuses while the archive is inserted (here a second document
-/// with an `_id` the collection already holds; the manifest's count left as it was, so
-/// only the insert's reply can tell) fails the restore, naming the collection and the
-/// server's error, and the target is unchanged: the server's `writeErrors` in a reply
-/// with `ok: 1` are not taken for success.
-#[test]
-fn a_document_the_server_refuses_on_insert_fails_the_restore_naming_it_with_the_target_unchanged() {
+/// A fleet whose production holds `app.items` (100 documents, `_id` 0 to 99), backed up
+/// today, and whose staging holds `app.items` with one document, `{_id: "keep"}`.
+fn items_backed_up_and_a_staging_document() -> (MongoFleet, tokio::runtime::Runtime) {
     let f = deploy();
     let rt = runtime();
     rt.block_on(async {
@@ -1115,13 +1102,40 @@ fn a_document_the_server_refuses_on_insert_fails_the_restore_naming_it_with_the_
             .unwrap();
     });
     f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    (f, rt)
+}
+
+/// Staging's `app.items` is still only `{_id: "keep"}` and no scratch database is left.
+fn assert_staging_document_alone(f: &MongoFleet, rt: &tokio::runtime::Runtime) {
+    rt.block_on(async {
+        let left = raw_documents(&f.stage.uri(), "app", "items").await;
+        let keep = RawDocumentBuf::from_document(&doc! {"_id": "keep"}).unwrap();
+        assert_eq!(left, vec![keep.into_bytes()], "the target was touched");
+        assert_no_scratch_databases(&f.stage.uri()).await;
+    });
+}
+
+/// No database of the server at `uri` has `__ferry_` in its name.
+async fn assert_no_scratch_databases(uri: &str) {
+    let dbs = client(uri).await.list_database_names().await.unwrap();
+    assert!(
+        !dbs.iter().any(|d| d.contains("__ferry_")),
+        "scratch databases left: {dbs:?}"
+    );
+}
+
+/// A document the server refuses while the archive is inserted (here a second document
+/// with an `_id` the collection already holds; the manifest's count left as it was, so
+/// only the insert's reply can tell) fails the restore, naming the collection and the
+/// server's error, and the target is unchanged: the server's `writeErrors` in a reply
+/// with `ok: 1` are not taken for success.
+#[test]
+fn a_document_the_server_refuses_on_insert_fails_the_restore_naming_it_with_the_target_unchanged() {
+    let (f, rt) = items_backed_up_and_a_staging_document();
     append_to_stored_namespace(&f.d, ("app", "items"), &[doc! {"_id": 7}], |_| {});
 
-    let out =
-        f.d.ferry(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
     let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+        f.d.ferry_failing(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
     for part in [
         ".items: 1 of ",
         "documents refused, the first with code 11000",
@@ -1130,48 +1144,12 @@ fn a_document_the_server_refuses_on_insert_fails_the_restore_naming_it_with_the_
     ] {
         assert!(text.contains(part), "{part:?} is not in: {text}");
     }
-    rt.block_on(async {
-        let stage = client(&f.stage.uri()).await;
-        let left: Vec<Document> = stage
-            .database("app")
-            .collection::<Document>("items")
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        assert_eq!(left, vec![doc! {"_id": "keep"}], "the target was touched");
-        let dbs = stage.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
-    });
+    assert_staging_document_alone(&f, &rt);
 }
 
 #[test]
 fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_target_unchanged() {
-    let f = deploy();
-    let rt = runtime();
-    rt.block_on(async {
-        let docs: Vec<Document> = (0..100i32).map(|i| doc! {"_id": i}).collect();
-        client(&f.prod.uri())
-            .await
-            .database("app")
-            .collection::<Document>("items")
-            .insert_many(docs)
-            .await
-            .unwrap();
-        client(&f.stage.uri())
-            .await
-            .database("app")
-            .collection::<Document>("items")
-            .insert_one(doc! {"_id": "keep"})
-            .await
-            .unwrap();
-    });
-    f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    let (f, rt) = items_backed_up_and_a_staging_document();
     let (_, manifest) = f.d.todays_backup("mongo", "archive.zst.age");
     let end = &manifest["counts"]["oplog"]["end"];
     let ts = bson::Timestamp {
@@ -1184,11 +1162,8 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
         &[doc! {"ts": ts, "t": 1i64, "op": "c", "ns": "app.$cmd", "o": {"emptycapped": "items"}}],
     );
 
-    let out =
-        f.d.ferry(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
     let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+        f.d.ferry_failing(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
     for part in [
         format!("Timestamp({}, {})", ts.time, ts.increment),
         "op c".into(),
@@ -1198,24 +1173,7 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
     ] {
         assert!(text.contains(&part), "{part:?} is not in: {text}");
     }
-    rt.block_on(async {
-        let stage = client(&f.stage.uri()).await;
-        let left: Vec<Document> = stage
-            .database("app")
-            .collection::<Document>("items")
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        assert_eq!(left, vec![doc! {"_id": "keep"}], "the target was touched");
-        let dbs = stage.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
-    });
+    assert_staging_document_alone(&f, &rt);
 }
 
 /// Entries as mongod writes them, which SecantusDB does not: `$v: 2` diffs in the

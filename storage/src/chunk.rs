@@ -39,21 +39,22 @@ const SPARE_BUFFERS: usize = 16;
 
 /// An empty buffer with room for at least [`CHUNK_BYTES`]: a recycled one if there is one.
 pub fn buffer() -> Vec<u8> {
-    SPARE
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .pop()
-        .unwrap_or_else(|| Vec::with_capacity(CHUNK_BYTES))
+    take(&SPARE, CHUNK_BYTES)
 }
 
 /// An empty buffer with room for [`READ_CHUNK_BYTES`] (and less than [`CHUNK_BYTES`]): a
 /// recycled one if there is one.
 pub fn read_buffer() -> Vec<u8> {
-    SPARE_READ
+    take(&SPARE_READ, READ_CHUNK_BYTES)
+}
+
+/// A spare buffer of `spare`, or a new one with room for `bytes`.
+fn take(spare: &Mutex<Vec<Vec<u8>>>, bytes: usize) -> Vec<u8> {
+    spare
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .pop()
-        .unwrap_or_else(|| Vec::with_capacity(READ_CHUNK_BYTES))
+        .unwrap_or_else(|| Vec::with_capacity(bytes))
 }
 
 /// Gives back a buffer that is no longer needed, for [`buffer`] or [`read_buffer`] to hand
