@@ -111,18 +111,6 @@ fn wait_final(d: &Deployment, id: &str, limit: Duration) -> serde_json::Value {
     })
 }
 
-/// Runs `ferry ARGS`, which must fail; returns what it printed (stdout and stderr).
-fn ferry_failing(d: &Deployment, args: &[&str]) -> String {
-    let out = d.ferry(args);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "ferry {args:?} succeeded: {text}");
-    text
-}
-
 /// Nothing on the backup server under a final name, and no partial file left.
 fn assert_nothing_stored(d: &Deployment) {
     assert!(
@@ -662,7 +650,7 @@ fn a_full_backup_server_disk_fails_the_job_plainly_and_keeps_earlier_backups() {
     assert!(!earlier.is_empty());
 
     d.prod_pg.psql("app", BIG);
-    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    let text = d.ferry_failing(&["backup", "pg-prod", "--wait"]);
     assert!(
         text.contains("no space left on the backup server")
             && text.contains("the partial file was removed"),
@@ -827,7 +815,7 @@ fn a_pg_dump_that_exits_0_having_written_nothing_fails_the_job_and_stores_nothin
         })),
         ..DeploymentOptions::default()
     });
-    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    let text = d.ferry_failing(&["backup", "pg-prod", "--wait"]);
     assert!(
         text.contains("nothing") || text.contains("empty"),
         "says the dump was empty: {text}"
@@ -1132,7 +1120,7 @@ fn an_interrupted_commit_leaves_nothing_taken_for_a_backup_and_prune_removes_the
 
     // The server fails the rename of the main part's manifest, the backup's last step.
     let tracer = FailLinkTo::start(&d, &folder.join(format!("{main}.json")));
-    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    let text = d.ferry_failing(&["backup", "pg-prod", "--wait"]);
     drop(tracer);
     assert!(
         text.contains("not committed") && text.contains(&main) && text.contains("ferry prune"),
@@ -1230,7 +1218,7 @@ fn a_full_disk_behind_an_add_only_key_says_the_partial_stayed_and_prune_removes_
     d.ferry_ok(&["backup", "pg-prod", "--wait"]);
 
     d.prod_pg.psql("app", BIG);
-    let text = ferry_failing(&d, &["backup", "pg-prod", "--wait"]);
+    let text = d.ferry_failing(&["backup", "pg-prod", "--wait"]);
     assert!(
         text.contains("no space left on the backup server")
             && text.contains("could not be removed")

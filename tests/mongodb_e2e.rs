@@ -5,7 +5,8 @@
 //! from mongo-tools' `common/archive`); an altered file is refused before any collection is
 //! dropped; writes of every kind during the dump window are replayed from the oplog so that
 //! staging equals production byte for byte, and an entry the replay cannot apply fails the
-//! restore naming it, the target untouched.
+//! restore naming it, the target untouched, as does a document the server refuses on
+//! insert (its `writeErrors` in a reply with `ok: 1`).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -418,14 +419,9 @@ fn mongodb_restore_is_verified_beside_the_target_and_leaves_it_as_it_was_on_a_mi
     assert!(text.contains("differs from the manifest"), "{text}");
     assert!(text.contains("the target was left as it was"), "{text}");
     rt.block_on(async {
-        let stage = client(&f.stage.uri()).await;
         let left = raw_documents(&f.stage.uri(), "app", "items").await;
         assert_eq!(left.len(), 1, "staging's collection was replaced");
-        let dbs = stage.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
+        assert_no_scratch_databases(&f.stage.uri()).await;
     });
 }
 
@@ -1005,11 +1001,7 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
             1,
             "a collection the backup does not hold was touched"
         );
-        let dbs = client(&stage).await.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
+        assert_no_scratch_databases(&stage).await;
     });
 }
 
@@ -1018,6 +1010,21 @@ fn writes_during_the_dump_window_are_replayed_so_staging_equals_production_byte_
 /// write access to the backup server could, or as the backup of a server writing entries
 /// SecantusDB does not, such as mongod).
 fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
+    append_to_stored_namespace(d, ("", "oplog"), extra, |m| {
+        let entries = m["counts"]["oplog"]["entries"].as_i64().unwrap_or(0);
+        m["counts"]["oplog"]["entries"] = serde_json::json!(entries + extra.len() as i64);
+    });
+}
+
+/// Rewrites today's stored MongoDB backup with `extra` appended to namespace `ns`
+/// (database, collection; `("", "oplog")` for the oplog window), re-encrypted to the
+/// staging recipient, its manifest's checksum and sizes updated and then `edit`ed.
+fn append_to_stored_namespace(
+    d: &Deployment,
+    ns: (&str, &str),
+    extra: &[Document],
+    edit: impl FnOnce(&mut serde_json::Value),
+) {
     use ferry_agent::datastore::mongodb::archive::{ArchiveReader, ArchiveWriter, Item};
     let (name, _) = d.todays_backup("mongo", "archive.zst.age");
     let stored = d.sshd.root().join(&name);
@@ -1028,7 +1035,7 @@ fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
         items.push(item);
     }
     let mut writer = ArchiveWriter::new(Vec::new(), &reader.header, &reader.collections).unwrap();
-    let entries: Vec<Vec<u8>> = extra
+    let documents: Vec<Vec<u8>> = extra
         .iter()
         .map(|e| {
             let mut bytes = Vec::new();
@@ -1036,21 +1043,24 @@ fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
             bytes
         })
         .collect();
+    let mut appended = false;
     for item in items {
         match item {
             Item::Document { ns, bytes } => writer
                 .write_segment(&ns.0, &ns.1, [bytes.as_slice()])
                 .unwrap(),
-            Item::End(ns) => {
-                if ns.0.is_empty() && ns.1 == "oplog" {
+            Item::End(end) => {
+                if (end.0.as_str(), end.1.as_str()) == ns {
                     writer
-                        .write_segment("", "oplog", entries.iter().map(Vec::as_slice))
+                        .write_segment(&end.0, &end.1, documents.iter().map(Vec::as_slice))
                         .unwrap();
+                    appended = true;
                 }
-                writer.end_namespace(&ns.0, &ns.1).unwrap();
+                writer.end_namespace(&end.0, &end.1).unwrap();
             }
         }
     }
+    assert!(appended, "the stored archive has no namespace {ns:?}");
     let plain = writer.finish().unwrap();
     let crafted = zstd_age_encrypt(&plain, &d.recipient);
     chmod(&stored, 0o640);
@@ -1065,13 +1075,13 @@ fn append_to_stored_oplog(d: &Deployment, extra: &[Document]) {
         m["sha256"] = serde_json::json!(sha256);
         m["bytes_stored"] = serde_json::json!(crafted.len());
         m["bytes_uncompressed"] = serde_json::json!(plain.len());
-        let entries = m["counts"]["oplog"]["entries"].as_i64().unwrap_or(0);
-        m["counts"]["oplog"]["entries"] = serde_json::json!(entries + extra.len() as i64);
+        edit(m);
     });
 }
 
-#[test]
-fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_target_unchanged() {
+/// A fleet whose production holds `app.items` (100 documents, `_id` 0 to 99), backed up
+/// today, and whose staging holds `app.items` with one document, `{_id: "keep"}`.
+fn items_backed_up_and_a_staging_document() -> (MongoFleet, tokio::runtime::Runtime) {
     let f = deploy();
     let rt = runtime();
     rt.block_on(async {
@@ -1092,6 +1102,54 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
             .unwrap();
     });
     f.d.ferry_ok(&["backup", "pg-prod", "mongo", "--wait"]);
+    (f, rt)
+}
+
+/// Staging's `app.items` is still only `{_id: "keep"}` and no scratch database is left.
+fn assert_staging_document_alone(f: &MongoFleet, rt: &tokio::runtime::Runtime) {
+    rt.block_on(async {
+        let left = raw_documents(&f.stage.uri(), "app", "items").await;
+        let keep = RawDocumentBuf::from_document(&doc! {"_id": "keep"}).unwrap();
+        assert_eq!(left, vec![keep.into_bytes()], "the target was touched");
+        assert_no_scratch_databases(&f.stage.uri()).await;
+    });
+}
+
+/// No database of the server at `uri` has `__ferry_` in its name.
+async fn assert_no_scratch_databases(uri: &str) {
+    let dbs = client(uri).await.list_database_names().await.unwrap();
+    assert!(
+        !dbs.iter().any(|d| d.contains("__ferry_")),
+        "scratch databases left: {dbs:?}"
+    );
+}
+
+/// A document the server refuses while the archive is inserted (here a second document
+/// with an `_id` the collection already holds; the manifest's count left as it was, so
+/// only the insert's reply can tell) fails the restore, naming the collection and the
+/// server's error, and the target is unchanged: the server's `writeErrors` in a reply
+/// with `ok: 1` are not taken for success.
+#[test]
+fn a_document_the_server_refuses_on_insert_fails_the_restore_naming_it_with_the_target_unchanged() {
+    let (f, rt) = items_backed_up_and_a_staging_document();
+    append_to_stored_namespace(&f.d, ("app", "items"), &[doc! {"_id": 7}], |_| {});
+
+    let text =
+        f.d.ferry_failing(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
+    for part in [
+        ".items: 1 of ",
+        "documents refused, the first with code 11000",
+        "duplicate key",
+        "the target was left as it was",
+    ] {
+        assert!(text.contains(part), "{part:?} is not in: {text}");
+    }
+    assert_staging_document_alone(&f, &rt);
+}
+
+#[test]
+fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_target_unchanged() {
+    let (f, rt) = items_backed_up_and_a_staging_document();
     let (_, manifest) = f.d.todays_backup("mongo", "archive.zst.age");
     let end = &manifest["counts"]["oplog"]["end"];
     let ts = bson::Timestamp {
@@ -1104,11 +1162,8 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
         &[doc! {"ts": ts, "t": 1i64, "op": "c", "ns": "app.$cmd", "o": {"emptycapped": "items"}}],
     );
 
-    let out =
-        f.d.ferry(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
     let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{text}");
+        f.d.ferry_failing(&["restore", "pg-stage", "--datastore", "mongo", "--wait"]);
     for part in [
         format!("Timestamp({}, {})", ts.time, ts.increment),
         "op c".into(),
@@ -1118,24 +1173,7 @@ fn an_oplog_entry_the_replay_cannot_apply_fails_the_restore_naming_it_with_the_t
     ] {
         assert!(text.contains(&part), "{part:?} is not in: {text}");
     }
-    rt.block_on(async {
-        let stage = client(&f.stage.uri()).await;
-        let left: Vec<Document> = stage
-            .database("app")
-            .collection::<Document>("items")
-            .find(doc! {})
-            .await
-            .unwrap()
-            .try_collect()
-            .await
-            .unwrap();
-        assert_eq!(left, vec![doc! {"_id": "keep"}], "the target was touched");
-        let dbs = stage.list_database_names().await.unwrap();
-        assert!(
-            !dbs.iter().any(|d| d.contains("__ferry_")),
-            "scratch databases left: {dbs:?}"
-        );
-    });
+    assert_staging_document_alone(&f, &rt);
 }
 
 /// Entries as mongod writes them, which SecantusDB does not: `$v: 2` diffs in the

@@ -399,7 +399,7 @@ pub trait ReadSession: Send {
     /// [`TargetError::TooLarge`] or [`TargetError::Io`].
     fn read_small(&mut self, path: &str, max: u64) -> Result<Vec<u8>, TargetError>;
 
-    /// Streams `path` into `chunks` (of [`chunk::CHUNK_BYTES`] at most); returns the
+    /// Streams `path` into `chunks` (of [`chunk::READ_CHUNK_BYTES`] at most); returns the
     /// bytes read. Stops early (Ok) if the receiver hangs up.
     ///
     /// # Errors

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use ferry_core::layout::StoredFile;
 
-use crate::chunk::{self, CHUNK_BYTES};
+use crate::chunk::{self, READ_CHUNK_BYTES};
 use crate::leftovers::{self, Entry};
 use crate::now_seconds;
 use crate::{
@@ -330,8 +330,8 @@ impl ReadSession for MemorySession {
             path: path.to_owned(),
         })?;
         let mut total = 0;
-        for piece in bytes.chunks(CHUNK_BYTES) {
-            let mut buf = chunk::buffer();
+        for piece in bytes.chunks(READ_CHUNK_BYTES) {
+            let mut buf = chunk::read_buffer();
             buf.extend_from_slice(piece);
             if chunks.send(buf).is_err() {
                 return Ok(total);

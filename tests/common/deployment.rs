@@ -487,6 +487,18 @@ impl Deployment {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `ferry ARGS`, which must fail; returns what it printed (stdout, then stderr).
+    pub fn ferry_failing(&self, args: &[&str]) -> String {
+        let out = self.ferry(args);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!out.status.success(), "ferry {args:?} succeeded: {text}");
+        text
+    }
+
     /// `ferry --output json ARGS`, parsed (whatever its exit code).
     pub fn ferry_json(&self, args: &[&str]) -> serde_json::Value {
         let mut all = vec!["--output", "json"];

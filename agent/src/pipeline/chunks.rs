@@ -6,7 +6,9 @@ use std::io::{self, Read, Write};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
 
-pub use ferry_storage::chunk::{CHANNEL_CHUNKS, CHUNK_BYTES, buffer, channel, recycle};
+pub use ferry_storage::chunk::{
+    CHANNEL_CHUNKS, CHUNK_BYTES, READ_CHUNK_BYTES, buffer, channel, read_buffer, recycle,
+};
 
 use crate::job::Progress;
 

@@ -8,7 +8,7 @@ use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
 use super::Conn;
-use crate::chunk::CHUNK_BYTES;
+use crate::chunk::READ_CHUNK_BYTES;
 use crate::{ReadSession, TargetError};
 
 /// The read session of an [`super::S3Target`].
@@ -181,7 +181,7 @@ impl ReadSession for S3Read {
     }
 
     /// `GetObject` of `version_id` of `path` (its current version without one), streamed
-    /// in chunks of [`CHUNK_BYTES`].
+    /// in chunks of [`READ_CHUNK_BYTES`].
     fn download_version(
         &mut self,
         path: &str,
@@ -193,16 +193,16 @@ impl ReadSession for S3Read {
             tracing::debug!(path, version = v, "Reading the version a manifest names.");
         }
         let mut total = 0u64;
-        let mut buf = crate::chunk::buffer();
+        let mut buf = crate::chunk::read_buffer();
         while let Some(bytes) = self.next_piece(&mut body, path)? {
             let mut rest = &bytes[..];
             while !rest.is_empty() {
-                let take = (CHUNK_BYTES - buf.len()).min(rest.len());
+                let take = (READ_CHUNK_BYTES - buf.len()).min(rest.len());
                 buf.extend_from_slice(&rest[..take]);
                 rest = &rest[take..];
                 total += take as u64;
-                if buf.len() == CHUNK_BYTES {
-                    let full = std::mem::replace(&mut buf, crate::chunk::buffer());
+                if buf.len() == READ_CHUNK_BYTES {
+                    let full = std::mem::replace(&mut buf, crate::chunk::read_buffer());
                     if chunks.send(full).is_err() {
                         return Ok(total);
                     }

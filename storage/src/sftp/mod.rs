@@ -20,7 +20,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use ssh2::{ErrorCode, OpenFlags, OpenType, RenameFlags, Session, Sftp};
 
-use crate::chunk::CHUNK_BYTES;
+use crate::chunk::READ_CHUNK_BYTES;
 use crate::config::TargetConfigError;
 use crate::leftovers::{self, Entry};
 use crate::{
@@ -345,8 +345,9 @@ const FX_NO_SUCH_FILE: i32 = 2;
 /// SFTP status `SSH_FX_PERMISSION_DENIED`.
 const FX_PERMISSION_DENIED: i32 = 3;
 
-/// Free space under which a failed write is reported as a full disk, bytes.
-const FULL_BELOW_BYTES: u64 = 4 * CHUNK_BYTES as u64;
+/// Free space under which a failed write is reported as a full disk, bytes (4 MiB: four
+/// chunks written).
+const FULL_BELOW_BYTES: u64 = 4 * 1024 * 1024;
 
 /// How long removing a failed upload's partial file may take when the session closes (on
 /// a link that just failed, it cannot; the next upload sweeps it).
@@ -1023,10 +1024,10 @@ impl ReadSession for SftpSession {
             .map_err(|e| self.err("open", path, e))?;
         let mut total = 0u64;
         loop {
-            let mut buf = crate::chunk::buffer();
-            buf.resize(CHUNK_BYTES, 0);
+            let mut buf = crate::chunk::read_buffer();
+            buf.resize(READ_CHUNK_BYTES, 0);
             let mut filled = 0;
-            while filled < CHUNK_BYTES {
+            while filled < READ_CHUNK_BYTES {
                 let n = f
                     .read(&mut buf[filled..])
                     .map_err(|e| self.err("read", path, e))?;

@@ -157,7 +157,7 @@ impl Mongo {
             }
         };
         let mut counts = BTreeMap::new();
-        let mut docs = Vec::with_capacity(SEGMENT_BYTES * 2);
+        let mut docs = Vec::with_capacity(SEGMENT_BYTES);
         for meta in prelude
             .iter()
             .filter(|m| m.kind == "collection" || m.kind == "timeseries")
@@ -174,15 +174,16 @@ impl Mongo {
             // for every segment, instead of a copy of each document.
             let mut n = 0i64;
             while cursor.advance().await.map_err(src)? {
-                docs.extend_from_slice(cursor.current().as_bytes());
-                n += 1;
-                if docs.len() >= SEGMENT_BYTES {
+                let doc = cursor.current().as_bytes();
+                if !docs.is_empty() && docs.len() + doc.len() > SEGMENT_BYTES {
                     writer
                         .write_segment(&meta.db, &meta.collection, [&docs[..]])
                         .map_err(src)?;
                     docs.clear();
                     send(std::mem::replace(writer.get_mut(), chunks::buffer())).await?;
                 }
+                docs.extend_from_slice(doc);
+                n += 1;
             }
             if !docs.is_empty() {
                 writer
@@ -240,15 +241,16 @@ impl Mongo {
                     if entries == 0 {
                         first = cursor.current().get_timestamp("ts").ok();
                     }
-                    docs.extend_from_slice(cursor.current().as_bytes());
-                    entries += 1;
-                    if docs.len() >= SEGMENT_BYTES {
+                    let entry = cursor.current().as_bytes();
+                    if !docs.is_empty() && docs.len() + entry.len() > SEGMENT_BYTES {
                         writer
                             .write_segment("", "oplog", [&docs[..]])
                             .map_err(src)?;
                         docs.clear();
                         send(std::mem::replace(writer.get_mut(), chunks::buffer())).await?;
                     }
+                    docs.extend_from_slice(entry);
+                    entries += 1;
                 }
                 if !docs.is_empty() {
                     writer

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 
-use bson::{Bson, Document, RawDocumentBuf, doc};
+use bson::{Bson, Document, RawArrayBuf, RawDocumentBuf, doc, rawdoc};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use mongodb::Client;
@@ -14,15 +14,18 @@ use tokio::sync::mpsc;
 use super::archive::{ArchiveReader, CollectionMetadata, Item, Namespace};
 use super::oplog::{Replay, ReplayReport};
 use super::slices::OplogPlan;
-use super::{ChannelReader, ChannelWriter, MAIN, Mongo, SEGMENT_BYTES, swap, tgt};
+use super::{ChannelReader, ChannelWriter, MAIN, Mongo, swap, tgt};
 use crate::datastore::common::smoke::{SmokeError, run_smoke};
 use crate::datastore::{PartSink, PointInTime, RestoreError, RestoreSession, Restorer};
+use crate::pipeline::chunks;
 use ferry_core::manifest::Manifest;
 
-/// Bytes of raw documents per `insert_many` on restore. The driver holds a batch twice
-/// (the documents and the message it serialises them into): 8 MiB put the staging agent's
-/// peak at 75 MiB restoring 256 KiB documents (bench/ `mongo-dump --restore`).
-const INSERT_BYTES: usize = 2 * 1024 * 1024;
+/// Bytes of raw documents per `insert` command on restore ([`InsertBatch`]). The batch is
+/// held about three times while it is sent (the `documents` array, the driver's copy of the
+/// command, the message): 8 MiB put the staging agent's peak at 75 MiB restoring 256 KiB
+/// documents (bench/ `mongo-dump --restore`); 2 MiB left 10.4 MiB of a four-job restore's
+/// heap there (heaptrack, bench/ concurrent-jobs).
+const INSERT_BYTES: usize = 1024 * 1024;
 
 impl Restorer for Mongo {
     /// The archive goes into scratch databases beside the targets.
@@ -377,23 +380,109 @@ async fn build_indexes(
     Ok(())
 }
 
+/// The documents of one `insert` command being gathered: the command's `documents` array,
+/// built from the archive's raw BSON without parsing it (the driver's `insert_many` would
+/// serialise every document again, and hold them twice more while it builds its message).
+#[derive(Default)]
+pub(super) struct InsertBatch {
+    documents: RawArrayBuf,
+    /// Bytes of the documents in `documents`.
+    bytes: usize,
+    /// Documents in `documents`.
+    count: usize,
+}
+
+impl InsertBatch {
+    /// Whether adding a document of `bytes` bytes should wait for a flush first: the batch
+    /// would pass [`INSERT_BYTES`] or [`INSERT_DOCUMENTS`]. A batch takes one document
+    /// whatever its size.
+    fn full_before(&self, bytes: usize) -> bool {
+        self.count > 0 && (self.bytes + bytes > INSERT_BYTES || self.count >= INSERT_DOCUMENTS)
+    }
+
+    fn push(&mut self, document: RawDocumentBuf) {
+        self.bytes += document.as_bytes().len();
+        self.count += 1;
+        self.documents.push(document);
+    }
+}
+
+/// Most bytes of a server's error message quoted in a restore's error.
+const MAX_ERROR_BYTES: usize = 512;
+
+/// Most documents per `insert` command (MongoDB's `maxWriteBatchSize` is 100,000).
+const INSERT_DOCUMENTS: usize = 10_000;
+
+/// Sends `batch` (then empty) to `target_db.coll` as one `insert` command
+/// (<https://www.mongodb.com/docs/manual/reference/command/insert/>), ordered, and checks
+/// its reply: an empty batch sends nothing.
+///
+/// # Errors
+/// [`RestoreError::Target`] naming the collection: the command failed, or its reply holds
+/// `writeErrors` or a `writeConcernError`, or counts other than the documents sent (`n`).
 async fn flush_inserts(
     client: &Client,
     target_db: &str,
     coll: &str,
-    batch: &mut Vec<RawDocumentBuf>,
+    batch: &mut InsertBatch,
 ) -> Result<(), RestoreError> {
-    if batch.is_empty() {
+    if batch.count == 0 {
         return Ok(());
     }
-    let docs = std::mem::take(batch);
-    client
+    let InsertBatch {
+        documents, count, ..
+    } = std::mem::take(batch);
+    let mut command = rawdoc! {"insert": coll, "ordered": true};
+    command.append("documents", documents);
+    let failed =
+        |e: String| RestoreError::Target(format!("inserting into {target_db}.{coll}: {e}"));
+    let reply = client
         .database(target_db)
-        .collection::<RawDocumentBuf>(coll)
-        .insert_many(docs)
+        .run_raw_command(command)
         .await
-        .map_err(|e| RestoreError::Target(format!("inserting into {target_db}.{coll}: {e}")))?;
-    Ok(())
+        .map_err(|e| failed(e.to_string()))?;
+    insert_reply_problem(&reply, count).map_or(Ok(()), |e| Err(failed(e)))
+}
+
+/// What is wrong with the reply to an `insert` command that sent `sent` documents, if
+/// anything: a reply with `ok: 1` may still hold `writeErrors` (the first is named, with
+/// how many there were) or a `writeConcernError`, and `n` is the documents inserted.
+fn insert_reply_problem(reply: &Document, sent: usize) -> Option<String> {
+    if let Ok(errors) = reply.get_array("writeErrors")
+        && !errors.is_empty()
+    {
+        let first = errors
+            .first()
+            .and_then(|e| e.as_document())
+            .map(|e| {
+                format!(
+                    "code {}: {}",
+                    e.get("code").map(ToString::to_string).unwrap_or_default(),
+                    e.get_str("errmsg").unwrap_or_default()
+                )
+            })
+            .unwrap_or_default();
+        return Some(format!(
+            "{} of {sent} documents refused, the first with {}",
+            errors.len(),
+            &first[..first.floor_char_boundary(MAX_ERROR_BYTES)]
+        ));
+    }
+    if let Ok(e) = reply.get_document("writeConcernError") {
+        let message = e.get_str("errmsg").unwrap_or_default();
+        return Some(format!(
+            "write concern error: {}",
+            &message[..message.floor_char_boundary(MAX_ERROR_BYTES)]
+        ));
+    }
+    let n = match reply.get("n") {
+        Some(Bson::Int32(n)) => i64::from(*n),
+        Some(Bson::Int64(n)) => *n,
+        Some(Bson::Double(n)) => *n as i64,
+        _ => -1,
+    };
+    (usize::try_from(n).ok() != Some(sent))
+        .then(|| format!("the server reports {n} documents inserted of {sent} sent"))
 }
 
 /// The async side of a restore: applies parsed archive items into the scratch databases
@@ -414,7 +503,7 @@ async fn apply_items(
         .map(|m| ((m.db.clone(), m.collection.clone()), m.clone()))
         .collect();
     let mut prepared: std::collections::HashSet<Namespace> = Default::default();
-    let mut pending: HashMap<Namespace, (Vec<RawDocumentBuf>, usize)> = HashMap::new();
+    let mut pending: HashMap<Namespace, InsertBatch> = HashMap::new();
     let mut stats = RestoreStats::default();
     let is_oplog = |ns: &Namespace| ns.0.is_empty() && ns.1 == "oplog";
     let wanted =
@@ -482,17 +571,15 @@ async fn apply_items(
                     let raw = RawDocumentBuf::from_bytes(bytes)
                         .map_err(|e| RestoreError::Manifest(e.to_string()))?;
                     let slot = pending.entry(ns.clone()).or_default();
-                    slot.1 += raw.as_bytes().len();
-                    slot.0.push(raw);
-                    stats.documents += 1;
-                    if slot.1 >= INSERT_BYTES || slot.0.len() >= 10_000 {
-                        slot.1 = 0;
-                        flush_inserts(&client, &mongo.target_db(&ns.0), &ns.1, &mut slot.0).await?;
+                    if slot.full_before(raw.as_bytes().len()) {
+                        flush_inserts(&client, &mongo.target_db(&ns.0), &ns.1, slot).await?;
                     }
+                    slot.push(raw);
+                    stats.documents += 1;
                 }
                 Item::End(_) if is_oplog(&ns) => {}
                 Item::End(_) => {
-                    if let Some((mut docs, _)) = pending.remove(&ns) {
+                    if let Some(mut docs) = pending.remove(&ns) {
                         flush_inserts(&client, &mongo.target_db(&ns.0), &ns.1, &mut docs).await?;
                     }
                     build_indexes(&client, &mongo.target_db(&ns.0), &meta[&ns]).await?;
@@ -623,15 +710,13 @@ pub(super) async fn copy_collection(
         .database(from)
         .collection::<RawDocumentBuf>(from_coll);
     let mut cursor = source.find(doc! {}).await.map_err(tgt)?;
-    let (mut batch, mut bytes) = (Vec::new(), 0usize);
+    let mut batch = InsertBatch::default();
     while cursor.advance().await.map_err(tgt)? {
         let d = cursor.current();
-        bytes += d.as_bytes().len();
-        batch.push(d.to_raw_document_buf());
-        if bytes >= INSERT_BYTES {
+        if batch.full_before(d.as_bytes().len()) {
             flush_inserts(client, to, coll, &mut batch).await?;
-            bytes = 0;
         }
+        batch.push(d.to_raw_document_buf());
     }
     flush_inserts(client, to, coll, &mut batch).await?;
     let listed = client
@@ -680,7 +765,7 @@ impl RestoreSession for MongoRestore {
                     manifest.file
                 )));
             }
-            let (byte_tx, byte_rx) = mpsc::channel::<Vec<u8>>(4);
+            let (byte_tx, byte_rx) = mpsc::channel::<Vec<u8>>(chunks::CHANNEL_CHUNKS);
             let (item_tx, item_rx) = mpsc::channel::<Vec<Item>>(2);
             let (prelude_tx, prelude_rx) = tokio::sync::oneshot::channel();
             // Parse on a blocking thread; apply on the runtime.
@@ -699,7 +784,7 @@ impl RestoreSession for MongoRestore {
                     }
                     let end = matches!(item, Item::End(_));
                     batch.push(item);
-                    if bytes >= SEGMENT_BYTES || end {
+                    if bytes >= chunks::READ_CHUNK_BYTES || end {
                         bytes = 0;
                         if item_tx.blocking_send(std::mem::take(&mut batch)).is_err() {
                             return Err(io::Error::other("the restore stopped"));
@@ -757,7 +842,7 @@ impl RestoreSession for MongoRestore {
             Ok(PartSink {
                 writer: Box::new(ChannelWriter {
                     tx: byte_tx,
-                    buf: Vec::new(),
+                    buf: chunks::read_buffer(),
                 }),
                 finish: finish.boxed(),
             })
@@ -955,5 +1040,70 @@ impl RestoreSession for MongoRestore {
             self.drop_scratch().await;
         }
         .boxed()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_insert_reply_is_accepted_only_when_it_counts_every_document_sent() {
+        assert_eq!(insert_reply_problem(&doc! {"n": 3, "ok": 1.0}, 3), None);
+        assert_eq!(insert_reply_problem(&doc! {"n": 3_i64, "ok": 1}, 3), None);
+        assert_eq!(
+            insert_reply_problem(&doc! {"n": 2, "ok": 1.0}, 3).as_deref(),
+            Some("the server reports 2 documents inserted of 3 sent")
+        );
+        assert_eq!(
+            insert_reply_problem(&doc! {"ok": 1.0}, 1).as_deref(),
+            Some("the server reports -1 documents inserted of 1 sent")
+        );
+    }
+
+    #[test]
+    fn write_errors_in_an_ok_reply_fail_the_insert_with_a_bounded_message() {
+        let long = "é".repeat(10_000);
+        let reply = doc! {
+            "n": 1,
+            "writeErrors": [
+                {"index": 1, "code": 11000, "errmsg": format!("E11000 duplicate key {long}")},
+                {"index": 2, "code": 11000, "errmsg": "E11000 duplicate key"},
+            ],
+            "ok": 1.0,
+        };
+        let problem = insert_reply_problem(&reply, 3).unwrap();
+        assert!(
+            problem.starts_with(
+                "2 of 3 documents refused, the first with code 11000: E11000 duplicate key é"
+            ),
+            "{problem}"
+        );
+        assert!(problem.len() < 600, "{}", problem.len());
+
+        let reply = doc! {"n": 3, "writeConcernError": {"code": 64, "errmsg": "waiting for replication timed out"}, "ok": 1};
+        assert_eq!(
+            insert_reply_problem(&reply, 3).as_deref(),
+            Some("write concern error: waiting for replication timed out")
+        );
+    }
+
+    #[test]
+    fn a_batch_takes_documents_up_to_its_bounds_and_one_document_whatever_its_size() {
+        let mut batch = InsertBatch::default();
+        assert!(
+            !batch.full_before(INSERT_BYTES * 4),
+            "an empty batch takes any document"
+        );
+        let doc = rawdoc! {"_id": 1, "v": "x".repeat(1000)};
+        batch.push(doc.clone());
+        assert!(!batch.full_before(INSERT_BYTES - doc.as_bytes().len()));
+        assert!(batch.full_before(INSERT_BYTES - doc.as_bytes().len() + 1));
+        let mut many = InsertBatch::default();
+        for _ in 0..INSERT_DOCUMENTS {
+            many.push(rawdoc! {"_id": 1});
+        }
+        assert!(many.full_before(1));
+        assert_eq!(many.documents.into_iter().count(), INSERT_DOCUMENTS);
     }
 }
