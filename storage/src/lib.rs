@@ -21,8 +21,8 @@
 //! Modules:
 //! - [`config`]: [`TargetConfig`], [`TargetConfigError`], `build()`.
 //! - [`error`]: [`TargetError`] and [`PartialFate`].
-//! - [`chunk`]: the bounded channel of 1 MiB chunks between the pipeline's stages and a
-//!   session, and the pool its buffers are reused from.
+//! - [`chunk`]: the bounded channel of chunks (512 KiB written, 256 KiB read back) between
+//!   the pipeline's stages and a session, and the pool its buffers are reused from.
 //! - [`leftovers`]: which files of a dated folder failed uploads left, for any target.
 //! - [`sftp`]: the SFTP backup server over SSH (libssh2), its watchdog, and the rsync push
 //!   and pull of mirrors ([`sftp::rsync`]).

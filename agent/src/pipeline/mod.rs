@@ -2,8 +2,8 @@
 //!
 //! - [`backup`](mod@backup): `dump → count → compress (zstd) → encrypt (age) → hash (SHA-256) → upload`,
 //!   one blocking thread for the stages and one for the target's write session, joined by
-//!   a bounded channel of 1 MiB chunks: memory is constant and back-pressure reaches the
-//!   dump tool. Every part is staged (on SFTP a hidden partial file); only after every part
+//!   a bounded channel of chunks (512 KiB written, 256 KiB read back): memory is constant
+//!   and back-pressure reaches the dump tool. Every part is staged (on SFTP a hidden partial file); only after every part
 //!   dumped and uploaded completely does one session (the last part's) commit them with
 //!   their manifests, the main part's manifest last: it is what makes readers take it for
 //!   a backup.

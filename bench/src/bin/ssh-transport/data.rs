@@ -4,11 +4,11 @@
 
 /// The size of the pieces uploaded, bytes: Ferry's chunk (`ferry_storage::chunk::CHUNK_BYTES`,
 /// checked by the benchmark).
-pub const PIECE_BYTES: usize = 1024 * 1024;
+pub const PIECE_BYTES: usize = 512 * 1024;
 
 /// The random bytes repeated, a multiple of [`PIECE_BYTES`]: 64 MiB, far beyond any
 /// compressor's window (and SSH's compression is off).
-pub const PATTERN_BYTES: usize = 64 * PIECE_BYTES;
+pub const PATTERN_BYTES: usize = 128 * PIECE_BYTES;
 
 /// `total` bytes of data.
 pub struct Data {
