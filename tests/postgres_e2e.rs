@@ -344,6 +344,63 @@ fn clients_without_a_fleet_certificate_are_refused() {
 /// The rows restored are compared with the manifest's counts before the swap. Where the
 /// server's insert counters differ from the manifest, every table is counted with
 /// `count(*)`, and a difference fails the restore with the live database as it was.
+/// `restore_jobs = 2`: the archive is written to `scratch_dir` and restored from there by
+/// `pg_restore --jobs 2`; staging then equals production, the written archive is gone, the
+/// archive a dead restore left there is removed and named in the report, and a file whose
+/// name is not exactly Ferry's is left alone.
+#[test]
+fn a_restore_with_restore_jobs_restores_from_scratch_dir_and_leaves_nothing_there() {
+    let mut scratch = None;
+    let d = Deployment::start_with(DEFAULT_DATA, |d| {
+        let dir = d.dir.path().join("pg-scratch");
+        make_reachable(&dir);
+        let config = fs::read_to_string(&d.stage_config).unwrap();
+        let edited = config.replacen(
+            "target_database = \"app\"\n",
+            &format!(
+                "target_database = \"app\"\nrestore_jobs = 2\nscratch_dir = \"{}\"\n",
+                dir.display()
+            ),
+            1,
+        );
+        assert_ne!(edited, config, "no target_database line in {config}");
+        fs::write(&d.stage_config, edited).unwrap();
+        scratch = Some(dir);
+    });
+    let scratch = scratch.unwrap();
+    d.ferry_ok(&["backup", "pg-prod", "--wait"]);
+    let dead = scratch.join("ferry-pg-postgres-01JDEAD0000000000000000000.dump");
+    let lookalike = scratch.join("ferry-pg-postgres-notajob.dump");
+    fs::write(&dead, b"left by a restore whose agent was killed").unwrap();
+    fs::write(&lookalike, b"not Ferry's").unwrap();
+
+    let out = d.ferry_ok(&["restore", "pg-stage", "--wait"]);
+    assert!(out.contains("by pg_restore --jobs 2 from "), "{out}");
+    assert!(
+        out.contains(&format!(
+            "removed {} (job 01JDEAD0000000000000000000)",
+            dead.display()
+        )),
+        "{out}"
+    );
+    assert_eq!(
+        d.stage_pg.table_fingerprints("app"),
+        d.prod_pg.table_fingerprints("app"),
+        "restored content differs from the source"
+    );
+    let left: Vec<_> = fs::read_dir(&scratch)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(
+        left,
+        [lookalike],
+        "only the lookalike is left in scratch_dir"
+    );
+    let dbs = d.stage_pg.databases();
+    assert!(dbs.iter().all(|db| !db.contains("__ferry_")), "{dbs:?}");
+}
+
 #[test]
 fn rows_that_differ_from_the_manifest_fail_the_restore_before_the_swap() {
     let d = Deployment::start();

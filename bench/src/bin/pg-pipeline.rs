@@ -9,7 +9,8 @@
 //! - restore: Ferry against the reverse of (a) and (b) into an empty database, and the
 //!   floor `pg_restore` of a local `-Z0` file.
 //!
-//! `cargo run --release -p ferry-bench --bin pg-pipeline -- [--gib 2] [--runs 3]`
+//! `cargo run --release -p ferry-bench --bin pg-pipeline -- [--gib 2] [--runs 3]
+//! [--before-agent PATH] [--restore-jobs N]`
 //!
 //! The data is one table of orders: ids, customer numbers, timestamps, a status, amounts,
 //! a sentence of words with a hex reference, and a jsonb document (sku, quantities,
@@ -47,6 +48,10 @@ struct Args {
     /// beside this workspace's in the same run, as the row "Ferry (before)".
     #[arg(long)]
     before_agent: Option<std::path::PathBuf>,
+    /// Also restore with `restore_jobs = N` (`pg_restore --jobs N` from the archive written
+    /// to a `scratch_dir` on the staging host), as the row "Ferry (restore_jobs = N)".
+    #[arg(long)]
+    restore_jobs: Option<u32>,
 }
 
 /// Rows of `orders` per GiB of `pg_dump -Z0` output (measured: about 268 bytes a row).
@@ -226,12 +231,38 @@ fn main() -> anyhow::Result<()> {
     backup[0] = ferry_backup.next().expect("this build was measured");
     backup.extend(ferry_backup);
 
+    // The restores' Ferry rows: the agents above with the staging config as it is, then
+    // this build with `restore_jobs` if asked.
+    let variants: Vec<(Option<std::path::PathBuf>, Option<u32>)> = agents
+        .iter()
+        .map(|a| (a.clone(), None))
+        .chain(args.restore_jobs.map(|n| (None, Some(n))))
+        .collect();
+    let stage_config = fs::read_to_string(&d.stage_config)?;
+    let scratch = dir.join("restore-scratch");
+    fs::create_dir_all(&scratch)?;
     let mut restore: Vec<Figures> = methods.iter().map(|_| Figures::default()).collect();
-    let mut ferry_restore: Vec<Figures> = agents.iter().map(|_| Figures::default()).collect();
+    let mut ferry_restore: Vec<Figures> = variants.iter().map(|_| Figures::default()).collect();
     if !args.no_restore {
         let identity = d.identity.clone();
         for run in 1..=args.runs {
-            for (k, agent) in agents.iter().enumerate() {
+            for (k, (agent, jobs)) in variants.iter().enumerate() {
+                let config = match jobs {
+                    None => stage_config.clone(),
+                    Some(n) => stage_config.replacen(
+                        "target_database = \"app\"\n",
+                        &format!(
+                            "target_database = \"app\"\nrestore_jobs = {n}\nscratch_dir = \"{}\"\n",
+                            scratch.display()
+                        ),
+                        1,
+                    ),
+                };
+                anyhow::ensure!(
+                    jobs.is_none() || config != stage_config,
+                    "no target_database line in the staging config"
+                );
+                fs::write(&d.stage_config, config)?;
                 let r = time_ferry(
                     &mut d,
                     "agent-stage",
@@ -257,10 +288,15 @@ fn main() -> anyhow::Result<()> {
                 }
                 eprintln!(
                     "run {run} ferry{} restore: {s:.1} s (then {:.1} s until the replaced database was dropped)",
-                    if k == 0 { "" } else { " (before)" },
+                    match (k, jobs) {
+                        (_, Some(n)) => format!(" (restore_jobs = {n})"),
+                        (0, None) => String::new(),
+                        _ => " (before)".into(),
+                    },
                     dropping.elapsed().as_secs_f64()
                 );
             }
+            fs::write(&d.stage_config, &stage_config)?;
             let reverse = [
                 format!(
                     "{} | openssl enc -d -aes-256-cbc -pbkdf2 -pass file:{} | gunzip",
@@ -307,11 +343,11 @@ fn main() -> anyhow::Result<()> {
     print_table(
         "| backup | wall s | MB/s of dump | vs (a) | vs (b) | vs floor (c) | stored MiB | peak RSS MiB | local disk written |",
         &[
-            "Ferry (agent, zstd -3 + age, SFTP)",
-            "(a) pg_dump -Fc \\| gzip \\| openssl enc \\| ssh",
-            "(b) pg_dump -Z0 \\| zstd -T0 \\| age \\| ssh",
-            "(c) floor: pg_dump -Z0 > /dev/null",
-            "Ferry (before: --before-agent)",
+            "Ferry (agent, zstd -3 + age, SFTP)".into(),
+            "(a) pg_dump -Fc \\| gzip \\| openssl enc \\| ssh".into(),
+            "(b) pg_dump -Z0 \\| zstd -T0 \\| age \\| ssh".into(),
+            "(c) floor: pg_dump -Z0 > /dev/null".into(),
+            "Ferry (before: --before-agent)".into(),
         ],
         &backup,
         dump_bytes,
@@ -320,12 +356,17 @@ fn main() -> anyhow::Result<()> {
         print_table(
             "| restore | wall s | MB/s of dump | vs reverse (a) | vs reverse (b) | vs floor | stored MiB | peak RSS MiB | local disk written |",
             &[
-                "Ferry (staging agent: roles checked, then pg_restore into a scratch db, hash, counts, swap)",
-                "reverse (a): ssh cat \\| openssl enc -d \\| gunzip \\| pg_restore",
-                "reverse (b): ssh cat \\| age -d \\| zstd -d \\| pg_restore",
-                "floor: pg_restore of a local -Z0 file",
-                "Ferry (before: --before-agent)",
-            ],
+                "Ferry (staging agent: roles checked, then pg_restore into a scratch db, hash, counts, swap)".into(),
+                "reverse (a): ssh cat \\| openssl enc -d \\| gunzip \\| pg_restore".into(),
+                "reverse (b): ssh cat \\| age -d \\| zstd -d \\| pg_restore".into(),
+                "floor: pg_restore of a local -Z0 file".into(),
+            ]
+            .into_iter()
+            .chain(variants.iter().skip(1).map(|(_, jobs)| match jobs {
+                Some(n) => format!("Ferry (restore_jobs = {n}: pg_restore --jobs {n} from a file in scratch_dir)"),
+                None => "Ferry (before: --before-agent)".into(),
+            }))
+            .collect::<Vec<String>>(),
             &restore,
             dump_bytes,
         );
@@ -338,9 +379,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints one markdown table: a row per method (Ferry, (a), (b), the floor, and Ferry
-/// before if measured), each with its ratios to (a), (b) and the floor.
-fn print_table(header: &str, names: &[&str; 5], figures: &[Figures], dump_bytes: u64) {
+/// Prints one markdown table: a row per method (Ferry, (a), (b), the floor, then Ferry's
+/// other rows: before, `restore_jobs`), each with its ratios to (a), (b) and the floor.
+fn print_table(header: &str, names: &[String], figures: &[Figures], dump_bytes: u64) {
     println!();
     println!("{header}");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -359,7 +400,7 @@ fn print_table(header: &str, names: &[&str; 5], figures: &[Figures], dump_bytes:
                 format!("{:.1}", mib(f.stored))
             },
             f.rss(),
-            if i == 0 || i == 4 {
+            if i == 0 || i >= 4 {
                 " (agent)"
             } else {
                 " (largest process)"

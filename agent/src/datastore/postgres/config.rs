@@ -9,6 +9,9 @@ use super::{MAX_IDENTIFIER, Postgres};
 use crate::datastore::common::smoke::SmokeCheck;
 use crate::datastore::{DatastoreConfigError, ToolPaths};
 
+/// The most `restore_jobs` a config may ask for.
+pub const MAX_RESTORE_JOBS: u32 = 64;
+
 /// `[[datastores]]` with `kind = "postgres"`.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +51,19 @@ pub struct PostgresConfig {
     /// was), then on the live cluster once it is swapped in and started.
     #[serde(default)]
     pub smoke: Vec<SmokeCheck>,
+    /// Staging, `method = "dump"`: `pg_restore --jobs` (1 to 64). At 1, the default, the
+    /// archive streams into `pg_restore`'s stdin and nothing is written on the staging
+    /// host. Above 1, `pg_restore` restores that many tables and indexes at once, which
+    /// needs the archive as a file: it is written to `scratch_dir` first (as
+    /// `ferry-pg-<datastore>-<job>.dump`, mode 0600, removed when the restore ends or, after
+    /// a crash, at the agent's next start), and a restore refuses to start when
+    /// `scratch_dir` has less room than the archive (its manifest's `bytes_uncompressed`)
+    /// plus 5 %.
+    #[serde(default = "default_restore_jobs")]
+    pub restore_jobs: u32,
+    /// Staging, `restore_jobs` above 1: the directory (absolute) the archive is written to
+    /// before `pg_restore --jobs` reads it.
+    pub scratch_dir: Option<PathBuf>,
     /// `dump` (default): `pg_dump` of one database, restored with `pg_restore`.
     /// `physical`: a base backup of the whole cluster with `pg_basebackup` (see
     /// [`super::basebackup`]), restored as a new data directory beside the live one, checked
@@ -100,6 +116,9 @@ fn default_user() -> String {
 }
 fn default_maintenance() -> String {
     "postgres".into()
+}
+fn default_restore_jobs() -> u32 {
+    1
 }
 fn default_os_user() -> String {
     "postgres".into()
@@ -167,6 +186,36 @@ fn check_dump(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfigErr
             "only method = \"physical\" takes it; remove it or set method = \"physical\"",
         ));
     }
+    if !(1..=MAX_RESTORE_JOBS).contains(&cfg.restore_jobs) {
+        return Err(DatastoreConfigError::invalid(
+            "restore_jobs",
+            "must be 1 to 64 (pg_restore --jobs)",
+        ));
+    }
+    if let Some(dir) = &cfg.scratch_dir
+        && !dir.is_absolute()
+    {
+        return Err(DatastoreConfigError::invalid(
+            "scratch_dir",
+            "must be an absolute path",
+        ));
+    }
+    if role == Role::Staging && cfg.restore_jobs > 1 && cfg.scratch_dir.is_none() {
+        return Err(DatastoreConfigError::Missing {
+            field: "scratch_dir",
+            what: "the directory the archive is written to for pg_restore --jobs (restore_jobs above 1)",
+        });
+    }
+    if role == Role::Production && (cfg.restore_jobs != 1 || cfg.scratch_dir.is_some()) {
+        return Err(WrongRole {
+            field: if cfg.restore_jobs != 1 {
+                "restore_jobs"
+            } else {
+                "scratch_dir"
+            },
+            why: "only a staging agent restores; remove it",
+        });
+    }
     match role {
         Role::Production => {
             if cfg.database.is_none() {
@@ -210,6 +259,16 @@ fn check_physical(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfi
     }
     if cfg.target_database.is_some() {
         return Err(DatastoreConfigError::invalid("target_database", whole));
+    }
+    if cfg.restore_jobs != 1 || cfg.scratch_dir.is_some() {
+        return Err(DatastoreConfigError::invalid(
+            if cfg.restore_jobs != 1 {
+                "restore_jobs"
+            } else {
+                "scratch_dir"
+            },
+            "only method = \"dump\" restores with pg_restore; remove it",
+        ));
     }
     if cfg.role_passwords {
         return Err(DatastoreConfigError::invalid(
@@ -302,6 +361,64 @@ mod tests {
         assert!(Postgres::build(cfg.clone(), Role::Production).is_ok());
         let err = Postgres::build(cfg, Role::Staging).unwrap_err();
         assert_eq!(err.field(), "target_database");
+    }
+
+    #[test]
+    fn restore_jobs_above_one_need_a_scratch_dir_on_staging_only() {
+        let staging = "name = \"pg\"\ntarget_database = \"app\"\n";
+        let ok = |text: &str, role| {
+            let cfg: PostgresConfig = toml::from_str(text).unwrap();
+            Postgres::build(cfg, role).map(|_| ())
+        };
+        assert!(ok(staging, Role::Staging).is_ok());
+        assert!(
+            ok(
+                &format!("{staging}restore_jobs = 4\nscratch_dir = \"/srv/scratch\""),
+                Role::Staging
+            )
+            .is_ok()
+        );
+        // (entry, role, field refused)
+        let cases = [
+            (
+                format!("{staging}restore_jobs = 4"),
+                Role::Staging,
+                "scratch_dir",
+            ),
+            (
+                format!("{staging}restore_jobs = 0"),
+                Role::Staging,
+                "restore_jobs",
+            ),
+            (
+                format!("{staging}restore_jobs = 65\nscratch_dir = \"/s\""),
+                Role::Staging,
+                "restore_jobs",
+            ),
+            (
+                format!("{staging}restore_jobs = 2\nscratch_dir = \"rel\""),
+                Role::Staging,
+                "scratch_dir",
+            ),
+            (
+                "name = \"pg\"\ndatabase = \"app\"\nrestore_jobs = 2".to_owned(),
+                Role::Production,
+                "restore_jobs",
+            ),
+            (
+                "name = \"pg\"\ndatabase = \"app\"\nscratch_dir = \"/s\"".to_owned(),
+                Role::Production,
+                "scratch_dir",
+            ),
+            (
+                "name = \"pg\"\nmethod = \"physical\"\nrestore_jobs = 2".to_owned(),
+                Role::Production,
+                "restore_jobs",
+            ),
+        ];
+        for (text, role, field) in cases {
+            assert_eq!(ok(&text, role).unwrap_err().field(), field, "{text}");
+        }
     }
 
     #[test]

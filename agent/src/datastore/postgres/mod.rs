@@ -150,6 +150,15 @@ impl Datastore for Postgres {
                     )));
                 }
             }
+            if let Some(dir) = self.cfg.scratch_dir.as_deref()
+                && !dir.is_dir()
+            {
+                return Err(CheckError::Path(format!(
+                    "scratch_dir {} is not a directory (restores write the archive there for \
+                     pg_restore --jobs)",
+                    dir.display()
+                )));
+            }
             let db = self
                 .cfg
                 .database

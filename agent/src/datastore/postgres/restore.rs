@@ -13,10 +13,11 @@ use super::{
     BASE, DatabaseCounts, MAIN, MAX_IDENTIFIER, Postgres, database_counts, inserted_counts,
     quote_ident,
 };
-use crate::datastore::common::leftovers;
 use crate::datastore::common::smoke::{SmokeCheck, SmokeError, run_smoke};
+use crate::datastore::common::{leftovers, tree};
 use crate::datastore::{
-    PartSink, PointInTime, RestoreError, RestoreSession, Restorer, StderrTail, describe_status,
+    PartSink, PointInTime, ReapedChild, RestoreError, RestoreSession, Restorer, StderrTail,
+    describe_status,
 };
 use ferry_core::manifest::Manifest;
 
@@ -32,6 +33,13 @@ const STATS_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// The tag of the target moved aside by a restore's swap: `<target>__ferry_old_<job>`.
 const OLD_TAG: &str = "__ferry_old_";
+
+/// The start of the name of a restore's archive written to `scratch_dir` for
+/// `pg_restore --jobs`: `ferry-pg-<datastore>-<job>.dump`.
+const STAGED_PREFIX: &str = "ferry-pg-";
+
+/// The end of that name.
+const STAGED_SUFFIX: &str = ".dump";
 
 /// How long the search for leftovers waits for the server to answer a connection, seconds.
 const RECOVER_CONNECT_SECONDS: u64 = 10;
@@ -227,7 +235,59 @@ impl Postgres {
             };
             out.extend(leftovers::recover_swap(&mut store, swap).await);
         }
+        out.extend(self.remove_staged(skip));
         Ok(out)
+    }
+
+    /// With `restore_jobs` above 1, where a restore of job `job_id` writes the archive for
+    /// `pg_restore --jobs`: `<scratch_dir>/ferry-pg-<datastore>-<job>.dump`.
+    fn staged_path(&self, job_id: &str) -> Option<std::path::PathBuf> {
+        if self.cfg.restore_jobs < 2 {
+            return None;
+        }
+        let name = format!("{STAGED_PREFIX}{}-{job_id}{STAGED_SUFFIX}", self.cfg.name);
+        self.cfg.scratch_dir.as_ref().map(|dir| dir.join(name))
+    }
+
+    /// Removes the archives that restores of this datastore wrote to `scratch_dir` and did
+    /// not remove (the agent stopped during `pg_restore --jobs`), except those of the jobs in
+    /// `skip`. Only the exact names [`Self::staged_path`] gives count; one that cannot be
+    /// removed is reported as kept, with the error.
+    fn remove_staged(&self, skip: &[String]) -> Vec<leftovers::Recovered> {
+        let Some(dir) = &self.cfg.scratch_dir else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return Vec::new();
+        };
+        let prefix = format!("{STAGED_PREFIX}{}-", self.cfg.name);
+        let mut out = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(job) = name
+                .strip_prefix(&prefix)
+                .and_then(|j| j.strip_suffix(STAGED_SUFFIX))
+                .and_then(|j| leftovers::job_id(j).filter(|id| id == j))
+            else {
+                continue;
+            };
+            if leftovers::skipped(&job, skip) {
+                continue;
+            }
+            let path = e.path();
+            let action = match std::fs::remove_file(&path) {
+                Ok(()) => leftovers::Action::Removed,
+                Err(e) => leftovers::Action::Kept {
+                    why: format!("cannot remove it: {e}"),
+                },
+            };
+            out.push(leftovers::Recovered::new(
+                &job,
+                path.display().to_string(),
+                action,
+            ));
+        }
+        out
     }
 }
 
@@ -315,6 +375,7 @@ impl Restorer for Postgres {
                 .ok_or_else(|| RestoreError::Target("no target_database configured".into()))?;
             let session = PgRestore {
                 pg: self.clone(),
+                staged: self.staged_path(job_id),
                 scratch: scratch_name(&target, NEW_TAG, job_id),
                 old: scratch_name(&target, OLD_TAG, job_id),
                 target,
@@ -363,9 +424,57 @@ pub(super) async fn smoke_one(
     Ok((sql.to_owned(), n))
 }
 
+/// Waits for `tool` to exit and for its stderr to be read; its stderr's tail.
+///
+/// # Errors
+/// [`RestoreError::Tool`] with the exit status and the stderr's tail if it failed;
+/// [`RestoreError::Target`] if it could not be waited for.
+async fn tool_ended(
+    child: &mut ReapedChild,
+    tail: StderrTail,
+    tool: &str,
+) -> Result<StderrTail, RestoreError> {
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| RestoreError::Target(format!("waiting for {tool}: {e}")))?;
+    tail.wait();
+    if !status.success() {
+        return Err(RestoreError::Tool {
+            tool: tool.into(),
+            status: describe_status(status),
+            stderr: tail.text(),
+        });
+    }
+    Ok(tail)
+}
+
+/// The archive being written for `pg_restore --jobs`: the first write error is kept for
+/// the sink's `finish` to report (the pipeline reports a failed write as the stream's own
+/// failure, which would hide a full disk).
+struct StagedFile {
+    file: std::fs::File,
+    failed: std::sync::Arc<std::sync::Mutex<Option<std::io::Error>>>,
+}
+
+impl std::io::Write for StagedFile {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.file.write(data).inspect_err(|e| {
+            let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+            failed.get_or_insert_with(|| std::io::Error::new(e.kind(), e.to_string()));
+        })
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
 /// A PostgreSQL restore in progress: the scratch database beside the target.
 struct PgRestore {
     pg: Postgres,
+    /// With `restore_jobs` above 1: where the archive is written for `pg_restore --jobs`.
+    staged: Option<std::path::PathBuf>,
     target: String,
     scratch: String,
     old: String,
@@ -400,18 +509,7 @@ impl PgRestore {
                     source,
                 })?;
         let finish = async move {
-            let status = child
-                .wait()
-                .await
-                .map_err(|e| RestoreError::Target(format!("waiting for {tool}: {e}")))?;
-            tail.wait();
-            if !status.success() {
-                return Err(RestoreError::Tool {
-                    tool: tool.into(),
-                    status: describe_status(status),
-                    stderr: tail.text(),
-                });
-            }
+            let tail = tool_ended(&mut child, tail, tool).await?;
             match errors(&tail) {
                 None => Ok(()),
                 Some(stderr) => Err(RestoreError::Tool {
@@ -451,7 +549,11 @@ impl PgRestore {
         self.tool_sink("psql", cmd, errors)
     }
 
-    async fn restore_main(&mut self) -> Result<PartSink, RestoreError> {
+    async fn restore_main(&mut self, manifest: &Manifest) -> Result<PartSink, RestoreError> {
+        if let Some(path) = &self.staged {
+            let dir = path.parent().unwrap_or(path);
+            tree::ensure_room(dir, manifest.bytes_uncompressed)?;
+        }
         let maint = self.maintenance().await?;
         let owner_exists = maint
             .query_opt(
@@ -476,7 +578,73 @@ impl PgRestore {
         let mut cmd = self.pg.command("pg_restore");
         cmd.args(["--clean", "--if-exists", "--exit-on-error", "--dbname"])
             .arg(&self.scratch);
-        self.tool_sink("pg_restore", cmd, |_| None)
+        match self.staged.clone() {
+            None => self.tool_sink("pg_restore", cmd, |_| None),
+            Some(path) => self.staged_sink(cmd, path),
+        }
+    }
+
+    /// The part written to `path` (created new, mode 0600), then `pg_restore --jobs
+    /// <restore_jobs>` of that file (`cmd` without the file): `pg_restore` restores in
+    /// parallel from a file, not from its stdin. The file is removed when `pg_restore` has
+    /// ended, whatever the outcome.
+    ///
+    /// # Errors
+    /// [`RestoreError::Target`] if `path` cannot be created; the sink's `finish` returns
+    /// [`RestoreError::Target`] for a write that failed (naming the file and the error,
+    /// e.g. a full disk) and the tool's errors as [`Self::tool_sink`] does.
+    fn staged_sink(
+        &self,
+        mut cmd: Command,
+        path: std::path::PathBuf,
+    ) -> Result<PartSink, RestoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| {
+                RestoreError::Target(format!(
+                    "cannot create {} for pg_restore --jobs: {e}; nothing was restored",
+                    path.display()
+                ))
+            })?;
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let writer = StagedFile {
+            file,
+            failed: failed.clone(),
+        };
+        cmd.arg("--jobs")
+            .arg(self.pg.cfg.restore_jobs.to_string())
+            .arg(&path);
+        let pg = self.pg.clone();
+        let finish = async move {
+            let restored = async {
+                if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    return Err(RestoreError::Target(format!(
+                        "writing the archive to {} for pg_restore --jobs: {e}",
+                        path.display()
+                    )));
+                }
+                let (mut child, _, tail) =
+                    pg.spawn(cmd, "pg_restore", false)
+                        .map_err(|source| RestoreError::Spawn {
+                            tool: "pg_restore".into(),
+                            source,
+                        })?;
+                tool_ended(&mut child, tail, "pg_restore").await.map(drop)
+            }
+            .await;
+            if let Err(e) = tokio::fs::remove_file(&path).await {
+                tracing::warn!(file = %path.display(), error = %e, "Could not remove the archive written for pg_restore --jobs.");
+            }
+            restored
+        };
+        Ok(PartSink {
+            writer: Box::new(writer),
+            finish: finish.boxed(),
+        })
     }
 
     /// Puts the scratch database in place of the target; true when a target was replaced
@@ -615,7 +783,7 @@ impl RestoreSession for PgRestore {
                     self.roles_applied = true;
                     self.restore_globals().await
                 }
-                ("", "pgdump") => self.restore_main().await,
+                ("", "pgdump") => self.restore_main(manifest).await,
                 (part, format) => Err(RestoreError::Manifest(format!(
                     "{}: unexpected part {part:?} of format {format:?} for PostgreSQL",
                     manifest.file
@@ -678,8 +846,16 @@ impl RestoreSession for PgRestore {
                 return Err(RestoreError::Mismatch(diff.join("; ")));
             }
             let replaced = self.swap().await?;
+            let parallel = match &self.staged {
+                Some(path) => format!(
+                    " by pg_restore --jobs {} from {} (removed)",
+                    self.pg.cfg.restore_jobs,
+                    path.display()
+                ),
+                None => String::new(),
+            };
             Ok(format!(
-                "{} tables, {} rows restored into database {:?}, equal to the manifest ({how}){}",
+                "{} tables, {} rows restored into database {:?}{parallel}, equal to the manifest ({how}){}",
                 found.rows.len(),
                 found.rows.values().sum::<i64>(),
                 self.target,
