@@ -580,23 +580,27 @@ impl PgRestore {
             .arg(&self.scratch);
         match self.staged.clone() {
             None => self.tool_sink("pg_restore", cmd, |_| None),
-            Some(path) => self.staged_sink(cmd, path),
+            Some(path) => self.staged_sink(cmd, path, manifest.bytes_uncompressed),
         }
     }
 
     /// The part written to `path` (created new, mode 0600), then `pg_restore --jobs
     /// <restore_jobs>` of that file (`cmd` without the file): `pg_restore` restores in
     /// parallel from a file, not from its stdin. The file is removed when `pg_restore` has
-    /// ended, whatever the outcome.
+    /// ended, whatever the outcome. `pg_restore` runs only on a whole archive: the file must
+    /// hold `expected` bytes (the manifest's `bytes_uncompressed`), or the stream was cut
+    /// short (a failed download) and nothing is restored from it.
     ///
     /// # Errors
     /// [`RestoreError::Target`] if `path` cannot be created; the sink's `finish` returns
     /// [`RestoreError::Target`] for a write that failed (naming the file and the error,
-    /// e.g. a full disk) and the tool's errors as [`Self::tool_sink`] does.
+    /// e.g. a full disk) or a file of another size, and the tool's errors as
+    /// [`Self::tool_sink`] does.
     fn staged_sink(
         &self,
         mut cmd: Command,
         path: std::path::PathBuf,
+        expected: u64,
     ) -> Result<PartSink, RestoreError> {
         use std::os::unix::fs::OpenOptionsExt;
         let file = std::fs::OpenOptions::new()
@@ -624,6 +628,17 @@ impl PgRestore {
                 if let Some(e) = failed.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     return Err(RestoreError::Target(format!(
                         "writing the archive to {} for pg_restore --jobs: {e}",
+                        path.display()
+                    )));
+                }
+                let written = tokio::fs::metadata(&path)
+                    .await
+                    .map_err(|e| RestoreError::Target(format!("{}: {e}", path.display())))?
+                    .len();
+                if written != expected {
+                    return Err(RestoreError::Target(format!(
+                        "{} holds {written} bytes of the archive, its manifest {expected}: \
+                         pg_restore was not run",
                         path.display()
                     )));
                 }
