@@ -2,7 +2,8 @@
 //! a tar stream, restore into staging replacing an older tree; every file byte-identical
 //! with its mode, mtime and owner, links kept as links, excludes left out; stock
 //! `age -d | zstd -d | tar -t` reads the stored file; a restore that fails after unpacking
-//! leaves the target as it was and nothing beside it.
+//! leaves the target as it was and nothing beside it; `compression_level` changes what is
+//! stored, zstd's own decoder reads every level, and a level out of range is refused.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -429,5 +430,131 @@ fn upload_rate_is_held_to_max_upload_bytes_per_second() {
     assert!(
         elapsed >= floor,
         "{stored} bytes uploaded in {elapsed:?} despite a limit of 1 MiB/s"
+    );
+}
+
+/// `len` bytes of order notes, the kind of text a database dump holds: sentences of words
+/// and small numbers drawn from a fixed generator, on which zstd's levels 1, 3 and 9 store
+/// visibly different sizes.
+fn order_lines(len: usize) -> Vec<u8> {
+    const WORDS: [&str; 24] = [
+        "delivery",
+        "customer",
+        "invoice",
+        "package",
+        "address",
+        "returned",
+        "express",
+        "warehouse",
+        "payment",
+        "refund",
+        "coupon",
+        "fragile",
+        "please",
+        "call",
+        "before",
+        "after",
+        "door",
+        "neighbour",
+        "office",
+        "reception",
+        "glass",
+        "books",
+        "kitchen",
+        "garden",
+    ];
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut out = Vec::with_capacity(len + 256);
+    let mut id = 0u64;
+    while out.len() < len {
+        id += 1;
+        let r = next();
+        out.extend_from_slice(format!("{id}\t{}\t", r % 500).as_bytes());
+        for i in 0..4 + r % 6 {
+            let w = WORDS[(next() % WORDS.len() as u64) as usize];
+            out.extend_from_slice(if i == 0 { b"" } else { b" " });
+            out.extend_from_slice(w.as_bytes());
+        }
+        out.push(b'\n');
+    }
+    out.truncate(len);
+    out
+}
+
+/// Sets the top-level `compression_level` of the config at `path` (replacing an earlier one).
+fn set_compression_level(path: &Path, level: i32) {
+    let config = fs::read_to_string(path).unwrap();
+    let rest: String = config
+        .lines()
+        .filter(|l| !l.starts_with("compression_level"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    fs::write(path, format!("compression_level = {level}\n{rest}")).unwrap();
+}
+
+#[test]
+fn compression_level_changes_what_is_stored_and_zstd_reads_every_level_back() {
+    let (mut d, source, target) = deploy();
+    let data = order_lines(6 * 1024 * 1024);
+    fs::write(source.join("orders.tsv"), &data).unwrap();
+
+    // The default (3), then 1 and 9, each read back by the stock age and zstd.
+    let mut stored = Vec::new();
+    for level in [None, Some(1), Some(9)] {
+        if let Some(level) = level {
+            set_compression_level(&d.prod_config, level);
+            d.start_agent("agent-prod");
+        }
+        let before = d.sshd.final_files();
+        d.ferry_ok(&["backup", "pg-prod", "minio", "--wait"]);
+        // The day's first backup takes the day's name, later ones the instant's.
+        let new: Vec<String> = d
+            .sshd
+            .final_files()
+            .into_iter()
+            .filter(|f| !before.contains(f) && f.ends_with(".tar.zst.age"))
+            .collect();
+        assert_eq!(new.len(), 1, "level {level:?}: {new:?}");
+        let path = d.sshd.root().join(&new[0]);
+        // A tar holds a regular file's bytes in one run: found whole in the plaintext.
+        let tar = age_zstd_decrypt(&path, &d.identity);
+        assert!(
+            contains_bytes(&tar, &data),
+            "level {level:?}: age -d | zstd -d gave a tar without orders.tsv's bytes"
+        );
+        stored.push(fs::metadata(&path).unwrap().len());
+    }
+    eprintln!("stored bytes at levels 3, 1, 9: {stored:?}");
+    let [default, fast, small] = stored[..] else {
+        unreachable!()
+    };
+    assert!(
+        small < default && default < fast,
+        "stored bytes at levels 3, 1, 9: {stored:?}"
+    );
+
+    // The level-9 backup restores byte for byte.
+    d.ferry_ok(&["restore", "pg-stage", "--datastore", "minio", "--wait"]);
+    assert!(fs::read(target.join("orders.tsv")).unwrap() == data);
+
+    // Out of range: `ferry-agent check` refuses it, naming the key and the range.
+    set_compression_level(&d.prod_config, 10);
+    let check = agent_check(&d.prod_config);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    assert!(
+        !check.status.success()
+            && text.contains("compression_level")
+            && text.contains("levels 1 to 9"),
+        "{text}"
     );
 }

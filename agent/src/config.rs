@@ -179,6 +179,16 @@ pub struct AgentConfig {
     /// slower (`bench/README.md`, s3-upload). Fixed, not the host's cores: the memory is
     /// the same on every host.
     pub compression_workers: Option<u32>,
+    /// The zstd level of backups, WAL segments and oplog slices,
+    /// [`crate::pipeline::compress::MIN_LEVEL`] (1) to
+    /// [`crate::pipeline::compress::MAX_LEVEL`] (9); default
+    /// [`crate::pipeline::compress::LEVEL`] (3), as pgBackRest's `compress-level` for zst.
+    /// Lower levels take less CPU and store more (on `bench/` pg-pipeline's dump, level 1
+    /// compresses about 1.6 times as fast as 3 and stores 2 % more); higher ones the
+    /// reverse, and hold more memory than the agent's bound of 64 MiB allows with several
+    /// backups at once ([`crate::pipeline::compress::MAX_LEVEL`]). Restores read every
+    /// level; the level is not recorded.
+    pub compression_level: Option<i32>,
     /// Where the agent keeps what must outlive a restart: where each MongoDB datastore's
     /// chain of oplog slices has reached (`oplog_slice_seconds`). Absolute; created with
     /// mode 0700 when missing. Default `/var/lib/ferry-agent`.
@@ -207,6 +217,22 @@ fn compression_workers(asked: Option<u32>, kind: &str) -> Result<u32, String> {
         Some(n) => Ok(n),
         None if kind == "s3" => Ok(0),
         None => Ok(2),
+    }
+}
+
+/// `compression_level` as asked, or [`crate::pipeline::compress::LEVEL`].
+///
+/// # Errors
+/// A message for a level outside [`crate::pipeline::compress::MIN_LEVEL`] to
+/// [`crate::pipeline::compress::MAX_LEVEL`].
+fn compression_level(asked: Option<i32>) -> Result<i32, String> {
+    use crate::pipeline::compress::{LEVEL, MAX_LEVEL, MIN_LEVEL};
+    match asked {
+        None => Ok(LEVEL),
+        Some(n) if (MIN_LEVEL..=MAX_LEVEL).contains(&n) => Ok(n),
+        Some(n) => Err(format!(
+            "is {n}: zstd levels {MIN_LEVEL} to {MAX_LEVEL} (default {LEVEL}; higher levels hold more memory than the agent's bound allows)"
+        )),
     }
 }
 
@@ -256,6 +282,9 @@ pub struct Settings {
     /// `compression_workers` (or its default for `[backup_server]`'s kind): the zstd
     /// workers shared by the backups running at once.
     pub compression_workers: crate::pipeline::compress::WorkerPool,
+    /// `compression_level` (or its default, 3): the zstd level of everything the agent
+    /// stores.
+    pub compression_level: i32,
     /// `state_dir`.
     pub state_dir: PathBuf,
 }
@@ -298,6 +327,7 @@ impl Settings {
             datastores: BTreeMap::new(),
             wal: None,
             compression_workers: Default::default(),
+            compression_level: crate::pipeline::compress::LEVEL,
             state_dir: PathBuf::from(DEFAULT_STATE_DIR),
         }
     }
@@ -414,6 +444,8 @@ impl AgentConfig {
         let compression_workers =
             compression_workers(self.compression_workers, self.backup_server.kind())
                 .map_err(|m| invalid("compression_workers", m))?;
+        let compression_level = compression_level(self.compression_level)
+            .map_err(|m| invalid("compression_level", m))?;
         if self.max_concurrent_jobs == 0 {
             return Err(invalid(
                 "max_concurrent_jobs",
@@ -495,6 +527,7 @@ impl AgentConfig {
             allowed_clients: self.tls.allowed_clients,
             max_concurrent_jobs: self.max_concurrent_jobs,
             compression_workers: crate::pipeline::compress::WorkerPool::new(compression_workers),
+            compression_level,
             state_dir: self.state_dir.clone(),
             backup_server,
             copies,
@@ -518,5 +551,16 @@ mod tests {
         assert_eq!(super::compression_workers(Some(0), "sftp"), Ok(0));
         let e = super::compression_workers(Some(5), "sftp").unwrap_err();
         assert!(e.contains("at most 4"), "{e}");
+    }
+
+    #[test]
+    fn compression_level_defaults_to_3_and_is_bounded() {
+        assert_eq!(super::compression_level(None), Ok(3));
+        assert_eq!(super::compression_level(Some(1)), Ok(1));
+        assert_eq!(super::compression_level(Some(9)), Ok(9));
+        for n in [0, -1, 10, 22] {
+            let e = super::compression_level(Some(n)).unwrap_err();
+            assert!(e.contains("levels 1 to 9"), "{n}: {e}");
+        }
     }
 }

@@ -1121,7 +1121,8 @@ fn store(
             let sink = chunks::ChunkWriter::new(tx, progress.clone());
             let hashed = hash::HashingWriter::new(sink);
             let encrypted = enc.wrap(hashed)?;
-            let mut compressed = compress::Compressor::new(encrypted, 0)?;
+            let mut compressed =
+                compress::Compressor::new(encrypted, settings.compression_level, 0)?;
             crate::pipeline::copy(&mut source, &mut compressed)?;
             let encrypted = compressed.finish()?;
             let hashed = encrypted.finish()?;

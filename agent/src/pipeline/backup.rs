@@ -414,8 +414,11 @@ async fn backup_part(
             let sink = chunks::ChunkWriter::new(tx, progress.clone());
             let hashed = hash::HashingWriter::new(sink);
             let encrypted = enc.wrap(hashed)?;
-            let mut compressed =
-                compress::Compressor::with_workers(encrypted, settings.compression_workers.take())?;
+            let mut compressed = compress::Compressor::with_workers(
+                encrypted,
+                settings.compression_level,
+                settings.compression_workers.take(),
+            )?;
             copy(&mut source, &mut compressed)?;
             let encrypted = compressed.finish()?;
             let hashed = encrypted.finish()?;

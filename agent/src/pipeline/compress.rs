@@ -7,9 +7,23 @@ use std::io::{self, Read, Write};
 /// The suffix in stored file names for this compression.
 pub const EXTENSION: &str = "zst";
 
-/// zstd level used for backups: 3, zstd's default, the best speed/size trade-off measured
-/// here.
+/// zstd level used for backups unless the config says otherwise (`compression_level`): 3,
+/// zstd's default, the best speed/size trade-off measured here.
 pub const LEVEL: i32 = 3;
+
+/// The fastest level a config may ask for: zstd's level 1 (its negative levels store much
+/// more for little time saved on the dumps measured in `bench/`).
+pub const MIN_LEVEL: i32 = 1;
+
+/// The highest level a config may ask for. Each level up costs CPU and memory: one
+/// encoder's tables, measured as zstd 1.5's CLI peak RSS less its level-1 figure on a
+/// `pg_dump` of `bench/` pg-pipeline's table, are about 2 MiB at level 3, 4.5 at 5 and 6,
+/// 7.5 at 7 and 8, 15 at 9, and the agent holds one per backup compressing in its stages
+/// thread and one per worker. The agent's bound of 64 MiB with `max_concurrent_jobs` jobs
+/// at once is measured at the default level: at 9, four backups at once and two workers
+/// need about 75 MiB more. Above 9 the tables pass 30 MiB per encoder and the window a
+/// restore's decoder holds grows past 4 MiB.
+pub const MAX_LEVEL: i32 = 9;
 
 /// The most [`Compressor::new`] workers a config may ask for.
 pub const MAX_WORKERS: u32 = 4;
@@ -84,7 +98,8 @@ impl Drop for Workers {
 pub struct Compressor<W: Write>(zstd::stream::write::Encoder<'static, W>, Option<Workers>);
 
 impl<W: Write> Compressor<W> {
-    /// Wraps `inner` with a level-[`LEVEL`] encoder that writes a content checksum, so
+    /// Wraps `inner` with an encoder at zstd `level` ([`MIN_LEVEL`] to [`MAX_LEVEL`], the
+    /// config's `compression_level`, default [`LEVEL`]) that writes a content checksum, so
     /// `zstd -d` detects corruption on its own. `workers` (0 to [`MAX_WORKERS`]) threads
     /// compress beside the caller, in jobs of 1 MiB; with 0 the caller's thread compresses.
     ///
@@ -96,9 +111,9 @@ impl<W: Write> Compressor<W> {
     /// 470 MB/s and 92,783,434 bytes; random data 1.7 GB/s with 0.
     ///
     /// # Errors
-    /// The encoder cannot be set up (out of memory).
-    pub fn new(inner: W, workers: u32) -> io::Result<Self> {
-        let mut enc = zstd::stream::write::Encoder::new(inner, LEVEL)?;
+    /// The encoder cannot be set up (out of memory, a level zstd refuses).
+    pub fn new(inner: W, level: i32, workers: u32) -> io::Result<Self> {
+        let mut enc = zstd::stream::write::Encoder::new(inner, level)?;
         enc.include_checksum(true)?;
         if workers > 0 {
             enc.multithread(workers.min(MAX_WORKERS))?;
@@ -112,8 +127,8 @@ impl<W: Write> Compressor<W> {
     ///
     /// # Errors
     /// As [`Compressor::new`].
-    pub fn with_workers(inner: W, workers: Workers) -> io::Result<Self> {
-        let mut c = Self::new(inner, workers.count())?;
+    pub fn with_workers(inner: W, level: i32, workers: Workers) -> io::Result<Self> {
+        let mut c = Self::new(inner, level, workers.count())?;
         c.1 = Some(workers);
         Ok(c)
     }
@@ -158,7 +173,7 @@ mod tests {
         let third = pool.take();
         assert_eq!(third.count(), 2, "returned when the first backup ended");
         let mut out = Vec::new();
-        let c = Compressor::with_workers(&mut out, third).unwrap();
+        let c = Compressor::with_workers(&mut out, LEVEL, third).unwrap();
         assert_eq!(pool.take().count(), 0, "held by the compressor");
         c.finish().unwrap();
         assert_eq!(pool.take().count(), 2, "returned at finish");
@@ -169,7 +184,7 @@ mod tests {
         let data: Vec<u8> = (0..3_000_000u32)
             .flat_map(|i| (i % 251).to_le_bytes())
             .collect();
-        let mut c = Compressor::new(Vec::new(), 2).unwrap();
+        let mut c = Compressor::new(Vec::new(), LEVEL, 2).unwrap();
         c.write_all(&data).unwrap();
         let packed = c.finish().unwrap();
         assert!(packed.len() < data.len() / 4);
