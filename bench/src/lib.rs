@@ -328,22 +328,35 @@ pub fn ferry_ok(d: &ferry_tests::Deployment, args: &[&str]) -> anyhow::Result<()
 }
 
 /// The newest archive of `datastore` on deployment `d`'s backup server (its main part,
-/// `<datastore>_backup_...age`): its absolute path and its manifest.
+/// `<datastore>_backup_...age`), by its manifest's `finished` (RFC 3339, UTC), not by
+/// name: the layout names a day's second backup by the minute and a third in the same
+/// minute by the second (`T2339Z` sorts after `T233931Z`). Its absolute path and its
+/// manifest.
 ///
 /// # Errors
-/// There is none, or its manifest is unreadable.
+/// There is none, or a manifest is unreadable.
 pub fn newest_archive(
     d: &ferry_tests::Deployment,
     datastore: &str,
 ) -> anyhow::Result<(std::path::PathBuf, serde_json::Value)> {
-    let f = d
-        .sshd
-        .final_files()
-        .into_iter()
-        .rfind(|f| f.contains(&format!("/{datastore}_backup_")) && f.ends_with(".age"))
-        .ok_or_else(|| anyhow::anyhow!("no stored archive of {datastore}"))?;
-    let path = d.sshd.root().join(f);
-    let manifest = serde_json::from_slice(&fs::read(format!("{}.json", path.display()))?)?;
+    use anyhow::Context as _;
+    type Finished = chrono::DateTime<chrono::Utc>;
+    let mut newest: Option<(Finished, std::path::PathBuf, serde_json::Value)> = None;
+    for f in d.sshd.final_files() {
+        if !(f.contains(&format!("/{datastore}_backup_")) && f.ends_with(".age")) {
+            continue;
+        }
+        let path = d.sshd.root().join(f);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&fs::read(format!("{}.json", path.display()))?)?;
+        let finished: Finished = serde_json::from_value(manifest["finished"].clone())
+            .with_context(|| format!("{}.json: finished", path.display()))?;
+        if newest.as_ref().is_none_or(|(f, _, _)| finished > *f) {
+            newest = Some((finished, path, manifest));
+        }
+    }
+    let (_, path, manifest) =
+        newest.ok_or_else(|| anyhow::anyhow!("no stored archive of {datastore}"))?;
     Ok((path, manifest))
 }
 

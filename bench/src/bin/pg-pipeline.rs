@@ -10,7 +10,11 @@
 //!   floor `pg_restore` of a local `-Z0` file.
 //!
 //! `cargo run --release -p ferry-bench --bin pg-pipeline -- [--gib 2] [--runs 3]
-//! [--before-agent PATH] [--restore-jobs N]`
+//! [--before-agent PATH] [--restore-jobs N] [--compression-level N]`
+//!
+//! `--compression-level N` adds two backup rows at zstd level N: Ferry with
+//! `compression_level = N` (backed up before the default's run, so that the restores
+//! read the default's archive) and (b) with `zstd -N -T0`.
 //!
 //! The data is one table of orders: ids, customer numbers, timestamps, a status, amounts,
 //! a sentence of words with a hex reference, and a jsonb document (sku, quantities,
@@ -52,6 +56,10 @@ struct Args {
     /// to a `scratch_dir` on the staging host), as the row "Ferry (restore_jobs = N)".
     #[arg(long)]
     restore_jobs: Option<u32>,
+    /// Also back up at this zstd level: Ferry with `compression_level = N` and (b) with
+    /// `zstd -N`, as the rows "Ferry (compression_level = N)" and "(b) … zstd -N".
+    #[arg(long)]
+    compression_level: Option<i32>,
 }
 
 /// Rows of `orders` per GiB of `pg_dump -Z0` output (measured: about 268 bytes a row).
@@ -171,7 +179,26 @@ fn main() -> anyhow::Result<()> {
         .chain(args.before_agent.clone().map(Some))
         .collect();
     let mut ferry_backup: Vec<Figures> = agents.iter().map(|_| Figures::default()).collect();
+    let (mut level_ferry, mut level_b) = (Figures::default(), Figures::default());
+    let prod_config = fs::read_to_string(&d.prod_config)?;
     for run in 1..=args.runs {
+        if let Some(level) = args.compression_level {
+            fs::write(
+                &d.prod_config,
+                format!("compression_level = {level}\n{prod_config}"),
+            )?;
+            let r = time_ferry(&mut d, "agent-prod", None, &["backup", "pg-prod", "--wait"]);
+            fs::write(&d.prod_config, &prod_config)?;
+            let r = r?;
+            let s = r.seconds;
+            let (path, _) = newest_archive(&d, "postgres")?;
+            level_ferry.add_ferry(r);
+            level_ferry.stored = size_of(&path)?;
+            eprintln!(
+                "run {run} ferry (compression_level = {level}): {s:.1} s, {:.1} MiB stored",
+                mib(level_ferry.stored)
+            );
+        }
         for (k, agent) in agents.iter().enumerate() {
             // Ferry, with a fresh agent.
             let r = time_ferry(
@@ -215,6 +242,20 @@ fn main() -> anyhow::Result<()> {
         backup[2].stored = size_of(&b_file(run))?;
         eprintln!("run {run} (b): {:.1} s", b.seconds);
 
+        if let Some(level) = args.compression_level {
+            let file = remote_dir.join(format!("b{run}-level.pgdump.zst.age"));
+            settle()?;
+            let b = run_pipeline(&format!(
+                "{} {conn} -Fc -Z0 app | zstd -q -{level} -T0 | age -r {recipient} | {}",
+                pg("pg_dump"),
+                ssh(&format!("cat > {}", file.display()), &ssh_prod)
+            ))?;
+            level_b.add(b.seconds, b.peak_rss_bytes, b.disk_written_bytes);
+            level_b.stored = size_of(&file)?;
+            fs::remove_file(&file)?;
+            eprintln!("run {run} (b) zstd -{level}: {:.1} s", b.seconds);
+        }
+
         settle()?;
         let c = run_pipeline(&format!("{} {conn} -Fc -Z0 app > /dev/null", pg("pg_dump")))?;
         backup[3].add(c.seconds, c.peak_rss_bytes, c.disk_written_bytes);
@@ -230,6 +271,22 @@ fn main() -> anyhow::Result<()> {
     let mut ferry_backup = ferry_backup.into_iter();
     backup[0] = ferry_backup.next().expect("this build was measured");
     backup.extend(ferry_backup);
+    let mut backup_names: Vec<String> = vec![
+        "Ferry (agent, zstd -3 + age, SFTP)".into(),
+        "(a) pg_dump -Fc \\| gzip \\| openssl enc \\| ssh".into(),
+        "(b) pg_dump -Z0 \\| zstd -T0 \\| age \\| ssh".into(),
+        "(c) floor: pg_dump -Z0 > /dev/null".into(),
+    ];
+    if args.before_agent.is_some() {
+        backup_names.push("Ferry (before: --before-agent)".into());
+    }
+    if let Some(level) = args.compression_level {
+        backup.extend([level_ferry, level_b]);
+        backup_names.push(format!("Ferry (compression_level = {level})"));
+        backup_names.push(format!(
+            "(b) pg_dump -Z0 \\| zstd -{level} -T0 \\| age \\| ssh"
+        ));
+    }
 
     // The restores' Ferry rows: the agents above with the staging config as it is, then
     // this build with `restore_jobs` if asked.
@@ -244,6 +301,28 @@ fn main() -> anyhow::Result<()> {
     let mut restore: Vec<Figures> = methods.iter().map(|_| Figures::default()).collect();
     let mut ferry_restore: Vec<Figures> = variants.iter().map(|_| Figures::default()).collect();
     if !args.no_restore {
+        // Untimed warm-up: a fresh cluster's first large restore creates its WAL segments
+        // (zero-filled, 16 MiB each, up to max_wal_size) where later ones recycle them,
+        // as a staging host's nightly restores do. Without it the invocation's first timed
+        // restore, Ferry's, took about 4 s longer at 2 GiB (35.1 and 34.7 s against 30 to
+        // 32 for the later ones, 3 CPU-seconds more in PostgreSQL).
+        // No autovacuum in the staging cluster while restores are timed: the database a
+        // Ferry restore leaves in place (`app`; the pipelines drop theirs) was vacuumed by an
+        // autovacuum worker about a minute later, for a minute or more, into the following
+        // steps' timed restores (seen in pg_stat_activity: `autovacuum: VACUUM ANALYZE
+        // public.orders` beside the next pipeline's COPY). A staging host's restores are
+        // hours apart.
+        d.stage_pg
+            .psql("postgres", "ALTER SYSTEM SET autovacuum = off");
+        d.stage_pg.psql("postgres", "SELECT pg_reload_conf()");
+        d.stage_pg.psql("postgres", "CREATE DATABASE bench_warm");
+        let warm = run_pipeline(&format!(
+            "{} {stage_conn} --exit-on-error -d bench_warm {}",
+            pg("pg_restore"),
+            local_dump.display()
+        ))?;
+        d.stage_pg.psql("postgres", "DROP DATABASE bench_warm");
+        eprintln!("warm-up restore (untimed): {:.1} s", warm.seconds);
         let identity = d.identity.clone();
         for run in 1..=args.runs {
             for (k, (agent, jobs)) in variants.iter().enumerate() {
@@ -342,13 +421,7 @@ fn main() -> anyhow::Result<()> {
     );
     print_table(
         "| backup | wall s | MB/s of dump | vs (a) | vs (b) | vs floor (c) | stored MiB | peak RSS MiB | local disk written |",
-        &[
-            "Ferry (agent, zstd -3 + age, SFTP)".into(),
-            "(a) pg_dump -Fc \\| gzip \\| openssl enc \\| ssh".into(),
-            "(b) pg_dump -Z0 \\| zstd -T0 \\| age \\| ssh".into(),
-            "(c) floor: pg_dump -Z0 > /dev/null".into(),
-            "Ferry (before: --before-agent)".into(),
-        ],
+        &backup_names,
         &backup,
         dump_bytes,
     );
@@ -400,7 +473,7 @@ fn print_table(header: &str, names: &[String], figures: &[Figures], dump_bytes: 
                 format!("{:.1}", mib(f.stored))
             },
             f.rss(),
-            if i == 0 || i >= 4 {
+            if names[i].starts_with("Ferry") {
                 " (agent)"
             } else {
                 " (largest process)"
