@@ -341,9 +341,6 @@ fn clients_without_a_fleet_certificate_are_refused() {
     });
 }
 
-/// The rows restored are compared with the manifest's counts before the swap. Where the
-/// server's insert counters differ from the manifest, every table is counted with
-/// `count(*)`, and a difference fails the restore with the live database as it was.
 /// `restore_jobs = 2`: the archive is written to `scratch_dir` and restored from there by
 /// `pg_restore --jobs 2`; staging then equals production, the written archive is gone, the
 /// archive a dead restore left there is removed and named in the report, and a file whose
@@ -401,6 +398,9 @@ fn a_restore_with_restore_jobs_restores_from_scratch_dir_and_leaves_nothing_ther
     assert!(dbs.iter().all(|db| !db.contains("__ferry_")), "{dbs:?}");
 }
 
+/// The rows restored are compared with the manifest's counts before the swap. Where the
+/// server's insert counters differ from the manifest, every table is counted with
+/// `count(*)`, and a difference fails the restore with the live database as it was.
 #[test]
 fn rows_that_differ_from_the_manifest_fail_the_restore_before_the_swap() {
     let d = Deployment::start();

@@ -171,6 +171,18 @@ impl Postgres {
     }
 }
 
+/// The first of `restore_jobs` (other than 1) and `scratch_dir` that `cfg` sets, for the
+/// configs that take neither (production, `method = "physical"`).
+fn restore_jobs_key(cfg: &PostgresConfig) -> Option<&'static str> {
+    if cfg.restore_jobs != 1 {
+        Some("restore_jobs")
+    } else if cfg.scratch_dir.is_some() {
+        Some("scratch_dir")
+    } else {
+        None
+    }
+}
+
 /// `method = "dump"`: each role its own database field, and none of the physical fields.
 fn check_dump(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfigError> {
     use DatastoreConfigError::{Missing, WrongRole};
@@ -206,13 +218,11 @@ fn check_dump(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfigErr
             what: "the directory the archive is written to for pg_restore --jobs (restore_jobs above 1)",
         });
     }
-    if role == Role::Production && (cfg.restore_jobs != 1 || cfg.scratch_dir.is_some()) {
+    if role == Role::Production
+        && let Some(field) = restore_jobs_key(cfg)
+    {
         return Err(WrongRole {
-            field: if cfg.restore_jobs != 1 {
-                "restore_jobs"
-            } else {
-                "scratch_dir"
-            },
+            field,
             why: "only a staging agent restores; remove it",
         });
     }
@@ -260,13 +270,9 @@ fn check_physical(cfg: &PostgresConfig, role: Role) -> Result<(), DatastoreConfi
     if cfg.target_database.is_some() {
         return Err(DatastoreConfigError::invalid("target_database", whole));
     }
-    if cfg.restore_jobs != 1 || cfg.scratch_dir.is_some() {
+    if let Some(field) = restore_jobs_key(cfg) {
         return Err(DatastoreConfigError::invalid(
-            if cfg.restore_jobs != 1 {
-                "restore_jobs"
-            } else {
-                "scratch_dir"
-            },
+            field,
             "only method = \"dump\" restores with pg_restore; remove it",
         ));
     }

@@ -916,6 +916,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_staged_file_keeps_its_first_write_error_for_the_report() {
+        use std::io::Write as _;
+        // /dev/full refuses every write with ENOSPC, as a full scratch_dir would.
+        let failed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let mut staged = StagedFile {
+            file: std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+            failed: failed.clone(),
+        };
+        assert!(staged.write_all(b"archive").is_err());
+        assert!(staged.write_all(b"more").is_err());
+        let kept = failed
+            .lock()
+            .unwrap()
+            .take()
+            .expect("the write error is kept");
+        assert!(kept.to_string().contains("No space left"), "{kept}");
+        assert_eq!(kept.kind(), std::io::ErrorKind::StorageFull, "{kept}");
+    }
+
+    #[test]
     fn differences_name_the_table() {
         let mut a = DatabaseCounts::default();
         a.rows.insert("public.t".into(), 10);
