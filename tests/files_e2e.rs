@@ -487,17 +487,6 @@ fn order_lines(len: usize) -> Vec<u8> {
     out
 }
 
-/// Sets the top-level `compression_level` of the config at `path` (replacing an earlier one).
-fn set_compression_level(path: &Path, level: i32) {
-    let config = fs::read_to_string(path).unwrap();
-    let rest: String = config
-        .lines()
-        .filter(|l| !l.starts_with("compression_level"))
-        .map(|l| format!("{l}\n"))
-        .collect();
-    fs::write(path, format!("compression_level = {level}\n{rest}")).unwrap();
-}
-
 #[test]
 fn compression_level_changes_what_is_stored_and_zstd_reads_every_level_back() {
     let (mut d, source, target) = deploy();
@@ -508,7 +497,7 @@ fn compression_level_changes_what_is_stored_and_zstd_reads_every_level_back() {
     let mut stored = Vec::new();
     for level in [None, Some(1), Some(9)] {
         if let Some(level) = level {
-            set_compression_level(&d.prod_config, level);
+            set_top_level(&d.prod_config, "compression_level", &level.to_string());
             d.start_agent("agent-prod");
         }
         let before = d.sshd.final_files();
@@ -544,7 +533,7 @@ fn compression_level_changes_what_is_stored_and_zstd_reads_every_level_back() {
     assert!(fs::read(target.join("orders.tsv")).unwrap() == data);
 
     // Out of range: `ferry-agent check` refuses it, naming the key and the range.
-    set_compression_level(&d.prod_config, 10);
+    set_top_level(&d.prod_config, "compression_level", "10");
     let check = agent_check(&d.prod_config);
     let text = format!(
         "{}{}",

@@ -262,3 +262,20 @@ fn config_writers_escape_and_omit_what_is_unset() {
         "{text}"
     );
 }
+
+#[test]
+fn set_top_level_puts_the_key_first_and_replaces_only_a_top_level_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    fs::write(
+        &path,
+        "id = \"a\"\ncompression_level = 9\n\n[tls]\ncompression_level = \"a table's\"\n",
+    )
+    .unwrap();
+    set_top_level(&path, "compression_level", "1");
+    set_top_level(&path, "state_dir", &toml_str("/x/state"));
+    assert_eq!(
+        fs::read_to_string(&path).unwrap(),
+        "state_dir = \"/x/state\"\ncompression_level = 1\nid = \"a\"\n\n[tls]\ncompression_level = \"a table's\"\n"
+    );
+}

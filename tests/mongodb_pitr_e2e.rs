@@ -75,12 +75,11 @@ fn deploy_opts(staging: bool, netns: bool, copy: Option<&str>) -> Fleet {
             }
             let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
             let state_dir = d.dir.path().join("prod-state");
-            let config = fs::read_to_string(&d.prod_config).unwrap();
-            fs::write(
+            set_top_level(
                 &d.prod_config,
-                format!("state_dir = \"{}\"\n{config}", state_dir.display()),
-            )
-            .unwrap();
+                "state_dir",
+                &toml_str(&state_dir.display().to_string()),
+            );
             append(
                 &d.prod_config,
                 &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),

@@ -1343,16 +1343,12 @@ fn the_environment_restored_to_one_instant_has_postgresql_and_mongodb_as_they_we
     let Wal { d, pg, stage, .. } = deploy_with(Some(Staging::smoke(ACCOUNTS)), |d| {
         let prod = MongoServer::start(&d.dir.path().join("mongo-prod"));
         let stage = MongoServer::start(&d.dir.path().join("mongo-stage"));
-        let config = fs::read_to_string(&d.prod_config).unwrap();
         let state_dir = d.dir.path().join("prod-state");
-        fs::write(
+        set_top_level(
             &d.prod_config,
-            format!(
-                "state_dir = {}\n{config}",
-                toml_str(&state_dir.display().to_string())
-            ),
-        )
-        .unwrap();
+            "state_dir",
+            &toml_str(&state_dir.display().to_string()),
+        );
         append(
             &d.prod_config,
             &format!("{}oplog_slice_seconds = 2\n", prod.datastore_toml()),

@@ -347,6 +347,26 @@ pub fn append(path: &Path, text: &str) {
     fs::write(path, s).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
+/// Sets the top-level key `key` of the agent or coordinator config at `path` to `value`
+/// (TOML text: `3`, or [`crate::toml_str`] of a string). It goes first, where top-level
+/// keys belong (before the first table), replacing an earlier top-level line of `key`; a
+/// line of the same name inside a table is left alone.
+pub fn set_top_level(path: &Path, key: &str, value: &str) {
+    let text =
+        fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut out = format!("{key} = {value}\n");
+    let mut in_table = false;
+    for line in text.lines() {
+        in_table |= line.trim_start().starts_with('[');
+        let same_key = line.split_once('=').is_some_and(|(k, _)| k.trim() == key);
+        if in_table || !same_key {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    fs::write(path, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
 /// Sets a file's mode bits.
 pub fn chmod(path: &Path, mode: u32) {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))

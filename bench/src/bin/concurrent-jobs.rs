@@ -638,13 +638,6 @@ fn verify(d: &Deployment, s: &Servers, source: &Source) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prepends `max_concurrent_jobs = JOBS` (a top-level key, so before any table) to an
-/// agent config.
-fn set_max_concurrent_jobs(config: &Path, jobs: usize) {
-    let text = fs::read_to_string(config).expect("agent config");
-    fs::write(config, format!("max_concurrent_jobs = {jobs}\n{text}")).expect("agent config");
-}
-
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     ensure!(
@@ -669,8 +662,16 @@ fn main() -> anyhow::Result<()> {
             for p in [&files_prod, &files_stage, &dir.join("etcd-stage")] {
                 fs::create_dir_all(p).expect("mkdir");
             }
-            set_max_concurrent_jobs(&d.prod_config, args.max_concurrent_jobs);
-            set_max_concurrent_jobs(&d.stage_config, args.max_concurrent_jobs);
+            set_top_level(
+                &d.prod_config,
+                "max_concurrent_jobs",
+                &args.max_concurrent_jobs.to_string(),
+            );
+            set_top_level(
+                &d.stage_config,
+                "max_concurrent_jobs",
+                &args.max_concurrent_jobs.to_string(),
+            );
             let files = |p: &Path| {
                 format!(
                     "[[datastores]]\nname = \"files\"\nkind = \"files\"\npath = {}\n",

@@ -183,10 +183,7 @@ fn main() -> anyhow::Result<()> {
     let prod_config = fs::read_to_string(&d.prod_config)?;
     for run in 1..=args.runs {
         if let Some(level) = args.compression_level {
-            fs::write(
-                &d.prod_config,
-                format!("compression_level = {level}\n{prod_config}"),
-            )?;
+            set_top_level(&d.prod_config, "compression_level", &level.to_string());
             let r = time_ferry(&mut d, "agent-prod", None, &["backup", "pg-prod", "--wait"]);
             fs::write(&d.prod_config, &prod_config)?;
             let r = r?;
